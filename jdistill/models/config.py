@@ -1,0 +1,92 @@
+"""Architecture config of the one decoder family jdistill runs (Llama 3, Qwen2, Qwen3)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+MODEL_TYPES = ("llama", "qwen2", "qwen3")
+DTYPES = ("float32", "bfloat16", "float16")
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Hyper-parameters of a decoder-only transformer.
+
+  `param_dtype` is the storage dtype of the weights, `dtype` the compute dtype of
+  matmuls and activations (softmax, norms and logits are always float32).
+  `rope_scaling` is a tuple of (key, value) pairs so the config stays hashable
+  (it is a static argument of jitted functions).
+  """
+
+  model_type: str = "llama"
+  vocab_size: int = 256
+  hidden_size: int = 64
+  intermediate_size: int = 128
+  num_layers: int = 2
+  num_heads: int = 4
+  num_kv_heads: int = 2
+  head_dim: int = 16
+  rope_theta: float = 10000.0
+  rope_scaling: tuple[tuple[str, Any], ...] | None = None
+  rms_norm_eps: float = 1e-6
+  tie_word_embeddings: bool = False
+  qkv_bias: bool = False
+  qk_norm: bool = False
+  param_dtype: str = "float32"
+  dtype: str = "float32"
+  remat: bool = False
+
+  def __post_init__(self):
+    self.validate()
+
+  def validate(self) -> None:
+    def bad(field, value, allowed):
+      raise ValueError(f"ModelConfig.{field}={value!r} is invalid; allowed: {allowed}")
+
+    if self.model_type not in MODEL_TYPES:
+      bad("model_type", self.model_type, MODEL_TYPES)
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                 "num_heads", "num_kv_heads", "head_dim"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        bad(name, value, "a positive integer")
+    if self.num_heads % self.num_kv_heads:
+      bad("num_kv_heads", self.num_kv_heads,
+          f"a divisor of num_heads={self.num_heads} (grouped-query attention)")
+    if self.rope_theta <= 0:
+      bad("rope_theta", self.rope_theta, "a positive float")
+    if self.rms_norm_eps <= 0:
+      bad("rms_norm_eps", self.rms_norm_eps, "a positive float")
+    for name in ("param_dtype", "dtype"):
+      if getattr(self, name) not in DTYPES:
+        bad(name, getattr(self, name), DTYPES)
+    rope = self.rope_dict
+    if rope is not None:
+      rope_type = rope.get("rope_type", "default")
+      if rope_type not in ROPE_TYPES:
+        bad("rope_scaling.rope_type", rope_type, ROPE_TYPES)
+      needed = {"linear": ("factor",),
+                "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                           "original_max_position_embeddings")}.get(rope_type, ())
+      for key in needed:
+        if key not in rope:
+          raise ValueError(f"ModelConfig.rope_scaling: rope_type={rope_type!r} needs {key!r}")
+
+  @property
+  def rope_dict(self) -> dict[str, Any] | None:
+    return None if self.rope_scaling is None else dict(self.rope_scaling)
+
+  @property
+  def jnp_param_dtype(self):
+    return jnp.dtype(self.param_dtype)
+
+  @property
+  def jnp_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  def replace(self, **kw) -> "ModelConfig":
+    return dataclasses.replace(self, **kw)

@@ -1,0 +1,264 @@
+"""Hugging Face checkpoints ⇄ sharded jdistill models.
+
+Import reads a local directory with `config.json` and `model.safetensors` (or
+sharded `model-*.safetensors` with `model.safetensors.index.json`); each tensor is
+read once on the host, converted to jdistill's layout and placed directly into
+its shards with `jax.make_array_from_callback`. Export writes a directory that
+`transformers.AutoModelForCausalLM.from_pretrained` loads. Only safetensors are
+read (never pickle) and no remote code is run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from jdistill import sharding as shd
+from jdistill.models.config import ModelConfig
+from jdistill.models.transformer import Transformer
+
+_HF_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+
+def config_from_hf(hf: dict, *, param_dtype: str = "float32", dtype: str = "float32",
+                   remat: bool = False) -> ModelConfig:
+  """ModelConfig from a `config.json` dict; unsupported features raise, naming the field."""
+  model_type = hf.get("model_type")
+  if model_type not in _HF_CLASSES:
+    raise ValueError(f"config.json: model_type={model_type!r} is not supported; "
+                     f"allowed: {sorted(_HF_CLASSES)}")
+  for field in ("attention_bias", "mlp_bias") if model_type == "llama" else ("mlp_bias",):
+    if hf.get(field):
+      raise ValueError(f"config.json: {field}=true is not supported for {model_type}")
+  if hf.get("use_sliding_window"):
+    raise ValueError("config.json: use_sliding_window=true is not supported")
+  for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads"):
+    if field not in hf:
+      raise ValueError(f"config.json: missing required field {field!r}")
+  heads = hf["num_attention_heads"]
+  rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+  theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+  rope_type = rope.get("rope_type", rope.get("type", "default"))
+  rope.pop("type", None)
+  rope["rope_type"] = rope_type
+  rope_scaling = None if rope_type == "default" else tuple(sorted(rope.items()))
+  return ModelConfig(
+      model_type=model_type,
+      vocab_size=hf["vocab_size"],
+      hidden_size=hf["hidden_size"],
+      intermediate_size=hf["intermediate_size"],
+      num_layers=hf["num_hidden_layers"],
+      num_heads=heads,
+      num_kv_heads=hf.get("num_key_value_heads") or heads,
+      head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+      rope_theta=float(theta),
+      rope_scaling=rope_scaling,
+      rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+      tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+      qkv_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
+      qk_norm=model_type == "qwen3",
+      param_dtype=param_dtype, dtype=dtype, remat=remat)
+
+
+def config_to_hf(cfg: ModelConfig, torch_dtype: str = "float32") -> dict:
+  """A `config.json` dict for transformers."""
+  rope = {"rope_type": "default"} if cfg.rope_scaling is None else dict(cfg.rope_scaling)
+  rope["rope_theta"] = cfg.rope_theta
+  out = {
+      "architectures": [_HF_CLASSES[cfg.model_type]],
+      "model_type": cfg.model_type,
+      "vocab_size": cfg.vocab_size,
+      "hidden_size": cfg.hidden_size,
+      "intermediate_size": cfg.intermediate_size,
+      "num_hidden_layers": cfg.num_layers,
+      "num_attention_heads": cfg.num_heads,
+      "num_key_value_heads": cfg.num_kv_heads,
+      "head_dim": cfg.head_dim,
+      "hidden_act": "silu",
+      "rms_norm_eps": cfg.rms_norm_eps,
+      "rope_theta": cfg.rope_theta,
+      "rope_parameters": rope,
+      "tie_word_embeddings": cfg.tie_word_embeddings,
+      "max_position_embeddings": 32768,
+      "torch_dtype": torch_dtype,
+      "dtype": torch_dtype,
+  }
+  if cfg.rope_scaling is not None:
+    out["rope_scaling"] = dict(rope)
+  if cfg.model_type == "llama":
+    out["attention_bias"] = False
+    out["mlp_bias"] = False
+  if cfg.model_type == "qwen3":
+    out["attention_bias"] = cfg.qkv_bias
+  return out
+
+
+# --- name and layout mapping -------------------------------------------------
+
+def _param_map(cfg: ModelConfig) -> dict[tuple, tuple[str, Callable, Callable]]:
+  """jdistill state path → (HF tensor name, HF→ours, ours→HF)."""
+  h, kv, hd, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
+  ident = (lambda w: w, lambda w: w)
+  transpose = (lambda w: w.T, lambda w: w.T)
+
+  def proj_in(heads):  # HF [heads*hd, d] ⇄ ours [d, heads, hd]
+    return (lambda w: w.T.reshape(d, heads, hd), lambda w: w.reshape(d, heads * hd).T)
+
+  def bias(heads):
+    return (lambda w: w.reshape(heads, hd), lambda w: w.reshape(heads * hd))
+
+  o_proj = (lambda w: w.T.reshape(h, hd, d), lambda w: w.reshape(h * hd, d).T)
+  table = {("embed",): ("model.embed_tokens.weight", *ident),
+           ("final_norm",): ("model.norm.weight", *ident)}
+  if not cfg.tie_word_embeddings:
+    table[("lm_head",)] = ("lm_head.weight", *transpose)
+  for i in range(cfg.num_layers):
+    pre = f"model.layers.{i}."
+    layer = {
+        ("input_norm",): ("input_layernorm.weight", *ident),
+        ("post_attn_norm",): ("post_attention_layernorm.weight", *ident),
+        ("attn", "q_proj"): ("self_attn.q_proj.weight", *proj_in(h)),
+        ("attn", "k_proj"): ("self_attn.k_proj.weight", *proj_in(kv)),
+        ("attn", "v_proj"): ("self_attn.v_proj.weight", *proj_in(kv)),
+        ("attn", "o_proj"): ("self_attn.o_proj.weight", *o_proj),
+        ("mlp", "gate_proj"): ("mlp.gate_proj.weight", *transpose),
+        ("mlp", "up_proj"): ("mlp.up_proj.weight", *transpose),
+        ("mlp", "down_proj"): ("mlp.down_proj.weight", *transpose),
+    }
+    if cfg.qkv_bias:
+      layer[("attn", "q_bias")] = ("self_attn.q_proj.bias", *bias(h))
+      layer[("attn", "k_bias")] = ("self_attn.k_proj.bias", *bias(kv))
+      layer[("attn", "v_bias")] = ("self_attn.v_proj.bias", *bias(kv))
+    if cfg.qk_norm:
+      layer[("attn", "q_norm")] = ("self_attn.q_norm.weight", *ident)
+      layer[("attn", "k_norm")] = ("self_attn.k_norm.weight", *ident)
+    for path, entry in layer.items():
+      table[("layers", i, *path)] = (pre + entry[0], *entry[1:])
+  return table
+
+
+def _path_key(path) -> tuple:
+  return tuple(getattr(p, "key", getattr(p, "idx", p)) for p in path)
+
+
+class _TensorReader:
+  """Reads named tensors from a single or index-sharded safetensors directory."""
+
+  def __init__(self, path: str):
+    index = os.path.join(path, "model.safetensors.index.json")
+    single = os.path.join(path, "model.safetensors")
+    if os.path.exists(index):
+      with open(index) as f:
+        weight_map = json.load(f)["weight_map"]
+      self.files = {name: os.path.join(path, fname) for name, fname in weight_map.items()}
+    elif os.path.exists(single):
+      with safe_open(single, framework="numpy") as f:
+        self.files = {name: single for name in f.keys()}
+    else:
+      found = sorted(os.listdir(path))
+      if any(n.endswith((".bin", ".pt", ".pth")) for n in found):
+        raise ValueError(f"{path}: only safetensors weights are loaded (pickle files are never "
+                         f"read); found {found}")
+      raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+  def get(self, name: str) -> np.ndarray:
+    if name not in self.files:
+      raise ValueError(f"checkpoint is missing tensor {name!r}")
+    with safe_open(self.files[name], framework="numpy") as f:
+      if name not in f.keys():
+        raise ValueError(f"checkpoint index names tensor {name!r} but {self.files[name]} lacks it")
+      return f.get_tensor(name)
+
+
+def load_hf_config(path: str, **kw) -> ModelConfig:
+  cfg_file = os.path.join(path, "config.json")
+  if not os.path.exists(cfg_file):
+    raise FileNotFoundError(f"{path}: no config.json")
+  with open(cfg_file) as f:
+    return config_from_hf(json.load(f), **kw)
+
+
+def from_hf(path: str, mesh: jax.sharding.Mesh | None = None, rules: shd.Rules = shd.DEFAULT_RULES,
+            *, param_dtype: str = "float32", dtype: str = "float32",
+            remat: bool = False) -> Transformer:
+  """Loads a local HF checkpoint directory into a Transformer sharded on `mesh`."""
+  cfg = load_hf_config(path, param_dtype=param_dtype, dtype=dtype, remat=remat)
+  mesh = mesh or shd.make_mesh({"data": -1}, jax.devices()[:1])
+  graphdef, abstract = shd.abstract_sharded_state(lambda: Transformer(cfg, nnx.Rngs(0)), mesh, rules)
+  reader = _TensorReader(path)
+  table = _param_map(cfg)
+
+  def load(path_, var):
+    key = _path_key(path_)
+    hf_name, to_ours, _ = table[key]
+    host = np.asarray(to_ours(reader.get(hf_name)))
+    sds = var.get_value()
+    if host.shape != sds.shape:
+      raise ValueError(f"tensor {hf_name!r} has shape {host.shape} after conversion, "
+                       f"expected {sds.shape} from config.json")
+    host = host.astype(sds.dtype)
+    return var.replace(jax.make_array_from_callback(sds.shape, sds.sharding, lambda idx: host[idx]))
+
+  state = jax.tree_util.tree_map_with_path(load, abstract, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return nnx.merge(graphdef, state)
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+  if jax.process_count() > 1 and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
+def to_hf(model: Transformer, out_dir: str, *, dtype: str | None = None,
+          max_shard_bytes: int | None = None, tokenizer=None) -> None:
+  """Writes `config.json` + safetensors (split with an index above `max_shard_bytes`).
+
+  Every process must call this (gathering is collective); only process 0 writes.
+  """
+  cfg = model.cfg
+  dtype = dtype or cfg.param_dtype
+  table = _param_map(cfg)
+  state = nnx.state(model, nnx.Param)
+  tensors: dict[str, np.ndarray] = {}
+  for path, var in jax.tree_util.tree_leaves_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+    hf_name, _, to_hf_layout = table[_path_key(path)]
+    host = _to_host(var.get_value()).astype(jnp.dtype(dtype))
+    tensors[hf_name] = np.ascontiguousarray(to_hf_layout(host))
+  if jax.process_index() != 0:
+    return
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, "config.json"), "w") as f:
+    json.dump(config_to_hf(cfg, torch_dtype=dtype), f, indent=2)
+  shards: list[dict[str, np.ndarray]] = [{}]
+  size = 0
+  for name in sorted(tensors):
+    nbytes = tensors[name].nbytes
+    if max_shard_bytes and shards[-1] and size + nbytes > max_shard_bytes:
+      shards.append({})
+      size = 0
+    shards[-1][name] = tensors[name]
+    size += nbytes
+  meta = {"format": "pt"}
+  if len(shards) == 1:
+    save_file(shards[0], os.path.join(out_dir, "model.safetensors"), metadata=meta)
+  else:
+    weight_map = {}
+    for i, shard in enumerate(shards):
+      fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+      save_file(shard, os.path.join(out_dir, fname), metadata=meta)
+      weight_map.update({name: fname for name in shard})
+    total = sum(t.nbytes for t in tensors.values())
+    with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+      json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+  if tokenizer is not None:
+    tokenizer.save_pretrained(out_dir)

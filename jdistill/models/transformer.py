@@ -1,0 +1,245 @@
+"""Decoder-only transformer in Flax NNX covering Llama 3, Qwen2 and Qwen3.
+
+Every weight is an `nnx.Param` whose `logical_axes` metadata names its
+dimensions; `jdistill.sharding` maps those names to mesh axes.
+
+The forward returns final (post-norm) hidden states `[batch, seq, hidden]`;
+`logits` / `unembedding` turn them into vocabulary scores, so loss kernels can
+compute logits chunk by chunk instead of holding `[batch, seq, vocab]`.
+
+KV cache: a tuple with one `{"k", "v"}` dict per layer, each `[batch, cache_len,
+kv_heads, head_dim]`. A call with a cache writes its `seq` new keys/values at
+slots `[cache_index, cache_index + seq)` and attends over all `cache_len` slots
+where `kv_mask` is true and the slot is not in the future of the query.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jdistill.models.config import ModelConfig
+
+Cache = tuple[dict[str, jax.Array], ...]
+
+
+def _param(rngs: nnx.Rngs, shape, axes, dtype, scale: float | None = None, ones=False):
+  if ones:
+    value = jnp.ones(shape, dtype)
+  elif scale is None:
+    value = jnp.zeros(shape, dtype)
+  else:
+    value = (scale * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+  return nnx.Param(value, logical_axes=axes)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+  """RMSNorm over the last axis in float32, cast back to x's dtype before the scale (as HF)."""
+  xf = x.astype(jnp.float32)
+  xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+  return weight.astype(x.dtype) * xf.astype(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
+  """Inverse frequencies `[head_dim // 2]`, with linear or Llama-3 scaling."""
+  dim = cfg.head_dim
+  inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+  rope = cfg.rope_dict or {}
+  rope_type = rope.get("rope_type", "default")
+  if rope_type == "linear":
+    return inv_freq / rope["factor"]
+  if rope_type == "llama3":
+    factor = rope["factor"]
+    low, high = rope["low_freq_factor"], rope["high_freq_factor"]
+    old_len = rope["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return jnp.where(is_medium, smoothed, scaled)
+  return inv_freq
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+  """Rotary embedding (HF's rotate-half layout). x: `[B, T, H, Dh]`, positions: `[B, T]`."""
+  freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, Dh/2]
+  emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+  cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  return x * cos + rotated * sin
+
+
+class Attention(nnx.Module):
+  """Grouped-query attention with optional q/k/v biases (Qwen2) and q/k RMSNorm (Qwen3)."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    d, h, kv, hd, pd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.jnp_param_dtype
+    std = 0.02
+    self.cfg = cfg
+    self.q_proj = _param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), pd, std)
+    self.k_proj = _param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), pd, std)
+    self.v_proj = _param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), pd, std)
+    self.o_proj = _param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), pd, std)
+    if cfg.qkv_bias:
+      self.q_bias = _param(rngs, (h, hd), ("heads", "head_dim"), pd)
+      self.k_bias = _param(rngs, (kv, hd), ("kv_heads", "head_dim"), pd)
+      self.v_bias = _param(rngs, (kv, hd), ("kv_heads", "head_dim"), pd)
+    if cfg.qk_norm:
+      self.q_norm = _param(rngs, (hd,), ("norm",), pd, ones=True)
+      self.k_norm = _param(rngs, (hd,), ("norm",), pd, ones=True)
+
+  def __call__(self, x, positions, kv_mask, layer_cache, cache_index):
+    cfg, dt = self.cfg, self.cfg.jnp_dtype
+    q = jnp.einsum("btd,dhk->bthk", x, self.q_proj[...].astype(dt))
+    k = jnp.einsum("btd,dhk->bthk", x, self.k_proj[...].astype(dt))
+    v = jnp.einsum("btd,dhk->bthk", x, self.v_proj[...].astype(dt))
+    if cfg.qkv_bias:
+      q = q + self.q_bias[...].astype(dt)
+      k = k + self.k_bias[...].astype(dt)
+      v = v + self.v_bias[...].astype(dt)
+    if cfg.qk_norm:
+      q = rms_norm(q, self.q_norm[...], cfg.rms_norm_eps)
+      k = rms_norm(k, self.k_norm[...], cfg.rms_norm_eps)
+    inv_freq = rope_inv_freq(cfg)
+    q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+
+    seq = x.shape[1]
+    if layer_cache is None:
+      start = 0
+      new_cache = None
+    else:
+      start = cache_index
+      zero = jnp.zeros((), jnp.int32)
+      idx = (zero, jnp.asarray(cache_index, jnp.int32), zero, zero)
+      k_all = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), idx)
+      v_all = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), idx)
+      new_cache = {"k": k_all, "v": v_all}
+      k, v = k_all.astype(dt), v_all.astype(dt)
+
+    b, s = k.shape[0], k.shape[1]
+    groups = cfg.num_heads // cfg.num_kv_heads
+    q = q.reshape(b, seq, cfg.num_kv_heads, groups, cfg.head_dim)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores * (cfg.head_dim ** -0.5)
+    query_slot = start + jnp.arange(seq)[:, None]
+    causal = jnp.arange(s)[None, :] <= query_slot  # [T, S]
+    mask = causal[None] & kv_mask[:, None, :].astype(bool)  # [B, T, S]
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, seq, cfg.num_heads, cfg.head_dim)
+    return jnp.einsum("bthk,hkd->btd", out, self.o_proj[...].astype(dt)), new_cache
+
+
+class MLP(nnx.Module):
+  """SwiGLU feed-forward."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    d, f, pd = cfg.hidden_size, cfg.intermediate_size, cfg.jnp_param_dtype
+    self.dtype = cfg.jnp_dtype
+    self.gate_proj = _param(rngs, (d, f), ("embed", "mlp"), pd, 0.02)
+    self.up_proj = _param(rngs, (d, f), ("embed", "mlp"), pd, 0.02)
+    self.down_proj = _param(rngs, (f, d), ("mlp", "embed"), pd, 0.02)
+
+  def __call__(self, x):
+    dt = self.dtype
+    gate = jax.nn.silu(x @ self.gate_proj[...].astype(dt))
+    return (gate * (x @ self.up_proj[...].astype(dt))) @ self.down_proj[...].astype(dt)
+
+
+class Block(nnx.Module):
+  """Pre-norm residual block: attention then MLP."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    pd = cfg.jnp_param_dtype
+    self.eps = cfg.rms_norm_eps
+    self.input_norm = _param(rngs, (cfg.hidden_size,), ("norm",), pd, ones=True)
+    self.attn = Attention(cfg, rngs)
+    self.post_attn_norm = _param(rngs, (cfg.hidden_size,), ("norm",), pd, ones=True)
+    self.mlp = MLP(cfg, rngs)
+
+  def __call__(self, x, positions, kv_mask, layer_cache, cache_index):
+    attn_out, new_cache = self.attn(rms_norm(x, self.input_norm[...], self.eps),
+                                    positions, kv_mask, layer_cache, cache_index)
+    x = x + attn_out
+    x = x + self.mlp(rms_norm(x, self.post_attn_norm[...], self.eps))
+    return x, new_cache
+
+
+def _run_block(block, x, positions, kv_mask, layer_cache, cache_index):
+  return block(x, positions, kv_mask, layer_cache, cache_index)
+
+
+class Transformer(nnx.Module):
+  """Decoder-only LM. See the module docstring for the cache layout."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    pd = cfg.jnp_param_dtype
+    self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pd, 0.02)
+    self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+    self.final_norm = _param(rngs, (cfg.hidden_size,), ("norm",), pd, ones=True)
+    if not cfg.tie_word_embeddings:
+      self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pd, 0.02)
+
+  def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, *,
+               kv_mask: jax.Array | None = None, cache: Cache | None = None,
+               cache_index: jax.Array | int | None = None) -> tuple[jax.Array, Cache | None]:
+    """Final hidden states.
+
+    Args:
+      tokens: `[B, T]` int token ids.
+      positions: `[B, T]` RoPE positions (default `arange(T)`).
+      kv_mask: `[B, T]` (no cache) or `[B, cache_len]` (with cache) bool, which key
+        slots may be attended to (padding is False). Default: all True.
+      cache: per-layer KV cache, or None for a plain causal forward.
+      cache_index: scalar slot where this call's tokens are written.
+    Returns:
+      hidden `[B, T, hidden]` (after the final norm, compute dtype) and the updated
+      cache (None without a cache).
+    """
+    b, t = tokens.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+    if kv_mask is None:
+      kv_len = t if cache is None else cache[0]["k"].shape[1]
+      kv_mask = jnp.ones((b, kv_len), bool)
+    if cache is not None and cache_index is None:
+      raise ValueError("Transformer: cache_index is required when a cache is given")
+    x = jnp.take(self.embed[...], tokens, axis=0).astype(self.cfg.jnp_dtype)
+    run = nnx.remat(_run_block) if self.cfg.remat else _run_block
+    new_cache = []
+    for i, block in enumerate(self.layers):
+      x, layer_cache = run(block, x, positions, kv_mask,
+                           None if cache is None else cache[i], cache_index)
+      new_cache.append(layer_cache)
+    x = rms_norm(x, self.final_norm[...], self.cfg.rms_norm_eps)
+    return x, (None if cache is None else tuple(new_cache))
+
+  def unembedding(self) -> jax.Array:
+    """The `[hidden, vocab]` output matrix (the transposed embedding when tied)."""
+    if self.cfg.tie_word_embeddings:
+      return self.embed[...].T
+    return self.lm_head[...]
+
+  def logits(self, hidden: jax.Array) -> jax.Array:
+    """`[B, T, hidden]` → float32 `[B, T, vocab]`. Only for small vocab or short spans."""
+    w = self.unembedding().astype(hidden.dtype)
+    return jnp.dot(hidden, w, preferred_element_type=jnp.float32)
+
+  def forward_logits(self, tokens, positions=None, kv_mask=None) -> jax.Array:
+    hidden, _ = self(tokens, positions, kv_mask=kv_mask)
+    return self.logits(hidden)
+
+
+def init_cache(cfg: ModelConfig, batch: int, cache_len: int, dtype: Any = None) -> Cache:
+  """Zeroed KV cache: per layer `{"k", "v"}` of `[batch, cache_len, kv_heads, head_dim]`."""
+  dtype = cfg.jnp_dtype if dtype is None else dtype
+  shape = (batch, cache_len, cfg.num_kv_heads, cfg.head_dim)
+  return tuple({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+               for _ in range(cfg.num_layers))

@@ -1,0 +1,138 @@
+"""Device mesh, logical-axis rules → PartitionSpecs, and directly-sharded model creation.
+
+Parameters carry `logical_axes` metadata (e.g. `("embed", "mlp")`); a rule list
+maps each logical name to a mesh axis (or a tuple of mesh axes, or None). A
+dimension that a mesh axis does not divide is replicated instead, and a mesh axis
+is used at most once per array.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MeshAxes = str | tuple[str, ...] | None
+Rules = Sequence[tuple[str, MeshAxes]]
+
+# Batch over data-parallel axes; weights FSDP-sharded on `embed`, Megatron-style
+# tensor parallel on heads / mlp / vocab.
+DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("norm", None),
+    ("seq", None),
+)
+
+
+def make_mesh(axes: Sequence[tuple[str, int]] | dict[str, int],
+              devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """Mesh with the named axes; at most one size may be -1 ("the rest of the devices")."""
+  items = list(axes.items()) if isinstance(axes, dict) else list(axes)
+  devices = list(jax.devices() if devices is None else devices)
+  names = [name for name, _ in items]
+  sizes = [int(size) for _, size in items]
+  if len(set(names)) != len(names):
+    raise ValueError(f"mesh axes: duplicate axis name in {names}")
+  if sizes.count(-1) > 1:
+    raise ValueError(f"mesh axes: at most one axis may be -1, got {dict(items)}")
+  for name, size in zip(names, sizes):
+    if size == 0 or size < -1:
+      raise ValueError(f"mesh axes: size of {name!r} is {size}; allowed: a positive integer or -1")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if len(devices) % known:
+      raise ValueError(f"mesh axes {dict(items)}: {len(devices)} devices are not divisible by {known}")
+    sizes[sizes.index(-1)] = len(devices) // known
+  if math.prod(sizes) != len(devices):
+    raise ValueError(f"mesh axes {dict(zip(names, sizes))} multiply to {math.prod(sizes)}, "
+                     f"but there are {len(devices)} devices")
+  return Mesh(np.asarray(devices).reshape(sizes), tuple(names))
+
+
+def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+                    rules: Rules = DEFAULT_RULES) -> P:
+  """PartitionSpec for an array with these logical axis names on this mesh."""
+  table = dict(rules)
+  used: set[str] = set()
+  spec = []
+  for name, dim in zip(logical_axes, shape):
+    if name is not None and name not in table:
+      raise ValueError(f"logical axis {name!r} has no sharding rule; known: {sorted(table)}")
+    mesh_axes = table.get(name) if name is not None else None
+    if mesh_axes is None:
+      spec.append(None)
+      continue
+    mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+    kept = tuple(a for a in mesh_axes if a in mesh.shape and mesh.shape[a] > 1 and a not in used)
+    size = math.prod(mesh.shape[a] for a in kept)
+    if not kept or dim % size:
+      spec.append(None)  # replicate rather than fail on an indivisible dimension
+      continue
+    used.update(kept)
+    spec.append(kept[0] if len(kept) == 1 else kept)
+  return P(*spec)
+
+
+def _is_variable(x) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def state_shardings(state: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
+  """NamedSharding per leaf of an nnx State; leaves without `logical_axes` are replicated."""
+  def one(var):
+    axes = getattr(var, "logical_axes", None)
+    shape = var.shape
+    spec = P() if axes is None else logical_to_spec(axes, shape, mesh, rules)
+    return var.replace(NamedSharding(mesh, spec))
+  return jax.tree.map(one, state, is_leaf=_is_variable)
+
+
+def batch_sharding(mesh: Mesh, ndim: int, rules: Rules = DEFAULT_RULES) -> NamedSharding:
+  """Sharding of a `[batch, ...]` array: batch over the data axes, rest replicated."""
+  table = dict(rules)
+  axes = table.get("batch")
+  axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+  kept = tuple(a for a in axes if a in mesh.shape)
+  first = None if not kept else (kept[0] if len(kept) == 1 else kept)
+  return NamedSharding(mesh, P(first, *([None] * (ndim - 1))))
+
+
+def create_sharded(constructor: Callable[[], nnx.Module], mesh: Mesh,
+                   rules: Rules = DEFAULT_RULES) -> nnx.Module:
+  """Builds a module whose parameters are created directly in their shards.
+
+  `nnx.eval_shape` gives the abstract state; a jitted init with `out_shardings`
+  then materialises each parameter only as its shards (no full host copy).
+  """
+  abstract = nnx.eval_shape(constructor)
+  graphdef, abstract_state = nnx.split(abstract)
+  shardings = state_shardings(abstract_state, mesh, rules)
+
+  def init():
+    return nnx.split(constructor())[1]
+
+  state = jax.jit(init, out_shardings=shardings)()
+  return nnx.merge(graphdef, state)
+
+
+def abstract_sharded_state(constructor: Callable[[], nnx.Module], mesh: Mesh,
+                           rules: Rules = DEFAULT_RULES):
+  """(graphdef, abstract state of ShapeDtypeStructs carrying their NamedShardings)."""
+  abstract = nnx.eval_shape(constructor)
+  graphdef, abstract_state = nnx.split(abstract)
+  shardings = state_shardings(abstract_state, mesh, rules)
+  sds = jax.tree.map(
+      lambda var, sh: var.replace(jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=sh.get_value())),
+      abstract_state, shardings, is_leaf=_is_variable)
+  return graphdef, sds

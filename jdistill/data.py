@@ -1,0 +1,326 @@
+"""Prompt data: read prompt files, tokenise prompts, and batch them per teacher.
+
+A prompt record is a dict with a ``domain`` (str) and either a ``prompt`` (non-empty
+str) or ``messages`` (non-empty list of ``{"role": str, "content": str}``, chat
+format). Each domain belongs to exactly one teacher.
+
+``PromptBatcher`` turns records into an endless, deterministic, exactly resumable
+stream of fixed-shape batches: every global batch holds ``slots_per_teacher`` prompts
+of each teacher, ordered by teacher, so the train step can slice teacher ``i``'s rows
+``[i*S:(i+1)*S]`` with static shapes. It is a ``grain.MapDataset`` indexed by step,
+so the iterator state is just the next step index.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import grain
+import numpy as np
+
+OVERLONG_MODES = ("truncate_left", "drop", "error")
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _check_record(raw: Any, prompt_field: str, messages_field: str, domain_field: str) -> dict:
+  """Validates one raw record; returns ``{"domain", "prompt"|"messages"}`` or raises
+  ValueError saying what is wrong (without location; the caller adds it)."""
+  if not isinstance(raw, Mapping):
+    raise ValueError(f"record is a {type(raw).__name__}, not an object")
+  domain = raw.get(domain_field)
+  if domain is None:
+    raise ValueError(f"missing {domain_field!r}")
+  if not isinstance(domain, str) or not domain:
+    raise ValueError(f"{domain_field!r} must be a non-empty string, got {domain!r}")
+  prompt, messages = raw.get(prompt_field), raw.get(messages_field)
+  if prompt is not None:
+    if not isinstance(prompt, str):
+      raise ValueError(f"{prompt_field!r} must be a string, got {type(prompt).__name__}")
+    if not prompt.strip():
+      raise ValueError(f"empty {prompt_field!r}")
+    return {"domain": domain, "prompt": prompt}
+  if messages is not None:
+    if not isinstance(messages, (list, tuple)) or not messages:
+      raise ValueError(f"{messages_field!r} must be a non-empty list")
+    out = []
+    for k, m in enumerate(messages):
+      if (not isinstance(m, Mapping) or not isinstance(m.get("role"), str)
+          or not isinstance(m.get("content"), str)):
+        raise ValueError(f"{messages_field}[{k}] must have string 'role' and 'content'")
+      out.append({"role": m["role"], "content": m["content"]})
+    if not any(m["content"].strip() for m in out):
+      raise ValueError(f"empty {messages_field!r} (all contents blank)")
+    return {"domain": domain, "messages": out}
+  raise ValueError(f"has neither {prompt_field!r} nor {messages_field!r}")
+
+
+def _raw_records(path: str):
+  """Yields ``(location, raw_record_or_exception)`` for a .jsonl or .parquet file."""
+  if path.endswith(".jsonl"):
+    with open(path, encoding="utf-8") as f:
+      for line_no, line in enumerate(f, start=1):
+        if not line.strip():
+          continue
+        try:
+          raw = json.loads(line)
+        except json.JSONDecodeError as e:
+          raw = ValueError(f"bad JSON: {e}")
+        yield f"{path}:{line_no}", raw
+  elif path.endswith(".parquet"):
+    import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+    row = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+      for raw in batch.to_pylist():
+        yield f"{path}:row {row}", raw
+        row += 1
+  else:
+    raise ValueError(f"unsupported prompt file type (want .jsonl or .parquet): {path}")
+
+
+def read_prompt_records(
+    path: str,
+    *,
+    prompt_field: str = "prompt",
+    messages_field: str = "messages",
+    domain_field: str = "domain",
+    on_error: str = "raise",
+) -> tuple[list[dict], int]:
+  """Reads prompt records from a ``.jsonl`` or ``.parquet`` file.
+
+  Returns ``(records, n_skipped)``; each record is ``{"domain": str, "prompt": str}`` or
+  ``{"domain": str, "messages": [{"role", "content"}, ...]}``. A malformed record (bad
+  JSON, missing/ill-typed domain, neither prompt nor messages, blank prompt) raises
+  ``ValueError("<path>:<line>: <what is wrong>")`` (``<path>:row <n>`` for Parquet,
+  0-based) when ``on_error="raise"``, or is logged and counted when ``"skip"``.
+  A record with both fields keeps ``prompt``. Blank JSONL lines are ignored.
+  """
+  if on_error not in ("raise", "skip"):
+    raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"prompt file not found: {path}")
+  records, n_skipped = [], 0
+  for where, raw in _raw_records(path):
+    try:
+      if isinstance(raw, Exception):
+        raise raw
+      records.append(_check_record(raw, prompt_field, messages_field, domain_field))
+    except ValueError as e:
+      if on_error == "raise":
+        raise ValueError(f"{where}: {e}") from None
+      logging.warning("skipping malformed prompt record %s: %s", where, e)
+      n_skipped += 1
+  return records, n_skipped
+
+
+# ---------------------------------------------------------------------------- encoding
+
+
+def encode_prompt(
+    record: Mapping[str, Any],
+    tokenizer,
+    *,
+    use_chat_template: bool,
+    max_prompt_len: int,
+    overlong: str = "truncate_left",
+) -> list[int] | None:
+  """Tokenises one prompt record; returns its token ids, or None if dropped.
+
+  With ``use_chat_template`` the record's ``messages`` (or ``[{"role": "user",
+  "content": prompt}]``) are rendered with the tokenizer's chat template and
+  ``add_generation_prompt=True``, then encoded without extra special tokens (the
+  template owns them). Without it, ``prompt`` is encoded with the tokenizer's default
+  special tokens; ``messages`` records then raise ValueError.
+
+  Prompts longer than ``max_prompt_len`` tokens: ``"truncate_left"`` keeps the LAST
+  ``max_prompt_len`` tokens (the end — the question and the generation prompt —
+  matters most), ``"drop"`` returns None, ``"error"`` raises ValueError naming the
+  length and the limit. A prompt that encodes to no tokens raises ValueError.
+  """
+  if overlong not in OVERLONG_MODES:
+    raise ValueError(f"overlong must be one of {OVERLONG_MODES}, got {overlong!r}")
+  if use_chat_template:
+    messages = record.get("messages") or [{"role": "user", "content": record["prompt"]}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer.encode(text, add_special_tokens=False)
+  else:
+    if "prompt" not in record:
+      raise ValueError("a 'messages' record needs use_chat_template=True")
+    ids = tokenizer.encode(record["prompt"])
+  ids = list(ids)
+  if not ids:
+    raise ValueError("prompt encodes to no tokens")
+  if len(ids) > max_prompt_len:
+    if overlong == "drop":
+      return None
+    if overlong == "error":
+      raise ValueError(f"prompt has {len(ids)} tokens, more than max_prompt_len={max_prompt_len}")
+    ids = ids[-max_prompt_len:]
+  return ids
+
+
+# ---------------------------------------------------------------------------- batching
+
+
+def _teacher_seed(seed: int, teacher: int) -> int:
+  """Independent shuffle seed in [0, 2**32) for each teacher's stream."""
+  return int(np.random.SeedSequence([seed, teacher]).generate_state(1)[0])
+
+
+class PromptBatcher:
+  """Endless, deterministic, resumable batches of prompts, grouped by teacher.
+
+  Per teacher ``i`` (in ``teacher_domains`` order), its records form a grain stream
+  ``MapDataset.source(indices).shuffle(seed_i).repeat()`` (each epoch reshuffled;
+  ``seed_i`` derived from ``seed`` and ``i``). Global batch ``n`` takes stream elements
+  ``n*S .. n*S+S-1`` of every teacher (``S = slots_per_teacher``); rows are ordered by
+  teacher. Process ``p`` of ``P`` gets rows ``[p*S/P, (p+1)*S/P)`` of each teacher
+  block, so interleaving the processes' per-teacher blocks gives the 1-process batch.
+
+  Tokenisation is lazy (each prompt on access, never all up front). A prompt dropped
+  by ``overlong="drop"`` is replaced, deterministically, by the next stream element that
+  is not dropped (``k+1, k+2, ...``), so in that epoch its successor appears twice.
+  ``drop`` is for rare outliers; data with many overlong prompts should be filtered
+  offline. ``n_dropped`` counts the distinct records found dropped so far by this
+  object (it grows as batches are produced, prefetch included).
+
+  Each batch is a dict of numpy arrays (``R = rows_per_batch // process_count`` local
+  rows, ``L = max_prompt_len``):
+    ``prompt_tokens``  int32 ``[R, L]``, right-padded with ``pad_id``;
+    ``prompt_lengths`` int32 ``[R]``, number of real tokens (>= 1);
+    ``teacher_index``  int32 ``[R]``, index into ``teacher_names``;
+    ``domain_index``   int32 ``[R]``, index into ``domains`` (sorted owned domains).
+
+  Attributes:
+    teacher_names: teacher names, in batch order.
+    domains: sorted list of every domain owned by some teacher.
+    rows_per_batch: global rows, ``len(teacher_names) * slots_per_teacher``.
+    local_rows: rows of this process's batch.
+    n_skipped_malformed: as passed in (from ``read_prompt_records``), for reporting.
+    n_dropped: distinct overlong records dropped so far.
+  """
+
+  def __init__(
+      self,
+      records: Sequence[Mapping[str, Any]],
+      tokenizer,
+      teacher_domains: Mapping[str, Sequence[str]],
+      *,
+      slots_per_teacher: int,
+      max_prompt_len: int,
+      pad_id: int,
+      seed: int,
+      process_index: int = 0,
+      process_count: int = 1,
+      use_chat_template: bool = True,
+      overlong: str = "truncate_left",
+      n_skipped_malformed: int = 0,
+  ):
+    if not teacher_domains:
+      raise ValueError("teacher_domains is empty")
+    if slots_per_teacher < 1:
+      raise ValueError(f"slots_per_teacher must be >= 1, got {slots_per_teacher}")
+    if max_prompt_len < 1:
+      raise ValueError(f"max_prompt_len must be >= 1, got {max_prompt_len}")
+    if process_count < 1 or not 0 <= process_index < process_count:
+      raise ValueError(f"bad process_index={process_index} / process_count={process_count}")
+    if slots_per_teacher % process_count:
+      raise ValueError(f"slots_per_teacher={slots_per_teacher} is not divisible by "
+                       f"process_count={process_count}")
+    if overlong not in OVERLONG_MODES:
+      raise ValueError(f"overlong must be one of {OVERLONG_MODES}, got {overlong!r}")
+
+    owner: dict[str, int] = {}
+    for t, (name, doms) in enumerate(teacher_domains.items()):
+      if isinstance(doms, str):
+        raise ValueError(f"teacher {name!r}: domains must be a list, got the string {doms!r}")
+      for d in doms:
+        if d in owner:
+          raise ValueError(f"domain {d!r} belongs to two teachers")
+        owner[d] = t
+    self.teacher_names = list(teacher_domains)
+    self.domains = sorted(owner)
+    domain_id = {d: k for k, d in enumerate(self.domains)}
+
+    per_teacher: list[list[int]] = [[] for _ in self.teacher_names]
+    unknown = set()
+    for r, rec in enumerate(records):
+      if rec["domain"] not in owner:
+        unknown.add(rec["domain"])
+      elif "messages" in rec and not use_chat_template:
+        raise ValueError(f"record {r} has 'messages' but use_chat_template=False")
+      else:
+        per_teacher[owner[rec["domain"]]].append(r)
+    if unknown:
+      raise ValueError(f"domains owned by no teacher: {sorted(unknown)}")
+    for name, idx in zip(self.teacher_names, per_teacher):
+      if not idx:
+        raise ValueError(f"teacher {name!r} has no prompts (domains {list(teacher_domains[name])})")
+
+    self._records = records
+    self._tokenizer = tokenizer
+    self._domain_id = domain_id
+    self._sizes = [len(idx) for idx in per_teacher]
+    self._streams = [
+        grain.MapDataset.source(idx).shuffle(seed=_teacher_seed(seed, t)).repeat()
+        for t, idx in enumerate(per_teacher)
+    ]
+    self._encode_kw = dict(use_chat_template=use_chat_template, max_prompt_len=max_prompt_len,
+                           overlong=overlong)
+    self._slots, self._max_len, self._pad_id = slots_per_teacher, max_prompt_len, pad_id
+    local = slots_per_teacher // process_count
+    self._local_slots = range(process_index * local, (process_index + 1) * local)
+    self.rows_per_batch = len(self.teacher_names) * slots_per_teacher
+    self.local_rows = len(self.teacher_names) * local
+    self.n_skipped_malformed = n_skipped_malformed
+    self._dropped: set[int] = set()
+    self.dataset = grain.MapDataset.range(sys.maxsize).map(self.batch)
+
+  @property
+  def n_dropped(self) -> int:
+    return len(self._dropped)
+
+  def _prompt(self, t: int, k: int) -> tuple[list[int], int]:
+    """Token ids and record index of element ``k`` of teacher ``t``'s stream."""
+    for j in range(k, k + self._sizes[t]):
+      r = self._streams[t][j]
+      ids = encode_prompt(self._records[r], self._tokenizer, **self._encode_kw)
+      if ids is not None:
+        return ids, r
+      self._dropped.add(r)
+    raise ValueError(f"every prompt of teacher {self.teacher_names[t]!r} is overlong "
+                     f"(> {self._max_len} tokens)")
+
+  def batch(self, step: int) -> dict[str, np.ndarray]:
+    """This process's rows of global batch ``step`` (see the class docstring)."""
+    n = self.local_rows
+    out = {
+        "prompt_tokens": np.full((n, self._max_len), self._pad_id, np.int32),
+        "prompt_lengths": np.zeros((n,), np.int32),
+        "teacher_index": np.zeros((n,), np.int32),
+        "domain_index": np.zeros((n,), np.int32),
+    }
+    row = 0
+    for t in range(len(self.teacher_names)):
+      for j in self._local_slots:
+        ids, r = self._prompt(t, step * self._slots + j)
+        out["prompt_tokens"][row, :len(ids)] = ids
+        out["prompt_lengths"][row] = len(ids)
+        out["teacher_index"][row] = t
+        out["domain_index"][row] = self._domain_id[self._records[r]["domain"]]
+        row += 1
+    return out
+
+  def iterator(self, *, num_threads: int = 1, prefetch: int = 2) -> grain.DatasetIterator:
+    """A fresh iterator from step 0. ``get_state()`` returns ``{"next_index": step}``
+    (JSON-serialisable); ``set_state(state)`` on any iterator of an identically built
+    batcher resumes with exactly the same batches. ``num_threads`` / ``prefetch``
+    (batches) control background tokenisation; 0 / 0 computes on the caller's thread."""
+    return iter(self.dataset.to_iter_dataset(
+        grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)))

@@ -1,0 +1,688 @@
+"""Distillation loss kernels: pure, jittable functions of arrays.
+
+Conventions shared by every function here
+-----------------------------------------
+* Logits are ``[..., V]``; masks are ``[B, T]`` (float weights or bool).
+  "Per-token" functions return one value per position (``[B, T]`` for ``[B, T, V]``
+  logits).
+* Position ``t`` predicts ``targets[:, t]``: the caller has already shifted.
+* Softmax / log-softmax are computed in float32 whatever the input dtype.
+* ``temperature`` divides both student and teacher logits before the softmax.
+* P = teacher, Q = student. Reverse KL is KL(Q||P) = sum_v q (log q - log p), the
+  on-policy objective; forward KL is KL(P||Q).
+* Argument checks (names, ranges, shapes) run in Python at trace time and raise
+  ``ValueError`` naming the argument and the allowed values.
+
+Memory
+------
+``[B, T, V]`` float32 logits do not fit at real scale, so :func:`distill_loss`
+takes hidden states and unembedding matrices and builds logits chunk by chunk
+along T inside ``jax.checkpoint`` (:func:`chunked_token_values`): neither the
+forward nor the backward pass ever holds more than ``[B, chunk_size, V]`` logits
+per model. :func:`unchunked_distill_loss` is the naive reference.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+LOSS_NAMES = ("sampled_token", "reverse_kl", "forward_kl", "jsd", "topk")
+NORMALIZE_MODES = ("token", "sequence")
+TOPK_SUPPORTS = ("teacher", "student", "union")
+TOPK_TAILS = ("renorm", "bucket")
+KL_DIRECTIONS = ("reverse", "forward")
+
+# Finite stand-in for log(0) in masked log-sum-exps: keeps values and gradients
+# finite (exp underflows to exactly 0) where a true -inf would give 0 * inf = nan.
+_LOG_ZERO = -1e30
+
+sg = jax.lax.stop_gradient
+
+
+# --------------------------------------------------------------------------
+# Argument validation (Python, trace time)
+# --------------------------------------------------------------------------
+
+
+def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+def _check_temperature(temperature: float) -> None:
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+
+
+def _check_beta(beta: float) -> None:
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta!r}")
+
+
+def _check_k(k: int, vocab: int | None) -> None:
+    """k must be a positive int, and at most ``vocab`` when that is known."""
+    upper = "vocab" if vocab is None else f"vocab={vocab}"
+    if not (isinstance(k, numbers.Integral) and 0 < k <= (k if vocab is None else vocab)):
+        raise ValueError(f"k must be an int in [1, {upper}], got {k!r}")
+
+
+def _check_same_shape(name_a: str, a, name_b: str, b) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"{name_a} shape {a.shape} != {name_b} shape {b.shape}")
+
+
+def validate_loss_args(
+    *,
+    loss: str = "reverse_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    k: int = 1,
+    vocab: int | None = None,
+    topk_support: str = "teacher",
+    topk_tail: str = "bucket",
+    topk_direction: str = "reverse",
+    normalize: str = "token",
+    clip_eps: float | None = None,
+) -> None:
+    """Checks every loss hyper-parameter; raises ValueError naming the bad one.
+
+    Only the arguments that ``loss`` uses are checked (e.g. ``beta`` only for
+    "jsd", ``k``/support/tail/direction only for "topk"). ``vocab`` bounds ``k``
+    when given.
+    """
+    _check_choice("loss", loss, LOSS_NAMES)
+    _check_choice("normalize", normalize, NORMALIZE_MODES)
+    _check_temperature(temperature)
+    if loss == "jsd":
+        _check_beta(beta)
+    if loss == "topk":
+        _check_k(k, vocab)
+        _check_choice("topk_support", topk_support, TOPK_SUPPORTS)
+        _check_choice("topk_tail", topk_tail, TOPK_TAILS)
+        _check_choice("topk_direction", topk_direction, KL_DIRECTIONS)
+    if clip_eps is not None and not clip_eps > 0:
+        raise ValueError(f"clip_eps must be > 0 or None, got {clip_eps!r}")
+
+
+# --------------------------------------------------------------------------
+# Reductions
+# --------------------------------------------------------------------------
+
+
+def masked_mean(values, mask, normalize: str = "token"):
+    """Masked mean of per-token ``values [B, T]`` under ``mask [B, T]`` -> scalar.
+
+    * "token": ``sum(m * v) / max(sum(m), 1)`` -- every masked token weighs the same.
+    * "sequence": mean, over sequences with at least one masked token, of
+      ``sum_t(m * v) / sum_t(m)`` -- every sequence weighs the same.
+
+    Masked-out positions never contribute, even if ``values`` holds inf/nan there.
+    An all-zero mask gives 0.
+    """
+    _check_choice("normalize", normalize, NORMALIZE_MODES)
+    _check_same_shape("values", values, "mask", mask)
+    m = mask.astype(jnp.float32)
+    weighted = m * jnp.where(m != 0, values.astype(jnp.float32), 0.0)
+    if normalize == "token":
+        return weighted.sum() / jnp.maximum(m.sum(), 1.0)
+    tokens_per_seq = m.sum(axis=-1)
+    seq_means = weighted.sum(axis=-1) / jnp.maximum(tokens_per_seq, 1.0)
+    has_tokens = (tokens_per_seq > 0).astype(jnp.float32)
+    return (has_tokens * seq_means).sum() / jnp.maximum(has_tokens.sum(), 1.0)
+
+
+# --------------------------------------------------------------------------
+# Log-probability helpers
+# --------------------------------------------------------------------------
+
+
+def log_softmax(logits, temperature: float = 1.0):
+    """float32 ``log_softmax(logits / temperature)`` over the last axis."""
+    _check_temperature(temperature)
+    logits = logits.astype(jnp.float32)
+    if temperature != 1.0:
+        logits = logits / temperature
+    return jax.nn.log_softmax(logits, axis=-1)
+
+
+def token_logp(logp, targets):
+    """``logp [..., V]`` at ``targets [...]`` (int) -> ``[...]``."""
+    return jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+
+
+def _kl_from_logp(logp_a, logp_b):
+    """KL(a||b) = sum_v a (log a - log b) over the last axis, from log-probs."""
+    return jnp.sum(jnp.exp(logp_a) * (logp_a - logp_b), axis=-1)
+
+
+def _masked_logsumexp(logp, mask):
+    """log sum_{v: mask} exp(logp_v); ~_LOG_ZERO (finite) when the mask is empty."""
+    return jax.nn.logsumexp(jnp.where(mask, logp, _LOG_ZERO), axis=-1)
+
+
+# --------------------------------------------------------------------------
+# Full-vocabulary per-token terms
+# --------------------------------------------------------------------------
+
+
+def _jsd_from_logp(student_logp, teacher_logp, beta: float):
+    """Generalized JSD(beta) from log-probs; beta in {0, 1} gives exactly the KLs."""
+    if beta == 0.0:
+        return _kl_from_logp(teacher_logp, student_logp)
+    if beta == 1.0:
+        return _kl_from_logp(student_logp, teacher_logp)
+    mixture_logp = jnp.logaddexp(
+        teacher_logp + math.log(beta), student_logp + math.log1p(-beta)
+    )
+    kl_teacher = _kl_from_logp(teacher_logp, mixture_logp)
+    kl_student = _kl_from_logp(student_logp, mixture_logp)
+    return beta * kl_teacher + (1.0 - beta) * kl_student
+
+
+def _logp_pair(student_logits, teacher_logits, temperature: float):
+    _check_same_shape("student_logits", student_logits, "teacher_logits", teacher_logits)
+    return log_softmax(student_logits, temperature), log_softmax(teacher_logits, temperature)
+
+
+def reverse_kl_per_token(student_logits, teacher_logits, temperature: float = 1.0):
+    """Full-vocab reverse KL(Q||P) = sum_v q (log q - log p) per position.
+
+    ``[..., V]`` logits -> ``[...]`` (float32). No masking, no stop_gradient.
+    """
+    s, t = _logp_pair(student_logits, teacher_logits, temperature)
+    return _kl_from_logp(s, t)
+
+
+def forward_kl_per_token(student_logits, teacher_logits, temperature: float = 1.0):
+    """Full-vocab forward KL(P||Q) = sum_v p (log p - log q) per position.
+
+    ``[..., V]`` logits -> ``[...]`` (float32). No masking, no stop_gradient.
+    """
+    s, t = _logp_pair(student_logits, teacher_logits, temperature)
+    return _kl_from_logp(t, s)
+
+
+def jsd_per_token(student_logits, teacher_logits, beta: float, temperature: float = 1.0):
+    """Generalized JSD(beta) per position, as TRL's ``generalized_jsd_loss``.
+
+    P = teacher, Q = student, M = beta P + (1 - beta) Q;
+    ``beta KL(P||M) + (1 - beta) KL(Q||M)``. ``beta`` is a Python float in [0, 1]:
+    beta == 0 is exactly forward KL(P||Q), beta == 1 exactly reverse KL(Q||P).
+    ``[..., V]`` logits -> ``[...]`` (float32).
+    """
+    _check_beta(beta)
+    s, t = _logp_pair(student_logits, teacher_logits, temperature)
+    return _jsd_from_logp(s, t, beta)
+
+
+# --------------------------------------------------------------------------
+# Top-k per-token terms
+# --------------------------------------------------------------------------
+
+
+def _topk_mask(logp, k: int):
+    """Boolean ``[..., V]``, True at exactly the k largest entries of each row."""
+    _, idx = jax.lax.top_k(logp, int(k))
+    mask = jnp.zeros(logp.shape, dtype=bool)
+    return jnp.put_along_axis(mask, idx, True, axis=-1, inplace=False)
+
+
+def _support_mask(student_logp, teacher_logp, k: int, support: str):
+    if support == "teacher":
+        return _topk_mask(teacher_logp, k)
+    if support == "student":
+        return _topk_mask(student_logp, k)
+    return _topk_mask(teacher_logp, k) | _topk_mask(student_logp, k)
+
+
+def _restricted_kl(logp_a, logp_b, mask, tail: str):
+    """KL(a||b) of two distributions restricted to the support ``mask``.
+
+    "renorm": both renormalised over the support. "bucket": the support entries
+    plus one tail bucket holding the remaining mass, log(1 - sum_S p) computed
+    exactly as a log-sum-exp over the complement (no cancellation); an empty
+    complement contributes 0.
+    """
+    if tail == "renorm":
+        logp_a = logp_a - _masked_logsumexp(logp_a, mask)[..., None]
+        logp_b = logp_b - _masked_logsumexp(logp_b, mask)[..., None]
+    terms = jnp.where(mask, jnp.exp(logp_a) * (logp_a - logp_b), 0.0)
+    kl = terms.sum(axis=-1)
+    if tail == "bucket":
+        tail_a = _masked_logsumexp(logp_a, ~mask)
+        tail_b = _masked_logsumexp(logp_b, ~mask)
+        kl = kl + jnp.exp(tail_a) * (tail_a - tail_b)
+    return kl
+
+
+def _topk_kl_from_logp(student_logp, teacher_logp, k, support, tail, direction):
+    mask = _support_mask(sg(student_logp), sg(teacher_logp), k, support)
+    if direction == "reverse":
+        return _restricted_kl(student_logp, teacher_logp, mask, tail)
+    return _restricted_kl(teacher_logp, student_logp, mask, tail)
+
+
+def _check_topk_args(k, vocab, support, tail, direction):
+    _check_k(k, vocab)
+    _check_choice("support", support, TOPK_SUPPORTS)
+    _check_choice("tail", tail, TOPK_TAILS)
+    _check_choice("direction", direction, KL_DIRECTIONS)
+
+
+def topk_kl_per_token(
+    student_logits,
+    teacher_logits,
+    k: int,
+    support: str = "teacher",
+    tail: str = "bucket",
+    direction: str = "reverse",
+    temperature: float = 1.0,
+):
+    """KL restricted to a top-k support, per position. ``[..., V]`` -> ``[...]``.
+
+    support: "teacher" (teacher's top-k), "student" (student's top-k) or "union"
+    (both; between k and 2k entries), chosen on the tempered log-probs with ties
+    broken by ``lax.top_k``; the choice carries no gradient.
+    tail: "renorm" renormalises both distributions over the support; "bucket"
+    keeps the support probabilities and adds one tail bucket with mass
+    1 - sum_{v in S} p(v) for each distribution.
+    direction: "reverse" = KL(Q||P) (student first), "forward" = KL(P||Q).
+    k must be in [1, V]; with k == V both tails equal the full-vocab KL.
+    """
+    _check_same_shape("student_logits", student_logits, "teacher_logits", teacher_logits)
+    _check_topk_args(k, student_logits.shape[-1], support, tail, direction)
+    s, t = _logp_pair(student_logits, teacher_logits, temperature)
+    return _topk_kl_from_logp(s, t, k, support, tail, direction)
+
+
+# --------------------------------------------------------------------------
+# Sampled-token (k1) objective
+# --------------------------------------------------------------------------
+
+
+def _check_extra_advantage(extra_advantage, shape):
+    b, t = shape
+    if extra_advantage.shape not in ((b, t), (b, 1)):
+        raise ValueError(
+            f"extra_advantage must have shape {(b, t)} or {(b, 1)}, got {extra_advantage.shape}"
+        )
+
+
+def sampled_token_loss(
+    student_logp,
+    teacher_logp,
+    mask,
+    *,
+    behaviour_logp=None,
+    clip_eps: float | None = None,
+    extra_advantage=None,
+    normalize: str = "token",
+):
+    """Sampled-token (k1) on-policy distillation loss -> ``(loss scalar, aux)``.
+
+    Inputs are ``[B, T]``: ``student_logp`` = log p_s(x_t) (differentiable),
+    ``teacher_logp`` = log p_t(x_t), ``mask`` the completion mask.
+
+    * k1 = student_logp - teacher_logp (the per-token reverse-KL estimator).
+    * Advantage A = -stop_gradient(k1) (+ stop_gradient(extra_advantage), shape
+      ``[B, T]`` or ``[B, 1]``, e.g. an RL sequence reward). A is the same in every
+      mode: we do *not* use Ultra's A = sg(teacher_logp - behaviour_logp); at the
+      behaviour policy (r = 1) the gradients of both forms coincide.
+    * No ``behaviour_logp``: per-token loss ``-A * student_logp`` (REINFORCE).
+    * With ``behaviour_logp`` (the sampler's logprobs of the stale behaviour
+      policy): r = exp(student_logp - sg(behaviour_logp)), per-token loss ``-r A``
+      (importance corrected); with ``clip_eps`` also the PPO clip
+      ``-min(r A, clip(r, 1 - eps, 1 + eps) A)``. At r = 1 the gradient equals the
+      REINFORCE one.
+
+    The per-token losses are reduced with :func:`masked_mean` (``normalize``).
+    aux: per-token ``k1``, ``advantage``, ``ratio`` (ones without behaviour),
+    ``per_token_loss``, and the scalar ``clip_fraction`` (token-mean share of
+    masked tokens where the clipped branch is active; 0 without clipping).
+    """
+    _check_choice("normalize", normalize, NORMALIZE_MODES)
+    _check_same_shape("student_logp", student_logp, "teacher_logp", teacher_logp)
+    _check_same_shape("student_logp", student_logp, "mask", mask)
+    if clip_eps is not None:
+        if behaviour_logp is None:
+            raise ValueError("clip_eps requires behaviour_logp (the PPO clip is on r)")
+        if not clip_eps > 0:
+            raise ValueError(f"clip_eps must be > 0 or None, got {clip_eps!r}")
+
+    student_logp = student_logp.astype(jnp.float32)
+    k1 = student_logp - sg(teacher_logp.astype(jnp.float32))
+    advantage = -sg(k1)
+    if extra_advantage is not None:
+        _check_extra_advantage(extra_advantage, student_logp.shape)
+        advantage = advantage + sg(extra_advantage.astype(jnp.float32))
+
+    clipped = jnp.zeros_like(student_logp)
+    if behaviour_logp is None:
+        ratio = jnp.ones_like(student_logp)
+        per_token = -advantage * student_logp
+    else:
+        _check_same_shape("behaviour_logp", behaviour_logp, "student_logp", student_logp)
+        ratio = jnp.exp(student_logp - sg(behaviour_logp.astype(jnp.float32)))
+        unclipped_obj = ratio * advantage
+        if clip_eps is None:
+            per_token = -unclipped_obj
+        else:
+            clipped_obj = jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * advantage
+            per_token = -jnp.minimum(unclipped_obj, clipped_obj)
+            clipped = (clipped_obj < unclipped_obj).astype(jnp.float32)
+
+    loss = masked_mean(per_token, mask, normalize)
+    aux = {
+        "k1": sg(k1),
+        "advantage": advantage,
+        "ratio": sg(ratio),
+        "per_token_loss": sg(per_token),
+        "clip_fraction": sg(masked_mean(clipped, mask, "token")),
+    }
+    return loss, aux
+
+
+# --------------------------------------------------------------------------
+# Chunked logits kernel
+# --------------------------------------------------------------------------
+
+
+def _check_unembed_shapes(student_hidden, student_unembed, teacher_hidden, teacher_unembed,
+                          targets, student_bias, teacher_bias):
+    for name, x, ndim in (("student_hidden", student_hidden, 3), ("teacher_hidden", teacher_hidden, 3),
+                          ("student_unembed", student_unembed, 2),
+                          ("teacher_unembed", teacher_unembed, 2), ("targets", targets, 2)):
+        if x.ndim != ndim:
+            raise ValueError(f"{name} must have {ndim} dims, got shape {x.shape}")
+    if student_unembed.shape[1] != teacher_unembed.shape[1]:
+        raise ValueError(
+            f"vocab mismatch: student_unembed vocab {student_unembed.shape[1]} "
+            f"!= teacher_unembed vocab {teacher_unembed.shape[1]}"
+        )
+    for who, hidden, unembed in (("student", student_hidden, student_unembed),
+                                 ("teacher", teacher_hidden, teacher_unembed)):
+        if hidden.shape[-1] != unembed.shape[0]:
+            raise ValueError(
+                f"{who}_hidden width {hidden.shape[-1]} != {who}_unembed rows {unembed.shape[0]}"
+            )
+    for name, hidden in (("student_hidden", student_hidden), ("teacher_hidden", teacher_hidden)):
+        if hidden.shape[:2] != targets.shape:
+            raise ValueError(f"{name} [B, T] = {hidden.shape[:2]} != targets shape {targets.shape}")
+    vocab = student_unembed.shape[1]
+    for name, bias in (("student_bias", student_bias), ("teacher_bias", teacher_bias)):
+        if bias is not None and bias.shape != (vocab,):
+            raise ValueError(f"{name} must have shape {(vocab,)}, got {bias.shape}")
+
+
+def project_logits(hidden, unembed, bias=None):
+    """``hidden [..., D] @ unembed [D, V] (+ bias [V])`` with float32 accumulation."""
+    logits = jnp.dot(hidden, unembed, preferred_element_type=jnp.float32)
+    if bias is not None:
+        logits = logits + bias.astype(jnp.float32)
+    return logits
+
+
+def _split_chunks(x, n_chunks: int, chunk_size: int):
+    """``[B, T, ...]`` -> ``[n_chunks, B, chunk_size, ...]``, zero-padding T."""
+    pad = n_chunks * chunk_size - x.shape[1]
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    x = x.reshape(x.shape[0], n_chunks, chunk_size, *x.shape[2:])
+    return jnp.swapaxes(x, 0, 1)
+
+
+def _merge_chunks(y, length: int):
+    """``[n_chunks, B, chunk_size, ...]`` -> ``[B, length, ...]`` (drops padding)."""
+    y = jnp.swapaxes(y, 0, 1)
+    y = y.reshape(y.shape[0], y.shape[1] * y.shape[2], *y.shape[3:])
+    return y[:, :length]
+
+
+def chunked_token_values(
+    fn: Callable,
+    student_hidden,
+    student_unembed,
+    teacher_hidden,
+    teacher_unembed,
+    targets,
+    *,
+    chunk_size: int,
+    student_bias=None,
+    teacher_bias=None,
+):
+    """Applies ``fn`` to student/teacher logits built chunk by chunk along T.
+
+    Shapes: ``student_hidden [B, T, Ds]``, ``student_unembed [Ds, V]``,
+    ``teacher_hidden [B, T, Dt]``, ``teacher_unembed [Dt, V]``, ``targets [B, T]``
+    int, optional biases ``[V]``. ``fn(student_logits [B, C, V] f32,
+    teacher_logits [B, C, V] f32, targets [B, C]) -> pytree of [B, C]``; the
+    result is that pytree with ``[B, T]`` leaves.
+
+    T is zero-padded to a multiple of ``chunk_size`` (padded positions are
+    computed then dropped, so ``fn`` must be finite on zero hidden states). The
+    chunk body runs under ``jax.lax.map`` and ``jax.checkpoint``, so at most one
+    chunk's ``[B, C, V]`` logits (and their softmax temporaries) are live in the
+    forward and backward passes. Teacher inputs are wrapped in stop_gradient:
+    gradients reach only the student hidden states, unembedding and bias.
+    """
+    _check_unembed_shapes(student_hidden, student_unembed, teacher_hidden, teacher_unembed,
+                          targets, student_bias, teacher_bias)
+    if not (isinstance(chunk_size, numbers.Integral) and chunk_size > 0):
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    length = targets.shape[1]
+    chunk_size = int(min(chunk_size, length))
+    n_chunks = -(-length // chunk_size)
+    weights = (student_unembed, student_bias, sg(teacher_unembed),
+               None if teacher_bias is None else sg(teacher_bias))
+    chunks = tuple(_split_chunks(x, n_chunks, chunk_size)
+                   for x in (student_hidden, sg(teacher_hidden), targets))
+
+    @jax.checkpoint
+    def chunk_values(weights, chunk):
+        s_unembed, s_bias, t_unembed, t_bias = weights
+        s_hidden, t_hidden, chunk_targets = chunk
+        return fn(project_logits(s_hidden, s_unembed, s_bias),
+                  project_logits(t_hidden, t_unembed, t_bias), chunk_targets)
+
+    values = jax.lax.map(lambda chunk: chunk_values(weights, chunk), chunks)
+    return jax.tree.map(lambda y: _merge_chunks(y, length), values)
+
+
+def _full_token_values(fn, student_hidden, student_unembed, teacher_hidden, teacher_unembed,
+                       targets, *, student_bias=None, teacher_bias=None):
+    """Reference for :func:`chunked_token_values`: full ``[B, T, V]`` logits, no remat."""
+    _check_unembed_shapes(student_hidden, student_unembed, teacher_hidden, teacher_unembed,
+                          targets, student_bias, teacher_bias)
+    teacher_bias = None if teacher_bias is None else sg(teacher_bias)
+    return fn(project_logits(student_hidden, student_unembed, student_bias),
+              project_logits(sg(teacher_hidden), sg(teacher_unembed), teacher_bias), targets)
+
+
+# --------------------------------------------------------------------------
+# distill_loss: one entry point for every loss kind
+# --------------------------------------------------------------------------
+
+
+def _support_diagnostics(student_logp, teacher_logp, targets, diag_topk, diag_floor_prob):
+    """Per-token overlap diagnostics at temperature 1 (all stop_gradient'ed)."""
+    student_logp, teacher_logp = sg(student_logp), sg(teacher_logp)
+    teacher_target_logp = token_logp(teacher_logp, targets)
+    teacher_rank = jnp.sum(teacher_logp > teacher_target_logp[..., None], axis=-1)
+    diagnostics = {
+        "teacher_logp": teacher_target_logp,
+        "student_logp": token_logp(student_logp, targets),
+        "reverse_kl": _kl_from_logp(student_logp, teacher_logp),
+        "forward_kl": _kl_from_logp(teacher_logp, student_logp),
+        "teacher_below_floor": (teacher_target_logp < math.log(diag_floor_prob)).astype(jnp.float32),
+    }
+    for k in diag_topk:
+        diagnostics[f"in_teacher_top{k}"] = (teacher_rank < k).astype(jnp.float32)
+    return diagnostics
+
+
+def _make_token_fn(loss, *, temperature, beta, k, topk_support, topk_tail, topk_direction,
+                   diag_topk, diag_floor_prob):
+    """The per-chunk function: logits -> {"loss_terms": ..., "diagnostics": ...}."""
+
+    def token_fn(student_logits, teacher_logits, targets):
+        student_logp = log_softmax(student_logits)
+        teacher_logp = log_softmax(teacher_logits)
+        if temperature == 1.0:
+            s_tau, t_tau = student_logp, teacher_logp
+        else:
+            s_tau = log_softmax(student_logits, temperature)
+            t_tau = log_softmax(teacher_logits, temperature)
+        if loss == "sampled_token":
+            terms = {"student_logp": token_logp(s_tau, targets),
+                     "teacher_logp": token_logp(t_tau, targets)}
+        elif loss == "reverse_kl":
+            terms = {"per_token_loss": _kl_from_logp(s_tau, t_tau)}
+        elif loss == "forward_kl":
+            terms = {"per_token_loss": _kl_from_logp(t_tau, s_tau)}
+        elif loss == "jsd":
+            terms = {"per_token_loss": _jsd_from_logp(s_tau, t_tau, beta)}
+        else:
+            terms = {"per_token_loss": _topk_kl_from_logp(
+                s_tau, t_tau, k, topk_support, topk_tail, topk_direction)}
+        diagnostics = _support_diagnostics(student_logp, teacher_logp, targets,
+                                           diag_topk, diag_floor_prob)
+        return {"loss_terms": terms, "diagnostics": diagnostics}
+
+    return token_fn
+
+
+def _distill_loss(token_values, student_hidden, student_unembed, teacher_hidden, teacher_unembed,
+                  targets, mask, *, loss, temperature, beta, k, topk_support, topk_tail,
+                  topk_direction, normalize, behaviour_logp, clip_eps, extra_advantage,
+                  diag_topk, diag_floor_prob, student_bias, teacher_bias):
+    vocab = student_unembed.shape[-1]
+    validate_loss_args(loss=loss, temperature=temperature, beta=beta, k=k, vocab=vocab,
+                       topk_support=topk_support, topk_tail=topk_tail,
+                       topk_direction=topk_direction, normalize=normalize, clip_eps=clip_eps)
+    for diag_k in diag_topk:  # k >= V is allowed here: the target is then always inside
+        if not (isinstance(diag_k, numbers.Integral) and diag_k > 0):
+            raise ValueError(f"diag_topk entries must be positive ints, got {diag_topk!r}")
+    if not 0.0 < diag_floor_prob <= 1.0:
+        raise ValueError(f"diag_floor_prob must be in (0, 1], got {diag_floor_prob!r}")
+    _check_same_shape("mask", mask, "targets", targets)
+    if loss != "sampled_token" and extra_advantage is not None:
+        raise ValueError(f"extra_advantage applies only to loss='sampled_token', got loss={loss!r}")
+
+    token_fn = _make_token_fn(loss, temperature=temperature, beta=beta, k=k,
+                              topk_support=topk_support, topk_tail=topk_tail,
+                              topk_direction=topk_direction, diag_topk=tuple(diag_topk),
+                              diag_floor_prob=diag_floor_prob)
+    values = token_values(token_fn, student_hidden, student_unembed, teacher_hidden,
+                          teacher_unembed, targets, student_bias=student_bias,
+                          teacher_bias=teacher_bias)
+    terms, diagnostics = values["loss_terms"], values["diagnostics"]
+    if loss == "sampled_token":
+        value, aux = sampled_token_loss(
+            terms["student_logp"], terms["teacher_logp"], mask, behaviour_logp=behaviour_logp,
+            clip_eps=clip_eps, extra_advantage=extra_advantage, normalize=normalize)
+        diagnostics.update(aux)
+    else:
+        value = masked_mean(terms["per_token_loss"], mask, normalize)
+        diagnostics["per_token_loss"] = sg(terms["per_token_loss"])
+    return value, diagnostics
+
+
+def distill_loss(
+    student_hidden,
+    student_unembed,
+    teacher_hidden,
+    teacher_unembed,
+    targets,
+    mask,
+    *,
+    loss: str,
+    chunk_size: int = 512,
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    k: int = 64,
+    topk_support: str = "teacher",
+    topk_tail: str = "bucket",
+    topk_direction: str = "reverse",
+    normalize: str = "token",
+    behaviour_logp=None,
+    clip_eps: float | None = None,
+    extra_advantage=None,
+    diag_topk=(1, 8),
+    diag_floor_prob: float = 1e-4,
+    student_bias=None,
+    teacher_bias=None,
+):
+    """Distillation loss from hidden states, chunked over T -> ``(loss, diagnostics)``.
+
+    Shapes as :func:`chunked_token_values`; ``mask [B, T]``; logits for position
+    t score ``targets[:, t]``. ``loss`` is one of :data:`LOSS_NAMES`:
+
+    * "sampled_token": log p_s(x_t), log p_t(x_t) at ``temperature`` from the
+      chunked pass, then :func:`sampled_token_loss`. ``behaviour_logp`` and
+      ``clip_eps`` only apply here (other losses ignore them); ``extra_advantage``
+      with another loss is a ValueError.
+    * "reverse_kl" / "forward_kl" / "jsd" (``beta``) / "topk" (``k``,
+      ``topk_support``, ``topk_tail``, ``topk_direction``): per-token terms at
+      ``temperature`` reduced with :func:`masked_mean` (``normalize``).
+
+    Gradients flow to the student hidden states, unembedding and bias only.
+    diagnostics (all stop_gradient'ed, ``[B, T]`` unless noted, temperature 1,
+    unmasked): ``teacher_logp``, ``student_logp`` (log-probs of the target),
+    full-vocab ``reverse_kl`` and ``forward_kl``, ``in_teacher_top{k}`` for each k in
+    ``diag_topk`` (1.0 if fewer than k teacher log-probs exceed the target's),
+    ``teacher_below_floor`` (teacher prob of target < ``diag_floor_prob``),
+    ``per_token_loss``; for "sampled_token" also ``k1``, ``advantage``, ``ratio``
+    and the scalar ``clip_fraction``.
+    """
+    token_values = lambda *a, **kw: chunked_token_values(*a, chunk_size=chunk_size, **kw)
+    return _distill_loss(
+        token_values, student_hidden, student_unembed, teacher_hidden, teacher_unembed,
+        targets, mask, loss=loss, temperature=temperature, beta=beta, k=k,
+        topk_support=topk_support, topk_tail=topk_tail, topk_direction=topk_direction,
+        normalize=normalize, behaviour_logp=behaviour_logp, clip_eps=clip_eps,
+        extra_advantage=extra_advantage, diag_topk=diag_topk,
+        diag_floor_prob=diag_floor_prob, student_bias=student_bias, teacher_bias=teacher_bias)
+
+
+def unchunked_distill_loss(
+    student_hidden,
+    student_unembed,
+    teacher_hidden,
+    teacher_unembed,
+    targets,
+    mask,
+    *,
+    loss: str,
+    chunk_size: int = 512,
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    k: int = 64,
+    topk_support: str = "teacher",
+    topk_tail: str = "bucket",
+    topk_direction: str = "reverse",
+    normalize: str = "token",
+    behaviour_logp=None,
+    clip_eps: float | None = None,
+    extra_advantage=None,
+    diag_topk=(1, 8),
+    diag_floor_prob: float = 1e-4,
+    student_bias=None,
+    teacher_bias=None,
+):
+    """Naive :func:`distill_loss`: materialises full ``[B, T, V]`` logits, no remat.
+
+    Same arguments and results; ``chunk_size`` is accepted and ignored. The test
+    reference for the chunked kernel and the "naive" line of the memory bench.
+    """
+    del chunk_size
+    return _distill_loss(
+        _full_token_values, student_hidden, student_unembed, teacher_hidden, teacher_unembed,
+        targets, mask, loss=loss, temperature=temperature, beta=beta, k=k,
+        topk_support=topk_support, topk_tail=topk_tail, topk_direction=topk_direction,
+        normalize=normalize, behaviour_logp=behaviour_logp, clip_eps=clip_eps,
+        extra_advantage=extra_advantage, diag_topk=diag_topk,
+        diag_floor_prob=diag_floor_prob, student_bias=student_bias, teacher_bias=teacher_bias)

@@ -1,0 +1,169 @@
+"""The OPD run config (`ml_collections.ConfigDict`): defaults and validation.
+
+`configs/*.py` start from `base_config()` and override fields; the command line
+overrides again (`--config.optimizer.lr=3e-6 --config.teachers.math.weight=2`).
+`validate(config)` runs before anything is compiled; every error names the field
+and the allowed values.
+
+Teachers are `config.teachers.<name>` entries, run in sorted name order:
+  path        HF directory (config.json + safetensors) or an orbax checkpoint dir
+  domains     comma-separated domains this teacher owns (prompts are routed by domain)
+  loss        one of LOSSES
+  weight      weight of this teacher's loss in the sum (DeepSeek V4's w_i)
+  param_dtype storage dtype (bfloat16 by default: teachers are frozen)
+"""
+
+from __future__ import annotations
+
+import ml_collections as mlc
+
+from jdistill import losses
+
+LOSSES = ("sampled_token", "reverse_kl", "forward_kl", "jsd", "topk_teacher", "topk_student",
+          "topk_union", "overlap_aware")
+DTYPES = ("float32", "bfloat16")
+SCHEDULES = ("cosine", "linear", "constant")
+NONFINITE = ("skip", "stop")
+OVERLONG = ("truncate_left", "drop", "error")
+ON_ERROR = ("raise", "skip")
+
+
+def teacher_config(path: str = "", domains: str = "", loss: str = "reverse_kl",
+                   weight: float = 1.0, param_dtype: str = "bfloat16") -> mlc.ConfigDict:
+  return mlc.ConfigDict(dict(path=path, domains=domains, loss=loss, weight=weight,
+                             param_dtype=param_dtype))
+
+
+def base_config() -> mlc.ConfigDict:
+  c = mlc.ConfigDict()
+  c.seed = 0
+  c.output_dir = "runs/opd"
+  c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  c.num_devices = 0  # 0: all devices; n: the first n (e.g. to compare against one device)
+
+  c.student = mlc.ConfigDict(dict(path="", param_dtype="float32", dtype="float32", remat=False))
+  c.teachers = mlc.ConfigDict()
+  c.tokenizer = ""  # HF tokenizer dir (default: the student's directory)
+
+  c.data = mlc.ConfigDict(dict(
+      train_files="",            # comma-separated .jsonl / .parquet files
+      eval_files="",             # held-out prompts for the eval reverse KL
+      prompt_field="prompt", messages_field="messages", domain_field="domain",
+      use_chat_template=True,
+      max_prompt_len=64,         # longer prompts: `overlong` rule
+      overlong="truncate_left",  # keep the last max_prompt_len tokens | drop | error
+      on_error="raise",          # malformed line: raise (file:line) | skip and count
+      slots_per_teacher=4,       # rows per teacher per step (static shapes)
+  ))
+
+  c.sampling = mlc.ConfigDict(dict(
+      max_new_tokens=32, temperature=1.0, top_k=0, top_p=1.0,
+      prompt_buckets=(16, 32, 64, 128, 256, 512, 1024, 2048), stop_at_eos=True))
+
+  c.loss = mlc.ConfigDict(dict(
+      chunk_size=256, temperature=1.0, normalize="token", beta=0.5, topk=64,
+      topk_tail="bucket", clip_eps=0.0,  # >0: PPO clip vs the sampler's logprobs
+      nonfinite="skip",                  # NaN/Inf loss or grads: skip the update | stop
+      overlap_criterion="teacher_topk", overlap_topk=8, overlap_floor_prob=1e-3,
+  ))
+
+  c.optimizer = mlc.ConfigDict(dict(
+      lr=1e-5, warmup_steps=10, schedule="cosine", end_lr_ratio=0.1, weight_decay=0.0,
+      b1=0.9, b2=0.95, eps=1e-8, max_grad_norm=1.0, grad_accum=1))
+
+  c.train = mlc.ConfigDict(dict(steps=100, log_every=1, eval_every=0, eval_rows=8))
+  c.checkpoint = mlc.ConfigDict(dict(dir="", every=50, keep=3, async_save=True,
+                                     resume=True, restore_step=-1))
+  c.export_dir = ""  # write the final student as an HF directory
+
+  c.overlap = mlc.ConfigDict(dict(
+      topks=(1, 8, 32), top_p=0.9, floor_prob=1e-3,
+      min_topk_coverage=0.5, max_off_support=0.2, k_for_alarm=8))
+  return c
+
+
+def _fail(field: str, value, allowed) -> None:
+  raise ValueError(f"config.{field}={value!r} is invalid; allowed: {allowed}")
+
+
+def _check_choice(config, field: str, allowed) -> None:
+  node = config
+  for part in field.split("."):
+    node = node[part]
+  if node not in allowed:
+    _fail(field, node, list(allowed))
+
+
+def _check_positive(config, field: str, allow_zero: bool = False) -> None:
+  node = config
+  for part in field.split("."):
+    node = node[part]
+  ok = isinstance(node, (int, float)) and not isinstance(node, bool) and (
+      node >= 0 if allow_zero else node > 0)
+  if not ok:
+    _fail(field, node, "a non-negative number" if allow_zero else "a positive number")
+
+
+def teacher_names(config) -> list[str]:
+  return sorted(config.teachers.keys())
+
+
+def teacher_domains(config) -> dict[str, list[str]]:
+  return {name: [d.strip() for d in str(config.teachers[name].domains).split(",") if d.strip()]
+          for name in teacher_names(config)}
+
+
+def validate(config) -> None:
+  """Raises ValueError naming the first bad field and what it allows."""
+  _check_choice(config, "data.overlong", OVERLONG)
+  _check_positive(config, "num_devices", allow_zero=True)
+  _check_choice(config, "data.on_error", ON_ERROR)
+  _check_choice(config, "loss.normalize", losses.NORMALIZE_MODES)
+  _check_choice(config, "loss.topk_tail", losses.TOPK_TAILS)
+  _check_choice(config, "loss.nonfinite", NONFINITE)
+  _check_choice(config, "optimizer.schedule", SCHEDULES)
+  _check_choice(config, "student.param_dtype", DTYPES)
+  _check_choice(config, "student.dtype", DTYPES)
+  for field in ("data.max_prompt_len", "data.slots_per_teacher", "sampling.max_new_tokens",
+                "loss.chunk_size", "loss.temperature", "loss.topk", "optimizer.lr",
+                "optimizer.grad_accum", "train.steps", "train.log_every", "checkpoint.keep",
+                "checkpoint.every", "loss.overlap_topk"):
+    _check_positive(config, field)
+  for field in ("sampling.temperature", "sampling.top_k", "optimizer.warmup_steps",
+                "optimizer.weight_decay", "optimizer.max_grad_norm", "loss.clip_eps",
+                "train.eval_every"):
+    _check_positive(config, field, allow_zero=True)
+  if not 0.0 < config.sampling.top_p <= 1.0:
+    _fail("sampling.top_p", config.sampling.top_p, "a float in (0, 1]")
+  if not 0.0 <= config.loss.beta <= 1.0:
+    _fail("loss.beta", config.loss.beta, "a float in [0, 1]")
+  if config.optimizer.warmup_steps > config.train.steps:
+    _fail("optimizer.warmup_steps", config.optimizer.warmup_steps,
+          f"at most train.steps={config.train.steps}")
+  if not config.student.path:
+    _fail("student.path", config.student.path, "a Hugging Face directory")
+  if not config.data.train_files:
+    _fail("data.train_files", config.data.train_files, "comma-separated .jsonl/.parquet paths")
+  if not config.teachers.keys():
+    _fail("teachers", "{}", "at least one teacher: --config.teachers.<name>.path=...")
+  owner: dict[str, str] = {}
+  for name, domains in teacher_domains(config).items():
+    t = config.teachers[name]
+    for key in ("path", "domains", "loss", "weight", "param_dtype"):
+      if key not in t:
+        _fail(f"teachers.{name}", dict(t), f"fields path, domains, loss, weight, param_dtype")
+    if not t.path:
+      _fail(f"teachers.{name}.path", t.path, "a Hugging Face or orbax directory")
+    if t.loss not in LOSSES:
+      _fail(f"teachers.{name}.loss", t.loss, list(LOSSES))
+    if t.param_dtype not in DTYPES:
+      _fail(f"teachers.{name}.param_dtype", t.param_dtype, list(DTYPES))
+    if not isinstance(t.weight, (int, float)) or t.weight < 0:
+      _fail(f"teachers.{name}.weight", t.weight, "a non-negative number")
+    if not domains:
+      _fail(f"teachers.{name}.domains", t.domains, "comma-separated domain names")
+    for d in domains:
+      if d in owner:
+        _fail(f"teachers.{name}.domains", t.domains, f"domains not owned by another teacher "
+              f"({d!r} already belongs to {owner[d]!r})")
+      owner[d] = name

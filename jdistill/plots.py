@@ -1,0 +1,30 @@
+"""PNG plots written next to the numbers (matplotlib, headless)."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def learning_curves(history: list[dict], path: str) -> str:
+  """Loss and per-teacher reverse KL / teacher log-prob against step."""
+  steps = [r["step"] for r in history]
+  names = list(history[0]["teachers"])
+  fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+  axes[0].plot(steps, [r["loss"] for r in history], color="black")
+  axes[0].set_title("total loss")
+  for name in names:
+    axes[1].plot(steps, [r["teachers"][name]["reverse_kl"] for r in history], label=name)
+    axes[2].plot(steps, [r["teachers"][name]["teacher_logp"] for r in history], label=name)
+  axes[1].set_title("full-vocab reverse KL (student ‖ teacher)")
+  axes[2].set_title("teacher log-prob of sampled tokens")
+  for ax in axes:
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+  axes[1].legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path

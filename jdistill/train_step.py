@@ -1,0 +1,201 @@
+"""The one compiled OPD train step: teachers on their slots, student, loss kernels, optax update.
+
+Everything here is a pure function of arrays and pytrees. The train state is a
+dict `{"params", "opt_state", "step"}`; teacher states are passed as arguments
+(never captured constants, never donated). Rollout batches are right-padded:
+
+  tokens          int32 `[B, L]`   prompt then completion then pad
+  completion_mask f32   `[B, L]`   1 on generated tokens (incl. the stop token)
+  logprobs        f32   `[B, L]`   behaviour-policy log-prob of each generated token
+  lengths         int32 `[B]`      prompt + completion length of each row
+
+Each teacher owns a static set of rows (`TeacherSpec.rows`): `[i*S, (i+1)*S)` in one
+process; with several processes the global batch is process-major (see `teacher_rows`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from jdistill import losses
+
+sg = jax.lax.stop_gradient
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherSpec:
+  """Static description of one teacher inside the step."""
+
+  name: str
+  loss: str           # a config.LOSSES name
+  weight: float
+  rows: tuple[int, ...]  # rows of the global batch this teacher scores
+
+
+def teacher_rows(n_teachers: int, slots: int, process_count: int = 1) -> list[tuple[int, ...]]:
+  """Global row indices of each teacher.
+
+  Each process holds its share (`slots / process_count` rows) of every teacher, teacher-major;
+  the global array stacks processes one after another, so teacher i's rows are
+  `p * n_teachers * local + i * local + j`.
+  """
+  local = slots // process_count
+  return [tuple(p * n_teachers * local + i * local + j for p in range(process_count)
+                for j in range(local)) for i in range(n_teachers)]
+
+
+def _take_rows(x, rows: tuple[int, ...]):
+  if rows == tuple(range(rows[0], rows[0] + len(rows))):
+    return x[rows[0]:rows[0] + len(rows)]
+  return jnp.take(x, jnp.asarray(rows), axis=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSettings:
+  chunk_size: int = 256
+  temperature: float = 1.0
+  normalize: str = "token"
+  beta: float = 0.5
+  topk: int = 64
+  topk_tail: str = "bucket"
+  clip_eps: float = 0.0
+  overlap_criterion: str = "teacher_topk"
+  overlap_topk: int = 8
+  overlap_floor_prob: float = 1e-3
+  diag_topk: tuple[int, ...] = (1, 8)
+  diag_floor_prob: float = 1e-3
+
+
+def loss_kwargs(loss: str, s: LossSettings) -> dict:
+  """`losses.distill_loss` keyword arguments for a teacher's configured loss name."""
+  kw = dict(chunk_size=s.chunk_size, temperature=s.temperature, normalize=s.normalize,
+            diag_topk=s.diag_topk, diag_floor_prob=s.diag_floor_prob)
+  if loss.startswith("topk_"):
+    return dict(kw, loss="topk", k=s.topk, topk_support=loss[len("topk_"):], topk_tail=s.topk_tail)
+  if loss == "jsd":
+    return dict(kw, loss="jsd", beta=s.beta)
+  if loss == "sampled_token" and s.clip_eps > 0:
+    return dict(kw, loss=loss, clip_eps=s.clip_eps)
+  if loss == "overlap_aware":
+    return dict(kw, loss=loss, overlap_criterion=s.overlap_criterion, overlap_topk=s.overlap_topk,
+                overlap_floor_prob=s.overlap_floor_prob)
+  return dict(kw, loss=loss)
+
+
+def shifted_inputs(batch: dict) -> dict:
+  """Model inputs and aligned targets: position t predicts token t+1. All `[B, L-1]`."""
+  tokens = batch["tokens"]
+  b, length = tokens.shape
+  positions = jnp.broadcast_to(jnp.arange(length - 1), (b, length - 1))
+  return dict(inputs=tokens[:, :-1], targets=tokens[:, 1:], positions=positions,
+              kv_mask=positions < batch["lengths"][:, None],
+              mask=batch["completion_mask"][:, 1:].astype(jnp.float32),
+              behaviour_logp=batch["logprobs"][:, 1:].astype(jnp.float32))
+
+
+def teacher_hidden(graphdef, state, x: dict, rows: tuple[int, ...]):
+  """Frozen teacher's final hidden states `[S, L-1, D]` and unembedding on its rows."""
+  teacher = nnx.merge(graphdef, state)
+  hidden, _ = teacher(_take_rows(x["inputs"], rows), _take_rows(x["positions"], rows),
+                      kv_mask=_take_rows(x["kv_mask"], rows))
+  return sg(hidden), sg(teacher.unembedding())
+
+
+def _masked(values, mask):
+  return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def teacher_metrics(diag: dict, mask) -> dict:
+  """Scalar per-teacher diagnostics from the loss kernel's per-token values."""
+  out = {
+      "k1_reverse_kl": _masked(diag["student_logp"] - diag["teacher_logp"], mask),
+      "reverse_kl": _masked(diag["reverse_kl"], mask),
+      "forward_kl": _masked(diag["forward_kl"], mask),
+      "teacher_logp": _masked(diag["teacher_logp"], mask),
+      "off_support": _masked(diag["teacher_below_floor"], mask),
+      "tokens": jnp.sum(mask),
+  }
+  for key, value in diag.items():
+    if key.startswith("in_teacher_top"):
+      out[key] = _masked(value, mask)
+  return out
+
+
+def distill_objective(params, student_graphdef, teacher_graphdefs, teacher_states, batch,
+                      specs: Sequence[TeacherSpec], settings: LossSettings):
+  """Weighted sum over teachers of their loss on their rows → (loss, metrics)."""
+  x = shifted_inputs(batch)
+  student = nnx.merge(student_graphdef, params)
+  hidden, _ = student(x["inputs"], x["positions"], kv_mask=x["kv_mask"])
+  unembed = student.unembedding()
+  total = jnp.zeros((), jnp.float32)
+  metrics = {}
+  for spec, graphdef, state in zip(specs, teacher_graphdefs, teacher_states):
+    rows = lambda a: _take_rows(a, spec.rows)  # noqa: E731
+    t_hidden, t_unembed = teacher_hidden(graphdef, state, x, spec.rows)
+    loss, diag = losses.distill_loss(
+        rows(hidden), unembed, t_hidden, t_unembed, rows(x["targets"]), rows(x["mask"]),
+        behaviour_logp=rows(x["behaviour_logp"]) if spec.loss == "sampled_token" else None,
+        **loss_kwargs(spec.loss, settings))
+    total = total + spec.weight * loss
+    metrics[spec.name] = dict(teacher_metrics(diag, rows(x["mask"])), loss=loss)
+  return total, metrics
+
+
+def make_optimizer(lr: float, *, steps: int, warmup_steps: int = 0, schedule: str = "cosine",
+                   end_lr_ratio: float = 0.1, weight_decay: float = 0.0, b1: float = 0.9,
+                   b2: float = 0.95, eps: float = 1e-8, max_grad_norm: float = 1.0,
+                   grad_accum: int = 1) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW with linear warmup then cosine/linear/constant decay, global-norm clipping,
+  and gradient accumulation over `grad_accum` calls (optax.MultiSteps)."""
+  decay_steps = max(steps - warmup_steps, 1)
+  end = lr * end_lr_ratio
+  if schedule == "cosine":
+    decay = optax.cosine_decay_schedule(lr, decay_steps, alpha=end_lr_ratio)
+  elif schedule == "linear":
+    decay = optax.linear_schedule(lr, end, decay_steps)
+  else:
+    decay = optax.constant_schedule(lr)
+  sched = optax.join_schedules([optax.linear_schedule(0.0, lr, warmup_steps), decay],
+                               [warmup_steps]) if warmup_steps else decay
+  chain = []
+  if max_grad_norm > 0:
+    chain.append(optax.clip_by_global_norm(max_grad_norm))
+  chain.append(optax.adamw(sched, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
+  opt = optax.chain(*chain)
+  if grad_accum > 1:
+    opt = optax.MultiSteps(opt, every_k_schedule=grad_accum)
+  return opt, sched
+
+
+def train_step(state: dict, teacher_states: tuple, batch: dict, *, student_graphdef,
+               teacher_graphdefs: tuple, specs: tuple[TeacherSpec, ...], settings: LossSettings,
+               optimizer: optax.GradientTransformation, schedule: optax.Schedule):
+  """One OPD update. Returns (new_state, metrics). A non-finite loss or gradient leaves
+  params and optimizer state unchanged and reports `metrics["finite"] = 0`."""
+  def objective(params):
+    return distill_objective(params, student_graphdef, teacher_graphdefs, teacher_states,
+                             batch, specs, settings)
+
+  (loss, per_teacher), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+  def update(_):
+    updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+    return optax.apply_updates(state["params"], updates), opt_state
+
+  def keep(_):
+    return state["params"], state["opt_state"]
+
+  params, opt_state = jax.lax.cond(finite, update, keep, None)
+  new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
+  metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite.astype(jnp.float32),
+             "lr": schedule(state["step"]), "teachers": per_teacher}
+  return new_state, metrics

@@ -78,7 +78,9 @@ def base_config() -> mlc.ConfigDict:
 
   c.overlap = mlc.ConfigDict(dict(
       topks=(1, 8, 32), top_p=0.9, floor_prob=1e-3,
-      min_topk_coverage=0.5, max_off_support=0.2, k_for_alarm=8))
+      min_topk_coverage=0.5, max_off_support=0.2, k_for_alarm=8,
+      # `python -m jdistill.overlap` readings: "on-support" needs both of these
+      on_support_coverage=0.9, on_support_max_off_support=0.05))
   return c
 
 

@@ -31,11 +31,12 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-LOSS_NAMES = ("sampled_token", "reverse_kl", "forward_kl", "jsd", "topk")
+LOSS_NAMES = ("sampled_token", "reverse_kl", "forward_kl", "jsd", "topk", "overlap_aware")
 NORMALIZE_MODES = ("token", "sequence")
 TOPK_SUPPORTS = ("teacher", "student", "union")
 TOPK_TAILS = ("renorm", "bucket")
 KL_DIRECTIONS = ("reverse", "forward")
+OVERLAP_CRITERIA = ("teacher_topk", "floor", "soft")
 
 # Finite stand-in for log(0) in masked log-sum-exps: keeps values and gradients
 # finite (exp underflows to exactly 0) where a true -inf would give 0 * inf = nan.
@@ -88,12 +89,16 @@ def validate_loss_args(
     topk_direction: str = "reverse",
     normalize: str = "token",
     clip_eps: float | None = None,
+    overlap_criterion: str = "teacher_topk",
+    overlap_topk: int = 8,
+    overlap_floor_prob: float = 1e-3,
 ) -> None:
     """Checks every loss hyper-parameter; raises ValueError naming the bad one.
 
     Only the arguments that ``loss`` uses are checked (e.g. ``beta`` only for
-    "jsd", ``k``/support/tail/direction only for "topk"). ``vocab`` bounds ``k``
-    when given.
+    "jsd", ``k``/support/tail/direction only for "topk", ``overlap_*`` only for
+    "overlap_aware"). ``vocab`` bounds ``k`` when given (``overlap_topk`` may exceed
+    it: the whole vocabulary is then inside).
     """
     _check_choice("loss", loss, LOSS_NAMES)
     _check_choice("normalize", normalize, NORMALIZE_MODES)
@@ -105,6 +110,15 @@ def validate_loss_args(
         _check_choice("topk_support", topk_support, TOPK_SUPPORTS)
         _check_choice("topk_tail", topk_tail, TOPK_TAILS)
         _check_choice("topk_direction", topk_direction, KL_DIRECTIONS)
+    if loss == "overlap_aware":
+        _check_choice("overlap_criterion", overlap_criterion, OVERLAP_CRITERIA)
+        if not (isinstance(overlap_topk, numbers.Integral) and not isinstance(overlap_topk, bool)
+                and overlap_topk > 0):
+            raise ValueError(f"overlap_topk must be a positive int, got {overlap_topk!r}")
+        if not (isinstance(overlap_floor_prob, numbers.Real)
+                and 0.0 <= overlap_floor_prob < math.inf):
+            raise ValueError(f"overlap_floor_prob must be a finite float >= 0 (> 1 puts every "
+                             f"token off support), got {overlap_floor_prob!r}")
     if clip_eps is not None and not clip_eps > 0:
         raise ValueError(f"clip_eps must be > 0 or None, got {clip_eps!r}")
 
@@ -387,6 +401,35 @@ def sampled_token_loss(
     return loss, aux
 
 
+def overlap_aware_loss(dense, student_logp, teacher_logp, gate, mask, normalize: str = "token"):
+    """The "overlap_aware" loss from per-token terms -> ``(loss, aux)``.
+
+    ``l_t = g_t * RKL_t + (1 - g_t) * (-sg(A_t) * log p_s(x_t))`` with ``RKL_t`` the
+    full-vocab reverse KL(Q||P) at position t (``dense``), ``A_t = -(log p_s(x_t) -
+    log p_t(x_t))`` and the gate ``g_t`` in {0, 1} ("teacher_topk", "floor") or [0, 1]
+    ("soft"), stop_gradient'ed (see :func:`overlap_gate`). Dense where the student's
+    token is on the teacher's support, the sampled-token (k1 policy-gradient) term
+    where it is not. Reduced with :func:`masked_mean` (``normalize``).
+
+    All inputs ``[B, T]``. aux: ``on_support`` (g), ``dense_term``, ``sampled_term``,
+    ``k1``, ``advantage``, ``per_token_loss`` (all stop_gradient'ed).
+    """
+    for name, x in (("dense", dense), ("teacher_logp", teacher_logp), ("gate", gate),
+                    ("mask", mask)):
+        _check_same_shape("student_logp", student_logp, name, x)
+    student_logp = student_logp.astype(jnp.float32)
+    gate = sg(gate.astype(jnp.float32))
+    k1 = student_logp - sg(teacher_logp.astype(jnp.float32))
+    advantage = -sg(k1)
+    sampled = -advantage * student_logp
+    dense = dense.astype(jnp.float32)
+    per_token = gate * dense + (1.0 - gate) * sampled
+    loss = masked_mean(per_token, mask, normalize)
+    aux = {"on_support": gate, "dense_term": sg(dense), "sampled_term": sg(sampled),
+           "k1": sg(k1), "advantage": advantage, "per_token_loss": sg(per_token)}
+    return loss, aux
+
+
 # --------------------------------------------------------------------------
 # Chunked logits kernel
 # --------------------------------------------------------------------------
@@ -524,8 +567,33 @@ def _support_diagnostics(student_logp, teacher_logp, targets, diag_topk, diag_fl
     return diagnostics
 
 
+def overlap_gate(student_logp, teacher_logp, targets, criterion: str, topk: int,
+                 floor_prob: float):
+    """Per-token on-support gate of the "overlap_aware" loss, stop_gradient'ed ``[...]``.
+
+    From temperature-1 log-probs ``[..., V]`` and the sampled ``targets [...]``:
+    "teacher_topk": 1 if fewer than ``topk`` teacher log-probs exceed the target's;
+    "floor": 1 if the teacher prob of the target is >= ``floor_prob``; "soft": the
+    teacher's probability mass on the student's top-``topk`` tokens (in [0, 1]).
+    """
+    _check_choice("overlap_criterion", criterion, OVERLAP_CRITERIA)
+    student_logp, teacher_logp = sg(student_logp), sg(teacher_logp)
+    if criterion == "teacher_topk":
+        target = token_logp(teacher_logp, targets)
+        rank = jnp.sum(teacher_logp > target[..., None], axis=-1)
+        return (rank < topk).astype(jnp.float32)
+    if criterion == "floor":
+        log_floor = math.log(floor_prob) if floor_prob > 0 else -math.inf
+        return (token_logp(teacher_logp, targets) >= log_floor).astype(jnp.float32)
+    k = min(int(topk), student_logp.shape[-1])
+    _, top_idx = jax.lax.top_k(student_logp, k)
+    mass = jnp.sum(jnp.exp(jnp.take_along_axis(teacher_logp, top_idx, axis=-1)), axis=-1)
+    return jnp.clip(mass, 0.0, 1.0)
+
+
 def _make_token_fn(loss, *, temperature, beta, k, topk_support, topk_tail, topk_direction,
-                   diag_topk, diag_floor_prob):
+                   diag_topk, diag_floor_prob, overlap_criterion="teacher_topk", overlap_topk=8,
+                   overlap_floor_prob=1e-3):
     """The per-chunk function: logits -> {"loss_terms": ..., "diagnostics": ...}."""
 
     def token_fn(student_logits, teacher_logits, targets):
@@ -545,6 +613,12 @@ def _make_token_fn(loss, *, temperature, beta, k, topk_support, topk_tail, topk_
             terms = {"per_token_loss": _kl_from_logp(t_tau, s_tau)}
         elif loss == "jsd":
             terms = {"per_token_loss": _jsd_from_logp(s_tau, t_tau, beta)}
+        elif loss == "overlap_aware":
+            terms = {"dense": _kl_from_logp(s_tau, t_tau),
+                     "student_logp": token_logp(s_tau, targets),
+                     "teacher_logp": token_logp(t_tau, targets),
+                     "gate": overlap_gate(student_logp, teacher_logp, targets,
+                                          overlap_criterion, overlap_topk, overlap_floor_prob)}
         else:
             terms = {"per_token_loss": _topk_kl_from_logp(
                 s_tau, t_tau, k, topk_support, topk_tail, topk_direction)}
@@ -558,11 +632,14 @@ def _make_token_fn(loss, *, temperature, beta, k, topk_support, topk_tail, topk_
 def _distill_loss(token_values, student_hidden, student_unembed, teacher_hidden, teacher_unembed,
                   targets, mask, *, loss, temperature, beta, k, topk_support, topk_tail,
                   topk_direction, normalize, behaviour_logp, clip_eps, extra_advantage,
-                  diag_topk, diag_floor_prob, student_bias, teacher_bias):
+                  diag_topk, diag_floor_prob, student_bias, teacher_bias,
+                  overlap_criterion="teacher_topk", overlap_topk=8, overlap_floor_prob=1e-3):
     vocab = student_unembed.shape[-1]
     validate_loss_args(loss=loss, temperature=temperature, beta=beta, k=k, vocab=vocab,
                        topk_support=topk_support, topk_tail=topk_tail,
-                       topk_direction=topk_direction, normalize=normalize, clip_eps=clip_eps)
+                       topk_direction=topk_direction, normalize=normalize, clip_eps=clip_eps,
+                       overlap_criterion=overlap_criterion, overlap_topk=overlap_topk,
+                       overlap_floor_prob=overlap_floor_prob)
     for diag_k in diag_topk:  # k >= V is allowed here: the target is then always inside
         if not (isinstance(diag_k, numbers.Integral) and diag_k > 0):
             raise ValueError(f"diag_topk entries must be positive ints, got {diag_topk!r}")
@@ -575,7 +652,9 @@ def _distill_loss(token_values, student_hidden, student_unembed, teacher_hidden,
     token_fn = _make_token_fn(loss, temperature=temperature, beta=beta, k=k,
                               topk_support=topk_support, topk_tail=topk_tail,
                               topk_direction=topk_direction, diag_topk=tuple(diag_topk),
-                              diag_floor_prob=diag_floor_prob)
+                              diag_floor_prob=diag_floor_prob,
+                              overlap_criterion=overlap_criterion, overlap_topk=overlap_topk,
+                              overlap_floor_prob=overlap_floor_prob)
     values = token_values(token_fn, student_hidden, student_unembed, teacher_hidden,
                           teacher_unembed, targets, student_bias=student_bias,
                           teacher_bias=teacher_bias)
@@ -584,6 +663,11 @@ def _distill_loss(token_values, student_hidden, student_unembed, teacher_hidden,
         value, aux = sampled_token_loss(
             terms["student_logp"], terms["teacher_logp"], mask, behaviour_logp=behaviour_logp,
             clip_eps=clip_eps, extra_advantage=extra_advantage, normalize=normalize)
+        diagnostics.update(aux)
+    elif loss == "overlap_aware":
+        value, aux = overlap_aware_loss(terms["dense"], terms["student_logp"],
+                                        terms["teacher_logp"], terms["gate"], mask,
+                                        normalize=normalize)
         diagnostics.update(aux)
     else:
         value = masked_mean(terms["per_token_loss"], mask, normalize)
@@ -615,6 +699,9 @@ def distill_loss(
     diag_floor_prob: float = 1e-4,
     student_bias=None,
     teacher_bias=None,
+    overlap_criterion: str = "teacher_topk",
+    overlap_topk: int = 8,
+    overlap_floor_prob: float = 1e-3,
 ):
     """Distillation loss from hidden states, chunked over T -> ``(loss, diagnostics)``.
 
@@ -628,6 +715,10 @@ def distill_loss(
     * "reverse_kl" / "forward_kl" / "jsd" (``beta``) / "topk" (``k``,
       ``topk_support``, ``topk_tail``, ``topk_direction``): per-token terms at
       ``temperature`` reduced with :func:`masked_mean` (``normalize``).
+    * "overlap_aware" (``overlap_criterion``, ``overlap_topk``,
+      ``overlap_floor_prob``): dense reverse KL where the sampled token is on the
+      teacher's support, sampled-token term elsewhere; see
+      :func:`overlap_aware_loss` and :func:`overlap_gate`.
 
     Gradients flow to the student hidden states, unembedding and bias only.
     diagnostics (all stop_gradient'ed, ``[B, T]`` unless noted, temperature 1,
@@ -636,7 +727,8 @@ def distill_loss(
     ``diag_topk`` (1.0 if fewer than k teacher log-probs exceed the target's),
     ``teacher_below_floor`` (teacher prob of target < ``diag_floor_prob``),
     ``per_token_loss``; for "sampled_token" also ``k1``, ``advantage``, ``ratio``
-    and the scalar ``clip_fraction``.
+    and the scalar ``clip_fraction``; for "overlap_aware" also ``on_support`` (the
+    gate g_t), ``dense_term``, ``sampled_term``, ``k1`` and ``advantage``.
     """
     token_values = lambda *a, **kw: chunked_token_values(*a, chunk_size=chunk_size, **kw)
     return _distill_loss(
@@ -645,7 +737,9 @@ def distill_loss(
         topk_support=topk_support, topk_tail=topk_tail, topk_direction=topk_direction,
         normalize=normalize, behaviour_logp=behaviour_logp, clip_eps=clip_eps,
         extra_advantage=extra_advantage, diag_topk=diag_topk,
-        diag_floor_prob=diag_floor_prob, student_bias=student_bias, teacher_bias=teacher_bias)
+        diag_floor_prob=diag_floor_prob, student_bias=student_bias, teacher_bias=teacher_bias,
+        overlap_criterion=overlap_criterion, overlap_topk=overlap_topk,
+        overlap_floor_prob=overlap_floor_prob)
 
 
 def unchunked_distill_loss(
@@ -672,6 +766,9 @@ def unchunked_distill_loss(
     diag_floor_prob: float = 1e-4,
     student_bias=None,
     teacher_bias=None,
+    overlap_criterion: str = "teacher_topk",
+    overlap_topk: int = 8,
+    overlap_floor_prob: float = 1e-3,
 ):
     """Naive :func:`distill_loss`: materialises full ``[B, T, V]`` logits, no remat.
 
@@ -685,4 +782,6 @@ def unchunked_distill_loss(
         topk_support=topk_support, topk_tail=topk_tail, topk_direction=topk_direction,
         normalize=normalize, behaviour_logp=behaviour_logp, clip_eps=clip_eps,
         extra_advantage=extra_advantage, diag_topk=diag_topk,
-        diag_floor_prob=diag_floor_prob, student_bias=student_bias, teacher_bias=teacher_bias)
+        diag_floor_prob=diag_floor_prob, student_bias=student_bias, teacher_bias=teacher_bias,
+        overlap_criterion=overlap_criterion, overlap_topk=overlap_topk,
+        overlap_floor_prob=overlap_floor_prob)

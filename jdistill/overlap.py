@@ -1,0 +1,574 @@
+"""Support-overlap diagnostics: do the student's rollouts fall on each teacher's support?
+
+On-policy distillation grades tokens the *student* sampled. That signal is only
+meaningful where those tokens lie inside the teacher's support (tokens the teacher
+itself would give real probability). This module measures that, per token, per
+teacher and per domain, before or during training.
+
+Per-token metrics (:func:`overlap_token_metrics`, all float32 ``[B, C]``; P =
+teacher, Q = student, x = the sampled token, softmax in float32 at temperature 1)
+--------------------------------------------------------------------------------
+* ``teacher_logp``       log P(x).
+* ``student_logp``       log Q(x).
+* ``in_teacher_top{k}``  1 if x is among the teacher's top-k: fewer than k teacher
+                         logits are *strictly* greater than x's (ties count inside).
+* ``in_teacher_top_p``   1 if x is inside the teacher's top-p nucleus (the smallest
+                         set of most probable tokens whose mass reaches ``top_p``):
+                         the teacher mass of tokens strictly more probable than x is
+                         < ``top_p``.
+* ``off_support``        1 if P(x) < ``floor_prob``.
+* ``reverse_kl``         KL(Q||P) over the full vocabulary; ``forward_kl`` KL(P||Q).
+* ``tv``                 total variation 1/2 sum_v |Q(v) - P(v)|.
+* ``teacher_mass_on_student_top{k}``  sum of P over the student's k most probable
+                         tokens (exactly k tokens; k is capped at V).
+
+:func:`chunked_overlap_metrics` computes them from hidden states and unembedding
+matrices chunk by chunk along T (``losses.chunked_token_values``), so full
+``[B, T, V]`` logits never exist; the results are stop_gradient'ed.
+:func:`aggregate` reduces them on the host per group (domain or teacher): token-level
+masked means, sequence-level means (mean over sequences of the per-sequence masked
+mean) and quantiles of ``teacher_logp``.
+
+Alarms and readings (thresholds are ``config.overlap.*``)
+--------------------------------------------------------
+With ``c = in_teacher_top{k_for_alarm}`` (token mean) and ``o = off_support``:
+
+* :func:`overlap_alarms` warns, naming the teacher, when ``c < min_topk_coverage``
+  or ``o > max_off_support`` (defaults 0.5 / 0.2, k = 8). The trainer logs these
+  from its per-step per-teacher metrics.
+* :func:`reading` classifies a teacher:
+  - **off-support** if an alarm fires: *warmup SFT recommended* (on the teacher's
+    data, to pull the student onto its support), then a sampled-token or
+    overlap-aware loss;
+  - **on-support** if ``c >= on_support_coverage`` and ``o <= on_support_max_off_support``
+    (defaults 0.9 / 0.05): *full-vocab reverse KL is fine*;
+  - **partially on-support** otherwise: *consider the sampled-token loss or the
+    overlap-aware loss* (dense reverse KL only where the token is on support).
+
+The command
+-----------
+::
+
+  python -m jdistill.overlap --config=configs/opd_tiny.py [--out=DIR] [--rows_per_domain=N]
+
+samples ``rows_per_domain`` student rollouts per domain (prompts from
+``data.eval_files``, else ``data.train_files``; sampling settings from
+``config.sampling``), scores each domain's rollouts with the teacher that owns the
+domain, and writes ``overlap.json`` (per teacher and per domain aggregates, the
+coverage-vs-k curve, readings and alarms), ``teacher_logp_hist.png`` and
+``topk_coverage.png`` to ``--out`` (default ``<output_dir>/overlap``), and a table to
+stdout. The student is ``config.student.path`` (an HF or a jdistill checkpoint
+directory); ``--use_checkpoint`` instead restores the latest checkpoint of
+``config.checkpoint.dir``.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import sys
+from collections.abc import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jdistill import losses
+
+sg = jax.lax.stop_gradient
+
+QUANTILES = (5, 25, 50, 75, 95)
+DEFAULT_THRESHOLDS = dict(min_topk_coverage=0.5, max_off_support=0.2, k_for_alarm=8,
+                          on_support_coverage=0.9, on_support_max_off_support=0.05)
+ON, PARTIAL, OFF = "on-support", "partially on-support", "off-support"
+RECOMMENDATIONS = {
+    ON: "full-vocab reverse KL is fine",
+    PARTIAL: "consider the sampled-token loss or the overlap-aware loss",
+    OFF: "warmup SFT recommended (on this teacher's data), then a sampled-token or "
+         "overlap-aware loss",
+}
+
+
+# --------------------------------------------------------------------------
+# Per-token metrics (pure, jittable)
+# --------------------------------------------------------------------------
+
+
+def _check_metric_args(topks, top_p, floor_prob, student_k=None):
+  for k in tuple(topks) + (() if student_k is None else tuple(student_k)):
+    if not (isinstance(k, (int, np.integer)) and not isinstance(k, bool) and k > 0):
+      raise ValueError(f"topks entries must be positive ints, got {tuple(topks)!r}")
+  if not 0.0 < top_p <= 1.0:
+    raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+  if not 0.0 < floor_prob <= 1.0:
+    raise ValueError(f"floor_prob must be in (0, 1], got {floor_prob!r}")
+
+
+def overlap_token_metrics(student_logits, teacher_logits, targets, *, topks=(1, 8, 32),
+                          top_p: float = 0.9, floor_prob: float = 1e-3,
+                          student_topks=None) -> dict:
+  """Per-token support-overlap metrics (see the module docstring) -> dict of ``[...]``.
+
+  ``student_logits``, ``teacher_logits``: ``[..., V]``; ``targets``: ``[...]`` int
+  (the sampled tokens). ``topks`` gives the ``in_teacher_top{k}`` keys;
+  ``student_topks`` (default: ``topks``) the ``teacher_mass_on_student_top{k}`` keys.
+  """
+  student_topks = tuple(topks) if student_topks is None else tuple(student_topks)
+  _check_metric_args(topks, top_p, floor_prob, student_topks)
+  if student_logits.shape != teacher_logits.shape:
+    raise ValueError(f"student_logits shape {student_logits.shape} != teacher_logits shape "
+                     f"{teacher_logits.shape}")
+  if targets.shape != student_logits.shape[:-1]:
+    raise ValueError(f"targets shape {targets.shape} != logits batch shape "
+                     f"{student_logits.shape[:-1]}")
+  vocab = student_logits.shape[-1]
+  s_logits = student_logits.astype(jnp.float32)
+  t_logits = teacher_logits.astype(jnp.float32)
+  s_logp = jax.nn.log_softmax(s_logits, axis=-1)
+  t_logp = jax.nn.log_softmax(t_logits, axis=-1)
+  s_prob, t_prob = jnp.exp(s_logp), jnp.exp(t_logp)
+
+  t_target_logit = losses.token_logp(t_logits, targets)
+  above = t_logits > t_target_logit[..., None]          # teacher strictly prefers v over x
+  rank = jnp.sum(above, axis=-1)
+  mass_above = jnp.sum(jnp.where(above, t_prob, 0.0), axis=-1)
+  teacher_logp = losses.token_logp(t_logp, targets)
+
+  out = {
+      "teacher_logp": teacher_logp,
+      "student_logp": losses.token_logp(s_logp, targets),
+      "in_teacher_top_p": (mass_above < top_p).astype(jnp.float32),
+      "off_support": (teacher_logp < math.log(floor_prob)).astype(jnp.float32),
+      "reverse_kl": jnp.sum(s_prob * (s_logp - t_logp), axis=-1),
+      "forward_kl": jnp.sum(t_prob * (t_logp - s_logp), axis=-1),
+      "tv": 0.5 * jnp.sum(jnp.abs(s_prob - t_prob), axis=-1),
+  }
+  for k in topks:
+    out[f"in_teacher_top{k}"] = (rank < k).astype(jnp.float32)
+  if student_topks:
+    kmax = min(max(student_topks), vocab)
+    _, top_idx = jax.lax.top_k(s_logits, kmax)                         # [..., kmax]
+    cum = jnp.cumsum(jnp.take_along_axis(t_prob, top_idx, axis=-1), axis=-1)
+    for k in student_topks:
+      out[f"teacher_mass_on_student_top{k}"] = cum[..., min(k, vocab) - 1]
+  return out
+
+
+def chunked_overlap_metrics(student_hidden, student_unembed, teacher_hidden, teacher_unembed,
+                            targets, *, chunk_size: int, student_bias=None, teacher_bias=None,
+                            **metric_kw) -> dict:
+  """:func:`overlap_token_metrics` from hidden states, chunked along T -> dict of ``[B, T]``.
+
+  Shapes as ``losses.chunked_token_values`` (``student_hidden [B, T, Ds]``,
+  ``student_unembed [Ds, V]``, ``teacher_hidden [B, T, Dt]``, ``teacher_unembed
+  [Dt, V]``, ``targets [B, T]``); at most ``[B, chunk_size, V]`` logits per model are
+  live. ``metric_kw``: ``topks``, ``top_p``, ``floor_prob``, ``student_topks``.
+  Results are stop_gradient'ed and unmasked.
+  """
+  fn = functools.partial(overlap_token_metrics, **metric_kw)
+  values = losses.chunked_token_values(fn, student_hidden, student_unembed, teacher_hidden,
+                                       teacher_unembed, targets, chunk_size=chunk_size,
+                                       student_bias=student_bias, teacher_bias=teacher_bias)
+  return jax.tree.map(sg, values)
+
+
+# --------------------------------------------------------------------------
+# Host-side aggregation (numpy)
+# --------------------------------------------------------------------------
+
+
+def _masked_stats(values: dict, mask: np.ndarray) -> dict:
+  """Token means, sequence means and teacher_logp quantiles of ``[S, T]`` values."""
+  m = mask.astype(np.float64)
+  tokens_per_seq = m.sum(axis=1)
+  has = tokens_per_seq > 0
+  n_tokens = float(m.sum())
+  token_mean, seq_mean = {}, {}
+  for key, v in values.items():
+    v = np.where(m != 0, np.asarray(v, np.float64), 0.0)
+    weighted = (m * v).sum(axis=1)
+    token_mean[key] = float(weighted.sum() / n_tokens) if n_tokens else float("nan")
+    seq_mean[key] = (float(np.mean(weighted[has] / tokens_per_seq[has])) if has.any()
+                     else float("nan"))
+  out = {"tokens": int(round(n_tokens)), "sequences": int(has.sum()),
+         "token_mean": token_mean, "sequence_mean": seq_mean}
+  if "teacher_logp" in values:
+    sel = np.asarray(values["teacher_logp"], np.float64)[m != 0]
+    out["teacher_logp_quantiles"] = {
+        f"p{q}": (float(np.percentile(sel, q)) if sel.size else float("nan")) for q in QUANTILES}
+  return out
+
+
+def aggregate(per_token: Mapping, mask, group, n_groups: int) -> dict[int, dict]:
+  """Per-group aggregates of per-token metrics (host side, numpy).
+
+  ``per_token``: dict of ``[B, T]`` arrays; ``mask [B, T]`` (weights, nonzero =
+  counted); ``group [B]`` int in ``[0, n_groups)`` (e.g. domain or teacher index).
+  Returns ``{g: {"tokens", "sequences", "token_mean": {metric: float},
+  "sequence_mean": {metric: float}, "teacher_logp_quantiles": {"p5", "p25", "p50",
+  "p75", "p95"}}}``: ``token_mean`` weighs every masked token of the group alike;
+  ``sequence_mean`` is the mean over the group's sequences with at least one masked
+  token of their per-sequence masked mean. Empty groups give NaN means.
+  """
+  mask = np.asarray(mask)
+  group = np.asarray(group)
+  values = {k: np.asarray(v) for k, v in per_token.items()}
+  for k, v in values.items():
+    if v.shape != mask.shape:
+      raise ValueError(f"per_token[{k!r}] shape {v.shape} != mask shape {mask.shape}")
+  if group.shape != mask.shape[:1]:
+    raise ValueError(f"group shape {group.shape} != (B,) = {mask.shape[:1]}")
+  if group.size and (group.min() < 0 or group.max() >= n_groups):
+    raise ValueError(f"group values must lie in [0, {n_groups}), got {np.unique(group)}")
+  out = {}
+  for g in range(n_groups):
+    rows = group == g
+    out[g] = _masked_stats({k: v[rows] for k, v in values.items()}, mask[rows])
+  return out
+
+
+# --------------------------------------------------------------------------
+# Alarms and readings
+# --------------------------------------------------------------------------
+
+
+def _as_float(x) -> float:
+  try:
+    return float(np.asarray(x))
+  except (TypeError, ValueError):
+    return float("nan")
+
+
+def overlap_alarms(metrics_per_teacher: Mapping[str, Mapping], *, min_topk_coverage: float,
+                   max_off_support: float, k: int) -> list[str]:
+  """Human-readable warnings for teachers whose rollouts look off their support.
+
+  ``metrics_per_teacher``: ``{teacher: {"in_teacher_top{k}": float, "off_support":
+  float, ...}}`` (token means over the student's rollouts on that teacher's rows;
+  other keys are ignored, scalars may be jax/numpy). A warning fires when the top-k
+  coverage is strictly below ``min_topk_coverage`` or the off-support rate strictly
+  above ``max_off_support``; missing or NaN values never fire.
+  """
+  alarms = []
+  key = f"in_teacher_top{k}"
+  for name, m in metrics_per_teacher.items():
+    cov = _as_float(m[key]) if key in m else float("nan")
+    off = _as_float(m["off_support"]) if "off_support" in m else float("nan")
+    if cov < min_topk_coverage:
+      alarms.append(
+          f"teacher {name!r}: only {cov:.0%} of student tokens fall in its top-{k} (threshold "
+          f"{min_topk_coverage:.0%}) — rollouts look off its support; consider a warmup SFT or "
+          "a sampled-token loss")
+    if off > max_off_support:
+      alarms.append(
+          f"teacher {name!r}: {off:.0%} of student tokens get teacher probability below the "
+          f"floor (threshold {max_off_support:.0%}) — rollouts look off its support; consider a "
+          "warmup SFT or a sampled-token loss")
+  return alarms
+
+
+def thresholds_from_config(config) -> dict:
+  """The reading/alarm thresholds from ``config.overlap`` (defaults where absent)."""
+  o = config.overlap
+  return {key: (o[key] if key in o else default) for key, default in DEFAULT_THRESHOLDS.items()}
+
+
+def reading(metrics: Mapping, *, min_topk_coverage: float = 0.5, max_off_support: float = 0.2,
+            k_for_alarm: int = 8, on_support_coverage: float = 0.9,
+            on_support_max_off_support: float = 0.05) -> dict:
+  """Classifies one teacher's token-mean metrics -> ``{"verdict", "recommendation"}``.
+
+  off-support if an alarm fires (:func:`overlap_alarms`), on-support if top-k coverage
+  >= ``on_support_coverage`` and off-support rate <= ``on_support_max_off_support``,
+  partially on-support otherwise.
+  """
+  cov = _as_float(metrics.get(f"in_teacher_top{k_for_alarm}", float("nan")))
+  off = _as_float(metrics.get("off_support", float("nan")))
+  if overlap_alarms({"_": metrics}, min_topk_coverage=min_topk_coverage,
+                    max_off_support=max_off_support, k=k_for_alarm):
+    verdict = OFF
+  elif cov >= on_support_coverage and off <= on_support_max_off_support:
+    verdict = ON
+  else:
+    verdict = PARTIAL
+  return {"verdict": verdict, "recommendation": RECOMMENDATIONS[verdict],
+          f"in_teacher_top{k_for_alarm}": cov, "off_support": off}
+
+
+# --------------------------------------------------------------------------
+# The command
+# --------------------------------------------------------------------------
+
+
+def coverage_ks(vocab: int) -> list[int]:
+  """1, 2, 4, ..., 256, capped at (and ending with) the vocabulary size."""
+  ks = [k for k in (2 ** i for i in range(8)) if k < min(256, vocab)]
+  return ks + [min(256, vocab)]
+
+
+def _prompt_rows(config, tokenizer, records, domains: Sequence[str], rows_per_domain: int):
+  """Token ids of the first ``rows_per_domain`` prompts of each domain (cycled if fewer)."""
+  from jdistill import data as data_lib
+  d = config.data
+  out = []
+  for domain in domains:
+    recs = [r for r in records if r["domain"] == domain]
+    ids = []
+    for rec in recs:
+      if len(ids) == rows_per_domain:
+        break
+      enc = data_lib.encode_prompt(rec, tokenizer, use_chat_template=d.use_chat_template,
+                                   max_prompt_len=d.max_prompt_len, overlong=d.overlong)
+      if enc is not None:
+        ids.append(enc)
+    if not ids:
+      raise ValueError(f"domain {domain!r} has no usable prompts")
+    out += [(domain, ids[i % len(ids)]) for i in range(rows_per_domain)]
+  return out
+
+
+def _score_fn(student_graphdef, teacher_graphdef, chunk_size: int, metric_kw: dict):
+  from flax import nnx
+  from jdistill import train_step as ts
+
+  @jax.jit
+  def score(student_params, teacher_state, batch):
+    x = ts.shifted_inputs(batch)
+    student = nnx.merge(student_graphdef, student_params)
+    hidden, _ = student(x["inputs"], x["positions"], kv_mask=x["kv_mask"])
+    rows = tuple(range(x["inputs"].shape[0]))
+    t_hidden, t_unembed = ts.teacher_hidden(teacher_graphdef, teacher_state, x, rows)
+    per_token = chunked_overlap_metrics(hidden, student.unembedding(), t_hidden, t_unembed,
+                                        x["targets"], chunk_size=chunk_size, **metric_kw)
+    return per_token, x["mask"]
+
+  return score
+
+
+def _nan_to_none(tree):
+  if isinstance(tree, dict):
+    return {str(k): _nan_to_none(v) for k, v in tree.items()}
+  if isinstance(tree, (list, tuple)):
+    return [_nan_to_none(v) for v in tree]
+  if isinstance(tree, float) and not math.isfinite(tree):
+    return None
+  return tree
+
+
+def measure(config, *, rows_per_domain: int = 16, use_checkpoint: bool = False,
+            seed: int | None = None) -> dict:
+  """Samples student rollouts per domain and scores them with the owning teachers.
+
+  Returns the report written to ``overlap.json`` plus ``"_teacher_logp"`` (per teacher,
+  the masked teacher log-probs, for the histogram).
+  """
+  from jdistill import config as config_lib
+  from jdistill import train
+
+  if rows_per_domain < 1:
+    raise ValueError(f"rows_per_domain must be >= 1, got {rows_per_domain}")
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    if not use_checkpoint:
+      config.checkpoint.dir = ""
+  trainer = train.Trainer(config)
+  thresholds = thresholds_from_config(config)
+  vocab = trainer.model_cfg.vocab_size
+  curve_ks = coverage_ks(vocab)
+  topks = tuple(sorted(set(int(k) for k in config.overlap.topks) | set(curve_ks)
+                       | {int(thresholds["k_for_alarm"])}))
+  metric_kw = dict(topks=topks, top_p=float(config.overlap.top_p),
+                   floor_prob=float(config.overlap.floor_prob),
+                   student_topks=tuple(int(k) for k in config.overlap.topks))
+
+  files = config.data.eval_files or config.data.train_files
+  records, _ = train.read_records(files, config)
+  owners = config_lib.teacher_domains(config)
+  domains = [d for name in trainer.names for d in owners[name]]
+  present = {r["domain"] for r in records}
+  domains = [d for d in domains if d in present]
+  rows = _prompt_rows(config, trainer.tokenizer, records, domains, rows_per_domain)
+
+  # One rollout batch for every domain, padded to the data-parallel size.
+  dp = trainer.sampler.data_parallel_size()
+  n_real = len(rows)
+  padded = rows + [rows[-1]] * (-n_real % dp)
+  pad_id = trainer.tokenizer.pad_token_id or 0
+  width = max(len(ids) for _, ids in padded)
+  prompt_tokens = np.full((len(padded), width), pad_id, np.int32)
+  for i, (_, ids) in enumerate(padded):
+    prompt_tokens[i, :len(ids)] = ids
+  prompts = {"prompt_tokens": prompt_tokens,
+             "prompt_lengths": np.asarray([len(ids) for _, ids in padded], np.int32)}
+  rng = jax.random.key(config.seed if seed is None else seed)
+  batch = jax.device_get(trainer.rollouts(prompts, rng))
+  batch = {k: np.asarray(v)[:n_real] for k, v in batch.items()}
+  row_domain = np.asarray([domains.index(d) for d, _ in rows], np.int32)
+
+  report = {"source": files, "rows_per_domain": rows_per_domain,
+            "max_new_tokens": int(config.sampling.max_new_tokens), "vocab": vocab,
+            "thresholds": dict(thresholds, floor_prob=metric_kw["floor_prob"],
+                               top_p=metric_kw["top_p"]), "coverage_ks": curve_ks, "teachers": {}, "domains": {},
+            "_teacher_logp": {}}
+  alarm_input = {}
+  for i, name in enumerate(trainer.names):
+    own = [domains.index(d) for d in owners[name] if d in domains]
+    sel = np.flatnonzero(np.isin(row_domain, own))
+    if sel.size == 0:
+      continue
+    sub = {k: v[sel] for k, v in batch.items()}
+    score = _score_fn(trainer.student_graphdef, trainer.teacher_graphdefs[i],
+                      int(config.loss.chunk_size), metric_kw)
+    per_token, mask = jax.device_get(score(trainer.params, trainer.teacher_states[i], sub))
+    per_token = {k: np.asarray(v) for k, v in per_token.items()}
+    mask = np.asarray(mask)
+    whole = aggregate(per_token, mask, np.zeros(sel.size, np.int32), 1)[0]
+    whole["domains"] = list(owners[name])
+    whole["coverage_curve"] = {str(k): whole["token_mean"][f"in_teacher_top{k}"]
+                               for k in curve_ks}
+    whole["reading"] = reading(whole["token_mean"], **thresholds)
+    report["teachers"][name] = whole
+    alarm_input[name] = whole["token_mean"]
+    report["_teacher_logp"][name] = per_token["teacher_logp"][mask != 0]
+    local = np.asarray([own.index(g) for g in row_domain[sel]], np.int32)
+    for j, agg in aggregate(per_token, mask, local, len(own)).items():
+      agg["teacher"] = name
+      report["domains"][domains[own[j]]] = agg
+  report["alarms"] = overlap_alarms(alarm_input, min_topk_coverage=thresholds["min_topk_coverage"],
+                                    max_off_support=thresholds["max_off_support"],
+                                    k=int(thresholds["k_for_alarm"]))
+  return report
+
+
+_TABLE_KEYS = (("teacher_logp", "logp", "{:>8.3f}"), ("in_teacher_top1", "top1", "{:>7.1%}"),
+               ("in_teacher_top8", "top8", "{:>7.1%}"), ("in_teacher_top32", "top32", "{:>7.1%}"),
+               ("in_teacher_top_p", "top-p", "{:>7.1%}"), ("off_support", "off", "{:>7.1%}"),
+               ("reverse_kl", "RKL", "{:>8.3f}"), ("forward_kl", "FKL", "{:>8.3f}"),
+               ("tv", "TV", "{:>7.3f}"),
+               ("teacher_mass_on_student_top8", "mass@s8", "{:>8.1%}"))
+
+
+def format_table(report: dict) -> str:
+  """The stdout table: one line per teacher, then per domain, then readings and alarms."""
+  keys = [(k, h, f) for k, h, f in _TABLE_KEYS
+          if any(k in t["token_mean"] for t in report["teachers"].values())]
+  head = f"{'':<16}{'tokens':>7}" + "".join(
+      f"{h:>8}" if f.startswith("{:>8") else f"{h:>7}" for _, h, f in keys)
+
+  def line(label, agg):
+    cells = "".join(f.format(agg["token_mean"][k]) if k in agg["token_mean"] else " " * 8
+                    for k, _, f in keys)
+    return f"{label:<16}{agg['tokens']:>7}" + cells
+
+  out = [f"support overlap: {report['rows_per_domain']} rollouts/domain, "
+         f"{report['max_new_tokens']} new tokens, prompts from {report['source']}",
+         "token means over student-sampled tokens (logp = teacher log-prob; topk / top-p = "
+         "share inside the teacher's top-k / nucleus; off = below the floor prob; mass@s8 = "
+         "teacher mass on the student's top-8)", "",
+         "per teacher", head]
+  out += [line(name, t) for name, t in report["teachers"].items()]
+  out += ["", "per domain", head]
+  out += [line(f"{d} ({agg['teacher']})", agg) for d, agg in report["domains"].items()]
+  out += ["", "reading"]
+  for name, t in report["teachers"].items():
+    r = t["reading"]
+    out.append(f"  {name}: {r['verdict']} — {r['recommendation']}")
+  out += ["", "alarms"] + ([f"  WARNING {a}" for a in report["alarms"]] or ["  none"])
+  return "\n".join(out)
+
+
+def plot(report: dict, out_dir: str) -> tuple[str, str]:
+  """``teacher_logp_hist.png`` and ``topk_coverage.png`` under ``out_dir``."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  hist_path = os.path.join(out_dir, "teacher_logp_hist.png")
+  values = report["_teacher_logp"]
+  fig, ax = plt.subplots(figsize=(7, 4))
+  finite = [v[np.isfinite(v)] for v in values.values() if v.size]
+  lo = min([float(v.min()) for v in finite if v.size] + [-1.0])
+  bins = np.linspace(lo, 0.0, 41)
+  for name, v in values.items():
+    ax.hist(np.clip(v, lo, 0.0), bins=bins, alpha=0.5, label=f"{name} (n={v.size})")
+  floor = report["thresholds"].get("floor_prob")
+  if floor:
+    ax.axvline(math.log(floor), color="red", ls="--", lw=1, label=f"floor log({floor:g})")
+  ax.set_xlabel("teacher log-prob of the student's sampled token")
+  ax.set_ylabel("tokens")
+  ax.set_title("teacher log-prob of student tokens")
+  ax.legend()
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(hist_path, dpi=100)
+  plt.close(fig)
+
+  cov_path = os.path.join(out_dir, "topk_coverage.png")
+  fig, ax = plt.subplots(figsize=(7, 4))
+  ks = report["coverage_ks"]
+  for name, t in report["teachers"].items():
+    ax.plot(ks, [t["coverage_curve"][str(k)] for k in ks], marker="o", label=name)
+  th = report["thresholds"]
+  ax.axhline(th["min_topk_coverage"], color="red", ls="--", lw=1,
+             label=f"alarm threshold (at k={th['k_for_alarm']})")
+  ax.axvline(th["k_for_alarm"], color="red", ls=":", lw=1)
+  ax.set_xscale("log", base=2)
+  ax.set_xticks(ks, [str(k) for k in ks])
+  ax.set_ylim(0, 1.02)
+  ax.set_xlabel("k")
+  ax.set_ylabel("share of student tokens in teacher top-k")
+  ax.set_title("teacher top-k coverage of student rollouts")
+  ax.legend()
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(cov_path, dpi=100)
+  plt.close(fig)
+  return hist_path, cov_path
+
+
+def run(config, *, out_dir: str | None = None, rows_per_domain: int = 16,
+        use_checkpoint: bool = False) -> dict:
+  """The command: measure, write overlap.json + PNGs, print the table. Returns the report."""
+  out_dir = out_dir or os.path.join(config.output_dir, "overlap")
+  os.makedirs(out_dir, exist_ok=True)
+  report = measure(config, rows_per_domain=rows_per_domain, use_checkpoint=use_checkpoint)
+  plot(report, out_dir)
+  public = {k: v for k, v in report.items() if not k.startswith("_")}
+  with open(os.path.join(out_dir, "overlap.json"), "w") as f:
+    json.dump(_nan_to_none(public), f, indent=2)
+  print(format_table(report), flush=True)
+  print(f"\nwrote {out_dir}/overlap.json, teacher_logp_hist.png, topk_coverage.png", flush=True)
+  return public
+
+
+def main(argv):
+  del argv
+  from absl import flags
+  from jdistill import config as config_lib
+  from jdistill import distributed
+  fl = flags.FLAGS
+  config = fl.config
+  try:
+    config_lib.validate(config)
+  except ValueError as e:
+    sys.exit(f"jdistill.overlap: bad config: {e}")
+  distributed.initialize()
+  run(config, out_dir=fl.out, rows_per_domain=fl.rows_per_domain,
+      use_checkpoint=fl.use_checkpoint)
+
+
+if __name__ == "__main__":
+  import logging
+
+  from absl import app, flags
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file("config", None, "Path to a get_config() file.", lock_config=True)
+  flags.mark_flag_as_required("config")
+  flags.DEFINE_string("out", None, "Output directory (default <output_dir>/overlap).")
+  flags.DEFINE_integer("rows_per_domain", 16, "Student rollouts per domain.")
+  flags.DEFINE_bool("use_checkpoint", False,
+                    "Restore the latest checkpoint of config.checkpoint.dir as the student.")
+  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+  app.run(main)

@@ -29,7 +29,8 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, every: int, keep: int, async_save: bool = True):
     self.directory = os.path.abspath(directory)
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every,
+    self.every = every
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep,
                                            enable_async_checkpointing=async_save, create=True)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -46,11 +47,11 @@ class Checkpointer:
 
   def save(self, step: int, params, opt_state, meta: dict, *, force: bool = False) -> bool:
     """Saves if `step` is on the save interval (or `force`); never overwrites a step."""
-    if step in self.manager.all_steps():
+    if (step % self.every and not force) or step in self.manager.all_steps():
       return False
     return self.manager.save(step, args=ocp.args.Composite(
         params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
-        meta=ocp.args.JsonSave(meta)), force=force)
+        meta=ocp.args.JsonSave(meta)), force=True)
 
   def restore(self, step: int, abstract_params, abstract_opt_state):
     """(params, opt_state, meta) at `step`, placed as the abstract targets' shardings say."""

@@ -123,6 +123,7 @@ def validate(config) -> None:
   _check_choice(config, "loss.normalize", losses.NORMALIZE_MODES)
   _check_choice(config, "loss.topk_tail", losses.TOPK_TAILS)
   _check_choice(config, "loss.nonfinite", NONFINITE)
+  _check_choice(config, "loss.overlap_criterion", losses.OVERLAP_CRITERIA)
   _check_choice(config, "optimizer.schedule", SCHEDULES)
   _check_choice(config, "student.param_dtype", DTYPES)
   _check_choice(config, "student.dtype", DTYPES)

@@ -1,0 +1,138 @@
+"""A self-made toy world for the CPU demo and tests: tokenizer, prompts, teachers, student.
+
+Nothing is downloaded. Teachers are random decoders of *different* architectures
+(a Llama and a Qwen3), made sharp (scaled unembedding) so each has a distinct,
+confident next-token distribution; the student is a small random Llama that has
+to move onto each teacher's distribution for that teacher's domain.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from jdistill.config import base_config, teacher_config
+
+from jdistill.models import ModelConfig, Transformer
+from jdistill.models import hf
+from jdistill.tokenizer import train_tiny_tokenizer
+
+DOMAINS = {"math": "math", "code": "code"}
+
+
+def _math_prompt(rng: random.Random) -> str:
+  a, b = rng.randint(0, 99), rng.randint(0, 99)
+  op = rng.choice(["+", "-", "*"])
+  return f"math: compute {a} {op} {b} and explain the steps."
+
+
+def _code_prompt(rng: random.Random) -> str:
+  name = rng.choice(["sort", "parse", "merge", "count", "reverse", "sum"])
+  thing = rng.choice(["list", "string", "tree", "file", "table"])
+  return f"code: write a python function that will {name} a {thing}."
+
+
+PROMPTS = {"math": _math_prompt, "code": _code_prompt}
+
+
+def write_prompts(path: str, n_per_domain: int, seed: int) -> str:
+  rng = random.Random(seed)
+  with open(path, "w") as f:
+    for i in range(n_per_domain):
+      for domain, make in PROMPTS.items():
+        f.write(json.dumps({"domain": domain, "prompt": make(rng)}) + "\n")
+  return path
+
+
+def random_model_dir(out_dir: str, cfg: ModelConfig, seed: int, tokenizer, *,
+                     unembed_scale: float = 1.0, preferred_ids=(), preference: float = 0.0) -> str:
+  """Random jdistill model exported as HF.
+
+  `unembed_scale` sharpens its next-token distributions. With `preference > 0` the model is
+  a "specialist": every token embedding gets a shared offset on hidden unit 0, whose
+  unembedding row favours `preferred_ids`, so the model leans towards those tokens in
+  every context (on top of its random, context-dependent part).
+  """
+  if cfg.tie_word_embeddings:
+    raise ValueError("toy models use untied embeddings")
+  model = Transformer(cfg, nnx.Rngs(seed))
+  head = model.lm_head[...] * unembed_scale
+  if preference:
+    model.embed[...] = model.embed[...].at[:, 0].add(0.1)
+    row = jnp.zeros((cfg.vocab_size,)).at[jnp.asarray(list(preferred_ids))].set(preference)
+    head = head.at[0].set(row)
+  model.lm_head[...] = head
+  hf.to_hf(model, out_dir, tokenizer=tokenizer)
+  return out_dir
+
+
+def _token_ids(tokenizer, words: str) -> list[int]:
+  return sorted({i for w in words.split() for i in tokenizer.encode(" " + w)} |
+                {i for w in words.split() for i in tokenizer.encode(w)})
+
+
+def make_toy_world(root: str, *, hidden: int = 64, layers: int = 2, n_train: int = 64,
+                   n_eval: int = 16, seed: int = 0) -> dict[str, str]:
+  """Writes tokenizer, prompt files, two teachers and a student under `root`; returns paths."""
+  os.makedirs(root, exist_ok=True)
+  rng = random.Random(seed)
+  texts = [make(rng) for _ in range(300) for make in PROMPTS.values()]
+  texts += ["the student samples and the teacher grades every token of the rollout."] * 10
+  tok_dir = os.path.join(root, "tokenizer")
+  tokenizer = train_tiny_tokenizer(tok_dir, texts, vocab_size=384)
+  vocab = len(tokenizer)
+  base = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+              num_layers=layers, num_heads=4, num_kv_heads=2, head_dim=hidden // 4)
+  math_ids = _token_ids(tokenizer, "0 1 2 3 4 5 6 7 8 9 + - * = compute steps")
+  code_ids = _token_ids(tokenizer, "def return python function sort parse list string tree")
+  teachers = {
+      "math": random_model_dir(os.path.join(root, "teacher_math"),
+                               ModelConfig(model_type="llama", **base), seed + 1, tokenizer,
+                               unembed_scale=15.0, preferred_ids=math_ids, preference=2.0),
+      "code": random_model_dir(os.path.join(root, "teacher_code"),
+                               ModelConfig(model_type="qwen3", qk_norm=True, **base), seed + 2,
+                               tokenizer, unembed_scale=15.0, preferred_ids=code_ids,
+                               preference=2.0),
+  }
+  student = random_model_dir(os.path.join(root, "student"),
+                             ModelConfig(model_type="llama", **base), seed + 3, tokenizer)
+  return {
+      "tokenizer": tok_dir,
+      "student": student,
+      "teacher_math": teachers["math"],
+      "teacher_code": teachers["code"],
+      "train": write_prompts(os.path.join(root, "train.jsonl"), n_train, seed),
+      "eval": write_prompts(os.path.join(root, "eval.jsonl"), n_eval, seed + 100),
+  }
+
+
+def tiny_config(paths: dict[str, str]):
+  """The embedded CPU config: two teachers (math: reverse KL, code: sampled-token) on a toy world."""
+  c = base_config()
+  c.output_dir = "runs/opd_tiny"
+  c.student.path = paths["student"]
+  c.tokenizer = paths["tokenizer"]
+  c.teachers = ml_collections.ConfigDict({
+      "math": teacher_config(paths["teacher_math"], "math", loss="reverse_kl", weight=1.0),
+      "code": teacher_config(paths["teacher_code"], "code", loss="sampled_token", weight=1.0),
+  })
+  c.data.train_files = paths["train"]
+  c.data.eval_files = paths["eval"]
+  c.data.max_prompt_len = 32
+  c.data.slots_per_teacher = 8
+  c.sampling.max_new_tokens = 16
+  c.sampling.prompt_buckets = (32,)
+  c.sampling.stop_at_eos = False
+  c.loss.chunk_size = 16
+  c.optimizer.lr = 1e-2
+  c.optimizer.warmup_steps = 5
+  c.optimizer.b2 = 0.99
+  c.train.steps = 60
+  c.train.log_every = 5
+  c.checkpoint.every = 20
+  return c

@@ -136,6 +136,8 @@ def validate(config) -> None:
                 "optimizer.weight_decay", "optimizer.max_grad_norm", "loss.clip_eps",
                 "train.eval_every"):
     _check_positive(config, field, allow_zero=True)
+  if config.overlap.k_for_alarm not in tuple(config.overlap.topks):
+    _fail("overlap.k_for_alarm", config.overlap.k_for_alarm, f"one of overlap.topks={tuple(config.overlap.topks)}")
   if not 0.0 < config.sampling.top_p <= 1.0:
     _fail("sampling.top_p", config.sampling.top_p, "a float in (0, 1]")
   if not 0.0 <= config.loss.beta <= 1.0:

@@ -14,18 +14,19 @@ import os
 import shutil
 import time
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from jdistill import train
 from jdistill.toy import make_toy_world, tiny_config
 
 flags.DEFINE_string("out", "demo_out", "Output directory (replaced on each run).")
-flags.DEFINE_integer("steps", 60, "Training steps.")
+flags.DEFINE_integer("steps", 200, "Training steps.")
 FLAGS = flags.FLAGS
 
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   out = os.path.abspath(FLAGS.out)
   if os.path.exists(out):
     print(f"demo: replacing the previous demo output in {out}")

@@ -29,6 +29,7 @@ from jdistill import checkpoint as ckpt
 from jdistill import config as config_lib
 from jdistill import data as data_lib
 from jdistill import distributed
+from jdistill import overlap
 from jdistill import sharding as shd
 from jdistill import train_step as ts
 from jdistill.models import hf
@@ -147,6 +148,7 @@ class Trainer:
         prompt_buckets=tuple(b for b in s.prompt_buckets), pad_id=pad_id)
     self.sampler = Sampler(self.student_graphdef, self.mesh)
     self.rng = jax.random.key(c.seed)
+    self._alarmed: set[str] = set()
 
     state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
     teacher_shardings = jax.tree.map(lambda x: x.sharding, self.teacher_states)
@@ -253,7 +255,7 @@ class Trainer:
     writer = _tensorboard(os.path.join(out_dir, "tb"))
     history = []
     start_step, t0 = self.step, time.time()
-    tokens_done = 0.0
+    last_time = t0
     with open(os.path.join(out_dir, "metrics.jsonl"), "a") as jsonl:
       while self.step < end:
         metrics = self.train_one()
@@ -265,9 +267,12 @@ class Trainer:
             if c.loss.nonfinite == "stop":
               raise FloatingPointError(msg + " (config.loss.nonfinite='stop')")
             log.warning("%s: update skipped (config.loss.nonfinite='skip')", msg)
-          tokens_done += sum(t["tokens"] for t in m["teachers"].values()) * c.train.log_every
-          elapsed = time.time() - t0
-          rate = tokens_done / max(elapsed, 1e-9)
+          self._overlap_alarms(m)
+          tokens = sum(t["tokens"] for t in m["teachers"].values()) * c.train.log_every
+          now = time.time()
+          rate = tokens / max(now - last_time, 1e-9)  # over the last log interval
+          last_time = now
+          elapsed = now - t0
           eta = (end - step) * elapsed / max(step - start_step, 1)
           record = {"step": step, **m, "tokens_per_s": rate, "elapsed_s": elapsed}
           history.append(record)
@@ -287,6 +292,21 @@ class Trainer:
       from jdistill import plots
       plots.learning_curves(history, os.path.join(out_dir, "learning_curves.png"))
     return history
+
+  def _overlap_alarms(self, m: dict) -> None:
+    """Adds a per-teacher `overlap_alarm` metric; warns when a teacher crosses a threshold."""
+    o = self.config.overlap
+    for name, tm in m["teachers"].items():
+      alarms = overlap.overlap_alarms({name: tm}, min_topk_coverage=o.min_topk_coverage,
+                                      max_off_support=o.max_off_support, k=o.k_for_alarm)
+      tm["overlap_alarm"] = float(bool(alarms))
+      if alarms and name not in self._alarmed:
+        for a in alarms:
+          print(f"WARNING step {self.step}: {a}", flush=True)
+        self._alarmed.add(name)
+      elif not alarms and name in self._alarmed:
+        print(f"step {self.step}: teacher {name!r} is back within the overlap thresholds", flush=True)
+        self._alarmed.discard(name)
 
   def export(self, out_dir: str) -> None:
     hf.to_hf(nnx.merge(self.student_graphdef, self.state["params"]), out_dir,
@@ -322,6 +342,8 @@ def _log_tb(writer, record):
 def main(argv):
   del argv
   from absl import flags
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
   config = flags.FLAGS.config
   try:
     config_lib.validate(config)

@@ -122,7 +122,7 @@ def teacher_metrics(diag: dict, mask) -> dict:
       "tokens": jnp.sum(mask),
   }
   for key, value in diag.items():
-    if key.startswith("in_teacher_top"):
+    if key.startswith("in_teacher_top") or key == "on_support":
       out[key] = _masked(value, mask)
   return out
 

@@ -138,3 +138,43 @@ def test_cli_nested_overrides_and_bad_overrides(world):
   assert typo.returncode != 0 and "lrr" in typo.stderr
   wrong_type = _cli("--config.train.steps=many", world_dir=world_dir)
   assert wrong_type.returncode != 0 and "steps" in wrong_type.stderr
+
+
+def test_checkpoint_restores_onto_another_mesh_loads_as_teacher_and_exports(world, tmp_path):
+  from flax import nnx
+
+  from jdistill.checkpoint import load_model_from_checkpoint
+  from jdistill.models import hf
+  from jdistill.sharding import make_mesh
+
+  c = _config(world, tmp_path, steps=2)
+  c.num_devices = 1
+  c.mesh.update(dict(data=1, fsdp=1, tensor=1))
+  c.checkpoint.dir = str(tmp_path / "ckpt")
+  c.checkpoint.every = 2
+  one = train.Trainer(c)
+  one.run()
+  saved = _params(one)
+
+  c8 = _config(world, tmp_path, steps=4)
+  c8.mesh.update(dict(data=2, fsdp=2, tensor=2))
+  c8.checkpoint.dir = str(tmp_path / "ckpt")
+  eight = train.Trainer(c8)  # resumes step 2 onto the 2x2x2 mesh
+  assert eight.step == 2
+  gate = eight.params["layers"][0]["mlp"]["gate_proj"].get_value()
+  assert len(gate.sharding.device_set) == 8 and gate.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+  jax.tree.map(np.testing.assert_array_equal, saved, _params(eight))
+
+  # the checkpoint directory as a (bf16) teacher
+  teacher = load_model_from_checkpoint(str(tmp_path / "ckpt"), make_mesh({"data": -1}),
+                                       param_dtype="bfloat16", dtype="bfloat16")
+  t_params = nnx.state(teacher, nnx.Param)
+  assert t_params["embed"].get_value().dtype == jax.numpy.bfloat16
+  np.testing.assert_allclose(np.asarray(t_params["embed"].get_value(), np.float32),
+                             saved["embed"], rtol=1e-2, atol=1e-3)
+
+  # the final student as an HF directory that loads back identically
+  one.export(str(tmp_path / "hf"))
+  back = nnx.state(hf.from_hf(str(tmp_path / "hf")), nnx.Param)
+  jax.tree.map(np.testing.assert_array_equal, saved, jax.tree.map(np.asarray, back))
+  assert os.path.exists(tmp_path / "hf" / "tokenizer.json")

@@ -469,19 +469,30 @@ class Sampler:
                        f"{cache_len} cache slots exceed the cache limit max_cache_len="
                        f"{self.max_cache_len}")
     n_rows = tokens.shape[0]
-    tokens, lengths = pad_rows(tokens, lengths, self.data_parallel_size(), params.pad_id)
+    if jax.process_count() > 1:
+      # Each process passes its own rows; they are joined process-major into the global
+      # batch. The bucket comes from the (common) padded width so all processes agree.
+      bucket = choose_bucket(tokens.shape[1], params.prompt_buckets)
+      local_dp = self.data_parallel_size() // jax.process_count()
+      if self.data_parallel_size() % jax.process_count() or n_rows % max(local_dp, 1):
+        raise ValueError(f"{n_rows} prompt rows per process do not divide over the "
+                         f"{self.data_parallel_size()} data-parallel shards of "
+                         f"{jax.process_count()} processes")
+    else:
+      tokens, lengths = pad_rows(tokens, lengths, self.data_parallel_size(), params.pad_id)
     left = left_align(tokens, lengths, bucket, params.pad_id)
-    key = _Key(left.shape[0], bucket, params.max_new_tokens, params.greedy, params.filtered,
+    global_rows = left.shape[0] * jax.process_count()
+    key = _Key(global_rows, bucket, params.max_new_tokens, params.greedy, params.filtered,
                len(params.stop_token_ids))
     alloc, prefill, decode = self._compiled(key, cfg)
     cache = self._caches.pop(key, None) or alloc()
-    left_d = jax.device_put(left, self._batch(2))
-    lengths_d = jax.device_put(lengths, self._batch(1))
+    left_d = jax.make_array_from_process_local_data(self._batch(2), left)
+    lengths_d = jax.make_array_from_process_local_data(self._batch(1), lengths)
     cache, logits = prefill(state, cache, left_d, lengths_d)
     cache, out = decode(state, cache, logits, left_d, lengths_d, rng, knobs_of(params))
     if self.keep_cache:
       self._caches[key] = cache
-    if left.shape[0] != n_rows:
+    if global_rows != n_rows * jax.process_count():
       out = jax.tree.map(lambda x: x[:n_rows], out)
     return out
 

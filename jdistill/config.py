@@ -71,7 +71,7 @@ def base_config() -> mlc.ConfigDict:
       lr=1e-5, warmup_steps=10, schedule="cosine", end_lr_ratio=0.1, weight_decay=0.0,
       b1=0.9, b2=0.95, eps=1e-8, max_grad_norm=1.0, grad_accum=1))
 
-  c.train = mlc.ConfigDict(dict(steps=100, log_every=1, eval_every=0, eval_rows=8))
+  c.train = mlc.ConfigDict(dict(steps=100, log_every=1, eval_every=0))  # eval_every 0: off
   c.checkpoint = mlc.ConfigDict(dict(dir="", every=50, keep=3, async_save=True,
                                      resume=True, restore_step=-1))
   c.export_dir = ""  # write the final student as an HF directory

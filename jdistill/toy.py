@@ -134,5 +134,6 @@ def tiny_config(paths: dict[str, str]):
   c.optimizer.b2 = 0.99
   c.train.steps = 60
   c.train.log_every = 5
+  c.train.eval_every = 50
   c.checkpoint.every = 20
   return c

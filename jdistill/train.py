@@ -237,8 +237,11 @@ class Trainer:
     self.state, metrics = self.train_step(self.state, self.teacher_states, batch)
     return metrics
 
-  def evaluate(self, rows_per_teacher: int | None = None, seed: int = 1234) -> dict[str, dict]:
-    """Per-teacher metrics (full-vocab reverse KL etc.) on held-out student rollouts."""
+  def evaluate(self, seed: int = 1234) -> dict[str, dict]:
+    """Per-teacher metrics (full-vocab reverse KL etc.) on held-out student rollouts.
+
+    One batch of `eval_files` prompts (else a far-away batch of the training stream),
+    sampled with a fixed key, so evaluations at different steps are comparable."""
     batcher = self.eval_batcher or self.batcher
     prompts = batcher.batch(10**6 if batcher is self.batcher else 0)
     batch = self.rollouts(prompts, jax.random.key(seed))
@@ -282,6 +285,11 @@ class Trainer:
           per_t = " ".join(f"{n}:rkl={v['reverse_kl']:.3f}" for n, v in m["teachers"].items())
           print(f"step {step}/{end} | loss {m['loss']:.4f} | {per_t} | {rate:,.0f} tok/s | "
                 f"ETA {_fmt_eta(eta)}", flush=True)
+        if c.train.eval_every and step % c.train.eval_every == 0:
+          ev = self.evaluate()
+          jsonl.write(json.dumps({"step": step, "eval": ev}) + "\n")
+          print(f"eval step {step} | " + " ".join(
+              f"{n}:rkl={v['reverse_kl']:.3f}" for n, v in ev.items()), flush=True)
         self.save()
       self.save(force=True)
     if self.checkpointer:

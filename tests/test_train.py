@@ -178,3 +178,21 @@ def test_checkpoint_restores_onto_another_mesh_loads_as_teacher_and_exports(worl
   back = nnx.state(hf.from_hf(str(tmp_path / "hf")), nnx.Param)
   jax.tree.map(np.testing.assert_array_equal, saved, jax.tree.map(np.asarray, back))
   assert os.path.exists(tmp_path / "hf" / "tokenizer.json")
+
+
+@pytest.mark.parametrize("name", ["opd_v4_style", "opd_ultra_style"])
+def test_example_configs_validate_once_paths_are_given(name):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  with pytest.raises(ValueError, match="config.student.path"):
+    config_lib.validate(c)
+  c.student.path = "/ckpt/student"
+  c.data.train_files = "/data/prompts.jsonl"
+  with pytest.raises(ValueError, match=r"config.teachers.\w+.path"):
+    config_lib.validate(c)
+  for teacher in c.teachers:
+    c.teachers[teacher].path = f"/ckpt/{teacher}"
+  config_lib.validate(c)

@@ -78,14 +78,16 @@ def is_checkpoint_dir(path: str) -> bool:
 
 
 def load_model_from_checkpoint(path: str, mesh, rules=shd.DEFAULT_RULES, *, param_dtype=None,
-                               dtype=None, step: int | None = None) -> Transformer:
+                               dtype=None, remat: bool = False,
+                               step: int | None = None) -> Transformer:
   """A Transformer from a jdistill checkpoint directory (params only), e.g. as a teacher."""
   with open(os.path.join(path, MODEL_CONFIG)) as f:
     fields = json.load(f)
   if fields.get("rope_scaling") is not None:
     fields["rope_scaling"] = tuple(tuple(kv) for kv in fields["rope_scaling"])
   cfg = ModelConfig(**fields)
-  cfg = cfg.replace(param_dtype=param_dtype or cfg.param_dtype, dtype=dtype or cfg.dtype)
+  cfg = cfg.replace(param_dtype=param_dtype or cfg.param_dtype, dtype=dtype or cfg.dtype,
+                    remat=remat)
   manager = ocp.CheckpointManager(os.path.abspath(path))
   step = manager.latest_step() if step is None else step
   if step is None:

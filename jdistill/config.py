@@ -62,7 +62,8 @@ def base_config() -> mlc.ConfigDict:
 
   c.loss = mlc.ConfigDict(dict(
       chunk_size=256, temperature=1.0, normalize="token", beta=0.5, topk=64,
-      topk_tail="bucket", clip_eps=0.0,  # >0: PPO clip vs the sampler's logprobs
+      topk_tail="bucket", topk_direction="reverse",
+      clip_eps=0.0,  # >0: PPO clip vs the sampler's logprobs (needs loss.temperature=1)
       nonfinite="skip",                  # NaN/Inf loss or grads: skip the update | stop
       overlap_criterion="teacher_topk", overlap_topk=8, overlap_floor_prob=1e-3,
   ))
@@ -122,6 +123,7 @@ def validate(config) -> None:
   _check_choice(config, "data.on_error", ON_ERROR)
   _check_choice(config, "loss.normalize", losses.NORMALIZE_MODES)
   _check_choice(config, "loss.topk_tail", losses.TOPK_TAILS)
+  _check_choice(config, "loss.topk_direction", losses.KL_DIRECTIONS)
   _check_choice(config, "loss.nonfinite", NONFINITE)
   _check_choice(config, "loss.overlap_criterion", losses.OVERLAP_CRITERIA)
   _check_choice(config, "optimizer.schedule", SCHEDULES)
@@ -136,7 +138,32 @@ def validate(config) -> None:
                 "optimizer.weight_decay", "optimizer.max_grad_norm", "loss.clip_eps",
                 "train.eval_every"):
     _check_positive(config, field, allow_zero=True)
-  if config.overlap.k_for_alarm not in tuple(config.overlap.topks):
+  for field in ("optimizer.grad_accum", "train.steps", "data.slots_per_teacher",
+                "data.max_prompt_len", "sampling.max_new_tokens", "loss.chunk_size", "loss.topk"):
+    node = config
+    for part in field.split("."):
+      node = node[part]
+    if not isinstance(node, int) or isinstance(node, bool):
+      _fail(field, node, "a positive integer")
+  topks = tuple(config.overlap.topks)
+  if not topks or any(not isinstance(k, int) or k <= 0 for k in topks):
+    _fail("overlap.topks", topks, "a non-empty tuple of positive integers")
+  for field in ("overlap.floor_prob", "overlap.top_p", "loss.overlap_floor_prob"):
+    node = config.overlap if field.startswith("overlap.") else config.loss
+    value = node[field.split(".")[1]]
+    if not 0.0 < value <= 1.0:
+      _fail(field, value, "a probability in (0, 1]")
+  for field in ("b1", "b2"):
+    if not 0.0 <= config.optimizer[field] < 1.0:
+      _fail(f"optimizer.{field}", config.optimizer[field], "a float in [0, 1)")
+  if config.data.max_prompt_len > max(config.sampling.prompt_buckets):
+    _fail("data.max_prompt_len", config.data.max_prompt_len,
+          f"at most the largest sampling.prompt_buckets entry ({max(config.sampling.prompt_buckets)})")
+  uses_clip = any(config.teachers[n].loss == "sampled_token" for n in config.teachers.keys())
+  if uses_clip and config.loss.clip_eps > 0 and config.loss.temperature != 1.0:
+    _fail("loss.clip_eps", config.loss.clip_eps, "0 when loss.temperature != 1 (the PPO ratio "
+          "compares against the sampler's temperature-1 logprobs)")
+  if config.overlap.k_for_alarm not in topks:
     _fail("overlap.k_for_alarm", config.overlap.k_for_alarm, f"one of overlap.topks={tuple(config.overlap.topks)}")
   if not 0.0 < config.sampling.top_p <= 1.0:
     _fail("sampling.top_p", config.sampling.top_p, "a float in (0, 1]")

@@ -550,21 +550,44 @@ def _full_token_values(fn, student_hidden, student_unembed, teacher_hidden, teac
 # --------------------------------------------------------------------------
 
 
-def _support_diagnostics(student_logp, teacher_logp, targets, diag_topk, diag_floor_prob):
-    """Per-token overlap diagnostics at temperature 1 (all stop_gradient'ed)."""
+def support_diagnostics(student_logp, teacher_logp, targets, topks=(1, 8), floor_prob=1e-3,
+                        top_p=0.9, student_topks=None):
+    """Per-token support-overlap diagnostics from log-probs ``[..., V]`` (stop_gradient'ed).
+
+    ``targets [...]`` are the sampled tokens. Returns ``[...]`` arrays: ``teacher_logp`` /
+    ``student_logp`` of the target; ``in_teacher_top{k}`` for k in ``topks`` (inside if
+    fewer than k teacher log-probs strictly exceed the target's); ``in_teacher_top_p``
+    (inside the teacher's top-p nucleus: the teacher mass on strictly more probable tokens
+    is below ``top_p``); ``off_support`` (teacher prob of the target < ``floor_prob``);
+    full-vocab ``reverse_kl`` KL(s‖t) and ``forward_kl`` KL(t‖s); ``tv`` total variation;
+    ``teacher_mass_on_student_top{k}`` for k in ``student_topks`` (default ``topks``).
+    """
     student_logp, teacher_logp = sg(student_logp), sg(teacher_logp)
-    teacher_target_logp = token_logp(teacher_logp, targets)
-    teacher_rank = jnp.sum(teacher_logp > teacher_target_logp[..., None], axis=-1)
-    diagnostics = {
-        "teacher_logp": teacher_target_logp,
+    vocab = student_logp.shape[-1]
+    s_prob, t_prob = jnp.exp(student_logp), jnp.exp(teacher_logp)
+    teacher_target = token_logp(teacher_logp, targets)
+    above = teacher_logp > teacher_target[..., None]
+    rank = jnp.sum(above, axis=-1)
+    mass_above = jnp.sum(jnp.where(above, t_prob, 0.0), axis=-1)
+    out = {
+        "teacher_logp": teacher_target,
         "student_logp": token_logp(student_logp, targets),
+        "in_teacher_top_p": (mass_above < top_p).astype(jnp.float32),
+        "off_support": (teacher_target < math.log(floor_prob)).astype(jnp.float32),
         "reverse_kl": _kl_from_logp(student_logp, teacher_logp),
         "forward_kl": _kl_from_logp(teacher_logp, student_logp),
-        "teacher_below_floor": (teacher_target_logp < math.log(diag_floor_prob)).astype(jnp.float32),
+        "tv": 0.5 * jnp.sum(jnp.abs(s_prob - t_prob), axis=-1),
     }
-    for k in diag_topk:
-        diagnostics[f"in_teacher_top{k}"] = (teacher_rank < k).astype(jnp.float32)
-    return diagnostics
+    for k in topks:
+        out[f"in_teacher_top{k}"] = (rank < k).astype(jnp.float32)
+    student_topks = tuple(topks) if student_topks is None else tuple(student_topks)
+    if student_topks:
+        kmax = min(max(student_topks), vocab)
+        _, top_idx = jax.lax.top_k(student_logp, kmax)
+        cum = jnp.cumsum(jnp.take_along_axis(t_prob, top_idx, axis=-1), axis=-1)
+        for k in student_topks:
+            out[f"teacher_mass_on_student_top{k}"] = cum[..., min(k, vocab) - 1]
+    return out
 
 
 def overlap_gate(student_logp, teacher_logp, targets, criterion: str, topk: int,
@@ -592,8 +615,8 @@ def overlap_gate(student_logp, teacher_logp, targets, criterion: str, topk: int,
 
 
 def _make_token_fn(loss, *, temperature, beta, k, topk_support, topk_tail, topk_direction,
-                   diag_topk, diag_floor_prob, overlap_criterion="teacher_topk", overlap_topk=8,
-                   overlap_floor_prob=1e-3):
+                   diag_topk, diag_floor_prob, diag_top_p=0.9, overlap_criterion="teacher_topk",
+                   overlap_topk=8, overlap_floor_prob=1e-3):
     """The per-chunk function: logits -> {"loss_terms": ..., "diagnostics": ...}."""
 
     def token_fn(student_logits, teacher_logits, targets):
@@ -622,8 +645,8 @@ def _make_token_fn(loss, *, temperature, beta, k, topk_support, topk_tail, topk_
         else:
             terms = {"per_token_loss": _topk_kl_from_logp(
                 s_tau, t_tau, k, topk_support, topk_tail, topk_direction)}
-        diagnostics = _support_diagnostics(student_logp, teacher_logp, targets,
-                                           diag_topk, diag_floor_prob)
+        diagnostics = support_diagnostics(student_logp, teacher_logp, targets,
+                                          diag_topk, diag_floor_prob, diag_top_p)
         return {"loss_terms": terms, "diagnostics": diagnostics}
 
     return token_fn
@@ -632,7 +655,7 @@ def _make_token_fn(loss, *, temperature, beta, k, topk_support, topk_tail, topk_
 def _distill_loss(token_values, student_hidden, student_unembed, teacher_hidden, teacher_unembed,
                   targets, mask, *, loss, temperature, beta, k, topk_support, topk_tail,
                   topk_direction, normalize, behaviour_logp, clip_eps, extra_advantage,
-                  diag_topk, diag_floor_prob, student_bias, teacher_bias,
+                  diag_topk, diag_floor_prob, student_bias, teacher_bias, diag_top_p=0.9,
                   overlap_criterion="teacher_topk", overlap_topk=8, overlap_floor_prob=1e-3):
     vocab = student_unembed.shape[-1]
     validate_loss_args(loss=loss, temperature=temperature, beta=beta, k=k, vocab=vocab,
@@ -645,6 +668,8 @@ def _distill_loss(token_values, student_hidden, student_unembed, teacher_hidden,
             raise ValueError(f"diag_topk entries must be positive ints, got {diag_topk!r}")
     if not 0.0 < diag_floor_prob <= 1.0:
         raise ValueError(f"diag_floor_prob must be in (0, 1], got {diag_floor_prob!r}")
+    if not 0.0 < diag_top_p <= 1.0:
+        raise ValueError(f"diag_top_p must be in (0, 1], got {diag_top_p!r}")
     _check_same_shape("mask", mask, "targets", targets)
     if loss != "sampled_token" and extra_advantage is not None:
         raise ValueError(f"extra_advantage applies only to loss='sampled_token', got loss={loss!r}")
@@ -652,7 +677,7 @@ def _distill_loss(token_values, student_hidden, student_unembed, teacher_hidden,
     token_fn = _make_token_fn(loss, temperature=temperature, beta=beta, k=k,
                               topk_support=topk_support, topk_tail=topk_tail,
                               topk_direction=topk_direction, diag_topk=tuple(diag_topk),
-                              diag_floor_prob=diag_floor_prob,
+                              diag_floor_prob=diag_floor_prob, diag_top_p=diag_top_p,
                               overlap_criterion=overlap_criterion, overlap_topk=overlap_topk,
                               overlap_floor_prob=overlap_floor_prob)
     values = token_values(token_fn, student_hidden, student_unembed, teacher_hidden,
@@ -697,6 +722,7 @@ def distill_loss(
     extra_advantage=None,
     diag_topk=(1, 8),
     diag_floor_prob: float = 1e-4,
+    diag_top_p: float = 0.9,
     student_bias=None,
     teacher_bias=None,
     overlap_criterion: str = "teacher_topk",
@@ -725,7 +751,9 @@ def distill_loss(
     unmasked): ``teacher_logp``, ``student_logp`` (log-probs of the target),
     full-vocab ``reverse_kl`` and ``forward_kl``, ``in_teacher_top{k}`` for each k in
     ``diag_topk`` (1.0 if fewer than k teacher log-probs exceed the target's),
-    ``teacher_below_floor`` (teacher prob of target < ``diag_floor_prob``),
+    ``off_support`` (teacher prob of target < ``diag_floor_prob``), ``in_teacher_top_p``
+    (``diag_top_p``), ``tv`` and ``teacher_mass_on_student_top{k}`` (see
+    :func:`support_diagnostics`),
     ``per_token_loss``; for "sampled_token" also ``k1``, ``advantage``, ``ratio``
     and the scalar ``clip_fraction``; for "overlap_aware" also ``on_support`` (the
     gate g_t), ``dense_term``, ``sampled_term``, ``k1`` and ``advantage``.
@@ -737,7 +765,7 @@ def distill_loss(
         topk_support=topk_support, topk_tail=topk_tail, topk_direction=topk_direction,
         normalize=normalize, behaviour_logp=behaviour_logp, clip_eps=clip_eps,
         extra_advantage=extra_advantage, diag_topk=diag_topk,
-        diag_floor_prob=diag_floor_prob, student_bias=student_bias, teacher_bias=teacher_bias,
+        diag_floor_prob=diag_floor_prob, diag_top_p=diag_top_p, student_bias=student_bias, teacher_bias=teacher_bias,
         overlap_criterion=overlap_criterion, overlap_topk=overlap_topk,
         overlap_floor_prob=overlap_floor_prob)
 
@@ -764,6 +792,7 @@ def unchunked_distill_loss(
     extra_advantage=None,
     diag_topk=(1, 8),
     diag_floor_prob: float = 1e-4,
+    diag_top_p: float = 0.9,
     student_bias=None,
     teacher_bias=None,
     overlap_criterion: str = "teacher_topk",
@@ -782,6 +811,6 @@ def unchunked_distill_loss(
         topk_support=topk_support, topk_tail=topk_tail, topk_direction=topk_direction,
         normalize=normalize, behaviour_logp=behaviour_logp, clip_eps=clip_eps,
         extra_advantage=extra_advantage, diag_topk=diag_topk,
-        diag_floor_prob=diag_floor_prob, student_bias=student_bias, teacher_bias=teacher_bias,
+        diag_floor_prob=diag_floor_prob, diag_top_p=diag_top_p, student_bias=student_bias, teacher_bias=teacher_bias,
         overlap_criterion=overlap_criterion, overlap_topk=overlap_topk,
         overlap_floor_prob=overlap_floor_prob)

@@ -123,37 +123,9 @@ def overlap_token_metrics(student_logits, teacher_logits, targets, *, topks=(1, 
   if targets.shape != student_logits.shape[:-1]:
     raise ValueError(f"targets shape {targets.shape} != logits batch shape "
                      f"{student_logits.shape[:-1]}")
-  vocab = student_logits.shape[-1]
-  s_logits = student_logits.astype(jnp.float32)
-  t_logits = teacher_logits.astype(jnp.float32)
-  s_logp = jax.nn.log_softmax(s_logits, axis=-1)
-  t_logp = jax.nn.log_softmax(t_logits, axis=-1)
-  s_prob, t_prob = jnp.exp(s_logp), jnp.exp(t_logp)
-
-  t_target_logit = losses.token_logp(t_logits, targets)
-  above = t_logits > t_target_logit[..., None]          # teacher strictly prefers v over x
-  rank = jnp.sum(above, axis=-1)
-  mass_above = jnp.sum(jnp.where(above, t_prob, 0.0), axis=-1)
-  teacher_logp = losses.token_logp(t_logp, targets)
-
-  out = {
-      "teacher_logp": teacher_logp,
-      "student_logp": losses.token_logp(s_logp, targets),
-      "in_teacher_top_p": (mass_above < top_p).astype(jnp.float32),
-      "off_support": (teacher_logp < math.log(floor_prob)).astype(jnp.float32),
-      "reverse_kl": jnp.sum(s_prob * (s_logp - t_logp), axis=-1),
-      "forward_kl": jnp.sum(t_prob * (t_logp - s_logp), axis=-1),
-      "tv": 0.5 * jnp.sum(jnp.abs(s_prob - t_prob), axis=-1),
-  }
-  for k in topks:
-    out[f"in_teacher_top{k}"] = (rank < k).astype(jnp.float32)
-  if student_topks:
-    kmax = min(max(student_topks), vocab)
-    _, top_idx = jax.lax.top_k(s_logits, kmax)                         # [..., kmax]
-    cum = jnp.cumsum(jnp.take_along_axis(t_prob, top_idx, axis=-1), axis=-1)
-    for k in student_topks:
-      out[f"teacher_mass_on_student_top{k}"] = cum[..., min(k, vocab) - 1]
-  return out
+  return losses.support_diagnostics(losses.log_softmax(student_logits),
+                                    losses.log_softmax(teacher_logits), targets, tuple(topks),
+                                    floor_prob, top_p, student_topks)
 
 
 def chunked_overlap_metrics(student_hidden, student_unembed, teacher_hidden, teacher_unembed,

@@ -358,9 +358,7 @@ class Sampler:
 
   # -- shardings --
   def data_parallel_size(self) -> int:
-    axes = dict(self.rules).get("batch") or ()
-    axes = (axes,) if isinstance(axes, str) else tuple(axes)
-    return math.prod(self.mesh.shape[a] for a in axes if a in self.mesh.shape)
+    return shd.data_parallel_size(self.mesh, self.rules)
 
   def _batch(self, ndim: int) -> NamedSharding:
     return shd.batch_sharding(self.mesh, ndim, self.rules)
@@ -451,7 +449,9 @@ class Sampler:
 
     Args:
       state: model state (`nnx.split(model)[1]`), placed on `self.mesh`.
-      prompts: a list of token-id lists, or `(tokens [B, P0] right-padded, lengths [B])`.
+      prompts: a list of token-id lists, or `(tokens [B, P0] right-padded, lengths [B])`;
+        the prompt bucket is the smallest one ≥ the padded width P0. With several
+        processes each passes its own rows (joined process-major).
       rng: PRNG key; step t draws with `fold_in(rng, t)` (unused when greedy).
       params: SamplingParams.
     Returns:
@@ -462,7 +462,9 @@ class Sampler:
     cfg = self.model_config(state)
     tokens, lengths = prompt_arrays(prompts, params.pad_id)
     self._check_ids(tokens, lengths, params, cfg.vocab_size)
-    bucket = choose_bucket(int(lengths.max()), params.prompt_buckets)
+    # From the padded width, not the longest prompt: batches from one data pipeline (fixed
+    # width) then always reuse the same compiled functions, and all processes agree.
+    bucket = choose_bucket(tokens.shape[1], params.prompt_buckets)
     cache_len = bucket + params.max_new_tokens
     if self.max_cache_len is not None and cache_len > self.max_cache_len:
       raise ValueError(f"prompt bucket {bucket} + max_new_tokens {params.max_new_tokens} = "
@@ -470,9 +472,7 @@ class Sampler:
                        f"{self.max_cache_len}")
     n_rows = tokens.shape[0]
     if jax.process_count() > 1:
-      # Each process passes its own rows; they are joined process-major into the global
-      # batch. The bucket comes from the (common) padded width so all processes agree.
-      bucket = choose_bucket(tokens.shape[1], params.prompt_buckets)
+      # Each process passes its own rows; they are joined process-major into the global batch.
       local_dp = self.data_parallel_size() // jax.process_count()
       if self.data_parallel_size() % jax.process_count() or n_rows % max(local_dp, 1):
         raise ValueError(f"{n_rows} prompt rows per process do not divide over the "

@@ -98,6 +98,13 @@ def state_shardings(state: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any
   return jax.tree.map(one, state, is_leaf=_is_variable)
 
 
+def data_parallel_size(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> int:
+  """Number of shards of the batch dimension (product of the `batch` rule's mesh axes)."""
+  axes = dict(rules).get("batch") or ()
+  axes = (axes,) if isinstance(axes, str) else tuple(axes)
+  return math.prod(mesh.shape[a] for a in axes if a in mesh.shape)
+
+
 def batch_sharding(mesh: Mesh, ndim: int, rules: Rules = DEFAULT_RULES) -> NamedSharding:
   """Sharding of a `[batch, ...]` array: batch over the data axes, rest replicated."""
   table = dict(rules)

@@ -42,7 +42,8 @@ log = logging.getLogger("jdistill")
 def load_model(path: str, mesh, *, param_dtype: str, dtype: str, remat: bool = False):
   """An HF directory or a jdistill checkpoint directory → a sharded Transformer."""
   if ckpt.is_checkpoint_dir(path):
-    return ckpt.load_model_from_checkpoint(path, mesh, param_dtype=param_dtype, dtype=dtype)
+    return ckpt.load_model_from_checkpoint(path, mesh, param_dtype=param_dtype, dtype=dtype,
+                                           remat=remat)
   return hf.from_hf(path, mesh, param_dtype=param_dtype, dtype=dtype, remat=remat)
 
 
@@ -115,10 +116,10 @@ class Trainer:
     lc = c.loss
     self.settings = ts.LossSettings(
         chunk_size=lc.chunk_size, temperature=lc.temperature, normalize=lc.normalize,
-        beta=lc.beta, topk=lc.topk, topk_tail=lc.topk_tail, clip_eps=lc.clip_eps,
+        beta=lc.beta, topk=lc.topk, topk_tail=lc.topk_tail, topk_direction=lc.topk_direction, clip_eps=lc.clip_eps,
         overlap_criterion=lc.overlap_criterion, overlap_topk=lc.overlap_topk,
         overlap_floor_prob=lc.overlap_floor_prob, diag_topk=tuple(c.overlap.topks),
-        diag_floor_prob=c.overlap.floor_prob)
+        diag_floor_prob=c.overlap.floor_prob, diag_top_p=c.overlap.top_p)
 
     o = c.optimizer
     self.optimizer, self.schedule = ts.make_optimizer(
@@ -130,6 +131,7 @@ class Trainer:
         self.optimizer, params, replicated))(params)
     self.state = {"params": params, "opt_state": opt_state,
                   "step": jax.device_put(jnp.zeros((), jnp.int32), replicated)}
+    self._step = 0
 
     # data
     records, skipped = read_records(c.data.train_files, c)
@@ -140,6 +142,12 @@ class Trainer:
       eval_records, _ = read_records(c.data.eval_files, c)
       self.eval_batcher = self._batcher(eval_records, 0, c.seed + 1)
 
+    dp = shd.data_parallel_size(self.mesh)
+    if self.batcher.rows_per_batch % dp:
+      raise ValueError(f"config.data.slots_per_teacher={slots}: {len(self.names)} teachers x {slots} "
+                       f"slots = {self.batcher.rows_per_batch} rows do not divide over the "
+                       f"{dp} data-parallel shards of mesh {dict(self.mesh.shape)}")
+
     s = c.sampling
     pad_id = self.tokenizer.pad_token_id or 0
     self.sampling = SamplingParams(
@@ -149,6 +157,7 @@ class Trainer:
     self.sampler = Sampler(self.student_graphdef, self.mesh)
     self.rng = jax.random.key(c.seed)
     self._alarmed: set[str] = set()
+    self.skipped_updates = 0
 
     state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
     teacher_shardings = jax.tree.map(lambda x: x.sharding, self.teacher_states)
@@ -188,7 +197,8 @@ class Trainer:
 
   @property
   def step(self) -> int:
-    return int(jax.device_get(self.state["step"]))
+    """Host copy of `state["step"]` (kept in Python so the loop never waits on the device)."""
+    return self._step
 
   @property
   def params(self):
@@ -204,6 +214,7 @@ class Trainer:
     self.state = {"params": params, "opt_state": opt_state,
                   "step": jax.device_put(jnp.asarray(meta["step"], jnp.int32),
                                          self.state["step"].sharding)}
+    self._step = int(meta["step"])
     self.rng = jax.random.wrap_key_data(jnp.asarray(meta["rng"], jnp.uint32))
     self.data_iter = self.batcher.iterator()
     self.data_iter.set_state(meta["data"])
@@ -235,6 +246,7 @@ class Trainer:
     rng = jax.random.fold_in(self.rng, self.step)
     batch = self.rollouts(prompts, rng)
     self.state, metrics = self.train_step(self.state, self.teacher_states, batch)
+    self._step += 1
     return metrics
 
   def evaluate(self, seed: int = 1234) -> dict[str, dict]:
@@ -263,13 +275,17 @@ class Trainer:
       while self.step < end:
         metrics = self.train_one()
         step = self.step
+        if not bool(metrics["finite"]):  # one scalar per step: NaN/Inf never goes unnoticed
+          loss, norm = float(metrics["loss"]), float(metrics["grad_norm"])
+          msg = f"step {step}: non-finite loss {loss} or grad norm {norm}"
+          if c.loss.nonfinite == "stop":
+            raise FloatingPointError(msg + " (config.loss.nonfinite='stop')")
+          self.skipped_updates += 1
+          print(f"WARNING {msg}: update skipped (config.loss.nonfinite='skip'; "
+                f"{self.skipped_updates} so far)", flush=True)
         if (step % c.train.log_every == 0) or step == end:
           m = _to_float(metrics)
-          if not m["finite"]:
-            msg = f"step {step}: non-finite loss {m['loss']} or grad norm {m['grad_norm']}"
-            if c.loss.nonfinite == "stop":
-              raise FloatingPointError(msg + " (config.loss.nonfinite='stop')")
-            log.warning("%s: update skipped (config.loss.nonfinite='skip')", msg)
+          m["skipped_updates"] = self.skipped_updates
           self._overlap_alarms(m)
           tokens = sum(t["tokens"] for t in m["teachers"].values()) * c.train.log_every
           now = time.time()
@@ -363,7 +379,8 @@ def main(argv):
   distributed.initialize()
   trainer = Trainer(config)
   print(f"jdistill: mesh {dict(trainer.mesh.shape)}, teachers {trainer.names}, "
-        f"{trainer.batcher.rows_per_batch} rows/step, resuming at step {trainer.step}", flush=True)
+        f"{trainer.batcher.rows_per_batch} rows/step, {trainer.batcher.n_skipped_malformed} malformed "
+        f"data lines skipped, resuming at step {trainer.step}", flush=True)
   before = trainer.evaluate()
   trainer.run()
   after = trainer.evaluate()

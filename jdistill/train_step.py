@@ -64,20 +64,23 @@ class LossSettings:
   beta: float = 0.5
   topk: int = 64
   topk_tail: str = "bucket"
+  topk_direction: str = "reverse"
   clip_eps: float = 0.0
   overlap_criterion: str = "teacher_topk"
   overlap_topk: int = 8
   overlap_floor_prob: float = 1e-3
   diag_topk: tuple[int, ...] = (1, 8)
   diag_floor_prob: float = 1e-3
+  diag_top_p: float = 0.9
 
 
 def loss_kwargs(loss: str, s: LossSettings) -> dict:
   """`losses.distill_loss` keyword arguments for a teacher's configured loss name."""
   kw = dict(chunk_size=s.chunk_size, temperature=s.temperature, normalize=s.normalize,
-            diag_topk=s.diag_topk, diag_floor_prob=s.diag_floor_prob)
+            diag_topk=s.diag_topk, diag_floor_prob=s.diag_floor_prob, diag_top_p=s.diag_top_p)
   if loss.startswith("topk_"):
-    return dict(kw, loss="topk", k=s.topk, topk_support=loss[len("topk_"):], topk_tail=s.topk_tail)
+    return dict(kw, loss="topk", k=s.topk, topk_support=loss[len("topk_"):], topk_tail=s.topk_tail,
+                topk_direction=s.topk_direction)
   if loss == "jsd":
     return dict(kw, loss="jsd", beta=s.beta)
   if loss == "sampled_token" and s.clip_eps > 0:
@@ -107,23 +110,13 @@ def teacher_hidden(graphdef, state, x: dict, rows: tuple[int, ...]):
   return sg(hidden), sg(teacher.unembedding())
 
 
-def _masked(values, mask):
-  return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-
-
 def teacher_metrics(diag: dict, mask) -> dict:
-  """Scalar per-teacher diagnostics from the loss kernel's per-token values."""
-  out = {
-      "k1_reverse_kl": _masked(diag["student_logp"] - diag["teacher_logp"], mask),
-      "reverse_kl": _masked(diag["reverse_kl"], mask),
-      "forward_kl": _masked(diag["forward_kl"], mask),
-      "teacher_logp": _masked(diag["teacher_logp"], mask),
-      "off_support": _masked(diag["teacher_below_floor"], mask),
-      "tokens": jnp.sum(mask),
-  }
-  for key, value in diag.items():
-    if key.startswith("in_teacher_top") or key == "on_support":
-      out[key] = _masked(value, mask)
+  """Token means over the completion of the loss kernel's per-token diagnostics."""
+  per_token = {k: v for k, v in diag.items()
+               if getattr(v, "ndim", 0) == 2 and k not in ("k1", "advantage", "ratio", "per_token_loss", "dense_term", "sampled_term")}
+  per_token["k1_reverse_kl"] = diag["student_logp"] - diag["teacher_logp"]
+  out = {k: losses.masked_mean(v, mask, "token") for k, v in per_token.items()}
+  out["tokens"] = jnp.sum(mask)
   return out
 
 
@@ -153,7 +146,13 @@ def make_optimizer(lr: float, *, steps: int, warmup_steps: int = 0, schedule: st
                    b2: float = 0.95, eps: float = 1e-8, max_grad_norm: float = 1.0,
                    grad_accum: int = 1) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """AdamW with linear warmup then cosine/linear/constant decay, global-norm clipping,
-  and gradient accumulation over `grad_accum` calls (optax.MultiSteps)."""
+  and gradient accumulation over `grad_accum` calls (optax.MultiSteps).
+
+  `steps` and `warmup_steps` count train-step calls; with accumulation the schedule runs
+  over the `steps // grad_accum` real updates. The returned schedule maps a call count to
+  the learning rate in force (for logging).
+  """
+  steps, warmup_steps = max(steps // grad_accum, 1), warmup_steps // grad_accum
   decay_steps = max(steps - warmup_steps, 1)
   end = lr * end_lr_ratio
   if schedule == "cosine":
@@ -171,7 +170,7 @@ def make_optimizer(lr: float, *, steps: int, warmup_steps: int = 0, schedule: st
   opt = optax.chain(*chain)
   if grad_accum > 1:
     opt = optax.MultiSteps(opt, every_k_schedule=grad_accum)
-  return opt, sched
+  return opt, lambda call: sched(call // grad_accum)
 
 
 def train_step(state: dict, teacher_states: tuple, batch: dict, *, student_graphdef,

@@ -236,13 +236,19 @@ def test_stop_tokens_end_rows(llama):
 def test_array_prompts_equal_list_prompts(llama):
   _, _, state, sampler = llama
   sp = SamplingParams(max_new_tokens=NEW, temperature=0.0, prompt_buckets=BUCKETS)
+  lengths = np.array([len(p) for p in PROMPTS])
   tokens = np.zeros((3, 20), np.int32)
   for b, p in enumerate(PROMPTS):
     tokens[b, :len(p)] = p
   a = sampler.generate(state, PROMPTS, jax.random.key(0), sp)
-  b = sampler.generate(state, (tokens, np.array([len(p) for p in PROMPTS])), jax.random.key(0), sp)
+  b = sampler.generate(state, (tokens[:, :lengths.max()], lengths), jax.random.key(0), sp)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  # a wider array picks the bucket of its width; the completions are the same
+  wide = sampler.generate(state, (tokens, lengths), jax.random.key(0), sp)
+  assert wide.tokens.shape[1] == smp.choose_bucket(20, BUCKETS) + NEW
+  completion = lambda r: np.asarray(r.tokens)[np.asarray(r.completion_mask) > 0]
+  np.testing.assert_array_equal(completion(wide), completion(a))
   two = sampler.generate(state, tuple(PROMPTS[:2]), jax.random.key(0), sp)  # a tuple of 2 prompts
   np.testing.assert_array_equal(np.asarray(two.tokens), np.asarray(a.tokens)[:2])
 

@@ -196,3 +196,17 @@ def test_example_configs_validate_once_paths_are_given(name):
   for teacher in c.teachers:
     c.teachers[teacher].path = f"/ckpt/{teacher}"
   config_lib.validate(c)
+
+
+def test_nonfinite_steps_are_skipped_and_counted_or_stop_the_run(world, tmp_path, capsys):
+  c = _config(world, tmp_path, steps=10, log_every=5)
+  trainer = train.Trainer(c)
+  before = _params(trainer)
+  trainer.teacher_states = jax.tree.map(lambda x: x * np.nan, trainer.teacher_states)
+  trainer.run(steps=2)  # not a logging step: still noticed
+  assert trainer.skipped_updates == 2
+  assert "update skipped (config.loss.nonfinite='skip'; 2 so far)" in capsys.readouterr().out
+  jax.tree.map(np.testing.assert_array_equal, before, _params(trainer))
+  trainer.config.loss.nonfinite = "stop"
+  with pytest.raises(FloatingPointError, match="step 3: non-finite loss nan"):
+    trainer.run(steps=1)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 
 HF_CONFIGS = {
     "llama": dict(model_type="llama", rope_scaling={
@@ -35,11 +34,3 @@ def tiny_hf_model(kind: str, *, vocab_size: int = 128, hidden_size: int = 64, la
       if name.endswith("bias") or "norm" in name:
         p.add_(0.1 * torch.randn_like(p))
   return model
-
-
-def save_tiny_hf_model(kind: str, out_dir: str, *, max_shard_size=None, **kw) -> str:
-  model = tiny_hf_model(kind, **kw)
-  os.makedirs(out_dir, exist_ok=True)
-  save_kw = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
-  model.save_pretrained(out_dir, safe_serialization=True, **save_kw)
-  return out_dir

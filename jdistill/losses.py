@@ -709,7 +709,7 @@ def distill_loss(
     mask,
     *,
     loss: str,
-    chunk_size: int = 512,
+    chunk_size: int | None = 512,  # None: unchunked (full logits)
     temperature: float = 1.0,
     beta: float = 0.5,
     k: int = 64,
@@ -758,7 +758,10 @@ def distill_loss(
     and the scalar ``clip_fraction``; for "overlap_aware" also ``on_support`` (the
     gate g_t), ``dense_term``, ``sampled_term``, ``k1`` and ``advantage``.
     """
-    token_values = lambda *a, **kw: chunked_token_values(*a, chunk_size=chunk_size, **kw)
+    if chunk_size is None:  # unchunked_distill_loss
+        token_values = _full_token_values
+    else:
+        token_values = lambda *a, **kw: chunked_token_values(*a, chunk_size=chunk_size, **kw)
     return _distill_loss(
         token_values, student_hidden, student_unembed, teacher_hidden, teacher_unembed,
         targets, mask, loss=loss, temperature=temperature, beta=beta, k=k,
@@ -770,47 +773,11 @@ def distill_loss(
         overlap_floor_prob=overlap_floor_prob)
 
 
-def unchunked_distill_loss(
-    student_hidden,
-    student_unembed,
-    teacher_hidden,
-    teacher_unembed,
-    targets,
-    mask,
-    *,
-    loss: str,
-    chunk_size: int = 512,
-    temperature: float = 1.0,
-    beta: float = 0.5,
-    k: int = 64,
-    topk_support: str = "teacher",
-    topk_tail: str = "bucket",
-    topk_direction: str = "reverse",
-    normalize: str = "token",
-    behaviour_logp=None,
-    clip_eps: float | None = None,
-    extra_advantage=None,
-    diag_topk=(1, 8),
-    diag_floor_prob: float = 1e-4,
-    diag_top_p: float = 0.9,
-    student_bias=None,
-    teacher_bias=None,
-    overlap_criterion: str = "teacher_topk",
-    overlap_topk: int = 8,
-    overlap_floor_prob: float = 1e-3,
-):
+def unchunked_distill_loss(*args, **kwargs):
     """Naive :func:`distill_loss`: materialises full ``[B, T, V]`` logits, no remat.
 
-    Same arguments and results; ``chunk_size`` is accepted and ignored. The test
-    reference for the chunked kernel and the "naive" line of the memory bench.
+    Same arguments and results (``chunk_size`` is ignored). The test reference for the
+    chunked kernel and the "naive" line of the memory bench.
     """
-    del chunk_size
-    return _distill_loss(
-        _full_token_values, student_hidden, student_unembed, teacher_hidden, teacher_unembed,
-        targets, mask, loss=loss, temperature=temperature, beta=beta, k=k,
-        topk_support=topk_support, topk_tail=topk_tail, topk_direction=topk_direction,
-        normalize=normalize, behaviour_logp=behaviour_logp, clip_eps=clip_eps,
-        extra_advantage=extra_advantage, diag_topk=diag_topk,
-        diag_floor_prob=diag_floor_prob, diag_top_p=diag_top_p, student_bias=student_bias, teacher_bias=teacher_bias,
-        overlap_criterion=overlap_criterion, overlap_topk=overlap_topk,
-        overlap_floor_prob=overlap_floor_prob)
+    kwargs["chunk_size"] = None
+    return distill_loss(*args, **kwargs)

@@ -33,6 +33,7 @@ class ModelConfig:
   rope_theta: float = 10000.0
   rope_scaling: tuple[tuple[str, Any], ...] | None = None
   rms_norm_eps: float = 1e-6
+  max_position_embeddings: int = 32768  # carried through HF import/export; not enforced
   tie_word_embeddings: bool = False
   qkv_bias: bool = False
   qk_norm: bool = False

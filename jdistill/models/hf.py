@@ -63,6 +63,7 @@ def config_from_hf(hf: dict, *, param_dtype: str = "float32", dtype: str = "floa
       rope_theta=float(theta),
       rope_scaling=rope_scaling,
       rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+      max_position_embeddings=int(hf.get("max_position_embeddings", 32768)),
       tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
       qkv_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
       qk_norm=model_type == "qwen3",
@@ -88,7 +89,7 @@ def config_to_hf(cfg: ModelConfig, torch_dtype: str = "float32") -> dict:
       "rope_theta": cfg.rope_theta,
       "rope_parameters": rope,
       "tie_word_embeddings": cfg.tie_word_embeddings,
-      "max_position_embeddings": 32768,
+      "max_position_embeddings": cfg.max_position_embeddings,
       "torch_dtype": torch_dtype,
       "dtype": torch_dtype,
   }

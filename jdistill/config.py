@@ -43,6 +43,7 @@ def base_config() -> mlc.ConfigDict:
 
   c.student = mlc.ConfigDict(dict(path="", param_dtype="float32", dtype="float32", remat=False))
   c.teachers = mlc.ConfigDict()
+  c.stack_teachers = True  # teachers of one architecture run as one vmapped forward
   c.tokenizer = ""  # HF tokenizer dir (default: the student's directory)
 
   c.data = mlc.ConfigDict(dict(

@@ -391,9 +391,10 @@ def measure(config, *, rows_per_domain: int = 16, use_checkpoint: bool = False,
     if sel.size == 0:
       continue
     sub = {k: v[sel] for k, v in batch.items()}
-    score = _score_fn(trainer.student_graphdef, trainer.teacher_graphdefs[i],
+    teacher_graphdef, teacher_state = trainer.teacher(i)
+    score = _score_fn(trainer.student_graphdef, teacher_graphdef,
                       int(config.loss.chunk_size), metric_kw)
-    per_token, mask = jax.device_get(score(trainer.params, trainer.teacher_states[i], sub))
+    per_token, mask = jax.device_get(score(trainer.params, teacher_state, sub))
     per_token = {k: np.asarray(v) for k, v in per_token.items()}
     mask = np.asarray(mask)
     whole = aggregate(per_token, mask, np.zeros(sel.size, np.int32), 1)[0]

@@ -63,6 +63,28 @@ def stop_token_ids(tokenizer) -> tuple[int, ...]:
   return tuple(sorted(i for i in ids if isinstance(i, int) and i >= 0 and i != tokenizer.unk_token_id))
 
 
+def group_teachers(graphdefs) -> tuple[tuple[int, ...], ...]:
+  """Indices of teachers grouped by identical graphdef (same architecture and dtypes)."""
+  groups: list[list[int]] = []
+  for i, graphdef in enumerate(graphdefs):
+    for g in groups:
+      if graphdefs[g[0]] == graphdef:
+        g.append(i)
+        break
+    else:
+      groups.append([i])
+  return tuple(tuple(g) for g in groups)
+
+
+def stack_states(states):
+  """Stacks same-structure states on a new leading (teacher) axis, kept sharded as before."""
+  def stack(*xs):
+    sharding = xs[0].sharding
+    out = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(None, *sharding.spec))
+    return jax.jit(lambda *a: jnp.stack(a), out_shardings=out)(*xs)
+  return jax.tree.map(stack, *states)
+
+
 def optimizer_shardings(optimizer, params, replicated):
   """Shardings of the optimizer state: moments like their parameter, scalars replicated."""
   by_path = {tuple(map(str, path)): x.sharding
@@ -111,8 +133,13 @@ class Trainer:
       states.append(state)
       specs.append(ts.TeacherSpec(name=name, loss=t.loss, weight=float(t.weight),
                                   rows=all_rows[i]))
-    self.teacher_graphdefs, self.teacher_states = tuple(graphdefs), tuple(states)
     self.specs = tuple(specs)
+    self.teacher_groups = group_teachers(graphdefs) if c.stack_teachers else tuple(
+        (i,) for i in range(len(graphdefs)))
+    self.teacher_graphdefs = tuple(graphdefs[g[0]] for g in self.teacher_groups)
+    self.teacher_states = tuple(states[g[0]] if len(g) == 1 else stack_states([states[i] for i in g])
+                                for g in self.teacher_groups)
+    del states
     lc = c.loss
     self.settings = ts.LossSettings(
         chunk_size=lc.chunk_size, temperature=lc.temperature, normalize=lc.normalize,
@@ -166,13 +193,14 @@ class Trainer:
     step_fn = functools.partial(
         ts.train_step, student_graphdef=self.student_graphdef,
         teacher_graphdefs=self.teacher_graphdefs, specs=self.specs, settings=self.settings,
-        optimizer=self.optimizer, schedule=self.schedule)
+        optimizer=self.optimizer, schedule=self.schedule, groups=self.teacher_groups)
     self.train_step = jax.jit(step_fn, in_shardings=(state_shardings, teacher_shardings,
                                                      self.batch_shardings),
                               out_shardings=(state_shardings, None), donate_argnums=(0,))
     objective = functools.partial(
         ts.distill_objective, student_graphdef=self.student_graphdef,
-        teacher_graphdefs=self.teacher_graphdefs, specs=self.specs, settings=self.settings)
+        teacher_graphdefs=self.teacher_graphdefs, specs=self.specs, settings=self.settings,
+        groups=self.teacher_groups)
     self.eval_objective = jax.jit(lambda p, t, b: objective(p, teacher_states=t, batch=b)[1])
 
     self.checkpointer = None
@@ -203,6 +231,17 @@ class Trainer:
   @property
   def params(self):
     return self.state["params"]
+
+  def teacher(self, i: int):
+    """(graphdef, state) of teacher i (sliced out of its stacked group if needed)."""
+    for g, members in enumerate(self.teacher_groups):
+      if i in members:
+        state = self.teacher_states[g]
+        if len(members) > 1:
+          j = members.index(i)
+          state = jax.tree.map(lambda x: x[j], state)
+        return self.teacher_graphdefs[g], state
+    raise IndexError(f"no teacher {i}")
 
   def maybe_restore(self, step: int | None = None) -> bool:
     if step is None:

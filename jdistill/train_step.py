@@ -110,6 +110,27 @@ def teacher_hidden(graphdef, state, x: dict, rows: tuple[int, ...]):
   return sg(hidden), sg(teacher.unembedding())
 
 
+def group_hidden(graphdef, state, x: dict, rows: Sequence[tuple[int, ...]]):
+  """Hidden states and unembeddings of a group of teachers that share one architecture.
+
+  One teacher: `state` is its own state. Several: `state` has every leaf stacked on a
+  leading teacher axis and the forward runs once under `jax.vmap` (forks of one base,
+  DeepSeek-V4 style). Returns one `(hidden [S, L-1, D], unembed [D, V])` per teacher.
+  """
+  if len(rows) == 1:
+    return [teacher_hidden(graphdef, state, x, rows[0])]
+
+  def forward(st, inputs, positions, kv_mask):
+    teacher = nnx.merge(graphdef, st)
+    hidden, _ = teacher(inputs, positions, kv_mask=kv_mask)
+    return hidden, teacher.unembedding()
+
+  take = lambda a: jnp.stack([_take_rows(a, r) for r in rows])  # noqa: E731
+  hidden, unembed = jax.vmap(forward)(state, take(x["inputs"]), take(x["positions"]),
+                                      take(x["kv_mask"]))
+  return [(sg(hidden[j]), sg(unembed[j])) for j in range(len(rows))]
+
+
 def teacher_metrics(diag: dict, mask) -> dict:
   """Token means over the completion of the loss kernel's per-token diagnostics."""
   per_token = {k: v for k, v in diag.items()
@@ -121,17 +142,28 @@ def teacher_metrics(diag: dict, mask) -> dict:
 
 
 def distill_objective(params, student_graphdef, teacher_graphdefs, teacher_states, batch,
-                      specs: Sequence[TeacherSpec], settings: LossSettings):
-  """Weighted sum over teachers of their loss on their rows → (loss, metrics)."""
+                      specs: Sequence[TeacherSpec], settings: LossSettings,
+                      groups: Sequence[tuple[int, ...]] | None = None):
+  """Weighted sum over teachers of their loss on their rows → (loss, metrics).
+
+  `groups` lists teacher indices (into `specs`) that share one graphdef and a stacked
+  state (see `group_hidden`); `teacher_graphdefs` / `teacher_states` are then per group.
+  Default: every teacher on its own.
+  """
+  groups = tuple((i,) for i in range(len(specs))) if groups is None else tuple(groups)
   x = shifted_inputs(batch)
   student = nnx.merge(student_graphdef, params)
   hidden, _ = student(x["inputs"], x["positions"], kv_mask=x["kv_mask"])
   unembed = student.unembedding()
+  teacher_out = {}
+  for members, graphdef, state in zip(groups, teacher_graphdefs, teacher_states):
+    outs = group_hidden(graphdef, state, x, [specs[i].rows for i in members])
+    teacher_out.update(zip(members, outs))
   total = jnp.zeros((), jnp.float32)
   metrics = {}
-  for spec, graphdef, state in zip(specs, teacher_graphdefs, teacher_states):
+  for i, spec in enumerate(specs):
     rows = lambda a: _take_rows(a, spec.rows)  # noqa: E731
-    t_hidden, t_unembed = teacher_hidden(graphdef, state, x, spec.rows)
+    t_hidden, t_unembed = teacher_out[i]
     loss, diag = losses.distill_loss(
         rows(hidden), unembed, t_hidden, t_unembed, rows(x["targets"]), rows(x["mask"]),
         behaviour_logp=rows(x["behaviour_logp"]) if spec.loss == "sampled_token" else None,
@@ -175,12 +207,13 @@ def make_optimizer(lr: float, *, steps: int, warmup_steps: int = 0, schedule: st
 
 def train_step(state: dict, teacher_states: tuple, batch: dict, *, student_graphdef,
                teacher_graphdefs: tuple, specs: tuple[TeacherSpec, ...], settings: LossSettings,
-               optimizer: optax.GradientTransformation, schedule: optax.Schedule):
+               optimizer: optax.GradientTransformation, schedule: optax.Schedule,
+               groups: tuple[tuple[int, ...], ...] | None = None):
   """One OPD update. Returns (new_state, metrics). A non-finite loss or gradient leaves
   params and optimizer state unchanged and reports `metrics["finite"] = 0`."""
   def objective(params):
     return distill_objective(params, student_graphdef, teacher_graphdefs, teacher_states,
-                             batch, specs, settings)
+                             batch, specs, settings, groups)
 
   (loss, per_teacher), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
   grad_norm = optax.tree.norm(grads)

@@ -96,3 +96,34 @@ def test_teacher_rows_are_process_major():
   assert ts.teacher_rows(2, 4) == [(0, 1, 2, 3), (4, 5, 6, 7)]
   # 2 processes each hold 2 slots of both teachers: [p0:t0 t0 t1 t1 | p1:t0 t0 t1 t1]
   assert ts.teacher_rows(2, 4, process_count=2) == [(0, 1, 4, 5), (2, 3, 6, 7)]
+
+
+def test_stacked_same_architecture_teachers_equal_the_loop():
+  from jdistill import sharding as shd
+  from jdistill.train import group_teachers, stack_states
+  mesh = shd.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  student = shd.create_sharded(lambda: Transformer(CFG, nnx.Rngs(0)), mesh)
+  qwen = CFG.replace(model_type="qwen3", qk_norm=True)
+  teachers = [shd.create_sharded(lambda c=c, s=s: Transformer(c, nnx.Rngs(s)), mesh)
+              for c, s in ((CFG, 1), (qwen, 2), (CFG, 3))]
+  graphdef, params = nnx.split(student)
+  t_graphdefs, t_states = zip(*(nnx.split(t) for t in teachers))
+  groups = group_teachers(t_graphdefs)
+  assert groups == ((0, 2), (1,))
+  stacked = stack_states([t_states[0], t_states[2]])
+  q = stacked["layers"][0]["attn"]["q_proj"].get_value()
+  assert q.shape == (2, 32, 2, 16) and q.sharding.spec == jax.sharding.PartitionSpec(
+      None, "fsdp", "tensor", None)
+  rows = ts.teacher_rows(3, 2)
+  specs = tuple(ts.TeacherSpec(n, loss, 1.0, r) for n, loss, r in
+                zip("abc", ("reverse_kl", "sampled_token", "jsd"), rows))
+  rng = np.random.RandomState(1)
+  batch = {"tokens": jnp.asarray(rng.randint(3, CFG.vocab_size, (6, 10)), jnp.int32),
+           "completion_mask": jnp.asarray(np.pad(np.ones((6, 5)), ((0, 0), (4, 1))), jnp.float32),
+           "logprobs": jnp.full((6, 10), -2.0), "lengths": jnp.full((6,), 9, jnp.int32)}
+  settings = ts.LossSettings(chunk_size=4)
+  objective = jax.jit(ts.distill_objective, static_argnums=(1, 2, 5, 6, 7))
+  loop = objective(params, graphdef, t_graphdefs, t_states, batch, specs, settings, None)
+  vmapped = objective(params, graphdef, (t_graphdefs[0], t_graphdefs[1]),
+                      (stacked, t_states[1]), batch, specs, settings, groups)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), loop, vmapped)

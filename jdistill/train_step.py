@@ -166,7 +166,10 @@ def distill_objective(params, student_graphdef, teacher_graphdefs, teacher_state
     t_hidden, t_unembed = teacher_out[i]
     loss, diag = losses.distill_loss(
         rows(hidden), unembed, t_hidden, t_unembed, rows(x["targets"]), rows(x["mask"]),
-        behaviour_logp=rows(x["behaviour_logp"]) if spec.loss == "sampled_token" else None,
+        # The sampler ran the current params (on-policy), so the importance ratio only matters
+        # for PPO clipping; without it the plain k1 policy gradient is used.
+        behaviour_logp=(rows(x["behaviour_logp"])
+                        if spec.loss == "sampled_token" and settings.clip_eps > 0 else None),
         **loss_kwargs(spec.loss, settings))
     total = total + spec.weight * loss
     metrics[spec.name] = dict(teacher_metrics(diag, rows(x["mask"])), loss=loss)

@@ -184,7 +184,7 @@ def validate(config) -> None:
     t = config.teachers[name]
     for key in ("path", "domains", "loss", "weight", "param_dtype"):
       if key not in t:
-        _fail(f"teachers.{name}", dict(t), f"fields path, domains, loss, weight, param_dtype")
+        _fail(f"teachers.{name}", dict(t), "fields path, domains, loss, weight, param_dtype")
     if not t.path:
       _fail(f"teachers.{name}.path", t.path, "a Hugging Face or orbax directory")
     if t.loss not in LOSSES:

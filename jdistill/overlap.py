@@ -72,7 +72,6 @@ import sys
 from collections.abc import Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jdistill import losses

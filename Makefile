@@ -1,25 +1,36 @@
-# `make test` and `make demo` work on a fresh machine with only Python 3.11 + pip.
+# `make demo` and `make test` work on a fresh machine with only Python 3.11 + pip.
 PYTHON ?= python3.11
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+LOG    := $(VENV)/install.log
 
-.PHONY: test demo install bench clean
+.PHONY: test lint format demo install bench clean
 
+# Install output goes to a log and is shown (its tail) only when the install fails.
 $(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
-	touch $(STAMP)
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "installing jdistill and its test dependencies into $(VENV) (log: $(LOG))"
+	@( $(PY) -m pip install --upgrade pip && $(PY) -m pip install -e '.[test]' ) > $(LOG) 2>&1 \
+	  || { echo "install failed; the last lines of $(LOG):"; tail -n 40 $(LOG); exit 1; }
+	@touch $(STAMP)
 
 install: $(STAMP)
 
-# The test command (README.md and .ci/run call exactly this).
-test: $(STAMP)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+# The test command (README.md and .ci/run call exactly this): style first, then the suite.
+test: lint
 	$(PY) -m pytest tests
 
 demo: $(STAMP)
-	$(PY) -m jdistill.demo --out=demo_out
+	@$(PY) -m jdistill.demo --out=demo_out
 
 bench: $(STAMP)
 	$(PY) bench/loss_memory.py

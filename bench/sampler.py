@@ -46,8 +46,15 @@ def main():
   args = parser.parse_args()
   torch.set_num_threads(2)
 
-  torch_model = tiny_hf_model("llama", vocab_size=VOCAB, hidden_size=WIDTH, layers=LAYERS,
-                              heads=HEADS, kv_heads=KV_HEADS, intermediate_size=MLP)
+  torch_model = tiny_hf_model(
+    "llama",
+    vocab_size=VOCAB,
+    hidden_size=WIDTH,
+    layers=LAYERS,
+    heads=HEADS,
+    kv_heads=KV_HEADS,
+    intermediate_size=MLP,
+  )
   torch_model.generation_config.eos_token_id = None  # run all NEW tokens
   mesh = shd.make_mesh({"data": 1}, jax.devices()[:1])
   with tempfile.TemporaryDirectory() as path:
@@ -66,10 +73,14 @@ def main():
 
   def run_torch():
     with torch.no_grad():
-      return torch_model.generate(torch.tensor(prompts, dtype=torch.long),
-                                  attention_mask=torch.ones(BATCH, PROMPT, dtype=torch.long),
-                                  max_new_tokens=NEW, do_sample=False, use_cache=True,
-                                  pad_token_id=0)
+      return torch_model.generate(
+        torch.tensor(prompts, dtype=torch.long),
+        attention_mask=torch.ones(BATCH, PROMPT, dtype=torch.long),
+        max_new_tokens=NEW,
+        do_sample=False,
+        use_cache=True,
+        pad_token_id=0,
+      )
 
   t0 = time.perf_counter()
   out = run_jax()
@@ -84,24 +95,39 @@ def main():
   t_jax, t_torch = min(jax_times), min(torch_times)
   ours = np.asarray(out.tokens)[:, PROMPT:]
   theirs = ref[:, PROMPT:].numpy()
-  print(f"jax {jax.__version__} ({jax.default_backend()}, {jax.device_count()} device), "
-        f"torch {torch.__version__} ({torch.get_num_threads()} threads); "
-        f"{os.cpu_count()} CPU cores shared by both")
-  print(f"model: {LAYERS} layers, width {WIDTH}, {HEADS} heads ({KV_HEADS} KV), MLP {MLP}, "
-        f"vocab {VOCAB:,}, float32; batch {BATCH}, prompt {PROMPT}, {NEW} new tokens, greedy")
-  print(f"jdistill first call (trace + compile + run): {first:8.2f} s; "
-        f"compile ≈ {first - t_jax:.2f} s")
+  print(
+    f"jax {jax.__version__} ({jax.default_backend()}, {jax.device_count()} device), "
+    f"torch {torch.__version__} ({torch.get_num_threads()} threads); "
+    f"{os.cpu_count()} CPU cores shared by both"
+  )
+  print(
+    f"model: {LAYERS} layers, width {WIDTH}, {HEADS} heads ({KV_HEADS} KV), MLP {MLP}, "
+    f"vocab {VOCAB:,}, float32; batch {BATCH}, prompt {PROMPT}, {NEW} new tokens, greedy"
+  )
+  print(
+    f"jdistill first call (trace + compile + run): {first:8.2f} s; compile ≈ {first - t_jax:.2f} s"
+  )
   print(f"{'':<26}{'best s':>9}{'mean s':>9}{'tokens/s':>11}")
-  print(f"{'jdistill sampler':<26}{t_jax:>9.3f}{np.mean(jax_times):>9.3f}{new_tokens / t_jax:>11,.0f}")
-  print(f"{'transformers generate':<26}{t_torch:>9.3f}{np.mean(torch_times):>9.3f}"
-        f"{new_tokens / t_torch:>11,.0f}")
-  print(f"all runs (s): jdistill {[round(t, 3) for t in jax_times]}, "
-        f"transformers {[round(t, 3) for t in torch_times]}")
+  print(
+    f"{'jdistill sampler':<26}{t_jax:>9.3f}{np.mean(jax_times):>9.3f}{new_tokens / t_jax:>11,.0f}"
+  )
+  print(
+    f"{'transformers generate':<26}{t_torch:>9.3f}{np.mean(torch_times):>9.3f}"
+    f"{new_tokens / t_torch:>11,.0f}"
+  )
+  print(
+    f"all runs (s): jdistill {[round(t, 3) for t in jax_times]}, "
+    f"transformers {[round(t, 3) for t in torch_times]}"
+  )
   print(f"speed ratio jdistill / transformers: {t_torch / t_jax:.2f}x")
-  print(f"compilations: {compiles_after_first} after the first call, {compiles_after_repeats} "
-        f"after {args.repeats} more (must not grow)")
-  print(f"greedy tokens identical to transformers: {(ours == theirs).mean():.1%} of "
-        f"{ours.size} (rows fully equal: {(ours == theirs).all(1).sum()}/{BATCH})")
+  print(
+    f"compilations: {compiles_after_first} after the first call, {compiles_after_repeats} "
+    f"after {args.repeats} more (must not grow)"
+  )
+  print(
+    f"greedy tokens identical to transformers: {(ours == theirs).mean():.1%} of "
+    f"{ours.size} (rows fully equal: {(ours == theirs).all(1).sum()}/{BATCH})"
+  )
   assert compiles_after_repeats == compiles_after_first
 
 

@@ -25,8 +25,15 @@ from jdistill import train_step as ts
 from jdistill.models import ModelConfig, Transformer
 from jdistill.sampler import Sampler, SamplingParams
 
-CFG = ModelConfig(vocab_size=8192, hidden_size=256, intermediate_size=768, num_layers=4,
-                  num_heads=4, num_kv_heads=2, head_dim=64)
+CFG = ModelConfig(
+  vocab_size=8192,
+  hidden_size=256,
+  intermediate_size=768,
+  num_layers=4,
+  num_heads=4,
+  num_kv_heads=2,
+  head_dim=64,
+)
 ROWS_PER_TEACHER, PROMPT, NEW = 8, 32, 64
 
 
@@ -52,7 +59,7 @@ def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
   a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
   f = jax.jit(lambda x, y: x @ y)
   _, t = timed(f, a, a, repeats=repeats)
-  return 2 * n ** 3 / t
+  return 2 * n**3 / t
 
 
 def main():
@@ -62,17 +69,23 @@ def main():
   mesh = shd.make_mesh({"data": -1})
   student = shd.create_sharded(lambda: Transformer(CFG, nnx.Rngs(0)), mesh)
   teacher_cfg = CFG.replace(param_dtype="bfloat16", dtype="bfloat16")
-  teachers = [shd.create_sharded(lambda s=s: Transformer(teacher_cfg, nnx.Rngs(s)), mesh)
-              for s in (1, 2)]
+  teachers = [
+    shd.create_sharded(lambda s=s: Transformer(teacher_cfg, nnx.Rngs(s)), mesh) for s in (1, 2)
+  ]
   graphdef, params = nnx.split(student)
   t_graphdefs, t_states = zip(*(nnx.split(t) for t in teachers))
   rows_a, rows_b = ts.teacher_rows(2, ROWS_PER_TEACHER)
-  specs = (ts.TeacherSpec("a", "reverse_kl", 1.0, rows_a),
-           ts.TeacherSpec("b", "sampled_token", 1.0, rows_b))
+  specs = (
+    ts.TeacherSpec("a", "reverse_kl", 1.0, rows_a),
+    ts.TeacherSpec("b", "sampled_token", 1.0, rows_b),
+  )
   rows = 2 * ROWS_PER_TEACHER
   opt, sched = ts.make_optimizer(1e-4, steps=100, warmup_steps=0)
-  state = {"params": params, "opt_state": jax.jit(opt.init)(params),
-           "step": jnp.zeros((), jnp.int32)}
+  state = {
+    "params": params,
+    "opt_state": jax.jit(opt.init)(params),
+    "step": jnp.zeros((), jnp.int32),
+  }
 
   rng = np.random.RandomState(0)
   prompts = rng.randint(5, CFG.vocab_size, (rows, PROMPT)).astype(np.int32)
@@ -86,19 +99,33 @@ def main():
     out = gen(state["params"])
     jax.block_until_ready(out.tokens)
   t_sample = (time.perf_counter() - t0) / args.steps
-  batch = {"tokens": jnp.asarray(out.tokens), "completion_mask": jnp.asarray(out.completion_mask),
-           "logprobs": jnp.asarray(out.logprobs),
-           "lengths": jnp.asarray(out.prompt_lengths) + jnp.asarray(out.completion_lengths)}
+  batch = {
+    "tokens": jnp.asarray(out.tokens),
+    "completion_mask": jnp.asarray(out.completion_mask),
+    "logprobs": jnp.asarray(out.logprobs),
+    "lengths": jnp.asarray(out.prompt_lengths) + jnp.asarray(out.completion_lengths),
+  }
   seq = batch["tokens"].shape[1]
 
   settings = ts.LossSettings(chunk_size=32)
-  step = jax.jit(functools.partial(ts.train_step, student_graphdef=graphdef,
-                                   teacher_graphdefs=t_graphdefs, specs=specs, settings=settings,
-                                   optimizer=opt, schedule=sched))
+  step = jax.jit(
+    functools.partial(
+      ts.train_step,
+      student_graphdef=graphdef,
+      teacher_graphdefs=t_graphdefs,
+      specs=specs,
+      settings=settings,
+      optimizer=opt,
+      schedule=sched,
+    )
+  )
   x = ts.shifted_inputs(batch)
 
   def teachers_forward(t_states, x):
-    return [ts.teacher_hidden(g, s, x, spec.rows)[0] for g, s, spec in zip(t_graphdefs, t_states, specs)]
+    return [
+      ts.teacher_hidden(g, s, x, spec.rows)[0] for g, s, spec in zip(t_graphdefs, t_states, specs)
+    ]
+
   teacher_fwd = jax.jit(teachers_forward)
 
   step_flops = flops_of(step, state, t_states, batch)
@@ -109,17 +136,25 @@ def main():
 
   tokens = rows * (seq - 1)
   new_tokens = rows * NEW
-  print(f"backend {jax.default_backend()}, {jax.device_count()} device(s); model: 4 layers, "
-        f"width 256, vocab {CFG.vocab_size}; {rows} rows x {seq} tokens "
-        f"(prompt {PROMPT} + {NEW} new); student f32, teachers bf16")
+  print(
+    f"backend {jax.default_backend()}, {jax.device_count()} device(s); model: 4 layers, "
+    f"width 256, vocab {CFG.vocab_size}; {rows} rows x {seq} tokens "
+    f"(prompt {PROMPT} + {NEW} new); student f32, teachers bf16"
+  )
   print(f"matmul peak (f32 2048^3, same run):  {peak / 1e9:8.1f} GFLOP/s")
   print(f"{'part':<28}{'ms':>10}{'tokens/s':>12}{'GFLOP/s':>10}{'of peak':>9}")
-  print(f"{'sampler (rollouts)':<28}{t_sample * 1e3:>10.1f}{new_tokens / t_sample:>12,.0f}"
-        f"{'':>10}{'':>9}")
-  print(f"{'teachers forward (x2)':<28}{t_teacher * 1e3:>10.1f}{tokens / t_teacher:>12,.0f}"
-        f"{teacher_flops / t_teacher / 1e9:>10.1f}{teacher_flops / t_teacher / peak:>9.1%}")
-  print(f"{'train step (all)':<28}{t_step * 1e3:>10.1f}{tokens / t_step:>12,.0f}"
-        f"{step_flops / t_step / 1e9:>10.1f}{step_flops / t_step / peak:>9.1%}")
+  print(
+    f"{'sampler (rollouts)':<28}{t_sample * 1e3:>10.1f}{new_tokens / t_sample:>12,.0f}"
+    f"{'':>10}{'':>9}"
+  )
+  print(
+    f"{'teachers forward (x2)':<28}{t_teacher * 1e3:>10.1f}{tokens / t_teacher:>12,.0f}"
+    f"{teacher_flops / t_teacher / 1e9:>10.1f}{teacher_flops / t_teacher / peak:>9.1%}"
+  )
+  print(
+    f"{'train step (all)':<28}{t_step * 1e3:>10.1f}{tokens / t_step:>12,.0f}"
+    f"{step_flops / t_step / 1e9:>10.1f}{step_flops / t_step / peak:>9.1%}"
+  )
   total = t_sample + t_step
   print(f"{'OPD step (sampler + train)':<28}{total * 1e3:>10.1f}{tokens / total:>12,.0f}")
 

@@ -14,10 +14,18 @@ WORLD = os.environ.get("JDISTILL_TOY_WORLD", "runs/toy_world")
 
 
 def get_config():
-  paths = make_toy_world(WORLD) if not os.path.exists(os.path.join(WORLD, "eval.jsonl")) else {
-      "tokenizer": f"{WORLD}/tokenizer", "student": f"{WORLD}/student",
-      "teacher_math": f"{WORLD}/teacher_math", "teacher_code": f"{WORLD}/teacher_code",
-      "train": f"{WORLD}/train.jsonl", "eval": f"{WORLD}/eval.jsonl"}
+  paths = (
+    make_toy_world(WORLD)
+    if not os.path.exists(os.path.join(WORLD, "eval.jsonl"))
+    else {
+      "tokenizer": f"{WORLD}/tokenizer",
+      "student": f"{WORLD}/student",
+      "teacher_math": f"{WORLD}/teacher_math",
+      "teacher_code": f"{WORLD}/teacher_code",
+      "train": f"{WORLD}/train.jsonl",
+      "eval": f"{WORLD}/eval.jsonl",
+    }
+  )
   config = tiny_config(paths)
   config.checkpoint.dir = os.path.abspath("runs/opd_tiny/ckpt")
   return config

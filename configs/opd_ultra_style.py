@@ -19,10 +19,12 @@ def get_config():
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
   c.student.dtype = "bfloat16"
   c.student.remat = True
-  c.teachers = ml_collections.ConfigDict({
+  c.teachers = ml_collections.ConfigDict(
+    {
       "reasoning": teacher_config(domains="math,science,code", loss="sampled_token"),
       "chat": teacher_config(domains="chat,instruction", loss="sampled_token"),
-  })
+    }
+  )
   c.data.max_prompt_len = 2048
   c.data.slots_per_teacher = 64
   c.sampling.max_new_tokens = 8192

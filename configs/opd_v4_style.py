@@ -18,11 +18,13 @@ def get_config():
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
   c.student.dtype = "bfloat16"
   c.student.remat = True
-  c.teachers = ml_collections.ConfigDict({
+  c.teachers = ml_collections.ConfigDict(
+    {
       "math": teacher_config(domains="math", loss="reverse_kl", weight=1.0),
       "code": teacher_config(domains="code", loss="reverse_kl", weight=1.0),
       "agent": teacher_config(domains="agent,tool_use", loss="reverse_kl", weight=1.0),
-  })
+    }
+  )
   c.data.max_prompt_len = 2048
   c.data.slots_per_teacher = 32
   c.sampling.max_new_tokens = 4096

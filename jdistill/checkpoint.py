@@ -30,8 +30,9 @@ class Checkpointer:
   def __init__(self, directory: str, *, every: int, keep: int, async_save: bool = True):
     self.directory = os.path.abspath(directory)
     self.every = every
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep,
-                                           enable_async_checkpointing=async_save, create=True)
+    options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep, enable_async_checkpointing=async_save, create=True
+    )
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def write_model_config(self, cfg: ModelConfig) -> None:
@@ -49,16 +50,26 @@ class Checkpointer:
     """Saves if `step` is on the save interval (or `force`); never overwrites a step."""
     if (step % self.every and not force) or step in self.manager.all_steps():
       return False
-    return self.manager.save(step, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
-        meta=ocp.args.JsonSave(meta)), force=True)
+    return self.manager.save(
+      step,
+      args=ocp.args.Composite(
+        params=ocp.args.StandardSave(params),
+        opt_state=ocp.args.StandardSave(opt_state),
+        meta=ocp.args.JsonSave(meta),
+      ),
+      force=True,
+    )
 
   def restore(self, step: int, abstract_params, abstract_opt_state):
     """(params, opt_state, meta) at `step`, placed as the abstract targets' shardings say."""
-    out = self.manager.restore(step, args=ocp.args.Composite(
+    out = self.manager.restore(
+      step,
+      args=ocp.args.Composite(
         params=ocp.args.StandardRestore(abstract_params),
         opt_state=ocp.args.StandardRestore(abstract_opt_state),
-        meta=ocp.args.JsonRestore()))
+        meta=ocp.args.JsonRestore(),
+      ),
+    )
     return out["params"], out["opt_state"], out["meta"]
 
   def wait(self) -> None:
@@ -77,24 +88,35 @@ def is_checkpoint_dir(path: str) -> bool:
   return os.path.exists(os.path.join(path, MODEL_CONFIG))
 
 
-def load_model_from_checkpoint(path: str, mesh, rules=shd.DEFAULT_RULES, *, param_dtype=None,
-                               dtype=None, remat: bool = False,
-                               step: int | None = None) -> Transformer:
+def load_model_from_checkpoint(
+  path: str,
+  mesh,
+  rules=shd.DEFAULT_RULES,
+  *,
+  param_dtype=None,
+  dtype=None,
+  remat: bool = False,
+  step: int | None = None,
+) -> Transformer:
   """A Transformer from a jdistill checkpoint directory (params only), e.g. as a teacher."""
   with open(os.path.join(path, MODEL_CONFIG)) as f:
     fields = json.load(f)
   if fields.get("rope_scaling") is not None:
     fields["rope_scaling"] = tuple(tuple(kv) for kv in fields["rope_scaling"])
   cfg = ModelConfig(**fields)
-  cfg = cfg.replace(param_dtype=param_dtype or cfg.param_dtype, dtype=dtype or cfg.dtype,
-                    remat=remat)
+  cfg = cfg.replace(
+    param_dtype=param_dtype or cfg.param_dtype, dtype=dtype or cfg.dtype, remat=remat
+  )
   manager = ocp.CheckpointManager(os.path.abspath(path))
   step = manager.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"{path}: no checkpoint steps")
   # orbax casts to the abstract target's dtype (e.g. an f32 student saved, a bf16 teacher loaded)
-  graphdef, abstract = shd.abstract_sharded_state(lambda: Transformer(cfg, nnx.Rngs(0)), mesh, rules)
-  params = manager.restore(step, args=ocp.args.Composite(
-      params=ocp.args.StandardRestore(abstract)))["params"]
+  graphdef, abstract = shd.abstract_sharded_state(
+    lambda: Transformer(cfg, nnx.Rngs(0)), mesh, rules
+  )
+  params = manager.restore(
+    step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract))
+  )["params"]
   manager.close()
   return nnx.merge(graphdef, params)

@@ -19,8 +19,16 @@ import ml_collections as mlc
 
 from jdistill import losses
 
-LOSSES = ("sampled_token", "reverse_kl", "forward_kl", "jsd", "topk_teacher", "topk_student",
-          "topk_union", "overlap_aware")
+LOSSES = (
+  "sampled_token",
+  "reverse_kl",
+  "forward_kl",
+  "jsd",
+  "topk_teacher",
+  "topk_student",
+  "topk_union",
+  "overlap_aware",
+)
 DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("cosine", "linear", "constant")
 NONFINITE = ("skip", "stop")
@@ -28,10 +36,16 @@ OVERLONG = ("truncate_left", "drop", "error")
 ON_ERROR = ("raise", "skip")
 
 
-def teacher_config(path: str = "", domains: str = "", loss: str = "reverse_kl",
-                   weight: float = 1.0, param_dtype: str = "bfloat16") -> mlc.ConfigDict:
-  return mlc.ConfigDict(dict(path=path, domains=domains, loss=loss, weight=weight,
-                             param_dtype=param_dtype))
+def teacher_config(
+  path: str = "",
+  domains: str = "",
+  loss: str = "reverse_kl",
+  weight: float = 1.0,
+  param_dtype: str = "bfloat16",
+) -> mlc.ConfigDict:
+  return mlc.ConfigDict(
+    dict(path=path, domains=domains, loss=loss, weight=weight, param_dtype=param_dtype)
+  )
 
 
 def base_config() -> mlc.ConfigDict:
@@ -46,43 +60,83 @@ def base_config() -> mlc.ConfigDict:
   c.stack_teachers = True  # teachers of one architecture run as one vmapped forward
   c.tokenizer = ""  # HF tokenizer dir (default: the student's directory)
 
-  c.data = mlc.ConfigDict(dict(
-      train_files="",            # comma-separated .jsonl / .parquet files
-      eval_files="",             # held-out prompts for the eval reverse KL
-      prompt_field="prompt", messages_field="messages", domain_field="domain",
+  c.data = mlc.ConfigDict(
+    dict(
+      train_files="",  # comma-separated .jsonl / .parquet files
+      eval_files="",  # held-out prompts for the eval reverse KL
+      prompt_field="prompt",
+      messages_field="messages",
+      domain_field="domain",
       use_chat_template=True,
-      max_prompt_len=64,         # longer prompts: `overlong` rule
+      max_prompt_len=64,  # longer prompts: `overlong` rule
       overlong="truncate_left",  # keep the last max_prompt_len tokens | drop | error
-      on_error="raise",          # malformed line: raise (file:line) | skip and count
-      slots_per_teacher=4,       # rows per teacher per step (static shapes)
-  ))
+      on_error="raise",  # malformed line: raise (file:line) | skip and count
+      slots_per_teacher=4,  # rows per teacher per step (static shapes)
+    )
+  )
 
-  c.sampling = mlc.ConfigDict(dict(
-      max_new_tokens=32, temperature=1.0, top_k=0, top_p=1.0,
-      prompt_buckets=(16, 32, 64, 128, 256, 512, 1024, 2048), stop_at_eos=True))
+  c.sampling = mlc.ConfigDict(
+    dict(
+      max_new_tokens=32,
+      temperature=1.0,
+      top_k=0,
+      top_p=1.0,
+      prompt_buckets=(16, 32, 64, 128, 256, 512, 1024, 2048),
+      stop_at_eos=True,
+    )
+  )
 
-  c.loss = mlc.ConfigDict(dict(
-      chunk_size=256, temperature=1.0, normalize="token", beta=0.5, topk=64,
-      topk_tail="bucket", topk_direction="reverse",
+  c.loss = mlc.ConfigDict(
+    dict(
+      chunk_size=256,
+      temperature=1.0,
+      normalize="token",
+      beta=0.5,
+      topk=64,
+      topk_tail="bucket",
+      topk_direction="reverse",
       clip_eps=0.0,  # >0: PPO clip vs the sampler's logprobs (needs loss.temperature=1)
-      nonfinite="skip",                  # NaN/Inf loss or grads: skip the update | stop
-      overlap_criterion="teacher_topk", overlap_topk=8, overlap_floor_prob=1e-3,
-  ))
+      nonfinite="skip",  # NaN/Inf loss or grads: skip the update | stop
+      overlap_criterion="teacher_topk",
+      overlap_topk=8,
+      overlap_floor_prob=1e-3,
+    )
+  )
 
-  c.optimizer = mlc.ConfigDict(dict(
-      lr=1e-5, warmup_steps=10, schedule="cosine", end_lr_ratio=0.1, weight_decay=0.0,
-      b1=0.9, b2=0.95, eps=1e-8, max_grad_norm=1.0, grad_accum=1))
+  c.optimizer = mlc.ConfigDict(
+    dict(
+      lr=1e-5,
+      warmup_steps=10,
+      schedule="cosine",
+      end_lr_ratio=0.1,
+      weight_decay=0.0,
+      b1=0.9,
+      b2=0.95,
+      eps=1e-8,
+      max_grad_norm=1.0,
+      grad_accum=1,
+    )
+  )
 
   c.train = mlc.ConfigDict(dict(steps=100, log_every=1, eval_every=0))  # eval_every 0: off
-  c.checkpoint = mlc.ConfigDict(dict(dir="", every=50, keep=3, async_save=True,
-                                     resume=True, restore_step=-1))
+  c.checkpoint = mlc.ConfigDict(
+    dict(dir="", every=50, keep=3, async_save=True, resume=True, restore_step=-1)
+  )
   c.export_dir = ""  # write the final student as an HF directory
 
-  c.overlap = mlc.ConfigDict(dict(
-      topks=(1, 8, 32), top_p=0.9, floor_prob=1e-3,
-      min_topk_coverage=0.5, max_off_support=0.2, k_for_alarm=8,
+  c.overlap = mlc.ConfigDict(
+    dict(
+      topks=(1, 8, 32),
+      top_p=0.9,
+      floor_prob=1e-3,
+      min_topk_coverage=0.5,
+      max_off_support=0.2,
+      k_for_alarm=8,
       # `python -m jdistill.overlap` readings: "on-support" needs both of these
-      on_support_coverage=0.9, on_support_max_off_support=0.05))
+      on_support_coverage=0.9,
+      on_support_max_off_support=0.05,
+    )
+  )
   return c
 
 
@@ -102,8 +156,11 @@ def _check_positive(config, field: str, allow_zero: bool = False) -> None:
   node = config
   for part in field.split("."):
     node = node[part]
-  ok = isinstance(node, (int, float)) and not isinstance(node, bool) and (
-      node >= 0 if allow_zero else node > 0)
+  ok = (
+    isinstance(node, (int, float))
+    and not isinstance(node, bool)
+    and (node >= 0 if allow_zero else node > 0)
+  )
   if not ok:
     _fail(field, node, "a non-negative number" if allow_zero else "a positive number")
 
@@ -113,8 +170,10 @@ def teacher_names(config) -> list[str]:
 
 
 def teacher_domains(config) -> dict[str, list[str]]:
-  return {name: [d.strip() for d in str(config.teachers[name].domains).split(",") if d.strip()]
-          for name in teacher_names(config)}
+  return {
+    name: [d.strip() for d in str(config.teachers[name].domains).split(",") if d.strip()]
+    for name in teacher_names(config)
+  }
 
 
 def validate(config) -> None:
@@ -130,17 +189,41 @@ def validate(config) -> None:
   _check_choice(config, "optimizer.schedule", SCHEDULES)
   _check_choice(config, "student.param_dtype", DTYPES)
   _check_choice(config, "student.dtype", DTYPES)
-  for field in ("data.max_prompt_len", "data.slots_per_teacher", "sampling.max_new_tokens",
-                "loss.chunk_size", "loss.temperature", "loss.topk", "optimizer.lr",
-                "optimizer.grad_accum", "train.steps", "train.log_every", "checkpoint.keep",
-                "checkpoint.every", "loss.overlap_topk"):
+  for field in (
+    "data.max_prompt_len",
+    "data.slots_per_teacher",
+    "sampling.max_new_tokens",
+    "loss.chunk_size",
+    "loss.temperature",
+    "loss.topk",
+    "optimizer.lr",
+    "optimizer.grad_accum",
+    "train.steps",
+    "train.log_every",
+    "checkpoint.keep",
+    "checkpoint.every",
+    "loss.overlap_topk",
+  ):
     _check_positive(config, field)
-  for field in ("sampling.temperature", "sampling.top_k", "optimizer.warmup_steps",
-                "optimizer.weight_decay", "optimizer.max_grad_norm", "loss.clip_eps",
-                "train.eval_every"):
+  for field in (
+    "sampling.temperature",
+    "sampling.top_k",
+    "optimizer.warmup_steps",
+    "optimizer.weight_decay",
+    "optimizer.max_grad_norm",
+    "loss.clip_eps",
+    "train.eval_every",
+  ):
     _check_positive(config, field, allow_zero=True)
-  for field in ("optimizer.grad_accum", "train.steps", "data.slots_per_teacher",
-                "data.max_prompt_len", "sampling.max_new_tokens", "loss.chunk_size", "loss.topk"):
+  for field in (
+    "optimizer.grad_accum",
+    "train.steps",
+    "data.slots_per_teacher",
+    "data.max_prompt_len",
+    "sampling.max_new_tokens",
+    "loss.chunk_size",
+    "loss.topk",
+  ):
     node = config
     for part in field.split("."):
       node = node[part]
@@ -158,21 +241,35 @@ def validate(config) -> None:
     if not 0.0 <= config.optimizer[field] < 1.0:
       _fail(f"optimizer.{field}", config.optimizer[field], "a float in [0, 1)")
   if config.data.max_prompt_len > max(config.sampling.prompt_buckets):
-    _fail("data.max_prompt_len", config.data.max_prompt_len,
-          f"at most the largest sampling.prompt_buckets entry ({max(config.sampling.prompt_buckets)})")
+    _fail(
+      "data.max_prompt_len",
+      config.data.max_prompt_len,
+      f"at most the largest sampling.prompt_buckets entry ({max(config.sampling.prompt_buckets)})",
+    )
   uses_clip = any(config.teachers[n].loss == "sampled_token" for n in config.teachers.keys())
   if uses_clip and config.loss.clip_eps > 0 and config.loss.temperature != 1.0:
-    _fail("loss.clip_eps", config.loss.clip_eps, "0 when loss.temperature != 1 (the PPO ratio "
-          "compares against the sampler's temperature-1 logprobs)")
+    _fail(
+      "loss.clip_eps",
+      config.loss.clip_eps,
+      "0 when loss.temperature != 1 (the PPO ratio "
+      "compares against the sampler's temperature-1 logprobs)",
+    )
   if config.overlap.k_for_alarm not in topks:
-    _fail("overlap.k_for_alarm", config.overlap.k_for_alarm, f"one of overlap.topks={tuple(config.overlap.topks)}")
+    _fail(
+      "overlap.k_for_alarm",
+      config.overlap.k_for_alarm,
+      f"one of overlap.topks={tuple(config.overlap.topks)}",
+    )
   if not 0.0 < config.sampling.top_p <= 1.0:
     _fail("sampling.top_p", config.sampling.top_p, "a float in (0, 1]")
   if not 0.0 <= config.loss.beta <= 1.0:
     _fail("loss.beta", config.loss.beta, "a float in [0, 1]")
   if config.optimizer.warmup_steps > config.train.steps:
-    _fail("optimizer.warmup_steps", config.optimizer.warmup_steps,
-          f"at most train.steps={config.train.steps}")
+    _fail(
+      "optimizer.warmup_steps",
+      config.optimizer.warmup_steps,
+      f"at most train.steps={config.train.steps}",
+    )
   if not config.student.path:
     _fail("student.path", config.student.path, "a Hugging Face directory")
   if not config.data.train_files:
@@ -197,6 +294,9 @@ def validate(config) -> None:
       _fail(f"teachers.{name}.domains", t.domains, "comma-separated domain names")
     for d in domains:
       if d in owner:
-        _fail(f"teachers.{name}.domains", t.domains, f"domains not owned by another teacher "
-              f"({d!r} already belongs to {owner[d]!r})")
+        _fail(
+          f"teachers.{name}.domains",
+          t.domains,
+          f"domains not owned by another teacher ({d!r} already belongs to {owner[d]!r})",
+        )
       owner[d] = name

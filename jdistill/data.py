@@ -51,8 +51,11 @@ def _check_record(raw: Any, prompt_field: str, messages_field: str, domain_field
       raise ValueError(f"{messages_field!r} must be a non-empty list")
     out = []
     for k, m in enumerate(messages):
-      if (not isinstance(m, Mapping) or not isinstance(m.get("role"), str)
-          or not isinstance(m.get("content"), str)):
+      if (
+        not isinstance(m, Mapping)
+        or not isinstance(m.get("role"), str)
+        or not isinstance(m.get("content"), str)
+      ):
         raise ValueError(f"{messages_field}[{k}] must have string 'role' and 'content'")
       out.append({"role": m["role"], "content": m["content"]})
     if not any(m["content"].strip() for m in out):
@@ -75,6 +78,7 @@ def _raw_records(path: str):
         yield f"{path}:{line_no}", raw
   elif path.endswith(".parquet"):
     import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+
     row = 0
     for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
       for raw in batch.to_pylist():
@@ -85,12 +89,12 @@ def _raw_records(path: str):
 
 
 def read_prompt_records(
-    path: str,
-    *,
-    prompt_field: str = "prompt",
-    messages_field: str = "messages",
-    domain_field: str = "domain",
-    on_error: str = "raise",
+  path: str,
+  *,
+  prompt_field: str = "prompt",
+  messages_field: str = "messages",
+  domain_field: str = "domain",
+  on_error: str = "raise",
 ) -> tuple[list[dict], int]:
   """Reads prompt records from a ``.jsonl`` or ``.parquet`` file.
 
@@ -123,12 +127,12 @@ def read_prompt_records(
 
 
 def encode_prompt(
-    record: Mapping[str, Any],
-    tokenizer,
-    *,
-    use_chat_template: bool,
-    max_prompt_len: int,
-    overlong: str = "truncate_left",
+  record: Mapping[str, Any],
+  tokenizer,
+  *,
+  use_chat_template: bool,
+  max_prompt_len: int,
+  overlong: str = "truncate_left",
 ) -> list[int] | None:
   """Tokenises one prompt record; returns its token ids, or None if dropped.
 
@@ -207,20 +211,20 @@ class PromptBatcher:
   """
 
   def __init__(
-      self,
-      records: Sequence[Mapping[str, Any]],
-      tokenizer,
-      teacher_domains: Mapping[str, Sequence[str]],
-      *,
-      slots_per_teacher: int,
-      max_prompt_len: int,
-      pad_id: int,
-      seed: int,
-      process_index: int = 0,
-      process_count: int = 1,
-      use_chat_template: bool = True,
-      overlong: str = "truncate_left",
-      n_skipped_malformed: int = 0,
+    self,
+    records: Sequence[Mapping[str, Any]],
+    tokenizer,
+    teacher_domains: Mapping[str, Sequence[str]],
+    *,
+    slots_per_teacher: int,
+    max_prompt_len: int,
+    pad_id: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    use_chat_template: bool = True,
+    overlong: str = "truncate_left",
+    n_skipped_malformed: int = 0,
   ):
     if not teacher_domains:
       raise ValueError("teacher_domains is empty")
@@ -231,8 +235,9 @@ class PromptBatcher:
     if process_count < 1 or not 0 <= process_index < process_count:
       raise ValueError(f"bad process_index={process_index} / process_count={process_count}")
     if slots_per_teacher % process_count:
-      raise ValueError(f"slots_per_teacher={slots_per_teacher} is not divisible by "
-                       f"process_count={process_count}")
+      raise ValueError(
+        f"slots_per_teacher={slots_per_teacher} is not divisible by process_count={process_count}"
+      )
     if overlong not in OVERLONG_MODES:
       raise ValueError(f"overlong must be one of {OVERLONG_MODES}, got {overlong!r}")
 
@@ -268,11 +273,12 @@ class PromptBatcher:
     self._domain_id = domain_id
     self._sizes = [len(idx) for idx in per_teacher]
     self._streams = [
-        grain.MapDataset.source(idx).shuffle(seed=_teacher_seed(seed, t)).repeat()
-        for t, idx in enumerate(per_teacher)
+      grain.MapDataset.source(idx).shuffle(seed=_teacher_seed(seed, t)).repeat()
+      for t, idx in enumerate(per_teacher)
     ]
-    self._encode_kw = dict(use_chat_template=use_chat_template, max_prompt_len=max_prompt_len,
-                           overlong=overlong)
+    self._encode_kw = dict(
+      use_chat_template=use_chat_template, max_prompt_len=max_prompt_len, overlong=overlong
+    )
     self._slots, self._max_len, self._pad_id = slots_per_teacher, max_prompt_len, pad_id
     local = slots_per_teacher // process_count
     self._local_slots = range(process_index * local, (process_index + 1) * local)
@@ -294,23 +300,24 @@ class PromptBatcher:
       if ids is not None:
         return ids, r
       self._dropped.add(r)
-    raise ValueError(f"every prompt of teacher {self.teacher_names[t]!r} is overlong "
-                     f"(> {self._max_len} tokens)")
+    raise ValueError(
+      f"every prompt of teacher {self.teacher_names[t]!r} is overlong (> {self._max_len} tokens)"
+    )
 
   def batch(self, step: int) -> dict[str, np.ndarray]:
     """This process's rows of global batch ``step`` (see the class docstring)."""
     n = self.local_rows
     out = {
-        "prompt_tokens": np.full((n, self._max_len), self._pad_id, np.int32),
-        "prompt_lengths": np.zeros((n,), np.int32),
-        "teacher_index": np.zeros((n,), np.int32),
-        "domain_index": np.zeros((n,), np.int32),
+      "prompt_tokens": np.full((n, self._max_len), self._pad_id, np.int32),
+      "prompt_lengths": np.zeros((n,), np.int32),
+      "teacher_index": np.zeros((n,), np.int32),
+      "domain_index": np.zeros((n,), np.int32),
     }
     row = 0
     for t in range(len(self.teacher_names)):
       for j in self._local_slots:
         ids, r = self._prompt(t, step * self._slots + j)
-        out["prompt_tokens"][row, :len(ids)] = ids
+        out["prompt_tokens"][row, : len(ids)] = ids
         out["prompt_lengths"][row] = len(ids)
         out["teacher_index"][row] = t
         out["domain_index"][row] = self._domain_id[self._records[r]["domain"]]
@@ -322,5 +329,8 @@ class PromptBatcher:
     (JSON-serialisable); ``set_state(state)`` on any iterator of an identically built
     batcher resumes with exactly the same batches. ``num_threads`` / ``prefetch``
     (batches) control background tokenisation; 0 / 0 computes on the caller's thread."""
-    return iter(self.dataset.to_iter_dataset(
-        grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)))
+    return iter(
+      self.dataset.to_iter_dataset(
+        grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
+      )
+    )

@@ -38,8 +38,10 @@ def main(argv):
   config.train.steps = FLAGS.steps
   config.checkpoint.dir = os.path.join(out, "ckpt")
   config.export_dir = os.path.join(out, "student_hf")
-  print("demo: the embedded CPU config (jdistill/toy.py: tiny_config); teachers "
-        f"math=reverse_kl (Llama), code=sampled_token (Qwen3); {config.train.steps} steps")
+  print(
+    "demo: the embedded CPU config (jdistill/toy.py: tiny_config); teachers "
+    f"math=reverse_kl (Llama), code=sampled_token (Qwen3); {config.train.steps} steps"
+  )
   trainer = train.Trainer(config)
   before = trainer.evaluate()
   trainer.run()
@@ -49,8 +51,10 @@ def main(argv):
   with open(os.path.join(out, "before_after.json"), "w") as f:
     json.dump({"before": before, "after": after}, f, indent=2)
   trainer.export(config.export_dir)
-  print(f"\ndemo: done in {time.time() - t0:.0f} s; outputs in {out} "
-        "(metrics.jsonl, learning_curves.png, before_after.json, ckpt/, student_hf/)")
+  print(
+    f"\ndemo: done in {time.time() - t0:.0f} s; outputs in {out} "
+    "(metrics.jsonl, learning_curves.png, before_after.json, ckpt/, student_hf/)"
+  )
 
 
 if __name__ == "__main__":

@@ -18,8 +18,10 @@ def initialize() -> None:
   if coordinator:
     if os.environ.get("JAX_PLATFORMS", "") == "cpu":
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=coordinator,
-                               num_processes=int(os.environ["JDISTILL_NUM_PROCESSES"]),
-                               process_id=int(os.environ["JDISTILL_PROCESS_ID"]))
+    jax.distributed.initialize(
+      coordinator_address=coordinator,
+      num_processes=int(os.environ["JDISTILL_NUM_PROCESSES"]),
+      process_id=int(os.environ["JDISTILL_PROCESS_ID"]),
+    )
   elif os.environ.get("JDISTILL_DISTRIBUTED") == "auto":
     jax.distributed.initialize()

@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -51,76 +52,80 @@ sg = jax.lax.stop_gradient
 
 
 def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+  if value not in allowed:
+    raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
 
 
 def _check_temperature(temperature: float) -> None:
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+  if not temperature > 0:
+    raise ValueError(f"temperature must be > 0, got {temperature!r}")
 
 
 def _check_beta(beta: float) -> None:
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta must be in [0, 1], got {beta!r}")
+  if not 0.0 <= beta <= 1.0:
+    raise ValueError(f"beta must be in [0, 1], got {beta!r}")
 
 
 def _check_k(k: int, vocab: int | None) -> None:
-    """k must be a positive int, and at most ``vocab`` when that is known."""
-    upper = "vocab" if vocab is None else f"vocab={vocab}"
-    if not (isinstance(k, numbers.Integral) and 0 < k <= (k if vocab is None else vocab)):
-        raise ValueError(f"k must be an int in [1, {upper}], got {k!r}")
+  """k must be a positive int, and at most ``vocab`` when that is known."""
+  upper = "vocab" if vocab is None else f"vocab={vocab}"
+  if not (isinstance(k, numbers.Integral) and 0 < k <= (k if vocab is None else vocab)):
+    raise ValueError(f"k must be an int in [1, {upper}], got {k!r}")
 
 
 def _check_same_shape(name_a: str, a, name_b: str, b) -> None:
-    if a.shape != b.shape:
-        raise ValueError(f"{name_a} shape {a.shape} != {name_b} shape {b.shape}")
+  if a.shape != b.shape:
+    raise ValueError(f"{name_a} shape {a.shape} != {name_b} shape {b.shape}")
 
 
 def validate_loss_args(
-    *,
-    loss: str = "reverse_kl",
-    temperature: float = 1.0,
-    beta: float = 0.5,
-    k: int = 1,
-    vocab: int | None = None,
-    topk_support: str = "teacher",
-    topk_tail: str = "bucket",
-    topk_direction: str = "reverse",
-    normalize: str = "token",
-    clip_eps: float | None = None,
-    overlap_criterion: str = "teacher_topk",
-    overlap_topk: int = 8,
-    overlap_floor_prob: float = 1e-3,
+  *,
+  loss: str = "reverse_kl",
+  temperature: float = 1.0,
+  beta: float = 0.5,
+  k: int = 1,
+  vocab: int | None = None,
+  topk_support: str = "teacher",
+  topk_tail: str = "bucket",
+  topk_direction: str = "reverse",
+  normalize: str = "token",
+  clip_eps: float | None = None,
+  overlap_criterion: str = "teacher_topk",
+  overlap_topk: int = 8,
+  overlap_floor_prob: float = 1e-3,
 ) -> None:
-    """Checks every loss hyper-parameter; raises ValueError naming the bad one.
+  """Checks every loss hyper-parameter; raises ValueError naming the bad one.
 
-    Only the arguments that ``loss`` uses are checked (e.g. ``beta`` only for
-    "jsd", ``k``/support/tail/direction only for "topk", ``overlap_*`` only for
-    "overlap_aware"). ``vocab`` bounds ``k`` when given (``overlap_topk`` may exceed
-    it: the whole vocabulary is then inside).
-    """
-    _check_choice("loss", loss, LOSS_NAMES)
-    _check_choice("normalize", normalize, NORMALIZE_MODES)
-    _check_temperature(temperature)
-    if loss == "jsd":
-        _check_beta(beta)
-    if loss == "topk":
-        _check_k(k, vocab)
-        _check_choice("topk_support", topk_support, TOPK_SUPPORTS)
-        _check_choice("topk_tail", topk_tail, TOPK_TAILS)
-        _check_choice("topk_direction", topk_direction, KL_DIRECTIONS)
-    if loss == "overlap_aware":
-        _check_choice("overlap_criterion", overlap_criterion, OVERLAP_CRITERIA)
-        if not (isinstance(overlap_topk, numbers.Integral) and not isinstance(overlap_topk, bool)
-                and overlap_topk > 0):
-            raise ValueError(f"overlap_topk must be a positive int, got {overlap_topk!r}")
-        if not (isinstance(overlap_floor_prob, numbers.Real)
-                and 0.0 <= overlap_floor_prob < math.inf):
-            raise ValueError(f"overlap_floor_prob must be a finite float >= 0 (> 1 puts every "
-                             f"token off support), got {overlap_floor_prob!r}")
-    if clip_eps is not None and not clip_eps > 0:
-        raise ValueError(f"clip_eps must be > 0 or None, got {clip_eps!r}")
+  Only the arguments that ``loss`` uses are checked (e.g. ``beta`` only for
+  "jsd", ``k``/support/tail/direction only for "topk", ``overlap_*`` only for
+  "overlap_aware"). ``vocab`` bounds ``k`` when given (``overlap_topk`` may exceed
+  it: the whole vocabulary is then inside).
+  """
+  _check_choice("loss", loss, LOSS_NAMES)
+  _check_choice("normalize", normalize, NORMALIZE_MODES)
+  _check_temperature(temperature)
+  if loss == "jsd":
+    _check_beta(beta)
+  if loss == "topk":
+    _check_k(k, vocab)
+    _check_choice("topk_support", topk_support, TOPK_SUPPORTS)
+    _check_choice("topk_tail", topk_tail, TOPK_TAILS)
+    _check_choice("topk_direction", topk_direction, KL_DIRECTIONS)
+  if loss == "overlap_aware":
+    _check_choice("overlap_criterion", overlap_criterion, OVERLAP_CRITERIA)
+    if not (
+      isinstance(overlap_topk, numbers.Integral)
+      and not isinstance(overlap_topk, bool)
+      and overlap_topk > 0
+    ):
+      raise ValueError(f"overlap_topk must be a positive int, got {overlap_topk!r}")
+    if not (isinstance(overlap_floor_prob, numbers.Real) and 0.0 <= overlap_floor_prob < math.inf):
+      raise ValueError(
+        f"overlap_floor_prob must be a finite float >= 0 (> 1 puts every "
+        f"token off support), got {overlap_floor_prob!r}"
+      )
+  if clip_eps is not None and not clip_eps > 0:
+    raise ValueError(f"clip_eps must be > 0 or None, got {clip_eps!r}")
 
 
 # --------------------------------------------------------------------------
@@ -129,25 +134,25 @@ def validate_loss_args(
 
 
 def masked_mean(values, mask, normalize: str = "token"):
-    """Masked mean of per-token ``values [B, T]`` under ``mask [B, T]`` -> scalar.
+  """Masked mean of per-token ``values [B, T]`` under ``mask [B, T]`` -> scalar.
 
-    * "token": ``sum(m * v) / max(sum(m), 1)`` -- every masked token weighs the same.
-    * "sequence": mean, over sequences with at least one masked token, of
-      ``sum_t(m * v) / sum_t(m)`` -- every sequence weighs the same.
+  * "token": ``sum(m * v) / max(sum(m), 1)`` -- every masked token weighs the same.
+  * "sequence": mean, over sequences with at least one masked token, of
+    ``sum_t(m * v) / sum_t(m)`` -- every sequence weighs the same.
 
-    Masked-out positions never contribute, even if ``values`` holds inf/nan there.
-    An all-zero mask gives 0.
-    """
-    _check_choice("normalize", normalize, NORMALIZE_MODES)
-    _check_same_shape("values", values, "mask", mask)
-    m = mask.astype(jnp.float32)
-    weighted = m * jnp.where(m != 0, values.astype(jnp.float32), 0.0)
-    if normalize == "token":
-        return weighted.sum() / jnp.maximum(m.sum(), 1.0)
-    tokens_per_seq = m.sum(axis=-1)
-    seq_means = weighted.sum(axis=-1) / jnp.maximum(tokens_per_seq, 1.0)
-    has_tokens = (tokens_per_seq > 0).astype(jnp.float32)
-    return (has_tokens * seq_means).sum() / jnp.maximum(has_tokens.sum(), 1.0)
+  Masked-out positions never contribute, even if ``values`` holds inf/nan there.
+  An all-zero mask gives 0.
+  """
+  _check_choice("normalize", normalize, NORMALIZE_MODES)
+  _check_same_shape("values", values, "mask", mask)
+  m = mask.astype(jnp.float32)
+  weighted = m * jnp.where(m != 0, values.astype(jnp.float32), 0.0)
+  if normalize == "token":
+    return weighted.sum() / jnp.maximum(m.sum(), 1.0)
+  tokens_per_seq = m.sum(axis=-1)
+  seq_means = weighted.sum(axis=-1) / jnp.maximum(tokens_per_seq, 1.0)
+  has_tokens = (tokens_per_seq > 0).astype(jnp.float32)
+  return (has_tokens * seq_means).sum() / jnp.maximum(has_tokens.sum(), 1.0)
 
 
 # --------------------------------------------------------------------------
@@ -156,27 +161,27 @@ def masked_mean(values, mask, normalize: str = "token"):
 
 
 def log_softmax(logits, temperature: float = 1.0):
-    """float32 ``log_softmax(logits / temperature)`` over the last axis."""
-    _check_temperature(temperature)
-    logits = logits.astype(jnp.float32)
-    if temperature != 1.0:
-        logits = logits / temperature
-    return jax.nn.log_softmax(logits, axis=-1)
+  """float32 ``log_softmax(logits / temperature)`` over the last axis."""
+  _check_temperature(temperature)
+  logits = logits.astype(jnp.float32)
+  if temperature != 1.0:
+    logits = logits / temperature
+  return jax.nn.log_softmax(logits, axis=-1)
 
 
 def token_logp(logp, targets):
-    """``logp [..., V]`` at ``targets [...]`` (int) -> ``[...]``."""
-    return jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  """``logp [..., V]`` at ``targets [...]`` (int) -> ``[...]``."""
+  return jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
 
 
 def _kl_from_logp(logp_a, logp_b):
-    """KL(a||b) = sum_v a (log a - log b) over the last axis, from log-probs."""
-    return jnp.sum(jnp.exp(logp_a) * (logp_a - logp_b), axis=-1)
+  """KL(a||b) = sum_v a (log a - log b) over the last axis, from log-probs."""
+  return jnp.sum(jnp.exp(logp_a) * (logp_a - logp_b), axis=-1)
 
 
 def _masked_logsumexp(logp, mask):
-    """log sum_{v: mask} exp(logp_v); ~_LOG_ZERO (finite) when the mask is empty."""
-    return jax.nn.logsumexp(jnp.where(mask, logp, _LOG_ZERO), axis=-1)
+  """log sum_{v: mask} exp(logp_v); ~_LOG_ZERO (finite) when the mask is empty."""
+  return jax.nn.logsumexp(jnp.where(mask, logp, _LOG_ZERO), axis=-1)
 
 
 # --------------------------------------------------------------------------
@@ -185,53 +190,51 @@ def _masked_logsumexp(logp, mask):
 
 
 def _jsd_from_logp(student_logp, teacher_logp, beta: float):
-    """Generalized JSD(beta) from log-probs; beta in {0, 1} gives exactly the KLs."""
-    if beta == 0.0:
-        return _kl_from_logp(teacher_logp, student_logp)
-    if beta == 1.0:
-        return _kl_from_logp(student_logp, teacher_logp)
-    mixture_logp = jnp.logaddexp(
-        teacher_logp + math.log(beta), student_logp + math.log1p(-beta)
-    )
-    kl_teacher = _kl_from_logp(teacher_logp, mixture_logp)
-    kl_student = _kl_from_logp(student_logp, mixture_logp)
-    return beta * kl_teacher + (1.0 - beta) * kl_student
+  """Generalized JSD(beta) from log-probs; beta in {0, 1} gives exactly the KLs."""
+  if beta == 0.0:
+    return _kl_from_logp(teacher_logp, student_logp)
+  if beta == 1.0:
+    return _kl_from_logp(student_logp, teacher_logp)
+  mixture_logp = jnp.logaddexp(teacher_logp + math.log(beta), student_logp + math.log1p(-beta))
+  kl_teacher = _kl_from_logp(teacher_logp, mixture_logp)
+  kl_student = _kl_from_logp(student_logp, mixture_logp)
+  return beta * kl_teacher + (1.0 - beta) * kl_student
 
 
 def _logp_pair(student_logits, teacher_logits, temperature: float):
-    _check_same_shape("student_logits", student_logits, "teacher_logits", teacher_logits)
-    return log_softmax(student_logits, temperature), log_softmax(teacher_logits, temperature)
+  _check_same_shape("student_logits", student_logits, "teacher_logits", teacher_logits)
+  return log_softmax(student_logits, temperature), log_softmax(teacher_logits, temperature)
 
 
 def reverse_kl_per_token(student_logits, teacher_logits, temperature: float = 1.0):
-    """Full-vocab reverse KL(Q||P) = sum_v q (log q - log p) per position.
+  """Full-vocab reverse KL(Q||P) = sum_v q (log q - log p) per position.
 
-    ``[..., V]`` logits -> ``[...]`` (float32). No masking, no stop_gradient.
-    """
-    s, t = _logp_pair(student_logits, teacher_logits, temperature)
-    return _kl_from_logp(s, t)
+  ``[..., V]`` logits -> ``[...]`` (float32). No masking, no stop_gradient.
+  """
+  s, t = _logp_pair(student_logits, teacher_logits, temperature)
+  return _kl_from_logp(s, t)
 
 
 def forward_kl_per_token(student_logits, teacher_logits, temperature: float = 1.0):
-    """Full-vocab forward KL(P||Q) = sum_v p (log p - log q) per position.
+  """Full-vocab forward KL(P||Q) = sum_v p (log p - log q) per position.
 
-    ``[..., V]`` logits -> ``[...]`` (float32). No masking, no stop_gradient.
-    """
-    s, t = _logp_pair(student_logits, teacher_logits, temperature)
-    return _kl_from_logp(t, s)
+  ``[..., V]`` logits -> ``[...]`` (float32). No masking, no stop_gradient.
+  """
+  s, t = _logp_pair(student_logits, teacher_logits, temperature)
+  return _kl_from_logp(t, s)
 
 
 def jsd_per_token(student_logits, teacher_logits, beta: float, temperature: float = 1.0):
-    """Generalized JSD(beta) per position, as TRL's ``generalized_jsd_loss``.
+  """Generalized JSD(beta) per position, as TRL's ``generalized_jsd_loss``.
 
-    P = teacher, Q = student, M = beta P + (1 - beta) Q;
-    ``beta KL(P||M) + (1 - beta) KL(Q||M)``. ``beta`` is a Python float in [0, 1]:
-    beta == 0 is exactly forward KL(P||Q), beta == 1 exactly reverse KL(Q||P).
-    ``[..., V]`` logits -> ``[...]`` (float32).
-    """
-    _check_beta(beta)
-    s, t = _logp_pair(student_logits, teacher_logits, temperature)
-    return _jsd_from_logp(s, t, beta)
+  P = teacher, Q = student, M = beta P + (1 - beta) Q;
+  ``beta KL(P||M) + (1 - beta) KL(Q||M)``. ``beta`` is a Python float in [0, 1]:
+  beta == 0 is exactly forward KL(P||Q), beta == 1 exactly reverse KL(Q||P).
+  ``[..., V]`` logits -> ``[...]`` (float32).
+  """
+  _check_beta(beta)
+  s, t = _logp_pair(student_logits, teacher_logits, temperature)
+  return _jsd_from_logp(s, t, beta)
 
 
 # --------------------------------------------------------------------------
@@ -240,78 +243,78 @@ def jsd_per_token(student_logits, teacher_logits, beta: float, temperature: floa
 
 
 def _topk_mask(logp, k: int):
-    """Boolean ``[..., V]``, True at exactly the k largest entries of each row."""
-    _, idx = jax.lax.top_k(logp, int(k))
-    mask = jnp.zeros(logp.shape, dtype=bool)
-    return jnp.put_along_axis(mask, idx, True, axis=-1, inplace=False)
+  """Boolean ``[..., V]``, True at exactly the k largest entries of each row."""
+  _, idx = jax.lax.top_k(logp, int(k))
+  mask = jnp.zeros(logp.shape, dtype=bool)
+  return jnp.put_along_axis(mask, idx, True, axis=-1, inplace=False)
 
 
 def _support_mask(student_logp, teacher_logp, k: int, support: str):
-    if support == "teacher":
-        return _topk_mask(teacher_logp, k)
-    if support == "student":
-        return _topk_mask(student_logp, k)
-    return _topk_mask(teacher_logp, k) | _topk_mask(student_logp, k)
+  if support == "teacher":
+    return _topk_mask(teacher_logp, k)
+  if support == "student":
+    return _topk_mask(student_logp, k)
+  return _topk_mask(teacher_logp, k) | _topk_mask(student_logp, k)
 
 
 def _restricted_kl(logp_a, logp_b, mask, tail: str):
-    """KL(a||b) of two distributions restricted to the support ``mask``.
+  """KL(a||b) of two distributions restricted to the support ``mask``.
 
-    "renorm": both renormalised over the support. "bucket": the support entries
-    plus one tail bucket holding the remaining mass, log(1 - sum_S p) computed
-    exactly as a log-sum-exp over the complement (no cancellation); an empty
-    complement contributes 0.
-    """
-    if tail == "renorm":
-        logp_a = logp_a - _masked_logsumexp(logp_a, mask)[..., None]
-        logp_b = logp_b - _masked_logsumexp(logp_b, mask)[..., None]
-    terms = jnp.where(mask, jnp.exp(logp_a) * (logp_a - logp_b), 0.0)
-    kl = terms.sum(axis=-1)
-    if tail == "bucket":
-        tail_a = _masked_logsumexp(logp_a, ~mask)
-        tail_b = _masked_logsumexp(logp_b, ~mask)
-        kl = kl + jnp.exp(tail_a) * (tail_a - tail_b)
-    return kl
+  "renorm": both renormalised over the support. "bucket": the support entries
+  plus one tail bucket holding the remaining mass, log(1 - sum_S p) computed
+  exactly as a log-sum-exp over the complement (no cancellation); an empty
+  complement contributes 0.
+  """
+  if tail == "renorm":
+    logp_a = logp_a - _masked_logsumexp(logp_a, mask)[..., None]
+    logp_b = logp_b - _masked_logsumexp(logp_b, mask)[..., None]
+  terms = jnp.where(mask, jnp.exp(logp_a) * (logp_a - logp_b), 0.0)
+  kl = terms.sum(axis=-1)
+  if tail == "bucket":
+    tail_a = _masked_logsumexp(logp_a, ~mask)
+    tail_b = _masked_logsumexp(logp_b, ~mask)
+    kl = kl + jnp.exp(tail_a) * (tail_a - tail_b)
+  return kl
 
 
 def _topk_kl_from_logp(student_logp, teacher_logp, k, support, tail, direction):
-    mask = _support_mask(sg(student_logp), sg(teacher_logp), k, support)
-    if direction == "reverse":
-        return _restricted_kl(student_logp, teacher_logp, mask, tail)
-    return _restricted_kl(teacher_logp, student_logp, mask, tail)
+  mask = _support_mask(sg(student_logp), sg(teacher_logp), k, support)
+  if direction == "reverse":
+    return _restricted_kl(student_logp, teacher_logp, mask, tail)
+  return _restricted_kl(teacher_logp, student_logp, mask, tail)
 
 
 def _check_topk_args(k, vocab, support, tail, direction):
-    _check_k(k, vocab)
-    _check_choice("support", support, TOPK_SUPPORTS)
-    _check_choice("tail", tail, TOPK_TAILS)
-    _check_choice("direction", direction, KL_DIRECTIONS)
+  _check_k(k, vocab)
+  _check_choice("support", support, TOPK_SUPPORTS)
+  _check_choice("tail", tail, TOPK_TAILS)
+  _check_choice("direction", direction, KL_DIRECTIONS)
 
 
 def topk_kl_per_token(
-    student_logits,
-    teacher_logits,
-    k: int,
-    support: str = "teacher",
-    tail: str = "bucket",
-    direction: str = "reverse",
-    temperature: float = 1.0,
+  student_logits,
+  teacher_logits,
+  k: int,
+  support: str = "teacher",
+  tail: str = "bucket",
+  direction: str = "reverse",
+  temperature: float = 1.0,
 ):
-    """KL restricted to a top-k support, per position. ``[..., V]`` -> ``[...]``.
+  """KL restricted to a top-k support, per position. ``[..., V]`` -> ``[...]``.
 
-    support: "teacher" (teacher's top-k), "student" (student's top-k) or "union"
-    (both; between k and 2k entries), chosen on the tempered log-probs with ties
-    broken by ``lax.top_k``; the choice carries no gradient.
-    tail: "renorm" renormalises both distributions over the support; "bucket"
-    keeps the support probabilities and adds one tail bucket with mass
-    1 - sum_{v in S} p(v) for each distribution.
-    direction: "reverse" = KL(Q||P) (student first), "forward" = KL(P||Q).
-    k must be in [1, V]; with k == V both tails equal the full-vocab KL.
-    """
-    _check_same_shape("student_logits", student_logits, "teacher_logits", teacher_logits)
-    _check_topk_args(k, student_logits.shape[-1], support, tail, direction)
-    s, t = _logp_pair(student_logits, teacher_logits, temperature)
-    return _topk_kl_from_logp(s, t, k, support, tail, direction)
+  support: "teacher" (teacher's top-k), "student" (student's top-k) or "union"
+  (both; between k and 2k entries), chosen on the tempered log-probs with ties
+  broken by ``lax.top_k``; the choice carries no gradient.
+  tail: "renorm" renormalises both distributions over the support; "bucket"
+  keeps the support probabilities and adds one tail bucket with mass
+  1 - sum_{v in S} p(v) for each distribution.
+  direction: "reverse" = KL(Q||P) (student first), "forward" = KL(P||Q).
+  k must be in [1, V]; with k == V both tails equal the full-vocab KL.
+  """
+  _check_same_shape("student_logits", student_logits, "teacher_logits", teacher_logits)
+  _check_topk_args(k, student_logits.shape[-1], support, tail, direction)
+  s, t = _logp_pair(student_logits, teacher_logits, temperature)
+  return _topk_kl_from_logp(s, t, k, support, tail, direction)
 
 
 # --------------------------------------------------------------------------
@@ -320,114 +323,119 @@ def topk_kl_per_token(
 
 
 def _check_extra_advantage(extra_advantage, shape):
-    b, t = shape
-    if extra_advantage.shape not in ((b, t), (b, 1)):
-        raise ValueError(
-            f"extra_advantage must have shape {(b, t)} or {(b, 1)}, got {extra_advantage.shape}"
-        )
+  b, t = shape
+  if extra_advantage.shape not in ((b, t), (b, 1)):
+    raise ValueError(
+      f"extra_advantage must have shape {(b, t)} or {(b, 1)}, got {extra_advantage.shape}"
+    )
 
 
 def sampled_token_loss(
-    student_logp,
-    teacher_logp,
-    mask,
-    *,
-    behaviour_logp=None,
-    clip_eps: float | None = None,
-    extra_advantage=None,
-    normalize: str = "token",
+  student_logp,
+  teacher_logp,
+  mask,
+  *,
+  behaviour_logp=None,
+  clip_eps: float | None = None,
+  extra_advantage=None,
+  normalize: str = "token",
 ):
-    """Sampled-token (k1) on-policy distillation loss -> ``(loss scalar, aux)``.
+  """Sampled-token (k1) on-policy distillation loss -> ``(loss scalar, aux)``.
 
-    Inputs are ``[B, T]``: ``student_logp`` = log p_s(x_t) (differentiable),
-    ``teacher_logp`` = log p_t(x_t), ``mask`` the completion mask.
+  Inputs are ``[B, T]``: ``student_logp`` = log p_s(x_t) (differentiable),
+  ``teacher_logp`` = log p_t(x_t), ``mask`` the completion mask.
 
-    * k1 = student_logp - teacher_logp (the per-token reverse-KL estimator).
-    * Advantage A = -stop_gradient(k1) (+ stop_gradient(extra_advantage), shape
-      ``[B, T]`` or ``[B, 1]``, e.g. an RL sequence reward). A is the same in every
-      mode: we do *not* use Ultra's A = sg(teacher_logp - behaviour_logp); at the
-      behaviour policy (r = 1) the gradients of both forms coincide.
-    * No ``behaviour_logp``: per-token loss ``-A * student_logp`` (REINFORCE).
-    * With ``behaviour_logp`` (the sampler's logprobs of the stale behaviour
-      policy): r = exp(student_logp - sg(behaviour_logp)), per-token loss ``-r A``
-      (importance corrected); with ``clip_eps`` also the PPO clip
-      ``-min(r A, clip(r, 1 - eps, 1 + eps) A)``. At r = 1 the gradient equals the
-      REINFORCE one.
+  * k1 = student_logp - teacher_logp (the per-token reverse-KL estimator).
+  * Advantage A = -stop_gradient(k1) (+ stop_gradient(extra_advantage), shape
+    ``[B, T]`` or ``[B, 1]``, e.g. an RL sequence reward). A is the same in every
+    mode: we do *not* use Ultra's A = sg(teacher_logp - behaviour_logp); at the
+    behaviour policy (r = 1) the gradients of both forms coincide.
+  * No ``behaviour_logp``: per-token loss ``-A * student_logp`` (REINFORCE).
+  * With ``behaviour_logp`` (the sampler's logprobs of the stale behaviour
+    policy): r = exp(student_logp - sg(behaviour_logp)), per-token loss ``-r A``
+    (importance corrected); with ``clip_eps`` also the PPO clip
+    ``-min(r A, clip(r, 1 - eps, 1 + eps) A)``. At r = 1 the gradient equals the
+    REINFORCE one.
 
-    The per-token losses are reduced with :func:`masked_mean` (``normalize``).
-    aux: per-token ``k1``, ``advantage``, ``ratio`` (ones without behaviour),
-    ``per_token_loss``, and the scalar ``clip_fraction`` (token-mean share of
-    masked tokens where the clipped branch is active; 0 without clipping).
-    """
-    _check_choice("normalize", normalize, NORMALIZE_MODES)
-    _check_same_shape("student_logp", student_logp, "teacher_logp", teacher_logp)
-    _check_same_shape("student_logp", student_logp, "mask", mask)
-    if clip_eps is not None:
-        if behaviour_logp is None:
-            raise ValueError("clip_eps requires behaviour_logp (the PPO clip is on r)")
-        if not clip_eps > 0:
-            raise ValueError(f"clip_eps must be > 0 or None, got {clip_eps!r}")
-
-    student_logp = student_logp.astype(jnp.float32)
-    k1 = student_logp - sg(teacher_logp.astype(jnp.float32))
-    advantage = -sg(k1)
-    if extra_advantage is not None:
-        _check_extra_advantage(extra_advantage, student_logp.shape)
-        advantage = advantage + sg(extra_advantage.astype(jnp.float32))
-
-    clipped = jnp.zeros_like(student_logp)
+  The per-token losses are reduced with :func:`masked_mean` (``normalize``).
+  aux: per-token ``k1``, ``advantage``, ``ratio`` (ones without behaviour),
+  ``per_token_loss``, and the scalar ``clip_fraction`` (token-mean share of
+  masked tokens where the clipped branch is active; 0 without clipping).
+  """
+  _check_choice("normalize", normalize, NORMALIZE_MODES)
+  _check_same_shape("student_logp", student_logp, "teacher_logp", teacher_logp)
+  _check_same_shape("student_logp", student_logp, "mask", mask)
+  if clip_eps is not None:
     if behaviour_logp is None:
-        ratio = jnp.ones_like(student_logp)
-        per_token = -advantage * student_logp
-    else:
-        _check_same_shape("behaviour_logp", behaviour_logp, "student_logp", student_logp)
-        ratio = jnp.exp(student_logp - sg(behaviour_logp.astype(jnp.float32)))
-        unclipped_obj = ratio * advantage
-        if clip_eps is None:
-            per_token = -unclipped_obj
-        else:
-            clipped_obj = jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * advantage
-            per_token = -jnp.minimum(unclipped_obj, clipped_obj)
-            clipped = (clipped_obj < unclipped_obj).astype(jnp.float32)
+      raise ValueError("clip_eps requires behaviour_logp (the PPO clip is on r)")
+    if not clip_eps > 0:
+      raise ValueError(f"clip_eps must be > 0 or None, got {clip_eps!r}")
 
-    loss = masked_mean(per_token, mask, normalize)
-    aux = {
-        "k1": sg(k1),
-        "advantage": advantage,
-        "ratio": sg(ratio),
-        "per_token_loss": sg(per_token),
-        "clip_fraction": sg(masked_mean(clipped, mask, "token")),
-    }
-    return loss, aux
+  student_logp = student_logp.astype(jnp.float32)
+  k1 = student_logp - sg(teacher_logp.astype(jnp.float32))
+  advantage = -sg(k1)
+  if extra_advantage is not None:
+    _check_extra_advantage(extra_advantage, student_logp.shape)
+    advantage = advantage + sg(extra_advantage.astype(jnp.float32))
+
+  clipped = jnp.zeros_like(student_logp)
+  if behaviour_logp is None:
+    ratio = jnp.ones_like(student_logp)
+    per_token = -advantage * student_logp
+  else:
+    _check_same_shape("behaviour_logp", behaviour_logp, "student_logp", student_logp)
+    ratio = jnp.exp(student_logp - sg(behaviour_logp.astype(jnp.float32)))
+    unclipped_obj = ratio * advantage
+    if clip_eps is None:
+      per_token = -unclipped_obj
+    else:
+      clipped_obj = jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * advantage
+      per_token = -jnp.minimum(unclipped_obj, clipped_obj)
+      clipped = (clipped_obj < unclipped_obj).astype(jnp.float32)
+
+  loss = masked_mean(per_token, mask, normalize)
+  aux = {
+    "k1": sg(k1),
+    "advantage": advantage,
+    "ratio": sg(ratio),
+    "per_token_loss": sg(per_token),
+    "clip_fraction": sg(masked_mean(clipped, mask, "token")),
+  }
+  return loss, aux
 
 
 def overlap_aware_loss(dense, student_logp, teacher_logp, gate, mask, normalize: str = "token"):
-    """The "overlap_aware" loss from per-token terms -> ``(loss, aux)``.
+  """The "overlap_aware" loss from per-token terms -> ``(loss, aux)``.
 
-    ``l_t = g_t * RKL_t + (1 - g_t) * (-sg(A_t) * log p_s(x_t))`` with ``RKL_t`` the
-    full-vocab reverse KL(Q||P) at position t (``dense``), ``A_t = -(log p_s(x_t) -
-    log p_t(x_t))`` and the gate ``g_t`` in {0, 1} ("teacher_topk", "floor") or [0, 1]
-    ("soft"), stop_gradient'ed (see :func:`overlap_gate`). Dense where the student's
-    token is on the teacher's support, the sampled-token (k1 policy-gradient) term
-    where it is not. Reduced with :func:`masked_mean` (``normalize``).
+  ``l_t = g_t * RKL_t + (1 - g_t) * (-sg(A_t) * log p_s(x_t))`` with ``RKL_t`` the
+  full-vocab reverse KL(Q||P) at position t (``dense``), ``A_t = -(log p_s(x_t) -
+  log p_t(x_t))`` and the gate ``g_t`` in {0, 1} ("teacher_topk", "floor") or [0, 1]
+  ("soft"), stop_gradient'ed (see :func:`overlap_gate`). Dense where the student's
+  token is on the teacher's support, the sampled-token (k1 policy-gradient) term
+  where it is not. Reduced with :func:`masked_mean` (``normalize``).
 
-    All inputs ``[B, T]``. aux: ``on_support`` (g), ``dense_term``, ``sampled_term``,
-    ``k1``, ``advantage``, ``per_token_loss`` (all stop_gradient'ed).
-    """
-    for name, x in (("dense", dense), ("teacher_logp", teacher_logp), ("gate", gate),
-                    ("mask", mask)):
-        _check_same_shape("student_logp", student_logp, name, x)
-    student_logp = student_logp.astype(jnp.float32)
-    gate = sg(gate.astype(jnp.float32))
-    k1 = student_logp - sg(teacher_logp.astype(jnp.float32))
-    advantage = -sg(k1)
-    sampled = -advantage * student_logp
-    dense = dense.astype(jnp.float32)
-    per_token = gate * dense + (1.0 - gate) * sampled
-    loss = masked_mean(per_token, mask, normalize)
-    aux = {"on_support": gate, "dense_term": sg(dense), "sampled_term": sg(sampled),
-           "k1": sg(k1), "advantage": advantage, "per_token_loss": sg(per_token)}
-    return loss, aux
+  All inputs ``[B, T]``. aux: ``on_support`` (g), ``dense_term``, ``sampled_term``,
+  ``k1``, ``advantage``, ``per_token_loss`` (all stop_gradient'ed).
+  """
+  for name, x in (("dense", dense), ("teacher_logp", teacher_logp), ("gate", gate), ("mask", mask)):
+    _check_same_shape("student_logp", student_logp, name, x)
+  student_logp = student_logp.astype(jnp.float32)
+  gate = sg(gate.astype(jnp.float32))
+  k1 = student_logp - sg(teacher_logp.astype(jnp.float32))
+  advantage = -sg(k1)
+  sampled = -advantage * student_logp
+  dense = dense.astype(jnp.float32)
+  per_token = gate * dense + (1.0 - gate) * sampled
+  loss = masked_mean(per_token, mask, normalize)
+  aux = {
+    "on_support": gate,
+    "dense_term": sg(dense),
+    "sampled_term": sg(sampled),
+    "k1": sg(k1),
+    "advantage": advantage,
+    "per_token_loss": sg(per_token),
+  }
+  return loss, aux
 
 
 # --------------------------------------------------------------------------
@@ -435,114 +443,161 @@ def overlap_aware_loss(dense, student_logp, teacher_logp, gate, mask, normalize:
 # --------------------------------------------------------------------------
 
 
-def _check_unembed_shapes(student_hidden, student_unembed, teacher_hidden, teacher_unembed,
-                          targets, student_bias, teacher_bias):
-    for name, x, ndim in (("student_hidden", student_hidden, 3), ("teacher_hidden", teacher_hidden, 3),
-                          ("student_unembed", student_unembed, 2),
-                          ("teacher_unembed", teacher_unembed, 2), ("targets", targets, 2)):
-        if x.ndim != ndim:
-            raise ValueError(f"{name} must have {ndim} dims, got shape {x.shape}")
-    if student_unembed.shape[1] != teacher_unembed.shape[1]:
-        raise ValueError(
-            f"vocab mismatch: student_unembed vocab {student_unembed.shape[1]} "
-            f"!= teacher_unembed vocab {teacher_unembed.shape[1]}"
-        )
-    for who, hidden, unembed in (("student", student_hidden, student_unembed),
-                                 ("teacher", teacher_hidden, teacher_unembed)):
-        if hidden.shape[-1] != unembed.shape[0]:
-            raise ValueError(
-                f"{who}_hidden width {hidden.shape[-1]} != {who}_unembed rows {unembed.shape[0]}"
-            )
-    for name, hidden in (("student_hidden", student_hidden), ("teacher_hidden", teacher_hidden)):
-        if hidden.shape[:2] != targets.shape:
-            raise ValueError(f"{name} [B, T] = {hidden.shape[:2]} != targets shape {targets.shape}")
-    vocab = student_unembed.shape[1]
-    for name, bias in (("student_bias", student_bias), ("teacher_bias", teacher_bias)):
-        if bias is not None and bias.shape != (vocab,):
-            raise ValueError(f"{name} must have shape {(vocab,)}, got {bias.shape}")
+def _check_unembed_shapes(
+  student_hidden,
+  student_unembed,
+  teacher_hidden,
+  teacher_unembed,
+  targets,
+  student_bias,
+  teacher_bias,
+):
+  for name, x, ndim in (
+    ("student_hidden", student_hidden, 3),
+    ("teacher_hidden", teacher_hidden, 3),
+    ("student_unembed", student_unembed, 2),
+    ("teacher_unembed", teacher_unembed, 2),
+    ("targets", targets, 2),
+  ):
+    if x.ndim != ndim:
+      raise ValueError(f"{name} must have {ndim} dims, got shape {x.shape}")
+  if student_unembed.shape[1] != teacher_unembed.shape[1]:
+    raise ValueError(
+      f"vocab mismatch: student_unembed vocab {student_unembed.shape[1]} "
+      f"!= teacher_unembed vocab {teacher_unembed.shape[1]}"
+    )
+  for who, hidden, unembed in (
+    ("student", student_hidden, student_unembed),
+    ("teacher", teacher_hidden, teacher_unembed),
+  ):
+    if hidden.shape[-1] != unembed.shape[0]:
+      raise ValueError(
+        f"{who}_hidden width {hidden.shape[-1]} != {who}_unembed rows {unembed.shape[0]}"
+      )
+  for name, hidden in (("student_hidden", student_hidden), ("teacher_hidden", teacher_hidden)):
+    if hidden.shape[:2] != targets.shape:
+      raise ValueError(f"{name} [B, T] = {hidden.shape[:2]} != targets shape {targets.shape}")
+  vocab = student_unembed.shape[1]
+  for name, bias in (("student_bias", student_bias), ("teacher_bias", teacher_bias)):
+    if bias is not None and bias.shape != (vocab,):
+      raise ValueError(f"{name} must have shape {(vocab,)}, got {bias.shape}")
 
 
 def project_logits(hidden, unembed, bias=None):
-    """``hidden [..., D] @ unembed [D, V] (+ bias [V])`` with float32 accumulation."""
-    logits = jnp.dot(hidden, unembed, preferred_element_type=jnp.float32)
-    if bias is not None:
-        logits = logits + bias.astype(jnp.float32)
-    return logits
+  """``hidden [..., D] @ unembed [D, V] (+ bias [V])`` with float32 accumulation."""
+  logits = jnp.dot(hidden, unembed, preferred_element_type=jnp.float32)
+  if bias is not None:
+    logits = logits + bias.astype(jnp.float32)
+  return logits
 
 
 def _split_chunks(x, n_chunks: int, chunk_size: int):
-    """``[B, T, ...]`` -> ``[n_chunks, B, chunk_size, ...]``, zero-padding T."""
-    pad = n_chunks * chunk_size - x.shape[1]
-    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-    x = x.reshape(x.shape[0], n_chunks, chunk_size, *x.shape[2:])
-    return jnp.swapaxes(x, 0, 1)
+  """``[B, T, ...]`` -> ``[n_chunks, B, chunk_size, ...]``, zero-padding T."""
+  pad = n_chunks * chunk_size - x.shape[1]
+  x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+  x = x.reshape(x.shape[0], n_chunks, chunk_size, *x.shape[2:])
+  return jnp.swapaxes(x, 0, 1)
 
 
 def _merge_chunks(y, length: int):
-    """``[n_chunks, B, chunk_size, ...]`` -> ``[B, length, ...]`` (drops padding)."""
-    y = jnp.swapaxes(y, 0, 1)
-    y = y.reshape(y.shape[0], y.shape[1] * y.shape[2], *y.shape[3:])
-    return y[:, :length]
+  """``[n_chunks, B, chunk_size, ...]`` -> ``[B, length, ...]`` (drops padding)."""
+  y = jnp.swapaxes(y, 0, 1)
+  y = y.reshape(y.shape[0], y.shape[1] * y.shape[2], *y.shape[3:])
+  return y[:, :length]
 
 
 def chunked_token_values(
-    fn: Callable,
+  fn: Callable,
+  student_hidden,
+  student_unembed,
+  teacher_hidden,
+  teacher_unembed,
+  targets,
+  *,
+  chunk_size: int,
+  student_bias=None,
+  teacher_bias=None,
+):
+  """Applies ``fn`` to student/teacher logits built chunk by chunk along T.
+
+  Shapes: ``student_hidden [B, T, Ds]``, ``student_unembed [Ds, V]``,
+  ``teacher_hidden [B, T, Dt]``, ``teacher_unembed [Dt, V]``, ``targets [B, T]``
+  int, optional biases ``[V]``. ``fn(student_logits [B, C, V] f32,
+  teacher_logits [B, C, V] f32, targets [B, C]) -> pytree of [B, C]``; the
+  result is that pytree with ``[B, T]`` leaves.
+
+  T is zero-padded to a multiple of ``chunk_size`` (padded positions are
+  computed then dropped, so ``fn`` must be finite on zero hidden states). The
+  chunk body runs under ``jax.lax.map`` and ``jax.checkpoint``, so at most one
+  chunk's ``[B, C, V]`` logits (and their softmax temporaries) are live in the
+  forward and backward passes. Teacher inputs are wrapped in stop_gradient:
+  gradients reach only the student hidden states, unembedding and bias.
+  """
+  _check_unembed_shapes(
     student_hidden,
     student_unembed,
     teacher_hidden,
     teacher_unembed,
     targets,
-    *,
-    chunk_size: int,
-    student_bias=None,
-    teacher_bias=None,
+    student_bias,
+    teacher_bias,
+  )
+  if not (isinstance(chunk_size, numbers.Integral) and chunk_size > 0):
+    raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+  length = targets.shape[1]
+  chunk_size = int(min(chunk_size, length))
+  n_chunks = -(-length // chunk_size)
+  weights = (
+    student_unembed,
+    student_bias,
+    sg(teacher_unembed),
+    None if teacher_bias is None else sg(teacher_bias),
+  )
+  chunks = tuple(
+    _split_chunks(x, n_chunks, chunk_size) for x in (student_hidden, sg(teacher_hidden), targets)
+  )
+
+  @jax.checkpoint
+  def chunk_values(weights, chunk):
+    s_unembed, s_bias, t_unembed, t_bias = weights
+    s_hidden, t_hidden, chunk_targets = chunk
+    return fn(
+      project_logits(s_hidden, s_unembed, s_bias),
+      project_logits(t_hidden, t_unembed, t_bias),
+      chunk_targets,
+    )
+
+  values = jax.lax.map(lambda chunk: chunk_values(weights, chunk), chunks)
+  return jax.tree.map(lambda y: _merge_chunks(y, length), values)
+
+
+def _full_token_values(
+  fn,
+  student_hidden,
+  student_unembed,
+  teacher_hidden,
+  teacher_unembed,
+  targets,
+  *,
+  student_bias=None,
+  teacher_bias=None,
 ):
-    """Applies ``fn`` to student/teacher logits built chunk by chunk along T.
-
-    Shapes: ``student_hidden [B, T, Ds]``, ``student_unembed [Ds, V]``,
-    ``teacher_hidden [B, T, Dt]``, ``teacher_unembed [Dt, V]``, ``targets [B, T]``
-    int, optional biases ``[V]``. ``fn(student_logits [B, C, V] f32,
-    teacher_logits [B, C, V] f32, targets [B, C]) -> pytree of [B, C]``; the
-    result is that pytree with ``[B, T]`` leaves.
-
-    T is zero-padded to a multiple of ``chunk_size`` (padded positions are
-    computed then dropped, so ``fn`` must be finite on zero hidden states). The
-    chunk body runs under ``jax.lax.map`` and ``jax.checkpoint``, so at most one
-    chunk's ``[B, C, V]`` logits (and their softmax temporaries) are live in the
-    forward and backward passes. Teacher inputs are wrapped in stop_gradient:
-    gradients reach only the student hidden states, unembedding and bias.
-    """
-    _check_unembed_shapes(student_hidden, student_unembed, teacher_hidden, teacher_unembed,
-                          targets, student_bias, teacher_bias)
-    if not (isinstance(chunk_size, numbers.Integral) and chunk_size > 0):
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    length = targets.shape[1]
-    chunk_size = int(min(chunk_size, length))
-    n_chunks = -(-length // chunk_size)
-    weights = (student_unembed, student_bias, sg(teacher_unembed),
-               None if teacher_bias is None else sg(teacher_bias))
-    chunks = tuple(_split_chunks(x, n_chunks, chunk_size)
-                   for x in (student_hidden, sg(teacher_hidden), targets))
-
-    @jax.checkpoint
-    def chunk_values(weights, chunk):
-        s_unembed, s_bias, t_unembed, t_bias = weights
-        s_hidden, t_hidden, chunk_targets = chunk
-        return fn(project_logits(s_hidden, s_unembed, s_bias),
-                  project_logits(t_hidden, t_unembed, t_bias), chunk_targets)
-
-    values = jax.lax.map(lambda chunk: chunk_values(weights, chunk), chunks)
-    return jax.tree.map(lambda y: _merge_chunks(y, length), values)
-
-
-def _full_token_values(fn, student_hidden, student_unembed, teacher_hidden, teacher_unembed,
-                       targets, *, student_bias=None, teacher_bias=None):
-    """Reference for :func:`chunked_token_values`: full ``[B, T, V]`` logits, no remat."""
-    _check_unembed_shapes(student_hidden, student_unembed, teacher_hidden, teacher_unembed,
-                          targets, student_bias, teacher_bias)
-    teacher_bias = None if teacher_bias is None else sg(teacher_bias)
-    return fn(project_logits(student_hidden, student_unembed, student_bias),
-              project_logits(sg(teacher_hidden), sg(teacher_unembed), teacher_bias), targets)
+  """Reference for :func:`chunked_token_values`: full ``[B, T, V]`` logits, no remat."""
+  _check_unembed_shapes(
+    student_hidden,
+    student_unembed,
+    teacher_hidden,
+    teacher_unembed,
+    targets,
+    student_bias,
+    teacher_bias,
+  )
+  teacher_bias = None if teacher_bias is None else sg(teacher_bias)
+  return fn(
+    project_logits(student_hidden, student_unembed, student_bias),
+    project_logits(sg(teacher_hidden), sg(teacher_unembed), teacher_bias),
+    targets,
+  )
 
 
 # --------------------------------------------------------------------------
@@ -550,234 +605,336 @@ def _full_token_values(fn, student_hidden, student_unembed, teacher_hidden, teac
 # --------------------------------------------------------------------------
 
 
-def support_diagnostics(student_logp, teacher_logp, targets, topks=(1, 8), floor_prob=1e-3,
-                        top_p=0.9, student_topks=None):
-    """Per-token support-overlap diagnostics from log-probs ``[..., V]`` (stop_gradient'ed).
+def support_diagnostics(
+  student_logp, teacher_logp, targets, topks=(1, 8), floor_prob=1e-3, top_p=0.9, student_topks=None
+):
+  """Per-token support-overlap diagnostics from log-probs ``[..., V]`` (stop_gradient'ed).
 
-    ``targets [...]`` are the sampled tokens. Returns ``[...]`` arrays: ``teacher_logp`` /
-    ``student_logp`` of the target; ``in_teacher_top{k}`` for k in ``topks`` (inside if
-    fewer than k teacher log-probs strictly exceed the target's); ``in_teacher_top_p``
-    (inside the teacher's top-p nucleus: the teacher mass on strictly more probable tokens
-    is below ``top_p``); ``off_support`` (teacher prob of the target < ``floor_prob``);
-    full-vocab ``reverse_kl`` KL(s‖t) and ``forward_kl`` KL(t‖s); ``tv`` total variation;
-    ``teacher_mass_on_student_top{k}`` for k in ``student_topks`` (default ``topks``).
-    """
-    student_logp, teacher_logp = sg(student_logp), sg(teacher_logp)
-    vocab = student_logp.shape[-1]
-    s_prob, t_prob = jnp.exp(student_logp), jnp.exp(teacher_logp)
-    teacher_target = token_logp(teacher_logp, targets)
-    above = teacher_logp > teacher_target[..., None]
-    rank = jnp.sum(above, axis=-1)
-    mass_above = jnp.sum(jnp.where(above, t_prob, 0.0), axis=-1)
-    out = {
-        "teacher_logp": teacher_target,
-        "student_logp": token_logp(student_logp, targets),
-        "in_teacher_top_p": (mass_above < top_p).astype(jnp.float32),
-        "off_support": (teacher_target < math.log(floor_prob)).astype(jnp.float32),
-        "reverse_kl": _kl_from_logp(student_logp, teacher_logp),
-        "forward_kl": _kl_from_logp(teacher_logp, student_logp),
-        "tv": 0.5 * jnp.sum(jnp.abs(s_prob - t_prob), axis=-1),
-    }
-    for k in topks:
-        out[f"in_teacher_top{k}"] = (rank < k).astype(jnp.float32)
-    student_topks = tuple(topks) if student_topks is None else tuple(student_topks)
-    if student_topks:
-        kmax = min(max(student_topks), vocab)
-        _, top_idx = jax.lax.top_k(student_logp, kmax)
-        cum = jnp.cumsum(jnp.take_along_axis(t_prob, top_idx, axis=-1), axis=-1)
-        for k in student_topks:
-            out[f"teacher_mass_on_student_top{k}"] = cum[..., min(k, vocab) - 1]
-    return out
-
-
-def overlap_gate(student_logp, teacher_logp, targets, criterion: str, topk: int,
-                 floor_prob: float):
-    """Per-token on-support gate of the "overlap_aware" loss, stop_gradient'ed ``[...]``.
-
-    From temperature-1 log-probs ``[..., V]`` and the sampled ``targets [...]``:
-    "teacher_topk": 1 if fewer than ``topk`` teacher log-probs exceed the target's;
-    "floor": 1 if the teacher prob of the target is >= ``floor_prob``; "soft": the
-    teacher's probability mass on the student's top-``topk`` tokens (in [0, 1]).
-    """
-    _check_choice("overlap_criterion", criterion, OVERLAP_CRITERIA)
-    student_logp, teacher_logp = sg(student_logp), sg(teacher_logp)
-    if criterion == "teacher_topk":
-        target = token_logp(teacher_logp, targets)
-        rank = jnp.sum(teacher_logp > target[..., None], axis=-1)
-        return (rank < topk).astype(jnp.float32)
-    if criterion == "floor":
-        log_floor = math.log(floor_prob) if floor_prob > 0 else -math.inf
-        return (token_logp(teacher_logp, targets) >= log_floor).astype(jnp.float32)
-    k = min(int(topk), student_logp.shape[-1])
-    _, top_idx = jax.lax.top_k(student_logp, k)
-    mass = jnp.sum(jnp.exp(jnp.take_along_axis(teacher_logp, top_idx, axis=-1)), axis=-1)
-    return jnp.clip(mass, 0.0, 1.0)
+  ``targets [...]`` are the sampled tokens. Returns ``[...]`` arrays: ``teacher_logp`` /
+  ``student_logp`` of the target; ``in_teacher_top{k}`` for k in ``topks`` (inside if
+  fewer than k teacher log-probs strictly exceed the target's); ``in_teacher_top_p``
+  (inside the teacher's top-p nucleus: the teacher mass on strictly more probable tokens
+  is below ``top_p``); ``off_support`` (teacher prob of the target < ``floor_prob``);
+  full-vocab ``reverse_kl`` KL(s‖t) and ``forward_kl`` KL(t‖s); ``tv`` total variation;
+  ``teacher_mass_on_student_top{k}`` for k in ``student_topks`` (default ``topks``).
+  """
+  student_logp, teacher_logp = sg(student_logp), sg(teacher_logp)
+  vocab = student_logp.shape[-1]
+  s_prob, t_prob = jnp.exp(student_logp), jnp.exp(teacher_logp)
+  teacher_target = token_logp(teacher_logp, targets)
+  above = teacher_logp > teacher_target[..., None]
+  rank = jnp.sum(above, axis=-1)
+  mass_above = jnp.sum(jnp.where(above, t_prob, 0.0), axis=-1)
+  out = {
+    "teacher_logp": teacher_target,
+    "student_logp": token_logp(student_logp, targets),
+    "in_teacher_top_p": (mass_above < top_p).astype(jnp.float32),
+    "off_support": (teacher_target < math.log(floor_prob)).astype(jnp.float32),
+    "reverse_kl": _kl_from_logp(student_logp, teacher_logp),
+    "forward_kl": _kl_from_logp(teacher_logp, student_logp),
+    "tv": 0.5 * jnp.sum(jnp.abs(s_prob - t_prob), axis=-1),
+  }
+  for k in topks:
+    out[f"in_teacher_top{k}"] = (rank < k).astype(jnp.float32)
+  student_topks = tuple(topks) if student_topks is None else tuple(student_topks)
+  if student_topks:
+    kmax = min(max(student_topks), vocab)
+    _, top_idx = jax.lax.top_k(student_logp, kmax)
+    cum = jnp.cumsum(jnp.take_along_axis(t_prob, top_idx, axis=-1), axis=-1)
+    for k in student_topks:
+      out[f"teacher_mass_on_student_top{k}"] = cum[..., min(k, vocab) - 1]
+  return out
 
 
-def _make_token_fn(loss, *, temperature, beta, k, topk_support, topk_tail, topk_direction,
-                   diag_topk, diag_floor_prob, diag_top_p=0.9, overlap_criterion="teacher_topk",
-                   overlap_topk=8, overlap_floor_prob=1e-3):
-    """The per-chunk function: logits -> {"loss_terms": ..., "diagnostics": ...}."""
+def overlap_gate(student_logp, teacher_logp, targets, criterion: str, topk: int, floor_prob: float):
+  """Per-token on-support gate of the "overlap_aware" loss, stop_gradient'ed ``[...]``.
 
-    def token_fn(student_logits, teacher_logits, targets):
-        student_logp = log_softmax(student_logits)
-        teacher_logp = log_softmax(teacher_logits)
-        if temperature == 1.0:
-            s_tau, t_tau = student_logp, teacher_logp
-        else:
-            s_tau = log_softmax(student_logits, temperature)
-            t_tau = log_softmax(teacher_logits, temperature)
-        if loss == "sampled_token":
-            terms = {"student_logp": token_logp(s_tau, targets),
-                     "teacher_logp": token_logp(t_tau, targets)}
-        elif loss == "reverse_kl":
-            terms = {"per_token_loss": _kl_from_logp(s_tau, t_tau)}
-        elif loss == "forward_kl":
-            terms = {"per_token_loss": _kl_from_logp(t_tau, s_tau)}
-        elif loss == "jsd":
-            terms = {"per_token_loss": _jsd_from_logp(s_tau, t_tau, beta)}
-        elif loss == "overlap_aware":
-            terms = {"dense": _kl_from_logp(s_tau, t_tau),
-                     "student_logp": token_logp(s_tau, targets),
-                     "teacher_logp": token_logp(t_tau, targets),
-                     "gate": overlap_gate(student_logp, teacher_logp, targets,
-                                          overlap_criterion, overlap_topk, overlap_floor_prob)}
-        else:
-            terms = {"per_token_loss": _topk_kl_from_logp(
-                s_tau, t_tau, k, topk_support, topk_tail, topk_direction)}
-        diagnostics = support_diagnostics(student_logp, teacher_logp, targets,
-                                          diag_topk, diag_floor_prob, diag_top_p)
-        return {"loss_terms": terms, "diagnostics": diagnostics}
-
-    return token_fn
+  From temperature-1 log-probs ``[..., V]`` and the sampled ``targets [...]``:
+  "teacher_topk": 1 if fewer than ``topk`` teacher log-probs exceed the target's;
+  "floor": 1 if the teacher prob of the target is >= ``floor_prob``; "soft": the
+  teacher's probability mass on the student's top-``topk`` tokens (in [0, 1]).
+  """
+  _check_choice("overlap_criterion", criterion, OVERLAP_CRITERIA)
+  student_logp, teacher_logp = sg(student_logp), sg(teacher_logp)
+  if criterion == "teacher_topk":
+    target = token_logp(teacher_logp, targets)
+    rank = jnp.sum(teacher_logp > target[..., None], axis=-1)
+    return (rank < topk).astype(jnp.float32)
+  if criterion == "floor":
+    log_floor = math.log(floor_prob) if floor_prob > 0 else -math.inf
+    return (token_logp(teacher_logp, targets) >= log_floor).astype(jnp.float32)
+  k = min(int(topk), student_logp.shape[-1])
+  _, top_idx = jax.lax.top_k(student_logp, k)
+  mass = jnp.sum(jnp.exp(jnp.take_along_axis(teacher_logp, top_idx, axis=-1)), axis=-1)
+  return jnp.clip(mass, 0.0, 1.0)
 
 
-def _distill_loss(token_values, student_hidden, student_unembed, teacher_hidden, teacher_unembed,
-                  targets, mask, *, loss, temperature, beta, k, topk_support, topk_tail,
-                  topk_direction, normalize, behaviour_logp, clip_eps, extra_advantage,
-                  diag_topk, diag_floor_prob, student_bias, teacher_bias, diag_top_p=0.9,
-                  overlap_criterion="teacher_topk", overlap_topk=8, overlap_floor_prob=1e-3):
-    vocab = student_unembed.shape[-1]
-    validate_loss_args(loss=loss, temperature=temperature, beta=beta, k=k, vocab=vocab,
-                       topk_support=topk_support, topk_tail=topk_tail,
-                       topk_direction=topk_direction, normalize=normalize, clip_eps=clip_eps,
-                       overlap_criterion=overlap_criterion, overlap_topk=overlap_topk,
-                       overlap_floor_prob=overlap_floor_prob)
-    for diag_k in diag_topk:  # k >= V is allowed here: the target is then always inside
-        if not (isinstance(diag_k, numbers.Integral) and diag_k > 0):
-            raise ValueError(f"diag_topk entries must be positive ints, got {diag_topk!r}")
-    if not 0.0 < diag_floor_prob <= 1.0:
-        raise ValueError(f"diag_floor_prob must be in (0, 1], got {diag_floor_prob!r}")
-    if not 0.0 < diag_top_p <= 1.0:
-        raise ValueError(f"diag_top_p must be in (0, 1], got {diag_top_p!r}")
-    _check_same_shape("mask", mask, "targets", targets)
-    if loss != "sampled_token" and extra_advantage is not None:
-        raise ValueError(f"extra_advantage applies only to loss='sampled_token', got loss={loss!r}")
+def _make_token_fn(
+  loss,
+  *,
+  temperature,
+  beta,
+  k,
+  topk_support,
+  topk_tail,
+  topk_direction,
+  diag_topk,
+  diag_floor_prob,
+  diag_top_p=0.9,
+  overlap_criterion="teacher_topk",
+  overlap_topk=8,
+  overlap_floor_prob=1e-3,
+):
+  """The per-chunk function: logits -> {"loss_terms": ..., "diagnostics": ...}."""
 
-    token_fn = _make_token_fn(loss, temperature=temperature, beta=beta, k=k,
-                              topk_support=topk_support, topk_tail=topk_tail,
-                              topk_direction=topk_direction, diag_topk=tuple(diag_topk),
-                              diag_floor_prob=diag_floor_prob, diag_top_p=diag_top_p,
-                              overlap_criterion=overlap_criterion, overlap_topk=overlap_topk,
-                              overlap_floor_prob=overlap_floor_prob)
-    values = token_values(token_fn, student_hidden, student_unembed, teacher_hidden,
-                          teacher_unembed, targets, student_bias=student_bias,
-                          teacher_bias=teacher_bias)
-    terms, diagnostics = values["loss_terms"], values["diagnostics"]
-    if loss == "sampled_token":
-        value, aux = sampled_token_loss(
-            terms["student_logp"], terms["teacher_logp"], mask, behaviour_logp=behaviour_logp,
-            clip_eps=clip_eps, extra_advantage=extra_advantage, normalize=normalize)
-        diagnostics.update(aux)
-    elif loss == "overlap_aware":
-        value, aux = overlap_aware_loss(terms["dense"], terms["student_logp"],
-                                        terms["teacher_logp"], terms["gate"], mask,
-                                        normalize=normalize)
-        diagnostics.update(aux)
+  def token_fn(student_logits, teacher_logits, targets):
+    student_logp = log_softmax(student_logits)
+    teacher_logp = log_softmax(teacher_logits)
+    if temperature == 1.0:
+      s_tau, t_tau = student_logp, teacher_logp
     else:
-        value = masked_mean(terms["per_token_loss"], mask, normalize)
-        diagnostics["per_token_loss"] = sg(terms["per_token_loss"])
-    return value, diagnostics
+      s_tau = log_softmax(student_logits, temperature)
+      t_tau = log_softmax(teacher_logits, temperature)
+    if loss == "sampled_token":
+      terms = {
+        "student_logp": token_logp(s_tau, targets),
+        "teacher_logp": token_logp(t_tau, targets),
+      }
+    elif loss == "reverse_kl":
+      terms = {"per_token_loss": _kl_from_logp(s_tau, t_tau)}
+    elif loss == "forward_kl":
+      terms = {"per_token_loss": _kl_from_logp(t_tau, s_tau)}
+    elif loss == "jsd":
+      terms = {"per_token_loss": _jsd_from_logp(s_tau, t_tau, beta)}
+    elif loss == "overlap_aware":
+      terms = {
+        "dense": _kl_from_logp(s_tau, t_tau),
+        "student_logp": token_logp(s_tau, targets),
+        "teacher_logp": token_logp(t_tau, targets),
+        "gate": overlap_gate(
+          student_logp, teacher_logp, targets, overlap_criterion, overlap_topk, overlap_floor_prob
+        ),
+      }
+    else:
+      terms = {
+        "per_token_loss": _topk_kl_from_logp(
+          s_tau, t_tau, k, topk_support, topk_tail, topk_direction
+        )
+      }
+    diagnostics = support_diagnostics(
+      student_logp, teacher_logp, targets, diag_topk, diag_floor_prob, diag_top_p
+    )
+    return {"loss_terms": terms, "diagnostics": diagnostics}
+
+  return token_fn
+
+
+def _distill_loss(
+  token_values,
+  student_hidden,
+  student_unembed,
+  teacher_hidden,
+  teacher_unembed,
+  targets,
+  mask,
+  *,
+  loss,
+  temperature,
+  beta,
+  k,
+  topk_support,
+  topk_tail,
+  topk_direction,
+  normalize,
+  behaviour_logp,
+  clip_eps,
+  extra_advantage,
+  diag_topk,
+  diag_floor_prob,
+  student_bias,
+  teacher_bias,
+  diag_top_p=0.9,
+  overlap_criterion="teacher_topk",
+  overlap_topk=8,
+  overlap_floor_prob=1e-3,
+):
+  vocab = student_unembed.shape[-1]
+  validate_loss_args(
+    loss=loss,
+    temperature=temperature,
+    beta=beta,
+    k=k,
+    vocab=vocab,
+    topk_support=topk_support,
+    topk_tail=topk_tail,
+    topk_direction=topk_direction,
+    normalize=normalize,
+    clip_eps=clip_eps,
+    overlap_criterion=overlap_criterion,
+    overlap_topk=overlap_topk,
+    overlap_floor_prob=overlap_floor_prob,
+  )
+  for diag_k in diag_topk:  # k >= V is allowed here: the target is then always inside
+    if not (isinstance(diag_k, numbers.Integral) and diag_k > 0):
+      raise ValueError(f"diag_topk entries must be positive ints, got {diag_topk!r}")
+  if not 0.0 < diag_floor_prob <= 1.0:
+    raise ValueError(f"diag_floor_prob must be in (0, 1], got {diag_floor_prob!r}")
+  if not 0.0 < diag_top_p <= 1.0:
+    raise ValueError(f"diag_top_p must be in (0, 1], got {diag_top_p!r}")
+  _check_same_shape("mask", mask, "targets", targets)
+  if loss != "sampled_token" and extra_advantage is not None:
+    raise ValueError(f"extra_advantage applies only to loss='sampled_token', got loss={loss!r}")
+
+  token_fn = _make_token_fn(
+    loss,
+    temperature=temperature,
+    beta=beta,
+    k=k,
+    topk_support=topk_support,
+    topk_tail=topk_tail,
+    topk_direction=topk_direction,
+    diag_topk=tuple(diag_topk),
+    diag_floor_prob=diag_floor_prob,
+    diag_top_p=diag_top_p,
+    overlap_criterion=overlap_criterion,
+    overlap_topk=overlap_topk,
+    overlap_floor_prob=overlap_floor_prob,
+  )
+  values = token_values(
+    token_fn,
+    student_hidden,
+    student_unembed,
+    teacher_hidden,
+    teacher_unembed,
+    targets,
+    student_bias=student_bias,
+    teacher_bias=teacher_bias,
+  )
+  terms, diagnostics = values["loss_terms"], values["diagnostics"]
+  if loss == "sampled_token":
+    value, aux = sampled_token_loss(
+      terms["student_logp"],
+      terms["teacher_logp"],
+      mask,
+      behaviour_logp=behaviour_logp,
+      clip_eps=clip_eps,
+      extra_advantage=extra_advantage,
+      normalize=normalize,
+    )
+    diagnostics.update(aux)
+  elif loss == "overlap_aware":
+    value, aux = overlap_aware_loss(
+      terms["dense"],
+      terms["student_logp"],
+      terms["teacher_logp"],
+      terms["gate"],
+      mask,
+      normalize=normalize,
+    )
+    diagnostics.update(aux)
+  else:
+    value = masked_mean(terms["per_token_loss"], mask, normalize)
+    diagnostics["per_token_loss"] = sg(terms["per_token_loss"])
+  return value, diagnostics
 
 
 def distill_loss(
+  student_hidden,
+  student_unembed,
+  teacher_hidden,
+  teacher_unembed,
+  targets,
+  mask,
+  *,
+  loss: str,
+  chunk_size: int | None = 512,  # None: unchunked (full logits)
+  temperature: float = 1.0,
+  beta: float = 0.5,
+  k: int = 64,
+  topk_support: str = "teacher",
+  topk_tail: str = "bucket",
+  topk_direction: str = "reverse",
+  normalize: str = "token",
+  behaviour_logp=None,
+  clip_eps: float | None = None,
+  extra_advantage=None,
+  diag_topk=(1, 8),
+  diag_floor_prob: float = 1e-4,
+  diag_top_p: float = 0.9,
+  student_bias=None,
+  teacher_bias=None,
+  overlap_criterion: str = "teacher_topk",
+  overlap_topk: int = 8,
+  overlap_floor_prob: float = 1e-3,
+):
+  """Distillation loss from hidden states, chunked over T -> ``(loss, diagnostics)``.
+
+  Shapes as :func:`chunked_token_values`; ``mask [B, T]``; logits for position
+  t score ``targets[:, t]``. ``loss`` is one of :data:`LOSS_NAMES`:
+
+  * "sampled_token": log p_s(x_t), log p_t(x_t) at ``temperature`` from the
+    chunked pass, then :func:`sampled_token_loss`. ``behaviour_logp`` and
+    ``clip_eps`` only apply here (other losses ignore them); ``extra_advantage``
+    with another loss is a ValueError.
+  * "reverse_kl" / "forward_kl" / "jsd" (``beta``) / "topk" (``k``,
+    ``topk_support``, ``topk_tail``, ``topk_direction``): per-token terms at
+    ``temperature`` reduced with :func:`masked_mean` (``normalize``).
+  * "overlap_aware" (``overlap_criterion``, ``overlap_topk``,
+    ``overlap_floor_prob``): dense reverse KL where the sampled token is on the
+    teacher's support, sampled-token term elsewhere; see
+    :func:`overlap_aware_loss` and :func:`overlap_gate`.
+
+  Gradients flow to the student hidden states, unembedding and bias only.
+  diagnostics (all stop_gradient'ed, ``[B, T]`` unless noted, temperature 1,
+  unmasked): ``teacher_logp``, ``student_logp`` (log-probs of the target),
+  full-vocab ``reverse_kl`` and ``forward_kl``, ``in_teacher_top{k}`` for each k in
+  ``diag_topk`` (1.0 if fewer than k teacher log-probs exceed the target's),
+  ``off_support`` (teacher prob of target < ``diag_floor_prob``), ``in_teacher_top_p``
+  (``diag_top_p``), ``tv`` and ``teacher_mass_on_student_top{k}`` (see
+  :func:`support_diagnostics`),
+  ``per_token_loss``; for "sampled_token" also ``k1``, ``advantage``, ``ratio``
+  and the scalar ``clip_fraction``; for "overlap_aware" also ``on_support`` (the
+  gate g_t), ``dense_term``, ``sampled_term``, ``k1`` and ``advantage``.
+  """
+  if chunk_size is None:  # unchunked_distill_loss
+    token_values = _full_token_values
+  else:
+    token_values = lambda *a, **kw: chunked_token_values(*a, chunk_size=chunk_size, **kw)
+  return _distill_loss(
+    token_values,
     student_hidden,
     student_unembed,
     teacher_hidden,
     teacher_unembed,
     targets,
     mask,
-    *,
-    loss: str,
-    chunk_size: int | None = 512,  # None: unchunked (full logits)
-    temperature: float = 1.0,
-    beta: float = 0.5,
-    k: int = 64,
-    topk_support: str = "teacher",
-    topk_tail: str = "bucket",
-    topk_direction: str = "reverse",
-    normalize: str = "token",
-    behaviour_logp=None,
-    clip_eps: float | None = None,
-    extra_advantage=None,
-    diag_topk=(1, 8),
-    diag_floor_prob: float = 1e-4,
-    diag_top_p: float = 0.9,
-    student_bias=None,
-    teacher_bias=None,
-    overlap_criterion: str = "teacher_topk",
-    overlap_topk: int = 8,
-    overlap_floor_prob: float = 1e-3,
-):
-    """Distillation loss from hidden states, chunked over T -> ``(loss, diagnostics)``.
-
-    Shapes as :func:`chunked_token_values`; ``mask [B, T]``; logits for position
-    t score ``targets[:, t]``. ``loss`` is one of :data:`LOSS_NAMES`:
-
-    * "sampled_token": log p_s(x_t), log p_t(x_t) at ``temperature`` from the
-      chunked pass, then :func:`sampled_token_loss`. ``behaviour_logp`` and
-      ``clip_eps`` only apply here (other losses ignore them); ``extra_advantage``
-      with another loss is a ValueError.
-    * "reverse_kl" / "forward_kl" / "jsd" (``beta``) / "topk" (``k``,
-      ``topk_support``, ``topk_tail``, ``topk_direction``): per-token terms at
-      ``temperature`` reduced with :func:`masked_mean` (``normalize``).
-    * "overlap_aware" (``overlap_criterion``, ``overlap_topk``,
-      ``overlap_floor_prob``): dense reverse KL where the sampled token is on the
-      teacher's support, sampled-token term elsewhere; see
-      :func:`overlap_aware_loss` and :func:`overlap_gate`.
-
-    Gradients flow to the student hidden states, unembedding and bias only.
-    diagnostics (all stop_gradient'ed, ``[B, T]`` unless noted, temperature 1,
-    unmasked): ``teacher_logp``, ``student_logp`` (log-probs of the target),
-    full-vocab ``reverse_kl`` and ``forward_kl``, ``in_teacher_top{k}`` for each k in
-    ``diag_topk`` (1.0 if fewer than k teacher log-probs exceed the target's),
-    ``off_support`` (teacher prob of target < ``diag_floor_prob``), ``in_teacher_top_p``
-    (``diag_top_p``), ``tv`` and ``teacher_mass_on_student_top{k}`` (see
-    :func:`support_diagnostics`),
-    ``per_token_loss``; for "sampled_token" also ``k1``, ``advantage``, ``ratio``
-    and the scalar ``clip_fraction``; for "overlap_aware" also ``on_support`` (the
-    gate g_t), ``dense_term``, ``sampled_term``, ``k1`` and ``advantage``.
-    """
-    if chunk_size is None:  # unchunked_distill_loss
-        token_values = _full_token_values
-    else:
-        token_values = lambda *a, **kw: chunked_token_values(*a, chunk_size=chunk_size, **kw)
-    return _distill_loss(
-        token_values, student_hidden, student_unembed, teacher_hidden, teacher_unembed,
-        targets, mask, loss=loss, temperature=temperature, beta=beta, k=k,
-        topk_support=topk_support, topk_tail=topk_tail, topk_direction=topk_direction,
-        normalize=normalize, behaviour_logp=behaviour_logp, clip_eps=clip_eps,
-        extra_advantage=extra_advantage, diag_topk=diag_topk,
-        diag_floor_prob=diag_floor_prob, diag_top_p=diag_top_p, student_bias=student_bias, teacher_bias=teacher_bias,
-        overlap_criterion=overlap_criterion, overlap_topk=overlap_topk,
-        overlap_floor_prob=overlap_floor_prob)
+    loss=loss,
+    temperature=temperature,
+    beta=beta,
+    k=k,
+    topk_support=topk_support,
+    topk_tail=topk_tail,
+    topk_direction=topk_direction,
+    normalize=normalize,
+    behaviour_logp=behaviour_logp,
+    clip_eps=clip_eps,
+    extra_advantage=extra_advantage,
+    diag_topk=diag_topk,
+    diag_floor_prob=diag_floor_prob,
+    diag_top_p=diag_top_p,
+    student_bias=student_bias,
+    teacher_bias=teacher_bias,
+    overlap_criterion=overlap_criterion,
+    overlap_topk=overlap_topk,
+    overlap_floor_prob=overlap_floor_prob,
+  )
 
 
 def unchunked_distill_loss(*args, **kwargs):
-    """Naive :func:`distill_loss`: materialises full ``[B, T, V]`` logits, no remat.
+  """Naive :func:`distill_loss`: materialises full ``[B, T, V]`` logits, no remat.
 
-    Same arguments and results (``chunk_size`` is ignored). The test reference for the
-    chunked kernel and the "naive" line of the memory bench.
-    """
-    kwargs["chunk_size"] = None
-    return distill_loss(*args, **kwargs)
+  Same arguments and results (``chunk_size`` is ignored). The test reference for the
+  chunked kernel and the "naive" line of the memory bench.
+  """
+  kwargs["chunk_size"] = None
+  return distill_loss(*args, **kwargs)

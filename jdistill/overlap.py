@@ -79,14 +79,19 @@ from jdistill import losses
 sg = jax.lax.stop_gradient
 
 QUANTILES = (5, 25, 50, 75, 95)
-DEFAULT_THRESHOLDS = dict(min_topk_coverage=0.5, max_off_support=0.2, k_for_alarm=8,
-                          on_support_coverage=0.9, on_support_max_off_support=0.05)
+DEFAULT_THRESHOLDS = dict(
+  min_topk_coverage=0.5,
+  max_off_support=0.2,
+  k_for_alarm=8,
+  on_support_coverage=0.9,
+  on_support_max_off_support=0.05,
+)
 ON, PARTIAL, OFF = "on-support", "partially on-support", "off-support"
 RECOMMENDATIONS = {
-    ON: "full-vocab reverse KL is fine",
-    PARTIAL: "consider the sampled-token loss or the overlap-aware loss",
-    OFF: "warmup SFT recommended (on this teacher's data), then a sampled-token or "
-         "overlap-aware loss",
+  ON: "full-vocab reverse KL is fine",
+  PARTIAL: "consider the sampled-token loss or the overlap-aware loss",
+  OFF: "warmup SFT recommended (on this teacher's data), then a sampled-token or "
+  "overlap-aware loss",
 }
 
 
@@ -105,9 +110,16 @@ def _check_metric_args(topks, top_p, floor_prob, student_k=None):
     raise ValueError(f"floor_prob must be in (0, 1], got {floor_prob!r}")
 
 
-def overlap_token_metrics(student_logits, teacher_logits, targets, *, topks=(1, 8, 32),
-                          top_p: float = 0.9, floor_prob: float = 1e-3,
-                          student_topks=None) -> dict:
+def overlap_token_metrics(
+  student_logits,
+  teacher_logits,
+  targets,
+  *,
+  topks=(1, 8, 32),
+  top_p: float = 0.9,
+  floor_prob: float = 1e-3,
+  student_topks=None,
+) -> dict:
   """Per-token support-overlap metrics (see the module docstring) -> dict of ``[...]``.
 
   ``student_logits``, ``teacher_logits``: ``[..., V]``; ``targets``: ``[...]`` int
@@ -117,19 +129,36 @@ def overlap_token_metrics(student_logits, teacher_logits, targets, *, topks=(1, 
   student_topks = tuple(topks) if student_topks is None else tuple(student_topks)
   _check_metric_args(topks, top_p, floor_prob, student_topks)
   if student_logits.shape != teacher_logits.shape:
-    raise ValueError(f"student_logits shape {student_logits.shape} != teacher_logits shape "
-                     f"{teacher_logits.shape}")
+    raise ValueError(
+      f"student_logits shape {student_logits.shape} != teacher_logits shape {teacher_logits.shape}"
+    )
   if targets.shape != student_logits.shape[:-1]:
-    raise ValueError(f"targets shape {targets.shape} != logits batch shape "
-                     f"{student_logits.shape[:-1]}")
-  return losses.support_diagnostics(losses.log_softmax(student_logits),
-                                    losses.log_softmax(teacher_logits), targets, tuple(topks),
-                                    floor_prob, top_p, student_topks)
+    raise ValueError(
+      f"targets shape {targets.shape} != logits batch shape {student_logits.shape[:-1]}"
+    )
+  return losses.support_diagnostics(
+    losses.log_softmax(student_logits),
+    losses.log_softmax(teacher_logits),
+    targets,
+    tuple(topks),
+    floor_prob,
+    top_p,
+    student_topks,
+  )
 
 
-def chunked_overlap_metrics(student_hidden, student_unembed, teacher_hidden, teacher_unembed,
-                            targets, *, chunk_size: int, student_bias=None, teacher_bias=None,
-                            **metric_kw) -> dict:
+def chunked_overlap_metrics(
+  student_hidden,
+  student_unembed,
+  teacher_hidden,
+  teacher_unembed,
+  targets,
+  *,
+  chunk_size: int,
+  student_bias=None,
+  teacher_bias=None,
+  **metric_kw,
+) -> dict:
   """:func:`overlap_token_metrics` from hidden states, chunked along T -> dict of ``[B, T]``.
 
   Shapes as ``losses.chunked_token_values`` (``student_hidden [B, T, Ds]``,
@@ -139,9 +168,17 @@ def chunked_overlap_metrics(student_hidden, student_unembed, teacher_hidden, tea
   Results are stop_gradient'ed and unmasked.
   """
   fn = functools.partial(overlap_token_metrics, **metric_kw)
-  values = losses.chunked_token_values(fn, student_hidden, student_unembed, teacher_hidden,
-                                       teacher_unembed, targets, chunk_size=chunk_size,
-                                       student_bias=student_bias, teacher_bias=teacher_bias)
+  values = losses.chunked_token_values(
+    fn,
+    student_hidden,
+    student_unembed,
+    teacher_hidden,
+    teacher_unembed,
+    targets,
+    chunk_size=chunk_size,
+    student_bias=student_bias,
+    teacher_bias=teacher_bias,
+  )
   return jax.tree.map(sg, values)
 
 
@@ -161,14 +198,20 @@ def _masked_stats(values: dict, mask: np.ndarray) -> dict:
     v = np.where(m != 0, np.asarray(v, np.float64), 0.0)
     weighted = (m * v).sum(axis=1)
     token_mean[key] = float(weighted.sum() / n_tokens) if n_tokens else float("nan")
-    seq_mean[key] = (float(np.mean(weighted[has] / tokens_per_seq[has])) if has.any()
-                     else float("nan"))
-  out = {"tokens": int(round(n_tokens)), "sequences": int(has.sum()),
-         "token_mean": token_mean, "sequence_mean": seq_mean}
+    seq_mean[key] = (
+      float(np.mean(weighted[has] / tokens_per_seq[has])) if has.any() else float("nan")
+    )
+  out = {
+    "tokens": int(round(n_tokens)),
+    "sequences": int(has.sum()),
+    "token_mean": token_mean,
+    "sequence_mean": seq_mean,
+  }
   if "teacher_logp" in values:
     sel = np.asarray(values["teacher_logp"], np.float64)[m != 0]
     out["teacher_logp_quantiles"] = {
-        f"p{q}": (float(np.percentile(sel, q)) if sel.size else float("nan")) for q in QUANTILES}
+      f"p{q}": (float(np.percentile(sel, q)) if sel.size else float("nan")) for q in QUANTILES
+    }
   return out
 
 
@@ -212,8 +255,13 @@ def _as_float(x) -> float:
     return float("nan")
 
 
-def overlap_alarms(metrics_per_teacher: Mapping[str, Mapping], *, min_topk_coverage: float,
-                   max_off_support: float, k: int) -> list[str]:
+def overlap_alarms(
+  metrics_per_teacher: Mapping[str, Mapping],
+  *,
+  min_topk_coverage: float,
+  max_off_support: float,
+  k: int,
+) -> list[str]:
   """Human-readable warnings for teachers whose rollouts look off their support.
 
   ``metrics_per_teacher``: ``{teacher: {"in_teacher_top{k}": float, "off_support":
@@ -229,14 +277,16 @@ def overlap_alarms(metrics_per_teacher: Mapping[str, Mapping], *, min_topk_cover
     off = _as_float(m["off_support"]) if "off_support" in m else float("nan")
     if cov < min_topk_coverage:
       alarms.append(
-          f"teacher {name!r}: only {cov:.0%} of student tokens fall in its top-{k} (threshold "
-          f"{min_topk_coverage:.0%}) — rollouts look off its support; consider a warmup SFT or "
-          "a sampled-token loss")
+        f"teacher {name!r}: only {cov:.0%} of student tokens fall in its top-{k} (threshold "
+        f"{min_topk_coverage:.0%}) — rollouts look off its support; consider a warmup SFT or "
+        "a sampled-token loss"
+      )
     if off > max_off_support:
       alarms.append(
-          f"teacher {name!r}: {off:.0%} of student tokens get teacher probability below the "
-          f"floor (threshold {max_off_support:.0%}) — rollouts look off its support; consider a "
-          "warmup SFT or a sampled-token loss")
+        f"teacher {name!r}: {off:.0%} of student tokens get teacher probability below the "
+        f"floor (threshold {max_off_support:.0%}) — rollouts look off its support; consider a "
+        "warmup SFT or a sampled-token loss"
+      )
   return alarms
 
 
@@ -246,9 +296,15 @@ def thresholds_from_config(config) -> dict:
   return {key: (o[key] if key in o else default) for key, default in DEFAULT_THRESHOLDS.items()}
 
 
-def reading(metrics: Mapping, *, min_topk_coverage: float = 0.5, max_off_support: float = 0.2,
-            k_for_alarm: int = 8, on_support_coverage: float = 0.9,
-            on_support_max_off_support: float = 0.05) -> dict:
+def reading(
+  metrics: Mapping,
+  *,
+  min_topk_coverage: float = 0.5,
+  max_off_support: float = 0.2,
+  k_for_alarm: int = 8,
+  on_support_coverage: float = 0.9,
+  on_support_max_off_support: float = 0.05,
+) -> dict:
   """Classifies one teacher's token-mean metrics -> ``{"verdict", "recommendation"}``.
 
   off-support if an alarm fires (:func:`overlap_alarms`), on-support if top-k coverage
@@ -257,15 +313,23 @@ def reading(metrics: Mapping, *, min_topk_coverage: float = 0.5, max_off_support
   """
   cov = _as_float(metrics.get(f"in_teacher_top{k_for_alarm}", float("nan")))
   off = _as_float(metrics.get("off_support", float("nan")))
-  if overlap_alarms({"_": metrics}, min_topk_coverage=min_topk_coverage,
-                    max_off_support=max_off_support, k=k_for_alarm):
+  if overlap_alarms(
+    {"_": metrics},
+    min_topk_coverage=min_topk_coverage,
+    max_off_support=max_off_support,
+    k=k_for_alarm,
+  ):
     verdict = OFF
   elif cov >= on_support_coverage and off <= on_support_max_off_support:
     verdict = ON
   else:
     verdict = PARTIAL
-  return {"verdict": verdict, "recommendation": RECOMMENDATIONS[verdict],
-          f"in_teacher_top{k_for_alarm}": cov, "off_support": off}
+  return {
+    "verdict": verdict,
+    "recommendation": RECOMMENDATIONS[verdict],
+    f"in_teacher_top{k_for_alarm}": cov,
+    "off_support": off,
+  }
 
 
 # --------------------------------------------------------------------------
@@ -275,13 +339,14 @@ def reading(metrics: Mapping, *, min_topk_coverage: float = 0.5, max_off_support
 
 def coverage_ks(vocab: int) -> list[int]:
   """1, 2, 4, ..., 256, capped at (and ending with) the vocabulary size."""
-  ks = [k for k in (2 ** i for i in range(8)) if k < min(256, vocab)]
+  ks = [k for k in (2**i for i in range(8)) if k < min(256, vocab)]
   return ks + [min(256, vocab)]
 
 
 def _prompt_rows(config, tokenizer, records, domains: Sequence[str], rows_per_domain: int):
   """Token ids of the first ``rows_per_domain`` prompts of each domain (cycled if fewer)."""
   from jdistill import data as data_lib
+
   d = config.data
   out = []
   for domain in domains:
@@ -290,8 +355,13 @@ def _prompt_rows(config, tokenizer, records, domains: Sequence[str], rows_per_do
     for rec in recs:
       if len(ids) == rows_per_domain:
         break
-      enc = data_lib.encode_prompt(rec, tokenizer, use_chat_template=d.use_chat_template,
-                                   max_prompt_len=d.max_prompt_len, overlong=d.overlong)
+      enc = data_lib.encode_prompt(
+        rec,
+        tokenizer,
+        use_chat_template=d.use_chat_template,
+        max_prompt_len=d.max_prompt_len,
+        overlong=d.overlong,
+      )
       if enc is not None:
         ids.append(enc)
     if not ids:
@@ -302,6 +372,7 @@ def _prompt_rows(config, tokenizer, records, domains: Sequence[str], rows_per_do
 
 def _score_fn(student_graphdef, teacher_graphdef, chunk_size: int, metric_kw: dict):
   from flax import nnx
+
   from jdistill import train_step as ts
 
   @jax.jit
@@ -311,8 +382,15 @@ def _score_fn(student_graphdef, teacher_graphdef, chunk_size: int, metric_kw: di
     hidden, _ = student(x["inputs"], x["positions"], kv_mask=x["kv_mask"])
     rows = tuple(range(x["inputs"].shape[0]))
     t_hidden, t_unembed = ts.teacher_hidden(teacher_graphdef, teacher_state, x, rows)
-    per_token = chunked_overlap_metrics(hidden, student.unembedding(), t_hidden, t_unembed,
-                                        x["targets"], chunk_size=chunk_size, **metric_kw)
+    per_token = chunked_overlap_metrics(
+      hidden,
+      student.unembedding(),
+      t_hidden,
+      t_unembed,
+      x["targets"],
+      chunk_size=chunk_size,
+      **metric_kw,
+    )
     return per_token, x["mask"]
 
   return score
@@ -328,8 +406,9 @@ def _nan_to_none(tree):
   return tree
 
 
-def measure(config, *, rows_per_domain: int = 16, use_checkpoint: bool = False,
-            seed: int | None = None) -> dict:
+def measure(
+  config, *, rows_per_domain: int = 16, use_checkpoint: bool = False, seed: int | None = None
+) -> dict:
   """Samples student rollouts per domain and scores them with the owning teachers.
 
   Returns the report written to ``overlap.json`` plus ``"_teacher_logp"`` (per teacher,
@@ -348,11 +427,17 @@ def measure(config, *, rows_per_domain: int = 16, use_checkpoint: bool = False,
   thresholds = thresholds_from_config(config)
   vocab = trainer.model_cfg.vocab_size
   curve_ks = coverage_ks(vocab)
-  topks = tuple(sorted(set(int(k) for k in config.overlap.topks) | set(curve_ks)
-                       | {int(thresholds["k_for_alarm"])}))
-  metric_kw = dict(topks=topks, top_p=float(config.overlap.top_p),
-                   floor_prob=float(config.overlap.floor_prob),
-                   student_topks=tuple(int(k) for k in config.overlap.topks))
+  topks = tuple(
+    sorted(
+      set(int(k) for k in config.overlap.topks) | set(curve_ks) | {int(thresholds["k_for_alarm"])}
+    )
+  )
+  metric_kw = dict(
+    topks=topks,
+    top_p=float(config.overlap.top_p),
+    floor_prob=float(config.overlap.floor_prob),
+    student_topks=tuple(int(k) for k in config.overlap.topks),
+  )
 
   files = config.data.eval_files or config.data.train_files
   records, _ = train.read_records(files, config)
@@ -370,19 +455,27 @@ def measure(config, *, rows_per_domain: int = 16, use_checkpoint: bool = False,
   width = max(len(ids) for _, ids in padded)
   prompt_tokens = np.full((len(padded), width), pad_id, np.int32)
   for i, (_, ids) in enumerate(padded):
-    prompt_tokens[i, :len(ids)] = ids
-  prompts = {"prompt_tokens": prompt_tokens,
-             "prompt_lengths": np.asarray([len(ids) for _, ids in padded], np.int32)}
+    prompt_tokens[i, : len(ids)] = ids
+  prompts = {
+    "prompt_tokens": prompt_tokens,
+    "prompt_lengths": np.asarray([len(ids) for _, ids in padded], np.int32),
+  }
   rng = jax.random.key(config.seed if seed is None else seed)
   batch = jax.device_get(trainer.rollouts(prompts, rng))
   batch = {k: np.asarray(v)[:n_real] for k, v in batch.items()}
   row_domain = np.asarray([domains.index(d) for d, _ in rows], np.int32)
 
-  report = {"source": files, "rows_per_domain": rows_per_domain,
-            "max_new_tokens": int(config.sampling.max_new_tokens), "vocab": vocab,
-            "thresholds": dict(thresholds, floor_prob=metric_kw["floor_prob"],
-                               top_p=metric_kw["top_p"]), "coverage_ks": curve_ks, "teachers": {}, "domains": {},
-            "_teacher_logp": {}}
+  report = {
+    "source": files,
+    "rows_per_domain": rows_per_domain,
+    "max_new_tokens": int(config.sampling.max_new_tokens),
+    "vocab": vocab,
+    "thresholds": dict(thresholds, floor_prob=metric_kw["floor_prob"], top_p=metric_kw["top_p"]),
+    "coverage_ks": curve_ks,
+    "teachers": {},
+    "domains": {},
+    "_teacher_logp": {},
+  }
   alarm_input = {}
   for i, name in enumerate(trainer.names):
     own = [domains.index(d) for d in owners[name] if d in domains]
@@ -391,15 +484,15 @@ def measure(config, *, rows_per_domain: int = 16, use_checkpoint: bool = False,
       continue
     sub = {k: v[sel] for k, v in batch.items()}
     teacher_graphdef, teacher_state = trainer.teacher(i)
-    score = _score_fn(trainer.student_graphdef, teacher_graphdef,
-                      int(config.loss.chunk_size), metric_kw)
+    score = _score_fn(
+      trainer.student_graphdef, teacher_graphdef, int(config.loss.chunk_size), metric_kw
+    )
     per_token, mask = jax.device_get(score(trainer.params, teacher_state, sub))
     per_token = {k: np.asarray(v) for k, v in per_token.items()}
     mask = np.asarray(mask)
     whole = aggregate(per_token, mask, np.zeros(sel.size, np.int32), 1)[0]
     whole["domains"] = list(owners[name])
-    whole["coverage_curve"] = {str(k): whole["token_mean"][f"in_teacher_top{k}"]
-                               for k in curve_ks}
+    whole["coverage_curve"] = {str(k): whole["token_mean"][f"in_teacher_top{k}"] for k in curve_ks}
     whole["reading"] = reading(whole["token_mean"], **thresholds)
     report["teachers"][name] = whole
     alarm_input[name] = whole["token_mean"]
@@ -408,38 +501,56 @@ def measure(config, *, rows_per_domain: int = 16, use_checkpoint: bool = False,
     for j, agg in aggregate(per_token, mask, local, len(own)).items():
       agg["teacher"] = name
       report["domains"][domains[own[j]]] = agg
-  report["alarms"] = overlap_alarms(alarm_input, min_topk_coverage=thresholds["min_topk_coverage"],
-                                    max_off_support=thresholds["max_off_support"],
-                                    k=int(thresholds["k_for_alarm"]))
+  report["alarms"] = overlap_alarms(
+    alarm_input,
+    min_topk_coverage=thresholds["min_topk_coverage"],
+    max_off_support=thresholds["max_off_support"],
+    k=int(thresholds["k_for_alarm"]),
+  )
   return report
 
 
-_TABLE_KEYS = (("teacher_logp", "logp", "{:>8.3f}"), ("in_teacher_top1", "top1", "{:>7.1%}"),
-               ("in_teacher_top8", "top8", "{:>7.1%}"), ("in_teacher_top32", "top32", "{:>7.1%}"),
-               ("in_teacher_top_p", "top-p", "{:>7.1%}"), ("off_support", "off", "{:>7.1%}"),
-               ("reverse_kl", "RKL", "{:>8.3f}"), ("forward_kl", "FKL", "{:>8.3f}"),
-               ("tv", "TV", "{:>7.3f}"),
-               ("teacher_mass_on_student_top8", "mass@s8", "{:>8.1%}"))
+_TABLE_KEYS = (
+  ("teacher_logp", "logp", "{:>8.3f}"),
+  ("in_teacher_top1", "top1", "{:>7.1%}"),
+  ("in_teacher_top8", "top8", "{:>7.1%}"),
+  ("in_teacher_top32", "top32", "{:>7.1%}"),
+  ("in_teacher_top_p", "top-p", "{:>7.1%}"),
+  ("off_support", "off", "{:>7.1%}"),
+  ("reverse_kl", "RKL", "{:>8.3f}"),
+  ("forward_kl", "FKL", "{:>8.3f}"),
+  ("tv", "TV", "{:>7.3f}"),
+  ("teacher_mass_on_student_top8", "mass@s8", "{:>8.1%}"),
+)
 
 
 def format_table(report: dict) -> str:
   """The stdout table: one line per teacher, then per domain, then readings and alarms."""
-  keys = [(k, h, f) for k, h, f in _TABLE_KEYS
-          if any(k in t["token_mean"] for t in report["teachers"].values())]
+  keys = [
+    (k, h, f)
+    for k, h, f in _TABLE_KEYS
+    if any(k in t["token_mean"] for t in report["teachers"].values())
+  ]
   head = f"{'':<16}{'tokens':>7}" + "".join(
-      f"{h:>8}" if f.startswith("{:>8") else f"{h:>7}" for _, h, f in keys)
+    f"{h:>8}" if f.startswith("{:>8") else f"{h:>7}" for _, h, f in keys
+  )
 
   def line(label, agg):
-    cells = "".join(f.format(agg["token_mean"][k]) if k in agg["token_mean"] else " " * 8
-                    for k, _, f in keys)
+    cells = "".join(
+      f.format(agg["token_mean"][k]) if k in agg["token_mean"] else " " * 8 for k, _, f in keys
+    )
     return f"{label:<16}{agg['tokens']:>7}" + cells
 
-  out = [f"support overlap: {report['rows_per_domain']} rollouts/domain, "
-         f"{report['max_new_tokens']} new tokens, prompts from {report['source']}",
-         "token means over student-sampled tokens (logp = teacher log-prob; topk / top-p = "
-         "share inside the teacher's top-k / nucleus; off = below the floor prob; mass@s8 = "
-         "teacher mass on the student's top-8)", "",
-         "per teacher", head]
+  out = [
+    f"support overlap: {report['rows_per_domain']} rollouts/domain, "
+    f"{report['max_new_tokens']} new tokens, prompts from {report['source']}",
+    "token means over student-sampled tokens (logp = teacher log-prob; topk / top-p = "
+    "share inside the teacher's top-k / nucleus; off = below the floor prob; mass@s8 = "
+    "teacher mass on the student's top-8)",
+    "",
+    "per teacher",
+    head,
+  ]
   out += [line(name, t) for name, t in report["teachers"].items()]
   out += ["", "per domain", head]
   out += [line(f"{d} ({agg['teacher']})", agg) for d, agg in report["domains"].items()]
@@ -454,6 +565,7 @@ def format_table(report: dict) -> str:
 def plot(report: dict, out_dir: str) -> tuple[str, str]:
   """``teacher_logp_hist.png`` and ``topk_coverage.png`` under ``out_dir``."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
@@ -483,8 +595,13 @@ def plot(report: dict, out_dir: str) -> tuple[str, str]:
   for name, t in report["teachers"].items():
     ax.plot(ks, [t["coverage_curve"][str(k)] for k in ks], marker="o", label=name)
   th = report["thresholds"]
-  ax.axhline(th["min_topk_coverage"], color="red", ls="--", lw=1,
-             label=f"alarm threshold (at k={th['k_for_alarm']})")
+  ax.axhline(
+    th["min_topk_coverage"],
+    color="red",
+    ls="--",
+    lw=1,
+    label=f"alarm threshold (at k={th['k_for_alarm']})",
+  )
   ax.axvline(th["k_for_alarm"], color="red", ls=":", lw=1)
   ax.set_xscale("log", base=2)
   ax.set_xticks(ks, [str(k) for k in ks])
@@ -500,8 +617,9 @@ def plot(report: dict, out_dir: str) -> tuple[str, str]:
   return hist_path, cov_path
 
 
-def run(config, *, out_dir: str | None = None, rows_per_domain: int = 16,
-        use_checkpoint: bool = False) -> dict:
+def run(
+  config, *, out_dir: str | None = None, rows_per_domain: int = 16, use_checkpoint: bool = False
+) -> dict:
   """The command: measure, write overlap.json + PNGs, print the table. Returns the report."""
   out_dir = out_dir or os.path.join(config.output_dir, "overlap")
   os.makedirs(out_dir, exist_ok=True)
@@ -518,8 +636,10 @@ def run(config, *, out_dir: str | None = None, rows_per_domain: int = 16,
 def main(argv):
   del argv
   from absl import flags
+
   from jdistill import config as config_lib
   from jdistill import distributed
+
   fl = flags.FLAGS
   config = fl.config
   try:
@@ -527,8 +647,7 @@ def main(argv):
   except ValueError as e:
     sys.exit(f"jdistill.overlap: bad config: {e}")
   distributed.initialize()
-  run(config, out_dir=fl.out, rows_per_domain=fl.rows_per_domain,
-      use_checkpoint=fl.use_checkpoint)
+  run(config, out_dir=fl.out, rows_per_domain=fl.rows_per_domain, use_checkpoint=fl.use_checkpoint)
 
 
 if __name__ == "__main__":
@@ -536,11 +655,15 @@ if __name__ == "__main__":
 
   from absl import app, flags
   from ml_collections import config_flags
+
   config_flags.DEFINE_config_file("config", None, "Path to a get_config() file.", lock_config=True)
   flags.mark_flag_as_required("config")
   flags.DEFINE_string("out", None, "Output directory (default <output_dir>/overlap).")
   flags.DEFINE_integer("rows_per_domain", 16, "Student rollouts per domain.")
-  flags.DEFINE_bool("use_checkpoint", False,
-                    "Restore the latest checkpoint of config.checkpoint.dir as the student.")
+  flags.DEFINE_bool(
+    "use_checkpoint",
+    False,
+    "Restore the latest checkpoint of config.checkpoint.dir as the student.",
+  )
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
   app.run(main)

@@ -42,6 +42,7 @@ DEFAULT_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 # --- configuration ---------------------------------------------------------------
 
+
 def _is_int(x) -> bool:
   return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
@@ -79,13 +80,20 @@ class SamplingParams:
 
     if not _is_int(self.max_new_tokens) or self.max_new_tokens <= 0:
       bad("max_new_tokens", self.max_new_tokens, "a positive integer")
-    if (not isinstance(self.temperature, (int, float, np.floating)) or isinstance(self.temperature, bool)
-        or not math.isfinite(self.temperature) or self.temperature < 0):
+    if (
+      not isinstance(self.temperature, (int, float, np.floating))
+      or isinstance(self.temperature, bool)
+      or not math.isfinite(self.temperature)
+      or self.temperature < 0
+    ):
       bad("temperature", self.temperature, "a finite float >= 0 (0 = greedy)")
     if not _is_int(self.top_k) or self.top_k < 0:
       bad("top_k", self.top_k, "an integer >= 0 (0 = off)")
-    if (not isinstance(self.top_p, (int, float, np.floating)) or isinstance(self.top_p, bool)
-        or not 0.0 < self.top_p <= 1.0):
+    if (
+      not isinstance(self.top_p, (int, float, np.floating))
+      or isinstance(self.top_p, bool)
+      or not 0.0 < self.top_p <= 1.0
+    ):
       bad("top_p", self.top_p, "a float in (0, 1] (1.0 = off)")
     if not all(_is_int(s) and s >= 0 for s in self.stop_token_ids):
       bad("stop_token_ids", self.stop_token_ids, "a tuple of token ids >= 0")
@@ -106,17 +114,22 @@ class SamplingParams:
 
 class Knobs(NamedTuple):
   """The traced (non-static) sampling values: changing them never recompiles."""
+
   temperature: jax.Array  # f32 []
-  top_k: jax.Array        # i32 []
-  top_p: jax.Array        # f32 []
-  stop_ids: jax.Array     # i32 [n_stop]
-  pad_id: jax.Array       # i32 []
+  top_k: jax.Array  # i32 []
+  top_p: jax.Array  # f32 []
+  stop_ids: jax.Array  # i32 [n_stop]
+  pad_id: jax.Array  # i32 []
 
 
 def knobs_of(params: SamplingParams) -> Knobs:
-  return Knobs(np.float32(params.temperature if params.temperature > 0 else 1.0),
-               np.int32(params.top_k), np.float32(params.top_p),
-               np.asarray(params.stop_token_ids, np.int32).reshape(-1), np.int32(params.pad_id))
+  return Knobs(
+    np.float32(params.temperature if params.temperature > 0 else 1.0),
+    np.int32(params.top_k),
+    np.float32(params.top_p),
+    np.asarray(params.stop_token_ids, np.int32).reshape(-1),
+    np.int32(params.pad_id),
+  )
 
 
 @jax.tree_util.register_dataclass
@@ -133,6 +146,7 @@ class Rollouts:
                                       (after temperature / top-k / top-p; 0 when greedy)
   Log-probs are 0 outside the completion mask.
   """
+
   tokens: jax.Array
   prompt_lengths: jax.Array
   completion_lengths: jax.Array
@@ -143,39 +157,50 @@ class Rollouts:
 
 # --- host-side prompt handling ---------------------------------------------------
 
+
 def prompt_arrays(prompts, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
   """Normalises `prompts` to right-padded `(tokens [B, P0] int32, lengths [B] int32)`.
 
   `prompts` is a list of token-id lists, or `(tokens [B, P0], lengths [B])`.
   """
-  if (isinstance(prompts, tuple) and len(prompts) == 2 and np.ndim(prompts[0]) == 2
-      and np.ndim(prompts[1]) == 1):
+  if (
+    isinstance(prompts, tuple)
+    and len(prompts) == 2
+    and np.ndim(prompts[0]) == 2
+    and np.ndim(prompts[1]) == 1
+  ):
     tokens = np.asarray(prompts[0])
     lengths = np.asarray(prompts[1])
     if tokens.ndim != 2 or tokens.shape[0] != lengths.shape[0]:
-      raise ValueError(f"prompts: expected (tokens [B, P0], lengths [B]); got shapes "
-                       f"{tokens.shape} and {lengths.shape}")
+      raise ValueError(
+        f"prompts: expected (tokens [B, P0], lengths [B]); got shapes "
+        f"{tokens.shape} and {lengths.shape}"
+      )
     if not (np.issubdtype(tokens.dtype, np.integer) and np.issubdtype(lengths.dtype, np.integer)):
       raise ValueError("prompts: tokens and lengths must be integer arrays")
     if tokens.shape[0] == 0:
       raise ValueError("prompts: the batch is empty")
     if np.any(lengths <= 0):
-      raise ValueError(f"prompts: prompt {int(np.argmin(lengths))} is empty (length "
-                       f"{int(lengths.min())}); every prompt needs at least one token")
+      raise ValueError(
+        f"prompts: prompt {int(np.argmin(lengths))} is empty (length "
+        f"{int(lengths.min())}); every prompt needs at least one token"
+      )
     if np.any(lengths > tokens.shape[1]):
-      raise ValueError(f"prompts: a length {int(lengths.max())} exceeds the token array width "
-                       f"{tokens.shape[1]}")
+      raise ValueError(
+        f"prompts: a length {int(lengths.max())} exceeds the token array width {tokens.shape[1]}"
+      )
     return tokens.astype(np.int32), lengths.astype(np.int32)
   prompts = list(prompts)
   if not prompts:
     raise ValueError("prompts: the batch is empty")
   lengths = np.asarray([len(p) for p in prompts], np.int32)
   if np.any(lengths == 0):
-    raise ValueError(f"prompts: prompt {int(np.argmin(lengths))} is empty; every prompt needs "
-                     f"at least one token")
+    raise ValueError(
+      f"prompts: prompt {int(np.argmin(lengths))} is empty; every prompt needs at least one token"
+    )
   tokens = np.full((len(prompts), int(lengths.max())), pad_id, np.int32)
   for i, p in enumerate(prompts):
-    tokens[i, :len(p)] = np.asarray(p, np.int64)
+    tokens[i, : len(p)] = np.asarray(p, np.int64)
   return tokens, lengths
 
 
@@ -184,12 +209,17 @@ def choose_bucket(max_len: int, buckets: Sequence[int]) -> int:
   for b in sorted(buckets):
     if b >= max_len:
       return b
-  raise ValueError(f"prompt length {max_len} exceeds the largest prompt bucket {max(buckets)} "
-                   f"(SamplingParams.prompt_buckets={tuple(buckets)})")
+  raise ValueError(
+    f"prompt length {max_len} exceeds the largest prompt bucket {max(buckets)} "
+    f"(SamplingParams.prompt_buckets={tuple(buckets)})"
+  )
 
 
 def left_align(tokens: np.ndarray, lengths: np.ndarray, bucket: int, pad_id: int) -> np.ndarray:
-  """Right-padded `[B, P0]` → left-padded `[B, bucket]`: row b's tokens at `[bucket-len_b, bucket)`."""
+  """Right-padded `[B, P0]` → left-padded `[B, bucket]`.
+
+  Row b's tokens land at `[bucket - len_b, bucket)`.
+  """
   src = np.arange(bucket)[None, :] - (bucket - lengths[:, None])  # [B, bucket]
   gathered = np.take_along_axis(tokens, np.clip(src, 0, tokens.shape[1] - 1), axis=1)
   return np.where(src >= 0, gathered, pad_id).astype(np.int32)
@@ -200,11 +230,14 @@ def pad_rows(tokens: np.ndarray, lengths: np.ndarray, multiple: int, pad_id: int
   extra = (-tokens.shape[0]) % multiple
   if not extra:
     return tokens, lengths
-  return (np.concatenate([tokens, np.full((extra, tokens.shape[1]), pad_id, np.int32)]),
-          np.concatenate([lengths, np.ones((extra,), np.int32)]))
+  return (
+    np.concatenate([tokens, np.full((extra, tokens.shape[1]), pad_id, np.int32)]),
+    np.concatenate([lengths, np.ones((extra,), np.int32)]),
+  )
 
 
 # --- pure device-side pieces -----------------------------------------------------
+
 
 def cache_layout(lengths: jax.Array, bucket: int, cache_len: int) -> tuple[jax.Array, jax.Array]:
   """Prompt positions `[B, bucket]` and the attention key mask `[B, cache_len]`.
@@ -240,8 +273,9 @@ def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.
   return jnp.where(logits >= threshold, logits, -jnp.inf)
 
 
-def sample_step(logits: jax.Array, key: jax.Array, knobs: Knobs, *, greedy: bool,
-                filtered: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+def sample_step(
+  logits: jax.Array, key: jax.Array, knobs: Knobs, *, greedy: bool, filtered: bool
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Draws one token per row from f32 logits `[B, V]`.
 
   Returns (tokens [B] int32, logprobs [B] under the raw softmax, sampling_logprobs [B]
@@ -266,17 +300,25 @@ def _pick(x: jax.Array, idx: jax.Array) -> jax.Array:
   return jnp.take_along_axis(x, idx[:, None], axis=-1)[:, 0]
 
 
-def decode_step(model, cache: Cache, kv_mask: jax.Array, tokens: jax.Array, positions: jax.Array,
-                slot: jax.Array) -> tuple[jax.Array, Cache]:
+def decode_step(
+  model, cache: Cache, kv_mask: jax.Array, tokens: jax.Array, positions: jax.Array, slot: jax.Array
+) -> tuple[jax.Array, Cache]:
   """Feeds one token per row (`tokens`, `positions` `[B]`) at cache `slot` → f32 logits `[B, V]`."""
-  hidden, cache = model(tokens[:, None], positions[:, None], kv_mask=kv_mask, cache=cache,
-                        cache_index=slot)
+  hidden, cache = model(
+    tokens[:, None], positions[:, None], kv_mask=kv_mask, cache=cache, cache_index=slot
+  )
   return model.logits(hidden)[:, 0], cache
 
 
-def to_right_padded(prompt_left: jax.Array, generated: jax.Array, gen_logp: jax.Array,
-                    gen_slogp: jax.Array, lengths: jax.Array, completion_lengths: jax.Array,
-                    pad_id: jax.Array) -> Rollouts:
+def to_right_padded(
+  prompt_left: jax.Array,
+  generated: jax.Array,
+  gen_logp: jax.Array,
+  gen_slogp: jax.Array,
+  lengths: jax.Array,
+  completion_lengths: jax.Array,
+  pad_id: jax.Array,
+) -> Rollouts:
   """Left-aligned cache layout → right-padded rollouts, by one gather per array.
 
   prompt_left `[B, P]` (row b's prompt in `[P - len_b, P)`), generated / gen_logp /
@@ -297,15 +339,17 @@ def to_right_padded(prompt_left: jax.Array, generated: jax.Array, gen_logp: jax.
     return jnp.where(where, jnp.take_along_axis(full, src, axis=1), fill)
 
   return Rollouts(
-      tokens=gather(prompt_left, generated, pad_id, in_seq).astype(jnp.int32),
-      prompt_lengths=lengths.astype(jnp.int32),
-      completion_lengths=completion_lengths.astype(jnp.int32),
-      completion_mask=mask.astype(jnp.float32),
-      logprobs=gather(zeros, gen_logp, 0.0, mask),
-      sampling_logprobs=gather(zeros, gen_slogp, 0.0, mask))
+    tokens=gather(prompt_left, generated, pad_id, in_seq).astype(jnp.int32),
+    prompt_lengths=lengths.astype(jnp.int32),
+    completion_lengths=completion_lengths.astype(jnp.int32),
+    completion_mask=mask.astype(jnp.float32),
+    logprobs=gather(zeros, gen_logp, 0.0, mask),
+    sampling_logprobs=gather(zeros, gen_slogp, 0.0, mask),
+  )
 
 
 # --- the sampler -----------------------------------------------------------------
+
 
 class _Key(NamedTuple):
   batch: int
@@ -342,9 +386,16 @@ class Sampler:
       memory stays allocated); by default a fresh cache is made per call.
   """
 
-  def __init__(self, graphdef, mesh: Mesh, rules: shd.Rules = shd.DEFAULT_RULES,
-               cache_dtype: Any = None, *, max_cache_len: int | None = None,
-               keep_cache: bool = False):
+  def __init__(
+    self,
+    graphdef,
+    mesh: Mesh,
+    rules: shd.Rules = shd.DEFAULT_RULES,
+    cache_dtype: Any = None,
+    *,
+    max_cache_len: int | None = None,
+    keep_cache: bool = False,
+  ):
     self.graphdef = graphdef
     self.mesh = mesh
     self.rules = tuple(rules)
@@ -364,7 +415,9 @@ class Sampler:
     return shd.batch_sharding(self.mesh, ndim, self.rules)
 
   def _cache_sharding(self, shape) -> NamedSharding:
-    spec = shd.logical_to_spec(("batch", None, "kv_heads", "head_dim"), shape, self.mesh, self.rules)
+    spec = shd.logical_to_spec(
+      ("batch", None, "kv_heads", "head_dim"), shape, self.mesh, self.rules
+    )
     return NamedSharding(self.mesh, spec)
 
   # -- compiled pieces --
@@ -378,7 +431,9 @@ class Sampler:
     cache_len = bucket + n_new
     cache_shape = (key.batch, cache_len, cfg.num_kv_heads, cfg.head_dim)
     cache_sh = self._cache_sharding(cache_shape)
-    constrain_cache = lambda c: jax.lax.with_sharding_constraint(c, jax.tree.map(lambda _: cache_sh, c))
+    constrain_cache = lambda c: jax.lax.with_sharding_constraint(
+      c, jax.tree.map(lambda _: cache_sh, c)
+    )
     b1, b2 = self._batch(1), self._batch(2)
     graphdef, sampler = self.graphdef, self
 
@@ -400,8 +455,9 @@ class Sampler:
       model = nnx.merge(graphdef, state)
       _, kv_mask = cache_layout(lengths, bucket, cache_len)
       batch = lengths.shape[0]
-      sample = lambda lg, t: sample_step(lg, jax.random.fold_in(rng, t), knobs,
-                                         greedy=key.greedy, filtered=key.filtered)
+      sample = lambda lg, t: sample_step(
+        lg, jax.random.fold_in(rng, t), knobs, greedy=key.greedy, filtered=key.filtered
+      )
       is_stop = lambda tok: jnp.any(tok[:, None] == knobs.stop_ids[None, :], axis=-1)
 
       def record(carry, tok, lp, slp):
@@ -412,8 +468,16 @@ class Sampler:
         toks = toks.at[:, t].set(tok)
         lps = lps.at[:, t].set(jnp.where(live, lp, 0.0))
         slps = slps.at[:, t].set(jnp.where(live, slp, 0.0))
-        return (t + 1, cache, tok, done | (live & is_stop(tok)), count + live.astype(jnp.int32),
-                toks, lps, slps)
+        return (
+          t + 1,
+          cache,
+          tok,
+          done | (live & is_stop(tok)),
+          count + live.astype(jnp.int32),
+          toks,
+          lps,
+          slps,
+        )
 
       def body(carry):
         t, cache, prev = carry[0], carry[1], carry[2]
@@ -425,18 +489,29 @@ class Sampler:
         return (carry[0] < n_new) & ~jnp.all(carry[3])
 
       zeros_f = jax.lax.with_sharding_constraint(jnp.zeros((batch, n_new), jnp.float32), b2)
-      init = (jnp.int32(0), cache, jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), bool),
-              jnp.zeros((batch,), jnp.int32),
-              jax.lax.with_sharding_constraint(jnp.full((batch, n_new), knobs.pad_id, jnp.int32), b2),
-              zeros_f, zeros_f)
+      init = (
+        jnp.int32(0),
+        cache,
+        jnp.zeros((batch,), jnp.int32),
+        jnp.zeros((batch,), bool),
+        jnp.zeros((batch,), jnp.int32),
+        jax.lax.with_sharding_constraint(jnp.full((batch, n_new), knobs.pad_id, jnp.int32), b2),
+        zeros_f,
+        zeros_f,
+      )
       carry = record(init, *sample(logits, 0))
       _, cache, _, _, count, toks, lps, slps = jax.lax.while_loop(cond, body, carry)
       out = to_right_padded(prompt_left, toks, lps, slps, lengths, count, knobs.pad_id)
-      out = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, b1 if x.ndim == 1 else b2), out)
+      out = jax.tree.map(
+        lambda x: jax.lax.with_sharding_constraint(x, b1 if x.ndim == 1 else b2), out
+      )
       return constrain_cache(cache), out
 
-    return (jax.jit(alloc), jax.jit(prefill, donate_argnums=(1,)),
-            jax.jit(decode, donate_argnums=(1,)))
+    return (
+      jax.jit(alloc),
+      jax.jit(prefill, donate_argnums=(1,)),
+      jax.jit(decode, donate_argnums=(1,)),
+    )
 
   # -- public --
   def model_config(self, state):
@@ -467,23 +542,33 @@ class Sampler:
     bucket = choose_bucket(tokens.shape[1], params.prompt_buckets)
     cache_len = bucket + params.max_new_tokens
     if self.max_cache_len is not None and cache_len > self.max_cache_len:
-      raise ValueError(f"prompt bucket {bucket} + max_new_tokens {params.max_new_tokens} = "
-                       f"{cache_len} cache slots exceed the cache limit max_cache_len="
-                       f"{self.max_cache_len}")
+      raise ValueError(
+        f"prompt bucket {bucket} + max_new_tokens {params.max_new_tokens} = "
+        f"{cache_len} cache slots exceed the cache limit max_cache_len="
+        f"{self.max_cache_len}"
+      )
     n_rows = tokens.shape[0]
     if jax.process_count() > 1:
       # Each process passes its own rows; they are joined process-major into the global batch.
       local_dp = self.data_parallel_size() // jax.process_count()
       if self.data_parallel_size() % jax.process_count() or n_rows % max(local_dp, 1):
-        raise ValueError(f"{n_rows} prompt rows per process do not divide over the "
-                         f"{self.data_parallel_size()} data-parallel shards of "
-                         f"{jax.process_count()} processes")
+        raise ValueError(
+          f"{n_rows} prompt rows per process do not divide over the "
+          f"{self.data_parallel_size()} data-parallel shards of "
+          f"{jax.process_count()} processes"
+        )
     else:
       tokens, lengths = pad_rows(tokens, lengths, self.data_parallel_size(), params.pad_id)
     left = left_align(tokens, lengths, bucket, params.pad_id)
     global_rows = left.shape[0] * jax.process_count()
-    key = _Key(global_rows, bucket, params.max_new_tokens, params.greedy, params.filtered,
-               len(params.stop_token_ids))
+    key = _Key(
+      global_rows,
+      bucket,
+      params.max_new_tokens,
+      params.greedy,
+      params.filtered,
+      len(params.stop_token_ids),
+    )
     alloc, prefill, decode = self._compiled(key, cfg)
     cache = self._caches.pop(key, None) or alloc()
     left_d = jax.make_array_from_process_local_data(self._batch(2), left)
@@ -500,8 +585,9 @@ class Sampler:
   def _check_ids(tokens: np.ndarray, lengths: np.ndarray, params: SamplingParams, vocab: int):
     bad_stop = [s for s in params.stop_token_ids if not 0 <= s < vocab]
     if bad_stop:
-      raise ValueError(f"SamplingParams.stop_token_ids {bad_stop} are outside the vocabulary "
-                       f"[0, {vocab})")
+      raise ValueError(
+        f"SamplingParams.stop_token_ids {bad_stop} are outside the vocabulary [0, {vocab})"
+      )
     real = np.arange(tokens.shape[1])[None, :] < lengths[:, None]
     if np.any(real & ((tokens < 0) | (tokens >= vocab))):
       raise ValueError(f"prompts: token ids must lie in [0, {vocab})")

@@ -15,7 +15,8 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 MeshAxes = str | tuple[str, ...] | None
 Rules = Sequence[tuple[str, MeshAxes]]
@@ -23,20 +24,21 @@ Rules = Sequence[tuple[str, MeshAxes]]
 # Batch over data-parallel axes; weights FSDP-sharded on `embed`, Megatron-style
 # tensor parallel on heads / mlp / vocab.
 DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
-    ("batch", ("data", "fsdp")),
-    ("vocab", "tensor"),
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("head_dim", None),
-    ("norm", None),
-    ("seq", None),
+  ("batch", ("data", "fsdp")),
+  ("vocab", "tensor"),
+  ("embed", "fsdp"),
+  ("mlp", "tensor"),
+  ("heads", "tensor"),
+  ("kv_heads", "tensor"),
+  ("head_dim", None),
+  ("norm", None),
+  ("seq", None),
 )
 
 
-def make_mesh(axes: Sequence[tuple[str, int]] | dict[str, int],
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(
+  axes: Sequence[tuple[str, int]] | dict[str, int], devices: Sequence[jax.Device] | None = None
+) -> Mesh:
   """Mesh with the named axes; at most one size may be -1 ("the rest of the devices")."""
   items = list(axes.items()) if isinstance(axes, dict) else list(axes)
   devices = list(jax.devices() if devices is None else devices)
@@ -52,16 +54,21 @@ def make_mesh(axes: Sequence[tuple[str, int]] | dict[str, int],
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if len(devices) % known:
-      raise ValueError(f"mesh axes {dict(items)}: {len(devices)} devices are not divisible by {known}")
+      raise ValueError(
+        f"mesh axes {dict(items)}: {len(devices)} devices are not divisible by {known}"
+      )
     sizes[sizes.index(-1)] = len(devices) // known
   if math.prod(sizes) != len(devices):
-    raise ValueError(f"mesh axes {dict(zip(names, sizes))} multiply to {math.prod(sizes)}, "
-                     f"but there are {len(devices)} devices")
+    raise ValueError(
+      f"mesh axes {dict(zip(names, sizes))} multiply to {math.prod(sizes)}, "
+      f"but there are {len(devices)} devices"
+    )
   return Mesh(np.asarray(devices).reshape(sizes), tuple(names))
 
 
-def logical_to_spec(logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
-                    rules: Rules = DEFAULT_RULES) -> P:
+def logical_to_spec(
+  logical_axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Rules = DEFAULT_RULES
+) -> P:
   """PartitionSpec for an array with these logical axis names on this mesh."""
   table = dict(rules)
   used: set[str] = set()
@@ -90,11 +97,13 @@ def _is_variable(x) -> bool:
 
 def state_shardings(state: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
   """NamedSharding per leaf of an nnx State; leaves without `logical_axes` are replicated."""
+
   def one(var):
     axes = getattr(var, "logical_axes", None)
     shape = var.shape
     spec = P() if axes is None else logical_to_spec(axes, shape, mesh, rules)
     return var.replace(NamedSharding(mesh, spec))
+
   return jax.tree.map(one, state, is_leaf=_is_variable)
 
 
@@ -115,8 +124,9 @@ def batch_sharding(mesh: Mesh, ndim: int, rules: Rules = DEFAULT_RULES) -> Named
   return NamedSharding(mesh, P(first, *([None] * (ndim - 1))))
 
 
-def create_sharded(constructor: Callable[[], nnx.Module], mesh: Mesh,
-                   rules: Rules = DEFAULT_RULES) -> nnx.Module:
+def create_sharded(
+  constructor: Callable[[], nnx.Module], mesh: Mesh, rules: Rules = DEFAULT_RULES
+) -> nnx.Module:
   """Builds a module whose parameters are created directly in their shards.
 
   `nnx.eval_shape` gives the abstract state; a jitted init with `out_shardings`
@@ -133,13 +143,19 @@ def create_sharded(constructor: Callable[[], nnx.Module], mesh: Mesh,
   return nnx.merge(graphdef, state)
 
 
-def abstract_sharded_state(constructor: Callable[[], nnx.Module], mesh: Mesh,
-                           rules: Rules = DEFAULT_RULES):
+def abstract_sharded_state(
+  constructor: Callable[[], nnx.Module], mesh: Mesh, rules: Rules = DEFAULT_RULES
+):
   """(graphdef, abstract state of ShapeDtypeStructs carrying their NamedShardings)."""
   abstract = nnx.eval_shape(constructor)
   graphdef, abstract_state = nnx.split(abstract)
   shardings = state_shardings(abstract_state, mesh, rules)
   sds = jax.tree.map(
-      lambda var, sh: var.replace(jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=sh.get_value())),
-      abstract_state, shardings, is_leaf=_is_variable)
+    lambda var, sh: var.replace(
+      jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=sh.get_value())
+    ),
+    abstract_state,
+    shardings,
+    is_leaf=_is_variable,
+  )
   return graphdef, sds

@@ -22,10 +22,10 @@ SPECIAL_TOKENS = (PAD, BOS, EOS, IM_START, IM_END)
 # ChatML: one block per message, then (optionally) the opening of the
 # assistant's turn, which is where the student starts generating.
 CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+  "{% for message in messages %}"
+  "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+  "{% endfor %}"
+  "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
 # Files of which at least one must exist for a directory to hold a tokenizer.
@@ -43,13 +43,15 @@ def load_tokenizer(path: str) -> transformers.PreTrainedTokenizerBase:
     raise FileNotFoundError(f"tokenizer directory not found: {path!r}")
   if not any(os.path.exists(os.path.join(path, f)) for f in _TOKENIZER_FILES):
     raise ValueError(
-        f"no tokenizer files in {path!r} (expected one of {', '.join(_TOKENIZER_FILES)})")
+      f"no tokenizer files in {path!r} (expected one of {', '.join(_TOKENIZER_FILES)})"
+    )
   return transformers.AutoTokenizer.from_pretrained(
-      path, local_files_only=True, trust_remote_code=False)
+    path, local_files_only=True, trust_remote_code=False
+  )
 
 
 def train_tiny_tokenizer(
-    out_dir: str, texts: Iterable[str], vocab_size: int = 512
+  out_dir: str, texts: Iterable[str], vocab_size: int = 512
 ) -> transformers.PreTrainedTokenizerFast:
   """Trains a byte-level BPE tokenizer on ``texts`` and saves it to ``out_dir``.
 
@@ -73,18 +75,18 @@ def train_tiny_tokenizer(
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
   trainer = trainers.BpeTrainer(
-      vocab_size=vocab_size,
-      special_tokens=list(SPECIAL_TOKENS),
-      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-      show_progress=False,
+    vocab_size=vocab_size,
+    special_tokens=list(SPECIAL_TOKENS),
+    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    show_progress=False,
   )
   tok.train_from_iterator(list(texts), trainer=trainer)
   fast = transformers.PreTrainedTokenizerFast(
-      tokenizer_object=tok,
-      pad_token=PAD,
-      bos_token=BOS,
-      eos_token=EOS,
-      additional_special_tokens=[IM_START, IM_END],
+    tokenizer_object=tok,
+    pad_token=PAD,
+    bos_token=BOS,
+    eos_token=EOS,
+    additional_special_tokens=[IM_START, IM_END],
   )
   fast.chat_template = CHATML_TEMPLATE
   os.makedirs(out_dir, exist_ok=True)

@@ -17,9 +17,7 @@ import ml_collections
 from flax import nnx
 
 from jdistill.config import base_config, teacher_config
-
-from jdistill.models import ModelConfig, Transformer
-from jdistill.models import hf
+from jdistill.models import ModelConfig, Transformer, hf
 from jdistill.tokenizer import train_tiny_tokenizer
 
 DOMAINS = {"math": "math", "code": "code"}
@@ -43,14 +41,22 @@ PROMPTS = {"math": _math_prompt, "code": _code_prompt}
 def write_prompts(path: str, n_per_domain: int, seed: int) -> str:
   rng = random.Random(seed)
   with open(path, "w") as f:
-    for i in range(n_per_domain):
+    for _ in range(n_per_domain):
       for domain, make in PROMPTS.items():
         f.write(json.dumps({"domain": domain, "prompt": make(rng)}) + "\n")
   return path
 
 
-def random_model_dir(out_dir: str, cfg: ModelConfig, seed: int, tokenizer, *,
-                     unembed_scale: float = 1.0, preferred_ids=(), preference: float = 0.0) -> str:
+def random_model_dir(
+  out_dir: str,
+  cfg: ModelConfig,
+  seed: int,
+  tokenizer,
+  *,
+  unembed_scale: float = 1.0,
+  preferred_ids=(),
+  preference: float = 0.0,
+) -> str:
   """Random jdistill model exported as HF.
 
   `unembed_scale` sharpens its next-token distributions. With `preference > 0` the model is
@@ -72,12 +78,21 @@ def random_model_dir(out_dir: str, cfg: ModelConfig, seed: int, tokenizer, *,
 
 
 def _token_ids(tokenizer, words: str) -> list[int]:
-  return sorted({i for w in words.split() for i in tokenizer.encode(" " + w)} |
-                {i for w in words.split() for i in tokenizer.encode(w)})
+  return sorted(
+    {i for w in words.split() for i in tokenizer.encode(" " + w)}
+    | {i for w in words.split() for i in tokenizer.encode(w)}
+  )
 
 
-def make_toy_world(root: str, *, hidden: int = 64, layers: int = 2, n_train: int = 64,
-                   n_eval: int = 16, seed: int = 0) -> dict[str, str]:
+def make_toy_world(
+  root: str,
+  *,
+  hidden: int = 64,
+  layers: int = 2,
+  n_train: int = 64,
+  n_eval: int = 16,
+  seed: int = 0,
+) -> dict[str, str]:
   """Writes tokenizer, prompt files, two teachers and a student under `root`; returns paths."""
   os.makedirs(root, exist_ok=True)
   rng = random.Random(seed)
@@ -86,41 +101,65 @@ def make_toy_world(root: str, *, hidden: int = 64, layers: int = 2, n_train: int
   tok_dir = os.path.join(root, "tokenizer")
   tokenizer = train_tiny_tokenizer(tok_dir, texts, vocab_size=384)
   vocab = len(tokenizer)
-  base = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
-              num_layers=layers, num_heads=4, num_kv_heads=2, head_dim=hidden // 4)
+  base = dict(
+    vocab_size=vocab,
+    hidden_size=hidden,
+    intermediate_size=2 * hidden,
+    num_layers=layers,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=hidden // 4,
+  )
   math_ids = _token_ids(tokenizer, "0 1 2 3 4 5 6 7 8 9 + - * = compute steps")
   code_ids = _token_ids(tokenizer, "def return python function sort parse list string tree")
   teachers = {
-      "math": random_model_dir(os.path.join(root, "teacher_math"),
-                               ModelConfig(model_type="llama", **base), seed + 1, tokenizer,
-                               unembed_scale=15.0, preferred_ids=math_ids, preference=2.0),
-      "code": random_model_dir(os.path.join(root, "teacher_code"),
-                               ModelConfig(model_type="qwen3", qk_norm=True, **base), seed + 2,
-                               tokenizer, unembed_scale=15.0, preferred_ids=code_ids,
-                               preference=2.0),
+    "math": random_model_dir(
+      os.path.join(root, "teacher_math"),
+      ModelConfig(model_type="llama", **base),
+      seed + 1,
+      tokenizer,
+      unembed_scale=15.0,
+      preferred_ids=math_ids,
+      preference=2.0,
+    ),
+    "code": random_model_dir(
+      os.path.join(root, "teacher_code"),
+      ModelConfig(model_type="qwen3", qk_norm=True, **base),
+      seed + 2,
+      tokenizer,
+      unembed_scale=15.0,
+      preferred_ids=code_ids,
+      preference=2.0,
+    ),
   }
-  student = random_model_dir(os.path.join(root, "student"),
-                             ModelConfig(model_type="llama", **base), seed + 3, tokenizer)
+  student = random_model_dir(
+    os.path.join(root, "student"), ModelConfig(model_type="llama", **base), seed + 3, tokenizer
+  )
   return {
-      "tokenizer": tok_dir,
-      "student": student,
-      "teacher_math": teachers["math"],
-      "teacher_code": teachers["code"],
-      "train": write_prompts(os.path.join(root, "train.jsonl"), n_train, seed),
-      "eval": write_prompts(os.path.join(root, "eval.jsonl"), n_eval, seed + 100),
+    "tokenizer": tok_dir,
+    "student": student,
+    "teacher_math": teachers["math"],
+    "teacher_code": teachers["code"],
+    "train": write_prompts(os.path.join(root, "train.jsonl"), n_train, seed),
+    "eval": write_prompts(os.path.join(root, "eval.jsonl"), n_eval, seed + 100),
   }
 
 
 def tiny_config(paths: dict[str, str]):
-  """The embedded CPU config: two teachers (math: reverse KL, code: sampled-token) on a toy world."""
+  """The embedded CPU config: two teachers on a toy world.
+
+  math: reverse KL (a Llama teacher); code: sampled-token (a Qwen3 teacher).
+  """
   c = base_config()
   c.output_dir = "runs/opd_tiny"
   c.student.path = paths["student"]
   c.tokenizer = paths["tokenizer"]
-  c.teachers = ml_collections.ConfigDict({
+  c.teachers = ml_collections.ConfigDict(
+    {
       "math": teacher_config(paths["teacher_math"], "math", loss="reverse_kl", weight=1.0),
       "code": teacher_config(paths["teacher_code"], "code", loss="sampled_token", weight=1.0),
-  })
+    }
+  )
   c.data.train_files = paths["train"]
   c.data.eval_files = paths["eval"]
   c.data.max_prompt_len = 32

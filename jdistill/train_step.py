@@ -33,7 +33,7 @@ class TeacherSpec:
   """Static description of one teacher inside the step."""
 
   name: str
-  loss: str           # a config.LOSSES name
+  loss: str  # a config.LOSSES name
   weight: float
   rows: tuple[int, ...]  # rows of the global batch this teacher scores
 
@@ -46,13 +46,17 @@ def teacher_rows(n_teachers: int, slots: int, process_count: int = 1) -> list[tu
   `p * n_teachers * local + i * local + j`.
   """
   local = slots // process_count
-  return [tuple(p * n_teachers * local + i * local + j for p in range(process_count)
-                for j in range(local)) for i in range(n_teachers)]
+  return [
+    tuple(
+      p * n_teachers * local + i * local + j for p in range(process_count) for j in range(local)
+    )
+    for i in range(n_teachers)
+  ]
 
 
 def _take_rows(x, rows: tuple[int, ...]):
   if rows == tuple(range(rows[0], rows[0] + len(rows))):
-    return x[rows[0]:rows[0] + len(rows)]
+    return x[rows[0] : rows[0] + len(rows)]
   return jnp.take(x, jnp.asarray(rows), axis=0)
 
 
@@ -76,18 +80,35 @@ class LossSettings:
 
 def loss_kwargs(loss: str, s: LossSettings) -> dict:
   """`losses.distill_loss` keyword arguments for a teacher's configured loss name."""
-  kw = dict(chunk_size=s.chunk_size, temperature=s.temperature, normalize=s.normalize,
-            diag_topk=s.diag_topk, diag_floor_prob=s.diag_floor_prob, diag_top_p=s.diag_top_p)
+  kw = dict(
+    chunk_size=s.chunk_size,
+    temperature=s.temperature,
+    normalize=s.normalize,
+    diag_topk=s.diag_topk,
+    diag_floor_prob=s.diag_floor_prob,
+    diag_top_p=s.diag_top_p,
+  )
   if loss.startswith("topk_"):
-    return dict(kw, loss="topk", k=s.topk, topk_support=loss[len("topk_"):], topk_tail=s.topk_tail,
-                topk_direction=s.topk_direction)
+    return dict(
+      kw,
+      loss="topk",
+      k=s.topk,
+      topk_support=loss[len("topk_") :],
+      topk_tail=s.topk_tail,
+      topk_direction=s.topk_direction,
+    )
   if loss == "jsd":
     return dict(kw, loss="jsd", beta=s.beta)
   if loss == "sampled_token" and s.clip_eps > 0:
     return dict(kw, loss=loss, clip_eps=s.clip_eps)
   if loss == "overlap_aware":
-    return dict(kw, loss=loss, overlap_criterion=s.overlap_criterion, overlap_topk=s.overlap_topk,
-                overlap_floor_prob=s.overlap_floor_prob)
+    return dict(
+      kw,
+      loss=loss,
+      overlap_criterion=s.overlap_criterion,
+      overlap_topk=s.overlap_topk,
+      overlap_floor_prob=s.overlap_floor_prob,
+    )
   return dict(kw, loss=loss)
 
 
@@ -96,17 +117,24 @@ def shifted_inputs(batch: dict) -> dict:
   tokens = batch["tokens"]
   b, length = tokens.shape
   positions = jnp.broadcast_to(jnp.arange(length - 1), (b, length - 1))
-  return dict(inputs=tokens[:, :-1], targets=tokens[:, 1:], positions=positions,
-              kv_mask=positions < batch["lengths"][:, None],
-              mask=batch["completion_mask"][:, 1:].astype(jnp.float32),
-              behaviour_logp=batch["logprobs"][:, 1:].astype(jnp.float32))
+  return dict(
+    inputs=tokens[:, :-1],
+    targets=tokens[:, 1:],
+    positions=positions,
+    kv_mask=positions < batch["lengths"][:, None],
+    mask=batch["completion_mask"][:, 1:].astype(jnp.float32),
+    behaviour_logp=batch["logprobs"][:, 1:].astype(jnp.float32),
+  )
 
 
 def teacher_hidden(graphdef, state, x: dict, rows: tuple[int, ...]):
   """Frozen teacher's final hidden states `[S, L-1, D]` and unembedding on its rows."""
   teacher = nnx.merge(graphdef, state)
-  hidden, _ = teacher(_take_rows(x["inputs"], rows), _take_rows(x["positions"], rows),
-                      kv_mask=_take_rows(x["kv_mask"], rows))
+  hidden, _ = teacher(
+    _take_rows(x["inputs"], rows),
+    _take_rows(x["positions"], rows),
+    kv_mask=_take_rows(x["kv_mask"], rows),
+  )
   return sg(hidden), sg(teacher.unembedding())
 
 
@@ -126,24 +154,36 @@ def group_hidden(graphdef, state, x: dict, rows: Sequence[tuple[int, ...]]):
     return hidden, teacher.unembedding()
 
   take = lambda a: jnp.stack([_take_rows(a, r) for r in rows])  # noqa: E731
-  hidden, unembed = jax.vmap(forward)(state, take(x["inputs"]), take(x["positions"]),
-                                      take(x["kv_mask"]))
+  hidden, unembed = jax.vmap(forward)(
+    state, take(x["inputs"]), take(x["positions"]), take(x["kv_mask"])
+  )
   return [(sg(hidden[j]), sg(unembed[j])) for j in range(len(rows))]
 
 
 def teacher_metrics(diag: dict, mask) -> dict:
   """Token means over the completion of the loss kernel's per-token diagnostics."""
-  per_token = {k: v for k, v in diag.items()
-               if getattr(v, "ndim", 0) == 2 and k not in ("k1", "advantage", "ratio", "per_token_loss", "dense_term", "sampled_term")}
+  per_token = {
+    k: v
+    for k, v in diag.items()
+    if getattr(v, "ndim", 0) == 2
+    and k not in ("k1", "advantage", "ratio", "per_token_loss", "dense_term", "sampled_term")
+  }
   per_token["k1_reverse_kl"] = diag["student_logp"] - diag["teacher_logp"]
   out = {k: losses.masked_mean(v, mask, "token") for k, v in per_token.items()}
   out["tokens"] = jnp.sum(mask)
   return out
 
 
-def distill_objective(params, student_graphdef, teacher_graphdefs, teacher_states, batch,
-                      specs: Sequence[TeacherSpec], settings: LossSettings,
-                      groups: Sequence[tuple[int, ...]] | None = None):
+def distill_objective(
+  params,
+  student_graphdef,
+  teacher_graphdefs,
+  teacher_states,
+  batch,
+  specs: Sequence[TeacherSpec],
+  settings: LossSettings,
+  groups: Sequence[tuple[int, ...]] | None = None,
+):
   """Weighted sum over teachers of their loss on their rows → (loss, metrics).
 
   `groups` lists teacher indices (into `specs`) that share one graphdef and a stacked
@@ -165,21 +205,40 @@ def distill_objective(params, student_graphdef, teacher_graphdefs, teacher_state
     rows = lambda a: _take_rows(a, spec.rows)  # noqa: E731
     t_hidden, t_unembed = teacher_out[i]
     loss, diag = losses.distill_loss(
-        rows(hidden), unembed, t_hidden, t_unembed, rows(x["targets"]), rows(x["mask"]),
-        # The sampler ran the current params (on-policy), so the importance ratio only matters
-        # for PPO clipping; without it the plain k1 policy gradient is used.
-        behaviour_logp=(rows(x["behaviour_logp"])
-                        if spec.loss == "sampled_token" and settings.clip_eps > 0 else None),
-        **loss_kwargs(spec.loss, settings))
+      rows(hidden),
+      unembed,
+      t_hidden,
+      t_unembed,
+      rows(x["targets"]),
+      rows(x["mask"]),
+      # The sampler ran the current params (on-policy), so the importance ratio only matters
+      # for PPO clipping; without it the plain k1 policy gradient is used.
+      behaviour_logp=(
+        rows(x["behaviour_logp"])
+        if spec.loss == "sampled_token" and settings.clip_eps > 0
+        else None
+      ),
+      **loss_kwargs(spec.loss, settings),
+    )
     total = total + spec.weight * loss
     metrics[spec.name] = dict(teacher_metrics(diag, rows(x["mask"])), loss=loss)
   return total, metrics
 
 
-def make_optimizer(lr: float, *, steps: int, warmup_steps: int = 0, schedule: str = "cosine",
-                   end_lr_ratio: float = 0.1, weight_decay: float = 0.0, b1: float = 0.9,
-                   b2: float = 0.95, eps: float = 1e-8, max_grad_norm: float = 1.0,
-                   grad_accum: int = 1) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(
+  lr: float,
+  *,
+  steps: int,
+  warmup_steps: int = 0,
+  schedule: str = "cosine",
+  end_lr_ratio: float = 0.1,
+  weight_decay: float = 0.0,
+  b1: float = 0.9,
+  b2: float = 0.95,
+  eps: float = 1e-8,
+  max_grad_norm: float = 1.0,
+  grad_accum: int = 1,
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """AdamW with linear warmup then cosine/linear/constant decay, global-norm clipping,
   and gradient accumulation over `grad_accum` calls (optax.MultiSteps).
 
@@ -196,8 +255,11 @@ def make_optimizer(lr: float, *, steps: int, warmup_steps: int = 0, schedule: st
     decay = optax.linear_schedule(lr, end, decay_steps)
   else:
     decay = optax.constant_schedule(lr)
-  sched = optax.join_schedules([optax.linear_schedule(0.0, lr, warmup_steps), decay],
-                               [warmup_steps]) if warmup_steps else decay
+  sched = (
+    optax.join_schedules([optax.linear_schedule(0.0, lr, warmup_steps), decay], [warmup_steps])
+    if warmup_steps
+    else decay
+  )
   chain = []
   if max_grad_norm > 0:
     chain.append(optax.clip_by_global_norm(max_grad_norm))
@@ -208,15 +270,26 @@ def make_optimizer(lr: float, *, steps: int, warmup_steps: int = 0, schedule: st
   return opt, lambda call: sched(call // grad_accum)
 
 
-def train_step(state: dict, teacher_states: tuple, batch: dict, *, student_graphdef,
-               teacher_graphdefs: tuple, specs: tuple[TeacherSpec, ...], settings: LossSettings,
-               optimizer: optax.GradientTransformation, schedule: optax.Schedule,
-               groups: tuple[tuple[int, ...], ...] | None = None):
+def train_step(
+  state: dict,
+  teacher_states: tuple,
+  batch: dict,
+  *,
+  student_graphdef,
+  teacher_graphdefs: tuple,
+  specs: tuple[TeacherSpec, ...],
+  settings: LossSettings,
+  optimizer: optax.GradientTransformation,
+  schedule: optax.Schedule,
+  groups: tuple[tuple[int, ...], ...] | None = None,
+):
   """One OPD update. Returns (new_state, metrics). A non-finite loss or gradient leaves
   params and optimizer state unchanged and reports `metrics["finite"] = 0`."""
+
   def objective(params):
-    return distill_objective(params, student_graphdef, teacher_graphdefs, teacher_states,
-                             batch, specs, settings, groups)
+    return distill_objective(
+      params, student_graphdef, teacher_graphdefs, teacher_states, batch, specs, settings, groups
+    )
 
   (loss, per_teacher), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
   grad_norm = optax.tree.norm(grads)
@@ -231,6 +304,11 @@ def train_step(state: dict, teacher_states: tuple, batch: dict, *, student_graph
 
   params, opt_state = jax.lax.cond(finite, update, keep, None)
   new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
-  metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite.astype(jnp.float32),
-             "lr": schedule(state["step"]), "teachers": per_teacher}
+  metrics = {
+    "loss": loss,
+    "grad_norm": grad_norm,
+    "finite": finite.astype(jnp.float32),
+    "lr": schedule(state["step"]),
+    "teachers": per_teacher,
+  }
   return new_state, metrics

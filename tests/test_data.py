@@ -16,8 +16,10 @@ TEACHERS = {"mathT": ["math", "logic"], "codeT": ["code"]}
 def _records():
   recs = [{"domain": "math", "prompt": f"what is {i} plus {i + 1}?"} for i in range(9)]
   recs += [{"domain": "logic", "prompt": f"is {i} even or odd"} for i in range(4)]
-  recs += [{"domain": "code", "messages": [{"role": "user", "content": f"write a function f{i}"}]}
-           for i in range(6)]
+  recs += [
+    {"domain": "code", "messages": [{"role": "user", "content": f"write a function f{i}"}]}
+    for i in range(6)
+  ]
   return recs
 
 
@@ -48,7 +50,7 @@ def _take(batcher, n, state=None):
 
 
 def _text(tok, batch, row):
-  return tok.decode(batch["prompt_tokens"][row, :batch["prompt_lengths"][row]])
+  return tok.decode(batch["prompt_tokens"][row, : batch["prompt_lengths"][row]])
 
 
 # ---------------------------------------------------------------------------- tokenizer
@@ -64,7 +66,8 @@ def test_tokenizer_roundtrip(tmp_path, tok_dir):
   assert loaded.pad_token_id == 0 and len(loaded) == len(trained) <= 280
   msgs = [{"role": "user", "content": "hi"}]
   assert loaded.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == (
-      "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+    "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+  )
   with pytest.raises(FileNotFoundError):
     load_tokenizer(str(tmp_path / "missing"))
   (tmp_path / "empty").mkdir()
@@ -76,7 +79,9 @@ def test_tokenizer_roundtrip(tmp_path, tok_dir):
 
 
 def _write_jsonl(path, lines):
-  path.write_text("\n".join(l if isinstance(l, str) else json.dumps(l) for l in lines) + "\n")
+  path.write_text(
+    "\n".join(line if isinstance(line, str) else json.dumps(line) for line in lines) + "\n"
+  )
   return str(path)
 
 
@@ -90,14 +95,17 @@ def test_read_jsonl_and_parquet(tmp_path):
   assert n == 0 and records == recs
 
 
-@pytest.mark.parametrize("bad, why", [
+@pytest.mark.parametrize(
+  "bad, why",
+  [
     ("{not json", "bad JSON"),
     ({"prompt": "x"}, "missing 'domain'"),
     ({"domain": "math"}, "neither"),
     ({"domain": "math", "prompt": 3}, "must be a string"),
     ({"domain": "math", "prompt": "   "}, "empty"),
     ({"domain": "math", "messages": [{"role": "user"}]}, "content"),
-])
+  ],
+)
 def test_malformed_jsonl(tmp_path, bad, why):
   lines = [{"domain": "math", "prompt": "ok"}, bad, {"domain": "code", "prompt": "ok"}]
   path = _write_jsonl(tmp_path / "p.jsonl", lines)
@@ -197,7 +205,7 @@ def test_process_sharding(tok):
   assert locs[0]["prompt_tokens"].shape == (4, 48)
   # Teacher-major: teacher t's block is the concatenation of each process's block t.
   for k in glob:
-    parts = [loc[k][t * 2:(t + 1) * 2] for t in range(2) for loc in locs]
+    parts = [loc[k][t * 2 : (t + 1) * 2] for t in range(2) for loc in locs]
     np.testing.assert_array_equal(np.concatenate(parts), glob[k])
 
 
@@ -218,15 +226,20 @@ def test_drop_overlong(tok):
     _take(_batcher(tok, recs, overlong="drop", max_prompt_len=3), 1)
 
 
-@pytest.mark.parametrize("kw, match", [
+@pytest.mark.parametrize(
+  "kw, match",
+  [
     (dict(records=_records() + [{"domain": "poetry", "prompt": "x"}]), "poetry"),
-    (dict(records=[r for r in _records() if r["domain"] != "code"]),
-     "teacher 'codeT' has no prompts"),
+    (
+      dict(records=[r for r in _records() if r["domain"] != "code"]),
+      "teacher 'codeT' has no prompts",
+    ),
     (dict(process_count=3), "not divisible"),
     (dict(process_count=2, process_index=2), "process_index"),
     (dict(slots_per_teacher=0), "slots_per_teacher"),
     (dict(overlong="cut"), "overlong"),
-])
+  ],
+)
 def test_config_errors(tok, kw, match):
   with pytest.raises(ValueError, match=match):
     _batcher(tok, **kw)
@@ -234,5 +247,12 @@ def test_config_errors(tok, kw, match):
 
 def test_domain_in_two_teachers(tok):
   with pytest.raises(ValueError, match="two teachers"):
-    PromptBatcher(_records(), tok, {"a": ["math"], "b": ["math", "code", "logic"]},
-                  slots_per_teacher=2, max_prompt_len=16, pad_id=0, seed=0)
+    PromptBatcher(
+      _records(),
+      tok,
+      {"a": ["math"], "b": ["math", "code", "logic"]},
+      slots_per_teacher=2,
+      max_prompt_len=16,
+      pad_id=0,
+      seed=0,
+    )

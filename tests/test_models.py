@@ -12,8 +12,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from jdistill import sharding as shd
-from jdistill.models import ModelConfig, Transformer
-from jdistill.models import hf
+from jdistill.models import ModelConfig, Transformer, hf
 from jdistill.models.testing import tiny_hf_model
 
 VOCAB = 128
@@ -31,8 +30,11 @@ def _padded_batch():
 
 def _torch_logits(model, tokens, mask, positions):
   with torch.no_grad():
-    return model(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(mask.astype(np.int64)),
-                 position_ids=torch.tensor(positions)).logits.numpy()
+    return model(
+      input_ids=torch.tensor(tokens),
+      attention_mask=torch.tensor(mask.astype(np.int64)),
+      position_ids=torch.tensor(positions),
+    ).logits.numpy()
 
 
 @jax.jit
@@ -42,13 +44,23 @@ def _forward(graphdef, state, tokens, positions, mask):
 
 def _jd_logits(model, tokens, mask, positions):
   graphdef, state = nnx.split(model)
-  return np.asarray(_forward(graphdef, state, jnp.asarray(tokens), jnp.asarray(positions),
-                             jnp.asarray(mask)))
+  return np.asarray(
+    _forward(graphdef, state, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(mask))
+  )
 
 
-@pytest.fixture(scope="module", params=[("llama", False), ("llama", True), ("qwen2", False),
-                                        ("qwen2", True), ("qwen3", False), ("qwen3", True)],
-                ids=lambda p: f"{p[0]}-{'tied' if p[1] else 'untied'}")
+@pytest.fixture(
+  scope="module",
+  params=[
+    ("llama", False),
+    ("llama", True),
+    ("qwen2", False),
+    ("qwen2", True),
+    ("qwen3", False),
+    ("qwen3", True),
+  ],
+  ids=lambda p: f"{p[0]}-{'tied' if p[1] else 'untied'}",
+)
 def hf_pair(request, tmp_path_factory):
   kind, tie = request.param
   torch_model = tiny_hf_model(kind, tie=tie, vocab_size=VOCAB)
@@ -72,14 +84,18 @@ def test_logits_match_transformers(hf_pair):
 
 def test_export_round_trip(hf_pair, tmp_path):
   from transformers import AutoModelForCausalLM
+
   _, _, torch_model, path = hf_pair
   model = hf.from_hf(path)
   hf.to_hf(model, str(tmp_path / "export"))
-  reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "export"), local_files_only=True).eval()
+  reloaded = AutoModelForCausalLM.from_pretrained(
+    str(tmp_path / "export"), local_files_only=True
+  ).eval()
   tokens, mask, positions = _padded_batch()
   ref = _torch_logits(torch_model, tokens, mask, positions)
-  np.testing.assert_allclose(_torch_logits(reloaded, tokens, mask, positions)[mask], ref[mask],
-                             atol=1e-5)
+  np.testing.assert_allclose(
+    _torch_logits(reloaded, tokens, mask, positions)[mask], ref[mask], atol=1e-5
+  )
 
 
 def test_import_sharded_safetensors_directory(tmp_path):
@@ -126,13 +142,15 @@ def test_sharded_forward_equals_single_device(tmp_path):
 def test_create_sharded_init_places_shards():
   mesh = shd.make_mesh({"fsdp": 4, "tensor": -1})
   assert dict(mesh.shape) == {"fsdp": 4, "tensor": 2}
-  cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_heads=4,
-                    num_kv_heads=2, head_dim=8)
+  cfg = ModelConfig(
+    vocab_size=64, hidden_size=32, intermediate_size=64, num_heads=4, num_kv_heads=2, head_dim=8
+  )
   model = shd.create_sharded(lambda: Transformer(cfg, nnx.Rngs(0)), mesh)
   gate = nnx.state(model, nnx.Param)["layers"][1]["mlp"]["gate_proj"].get_value()
   assert gate.sharding.spec == P("fsdp", "tensor")
   assert gate.addressable_shards[0].data.shape == (8, 32)
-  # indivisible dimension (kv_heads=2 on tensor=2 divides; vocab 64 / 2 ok) → check replication fallback
+  # an indivisible dimension falls back to replication
+  # (kv_heads=2 on tensor=2 divides; vocab 64 / 2 is fine)
   assert shd.logical_to_spec(("kv_heads",), (3,), mesh) == P(None)
 
 
@@ -152,14 +170,18 @@ def test_bf16_compute_f32_params_and_remat(tmp_path):
 
 # --- bad input ----------------------------------------------------------------
 
-@pytest.mark.parametrize("field,value,match", [
+
+@pytest.mark.parametrize(
+  "field,value,match",
+  [
     ("model_type", "gpt2", "model_type"),
     ("num_kv_heads", 3, "num_kv_heads"),
     ("hidden_size", 0, "hidden_size"),
     ("dtype", "float64", "dtype"),
     ("rope_scaling", (("rope_type", "yarn"),), "rope_type"),
     ("rope_scaling", (("rope_type", "llama3"), ("factor", 8.0)), "low_freq_factor"),
-])
+  ],
+)
 def test_bad_model_config(field, value, match):
   with pytest.raises(ValueError, match=match):
     ModelConfig(**{field: value})
@@ -176,6 +198,7 @@ def test_bad_mesh():
 
 def _broken_copy(src, dst, edit):
   from safetensors.numpy import load_file, save_file
+
   os.makedirs(dst)
   tensors = load_file(os.path.join(src, "model.safetensors"))
   config = json.load(open(os.path.join(src, "config.json")))
@@ -208,7 +231,10 @@ def test_malformed_checkpoints(tmp_path):
   with pytest.raises(ValueError, match="model_type='mamba'"):
     hf.from_hf(_broken_copy(src, str(tmp_path / "c"), unknown))
   os.makedirs(tmp_path / "pickle")
-  json.dump(json.load(open(os.path.join(src, "config.json"))), open(tmp_path / "pickle" / "config.json", "w"))
+  json.dump(
+    json.load(open(os.path.join(src, "config.json"))),
+    open(tmp_path / "pickle" / "config.json", "w"),
+  )
   (tmp_path / "pickle" / "pytorch_model.bin").write_bytes(b"not loaded")
   with pytest.raises(ValueError, match="pickle files are never"):
     hf.from_hf(str(tmp_path / "pickle"))

@@ -9,8 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jdistill import losses
-from jdistill import overlap
+from jdistill import losses, overlap
 
 RTOL, ATOL = 1e-5, 1e-6
 
@@ -22,8 +21,9 @@ def np_log_softmax(x):
 
 
 def _metrics(s, t, targets, **kw):
-  out = overlap.overlap_token_metrics(jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32),
-                                      jnp.asarray(targets, jnp.int32), **kw)
+  out = overlap.overlap_token_metrics(
+    jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32), jnp.asarray(targets, jnp.int32), **kw
+  )
   return {k: np.asarray(v) for k, v in out.items()}
 
 
@@ -45,8 +45,9 @@ def test_teacher_equals_student_full_overlap():
   np.testing.assert_allclose(m["teacher_logp"], m["student_logp"], rtol=RTOL, atol=ATOL)
   p = np.exp(np_log_softmax(logits))
   np.testing.assert_allclose(m["teacher_mass_on_student_top1"], p.max(-1), rtol=RTOL)
-  np.testing.assert_allclose(m["teacher_mass_on_student_top8"],
-                             np.sort(p, -1)[..., ::-1][..., :8].sum(-1), rtol=RTOL)
+  np.testing.assert_allclose(
+    m["teacher_mass_on_student_top8"], np.sort(p, -1)[..., ::-1][..., :8].sum(-1), rtol=RTOL
+  )
   np.testing.assert_allclose(m["teacher_mass_on_student_top32"], 1.0, rtol=RTOL)  # k capped at V
 
 
@@ -54,8 +55,8 @@ def test_disjoint_supports_no_overlap():
   V = 8
   s = np.full((1, 4, V), -30.0)
   t = np.full((1, 4, V), -30.0)
-  s[..., :4] = 0.0   # student: uniform on tokens A = {0..3}
-  t[..., 4:] = 0.0   # teacher: uniform on tokens B = {4..7}
+  s[..., :4] = 0.0  # student: uniform on tokens A = {0..3}
+  t[..., 4:] = 0.0  # teacher: uniform on tokens B = {4..7}
   targets = np.array([[0, 1, 2, 3]])
   m = _metrics(s, t, targets, topks=(1, 2, 4), top_p=0.9, floor_prob=1e-3, student_topks=(4,))
   for k in (1, 2, 4):
@@ -139,18 +140,25 @@ def test_bad_args():
 def _hidden_case(seed=0, B=2, T=7, Ds=6, Dt=5, V=13):
   rng = np.random.default_rng(seed)
   f = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)  # noqa: E731
-  return (f(B, T, Ds), f(Ds, V) * 2, f(B, T, Dt), f(Dt, V) * 3,
-          jnp.asarray(rng.integers(0, V, size=(B, T)), jnp.int32))
+  return (
+    f(B, T, Ds),
+    f(Ds, V) * 2,
+    f(B, T, Dt),
+    f(Dt, V) * 3,
+    jnp.asarray(rng.integers(0, V, size=(B, T)), jnp.int32),
+  )
 
 
 @pytest.mark.parametrize("chunk_size", [1, 3, 4, 7, 100])
 def test_chunked_equals_unchunked(chunk_size):
   sh, su, th, tu, targets = _hidden_case()
   kw = dict(topks=(1, 4, 32), top_p=0.8, floor_prob=0.05)
-  ref = overlap.overlap_token_metrics(losses.project_logits(sh, su), losses.project_logits(th, tu),
-                                      targets, **kw)
+  ref = overlap.overlap_token_metrics(
+    losses.project_logits(sh, su), losses.project_logits(th, tu), targets, **kw
+  )
   got = jax.jit(lambda *a: overlap.chunked_overlap_metrics(*a, chunk_size=chunk_size, **kw))(
-      sh, su, th, tu, targets)
+    sh, su, th, tu, targets
+  )
   assert set(got) == set(ref)
   for k in ref:
     assert got[k].shape == targets.shape
@@ -159,8 +167,11 @@ def test_chunked_equals_unchunked(chunk_size):
 
 def test_chunked_metrics_are_stop_gradiented():
   sh, su, th, tu, targets = _hidden_case()
-  g = jax.grad(lambda h: overlap.chunked_overlap_metrics(h, su, th, tu, targets, chunk_size=3)[
-      "reverse_kl"].sum())(sh)
+  g = jax.grad(
+    lambda h: overlap.chunked_overlap_metrics(h, su, th, tu, targets, chunk_size=3)[
+      "reverse_kl"
+    ].sum()
+  )(sh)
   np.testing.assert_array_equal(g, 0.0)
 
 
@@ -170,7 +181,10 @@ def test_chunked_metrics_are_stop_gradiented():
 def test_aggregate_matches_numpy_loop():
   rng = np.random.default_rng(1)
   B, T, G = 7, 6, 3
-  per_token = {"teacher_logp": rng.normal(size=(B, T)), "in_teacher_top8": rng.integers(0, 2, (B, T))}
+  per_token = {
+    "teacher_logp": rng.normal(size=(B, T)),
+    "in_teacher_top8": rng.integers(0, 2, (B, T)),
+  }
   mask = (rng.random((B, T)) > 0.4).astype(np.float32)
   mask[2] = 0.0  # a sequence without tokens
   per_token["teacher_logp"][mask == 0] = np.nan  # never read where masked out
@@ -193,8 +207,9 @@ def test_aggregate_matches_numpy_loop():
         assert got[g]["sequences"] == len(seq_means)
         if key == "teacher_logp":
           for q in overlap.QUANTILES:
-            np.testing.assert_allclose(got[g]["teacher_logp_quantiles"][f"p{q}"],
-                                       np.percentile(vals, q), rtol=1e-12)
+            np.testing.assert_allclose(
+              got[g]["teacher_logp_quantiles"][f"p{q}"], np.percentile(vals, q), rtol=1e-12
+            )
       else:  # group 2 is empty
         assert got[g]["tokens"] == 0 and math.isnan(got[g]["token_mean"][key])
   with pytest.raises(ValueError, match="group"):
@@ -206,8 +221,10 @@ def test_aggregate_matches_numpy_loop():
 
 def test_alarms_name_the_teacher_and_fire_only_past_thresholds():
   kw = dict(min_topk_coverage=0.5, max_off_support=0.2, k=8)
-  metrics = {"math": {"in_teacher_top8": 0.9, "off_support": 0.01, "reverse_kl": 1.0},
-             "code": {"in_teacher_top8": jnp.asarray(0.12), "off_support": np.float32(0.05)}}
+  metrics = {
+    "math": {"in_teacher_top8": 0.9, "off_support": 0.01, "reverse_kl": 1.0},
+    "code": {"in_teacher_top8": jnp.asarray(0.12), "off_support": np.float32(0.05)},
+  }
   alarms = overlap.overlap_alarms(metrics, **kw)
   assert len(alarms) == 1
   assert "'code'" in alarms[0] and "12%" in alarms[0] and "top-8" in alarms[0]
@@ -221,13 +238,24 @@ def test_alarms_name_the_teacher_and_fire_only_past_thresholds():
   assert "'b'" in msg and "35%" in msg
   # k selects the key; missing keys never fire
   assert overlap.overlap_alarms({"c": {"in_teacher_top1": 0.0}}, **kw) == []
-  assert len(overlap.overlap_alarms({"c": {"in_teacher_top1": 0.0}},
-                                    min_topk_coverage=0.5, max_off_support=0.2, k=1)) == 1
+  assert (
+    len(
+      overlap.overlap_alarms(
+        {"c": {"in_teacher_top1": 0.0}}, min_topk_coverage=0.5, max_off_support=0.2, k=1
+      )
+    )
+    == 1
+  )
 
 
 def test_reading_verdicts():
-  th = dict(min_topk_coverage=0.5, max_off_support=0.2, k_for_alarm=8, on_support_coverage=0.9,
-            on_support_max_off_support=0.05)
+  th = dict(
+    min_topk_coverage=0.5,
+    max_off_support=0.2,
+    k_for_alarm=8,
+    on_support_coverage=0.9,
+    on_support_max_off_support=0.05,
+  )
   r = lambda c, o: overlap.reading({"in_teacher_top8": c, "off_support": o}, **th)  # noqa: E731
   assert r(0.95, 0.01)["verdict"] == "on-support"
   assert "reverse KL" in r(0.95, 0.01)["recommendation"]
@@ -255,9 +283,14 @@ def _loss_case(seed=0, B=2, T=6, V=9, same=False):
   targets = rng.integers(0, V, size=(B, T))
   mask = (rng.random((B, T)) > 0.2).astype(np.float32)
   mask[0, 0] = 1.0
-  args = (jnp.asarray(s_logits, jnp.float32), jnp.eye(V, dtype=jnp.float32),
-          jnp.asarray(t_logits, jnp.float32), jnp.eye(V, dtype=jnp.float32),
-          jnp.asarray(targets, jnp.int32), jnp.asarray(mask))
+  args = (
+    jnp.asarray(s_logits, jnp.float32),
+    jnp.eye(V, dtype=jnp.float32),
+    jnp.asarray(t_logits, jnp.float32),
+    jnp.eye(V, dtype=jnp.float32),
+    jnp.asarray(targets, jnp.int32),
+    jnp.asarray(mask),
+  )
   return args, (s_logits, t_logits, targets, mask)
 
 
@@ -279,42 +312,60 @@ def np_overlap_aware(s_logits, t_logits, targets, mask, gate):
   n = max(mask.sum(), 1.0)
   value = np.sum(mask * per_token) / n
   onehot = np.eye(s.shape[-1])[targets]
-  g_rkl = q * (s - t - rkl[..., None])                 # d RKL / d logits
-  g_sampled = -adv[..., None] * (onehot - q)           # d (-sg(A) log q_x) / d logits
+  g_rkl = q * (s - t - rkl[..., None])  # d RKL / d logits
+  g_sampled = -adv[..., None] * (onehot - q)  # d (-sg(A) log q_x) / d logits
   grad = (mask * gate)[..., None] * g_rkl + (mask * (1 - gate))[..., None] * g_sampled
   return value, grad / n
 
 
-@pytest.mark.parametrize("criterion,kw,chunk", [("teacher_topk", dict(overlap_topk=9), 4),
-                                                ("floor", dict(overlap_floor_prob=0.0), 100),
-                                                ("floor", dict(overlap_floor_prob=1e-30), 5)])
+@pytest.mark.parametrize(
+  "criterion,kw,chunk",
+  [
+    ("teacher_topk", dict(overlap_topk=9), 4),
+    ("floor", dict(overlap_floor_prob=0.0), 100),
+    ("floor", dict(overlap_floor_prob=1e-30), 5),
+  ],
+)
 def test_overlap_aware_equals_reverse_kl_when_all_on_support(criterion, kw, chunk):
   args, _ = _loss_case(same=True)
   v_ref, g_ref, _ = _value_and_grad(losses.distill_loss, args, loss="reverse_kl", chunk_size=chunk)
-  v, g, diag = _value_and_grad(losses.distill_loss, args, loss="overlap_aware", chunk_size=chunk,
-                               overlap_criterion=criterion, **kw)
+  v, g, diag = _value_and_grad(
+    losses.distill_loss,
+    args,
+    loss="overlap_aware",
+    chunk_size=chunk,
+    overlap_criterion=criterion,
+    **kw,
+  )
   np.testing.assert_array_equal(diag["on_support"], 1.0)
   np.testing.assert_allclose(v, v_ref, rtol=RTOL, atol=ATOL)
   np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("criterion,kw", [("floor", dict(overlap_floor_prob=1.5)),
-                                          ("floor", dict(overlap_floor_prob=1.0 + 1e-6))])
+@pytest.mark.parametrize(
+  "criterion,kw",
+  [("floor", dict(overlap_floor_prob=1.5)), ("floor", dict(overlap_floor_prob=1.0 + 1e-6))],
+)
 def test_overlap_aware_equals_sampled_token_when_nothing_on_support(criterion, kw):
   args, _ = _loss_case()
   v_ref, g_ref, _ = _value_and_grad(losses.distill_loss, args, loss="sampled_token", chunk_size=4)
-  v, g, diag = _value_and_grad(losses.distill_loss, args, loss="overlap_aware", chunk_size=4,
-                               overlap_criterion=criterion, **kw)
+  v, g, diag = _value_and_grad(
+    losses.distill_loss, args, loss="overlap_aware", chunk_size=4, overlap_criterion=criterion, **kw
+  )
   np.testing.assert_array_equal(diag["on_support"], 0.0)
   np.testing.assert_allclose(v, v_ref, rtol=RTOL, atol=ATOL)
   np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("criterion,kw,normalize", [
+@pytest.mark.parametrize(
+  "criterion,kw,normalize",
+  [
     ("teacher_topk", dict(overlap_topk=3), "token"),
     ("floor", dict(overlap_floor_prob=0.1), "token"),
     ("soft", dict(overlap_topk=2), "token"),
-    ("teacher_topk", dict(overlap_topk=3), "sequence")])
+    ("teacher_topk", dict(overlap_topk=3), "sequence"),
+  ],
+)
 def test_overlap_aware_mixed_matches_numpy(criterion, kw, normalize):
   args, (s_logits, t_logits, targets, mask) = _loss_case(seed=3)
   s, t = np_log_softmax(s_logits), np_log_softmax(t_logits)
@@ -324,14 +375,21 @@ def test_overlap_aware_mixed_matches_numpy(criterion, kw, normalize):
   elif criterion == "floor":
     gate = (np.exp(t_x) >= kw["overlap_floor_prob"]).astype(np.float64)
   else:
-    top = np.argsort(-s, -1)[..., :kw["overlap_topk"]]
+    top = np.argsort(-s, -1)[..., : kw["overlap_topk"]]
     gate = np.take_along_axis(np.exp(t), top, -1).sum(-1)
   if criterion != "soft":
     assert 0 < gate.mean() < 1  # a genuinely mixed case
   results = {}
   for name, fn in (("chunked", losses.distill_loss), ("unchunked", losses.unchunked_distill_loss)):
-    results[name] = _value_and_grad(fn, args, loss="overlap_aware", chunk_size=4,
-                                    overlap_criterion=criterion, normalize=normalize, **kw)
+    results[name] = _value_and_grad(
+      fn,
+      args,
+      loss="overlap_aware",
+      chunk_size=4,
+      overlap_criterion=criterion,
+      normalize=normalize,
+      **kw,
+    )
   v, g, diag = results["chunked"]
   np.testing.assert_allclose(diag["on_support"], gate, rtol=1e-5, atol=1e-6)
   if normalize == "token":
@@ -340,8 +398,9 @@ def test_overlap_aware_mixed_matches_numpy(criterion, kw, normalize):
     np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-6)
   else:  # sequence mean of the per-token terms
     per_token = np.asarray(diag["per_token_loss"])
-    seq = [(mask[b] * per_token[b]).sum() / mask[b].sum() for b in range(mask.shape[0])
-           if mask[b].sum()]
+    seq = [
+      (mask[b] * per_token[b]).sum() / mask[b].sum() for b in range(mask.shape[0]) if mask[b].sum()
+    ]
     np.testing.assert_allclose(v, np.mean(seq), rtol=1e-5, atol=1e-6)
   v_u, g_u, _ = results["unchunked"]
   np.testing.assert_allclose(v, v_u, rtol=1e-5, atol=1e-6)
@@ -377,14 +436,16 @@ def test_overlap_aware_finite_differences():
 
 def test_overlap_aware_validation_and_train_step_kwargs():
   from jdistill import train_step as ts
+
   args, _ = _loss_case()
   with pytest.raises(ValueError, match="overlap_criterion"):
     losses.distill_loss(*args, loss="overlap_aware", overlap_criterion="nope")
   with pytest.raises(ValueError, match="overlap_topk"):
     losses.distill_loss(*args, loss="overlap_aware", overlap_topk=0)
   with pytest.raises(ValueError, match="overlap_floor_prob"):
-    losses.distill_loss(*args, loss="overlap_aware", overlap_criterion="floor",
-                        overlap_floor_prob=-1.0)
+    losses.distill_loss(
+      *args, loss="overlap_aware", overlap_criterion="floor", overlap_floor_prob=-1.0
+    )
   assert "overlap_aware" in losses.LOSS_NAMES
   # exactly the keyword arguments the train step passes
   kw = ts.loss_kwargs("overlap_aware", ts.LossSettings(chunk_size=4))
@@ -402,6 +463,7 @@ def _is_png(path):
 
 def test_command_end_to_end_on_toy_world(tmp_path, capsys):
   from jdistill.toy import make_toy_world, tiny_config
+
   world = make_toy_world(str(tmp_path / "world"), hidden=32, layers=1, n_train=8, n_eval=4)
   c = tiny_config(world)
   c.output_dir = str(tmp_path / "run")
@@ -420,9 +482,17 @@ def test_command_end_to_end_on_toy_world(tmp_path, capsys):
   for name in ("math", "code"):
     t = data["teachers"][name]
     assert t["sequences"] == 3 and 0 < t["tokens"] <= 3 * 8
-    for key in ("teacher_logp", "in_teacher_top1", "in_teacher_top8", "in_teacher_top_p",
-                "off_support", "reverse_kl", "forward_kl", "tv",
-                "teacher_mass_on_student_top8"):
+    for key in (
+      "teacher_logp",
+      "in_teacher_top1",
+      "in_teacher_top8",
+      "in_teacher_top_p",
+      "off_support",
+      "reverse_kl",
+      "forward_kl",
+      "tv",
+      "teacher_mass_on_student_top8",
+    ):
       assert key in t["token_mean"] and key in t["sequence_mean"], key
     assert set(t["teacher_logp_quantiles"]) == {"p5", "p25", "p50", "p75", "p95"}
     curve = [t["coverage_curve"][str(k)] for k in data["coverage_ks"]]

@@ -10,8 +10,7 @@ from flax import nnx
 
 from jdistill import sampler as smp
 from jdistill import sharding as shd
-from jdistill.models import ModelConfig, Transformer
-from jdistill.models import hf
+from jdistill.models import ModelConfig, Transformer, hf
 from jdistill.models.testing import tiny_hf_model
 from jdistill.models.transformer import init_cache
 from jdistill.sampler import Sampler, SamplingParams
@@ -54,13 +53,17 @@ def _forward(graphdef, state, tokens, kv_mask):
 def _full_logp(graphdef, state, out) -> np.ndarray:
   """log_softmax of the uncached forward, aligned so index i scores token i."""
   tokens = np.asarray(out.tokens)
-  real = np.arange(tokens.shape[1])[None] < np.asarray(out.prompt_lengths + out.completion_lengths)[:, None]
+  real = (
+    np.arange(tokens.shape[1])[None]
+    < np.asarray(out.prompt_lengths + out.completion_lengths)[:, None]
+  )
   logits = np.asarray(_forward(graphdef, state, jnp.asarray(tokens), jnp.asarray(real)))
   logp = np.asarray(jax.nn.log_softmax(logits, -1))
   return np.concatenate([np.zeros_like(logp[:, :1]), logp[:, :-1]], axis=1), logits
 
 
 # --- correctness against references ---------------------------------------------------
+
 
 def test_greedy_matches_transformers(pair):
   torch_model, _, _, state, sampler = pair
@@ -69,10 +72,15 @@ def test_greedy_matches_transformers(pair):
   torch_model.generation_config.eos_token_id = None  # no stop tokens: all run NEW tokens
   for b, prompt in enumerate(PROMPTS):
     with torch.no_grad():
-      ref = torch_model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                                 max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+      ref = torch_model.generate(
+        torch.tensor([prompt]),
+        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        max_new_tokens=NEW,
+        do_sample=False,
+        pad_token_id=0,
+      )
     expect = ref[0].numpy()
-    got = np.asarray(out.tokens[b, :len(prompt) + NEW])
+    got = np.asarray(out.tokens[b, : len(prompt) + NEW])
     np.testing.assert_array_equal(got, expect)
   assert np.asarray(out.completion_lengths).tolist() == [NEW] * len(PROMPTS)
   assert out.tokens.shape == (len(PROMPTS), 16 + NEW)
@@ -86,15 +94,16 @@ def test_cached_decode_logits_equal_full_forward(llama):
   bucket, steps = 16, 6
   seqs = rng.randint(0, VOCAB, (3, 11 + steps)).astype(np.int32)  # row b: seqs[b, :len_b + steps]
   left = smp.left_align(seqs, lengths, bucket, 0)
-  follow = np.stack([seqs[b, lengths[b]:lengths[b] + steps] for b in range(3)])  # [B, steps]
+  follow = np.stack([seqs[b, lengths[b] : lengths[b] + steps] for b in range(3)])  # [B, steps]
 
   @jax.jit
   def cached(state, left, lengths, follow):
     model = nnx.merge(graphdef, state)
     cache_len = bucket + steps
     positions, kv_mask = smp.cache_layout(lengths, bucket, cache_len)
-    hidden, cache = model(left, positions, kv_mask=kv_mask,
-                          cache=init_cache(model.cfg, 3, cache_len), cache_index=0)
+    hidden, cache = model(
+      left, positions, kv_mask=kv_mask, cache=init_cache(model.cfg, 3, cache_len), cache_index=0
+    )
     prompt_logits = model.logits(hidden)  # [B, bucket, V], left layout
     step_logits = []
     for t in range(steps):
@@ -104,16 +113,18 @@ def test_cached_decode_logits_equal_full_forward(llama):
 
   prompt_logits, step_logits = map(np.asarray, cached(state, left, lengths, follow))
   for b, n in enumerate(lengths):
-    row = seqs[b:b + 1, :n + steps]
+    row = seqs[b : b + 1, : n + steps]
     full = np.asarray(_forward(graphdef, state, jnp.asarray(row), jnp.ones_like(row, bool)))[0]
-    np.testing.assert_allclose(prompt_logits[b, bucket - n:], full[:n], atol=1e-5)
-    np.testing.assert_allclose(step_logits[b], full[n:n + steps], atol=1e-5)
+    np.testing.assert_allclose(prompt_logits[b, bucket - n :], full[:n], atol=1e-5)
+    np.testing.assert_allclose(step_logits[b], full[n : n + steps], atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["temperature", "top_k_top_p"])
 def test_logprobs_equal_full_forward(llama, mode):
   _, graphdef, state, sampler = llama
-  kw = dict(temperature=1.0) if mode == "temperature" else dict(temperature=0.7, top_k=20, top_p=0.8)
+  kw = (
+    dict(temperature=1.0) if mode == "temperature" else dict(temperature=0.7, top_k=20, top_p=0.8)
+  )
   sp = SamplingParams(max_new_tokens=NEW, prompt_buckets=BUCKETS, **kw)
   out = sampler.generate(state, PROMPTS, jax.random.key(3), sp)
   mask = np.asarray(out.completion_mask).astype(bool)
@@ -122,7 +133,9 @@ def test_logprobs_equal_full_forward(llama, mode):
   tokens = np.asarray(out.tokens)
   expect = np.take_along_axis(logp, tokens[..., None], -1)[..., 0]
   np.testing.assert_allclose(np.asarray(out.logprobs)[mask], expect[mask], atol=1e-5)
-  assert np.all(np.asarray(out.logprobs)[~mask] == 0) and np.all(np.asarray(out.sampling_logprobs)[~mask] == 0)
+  assert np.all(np.asarray(out.logprobs)[~mask] == 0) and np.all(
+    np.asarray(out.sampling_logprobs)[~mask] == 0
+  )
   # sampling log-probs: the temperature / top-k / top-p distribution, built here in numpy
   prev = np.concatenate([np.zeros_like(logits[:, :1]), logits[:, :-1]], axis=1) / kw["temperature"]
   for b, i in zip(*np.nonzero(mask)):
@@ -148,22 +161,33 @@ def _np_filter(logits: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
 
 # --- sampling statistics ---------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def small_vocab():
   """1-layer, vocab-16 model with spread-out next-token probabilities, and its last logits."""
-  cfg = ModelConfig(vocab_size=16, hidden_size=32, intermediate_size=32, num_layers=1, num_heads=2,
-                    num_kv_heads=1, head_dim=16)
+  cfg = ModelConfig(
+    vocab_size=16,
+    hidden_size=32,
+    intermediate_size=32,
+    num_layers=1,
+    num_heads=2,
+    num_kv_heads=1,
+    head_dim=16,
+  )
   model = Transformer(cfg, nnx.Rngs(7))
   model.lm_head[...] = model.lm_head[...] * 60.0
   graphdef, state = nnx.split(model)
   prompt = [3, 1, 4, 1, 5]
-  logits = np.asarray(_forward(graphdef, state, jnp.asarray([prompt]), jnp.ones((1, 5), bool)))[0, -1]
+  logits = np.asarray(_forward(graphdef, state, jnp.asarray([prompt]), jnp.ones((1, 5), bool)))[
+    0, -1
+  ]
   return graphdef, state, Sampler(graphdef, _single_mesh()), prompt, logits.astype(np.float64)
 
 
 def _chi_square_pvalue(counts: np.ndarray, probs: np.ndarray) -> float:
   """Pearson chi-square p-value, pooling cells with expected count < 5."""
   from scipy import stats
+
   expected = probs * counts.sum()
   small = expected < 5
   obs = np.append(counts[~small], counts[small].sum())
@@ -174,10 +198,17 @@ def _chi_square_pvalue(counts: np.ndarray, probs: np.ndarray) -> float:
   return stats.chisquare(obs, exp).pvalue
 
 
-@pytest.mark.parametrize("kw", [dict(temperature=1.0), dict(temperature=0.6),
-                                dict(temperature=1.0, top_k=4), dict(temperature=1.0, top_p=0.7),
-                                dict(temperature=0.8, top_k=6, top_p=0.6)],
-                         ids=["t1", "t0.6", "topk4", "topp0.7", "t0.8-k6-p0.6"])
+@pytest.mark.parametrize(
+  "kw",
+  [
+    dict(temperature=1.0),
+    dict(temperature=0.6),
+    dict(temperature=1.0, top_k=4),
+    dict(temperature=1.0, top_p=0.7),
+    dict(temperature=0.8, top_k=6, top_p=0.6),
+  ],
+  ids=["t1", "t0.6", "topk4", "topp0.7", "t0.8-k6-p0.6"],
+)
 def test_sampling_frequencies_match_distribution(small_vocab, kw):
   _, state, sampler, prompt, logits = small_vocab
   rows = 4096
@@ -191,8 +222,9 @@ def test_sampling_frequencies_match_distribution(small_vocab, kw):
   assert np.all(support[drawn]), "a token outside the top-k / top-p support was sampled"
   counts = np.bincount(drawn, minlength=16)
   assert _chi_square_pvalue(counts, probs) > 1e-3
-  np.testing.assert_allclose(np.asarray(out.sampling_logprobs[:, len(prompt)]),
-                             np.log(probs[drawn]), atol=1e-4)
+  np.testing.assert_allclose(
+    np.asarray(out.sampling_logprobs[:, len(prompt)]), np.log(probs[drawn]), atol=1e-4
+  )
 
 
 def test_same_seed_reproduces_and_other_seed_differs(llama):
@@ -207,28 +239,38 @@ def test_same_seed_reproduces_and_other_seed_differs(llama):
 
 # --- stop tokens and layout -------------------------------------------------------------
 
+
 def test_stop_tokens_end_rows(llama):
   _, _, state, sampler = llama
   base = SamplingParams(max_new_tokens=NEW, temperature=0.0, prompt_buckets=BUCKETS, pad_id=1)
   free = sampler.generate(state, PROMPTS, jax.random.key(0), base)
   lens = [len(p) for p in PROMPTS]
-  gen = [np.asarray(free.tokens[b, n:n + NEW]) for b, n in enumerate(lens)]
+  gen = [np.asarray(free.tokens[b, n : n + NEW]) for b, n in enumerate(lens)]
   stop = int(gen[1][2])  # row 1 stops at step 2 (or earlier if the token repeats)
   other = int(gen[0][0])  # row 0 stops at its first token
-  out = sampler.generate(state, PROMPTS, jax.random.key(0),
-                         SamplingParams(max_new_tokens=NEW, temperature=0.0, prompt_buckets=BUCKETS,
-                                        pad_id=1, stop_token_ids=(stop, other)))
+  out = sampler.generate(
+    state,
+    PROMPTS,
+    jax.random.key(0),
+    SamplingParams(
+      max_new_tokens=NEW,
+      temperature=0.0,
+      prompt_buckets=BUCKETS,
+      pad_id=1,
+      stop_token_ids=(stop, other),
+    ),
+  )
   tokens, mask = np.asarray(out.tokens), np.asarray(out.completion_mask)
   for b, n in enumerate(lens):
     hits = np.nonzero(np.isin(gen[b], [stop, other]))[0]
     c = int(hits[0]) + 1 if len(hits) else NEW
     assert int(out.completion_lengths[b]) == c
-    np.testing.assert_array_equal(tokens[b, :n + c], free.tokens[b, :n + c])
-    assert np.all(tokens[b, n + c:] == 1)
+    np.testing.assert_array_equal(tokens[b, : n + c], free.tokens[b, : n + c])
+    assert np.all(tokens[b, n + c :] == 1)
     expect_mask = np.zeros(tokens.shape[1])
-    expect_mask[n:n + c] = 1
+    expect_mask[n : n + c] = 1
     np.testing.assert_array_equal(mask[b], expect_mask)
-    assert np.all(np.asarray(out.logprobs)[b, n + c:] == 0)
+    assert np.all(np.asarray(out.logprobs)[b, n + c :] == 0)
   assert int(out.completion_lengths[0]) == 1 and int(out.completion_lengths[1]) <= 3
   np.testing.assert_array_equal(out.prompt_lengths, lens)
 
@@ -239,9 +281,9 @@ def test_array_prompts_equal_list_prompts(llama):
   lengths = np.array([len(p) for p in PROMPTS])
   tokens = np.zeros((3, 20), np.int32)
   for b, p in enumerate(PROMPTS):
-    tokens[b, :len(p)] = p
+    tokens[b, : len(p)] = p
   a = sampler.generate(state, PROMPTS, jax.random.key(0), sp)
-  b = sampler.generate(state, (tokens[:, :lengths.max()], lengths), jax.random.key(0), sp)
+  b = sampler.generate(state, (tokens[:, : lengths.max()], lengths), jax.random.key(0), sp)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   # a wider array picks the bucket of its width; the completions are the same
@@ -255,8 +297,10 @@ def test_array_prompts_equal_list_prompts(llama):
 
 # --- sharding and compilation ------------------------------------------------------------
 
-@pytest.mark.parametrize("axes", [{"data": 2, "fsdp": 2, "tensor": 2}, {"data": 8}],
-                         ids=["data2-fsdp2-tensor2", "data8"])
+
+@pytest.mark.parametrize(
+  "axes", [{"data": 2, "fsdp": 2, "tensor": 2}, {"data": 8}], ids=["data2-fsdp2-tensor2", "data8"]
+)
 def test_sharded_equals_single_device(llama, axes):
   assert jax.device_count() == 8
   path, _, state, sampler = llama
@@ -279,17 +323,35 @@ def test_sharded_equals_single_device(llama, axes):
 def test_no_recompilation_across_lengths_params_and_values(llama):
   _, graphdef, state, _ = llama
   sampler = Sampler(graphdef, _single_mesh())
-  sp = SamplingParams(max_new_tokens=NEW, temperature=0.9, top_k=10, top_p=0.9, stop_token_ids=(7,),
-                      prompt_buckets=BUCKETS)
+  sp = SamplingParams(
+    max_new_tokens=NEW,
+    temperature=0.9,
+    top_k=10,
+    top_p=0.9,
+    stop_token_ids=(7,),
+    prompt_buckets=BUCKETS,
+  )
   sampler.generate(state, PROMPTS, jax.random.key(0), sp)
   compiled = sampler.num_compiles
   assert compiled == 2  # prefill + decode
   perturbed = jax.tree.map(lambda x: x * 1.01, state)
-  for i, (prompts, params) in enumerate([
+  for i, (prompts, params) in enumerate(
+    [
       ([[1, 2], [3] * 16, [4] * 9], sp),
-      ([[9] * 5, [8] * 2, [7]], SamplingParams(max_new_tokens=NEW, temperature=0.5, top_k=3, top_p=0.5,
-                                               stop_token_ids=(99,), prompt_buckets=BUCKETS, pad_id=3)),
-  ]):
+      (
+        [[9] * 5, [8] * 2, [7]],
+        SamplingParams(
+          max_new_tokens=NEW,
+          temperature=0.5,
+          top_k=3,
+          top_p=0.5,
+          stop_token_ids=(99,),
+          prompt_buckets=BUCKETS,
+          pad_id=3,
+        ),
+      ),
+    ]
+  ):
     for st in (state, perturbed):
       sampler.generate(st, prompts, jax.random.key(i), params)
   assert sampler.num_compiles == compiled
@@ -302,7 +364,10 @@ def test_no_recompilation_across_lengths_params_and_values(llama):
 
 # --- validation ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("prompts,params,match", [
+
+@pytest.mark.parametrize(
+  "prompts,params,match",
+  [
     ([], {}, "empty"),
     ([[1, 2], []], {}, "prompt 1 is empty"),
     ([[1] * 40], {}, "exceeds the largest prompt bucket 32"),
@@ -310,7 +375,8 @@ def test_no_recompilation_across_lengths_params_and_values(llama):
     ([[1, VOCAB + 3]], {}, r"token ids must lie in \[0, 128\)"),
     ((np.zeros((2, 4), np.int32), np.array([0, 3])), {}, "prompt 0 is empty"),
     ((np.zeros((2, 4), np.int32), np.array([5, 3])), {}, "exceeds the token array width"),
-])
+  ],
+)
 def test_bad_inputs_raise(llama, prompts, params, match):
   _, _, state, sampler = llama
   sp = SamplingParams(max_new_tokens=4, temperature=0.0, prompt_buckets=BUCKETS, **params)
@@ -322,16 +388,25 @@ def test_cache_limit_raises(llama):
   _, graphdef, state, _ = llama
   sampler = Sampler(graphdef, _single_mesh(), max_cache_len=20)
   with pytest.raises(ValueError, match="exceed the cache limit max_cache_len=20"):
-    sampler.generate(state, [[1, 2, 3]], jax.random.key(0),
-                     SamplingParams(max_new_tokens=8, prompt_buckets=(16,)))
+    sampler.generate(
+      state, [[1, 2, 3]], jax.random.key(0), SamplingParams(max_new_tokens=8, prompt_buckets=(16,))
+    )
 
 
-@pytest.mark.parametrize("kw,field", [
-    (dict(max_new_tokens=0), "max_new_tokens"), (dict(temperature=-1.0), "temperature"),
-    (dict(top_k=-2), "top_k"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
-    (dict(stop_token_ids=(-1,)), "stop_token_ids"), (dict(prompt_buckets=()), "prompt_buckets"),
-    (dict(prompt_buckets=(0, 8)), "prompt_buckets"), (dict(pad_id=-1), "pad_id"),
-])
+@pytest.mark.parametrize(
+  "kw,field",
+  [
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(temperature=-1.0), "temperature"),
+    (dict(top_k=-2), "top_k"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(stop_token_ids=(-1,)), "stop_token_ids"),
+    (dict(prompt_buckets=()), "prompt_buckets"),
+    (dict(prompt_buckets=(0, 8)), "prompt_buckets"),
+    (dict(pad_id=-1), "pad_id"),
+  ],
+)
 def test_sampling_params_validation(kw, field):
   with pytest.raises(ValueError, match=f"SamplingParams.{field}="):
     SamplingParams(**kw)

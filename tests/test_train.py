@@ -40,8 +40,10 @@ def _params(trainer):
 def test_two_teachers_two_losses_reverse_kl_halves(world, tmp_path):
   c = _config(world, tmp_path, steps=40, log_every=10)
   c.data.slots_per_teacher = 8
-  assert {n: c.teachers[n].loss for n in c.teachers} == {"math": "reverse_kl",
-                                                          "code": "sampled_token"}
+  assert {n: c.teachers[n].loss for n in c.teachers} == {
+    "math": "reverse_kl",
+    "code": "sampled_token",
+  }
   trainer = train.Trainer(c)
   before = trainer.evaluate()
   history = trainer.run()
@@ -72,17 +74,24 @@ def test_kill_and_resume_gives_the_same_params_and_data_order(world, tmp_path):
   resumed, seen = run([2, 2], tmp_path / "b")
   assert seen[1] == {"next_index": 2}  # the second session picked up the data stream at step 2
   assert resumed.checkpointer.all_steps() == [2, 4]
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-               _params(straight), _params(resumed))
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+    _params(straight),
+    _params(resumed),
+  )
   # the data order of the next step is the same too
-  np.testing.assert_array_equal(next(straight.data_iter)["prompt_tokens"],
-                                next(resumed.data_iter)["prompt_tokens"])
+  np.testing.assert_array_equal(
+    next(straight.data_iter)["prompt_tokens"], next(resumed.data_iter)["prompt_tokens"]
+  )
 
 
 def test_one_device_and_eight_devices_agree(world, tmp_path):
   assert jax.device_count() == 8
   results = []
-  for num_devices, mesh in ((1, dict(data=1, fsdp=1, tensor=1)), (8, dict(data=2, fsdp=2, tensor=2))):
+  for num_devices, mesh in (
+    (1, dict(data=1, fsdp=1, tensor=1)),
+    (8, dict(data=2, fsdp=2, tensor=2)),
+  ):
     c = _config(world, tmp_path, steps=3)
     # Adam divides by sqrt(v): a large eps keeps updates linear in the gradient, so that
     # reduction-order noise (~1e-7) on near-zero gradients is not blown up to ±lr.
@@ -118,15 +127,31 @@ def test_config_validation_names_the_field(world):
 
 def _cli(*overrides, world_dir):
   env = dict(os.environ, JDISTILL_TOY_WORLD=world_dir, JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", "jdistill.train", "--config=configs/opd_tiny.py",
-                         "--validate_only", *overrides], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=300)
+  return subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "jdistill.train",
+      "--config=configs/opd_tiny.py",
+      "--validate_only",
+      *overrides,
+    ],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
 
 
 def test_cli_nested_overrides_and_bad_overrides(world):
   world_dir = os.path.dirname(world["student"])
-  ok = _cli("--config.optimizer.lr=3e-6", "--config.teachers.math.weight=2",
-            "--config.data.slots_per_teacher=2", world_dir=world_dir)
+  ok = _cli(
+    "--config.optimizer.lr=3e-6",
+    "--config.teachers.math.weight=2",
+    "--config.data.slots_per_teacher=2",
+    world_dir=world_dir,
+  )
   assert ok.returncode == 0, ok.stderr
   shown = json.loads(ok.stdout.strip().splitlines()[-1])
   assert shown["optimizer"]["lr"] == 3e-6
@@ -162,16 +187,20 @@ def test_checkpoint_restores_onto_another_mesh_loads_as_teacher_and_exports(worl
   eight = train.Trainer(c8)  # resumes step 2 onto the 2x2x2 mesh
   assert eight.step == 2
   gate = eight.params["layers"][0]["mlp"]["gate_proj"].get_value()
-  assert len(gate.sharding.device_set) == 8 and gate.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+  assert len(gate.sharding.device_set) == 8 and gate.sharding.spec == jax.sharding.PartitionSpec(
+    "fsdp", "tensor"
+  )
   jax.tree.map(np.testing.assert_array_equal, saved, _params(eight))
 
   # the checkpoint directory as a (bf16) teacher
-  teacher = load_model_from_checkpoint(str(tmp_path / "ckpt"), make_mesh({"data": -1}),
-                                       param_dtype="bfloat16", dtype="bfloat16")
+  teacher = load_model_from_checkpoint(
+    str(tmp_path / "ckpt"), make_mesh({"data": -1}), param_dtype="bfloat16", dtype="bfloat16"
+  )
   t_params = nnx.state(teacher, nnx.Param)
   assert t_params["embed"].get_value().dtype == jax.numpy.bfloat16
-  np.testing.assert_allclose(np.asarray(t_params["embed"].get_value(), np.float32),
-                             saved["embed"], rtol=1e-2, atol=1e-3)
+  np.testing.assert_allclose(
+    np.asarray(t_params["embed"].get_value(), np.float32), saved["embed"], rtol=1e-2, atol=1e-3
+  )
 
   # the final student as an HF directory that loads back identically
   one.export(str(tmp_path / "hf"))
@@ -183,6 +212,7 @@ def test_checkpoint_restores_onto_another_mesh_loads_as_teacher_and_exports(worl
 @pytest.mark.parametrize("name", ["opd_v4_style", "opd_ultra_style"])
 def test_example_configs_validate_once_paths_are_given(name):
   import importlib.util
+
   spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", f"{name}.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)

@@ -12,37 +12,57 @@ from jdistill import losses
 from jdistill import train_step as ts
 from jdistill.models import ModelConfig, Transformer
 
-CFG = ModelConfig(vocab_size=48, hidden_size=32, intermediate_size=64, num_layers=1,
-                  num_heads=2, num_kv_heads=1, head_dim=16)
+CFG = ModelConfig(
+  vocab_size=48,
+  hidden_size=32,
+  intermediate_size=64,
+  num_layers=1,
+  num_heads=2,
+  num_kv_heads=1,
+  head_dim=16,
+)
 
 
 @pytest.fixture(scope="module")
 def setup():
   student = Transformer(CFG, nnx.Rngs(0))
-  teachers = [Transformer(CFG.replace(model_type="qwen3", qk_norm=True), nnx.Rngs(1)),
-              Transformer(CFG.replace(num_layers=2), nnx.Rngs(2))]
+  teachers = [
+    Transformer(CFG.replace(model_type="qwen3", qk_norm=True), nnx.Rngs(1)),
+    Transformer(CFG.replace(num_layers=2), nnx.Rngs(2)),
+  ]
   graphdef, params = nnx.split(student)
   t_graphdefs, t_states = zip(*(nnx.split(t) for t in teachers))
   rows = ts.teacher_rows(2, 2)
-  specs = (ts.TeacherSpec("a", "reverse_kl", 1.0, rows[0]),
-           ts.TeacherSpec("b", "sampled_token", 0.5, rows[1]))
+  specs = (
+    ts.TeacherSpec("a", "reverse_kl", 1.0, rows[0]),
+    ts.TeacherSpec("b", "sampled_token", 0.5, rows[1]),
+  )
   rng = np.random.RandomState(0)
   mask = np.zeros((4, 12), np.float32)
   mask[:, 5:10] = 1
-  batch = {"tokens": jnp.asarray(rng.randint(3, CFG.vocab_size, (4, 12)), jnp.int32),
-           "completion_mask": jnp.asarray(mask),
-           "logprobs": jnp.full((4, 12), -2.0, jnp.float32),
-           "lengths": jnp.full((4,), 10, jnp.int32)}
+  batch = {
+    "tokens": jnp.asarray(rng.randint(3, CFG.vocab_size, (4, 12)), jnp.int32),
+    "completion_mask": jnp.asarray(mask),
+    "logprobs": jnp.full((4, 12), -2.0, jnp.float32),
+    "lengths": jnp.full((4,), 10, jnp.int32),
+  }
   return graphdef, params, t_graphdefs, t_states, specs, batch
 
 
 def _step(setup, grad_accum=1):
   graphdef, params, t_graphdefs, _, specs, _ = setup
   opt, sched = ts.make_optimizer(1e-2, steps=10, warmup_steps=0, grad_accum=grad_accum)
-  fn = jax.jit(functools.partial(ts.train_step, student_graphdef=graphdef,
-                                 teacher_graphdefs=t_graphdefs, specs=specs,
-                                 settings=ts.LossSettings(chunk_size=4), optimizer=opt,
-                                 schedule=sched))
+  fn = jax.jit(
+    functools.partial(
+      ts.train_step,
+      student_graphdef=graphdef,
+      teacher_graphdefs=t_graphdefs,
+      specs=specs,
+      settings=ts.LossSettings(chunk_size=4),
+      optimizer=opt,
+      schedule=sched,
+    )
+  )
   state = {"params": params, "opt_state": opt.init(params), "step": jnp.zeros((), jnp.int32)}
   return fn, state
 
@@ -53,8 +73,9 @@ def _leaves(tree):
 
 def test_loss_is_the_weighted_sum_of_per_teacher_kernels(setup):
   graphdef, params, t_graphdefs, t_states, specs, batch = setup
-  loss, metrics = ts.distill_objective(params, graphdef, t_graphdefs, t_states, batch, specs,
-                                       ts.LossSettings(chunk_size=4))
+  loss, metrics = ts.distill_objective(
+    params, graphdef, t_graphdefs, t_states, batch, specs, ts.LossSettings(chunk_size=4)
+  )
   np.testing.assert_allclose(loss, metrics["a"]["loss"] + 0.5 * metrics["b"]["loss"], rtol=1e-6)
   # teacher a's loss recomputed by hand from full logits on its rows
   student = nnx.merge(graphdef, params)
@@ -101,11 +122,14 @@ def test_teacher_rows_are_process_major():
 def test_stacked_same_architecture_teachers_equal_the_loop():
   from jdistill import sharding as shd
   from jdistill.train import group_teachers, stack_states
+
   mesh = shd.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   student = shd.create_sharded(lambda: Transformer(CFG, nnx.Rngs(0)), mesh)
   qwen = CFG.replace(model_type="qwen3", qk_norm=True)
-  teachers = [shd.create_sharded(lambda c=c, s=s: Transformer(c, nnx.Rngs(s)), mesh)
-              for c, s in ((CFG, 1), (qwen, 2), (CFG, 3))]
+  teachers = [
+    shd.create_sharded(lambda c=c, s=s: Transformer(c, nnx.Rngs(s)), mesh)
+    for c, s in ((CFG, 1), (qwen, 2), (CFG, 3))
+  ]
   graphdef, params = nnx.split(student)
   t_graphdefs, t_states = zip(*(nnx.split(t) for t in teachers))
   groups = group_teachers(t_graphdefs)
@@ -113,17 +137,31 @@ def test_stacked_same_architecture_teachers_equal_the_loop():
   stacked = stack_states([t_states[0], t_states[2]])
   q = stacked["layers"][0]["attn"]["q_proj"].get_value()
   assert q.shape == (2, 32, 2, 16) and q.sharding.spec == jax.sharding.PartitionSpec(
-      None, "fsdp", "tensor", None)
+    None, "fsdp", "tensor", None
+  )
   rows = ts.teacher_rows(3, 2)
-  specs = tuple(ts.TeacherSpec(n, loss, 1.0, r) for n, loss, r in
-                zip("abc", ("reverse_kl", "sampled_token", "jsd"), rows))
+  specs = tuple(
+    ts.TeacherSpec(n, loss, 1.0, r)
+    for n, loss, r in zip("abc", ("reverse_kl", "sampled_token", "jsd"), rows)
+  )
   rng = np.random.RandomState(1)
-  batch = {"tokens": jnp.asarray(rng.randint(3, CFG.vocab_size, (6, 10)), jnp.int32),
-           "completion_mask": jnp.asarray(np.pad(np.ones((6, 5)), ((0, 0), (4, 1))), jnp.float32),
-           "logprobs": jnp.full((6, 10), -2.0), "lengths": jnp.full((6,), 9, jnp.int32)}
+  batch = {
+    "tokens": jnp.asarray(rng.randint(3, CFG.vocab_size, (6, 10)), jnp.int32),
+    "completion_mask": jnp.asarray(np.pad(np.ones((6, 5)), ((0, 0), (4, 1))), jnp.float32),
+    "logprobs": jnp.full((6, 10), -2.0),
+    "lengths": jnp.full((6,), 9, jnp.int32),
+  }
   settings = ts.LossSettings(chunk_size=4)
   objective = jax.jit(ts.distill_objective, static_argnums=(1, 2, 5, 6, 7))
   loop = objective(params, graphdef, t_graphdefs, t_states, batch, specs, settings, None)
-  vmapped = objective(params, graphdef, (t_graphdefs[0], t_graphdefs[1]),
-                      (stacked, t_states[1]), batch, specs, settings, groups)
+  vmapped = objective(
+    params,
+    graphdef,
+    (t_graphdefs[0], t_graphdefs[1]),
+    (stacked, t_states[1]),
+    batch,
+    specs,
+    settings,
+    groups,
+  )
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), loop, vmapped)

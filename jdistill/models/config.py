@@ -50,14 +50,24 @@ class ModelConfig:
 
     if self.model_type not in MODEL_TYPES:
       bad("model_type", self.model_type, MODEL_TYPES)
-    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
-                 "num_heads", "num_kv_heads", "head_dim"):
+    for name in (
+      "vocab_size",
+      "hidden_size",
+      "intermediate_size",
+      "num_layers",
+      "num_heads",
+      "num_kv_heads",
+      "head_dim",
+    ):
       value = getattr(self, name)
       if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         bad(name, value, "a positive integer")
     if self.num_heads % self.num_kv_heads:
-      bad("num_kv_heads", self.num_kv_heads,
-          f"a divisor of num_heads={self.num_heads} (grouped-query attention)")
+      bad(
+        "num_kv_heads",
+        self.num_kv_heads,
+        f"a divisor of num_heads={self.num_heads} (grouped-query attention)",
+      )
     if self.rope_theta <= 0:
       bad("rope_theta", self.rope_theta, "a positive float")
     if self.rms_norm_eps <= 0:
@@ -70,9 +80,15 @@ class ModelConfig:
       rope_type = rope.get("rope_type", "default")
       if rope_type not in ROPE_TYPES:
         bad("rope_scaling.rope_type", rope_type, ROPE_TYPES)
-      needed = {"linear": ("factor",),
-                "llama3": ("factor", "low_freq_factor", "high_freq_factor",
-                           "original_max_position_embeddings")}.get(rope_type, ())
+      needed = {
+        "linear": ("factor",),
+        "llama3": (
+          "factor",
+          "low_freq_factor",
+          "high_freq_factor",
+          "original_max_position_embeddings",
+        ),
+      }.get(rope_type, ())
       for key in needed:
         if key not in rope:
           raise ValueError(f"ModelConfig.rope_scaling: rope_type={rope_type!r} needs {key!r}")
@@ -89,5 +105,5 @@ class ModelConfig:
   def jnp_dtype(self):
     return jnp.dtype(self.dtype)
 
-  def replace(self, **kw) -> "ModelConfig":
+  def replace(self, **kw) -> ModelConfig:
     return dataclasses.replace(self, **kw)

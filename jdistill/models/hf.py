@@ -25,23 +25,34 @@ from jdistill import sharding as shd
 from jdistill.models.config import ModelConfig
 from jdistill.models.transformer import Transformer
 
-_HF_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+_HF_CLASSES = {
+  "llama": "LlamaForCausalLM",
+  "qwen2": "Qwen2ForCausalLM",
+  "qwen3": "Qwen3ForCausalLM",
+}
 
 
-def config_from_hf(hf: dict, *, param_dtype: str = "float32", dtype: str = "float32",
-                   remat: bool = False) -> ModelConfig:
+def config_from_hf(
+  hf: dict, *, param_dtype: str = "float32", dtype: str = "float32", remat: bool = False
+) -> ModelConfig:
   """ModelConfig from a `config.json` dict; unsupported features raise, naming the field."""
   model_type = hf.get("model_type")
   if model_type not in _HF_CLASSES:
-    raise ValueError(f"config.json: model_type={model_type!r} is not supported; "
-                     f"allowed: {sorted(_HF_CLASSES)}")
+    raise ValueError(
+      f"config.json: model_type={model_type!r} is not supported; allowed: {sorted(_HF_CLASSES)}"
+    )
   for field in ("attention_bias", "mlp_bias") if model_type == "llama" else ("mlp_bias",):
     if hf.get(field):
       raise ValueError(f"config.json: {field}=true is not supported for {model_type}")
   if hf.get("use_sliding_window"):
     raise ValueError("config.json: use_sliding_window=true is not supported")
-  for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                "num_attention_heads"):
+  for field in (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+  ):
     if field not in hf:
       raise ValueError(f"config.json: missing required field {field!r}")
   heads = hf["num_attention_heads"]
@@ -52,22 +63,25 @@ def config_from_hf(hf: dict, *, param_dtype: str = "float32", dtype: str = "floa
   rope["rope_type"] = rope_type
   rope_scaling = None if rope_type == "default" else tuple(sorted(rope.items()))
   return ModelConfig(
-      model_type=model_type,
-      vocab_size=hf["vocab_size"],
-      hidden_size=hf["hidden_size"],
-      intermediate_size=hf["intermediate_size"],
-      num_layers=hf["num_hidden_layers"],
-      num_heads=heads,
-      num_kv_heads=hf.get("num_key_value_heads") or heads,
-      head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-      rope_theta=float(theta),
-      rope_scaling=rope_scaling,
-      rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-      max_position_embeddings=int(hf.get("max_position_embeddings", 32768)),
-      tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-      qkv_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
-      qk_norm=model_type == "qwen3",
-      param_dtype=param_dtype, dtype=dtype, remat=remat)
+    model_type=model_type,
+    vocab_size=hf["vocab_size"],
+    hidden_size=hf["hidden_size"],
+    intermediate_size=hf["intermediate_size"],
+    num_layers=hf["num_hidden_layers"],
+    num_heads=heads,
+    num_kv_heads=hf.get("num_key_value_heads") or heads,
+    head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+    rope_theta=float(theta),
+    rope_scaling=rope_scaling,
+    rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+    max_position_embeddings=int(hf.get("max_position_embeddings", 32768)),
+    tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+    qkv_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
+    qk_norm=model_type == "qwen3",
+    param_dtype=param_dtype,
+    dtype=dtype,
+    remat=remat,
+  )
 
 
 def config_to_hf(cfg: ModelConfig, torch_dtype: str = "float32") -> dict:
@@ -75,23 +89,23 @@ def config_to_hf(cfg: ModelConfig, torch_dtype: str = "float32") -> dict:
   rope = {"rope_type": "default"} if cfg.rope_scaling is None else dict(cfg.rope_scaling)
   rope["rope_theta"] = cfg.rope_theta
   out = {
-      "architectures": [_HF_CLASSES[cfg.model_type]],
-      "model_type": cfg.model_type,
-      "vocab_size": cfg.vocab_size,
-      "hidden_size": cfg.hidden_size,
-      "intermediate_size": cfg.intermediate_size,
-      "num_hidden_layers": cfg.num_layers,
-      "num_attention_heads": cfg.num_heads,
-      "num_key_value_heads": cfg.num_kv_heads,
-      "head_dim": cfg.head_dim,
-      "hidden_act": "silu",
-      "rms_norm_eps": cfg.rms_norm_eps,
-      "rope_theta": cfg.rope_theta,
-      "rope_parameters": rope,
-      "tie_word_embeddings": cfg.tie_word_embeddings,
-      "max_position_embeddings": cfg.max_position_embeddings,
-      "torch_dtype": torch_dtype,
-      "dtype": torch_dtype,
+    "architectures": [_HF_CLASSES[cfg.model_type]],
+    "model_type": cfg.model_type,
+    "vocab_size": cfg.vocab_size,
+    "hidden_size": cfg.hidden_size,
+    "intermediate_size": cfg.intermediate_size,
+    "num_hidden_layers": cfg.num_layers,
+    "num_attention_heads": cfg.num_heads,
+    "num_key_value_heads": cfg.num_kv_heads,
+    "head_dim": cfg.head_dim,
+    "hidden_act": "silu",
+    "rms_norm_eps": cfg.rms_norm_eps,
+    "rope_theta": cfg.rope_theta,
+    "rope_parameters": rope,
+    "tie_word_embeddings": cfg.tie_word_embeddings,
+    "max_position_embeddings": cfg.max_position_embeddings,
+    "torch_dtype": torch_dtype,
+    "dtype": torch_dtype,
   }
   if cfg.rope_scaling is not None:
     out["rope_scaling"] = dict(rope)
@@ -104,6 +118,7 @@ def config_to_hf(cfg: ModelConfig, torch_dtype: str = "float32") -> dict:
 
 
 # --- name and layout mapping -------------------------------------------------
+
 
 def _param_map(cfg: ModelConfig) -> dict[tuple, tuple[str, Callable, Callable]]:
   """jdistill state path → (HF tensor name, HF→ours, ours→HF)."""
@@ -118,22 +133,24 @@ def _param_map(cfg: ModelConfig) -> dict[tuple, tuple[str, Callable, Callable]]:
     return (lambda w: w.reshape(heads, hd), lambda w: w.reshape(heads * hd))
 
   o_proj = (lambda w: w.T.reshape(h, hd, d), lambda w: w.reshape(h * hd, d).T)
-  table = {("embed",): ("model.embed_tokens.weight", *ident),
-           ("final_norm",): ("model.norm.weight", *ident)}
+  table = {
+    ("embed",): ("model.embed_tokens.weight", *ident),
+    ("final_norm",): ("model.norm.weight", *ident),
+  }
   if not cfg.tie_word_embeddings:
     table[("lm_head",)] = ("lm_head.weight", *transpose)
   for i in range(cfg.num_layers):
     pre = f"model.layers.{i}."
     layer = {
-        ("input_norm",): ("input_layernorm.weight", *ident),
-        ("post_attn_norm",): ("post_attention_layernorm.weight", *ident),
-        ("attn", "q_proj"): ("self_attn.q_proj.weight", *proj_in(h)),
-        ("attn", "k_proj"): ("self_attn.k_proj.weight", *proj_in(kv)),
-        ("attn", "v_proj"): ("self_attn.v_proj.weight", *proj_in(kv)),
-        ("attn", "o_proj"): ("self_attn.o_proj.weight", *o_proj),
-        ("mlp", "gate_proj"): ("mlp.gate_proj.weight", *transpose),
-        ("mlp", "up_proj"): ("mlp.up_proj.weight", *transpose),
-        ("mlp", "down_proj"): ("mlp.down_proj.weight", *transpose),
+      ("input_norm",): ("input_layernorm.weight", *ident),
+      ("post_attn_norm",): ("post_attention_layernorm.weight", *ident),
+      ("attn", "q_proj"): ("self_attn.q_proj.weight", *proj_in(h)),
+      ("attn", "k_proj"): ("self_attn.k_proj.weight", *proj_in(kv)),
+      ("attn", "v_proj"): ("self_attn.v_proj.weight", *proj_in(kv)),
+      ("attn", "o_proj"): ("self_attn.o_proj.weight", *o_proj),
+      ("mlp", "gate_proj"): ("mlp.gate_proj.weight", *transpose),
+      ("mlp", "up_proj"): ("mlp.up_proj.weight", *transpose),
+      ("mlp", "down_proj"): ("mlp.down_proj.weight", *transpose),
     }
     if cfg.qkv_bias:
       layer[("attn", "q_bias")] = ("self_attn.q_proj.bias", *bias(h))
@@ -167,8 +184,10 @@ class _TensorReader:
     else:
       found = sorted(os.listdir(path))
       if any(n.endswith((".bin", ".pt", ".pth")) for n in found):
-        raise ValueError(f"{path}: only safetensors weights are loaded (pickle files are never "
-                         f"read); found {found}")
+        raise ValueError(
+          f"{path}: only safetensors weights are loaded (pickle files are never "
+          f"read); found {found}"
+        )
       raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
 
   def get(self, name: str) -> np.ndarray:
@@ -188,13 +207,21 @@ def load_hf_config(path: str, **kw) -> ModelConfig:
     return config_from_hf(json.load(f), **kw)
 
 
-def from_hf(path: str, mesh: jax.sharding.Mesh | None = None, rules: shd.Rules = shd.DEFAULT_RULES,
-            *, param_dtype: str = "float32", dtype: str = "float32",
-            remat: bool = False) -> Transformer:
+def from_hf(
+  path: str,
+  mesh: jax.sharding.Mesh | None = None,
+  rules: shd.Rules = shd.DEFAULT_RULES,
+  *,
+  param_dtype: str = "float32",
+  dtype: str = "float32",
+  remat: bool = False,
+) -> Transformer:
   """Loads a local HF checkpoint directory into a Transformer sharded on `mesh`."""
   cfg = load_hf_config(path, param_dtype=param_dtype, dtype=dtype, remat=remat)
   mesh = mesh or shd.make_mesh({"data": -1}, jax.devices()[:1])
-  graphdef, abstract = shd.abstract_sharded_state(lambda: Transformer(cfg, nnx.Rngs(0)), mesh, rules)
+  graphdef, abstract = shd.abstract_sharded_state(
+    lambda: Transformer(cfg, nnx.Rngs(0)), mesh, rules
+  )
   reader = _TensorReader(path)
   table = _param_map(cfg)
 
@@ -204,24 +231,35 @@ def from_hf(path: str, mesh: jax.sharding.Mesh | None = None, rules: shd.Rules =
     host = np.asarray(to_ours(reader.get(hf_name)))
     sds = var.get_value()
     if host.shape != sds.shape:
-      raise ValueError(f"tensor {hf_name!r} has shape {host.shape} after conversion, "
-                       f"expected {sds.shape} from config.json")
+      raise ValueError(
+        f"tensor {hf_name!r} has shape {host.shape} after conversion, "
+        f"expected {sds.shape} from config.json"
+      )
     host = host.astype(sds.dtype)
     return var.replace(jax.make_array_from_callback(sds.shape, sds.sharding, lambda idx: host[idx]))
 
-  state = jax.tree_util.tree_map_with_path(load, abstract, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  state = jax.tree_util.tree_map_with_path(
+    load, abstract, is_leaf=lambda x: isinstance(x, nnx.Variable)
+  )
   return nnx.merge(graphdef, state)
 
 
 def _to_host(x: jax.Array) -> np.ndarray:
   if jax.process_count() > 1 and not x.is_fully_addressable:
     from jax.experimental import multihost_utils
+
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(jax.device_get(x))
 
 
-def to_hf(model: Transformer, out_dir: str, *, dtype: str | None = None,
-          max_shard_bytes: int | None = None, tokenizer=None) -> None:
+def to_hf(
+  model: Transformer,
+  out_dir: str,
+  *,
+  dtype: str | None = None,
+  max_shard_bytes: int | None = None,
+  tokenizer=None,
+) -> None:
   """Writes `config.json` + safetensors (split with an index above `max_shard_bytes`).
 
   Every process must call this (gathering is collective); only process 0 writes.
@@ -231,7 +269,9 @@ def to_hf(model: Transformer, out_dir: str, *, dtype: str | None = None,
   table = _param_map(cfg)
   state = nnx.state(model, nnx.Param)
   tensors: dict[str, np.ndarray] = {}
-  for path, var in jax.tree_util.tree_leaves_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+  for path, var in jax.tree_util.tree_leaves_with_path(
+    state, is_leaf=lambda x: isinstance(x, nnx.Variable)
+  ):
     hf_name, _, to_hf_layout = table[_path_key(path)]
     host = _to_host(var.get_value()).astype(jnp.dtype(dtype))
     tensors[hf_name] = np.ascontiguousarray(to_hf_layout(host))

@@ -2,19 +2,35 @@
 
 from __future__ import annotations
 
-
 HF_CONFIGS = {
-    "llama": dict(model_type="llama", rope_scaling={
-        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
-    "qwen2": dict(model_type="qwen2"),
-    "qwen3": dict(model_type="qwen3", head_dim=32),
+  "llama": dict(
+    model_type="llama",
+    rope_scaling={
+      "rope_type": "llama3",
+      "factor": 8.0,
+      "low_freq_factor": 1.0,
+      "high_freq_factor": 4.0,
+      "original_max_position_embeddings": 16,
+    },
+  ),
+  "qwen2": dict(model_type="qwen2"),
+  "qwen3": dict(model_type="qwen3", head_dim=32),
 }
 
 
-def tiny_hf_model(kind: str, *, vocab_size: int = 128, hidden_size: int = 64, layers: int = 2,
-                  heads: int = 4, kv_heads: int = 2, intermediate_size: int = 96,
-                  tie: bool = False, seed: int = 0, **extra):
+def tiny_hf_model(
+  kind: str,
+  *,
+  vocab_size: int = 128,
+  hidden_size: int = 64,
+  layers: int = 2,
+  heads: int = 4,
+  kv_heads: int = 2,
+  intermediate_size: int = 96,
+  tie: bool = False,
+  seed: int = 0,
+  **extra,
+):
   """A random transformers CausalLM of the given family (`llama`, `qwen2`, `qwen3`)."""
   import torch
   from transformers import AutoConfig, AutoModelForCausalLM
@@ -23,10 +39,20 @@ def tiny_hf_model(kind: str, *, vocab_size: int = 128, hidden_size: int = 64, la
   model_type = spec.pop("model_type")
   spec.update(extra)
   config = AutoConfig.for_model(
-      model_type, vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=layers,
-      num_attention_heads=heads, num_key_value_heads=kv_heads,
-      intermediate_size=intermediate_size, tie_word_embeddings=tie,
-      max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0, **spec)
+    model_type,
+    vocab_size=vocab_size,
+    hidden_size=hidden_size,
+    num_hidden_layers=layers,
+    num_attention_heads=heads,
+    num_key_value_heads=kv_heads,
+    intermediate_size=intermediate_size,
+    tie_word_embeddings=tie,
+    max_position_embeddings=256,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+    **spec,
+  )
   torch.manual_seed(seed)
   model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
   with torch.no_grad():  # HF inits biases and norms to 0/1; randomise so they are tested

@@ -79,7 +79,13 @@ class Attention(nnx.Module):
   """Grouped-query attention with optional q/k/v biases (Qwen2) and q/k RMSNorm (Qwen3)."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-    d, h, kv, hd, pd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.jnp_param_dtype
+    d, h, kv, hd, pd = (
+      cfg.hidden_size,
+      cfg.num_heads,
+      cfg.num_kv_heads,
+      cfg.head_dim,
+      cfg.jnp_param_dtype,
+    )
     std = 0.02
     self.cfg = cfg
     self.q_proj = _param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), pd, std)
@@ -126,7 +132,7 @@ class Attention(nnx.Module):
     groups = cfg.num_heads // cfg.num_kv_heads
     q = q.reshape(b, seq, cfg.num_kv_heads, groups, cfg.head_dim)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = scores * (cfg.head_dim ** -0.5)
+    scores = scores * (cfg.head_dim**-0.5)
     query_slot = start + jnp.arange(seq)[:, None]
     causal = jnp.arange(s)[None, :] <= query_slot  # [T, S]
     mask = causal[None] & kv_mask[:, None, :].astype(bool)  # [B, T, S]
@@ -164,8 +170,9 @@ class Block(nnx.Module):
     self.mlp = MLP(cfg, rngs)
 
   def __call__(self, x, positions, kv_mask, layer_cache, cache_index):
-    attn_out, new_cache = self.attn(rms_norm(x, self.input_norm[...], self.eps),
-                                    positions, kv_mask, layer_cache, cache_index)
+    attn_out, new_cache = self.attn(
+      rms_norm(x, self.input_norm[...], self.eps), positions, kv_mask, layer_cache, cache_index
+    )
     x = x + attn_out
     x = x + self.mlp(rms_norm(x, self.post_attn_norm[...], self.eps))
     return x, new_cache
@@ -187,9 +194,15 @@ class Transformer(nnx.Module):
     if not cfg.tie_word_embeddings:
       self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pd, 0.02)
 
-  def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, *,
-               kv_mask: jax.Array | None = None, cache: Cache | None = None,
-               cache_index: jax.Array | int | None = None) -> tuple[jax.Array, Cache | None]:
+  def __call__(
+    self,
+    tokens: jax.Array,
+    positions: jax.Array | None = None,
+    *,
+    kv_mask: jax.Array | None = None,
+    cache: Cache | None = None,
+    cache_index: jax.Array | int | None = None,
+  ) -> tuple[jax.Array, Cache | None]:
     """Final hidden states.
 
     Args:
@@ -215,8 +228,9 @@ class Transformer(nnx.Module):
     run = nnx.remat(_run_block) if self.cfg.remat else _run_block
     new_cache = []
     for i, block in enumerate(self.layers):
-      x, layer_cache = run(block, x, positions, kv_mask,
-                           None if cache is None else cache[i], cache_index)
+      x, layer_cache = run(
+        block, x, positions, kv_mask, None if cache is None else cache[i], cache_index
+      )
       new_cache.append(layer_cache)
     x = rms_norm(x, self.final_norm[...], self.cfg.rms_norm_eps)
     return x, (None if cache is None else tuple(new_cache))
@@ -241,5 +255,6 @@ def init_cache(cfg: ModelConfig, batch: int, cache_len: int, dtype: Any = None) 
   """Zeroed KV cache: per layer `{"k", "v"}` of `[batch, cache_len, kv_heads, head_dim]`."""
   dtype = cfg.jnp_dtype if dtype is None else dtype
   shape = (batch, cache_len, cfg.num_kv_heads, cfg.head_dim)
-  return tuple({"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-               for _ in range(cfg.num_layers))
+  return tuple(
+    {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_layers)
+  )

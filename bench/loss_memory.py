@@ -1,6 +1,7 @@
 """Peak memory and time of full-vocab reverse KL forward+backward: chunked vs naive.
 
-Loss: ``distill_loss(loss="reverse_kl")`` (chunked, ``jax.checkpoint`` per chunk) vs
+Loss: ``distill_loss`` with ``LossSettings(loss="reverse_kl")`` (chunked, ``jax.checkpoint``
+per chunk) vs
 ``unchunked_distill_loss`` (full ``[B, T, V]`` logits), gradient w.r.t. the student
 hidden states and unembedding, float32 inputs, float32 softmax, on the CPU.
 
@@ -39,8 +40,7 @@ def make_step(variant: str, chunk_size: int):
       teacher_unembed,
       targets,
       mask,
-      loss="reverse_kl",
-      chunk_size=chunk_size,
+      losses.LossSettings(loss="reverse_kl", chunk_size=chunk_size),
     )
     return value
 

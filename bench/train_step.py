@@ -22,6 +22,7 @@ from flax import nnx
 
 from jdistill import sharding as shd
 from jdistill import train_step as ts
+from jdistill.losses import LossSettings
 from jdistill.models import ModelConfig, Transformer
 from jdistill.sampler import Sampler, SamplingParams
 
@@ -76,8 +77,8 @@ def main():
   t_graphdefs, t_states = zip(*(nnx.split(t) for t in teachers))
   rows_a, rows_b = ts.teacher_rows(2, ROWS_PER_TEACHER)
   specs = (
-    ts.TeacherSpec("a", "reverse_kl", 1.0, rows_a),
-    ts.TeacherSpec("b", "sampled_token", 1.0, rows_b),
+    ts.TeacherSpec("a", LossSettings(loss="reverse_kl", chunk_size=32), 1.0, rows_a),
+    ts.TeacherSpec("b", LossSettings(loss="sampled_token", chunk_size=32), 1.0, rows_b),
   )
   rows = 2 * ROWS_PER_TEACHER
   opt, sched = ts.make_optimizer(1e-4, steps=100, warmup_steps=0)
@@ -107,14 +108,12 @@ def main():
   }
   seq = batch["tokens"].shape[1]
 
-  settings = ts.LossSettings(chunk_size=32)
   step = jax.jit(
     functools.partial(
       ts.train_step,
       student_graphdef=graphdef,
       teacher_graphdefs=t_graphdefs,
       specs=specs,
-      settings=settings,
       optimizer=opt,
       schedule=sched,
     )

@@ -15,6 +15,7 @@ import json
 import os
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -120,3 +121,40 @@ def load_model_from_checkpoint(
   )["params"]
   manager.close()
   return nnx.merge(graphdef, params)
+
+
+def save_train_state(
+  checkpointer: Checkpointer,
+  step: int,
+  state: dict,
+  *,
+  rng,
+  data_state: dict,
+  seed: int,
+  force: bool = False,
+) -> bool:
+  """Saves a stage's `{"params", "opt_state", "step"}` (at host `step`) with its RNG key
+  and data-iterator position, on the save interval or when `force`d."""
+  meta = {
+    "step": step,
+    "rng": np.asarray(jax.random.key_data(rng)).tolist(),
+    "data": data_state,
+    "seed": seed,
+  }
+  return checkpointer.save(step, state["params"], state["opt_state"], meta, force=force)
+
+
+def restore_train_state(checkpointer: Checkpointer, state: dict, step: int | None = None):
+  """The saved train state at `step` (default: the latest) placed like `state` →
+  `(state, rng, data_state)`, or None when there is nothing to restore."""
+  step = checkpointer.latest_step() if step is None else step
+  if step is None:
+    return None
+  params, opt_state, meta = checkpointer.restore(
+    step, abstract_like(state["params"]), abstract_like(state["opt_state"])
+  )
+  restored_step = jax.device_put(
+    jax.numpy.asarray(meta["step"], jax.numpy.int32), state["step"].sharding
+  )
+  rng = jax.random.wrap_key_data(jax.numpy.asarray(meta["rng"], jax.numpy.uint32))
+  return {"params": params, "opt_state": opt_state, "step": restored_step}, rng, meta["data"]

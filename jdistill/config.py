@@ -274,6 +274,11 @@ def validate(config) -> None:
     _fail("student.path", config.student.path, "a Hugging Face directory")
   if not config.data.train_files:
     _fail("data.train_files", config.data.train_files, "comma-separated .jsonl/.parquet paths")
+  _validate_teachers(config)
+
+
+def _validate_teachers(config) -> None:
+  """Each `config.teachers.<name>`: complete, valid, owning domains no other teacher owns."""
   if not config.teachers.keys():
     _fail("teachers", "{}", "at least one teacher: --config.teachers.<name>.path=...")
   owner: dict[str, str] = {}

@@ -24,6 +24,7 @@ per model. :func:`unchunked_distill_loss` is the naive reference.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from collections.abc import Callable
@@ -78,54 +79,80 @@ def _check_same_shape(name_a: str, a, name_b: str, b) -> None:
     raise ValueError(f"{name_a} shape {a.shape} != {name_b} shape {b.shape}")
 
 
-def validate_loss_args(
-  *,
-  loss: str = "reverse_kl",
-  temperature: float = 1.0,
-  beta: float = 0.5,
-  k: int = 1,
-  vocab: int | None = None,
-  topk_support: str = "teacher",
-  topk_tail: str = "bucket",
-  topk_direction: str = "reverse",
-  normalize: str = "token",
-  clip_eps: float | None = None,
-  overlap_criterion: str = "teacher_topk",
-  overlap_topk: int = 8,
-  overlap_floor_prob: float = 1e-3,
-) -> None:
-  """Checks every loss hyper-parameter; raises ValueError naming the bad one.
+@dataclasses.dataclass(frozen=True)
+class LossSettings:
+  """Everything a loss kernel needs besides arrays: the loss kind and its hyper-parameters.
 
-  Only the arguments that ``loss`` uses are checked (e.g. ``beta`` only for
-  "jsd", ``k``/support/tail/direction only for "topk", ``overlap_*`` only for
-  "overlap_aware"). ``vocab`` bounds ``k`` when given (``overlap_topk`` may exceed
-  it: the whole vocabulary is then inside).
+  One frozen (hashable) object travels from the config to the compiled step, so it can be a
+  static argument of `jax.jit`. ``loss`` is one of :data:`LOSS_NAMES`; only the fields that
+  loss uses matter (e.g. ``beta`` only for "jsd", ``k``/``topk_*`` only for "topk",
+  ``overlap_*`` only for "overlap_aware", ``clip_eps`` only for "sampled_token"). The
+  ``diag_*`` fields configure the per-token support diagnostics every loss returns.
+  ``chunk_size=None`` materialises full ``[B, T, V]`` logits (the test reference).
   """
-  _check_choice("loss", loss, LOSS_NAMES)
-  _check_choice("normalize", normalize, NORMALIZE_MODES)
-  _check_temperature(temperature)
-  if loss == "jsd":
-    _check_beta(beta)
-  if loss == "topk":
-    _check_k(k, vocab)
-    _check_choice("topk_support", topk_support, TOPK_SUPPORTS)
-    _check_choice("topk_tail", topk_tail, TOPK_TAILS)
-    _check_choice("topk_direction", topk_direction, KL_DIRECTIONS)
-  if loss == "overlap_aware":
-    _check_choice("overlap_criterion", overlap_criterion, OVERLAP_CRITERIA)
-    if not (
-      isinstance(overlap_topk, numbers.Integral)
-      and not isinstance(overlap_topk, bool)
-      and overlap_topk > 0
+
+  loss: str = "reverse_kl"
+  chunk_size: int | None = 512
+  temperature: float = 1.0
+  normalize: str = "token"
+  beta: float = 0.5
+  k: int = 64
+  topk_support: str = "teacher"
+  topk_tail: str = "bucket"
+  topk_direction: str = "reverse"
+  clip_eps: float | None = None
+  overlap_criterion: str = "teacher_topk"
+  overlap_topk: int = 8
+  overlap_floor_prob: float = 1e-3
+  diag_topk: tuple[int, ...] = (1, 8)
+  diag_floor_prob: float = 1e-4
+  diag_top_p: float = 0.9
+
+  def replace(self, **changes) -> LossSettings:
+    return dataclasses.replace(self, **changes)
+
+  def validate(self, vocab: int | None = None) -> None:
+    """Raises ValueError naming the bad field. ``vocab`` bounds ``k`` when given
+    (``overlap_topk`` and ``diag_topk`` may exceed it: the whole vocabulary is then inside)."""
+    _check_choice("loss", self.loss, LOSS_NAMES)
+    _check_choice("normalize", self.normalize, NORMALIZE_MODES)
+    _check_temperature(self.temperature)
+    if self.chunk_size is not None and not (
+      isinstance(self.chunk_size, numbers.Integral) and self.chunk_size > 0
     ):
-      raise ValueError(f"overlap_topk must be a positive int, got {overlap_topk!r}")
-    if not (isinstance(overlap_floor_prob, numbers.Real) and 0.0 <= overlap_floor_prob < math.inf):
-      raise ValueError(
-        f"overlap_floor_prob must be a finite float >= 0 (> 1 puts every "
-        f"token off support), got {overlap_floor_prob!r}"
-      )
-  if clip_eps is not None and not clip_eps > 0:
-    raise ValueError(f"clip_eps must be > 0 or None, got {clip_eps!r}")
+      raise ValueError(f"chunk_size must be a positive int or None, got {self.chunk_size!r}")
+    if self.loss == "jsd":
+      _check_beta(self.beta)
+    if self.loss == "topk":
+      _check_k(self.k, vocab)
+      _check_choice("topk_support", self.topk_support, TOPK_SUPPORTS)
+      _check_choice("topk_tail", self.topk_tail, TOPK_TAILS)
+      _check_choice("topk_direction", self.topk_direction, KL_DIRECTIONS)
+    if self.loss == "overlap_aware":
+      _check_choice("overlap_criterion", self.overlap_criterion, OVERLAP_CRITERIA)
+      if not (
+        isinstance(self.overlap_topk, numbers.Integral)
+        and not isinstance(self.overlap_topk, bool)
+        and self.overlap_topk > 0
+      ):
+        raise ValueError(f"overlap_topk must be a positive int, got {self.overlap_topk!r}")
+      if not (
+        isinstance(self.overlap_floor_prob, numbers.Real)
+        and 0.0 <= self.overlap_floor_prob < math.inf
+      ):
+        raise ValueError(
+          f"overlap_floor_prob must be a finite float >= 0 (> 1 puts every "
+          f"token off support), got {self.overlap_floor_prob!r}"
+        )
+    if self.clip_eps is not None and not self.clip_eps > 0:
+      raise ValueError(f"clip_eps must be > 0 or None, got {self.clip_eps!r}")
+    for diag_k in self.diag_topk:
+      if not (isinstance(diag_k, numbers.Integral) and diag_k > 0):
+        raise ValueError(f"diag_topk entries must be positive ints, got {self.diag_topk!r}")
+    if not 0.0 < self.diag_floor_prob <= 1.0:
+      raise ValueError(f"diag_floor_prob must be in (0, 1], got {self.diag_floor_prob!r}")
+    if not 0.0 < self.diag_top_p <= 1.0:
+      raise ValueError(f"diag_top_p must be in (0, 1], got {self.diag_top_p!r}")
 
 
 # --------------------------------------------------------------------------
@@ -669,173 +696,55 @@ def overlap_gate(student_logp, teacher_logp, targets, criterion: str, topk: int,
   return jnp.clip(mass, 0.0, 1.0)
 
 
-def _make_token_fn(
-  loss,
-  *,
-  temperature,
-  beta,
-  k,
-  topk_support,
-  topk_tail,
-  topk_direction,
-  diag_topk,
-  diag_floor_prob,
-  diag_top_p=0.9,
-  overlap_criterion="teacher_topk",
-  overlap_topk=8,
-  overlap_floor_prob=1e-3,
-):
+def _make_token_fn(settings: LossSettings):
   """The per-chunk function: logits -> {"loss_terms": ..., "diagnostics": ...}."""
+  s = settings
 
   def token_fn(student_logits, teacher_logits, targets):
     student_logp = log_softmax(student_logits)
     teacher_logp = log_softmax(teacher_logits)
-    if temperature == 1.0:
+    if s.temperature == 1.0:
       s_tau, t_tau = student_logp, teacher_logp
     else:
-      s_tau = log_softmax(student_logits, temperature)
-      t_tau = log_softmax(teacher_logits, temperature)
-    if loss == "sampled_token":
+      s_tau = log_softmax(student_logits, s.temperature)
+      t_tau = log_softmax(teacher_logits, s.temperature)
+    if s.loss == "sampled_token":
       terms = {
         "student_logp": token_logp(s_tau, targets),
         "teacher_logp": token_logp(t_tau, targets),
       }
-    elif loss == "reverse_kl":
+    elif s.loss == "reverse_kl":
       terms = {"per_token_loss": _kl_from_logp(s_tau, t_tau)}
-    elif loss == "forward_kl":
+    elif s.loss == "forward_kl":
       terms = {"per_token_loss": _kl_from_logp(t_tau, s_tau)}
-    elif loss == "jsd":
-      terms = {"per_token_loss": _jsd_from_logp(s_tau, t_tau, beta)}
-    elif loss == "overlap_aware":
+    elif s.loss == "jsd":
+      terms = {"per_token_loss": _jsd_from_logp(s_tau, t_tau, s.beta)}
+    elif s.loss == "overlap_aware":
       terms = {
         "dense": _kl_from_logp(s_tau, t_tau),
         "student_logp": token_logp(s_tau, targets),
         "teacher_logp": token_logp(t_tau, targets),
         "gate": overlap_gate(
-          student_logp, teacher_logp, targets, overlap_criterion, overlap_topk, overlap_floor_prob
+          student_logp,
+          teacher_logp,
+          targets,
+          s.overlap_criterion,
+          s.overlap_topk,
+          s.overlap_floor_prob,
         ),
       }
     else:
       terms = {
         "per_token_loss": _topk_kl_from_logp(
-          s_tau, t_tau, k, topk_support, topk_tail, topk_direction
+          s_tau, t_tau, s.k, s.topk_support, s.topk_tail, s.topk_direction
         )
       }
     diagnostics = support_diagnostics(
-      student_logp, teacher_logp, targets, diag_topk, diag_floor_prob, diag_top_p
+      student_logp, teacher_logp, targets, tuple(s.diag_topk), s.diag_floor_prob, s.diag_top_p
     )
     return {"loss_terms": terms, "diagnostics": diagnostics}
 
   return token_fn
-
-
-def _distill_loss(
-  token_values,
-  student_hidden,
-  student_unembed,
-  teacher_hidden,
-  teacher_unembed,
-  targets,
-  mask,
-  *,
-  loss,
-  temperature,
-  beta,
-  k,
-  topk_support,
-  topk_tail,
-  topk_direction,
-  normalize,
-  behaviour_logp,
-  clip_eps,
-  extra_advantage,
-  diag_topk,
-  diag_floor_prob,
-  student_bias,
-  teacher_bias,
-  diag_top_p=0.9,
-  overlap_criterion="teacher_topk",
-  overlap_topk=8,
-  overlap_floor_prob=1e-3,
-):
-  vocab = student_unembed.shape[-1]
-  validate_loss_args(
-    loss=loss,
-    temperature=temperature,
-    beta=beta,
-    k=k,
-    vocab=vocab,
-    topk_support=topk_support,
-    topk_tail=topk_tail,
-    topk_direction=topk_direction,
-    normalize=normalize,
-    clip_eps=clip_eps,
-    overlap_criterion=overlap_criterion,
-    overlap_topk=overlap_topk,
-    overlap_floor_prob=overlap_floor_prob,
-  )
-  for diag_k in diag_topk:  # k >= V is allowed here: the target is then always inside
-    if not (isinstance(diag_k, numbers.Integral) and diag_k > 0):
-      raise ValueError(f"diag_topk entries must be positive ints, got {diag_topk!r}")
-  if not 0.0 < diag_floor_prob <= 1.0:
-    raise ValueError(f"diag_floor_prob must be in (0, 1], got {diag_floor_prob!r}")
-  if not 0.0 < diag_top_p <= 1.0:
-    raise ValueError(f"diag_top_p must be in (0, 1], got {diag_top_p!r}")
-  _check_same_shape("mask", mask, "targets", targets)
-  if loss != "sampled_token" and extra_advantage is not None:
-    raise ValueError(f"extra_advantage applies only to loss='sampled_token', got loss={loss!r}")
-
-  token_fn = _make_token_fn(
-    loss,
-    temperature=temperature,
-    beta=beta,
-    k=k,
-    topk_support=topk_support,
-    topk_tail=topk_tail,
-    topk_direction=topk_direction,
-    diag_topk=tuple(diag_topk),
-    diag_floor_prob=diag_floor_prob,
-    diag_top_p=diag_top_p,
-    overlap_criterion=overlap_criterion,
-    overlap_topk=overlap_topk,
-    overlap_floor_prob=overlap_floor_prob,
-  )
-  values = token_values(
-    token_fn,
-    student_hidden,
-    student_unembed,
-    teacher_hidden,
-    teacher_unembed,
-    targets,
-    student_bias=student_bias,
-    teacher_bias=teacher_bias,
-  )
-  terms, diagnostics = values["loss_terms"], values["diagnostics"]
-  if loss == "sampled_token":
-    value, aux = sampled_token_loss(
-      terms["student_logp"],
-      terms["teacher_logp"],
-      mask,
-      behaviour_logp=behaviour_logp,
-      clip_eps=clip_eps,
-      extra_advantage=extra_advantage,
-      normalize=normalize,
-    )
-    diagnostics.update(aux)
-  elif loss == "overlap_aware":
-    value, aux = overlap_aware_loss(
-      terms["dense"],
-      terms["student_logp"],
-      terms["teacher_logp"],
-      terms["gate"],
-      mask,
-      normalize=normalize,
-    )
-    diagnostics.update(aux)
-  else:
-    value = masked_mean(terms["per_token_loss"], mask, normalize)
-    diagnostics["per_token_loss"] = sg(terms["per_token_loss"])
-  return value, diagnostics
 
 
 def distill_loss(
@@ -845,36 +754,22 @@ def distill_loss(
   teacher_unembed,
   targets,
   mask,
+  settings: LossSettings,
   *,
-  loss: str,
-  chunk_size: int | None = 512,  # None: unchunked (full logits)
-  temperature: float = 1.0,
-  beta: float = 0.5,
-  k: int = 64,
-  topk_support: str = "teacher",
-  topk_tail: str = "bucket",
-  topk_direction: str = "reverse",
-  normalize: str = "token",
   behaviour_logp=None,
-  clip_eps: float | None = None,
   extra_advantage=None,
-  diag_topk=(1, 8),
-  diag_floor_prob: float = 1e-4,
-  diag_top_p: float = 0.9,
   student_bias=None,
   teacher_bias=None,
-  overlap_criterion: str = "teacher_topk",
-  overlap_topk: int = 8,
-  overlap_floor_prob: float = 1e-3,
 ):
   """Distillation loss from hidden states, chunked over T -> ``(loss, diagnostics)``.
 
-  Shapes as :func:`chunked_token_values`; ``mask [B, T]``; logits for position
-  t score ``targets[:, t]``. ``loss`` is one of :data:`LOSS_NAMES`:
+  Shapes as :func:`chunked_token_values` (``student_hidden [B, T, Ds]``, ``student_unembed
+  [Ds, V]``, ``teacher_hidden [B, T, Dt]``, ``teacher_unembed [Dt, V]``, ``targets [B, T]``);
+  ``mask [B, T]``; logits for position t score ``targets[:, t]``. ``settings.loss``:
 
   * "sampled_token": log p_s(x_t), log p_t(x_t) at ``temperature`` from the
-    chunked pass, then :func:`sampled_token_loss`. ``behaviour_logp`` and
-    ``clip_eps`` only apply here (other losses ignore them); ``extra_advantage``
+    chunked pass, then :func:`sampled_token_loss`. ``behaviour_logp [B, T]`` and
+    ``settings.clip_eps`` only apply here (other losses ignore them); ``extra_advantage``
     with another loss is a ValueError.
   * "reverse_kl" / "forward_kl" / "jsd" (``beta``) / "topk" (``k``,
     ``topk_support``, ``topk_tail``, ``topk_direction``): per-token terms at
@@ -896,45 +791,58 @@ def distill_loss(
   and the scalar ``clip_fraction``; for "overlap_aware" also ``on_support`` (the
   gate g_t), ``dense_term``, ``sampled_term``, ``k1`` and ``advantage``.
   """
-  if chunk_size is None:  # unchunked_distill_loss
-    token_values = _full_token_values
+  if not isinstance(settings, LossSettings):
+    raise TypeError(f"settings must be a losses.LossSettings, got {type(settings).__name__}")
+  settings.validate(vocab=student_unembed.shape[-1])
+  _check_same_shape("mask", mask, "targets", targets)
+  if settings.loss != "sampled_token" and extra_advantage is not None:
+    raise ValueError(
+      f"extra_advantage applies only to loss='sampled_token', got loss={settings.loss!r}"
+    )
+  args = (student_hidden, student_unembed, teacher_hidden, teacher_unembed, targets)
+  biases = dict(student_bias=student_bias, teacher_bias=teacher_bias)
+  token_fn = _make_token_fn(settings)
+  if settings.chunk_size is None:
+    values = _full_token_values(token_fn, *args, **biases)
   else:
-    token_values = lambda *a, **kw: chunked_token_values(*a, chunk_size=chunk_size, **kw)
-  return _distill_loss(
-    token_values,
-    student_hidden,
-    student_unembed,
-    teacher_hidden,
-    teacher_unembed,
-    targets,
-    mask,
-    loss=loss,
-    temperature=temperature,
-    beta=beta,
-    k=k,
-    topk_support=topk_support,
-    topk_tail=topk_tail,
-    topk_direction=topk_direction,
-    normalize=normalize,
-    behaviour_logp=behaviour_logp,
-    clip_eps=clip_eps,
-    extra_advantage=extra_advantage,
-    diag_topk=diag_topk,
-    diag_floor_prob=diag_floor_prob,
-    diag_top_p=diag_top_p,
-    student_bias=student_bias,
-    teacher_bias=teacher_bias,
-    overlap_criterion=overlap_criterion,
-    overlap_topk=overlap_topk,
-    overlap_floor_prob=overlap_floor_prob,
-  )
+    values = chunked_token_values(token_fn, *args, chunk_size=settings.chunk_size, **biases)
+  terms, diagnostics = values["loss_terms"], values["diagnostics"]
+  if settings.loss == "sampled_token":
+    value, aux = sampled_token_loss(
+      terms["student_logp"],
+      terms["teacher_logp"],
+      mask,
+      behaviour_logp=behaviour_logp,
+      clip_eps=settings.clip_eps,
+      extra_advantage=extra_advantage,
+      normalize=settings.normalize,
+    )
+    diagnostics.update(aux)
+  elif settings.loss == "overlap_aware":
+    value, aux = overlap_aware_loss(
+      terms["dense"],
+      terms["student_logp"],
+      terms["teacher_logp"],
+      terms["gate"],
+      mask,
+      normalize=settings.normalize,
+    )
+    diagnostics.update(aux)
+  else:
+    value = masked_mean(terms["per_token_loss"], mask, settings.normalize)
+    diagnostics["per_token_loss"] = sg(terms["per_token_loss"])
+  return value, diagnostics
 
 
 def unchunked_distill_loss(*args, **kwargs):
   """Naive :func:`distill_loss`: materialises full ``[B, T, V]`` logits, no remat.
 
-  Same arguments and results (``chunk_size`` is ignored). The test reference for the
-  chunked kernel and the "naive" line of the memory bench.
+  Same arguments and results (``settings.chunk_size`` is ignored). The test reference for
+  the chunked kernel and the "naive" line of the memory bench.
   """
-  kwargs["chunk_size"] = None
+  args = list(args)
+  if len(args) >= 7:
+    args[6] = args[6].replace(chunk_size=None)
+  else:
+    kwargs["settings"] = kwargs["settings"].replace(chunk_size=None)
   return distill_loss(*args, **kwargs)

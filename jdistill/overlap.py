@@ -73,6 +73,7 @@ from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
+from flax import nnx
 
 from jdistill import losses
 
@@ -296,6 +297,33 @@ def thresholds_from_config(config) -> dict:
   return {key: (o[key] if key in o else default) for key, default in DEFAULT_THRESHOLDS.items()}
 
 
+class AlarmTracker:
+  """Overlap alarms during training: a console WARNING naming the teacher when it crosses a
+  threshold (once, not every step), and a line when it is back within them."""
+
+  def __init__(self, overlap_config):
+    o = overlap_config
+    self.thresholds = dict(
+      min_topk_coverage=o.min_topk_coverage, max_off_support=o.max_off_support, k=o.k_for_alarm
+    )
+    self.active: set[str] = set()
+
+  def update(self, step: int, metrics_per_teacher: Mapping[str, Mapping]) -> dict[str, bool]:
+    """Token-mean metrics per teacher at `step` → whether each teacher's alarm is on."""
+    on = {}
+    for name, m in metrics_per_teacher.items():
+      alarms = overlap_alarms({name: m}, **self.thresholds)
+      on[name] = bool(alarms)
+      if alarms and name not in self.active:
+        for a in alarms:
+          print(f"WARNING step {step}: {a}", flush=True)
+        self.active.add(name)
+      elif not alarms and name in self.active:
+        print(f"step {step}: teacher {name!r} is back within the overlap thresholds", flush=True)
+        self.active.discard(name)
+    return on
+
+
 def reading(
   metrics: Mapping,
   *,
@@ -371,8 +399,6 @@ def _prompt_rows(config, tokenizer, records, domains: Sequence[str], rows_per_do
 
 
 def _score_fn(student_graphdef, teacher_graphdef, chunk_size: int, metric_kw: dict):
-  from flax import nnx
-
   from jdistill import train_step as ts
 
   @jax.jit
@@ -406,6 +432,51 @@ def _nan_to_none(tree):
   return tree
 
 
+def _student_and_teachers(config, mesh, use_checkpoint: bool):
+  """The student (`config.student.path`, or the latest checkpoint of `config.checkpoint.dir`
+  with `use_checkpoint`) and the teachers, built as the trainer builds them."""
+  from jdistill import build
+  from jdistill import checkpoint as ckpt
+
+  student = build.student(config, mesh)
+  if use_checkpoint:
+    ckpt_dir = config.checkpoint.dir
+    if not ckpt_dir or not ckpt.is_checkpoint_dir(ckpt_dir):
+      raise FileNotFoundError(
+        f"--use_checkpoint: config.checkpoint.dir={ckpt_dir!r} is not a jdistill checkpoint "
+        "directory"
+      )
+    s = config.student
+    trained = ckpt.load_model_from_checkpoint(
+      ckpt_dir, mesh, param_dtype=s.param_dtype, dtype=s.dtype
+    )
+    student.params = nnx.state(trained)
+  return student, build.teachers(config, mesh, student.cfg.vocab_size)
+
+
+def _rollouts(config, student, tokenizer, mesh, rows, seed: int) -> dict:
+  """One batch of student rollouts for `rows` [(domain, prompt ids)] → numpy `[len(rows), L]`
+  (padded to the data-parallel size for sampling, then cut back)."""
+  from jdistill import build
+  from jdistill import train_step as ts
+  from jdistill.sampler import Sampler
+
+  sampler = Sampler(student.graphdef, mesh)
+  n_real = len(rows)
+  padded = rows + [rows[-1]] * (-n_real % sampler.data_parallel_size())
+  width = max(len(ids) for _, ids in padded)
+  prompt_tokens = np.full((len(padded), width), tokenizer.pad_token_id or 0, np.int32)
+  for i, (_, ids) in enumerate(padded):
+    prompt_tokens[i, : len(ids)] = ids
+  prompt_lengths = np.asarray([len(ids) for _, ids in padded], np.int32)
+  sampling = build.sampling_params(config, tokenizer)
+  out = sampler.generate(
+    student.params, (prompt_tokens, prompt_lengths), jax.random.key(seed), sampling
+  )
+  batch = jax.device_get(ts.rollout_batch(out, build.batch_shardings(mesh)))
+  return {k: np.asarray(v)[:n_real] for k, v in batch.items()}
+
+
 def measure(
   config, *, rows_per_domain: int = 16, use_checkpoint: bool = False, seed: int | None = None
 ) -> dict:
@@ -414,98 +485,70 @@ def measure(
   Returns the report written to ``overlap.json`` plus ``"_teacher_logp"`` (per teacher,
   the masked teacher log-probs, for the histogram).
   """
+  from jdistill import build
   from jdistill import config as config_lib
-  from jdistill import train
 
   if rows_per_domain < 1:
     raise ValueError(f"rows_per_domain must be >= 1, got {rows_per_domain}")
-  config = config.copy_and_resolve_references()
-  with config.unlocked():
-    if not use_checkpoint:
-      config.checkpoint.dir = ""
-  trainer = train.Trainer(config)
+  config_lib.validate(config)
+  mesh = build.mesh(config)
+  tokenizer = build.tokenizer(config)
+  student, teachers = _student_and_teachers(config, mesh, use_checkpoint)
   thresholds = thresholds_from_config(config)
-  vocab = trainer.model_cfg.vocab_size
-  curve_ks = coverage_ks(vocab)
-  topks = tuple(
-    sorted(
-      set(int(k) for k in config.overlap.topks) | set(curve_ks) | {int(thresholds["k_for_alarm"])}
-    )
-  )
+  curve_ks = coverage_ks(student.cfg.vocab_size)
+  k_alarm = int(thresholds["k_for_alarm"])
   metric_kw = dict(
-    topks=topks,
+    topks=tuple(sorted({int(k) for k in config.overlap.topks} | set(curve_ks) | {k_alarm})),
     top_p=float(config.overlap.top_p),
     floor_prob=float(config.overlap.floor_prob),
     student_topks=tuple(int(k) for k in config.overlap.topks),
   )
 
   files = config.data.eval_files or config.data.train_files
-  records, _ = train.read_records(files, config)
+  records, _ = build.read_records(files, config)
   owners = config_lib.teacher_domains(config)
-  domains = [d for name in trainer.names for d in owners[name]]
   present = {r["domain"] for r in records}
-  domains = [d for d in domains if d in present]
-  rows = _prompt_rows(config, trainer.tokenizer, records, domains, rows_per_domain)
-
-  # One rollout batch for every domain, padded to the data-parallel size.
-  dp = trainer.sampler.data_parallel_size()
-  n_real = len(rows)
-  padded = rows + [rows[-1]] * (-n_real % dp)
-  pad_id = trainer.tokenizer.pad_token_id or 0
-  width = max(len(ids) for _, ids in padded)
-  prompt_tokens = np.full((len(padded), width), pad_id, np.int32)
-  for i, (_, ids) in enumerate(padded):
-    prompt_tokens[i, : len(ids)] = ids
-  prompts = {
-    "prompt_tokens": prompt_tokens,
-    "prompt_lengths": np.asarray([len(ids) for _, ids in padded], np.int32),
-  }
-  rng = jax.random.key(config.seed if seed is None else seed)
-  batch = jax.device_get(trainer.rollouts(prompts, rng))
-  batch = {k: np.asarray(v)[:n_real] for k, v in batch.items()}
+  domains = [d for name in teachers.names for d in owners[name] if d in present]
+  rows = _prompt_rows(config, tokenizer, records, domains, rows_per_domain)
+  batch = _rollouts(config, student, tokenizer, mesh, rows, config.seed if seed is None else seed)
   row_domain = np.asarray([domains.index(d) for d, _ in rows], np.int32)
 
   report = {
     "source": files,
+    "student": config.checkpoint.dir if use_checkpoint else config.student.path,
     "rows_per_domain": rows_per_domain,
     "max_new_tokens": int(config.sampling.max_new_tokens),
-    "vocab": vocab,
+    "vocab": student.cfg.vocab_size,
     "thresholds": dict(thresholds, floor_prob=metric_kw["floor_prob"], top_p=metric_kw["top_p"]),
     "coverage_ks": curve_ks,
     "teachers": {},
     "domains": {},
     "_teacher_logp": {},
   }
-  alarm_input = {}
-  for i, name in enumerate(trainer.names):
+  for i, name in enumerate(teachers.names):
     own = [domains.index(d) for d in owners[name] if d in domains]
     sel = np.flatnonzero(np.isin(row_domain, own))
     if sel.size == 0:
       continue
+    teacher_graphdef, teacher_state = teachers.member(i)
+    score = _score_fn(student.graphdef, teacher_graphdef, int(config.loss.chunk_size), metric_kw)
     sub = {k: v[sel] for k, v in batch.items()}
-    teacher_graphdef, teacher_state = trainer.teacher(i)
-    score = _score_fn(
-      trainer.student_graphdef, teacher_graphdef, int(config.loss.chunk_size), metric_kw
-    )
-    per_token, mask = jax.device_get(score(trainer.params, teacher_state, sub))
-    per_token = {k: np.asarray(v) for k, v in per_token.items()}
-    mask = np.asarray(mask)
+    per_token, mask = jax.device_get(score(student.params, teacher_state, sub))
+    per_token, mask = {k: np.asarray(v) for k, v in per_token.items()}, np.asarray(mask)
     whole = aggregate(per_token, mask, np.zeros(sel.size, np.int32), 1)[0]
     whole["domains"] = list(owners[name])
     whole["coverage_curve"] = {str(k): whole["token_mean"][f"in_teacher_top{k}"] for k in curve_ks}
     whole["reading"] = reading(whole["token_mean"], **thresholds)
     report["teachers"][name] = whole
-    alarm_input[name] = whole["token_mean"]
     report["_teacher_logp"][name] = per_token["teacher_logp"][mask != 0]
     local = np.asarray([own.index(g) for g in row_domain[sel]], np.int32)
     for j, agg in aggregate(per_token, mask, local, len(own)).items():
-      agg["teacher"] = name
-      report["domains"][domains[own[j]]] = agg
+      report["domains"][domains[own[j]]] = dict(agg, teacher=name)
   report["alarms"] = overlap_alarms(
-    alarm_input,
+    {name: t["token_mean"] for name, t in report["teachers"].items()},
     min_topk_coverage=thresholds["min_topk_coverage"],
     max_off_support=thresholds["max_off_support"],
-    k=int(thresholds["k_for_alarm"]),
+    k=k_alarm,
   )
   return report
 

@@ -13,371 +13,167 @@ TensorBoard (`<output_dir>/tb`) and a learning-curve PNG.
 from __future__ import annotations
 
 import functools
-import json
 import logging
-import os
 import sys
-import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
+from jdistill import build, distributed, overlap, plots
 from jdistill import checkpoint as ckpt
 from jdistill import config as config_lib
-from jdistill import data as data_lib
-from jdistill import distributed, overlap
-from jdistill import sharding as shd
+from jdistill import loop as loop_lib
 from jdistill import train_step as ts
 from jdistill.models import hf
-from jdistill.sampler import Sampler, SamplingParams
-from jdistill.tokenizer import load_tokenizer
+from jdistill.run_log import RunLog
+from jdistill.sampler import Sampler
 
 log = logging.getLogger("jdistill")
 
 
-def load_model(path: str, mesh, *, param_dtype: str, dtype: str, remat: bool = False):
-  """An HF directory or a jdistill checkpoint directory → a sharded Transformer."""
-  if ckpt.is_checkpoint_dir(path):
-    return ckpt.load_model_from_checkpoint(
-      path, mesh, param_dtype=param_dtype, dtype=dtype, remat=remat
-    )
-  return hf.from_hf(path, mesh, param_dtype=param_dtype, dtype=dtype, remat=remat)
-
-
-def read_records(files: str, config) -> tuple[list[dict], int]:
-  records, skipped = [], 0
-  for path in [p.strip() for p in str(files).split(",") if p.strip()]:
-    recs, n = data_lib.read_prompt_records(
-      path,
-      prompt_field=config.data.prompt_field,
-      messages_field=config.data.messages_field,
-      domain_field=config.data.domain_field,
-      on_error=config.data.on_error,
-    )
-    records += recs
-    skipped += n
-  return records, skipped
-
-
-def stop_token_ids(tokenizer) -> tuple[int, ...]:
-  ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
-  return tuple(
-    sorted(i for i in ids if isinstance(i, int) and i >= 0 and i != tokenizer.unk_token_id)
-  )
-
-
-def group_teachers(graphdefs) -> tuple[tuple[int, ...], ...]:
-  """Indices of teachers grouped by identical graphdef (same architecture and dtypes)."""
-  groups: list[list[int]] = []
-  for i, graphdef in enumerate(graphdefs):
-    for g in groups:
-      if graphdefs[g[0]] == graphdef:
-        g.append(i)
-        break
-    else:
-      groups.append([i])
-  return tuple(tuple(g) for g in groups)
-
-
-def stack_states(states):
-  """Stacks same-structure states on a new leading (teacher) axis, kept sharded as before."""
-
-  def stack(*xs):
-    sharding = xs[0].sharding
-    out = jax.sharding.NamedSharding(
-      sharding.mesh, jax.sharding.PartitionSpec(None, *sharding.spec)
-    )
-    return jax.jit(lambda *a: jnp.stack(a), out_shardings=out)(*xs)
-
-  return jax.tree.map(stack, *states)
-
-
-def optimizer_shardings(optimizer, params, replicated):
-  """Shardings of the optimizer state: moments like their parameter, scalars replicated."""
-  by_path = {
-    tuple(map(str, path)): x.sharding for path, x in jax.tree_util.tree_leaves_with_path(params)
-  }
-
-  def one(path, leaf):
-    path = tuple(map(str, path))
-    for i in range(len(path)):
-      if path[i:] in by_path and leaf.ndim:
-        return by_path[path[i:]]
-    return replicated
-
-  return jax.tree_util.tree_map_with_path(one, jax.eval_shape(optimizer.init, params))
-
-
-def _to_float(tree):
-  return jax.tree.map(lambda x: float(x), jax.device_get(tree))
+def to_float(tree):
+  return jax.tree.map(float, jax.device_get(tree))
 
 
 class Trainer:
-  """Builds everything from a validated config; `run()` trains."""
+  """The OPD stage: student rollouts → one compiled step. `run()` trains.
+
+  Built from a validated config by `jdistill.build`; the loop (`jdistill.loop`) drives it
+  through `train_one`, `step_tokens`, `log_record`, `progress`, `evaluate` and `save`.
+  """
 
   def __init__(self, config):
     config_lib.validate(config)
-    self.config = config
-    c = config
-    devices = jax.devices()[: c.num_devices] if c.num_devices else None
-    self.mesh = shd.make_mesh(dict(c.mesh), devices)
-    self.tokenizer = load_tokenizer(c.tokenizer or c.student.path)
-    student = load_model(
-      c.student.path,
-      self.mesh,
-      param_dtype=c.student.param_dtype,
-      dtype=c.student.dtype,
-      remat=c.student.remat,
-    )
-    self.model_cfg = student.cfg
-    self.student_graphdef, params = nnx.split(student)
+    self.config = c = config
+    self.mesh = build.mesh(c)
+    self.tokenizer = build.tokenizer(c)
+    student = build.student(c, self.mesh)
+    self.student_graphdef, self.model_cfg = student.graphdef, student.cfg
+    self.teachers = build.teachers(c, self.mesh, student.cfg.vocab_size)
+    self.optimizer, self.schedule = build.optimizer(c)
+    self.state = build.train_state(student.params, self.optimizer, self.mesh)
+    self.step = 0  # host copy of state["step"]: the loop never waits on the device for it
 
-    self.names = config_lib.teacher_names(c)
-    slots = c.data.slots_per_teacher
-    graphdefs, states, specs = [], [], []
-    all_rows = ts.teacher_rows(len(self.names), slots, jax.process_count())
-    for i, name in enumerate(self.names):
-      t = c.teachers[name]
-      teacher = load_model(t.path, self.mesh, param_dtype=t.param_dtype, dtype=t.param_dtype)
-      if teacher.cfg.vocab_size != student.cfg.vocab_size:
-        raise ValueError(
-          f"config.teachers.{name}: vocab_size {teacher.cfg.vocab_size} differs from "
-          f"the student's {student.cfg.vocab_size}; teachers and student must share "
-          "a tokenizer"
-        )
-      graphdef, state = nnx.split(teacher)
-      graphdefs.append(graphdef)
-      states.append(state)
-      specs.append(ts.TeacherSpec(name=name, loss=t.loss, weight=float(t.weight), rows=all_rows[i]))
-    self.specs = tuple(specs)
-    self.teacher_groups = (
-      group_teachers(graphdefs) if c.stack_teachers else tuple((i,) for i in range(len(graphdefs)))
-    )
-    self.teacher_graphdefs = tuple(graphdefs[g[0]] for g in self.teacher_groups)
-    self.teacher_states = tuple(
-      states[g[0]] if len(g) == 1 else stack_states([states[i] for i in g])
-      for g in self.teacher_groups
-    )
-    del states
-    lc = c.loss
-    self.settings = ts.LossSettings(
-      chunk_size=lc.chunk_size,
-      temperature=lc.temperature,
-      normalize=lc.normalize,
-      beta=lc.beta,
-      topk=lc.topk,
-      topk_tail=lc.topk_tail,
-      topk_direction=lc.topk_direction,
-      clip_eps=lc.clip_eps,
-      overlap_criterion=lc.overlap_criterion,
-      overlap_topk=lc.overlap_topk,
-      overlap_floor_prob=lc.overlap_floor_prob,
-      diag_topk=tuple(c.overlap.topks),
-      diag_floor_prob=c.overlap.floor_prob,
-      diag_top_p=c.overlap.top_p,
-    )
-
-    o = c.optimizer
-    self.optimizer, self.schedule = ts.make_optimizer(
-      o.lr,
-      steps=c.train.steps,
-      warmup_steps=o.warmup_steps,
-      schedule=o.schedule,
-      end_lr_ratio=o.end_lr_ratio,
-      weight_decay=o.weight_decay,
-      b1=o.b1,
-      b2=o.b2,
-      eps=o.eps,
-      max_grad_norm=o.max_grad_norm,
-      grad_accum=o.grad_accum,
-    )
-    replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-    opt_state = jax.jit(
-      self.optimizer.init, out_shardings=optimizer_shardings(self.optimizer, params, replicated)
-    )(params)
-    self.state = {
-      "params": params,
-      "opt_state": opt_state,
-      "step": jax.device_put(jnp.zeros((), jnp.int32), replicated),
-    }
-    self._step = 0
-
-    # data
-    records, skipped = read_records(c.data.train_files, c)
-    self.batcher = self._batcher(records, skipped, c.seed)
-    self.data_iter = self.batcher.iterator()
+    self.batcher = build.prompt_batcher(c, self.tokenizer, c.data.train_files, seed=c.seed)
+    build.check_rows_divide(c, self.batcher.rows_per_batch, self.mesh)
     self.eval_batcher = None
     if c.data.eval_files:
-      eval_records, _ = read_records(c.data.eval_files, c)
-      self.eval_batcher = self._batcher(eval_records, 0, c.seed + 1)
-
-    dp = shd.data_parallel_size(self.mesh)
-    if self.batcher.rows_per_batch % dp:
-      raise ValueError(
-        f"config.data.slots_per_teacher={slots}: {len(self.names)} teachers x {slots} "
-        f"slots = {self.batcher.rows_per_batch} rows do not divide over the "
-        f"{dp} data-parallel shards of mesh {dict(self.mesh.shape)}"
+      self.eval_batcher = build.prompt_batcher(
+        c, self.tokenizer, c.data.eval_files, seed=c.seed + 1
       )
-
-    s = c.sampling
-    pad_id = self.tokenizer.pad_token_id or 0
-    self.sampling = SamplingParams(
-      max_new_tokens=s.max_new_tokens,
-      temperature=s.temperature,
-      top_k=s.top_k,
-      top_p=s.top_p,
-      stop_token_ids=stop_token_ids(self.tokenizer) if s.stop_at_eos else (),
-      prompt_buckets=tuple(b for b in s.prompt_buckets),
-      pad_id=pad_id,
-    )
+    self.data_iter = self.batcher.iterator()
+    self.sampling = build.sampling_params(c, self.tokenizer)
     self.sampler = Sampler(self.student_graphdef, self.mesh)
+    self.batch_shardings = build.batch_shardings(self.mesh)
     self.rng = jax.random.key(c.seed)
-    self._alarmed: set[str] = set()
-    self.skipped_updates = 0
-
-    state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
-    teacher_shardings = jax.tree.map(lambda x: x.sharding, self.teacher_states)
-    self.batch_shardings = {
-      k: shd.batch_sharding(self.mesh, nd)
-      for k, nd in (("tokens", 2), ("completion_mask", 2), ("logprobs", 2), ("lengths", 1))
-    }
-    step_fn = functools.partial(
-      ts.train_step,
-      student_graphdef=self.student_graphdef,
-      teacher_graphdefs=self.teacher_graphdefs,
-      specs=self.specs,
-      settings=self.settings,
-      optimizer=self.optimizer,
-      schedule=self.schedule,
-      groups=self.teacher_groups,
+    self.alarms = overlap.AlarmTracker(c.overlap)
+    self.train_step, self.eval_objective = self._compile()
+    self.loop = loop_lib.Loop(
+      log_every=c.train.log_every, eval_every=c.train.eval_every, nonfinite=c.loss.nonfinite
     )
-    self.train_step = jax.jit(
+
+    self.checkpointer = build.checkpointer(c)
+    if self.checkpointer is not None:
+      self.checkpointer.write_model_config(self.model_cfg)
+      if c.checkpoint.resume:
+        self.restore(None if c.checkpoint.restore_step < 0 else c.checkpoint.restore_step)
+
+  def _compile(self):
+    """The jitted train step (explicit shardings, donated state) and eval objective."""
+    t = self.teachers
+    structure = dict(
+      student_graphdef=self.student_graphdef,
+      teacher_graphdefs=t.graphdefs,
+      specs=t.specs,
+      groups=t.groups,
+    )
+    state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
+    teacher_shardings = jax.tree.map(lambda x: x.sharding, t.states)
+    step_fn = functools.partial(
+      ts.train_step, optimizer=self.optimizer, schedule=self.schedule, **structure
+    )
+    train_step = jax.jit(
       step_fn,
       in_shardings=(state_shardings, teacher_shardings, self.batch_shardings),
       out_shardings=(state_shardings, None),
       donate_argnums=(0,),
     )
-    objective = functools.partial(
-      ts.distill_objective,
-      student_graphdef=self.student_graphdef,
-      teacher_graphdefs=self.teacher_graphdefs,
-      specs=self.specs,
-      settings=self.settings,
-      groups=self.teacher_groups,
-    )
-    self.eval_objective = jax.jit(lambda p, t, b: objective(p, teacher_states=t, batch=b)[1])
-
-    self.checkpointer = None
-    if c.checkpoint.dir:
-      self.checkpointer = ckpt.Checkpointer(
-        c.checkpoint.dir,
-        every=c.checkpoint.every,
-        keep=c.checkpoint.keep,
-        async_save=c.checkpoint.async_save,
-      )
-      self.checkpointer.write_model_config(self.model_cfg)
-      if c.checkpoint.resume:
-        self.maybe_restore(None if c.checkpoint.restore_step < 0 else c.checkpoint.restore_step)
-
-  def _batcher(self, records, skipped, seed):
-    c = self.config
-    return data_lib.PromptBatcher(
-      records,
-      self.tokenizer,
-      config_lib.teacher_domains(c),
-      slots_per_teacher=c.data.slots_per_teacher,
-      max_prompt_len=c.data.max_prompt_len,
-      pad_id=self.tokenizer.pad_token_id or 0,
-      seed=seed,
-      process_index=jax.process_index(),
-      process_count=jax.process_count(),
-      use_chat_template=c.data.use_chat_template,
-      overlong=c.data.overlong,
-      n_skipped_malformed=skipped,
-    )
-
-  # --- state -------------------------------------------------------------------
+    objective = functools.partial(ts.distill_objective, **structure)
+    eval_objective = jax.jit(lambda p, s, b: objective(p, teacher_states=s, batch=b)[1])
+    return train_step, eval_objective
 
   @property
-  def step(self) -> int:
-    """Host copy of `state["step"]` (kept in Python so the loop never waits on the device)."""
-    return self._step
+  def names(self) -> list[str]:
+    return self.teachers.names
 
   @property
   def params(self):
     return self.state["params"]
 
-  def teacher(self, i: int):
-    """(graphdef, state) of teacher i (sliced out of its stacked group if needed)."""
-    for g, members in enumerate(self.teacher_groups):
-      if i in members:
-        state = self.teacher_states[g]
-        if len(members) > 1:
-          j = members.index(i)
-          state = jax.tree.map(lambda x: x[j], state)
-        return self.teacher_graphdefs[g], state
-    raise IndexError(f"no teacher {i}")
+  @property
+  def skipped_updates(self) -> int:
+    return self.loop.skipped_updates
 
-  def maybe_restore(self, step: int | None = None) -> bool:
-    if step is None:
-      step = self.checkpointer.latest_step()
-      if step is None:
-        return False
-    params, opt_state, meta = self.checkpointer.restore(
-      step, ckpt.abstract_like(self.state["params"]), ckpt.abstract_like(self.state["opt_state"])
-    )
-    self.state = {
-      "params": params,
-      "opt_state": opt_state,
-      "step": jax.device_put(jnp.asarray(meta["step"], jnp.int32), self.state["step"].sharding),
-    }
-    self._step = int(meta["step"])
-    self.rng = jax.random.wrap_key_data(jnp.asarray(meta["rng"], jnp.uint32))
+  # --- checkpoints -------------------------------------------------------------------
+
+  def restore(self, step: int | None = None) -> bool:
+    """Restores `step` (default: the latest) of `config.checkpoint.dir`; False if none."""
+    restored = ckpt.restore_train_state(self.checkpointer, self.state, step)
+    if restored is None:
+      return False
+    self.state, self.rng, data_state = restored
+    self.step = int(jax.device_get(self.state["step"]))
     self.data_iter = self.batcher.iterator()
-    self.data_iter.set_state(meta["data"])
-    log.info("restored step %d from %s", meta["step"], self.checkpointer.directory)
+    self.data_iter.set_state(data_state)
+    log.info("restored step %d from %s", self.step, self.checkpointer.directory)
     return True
 
   def save(self, force: bool = False) -> bool:
     if self.checkpointer is None:
       return False
-    meta = {
-      "step": self.step,
-      "rng": np.asarray(jax.random.key_data(self.rng)).tolist(),
-      "data": self.data_iter.get_state(),
-      "seed": self.config.seed,
-    }
-    return self.checkpointer.save(
-      self.step, self.state["params"], self.state["opt_state"], meta, force=force
+    return ckpt.save_train_state(
+      self.checkpointer,
+      self.step,
+      self.state,
+      rng=self.rng,
+      data_state=self.data_iter.get_state(),
+      seed=self.config.seed,
+      force=force,
     )
 
-  # --- one step --------------------------------------------------------------------
+  # --- one step ------------------------------------------------------------------------
+
+  def rollout_key(self, step: int):
+    """The sampler's key for the rollouts of `step`: `fold_in(key(seed), step)`."""
+    return jax.random.fold_in(self.rng, step)
 
   def rollouts(self, prompts: dict, rng) -> dict:
     """Student rollouts on a prompt batch → the train step's batch (right-padded)."""
-    out = self.sampler.generate(
-      self.state["params"],
-      (prompts["prompt_tokens"], prompts["prompt_lengths"]),
-      rng,
-      self.sampling,
-    )
-    batch = {
-      "tokens": out.tokens,
-      "completion_mask": out.completion_mask,
-      "logprobs": out.logprobs,
-      "lengths": jnp.asarray(out.prompt_lengths) + jnp.asarray(out.completion_lengths),
-    }
-    return {k: jax.device_put(jnp.asarray(v), self.batch_shardings[k]) for k, v in batch.items()}
+    prompt = (prompts["prompt_tokens"], prompts["prompt_lengths"])
+    out = self.sampler.generate(self.state["params"], prompt, rng, self.sampling)
+    return ts.rollout_batch(out, self.batch_shardings)
 
   def train_one(self) -> dict:
-    prompts = next(self.data_iter)
-    rng = jax.random.fold_in(self.rng, self.step)
-    batch = self.rollouts(prompts, rng)
-    self.state, metrics = self.train_step(self.state, self.teacher_states, batch)
-    self._step += 1
+    batch = self.rollouts(next(self.data_iter), self.rollout_key(self.step))
+    self.state, metrics = self.train_step(self.state, self.teachers.states, batch)
+    self.step += 1
     return metrics
+
+  def step_tokens(self, metrics: dict) -> dict:
+    generated = sum(t["tokens"] for t in metrics["teachers"].values())
+    return {"generated": generated, "total": metrics["tokens"]}
+
+  def log_record(self, metrics: dict) -> dict:
+    record = to_float(metrics)
+    for name, alarm in self.alarms.update(self.step, record["teachers"]).items():
+      record["teachers"][name]["overlap_alarm"] = float(alarm)
+    return record
+
+  def progress(self, record: dict) -> str:
+    """Per-teacher full-vocab reverse KL: a divergence that reaches 0 at the teacher."""
+    return " ".join(f"{n} rkl {t['reverse_kl']:.3f}" for n, t in record["teachers"].items())
+
+  # --- evaluation ----------------------------------------------------------------------
 
   def evaluate(self, seed: int = 1234) -> dict[str, dict]:
     """Per-teacher metrics (full-vocab reverse KL etc.) on held-out student rollouts.
@@ -387,127 +183,27 @@ class Trainer:
     batcher = self.eval_batcher or self.batcher
     prompts = batcher.batch(10**6 if batcher is self.batcher else 0)
     batch = self.rollouts(prompts, jax.random.key(seed))
-    return _to_float(self.eval_objective(self.state["params"], self.teacher_states, batch))
+    return to_float(self.eval_objective(self.state["params"], self.teachers.states, batch))
 
-  # --- the loop ----------------------------------------------------------------------
+  def describe_eval(self, results: dict) -> str:
+    return " ".join(f"{n} rkl {v['reverse_kl']:.3f}" for n, v in results.items())
+
+  # --- the run -------------------------------------------------------------------------
 
   def run(self, steps: int | None = None) -> list[dict]:
-    """Trains until `train.steps` (or `steps` more); returns the logged metrics."""
-    c = self.config
-    end = c.train.steps if steps is None else self.step + steps
-    out_dir = c.output_dir
-    os.makedirs(out_dir, exist_ok=True)
-    writer = _tensorboard(os.path.join(out_dir, "tb"))
-    history = []
-    start_step, t0 = self.step, time.time()
-    last_time = t0
-    with open(os.path.join(out_dir, "metrics.jsonl"), "a") as jsonl:
-      while self.step < end:
-        metrics = self.train_one()
-        step = self.step
-        if not bool(metrics["finite"]):  # one scalar per step: NaN/Inf never goes unnoticed
-          loss, norm = float(metrics["loss"]), float(metrics["grad_norm"])
-          msg = f"step {step}: non-finite loss {loss} or grad norm {norm}"
-          if c.loss.nonfinite == "stop":
-            raise FloatingPointError(msg + " (config.loss.nonfinite='stop')")
-          self.skipped_updates += 1
-          print(
-            f"WARNING {msg}: update skipped (config.loss.nonfinite='skip'; "
-            f"{self.skipped_updates} so far)",
-            flush=True,
-          )
-        if (step % c.train.log_every == 0) or step == end:
-          m = _to_float(metrics)
-          m["skipped_updates"] = self.skipped_updates
-          self._overlap_alarms(m)
-          tokens = sum(t["tokens"] for t in m["teachers"].values()) * c.train.log_every
-          now = time.time()
-          rate = tokens / max(now - last_time, 1e-9)  # over the last log interval
-          last_time = now
-          elapsed = now - t0
-          eta = (end - step) * elapsed / max(step - start_step, 1)
-          record = {"step": step, **m, "tokens_per_s": rate, "elapsed_s": elapsed}
-          history.append(record)
-          jsonl.write(json.dumps(record) + "\n")
-          jsonl.flush()
-          _log_tb(writer, record)
-          per_t = " ".join(f"{n}:rkl={v['reverse_kl']:.3f}" for n, v in m["teachers"].items())
-          print(
-            f"step {step}/{end} | loss {m['loss']:.4f} | {per_t} | {rate:,.0f} tok/s | "
-            f"ETA {_fmt_eta(eta)}",
-            flush=True,
-          )
-        if c.train.eval_every and step % c.train.eval_every == 0:
-          ev = self.evaluate()
-          jsonl.write(json.dumps({"step": step, "eval": ev}) + "\n")
-          print(
-            f"eval step {step} | "
-            + " ".join(f"{n}:rkl={v['reverse_kl']:.3f}" for n, v in ev.items()),
-            flush=True,
-          )
-        self.save()
-      self.save(force=True)
-    if self.checkpointer:
-      self.checkpointer.wait()
-    if writer:
-      writer.close()
-    if history:
-      from jdistill import plots
-
-      plots.learning_curves(history, os.path.join(out_dir, "learning_curves.png"))
-    return history
-
-  def _overlap_alarms(self, m: dict) -> None:
-    """Adds a per-teacher `overlap_alarm` metric; warns when a teacher crosses a threshold."""
-    o = self.config.overlap
-    for name, tm in m["teachers"].items():
-      alarms = overlap.overlap_alarms(
-        {name: tm},
-        min_topk_coverage=o.min_topk_coverage,
-        max_off_support=o.max_off_support,
-        k=o.k_for_alarm,
-      )
-      tm["overlap_alarm"] = float(bool(alarms))
-      if alarms and name not in self._alarmed:
-        for a in alarms:
-          print(f"WARNING step {self.step}: {a}", flush=True)
-        self._alarmed.add(name)
-      elif not alarms and name in self._alarmed:
-        print(
-          f"step {self.step}: teacher {name!r} is back within the overlap thresholds", flush=True
-        )
-        self._alarmed.discard(name)
+    """Trains until `train.steps` (or `steps` more); returns the logged records."""
+    end = self.config.train.steps if steps is None else self.step + steps
+    run_log = RunLog(self.config.output_dir, plot=plots.learning_curves)
+    try:
+      return self.loop.run(self, end, run_log)
+    finally:
+      if self.checkpointer is not None:
+        self.checkpointer.wait()
+      run_log.close()
 
   def export(self, out_dir: str) -> None:
-    hf.to_hf(
-      nnx.merge(self.student_graphdef, self.state["params"]), out_dir, tokenizer=self.tokenizer
-    )
-
-
-def _fmt_eta(seconds: float) -> str:
-  seconds = int(seconds)
-  return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-
-
-def _tensorboard(path):
-  try:
-    from tensorboardX import SummaryWriter
-  except ImportError:  # optional
-    return None
-  return SummaryWriter(path)
-
-
-def _log_tb(writer, record):
-  if writer is None:
-    return
-  step = record["step"]
-  for key, value in record.items():
-    if key == "teachers":
-      for name, tm in value.items():
-        for k, v in tm.items():
-          writer.add_scalar(f"{name}/{k}", v, step)
-    elif isinstance(value, (int, float)) and key != "step":
-      writer.add_scalar(key, value, step)
+    student = nnx.merge(self.student_graphdef, self.state["params"])
+    hf.to_hf(student, out_dir, tokenizer=self.tokenizer)
 
 
 def main(argv):
@@ -527,7 +223,7 @@ def main(argv):
   distributed.initialize()
   trainer = Trainer(config)
   print(
-    f"jdistill: mesh {dict(trainer.mesh.shape)}, teachers {trainer.names}, "
+    f"jdistill: mesh {dict(trainer.mesh.shape)}, teachers {trainer.teachers.names}, "
     f"{trainer.batcher.rows_per_batch} rows/step, {trainer.batcher.n_skipped_malformed} malformed "
     f"data lines skipped, resuming at step {trainer.step}",
     flush=True,

@@ -33,7 +33,7 @@ class TeacherSpec:
   """Static description of one teacher inside the step."""
 
   name: str
-  loss: str  # a config.LOSSES name
+  settings: losses.LossSettings  # this teacher's loss kind and hyper-parameters
   weight: float
   rows: tuple[int, ...]  # rows of the global batch this teacher scores
 
@@ -60,56 +60,16 @@ def _take_rows(x, rows: tuple[int, ...]):
   return jnp.take(x, jnp.asarray(rows), axis=0)
 
 
-@dataclasses.dataclass(frozen=True)
-class LossSettings:
-  chunk_size: int = 256
-  temperature: float = 1.0
-  normalize: str = "token"
-  beta: float = 0.5
-  topk: int = 64
-  topk_tail: str = "bucket"
-  topk_direction: str = "reverse"
-  clip_eps: float = 0.0
-  overlap_criterion: str = "teacher_topk"
-  overlap_topk: int = 8
-  overlap_floor_prob: float = 1e-3
-  diag_topk: tuple[int, ...] = (1, 8)
-  diag_floor_prob: float = 1e-3
-  diag_top_p: float = 0.9
-
-
-def loss_kwargs(loss: str, s: LossSettings) -> dict:
-  """`losses.distill_loss` keyword arguments for a teacher's configured loss name."""
-  kw = dict(
-    chunk_size=s.chunk_size,
-    temperature=s.temperature,
-    normalize=s.normalize,
-    diag_topk=s.diag_topk,
-    diag_floor_prob=s.diag_floor_prob,
-    diag_top_p=s.diag_top_p,
-  )
-  if loss.startswith("topk_"):
-    return dict(
-      kw,
-      loss="topk",
-      k=s.topk,
-      topk_support=loss[len("topk_") :],
-      topk_tail=s.topk_tail,
-      topk_direction=s.topk_direction,
-    )
-  if loss == "jsd":
-    return dict(kw, loss="jsd", beta=s.beta)
-  if loss == "sampled_token" and s.clip_eps > 0:
-    return dict(kw, loss=loss, clip_eps=s.clip_eps)
-  if loss == "overlap_aware":
-    return dict(
-      kw,
-      loss=loss,
-      overlap_criterion=s.overlap_criterion,
-      overlap_topk=s.overlap_topk,
-      overlap_floor_prob=s.overlap_floor_prob,
-    )
-  return dict(kw, loss=loss)
+def rollout_batch(out, batch_shardings: dict) -> dict:
+  """The sampler's output (`sampler.SampleOutput`) → the step's batch, placed as
+  `batch_shardings` (`{"tokens", "completion_mask", "logprobs", "lengths"}`) say."""
+  batch = {
+    "tokens": out.tokens,
+    "completion_mask": out.completion_mask,
+    "logprobs": out.logprobs,
+    "lengths": jnp.asarray(out.prompt_lengths) + jnp.asarray(out.completion_lengths),
+  }
+  return {k: jax.device_put(jnp.asarray(v), batch_shardings[k]) for k, v in batch.items()}
 
 
 def shifted_inputs(batch: dict) -> dict:
@@ -181,7 +141,6 @@ def distill_objective(
   teacher_states,
   batch,
   specs: Sequence[TeacherSpec],
-  settings: LossSettings,
   groups: Sequence[tuple[int, ...]] | None = None,
 ):
   """Weighted sum over teachers of their loss on their rows → (loss, metrics).
@@ -213,12 +172,12 @@ def distill_objective(
       rows(x["mask"]),
       # The sampler ran the current params (on-policy), so the importance ratio only matters
       # for PPO clipping; without it the plain k1 policy gradient is used.
+      spec.settings,
       behaviour_logp=(
         rows(x["behaviour_logp"])
-        if spec.loss == "sampled_token" and settings.clip_eps > 0
+        if spec.settings.loss == "sampled_token" and spec.settings.clip_eps
         else None
       ),
-      **loss_kwargs(spec.loss, settings),
     )
     total = total + spec.weight * loss
     metrics[spec.name] = dict(teacher_metrics(diag, rows(x["mask"])), loss=loss)
@@ -278,7 +237,6 @@ def train_step(
   student_graphdef,
   teacher_graphdefs: tuple,
   specs: tuple[TeacherSpec, ...],
-  settings: LossSettings,
   optimizer: optax.GradientTransformation,
   schedule: optax.Schedule,
   groups: tuple[tuple[int, ...], ...] | None = None,
@@ -288,7 +246,7 @@ def train_step(
 
   def objective(params):
     return distill_objective(
-      params, student_graphdef, teacher_graphdefs, teacher_states, batch, specs, settings, groups
+      params, student_graphdef, teacher_graphdefs, teacher_states, batch, specs, groups
     )
 
   (loss, per_teacher), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
@@ -309,6 +267,7 @@ def train_step(
     "grad_norm": grad_norm,
     "finite": finite.astype(jnp.float32),
     "lr": schedule(state["step"]),
+    "tokens": jnp.sum(batch["lengths"]),  # prompt + completion tokens the step processed
     "teachers": per_teacher,
   }
   return new_state, metrics

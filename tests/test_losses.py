@@ -1,5 +1,6 @@
 """Tests for jdistill.losses against independent float64 NumPy references."""
 
+import dataclasses
 import functools
 
 import jax
@@ -407,27 +408,28 @@ CHUNK_CASES = (
 )
 
 
+SETTING_FIELDS = {f.name for f in dataclasses.fields(losses.LossSettings)}
+
+
+def split_settings(**kwargs):
+  """Keyword arguments → (LossSettings of the setting fields, the array keyword arguments)."""
+  settings = losses.LossSettings(**{k: v for k, v in kwargs.items() if k in SETTING_FIELDS})
+  return settings, {k: v for k, v in kwargs.items() if k not in SETTING_FIELDS}
+
+
 def _loss_and_grads(loss_fn, name, chunk_size, inputs):
   sh, su, th, tu, targets, mask, s_bias, t_bias = inputs
   kwargs = dict(LOSS_KWARGS[name])
   if name == "sampled_token_ppo":
     kwargs["behaviour_logp"] = jnp.asarray(random_logits(11, (B, T), 0.3)) - 2.5
   loss_name = name.removesuffix("_ppo")
+  settings, kwargs = split_settings(
+    loss=loss_name, chunk_size=chunk_size, diag_topk=(1, 3), **kwargs
+  )
 
   def objective(sh, su, th, tu, s_bias):
     return loss_fn(
-      sh,
-      su,
-      th,
-      tu,
-      targets,
-      mask,
-      loss=loss_name,
-      chunk_size=chunk_size,
-      student_bias=s_bias,
-      teacher_bias=t_bias,
-      diag_topk=(1, 3),
-      **kwargs,
+      sh, su, th, tu, targets, mask, settings, student_bias=s_bias, teacher_bias=t_bias, **kwargs
     )
 
   return jax.jit(jax.value_and_grad(objective, argnums=(0, 1, 2, 3, 4), has_aux=True))(
@@ -480,9 +482,8 @@ def test_distill_loss_matches_numpy_on_logits():
 def test_distill_loss_without_biases_and_bf16_hidden():
   sh, su, th, tu, targets, mask, _, _ = hidden_inputs()
   bf = lambda x: x.astype(jnp.bfloat16)
-  loss, diag = losses.distill_loss(
-    bf(sh), bf(su), bf(th), bf(tu), targets, mask, loss="reverse_kl", chunk_size=3
-  )
+  settings = losses.LossSettings(loss="reverse_kl", chunk_size=3)
+  loss, diag = losses.distill_loss(bf(sh), bf(su), bf(th), bf(tu), targets, mask, settings)
   s_logits = np.asarray(bf(sh), np.float64) @ np.asarray(bf(su), np.float64)
   t_logits = np.asarray(bf(th), np.float64) @ np.asarray(bf(tu), np.float64)
   close(loss, np_masked_mean(np_reverse_kl(s_logits, t_logits), MASK, "token"), rtol=1e-4)
@@ -507,7 +508,8 @@ def _distill(**overrides):
   kwargs = {"loss": "reverse_kl", "chunk_size": 3}
   for key, value in overrides.items():
     (args if key in args else kwargs)[key] = value
-  return losses.distill_loss(*args.values(), **kwargs)
+  settings, kwargs = split_settings(**kwargs)
+  return losses.distill_loss(*args.values(), settings, **kwargs)
 
 
 @pytest.mark.parametrize(

@@ -295,7 +295,8 @@ def _loss_case(seed=0, B=2, T=6, V=9, same=False):
 
 
 def _value_and_grad(loss_fn, args, **kw):
-  f = lambda h, *rest: loss_fn(h, *rest, **kw)  # noqa: E731
+  settings = losses.LossSettings(**kw)
+  f = lambda h, *rest: loss_fn(h, *rest, settings)  # noqa: E731
   (value, diag), grad = jax.jit(jax.value_and_grad(f, has_aux=True))(*args)
   return float(value), np.asarray(grad), diag
 
@@ -434,22 +435,25 @@ def test_overlap_aware_finite_differences():
   np.testing.assert_allclose(g, fd, rtol=1e-3, atol=1e-5)
 
 
-def test_overlap_aware_validation_and_train_step_kwargs():
-  from jdistill import train_step as ts
+def test_overlap_aware_validation_and_train_step_settings():
+  from jdistill import build
+  from jdistill import config as config_lib
 
   args, _ = _loss_case()
+  aware = losses.LossSettings(loss="overlap_aware")
   with pytest.raises(ValueError, match="overlap_criterion"):
-    losses.distill_loss(*args, loss="overlap_aware", overlap_criterion="nope")
+    losses.distill_loss(*args, aware.replace(overlap_criterion="nope"))
   with pytest.raises(ValueError, match="overlap_topk"):
-    losses.distill_loss(*args, loss="overlap_aware", overlap_topk=0)
+    losses.distill_loss(*args, aware.replace(overlap_topk=0))
   with pytest.raises(ValueError, match="overlap_floor_prob"):
-    losses.distill_loss(
-      *args, loss="overlap_aware", overlap_criterion="floor", overlap_floor_prob=-1.0
-    )
+    losses.distill_loss(*args, aware.replace(overlap_criterion="floor", overlap_floor_prob=-1.0))
   assert "overlap_aware" in losses.LOSS_NAMES
-  # exactly the keyword arguments the train step passes
-  kw = ts.loss_kwargs("overlap_aware", ts.LossSettings(chunk_size=4))
-  value, diag = losses.distill_loss(*args, **kw)
+  # exactly the settings the trainer builds from a config
+  config = config_lib.base_config()
+  config.loss.chunk_size = 4
+  settings = build.loss_settings(config, "overlap_aware")
+  assert settings.loss == "overlap_aware" and settings.chunk_size == 4
+  value, diag = losses.distill_loss(*args, settings)
   assert np.isfinite(float(value)) and diag["on_support"].shape == args[4].shape
 
 

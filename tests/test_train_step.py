@@ -10,6 +10,7 @@ from flax import nnx
 
 from jdistill import losses
 from jdistill import train_step as ts
+from jdistill.losses import LossSettings
 from jdistill.models import ModelConfig, Transformer
 
 CFG = ModelConfig(
@@ -34,8 +35,8 @@ def setup():
   t_graphdefs, t_states = zip(*(nnx.split(t) for t in teachers))
   rows = ts.teacher_rows(2, 2)
   specs = (
-    ts.TeacherSpec("a", "reverse_kl", 1.0, rows[0]),
-    ts.TeacherSpec("b", "sampled_token", 0.5, rows[1]),
+    ts.TeacherSpec("a", LossSettings(loss="reverse_kl", chunk_size=4), 1.0, rows[0]),
+    ts.TeacherSpec("b", LossSettings(loss="sampled_token", chunk_size=4), 0.5, rows[1]),
   )
   rng = np.random.RandomState(0)
   mask = np.zeros((4, 12), np.float32)
@@ -58,7 +59,6 @@ def _step(setup, grad_accum=1):
       student_graphdef=graphdef,
       teacher_graphdefs=t_graphdefs,
       specs=specs,
-      settings=ts.LossSettings(chunk_size=4),
       optimizer=opt,
       schedule=sched,
     )
@@ -73,9 +73,7 @@ def _leaves(tree):
 
 def test_loss_is_the_weighted_sum_of_per_teacher_kernels(setup):
   graphdef, params, t_graphdefs, t_states, specs, batch = setup
-  loss, metrics = ts.distill_objective(
-    params, graphdef, t_graphdefs, t_states, batch, specs, ts.LossSettings(chunk_size=4)
-  )
+  loss, metrics = ts.distill_objective(params, graphdef, t_graphdefs, t_states, batch, specs)
   np.testing.assert_allclose(loss, metrics["a"]["loss"] + 0.5 * metrics["b"]["loss"], rtol=1e-6)
   # teacher a's loss recomputed by hand from full logits on its rows
   student = nnx.merge(graphdef, params)
@@ -121,7 +119,7 @@ def test_teacher_rows_are_process_major():
 
 def test_stacked_same_architecture_teachers_equal_the_loop():
   from jdistill import sharding as shd
-  from jdistill.train import group_teachers, stack_states
+  from jdistill.build import group_by_architecture, stack_states
 
   mesh = shd.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   student = shd.create_sharded(lambda: Transformer(CFG, nnx.Rngs(0)), mesh)
@@ -132,7 +130,7 @@ def test_stacked_same_architecture_teachers_equal_the_loop():
   ]
   graphdef, params = nnx.split(student)
   t_graphdefs, t_states = zip(*(nnx.split(t) for t in teachers))
-  groups = group_teachers(t_graphdefs)
+  groups = group_by_architecture(t_graphdefs)
   assert groups == ((0, 2), (1,))
   stacked = stack_states([t_states[0], t_states[2]])
   q = stacked["layers"][0]["attn"]["q_proj"].get_value()
@@ -141,7 +139,7 @@ def test_stacked_same_architecture_teachers_equal_the_loop():
   )
   rows = ts.teacher_rows(3, 2)
   specs = tuple(
-    ts.TeacherSpec(n, loss, 1.0, r)
+    ts.TeacherSpec(n, LossSettings(loss=loss, chunk_size=4), 1.0, r)
     for n, loss, r in zip("abc", ("reverse_kl", "sampled_token", "jsd"), rows)
   )
   rng = np.random.RandomState(1)
@@ -151,9 +149,8 @@ def test_stacked_same_architecture_teachers_equal_the_loop():
     "logprobs": jnp.full((6, 10), -2.0),
     "lengths": jnp.full((6,), 9, jnp.int32),
   }
-  settings = ts.LossSettings(chunk_size=4)
-  objective = jax.jit(ts.distill_objective, static_argnums=(1, 2, 5, 6, 7))
-  loop = objective(params, graphdef, t_graphdefs, t_states, batch, specs, settings, None)
+  objective = jax.jit(ts.distill_objective, static_argnums=(1, 2, 5, 6))
+  loop = objective(params, graphdef, t_graphdefs, t_states, batch, specs, None)
   vmapped = objective(
     params,
     graphdef,
@@ -161,7 +158,6 @@ def test_stacked_same_architecture_teachers_equal_the_loop():
     (stacked, t_states[1]),
     batch,
     specs,
-    settings,
     groups,
   )
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), loop, vmapped)

@@ -1,0 +1,299 @@
+"""Config → the objects a stage is made of: mesh, tokenizer, student, teachers, data, optimizer.
+
+The one place that turns a validated config (`jdistill.config`) into objects. The OPD
+trainer, the `overlap` command and later stages call these functions; none of them builds
+models or data on its own. Nothing here runs a step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from jdistill import checkpoint as ckpt
+from jdistill import config as config_lib
+from jdistill import data as data_lib
+from jdistill import losses
+from jdistill import sharding as shd
+from jdistill import train_step as ts
+from jdistill.models import ModelConfig, hf
+from jdistill.sampler import SamplingParams
+from jdistill.tokenizer import load_tokenizer
+
+# --- mesh and models -------------------------------------------------------------------
+
+
+def mesh(config) -> jax.sharding.Mesh:
+  """The mesh of `config.mesh` over all devices, or the first `config.num_devices`."""
+  devices = jax.devices()[: config.num_devices] if config.num_devices else None
+  return shd.make_mesh(dict(config.mesh), devices)
+
+
+def tokenizer(config):
+  """`config.tokenizer`, else the student's directory."""
+  return load_tokenizer(config.tokenizer or config.student.path)
+
+
+def load_model(path: str, mesh, *, param_dtype: str, dtype: str, remat: bool = False):
+  """An HF directory or a jdistill checkpoint directory → a sharded Transformer."""
+  if ckpt.is_checkpoint_dir(path):
+    return ckpt.load_model_from_checkpoint(
+      path, mesh, param_dtype=param_dtype, dtype=dtype, remat=remat
+    )
+  return hf.from_hf(path, mesh, param_dtype=param_dtype, dtype=dtype, remat=remat)
+
+
+@dataclasses.dataclass
+class Student:
+  """The trained model, split once: `nnx.merge(graphdef, params)` rebuilds it."""
+
+  graphdef: nnx.GraphDef
+  params: nnx.State
+  cfg: ModelConfig
+
+
+def student(config, mesh) -> Student:
+  s = config.student
+  model = load_model(s.path, mesh, param_dtype=s.param_dtype, dtype=s.dtype, remat=s.remat)
+  graphdef, params = nnx.split(model)
+  return Student(graphdef, params, model.cfg)
+
+
+@dataclasses.dataclass
+class Teachers:
+  """Frozen teachers, in sorted name order, grouped by architecture.
+
+  `specs[i]` describes teacher i (name, loss settings, weight, rows of the batch).
+  `groups` lists teacher indices that share one graphdef; `graphdefs[g]` / `states[g]`
+  are per group, a group of several having every state leaf stacked on a leading
+  teacher axis (run as one `vmap`ped forward).
+  """
+
+  names: list[str]
+  specs: tuple[ts.TeacherSpec, ...]
+  groups: tuple[tuple[int, ...], ...]
+  graphdefs: tuple
+  states: tuple
+
+  def member(self, i: int):
+    """(graphdef, state) of teacher i, sliced out of its stacked group if needed."""
+    for g, members in enumerate(self.groups):
+      if i in members:
+        state = self.states[g]
+        if len(members) > 1:
+          j = members.index(i)
+          state = jax.tree.map(lambda x: x[j], state)
+        return self.graphdefs[g], state
+    raise IndexError(f"no teacher {i}")
+
+
+def loss_settings(config, loss: str) -> losses.LossSettings:
+  """The kernel settings of a teacher whose `config.teachers.<name>.loss` is `loss`."""
+  lc, o = config.loss, config.overlap
+  topk_support = "teacher"
+  if loss.startswith("topk_"):
+    loss, topk_support = "topk", loss.removeprefix("topk_")
+  return losses.LossSettings(
+    loss=loss,
+    chunk_size=lc.chunk_size,
+    temperature=lc.temperature,
+    normalize=lc.normalize,
+    beta=lc.beta,
+    k=lc.topk,
+    topk_support=topk_support,
+    topk_tail=lc.topk_tail,
+    topk_direction=lc.topk_direction,
+    clip_eps=lc.clip_eps or None,
+    overlap_criterion=lc.overlap_criterion,
+    overlap_topk=lc.overlap_topk,
+    overlap_floor_prob=lc.overlap_floor_prob,
+    diag_topk=tuple(o.topks),
+    diag_floor_prob=o.floor_prob,
+    diag_top_p=o.top_p,
+  )
+
+
+def teachers(config, mesh, vocab_size: int) -> Teachers:
+  """Loads every `config.teachers.<name>` onto `mesh`; checks the shared vocabulary."""
+  names = config_lib.teacher_names(config)
+  rows = ts.teacher_rows(len(names), config.data.slots_per_teacher, jax.process_count())
+  graphdefs, states, specs = [], [], []
+  for i, name in enumerate(names):
+    t = config.teachers[name]
+    model = load_model(t.path, mesh, param_dtype=t.param_dtype, dtype=t.param_dtype)
+    if model.cfg.vocab_size != vocab_size:
+      raise ValueError(
+        f"config.teachers.{name}: vocab_size {model.cfg.vocab_size} differs from the "
+        f"student's {vocab_size}; teachers and student must share a tokenizer"
+      )
+    graphdef, state = nnx.split(model)
+    graphdefs.append(graphdef)
+    states.append(state)
+    specs.append(ts.TeacherSpec(name, loss_settings(config, t.loss), float(t.weight), rows[i]))
+  if config.stack_teachers:
+    groups = group_by_architecture(graphdefs)
+  else:
+    groups = tuple((i,) for i in range(len(names)))
+  stacked = tuple(
+    states[g[0]] if len(g) == 1 else stack_states([states[i] for i in g]) for g in groups
+  )
+  return Teachers(names, tuple(specs), groups, tuple(graphdefs[g[0]] for g in groups), stacked)
+
+
+def group_by_architecture(graphdefs) -> tuple[tuple[int, ...], ...]:
+  """Indices of teachers grouped by identical graphdef (same architecture and dtypes)."""
+  groups: list[list[int]] = []
+  for i, graphdef in enumerate(graphdefs):
+    for g in groups:
+      if graphdefs[g[0]] == graphdef:
+        g.append(i)
+        break
+    else:
+      groups.append([i])
+  return tuple(tuple(g) for g in groups)
+
+
+def stack_states(states):
+  """Stacks same-structure states on a new leading (teacher) axis, kept sharded as before."""
+
+  def stack(*xs):
+    sharding = xs[0].sharding
+    spec = jax.sharding.PartitionSpec(None, *sharding.spec)
+    out = jax.sharding.NamedSharding(sharding.mesh, spec)
+    return jax.jit(lambda *a: jnp.stack(a), out_shardings=out)(*xs)
+
+  return jax.tree.map(stack, *states)
+
+
+# --- optimizer and train state ---------------------------------------------------------
+
+
+def optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  o = config.optimizer
+  return ts.make_optimizer(
+    o.lr,
+    steps=config.train.steps,
+    warmup_steps=o.warmup_steps,
+    schedule=o.schedule,
+    end_lr_ratio=o.end_lr_ratio,
+    weight_decay=o.weight_decay,
+    b1=o.b1,
+    b2=o.b2,
+    eps=o.eps,
+    max_grad_norm=o.max_grad_norm,
+    grad_accum=o.grad_accum,
+  )
+
+
+def optimizer_shardings(optimizer, params, replicated):
+  """Shardings of the optimizer state: moments like their parameter, scalars replicated."""
+  by_path = {
+    tuple(map(str, path)): x.sharding for path, x in jax.tree_util.tree_leaves_with_path(params)
+  }
+
+  def one(path, leaf):
+    path = tuple(map(str, path))
+    for i in range(len(path)):
+      if path[i:] in by_path and leaf.ndim:
+        return by_path[path[i:]]
+    return replicated
+
+  return jax.tree_util.tree_map_with_path(one, jax.eval_shape(optimizer.init, params))
+
+
+def train_state(params, optimizer, mesh) -> dict:
+  """`{"params", "opt_state", "step"}` with the optimizer state sharded like the params."""
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  out_shardings = optimizer_shardings(optimizer, params, replicated)
+  opt_state = jax.jit(optimizer.init, out_shardings=out_shardings)(params)
+  step = jax.device_put(jnp.zeros((), jnp.int32), replicated)
+  return {"params": params, "opt_state": opt_state, "step": step}
+
+
+# --- data and sampling -----------------------------------------------------------------
+
+
+def read_records(files: str, config) -> tuple[list[dict], int]:
+  """Prompt records of comma-separated `files` → (records, malformed lines skipped)."""
+  records, skipped = [], 0
+  for path in [p.strip() for p in str(files).split(",") if p.strip()]:
+    recs, n = data_lib.read_prompt_records(
+      path,
+      prompt_field=config.data.prompt_field,
+      messages_field=config.data.messages_field,
+      domain_field=config.data.domain_field,
+      on_error=config.data.on_error,
+    )
+    records += recs
+    skipped += n
+  return records, skipped
+
+
+def prompt_batcher(config, tokenizer, files: str, *, seed: int) -> data_lib.PromptBatcher:
+  """Batches of `config.data.slots_per_teacher` prompts per teacher from `files`."""
+  records, skipped = read_records(files, config)
+  d = config.data
+  return data_lib.PromptBatcher(
+    records,
+    tokenizer,
+    config_lib.teacher_domains(config),
+    slots_per_teacher=d.slots_per_teacher,
+    max_prompt_len=d.max_prompt_len,
+    pad_id=tokenizer.pad_token_id or 0,
+    seed=seed,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    use_chat_template=d.use_chat_template,
+    overlong=d.overlong,
+    n_skipped_malformed=skipped,
+  )
+
+
+def check_rows_divide(config, rows_per_batch: int, mesh) -> None:
+  """Refuses a batch whose rows do not split evenly over the data-parallel shards."""
+  dp = shd.data_parallel_size(mesh)
+  if rows_per_batch % dp:
+    n = len(config.teachers.keys())
+    slots = config.data.slots_per_teacher
+    raise ValueError(
+      f"config.data.slots_per_teacher={slots}: {n} teachers x {slots} slots = "
+      f"{rows_per_batch} rows do not divide over the {dp} data-parallel shards of mesh "
+      f"{dict(mesh.shape)}"
+    )
+
+
+def stop_token_ids(tokenizer) -> tuple[int, ...]:
+  ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
+  return tuple(
+    sorted(i for i in ids if isinstance(i, int) and i >= 0 and i != tokenizer.unk_token_id)
+  )
+
+
+def sampling_params(config, tokenizer) -> SamplingParams:
+  s = config.sampling
+  return SamplingParams(
+    max_new_tokens=s.max_new_tokens,
+    temperature=s.temperature,
+    top_k=s.top_k,
+    top_p=s.top_p,
+    stop_token_ids=stop_token_ids(tokenizer) if s.stop_at_eos else (),
+    prompt_buckets=tuple(s.prompt_buckets),
+    pad_id=tokenizer.pad_token_id or 0,
+  )
+
+
+def batch_shardings(mesh) -> dict:
+  """Shardings of the step's rollout batch (`train_step.rollout_batch`): rows over data."""
+  ndims = {"tokens": 2, "completion_mask": 2, "logprobs": 2, "lengths": 1}
+  return {k: shd.batch_sharding(mesh, nd) for k, nd in ndims.items()}
+
+
+def checkpointer(config) -> ckpt.Checkpointer | None:
+  c = config.checkpoint
+  if not c.dir:
+    return None
+  return ckpt.Checkpointer(c.dir, every=c.every, keep=c.keep, async_save=c.async_save)

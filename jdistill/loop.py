@@ -1,0 +1,122 @@
+"""The training loop every stage shares: step cadence, non-finite policy, progress, eval, saves.
+
+A stage (OPD today; SFT and GRPO later) hands the loop an object with
+
+  step: int                        host copy of its step counter
+  train_one() -> metrics           one compiled update; device metrics with "finite",
+                                   "loss" and "grad_norm" scalars
+  step_tokens(metrics) -> dict     {"generated": n, "total": n} tokens of that step (device
+                                   scalars are fine: they are read only at log steps)
+  log_record(metrics) -> dict      the host floats to log at a log step
+  progress(record) -> str          the stage's part of the progress line
+  evaluate() -> dict               held-out results
+  describe_eval(results) -> str    one line for the console
+  save(force) -> bool              a checkpoint on its interval (or forced)
+
+and the loop does the rest the same way for every stage.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Protocol
+
+from jdistill.run_log import RunLog
+
+
+class Stage(Protocol):
+  step: int
+
+  def train_one(self) -> dict: ...
+  def step_tokens(self, metrics: dict) -> dict: ...
+  def log_record(self, metrics: dict) -> dict: ...
+  def progress(self, record: dict) -> str: ...
+  def evaluate(self) -> dict: ...
+  def describe_eval(self, results: dict) -> str: ...
+  def save(self, force: bool = False) -> bool: ...
+
+
+def format_eta(seconds: float) -> str:
+  seconds = int(seconds)
+  return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class Loop:
+  """Runs a stage to a step, counting skipped (non-finite) updates across calls."""
+
+  def __init__(self, *, log_every: int, eval_every: int, nonfinite: str):
+    """`nonfinite`: "skip" (count, warn, go on) or "stop" (raise FloatingPointError)."""
+    self.log_every = log_every
+    self.eval_every = eval_every
+    self.nonfinite = nonfinite
+    self.skipped_updates = 0
+
+  def check_finite(self, stage: Stage, metrics: dict) -> None:
+    # one scalar per step: NaN/Inf never goes unnoticed, also between log steps
+    if bool(metrics["finite"]):
+      return
+    loss, norm = float(metrics["loss"]), float(metrics["grad_norm"])
+    msg = f"step {stage.step}: non-finite loss {loss} or grad norm {norm}"
+    if self.nonfinite == "stop":
+      raise FloatingPointError(msg + " (config.loss.nonfinite='stop')")
+    self.skipped_updates += 1
+    print(
+      f"WARNING {msg}: update skipped (config.loss.nonfinite='skip'; "
+      f"{self.skipped_updates} so far)",
+      flush=True,
+    )
+
+  def run(self, stage: Stage, end: int, log: RunLog) -> list[dict]:
+    """Trains `stage` until its step reaches `end`; returns the records logged.
+
+    tokens/s are over the steps since the previous log line (generated tokens and all
+    tokens, both labelled); the ETA is extrapolated from the steps after the first one
+    of this call, so compile time does not inflate it.
+    """
+    records = []
+    t_start = time.time()
+    t_compiled = step_compiled = None
+    t_last, pending = t_start, []
+    if stage.step < end:
+      print(f"step {stage.step}/{end} | compiling…", flush=True)
+    while stage.step < end:
+      metrics = stage.train_one()
+      self.check_finite(stage, metrics)
+      step = stage.step
+      pending.append(stage.step_tokens(metrics))
+      now = time.time()
+      if t_compiled is None:
+        t_compiled, step_compiled = now, step
+      if step % self.log_every == 0 or step == end:
+        record = stage.log_record(metrics)
+        generated = sum(float(t["generated"]) for t in pending)
+        total = sum(float(t["total"]) for t in pending)
+        pending = []
+        interval = max(now - t_last, 1e-9)
+        t_last = now
+        record.update(
+          step=step,
+          skipped_updates=self.skipped_updates,
+          generated_tokens_per_s=generated / interval,
+          tokens_per_s=total / interval,
+          elapsed_s=now - t_start,
+        )
+        if step > step_compiled:
+          eta = format_eta((end - step) * (now - t_compiled) / (step - step_compiled))
+        else:
+          eta = "after the first step"
+        records.append(record)
+        log.write(record)
+        print(
+          f"step {step}/{end} | {stage.progress(record)} | "
+          f"{record['generated_tokens_per_s']:,.0f} generated tok/s, "
+          f"{record['tokens_per_s']:,.0f} tok/s in all | ETA {eta}",
+          flush=True,
+        )
+      if self.eval_every and step % self.eval_every == 0:
+        results = stage.evaluate()
+        log.write_eval(step, results)
+        print(f"eval step {step} | {stage.describe_eval(results)}", flush=True)
+      stage.save()
+    stage.save(force=True)
+    return records

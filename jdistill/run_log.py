@@ -1,0 +1,68 @@
+"""Where a run's metrics go: `metrics.jsonl`, TensorBoard (`tb/`) and PNG learning curves.
+
+A record is a dict with an int `"step"`, float scalars, and optionally nested dicts of
+floats (e.g. `"teachers": {name: {metric: value}}`, flattened to `name/metric` in
+TensorBoard).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+
+class RunLog:
+  """Appends records of one run under `out_dir`; `close()` draws the PNG curves."""
+
+  def __init__(self, out_dir: str, plot=None):
+    """`plot(history, path)`: draws the records logged in this session into `path`."""
+    os.makedirs(out_dir, exist_ok=True)
+    self.out_dir = out_dir
+    self._plot = plot
+    self.history: list[dict] = []
+    self._jsonl = open(os.path.join(out_dir, "metrics.jsonl"), "a")  # noqa: SIM115
+    self._tb = _tensorboard(os.path.join(out_dir, "tb"))
+
+  def write(self, record: dict) -> None:
+    """A training record: JSONL, TensorBoard, and kept for the curves."""
+    self.history.append(record)
+    self._write_json(record)
+    if self._tb is not None:
+      for key, value in _flatten(record).items():
+        self._tb.add_scalar(key, value, record["step"])
+
+  def write_eval(self, step: int, results: dict) -> None:
+    self._write_json({"step": step, "eval": results})
+
+  def _write_json(self, record: dict) -> None:
+    self._jsonl.write(json.dumps(record) + "\n")
+    self._jsonl.flush()
+
+  def close(self) -> str | None:
+    """Closes the files; returns the learning-curve PNG path, if one was drawn."""
+    self._jsonl.close()
+    if self._tb is not None:
+      self._tb.close()
+    if self._plot is None or not self.history:
+      return None
+    return self._plot(self.history, os.path.join(self.out_dir, "learning_curves.png"))
+
+
+def _flatten(record: dict, prefix: str = "") -> dict[str, float]:
+  out = {}
+  for key, value in record.items():
+    if key == "step" and not prefix:
+      continue
+    if isinstance(value, dict):
+      out.update(_flatten(value, f"{prefix}{key}/" if prefix or key != "teachers" else ""))
+    elif isinstance(value, (int, float)):
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def _tensorboard(path):
+  try:
+    from tensorboardX import SummaryWriter
+  except ImportError:  # optional
+    return None
+  return SummaryWriter(path)

@@ -1,0 +1,368 @@
+"""The docs and the package layout cannot drift: config fields, links, imports.
+
+* every field of `config.base_config()` (and of `config.teacher_config()`, as
+  `teachers.<name>.<field>`) has a row in docs/configs.md, and every row names a real field;
+* every relative link in README.md and docs/*.md resolves to a file (and heading) inside
+  the repository;
+* the `jdistill` modules import each other without a cycle;
+* each `jdistill` module imports on its own in a fresh interpreter.
+
+Nothing here compiles JAX code.
+"""
+
+from __future__ import annotations
+
+import ast
+import concurrent.futures
+import html
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import urllib.parse
+
+import ml_collections
+
+from jdistill import config as config_lib
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "jdistill"
+CONFIGS_MD = ROOT / "docs" / "configs.md"
+TEACHER_PREFIX = "teachers.<name>."
+
+
+def _rel(path: pathlib.Path) -> str:
+  return path.relative_to(ROOT).as_posix()
+
+
+# --------------------------------------------------------------------------- config fields
+
+
+def _leaf_fields(node: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+  out = []
+  for key in sorted(node.keys()):
+    name = prefix + key
+    value = node[key]
+    if name == "teachers":  # filled per run; its entries are `teacher_config()` fields
+      continue
+    if isinstance(value, ml_collections.ConfigDict):
+      out += _leaf_fields(value, name + ".")
+    else:
+      out.append(name)
+  return out
+
+
+def config_fields() -> set[str]:
+  fields = set(_leaf_fields(config_lib.base_config()))
+  fields |= {TEACHER_PREFIX + key for key in _leaf_fields(config_lib.teacher_config())}
+  return fields
+
+
+def _table_rows(text: str) -> list[list[str]]:
+  """Cells of every markdown table row outside fenced code (header and rule rows too)."""
+  rows = []
+  for line in _strip_fences(text).splitlines():
+    line = line.strip()
+    if line.startswith("|"):
+      cells = [c.strip() for c in re.split(r"(?<!\\)\|", line.strip("|"))]
+      rows.append(cells)
+  return rows
+
+
+def documented_fields(text: str) -> list[str]:
+  """Backticked names in the first cell of each table row of docs/configs.md."""
+  names = []
+  for cells in _table_rows(text):
+    names += re.findall(r"`([^`]+)`", cells[0])
+  return names
+
+
+def test_every_config_field_is_documented_and_every_documented_field_exists():
+  fields = config_fields()
+  documented = documented_fields(CONFIGS_MD.read_text(encoding="utf-8"))
+  doc = _rel(CONFIGS_MD)
+  missing = sorted(fields - set(documented))
+  unknown = sorted(set(documented) - fields)
+  duplicated = sorted({n for n in documented if documented.count(n) > 1})
+  problems = []
+  if missing:
+    problems.append(
+      f"config fields of jdistill/config.py missing from {doc} (add a table row "
+      f"'| `<field>` | default | meaning | allowed |' for each): {missing}"
+    )
+  if unknown:
+    problems.append(
+      f"{doc} documents fields that jdistill/config.py does not have (remove or rename "
+      f"these rows): {unknown}"
+    )
+  if duplicated:
+    problems.append(f"{doc} documents these fields more than once: {duplicated}")
+  assert not problems, "\n".join(problems)
+
+
+def test_documented_field_parser_sees_both_directions():
+  """The check above would catch an added field and a stale row (guards the parser)."""
+  text = "| field | x |\n|---|---|\n| `loss.chunk_size` | 1 |\n| `teachers.<name>.path` | 2 |\n"
+  assert documented_fields(text) == ["loss.chunk_size", "teachers.<name>.path"]
+  fields = config_fields()
+  assert {"seed", "loss.chunk_size", "mesh.data", "overlap.topks"} <= fields
+  assert TEACHER_PREFIX + "path" in fields and "teachers" not in fields
+
+
+# --------------------------------------------------------------------------- links
+
+
+def _strip_fences(text: str) -> str:
+  """Text with fenced code blocks blanked out (line numbers kept)."""
+  out, fence = [], None
+  for line in text.splitlines():
+    marker = re.match(r"\s*(`{3,}|~{3,})", line)
+    if fence is None and marker:
+      fence = marker.group(1)[0] * 3
+      out.append("")
+    elif fence is not None:
+      if line.strip().startswith(fence):
+        fence = None
+      out.append("")
+    else:
+      out.append(line)
+  return "\n".join(out)
+
+
+def _slug(heading: str) -> str:
+  """GitHub's anchor for a heading text."""
+  text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", heading)
+  text = html.unescape(text).replace("`", "").strip().lower()
+  return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def _anchors(path: pathlib.Path) -> set[str]:
+  anchors, seen = set(), {}
+  for line in _strip_fences(path.read_text(encoding="utf-8")).splitlines():
+    m = re.match(r"#{1,6}\s+(.*?)\s*#*\s*$", line)
+    if m:
+      slug = _slug(m.group(1))
+      n = seen.get(slug, 0)
+      seen[slug] = n + 1
+      anchors.add(slug if n == 0 else f"{slug}-{n}")
+  return anchors
+
+
+def markdown_files() -> list[pathlib.Path]:
+  return sorted(ROOT.glob("*.md")) + sorted((ROOT / "docs").rglob("*.md"))
+
+
+LINK = re.compile(r"\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
+
+
+def broken_links(path: pathlib.Path) -> list[str]:
+  text = _strip_fences(path.read_text(encoding="utf-8"))
+  problems = []
+  for lineno, line in enumerate(text.splitlines(), 1):
+    line = re.sub(r"(`+)(.+?)\1", "code", line)  # links inside code spans are not links
+    for target in LINK.findall(line):
+      where = f"{_rel(path)}:{lineno}: link {target!r}"
+      if re.match(r"[A-Za-z][A-Za-z0-9+.-]*:", target):  # http(s), mailto, ...
+        continue
+      file_part, _, anchor = target.partition("#")
+      file_part = urllib.parse.unquote(file_part)
+      if not file_part:
+        dest = path
+      elif file_part.startswith("/"):
+        dest = (ROOT / file_part.lstrip("/")).resolve()
+      else:
+        dest = (path.parent / file_part).resolve()
+      if not dest.is_relative_to(ROOT):
+        problems.append(f"{where} leaves the repository")
+        continue
+      if not dest.exists():
+        problems.append(f"{where}: {_rel(dest)} does not exist")
+        continue
+      if anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
+        problems.append(f"{where}: {_rel(dest)} has no heading with anchor #{anchor}")
+  return problems
+
+
+def test_relative_links_resolve_inside_the_repository():
+  files = markdown_files()
+  assert ROOT / "README.md" in files and CONFIGS_MD in files
+  problems = [p for f in files for p in broken_links(f)]
+  assert not problems, "broken links:\n" + "\n".join(problems)
+
+
+def test_link_checker_catches_bad_links(tmp_path, monkeypatch):
+  doc = ROOT / "docs" / "design.md"
+  assert "package-layout" in _anchors(doc) and "the-losses" in _anchors(doc)
+  fake = tmp_path / "repo"
+  (fake / "docs").mkdir(parents=True)
+  (fake / "docs" / "a.md").write_text(
+    "# A\n[ok](b.md#b-c) [ok](https://x.y/z) [ok](#a) `[code](nowhere.md)`\n"
+    "[gone](missing.md) [out](../../outside.md) [anchor](b.md#nope)\n"
+    "```\n[fenced](nowhere.md)\n```\n",
+    encoding="utf-8",
+  )
+  (fake / "docs" / "b.md").write_text("## B: `c`\n", encoding="utf-8")
+  monkeypatch.setattr(sys.modules[__name__], "ROOT", fake)
+  problems = broken_links(fake / "docs" / "a.md")
+  assert len(problems) == 3, problems
+  assert "does not exist" in problems[0] and "leaves the repository" in problems[1]
+  assert "#nope" in problems[2]
+
+
+# --------------------------------------------------------------------------- imports
+
+
+def module_files() -> dict[str, pathlib.Path]:
+  """`jdistill...` module name -> file, for every module of the package."""
+  out = {}
+  for path in sorted(PACKAGE.rglob("*.py")):
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+      parts = parts[:-1]
+    out[".".join(parts)] = path
+  return out
+
+
+def import_edges(modules: dict[str, pathlib.Path]) -> dict[str, dict[str, str]]:
+  """module -> {imported jdistill module: 'file:line'}, function-level imports included."""
+  edges: dict[str, dict[str, str]] = {name: {} for name in modules}
+
+  def add(src: str, dst: str, where: str) -> None:
+    if dst != src and dst in modules:
+      edges[src].setdefault(dst, where)
+
+  for name, path in modules.items():
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    for node in ast.walk(tree):
+      where = f"{_rel(path)}:{getattr(node, 'lineno', 0)}"
+      if isinstance(node, ast.Import):
+        for alias in node.names:
+          target = alias.name
+          while target and target not in modules:  # `import jdistill.a.b` -> deepest module
+            target = target.rpartition(".")[0]
+          if alias.name.split(".")[0] == "jdistill" and target:
+            add(name, target, where)
+      elif isinstance(node, ast.ImportFrom):
+        if node.level:
+          base_parts = package.split(".")
+          base_parts = base_parts[: len(base_parts) - (node.level - 1)]
+          base = ".".join(base_parts + ([node.module] if node.module else []))
+        else:
+          base = node.module or ""
+        if base.split(".")[0] != "jdistill":
+          continue
+        for alias in node.names:
+          submodule = f"{base}.{alias.name}"
+          add(name, submodule if submodule in modules else base, where)
+  return edges
+
+
+def import_cycles(edges: dict[str, dict[str, str]]) -> list[list[str]]:
+  """One cycle (as a closed path) per strongly connected component with a cycle."""
+  index: dict[str, int] = {}
+  low: dict[str, int] = {}
+  stack: list[str] = []
+  on_stack: set[str] = set()
+  components: list[list[str]] = []
+
+  def visit(v: str) -> None:
+    index[v] = low[v] = len(index)
+    stack.append(v)
+    on_stack.add(v)
+    for w in sorted(edges[v]):
+      if w not in index:
+        visit(w)
+        low[v] = min(low[v], low[w])
+      elif w in on_stack:
+        low[v] = min(low[v], index[w])
+    if low[v] == index[v]:
+      component = []
+      while True:
+        w = stack.pop()
+        on_stack.discard(w)
+        component.append(w)
+        if w == v:
+          break
+      if len(component) > 1:
+        components.append(sorted(component))
+
+  for v in sorted(edges):
+    if v not in index:
+      visit(v)
+
+  cycles = []
+  for component in components:  # shortest cycle through the component's first module
+    start, members = component[0], set(component)
+    paths = {start: [start]}
+    frontier = [start]
+    cycle = None
+    while frontier and cycle is None:
+      nxt = []
+      for v in frontier:
+        for w in sorted(edges[v]):
+          if w == start:
+            cycle = paths[v] + [start]
+            break
+          if w in members and w not in paths:
+            paths[w] = paths[v] + [w]
+            nxt.append(w)
+        if cycle:
+          break
+      frontier = nxt
+    cycles.append(cycle)
+  return cycles
+
+
+def _describe(cycle: list[str], edges: dict[str, dict[str, str]]) -> str:
+  steps = [cycle[0]] + [f"-> {b} ({edges[a][b]})" for a, b in zip(cycle, cycle[1:])]
+  return " ".join(steps)
+
+
+def test_import_graph_helpers():
+  edges = {"a": {"b": "a.py:1"}, "b": {"c": "b.py:2"}, "c": {"a": "c.py:3"}, "d": {"a": "d:1"}}
+  assert import_cycles(edges) == [["a", "b", "c", "a"]]
+  assert _describe(["a", "b", "a"], {"a": {"b": "a.py:1"}, "b": {"a": "b.py:2"}}) == (
+    "a -> b (a.py:1) -> a (b.py:2)"
+  )
+  assert import_cycles({"a": {"b": "x"}, "b": {}}) == []
+  found = import_edges(module_files())
+  assert "jdistill.losses" in found["jdistill.config"]  # `from jdistill import losses`
+  assert "jdistill.models.config" in found["jdistill.models.hf"]  # `from jdistill.models.x`
+  assert "jdistill.models" in found["jdistill.checkpoint"]  # `from jdistill.models import X`
+
+
+def test_no_import_cycle_among_jdistill_modules():
+  edges = import_edges(module_files())
+  cycles = import_cycles(edges)
+  assert not cycles, (
+    "import cycles among jdistill modules (data flows one way: config -> build -> loop -> "
+    "stage step -> kernels; see docs/design.md#package-layout):\n"
+    + "\n".join(_describe(c, edges) for c in cycles)
+  )
+
+
+def _import_alone(name: str) -> tuple[str, int, str]:
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.run(
+    [sys.executable, "-c", "import importlib, sys; importlib.import_module(sys.argv[1])", name],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  return name, proc.returncode, proc.stderr
+
+
+def test_each_module_imports_alone_in_a_fresh_interpreter():
+  names = sorted(module_files())
+  with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+    results = list(pool.map(_import_alone, names))
+  failures = [
+    f"{name} (exit {rc}):\n" + "\n".join(err.strip().splitlines()[-8:])
+    for name, rc, err in results
+    if rc != 0
+  ]
+  assert not failures, "modules that fail to import on their own:\n" + "\n\n".join(failures)

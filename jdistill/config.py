@@ -126,15 +126,14 @@ def base_config() -> mlc.ConfigDict:
 
   c.overlap = mlc.ConfigDict(
     dict(
-      topks=(1, 8, 32),
-      top_p=0.9,
-      floor_prob=1e-3,
-      min_topk_coverage=0.5,
-      max_off_support=0.2,
-      k_for_alarm=8,
-      # `python -m jdistill.overlap` readings: "on-support" needs both of these
-      on_support_coverage=0.9,
-      on_support_max_off_support=0.05,
+      topks=(1, 8, 32),  # raw top-k coverage (detail: depends on the teacher's entropy)
+      top_p=0.9,  # the teacher nucleus of in_teacher_top_p and nucleus_coverage
+      floor_prob=1e-3,  # raw off-support rate (detail: depends on the vocabulary size)
+      # alarms and readings use only the calibrated metrics (1 when student = teacher):
+      min_overlap=0.5,  # alarm when overlap = 1 - TV falls below
+      min_nucleus_coverage=0.5,  # alarm when nucleus coverage falls below
+      on_support_overlap=0.8,  # "on-support" reading needs overlap >= this ...
+      on_support_nucleus_coverage=0.9,  # ... and nucleus coverage >= this
     )
   )
   return c
@@ -254,12 +253,15 @@ def validate(config) -> None:
       "0 when loss.temperature != 1 (the PPO ratio "
       "compares against the sampler's temperature-1 logprobs)",
     )
-  if config.overlap.k_for_alarm not in topks:
-    _fail(
-      "overlap.k_for_alarm",
-      config.overlap.k_for_alarm,
-      f"one of overlap.topks={tuple(config.overlap.topks)}",
-    )
+  for field in (
+    "min_overlap",
+    "min_nucleus_coverage",
+    "on_support_overlap",
+    "on_support_nucleus_coverage",
+  ):
+    value = config.overlap[field]
+    if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+      _fail(f"overlap.{field}", value, "a number in [0, 1]")
   if not 0.0 < config.sampling.top_p <= 1.0:
     _fail("sampling.top_p", config.sampling.top_p, "a float in (0, 1]")
   if not 0.0 <= config.loss.beta <= 1.0:

@@ -644,6 +644,12 @@ def support_diagnostics(
   is below ``top_p``); ``off_support`` (teacher prob of the target < ``floor_prob``);
   full-vocab ``reverse_kl`` KL(s‖t) and ``forward_kl`` KL(t‖s); ``tv`` total variation;
   ``teacher_mass_on_student_top{k}`` for k in ``student_topks`` (default ``topks``).
+
+  Calibrated (1 for a student identical to the teacher at any entropy and vocabulary size,
+  0 for disjoint supports; see :func:`calibrated_overlap`): ``overlap``,
+  ``nucleus_coverage``; and ``excess_xent`` (nats, 0 when identical). The raw top-k and
+  floor metrics above measure the teacher's entropy and the vocabulary size as much as
+  overlap: they are detail, not readings.
   """
   student_logp, teacher_logp = sg(student_logp), sg(teacher_logp)
   vocab = student_logp.shape[-1]
@@ -660,6 +666,7 @@ def support_diagnostics(
     "reverse_kl": _kl_from_logp(student_logp, teacher_logp),
     "forward_kl": _kl_from_logp(teacher_logp, student_logp),
     "tv": 0.5 * jnp.sum(jnp.abs(s_prob - t_prob), axis=-1),
+    **calibrated_overlap(student_logp, teacher_logp, top_p),
   }
   for k in topks:
     out[f"in_teacher_top{k}"] = (rank < k).astype(jnp.float32)
@@ -671,6 +678,44 @@ def support_diagnostics(
     for k in student_topks:
       out[f"teacher_mass_on_student_top{k}"] = cum[..., min(k, vocab) - 1]
   return out
+
+
+def teacher_nucleus(teacher_logp, top_p: float):
+  """Boolean ``[..., V]``: the teacher's top-p nucleus, the most probable tokens whose mass
+  reaches ``top_p`` (a token is inside if the mass of strictly more probable tokens is below
+  ``top_p``; ties at the edge are inside)."""
+  t_prob = jnp.exp(teacher_logp)
+  sorted_prob = -jnp.sort(-t_prob, axis=-1)
+  mass_before = jnp.cumsum(sorted_prob, axis=-1) - sorted_prob
+  n_inside = jnp.maximum(jnp.sum(mass_before < top_p, axis=-1), 1)
+  edge = jnp.take_along_axis(sorted_prob, n_inside[..., None] - 1, axis=-1)
+  return t_prob >= edge
+
+
+def calibrated_overlap(student_logp, teacher_logp, top_p: float = 0.9) -> dict:
+  """Per-position overlap of student Q and teacher P, from log-probs ``[..., V]`` → ``[...]``.
+
+  * ``overlap`` = Σ_v min(Q(v), P(v)) = 1 − TV(Q, P): the probability mass the two share.
+    1 iff Q = P, 0 iff their supports are disjoint, and it falls as they move apart.
+  * ``nucleus_coverage`` = min(1, Q(N) / P(N)), N the teacher's top-p nucleus: the share
+    of the mass the teacher itself puts on its nucleus that the student's samples would
+    land in (the expectation of ``in_teacher_top_p`` under Q, divided by its value under P).
+    1 when Q = P whatever the entropy, 0 when Q puts nothing on N.
+  * ``excess_xent`` = E_{x~Q}[−log P(x)] − H(P) in nats: the teacher log-loss of student
+    tokens beyond the teacher's own; 0 when Q = P (negative when Q is sharper than P on
+    P's mode).
+  All are exact expectations over the vocabulary, not one-sample estimates.
+  """
+  s_prob, t_prob = jnp.exp(student_logp), jnp.exp(teacher_logp)
+  nucleus = teacher_nucleus(teacher_logp, top_p)
+  t_mass = jnp.sum(jnp.where(nucleus, t_prob, 0.0), axis=-1)
+  s_mass = jnp.sum(jnp.where(nucleus, s_prob, 0.0), axis=-1)
+  t_entropy = -jnp.sum(t_prob * teacher_logp, axis=-1)
+  return {
+    "overlap": jnp.sum(jnp.minimum(s_prob, t_prob), axis=-1),
+    "nucleus_coverage": jnp.minimum(1.0, s_mass / t_mass),
+    "excess_xent": -jnp.sum(s_prob * teacher_logp, axis=-1) - t_entropy,
+  }
 
 
 def overlap_gate(student_logp, teacher_logp, targets, criterion: str, topk: int, floor_prob: float):

@@ -31,19 +31,24 @@ mean) and quantiles of ``teacher_logp``.
 
 Alarms and readings (thresholds are ``config.overlap.*``)
 --------------------------------------------------------
-With ``c = in_teacher_top{k_for_alarm}`` (token mean) and ``o = off_support``:
+Only the calibrated metrics decide (``losses.calibrated_overlap``: 1 for a student
+identical to the teacher at any entropy and vocabulary size, 0 for disjoint supports):
+``overlap`` = 1 − TV and ``nucleus_coverage`` = min(1, Q(N)/P(N)) over the teacher's
+top-p nucleus N (token means). The raw top-k coverage and floor rate stay in the tables as
+detail: they fall with the teacher's entropy and the vocabulary size even when the
+student equals the teacher.
 
-* :func:`overlap_alarms` warns, naming the teacher, when ``c < min_topk_coverage``
-  or ``o > max_off_support`` (defaults 0.5 / 0.2, k = 8). The trainer logs these
+* :func:`overlap_alarms` warns, naming the teacher, when ``overlap < min_overlap`` or
+  ``nucleus_coverage < min_nucleus_coverage`` (defaults 0.5 / 0.5). The trainer logs these
   from its per-step per-teacher metrics.
 * :func:`reading` classifies a teacher:
   - **off-support** if an alarm fires: *warmup SFT recommended* (on the teacher's
     data, to pull the student onto its support), then a sampled-token or
     overlap-aware loss;
-  - **on-support** if ``c >= on_support_coverage`` and ``o <= on_support_max_off_support``
-    (defaults 0.9 / 0.05): *full-vocab reverse KL is fine*;
+  - **on-support** if ``overlap >= on_support_overlap`` and ``nucleus_coverage >=
+    on_support_nucleus_coverage`` (defaults 0.8 / 0.9): *full-vocab reverse KL is fine*;
   - **partially on-support** otherwise: *consider the sampled-token loss or the
-    overlap-aware loss* (dense reverse KL only where the token is on support).
+    overlap-aware loss*.
 
 The command
 -----------
@@ -81,11 +86,10 @@ sg = jax.lax.stop_gradient
 
 QUANTILES = (5, 25, 50, 75, 95)
 DEFAULT_THRESHOLDS = dict(
-  min_topk_coverage=0.5,
-  max_off_support=0.2,
-  k_for_alarm=8,
-  on_support_coverage=0.9,
-  on_support_max_off_support=0.05,
+  min_overlap=0.5,
+  min_nucleus_coverage=0.5,
+  on_support_overlap=0.8,
+  on_support_nucleus_coverage=0.9,
 )
 ON, PARTIAL, OFF = "on-support", "partially on-support", "off-support"
 RECOMMENDATIONS = {
@@ -257,36 +261,31 @@ def _as_float(x) -> float:
 
 
 def overlap_alarms(
-  metrics_per_teacher: Mapping[str, Mapping],
-  *,
-  min_topk_coverage: float,
-  max_off_support: float,
-  k: int,
+  metrics_per_teacher: Mapping[str, Mapping], *, min_overlap: float, min_nucleus_coverage: float
 ) -> list[str]:
   """Human-readable warnings for teachers whose rollouts look off their support.
 
-  ``metrics_per_teacher``: ``{teacher: {"in_teacher_top{k}": float, "off_support":
-  float, ...}}`` (token means over the student's rollouts on that teacher's rows;
-  other keys are ignored, scalars may be jax/numpy). A warning fires when the top-k
-  coverage is strictly below ``min_topk_coverage`` or the off-support rate strictly
-  above ``max_off_support``; missing or NaN values never fire.
+  ``metrics_per_teacher``: ``{teacher: {"overlap": float, "nucleus_coverage": float, ...}}``
+  (token means over the student's rollouts on that teacher's rows; other keys are ignored,
+  scalars may be jax/numpy). Both metrics are calibrated (1 when the student equals the
+  teacher at any entropy, 0 for disjoint supports). A warning fires when ``overlap`` is
+  strictly below ``min_overlap`` or ``nucleus_coverage`` strictly below
+  ``min_nucleus_coverage``; missing or NaN values never fire.
   """
   alarms = []
-  key = f"in_teacher_top{k}"
+  advice = "rollouts look off its support; consider a warmup SFT or a sampled-token loss"
   for name, m in metrics_per_teacher.items():
-    cov = _as_float(m[key]) if key in m else float("nan")
-    off = _as_float(m["off_support"]) if "off_support" in m else float("nan")
-    if cov < min_topk_coverage:
+    overlap = _as_float(m["overlap"]) if "overlap" in m else float("nan")
+    nucleus = _as_float(m["nucleus_coverage"]) if "nucleus_coverage" in m else float("nan")
+    if overlap < min_overlap:
       alarms.append(
-        f"teacher {name!r}: only {cov:.0%} of student tokens fall in its top-{k} (threshold "
-        f"{min_topk_coverage:.0%}) — rollouts look off its support; consider a warmup SFT or "
-        "a sampled-token loss"
+        f"teacher {name!r}: student and teacher share only {overlap:.0%} of their probability "
+        f"mass (overlap = 1 - TV; threshold {min_overlap:.0%}) — {advice}"
       )
-    if off > max_off_support:
+    if nucleus < min_nucleus_coverage:
       alarms.append(
-        f"teacher {name!r}: {off:.0%} of student tokens get teacher probability below the "
-        f"floor (threshold {max_off_support:.0%}) — rollouts look off its support; consider a "
-        "warmup SFT or a sampled-token loss"
+        f"teacher {name!r}: the student puts only {nucleus:.0%} of the teacher's own mass on "
+        f"the teacher's top-p nucleus (threshold {min_nucleus_coverage:.0%}) — {advice}"
       )
   return alarms
 
@@ -303,9 +302,7 @@ class AlarmTracker:
 
   def __init__(self, overlap_config):
     o = overlap_config
-    self.thresholds = dict(
-      min_topk_coverage=o.min_topk_coverage, max_off_support=o.max_off_support, k=o.k_for_alarm
-    )
+    self.thresholds = dict(min_overlap=o.min_overlap, min_nucleus_coverage=o.min_nucleus_coverage)
     self.active: set[str] = set()
 
   def update(self, step: int, metrics_per_teacher: Mapping[str, Mapping]) -> dict[str, bool]:
@@ -327,36 +324,33 @@ class AlarmTracker:
 def reading(
   metrics: Mapping,
   *,
-  min_topk_coverage: float = 0.5,
-  max_off_support: float = 0.2,
-  k_for_alarm: int = 8,
-  on_support_coverage: float = 0.9,
-  on_support_max_off_support: float = 0.05,
+  min_overlap: float = 0.5,
+  min_nucleus_coverage: float = 0.5,
+  on_support_overlap: float = 0.8,
+  on_support_nucleus_coverage: float = 0.9,
 ) -> dict:
-  """Classifies one teacher's token-mean metrics -> ``{"verdict", "recommendation"}``.
+  """Classifies one teacher's token-mean metrics -> ``{"verdict", "recommendation", ...}``.
 
-  off-support if an alarm fires (:func:`overlap_alarms`), on-support if top-k coverage
-  >= ``on_support_coverage`` and off-support rate <= ``on_support_max_off_support``,
-  partially on-support otherwise.
+  off-support if an alarm fires (:func:`overlap_alarms`), on-support if ``overlap >=
+  on_support_overlap`` and ``nucleus_coverage >= on_support_nucleus_coverage``, partially
+  on-support otherwise. Only calibrated metrics decide.
   """
-  cov = _as_float(metrics.get(f"in_teacher_top{k_for_alarm}", float("nan")))
-  off = _as_float(metrics.get("off_support", float("nan")))
-  if overlap_alarms(
-    {"_": metrics},
-    min_topk_coverage=min_topk_coverage,
-    max_off_support=max_off_support,
-    k=k_for_alarm,
-  ):
+  overlap = _as_float(metrics.get("overlap", float("nan")))
+  nucleus = _as_float(metrics.get("nucleus_coverage", float("nan")))
+  alarms = overlap_alarms(
+    {"_": metrics}, min_overlap=min_overlap, min_nucleus_coverage=min_nucleus_coverage
+  )
+  if alarms:
     verdict = OFF
-  elif cov >= on_support_coverage and off <= on_support_max_off_support:
+  elif overlap >= on_support_overlap and nucleus >= on_support_nucleus_coverage:
     verdict = ON
   else:
     verdict = PARTIAL
   return {
     "verdict": verdict,
     "recommendation": RECOMMENDATIONS[verdict],
-    f"in_teacher_top{k_for_alarm}": cov,
-    "off_support": off,
+    "overlap": overlap,
+    "nucleus_coverage": nucleus,
   }
 
 
@@ -496,9 +490,8 @@ def measure(
   student, teachers = _student_and_teachers(config, mesh, use_checkpoint)
   thresholds = thresholds_from_config(config)
   curve_ks = coverage_ks(student.cfg.vocab_size)
-  k_alarm = int(thresholds["k_for_alarm"])
   metric_kw = dict(
-    topks=tuple(sorted({int(k) for k in config.overlap.topks} | set(curve_ks) | {k_alarm})),
+    topks=tuple(sorted({int(k) for k in config.overlap.topks} | set(curve_ks))),
     top_p=float(config.overlap.top_p),
     floor_prob=float(config.overlap.floor_prob),
     student_topks=tuple(int(k) for k in config.overlap.topks),
@@ -546,14 +539,16 @@ def measure(
       report["domains"][domains[own[j]]] = dict(agg, teacher=name)
   report["alarms"] = overlap_alarms(
     {name: t["token_mean"] for name, t in report["teachers"].items()},
-    min_topk_coverage=thresholds["min_topk_coverage"],
-    max_off_support=thresholds["max_off_support"],
-    k=k_alarm,
+    min_overlap=thresholds["min_overlap"],
+    min_nucleus_coverage=thresholds["min_nucleus_coverage"],
   )
   return report
 
 
 _TABLE_KEYS = (
+  ("overlap", "overlap", "{:>8.1%}"),
+  ("nucleus_coverage", "nucleus", "{:>8.1%}"),
+  ("excess_xent", "xs-xent", "{:>8.3f}"),
   ("teacher_logp", "logp", "{:>8.3f}"),
   ("in_teacher_top1", "top1", "{:>7.1%}"),
   ("in_teacher_top8", "top8", "{:>7.1%}"),
@@ -587,9 +582,13 @@ def format_table(report: dict) -> str:
   out = [
     f"support overlap: {report['rows_per_domain']} rollouts/domain, "
     f"{report['max_new_tokens']} new tokens, prompts from {report['source']}",
-    "token means over student-sampled tokens (logp = teacher log-prob; topk / top-p = "
-    "share inside the teacher's top-k / nucleus; off = below the floor prob; mass@s8 = "
-    "teacher mass on the student's top-8)",
+    "token means over student rollouts. Calibrated (1 = student equals teacher, at any "
+    "entropy): overlap = 1 - TV, nucleus = student mass on the teacher's top-p nucleus / "
+    "the teacher's own; xs-xent = teacher log-loss of student tokens beyond its entropy "
+    "(0 = equal).",
+    "Detail, entropy- and vocabulary-dependent: logp = teacher log-prob of the sampled "
+    "token; topk / top-p = share inside the teacher's top-k / nucleus; off = below the floor "
+    "prob; mass@s8 = teacher mass on the student's top-8.",
     "",
     "per teacher",
     head,
@@ -637,21 +636,12 @@ def plot(report: dict, out_dir: str) -> tuple[str, str]:
   ks = report["coverage_ks"]
   for name, t in report["teachers"].items():
     ax.plot(ks, [t["coverage_curve"][str(k)] for k in ks], marker="o", label=name)
-  th = report["thresholds"]
-  ax.axhline(
-    th["min_topk_coverage"],
-    color="red",
-    ls="--",
-    lw=1,
-    label=f"alarm threshold (at k={th['k_for_alarm']})",
-  )
-  ax.axvline(th["k_for_alarm"], color="red", ls=":", lw=1)
   ax.set_xscale("log", base=2)
   ax.set_xticks(ks, [str(k) for k in ks])
   ax.set_ylim(0, 1.02)
   ax.set_xlabel("k")
   ax.set_ylabel("share of student tokens in teacher top-k")
-  ax.set_title("teacher top-k coverage of student rollouts")
+  ax.set_title("raw teacher top-k coverage of student tokens (falls with teacher entropy)")
   ax.legend()
   ax.grid(alpha=0.3)
   fig.tight_layout()

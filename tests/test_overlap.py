@@ -220,50 +220,114 @@ def test_aggregate_matches_numpy_loop():
 
 
 def test_alarms_name_the_teacher_and_fire_only_past_thresholds():
-  kw = dict(min_topk_coverage=0.5, max_off_support=0.2, k=8)
+  kw = dict(min_overlap=0.5, min_nucleus_coverage=0.5)
   metrics = {
-    "math": {"in_teacher_top8": 0.9, "off_support": 0.01, "reverse_kl": 1.0},
-    "code": {"in_teacher_top8": jnp.asarray(0.12), "off_support": np.float32(0.05)},
+    "math": {"overlap": 0.9, "nucleus_coverage": 0.95, "in_teacher_top8": 0.0},
+    "code": {"overlap": jnp.asarray(0.12), "nucleus_coverage": np.float32(0.8)},
   }
   alarms = overlap.overlap_alarms(metrics, **kw)
-  assert len(alarms) == 1
-  assert "'code'" in alarms[0] and "12%" in alarms[0] and "top-8" in alarms[0]
+  assert len(alarms) == 1  # the raw top-8 coverage of 0 never fires
+  assert "'code'" in alarms[0] and "12%" in alarms[0] and "1 - TV" in alarms[0]
   assert "50%" in alarms[0] and "warmup SFT" in alarms[0]
   # exactly at the thresholds: quiet
-  at = {"a": {"in_teacher_top8": 0.5, "off_support": 0.2}}
-  assert overlap.overlap_alarms(at, **kw) == []
-  # off-support rate past the threshold
-  off = {"b": {"in_teacher_top8": 0.8, "off_support": 0.35}}
-  (msg,) = overlap.overlap_alarms(off, **kw)
-  assert "'b'" in msg and "35%" in msg
-  # k selects the key; missing keys never fire
+  assert overlap.overlap_alarms({"a": {"overlap": 0.5, "nucleus_coverage": 0.5}}, **kw) == []
+  (msg,) = overlap.overlap_alarms({"b": {"overlap": 0.8, "nucleus_coverage": 0.35}}, **kw)
+  assert "'b'" in msg and "35%" in msg and "nucleus" in msg
+  # missing or NaN values never fire
   assert overlap.overlap_alarms({"c": {"in_teacher_top1": 0.0}}, **kw) == []
-  assert (
-    len(
-      overlap.overlap_alarms(
-        {"c": {"in_teacher_top1": 0.0}}, min_topk_coverage=0.5, max_off_support=0.2, k=1
-      )
-    )
-    == 1
-  )
+  assert overlap.overlap_alarms({"c": {"overlap": float("nan")}}, **kw) == []
 
 
 def test_reading_verdicts():
   th = dict(
-    min_topk_coverage=0.5,
-    max_off_support=0.2,
-    k_for_alarm=8,
-    on_support_coverage=0.9,
-    on_support_max_off_support=0.05,
+    min_overlap=0.5,
+    min_nucleus_coverage=0.5,
+    on_support_overlap=0.8,
+    on_support_nucleus_coverage=0.9,
   )
-  r = lambda c, o: overlap.reading({"in_teacher_top8": c, "off_support": o}, **th)  # noqa: E731
-  assert r(0.95, 0.01)["verdict"] == "on-support"
-  assert "reverse KL" in r(0.95, 0.01)["recommendation"]
-  assert r(0.7, 0.01)["verdict"] == "partially on-support"
-  assert r(0.95, 0.1)["verdict"] == "partially on-support"
-  assert r(0.3, 0.01)["verdict"] == "off-support"
-  assert "warmup SFT" in r(0.3, 0.01)["recommendation"]
+  r = lambda o, n: overlap.reading({"overlap": o, "nucleus_coverage": n}, **th)  # noqa: E731
+  assert r(0.95, 0.97)["verdict"] == "on-support"
+  assert "reverse KL" in r(0.95, 0.97)["recommendation"]
+  assert r(0.7, 0.97)["verdict"] == "partially on-support"
+  assert r(0.95, 0.85)["verdict"] == "partially on-support"
+  assert r(0.3, 0.97)["verdict"] == "off-support"
+  assert "warmup SFT" in r(0.3, 0.97)["recommendation"]
   assert r(0.95, 0.3)["verdict"] == "off-support"
+
+
+# ------------------------------------------------------------------- calibrated overlap metrics
+
+
+def _logits_with_entropy(vocab: int, entropy: float, rows: int, seed: int) -> np.ndarray:
+  """Random logits `[rows, vocab]` scaled so that each row's softmax has `entropy` nats."""
+  z = np.random.RandomState(seed).standard_normal((rows, vocab)) * 3.0
+  out = np.empty_like(z)
+  for i in range(rows):
+    lo, hi = 1e-3, 1e3  # inverse temperature: entropy falls as it grows
+    for _ in range(100):
+      mid = math.sqrt(lo * hi)
+      p = np.exp(mid * z[i] - np.max(mid * z[i]))
+      p /= p.sum()
+      h = -np.sum(p * np.log(np.maximum(p, 1e-300)))
+      lo, hi = (mid, hi) if h > entropy else (lo, mid)
+    out[i] = mid * z[i]
+  return out
+
+
+def _calibrated(student_logits, teacher_logits, top_p=0.9):
+  s = losses.log_softmax(jnp.asarray(student_logits, jnp.float32))
+  t = losses.log_softmax(jnp.asarray(teacher_logits, jnp.float32))
+  return {k: np.asarray(v) for k, v in losses.calibrated_overlap(s, t, top_p).items()}
+
+
+CALIBRATED = ("overlap", "nucleus_coverage")
+
+
+@pytest.mark.parametrize(
+  "vocab,entropy", [(384, 0.5), (384, 3.0), (384, 5.5), (32000, 0.5), (32000, 5.0), (32000, 9.0)]
+)
+def test_calibrated_metrics_read_one_for_identical_distributions_at_any_entropy(vocab, entropy):
+  logits = _logits_with_entropy(vocab, entropy, rows=4, seed=vocab)
+  got = _calibrated(logits, logits)
+  for key in CALIBRATED:
+    np.testing.assert_allclose(got[key], 1.0, atol=0.02, err_msg=key)
+  np.testing.assert_allclose(got["excess_xent"], 0.0, atol=0.02 * max(entropy, 1.0))
+  # the raw metrics do not: at high entropy an identical student's tokens fall outside the
+  # teacher's top-8 and below the floor (expectations over x ~ q, computed exactly)
+  if entropy >= 5.0:
+    t = losses.log_softmax(jnp.asarray(logits, jnp.float32))
+    top8 = losses._topk_mask(t, 8)
+    assert float(jnp.mean(jnp.sum(jnp.where(top8, jnp.exp(t), 0.0), -1))) < 0.5
+
+
+@pytest.mark.parametrize("vocab", [384, 32000])
+def test_calibrated_metrics_read_zero_for_disjoint_supports(vocab):
+  z = np.random.RandomState(0).standard_normal((3, vocab))
+  half = vocab // 2
+  student, teacher = z.copy(), z.copy()
+  student[:, half:] = -1e4  # student only on the first half, teacher only on the second
+  teacher[:, :half] = -1e4
+  got = _calibrated(student, teacher)
+  for key in CALIBRATED:
+    np.testing.assert_allclose(got[key], 0.0, atol=1e-6, err_msg=key)
+  assert np.all(got["excess_xent"] > 100)
+
+
+@pytest.mark.parametrize("vocab,entropy", [(384, 4.0), (32000, 8.0)])
+def test_calibrated_metrics_fall_monotonically_with_a_domain_bias(vocab, entropy):
+  """Teacher = student + α on a domain's tokens: overlap is 1 at α = 0 and falls with α,
+  at a fixed entropy of the student."""
+  student = _logits_with_entropy(vocab, entropy, rows=8, seed=1)
+  domain = np.random.RandomState(2).choice(vocab, vocab // 20, replace=False)
+  bias = np.zeros(vocab)
+  bias[domain] = 1.0
+  alphas = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)
+  reads = [_calibrated(student, student + a * bias) for a in alphas]
+  for key in CALIBRATED:
+    means = [float(np.mean(r[key])) for r in reads]
+    assert means[0] > 0.98, (key, means)
+    assert all(b < a for a, b in zip(means, means[1:])), (key, means)
+    assert means[-1] < 0.5, (key, means)
 
 
 def test_coverage_ks():
@@ -487,6 +551,9 @@ def test_command_end_to_end_on_toy_world(tmp_path, capsys):
     t = data["teachers"][name]
     assert t["sequences"] == 3 and 0 < t["tokens"] <= 3 * 8
     for key in (
+      "overlap",
+      "nucleus_coverage",
+      "excess_xent",
       "teacher_logp",
       "in_teacher_top1",
       "in_teacher_top8",
@@ -510,3 +577,39 @@ def test_command_end_to_end_on_toy_world(tmp_path, capsys):
   # a random student against sharp random teachers is far off their support
   assert any("off-support" == data["teachers"][n]["reading"]["verdict"] for n in ("math", "code"))
   assert "per teacher" in printed and "reading" in printed and report["teachers"]
+
+
+def test_command_reads_a_forked_teacher_on_support_and_a_random_one_off_support(tmp_path):
+  """The real pipeline on cases with a known answer: a teacher forked from the student (a
+  small domain bias on its unembedding) is on-support; a sharp unrelated random teacher is
+  off-support."""
+  from jdistill.models import hf
+  from jdistill.toy import make_toy_world, tiny_config
+
+  world = make_toy_world(str(tmp_path / "world"), hidden=32, layers=1, n_train=8, n_eval=4)
+  fork = hf.from_hf(world["student"])
+  bias = np.zeros(fork.cfg.vocab_size, np.float32)
+  bias[np.random.RandomState(0).choice(fork.cfg.vocab_size, 20, replace=False)] = 0.3
+  fork.lm_head[...] = fork.lm_head[...].at[0].add(jnp.asarray(bias))
+  tokenizer_dir = world["tokenizer"]
+  from jdistill.tokenizer import load_tokenizer
+
+  hf.to_hf(fork, str(tmp_path / "fork"), tokenizer=load_tokenizer(tokenizer_dir))
+  c = tiny_config(world)
+  c.output_dir = str(tmp_path / "run")
+  c.teachers.math.path = str(tmp_path / "fork")  # forked; code stays an unrelated random teacher
+  c.data.slots_per_teacher = 4
+  c.sampling.max_new_tokens = 8
+  c.loss.chunk_size = 8
+  report = overlap.measure(c, rows_per_domain=4)
+  math_t, code_t = report["teachers"]["math"], report["teachers"]["code"]
+  print(
+    {
+      n: (t["token_mean"]["overlap"], t["token_mean"]["nucleus_coverage"])
+      for n, t in report["teachers"].items()
+    }
+  )
+  assert math_t["reading"]["verdict"] == "on-support", math_t["token_mean"]
+  assert code_t["reading"]["verdict"] == "off-support", code_t["token_mean"]
+  assert not any("'math'" in a for a in report["alarms"])
+  assert any("'code'" in a for a in report["alarms"])

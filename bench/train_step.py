@@ -104,6 +104,7 @@ def main():
     "tokens": jnp.asarray(out.tokens),
     "completion_mask": jnp.asarray(out.completion_mask),
     "logprobs": jnp.asarray(out.logprobs),
+    "sampling_logprobs": jnp.asarray(out.sampling_logprobs),
     "lengths": jnp.asarray(out.prompt_lengths) + jnp.asarray(out.completion_lengths),
   }
   seq = batch["tokens"].shape[1]

@@ -288,7 +288,7 @@ def sampling_params(config, tokenizer) -> SamplingParams:
 
 def batch_shardings(mesh) -> dict:
   """Shardings of the step's rollout batch (`train_step.rollout_batch`): rows over data."""
-  ndims = {"tokens": 2, "completion_mask": 2, "logprobs": 2, "lengths": 1}
+  ndims = {"tokens": 2, "completion_mask": 2, "logprobs": 2, "sampling_logprobs": 2, "lengths": 1}
   return {k: shd.batch_sharding(mesh, nd) for k, nd in ndims.items()}
 
 

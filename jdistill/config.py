@@ -95,7 +95,7 @@ def base_config() -> mlc.ConfigDict:
       topk=64,
       topk_tail="bucket",
       topk_direction="reverse",
-      clip_eps=0.0,  # >0: PPO clip vs the sampler's logprobs (needs loss.temperature=1)
+      clip_eps=0.0,  # >0: PPO clip of the ratio q/π against the sampler's sampling logprobs
       nonfinite="skip",  # NaN/Inf loss or grads: skip the update | stop
       overlap_criterion="teacher_topk",
       overlap_topk=8,
@@ -244,14 +244,6 @@ def validate(config) -> None:
       "data.max_prompt_len",
       config.data.max_prompt_len,
       f"at most the largest sampling.prompt_buckets entry ({max(config.sampling.prompt_buckets)})",
-    )
-  uses_clip = any(config.teachers[n].loss == "sampled_token" for n in config.teachers.keys())
-  if uses_clip and config.loss.clip_eps > 0 and config.loss.temperature != 1.0:
-    _fail(
-      "loss.clip_eps",
-      config.loss.clip_eps,
-      "0 when loss.temperature != 1 (the PPO ratio "
-      "compares against the sampler's temperature-1 logprobs)",
     )
   for field in (
     "min_overlap",

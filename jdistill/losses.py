@@ -431,7 +431,9 @@ def sampled_token_loss(
   return loss, aux
 
 
-def overlap_aware_loss(dense, student_logp, teacher_logp, gate, mask, normalize: str = "token"):
+def overlap_aware_loss(
+  dense, student_logp, teacher_logp, gate, mask, normalize: str = "token", behaviour_logp=None
+):
   """The "overlap_aware" loss from per-token terms -> ``(loss, aux)``.
 
   ``l_t = g_t * RKL_t + (1 - g_t) * (-sg(A_t) * log p_s(x_t))`` with ``RKL_t`` the
@@ -439,7 +441,10 @@ def overlap_aware_loss(dense, student_logp, teacher_logp, gate, mask, normalize:
   log p_t(x_t))`` and the gate ``g_t`` in {0, 1} ("teacher_topk", "floor") or [0, 1]
   ("soft"), stop_gradient'ed (see :func:`overlap_gate`). Dense where the student's
   token is on the teacher's support, the sampled-token (k1 policy-gradient) term
-  where it is not. Reduced with :func:`masked_mean` (``normalize``).
+  where it is not. Reduced with :func:`masked_mean` (``normalize``). With
+  ``behaviour_logp`` (log π(x_t) of the distribution the token was sampled from) the sampled
+  term carries the importance weight ``sg(q(x_t) / π(x_t))``, as in
+  :func:`sampled_token_loss`.
 
   All inputs ``[B, T]``. aux: ``on_support`` (g), ``dense_term``, ``sampled_term``,
   ``k1``, ``advantage``, ``per_token_loss`` (all stop_gradient'ed).
@@ -450,12 +455,17 @@ def overlap_aware_loss(dense, student_logp, teacher_logp, gate, mask, normalize:
   gate = sg(gate.astype(jnp.float32))
   k1 = student_logp - sg(teacher_logp.astype(jnp.float32))
   advantage = -sg(k1)
-  sampled = -advantage * student_logp
+  ratio = jnp.ones_like(student_logp)
+  if behaviour_logp is not None:
+    _check_same_shape("behaviour_logp", behaviour_logp, "student_logp", student_logp)
+    ratio = sg(jnp.exp(student_logp - behaviour_logp.astype(jnp.float32)))
+  sampled = -advantage * ratio * student_logp
   dense = dense.astype(jnp.float32)
   per_token = gate * dense + (1.0 - gate) * sampled
   loss = masked_mean(per_token, mask, normalize)
   aux = {
     "on_support": gate,
+    "ratio": ratio,
     "dense_term": sg(dense),
     "sampled_term": sg(sampled),
     "k1": sg(k1),
@@ -813,9 +823,12 @@ def distill_loss(
   ``mask [B, T]``; logits for position t score ``targets[:, t]``. ``settings.loss``:
 
   * "sampled_token": log p_s(x_t), log p_t(x_t) at ``temperature`` from the
-    chunked pass, then :func:`sampled_token_loss`. ``behaviour_logp [B, T]`` and
-    ``settings.clip_eps`` only apply here (other losses ignore them); ``extra_advantage``
-    with another loss is a ValueError.
+    chunked pass, then :func:`sampled_token_loss`. ``behaviour_logp [B, T]`` = log π(x_t),
+    the log-prob of each token under the distribution it was sampled from (the sampler's
+    ``sampling_logprobs``: its temperature, top-k and top-p), makes the estimator
+    importance-weighted by q(x)/π(x), so its expected gradient is the reverse-KL gradient
+    whatever the sampling settings (see docs/design.md for top-k/top-p). ``settings.clip_eps``
+    adds the PPO clip on that ratio. ``extra_advantage`` with another loss is a ValueError.
   * "reverse_kl" / "forward_kl" / "jsd" (``beta``) / "topk" (``k``,
     ``topk_support``, ``topk_tail``, ``topk_direction``): per-token terms at
     ``temperature`` reduced with :func:`masked_mean` (``normalize``).
@@ -871,6 +884,7 @@ def distill_loss(
       terms["gate"],
       mask,
       normalize=settings.normalize,
+      behaviour_logp=behaviour_logp,
     )
     diagnostics.update(aux)
   else:

@@ -6,7 +6,9 @@ dict `{"params", "opt_state", "step"}`; teacher states are passed as arguments
 
   tokens          int32 `[B, L]`   prompt then completion then pad
   completion_mask f32   `[B, L]`   1 on generated tokens (incl. the stop token)
-  logprobs        f32   `[B, L]`   behaviour-policy log-prob of each generated token
+  logprobs        f32   `[B, L]`   log-prob of each generated token under the raw (T=1) softmax
+  sampling_logprobs f32 `[B, L]`   ... under the distribution it was sampled from (temperature,
+                                   top-k, top-p): log π of the sampled estimators' q/π weights
   lengths         int32 `[B]`      prompt + completion length of each row
 
 Each teacher owns a static set of rows (`TeacherSpec.rows`): `[i*S, (i+1)*S)` in one
@@ -26,6 +28,7 @@ from flax import nnx
 from jdistill import losses
 
 sg = jax.lax.stop_gradient
+SAMPLED_LOSSES = ("sampled_token", "overlap_aware")  # estimators that use the sampled tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +70,7 @@ def rollout_batch(out, batch_shardings: dict) -> dict:
     "tokens": out.tokens,
     "completion_mask": out.completion_mask,
     "logprobs": out.logprobs,
+    "sampling_logprobs": out.sampling_logprobs,
     "lengths": jnp.asarray(out.prompt_lengths) + jnp.asarray(out.completion_lengths),
   }
   return {k: jax.device_put(jnp.asarray(v), batch_shardings[k]) for k, v in batch.items()}
@@ -83,7 +87,7 @@ def shifted_inputs(batch: dict) -> dict:
     positions=positions,
     kv_mask=positions < batch["lengths"][:, None],
     mask=batch["completion_mask"][:, 1:].astype(jnp.float32),
-    behaviour_logp=batch["logprobs"][:, 1:].astype(jnp.float32),
+    behaviour_logp=batch["sampling_logprobs"][:, 1:].astype(jnp.float32),
   )
 
 
@@ -130,6 +134,12 @@ def teacher_metrics(diag: dict, mask) -> dict:
   }
   per_token["k1_reverse_kl"] = diag["student_logp"] - diag["teacher_logp"]
   out = {k: losses.masked_mean(v, mask, "token") for k, v in per_token.items()}
+  if "ratio" in diag:  # train/inference mismatch of the sampled estimators: |log q/π|
+    abs_log_ratio = jnp.abs(jnp.log(diag["ratio"]))
+    out["abs_log_ratio_mean"] = losses.masked_mean(abs_log_ratio, mask, "token")
+    out["abs_log_ratio_max"] = jnp.max(jnp.where(mask > 0, abs_log_ratio, 0.0))
+  if "clip_fraction" in diag:
+    out["clip_fraction"] = diag["clip_fraction"]
   out["tokens"] = jnp.sum(mask)
   return out
 
@@ -173,11 +183,10 @@ def distill_objective(
       # The sampler ran the current params (on-policy), so the importance ratio only matters
       # for PPO clipping; without it the plain k1 policy gradient is used.
       spec.settings,
-      behaviour_logp=(
-        rows(x["behaviour_logp"])
-        if spec.settings.loss == "sampled_token" and spec.settings.clip_eps
-        else None
-      ),
+      # log π of the distribution each token was sampled from: the sampled estimators'
+      # importance weights q/π, so their expected gradient does not depend on the
+      # sampling temperature, top-k or top-p (nor on sampler/trainer numerics).
+      behaviour_logp=(rows(x["behaviour_logp"]) if spec.settings.loss in SAMPLED_LOSSES else None),
     )
     total = total + spec.weight * loss
     metrics[spec.name] = dict(teacher_metrics(diag, rows(x["mask"])), loss=loss)

@@ -45,6 +45,7 @@ def setup():
     "tokens": jnp.asarray(rng.randint(3, CFG.vocab_size, (4, 12)), jnp.int32),
     "completion_mask": jnp.asarray(mask),
     "logprobs": jnp.full((4, 12), -2.0, jnp.float32),
+    "sampling_logprobs": jnp.full((4, 12), -2.0, jnp.float32),
     "lengths": jnp.full((4,), 10, jnp.int32),
   }
   return graphdef, params, t_graphdefs, t_states, specs, batch
@@ -147,6 +148,7 @@ def test_stacked_same_architecture_teachers_equal_the_loop():
     "tokens": jnp.asarray(rng.randint(3, CFG.vocab_size, (6, 10)), jnp.int32),
     "completion_mask": jnp.asarray(np.pad(np.ones((6, 5)), ((0, 0), (4, 1))), jnp.float32),
     "logprobs": jnp.full((6, 10), -2.0),
+    "sampling_logprobs": jnp.full((6, 10), -2.0),
     "lengths": jnp.full((6,), 9, jnp.int32),
   }
   objective = jax.jit(ts.distill_objective, static_argnums=(1, 2, 5, 6))

@@ -108,6 +108,7 @@ def loss_settings(config, loss: str) -> losses.LossSettings:
     topk_tail=lc.topk_tail,
     topk_direction=lc.topk_direction,
     clip_eps=lc.clip_eps or None,
+    icepop_c=lc.icepop_c or None,
     overlap_criterion=lc.overlap_criterion,
     overlap_topk=lc.overlap_topk,
     overlap_floor_prob=lc.overlap_floor_prob,

@@ -96,6 +96,7 @@ def base_config() -> mlc.ConfigDict:
       topk_tail="bucket",
       topk_direction="reverse",
       clip_eps=0.0,  # >0: PPO clip of the ratio q/π against the sampler's sampling logprobs
+      icepop_c=0.0,  # >1: sampled terms whose q/π leaves [1/c, c] get no gradient (IcePop)
       nonfinite="skip",  # NaN/Inf loss or grads: skip the update | stop
       overlap_criterion="teacher_topk",
       overlap_topk=8,
@@ -214,6 +215,8 @@ def validate(config) -> None:
     "train.eval_every",
   ):
     _check_positive(config, field, allow_zero=True)
+  if config.loss.icepop_c != 0 and not config.loss.icepop_c > 1:
+    _fail("loss.icepop_c", config.loss.icepop_c, "0 (off) or a ratio bound > 1")
   for field in (
     "optimizer.grad_accum",
     "train.steps",

@@ -3,8 +3,10 @@
 A stage (OPD today; SFT and GRPO later) hands the loop an object with
 
   step: int                        host copy of its step counter
-  train_one() -> metrics           one compiled update; device metrics with "finite",
-                                   "loss" and "grad_norm" scalars
+  train_one(diagnostics) -> metrics  one compiled update; device metrics with "finite",
+                                   "loss" and "grad_norm" scalars. `diagnostics` is True on
+                                   the steps that will be logged: the stage may skip costly
+                                   diagnostics on the others
   step_tokens(metrics) -> dict     {"generated": n, "total": n} tokens of that step (device
                                    scalars are fine: they are read only at log steps)
   log_record(metrics) -> dict      the host floats to log at a log step
@@ -27,7 +29,7 @@ from jdistill.run_log import RunLog
 class Stage(Protocol):
   step: int
 
-  def train_one(self) -> dict: ...
+  def train_one(self, diagnostics: bool = True) -> dict: ...
   def step_tokens(self, metrics: dict) -> dict: ...
   def log_record(self, metrics: dict) -> dict: ...
   def progress(self, record: dict) -> str: ...
@@ -80,7 +82,9 @@ class Loop:
     if stage.step < end:
       print(f"step {stage.step}/{end} | compiling…", flush=True)
     while stage.step < end:
-      metrics = stage.train_one()
+      upcoming = stage.step + 1
+      logged = upcoming % self.log_every == 0 or upcoming == end
+      metrics = stage.train_one(diagnostics=logged)
       self.check_finite(stage, metrics)
       step = stage.step
       pending.append(stage.step_tokens(metrics))

@@ -101,6 +101,7 @@ class LossSettings:
   topk_tail: str = "bucket"
   topk_direction: str = "reverse"
   clip_eps: float | None = None
+  icepop_c: float | None = None  # > 1: sampled terms with q/π outside [1/c, c] get no gradient
   overlap_criterion: str = "teacher_topk"
   overlap_topk: int = 8
   overlap_floor_prob: float = 1e-3
@@ -146,6 +147,8 @@ class LossSettings:
         )
     if self.clip_eps is not None and not self.clip_eps > 0:
       raise ValueError(f"clip_eps must be > 0 or None, got {self.clip_eps!r}")
+    if self.icepop_c is not None and not self.icepop_c > 1:
+      raise ValueError(f"icepop_c must be > 1 or None, got {self.icepop_c!r}")
     for diag_k in self.diag_topk:
       if not (isinstance(diag_k, numbers.Integral) and diag_k > 0):
         raise ValueError(f"diag_topk entries must be positive ints, got {self.diag_topk!r}")
@@ -366,6 +369,7 @@ def sampled_token_loss(
   clip_eps: float | None = None,
   extra_advantage=None,
   normalize: str = "token",
+  icepop_c: float | None = None,
 ):
   """Sampled-token (k1) on-policy distillation loss -> ``(loss scalar, aux)``.
 
@@ -420,31 +424,53 @@ def sampled_token_loss(
       per_token = -jnp.minimum(unclipped_obj, clipped_obj)
       clipped = (clipped_obj < unclipped_obj).astype(jnp.float32)
 
+  masked = icepop_mask(ratio, icepop_c)
+  per_token = per_token * (1.0 - masked)
   loss = masked_mean(per_token, mask, normalize)
   aux = {
     "k1": sg(k1),
     "advantage": advantage,
     "ratio": sg(ratio),
+    "icepop_masked": masked,
     "per_token_loss": sg(per_token),
     "clip_fraction": sg(masked_mean(clipped, mask, "token")),
   }
   return loss, aux
 
 
+def icepop_mask(ratio, c: float | None):
+  """1 where the importance ratio ``r = q/π`` leaves ``[1/c, c]`` (IcePop: such tokens carry
+  a train/inference mismatch too large to trust and get no gradient), else 0; all 0 when
+  ``c`` is None. stop_gradient'ed, shaped like ``ratio``."""
+  if c is None:
+    return jnp.zeros_like(ratio)
+  r = sg(ratio)
+  return ((r < 1.0 / c) | (r > c)).astype(jnp.float32)
+
+
 def overlap_aware_loss(
-  dense, student_logp, teacher_logp, gate, mask, normalize: str = "token", behaviour_logp=None
+  dense,
+  student_logp,
+  teacher_logp,
+  gate,
+  mask,
+  normalize: str = "token",
+  behaviour_logp=None,
+  icepop_c: float | None = None,
 ):
   """The "overlap_aware" loss from per-token terms -> ``(loss, aux)``.
 
-  ``l_t = g_t * RKL_t + (1 - g_t) * (-sg(A_t) * log p_s(x_t))`` with ``RKL_t`` the
+  ``l_t = g_t * RKL_t + (1 - g_t) * (-sg(r_t A_t) * log p_s(x_t))`` with ``RKL_t`` the
   full-vocab reverse KL(Q||P) at position t (``dense``), ``A_t = -(log p_s(x_t) -
-  log p_t(x_t))`` and the gate ``g_t`` in {0, 1} ("teacher_topk", "floor") or [0, 1]
-  ("soft"), stop_gradient'ed (see :func:`overlap_gate`). Dense where the student's
-  token is on the teacher's support, the sampled-token (k1 policy-gradient) term
-  where it is not. Reduced with :func:`masked_mean` (``normalize``). With
-  ``behaviour_logp`` (log π(x_t) of the distribution the token was sampled from) the sampled
-  term carries the importance weight ``sg(q(x_t) / π(x_t))``, as in
-  :func:`sampled_token_loss`.
+  log p_t(x_t))``, ``r_t = q(x_t) / π(x_t)`` (1 without ``behaviour_logp``) and a gate
+  ``g_t`` in [0, 1] that depends on the context only (:func:`overlap_gate`), so
+
+    E_{x~π}[∇l_t] = g_t ∇RKL_t + (1 - g_t) ∇RKL_t = ∇RKL_t:
+
+  the gate mixes two estimators of the same reverse-KL gradient, the dense one where the
+  student's tokens are on the teacher's support and the sampled one where they are not.
+  Reduced with :func:`masked_mean` (``normalize``). ``behaviour_logp`` is log π(x_t) of the
+  distribution the token was sampled from.
 
   All inputs ``[B, T]``. aux: ``on_support`` (g), ``dense_term``, ``sampled_term``,
   ``k1``, ``advantage``, ``per_token_loss`` (all stop_gradient'ed).
@@ -459,13 +485,15 @@ def overlap_aware_loss(
   if behaviour_logp is not None:
     _check_same_shape("behaviour_logp", behaviour_logp, "student_logp", student_logp)
     ratio = sg(jnp.exp(student_logp - behaviour_logp.astype(jnp.float32)))
-  sampled = -advantage * ratio * student_logp
+  masked = icepop_mask(ratio, icepop_c)
+  sampled = -advantage * ratio * (1.0 - masked) * student_logp
   dense = dense.astype(jnp.float32)
   per_token = gate * dense + (1.0 - gate) * sampled
   loss = masked_mean(per_token, mask, normalize)
   aux = {
     "on_support": gate,
     "ratio": ratio,
+    "icepop_masked": masked,
     "dense_term": sg(dense),
     "sampled_term": sg(sampled),
     "k1": sg(k1),
@@ -728,31 +756,46 @@ def calibrated_overlap(student_logp, teacher_logp, top_p: float = 0.9) -> dict:
   }
 
 
-def overlap_gate(student_logp, teacher_logp, targets, criterion: str, topk: int, floor_prob: float):
-  """Per-token on-support gate of the "overlap_aware" loss, stop_gradient'ed ``[...]``.
+def overlap_gate(student_logp, teacher_logp, criterion: str, topk: int, floor_prob: float):
+  """Per-position gate ``g`` in [0, 1] of the "overlap_aware" loss, stop_gradient'ed ``[...]``.
 
-  From temperature-1 log-probs ``[..., V]`` and the sampled ``targets [...]``:
-  "teacher_topk": 1 if fewer than ``topk`` teacher log-probs exceed the target's;
-  "floor": 1 if the teacher prob of the target is >= ``floor_prob``; "soft": the
-  teacher's probability mass on the student's top-``topk`` tokens (in [0, 1]).
+  From temperature-1 log-probs ``[..., V]``. The gate depends on the *context only*, never
+  on the sampled token, so mixing the dense and the sampled term with it keeps the expected
+  gradient equal to the reverse-KL gradient (see :func:`overlap_aware_loss`):
+
+  * "teacher_topk": Q(top-k of P), the probability that the student's token lands in the
+    teacher's top-``topk`` (the expectation over x ~ Q of "x is in the teacher's top-k");
+  * "floor": Q({v: P(v) >= floor_prob}), likewise for "the teacher gives x at least
+    ``floor_prob``";
+  * "soft": P(top-k of Q), the teacher's mass on the student's top-``topk`` tokens.
+
+  Exactly 1 when every token is inside, exactly 0 when none is.
   """
   _check_choice("overlap_criterion", criterion, OVERLAP_CRITERIA)
   student_logp, teacher_logp = sg(student_logp), sg(teacher_logp)
+  vocab = student_logp.shape[-1]
+  if criterion == "soft":
+    _, top_idx = jax.lax.top_k(student_logp, min(int(topk), vocab))
+    mass = jnp.sum(jnp.exp(jnp.take_along_axis(teacher_logp, top_idx, axis=-1)), axis=-1)
+    return jnp.clip(mass, 0.0, 1.0)
   if criterion == "teacher_topk":
-    target = token_logp(teacher_logp, targets)
-    rank = jnp.sum(teacher_logp > target[..., None], axis=-1)
-    return (rank < topk).astype(jnp.float32)
-  if criterion == "floor":
+    inside = _topk_mask(teacher_logp, min(int(topk), vocab))
+  else:
     log_floor = math.log(floor_prob) if floor_prob > 0 else -math.inf
-    return (token_logp(teacher_logp, targets) >= log_floor).astype(jnp.float32)
-  k = min(int(topk), student_logp.shape[-1])
-  _, top_idx = jax.lax.top_k(student_logp, k)
-  mass = jnp.sum(jnp.exp(jnp.take_along_axis(teacher_logp, top_idx, axis=-1)), axis=-1)
-  return jnp.clip(mass, 0.0, 1.0)
+    inside = teacher_logp >= log_floor
+  s_prob = jnp.exp(student_logp)
+  mass_in = jnp.sum(jnp.where(inside, s_prob, 0.0), axis=-1)
+  mass_out = jnp.sum(jnp.where(inside, 0.0, s_prob), axis=-1)
+  return mass_in / (mass_in + mass_out)
 
 
-def _make_token_fn(settings: LossSettings):
-  """The per-chunk function: logits -> {"loss_terms": ..., "diagnostics": ...}."""
+def _make_token_fn(settings: LossSettings, diagnostics=True):
+  """The per-chunk function: logits -> {"loss_terms": ..., "diagnostics": ...}.
+
+  ``diagnostics``: True, False, or a traced bool (one compiled step serves logging steps and
+  the others): when false the support diagnostics are zeros and cost nothing, except the
+  sampled tokens' ``teacher_logp`` / ``student_logp``, which are always there.
+  """
   s = settings
 
   def token_fn(student_logits, teacher_logits, targets):
@@ -782,7 +825,6 @@ def _make_token_fn(settings: LossSettings):
         "gate": overlap_gate(
           student_logp,
           teacher_logp,
-          targets,
           s.overlap_criterion,
           s.overlap_topk,
           s.overlap_floor_prob,
@@ -794,10 +836,21 @@ def _make_token_fn(settings: LossSettings):
           s_tau, t_tau, s.k, s.topk_support, s.topk_tail, s.topk_direction
         )
       }
-    diagnostics = support_diagnostics(
-      student_logp, teacher_logp, targets, tuple(s.diag_topk), s.diag_floor_prob, s.diag_top_p
-    )
-    return {"loss_terms": terms, "diagnostics": diagnostics}
+
+    def full_diagnostics():
+      return support_diagnostics(
+        student_logp, teacher_logp, targets, tuple(s.diag_topk), s.diag_floor_prob, s.diag_top_p
+      )
+
+    if diagnostics is True:
+      diag = full_diagnostics()
+    else:
+      shapes = jax.eval_shape(full_diagnostics)
+      zeros = lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+      diag = zeros() if diagnostics is False else jax.lax.cond(diagnostics, full_diagnostics, zeros)
+      diag["teacher_logp"] = sg(token_logp(teacher_logp, targets))
+      diag["student_logp"] = sg(token_logp(student_logp, targets))
+    return {"loss_terms": terms, "diagnostics": diag}
 
   return token_fn
 
@@ -815,6 +868,7 @@ def distill_loss(
   extra_advantage=None,
   student_bias=None,
   teacher_bias=None,
+  diagnostics=True,
 ):
   """Distillation loss from hidden states, chunked over T -> ``(loss, diagnostics)``.
 
@@ -848,6 +902,9 @@ def distill_loss(
   ``per_token_loss``; for "sampled_token" also ``k1``, ``advantage``, ``ratio``
   and the scalar ``clip_fraction``; for "overlap_aware" also ``on_support`` (the
   gate g_t), ``dense_term``, ``sampled_term``, ``k1`` and ``advantage``.
+  ``diagnostics`` (True, False or a traced bool): with false the support diagnostics other
+  than ``teacher_logp`` / ``student_logp`` are zeros and are not computed (logging steps
+  only, one compile for both).
   """
   if not isinstance(settings, LossSettings):
     raise TypeError(f"settings must be a losses.LossSettings, got {type(settings).__name__}")
@@ -859,7 +916,7 @@ def distill_loss(
     )
   args = (student_hidden, student_unembed, teacher_hidden, teacher_unembed, targets)
   biases = dict(student_bias=student_bias, teacher_bias=teacher_bias)
-  token_fn = _make_token_fn(settings)
+  token_fn = _make_token_fn(settings, diagnostics)
   if settings.chunk_size is None:
     values = _full_token_values(token_fn, *args, **biases)
   else:
@@ -874,6 +931,7 @@ def distill_loss(
       clip_eps=settings.clip_eps,
       extra_advantage=extra_advantage,
       normalize=settings.normalize,
+      icepop_c=settings.icepop_c,
     )
     diagnostics.update(aux)
   elif settings.loss == "overlap_aware":
@@ -885,6 +943,7 @@ def distill_loss(
       mask,
       normalize=settings.normalize,
       behaviour_logp=behaviour_logp,
+      icepop_c=settings.icepop_c,
     )
     diagnostics.update(aux)
   else:

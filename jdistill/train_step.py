@@ -152,6 +152,7 @@ def distill_objective(
   batch,
   specs: Sequence[TeacherSpec],
   groups: Sequence[tuple[int, ...]] | None = None,
+  diagnostics=True,
 ):
   """Weighted sum over teachers of their loss on their rows → (loss, metrics).
 
@@ -187,6 +188,7 @@ def distill_objective(
       # importance weights q/π, so their expected gradient does not depend on the
       # sampling temperature, top-k or top-p (nor on sampler/trainer numerics).
       behaviour_logp=(rows(x["behaviour_logp"]) if spec.settings.loss in SAMPLED_LOSSES else None),
+      diagnostics=diagnostics,
     )
     total = total + spec.weight * loss
     metrics[spec.name] = dict(teacher_metrics(diag, rows(x["mask"])), loss=loss)
@@ -249,13 +251,29 @@ def train_step(
   optimizer: optax.GradientTransformation,
   schedule: optax.Schedule,
   groups: tuple[tuple[int, ...], ...] | None = None,
+  diagnostics=True,
 ):
   """One OPD update. Returns (new_state, metrics). A non-finite loss or gradient leaves
-  params and optimizer state unchanged and reports `metrics["finite"] = 0`."""
+  params and optimizer state unchanged and reports `metrics["finite"] = 0`.
+
+  `diagnostics` (a bool, traced or not): compute the support diagnostics (on logging steps);
+  without them the per-teacher overlap metrics and `divergence` read 0.
+
+  metrics: `loss` is the optimised objective (for sampled estimators a surrogate whose value
+  is no divergence); `divergence` is the weighted mean over teachers of the full-vocab
+  reverse KL on their rows, which reaches 0 when the student matches every teacher.
+  """
 
   def objective(params):
     return distill_objective(
-      params, student_graphdef, teacher_graphdefs, teacher_states, batch, specs, groups
+      params,
+      student_graphdef,
+      teacher_graphdefs,
+      teacher_states,
+      batch,
+      specs,
+      groups,
+      diagnostics,
     )
 
   (loss, per_teacher), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
@@ -273,6 +291,8 @@ def train_step(
   new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
   metrics = {
     "loss": loss,
+    "divergence": sum(s.weight * per_teacher[s.name]["reverse_kl"] for s in specs)
+    / max(sum(s.weight for s in specs), 1e-12),
     "grad_norm": grad_norm,
     "finite": finite.astype(jnp.float32),
     "lr": schedule(state["step"]),

@@ -113,12 +113,59 @@ def test_ppo_clip_inside_the_trust_region_keeps_the_expected_gradient():
   np.testing.assert_allclose(got, reverse_kl_grad(), rtol=1e-5, atol=1e-6)
 
 
-def test_overlap_aware_soft_gate_is_reverse_kl_in_expectation_under_a_tempered_sampler():
-  """The "soft" gate depends on the context only, so it mixes two unbiased estimators of the
+@pytest.mark.parametrize(
+  "criterion,kw",
+  [
+    ("soft", dict(overlap_topk=2)),
+    ("teacher_topk", dict(overlap_topk=3)),
+    ("floor", dict(overlap_floor_prob=0.1)),
+  ],
+)
+@pytest.mark.parametrize("temperature", [0.6, 1.0])
+def test_overlap_aware_is_reverse_kl_in_expectation_with_every_gate(criterion, kw, temperature):
+  """Every gate depends on the context only, so it mixes two unbiased estimators of the
   reverse-KL gradient (the dense term and the importance-weighted sampled term)."""
-  log_pi = sampler_logp(STUDENT, temperature=0.6)
+  log_pi = sampler_logp(STUDENT, temperature=temperature)
   settings = losses.LossSettings(
-    loss="overlap_aware", chunk_size=1, overlap_criterion="soft", overlap_topk=2
+    loss="overlap_aware", chunk_size=1, overlap_criterion=criterion, **kw
   )
+  s = losses.log_softmax(jnp.asarray(STUDENT)[None])
+  t = losses.log_softmax(jnp.asarray(TEACHER)[None])
+  gate = float(losses.overlap_gate(s, t, criterion, kw.get("overlap_topk", 8), 0.1)[0])
+  assert 0.05 < gate < 0.95  # both terms matter
   got = expected_grad(settings, log_pi)
   np.testing.assert_allclose(got, reverse_kl_grad(), rtol=1e-5, atol=1e-6)
+
+
+def test_icepop_masks_tokens_whose_ratio_leaves_the_band_and_the_step_logs_it():
+  from jdistill import train_step as ts
+
+  ratios = np.asarray([[0.2, 0.9, 1.0, 1.5, 3.0, 0.45]], np.float32)
+  student_logp = jnp.full((1, 6), -1.0)
+  behaviour = student_logp - jnp.log(jnp.asarray(ratios))  # r = q / π exactly as built
+  teacher_logp = jnp.asarray([[-0.5, -2.0, -1.0, -0.3, -4.0, -1.5]])
+  mask = jnp.asarray([[1.0, 1.0, 1.0, 1.0, 1.0, 0.0]])
+
+  def loss(s, c):
+    value, aux = losses.sampled_token_loss(
+      s, teacher_logp, mask, behaviour_logp=behaviour, icepop_c=c
+    )
+    return value, aux
+
+  (_, aux), grad = jax.value_and_grad(loss, has_aux=True)(student_logp, 2.0)
+  (_, _), grad_off = jax.value_and_grad(loss, has_aux=True)(student_logp, None)
+  np.testing.assert_array_equal(aux["icepop_masked"], [[1, 0, 0, 0, 1, 1]])
+  grad, grad_off = np.asarray(grad)[0], np.asarray(grad_off)[0]
+  assert grad[0] == 0 and grad[4] == 0  # outside [1/2, 2]: no gradient
+  np.testing.assert_allclose(grad[1:4], grad_off[1:4], rtol=1e-6)  # inside: unchanged
+  assert np.all(grad_off[[0, 4]] != 0)
+  metrics = ts.teacher_metrics(
+    dict(aux, student_logp=student_logp, teacher_logp=teacher_logp), mask
+  )
+  # 2 of the 5 completion tokens are masked; |log r| over the completion only
+  np.testing.assert_allclose(float(metrics["icepop_masked"]), 2 / 5, rtol=1e-6)
+  log_r = np.abs(np.log(ratios[0, :5]))
+  np.testing.assert_allclose(float(metrics["abs_log_ratio_mean"]), log_r.mean(), rtol=1e-5)
+  np.testing.assert_allclose(float(metrics["abs_log_ratio_max"]), log_r.max(), rtol=1e-5)
+  with pytest.raises(ValueError, match="icepop_c"):
+    losses.LossSettings(loss="sampled_token", icepop_c=0.5).validate()

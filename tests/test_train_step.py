@@ -163,3 +163,40 @@ def test_stacked_same_architecture_teachers_equal_the_loop():
     groups,
   )
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), loop, vmapped)
+
+
+def test_diagnostics_only_when_asked_with_one_compile_and_the_same_update(setup):
+  graphdef, params, t_graphdefs, t_states, specs, batch = setup
+  opt, sched = ts.make_optimizer(1e-2, steps=10, warmup_steps=0)
+  step = jax.jit(
+    lambda state, teachers, batch, diagnostics: ts.train_step(
+      state,
+      teachers,
+      batch,
+      student_graphdef=graphdef,
+      teacher_graphdefs=t_graphdefs,
+      specs=specs,
+      optimizer=opt,
+      schedule=sched,
+      diagnostics=diagnostics,
+    )
+  )
+  state = {"params": params, "opt_state": opt.init(params), "step": jnp.zeros((), jnp.int32)}
+  with_diag, m_on = step(state, t_states, batch, jnp.asarray(True))
+  without, m_off = step(state, t_states, batch, jnp.asarray(False))
+  assert step._cache_size() == 1  # one compile serves logging and other steps
+  np.testing.assert_allclose(float(m_off["loss"]), float(m_on["loss"]), rtol=1e-6)
+  for a, b in zip(_leaves(with_diag["params"]), _leaves(without["params"])):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  for name in ("a", "b"):
+    assert float(m_on["teachers"][name]["reverse_kl"]) > 0
+    assert float(m_off["teachers"][name]["reverse_kl"]) == 0  # not computed
+    assert float(m_off["teachers"][name]["overlap"]) == 0
+    # the sampled tokens' log-probs are always there (cheap, and the k1 metric uses them)
+    np.testing.assert_allclose(
+      float(m_off["teachers"][name]["teacher_logp"]), float(m_on["teachers"][name]["teacher_logp"])
+    )
+  expected = (
+    float(m_on["teachers"]["a"]["reverse_kl"]) + 0.5 * float(m_on["teachers"]["b"]["reverse_kl"])
+  ) / 1.5
+  np.testing.assert_allclose(float(m_on["divergence"]), expected, rtol=1e-6)

@@ -93,7 +93,8 @@ def main():
       ax.grid(alpha=0.3)
       if i == 1:
         ax.set_xlabel("α (teacher = student + α · domain bias)")
-  axes[0, 0].legend(fontsize=8)
+  for row in axes:
+    row[0].legend(fontsize=8)
   fig.tight_layout()
   os.makedirs(args.out, exist_ok=True)
   path = os.path.join(args.out, "overlap_calibration.png")

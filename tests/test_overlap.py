@@ -613,3 +613,18 @@ def test_command_reads_a_forked_teacher_on_support_and_a_random_one_off_support(
   assert code_t["reading"]["verdict"] == "off-support", code_t["token_mean"]
   assert not any("'math'" in a for a in report["alarms"])
   assert any("'code'" in a for a in report["alarms"])
+
+
+@pytest.mark.parametrize("top_p", [0.3, 0.9, 0.99])
+def test_teacher_nucleus_equals_the_sorted_nucleus(top_p):
+  logits = np.random.RandomState(4).standard_normal((6, 384)) * 2.5
+  logits[0, 7] = 40.0  # one token holds nearly all the mass
+  t = np_log_softmax(logits)
+  got = np.asarray(losses.teacher_nucleus(jnp.asarray(t, jnp.float32), top_p))
+  p = np.exp(t)
+  for row in range(t.shape[0]):
+    order = np.argsort(-p[row])
+    mass_before = np.cumsum(p[row][order]) - p[row][order]
+    want = np.zeros(t.shape[1], bool)
+    want[order[mass_before < top_p]] = True
+    np.testing.assert_array_equal(got[row], want)

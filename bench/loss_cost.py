@@ -1,11 +1,13 @@
-"""Time and FLOPs of the chunked loss kernel (fwd + bwd): support diagnostics on vs off.
+"""Time and FLOPs of the chunked loss kernel (fwd + bwd): what the two savings buy.
 
-The train step computes the support diagnostics (top-k, nucleus sort, full-vocab KLs, TV)
-only on logging steps, through one compiled step with a traced flag. This bench measures
-what that saves per step, as a ratio against the diagnostics-on kernel run in the same
-process, for a full-vocab loss and the sampled-token loss. FLOPs are XLA's cost analysis of
-the compiled kernel; the matmul FLOPs of the student and teacher vocabulary projections are
-given for reference.
+1. Support diagnostics (top-k, nucleus, full-vocab KLs, TV) only on logging steps, through
+   one compiled step with a traced flag: "diag on" vs "diag off".
+2. The fused kernel (gradients taken chunk by chunk in the forward pass: each vocabulary
+   projection once) vs the remat kernel (`jax.checkpoint` per chunk: for full-vocab losses
+   the teacher's and the student's projections are recomputed in the backward pass).
+
+Ratios are against the remat kernel with diagnostics on (what every step did before), run in
+the same process. FLOPs are XLA's cost analysis of a compile with the flag fixed.
 
     python bench/loss_cost.py [--vocab 32000] [--seq 512] [--width 256] [--batch 4]
 """
@@ -36,7 +38,7 @@ def inputs(batch, seq, width, vocab, seed=0):
   )
 
 
-def kernel(settings, fixed=None):
+def kernel(settings, fixed=None, fused=True):
   """The jitted fwd+bwd; `fixed`: a Python bool baked in, else the flag is a traced argument."""
 
   def loss(sh, su, th, tu, targets, mask, behaviour, diagnostics=fixed):
@@ -50,6 +52,7 @@ def kernel(settings, fixed=None):
       settings,
       behaviour_logp=behaviour if settings.loss == "sampled_token" else None,
       diagnostics=diagnostics,
+      fused=fused,
     )
     return value, diag
 
@@ -77,28 +80,29 @@ def main():
   parser.add_argument("--runs", type=int, default=5)
   args = parser.parse_args()
   data = inputs(args.batch, args.seq, args.width, args.vocab)
-  proj = 2 * args.batch * args.seq * args.width * args.vocab
+  proj = 2 * args.batch * args.chunk * args.width * args.vocab
   print(
     f"jax {jax.__version__} on {jax.devices()[0].platform}; B={args.batch} T={args.seq} "
-    f"D={args.width} V={args.vocab} chunk={args.chunk}; one vocabulary projection = "
-    f"{proj / 1e9:.2f} GFLOP"
+    f"D={args.width} V={args.vocab} chunk={args.chunk}; XLA counts a loop body once, so "
+    f"GFLOP are per chunk: one vocabulary projection of a chunk = {proj / 1e9:.2f} GFLOP"
   )
-  print(f"{'loss':<15}{'diagnostics':>12}{'ms':>9}{'GFLOP':>9}{'time ratio':>12}")
+  print(f"{'loss':<15}{'kernel':>8}{'diag':>6}{'ms':>9}{'GFLOP/chunk':>13}{'time ratio':>12}")
   for loss in ("reverse_kl", "sampled_token"):
-    fn = kernel(losses.LossSettings(loss=loss, chunk_size=args.chunk, diag_topk=(1, 8, 32)))
+    settings = losses.LossSettings(loss=loss, chunk_size=args.chunk, diag_topk=(1, 8, 32))
     rows = {}
-    for flag in (True, False):
-      # time: the real path, one compile with a traced flag; FLOPs: XLA's count of a
-      # compile with the flag fixed (a traced cond counts both branches)
-      settings = losses.LossSettings(loss=loss, chunk_size=args.chunk, diag_topk=(1, 8, 32))
-      static = kernel(settings, fixed=flag).lower(*data).compile()
-      flops = static.cost_analysis().get("flops", float("nan"))
-      rows[flag] = (timed(fn, (*data, jnp.asarray(flag)), args.runs), flops)
-    for flag in (True, False):
-      t, flops = rows[flag]
+    for fused in (False, True):
+      fn = kernel(settings, fused=fused)
+      for flag in (True, False):
+        # time: the real path, one compile with a traced flag; FLOPs: a compile with the
+        # flag fixed (a traced cond counts both branches)
+        static = kernel(settings, fixed=flag, fused=fused).lower(*data).compile()
+        flops = static.cost_analysis().get("flops", float("nan"))
+        rows[fused, flag] = (timed(fn, (*data, jnp.asarray(flag)), args.runs), flops)
+    base = rows[False, True][0]
+    for (fused, flag), (t, flops) in rows.items():
       print(
-        f"{loss:<15}{'on' if flag else 'off':>12}{t * 1e3:>9.1f}{flops / 1e9:>9.2f}"
-        f"{t / rows[True][0]:>12.2f}"
+        f"{loss:<15}{'fused' if fused else 'remat':>8}{'on' if flag else 'off':>6}"
+        f"{t * 1e3:>9.1f}{flops / 1e9:>13.2f}{t / base:>12.2f}"
       )
 
 

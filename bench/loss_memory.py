@@ -1,8 +1,9 @@
 """Peak memory and time of full-vocab reverse KL forward+backward: chunked vs naive.
 
-Loss: ``distill_loss`` with ``LossSettings(loss="reverse_kl")`` (chunked, ``jax.checkpoint``
-per chunk) vs
-``unchunked_distill_loss`` (full ``[B, T, V]`` logits), gradient w.r.t. the student
+Loss: ``distill_loss`` with ``LossSettings(loss="reverse_kl")``, chunked: the fused kernel
+(gradients taken in the forward pass) and the remat kernel (``jax.checkpoint`` per chunk,
+``fused=False``), vs ``unchunked_distill_loss`` (full ``[B, T, V]`` logits), gradient w.r.t.
+the student
 hidden states and unembedding, float32 inputs, float32 softmax, on the CPU.
 
 Peak memory is the compiled executable's ``memory_analysis()``
@@ -18,6 +19,7 @@ takes ~2-3 minutes on 2 CPU cores (~90 GFLOP/s on these matmul shapes).
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import jax
@@ -30,7 +32,10 @@ GIB = 1024**3
 
 
 def make_step(variant: str, chunk_size: int):
-  loss_fn = losses.unchunked_distill_loss if variant == "naive" else losses.distill_loss
+  if variant == "naive":
+    loss_fn = losses.unchunked_distill_loss
+  else:
+    loss_fn = functools.partial(losses.distill_loss, fused=variant == "fused")
 
   def objective(student_hidden, student_unembed, teacher_hidden, teacher_unembed, targets, mask):
     value, _ = loss_fn(
@@ -112,7 +117,7 @@ def main():
   )
   args = parser.parse_args()
   dtype = jnp.float32
-  variants = [("naive", 0)] + [("chunked", c) for c in args.chunks]
+  variants = [("naive", 0)] + [(kind, c) for c in args.chunks for kind in ("remat", "fused")]
 
   print(
     f"jax {jax.__version__} on {jax.devices()[0].platform}; reverse KL fwd+bwd "
@@ -130,7 +135,7 @@ def main():
       *input_specs(args.batch, args.seq, args.width, args.vocab, dtype)
     ).compile()
     peak, parts = peak_bytes(compiled)
-    name = variant if variant == "naive" else f"chunk {chunk}"
+    name = variant if variant == "naive" else f"{variant} {chunk}"
     peaks[name] = peak
     print(
       f"{name:<14}{peak / GIB:>10.2f}{parts['temp'] / GIB:>10.2f}"
@@ -154,7 +159,7 @@ def main():
     step = make_step(variant, chunk)
     compiled = step.lower(*inputs).compile()
     peak, _ = peak_bytes(compiled)
-    name = variant if variant == "naive" else f"chunk {chunk}"
+    name = variant if variant == "naive" else f"{variant} {chunk}"
     if peak / GIB > args.max_exec_gib:
       print(f"{name:<14}{peak / GIB:>10.2f}   not executed (peak > {args.max_exec_gib} GiB)")
       continue

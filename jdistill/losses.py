@@ -25,6 +25,7 @@ per model. :func:`unchunked_distill_loss` is the naive reference.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 from collections.abc import Callable
@@ -183,6 +184,18 @@ def masked_mean(values, mask, normalize: str = "token"):
   seq_means = weighted.sum(axis=-1) / jnp.maximum(tokens_per_seq, 1.0)
   has_tokens = (tokens_per_seq > 0).astype(jnp.float32)
   return (has_tokens * seq_means).sum() / jnp.maximum(has_tokens.sum(), 1.0)
+
+
+def token_weights(mask, normalize: str = "token"):
+  """``c [B, T]`` with ``masked_mean(values, mask, normalize) = Σ_t c_t values_t`` (zero
+  where the mask is), so a loss can be summed chunk by chunk."""
+  _check_choice("normalize", normalize, NORMALIZE_MODES)
+  m = mask.astype(jnp.float32)
+  if normalize == "token":
+    return m / jnp.maximum(m.sum(), 1.0)
+  tokens_per_seq = m.sum(axis=-1, keepdims=True)
+  has_tokens = (tokens_per_seq > 0).astype(jnp.float32)
+  return m * has_tokens / (jnp.maximum(tokens_per_seq, 1.0) * jnp.maximum(has_tokens.sum(), 1.0))
 
 
 # --------------------------------------------------------------------------
@@ -402,11 +415,28 @@ def sampled_token_loss(
     if not clip_eps > 0:
       raise ValueError(f"clip_eps must be > 0 or None, got {clip_eps!r}")
 
+  if extra_advantage is not None:
+    _check_extra_advantage(extra_advantage, student_logp.shape)
+  if behaviour_logp is not None:
+    _check_same_shape("behaviour_logp", behaviour_logp, "student_logp", student_logp)
+  per_token, aux = sampled_token_terms(
+    student_logp, teacher_logp, behaviour_logp, extra_advantage, clip_eps, icepop_c
+  )
+  loss = masked_mean(per_token, mask, normalize)
+  clipped = aux.pop("clipped")
+  return loss, dict(aux, clip_fraction=sg(masked_mean(clipped, mask, "token")))
+
+
+def sampled_token_terms(
+  student_logp, teacher_logp, behaviour_logp, extra_advantage, clip_eps, icepop_c
+):
+  """Elementwise part of :func:`sampled_token_loss` -> ``(per_token_loss, aux)``, all shaped
+  like ``student_logp`` (``extra_advantage`` broadcasts); aux holds ``clipped`` (1 where the
+  PPO clip is active) instead of the reduced ``clip_fraction``."""
   student_logp = student_logp.astype(jnp.float32)
   k1 = student_logp - sg(teacher_logp.astype(jnp.float32))
   advantage = -sg(k1)
   if extra_advantage is not None:
-    _check_extra_advantage(extra_advantage, student_logp.shape)
     advantage = advantage + sg(extra_advantage.astype(jnp.float32))
 
   clipped = jnp.zeros_like(student_logp)
@@ -414,7 +444,6 @@ def sampled_token_loss(
     ratio = jnp.ones_like(student_logp)
     per_token = -advantage * student_logp
   else:
-    _check_same_shape("behaviour_logp", behaviour_logp, "student_logp", student_logp)
     ratio = jnp.exp(student_logp - sg(behaviour_logp.astype(jnp.float32)))
     unclipped_obj = ratio * advantage
     if clip_eps is None:
@@ -426,16 +455,15 @@ def sampled_token_loss(
 
   masked = icepop_mask(ratio, icepop_c)
   per_token = per_token * (1.0 - masked)
-  loss = masked_mean(per_token, mask, normalize)
   aux = {
     "k1": sg(k1),
     "advantage": advantage,
     "ratio": sg(ratio),
     "icepop_masked": masked,
     "per_token_loss": sg(per_token),
-    "clip_fraction": sg(masked_mean(clipped, mask, "token")),
+    "clipped": sg(clipped),
   }
-  return loss, aux
+  return per_token, aux
 
 
 def icepop_mask(ratio, c: float | None):
@@ -477,19 +505,27 @@ def overlap_aware_loss(
   """
   for name, x in (("dense", dense), ("teacher_logp", teacher_logp), ("gate", gate), ("mask", mask)):
     _check_same_shape("student_logp", student_logp, name, x)
+  if behaviour_logp is not None:
+    _check_same_shape("behaviour_logp", behaviour_logp, "student_logp", student_logp)
+  per_token, aux = overlap_aware_terms(
+    dense, student_logp, teacher_logp, gate, behaviour_logp, icepop_c
+  )
+  return masked_mean(per_token, mask, normalize), aux
+
+
+def overlap_aware_terms(dense, student_logp, teacher_logp, gate, behaviour_logp, icepop_c):
+  """Elementwise part of :func:`overlap_aware_loss` -> ``(per_token_loss, aux)``."""
   student_logp = student_logp.astype(jnp.float32)
   gate = sg(gate.astype(jnp.float32))
   k1 = student_logp - sg(teacher_logp.astype(jnp.float32))
   advantage = -sg(k1)
   ratio = jnp.ones_like(student_logp)
   if behaviour_logp is not None:
-    _check_same_shape("behaviour_logp", behaviour_logp, "student_logp", student_logp)
     ratio = sg(jnp.exp(student_logp - behaviour_logp.astype(jnp.float32)))
   masked = icepop_mask(ratio, icepop_c)
   sampled = -advantage * ratio * (1.0 - masked) * student_logp
   dense = dense.astype(jnp.float32)
   per_token = gate * dense + (1.0 - gate) * sampled
-  loss = masked_mean(per_token, mask, normalize)
   aux = {
     "on_support": gate,
     "ratio": ratio,
@@ -500,7 +536,7 @@ def overlap_aware_loss(
     "advantage": advantage,
     "per_token_loss": sg(per_token),
   }
-  return loss, aux
+  return per_token, aux
 
 
 # --------------------------------------------------------------------------
@@ -869,6 +905,123 @@ def _make_token_fn(settings: LossSettings, diagnostics=True):
   return token_fn
 
 
+def _per_token_loss_fn(settings: LossSettings, diagnostics):
+  """Chunk function: logits → ``(per_token_loss [B, C], aux and diagnostics {name: [B, C]})``,
+  with the sampled estimators' elementwise terms applied (so the loss is ``Σ_t c_t l_t``)."""
+  token_fn = _make_token_fn(settings, diagnostics)
+
+  def fn(student_logits, teacher_logits, targets, behaviour_logp, extra_advantage):
+    out = token_fn(student_logits, teacher_logits, targets)
+    terms = out["loss_terms"]
+    if settings.loss == "sampled_token":
+      per_token, aux = sampled_token_terms(
+        terms["student_logp"],
+        terms["teacher_logp"],
+        behaviour_logp,
+        extra_advantage,
+        settings.clip_eps,
+        settings.icepop_c,
+      )
+    elif settings.loss == "overlap_aware":
+      per_token, aux = overlap_aware_terms(
+        terms["dense"],
+        terms["student_logp"],
+        terms["teacher_logp"],
+        terms["gate"],
+        behaviour_logp,
+        settings.icepop_c,
+      )
+    else:
+      per_token = terms["per_token_loss"]
+      aux = {"per_token_loss": sg(per_token)}
+    return per_token, dict(out["diagnostics"], **aux)
+
+  return fn
+
+
+def _fused_pass(settings: LossSettings, student, fixed: dict, with_grad: bool):
+  """One pass over the chunks: the loss ``Σ_t c_t l_t``, the per-token aux ``[B, T]`` and,
+  with ``with_grad``, the loss's gradients wrt ``student = (hidden, unembed, bias)``.
+
+  The gradients are taken chunk by chunk inside the forward pass (``jax.vjp`` of the chunk),
+  so no chunk is recomputed: each vocabulary projection (student's and teacher's) happens
+  once, and at most one chunk's ``[B, C, V]`` logits are live.
+  """
+  s_hidden, s_unembed, s_bias = student
+  targets = fixed["targets"]
+  length = targets.shape[1]
+  chunk_size = int(min(settings.chunk_size, length))
+  n_chunks = -(-length // chunk_size)
+  per_row = dict(
+    s_hidden=s_hidden,
+    t_hidden=fixed["t_hidden"],
+    targets=targets,
+    weights=fixed["weights"],
+    behaviour_logp=fixed["behaviour_logp"],
+    extra_advantage=fixed["extra_advantage"],
+  )
+  chunks = {k: _split_chunks(v, n_chunks, chunk_size) for k, v in per_row.items() if v is not None}
+  fn = _per_token_loss_fn(settings, fixed["diagnostics"])
+
+  def chunk_loss(hidden, unembed, bias, teacher_logits, c):
+    per_token, aux = fn(
+      project_logits(hidden, unembed, bias),
+      teacher_logits,
+      c["targets"],
+      c.get("behaviour_logp"),
+      c.get("extra_advantage"),
+    )
+    weights = c["weights"]
+    return jnp.sum(jnp.where(weights != 0, weights * per_token, 0.0)), aux
+
+  def body(carry, c):
+    teacher_logits = project_logits(c["t_hidden"], fixed["t_unembed"], fixed["t_bias"])
+    if not with_grad:
+      value, aux = chunk_loss(c["s_hidden"], s_unembed, s_bias, teacher_logits, c)
+      return carry + value, aux
+    total, d_unembed, d_bias = carry
+    value, vjp, aux = jax.vjp(
+      lambda h, w, b: chunk_loss(h, w, b, teacher_logits, c),
+      c["s_hidden"],
+      s_unembed,
+      s_bias,
+      has_aux=True,
+    )
+    g_hidden, g_unembed, g_bias = vjp(jnp.ones_like(value))
+    carry = (total + value, d_unembed + g_unembed, jax.tree.map(jnp.add, d_bias, g_bias))
+    return carry, (aux, g_hidden)
+
+  zero = jnp.zeros((), jnp.float32)
+  if not with_grad:
+    total, aux = jax.lax.scan(body, zero, chunks)
+    return total, jax.tree.map(lambda y: _merge_chunks(y, length), aux), None
+  init = (zero, jnp.zeros_like(s_unembed), jax.tree.map(jnp.zeros_like, s_bias))
+  (total, d_unembed, d_bias), (aux, g_hidden) = jax.lax.scan(body, init, chunks)
+  grads = (_merge_chunks(g_hidden, length), d_unembed, d_bias)
+  return total, jax.tree.map(lambda y: _merge_chunks(y, length), aux), grads
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _fused_loss(settings: LossSettings, student, fixed: dict):
+  """``(loss, aux)`` of :func:`_fused_pass`; differentiable wrt ``student`` only."""
+  total, aux, _ = _fused_pass(settings, student, fixed, with_grad=False)
+  return total, aux
+
+
+def _fused_loss_fwd(settings, student, fixed):
+  total, aux, grads = _fused_pass(settings, student, fixed, with_grad=True)
+  return (total, aux), grads
+
+
+def _fused_loss_bwd(settings, grads, cotangents):
+  del settings
+  scale = cotangents[0]  # aux is stop-gradient'ed: its cotangents are dropped
+  return jax.tree.map(lambda g: (scale * g).astype(g.dtype), grads), None
+
+
+_fused_loss.defvjp(_fused_loss_fwd, _fused_loss_bwd)
+
+
 def distill_loss(
   student_hidden,
   student_unembed,
@@ -883,6 +1036,7 @@ def distill_loss(
   student_bias=None,
   teacher_bias=None,
   diagnostics=True,
+  fused: bool = True,
 ):
   """Distillation loss from hidden states, chunked over T -> ``(loss, diagnostics)``.
 
@@ -928,6 +1082,21 @@ def distill_loss(
     raise ValueError(
       f"extra_advantage applies only to loss='sampled_token', got loss={settings.loss!r}"
     )
+  if settings.chunk_size is not None and fused:
+    return _fused_distill_loss(
+      student_hidden,
+      student_unembed,
+      teacher_hidden,
+      teacher_unembed,
+      targets,
+      mask,
+      settings,
+      behaviour_logp,
+      extra_advantage,
+      student_bias,
+      teacher_bias,
+      diagnostics,
+    )
   args = (student_hidden, student_unembed, teacher_hidden, teacher_unembed, targets)
   biases = dict(student_bias=student_bias, teacher_bias=teacher_bias)
   token_fn = _make_token_fn(settings, diagnostics)
@@ -964,6 +1133,54 @@ def distill_loss(
     value = masked_mean(terms["per_token_loss"], mask, settings.normalize)
     diagnostics["per_token_loss"] = sg(terms["per_token_loss"])
   return value, diagnostics
+
+
+def _fused_distill_loss(
+  student_hidden,
+  student_unembed,
+  teacher_hidden,
+  teacher_unembed,
+  targets,
+  mask,
+  settings,
+  behaviour_logp,
+  extra_advantage,
+  student_bias,
+  teacher_bias,
+  diagnostics,
+):
+  """The chunked path of :func:`distill_loss` through :func:`_fused_loss`."""
+  _check_unembed_shapes(
+    student_hidden,
+    student_unembed,
+    teacher_hidden,
+    teacher_unembed,
+    targets,
+    student_bias,
+    teacher_bias,
+  )
+  if settings.clip_eps is not None and behaviour_logp is None and settings.loss == "sampled_token":
+    raise ValueError("clip_eps requires behaviour_logp (the PPO clip is on r)")
+  for name, x in (("behaviour_logp", behaviour_logp),):
+    if x is not None:
+      _check_same_shape(name, x, "targets", targets)
+  if extra_advantage is not None:
+    _check_extra_advantage(extra_advantage, targets.shape)
+    extra_advantage = jnp.broadcast_to(extra_advantage, targets.shape)
+  fixed = dict(
+    t_hidden=sg(teacher_hidden),
+    t_unembed=sg(teacher_unembed),
+    t_bias=None if teacher_bias is None else sg(teacher_bias),
+    targets=targets,
+    weights=token_weights(mask, settings.normalize),
+    behaviour_logp=None if behaviour_logp is None else sg(behaviour_logp),
+    extra_advantage=None if extra_advantage is None else sg(extra_advantage),
+    diagnostics=jnp.asarray(diagnostics),
+  )
+  value, aux = _fused_loss(settings, (student_hidden, student_unembed, student_bias), fixed)
+  if "clipped" in aux:
+    aux["clip_fraction"] = sg(masked_mean(aux.pop("clipped"), mask, "token"))
+  return value, aux
 
 
 def unchunked_distill_loss(*args, **kwargs):

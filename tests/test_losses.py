@@ -561,3 +561,97 @@ def test_per_token_functions_reject_bad_arguments():
     losses.masked_mean(jnp.zeros((B, T)), jnp.ones((B, T)), "batch")
   with pytest.raises(ValueError, match="clip_eps must be > 0"):
     losses.sampled_token_loss(S_LOGP, T_LOGP, MASK, behaviour_logp=S_LOGP, clip_eps=0.0)
+
+
+# --------------------------------------------------------------------------
+# The fused kernel: gradients in the forward pass, one projection per model
+# --------------------------------------------------------------------------
+
+
+FUSED_CASES = [
+  ("reverse_kl", {}, "token"),
+  ("jsd", {"beta": 0.3}, "sequence"),
+  ("topk", {"k": 4, "topk_support": "teacher"}, "token"),
+  ("sampled_token", {"clip_eps": 0.2, "icepop_c": 3.0}, "sequence"),
+  ("overlap_aware", {"overlap_criterion": "teacher_topk", "icepop_c": 3.0}, "token"),
+]
+
+
+@pytest.mark.parametrize("loss,kw,normalize", FUSED_CASES)
+def test_fused_equals_remat_and_unchunked_with_every_input(loss, kw, normalize):
+  sh, su, th, tu, targets, mask, s_bias, t_bias = hidden_inputs()
+  # behaviour log-probs near the student's own, so that some ratios fall inside the clip and
+  # IcePop bands and some outside
+  student_logp = jax.nn.log_softmax(sh @ su + s_bias)
+  own = jnp.take_along_axis(student_logp, targets[..., None], -1)[..., 0]
+  behaviour = own + jnp.asarray(random_logits(11, (B, T), 1.0))
+  extra = jnp.asarray(random_logits(12, (B, 1), 1.0)) if loss == "sampled_token" else None
+  settings = losses.LossSettings(loss=loss, normalize=normalize, chunk_size=3, **kw)
+  results = []
+  for fused, chunk in ((True, 3), (False, 3), (False, None)):
+
+    def objective(sh, su, s_bias, fused=fused, chunk=chunk):
+      value, diag = losses.distill_loss(
+        sh,
+        su,
+        th,
+        tu,
+        targets,
+        mask,
+        settings.replace(chunk_size=chunk),
+        behaviour_logp=behaviour,
+        extra_advantage=extra,
+        student_bias=s_bias,
+        teacher_bias=t_bias,
+        fused=fused,
+      )
+      return value, diag
+
+    results.append(jax.jit(jax.value_and_grad(objective, (0, 1, 2), has_aux=True))(sh, su, s_bias))
+  (value, diag), grads = results[0]
+  for (ref_value, ref_diag), ref_grads in results[1:]:
+    close(value, float(ref_value))
+    for got, want in zip(grads, ref_grads):
+      close(got, np.asarray(want, np.float64), atol=1e-6)
+    assert set(diag) == set(ref_diag)
+    for key in diag:
+      close(diag[key], np.asarray(ref_diag[key], np.float64), atol=1e-6)
+  assert float(jnp.abs(grads[1]).max()) > 0
+
+
+def _count_teacher_projections(jaxpr, teacher_unembed_shape) -> int:
+  count = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general" and any(
+      getattr(v, "aval", None) is not None and v.aval.shape == teacher_unembed_shape
+      for v in eqn.invars
+    ):
+      count += 1
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (list, tuple)) else [param]:
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          count += _count_teacher_projections(inner, teacher_unembed_shape)
+  return count
+
+
+@pytest.mark.parametrize(
+  "loss,remat_count",
+  # the remat kernel recomputes the teacher projection in the backward pass whenever the
+  # gradient needs full teacher log-probs (full-vocab losses); the sampled-token gradient
+  # only needs the target's log-prob, which XLA keeps
+  [("reverse_kl", 2), ("jsd", 2), ("sampled_token", 1)],
+)
+def test_fused_kernel_projects_the_teacher_vocabulary_once_per_step(loss, remat_count):
+  sh, su, th, tu, targets, mask, _, _ = hidden_inputs()
+  assert tu.shape != su.shape  # the teacher's unembedding is recognisable by its shape
+  settings = losses.LossSettings(loss=loss, chunk_size=3)
+  counts = {}
+  for fused in (True, False):
+
+    def objective(sh, su, fused=fused):
+      return losses.distill_loss(sh, su, th, tu, targets, mask, settings, fused=fused)[0]
+
+    jaxpr = jax.make_jaxpr(jax.value_and_grad(objective, (0, 1)))(sh, su).jaxpr
+    counts[fused] = _count_teacher_projections(jaxpr, tu.shape)
+  assert counts == {True: 1, False: remat_count}

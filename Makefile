@@ -34,6 +34,8 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/loss_memory.py
+	$(PY) bench/loss_cost.py
+	$(PY) bench/overlap_calibration.py
 	$(PY) bench/sampler.py
 	$(PY) bench/train_step.py
 

@@ -29,6 +29,12 @@ from jdistill.tokenizer import load_tokenizer
 
 def mesh(config) -> jax.sharding.Mesh:
   """The mesh of `config.mesh` over all devices, or the first `config.num_devices`."""
+  available = jax.device_count()
+  if config.num_devices > available:
+    raise ValueError(
+      f"config.num_devices={config.num_devices} is invalid; allowed: 0 (all) or at most the "
+      f"{available} devices this run sees ({jax.devices()[0].platform})"
+    )
   devices = jax.devices()[: config.num_devices] if config.num_devices else None
   return shd.make_mesh(dict(config.mesh), devices)
 
@@ -235,10 +241,13 @@ def read_records(files: str, config) -> tuple[list[dict], int]:
 
 
 def prompt_batcher(config, tokenizer, files: str, *, seed: int) -> data_lib.PromptBatcher:
-  """Batches of `config.data.slots_per_teacher` prompts per teacher from `files`."""
+  """Batches of `config.data.slots_per_teacher` prompts per teacher from `files`, every
+  prompt (or the first `data.check_prompts` of each teacher) tokenised and checked against
+  the `overlong` rule first, so bad input fails before anything compiles. The counts are in
+  `batcher.prompt_counts`."""
   records, skipped = read_records(files, config)
   d = config.data
-  return data_lib.PromptBatcher(
+  batcher = data_lib.PromptBatcher(
     records,
     tokenizer,
     config_lib.teacher_domains(config),
@@ -252,6 +261,8 @@ def prompt_batcher(config, tokenizer, files: str, *, seed: int) -> data_lib.Prom
     overlong=d.overlong,
     n_skipped_malformed=skipped,
   )
+  batcher.prompt_counts = batcher.check_prompts(d.check_prompts)
+  return batcher
 
 
 def check_rows_divide(config, rows_per_batch: int, mesh) -> None:

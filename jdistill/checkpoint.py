@@ -6,6 +6,13 @@ mesh shape), `meta` (JSON: step, RNG key data, data-iterator state) and, in the
 root, `model_config.json` so a checkpoint can also be loaded as a teacher.
 Orbax writes each step to a temporary directory and renames it when complete
 (atomic); an existing step is never overwritten.
+
+Verified: `meta` also holds a checksum of every array (`tree_checksums`: computed on the
+devices, so sharded and multi-host arrays need no gathering) and the run's identity
+(config hash, model config, seed, jdistill version). `restore_verified` recomputes the
+checksums after loading; a step that fails (flipped bits, truncated or deleted files) is
+named in one line, set aside (renamed `<step>.corrupt-<time>`, never deleted) and the
+newest step that verifies is used instead.
 """
 
 from __future__ import annotations
@@ -13,8 +20,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -23,6 +32,45 @@ from jdistill import sharding as shd
 from jdistill.models import ModelConfig, Transformer
 
 MODEL_CONFIG = "model_config.json"
+# Fields that may differ between a checkpoint and the model it is restored into.
+_NON_ARCHITECTURE = ("param_dtype", "dtype", "remat")
+
+
+class CorruptCheckpoint(Exception):
+  """A checkpoint step that cannot be restored as saved; the message is one line."""
+
+
+def _bits_checksum(x) -> jax.Array:
+  """uint32 checksum of an array's bits: Σ_i bits_i · m_i mod 2^32 with odd multipliers m_i,
+  so flipping any single bit changes it."""
+  itemsize = x.dtype.itemsize
+  if x.dtype == jnp.bool_:
+    bits = x.astype(jnp.uint32)
+  elif itemsize == 4:
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  elif itemsize == 2:
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
+  elif itemsize == 1:
+    bits = jax.lax.bitcast_convert_type(x, jnp.uint8).astype(jnp.uint32)
+  else:  # 8-byte types: both halves
+    halves = jax.lax.bitcast_convert_type(x, jnp.uint32)
+    bits = halves[..., 0] ^ (halves[..., 1] * jnp.uint32(0x9E3779B9))
+  flat = bits.reshape(-1)
+  multipliers = (jnp.arange(flat.size, dtype=jnp.uint32) * jnp.uint32(2654435761)) | 1
+  return jnp.sum(flat * multipliers, dtype=jnp.uint32)
+
+
+@jax.jit
+def _checksums(tree):
+  return jax.tree.map(_bits_checksum, tree)
+
+
+def tree_checksums(tree) -> dict[str, int]:
+  """`{leaf path: uint32 checksum}` of a pytree of arrays."""
+  sums = jax.device_get(_checksums(tree))
+  return {
+    jax.tree_util.keystr(path): int(v) for path, v in jax.tree_util.tree_leaves_with_path(sums)
+  }
 
 
 class Checkpointer:
@@ -37,9 +85,41 @@ class Checkpointer:
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def write_model_config(self, cfg: ModelConfig) -> None:
+    """Writes the model config beside the steps, or refuses, before writing anything, a model
+    whose architecture differs from the one already there."""
+    path = os.path.join(self.directory, MODEL_CONFIG)
+    new = dataclasses.asdict(cfg)
+    if os.path.exists(path):
+      with open(path) as f:
+        saved = json.load(f)
+      differ = sorted(
+        k
+        for k in set(saved) | set(new)
+        if k not in _NON_ARCHITECTURE and _jsonable(saved.get(k)) != _jsonable(new.get(k))
+      )
+      if differ:
+        detail = ", ".join(f"{k}: {saved.get(k)!r} there, {new.get(k)!r} here" for k in differ)
+        raise ValueError(
+          f"{self.directory} holds checkpoints of another architecture ({detail}); "
+          "nothing was written — use another config.checkpoint.dir"
+        )
+      return
     if jax.process_index() == 0:
-      with open(os.path.join(self.directory, MODEL_CONFIG), "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=2)
+      with open(path, "w") as f:
+        json.dump(new, f, indent=2)
+
+  def reload(self) -> None:
+    """Re-reads the steps on disk (after steps were set aside)."""
+    self.manager.reload()
+
+  def set_aside(self, step: int, why: str) -> str:
+    """Renames step `step` to `<step>.<why>-<UTC time>` (never deletes it); returns the name."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    src = os.path.join(self.directory, str(step))
+    dst = f"{src}.{why}-{stamp}"
+    if jax.process_index() == 0 and os.path.exists(src):
+      os.rename(src, dst)
+    return dst
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -123,6 +203,10 @@ def load_model_from_checkpoint(
   return nnx.merge(graphdef, params)
 
 
+def _jsonable(value):
+  return json.loads(json.dumps(value))
+
+
 def save_train_state(
   checkpointer: Checkpointer,
   step: int,
@@ -130,31 +214,87 @@ def save_train_state(
   *,
   rng,
   data_state: dict,
-  seed: int,
+  identity: dict,
   force: bool = False,
 ) -> bool:
-  """Saves a stage's `{"params", "opt_state", "step"}` (at host `step`) with its RNG key
-  and data-iterator position, on the save interval or when `force`d."""
+  """Saves a stage's `{"params", "opt_state", "step"}` (at host `step`) with its RNG key,
+  data-iterator position, the arrays' checksums and the run's `identity` (config hash,
+  model config, seed, version), on the save interval or when `force`d."""
+  if (step % checkpointer.every and not force) or step in checkpointer.all_steps():
+    return False
   meta = {
     "step": step,
     "rng": np.asarray(jax.random.key_data(rng)).tolist(),
     "data": data_state,
-    "seed": seed,
+    "identity": _jsonable(identity),
+    "checksums": {
+      "params": tree_checksums(state["params"]),
+      "opt_state": tree_checksums(state["opt_state"]),
+    },
   }
   return checkpointer.save(step, state["params"], state["opt_state"], meta, force=force)
 
 
+def _restore_step(checkpointer: Checkpointer, state: dict, step: int):
+  """Loads step `step` like `state` and verifies it → `(state, rng, data_state, meta)`;
+  raises CorruptCheckpoint with a one-line reason."""
+  try:
+    params, opt_state, meta = checkpointer.restore(
+      step, abstract_like(state["params"]), abstract_like(state["opt_state"])
+    )
+  except Exception as e:  # orbax's errors for truncated or missing files run to many lines
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    reason = f"{type(e).__name__}: {first[:200]}"
+    raise CorruptCheckpoint(f"step {step}: cannot be read ({reason})") from None
+  saved = meta.get("checksums")
+  if saved is None:
+    raise CorruptCheckpoint(f"step {step}: has no checksums (written by an older jdistill)")
+  for item, tree in (("params", params), ("opt_state", opt_state)):
+    got = tree_checksums(tree)
+    for path, want in saved[item].items():
+      if got.get(path) != want:
+        raise CorruptCheckpoint(
+          f"step {step}: {item}{path} does not match its checksum (saved {want}, read "
+          f"{got.get(path)})"
+        )
+  restored_step = jax.device_put(jnp.asarray(meta["step"], jnp.int32), state["step"].sharding)
+  rng = jax.random.wrap_key_data(jnp.asarray(meta["rng"], jnp.uint32))
+  new_state = {"params": params, "opt_state": opt_state, "step": restored_step}
+  return new_state, rng, meta["data"], meta
+
+
 def restore_train_state(checkpointer: Checkpointer, state: dict, step: int | None = None):
-  """The saved train state at `step` (default: the latest) placed like `state` →
-  `(state, rng, data_state)`, or None when there is nothing to restore."""
-  step = checkpointer.latest_step() if step is None else step
-  if step is None:
-    return None
-  params, opt_state, meta = checkpointer.restore(
-    step, abstract_like(state["params"]), abstract_like(state["opt_state"])
-  )
-  restored_step = jax.device_put(
-    jax.numpy.asarray(meta["step"], jax.numpy.int32), state["step"].sharding
-  )
-  rng = jax.random.wrap_key_data(jax.numpy.asarray(meta["rng"], jax.numpy.uint32))
-  return {"params": params, "opt_state": opt_state, "step": restored_step}, rng, meta["data"]
+  """The newest verified train state → `(state, rng, data_state, meta)`, or None when the
+  directory has no steps.
+
+  Without `step`: the latest step that verifies; each newer step that does not is named in
+  a one-line warning and set aside (renamed, never deleted), so the run can write it again.
+  With `step`: exactly that step (a CorruptCheckpoint if it does not verify), and the
+  steps after it are set aside, so the run branches from it.
+  """
+  steps = sorted(checkpointer.all_steps(), reverse=True)
+  if step is not None:
+    if step not in steps:
+      raise FileNotFoundError(
+        f"config.checkpoint.restore_step={step}: no such step in {checkpointer.directory} "
+        f"(steps: {sorted(steps)})"
+      )
+    restored = _restore_step(checkpointer, state, step)
+    for newer in (s for s in steps if s > step):
+      moved = checkpointer.set_aside(newer, "after-restore-step")
+      print(f"jdistill: set aside checkpoint step {newer} (restoring step {step}): {moved}")
+    checkpointer.reload()
+    return restored
+  for candidate in steps:
+    try:
+      restored = _restore_step(checkpointer, state, candidate)
+    except CorruptCheckpoint as e:
+      moved = checkpointer.set_aside(candidate, "corrupt")
+      print(f"WARNING jdistill: checkpoint {e}; set aside as {moved}", flush=True)
+      continue
+    checkpointer.reload()
+    return restored
+  if steps:
+    checkpointer.reload()
+    raise CorruptCheckpoint(f"no checkpoint step in {checkpointer.directory} verifies")
+  return None

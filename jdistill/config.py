@@ -15,6 +15,10 @@ Teachers are `config.teachers.<name>` entries, run in sorted name order:
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
+
 import ml_collections as mlc
 
 from jdistill import losses
@@ -51,6 +55,7 @@ def teacher_config(
 def base_config() -> mlc.ConfigDict:
   c = mlc.ConfigDict()
   c.seed = 0
+  c.run_mode = "auto"  # auto | resume | new (see jdistill/run_dir.py; --resume, --new_run)
   c.output_dir = "runs/opd"
   c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.num_devices = 0  # 0: all devices; n: the first n (e.g. to compare against one device)
@@ -72,6 +77,7 @@ def base_config() -> mlc.ConfigDict:
       overlong="truncate_left",  # keep the last max_prompt_len tokens | drop | error
       on_error="raise",  # malformed line: raise (file:line) | skip and count
       slots_per_teacher=4,  # rows per teacher per step (static shapes)
+      check_prompts=-1,  # prompts per teacher tokenised and checked before compiling; -1: all
     )
   )
 
@@ -165,6 +171,33 @@ def _check_positive(config, field: str, allow_zero: bool = False) -> None:
     _fail(field, node, "a non-negative number" if allow_zero else "a positive number")
 
 
+# Fields that say where a run writes, how often it reports, and on which devices: a run that
+# changes only these is the same run (it may resume; the mesh may change on resume).
+RUN_BOOKKEEPING = (
+  "run_mode",
+  "output_dir",
+  "export_dir",
+  "checkpoint",
+  "mesh",
+  "num_devices",
+  "train.log_every",
+  "train.eval_every",
+)
+
+
+def config_hash(config) -> str:
+  """A short hash of everything in the config that changes what a run computes."""
+  tree = json.loads(config.to_json_best_effort(sort_keys=True))
+  for field in RUN_BOOKKEEPING:
+    node, *rest = field.split(".")
+    if rest:
+      tree.get(node, {}).pop(rest[0], None)
+    else:
+      tree.pop(node, None)
+  blob = json.dumps(tree, sort_keys=True).encode()
+  return hashlib.sha256(blob).hexdigest()[:16]
+
+
 def teacher_names(config) -> list[str]:
   return sorted(config.teachers.keys())
 
@@ -176,10 +209,29 @@ def teacher_domains(config) -> dict[str, list[str]]:
   }
 
 
+def _check_finite(node, prefix: str = "") -> None:
+  """Every float field anywhere in the config is finite (NaN/Inf would pass range checks
+  written as comparisons and then silently skip every update)."""
+  for key, value in node.items():
+    field = f"{prefix}{key}"
+    if isinstance(value, mlc.ConfigDict):
+      _check_finite(value, field + ".")
+    elif isinstance(value, float) and not math.isfinite(value):
+      _fail(field, value, "a finite number")
+    elif isinstance(value, (tuple, list)) and any(
+      isinstance(v, float) and not math.isfinite(v) for v in value
+    ):
+      _fail(field, value, "finite numbers")
+
+
 def validate(config) -> None:
   """Raises ValueError naming the first bad field and what it allows."""
+  _check_finite(config)
   _check_choice(config, "data.overlong", OVERLONG)
+  _check_choice(config, "run_mode", ("auto", "resume", "new"))
   _check_positive(config, "num_devices", allow_zero=True)
+  if config.data.check_prompts != -1:
+    _check_positive(config, "data.check_prompts")
   _check_choice(config, "data.on_error", ON_ERROR)
   _check_choice(config, "loss.normalize", losses.NORMALIZE_MODES)
   _check_choice(config, "loss.topk_tail", losses.TOPK_TAILS)
@@ -302,3 +354,6 @@ def _validate_teachers(config) -> None:
           f"domains not owned by another teacher ({d!r} already belongs to {owner[d]!r})",
         )
       owner[d] = name
+  weights = {name: config.teachers[name].weight for name in config.teachers.keys()}
+  if not any(w > 0 for w in weights.values()):
+    _fail("teachers.<name>.weight", weights, "at least one teacher with weight > 0")

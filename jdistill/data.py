@@ -67,8 +67,13 @@ def _check_record(raw: Any, prompt_field: str, messages_field: str, domain_field
 def _raw_records(path: str):
   """Yields ``(location, raw_record_or_exception)`` for a .jsonl or .parquet file."""
   if path.endswith(".jsonl"):
-    with open(path, encoding="utf-8") as f:
-      for line_no, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+      for line_no, data in enumerate(f, start=1):
+        try:
+          line = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+          yield f"{path}:{line_no}", ValueError(f"not UTF-8 ({e})")
+          continue
         if not line.strip():
           continue
         try:
@@ -114,7 +119,8 @@ def read_prompt_records(
     try:
       if isinstance(raw, Exception):
         raise raw
-      records.append(_check_record(raw, prompt_field, messages_field, domain_field))
+      record = _check_record(raw, prompt_field, messages_field, domain_field)
+      records.append(dict(record, where=where))
     except ValueError as e:
       if on_error == "raise":
         raise ValueError(f"{where}: {e}") from None
@@ -124,6 +130,22 @@ def read_prompt_records(
 
 
 # ---------------------------------------------------------------------------- encoding
+
+
+def encode_full_prompt(record: Mapping[str, Any], tokenizer, *, use_chat_template: bool):
+  """All token ids of a prompt record (see :func:`encode_prompt`), before any length rule."""
+  if use_chat_template:
+    messages = record.get("messages") or [{"role": "user", "content": record["prompt"]}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer.encode(text, add_special_tokens=False)
+  else:
+    if "prompt" not in record:
+      raise ValueError("a 'messages' record needs use_chat_template=True")
+    ids = tokenizer.encode(record["prompt"])
+  ids = list(ids)
+  if not ids:
+    raise ValueError("prompt encodes to no tokens")
+  return ids
 
 
 def encode_prompt(
@@ -149,17 +171,12 @@ def encode_prompt(
   """
   if overlong not in OVERLONG_MODES:
     raise ValueError(f"overlong must be one of {OVERLONG_MODES}, got {overlong!r}")
-  if use_chat_template:
-    messages = record.get("messages") or [{"role": "user", "content": record["prompt"]}]
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    ids = tokenizer.encode(text, add_special_tokens=False)
-  else:
-    if "prompt" not in record:
-      raise ValueError("a 'messages' record needs use_chat_template=True")
-    ids = tokenizer.encode(record["prompt"])
-  ids = list(ids)
-  if not ids:
-    raise ValueError("prompt encodes to no tokens")
+  ids = encode_full_prompt(record, tokenizer, use_chat_template=use_chat_template)
+  return apply_length_rule(ids, max_prompt_len, overlong)
+
+
+def apply_length_rule(ids: list[int], max_prompt_len: int, overlong: str) -> list[int] | None:
+  """The ``overlong`` rule of :func:`encode_prompt` on a prompt's full token ids."""
   if len(ids) > max_prompt_len:
     if overlong == "drop":
       return None
@@ -286,17 +303,58 @@ class PromptBatcher:
     self.local_rows = len(self.teacher_names) * local
     self.n_skipped_malformed = n_skipped_malformed
     self._dropped: set[int] = set()
+    self._encoded: dict[int, list[int] | None] = {}  # filled by check_prompts
+    self._chat = use_chat_template
     self.dataset = grain.MapDataset.range(sys.maxsize).map(self.batch)
 
   @property
   def n_dropped(self) -> int:
     return len(self._dropped)
 
+  def check_prompts(self, limit: int = -1) -> dict[str, int]:
+    """Tokenises every prompt (or the first ``limit`` of each teacher) under the overlong
+    rule, before anything is compiled; returns the counts (``checked``, ``truncated``,
+    ``dropped``, ``malformed_skipped``).
+
+    Raises ValueError naming ``file:line`` for a prompt that breaks ``overlong="error"`` or
+    encodes to nothing, and naming the teacher when every one of its checked prompts is
+    dropped. The checked prompts' token ids are kept for the batches.
+    """
+    counts = dict(checked=0, truncated=0, dropped=0, malformed_skipped=self.n_skipped_malformed)
+    for t, name in enumerate(self.teacher_names):
+      indices = [self._streams[t][j] for j in range(self._sizes[t])]
+      kept = 0
+      for r in sorted(indices)[: None if limit < 0 else limit]:
+        record = self._records[r]
+        where = record.get("where", f"record {r}")
+        try:
+          full = encode_full_prompt(record, self._tokenizer, use_chat_template=self._chat)
+          ids = apply_length_rule(full, self._max_len, self._encode_kw["overlong"])
+        except ValueError as e:
+          raise ValueError(f"{where}: {e}") from None
+        self._encoded[r] = ids
+        counts["checked"] += 1
+        if ids is None:
+          counts["dropped"] += 1
+          self._dropped.add(r)
+        else:
+          kept += 1
+          counts["truncated"] += len(full) > len(ids)
+      if kept == 0:
+        raise ValueError(
+          f"every checked prompt of teacher {name!r} is longer than max_prompt_len="
+          f"{self._max_len} and data.overlong='drop' drops it"
+        )
+    return counts
+
   def _prompt(self, t: int, k: int) -> tuple[list[int], int]:
     """Token ids and record index of element ``k`` of teacher ``t``'s stream."""
     for j in range(k, k + self._sizes[t]):
       r = self._streams[t][j]
-      ids = encode_prompt(self._records[r], self._tokenizer, **self._encode_kw)
+      if r in self._encoded:
+        ids = self._encoded[r]
+      else:
+        ids = encode_prompt(self._records[r], self._tokenizer, **self._encode_kw)
       if ids is not None:
         return ids, r
       self._dropped.add(r)

@@ -19,9 +19,12 @@ from absl import app, flags, logging
 from jdistill import train
 from jdistill.toy import make_toy_world, tiny_config
 
-flags.DEFINE_string("out", "demo_out", "Output directory (replaced on each run).")
+flags.DEFINE_string(
+  "out", "demo_out", "Output directory (replaced on each run, if the demo wrote it)."
+)
 flags.DEFINE_integer("steps", 200, "Training steps.")
 FLAGS = flags.FLAGS
+MARKER = ".jdistill-demo"  # the demo only ever deletes a directory that carries this
 
 
 def main(argv):
@@ -29,8 +32,15 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   out = os.path.abspath(FLAGS.out)
   if os.path.exists(out):
+    if not os.path.exists(os.path.join(out, MARKER)):
+      raise SystemExit(
+        f"demo: {out} exists and was not written by the demo (no {MARKER} in it); "
+        "nothing was deleted — pass another --out"
+      )
     print(f"demo: replacing the previous demo output in {out}")
     shutil.rmtree(out)
+  os.makedirs(out)
+  open(os.path.join(out, MARKER), "w").close()
   t0 = time.time()
   paths = make_toy_world(os.path.join(out, "world"))
   config = tiny_config(paths)

@@ -14,12 +14,24 @@ A stage (OPD today; SFT and GRPO later) hands the loop an object with
   evaluate() -> dict               held-out results
   describe_eval(results) -> str    one line for the console
   save(force) -> bool              a checkpoint on its interval (or forced)
+  preempted(step) -> bool          the platform's preemption notice (orbax / JAX sync point)
 
 and the loop does the rest the same way for every stage.
+
+Preemption and interrupts: while the loop runs, SIGTERM and SIGINT (Ctrl-C) do not kill the
+process. The step under way finishes, a checkpoint is written (and the caller waits for it to
+commit), and `run` raises `Stopped`, which the command line turns into a one-line message and
+exit status 128 + the signal number. A second signal aborts at once (`os._exit`); a save still
+in flight is then left uncommitted, and committed checkpoints are never touched. On TPU/GCE
+pods the preemption notice reaches every host at the same step through `stage.preempted`
+(orbax's `CheckpointManager.reached_preemption`), so all hosts save the same step.
 """
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
 import time
 from typing import Protocol
 
@@ -36,6 +48,54 @@ class Stage(Protocol):
   def evaluate(self) -> dict: ...
   def describe_eval(self, results: dict) -> str: ...
   def save(self, force: bool = False) -> bool: ...
+  def preempted(self, step: int) -> bool: ...
+
+
+class Stopped(Exception):
+  """The run stopped early on a signal or a preemption notice, after saving; `code` is the
+  exit status the command line should use."""
+
+  def __init__(self, message: str, code: int):
+    super().__init__(message)
+    self.code = code
+
+
+class StopSignals:
+  """While active, the first SIGTERM/SIGINT only asks the loop to stop after the current
+  step; a second one exits at once."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.received: int | None = None
+    self._previous = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in self.SIGNALS:
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    self._previous = {}
+
+  def _handle(self, signum, frame):
+    del frame
+    name = signal.Signals(signum).name
+    if self.received is not None:
+      print(
+        f"jdistill: second signal ({name}): aborting now; committed checkpoints are untouched",
+        flush=True,
+      )
+      os._exit(128 + signum)
+    self.received = signum
+    print(
+      f"jdistill: received {name}: finishing this step, then saving a checkpoint and "
+      "exiting (send it again to abort at once)",
+      flush=True,
+    )
 
 
 def format_eta(seconds: float) -> str:
@@ -73,14 +133,19 @@ class Loop:
 
     tokens/s are over the steps since the previous log line (generated tokens and all
     tokens, both labelled); the ETA is extrapolated from the steps after the first one
-    of this call, so compile time does not inflate it.
+    of this call, so compile time does not inflate it. Raises `Stopped` after saving when a
+    signal or a preemption notice arrives (see the module docstring).
     """
+    if stage.step < end:
+      print(f"step {stage.step}/{end} | compiling…", flush=True)
+    with StopSignals() as signals:
+      return self._run(stage, end, log, signals)
+
+  def _run(self, stage: Stage, end: int, log: RunLog, signals: StopSignals) -> list[dict]:
     records = []
     t_start = time.time()
     t_compiled = step_compiled = None
     t_last, pending = t_start, []
-    if stage.step < end:
-      print(f"step {stage.step}/{end} | compiling…", flush=True)
     while stage.step < end:
       upcoming = stage.step + 1
       logged = upcoming % self.log_every == 0 or upcoming == end
@@ -122,5 +187,14 @@ class Loop:
         log.write_eval(step, results)
         print(f"eval step {step} | {stage.describe_eval(results)}", flush=True)
       stage.save()
+      if signals.received is not None or stage.preempted(step):
+        stage.save(force=True)
+        why = signal.Signals(signals.received).name if signals.received else "a preemption notice"
+        code = 128 + signals.received if signals.received else 143
+        raise Stopped(
+          f"stopped by {why} after step {step}; a checkpoint of step {step} was written "
+          "(if checkpoints are on): run the same command again to resume",
+          code,
+        )
     stage.save(force=True)
     return records

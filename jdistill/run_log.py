@@ -11,6 +11,27 @@ import json
 import os
 
 
+def read_records(path: str) -> list[dict]:
+  """The JSON records of a metrics.jsonl file (none if it does not exist)."""
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def truncate(out_dir: str, step: int) -> int:
+  """Drops the records after `step` from `<out_dir>/metrics.jsonl` (a resumed run logs them
+  again, so each step appears once); returns how many were dropped."""
+  path = os.path.join(out_dir, "metrics.jsonl")
+  records = read_records(path)
+  kept = [r for r in records if r.get("step", 0) <= step]
+  if len(kept) != len(records):
+    with open(path + ".tmp", "w") as f:
+      f.writelines(json.dumps(r) + "\n" for r in kept)
+    os.replace(path + ".tmp", path)
+  return len(records) - len(kept)
+
+
 class RunLog:
   """Appends records of one run under `out_dir`; `close()` draws the PNG curves."""
 
@@ -39,13 +60,16 @@ class RunLog:
     self._jsonl.flush()
 
   def close(self) -> str | None:
-    """Closes the files; returns the learning-curve PNG path, if one was drawn."""
+    """Closes the files; returns the learning-curve PNG path, if one was drawn. The curves
+    cover the whole run, every session of it, as metrics.jsonl holds it."""
     self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
-    if self._plot is None or not self.history:
+    records = read_records(os.path.join(self.out_dir, "metrics.jsonl"))
+    history = [r for r in records if "eval" not in r] or self.history
+    if self._plot is None or not history:
       return None
-    return self._plot(self.history, os.path.join(self.out_dir, "learning_curves.png"))
+    return self._plot(history, os.path.join(self.out_dir, "learning_curves.png"))
 
 
 def _flatten(record: dict, prefix: str = "") -> dict[str, float]:

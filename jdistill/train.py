@@ -12,19 +12,22 @@ TensorBoard (`<output_dir>/tb`) and a learning-curve PNG.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
+import os
 import sys
 
 import jax
 from flax import nnx
 
-from jdistill import build, distributed, overlap, plots
+from jdistill import __version__, build, distributed, overlap, plots, run_log
 from jdistill import checkpoint as ckpt
 from jdistill import config as config_lib
 from jdistill import loop as loop_lib
 from jdistill import train_step as ts
 from jdistill.models import hf
+from jdistill.run_dir import RunDir, set_aside
 from jdistill.run_log import RunLog
 from jdistill.sampler import Sampler
 
@@ -45,15 +48,15 @@ class Trainer:
   def __init__(self, config):
     config_lib.validate(config)
     self.config = c = config
+    self.identity = {
+      "config_hash": config_lib.config_hash(c),
+      "seed": c.seed,
+      "jdistill_version": __version__,
+    }
+    self.run_dir = self._open_run_dir()
+    # Everything that reads user input runs before the models load and the step compiles.
     self.mesh = build.mesh(c)
     self.tokenizer = build.tokenizer(c)
-    student = build.student(c, self.mesh)
-    self.student_graphdef, self.model_cfg = student.graphdef, student.cfg
-    self.teachers = build.teachers(c, self.mesh, student.cfg.vocab_size)
-    self.optimizer, self.schedule = build.optimizer(c)
-    self.state = build.train_state(student.params, self.optimizer, self.mesh)
-    self.step = 0  # host copy of state["step"]: the loop never waits on the device for it
-
     self.batcher = build.prompt_batcher(c, self.tokenizer, c.data.train_files, seed=c.seed)
     build.check_rows_divide(c, self.batcher.rows_per_batch, self.mesh)
     self.eval_batcher = None
@@ -61,7 +64,22 @@ class Trainer:
       self.eval_batcher = build.prompt_batcher(
         c, self.tokenizer, c.data.eval_files, seed=c.seed + 1
       )
+    n = self.batcher.prompt_counts
+    print(
+      f"jdistill: training prompts: {n['checked']} checked, {n['truncated']} truncated and "
+      f"{n['dropped']} dropped (data.overlong={c.data.overlong!r}), {n['malformed_skipped']} "
+      "malformed lines skipped",
+      flush=True,
+    )
     self.data_iter = self.batcher.iterator()
+
+    student = build.student(c, self.mesh)
+    self.student_graphdef, self.model_cfg = student.graphdef, student.cfg
+    self.identity["model_config"] = dataclasses.asdict(student.cfg)
+    self.teachers = build.teachers(c, self.mesh, student.cfg.vocab_size)
+    self.optimizer, self.schedule = build.optimizer(c)
+    self.state = build.train_state(student.params, self.optimizer, self.mesh)
+    self.step = 0  # host copy of state["step"]: the loop never waits on the device for it
     self.sampling = build.sampling_params(c, self.tokenizer)
     self.sampler = Sampler(self.student_graphdef, self.mesh)
     self.batch_shardings = build.batch_shardings(self.mesh)
@@ -74,9 +92,31 @@ class Trainer:
 
     self.checkpointer = build.checkpointer(c)
     if self.checkpointer is not None:
-      self.checkpointer.write_model_config(self.model_cfg)
+      self.checkpointer.write_model_config(self.model_cfg)  # refuses another architecture
       if c.checkpoint.resume:
         self.restore(None if c.checkpoint.restore_step < 0 else c.checkpoint.restore_step)
+    self.run_dir.record_identity(self.identity["config_hash"], c.to_json_best_effort())
+    dropped = run_log.truncate(c.output_dir, self.step)
+    if dropped:
+      print(f"jdistill: resuming at step {self.step}: dropped {dropped} later metrics records")
+
+  def _open_run_dir(self) -> RunDir:
+    """Takes the output directory's lock and checks the run there is this one (run_dir.py);
+    with `run_mode="new"` the old run (and an outside checkpoint directory) is moved aside."""
+    c = self.config
+    run_dir = RunDir(c.output_dir)
+    run_dir.acquire()
+    if c.run_mode == "new":
+      run_dir.release()
+      # the output directory first: a checkpoint directory inside it moves along
+      for path in (os.path.abspath(c.output_dir), os.path.abspath(c.checkpoint.dir or ".")):
+        if path != os.path.abspath(".") and os.path.isdir(path) and os.listdir(path):
+          print(
+            f"jdistill: --new_run: moved the previous run aside to {set_aside(path, 'previous')}"
+          )
+      run_dir.acquire()
+    run_dir.check_identity(self.identity["config_hash"], c.to_json_best_effort(), c.run_mode)
+    return run_dir
 
   def _compile(self):
     """The jitted train step (explicit shardings, donated state) and eval objective."""
@@ -124,7 +164,14 @@ class Trainer:
     restored = ckpt.restore_train_state(self.checkpointer, self.state, step)
     if restored is None:
       return False
-    self.state, self.rng, data_state = restored
+    saved_hash = restored[3].get("identity", {}).get("config_hash")
+    if self.config.run_mode == "auto" and saved_hash not in (None, self.identity["config_hash"]):
+      raise ValueError(
+        f"{self.checkpointer.directory} holds checkpoints of a run with another config (hash "
+        f"{saved_hash}, this config {self.identity['config_hash']}); pass --resume to "
+        "continue it with this config, or --new_run to start afresh (moved aside, not deleted)"
+      )
+    self.state, self.rng, data_state, _ = restored
     self.step = int(jax.device_get(self.state["step"]))
     self.data_iter = self.batcher.iterator()
     self.data_iter.set_state(data_state)
@@ -140,7 +187,7 @@ class Trainer:
       self.state,
       rng=self.rng,
       data_state=self.data_iter.get_state(),
-      seed=self.config.seed,
+      identity=self.identity,
       force=force,
     )
 
@@ -163,6 +210,10 @@ class Trainer:
     self.state, metrics = self.train_step(self.state, self.teachers.states, batch, flag)
     self.step += 1
     return metrics
+
+  def preempted(self, step: int) -> bool:
+    """The platform's preemption notice, the same step on every host (orbax)."""
+    return self.checkpointer is not None and self.checkpointer.manager.reached_preemption(step)
 
   def step_tokens(self, metrics: dict) -> dict:
     generated = sum(t["tokens"] for t in metrics["teachers"].values())
@@ -199,13 +250,13 @@ class Trainer:
   def run(self, steps: int | None = None) -> list[dict]:
     """Trains until `train.steps` (or `steps` more); returns the logged records."""
     end = self.config.train.steps if steps is None else self.step + steps
-    run_log = RunLog(self.config.output_dir, plot=plots.learning_curves)
+    metrics_log = RunLog(self.config.output_dir, plot=plots.learning_curves)
     try:
-      return self.loop.run(self, end, run_log)
+      return self.loop.run(self, end, metrics_log)
     finally:
       if self.checkpointer is not None:
         self.checkpointer.wait()
-      run_log.close()
+      metrics_log.close()
 
   def export(self, out_dir: str) -> None:
     student = nnx.merge(self.student_graphdef, self.state["params"])
@@ -219,6 +270,10 @@ def main(argv):
 
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
   config = flags.FLAGS.config
+  if flags.FLAGS.resume and flags.FLAGS.new_run:
+    sys.exit("jdistill: --resume and --new_run exclude each other")
+  if flags.FLAGS.resume or flags.FLAGS.new_run:
+    config.run_mode = "resume" if flags.FLAGS.resume else "new"
   try:
     config_lib.validate(config)
   except ValueError as e:
@@ -227,15 +282,21 @@ def main(argv):
     print(config.to_json())
     return
   distributed.initialize()
-  trainer = Trainer(config)
+  try:
+    trainer = Trainer(config)
+  except (ValueError, FileNotFoundError) as e:  # bad input: one line, before any compile
+    sys.exit(f"jdistill: {e}")
   print(
     f"jdistill: mesh {dict(trainer.mesh.shape)}, teachers {trainer.teachers.names}, "
-    f"{trainer.batcher.rows_per_batch} rows/step, {trainer.batcher.n_skipped_malformed} malformed "
-    f"data lines skipped, resuming at step {trainer.step}",
+    f"{trainer.batcher.rows_per_batch} rows/step, resuming at step {trainer.step}",
     flush=True,
   )
   before = trainer.evaluate()
-  trainer.run()
+  try:
+    trainer.run()
+  except loop_lib.Stopped as e:
+    print(f"jdistill: {e}", file=sys.stderr, flush=True)
+    sys.exit(e.code)
   after = trainer.evaluate()
   print(format_before_after(before, after))
   if config.export_dir:
@@ -263,6 +324,12 @@ def cli():
   config_flags.DEFINE_config_file("config", None, "Path to a get_config() file.", lock_config=True)
   flags.mark_flag_as_required("config")
   flags.DEFINE_bool("validate_only", False, "Validate the config, print it as JSON and exit.")
+  flags.DEFINE_bool(
+    "resume", False, "Continue the run in config.output_dir even if its config differs."
+  )
+  flags.DEFINE_bool(
+    "new_run", False, "Move the run in config.output_dir aside (renamed) and start afresh."
+  )
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
   app.run(main)
 

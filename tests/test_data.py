@@ -87,12 +87,15 @@ def _write_jsonl(path, lines):
 
 def test_read_jsonl_and_parquet(tmp_path):
   recs = _records()
-  records, n = read_prompt_records(_write_jsonl(tmp_path / "p.jsonl", recs))
-  assert n == 0 and records == recs
+  path = _write_jsonl(tmp_path / "p.jsonl", recs)
+  records, n = read_prompt_records(path)
+  assert n == 0 and [{k: v for k, v in r.items() if k != "where"} for r in records] == recs
+  assert records[2]["where"] == f"{path}:3"  # each record knows its file and line
   cols = {k: [r.get(k) for r in recs] for k in ("domain", "prompt", "messages")}
   pq.write_table(pa.Table.from_pydict(cols), tmp_path / "p.parquet")
   records, n = read_prompt_records(str(tmp_path / "p.parquet"))
-  assert n == 0 and records == recs
+  assert n == 0 and [{k: v for k, v in r.items() if k != "where"} for r in records] == recs
+  assert records[0]["where"].endswith("p.parquet:row 0")
 
 
 @pytest.mark.parametrize(

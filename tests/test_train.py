@@ -235,6 +235,7 @@ def test_checkpoint_restores_onto_another_mesh_loads_as_teacher_and_exports(worl
   c8 = _config(world, tmp_path, steps=4)
   c8.mesh.update(dict(data=2, fsdp=2, tensor=2))
   c8.checkpoint.dir = str(tmp_path / "ckpt")
+  c8.run_mode = "resume"  # the same run, carried on for more steps
   eight = train.Trainer(c8)  # resumes step 2 onto the 2x2x2 mesh
   assert eight.step == 2
   gate = eight.params["layers"][0]["mlp"]["gate_proj"].get_value()

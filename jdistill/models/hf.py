@@ -10,8 +10,11 @@ read (never pickle) and no remote code is run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import tempfile
 from collections.abc import Callable
 
 import jax
@@ -168,6 +171,17 @@ def _path_key(path) -> tuple:
   return tuple(getattr(p, "key", getattr(p, "idx", p)) for p in path)
 
 
+@contextlib.contextmanager
+def _open_safetensors(path: str):
+  """`safe_open` whose errors (missing, truncated, not safetensors) name the file."""
+  try:
+    handle = safe_open(path, framework="numpy")
+  except Exception as e:
+    raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+  with handle as f:
+    yield f
+
+
 class _TensorReader:
   """Reads named tensors from a single or index-sharded safetensors directory."""
 
@@ -179,7 +193,7 @@ class _TensorReader:
         weight_map = json.load(f)["weight_map"]
       self.files = {name: os.path.join(path, fname) for name, fname in weight_map.items()}
     elif os.path.exists(single):
-      with safe_open(single, framework="numpy") as f:
+      with _open_safetensors(single) as f:
         self.files = {name: single for name in f.keys()}
     else:
       found = sorted(os.listdir(path))
@@ -193,10 +207,13 @@ class _TensorReader:
   def get(self, name: str) -> np.ndarray:
     if name not in self.files:
       raise ValueError(f"checkpoint is missing tensor {name!r}")
-    with safe_open(self.files[name], framework="numpy") as f:
+    with _open_safetensors(self.files[name]) as f:
       if name not in f.keys():
         raise ValueError(f"checkpoint index names tensor {name!r} but {self.files[name]} lacks it")
-      return f.get_tensor(name)
+      try:
+        return f.get_tensor(name)
+      except Exception as e:  # a truncated or corrupt file: say which one
+        raise ValueError(f"{self.files[name]}: cannot read tensor {name!r}: {e}") from e
 
 
 def load_hf_config(path: str, **kw) -> ModelConfig:
@@ -277,7 +294,13 @@ def to_hf(
     tensors[hf_name] = np.ascontiguousarray(to_hf_layout(host))
   if jax.process_index() != 0:
     return
-  os.makedirs(out_dir, exist_ok=True)
+  # Written into a fresh folder beside `out_dir`, then renamed into place: an existing export
+  # (say a sharded one) never leaves stale shards or a stale index behind.
+  final_dir = os.path.abspath(out_dir)
+  parent = os.path.dirname(final_dir)
+  os.makedirs(parent, exist_ok=True)
+  out_dir = tempfile.mkdtemp(prefix=os.path.basename(final_dir) + ".writing-", dir=parent)
+  os.chmod(out_dir, 0o755)  # mkdtemp's 0700 is for the temporary name only
   with open(os.path.join(out_dir, "config.json"), "w") as f:
     json.dump(config_to_hf(cfg, torch_dtype=dtype), f, indent=2)
   shards: list[dict[str, np.ndarray]] = [{}]
@@ -303,3 +326,10 @@ def to_hf(
       json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
   if tokenizer is not None:
     tokenizer.save_pretrained(out_dir)
+  if os.path.exists(final_dir):
+    old = tempfile.mkdtemp(prefix=os.path.basename(final_dir) + ".replaced-", dir=parent)
+    os.rename(final_dir, os.path.join(old, "old"))
+    os.rename(out_dir, final_dir)
+    shutil.rmtree(old)  # the previous export, replaced as asked
+  else:
+    os.rename(out_dir, final_dir)

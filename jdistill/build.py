@@ -60,6 +60,7 @@ class Student:
   graphdef: nnx.GraphDef
   params: nnx.State
   cfg: ModelConfig
+  step: int | None = None  # the checkpoint step the params come from, if any
 
 
 def student(config, mesh) -> Student:

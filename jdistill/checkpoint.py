@@ -165,6 +165,14 @@ def abstract_like(tree):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
+def latest_step(path: str) -> int | None:
+  """The newest step of a checkpoint directory."""
+  manager = ocp.CheckpointManager(os.path.abspath(path))
+  step = manager.latest_step()
+  manager.close()
+  return step
+
+
 def is_checkpoint_dir(path: str) -> bool:
   return os.path.exists(os.path.join(path, MODEL_CONFIG))
 

@@ -445,6 +445,7 @@ def _student_and_teachers(config, mesh, use_checkpoint: bool):
       ckpt_dir, mesh, param_dtype=s.param_dtype, dtype=s.dtype
     )
     student.params = nnx.state(trained)
+    student.step = ckpt.latest_step(ckpt_dir)
   return student, build.teachers(config, mesh, student.cfg.vocab_size)
 
 
@@ -509,6 +510,7 @@ def measure(
   report = {
     "source": files,
     "student": config.checkpoint.dir if use_checkpoint else config.student.path,
+    "student_step": student.step,
     "rows_per_domain": rows_per_domain,
     "max_new_tokens": int(config.sampling.max_new_tokens),
     "vocab": student.cfg.vocab_size,

@@ -38,6 +38,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 NONFINITE = ("skip", "stop")
 OVERLONG = ("truncate_left", "drop", "error")
 ON_ERROR = ("raise", "skip")
+STAGES = ("opd", "sft")
 
 
 def teacher_config(
@@ -56,6 +57,7 @@ def base_config() -> mlc.ConfigDict:
   c = mlc.ConfigDict()
   c.seed = 0
   c.run_mode = "auto"  # auto | resume | new (see jdistill/run_dir.py; --resume, --new_run)
+  c.stage = "opd"  # opd (on-policy distillation) | sft (warmup SFT on completions)
   c.output_dir = "runs/opd"
   c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.num_devices = 0  # 0: all devices; n: the first n (e.g. to compare against one device)
@@ -125,6 +127,15 @@ def base_config() -> mlc.ConfigDict:
     )
   )
 
+  c.sft = mlc.ConfigDict(
+    dict(
+      train_files="",  # JSONL of {"prompt" or "messages", "completion"} (stage "sft")
+      eval_files="",
+      max_len=128,  # tokens per packed row
+      rows_per_step=8,
+      pack=True,  # several examples per row (segment ids keep them apart)
+    )
+  )
   c.train = mlc.ConfigDict(dict(steps=100, log_every=1, eval_every=0))  # eval_every 0: off
   c.checkpoint = mlc.ConfigDict(
     dict(dir="", every=50, keep=3, async_save=True, resume=True, restore_step=-1)
@@ -229,6 +240,7 @@ def validate(config) -> None:
   _check_finite(config)
   _check_choice(config, "data.overlong", OVERLONG)
   _check_choice(config, "run_mode", ("auto", "resume", "new"))
+  _check_choice(config, "stage", STAGES)
   _check_positive(config, "num_devices", allow_zero=True)
   if config.data.check_prompts != -1:
     _check_positive(config, "data.check_prompts")
@@ -321,6 +333,13 @@ def validate(config) -> None:
     )
   if not config.student.path:
     _fail("student.path", config.student.path, "a Hugging Face directory")
+  if config.stage == "sft":
+    if not config.sft.train_files:
+      _fail("sft.train_files", config.sft.train_files, "a JSONL file of prompt + completion")
+    for field in ("max_len", "rows_per_step"):
+      if not (isinstance(config.sft[field], int) and config.sft[field] > 0):
+        _fail(f"sft.{field}", config.sft[field], "a positive integer")
+    return
   if not config.data.train_files:
     _fail("data.train_files", config.data.train_files, "comma-separated .jsonl/.parquet paths")
   _validate_teachers(config)

@@ -176,9 +176,10 @@ class Loop:
           eta = "after the first step"
         records.append(record)
         log.write(record)
+        label = getattr(stage, "token_label", "generated")
         print(
           f"step {step}/{end} | {stage.progress(record)} | "
-          f"{record['generated_tokens_per_s']:,.0f} generated tok/s, "
+          f"{record['generated_tokens_per_s']:,.0f} {label} tok/s, "
           f"{record['tokens_per_s']:,.0f} tok/s in all | ETA {eta}",
           flush=True,
         )

@@ -672,6 +672,34 @@ def chunked_token_values(
   return jax.tree.map(lambda y: _merge_chunks(y, length), values)
 
 
+def cross_entropy_loss(
+  hidden, unembed, targets, mask, *, chunk_size: int | None = 512, bias=None, normalize="token"
+):
+  """Masked next-token cross-entropy from hidden states -> ``(loss, nll [B, T])``.
+
+  ``hidden [B, T, D]``, ``unembed [D, V]``, ``targets [B, T]`` (position t predicts
+  ``targets[:, t]``), ``mask [B, T]`` (1 on the tokens that carry loss, e.g. completions
+  only). Logits are built ``chunk_size`` positions at a time under ``jax.checkpoint``, as in
+  :func:`chunked_token_values`; ``chunk_size=None`` is the unchunked reference. Positions
+  with mask 0 get no gradient.
+  """
+  _check_same_shape("mask", mask, "targets", targets)
+
+  def nll(h, w, b, tg):
+    return -token_logp(log_softmax(project_logits(h, w, b)), tg)
+
+  if chunk_size is None:
+    per_token = nll(hidden, unembed, bias, targets)
+  else:
+    length = targets.shape[1]
+    size = int(min(chunk_size, length))
+    n_chunks = -(-length // size)
+    chunks = (_split_chunks(hidden, n_chunks, size), _split_chunks(targets, n_chunks, size))
+    step = jax.checkpoint(lambda chunk: nll(chunk[0], unembed, bias, chunk[1]))
+    per_token = _merge_chunks(jax.lax.map(step, chunks), length)
+  return masked_mean(per_token, mask, normalize), sg(per_token)
+
+
 def _full_token_values(
   fn,
   student_hidden,

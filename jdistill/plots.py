@@ -28,3 +28,16 @@ def learning_curves(history: list[dict], path: str) -> str:
   fig.savefig(path, dpi=100)
   plt.close(fig)
   return path
+
+
+def sft_curve(history: list[dict], path: str) -> str:
+  """Completion cross-entropy against step."""
+  fig, ax = plt.subplots(figsize=(6, 4))
+  ax.plot([r["step"] for r in history], [r["loss"] for r in history], color="black")
+  ax.set_title("warmup SFT: completion cross-entropy")
+  ax.set_xlabel("step")
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path

@@ -145,6 +145,18 @@ def make_toy_world(
   }
 
 
+def load_or_make_world(root: str) -> dict[str, str]:
+  """The toy world under `root`, written on first use (configs call this)."""
+  if not os.path.exists(os.path.join(root, "eval.jsonl")):
+    return make_toy_world(root)
+  names = ("tokenizer", "student", "teacher_math", "teacher_code")
+  return {
+    **{k: os.path.join(root, k) for k in names},
+    "train": os.path.join(root, "train.jsonl"),
+    "eval": os.path.join(root, "eval.jsonl"),
+  }
+
+
 def tiny_config(paths: dict[str, str]):
   """The embedded CPU config: two teachers on a toy world.
 

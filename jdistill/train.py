@@ -283,12 +283,17 @@ def main(argv):
     return
   distributed.initialize()
   try:
-    trainer = Trainer(config)
+    if config.stage == "sft":
+      from jdistill.sft import SFTTrainer
+
+      trainer = SFTTrainer(config)
+    else:
+      trainer = Trainer(config)
   except (ValueError, FileNotFoundError) as e:  # bad input: one line, before any compile
     sys.exit(f"jdistill: {e}")
   print(
-    f"jdistill: mesh {dict(trainer.mesh.shape)}, teachers {trainer.teachers.names}, "
-    f"{trainer.batcher.rows_per_batch} rows/step, resuming at step {trainer.step}",
+    f"jdistill: stage {config.stage}, mesh {dict(trainer.mesh.shape)}, resuming at step "
+    f"{trainer.step}",
     flush=True,
   )
   before = trainer.evaluate()
@@ -298,7 +303,13 @@ def main(argv):
     print(f"jdistill: {e}", file=sys.stderr, flush=True)
     sys.exit(e.code)
   after = trainer.evaluate()
-  print(format_before_after(before, after))
+  if config.stage == "sft":
+    print(
+      f"held-out completion cross-entropy {before['cross_entropy']:.4f} -> "
+      f"{after['cross_entropy']:.4f}"
+    )
+  else:
+    print(format_before_after(before, after))
   if config.export_dir:
     trainer.export(config.export_dir)
     print(f"exported the student to {config.export_dir}")

@@ -240,6 +240,31 @@ def make_optimizer(
   return opt, lambda call: sched(call // grad_accum)
 
 
+def apply_gradients(state: dict, loss, grads, optimizer, schedule):
+  """The optax update of a train state `{"params", "opt_state", "step"}` → (new state,
+  metrics). Every stage's step ends here: a non-finite loss or gradient leaves params and
+  optimizer state unchanged and reports `finite = 0`; the step counter always advances."""
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+  def update(_):
+    updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+    return optax.apply_updates(state["params"], updates), opt_state
+
+  def keep(_):
+    return state["params"], state["opt_state"]
+
+  params, opt_state = jax.lax.cond(finite, update, keep, None)
+  new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
+  metrics = {
+    "loss": loss,
+    "grad_norm": grad_norm,
+    "finite": finite.astype(jnp.float32),
+    "lr": schedule(state["step"]),
+  }
+  return new_state, metrics
+
+
 def train_step(
   state: dict,
   teacher_states: tuple,
@@ -277,25 +302,11 @@ def train_step(
     )
 
   (loss, per_teacher), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
-  grad_norm = optax.tree.norm(grads)
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-
-  def update(_):
-    updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-    return optax.apply_updates(state["params"], updates), opt_state
-
-  def keep(_):
-    return state["params"], state["opt_state"]
-
-  params, opt_state = jax.lax.cond(finite, update, keep, None)
-  new_state = {"params": params, "opt_state": opt_state, "step": state["step"] + 1}
+  new_state, update_metrics = apply_gradients(state, loss, grads, optimizer, schedule)
   metrics = {
-    "loss": loss,
+    **update_metrics,
     "divergence": sum(s.weight * per_teacher[s.name]["reverse_kl"] for s in specs)
     / max(sum(s.weight for s in specs), 1e-12),
-    "grad_norm": grad_norm,
-    "finite": finite.astype(jnp.float32),
-    "lr": schedule(state["step"]),
     "tokens": jnp.sum(batch["lengths"]),  # prompt + completion tokens the step processed
     "teachers": per_teacher,
   }

@@ -135,7 +135,8 @@ class Attention(nnx.Module):
     scores = scores * (cfg.head_dim**-0.5)
     query_slot = start + jnp.arange(seq)[:, None]
     causal = jnp.arange(s)[None, :] <= query_slot  # [T, S]
-    mask = causal[None] & kv_mask[:, None, :].astype(bool)  # [B, T, S]
+    key_mask = kv_mask[:, None, :] if kv_mask.ndim == 2 else kv_mask  # [B, 1 or T, S]
+    mask = causal[None] & key_mask.astype(bool)  # [B, T, S]
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, seq, cfg.num_heads, cfg.head_dim)
@@ -202,6 +203,7 @@ class Transformer(nnx.Module):
     kv_mask: jax.Array | None = None,
     cache: Cache | None = None,
     cache_index: jax.Array | int | None = None,
+    segment_ids: jax.Array | None = None,
   ) -> tuple[jax.Array, Cache | None]:
     """Final hidden states.
 
@@ -212,6 +214,8 @@ class Transformer(nnx.Module):
         slots may be attended to (padding is False). Default: all True.
       cache: per-layer KV cache, or None for a plain causal forward.
       cache_index: scalar slot where this call's tokens are written.
+      segment_ids: `[B, T]` int (no cache only): packed rows, where a token attends only to
+        earlier tokens of its own segment (give `positions` restarting per segment too).
     Returns:
       hidden `[B, T, hidden]` (after the final norm, compute dtype) and the updated
       cache (None without a cache).
@@ -224,6 +228,11 @@ class Transformer(nnx.Module):
       kv_mask = jnp.ones((b, kv_len), bool)
     if cache is not None and cache_index is None:
       raise ValueError("Transformer: cache_index is required when a cache is given")
+    if segment_ids is not None:
+      if cache is not None:
+        raise ValueError("Transformer: segment_ids (packed rows) need a call without a cache")
+      same = segment_ids[:, :, None] == segment_ids[:, None, :]
+      kv_mask = kv_mask.astype(bool)[:, None, :] & same  # [B, T, T]
     x = jnp.take(self.embed[...], tokens, axis=0).astype(self.cfg.jnp_dtype)
     run = nnx.remat(_run_block) if self.cfg.remat else _run_block
     new_cache = []

@@ -1,0 +1,91 @@
+"""Supervised examples (prompt + completion) tokenised and packed into fixed-length rows.
+
+A record is `{"prompt": str or "messages": [...], "completion": str, "domain": str?}` (the
+prompt fields as in `jdistill.data`). Its tokens are the prompt rendered as the student
+will see it at sampling time (chat template with the generation prompt) followed by the
+completion and the end-of-sequence token; only the completion and that token carry loss.
+
+Packing puts several examples in one row of `max_len` tokens, first fit in file order:
+each example gets its own segment id (1, 2, ...; 0 is padding) and positions restarting at
+0, and the model attends only within a segment (`Transformer(segment_ids=...)`), so a packed
+row computes exactly what the examples would alone.
+
+A packed batch is `{"tokens", "positions", "segment_ids", "loss_mask"}`, each int32/f32
+`[rows, max_len]`; `loss_mask[t] = 1` where `tokens[t]` is a completion token.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from jdistill import data as data_lib
+
+
+def encode_example(record: dict, tokenizer, *, use_chat_template: bool) -> tuple[list, list]:
+  """(token ids, loss mask) of one example: the prompt (mask 0), the completion and EOS
+  (mask 1)."""
+  prompt = data_lib.encode_full_prompt(record, tokenizer, use_chat_template=use_chat_template)
+  completion = list(tokenizer.encode(record["completion"], add_special_tokens=False))
+  if tokenizer.eos_token_id is not None:
+    completion.append(tokenizer.eos_token_id)
+  if not completion:
+    raise ValueError("empty completion")
+  return prompt + completion, [0] * len(prompt) + [1] * len(completion)
+
+
+def read_examples(path: str, tokenizer, *, use_chat_template: bool, max_len: int) -> list:
+  """Encoded examples of a JSONL file; a bad or too-long example names `file:line`."""
+  import json
+
+  examples = []
+  with open(path, "rb") as f:
+    for line_no, raw in enumerate(f, start=1):
+      where = f"{path}:{line_no}"
+      try:
+        text = raw.decode("utf-8")
+        if not text.strip():
+          continue
+        record = json.loads(text)
+        if not isinstance(record, dict) or not isinstance(record.get("completion"), str):
+          raise ValueError("needs a string 'completion'")
+        ids, mask = encode_example(record, tokenizer, use_chat_template=use_chat_template)
+      except (UnicodeDecodeError, ValueError, KeyError) as e:
+        raise ValueError(f"{where}: {e}") from None
+      if len(ids) > max_len:
+        raise ValueError(f"{where}: example has {len(ids)} tokens, more than max_len={max_len}")
+      examples.append((ids, mask))
+  if not examples:
+    raise ValueError(f"{path}: no examples")
+  return examples
+
+
+def pack(examples: list, max_len: int, *, pack_rows: bool = True) -> dict[str, np.ndarray]:
+  """Rows of `max_len` tokens holding the examples (one per row without `pack_rows`)."""
+  rows: list[list[int]] = []  # example indices per row
+  used: list[int] = []
+  for i, (ids, _) in enumerate(examples):
+    for r, n in enumerate(used):
+      if pack_rows and n + len(ids) <= max_len:
+        rows[r].append(i)
+        used[r] += len(ids)
+        break
+    else:
+      rows.append([i])
+      used.append(len(ids))
+  out = {
+    "tokens": np.zeros((len(rows), max_len), np.int32),
+    "positions": np.zeros((len(rows), max_len), np.int32),
+    "segment_ids": np.zeros((len(rows), max_len), np.int32),
+    "loss_mask": np.zeros((len(rows), max_len), np.float32),
+  }
+  for r, members in enumerate(rows):
+    start = 0
+    for segment, i in enumerate(members, start=1):
+      ids, mask = examples[i]
+      span = slice(start, start + len(ids))
+      out["tokens"][r, span] = ids
+      out["positions"][r, span] = np.arange(len(ids))
+      out["segment_ids"][r, span] = segment
+      out["loss_mask"][r, span] = mask
+      start += len(ids)
+  return out

@@ -1,0 +1,222 @@
+"""Warmup SFT: masked cross-entropy on completions, packed rows, the shared loop and machinery.
+
+  python -m jdistill.train --config=configs/sft_tiny.py
+
+The student learns a teacher's (or any) completions before on-policy distillation, to pull
+its rollouts onto the teacher's support. Prompts carry no loss, only the completion and its
+end-of-sequence token (`jdistill.packing`). The step is one pure jitted function (explicit
+shardings, donated state) ending in the same optax update as OPD
+(`train_step.apply_gradients`); the loop, progress line, metrics, checkpoints (verified,
+resumable), signals and run directories are the OPD stage's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jdistill import __version__, build, losses, packing, plots
+from jdistill import checkpoint as ckpt
+from jdistill import config as config_lib
+from jdistill import loop as loop_lib
+from jdistill import run_log as run_log_lib
+from jdistill import sharding as shd
+from jdistill import train_step as ts
+from jdistill.models import hf
+from jdistill.run_dir import RunDir
+
+BATCH_KEYS = ("tokens", "positions", "segment_ids", "loss_mask")
+
+
+def sft_loss(params, graphdef, batch: dict, chunk_size: int | None):
+  """Token-mean cross-entropy of the completion tokens of a packed batch → (loss, tokens)."""
+  student = nnx.merge(graphdef, params)
+  segments = batch["segment_ids"][:, :-1]
+  hidden, _ = student(
+    batch["tokens"][:, :-1],
+    batch["positions"][:, :-1],
+    kv_mask=segments > 0,
+    segment_ids=segments,
+  )
+  mask = target_mask(batch)
+  loss, _ = losses.cross_entropy_loss(
+    hidden, student.unembedding(), batch["tokens"][:, 1:], mask, chunk_size=chunk_size
+  )
+  return loss, jnp.sum(mask)
+
+
+def target_mask(batch: dict):
+  """`[rows, max_len - 1]`: 1 where position t's target (token t+1) carries loss — a
+  completion token of the same example (a segment boundary never does: the next example
+  starts with its prompt)."""
+  same = batch["segment_ids"][:, 1:] == batch["segment_ids"][:, :-1]
+  return batch["loss_mask"][:, 1:] * same
+
+
+def sft_step(state: dict, batch: dict, *, graphdef, optimizer, schedule, chunk_size):
+  """One SFT update → (new state, metrics)."""
+  grad_fn = jax.value_and_grad(sft_loss, has_aux=True)
+  (loss, tokens), grads = grad_fn(state["params"], graphdef, batch, chunk_size)
+  new_state, metrics = ts.apply_gradients(state, loss, grads, optimizer, schedule)
+  return new_state, dict(
+    metrics, completion_tokens=tokens, tokens=jnp.sum(batch["segment_ids"] > 0)
+  )
+
+
+class SFTTrainer:
+  """The SFT stage for `loop.Loop`; built from a validated config with `stage="sft"`."""
+
+  token_label = "completion"  # the progress line's first tokens/s: tokens that carry loss
+
+  def __init__(self, config):
+    config_lib.validate(config)
+    self.config = c = config
+    self.identity = {
+      "config_hash": config_lib.config_hash(c),
+      "seed": c.seed,
+      "jdistill_version": __version__,
+    }
+    self.run_dir = RunDir(c.output_dir)
+    self.run_dir.acquire()
+    self.run_dir.check_identity(self.identity["config_hash"], c.to_json_best_effort(), c.run_mode)
+    self.mesh = build.mesh(c)
+    self.tokenizer = build.tokenizer(c)
+    s = c.sft
+    read = functools.partial(
+      packing.read_examples,
+      tokenizer=self.tokenizer,
+      use_chat_template=c.data.use_chat_template,
+      max_len=s.max_len,
+    )
+    self.rows = packing.pack(read(s.train_files), s.max_len, pack_rows=s.pack)
+    self.eval_rows = packing.pack(read(s.eval_files), s.max_len) if s.eval_files else None
+    n_rows = len(self.rows["tokens"])
+    print(
+      f"jdistill sft: {n_rows} rows of {s.max_len} tokens, "
+      f"{int(self.rows['loss_mask'].sum())} completion tokens",
+      flush=True,
+    )
+    student = build.student(c, self.mesh)
+    self.graphdef, self.model_cfg = student.graphdef, student.cfg
+    self.identity["model_config"] = dataclasses.asdict(student.cfg)
+    self.optimizer, self.schedule = build.optimizer(c)
+    self.state = build.train_state(student.params, self.optimizer, self.mesh)
+    self.step = 0
+    self.rng = jax.random.key(c.seed)
+    self.shardings = {k: shd.batch_sharding(self.mesh, 2) for k in BATCH_KEYS}
+    state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
+    step = functools.partial(
+      sft_step,
+      graphdef=self.graphdef,
+      optimizer=self.optimizer,
+      schedule=self.schedule,
+      chunk_size=c.loss.chunk_size,
+    )
+    self.train_step = jax.jit(
+      step,
+      in_shardings=(state_shardings, self.shardings),
+      out_shardings=(state_shardings, None),
+      donate_argnums=(0,),
+    )
+    self.eval_loss = jax.jit(
+      lambda p, b: sft_loss(p, self.graphdef, b, c.loss.chunk_size)[0],
+      in_shardings=(state_shardings["params"], self.shardings),
+    )
+    self.loop = loop_lib.Loop(
+      log_every=c.train.log_every, eval_every=c.train.eval_every, nonfinite=c.loss.nonfinite
+    )
+    self.checkpointer = build.checkpointer(c)
+    if self.checkpointer is not None:
+      self.checkpointer.write_model_config(self.model_cfg)
+      if c.checkpoint.resume:
+        restore_step = None if c.checkpoint.restore_step < 0 else c.checkpoint.restore_step
+        restored = ckpt.restore_train_state(self.checkpointer, self.state, restore_step)
+        if restored is not None:
+          self.state, self.rng, _, _ = restored
+          self.step = int(jax.device_get(self.state["step"]))
+    self.run_dir.record_identity(self.identity["config_hash"], c.to_json_best_effort())
+    run_log_lib.truncate(c.output_dir, self.step)
+
+  # --- data: row order is a pure function of (seed, epoch), so resume needs only the step
+
+  def batch(self, step: int) -> dict:
+    """Rows of step `step`: epochs of a seeded permutation of the packed rows."""
+    n, k = len(self.rows["tokens"]), self.config.sft.rows_per_step
+    order = []
+    epoch = (step * k) // n
+    while len(order) < (step * k) % n + k:
+      order.extend(np.random.default_rng([self.config.seed, epoch]).permutation(n))
+      epoch += 1
+    first = (step * k) % n
+    picked = np.asarray(order[first : first + k])
+    return {
+      name: jax.device_put(self.rows[name][picked], self.shardings[name]) for name in BATCH_KEYS
+    }
+
+  # --- the loop's Stage protocol ------------------------------------------------------
+
+  def train_one(self, diagnostics: bool = True) -> dict:
+    del diagnostics  # SFT has no costly diagnostics
+    self.state, metrics = self.train_step(self.state, self.batch(self.step))
+    self.step += 1
+    return metrics
+
+  def step_tokens(self, metrics: dict) -> dict:
+    return {"generated": metrics["completion_tokens"], "total": metrics["tokens"]}
+
+  def log_record(self, metrics: dict) -> dict:
+    return jax.tree.map(float, jax.device_get(metrics))
+
+  def progress(self, record: dict) -> str:
+    return f"completion cross-entropy {record['loss']:.4f}"
+
+  def evaluate(self) -> dict:
+    """Held-out completion cross-entropy (`sft.eval_files`, else the training rows)."""
+    rows = self.eval_rows or self.rows
+    n = self.config.sft.rows_per_step
+    losses_ = []
+    for start in range(0, len(rows["tokens"]) - n + 1, n):
+      b = {k: jax.device_put(rows[k][start : start + n], self.shardings[k]) for k in BATCH_KEYS}
+      losses_.append(float(self.eval_loss(self.state["params"], b)))
+    return {"cross_entropy": float(np.mean(losses_)) if losses_ else float("nan")}
+
+  def describe_eval(self, results: dict) -> str:
+    return f"held-out completion cross-entropy {results['cross_entropy']:.4f}"
+
+  def save(self, force: bool = False) -> bool:
+    if self.checkpointer is None:
+      return False
+    return ckpt.save_train_state(
+      self.checkpointer,
+      self.step,
+      self.state,
+      rng=self.rng,
+      data_state={"step": self.step},
+      identity=self.identity,
+      force=force,
+    )
+
+  def preempted(self, step: int) -> bool:
+    return self.checkpointer is not None and self.checkpointer.manager.reached_preemption(step)
+
+  @property
+  def params(self):
+    return self.state["params"]
+
+  def run(self, steps: int | None = None) -> list[dict]:
+    end = self.config.train.steps if steps is None else self.step + steps
+    metrics_log = run_log_lib.RunLog(self.config.output_dir, plot=plots.sft_curve)
+    try:
+      return self.loop.run(self, end, metrics_log)
+    finally:
+      if self.checkpointer is not None:
+        self.checkpointer.wait()
+      metrics_log.close()
+
+  def export(self, out_dir: str) -> None:
+    hf.to_hf(nnx.merge(self.graphdef, self.state["params"]), out_dir, tokenizer=self.tokenizer)

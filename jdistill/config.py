@@ -38,7 +38,8 @@ SCHEDULES = ("cosine", "linear", "constant")
 NONFINITE = ("skip", "stop")
 OVERLONG = ("truncate_left", "drop", "error")
 ON_ERROR = ("raise", "skip")
-STAGES = ("opd", "sft")
+STAGES = ("opd", "sft", "generate")
+KEEP = ("all", "verified")
 
 
 def teacher_config(
@@ -134,6 +135,19 @@ def base_config() -> mlc.ConfigDict:
       max_len=128,  # tokens per packed row
       rows_per_step=8,
       pack=True,  # several examples per row (segment ids keep them apart)
+    )
+  )
+  c.generate = mlc.ConfigDict(
+    dict(
+      model="",  # HF or checkpoint directory (default: student.path)
+      model_name="",  # recorded as "teacher" in each record (default: the directory's name)
+      param_dtype="bfloat16",
+      prompt_files="",  # default: data.train_files
+      out_dir="runs/generated",
+      samples_per_prompt=4,
+      prompts_per_batch=8,
+      verifier="",  # exact_match | numeric | boxed | regex:<p> | module:function
+      keep="all",  # all | verified (rejection sampling: only completions scoring 1)
     )
   )
   c.train = mlc.ConfigDict(dict(steps=100, log_every=1, eval_every=0))  # eval_every 0: off
@@ -333,6 +347,25 @@ def validate(config) -> None:
     )
   if not config.student.path:
     _fail("student.path", config.student.path, "a Hugging Face directory")
+  if config.stage == "generate":
+    g = config.generate
+    _check_choice(config, "generate.keep", KEEP)
+    _check_choice(config, "generate.param_dtype", DTYPES)
+    for field in ("samples_per_prompt", "prompts_per_batch"):
+      if not (isinstance(g[field], int) and g[field] > 0):
+        _fail(f"generate.{field}", g[field], "a positive integer")
+    if not (g.prompt_files or config.data.train_files):
+      _fail("generate.prompt_files", g.prompt_files, "a prompt file (or data.train_files)")
+    if g.keep == "verified" and not g.verifier:
+      _fail("generate.keep", g.keep, "'all' when generate.verifier is empty")
+    if g.verifier:
+      from jdistill import verifiers
+
+      try:
+        verifiers.get(g.verifier)
+      except ValueError as e:
+        _fail("generate.verifier", g.verifier, str(e))
+    return
   if config.stage == "sft":
     if not config.sft.train_files:
       _fail("sft.train_files", config.sft.train_files, "a JSONL file of prompt + completion")

@@ -119,8 +119,10 @@ def read_prompt_records(
     try:
       if isinstance(raw, Exception):
         raise raw
-      record = _check_record(raw, prompt_field, messages_field, domain_field)
-      records.append(dict(record, where=where))
+      record = dict(_check_record(raw, prompt_field, messages_field, domain_field), where=where)
+      if isinstance(raw, Mapping) and raw.get("answer") is not None:
+        record["answer"] = str(raw["answer"])  # the reference a verifier checks against
+      records.append(record)
     except ValueError as e:
       if on_error == "raise":
         raise ValueError(f"{where}: {e}") from None

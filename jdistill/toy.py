@@ -43,7 +43,13 @@ def write_prompts(path: str, n_per_domain: int, seed: int) -> str:
   with open(path, "w") as f:
     for _ in range(n_per_domain):
       for domain, make in PROMPTS.items():
-        f.write(json.dumps({"domain": domain, "prompt": make(rng)}) + "\n")
+        record = {"domain": domain, "prompt": make(rng)}
+        if domain == "math":  # "math: compute a op b ...": a verifiable reference answer
+          a, op, b = record["prompt"].split()[2:5]
+          record["answer"] = str(
+            {"+": int(a) + int(b), "-": int(a) - int(b)}.get(op, int(a) * int(b))
+          )
+        f.write(json.dumps(record) + "\n")
   return path
 
 

@@ -282,6 +282,18 @@ def main(argv):
     print(config.to_json())
     return
   distributed.initialize()
+  if config.stage == "generate":
+    from jdistill.generate import Generator
+
+    try:
+      progress = Generator(config).run()
+    except (ValueError, FileNotFoundError) as e:
+      sys.exit(f"jdistill: {e}")
+    print(
+      f"jdistill generate: {progress['kept']} records of {progress['sampled']} samples in "
+      f"{config.generate.out_dir}; {progress['verifier_errors']} verifier errors"
+    )
+    return
   try:
     if config.stage == "sft":
       from jdistill.sft import SFTTrainer

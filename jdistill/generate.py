@@ -1,0 +1,146 @@
+"""Teacher-data generation: a model samples n completions per prompt into JSONL, exactly once.
+
+  python -m jdistill.train --config=configs/generate_tiny.py
+
+Any model (a teacher, or the student) runs the jitted sampler over a prompt file. Each record
+carries the domain, the model's name, the prompt, the completion, the sampling settings and,
+where the prompt has an `answer` and `generate.verifier` is set, the verifier's score
+(`jdistill.verifiers`); `generate.keep="verified"` writes only completions scoring 1
+(rejection sampling). The records are what warmup SFT reads (`prompt` + `completion`).
+
+Exactly once, across kills: process p of P handles prompts p, p + P, ... and writes
+`<out_dir>/part-<p>-of-<P>.jsonl`. After each batch its records are appended and synced,
+then `part-...progress.json` is replaced atomically with the next prompt position and the
+file's committed size. A restarted run truncates the file to that size (dropping a batch
+written after the last commit) and goes on from there; sampling keys depend only on the
+seed and the batch, so the output equals an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import numpy as np
+
+from jdistill import build, verifiers
+from jdistill import config as config_lib
+from jdistill import data as data_lib
+from jdistill.sampler import Sampler
+
+
+class Generator:
+  """Builds the model, sampler and prompts from a config with `stage="generate"`."""
+
+  def __init__(self, config):
+    config_lib.validate(config)
+    self.config = c = config
+    g = c.generate
+    self.mesh = build.mesh(c)
+    self.tokenizer = build.tokenizer(c)
+    path = g.model or c.student.path
+    model = build.load_model(path, self.mesh, param_dtype=g.param_dtype, dtype=g.param_dtype)
+    from flax import nnx
+
+    self.graphdef, self.params = nnx.split(model)
+    self.model_name = g.model_name or os.path.basename(os.path.normpath(path))
+    self.sampler = Sampler(self.graphdef, self.mesh)
+    self.sampling = build.sampling_params(c, self.tokenizer)
+    records, _ = build.read_records(g.prompt_files or c.data.train_files, c)
+    p, n_proc = jax.process_index(), jax.process_count()
+    self.records = records[p::n_proc]
+    self.scorer = verifiers.Scorer(verifiers.get(g.verifier)) if g.verifier else None
+    os.makedirs(g.out_dir, exist_ok=True)
+    stem = os.path.join(g.out_dir, f"part-{p:05d}-of-{n_proc:05d}")
+    self.out_path, self.progress_path = stem + ".jsonl", stem + ".progress.json"
+    self.kept = self.written = 0
+
+  def _progress(self) -> dict:
+    if not os.path.exists(self.progress_path):
+      return {"next": 0, "bytes": 0, "kept": 0, "sampled": 0, "verifier_errors": 0}
+    with open(self.progress_path) as f:
+      return json.load(f)
+
+  def _commit(self, progress: dict) -> None:
+    tmp = self.progress_path + ".tmp"
+    with open(tmp, "w") as f:
+      json.dump(progress, f)
+    os.replace(tmp, self.progress_path)
+
+  def _encode(self, record) -> list[int]:
+    d = self.config.data
+    ids = data_lib.encode_prompt(
+      record,
+      self.tokenizer,
+      use_chat_template=d.use_chat_template,
+      max_prompt_len=d.max_prompt_len,
+      overlong="truncate_left",
+    )
+    return ids
+
+  def run(self) -> dict:
+    """Generates from the committed position to the end; returns the final progress."""
+    g, s = self.config.generate, self.config.sampling
+    progress = self._progress()
+    with open(self.out_path, "ab") as f:  # drop anything written after the last commit
+      f.truncate(progress["bytes"])
+    n = g.samples_per_prompt
+    dp = self.sampler.data_parallel_size()
+    settings = {"temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p,
+                "max_new_tokens": s.max_new_tokens}  # fmt: skip
+    t0, sampled_here = time.time(), 0
+    while progress["next"] < len(self.records):
+      start = progress["next"]
+      batch = self.records[start : start + g.prompts_per_batch]
+      ids = [self._encode(r) for r in batch for _ in range(n)]
+      rows = ids + [ids[-1]] * (-len(ids) % dp)
+      width = max(len(x) for x in rows)
+      tokens = np.full((len(rows), width), self.tokenizer.pad_token_id or 0, np.int32)
+      for i, x in enumerate(rows):
+        tokens[i, : len(x)] = x
+      lengths = np.asarray([len(x) for x in rows], np.int32)
+      key = jax.random.fold_in(jax.random.key(self.config.seed), start)
+      out = jax.device_get(
+        self.sampler.generate(self.params, (tokens, lengths), key, self.sampling)
+      )
+      lines = []
+      for i in range(len(ids)):
+        record = batch[i // n]
+        p0, m = int(out.prompt_lengths[i]), int(out.completion_lengths[i])
+        completion = self.tokenizer.decode(out.tokens[i, p0 : p0 + m], skip_special_tokens=True)
+        line = {
+          "domain": record["domain"],
+          "teacher": self.model_name,
+          "sample": i % n,
+          "completion": completion,
+          "sampling": settings,
+          "source": record["where"],
+        }
+        line.update({k: record[k] for k in ("prompt", "messages", "answer") if k in record})
+        if self.scorer is not None and "answer" in record:
+          line["score"] = self.scorer(completion, record["answer"])
+        progress["sampled"] += 1
+        sampled_here += 1
+        if g.keep == "verified" and line.get("score", 0.0) < 1.0:
+          continue
+        lines.append(json.dumps(line) + "\n")
+      with open(self.out_path, "a") as f:
+        f.writelines(lines)
+        f.flush()
+        os.fsync(f.fileno())
+      progress.update(
+        next=start + len(batch),
+        bytes=os.path.getsize(self.out_path),
+        kept=progress["kept"] + len(lines),
+        verifier_errors=progress["verifier_errors"] + (self.scorer.errors if self.scorer else 0),
+      )
+      if self.scorer is not None:
+        self.scorer.errors = 0
+      self._commit(progress)
+      done, total = progress["next"], len(self.records)
+      rate = sampled_here / max(time.time() - t0, 1e-9)
+      print(f"generate {done}/{total} prompts | {progress['kept']} kept of "
+            f"{progress['sampled']} sampled | {rate:,.1f} samples/s", flush=True)  # fmt: skip
+    return progress

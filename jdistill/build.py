@@ -116,6 +116,7 @@ def loss_settings(config, loss: str) -> losses.LossSettings:
     topk_direction=lc.topk_direction,
     clip_eps=lc.clip_eps or None,
     icepop_c=lc.icepop_c or None,
+    kl_weight=lc.kl_weight,
     overlap_criterion=lc.overlap_criterion,
     overlap_topk=lc.overlap_topk,
     overlap_floor_prob=lc.overlap_floor_prob,

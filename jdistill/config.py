@@ -105,6 +105,7 @@ def base_config() -> mlc.ConfigDict:
       topk_tail="bucket",
       topk_direction="reverse",
       clip_eps=0.0,  # >0: PPO clip of the ratio q/π against the sampler's sampling logprobs
+      kl_weight=1.0,  # λ of sampled_token: advantage = λ·(−k1) + any reward advantage
       icepop_c=0.0,  # >1: sampled terms whose q/π leaves [1/c, c] get no gradient (IcePop)
       nonfinite="skip",  # NaN/Inf loss or grads: skip the update | stop
       overlap_criterion="teacher_topk",

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 
 LOSS_NAMES = ("sampled_token", "reverse_kl", "forward_kl", "jsd", "topk", "overlap_aware")
-NORMALIZE_MODES = ("token", "sequence")
+NORMALIZE_MODES = ("token", "sequence", "constant")
 TOPK_SUPPORTS = ("teacher", "student", "union")
 TOPK_TAILS = ("renorm", "bucket")
 KL_DIRECTIONS = ("reverse", "forward")
@@ -102,6 +102,7 @@ class LossSettings:
   topk_tail: str = "bucket"
   topk_direction: str = "reverse"
   clip_eps: float | None = None
+  kl_weight: float = 1.0  # λ: weight of the sampled-token distillation advantage −k1
   icepop_c: float | None = None  # > 1: sampled terms with q/π outside [1/c, c] get no gradient
   overlap_criterion: str = "teacher_topk"
   overlap_topk: int = 8
@@ -180,6 +181,8 @@ def masked_mean(values, mask, normalize: str = "token"):
   weighted = m * jnp.where(m != 0, values.astype(jnp.float32), 0.0)
   if normalize == "token":
     return weighted.sum() / jnp.maximum(m.sum(), 1.0)
+  if normalize == "constant":  # Dr. GRPO: a fixed denominator, no length bias
+    return weighted.sum() / m.size
   tokens_per_seq = m.sum(axis=-1)
   seq_means = weighted.sum(axis=-1) / jnp.maximum(tokens_per_seq, 1.0)
   has_tokens = (tokens_per_seq > 0).astype(jnp.float32)
@@ -193,6 +196,8 @@ def token_weights(mask, normalize: str = "token"):
   m = mask.astype(jnp.float32)
   if normalize == "token":
     return m / jnp.maximum(m.sum(), 1.0)
+  if normalize == "constant":
+    return m / m.size
   tokens_per_seq = m.sum(axis=-1, keepdims=True)
   has_tokens = (tokens_per_seq > 0).astype(jnp.float32)
   return m * has_tokens / (jnp.maximum(tokens_per_seq, 1.0) * jnp.maximum(has_tokens.sum(), 1.0))
@@ -428,14 +433,15 @@ def sampled_token_loss(
 
 
 def sampled_token_terms(
-  student_logp, teacher_logp, behaviour_logp, extra_advantage, clip_eps, icepop_c
+  student_logp, teacher_logp, behaviour_logp, extra_advantage, clip_eps, icepop_c, kl_weight=1.0
 ):
   """Elementwise part of :func:`sampled_token_loss` -> ``(per_token_loss, aux)``, all shaped
   like ``student_logp`` (``extra_advantage`` broadcasts); aux holds ``clipped`` (1 where the
-  PPO clip is active) instead of the reduced ``clip_fraction``."""
+  PPO clip is active) instead of the reduced ``clip_fraction``. The advantage is
+  :func:`combined_advantage`: ``kl_weight · (−k1) + extra_advantage``."""
   student_logp = student_logp.astype(jnp.float32)
   k1 = student_logp - sg(teacher_logp.astype(jnp.float32))
-  advantage = -sg(k1)
+  advantage = -kl_weight * sg(k1)
   if extra_advantage is not None:
     advantage = advantage + sg(extra_advantage.astype(jnp.float32))
 
@@ -537,6 +543,44 @@ def overlap_aware_terms(dense, student_logp, teacher_logp, gate, behaviour_logp,
     "per_token_loss": sg(per_token),
   }
   return per_token, aux
+
+
+# --------------------------------------------------------------------------
+# RL: group advantages, the combined advantage, the k3 KL estimator
+# --------------------------------------------------------------------------
+
+
+def group_advantages(rewards, group_size: int, *, normalize_std: bool = True, eps: float = 1e-6):
+  """GRPO advantages of ``rewards [N]``, N = prompts × ``group_size`` consecutive samples of
+  one prompt: ``r − mean(group)``, divided by ``std(group) + eps`` with ``normalize_std``
+  (Dr. GRPO turns that off). An all-correct or all-wrong group gets 0."""
+  rewards = jnp.asarray(rewards, jnp.float32)
+  if rewards.ndim != 1 or rewards.shape[0] % group_size:
+    raise ValueError(
+      f"rewards shape {rewards.shape} is not a whole number of groups of {group_size}"
+    )
+  groups = rewards.reshape(-1, group_size)
+  centred = groups - groups.mean(axis=1, keepdims=True)
+  if normalize_std:
+    centred = centred / (groups.std(axis=1, keepdims=True) + eps)
+  return centred.reshape(-1)
+
+
+def combined_advantage(k1, reward_advantage, *, kl_weight: float, reward_weight: float = 1.0):
+  """Per-token advantage of the unified objective (Nemotron-3-Ultra style), ``[B, T]``:
+  ``reward_weight · A_reward[b] + kl_weight · (−k1[b, t])`` with ``A_reward [B]`` the group
+  advantage of each sequence and ``k1 = log p_s(x) − log p_t(x)`` the sampled-token
+  distillation advantage's negation. ``kl_weight = 0`` is pure GRPO; ``reward_weight = 0``
+  pure sampled-token OPD. (The kernel computes this as ``kl_weight`` in
+  :class:`LossSettings` with ``extra_advantage = reward_weight · A_reward[:, None]``.)"""
+  return reward_weight * reward_advantage[:, None] - kl_weight * sg(k1)
+
+
+def k3_kl(student_logp, reference_logp):
+  """Per-token k3 estimator of KL(q‖ref) from the sampled tokens' log-probs ``[...]``:
+  ``exp(ref − q) − (ref − q) − 1`` ≥ 0, whose expectation over x ~ q is exactly KL(q‖ref)."""
+  d = reference_logp.astype(jnp.float32) - student_logp.astype(jnp.float32)
+  return jnp.exp(d) - d - 1.0
 
 
 # --------------------------------------------------------------------------
@@ -949,6 +993,7 @@ def _per_token_loss_fn(settings: LossSettings, diagnostics):
         extra_advantage,
         settings.clip_eps,
         settings.icepop_c,
+        settings.kl_weight,
       )
     elif settings.loss == "overlap_aware":
       per_token, aux = overlap_aware_terms(

@@ -169,3 +169,66 @@ def test_icepop_masks_tokens_whose_ratio_leaves_the_band_and_the_step_logs_it():
   np.testing.assert_allclose(float(metrics["abs_log_ratio_max"]), log_r.max(), rtol=1e-5)
   with pytest.raises(ValueError, match="icepop_c"):
     losses.LossSettings(loss="sampled_token", icepop_c=0.5).validate()
+
+
+# ------------------------------------------------------------------ RL advantages and k3
+
+
+def test_group_advantages_match_numpy():
+  rewards = np.asarray([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.5, 0.25, 0.0])
+  groups = rewards.reshape(-1, 4)
+  centred = groups - groups.mean(1, keepdims=True)
+  want = (centred / (groups.std(1, keepdims=True) + 1e-6)).reshape(-1)
+  np.testing.assert_allclose(losses.group_advantages(rewards, 4), want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    losses.group_advantages(rewards, 4, normalize_std=False), centred.reshape(-1), atol=1e-7
+  )
+  assert np.all(np.asarray(losses.group_advantages(rewards, 4))[4:8] == 0)  # all correct: 0
+  with pytest.raises(ValueError, match="groups of 5"):
+    losses.group_advantages(rewards, 5)
+
+
+def test_combined_advantage_is_its_formula_and_reduces_to_the_pure_cases():
+  rng = np.random.RandomState(0)
+  student, teacher = jnp.asarray(rng.randn(3, 4)), jnp.asarray(rng.randn(3, 4))
+  behaviour, reward_adv = student + 0.1, jnp.asarray([0.5, -1.0, 2.0])
+  k1 = student - teacher
+  got = losses.combined_advantage(k1, reward_adv, kl_weight=0.3, reward_weight=2.0)
+  np.testing.assert_allclose(got, 2.0 * reward_adv[:, None] - 0.3 * k1, rtol=1e-6)
+
+  def kernel_advantage(kl_weight, reward_weight):
+    _, aux = losses.sampled_token_terms(
+      student, teacher, behaviour, reward_weight * reward_adv[:, None], None, None, kl_weight
+    )
+    return np.asarray(aux["advantage"])
+
+  formula = losses.combined_advantage(k1, reward_adv, kl_weight=0.3, reward_weight=2.0)
+  np.testing.assert_allclose(kernel_advantage(0.3, 2.0), formula, rtol=1e-6)
+  # λ = 0: pure GRPO (the reward advantage alone); reward weight 0: pure sampled-token OPD
+  np.testing.assert_allclose(
+    kernel_advantage(0.0, 1.0), np.broadcast_to(reward_adv[:, None], (3, 4))
+  )
+  pure_opd, _ = losses.sampled_token_terms(student, teacher, behaviour, None, None, None)
+  zero_reward, _ = losses.sampled_token_terms(
+    student, teacher, behaviour, 0.0 * reward_adv[:, None], None, None, 1.0
+  )
+  np.testing.assert_allclose(zero_reward, pure_opd, rtol=1e-6)
+
+
+def test_k3_is_kl_in_expectation_by_exact_enumeration():
+  q = jax.nn.log_softmax(jnp.asarray(STUDENT))
+  ref = jax.nn.log_softmax(jnp.asarray(TEACHER))
+  per_token = losses.k3_kl(q, ref)  # one value per possible sampled token
+  assert float(per_token.min()) >= 0
+  expected = float(jnp.sum(jnp.exp(q) * per_token))
+  exact = float(jnp.sum(jnp.exp(q) * (q - ref)))
+  np.testing.assert_allclose(expected, exact, rtol=1e-5)
+
+
+def test_constant_normalisation_is_a_fixed_denominator():
+  values = jnp.asarray([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+  mask = jnp.asarray([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+  got = float(losses.masked_mean(values, mask, "constant"))
+  assert got == pytest.approx((1 + 2 + 4) / 6)
+  weights = losses.token_weights(mask, "constant")
+  assert float(jnp.sum(weights * values)) == pytest.approx(got)

@@ -128,6 +128,18 @@ class Loop:
       flush=True,
     )
 
+  def run_to(self, stage: Stage, end: int, out_dir: str, plot) -> list[dict]:
+    """`run` with the stage's metrics in `out_dir` (metrics.jsonl, TensorBoard, `plot`'s
+    PNG), waiting for the stage's last checkpoint to commit (`stage.checkpointer`)."""
+    log = RunLog(out_dir, plot=plot)
+    try:
+      return self.run(stage, end, log)
+    finally:
+      checkpointer = getattr(stage, "checkpointer", None)
+      if checkpointer is not None:
+        checkpointer.wait()
+      log.close()
+
   def run(self, stage: Stage, end: int, log: RunLog) -> list[dict]:
     """Trains `stage` until its step reaches `end`; returns the records logged.
 

@@ -162,3 +162,34 @@ class RunDir:
       with open(path + ".tmp", "w") as f:
         json.dump(record, f, indent=2)
       os.replace(path + ".tmp", path)
+
+
+def run_identity(config) -> dict:
+  """What a checkpoint records of the run that wrote it (the model config is added once the
+  student is built)."""
+  from jdistill import __version__
+  from jdistill import config as config_lib
+
+  return {
+    "config_hash": config_lib.config_hash(config),
+    "seed": config.seed,
+    "jdistill_version": __version__,
+  }
+
+
+def open_run_dir(config, identity: dict) -> RunDir:
+  """Takes `config.output_dir`'s lock and checks the run there is this one; with
+  `run_mode="new"` the old run (and an outside checkpoint directory) is moved aside first.
+  Every stage opens its directory here."""
+  run_dir = RunDir(config.output_dir)
+  run_dir.acquire()
+  if config.run_mode == "new":
+    run_dir.release()
+    # the output directory first: a checkpoint directory inside it moves along
+    here = os.path.abspath(".")
+    for path in (os.path.abspath(config.output_dir), os.path.abspath(config.checkpoint.dir or ".")):
+      if path != here and os.path.isdir(path) and os.listdir(path):
+        print(f"jdistill: --new_run: moved the previous run aside to {set_aside(path, 'previous')}")
+    run_dir.acquire()
+  run_dir.check_identity(identity["config_hash"], config.to_json_best_effort(), config.run_mode)
+  return run_dir

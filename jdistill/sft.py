@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jdistill import __version__, build, losses, packing, plots
+from jdistill import build, losses, packing, plots
 from jdistill import checkpoint as ckpt
 from jdistill import config as config_lib
 from jdistill import loop as loop_lib
@@ -28,7 +28,7 @@ from jdistill import run_log as run_log_lib
 from jdistill import sharding as shd
 from jdistill import train_step as ts
 from jdistill.models import hf
-from jdistill.run_dir import RunDir
+from jdistill.run_dir import open_run_dir, run_identity
 
 BATCH_KEYS = ("tokens", "positions", "segment_ids", "loss_mask")
 
@@ -76,14 +76,8 @@ class SFTTrainer:
   def __init__(self, config):
     config_lib.validate(config)
     self.config = c = config
-    self.identity = {
-      "config_hash": config_lib.config_hash(c),
-      "seed": c.seed,
-      "jdistill_version": __version__,
-    }
-    self.run_dir = RunDir(c.output_dir)
-    self.run_dir.acquire()
-    self.run_dir.check_identity(self.identity["config_hash"], c.to_json_best_effort(), c.run_mode)
+    self.identity = run_identity(c)
+    self.run_dir = open_run_dir(c, self.identity)
     self.mesh = build.mesh(c)
     self.tokenizer = build.tokenizer(c)
     s = c.sft
@@ -210,13 +204,7 @@ class SFTTrainer:
 
   def run(self, steps: int | None = None) -> list[dict]:
     end = self.config.train.steps if steps is None else self.step + steps
-    metrics_log = run_log_lib.RunLog(self.config.output_dir, plot=plots.sft_curve)
-    try:
-      return self.loop.run(self, end, metrics_log)
-    finally:
-      if self.checkpointer is not None:
-        self.checkpointer.wait()
-      metrics_log.close()
+    return self.loop.run_to(self, end, self.config.output_dir, plots.sft_curve)
 
   def export(self, out_dir: str) -> None:
     hf.to_hf(nnx.merge(self.graphdef, self.state["params"]), out_dir, tokenizer=self.tokenizer)

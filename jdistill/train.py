@@ -15,20 +15,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import os
 import sys
 
 import jax
 from flax import nnx
 
-from jdistill import __version__, build, distributed, overlap, plots, run_log
+from jdistill import build, distributed, overlap, plots, run_log
 from jdistill import checkpoint as ckpt
 from jdistill import config as config_lib
 from jdistill import loop as loop_lib
 from jdistill import train_step as ts
 from jdistill.models import hf
-from jdistill.run_dir import RunDir, set_aside
-from jdistill.run_log import RunLog
+from jdistill.run_dir import open_run_dir, run_identity
 from jdistill.sampler import Sampler
 
 log = logging.getLogger("jdistill")
@@ -48,12 +46,8 @@ class Trainer:
   def __init__(self, config):
     config_lib.validate(config)
     self.config = c = config
-    self.identity = {
-      "config_hash": config_lib.config_hash(c),
-      "seed": c.seed,
-      "jdistill_version": __version__,
-    }
-    self.run_dir = self._open_run_dir()
+    self.identity = run_identity(c)
+    self.run_dir = open_run_dir(c, self.identity)
     # Everything that reads user input runs before the models load and the step compiles.
     self.mesh = build.mesh(c)
     self.tokenizer = build.tokenizer(c)
@@ -99,24 +93,6 @@ class Trainer:
     dropped = run_log.truncate(c.output_dir, self.step)
     if dropped:
       print(f"jdistill: resuming at step {self.step}: dropped {dropped} later metrics records")
-
-  def _open_run_dir(self) -> RunDir:
-    """Takes the output directory's lock and checks the run there is this one (run_dir.py);
-    with `run_mode="new"` the old run (and an outside checkpoint directory) is moved aside."""
-    c = self.config
-    run_dir = RunDir(c.output_dir)
-    run_dir.acquire()
-    if c.run_mode == "new":
-      run_dir.release()
-      # the output directory first: a checkpoint directory inside it moves along
-      for path in (os.path.abspath(c.output_dir), os.path.abspath(c.checkpoint.dir or ".")):
-        if path != os.path.abspath(".") and os.path.isdir(path) and os.listdir(path):
-          print(
-            f"jdistill: --new_run: moved the previous run aside to {set_aside(path, 'previous')}"
-          )
-      run_dir.acquire()
-    run_dir.check_identity(self.identity["config_hash"], c.to_json_best_effort(), c.run_mode)
-    return run_dir
 
   def _compile(self):
     """The jitted train step (explicit shardings, donated state) and eval objective."""
@@ -250,13 +226,7 @@ class Trainer:
   def run(self, steps: int | None = None) -> list[dict]:
     """Trains until `train.steps` (or `steps` more); returns the logged records."""
     end = self.config.train.steps if steps is None else self.step + steps
-    metrics_log = RunLog(self.config.output_dir, plot=plots.learning_curves)
-    try:
-      return self.loop.run(self, end, metrics_log)
-    finally:
-      if self.checkpointer is not None:
-        self.checkpointer.wait()
-      metrics_log.close()
+    return self.loop.run_to(self, end, self.config.output_dir, plots.learning_curves)
 
   def export(self, out_dir: str) -> None:
     student = nnx.merge(self.student_graphdef, self.state["params"])

@@ -14,7 +14,7 @@ def learning_curves(history: list[dict], path: str) -> str:
   names = list(history[0]["teachers"])
   fig, axes = plt.subplots(1, 3, figsize=(15, 4))
   axes[0].plot(steps, [r["loss"] for r in history], color="black")
-  axes[0].set_title("objective (sum of weighted losses; sampled-token terms are surrogates)")
+  axes[0].set_title("objective (a surrogate for sampled terms)")
   for name in names:
     axes[1].plot(steps, [r["teachers"][name]["reverse_kl"] for r in history], label=name)
     axes[2].plot(steps, [r["teachers"][name]["teacher_logp"] for r in history], label=name)

@@ -126,10 +126,13 @@ def loss_settings(config, loss: str) -> losses.LossSettings:
   )
 
 
-def teachers(config, mesh, vocab_size: int) -> Teachers:
-  """Loads every `config.teachers.<name>` onto `mesh`; checks the shared vocabulary."""
+def teachers(config, mesh, vocab_size: int, rows_per_teacher: int | None = None) -> Teachers:
+  """Loads every `config.teachers.<name>` onto `mesh`; checks the shared vocabulary.
+  Each teacher scores `rows_per_teacher` rows of the step (default `data.slots_per_teacher`;
+  GRPO: prompts × group size)."""
   names = config_lib.teacher_names(config)
-  rows = ts.teacher_rows(len(names), config.data.slots_per_teacher, jax.process_count())
+  slots = rows_per_teacher or config.data.slots_per_teacher
+  rows = ts.teacher_rows(len(names), slots, jax.process_count())
   graphdefs, states, specs = [], [], []
   for i, name in enumerate(names):
     t = config.teachers[name]
@@ -246,13 +249,17 @@ def prompt_batcher(config, tokenizer, files: str, *, seed: int) -> data_lib.Prom
   """Batches of `config.data.slots_per_teacher` prompts per teacher from `files`, every
   prompt (or the first `data.check_prompts` of each teacher) tokenised and checked against
   the `overlong` rule first, so bad input fails before anything compiles. The counts are in
-  `batcher.prompt_counts`."""
+  `batcher.prompt_counts`. Prompts are grouped by the teacher owning their domain; with no
+  teachers (pure GRPO) one group, "policy", owns every domain in the files."""
   records, skipped = read_records(files, config)
   d = config.data
+  owners = config_lib.teacher_domains(config)
+  if not owners:
+    owners = {"policy": sorted({r["domain"] for r in records})}
   batcher = data_lib.PromptBatcher(
     records,
     tokenizer,
-    config_lib.teacher_domains(config),
+    owners,
     slots_per_teacher=d.slots_per_teacher,
     max_prompt_len=d.max_prompt_len,
     pad_id=tokenizer.pad_token_id or 0,

@@ -38,7 +38,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 NONFINITE = ("skip", "stop")
 OVERLONG = ("truncate_left", "drop", "error")
 ON_ERROR = ("raise", "skip")
-STAGES = ("opd", "sft", "generate")
+STAGES = ("opd", "sft", "generate", "rlvr")
 KEEP = ("all", "verified")
 
 
@@ -58,7 +58,7 @@ def base_config() -> mlc.ConfigDict:
   c = mlc.ConfigDict()
   c.seed = 0
   c.run_mode = "auto"  # auto | resume | new (see jdistill/run_dir.py; --resume, --new_run)
-  c.stage = "opd"  # opd (on-policy distillation) | sft (warmup SFT on completions)
+  c.stage = "opd"  # opd | sft (warmup SFT) | generate (teacher data) | rlvr (GRPO, unified)
   c.output_dir = "runs/opd"
   c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.num_devices = 0  # 0: all devices; n: the first n (e.g. to compare against one device)
@@ -149,6 +149,18 @@ def base_config() -> mlc.ConfigDict:
       prompts_per_batch=8,
       verifier="",  # exact_match | numeric | boxed | regex:<p> | module:function
       keep="all",  # all | verified (rejection sampling: only completions scoring 1)
+    )
+  )
+  c.rl = mlc.ConfigDict(
+    dict(
+      group_size=4,  # G samples per prompt; data.slots_per_teacher counts prompts
+      verifier="exact_match",  # reward of every domain (see jdistill/verifiers.py) ...
+      verifiers=mlc.ConfigDict(),  # ... unless rl.verifiers.<domain> names another
+      normalize_std=True,  # GRPO: (r - mean) / std per group; False: Dr. GRPO (r - mean)
+      reward_weight=1.0,  # weight of the group reward advantage (0: pure sampled-token OPD)
+      kl_coef=0.0,  # > 0: k3 penalty towards the frozen reference (the stage's start model)
+      dense_weight=0.0,  # > 0: plus a full-vocab reverse KL to each row's teacher
+      eval_prompts=32,  # held-out prompts per domain for greedy accuracy (evaluate)
     )
   )
   c.train = mlc.ConfigDict(dict(steps=100, log_every=1, eval_every=0))  # eval_every 0: off
@@ -376,7 +388,35 @@ def validate(config) -> None:
     return
   if not config.data.train_files:
     _fail("data.train_files", config.data.train_files, "comma-separated .jsonl/.parquet paths")
+  if config.stage == "rlvr":
+    _validate_rl(config)
+    if config.teachers.keys():  # teachers are optional: without them, pure GRPO
+      _validate_teachers(config)
+    return
   _validate_teachers(config)
+
+
+def _validate_rl(config) -> None:
+  r = config.rl
+  if not (
+    isinstance(r.group_size, int) and not isinstance(r.group_size, bool) and r.group_size > 1
+  ):
+    _fail("rl.group_size", r.group_size, "an integer >= 2 (group advantages need two samples)")
+  if not (isinstance(r.eval_prompts, int) and r.eval_prompts > 0):
+    _fail("rl.eval_prompts", r.eval_prompts, "a positive integer")
+  for field in ("reward_weight", "kl_coef", "dense_weight"):
+    _check_positive(config, f"rl.{field}", allow_zero=True)
+  if r.dense_weight > 0 and not config.teachers.keys():
+    _fail("rl.dense_weight", r.dense_weight, "0 when no teachers are configured")
+  from jdistill import verifiers
+
+  for field, name in [("rl.verifier", r.verifier)] + [
+    (f"rl.verifiers.{d}", v) for d, v in r.verifiers.items()
+  ]:
+    try:
+      verifiers.get(name)
+    except ValueError as e:
+      _fail(field, name, str(e))
 
 
 def _validate_teachers(config) -> None:

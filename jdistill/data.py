@@ -218,7 +218,8 @@ class PromptBatcher:
     ``prompt_tokens``  int32 ``[R, L]``, right-padded with ``pad_id``;
     ``prompt_lengths`` int32 ``[R]``, number of real tokens (>= 1);
     ``teacher_index``  int32 ``[R]``, index into ``teacher_names``;
-    ``domain_index``   int32 ``[R]``, index into ``domains`` (sorted owned domains).
+    ``domain_index``   int32 ``[R]``, index into ``domains`` (sorted owned domains);
+    ``record_index``   int32 ``[R]``, index into ``records`` (its answer, for verifiers).
 
   Attributes:
     teacher_names: teacher names, in batch order.
@@ -287,7 +288,7 @@ class PromptBatcher:
       if not idx:
         raise ValueError(f"teacher {name!r} has no prompts (domains {list(teacher_domains[name])})")
 
-    self._records = records
+    self.records = self._records = records
     self._tokenizer = tokenizer
     self._domain_id = domain_id
     self._sizes = [len(idx) for idx in per_teacher]
@@ -372,6 +373,7 @@ class PromptBatcher:
       "prompt_lengths": np.zeros((n,), np.int32),
       "teacher_index": np.zeros((n,), np.int32),
       "domain_index": np.zeros((n,), np.int32),
+      "record_index": np.zeros((n,), np.int32),
     }
     row = 0
     for t in range(len(self.teacher_names)):
@@ -381,6 +383,7 @@ class PromptBatcher:
         out["prompt_lengths"][row] = len(ids)
         out["teacher_index"][row] = t
         out["domain_index"][row] = self._domain_id[self._records[r]["domain"]]
+        out["record_index"][row] = r
         row += 1
     return out
 

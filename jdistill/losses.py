@@ -716,6 +716,30 @@ def chunked_token_values(
   return jax.tree.map(lambda y: _merge_chunks(y, length), values)
 
 
+def token_logprobs(hidden, unembed, targets, *, chunk_size: int | None = 512, bias=None):
+  """Differentiable log-probs of ``targets`` from hidden states -> ``[B, T]`` float32.
+
+  ``hidden [B, T, D]``, ``unembed [D, V]``, ``targets [B, T]`` (position t scores
+  ``targets[:, t]``). Logits are built ``chunk_size`` positions at a time under
+  ``jax.checkpoint`` (as in :func:`chunked_token_values`), so no ``[B, T, V]`` array lives
+  in memory; ``chunk_size=None`` is the unchunked reference. The policy-gradient losses
+  (GRPO) and the cross-entropy of SFT both stand on it.
+  """
+  _check_same_shape("hidden[..., 0]", hidden[..., 0], "targets", targets)
+
+  def logp(h, w, b, tg):
+    return token_logp(log_softmax(project_logits(h, w, b)), tg)
+
+  if chunk_size is None:
+    return logp(hidden, unembed, bias, targets)
+  length = targets.shape[1]
+  size = int(min(chunk_size, length))
+  n_chunks = -(-length // size)
+  chunks = (_split_chunks(hidden, n_chunks, size), _split_chunks(targets, n_chunks, size))
+  step = jax.checkpoint(lambda chunk: logp(chunk[0], unembed, bias, chunk[1]))
+  return _merge_chunks(jax.lax.map(step, chunks), length)
+
+
 def cross_entropy_loss(
   hidden, unembed, targets, mask, *, chunk_size: int | None = 512, bias=None, normalize="token"
 ):
@@ -723,24 +747,10 @@ def cross_entropy_loss(
 
   ``hidden [B, T, D]``, ``unembed [D, V]``, ``targets [B, T]`` (position t predicts
   ``targets[:, t]``), ``mask [B, T]`` (1 on the tokens that carry loss, e.g. completions
-  only). Logits are built ``chunk_size`` positions at a time under ``jax.checkpoint``, as in
-  :func:`chunked_token_values`; ``chunk_size=None`` is the unchunked reference. Positions
-  with mask 0 get no gradient.
+  only), chunked as :func:`token_logprobs`. Positions with mask 0 get no gradient.
   """
   _check_same_shape("mask", mask, "targets", targets)
-
-  def nll(h, w, b, tg):
-    return -token_logp(log_softmax(project_logits(h, w, b)), tg)
-
-  if chunk_size is None:
-    per_token = nll(hidden, unembed, bias, targets)
-  else:
-    length = targets.shape[1]
-    size = int(min(chunk_size, length))
-    n_chunks = -(-length // size)
-    chunks = (_split_chunks(hidden, n_chunks, size), _split_chunks(targets, n_chunks, size))
-    step = jax.checkpoint(lambda chunk: nll(chunk[0], unembed, bias, chunk[1]))
-    per_token = _merge_chunks(jax.lax.map(step, chunks), length)
+  per_token = -token_logprobs(hidden, unembed, targets, chunk_size=chunk_size, bias=bias)
   return masked_mean(per_token, mask, normalize), sg(per_token)
 
 

@@ -41,3 +41,24 @@ def sft_curve(history: list[dict], path: str) -> str:
   fig.savefig(path, dpi=100)
   plt.close(fig)
   return path
+
+
+def rl_curve(history: list[dict], path: str) -> str:
+  """Mean reward per domain and response length against step."""
+  steps = [r["step"] for r in history]
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  for name in history[-1]["rewards"]["domains"]:
+    values = [r["rewards"]["domains"].get(name, {}).get("reward_mean") for r in history]
+    axes[0].plot(steps, values, label=name)
+  axes[0].plot(steps, [r["rewards"]["reward_mean"] for r in history], color="black", label="all")
+  axes[0].set_title("RLVR: mean verifier reward")
+  axes[0].legend()
+  axes[1].plot(steps, [r["response_length"] for r in history], color="black")
+  axes[1].set_title("response length (tokens)")
+  for ax in axes:
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path

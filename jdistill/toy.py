@@ -53,6 +53,27 @@ def write_prompts(path: str, n_per_domain: int, seed: int) -> str:
   return path
 
 
+def write_larger_prompts(path: str, n: int, seed: int) -> str:
+  """A tiny verifiable task for RLVR: "larger of a and b ->" with one-digit a != b; the
+  reference answer is the larger digit. Domain "larger"."""
+  rng = random.Random(seed)
+  with open(path, "w") as f:
+    for _ in range(n):
+      a, b = rng.sample(range(10), 2)
+      record = {"domain": "larger", "prompt": f"larger of {a} and {b} ->", "answer": str(max(a, b))}
+      f.write(json.dumps(record) + "\n")
+  return path
+
+
+def larger_reward(completion: str, reference: str) -> float:
+  """Shaped verifier of the "larger" task: 1 for the right digit, 0.2 for another single
+  digit (the answer's format), 0 otherwise. Used as `rl.verifier="jdistill.toy:larger_reward"`."""
+  answer = completion.strip()
+  if answer == reference.strip():
+    return 1.0
+  return 0.2 if len(answer) == 1 and answer.isdigit() else 0.0
+
+
 def random_model_dir(
   out_dir: str,
   cfg: ModelConfig,

@@ -269,6 +269,10 @@ def main(argv):
       from jdistill.sft import SFTTrainer
 
       trainer = SFTTrainer(config)
+    elif config.stage == "rlvr":
+      from jdistill.rlvr import RLVRTrainer
+
+      trainer = RLVRTrainer(config)
     else:
       trainer = Trainer(config)
   except (ValueError, FileNotFoundError) as e:  # bad input: one line, before any compile
@@ -290,6 +294,12 @@ def main(argv):
       f"held-out completion cross-entropy {before['cross_entropy']:.4f} -> "
       f"{after['cross_entropy']:.4f}"
     )
+  elif config.stage == "rlvr":
+    for domain in after:
+      print(
+        f"{domain}: greedy accuracy {before[domain]['accuracy']:.3f} -> "
+        f"{after[domain]['accuracy']:.3f}"
+      )
   else:
     print(format_before_after(before, after))
   if config.export_dir:

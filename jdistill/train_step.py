@@ -57,7 +57,7 @@ def teacher_rows(n_teachers: int, slots: int, process_count: int = 1) -> list[tu
   ]
 
 
-def _take_rows(x, rows: tuple[int, ...]):
+def take_rows(x, rows: tuple[int, ...]):
   if rows == tuple(range(rows[0], rows[0] + len(rows))):
     return x[rows[0] : rows[0] + len(rows)]
   return jnp.take(x, jnp.asarray(rows), axis=0)
@@ -95,9 +95,9 @@ def teacher_hidden(graphdef, state, x: dict, rows: tuple[int, ...]):
   """Frozen teacher's final hidden states `[S, L-1, D]` and unembedding on its rows."""
   teacher = nnx.merge(graphdef, state)
   hidden, _ = teacher(
-    _take_rows(x["inputs"], rows),
-    _take_rows(x["positions"], rows),
-    kv_mask=_take_rows(x["kv_mask"], rows),
+    take_rows(x["inputs"], rows),
+    take_rows(x["positions"], rows),
+    kv_mask=take_rows(x["kv_mask"], rows),
   )
   return sg(hidden), sg(teacher.unembedding())
 
@@ -117,7 +117,7 @@ def group_hidden(graphdef, state, x: dict, rows: Sequence[tuple[int, ...]]):
     hidden, _ = teacher(inputs, positions, kv_mask=kv_mask)
     return hidden, teacher.unembedding()
 
-  take = lambda a: jnp.stack([_take_rows(a, r) for r in rows])  # noqa: E731
+  take = lambda a: jnp.stack([take_rows(a, r) for r in rows])  # noqa: E731
   hidden, unembed = jax.vmap(forward)(
     state, take(x["inputs"]), take(x["positions"]), take(x["kv_mask"])
   )
@@ -172,7 +172,7 @@ def distill_objective(
   total = jnp.zeros((), jnp.float32)
   metrics = {}
   for i, spec in enumerate(specs):
-    rows = lambda a: _take_rows(a, spec.rows)  # noqa: E731
+    rows = lambda a: take_rows(a, spec.rows)  # noqa: E731
     t_hidden, t_unembed = teacher_out[i]
     loss, diag = losses.distill_loss(
       rows(hidden),

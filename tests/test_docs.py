@@ -46,7 +46,9 @@ def _leaf_fields(node: ml_collections.ConfigDict, prefix: str = "") -> list[str]
     value = node[key]
     if name == "teachers":  # filled per run; its entries are `teacher_config()` fields
       continue
-    if isinstance(value, ml_collections.ConfigDict):
+    if isinstance(value, ml_collections.ConfigDict) and not value.keys():
+      out.append(name + ".<domain>")  # a per-domain map filled per run (rl.verifiers)
+    elif isinstance(value, ml_collections.ConfigDict):
       out += _leaf_fields(value, name + ".")
     else:
       out.append(name)

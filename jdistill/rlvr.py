@@ -1,0 +1,441 @@
+"""RLVR: GRPO with verifiable rewards, optionally unified with on-policy distillation.
+
+  python -m jdistill.train --config=configs/rlvr_tiny.py
+
+Per step: `data.slots_per_teacher` prompts per group (per teacher, or one "policy" group
+when no teachers are configured), each sampled `rl.group_size` = G times by the jitted
+sampler from the current params. On the host a verifier scores each completion against the
+prompt's `answer` (`rl.verifier`, or `rl.verifiers.<domain>`); a verifier that raises scores
+0 and is counted. Rewards become group advantages (`losses.group_advantages`). Then one
+compiled step (explicit shardings, donated state; teachers and reference are arguments)
+minimises, per completion token t of row b,
+
+  −r_bt · A_bt,  r_bt = q(x_t) / π(x_t),  A_bt = w_R · A_reward[b] + λ · (log p_T(x_t) − log q(x_t))
+
+(PPO-clipped with `loss.clip_eps`), plus `rl.kl_coef` × k3(q, ref) and `rl.dense_weight` × the
+full-vocab reverse KL to the row's teacher, reduced by `loss.normalize` ("constant" is Dr.
+GRPO's). π is the distribution the token was sampled from, q the student, p_T the teacher of
+the row's domain, λ = `loss.kl_weight`, w_R = `rl.reward_weight`. λ = 0 (or no teachers) is
+pure GRPO; w_R = 0 is pure sampled-token OPD. Expected gradients (tested by enumeration,
+docs/design.md): the GRPO term without std normalisation is −(G−1)/G · ∇E_q[R]; the λ term
+λ · ∇KL(q‖p_T); the k3 term ∇KL(ref‖q) — the forward KL, as the k3 estimator used as a loss
+gives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jdistill import build, losses, plots, verifiers
+from jdistill import checkpoint as ckpt
+from jdistill import config as config_lib
+from jdistill import loop as loop_lib
+from jdistill import run_log as run_log_lib
+from jdistill import sharding as shd
+from jdistill import train_step as ts
+from jdistill.models import hf
+from jdistill.run_dir import open_run_dir, run_identity
+from jdistill.sampler import Sampler
+
+sg = jax.lax.stop_gradient
+
+
+@dataclasses.dataclass(frozen=True)
+class RLSettings:
+  """Static settings of the RL objective (a jit static: hashable)."""
+
+  chunk_size: int | None = 512
+  normalize: str = "token"
+  clip_eps: float | None = None
+  icepop_c: float | None = None
+  reward_weight: float = 1.0  # w_R
+  kl_weight: float = 0.0  # λ: weight of the teacher's sampled-token advantage
+  kl_coef: float = 0.0  # k3 penalty towards the reference
+  dense_weight: float = 0.0  # full-vocab reverse KL to the row's teacher
+
+
+def policy_loss(
+  student_logp, behaviour_logp, reward_advantage, mask, settings: RLSettings, *,
+  teacher_logp=None, reference_logp=None,
+):  # fmt: skip
+  """The per-token RL objective from log-probs of the sampled tokens → (loss, metrics).
+
+  `student_logp [B, T]` (differentiable), `behaviour_logp [B, T]` (log π of the sampled
+  tokens), `reward_advantage [B]`, `mask [B, T]`; `teacher_logp [B, T]` with λ > 0,
+  `reference_logp [B, T]` with `kl_coef` > 0 (both treated as constants).
+  """
+  teacher = jnp.zeros_like(student_logp) if teacher_logp is None else sg(teacher_logp)
+  kl_weight = 0.0 if teacher_logp is None else settings.kl_weight
+  advantage = settings.reward_weight * reward_advantage[:, None].astype(jnp.float32)
+  per_token, aux = losses.sampled_token_terms(
+    student_logp, teacher, behaviour_logp, advantage, settings.clip_eps, settings.icepop_c,
+    kl_weight=kl_weight,
+  )  # fmt: skip
+  loss = losses.masked_mean(per_token, mask, settings.normalize)
+  abs_log_ratio = jnp.abs(jnp.log(aux["ratio"]))
+  metrics = {
+    "policy_loss": sg(loss),
+    "clip_fraction": losses.masked_mean(aux["clipped"], mask),
+    "abs_log_ratio_mean": losses.masked_mean(abs_log_ratio, mask),
+    "response_length": jnp.mean(jnp.sum(mask, axis=-1)),
+  }
+  if teacher_logp is not None:  # sampled estimate of the reverse KL to the teachers
+    metrics["teacher_k1"] = losses.masked_mean(sg(student_logp) - teacher, mask)
+  if reference_logp is not None and settings.kl_coef:
+    kl = losses.masked_mean(
+      losses.k3_kl(student_logp, sg(reference_logp)), mask, settings.normalize
+    )
+    loss = loss + settings.kl_coef * kl
+    metrics["k3_kl"] = sg(kl)
+  return loss, metrics
+
+
+def rl_objective(
+  params,
+  teacher_states: tuple,
+  reference_state,
+  batch: dict,
+  *,
+  student_graphdef,
+  teacher_graphdefs: tuple,
+  specs: tuple[ts.TeacherSpec, ...],
+  groups: tuple[tuple[int, ...], ...],
+  reference_graphdef,
+  settings: RLSettings,
+):
+  """Student (and teachers, reference) forwards on a rollout batch → (loss, metrics).
+
+  `batch` as `train_step` (right-padded rollouts) plus `advantages [B]` (group reward
+  advantages). Teachers run only when λ or `dense_weight` needs them."""
+  x = ts.shifted_inputs(batch)
+  student = nnx.merge(student_graphdef, params)
+  hidden, _ = student(x["inputs"], x["positions"], kv_mask=x["kv_mask"])
+  unembed = student.unembedding()
+  chunk = settings.chunk_size
+  logp = losses.token_logprobs(hidden, unembed, x["targets"], chunk_size=chunk)
+  teacher_logp, dense = None, jnp.zeros((), jnp.float32)
+  if specs and (settings.kl_weight or settings.dense_weight):
+    teacher_logp = jnp.zeros_like(logp)
+    total_weight = max(sum(s.weight for s in specs), 1e-12)
+    dense_settings = losses.LossSettings("reverse_kl", chunk, normalize=settings.normalize)
+    for members, graphdef, state in zip(groups, teacher_graphdefs, teacher_states):
+      outs = ts.group_hidden(graphdef, state, x, [specs[i].rows for i in members])
+      for i, (t_hidden, t_unembed) in zip(members, outs):
+        rows = specs[i].rows
+        targets = ts.take_rows(x["targets"], rows)
+        if settings.kl_weight:
+          t_logp = losses.token_logprobs(t_hidden, t_unembed, targets, chunk_size=chunk)
+          teacher_logp = teacher_logp.at[jnp.asarray(rows)].set(t_logp)
+        if settings.dense_weight:
+          value, _ = losses.distill_loss(
+            ts.take_rows(hidden, rows), unembed, t_hidden, t_unembed, targets,
+            ts.take_rows(x["mask"], rows), dense_settings, diagnostics=False,
+          )  # fmt: skip
+          dense = dense + specs[i].weight / total_weight * value
+  reference_logp = None
+  if settings.kl_coef:
+    reference = nnx.merge(reference_graphdef, reference_state)
+    r_hidden, _ = reference(x["inputs"], x["positions"], kv_mask=x["kv_mask"])
+    reference_logp = losses.token_logprobs(
+      sg(r_hidden), sg(reference.unembedding()), x["targets"], chunk_size=chunk
+    )
+  loss, metrics = policy_loss(
+    logp, x["behaviour_logp"], batch["advantages"], x["mask"], settings,
+    teacher_logp=teacher_logp, reference_logp=reference_logp,
+  )  # fmt: skip
+  if settings.dense_weight:
+    loss = loss + settings.dense_weight * dense
+    metrics["dense_reverse_kl"] = sg(dense)
+  return loss, metrics
+
+
+def rl_step(state, teacher_states, reference_state, batch, *, optimizer, schedule, **structure):
+  """One RL update → (new state, metrics); non-finite updates are skipped (`finite` 0)."""
+  objective = functools.partial(rl_objective, **structure)
+  grad_fn = jax.value_and_grad(objective, has_aux=True)
+  (loss, metrics), grads = grad_fn(state["params"], teacher_states, reference_state, batch)
+  new_state, update = ts.apply_gradients(state, loss, grads, optimizer, schedule)
+  return new_state, {**update, **metrics, "tokens": jnp.sum(batch["lengths"])}
+
+
+def reward_stats(rewards, domains, domain_names, group_size: int) -> dict:
+  """Host metrics of one step's rewards `[B]` (groups of `group_size` consecutive rows):
+  mean and std per domain and overall, and the shares of groups that are all correct
+  (every reward ≥ 1) or all wrong (every reward ≤ 0) — groups that teach nothing."""
+  rewards, domains = np.asarray(rewards, np.float64), np.asarray(domains)
+  groups = rewards.reshape(-1, group_size)
+  out = {
+    "reward_mean": float(rewards.mean()),
+    "reward_std": float(rewards.std()),
+    "all_correct_groups": float(np.mean(np.all(groups >= 1.0, axis=1))),
+    "all_wrong_groups": float(np.mean(np.all(groups <= 0.0, axis=1))),
+    "domains": {},
+  }
+  for k, name in enumerate(domain_names):
+    sel = rewards[domains == k]
+    if sel.size:
+      out["domains"][name] = {"reward_mean": float(sel.mean()), "reward_std": float(sel.std())}
+  return out
+
+
+def local_rows(x) -> np.ndarray:
+  """This process's rows of a global, batch-sharded array (all rows with one process)."""
+  if jax.process_count() == 1:
+    return np.asarray(jax.device_get(x))
+  shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+  seen, parts = set(), []
+  for s in shards:  # replicas over non-data axes hold the same rows: keep one
+    start = s.index[0].start or 0
+    if start not in seen:
+      seen.add(start)
+      parts.append(np.asarray(s.data))
+  return np.concatenate(parts)
+
+
+class RLVRTrainer:
+  """The RLVR stage for `loop.Loop`; built from a validated config with `stage="rlvr"`."""
+
+  def __init__(self, config):
+    config_lib.validate(config)
+    self.config = c = config
+    self.identity = run_identity(c)
+    self.run_dir = open_run_dir(c, self.identity)
+    self.mesh = build.mesh(c)
+    self.tokenizer = build.tokenizer(c)
+    self.group_size = g = c.rl.group_size
+    self.batcher = build.prompt_batcher(c, self.tokenizer, c.data.train_files, seed=c.seed)
+    self.eval_batcher = None
+    if c.data.eval_files:
+      self.eval_batcher = build.prompt_batcher(
+        c, self.tokenizer, c.data.eval_files, seed=c.seed + 1
+      )
+    for batcher in filter(None, (self.batcher, self.eval_batcher)):
+      missing = [r for r in batcher.records if "answer" not in r]
+      if missing:
+        raise ValueError(
+          f"{missing[0]['where']}: no 'answer' field; stage rlvr scores every prompt's "
+          f"completions against it ({len(missing)} prompts lack one)"
+        )
+    self.rows = self.batcher.rows_per_batch * g
+    dp = shd.data_parallel_size(self.mesh)
+    if self.rows % dp:
+      raise ValueError(
+        f"config.data.slots_per_teacher={c.data.slots_per_teacher} x rl.group_size={g} x "
+        f"{len(self.batcher.teacher_names)} groups = {self.rows} rows do not divide over "
+        f"the {dp} data-parallel shards of mesh {dict(self.mesh.shape)}"
+      )
+    self.scorers = {
+      d: verifiers.Scorer(verifiers.get(c.rl.verifiers.get(d, c.rl.verifier)))
+      for d in self.batcher.domains
+    }
+    self.verifier_errors = 0
+    self.data_iter = self.batcher.iterator()
+
+    student = build.student(c, self.mesh)
+    self.graphdef, self.model_cfg = student.graphdef, student.cfg
+    self.identity["model_config"] = dataclasses.asdict(student.cfg)
+    if c.teachers.keys():
+      self.teachers = build.teachers(
+        c, self.mesh, student.cfg.vocab_size, rows_per_teacher=c.data.slots_per_teacher * g
+      )
+    else:
+      self.teachers = build.Teachers([], (), (), (), ())
+    # The reference of the k3 penalty: the model this stage starts from (never updated).
+    self.reference = student.params if c.rl.kl_coef else None
+    self.optimizer, self.schedule = build.optimizer(c)
+    self.state = build.train_state(
+      jax.tree.map(jnp.copy, student.params) if self.reference is not None else student.params,
+      self.optimizer,
+      self.mesh,
+    )
+    self.step = 0
+    self.sampling = build.sampling_params(c, self.tokenizer)
+    self.greedy = dataclasses.replace(self.sampling, temperature=0.0)
+    self.sampler = Sampler(self.graphdef, self.mesh)
+    self.batch_shardings = dict(
+      build.batch_shardings(self.mesh), advantages=shd.batch_sharding(self.mesh, 1)
+    )
+    self.rng = jax.random.key(c.seed)
+    self.settings = RLSettings(
+      chunk_size=c.loss.chunk_size,
+      normalize=c.loss.normalize,
+      clip_eps=c.loss.clip_eps or None,
+      icepop_c=c.loss.icepop_c or None,
+      reward_weight=c.rl.reward_weight,
+      kl_weight=c.loss.kl_weight if c.teachers.keys() else 0.0,
+      kl_coef=c.rl.kl_coef,
+      dense_weight=c.rl.dense_weight,
+    )
+    self.train_step = self._compile()
+    self.loop = loop_lib.Loop(
+      log_every=c.train.log_every, eval_every=c.train.eval_every, nonfinite=c.loss.nonfinite
+    )
+    self.checkpointer = build.checkpointer(c)
+    if self.checkpointer is not None:
+      self.checkpointer.write_model_config(self.model_cfg)
+      if c.checkpoint.resume:
+        restore_step = None if c.checkpoint.restore_step < 0 else c.checkpoint.restore_step
+        restored = ckpt.restore_train_state(self.checkpointer, self.state, restore_step)
+        if restored is not None:
+          self.state, self.rng, data_state, _ = restored
+          self.step = int(jax.device_get(self.state["step"]))
+          self.data_iter = self.batcher.iterator()
+          self.data_iter.set_state(data_state)
+    self.run_dir.record_identity(self.identity["config_hash"], c.to_json_best_effort())
+    run_log_lib.truncate(c.output_dir, self.step)
+
+  def _compile(self):
+    t = self.teachers
+    state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
+    step = functools.partial(
+      rl_step,
+      optimizer=self.optimizer,
+      schedule=self.schedule,
+      student_graphdef=self.graphdef,
+      teacher_graphdefs=t.graphdefs,
+      specs=t.specs,
+      groups=t.groups,
+      reference_graphdef=self.graphdef,
+      settings=self.settings,
+    )
+    shardings = lambda tree: jax.tree.map(lambda x: x.sharding, tree)  # noqa: E731
+    return jax.jit(
+      step,
+      in_shardings=(
+        state_shardings,
+        shardings(t.states),
+        shardings(self.reference),
+        self.batch_shardings,
+      ),
+      out_shardings=(state_shardings, None),
+      donate_argnums=(0,),
+    )
+
+  # --- rollouts and rewards ------------------------------------------------------------
+
+  def rollout_key(self, step: int):
+    return jax.random.fold_in(self.rng, step)
+
+  def sample_groups(self, prompts: dict, key, sampling) -> tuple:
+    """G samples of every prompt (consecutive rows) → (sampler output, host rows, rewards)."""
+    g = self.group_size
+    rows = {k: np.repeat(v, g, axis=0) for k, v in prompts.items()}
+    out = self.sampler.generate(
+      self.state["params"], (rows["prompt_tokens"], rows["prompt_lengths"]), key, sampling
+    )
+    tokens, prompt_len, length = (
+      local_rows(a) for a in (out.tokens, out.prompt_lengths, out.completion_lengths)
+    )
+    rewards = np.zeros(len(tokens), np.float32)
+    for i in range(len(tokens)):
+      record = self.batcher.records[rows["record_index"][i]]
+      completion = self.tokenizer.decode(
+        tokens[i, prompt_len[i] : prompt_len[i] + length[i]], skip_special_tokens=True
+      )
+      rewards[i] = self.scorers[record["domain"]](completion, str(record["answer"]))
+    return out, rows, rewards
+
+  def train_one(self, diagnostics: bool = True) -> dict:
+    del diagnostics  # the RL step's metrics are cheap
+    prompts = next(self.data_iter)
+    out, rows, rewards = self.sample_groups(prompts, self.rollout_key(self.step), self.sampling)
+    advantages = np.asarray(
+      losses.group_advantages(rewards, self.group_size, normalize_std=self.config.rl.normalize_std)
+    )
+    batch = ts.rollout_batch(out, self.batch_shardings)
+    batch["advantages"] = jax.make_array_from_process_local_data(
+      self.batch_shardings["advantages"], advantages
+    )
+    self.state, metrics = self.train_step(self.state, self.teachers.states, self.reference, batch)
+    self.step += 1
+    errors = sum(s.errors for s in self.scorers.values())
+    metrics["verifier_errors"] = errors - self.verifier_errors
+    self.verifier_errors = errors
+    metrics["rewards"] = reward_stats(
+      rewards, rows["domain_index"], self.batcher.domains, self.group_size
+    )
+    return metrics
+
+  # --- the loop's Stage protocol ------------------------------------------------------
+
+  def step_tokens(self, metrics: dict) -> dict:
+    completion = metrics["response_length"] * self.rows
+    return {"generated": completion, "total": metrics["tokens"]}
+
+  def log_record(self, metrics: dict) -> dict:
+    record = jax.tree.map(float, jax.device_get(metrics))
+    if record["verifier_errors"]:
+      last = [s.last_error for s in self.scorers.values() if s.last_error]
+      print(f"WARNING {int(record['verifier_errors'])} verifier errors; last: {last[-1]}")
+    return record
+
+  def progress(self, record: dict) -> str:
+    r = record["rewards"]
+    per_domain = " ".join(f"{d} {v['reward_mean']:.2f}" for d, v in r["domains"].items())
+    return (
+      f"reward {r['reward_mean']:.3f} ({per_domain}) | all-correct {r['all_correct_groups']:.2f}"
+      f" all-wrong {r['all_wrong_groups']:.2f} | length {record['response_length']:.1f}"
+    )
+
+  def evaluate(self) -> dict:
+    """Greedy accuracy (mean verifier score) per domain on `rl.eval_prompts` held-out
+    prompts per group (`data.eval_files`, else a far-away batch of the training stream)."""
+    batcher = self.eval_batcher or self.batcher
+    n = max(1, self.config.rl.eval_prompts // self.config.data.slots_per_teacher)
+    scores: dict[str, list[float]] = {d: [] for d in batcher.domains}
+    for k in range(n):
+      prompts = batcher.batch(k if self.eval_batcher else 10**6 + k)
+      out = self.sampler.generate(
+        self.state["params"],
+        (prompts["prompt_tokens"], prompts["prompt_lengths"]),
+        jax.random.key(0),
+        self.greedy,
+      )
+      tokens, prompt_len, length = (
+        local_rows(a) for a in (out.tokens, out.prompt_lengths, out.completion_lengths)
+      )
+      for i in range(len(tokens)):
+        record = batcher.records[prompts["record_index"][i]]
+        completion = self.tokenizer.decode(
+          tokens[i, prompt_len[i] : prompt_len[i] + length[i]], skip_special_tokens=True
+        )
+        scores[record["domain"]].append(
+          self.scorers[record["domain"]](completion, str(record["answer"]))
+        )
+    return {d: {"accuracy": float(np.mean(v))} for d, v in scores.items() if v}
+
+  def describe_eval(self, results: dict) -> str:
+    return " ".join(f"{d} accuracy {v['accuracy']:.3f}" for d, v in results.items())
+
+  def save(self, force: bool = False) -> bool:
+    if self.checkpointer is None:
+      return False
+    return ckpt.save_train_state(
+      self.checkpointer,
+      self.step,
+      self.state,
+      rng=self.rng,
+      data_state=self.data_iter.get_state(),
+      identity=self.identity,
+      force=force,
+    )
+
+  def preempted(self, step: int) -> bool:
+    return self.checkpointer is not None and self.checkpointer.manager.reached_preemption(step)
+
+  @property
+  def params(self):
+    return self.state["params"]
+
+  def run(self, steps: int | None = None) -> list[dict]:
+    end = self.config.train.steps if steps is None else self.step + steps
+    return self.loop.run_to(self, end, self.config.output_dir, plots.rl_curve)
+
+  def export(self, out_dir: str) -> None:
+    hf.to_hf(nnx.merge(self.graphdef, self.state["params"]), out_dir, tokenizer=self.tokenizer)

@@ -136,11 +136,14 @@ def base_config() -> mlc.ConfigDict:
       max_len=128,  # tokens per packed row
       rows_per_step=8,
       pack=True,  # several examples per row (segment ids keep them apart)
+      until_overlap=0.0,  # > 0: overlap-triggered warmup (see jdistill/sft.py); 0: train.steps
+      overlap_every=10,  # steps between overlap probes
+      overlap_rows=16,  # probe prompts per domain
     )
   )
   c.generate = mlc.ConfigDict(
     dict(
-      model="",  # HF or checkpoint directory (default: student.path)
+      model="",  # HF or checkpoint dir (default: student.path); "teachers": each on its domains
       model_name="",  # recorded as "teacher" in each record (default: the directory's name)
       param_dtype="bfloat16",
       prompt_files="",  # default: data.train_files
@@ -161,6 +164,12 @@ def base_config() -> mlc.ConfigDict:
       kl_coef=0.0,  # > 0: k3 penalty towards the frozen reference (the stage's start model)
       dense_weight=0.0,  # > 0: plus a full-vocab reverse KL to each row's teacher
       eval_prompts=32,  # held-out prompts per domain for greedy accuracy (evaluate)
+    )
+  )
+  c.pipeline = mlc.ConfigDict(
+    dict(
+      stages=(),  # e.g. ("generate", "sft", "opd"): chained stages (jdistill/pipeline.py)
+      steps=(),  # per stage: train.steps of that stage (0: train.steps); empty: all train.steps
     )
   )
   c.train = mlc.ConfigDict(dict(steps=100, log_every=1, eval_every=0))  # eval_every 0: off
@@ -371,6 +380,8 @@ def validate(config) -> None:
       _fail("generate.prompt_files", g.prompt_files, "a prompt file (or data.train_files)")
     if g.keep == "verified" and not g.verifier:
       _fail("generate.keep", g.keep, "'all' when generate.verifier is empty")
+    if g.model == "teachers":
+      _validate_teachers(config)
     if g.verifier:
       from jdistill import verifiers
 
@@ -382,9 +393,15 @@ def validate(config) -> None:
   if config.stage == "sft":
     if not config.sft.train_files:
       _fail("sft.train_files", config.sft.train_files, "a JSONL file of prompt + completion")
-    for field in ("max_len", "rows_per_step"):
+    for field in ("max_len", "rows_per_step", "overlap_every", "overlap_rows"):
       if not (isinstance(config.sft[field], int) and config.sft[field] > 0):
         _fail(f"sft.{field}", config.sft[field], "a positive integer")
+    if not 0.0 <= config.sft.until_overlap <= 1.0:
+      _fail("sft.until_overlap", config.sft.until_overlap, "0 (off) or an overlap in (0, 1]")
+    if config.sft.until_overlap:
+      if not (config.data.eval_files or config.data.train_files):
+        _fail("data.train_files", "", "prompts for the overlap probe (sft.until_overlap > 0)")
+      _validate_teachers(config)
     return
   if not config.data.train_files:
     _fail("data.train_files", config.data.train_files, "comma-separated .jsonl/.parquet paths")

@@ -34,7 +34,8 @@ from jdistill.sampler import Sampler
 class Generator:
   """Builds the model, sampler and prompts from a config with `stage="generate"`."""
 
-  def __init__(self, config):
+  def __init__(self, config, domains=None):
+    """`domains`: only prompts of these domains (default: all)."""
     config_lib.validate(config)
     self.config = c = config
     g = c.generate
@@ -49,6 +50,12 @@ class Generator:
     self.sampler = Sampler(self.graphdef, self.mesh)
     self.sampling = build.sampling_params(c, self.tokenizer)
     records, _ = build.read_records(g.prompt_files or c.data.train_files, c)
+    if domains is not None:
+      records = [r for r in records if r["domain"] in domains]
+      if not records:
+        raise ValueError(
+          f"no prompts of domains {sorted(domains)} in {g.prompt_files or c.data.train_files}"
+        )
     p, n_proc = jax.process_index(), jax.process_count()
     self.records = records[p::n_proc]
     self.scorer = verifiers.Scorer(verifiers.get(g.verifier)) if g.verifier else None
@@ -144,3 +151,41 @@ class Generator:
       print(f"generate {done}/{total} prompts | {progress['kept']} kept of "
             f"{progress['sampled']} sampled | {rate:,.1f} samples/s", flush=True)  # fmt: skip
     return progress
+
+
+def teacher_configs(config) -> list[tuple[object, list[str]]]:
+  """`generate.model="teachers"`: one generation config per teacher (its model, its name,
+  `<out_dir>/<teacher>`) with the domains it owns; otherwise the config itself, all domains."""
+  g = config.generate
+  if g.model != "teachers":
+    return [(config, None)]
+  out = []
+  for name, domains in config_lib.teacher_domains(config).items():
+    c = config.copy_and_resolve_references()
+    c.generate.model = config.teachers[name].path
+    c.generate.model_name = name
+    c.generate.param_dtype = config.teachers[name].param_dtype
+    c.generate.out_dir = os.path.join(g.out_dir, name)
+    out.append((c, domains))
+  return out
+
+
+def output_files(config) -> list[str]:
+  """The JSONL files generation with `config` writes: one per process (and per teacher)."""
+  n = jax.process_count()
+  return [
+    os.path.join(c.generate.out_dir, f"part-{p:05d}-of-{n:05d}.jsonl")
+    for c, _ in teacher_configs(config)
+    for p in range(n)
+  ]
+
+
+def generate_all(config) -> dict:
+  """Runs generation (each teacher in turn with `generate.model="teachers"`) → the summed
+  progress counts."""
+  total = {"kept": 0, "sampled": 0, "verifier_errors": 0}
+  for c, domains in teacher_configs(config):
+    progress = Generator(c, domains).run()
+    for key in total:
+      total[key] += progress[key]
+  return total

@@ -15,6 +15,8 @@ A stage (OPD today; SFT and GRPO later) hands the loop an object with
   describe_eval(results) -> str    one line for the console
   save(force) -> bool              a checkpoint on its interval (or forced)
   preempted(step) -> bool          the platform's preemption notice (orbax / JAX sync point)
+  done: bool (optional)            True when the stage has reached its goal before `end`
+                                   (the overlap-triggered warmup)
 
 and the loop does the rest the same way for every stage.
 
@@ -158,7 +160,7 @@ class Loop:
     t_start = time.time()
     t_compiled = step_compiled = None
     t_last, pending = t_start, []
-    while stage.step < end:
+    while stage.step < end and not getattr(stage, "done", False):
       upcoming = stage.step + 1
       logged = upcoming % self.log_every == 0 or upcoming == end
       metrics = stage.train_one(diagnostics=logged)
@@ -168,7 +170,7 @@ class Loop:
       now = time.time()
       if t_compiled is None:
         t_compiled, step_compiled = now, step
-      if step % self.log_every == 0 or step == end:
+      if step % self.log_every == 0 or step == end or getattr(stage, "done", False):
         record = stage.log_record(metrics)
         generated = sum(float(t["generated"]) for t in pending)
         total = sum(float(t["total"]) for t in pending)

@@ -74,6 +74,7 @@ import json
 import math
 import os
 import sys
+import types
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -449,14 +450,14 @@ def _student_and_teachers(config, mesh, use_checkpoint: bool):
   return student, build.teachers(config, mesh, student.cfg.vocab_size)
 
 
-def _rollouts(config, student, tokenizer, mesh, rows, seed: int) -> dict:
+def _rollouts(config, student, tokenizer, mesh, rows, seed: int, sampler=None) -> dict:
   """One batch of student rollouts for `rows` [(domain, prompt ids)] → numpy `[len(rows), L]`
   (padded to the data-parallel size for sampling, then cut back)."""
   from jdistill import build
   from jdistill import train_step as ts
   from jdistill.sampler import Sampler
 
-  sampler = Sampler(student.graphdef, mesh)
+  sampler = sampler or Sampler(student.graphdef, mesh)
   n_real = len(rows)
   padded = rows + [rows[-1]] * (-n_real % sampler.data_parallel_size())
   width = max(len(ids) for _, ids in padded)
@@ -470,6 +471,60 @@ def _rollouts(config, student, tokenizer, mesh, rows, seed: int) -> dict:
   )
   batch = jax.device_get(ts.rollout_batch(out, build.batch_shardings(mesh)))
   return {k: np.asarray(v)[:n_real] for k, v in batch.items()}
+
+
+class OverlapProbe:
+  """Each teacher's calibrated overlap (1 − TV, token mean) with a student's own rollouts,
+  measured in-process on fixed prompts and a fixed key, so readings at different steps are
+  comparable. The overlap-triggered warmup of the SFT stage uses it.
+
+  `rows_per_domain` prompts of each of a teacher's domains (from `data.eval_files`, else
+  `data.train_files`) are sampled once per `measure(params)`.
+  """
+
+  def __init__(self, config, mesh, tokenizer, student_graphdef, teachers, rows_per_domain: int):
+    from jdistill import build
+    from jdistill import config as config_lib
+    from jdistill.sampler import Sampler
+
+    self.config, self.mesh, self.tokenizer = config, mesh, tokenizer
+    self.teachers = teachers
+    files = config.data.eval_files or config.data.train_files
+    records, _ = build.read_records(files, config)
+    owners = config_lib.teacher_domains(config)
+    present = {r["domain"] for r in records}
+    self.domains = [d for name in teachers.names for d in owners[name] if d in present]
+    self.rows = _prompt_rows(config, tokenizer, records, self.domains, rows_per_domain)
+    row_domain = [self.domains.index(d) for d, _ in self.rows]
+    self.teacher_rows = {
+      name: np.flatnonzero(np.isin(row_domain, [self.domains.index(d) for d in owners[name]]))
+      for name in teachers.names
+    }
+    self.student = types.SimpleNamespace(graphdef=student_graphdef, params=None)
+    self.sampler = Sampler(student_graphdef, mesh)
+    kw = dict(topks=(1,), top_p=float(config.overlap.top_p), floor_prob=1e-3, student_topks=(1,))
+    self.scores = [
+      _score_fn(student_graphdef, teachers.member(i)[0], int(config.loss.chunk_size), kw)
+      for i in range(len(teachers.names))
+    ]
+
+  def measure(self, params) -> dict[str, float]:
+    """{teacher: token-mean overlap of the student with `params` on that teacher's rows}."""
+    self.student.params = params
+    batch = _rollouts(
+      self.config, self.student, self.tokenizer, self.mesh, self.rows, self.config.seed,
+      sampler=self.sampler,
+    )  # fmt: skip
+    out = {}
+    for i, name in enumerate(self.teachers.names):
+      sel = self.teacher_rows[name]
+      if sel.size == 0:
+        continue
+      sub = {k: v[sel] for k, v in batch.items()}
+      per_token, mask = jax.device_get(self.scores[i](params, self.teachers.member(i)[1], sub))
+      mask = np.asarray(mask, np.float64)
+      out[name] = float((np.asarray(per_token["overlap"]) * mask).sum() / max(mask.sum(), 1.0))
+    return out
 
 
 def measure(

@@ -34,7 +34,8 @@ def encode_example(record: dict, tokenizer, *, use_chat_template: bool) -> tuple
 
 
 def read_examples(path: str, tokenizer, *, use_chat_template: bool, max_len: int) -> list:
-  """Encoded examples of a JSONL file; a bad or too-long example names `file:line`."""
+  """Encoded examples `(ids, loss_mask, domain or None)` of a JSONL file; a bad or too-long
+  example names `file:line`."""
   import json
 
   examples = []
@@ -53,7 +54,7 @@ def read_examples(path: str, tokenizer, *, use_chat_template: bool, max_len: int
         raise ValueError(f"{where}: {e}") from None
       if len(ids) > max_len:
         raise ValueError(f"{where}: example has {len(ids)} tokens, more than max_len={max_len}")
-      examples.append((ids, mask))
+      examples.append((ids, mask, record.get("domain")))
   if not examples:
     raise ValueError(f"{path}: no examples")
   return examples
@@ -63,7 +64,7 @@ def pack(examples: list, max_len: int, *, pack_rows: bool = True) -> dict[str, n
   """Rows of `max_len` tokens holding the examples (one per row without `pack_rows`)."""
   rows: list[list[int]] = []  # example indices per row
   used: list[int] = []
-  for i, (ids, _) in enumerate(examples):
+  for i, (ids, *_) in enumerate(examples):
     for r, n in enumerate(used):
       if pack_rows and n + len(ids) <= max_len:
         rows[r].append(i)
@@ -81,7 +82,7 @@ def pack(examples: list, max_len: int, *, pack_rows: bool = True) -> dict[str, n
   for r, members in enumerate(rows):
     start = 0
     for segment, i in enumerate(members, start=1):
-      ids, mask = examples[i]
+      ids, mask = examples[i][:2]
       span = slice(start, start + len(ids))
       out["tokens"][r, span] = ids
       out["positions"][r, span] = np.arange(len(ids))

@@ -8,19 +8,30 @@ end-of-sequence token (`jdistill.packing`). The step is one pure jitted function
 shardings, donated state) ending in the same optax update as OPD
 (`train_step.apply_gradients`); the loop, progress line, metrics, checkpoints (verified,
 resumable), signals and run directories are the OPD stage's.
+
+Overlap-triggered warmup (`sft.until_overlap` > 0): instead of a fixed length, every
+`sft.overlap_every` steps each teacher's calibrated overlap (1 − TV, token mean) with the
+student's own rollouts on its prompts is measured (`overlap.OverlapProbe`). A teacher whose
+overlap reaches the threshold switches to OPD: the switch is printed and written to
+`<output_dir>/switches.json` with the measured value, and its examples (packed per domain)
+leave the SFT mix. The stage ends when every teacher has switched (or at `train.steps`); the
+next pipeline stage distils from all of them. (Teachers that switched wait for the others:
+one step mixing SFT rows and OPD rows is not built.)
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jdistill import build, losses, packing, plots
+from jdistill import build, losses, overlap, packing, plots
 from jdistill import checkpoint as ckpt
 from jdistill import config as config_lib
 from jdistill import loop as loop_lib
@@ -31,6 +42,16 @@ from jdistill.models import hf
 from jdistill.run_dir import open_run_dir, run_identity
 
 BATCH_KEYS = ("tokens", "positions", "segment_ids", "loss_mask")
+
+
+def read_files(files: str, **kw) -> list:
+  """Examples of comma-separated JSONL `files` (`packing.read_examples`)."""
+  return [
+    e
+    for path in str(files).split(",")
+    if path.strip()
+    for e in packing.read_examples(path.strip(), **kw)
+  ]
 
 
 def sft_loss(params, graphdef, batch: dict, chunk_size: int | None):
@@ -82,12 +103,31 @@ class SFTTrainer:
     self.tokenizer = build.tokenizer(c)
     s = c.sft
     read = functools.partial(
-      packing.read_examples,
+      read_files,
       tokenizer=self.tokenizer,
       use_chat_template=c.data.use_chat_template,
       max_len=s.max_len,
     )
-    self.rows = packing.pack(read(s.train_files), s.max_len, pack_rows=s.pack)
+    examples = read(s.train_files)
+    self.switches: dict[str, dict] = {}  # teacher → {"step", "overlap"} once it crossed
+    self.phase_start = 0  # the step of the last switch: the row order restarts there
+    if s.until_overlap:
+      self.owner = {d: name for name, doms in config_lib.teacher_domains(c).items() for d in doms}
+      unowned = sorted({str(e[2]) for e in examples if e[2] not in self.owner})
+      if unowned:
+        raise ValueError(
+          f"sft.until_overlap: examples of domains {unowned} in {s.train_files} belong to no "
+          "teacher (each example needs a 'domain' a teacher owns)"
+        )
+      parts = {d: [e for e in examples if e[2] == d] for d in sorted({e[2] for e in examples})}
+      packed = {d: packing.pack(exs, s.max_len, pack_rows=s.pack) for d, exs in parts.items()}
+      self.rows = {k: np.concatenate([p[k] for p in packed.values()]) for k in BATCH_KEYS}
+      self.row_teacher = np.asarray(
+        [self.owner[d] for d, p in packed.items() for _ in range(len(p["tokens"]))]
+      )
+    else:
+      self.rows = packing.pack(examples, s.max_len, pack_rows=s.pack)
+      self.row_teacher = None
     self.eval_rows = packing.pack(read(s.eval_files), s.max_len) if s.eval_files else None
     n_rows = len(self.rows["tokens"])
     print(
@@ -124,6 +164,12 @@ class SFTTrainer:
     self.loop = loop_lib.Loop(
       log_every=c.train.log_every, eval_every=c.train.eval_every, nonfinite=c.loss.nonfinite
     )
+    self.probe = None
+    if s.until_overlap:
+      teachers = build.teachers(c, self.mesh, student.cfg.vocab_size)
+      self.probe = overlap.OverlapProbe(
+        c, self.mesh, self.tokenizer, self.graphdef, teachers, s.overlap_rows
+      )
     self.checkpointer = build.checkpointer(c)
     if self.checkpointer is not None:
       self.checkpointer.write_model_config(self.model_cfg)
@@ -131,26 +177,64 @@ class SFTTrainer:
         restore_step = None if c.checkpoint.restore_step < 0 else c.checkpoint.restore_step
         restored = ckpt.restore_train_state(self.checkpointer, self.state, restore_step)
         if restored is not None:
-          self.state, self.rng, _, _ = restored
+          self.state, self.rng, data_state, _ = restored
           self.step = int(jax.device_get(self.state["step"]))
+          self.switches = dict(data_state.get("switches", {}))
+          self.phase_start = int(data_state.get("phase_start", 0))
     self.run_dir.record_identity(self.identity["config_hash"], c.to_json_best_effort())
     run_log_lib.truncate(c.output_dir, self.step)
 
-  # --- data: row order is a pure function of (seed, epoch), so resume needs only the step
+  # --- data: row order is a pure function of (seed, phase, epoch), so resume needs only the
+  # step and the switches so far
+
+  def active_rows(self) -> np.ndarray:
+    """Rows still trained on: all, or those of teachers that have not switched to OPD."""
+    if self.row_teacher is None:
+      return np.arange(len(self.rows["tokens"]))
+    return np.flatnonzero(~np.isin(self.row_teacher, list(self.switches)))
 
   def batch(self, step: int) -> dict:
-    """Rows of step `step`: epochs of a seeded permutation of the packed rows."""
-    n, k = len(self.rows["tokens"]), self.config.sft.rows_per_step
+    """Rows of step `step`: epochs of a seeded permutation of the active rows, restarting
+    at each teacher's switch (phase)."""
+    active, k = self.active_rows(), self.config.sft.rows_per_step
+    n, phase, local = len(active), len(self.switches), step - self.phase_start
     order = []
-    epoch = (step * k) // n
-    while len(order) < (step * k) % n + k:
-      order.extend(np.random.default_rng([self.config.seed, epoch]).permutation(n))
+    epoch = (local * k) // n
+    while len(order) < (local * k) % n + k:
+      order.extend(np.random.default_rng([self.config.seed, phase, epoch]).permutation(n))
       epoch += 1
-    first = (step * k) % n
-    picked = np.asarray(order[first : first + k])
+    first = (local * k) % n
+    picked = active[np.asarray(order[first : first + k])]
     return {
       name: jax.device_put(self.rows[name][picked], self.shardings[name]) for name in BATCH_KEYS
     }
+
+  @property
+  def done(self) -> bool:
+    """The overlap-triggered warmup is over: every teacher has crossed its threshold."""
+    return self.probe is not None and len(self.switches) == len(self.probe.teachers.names)
+
+  def probe_overlap(self) -> dict[str, float]:
+    """Measures each teacher's overlap; a teacher crossing `sft.until_overlap` switches to
+    OPD: logged with the measured value, its rows leave the SFT mix."""
+    readings = self.probe.measure(self.state["params"])
+    threshold = self.config.sft.until_overlap
+    line = " ".join(f"{n} {v:.3f}" for n, v in readings.items())
+    print(f"sft step {self.step}: overlap {line} (switch at >= {threshold})", flush=True)
+    for name, value in readings.items():
+      if name not in self.switches and value >= threshold:
+        self.switches[name] = {"step": self.step, "overlap": value, "threshold": threshold}
+        self.phase_start = self.step
+        print(
+          f"jdistill sft: teacher {name!r} switches to OPD at step {self.step}: overlap "
+          f"{value:.3f} >= {threshold}",
+          flush=True,
+        )
+    path = os.path.join(self.config.output_dir, "switches.json")
+    with open(path + ".tmp", "w") as f:
+      json.dump(self.switches, f, indent=1)
+    os.replace(path + ".tmp", path)
+    return readings
 
   # --- the loop's Stage protocol ------------------------------------------------------
 
@@ -158,6 +242,8 @@ class SFTTrainer:
     del diagnostics  # SFT has no costly diagnostics
     self.state, metrics = self.train_step(self.state, self.batch(self.step))
     self.step += 1
+    if self.probe is not None and self.step % self.config.sft.overlap_every == 0:
+      metrics = dict(metrics, overlap=self.probe_overlap(), switched=len(self.switches))
     return metrics
 
   def step_tokens(self, metrics: dict) -> dict:
@@ -190,7 +276,7 @@ class SFTTrainer:
       self.step,
       self.state,
       rng=self.rng,
-      data_state={"step": self.step},
+      data_state={"step": self.step, "switches": self.switches, "phase_start": self.phase_start},
       identity=self.identity,
       force=force,
     )

@@ -233,10 +233,80 @@ class Trainer:
     hf.to_hf(student, out_dir, tokenizer=self.tokenizer)
 
 
+class InputError(Exception):
+  """Bad input found while building a stage (config, files, models): a one-line error."""
+
+
+def make_trainer(config):
+  """The training stage `config.stage` names (sft, opd or rlvr), built from `config`."""
+  if config.stage == "sft":
+    from jdistill.sft import SFTTrainer
+
+    return SFTTrainer(config)
+  if config.stage == "rlvr":
+    from jdistill.rlvr import RLVRTrainer
+
+    return RLVRTrainer(config)
+  return Trainer(config)
+
+
+def describe(stage: str, before: dict, after: dict) -> str:
+  """The console lines of a training stage's held-out results, before → after."""
+  if stage == "sft":
+    return (
+      f"held-out completion cross-entropy {before['cross_entropy']:.4f} -> "
+      f"{after['cross_entropy']:.4f}"
+    )
+  if stage == "rlvr":
+    return "\n".join(
+      f"{d}: greedy accuracy {before[d]['accuracy']:.3f} -> {after[d]['accuracy']:.3f}"
+      for d in after
+    )
+  return format_before_after(before, after)
+
+
+def run_stage(config) -> dict:
+  """Runs one stage to its end (generation, or training then export) → a summary."""
+  if config.stage == "generate":
+    from jdistill.generate import generate_all
+
+    try:
+      progress = generate_all(config)
+    except (ValueError, FileNotFoundError) as e:
+      raise InputError(str(e)) from e
+    print(
+      f"jdistill generate: {progress['kept']} records of {progress['sampled']} samples in "
+      f"{config.generate.out_dir}; {progress['verifier_errors']} verifier errors"
+    )
+    return {"generated": progress}
+  try:
+    trainer = make_trainer(config)
+  except (ValueError, FileNotFoundError) as e:
+    raise InputError(str(e)) from e
+  print(
+    f"jdistill: stage {config.stage}, mesh {dict(trainer.mesh.shape)}, resuming at step "
+    f"{trainer.step}",
+    flush=True,
+  )
+  before = trainer.evaluate()
+  trainer.run()
+  after = trainer.evaluate()
+  print(describe(config.stage, before, after), flush=True)
+  if config.export_dir:
+    trainer.export(config.export_dir)
+    print(f"exported the student to {config.export_dir}")
+  summary = {"step": trainer.step, "eval_before": before, "eval_after": after}
+  if getattr(trainer, "switches", None):
+    summary["switches"] = trainer.switches
+  return summary
+
+
 def main(argv):
   del argv
   from absl import flags
   from absl import logging as absl_logging
+
+  from jdistill import pipeline
 
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
   config = flags.FLAGS.config
@@ -245,66 +315,26 @@ def main(argv):
   if flags.FLAGS.resume or flags.FLAGS.new_run:
     config.run_mode = "resume" if flags.FLAGS.resume else "new"
   try:
-    config_lib.validate(config)
+    if config.pipeline.stages:
+      pipeline.validate(config)
+    else:
+      config_lib.validate(config)
   except ValueError as e:
     sys.exit(f"jdistill: bad config: {e}")
   if flags.FLAGS.validate_only:
     print(config.to_json())
     return
   distributed.initialize()
-  if config.stage == "generate":
-    from jdistill.generate import Generator
-
-    try:
-      progress = Generator(config).run()
-    except (ValueError, FileNotFoundError) as e:
-      sys.exit(f"jdistill: {e}")
-    print(
-      f"jdistill generate: {progress['kept']} records of {progress['sampled']} samples in "
-      f"{config.generate.out_dir}; {progress['verifier_errors']} verifier errors"
-    )
-    return
   try:
-    if config.stage == "sft":
-      from jdistill.sft import SFTTrainer
-
-      trainer = SFTTrainer(config)
-    elif config.stage == "rlvr":
-      from jdistill.rlvr import RLVRTrainer
-
-      trainer = RLVRTrainer(config)
+    if config.pipeline.stages:
+      pipeline.run(config, run_stage)
     else:
-      trainer = Trainer(config)
-  except (ValueError, FileNotFoundError) as e:  # bad input: one line, before any compile
+      run_stage(config)
+  except InputError as e:  # bad input: one line, before any compile
     sys.exit(f"jdistill: {e}")
-  print(
-    f"jdistill: stage {config.stage}, mesh {dict(trainer.mesh.shape)}, resuming at step "
-    f"{trainer.step}",
-    flush=True,
-  )
-  before = trainer.evaluate()
-  try:
-    trainer.run()
   except loop_lib.Stopped as e:
     print(f"jdistill: {e}", file=sys.stderr, flush=True)
     sys.exit(e.code)
-  after = trainer.evaluate()
-  if config.stage == "sft":
-    print(
-      f"held-out completion cross-entropy {before['cross_entropy']:.4f} -> "
-      f"{after['cross_entropy']:.4f}"
-    )
-  elif config.stage == "rlvr":
-    for domain in after:
-      print(
-        f"{domain}: greedy accuracy {before[domain]['accuracy']:.3f} -> "
-        f"{after[domain]['accuracy']:.3f}"
-      )
-  else:
-    print(format_before_after(before, after))
-  if config.export_dir:
-    trainer.export(config.export_dir)
-    print(f"exported the student to {config.export_dir}")
 
 
 def format_before_after(before: dict, after: dict) -> str:

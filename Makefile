@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(PY) bench/overlap_calibration.py
 	$(PY) bench/sampler.py
 	$(PY) bench/train_step.py
+	$(PY) bench/stages.py
 
 clean:
 	rm -rf $(VENV) demo_out runs

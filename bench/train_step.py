@@ -18,6 +18,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from common import flops_of, matmul_peak, timed
 from flax import nnx
 
 from jdistill import sharding as shd
@@ -36,31 +37,6 @@ CFG = ModelConfig(
   head_dim=64,
 )
 ROWS_PER_TEACHER, PROMPT, NEW = 8, 32, 64
-
-
-def timed(fn, *args, repeats: int):
-  out = fn(*args)
-  jax.block_until_ready(out)
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    out = fn(*args)
-    jax.block_until_ready(out)
-    times.append(time.perf_counter() - t0)
-  return out, float(np.median(times))
-
-
-def flops_of(jitted, *args) -> float:
-  cost = jitted.lower(*args).compile().cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost.get("flops", float("nan")))
-
-
-def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  f = jax.jit(lambda x, y: x @ y)
-  _, t = timed(f, a, a, repeats=repeats)
-  return 2 * n**3 / t
 
 
 def main():

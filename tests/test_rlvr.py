@@ -205,3 +205,29 @@ def test_unified_objective_reduces_to_pure_opd_and_pure_grpo():
   )[0]  # fmt: skip
   np.testing.assert_allclose(pure, no_teacher, rtol=1e-6)
   assert not np.allclose(pure, want)
+
+
+def test_rlvr_resumes_exactly(tmp_path):
+  """4 steps straight equal 2 steps, a new process-like trainer restoring step 2, 2 more."""
+  world, train, evals = _larger_world(tmp_path, n_train=32)
+
+  def config(name):
+    c = _rl_config(world, train, evals, tmp_path / name, steps=4)
+    c.checkpoint.dir = str(tmp_path / name / "ckpt")
+    c.checkpoint.every = 2
+    c.rl.kl_coef = 0.1  # the reference must come back as the start model, not the resumed one
+    return c
+
+  straight = rlvr.RLVRTrainer(config("straight"))
+  straight.run()
+  first = rlvr.RLVRTrainer(config("split"))
+  first.run(steps=2)
+  del first
+  second = rlvr.RLVRTrainer(config("split"))
+  assert second.step == 2
+  second.run()
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+    jax.device_get(straight.params),
+    jax.device_get(second.params),
+  )

@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 LOG    := $(VENV)/install.log
 
-.PHONY: test lint format demo install bench clean
+.PHONY: test lint format demo experiment install bench clean
 
 # Install output goes to a log and is shown (its tail) only when the install fails.
 $(STAMP): pyproject.toml
@@ -31,6 +31,10 @@ test: lint
 
 demo: $(STAMP)
 	@$(PY) -m jdistill.demo --out=demo_out
+
+# The whole support-overlap grid (losses x teachers x warmups x 3 seeds); cells are cached.
+experiment: $(STAMP)
+	@$(PY) -m jdistill.experiment --out=runs/experiment
 
 bench: $(STAMP)
 	$(PY) bench/loss_memory.py

@@ -166,6 +166,12 @@ def base_config() -> mlc.ConfigDict:
       eval_prompts=32,  # held-out prompts per domain for greedy accuracy (evaluate)
     )
   )
+  c.eval = mlc.ConfigDict(
+    dict(
+      verifier="",  # set: evaluate() adds greedy accuracy of the eval prompts' answers
+      pass_k=0,  # > 0: and pass@k (k samples at temperature 1)
+    )
+  )
   c.pipeline = mlc.ConfigDict(
     dict(
       stages=(),  # e.g. ("generate", "sft", "opd"): chained stages (jdistill/pipeline.py)
@@ -229,6 +235,7 @@ RUN_BOOKKEEPING = (
   "num_devices",
   "train.log_every",
   "train.eval_every",
+  "eval",
 )
 
 
@@ -277,6 +284,15 @@ def validate(config) -> None:
   _check_choice(config, "data.overlong", OVERLONG)
   _check_choice(config, "run_mode", ("auto", "resume", "new"))
   _check_choice(config, "stage", STAGES)
+  if config.eval.verifier:
+    from jdistill import verifiers
+
+    try:
+      verifiers.get(config.eval.verifier)
+    except ValueError as e:
+      _fail("eval.verifier", config.eval.verifier, str(e))
+  if not (isinstance(config.eval.pass_k, int) and config.eval.pass_k >= 0):
+    _fail("eval.pass_k", config.eval.pass_k, "an integer >= 0")
   _check_positive(config, "num_devices", allow_zero=True)
   if config.data.check_prompts != -1:
     _check_positive(config, "data.check_prompts")

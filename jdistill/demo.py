@@ -1,10 +1,13 @@
-"""`make demo`: a few minutes of multi-teacher OPD on the CPU, from the embedded config.
+"""`make demo`: three specialist teachers merged into one student that then solves their tasks.
 
-Builds a toy world (tokenizer, prompts, a Llama and a Qwen3 teacher, a Llama
-student — nothing downloaded), trains, and ends with a per-teacher before/after
-table of the full-vocab reverse KL on held-out student rollouts. Outputs under
-`--out`: metrics.jsonl, learning_curves.png, before_after.json, the checkpoints
-and the exported student (an HF directory).
+The task world (`jdistill.task_world`, committed under jdistill/assets/task_world): a weak
+base model and three lineage teachers forked from it, each strong at one domain (two-digit
+addition, word reversal, letter counting). The demo is a reduced cell set of the
+support-overlap experiment (`jdistill.experiment`, `make experiment` for the whole grid):
+lineage teachers, a warmup SFT on the teachers' verified answers, then on-policy
+distillation with full-vocab reverse KL and with the sampled-token estimator, one seed. It
+ends with per-domain greedy accuracy on held-out prompts (student before → after, next to
+each teacher's) and says where the plots are.
 """
 
 from __future__ import annotations
@@ -16,15 +19,32 @@ import time
 
 from absl import app, flags, logging
 
-from jdistill import train
-from jdistill.toy import make_toy_world, tiny_config
+from jdistill import experiment, task_world, tasks
 
 flags.DEFINE_string(
   "out", "demo_out", "Output directory (replaced on each run, if the demo wrote it)."
 )
-flags.DEFINE_integer("steps", 200, "Training steps.")
+flags.DEFINE_integer("steps", experiment.Grid.opd_steps, "OPD steps per loss.")
 FLAGS = flags.FLAGS
 MARKER = ".jdistill-demo"  # the demo only ever deletes a directory that carries this
+LOSSES = ("reverse_kl", "sampled_token")
+WARMUP = "sft"
+
+
+def accuracy_table(report: dict, world: dict) -> str:
+  """Per domain: the base, the student after warmup + OPD for each loss, the teacher."""
+  teachers = world["accuracy"]
+  head = ["domain", "base (student before)", *(f"after {loss}" for loss in LOSSES), "teacher"]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  by_loss = {c["loss"]: c for c in report["cells"]}
+  for d in tasks.DOMAINS:
+    row = [d, f"{teachers['base'][d]:.2f}"]
+    for loss in LOSSES:
+      curve = by_loss[loss]["curve"]
+      row.append(f"{curve[-1][d]['accuracy']:.2f}")
+    row.append(f"{teachers[f'lineage_{d}'][d]:.2f}")
+    lines.append("| " + " | ".join(row) + " |")
+  return "\n".join(lines)
 
 
 def main(argv):
@@ -42,28 +62,26 @@ def main(argv):
   os.makedirs(out)
   open(os.path.join(out, MARKER), "w").close()
   t0 = time.time()
-  paths = make_toy_world(os.path.join(out, "world"))
-  config = tiny_config(paths)
-  config.output_dir = out
-  config.train.steps = FLAGS.steps
-  config.checkpoint.dir = os.path.join(out, "ckpt")
-  config.export_dir = os.path.join(out, "student_hf")
-  print(
-    "demo: the embedded CPU config (jdistill/toy.py: tiny_config); teachers "
-    f"math=reverse_kl (Llama), code=sampled_token (Qwen3); {config.train.steps} steps"
+  world_root = task_world.usable_world(os.path.join(out, "world"))
+  grid = experiment.Grid(
+    losses=LOSSES, worlds=("lineage",), warmups=(WARMUP,), seeds=1, opd_steps=FLAGS.steps
   )
-  trainer = train.Trainer(config)
-  before = trainer.evaluate()
-  trainer.run()
-  after = trainer.evaluate()
-  table = train.format_before_after(before, after)
-  print("\nPer-teacher, on held-out student rollouts:\n" + table)
-  with open(os.path.join(out, "before_after.json"), "w") as f:
-    json.dump({"before": before, "after": after}, f, indent=2)
-  trainer.export(config.export_dir)
   print(
-    f"\ndemo: done in {time.time() - t0:.0f} s; outputs in {out} "
-    "(metrics.jsonl, learning_curves.png, before_after.json, ckpt/, student_hf/)"
+    f"demo: task world {world_root}; lineage teachers; warmup SFT on their verified answers, "
+    f"then {grid.opd_steps} OPD steps with each of {', '.join(LOSSES)}"
+  )
+  report = experiment.run(out, grid, world_root=world_root)
+  world = report["world"]
+  table = accuracy_table(report, world)
+  with open(os.path.join(out, "accuracy.md"), "w") as f:
+    f.write(table + "\n")
+  with open(os.path.join(out, "demo.json"), "w") as f:
+    json.dump({"report": report, "seconds": time.time() - t0}, f)
+  print("\nHeld-out greedy accuracy per domain (exact match of the final answer):\n" + table)
+  print(
+    f"\ndemo: done in {time.time() - t0:.0f} s; outputs in {out}: accuracy.md, "
+    "accuracy.png (accuracy vs OPD step), overlap.png, table.md, results.json, and per cell "
+    "metrics.jsonl and learning_curves.png under lineage/"
   )
 
 

@@ -84,6 +84,23 @@ def validate(config) -> None:
       raise ValueError(f"pipeline stage {k + 1} ({stages[k]}): {e}") from None
 
 
+def run_once(config, out_dir: str, run_stage: Callable[[object], dict]) -> dict:
+  """`run_stage(config)`'s summary, computed once: a finished stage leaves
+  `<out_dir>/DONE.json` (atomically, after its final model is exported) and is skipped."""
+  marker = os.path.join(out_dir, "DONE.json")
+  if os.path.exists(marker):
+    with open(marker) as f:
+      return json.load(f)
+  summary = {"stage": config.stage, "config_hash": config_lib.config_hash(config)}
+  summary.update(run_stage(config))
+  if jax.process_index() == 0:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(marker + ".tmp", "w") as f:
+      json.dump(summary, f, indent=1)
+    os.replace(marker + ".tmp", marker)
+  return summary
+
+
 def run(config, run_stage: Callable[[object], dict]) -> list[dict]:
   """Runs the unfinished stages in order with `run_stage(stage_config)` (which trains or
   generates to the end and exports); returns each stage's summary (from DONE.json when it was
@@ -93,19 +110,10 @@ def run(config, run_stage: Callable[[object], dict]) -> list[dict]:
   summaries = []
   for k, name in enumerate(stages):
     c = stage_config(config, k)
-    marker = os.path.join(c.output_dir, "DONE.json")
     head = f"pipeline stage {k + 1}/{len(stages)} ({name})"
-    if os.path.exists(marker):
-      with open(marker) as f:
-        summaries.append(json.load(f))
+    if os.path.exists(os.path.join(c.output_dir, "DONE.json")):
       print(f"{head}: done earlier, skipped ({c.output_dir})", flush=True)
-      continue
-    print(f"{head}: {c.output_dir}", flush=True)
-    summary = {"stage": name, "config_hash": config_lib.config_hash(c), **run_stage(c)}
-    if jax.process_index() == 0:
-      os.makedirs(c.output_dir, exist_ok=True)
-      with open(marker + ".tmp", "w") as f:
-        json.dump(summary, f, indent=1)
-      os.replace(marker + ".tmp", marker)
-    summaries.append(summary)
+    else:
+      print(f"{head}: {c.output_dir}", flush=True)
+    summaries.append(run_once(c, c.output_dir, run_stage))
   return summaries

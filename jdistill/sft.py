@@ -45,13 +45,14 @@ BATCH_KEYS = ("tokens", "positions", "segment_ids", "loss_mask")
 
 
 def read_files(files: str, **kw) -> list:
-  """Examples of comma-separated JSONL `files` (`packing.read_examples`)."""
-  return [
-    e
-    for path in str(files).split(",")
-    if path.strip()
-    for e in packing.read_examples(path.strip(), **kw)
-  ]
+  """Examples of comma-separated JSONL `files` (`packing.read_examples`). An empty file (say
+  a generation part whose samples all failed verification) adds nothing; all empty is an
+  error."""
+  paths = [p.strip() for p in str(files).split(",") if p.strip()]
+  filled = [p for p in paths if not os.path.exists(p) or os.path.getsize(p) > 0]
+  if not filled:
+    raise ValueError(f"{files}: every file is empty (no examples to train on)")
+  return [e for path in filled for e in packing.read_examples(path, **kw)]
 
 
 def sft_loss(params, graphdef, batch: dict, chunk_size: int | None):

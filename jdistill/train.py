@@ -79,6 +79,7 @@ class Trainer:
     self.batch_shardings = build.batch_shardings(self.mesh)
     self.rng = jax.random.key(c.seed)
     self.alarms = overlap.AlarmTracker(c.overlap)
+    self.accuracy_records = self._accuracy_records() if c.eval.verifier else None
     self.train_step, self.eval_objective = self._compile()
     self.loop = loop_lib.Loop(
       log_every=c.train.log_every, eval_every=c.train.eval_every, nonfinite=c.loss.nonfinite
@@ -120,6 +121,35 @@ class Trainer:
     objective = functools.partial(ts.distill_objective, **structure)
     eval_objective = jax.jit(lambda p, s, b: objective(p, teacher_states=s, batch=b)[1])
     return train_step, eval_objective
+
+  def _accuracy_records(self) -> list[dict]:
+    """The held-out prompts (`data.eval_files`) whose answers `evaluate` checks."""
+    if self.eval_batcher is None:
+      raise ValueError("config.eval.verifier needs held-out prompts in config.data.eval_files")
+    records = self.eval_batcher.records
+    missing = [r["where"] for r in records if "answer" not in r]
+    if missing:
+      raise ValueError(
+        f"{missing[0]}: no 'answer' field, which config.eval.verifier scores against"
+      )
+    return records
+
+  def accuracy(self) -> dict[str, dict[str, float]]:
+    """Per-domain greedy accuracy (and pass@k) of the student on the held-out prompts."""
+    from jdistill import data as data_lib
+    from jdistill import evaluate
+
+    c = self.config
+    encode = lambda r: data_lib.encode_prompt(  # noqa: E731
+      r, self.tokenizer, use_chat_template=c.data.use_chat_template,
+      max_prompt_len=c.data.max_prompt_len, overlong="truncate_left",
+    )  # fmt: skip
+    return evaluate.accuracy(
+      self.sampler, self.state["params"], self.tokenizer, self.accuracy_records,
+      encode=encode, max_new_tokens=c.sampling.max_new_tokens, verifier=c.eval.verifier,
+      pass_k=c.eval.pass_k, prompt_buckets=c.sampling.prompt_buckets,
+      batch_rows=self.batcher.rows_per_batch,
+    )  # fmt: skip
 
   @property
   def names(self) -> list[str]:
@@ -216,10 +246,22 @@ class Trainer:
     batcher = self.eval_batcher or self.batcher
     prompts = batcher.batch(10**6 if batcher is self.batcher else 0)
     batch = self.rollouts(prompts, jax.random.key(seed))
-    return to_float(self.eval_objective(self.state["params"], self.teachers.states, batch))
+    results = to_float(self.eval_objective(self.state["params"], self.teachers.states, batch))
+    if self.accuracy_records:  # each teacher: the accuracy over the domains it owns
+      per_domain = self.accuracy()
+      owners = config_lib.teacher_domains(self.config)
+      for name in results:
+        mine = [per_domain[d] for d in owners[name] if d in per_domain]
+        total = sum(v["prompts"] for v in mine)
+        for key in {k for v in mine for k in v if k != "prompts"}:
+          results[name][key] = sum(v[key] * v["prompts"] for v in mine) / max(total, 1)
+    return results
 
   def describe_eval(self, results: dict) -> str:
-    return " ".join(f"{n} rkl {v['reverse_kl']:.3f}" for n, v in results.items())
+    return " ".join(
+      f"{n} rkl {v['reverse_kl']:.3f}" + (f" acc {v['accuracy']:.2f}" if "accuracy" in v else "")
+      for n, v in results.items()
+    )
 
   # --- the run -------------------------------------------------------------------------
 

@@ -307,20 +307,37 @@ def run(out: str, grid: Grid = Grid(), world_root: str | None = None, spec=None)
       flush=True,
     )
     results.append(run_cell(out, world_root, kind, warmup, seed, loss, grid))
-  report = {
+  summary = {
     "grid": dataclasses.asdict(grid),
     "world": world_summary,
     "cells": results,
     "seconds": time.time() - t0,
   }
   with open(os.path.join(out, "results.json"), "w") as f:
-    json.dump(report, f)
-  md = table(results)
+    json.dump(summary, f)
   with open(os.path.join(out, "table.md"), "w") as f:
-    f.write(md + "\n")
+    f.write(table(results) + "\n")
   plot(results, out)
   overlap_plot(results, out)
-  return report
+  return summary
+
+
+def report(out: str) -> dict:
+  """table.md, the plots and results.json from every finished cell under `out` (a grid run
+  in parts, or stopped early, reports what it has)."""
+  results = []
+  for dirpath, _, names in sorted(os.walk(out)):
+    if "cell.json" in names:
+      with open(os.path.join(dirpath, "cell.json")) as f:
+        results.append(json.load(f))
+  results.sort(key=lambda r: (*_order((r["world"], r["warmup"], r["loss"])), r["seed"]))
+  with open(os.path.join(out, "results.json"), "w") as f:
+    json.dump({"cells": results}, f)
+  with open(os.path.join(out, "table.md"), "w") as f:
+    f.write(table(results) + "\n")
+  plot(results, out)
+  overlap_plot(results, out)
+  return {"cells": results}
 
 
 def main(argv):
@@ -346,9 +363,12 @@ def main(argv):
     bad = [v for v in values if v not in allowed]
     if bad:
       raise SystemExit(f"--{field}: {bad} invalid; allowed: {list(allowed)}")
-  report = run(f.out, grid, world_root=f.world or None)
-  print(table(report["cells"]))
-  print(f"experiment: {len(report['cells'])} cells in {report['seconds'] / 60:.1f} min; "
+  if f.report_only:
+    print(table(report(f.out)["cells"]))
+    return
+  result = run(f.out, grid, world_root=f.world or None)
+  print(table(result["cells"]))
+  print(f"experiment: {len(result['cells'])} cells in {result['seconds'] / 60:.1f} min; "
         f"outputs in {f.out} (table.md, results.json, accuracy.png, overlap.png)")  # fmt: skip
 
 
@@ -363,6 +383,7 @@ def cli():
   flags.DEFINE_integer("seeds", 3, "Seeds per cell.")
   flags.DEFINE_integer("opd_steps", Grid.opd_steps, "OPD steps per cell.")
   flags.DEFINE_integer("eval_every", Grid.eval_every, "Steps between accuracy evaluations.")
+  flags.DEFINE_bool("report_only", False, "Only rewrite the table and plots from finished cells.")
   app.run(main)
 
 

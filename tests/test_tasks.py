@@ -73,14 +73,14 @@ TINY = task_world.WorldSpec(
 
 def test_the_experiment_runs_end_to_end_and_reuses_its_cache(tmp_path):
   grid = experiment.Grid(
-    losses=("sampled_token", "reverse_kl"), worlds=("lineage", "external"),
+    losses=("reverse_kl",), worlds=("lineage", "external"),
     warmups=("none", "sft", "overlap"), seeds=1, opd_steps=2, eval_every=1, warmup_steps=2,
     slots_per_teacher=8, max_new_tokens=8, warmup_data="all",
   )  # fmt: skip
   out = str(tmp_path / "exp")
   report = experiment.run(out, grid, spec=TINY)
   cells = report["cells"]
-  assert len(cells) == 12
+  assert len(cells) == 6
   for cell in cells:
     assert [p["step"] for p in cell["curve"]] == [0, 1, 2]
     for point in cell["curve"]:
@@ -88,7 +88,7 @@ def test_the_experiment_runs_end_to_end_and_reuses_its_cache(tmp_path):
         assert 0.0 <= point[domain]["accuracy"] <= 1.0
         assert 0.0 <= point[domain]["overlap"] <= 1.0 + 1e-6
   table = open(os.path.join(out, "table.md")).read().splitlines()
-  assert len(table) == 2 + 2 * 3 * 2  # header, rule, one row per (world, warmup, loss)
+  assert len(table) == 2 + 2 * 3  # header, rule, one row per (world, warmup, loss)
   for name in ("accuracy.png", "overlap.png", "results.json"):
     assert os.path.getsize(os.path.join(out, name)) > 0
   world = json.load(open(os.path.join(out, "world", "world.json")))
@@ -124,6 +124,13 @@ def test_the_committed_world_scores_what_world_json_says_and_sits_in_its_bands()
     for domain in tasks.DOMAINS:
       assert abs(got[domain]["accuracy"] - world["accuracy"][name][domain]) <= 1 / 64, name
   _check_bands(world["accuracy"])
+  # pass@k: k samples at temperature 1; a teacher that is right greedily is right in some
+  add = [r for r in records if r["domain"] == "add"][:16]
+  got = model_accuracy(
+    os.path.join(root, "lineage_add"), add, max_new_tokens=48, verifier="jdistill.tasks:verify",
+    pass_k=4,
+  )["add"]  # fmt: skip
+  assert got["prompts"] == 16 and got["accuracy"] == 1.0 and got["pass@4"] >= 0.9
 
 
 def _check_bands(accuracy):
@@ -136,6 +143,6 @@ def _check_bands(accuracy):
 def test_a_smaller_rebuild_lands_in_the_same_bands(tmp_path):
   """`python -m jdistill.task_world` from scratch, with fewer examples and teacher steps: the
   same bands as the committed world (a few minutes: the one slow test of the world)."""
-  spec = task_world.WorldSpec(examples_per_domain=1000, teacher_steps=200, eval_per_domain=32)
+  spec = task_world.WorldSpec(examples_per_domain=1000, eval_per_domain=32)
   summary = task_world.build(str(tmp_path / "world"), spec, log=lambda *_: None)
   _check_bands(summary["accuracy"])

@@ -267,7 +267,8 @@ def overlap_plot(results: list[dict], out_dir: str) -> str:
   fig, ax = plt.subplots(figsize=(6, 3.5))
   width = 0.38
   for k, world in enumerate(WORLDS):
-    runs = [r for r in results if r["world"] == world and r["warmup"] == "none"]
+    runs = [r for r in results if r["world"] == world]
+    runs = [r for r in runs if r["warmup"] == "none"] or runs  # the base's own rollouts first
     if not runs:
       continue
     values = [np.mean([r["curve"][0][d]["overlap"] for r in runs]) for d in tasks.DOMAINS]

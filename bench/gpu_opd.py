@@ -1,0 +1,228 @@
+"""The OPD step of Qwen3-shaped students on one accelerator: tokens/s, MFU, sampler tok/s, memory.
+
+For each size, a student (f32 master params, bf16 compute) and one same-shaped teacher (bf16
+params) run the real pieces: the jitted sampler makes the rollouts, then one compiled train
+step (teacher forward, student forward/backward, chunked full-vocab reverse KL, AdamW, donated
+state). FLOPs come from XLA's cost analysis of the compiled step; MFU is those FLOPs per second
+over the chip's dense bf16 peak (`--peak_tflops`, default the H100/H200 datasheet's 989) and,
+next to it, over a bf16 matmul measured in the same run.
+
+  python bench/gpu_opd.py                        # Qwen3-0.6B and Qwen3-1.7B shapes
+  python bench/gpu_opd.py --sizes tiny --rows 4  # a CPU smoke run of the same code
+  python bench/gpu_opd.py --json results.json
+
+Random weights: no stop token is drawn, so every row decodes `--new` tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from common import timed
+from flax import nnx
+
+from jdistill import sharding as shd
+from jdistill import train_step as ts
+from jdistill.losses import LossSettings
+from jdistill.models import ModelConfig, Transformer
+from jdistill.sampler import Sampler, SamplingParams
+
+QWEN3 = dict(
+  model_type="qwen3",
+  vocab_size=151_936,
+  num_heads=16,
+  num_kv_heads=8,
+  head_dim=128,
+  qk_norm=True,
+  tie_word_embeddings=True,
+  rope_theta=1_000_000.0,
+)
+SIZES = {
+  "0.6B": ModelConfig(**QWEN3, hidden_size=1024, intermediate_size=3072, num_layers=28),
+  "1.7B": ModelConfig(**QWEN3, hidden_size=2048, intermediate_size=6144, num_layers=28),
+  "tiny": ModelConfig(
+    **{**QWEN3, "vocab_size": 4096}, hidden_size=128, intermediate_size=256, num_layers=2
+  ),
+}
+
+
+def n_params(state) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state))
+
+
+def peak_bytes() -> float:
+  stats = jax.devices()[0].memory_stats() or {}
+  return float(stats.get("peak_bytes_in_use", float("nan")))
+
+
+def bf16_matmul_tflops(n: int) -> float:
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
+  _, t = timed(jax.jit(lambda x, y: x @ y), a, a, repeats=5)
+  return 2 * n**3 / t / 1e12
+
+
+def bench_size(name: str, args, mesh) -> dict:
+  base = SIZES[name]
+  student_cfg = base.replace(param_dtype="float32", dtype="bfloat16")
+  teacher_cfg = base.replace(param_dtype="bfloat16", dtype="bfloat16")
+  t0 = time.perf_counter()
+  student = shd.create_sharded(lambda: Transformer(student_cfg, nnx.Rngs(0)), mesh)
+  teacher = shd.create_sharded(lambda: Transformer(teacher_cfg, nnx.Rngs(1)), mesh)
+  graphdef, params = nnx.split(student)
+  t_graphdef, t_state = nnx.split(teacher)
+  del student, teacher
+  spec = ts.TeacherSpec(
+    "teacher",
+    LossSettings(loss="reverse_kl", chunk_size=args.chunk),
+    1.0,
+    tuple(range(args.rows)),
+  )
+  opt, sched = ts.make_optimizer(1e-5, steps=1000, warmup_steps=0)
+  state = {
+    "params": params,
+    "opt_state": jax.jit(opt.init)(params),
+    "step": jnp.zeros((), jnp.int32),
+  }
+  print(
+    f"[{name}] {n_params(params) / 1e9:.2f}B params, built in {time.perf_counter() - t0:.0f} s",
+    flush=True,
+  )
+
+  rng = np.random.RandomState(0)
+  prompts = rng.randint(5, base.vocab_size, (args.rows, args.prompt)).astype(np.int32)
+  lengths = np.full((args.rows,), args.prompt, np.int32)
+  sampler = Sampler(graphdef, mesh)
+  sp = SamplingParams(max_new_tokens=args.new, temperature=1.0, prompt_buckets=(args.prompt,))
+
+  def sample(p, i):
+    out = sampler.generate(p, (prompts, lengths), jax.random.key(i), sp)
+    jax.block_until_ready(out.tokens)
+    return out
+
+  t0 = time.perf_counter()
+  out = sample(state["params"], 0)
+  sampler_compile = time.perf_counter() - t0
+  times = []
+  for i in range(args.repeats):
+    t0 = time.perf_counter()
+    out = sample(state["params"], i + 1)
+    times.append(time.perf_counter() - t0)
+  t_sample = float(np.median(times))
+  print(
+    f"[{name}] sampler: first call {sampler_compile:.1f} s, then {t_sample * 1e3:.0f} ms "
+    f"({args.rows * args.new / t_sample:,.0f} tok/s)",
+    flush=True,
+  )
+
+  batch = {
+    "tokens": jnp.asarray(out.tokens),
+    "completion_mask": jnp.asarray(out.completion_mask),
+    "logprobs": jnp.asarray(out.logprobs),
+    "sampling_logprobs": jnp.asarray(out.sampling_logprobs),
+    "lengths": jnp.asarray(out.prompt_lengths) + jnp.asarray(out.completion_lengths),
+  }
+  step = jax.jit(
+    functools.partial(
+      ts.train_step,
+      student_graphdef=graphdef,
+      teacher_graphdefs=(t_graphdef,),
+      specs=(spec,),
+      optimizer=opt,
+      schedule=sched,
+      diagnostics=False,
+    ),
+    donate_argnums=0,
+  )
+  t0 = time.perf_counter()
+  compiled = step.lower(state, (t_state,), batch).compile()
+  step_compile = time.perf_counter() - t0
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost.get("flops", float("nan")))
+  state, metrics = compiled(state, (t_state,), batch)  # warm-up
+  jax.block_until_ready(metrics["loss"])
+  times = []
+  for _ in range(args.repeats):
+    t0 = time.perf_counter()
+    state, metrics = compiled(state, (t_state,), batch)
+    jax.block_until_ready(metrics["loss"])
+    times.append(time.perf_counter() - t0)
+  t_step = float(np.median(times))
+  tokens = args.rows * (args.prompt + args.new - 1)
+  result = {
+    "size": name,
+    "params": n_params(params),
+    "rows": args.rows,
+    "prompt": args.prompt,
+    "new": args.new,
+    "sampler_s": t_sample,
+    "sampler_tok_s": args.rows * args.new / t_sample,
+    "sampler_first_call_s": sampler_compile,
+    "step_compile_s": step_compile,
+    "train_step_s": t_step,
+    "train_tok_s": tokens / t_step,
+    "train_step_tflops": flops / t_step / 1e12,
+    "mfu": flops / t_step / (args.peak_tflops * 1e12),
+    "opd_step_s": t_sample + t_step,
+    "opd_tok_s": tokens / (t_sample + t_step),
+    "loss": float(metrics["loss"]),
+    "finite": float(metrics["finite"]),
+    "peak_gb": peak_bytes() / 1e9,
+  }
+  print(
+    f"[{name}] train step: compile {step_compile:.1f} s, {t_step * 1e3:.0f} ms, "
+    f"{result['train_tok_s']:,.0f} tok/s, {result['train_step_tflops']:.0f} TFLOP/s "
+    f"(MFU {result['mfu']:.1%}); peak memory {result['peak_gb']:.1f} GB",
+    flush=True,
+  )
+  return result
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--sizes", default="0.6B,1.7B", help=f"comma-separated of {list(SIZES)}")
+  parser.add_argument("--rows", type=int, default=32)
+  parser.add_argument("--prompt", type=int, default=128)
+  parser.add_argument("--new", type=int, default=384)
+  parser.add_argument("--chunk", type=int, default=256, help="loss chunk (tokens)")
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--peak_tflops", type=float, default=989.0)
+  parser.add_argument("--json", default="")
+  args = parser.parse_args()
+  mesh = shd.make_mesh({"data": -1})
+  dev = jax.devices()[0]
+  print(
+    f"backend {jax.default_backend()}: {jax.device_count()} x {dev.device_kind}; "
+    f"jax {jax.__version__}",
+    flush=True,
+  )
+  measured = bf16_matmul_tflops(8192 if jax.default_backend() != "cpu" else 1024)
+  print(f"bf16 matmul, same run: {measured:.1f} TFLOP/s", flush=True)
+  results = []
+  for name in args.sizes.split(","):
+    results.append(bench_size(name, args, mesh))
+    results[-1]["mfu_of_measured_matmul"] = results[-1]["train_step_tflops"] / measured
+    if args.json:
+      with open(args.json, "w") as f:
+        json.dump({"matmul_tflops": measured, "results": results}, f, indent=1)
+  print()
+  print(
+    f"{'size':<6}{'params':>8}{'sampler tok/s':>15}{'train tok/s':>13}{'TFLOP/s':>9}"
+    f"{'MFU':>7}{'of matmul':>11}{'OPD tok/s':>11}{'peak GB':>9}"
+  )
+  for r in results:
+    print(
+      f"{r['size']:<6}{r['params'] / 1e9:>7.2f}B{r['sampler_tok_s']:>15,.0f}"
+      f"{r['train_tok_s']:>13,.0f}{r['train_step_tflops']:>9.1f}{r['mfu']:>7.1%}"
+      f"{r['mfu_of_measured_matmul']:>11.1%}{r['opd_tok_s']:>11,.0f}{r['peak_gb']:>9.1f}"
+    )
+
+
+if __name__ == "__main__":
+  main()

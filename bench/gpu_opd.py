@@ -149,13 +149,7 @@ def bench_size(name: str, args, mesh) -> dict:
     flush=True,
   )
 
-  batch = {
-    "tokens": jnp.asarray(out.tokens),
-    "completion_mask": jnp.asarray(out.completion_mask),
-    "logprobs": jnp.asarray(out.logprobs),
-    "sampling_logprobs": jnp.asarray(out.sampling_logprobs),
-    "lengths": jnp.asarray(out.prompt_lengths) + jnp.asarray(out.completion_lengths),
-  }
+  batch = ts.rollout_batch(out)
   step = jax.jit(
     functools.partial(
       ts.train_step,

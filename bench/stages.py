@@ -82,14 +82,7 @@ def grpo_bench(graphdef, params, optimizer, schedule, mesh, steps: int):
     return losses.group_advantages(rewards, GROUP)
 
   advantages, t_score = timed(score, repeats=steps)
-  batch = {
-    "tokens": out.tokens,
-    "completion_mask": out.completion_mask,
-    "logprobs": out.logprobs,
-    "sampling_logprobs": out.sampling_logprobs,
-    "lengths": jnp.asarray(out.prompt_lengths) + jnp.asarray(out.completion_lengths),
-    "advantages": jnp.asarray(advantages),
-  }
+  batch = {**ts.rollout_batch(out), "advantages": jnp.asarray(advantages)}
   settings = rlvr.RLSettings(chunk_size=32, clip_eps=0.2, kl_coef=0.05)
   step = jax.jit(
     functools.partial(

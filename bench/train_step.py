@@ -76,13 +76,7 @@ def main():
     out = gen(state["params"])
     jax.block_until_ready(out.tokens)
   t_sample = (time.perf_counter() - t0) / args.steps
-  batch = {
-    "tokens": jnp.asarray(out.tokens),
-    "completion_mask": jnp.asarray(out.completion_mask),
-    "logprobs": jnp.asarray(out.logprobs),
-    "sampling_logprobs": jnp.asarray(out.sampling_logprobs),
-    "lengths": jnp.asarray(out.prompt_lengths) + jnp.asarray(out.completion_lengths),
-  }
+  batch = ts.rollout_batch(out)
   seq = batch["tokens"].shape[1]
 
   step = jax.jit(

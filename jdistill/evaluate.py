@@ -29,11 +29,16 @@ def completions(sampler: Sampler, params, tokenizer, prompts: list[list[int]], s
     tokens[i, : len(p)] = p
   lengths = np.asarray([len(p) for p in prompts], np.int32)
   out = jax.device_get(sampler.generate(params, (tokens, lengths), key, sampling))
-  texts = []
-  for i in range(rows):
-    start, n = int(out.prompt_lengths[i]), int(out.completion_lengths[i])
-    texts.append(tokenizer.decode(out.tokens[i, start : start + n], skip_special_tokens=True))
-  return texts
+  return decode_completions(tokenizer, out.tokens, out.prompt_lengths, out.completion_lengths)
+
+
+def decode_completions(tokenizer, tokens, prompt_lengths, completion_lengths) -> list[str]:
+  """The completions of sampled rows (host arrays `[rows, width]`, `[rows]`, `[rows]`) as
+  text, special tokens dropped."""
+  return [
+    tokenizer.decode(row[int(start) : int(start) + int(n)], skip_special_tokens=True)
+    for row, start, n in zip(tokens, prompt_lengths, completion_lengths)
+  ]
 
 
 def accuracy(

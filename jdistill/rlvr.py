@@ -33,15 +33,14 @@ import numpy as np
 from flax import nnx
 
 from jdistill import build, losses, plots, verifiers
-from jdistill import checkpoint as ckpt
 from jdistill import config as config_lib
 from jdistill import loop as loop_lib
-from jdistill import run_log as run_log_lib
 from jdistill import sharding as shd
 from jdistill import train_step as ts
-from jdistill.models import hf
+from jdistill.evaluate import decode_completions
 from jdistill.run_dir import open_run_dir, run_identity
 from jdistill.sampler import Sampler
+from jdistill.stage import TrainingStage
 
 sg = jax.lax.stop_gradient
 
@@ -198,8 +197,10 @@ def local_rows(x) -> np.ndarray:
   return np.concatenate(parts)
 
 
-class RLVRTrainer:
+class RLVRTrainer(TrainingStage):
   """The RLVR stage for `loop.Loop`; built from a validated config with `stage="rlvr"`."""
+
+  curve = staticmethod(plots.rl_curve)
 
   def __init__(self, config):
     config_lib.validate(config)
@@ -276,19 +277,7 @@ class RLVRTrainer:
     self.loop = loop_lib.Loop(
       log_every=c.train.log_every, eval_every=c.train.eval_every, nonfinite=c.loss.nonfinite
     )
-    self.checkpointer = build.checkpointer(c)
-    if self.checkpointer is not None:
-      self.checkpointer.write_model_config(self.model_cfg)
-      if c.checkpoint.resume:
-        restore_step = None if c.checkpoint.restore_step < 0 else c.checkpoint.restore_step
-        restored = ckpt.restore_train_state(self.checkpointer, self.state, restore_step)
-        if restored is not None:
-          self.state, self.rng, data_state, _ = restored
-          self.step = int(jax.device_get(self.state["step"]))
-          self.data_iter = self.batcher.iterator()
-          self.data_iter.set_state(data_state)
-    self.run_dir.record_identity(self.identity["config_hash"], c.to_json_best_effort())
-    run_log_lib.truncate(c.output_dir, self.step)
+    self.resume_or_start()
 
   def _compile(self):
     t = self.teachers
@@ -329,17 +318,17 @@ class RLVRTrainer:
     out = self.sampler.generate(
       self.state["params"], (rows["prompt_tokens"], rows["prompt_lengths"]), key, sampling
     )
-    tokens, prompt_len, length = (
-      local_rows(a) for a in (out.tokens, out.prompt_lengths, out.completion_lengths)
-    )
-    rewards = np.zeros(len(tokens), np.float32)
-    for i in range(len(tokens)):
+    texts = self.local_completions(out)
+    rewards = np.zeros(len(texts), np.float32)
+    for i, completion in enumerate(texts):
       record = self.batcher.records[rows["record_index"][i]]
-      completion = self.tokenizer.decode(
-        tokens[i, prompt_len[i] : prompt_len[i] + length[i]], skip_special_tokens=True
-      )
       rewards[i] = self.scorers[record["domain"]](completion, str(record["answer"]))
     return out, rows, rewards
+
+  def local_completions(self, out) -> list[str]:
+    """This process's rows of a sampler output, decoded."""
+    arrays = (out.tokens, out.prompt_lengths, out.completion_lengths)
+    return decode_completions(self.tokenizer, *(local_rows(a) for a in arrays))
 
   def train_one(self, diagnostics: bool = True) -> dict:
     del diagnostics  # the RL step's metrics are cheap
@@ -397,14 +386,8 @@ class RLVRTrainer:
         jax.random.key(0),
         self.greedy,
       )
-      tokens, prompt_len, length = (
-        local_rows(a) for a in (out.tokens, out.prompt_lengths, out.completion_lengths)
-      )
-      for i in range(len(tokens)):
+      for i, completion in enumerate(self.local_completions(out)):
         record = batcher.records[prompts["record_index"][i]]
-        completion = self.tokenizer.decode(
-          tokens[i, prompt_len[i] : prompt_len[i] + length[i]], skip_special_tokens=True
-        )
         scores[record["domain"]].append(
           self.scorers[record["domain"]](completion, str(record["answer"]))
         )
@@ -412,30 +395,3 @@ class RLVRTrainer:
 
   def describe_eval(self, results: dict) -> str:
     return " ".join(f"{d} accuracy {v['accuracy']:.3f}" for d, v in results.items())
-
-  def save(self, force: bool = False) -> bool:
-    if self.checkpointer is None:
-      return False
-    return ckpt.save_train_state(
-      self.checkpointer,
-      self.step,
-      self.state,
-      rng=self.rng,
-      data_state=self.data_iter.get_state(),
-      identity=self.identity,
-      force=force,
-    )
-
-  def preempted(self, step: int) -> bool:
-    return self.checkpointer is not None and self.checkpointer.manager.reached_preemption(step)
-
-  @property
-  def params(self):
-    return self.state["params"]
-
-  def run(self, steps: int | None = None) -> list[dict]:
-    end = self.config.train.steps if steps is None else self.step + steps
-    return self.loop.run_to(self, end, self.config.output_dir, plots.rl_curve)
-
-  def export(self, out_dir: str) -> None:
-    hf.to_hf(nnx.merge(self.graphdef, self.state["params"]), out_dir, tokenizer=self.tokenizer)

@@ -32,14 +32,12 @@ import numpy as np
 from flax import nnx
 
 from jdistill import build, losses, overlap, packing, plots
-from jdistill import checkpoint as ckpt
 from jdistill import config as config_lib
 from jdistill import loop as loop_lib
-from jdistill import run_log as run_log_lib
 from jdistill import sharding as shd
 from jdistill import train_step as ts
-from jdistill.models import hf
 from jdistill.run_dir import open_run_dir, run_identity
+from jdistill.stage import TrainingStage
 
 BATCH_KEYS = ("tokens", "positions", "segment_ids", "loss_mask")
 
@@ -90,10 +88,11 @@ def sft_step(state: dict, batch: dict, *, graphdef, optimizer, schedule, chunk_s
   )
 
 
-class SFTTrainer:
+class SFTTrainer(TrainingStage):
   """The SFT stage for `loop.Loop`; built from a validated config with `stage="sft"`."""
 
   token_label = "completion"  # the progress line's first tokens/s: tokens that carry loss
+  curve = staticmethod(plots.sft_curve)
 
   def __init__(self, config):
     config_lib.validate(config)
@@ -171,19 +170,7 @@ class SFTTrainer:
       self.probe = overlap.OverlapProbe(
         c, self.mesh, self.tokenizer, self.graphdef, teachers, s.overlap_rows
       )
-    self.checkpointer = build.checkpointer(c)
-    if self.checkpointer is not None:
-      self.checkpointer.write_model_config(self.model_cfg)
-      if c.checkpoint.resume:
-        restore_step = None if c.checkpoint.restore_step < 0 else c.checkpoint.restore_step
-        restored = ckpt.restore_train_state(self.checkpointer, self.state, restore_step)
-        if restored is not None:
-          self.state, self.rng, data_state, _ = restored
-          self.step = int(jax.device_get(self.state["step"]))
-          self.switches = dict(data_state.get("switches", {}))
-          self.phase_start = int(data_state.get("phase_start", 0))
-    self.run_dir.record_identity(self.identity["config_hash"], c.to_json_best_effort())
-    run_log_lib.truncate(c.output_dir, self.step)
+    self.resume_or_start()
 
   # --- data: row order is a pure function of (seed, phase, epoch), so resume needs only the
   # step and the switches so far
@@ -269,29 +256,9 @@ class SFTTrainer:
   def describe_eval(self, results: dict) -> str:
     return f"held-out completion cross-entropy {results['cross_entropy']:.4f}"
 
-  def save(self, force: bool = False) -> bool:
-    if self.checkpointer is None:
-      return False
-    return ckpt.save_train_state(
-      self.checkpointer,
-      self.step,
-      self.state,
-      rng=self.rng,
-      data_state={"step": self.step, "switches": self.switches, "phase_start": self.phase_start},
-      identity=self.identity,
-      force=force,
-    )
+  def data_state(self) -> dict:
+    return {"step": self.step, "switches": self.switches, "phase_start": self.phase_start}
 
-  def preempted(self, step: int) -> bool:
-    return self.checkpointer is not None and self.checkpointer.manager.reached_preemption(step)
-
-  @property
-  def params(self):
-    return self.state["params"]
-
-  def run(self, steps: int | None = None) -> list[dict]:
-    end = self.config.train.steps if steps is None else self.step + steps
-    return self.loop.run_to(self, end, self.config.output_dir, plots.sft_curve)
-
-  def export(self, out_dir: str) -> None:
-    hf.to_hf(nnx.merge(self.graphdef, self.state["params"]), out_dir, tokenizer=self.tokenizer)
+  def set_data_state(self, data_state: dict) -> None:
+    self.switches = dict(data_state.get("switches", {}))
+    self.phase_start = int(data_state.get("phase_start", 0))

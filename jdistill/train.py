@@ -18,16 +18,14 @@ import logging
 import sys
 
 import jax
-from flax import nnx
 
-from jdistill import build, distributed, overlap, plots, run_log
-from jdistill import checkpoint as ckpt
+from jdistill import build, distributed, overlap
 from jdistill import config as config_lib
 from jdistill import loop as loop_lib
 from jdistill import train_step as ts
-from jdistill.models import hf
 from jdistill.run_dir import open_run_dir, run_identity
 from jdistill.sampler import Sampler
+from jdistill.stage import TrainingStage
 
 log = logging.getLogger("jdistill")
 
@@ -36,7 +34,7 @@ def to_float(tree):
   return jax.tree.map(float, jax.device_get(tree))
 
 
-class Trainer:
+class Trainer(TrainingStage):
   """The OPD stage: student rollouts → one compiled step. `run()` trains.
 
   Built from a validated config by `jdistill.build`; the loop (`jdistill.loop`) drives it
@@ -68,14 +66,14 @@ class Trainer:
     self.data_iter = self.batcher.iterator()
 
     student = build.student(c, self.mesh)
-    self.student_graphdef, self.model_cfg = student.graphdef, student.cfg
+    self.graphdef, self.model_cfg = student.graphdef, student.cfg
     self.identity["model_config"] = dataclasses.asdict(student.cfg)
     self.teachers = build.teachers(c, self.mesh, student.cfg.vocab_size)
     self.optimizer, self.schedule = build.optimizer(c)
     self.state = build.train_state(student.params, self.optimizer, self.mesh)
     self.step = 0  # host copy of state["step"]: the loop never waits on the device for it
     self.sampling = build.sampling_params(c, self.tokenizer)
-    self.sampler = Sampler(self.student_graphdef, self.mesh)
+    self.sampler = Sampler(self.graphdef, self.mesh)
     self.batch_shardings = build.batch_shardings(self.mesh)
     self.rng = jax.random.key(c.seed)
     self.alarms = overlap.AlarmTracker(c.overlap)
@@ -85,21 +83,13 @@ class Trainer:
       log_every=c.train.log_every, eval_every=c.train.eval_every, nonfinite=c.loss.nonfinite
     )
 
-    self.checkpointer = build.checkpointer(c)
-    if self.checkpointer is not None:
-      self.checkpointer.write_model_config(self.model_cfg)  # refuses another architecture
-      if c.checkpoint.resume:
-        self.restore(None if c.checkpoint.restore_step < 0 else c.checkpoint.restore_step)
-    self.run_dir.record_identity(self.identity["config_hash"], c.to_json_best_effort())
-    dropped = run_log.truncate(c.output_dir, self.step)
-    if dropped:
-      print(f"jdistill: resuming at step {self.step}: dropped {dropped} later metrics records")
+    self.resume_or_start()
 
   def _compile(self):
     """The jitted train step (explicit shardings, donated state) and eval objective."""
     t = self.teachers
     structure = dict(
-      student_graphdef=self.student_graphdef,
+      student_graphdef=self.graphdef,
       teacher_graphdefs=t.graphdefs,
       specs=t.specs,
       groups=t.groups,
@@ -163,40 +153,6 @@ class Trainer:
   def skipped_updates(self) -> int:
     return self.loop.skipped_updates
 
-  # --- checkpoints -------------------------------------------------------------------
-
-  def restore(self, step: int | None = None) -> bool:
-    """Restores `step` (default: the latest) of `config.checkpoint.dir`; False if none."""
-    restored = ckpt.restore_train_state(self.checkpointer, self.state, step)
-    if restored is None:
-      return False
-    saved_hash = restored[3].get("identity", {}).get("config_hash")
-    if self.config.run_mode == "auto" and saved_hash not in (None, self.identity["config_hash"]):
-      raise ValueError(
-        f"{self.checkpointer.directory} holds checkpoints of a run with another config (hash "
-        f"{saved_hash}, this config {self.identity['config_hash']}); pass --resume to "
-        "continue it with this config, or --new_run to start afresh (moved aside, not deleted)"
-      )
-    self.state, self.rng, data_state, _ = restored
-    self.step = int(jax.device_get(self.state["step"]))
-    self.data_iter = self.batcher.iterator()
-    self.data_iter.set_state(data_state)
-    log.info("restored step %d from %s", self.step, self.checkpointer.directory)
-    return True
-
-  def save(self, force: bool = False) -> bool:
-    if self.checkpointer is None:
-      return False
-    return ckpt.save_train_state(
-      self.checkpointer,
-      self.step,
-      self.state,
-      rng=self.rng,
-      data_state=self.data_iter.get_state(),
-      identity=self.identity,
-      force=force,
-    )
-
   # --- one step ------------------------------------------------------------------------
 
   def rollout_key(self, step: int):
@@ -216,10 +172,6 @@ class Trainer:
     self.state, metrics = self.train_step(self.state, self.teachers.states, batch, flag)
     self.step += 1
     return metrics
-
-  def preempted(self, step: int) -> bool:
-    """The platform's preemption notice, the same step on every host (orbax)."""
-    return self.checkpointer is not None and self.checkpointer.manager.reached_preemption(step)
 
   def step_tokens(self, metrics: dict) -> dict:
     generated = sum(t["tokens"] for t in metrics["teachers"].values())
@@ -262,17 +214,6 @@ class Trainer:
       f"{n} rkl {v['reverse_kl']:.3f}" + (f" acc {v['accuracy']:.2f}" if "accuracy" in v else "")
       for n, v in results.items()
     )
-
-  # --- the run -------------------------------------------------------------------------
-
-  def run(self, steps: int | None = None) -> list[dict]:
-    """Trains until `train.steps` (or `steps` more); returns the logged records."""
-    end = self.config.train.steps if steps is None else self.step + steps
-    return self.loop.run_to(self, end, self.config.output_dir, plots.learning_curves)
-
-  def export(self, out_dir: str) -> None:
-    student = nnx.merge(self.student_graphdef, self.state["params"])
-    hf.to_hf(student, out_dir, tokenizer=self.tokenizer)
 
 
 class InputError(Exception):

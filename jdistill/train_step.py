@@ -63,9 +63,10 @@ def take_rows(x, rows: tuple[int, ...]):
   return jnp.take(x, jnp.asarray(rows), axis=0)
 
 
-def rollout_batch(out, batch_shardings: dict) -> dict:
+def rollout_batch(out, batch_shardings: dict | None = None) -> dict:
   """The sampler's output (`sampler.SampleOutput`) → the step's batch, placed as
-  `batch_shardings` (`{"tokens", "completion_mask", "logprobs", "lengths"}`) say."""
+  `batch_shardings` (`{"tokens", "completion_mask", "logprobs", "lengths"}`) say (default:
+  the default device)."""
   batch = {
     "tokens": out.tokens,
     "completion_mask": out.completion_mask,
@@ -73,7 +74,8 @@ def rollout_batch(out, batch_shardings: dict) -> dict:
     "sampling_logprobs": out.sampling_logprobs,
     "lengths": jnp.asarray(out.prompt_lengths) + jnp.asarray(out.completion_lengths),
   }
-  return {k: jax.device_put(jnp.asarray(v), batch_shardings[k]) for k, v in batch.items()}
+  shardings = batch_shardings or {}
+  return {k: jax.device_put(jnp.asarray(v), shardings.get(k)) for k, v in batch.items()}
 
 
 def shifted_inputs(batch: dict) -> dict:

@@ -1,11 +1,13 @@
 """Rollout throughput: jdistill's jitted sampler vs transformers' PyTorch `generate`.
 
-Shape (CPU, float32): 4 layers, width 256, 4 heads (2 KV), MLP 512, vocab 32,000;
-batch 16, prompt 64, 128 new tokens, greedy, no stop token (every row decodes all
-128). Both run the same random weights (transformers model → save_pretrained →
-`from_hf`) in the same process and share the machine's cores (torch is limited to
-2 threads). Warm runs are timed; jdistill's first call (trace + compile) is
-reported separately, and the compile counter is checked across repeats.
+Shape (CPU, float32): 4 layers, width 256, 4 heads (2 KV), MLP 512, vocab 32,000; batch 16,
+prompt 64, 128 new tokens, greedy and at T=1, no stop token (every row decodes all 128).
+Both run the same random weights (transformers model → save_pretrained → `from_hf`) in the
+same process and share the machine's cores (torch is limited to 2 threads). Warm runs are
+timed; jdistill's first call (trace + compile) is reported separately, and the compile
+counter is checked across repeats. Last, the per-step draw alone: `jax.random.categorical`
+(Gumbel-max, V uniforms per row) against jdistill's inverse-CDF `sampler.draw` (one per
+row), log-softmax included in both, at [16, 32,000] and [16, 151,936].
 
   python bench/sampler.py [--repeats 3]
 """
@@ -25,7 +27,7 @@ from flax import nnx
 from jdistill import sharding as shd
 from jdistill.models import hf
 from jdistill.models.testing import tiny_hf_model
-from jdistill.sampler import Sampler, SamplingParams
+from jdistill.sampler import Sampler, SamplingParams, draw
 
 LAYERS, WIDTH, HEADS, KV_HEADS, MLP, VOCAB = 4, 256, 4, 2, 512, 32_000
 BATCH, PROMPT, NEW = 16, 64, 128
@@ -38,6 +40,26 @@ def time_runs(fn, repeats: int) -> list[float]:
     fn()
     times.append(time.perf_counter() - t0)
   return times
+
+
+def draw_costs(repeats: int = 20) -> None:
+  def gumbel(key, logits):
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return jax.random.categorical(key, logits, axis=-1), logp
+
+  def inverse_cdf(key, logits):
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return draw(key, logp), logp
+
+  print(f"{'one draw, [rows, vocab]':<26}{'categorical ms':>15}{'inverse CDF ms':>15}{'ratio':>7}")
+  for vocab in (32_000, 151_936):
+    logits = 3.0 * jax.random.normal(jax.random.key(0), (BATCH, vocab))
+    ms = []
+    for fn in (jax.jit(gumbel), jax.jit(inverse_cdf)):
+      jax.block_until_ready(fn(jax.random.key(1), logits))
+      times = time_runs(lambda: jax.block_until_ready(fn(jax.random.key(2), logits)), repeats)
+      ms.append(1e3 * float(np.median(times)))
+    print(f"{f'[{BATCH}, {vocab:,}]':<26}{ms[0]:>15.2f}{ms[1]:>15.2f}{ms[0] / ms[1]:>6.1f}x")
 
 
 def main():
@@ -71,16 +93,24 @@ def main():
     jax.block_until_ready(out.tokens)
     return out
 
-  def run_torch():
+  def run_torch(sample: bool = False):
     with torch.no_grad():
       return torch_model.generate(
         torch.tensor(prompts, dtype=torch.long),
         attention_mask=torch.ones(BATCH, PROMPT, dtype=torch.long),
         max_new_tokens=NEW,
-        do_sample=False,
+        do_sample=sample,
+        temperature=1.0 if sample else None,
+        top_k=0 if sample else None,
+        top_p=1.0 if sample else None,
         use_cache=True,
         pad_token_id=0,
       )
+
+  sp_t1 = SamplingParams(max_new_tokens=NEW, temperature=1.0, prompt_buckets=(PROMPT,))
+
+  def run_jax_t1():
+    jax.block_until_ready(sampler.generate(state, (prompts, lengths), jax.random.key(0), sp_t1))
 
   t0 = time.perf_counter()
   out = run_jax()
@@ -90,6 +120,10 @@ def main():
   compiles_after_repeats = sampler.num_compiles
   ref = run_torch()  # warm-up
   torch_times = time_runs(run_torch, args.repeats)
+  run_jax_t1()
+  jax_t1 = min(time_runs(run_jax_t1, args.repeats))
+  run_torch(True)
+  torch_t1 = min(time_runs(lambda: run_torch(True), args.repeats))
 
   new_tokens = BATCH * NEW
   t_jax, t_torch = min(jax_times), min(torch_times)
@@ -119,7 +153,11 @@ def main():
     f"all runs (s): jdistill {[round(t, 3) for t in jax_times]}, "
     f"transformers {[round(t, 3) for t in torch_times]}"
   )
-  print(f"speed ratio jdistill / transformers: {t_torch / t_jax:.2f}x")
+  print(f"speed ratio jdistill / transformers, greedy: {t_torch / t_jax:.2f}x")
+  print(
+    f"at T=1: jdistill {new_tokens / jax_t1:,.0f} tok/s, transformers "
+    f"{new_tokens / torch_t1:,.0f} tok/s, ratio {torch_t1 / jax_t1:.2f}x"
+  )
   print(
     f"compilations: {compiles_after_first} after the first call, {compiles_after_repeats} "
     f"after {args.repeats} more (must not grow)"
@@ -129,6 +167,7 @@ def main():
     f"{ours.size} (rows fully equal: {(ours == theirs).all(1).sum()}/{BATCH})"
   )
   assert compiles_after_repeats == compiles_after_first
+  draw_costs()
 
 
 if __name__ == "__main__":

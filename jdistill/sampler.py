@@ -290,9 +290,27 @@ def sample_step(
     scaled = logits / knobs.temperature
     if filtered:
       scaled = filter_logits(scaled, knobs.top_k, knobs.top_p)
-    tokens = jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
-    sampling_logp = _pick(jax.nn.log_softmax(scaled, axis=-1), tokens)
+    scaled_logp = jax.nn.log_softmax(scaled, axis=-1)
+    tokens = draw(key, scaled_logp)
+    sampling_logp = _pick(scaled_logp, tokens)
   return tokens, _pick(raw_logp, tokens), sampling_logp
+
+
+def draw(key: jax.Array, logp: jax.Array) -> jax.Array:
+  """One token per row from log-probabilities `[B, V]` (-inf = excluded) → `[B]` int32.
+
+  Inverse CDF: one uniform per row, where Gumbel-max (`jax.random.categorical`) draws V; at
+  [16, 32k] on a CPU that is 3x faster with the log-softmax included, 6x at 152k vocab
+  (bench/sampler.py). The f32 running sum distorts only probabilities near its rounding
+  (~1e-7 of the total mass). An excluded token is never drawn: its CDF step is empty, and a
+  uniform rounding up to the total falls back to the last allowed token.
+  """
+  probs = jnp.exp(logp)
+  cdf = jnp.cumsum(probs, axis=-1)
+  u = jax.random.uniform(key, (logp.shape[0], 1), jnp.float32) * cdf[:, -1:]
+  index = jnp.sum(cdf <= u, axis=-1)
+  last_allowed = logp.shape[-1] - 1 - jnp.argmax(probs[:, ::-1] > 0, axis=-1)
+  return jnp.minimum(index, last_allowed).astype(jnp.int32)
 
 
 def _pick(x: jax.Array, idx: jax.Array) -> jax.Array:

@@ -424,3 +424,23 @@ def test_cache_is_donated_and_reused(llama):
   second = sampler.generate(state, PROMPTS[::-1], jax.random.key(0), sp)
   assert all(x.is_deleted() for x in jax.tree.leaves(cache))
   np.testing.assert_array_equal(np.asarray(second.tokens), np.asarray(first.tokens)[::-1])
+
+
+def test_inverse_cdf_draw_matches_its_distribution_and_never_draws_excluded_tokens():
+  from jdistill.sampler import draw
+
+  rng = np.random.RandomState(0)
+  vocab, rows = 64, 20_000
+  logits = rng.randn(vocab) * 2.0
+  logits[[0, 5, 31, vocab - 1]] = -np.inf  # excluded, at both ends and inside
+  logp = logits - np.logaddexp.reduce(logits[np.isfinite(logits)])
+  tokens = np.asarray(
+    draw(jax.random.key(3), jnp.broadcast_to(jnp.asarray(logp, jnp.float32), (rows, vocab)))
+  )
+  assert np.isfinite(logp[tokens]).all(), "an excluded token was drawn"
+  assert _chi_square_pvalue(np.bincount(tokens, minlength=vocab), np.exp(logp)) > 1e-3
+  # one allowed token, first or last: always that one
+  for only in (0, vocab - 1):
+    single = np.full((8, vocab), -np.inf, np.float32)
+    single[:, only] = 0.0
+    assert (np.asarray(draw(jax.random.key(4), jnp.asarray(single))) == only).all()

@@ -171,6 +171,10 @@ class SFTTrainer(TrainingStage):
         c, self.mesh, self.tokenizer, self.graphdef, teachers, s.overlap_rows
       )
     self.resume_or_start()
+    if self.probe is not None and self.step == 0:
+      # A teacher the student already overlaps switches before any SFT step: training first
+      # and probing after would move the student off a support it already had.
+      self.probe_overlap()
 
   # --- data: row order is a pure function of (seed, phase, epoch), so resume needs only the
   # step and the switches so far

@@ -158,13 +158,14 @@ def _warmup_config(world, tmp_path, student: str, threshold: float):
 
 
 def test_overlap_triggered_warmup_reads_right_on_known_cases(world, tmp_path):
-  """A student that *is* the teacher has overlap 1: it switches at the first probe and the
-  warmup ends there. A random student never reaches overlap 0.99: it runs to train.steps."""
+  """A student that *is* the teacher has overlap 1: it switches at the probe before the first
+  step and the warmup ends with no SFT step. A random student never reaches overlap 0.99: it
+  runs to train.steps."""
   same = sft.SFTTrainer(_warmup_config(world, tmp_path, world["teacher_math"], 0.99))
   same.run()
-  assert same.step == 1 and same.done
+  assert same.step == 0 and same.done
   switch = same.switches["math"]
-  assert switch["step"] == 1 and switch["overlap"] > 0.99
+  assert switch["step"] == 0 and switch["overlap"] > 0.99
   logged = json.loads(open(os.path.join(same.config.output_dir, "switches.json")).read())
   assert logged["math"]["overlap"] == switch["overlap"]
 

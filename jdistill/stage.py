@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+
 import jax
-from absl import logging as log
 from flax import nnx
 
 from jdistill import build, plots, run_log
 from jdistill import checkpoint as ckpt
 from jdistill.models import hf
+
+log = logging.getLogger("jdistill")
 
 
 class TrainingStage:

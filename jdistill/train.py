@@ -27,8 +27,6 @@ from jdistill.run_dir import open_run_dir, run_identity
 from jdistill.sampler import Sampler
 from jdistill.stage import TrainingStage
 
-log = logging.getLogger("jdistill")
-
 
 def to_float(tree):
   return jax.tree.map(float, jax.device_get(tree))

@@ -17,7 +17,7 @@ from flax import nnx
 from jdistill import checkpoint as ckpt
 from jdistill import config as config_lib
 from jdistill import data as data_lib
-from jdistill import losses
+from jdistill import losses, streaming
 from jdistill import sharding as shd
 from jdistill import train_step as ts
 from jdistill.models import ModelConfig, hf
@@ -75,9 +75,10 @@ class Teachers:
   """Frozen teachers, in sorted name order, grouped by architecture.
 
   `specs[i]` describes teacher i (name, loss settings, weight, rows of the batch).
-  `groups` lists teacher indices that share one graphdef; `graphdefs[g]` / `states[g]`
-  are per group, a group of several having every state leaf stacked on a leading
-  teacher axis (run as one `vmap`ped forward).
+  `groups` lists resident teacher indices that share one graphdef; `graphdefs[g]` /
+  `states[g]` are per group, a group of several having every state leaf stacked on a
+  leading teacher axis (run as one `vmap`ped forward). `streamed` holds the teachers
+  placed `streamed` (params in host memory, see `jdistill.streaming`), in no group.
   """
 
   names: list[str]
@@ -85,9 +86,14 @@ class Teachers:
   groups: tuple[tuple[int, ...], ...]
   graphdefs: tuple
   states: tuple
+  streamed: tuple[streaming.StreamedTeacher, ...] = ()
 
   def member(self, i: int):
-    """(graphdef, state) of teacher i, sliced out of its stacked group if needed."""
+    """(graphdef, state) of teacher i, sliced out of its stacked group if needed (a
+    streamed teacher: a device copy of its params)."""
+    for t in self.streamed:
+      if t.index == i:
+        return t.graphdef, t.device_state()
     for g, members in enumerate(self.groups):
       if i in members:
         state = self.states[g]
@@ -133,7 +139,7 @@ def teachers(config, mesh, vocab_size: int, rows_per_teacher: int | None = None)
   names = config_lib.teacher_names(config)
   slots = rows_per_teacher or config.data.slots_per_teacher
   rows = ts.teacher_rows(len(names), slots, jax.process_count())
-  graphdefs, states, specs = [], [], []
+  graphdefs, states, specs, streamed = {}, {}, [], []
   for i, name in enumerate(names):
     t = config.teachers[name]
     model = load_model(t.path, mesh, param_dtype=t.param_dtype, dtype=t.param_dtype)
@@ -143,17 +149,34 @@ def teachers(config, mesh, vocab_size: int, rows_per_teacher: int | None = None)
         f"student's {vocab_size}; teachers and student must share a tokenizer"
       )
     graphdef, state = nnx.split(model)
-    graphdefs.append(graphdef)
-    states.append(state)
     specs.append(ts.TeacherSpec(name, loss_settings(config, t.loss), float(t.weight), rows[i]))
+    if t.get("placement", "resident") == "streamed":
+      hidden_dtype = t.get("hidden_dtype", "bfloat16")
+      streamed.append(
+        streaming.StreamedTeacher.park(
+          i, graphdef, state, rows=rows[i], hidden_dtype=hidden_dtype, mesh=mesh
+        )
+      )
+      continue
+    graphdefs[i], states[i] = graphdef, state
+  resident = sorted(graphdefs)
   if config.stack_teachers:
-    groups = group_by_architecture(graphdefs)
+    groups = tuple(
+      tuple(resident[j] for j in g) for g in group_by_architecture([graphdefs[i] for i in resident])
+    )
   else:
-    groups = tuple((i,) for i in range(len(names)))
+    groups = tuple((i,) for i in resident)
   stacked = tuple(
     states[g[0]] if len(g) == 1 else stack_states([states[i] for i in g]) for g in groups
   )
-  return Teachers(names, tuple(specs), groups, tuple(graphdefs[g[0]] for g in groups), stacked)
+  return Teachers(
+    names,
+    tuple(specs),
+    groups,
+    tuple(graphdefs[g[0]] for g in groups),
+    stacked,
+    tuple(streamed),
+  )
 
 
 def group_by_architecture(graphdefs) -> tuple[tuple[int, ...], ...]:

@@ -11,6 +11,9 @@ Teachers are `config.teachers.<name>` entries, run in sorted name order:
   loss        one of LOSSES
   weight      weight of this teacher's loss in the sum (DeepSeek V4's w_i)
   param_dtype storage dtype (bfloat16 by default: teachers are frozen)
+  placement   resident (on the mesh beside the student) | streamed (params in host memory,
+              brought onto the mesh one teacher at a time; see jdistill/streaming.py)
+  hidden_dtype dtype of a streamed teacher's cached hidden states (bfloat16 by default)
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ OVERLONG = ("truncate_left", "drop", "error")
 ON_ERROR = ("raise", "skip")
 STAGES = ("opd", "sft", "generate", "rlvr")
 KEEP = ("all", "verified")
+PLACEMENTS = ("resident", "streamed")
 
 
 def teacher_config(
@@ -48,9 +52,19 @@ def teacher_config(
   loss: str = "reverse_kl",
   weight: float = 1.0,
   param_dtype: str = "bfloat16",
+  placement: str = "resident",
+  hidden_dtype: str = "bfloat16",
 ) -> mlc.ConfigDict:
   return mlc.ConfigDict(
-    dict(path=path, domains=domains, loss=loss, weight=weight, param_dtype=param_dtype)
+    dict(
+      path=path,
+      domains=domains,
+      loss=loss,
+      weight=weight,
+      param_dtype=param_dtype,
+      placement=placement,
+      hidden_dtype=hidden_dtype,
+    )
   )
 
 
@@ -468,6 +482,12 @@ def _validate_teachers(config) -> None:
       _fail(f"teachers.{name}.loss", t.loss, list(LOSSES))
     if t.param_dtype not in DTYPES:
       _fail(f"teachers.{name}.param_dtype", t.param_dtype, list(DTYPES))
+    if t.get("placement", "resident") not in PLACEMENTS:
+      _fail(f"teachers.{name}.placement", t.placement, list(PLACEMENTS))
+    if t.get("hidden_dtype", "bfloat16") not in DTYPES:
+      _fail(f"teachers.{name}.hidden_dtype", t.hidden_dtype, list(DTYPES))
+    if t.get("placement") == "streamed" and config.stage != "opd":
+      _fail(f"teachers.{name}.placement", t.placement, f"'resident' in stage {config.stage!r}")
     if not isinstance(t.weight, (int, float)) or t.weight < 0:
       _fail(f"teachers.{name}.weight", t.weight, "a non-negative number")
     if not domains:

@@ -19,7 +19,7 @@ import sys
 
 import jax
 
-from jdistill import build, distributed, overlap
+from jdistill import build, distributed, overlap, streaming
 from jdistill import config as config_lib
 from jdistill import loop as loop_lib
 from jdistill import train_step as ts
@@ -94,21 +94,38 @@ class Trainer(TrainingStage):
     )
     state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
     teacher_shardings = jax.tree.map(lambda x: x.sharding, t.states)
+    cache_shardings = {
+      s.index: (streaming.hidden_sharding(self.mesh, len(s.rows)), s.unembed.sharding)
+      for s in t.streamed
+    }
     step_fn = functools.partial(
       ts.train_step, optimizer=self.optimizer, schedule=self.schedule, **structure
     )
     replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
     train_step = jax.jit(
-      lambda state, teachers, batch, diagnostics: step_fn(
-        state, teachers, batch, diagnostics=diagnostics
+      lambda state, teachers, cache, batch, diagnostics: step_fn(
+        state, teachers, batch, diagnostics=diagnostics, teacher_cache=cache
       ),
-      in_shardings=(state_shardings, teacher_shardings, self.batch_shardings, replicated),
+      in_shardings=(
+        state_shardings,
+        teacher_shardings,
+        cache_shardings,
+        self.batch_shardings,
+        replicated,
+      ),
       out_shardings=(state_shardings, None),
       donate_argnums=(0,),
     )
     objective = functools.partial(ts.distill_objective, **structure)
-    eval_objective = jax.jit(lambda p, s, b: objective(p, teacher_states=s, batch=b)[1])
+    eval_objective = jax.jit(
+      lambda p, s, c, b: objective(p, teacher_states=s, batch=b, teacher_cache=c)[1]
+    )
     return train_step, eval_objective
+
+  def teacher_cache(self, batch: dict) -> dict:
+    """The streamed teachers' hidden states on `batch`, one teacher after another
+    (`{}` when every teacher is resident)."""
+    return streaming.teacher_cache(self.teachers.streamed, batch, self.batch_shardings, self.mesh)
 
   def _accuracy_records(self) -> list[dict]:
     """The held-out prompts (`data.eval_files`) whose answers `evaluate` checks."""
@@ -167,7 +184,8 @@ class Trainer(TrainingStage):
     """One OPD step; `diagnostics`: compute the overlap diagnostics (logging steps)."""
     batch = self.rollouts(next(self.data_iter), self.rollout_key(self.step))
     flag = jax.numpy.asarray(diagnostics)
-    self.state, metrics = self.train_step(self.state, self.teachers.states, batch, flag)
+    cache = self.teacher_cache(batch)
+    self.state, metrics = self.train_step(self.state, self.teachers.states, cache, batch, flag)
     self.step += 1
     return metrics
 
@@ -196,7 +214,11 @@ class Trainer(TrainingStage):
     batcher = self.eval_batcher or self.batcher
     prompts = batcher.batch(10**6 if batcher is self.batcher else 0)
     batch = self.rollouts(prompts, jax.random.key(seed))
-    results = to_float(self.eval_objective(self.state["params"], self.teachers.states, batch))
+    results = to_float(
+      self.eval_objective(
+        self.state["params"], self.teachers.states, self.teacher_cache(batch), batch
+      )
+    )
     if self.accuracy_records:  # each teacher: the accuracy over the domains it owns
       per_domain = self.accuracy()
       owners = config_lib.teacher_domains(self.config)

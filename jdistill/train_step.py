@@ -155,19 +155,25 @@ def distill_objective(
   specs: Sequence[TeacherSpec],
   groups: Sequence[tuple[int, ...]] | None = None,
   diagnostics=True,
+  teacher_cache: dict | None = None,
 ):
   """Weighted sum over teachers of their loss on their rows → (loss, metrics).
 
   `groups` lists teacher indices (into `specs`) that share one graphdef and a stacked
   state (see `group_hidden`); `teacher_graphdefs` / `teacher_states` are then per group.
-  Default: every teacher on its own.
+  Default: every resident teacher on its own.
+
+  `teacher_cache`: `{i: (hidden [S, L-1, D], unembed [D, V])}` of the streamed teachers
+  (`jdistill.streaming`), whose forward ran before the step; they are in no group.
   """
-  groups = tuple((i,) for i in range(len(specs))) if groups is None else tuple(groups)
+  cache = teacher_cache or {}
+  if groups is None:
+    groups = tuple((i,) for i in range(len(specs)) if i not in cache)
   x = shifted_inputs(batch)
   student = nnx.merge(student_graphdef, params)
   hidden, _ = student(x["inputs"], x["positions"], kv_mask=x["kv_mask"])
   unembed = student.unembedding()
-  teacher_out = {}
+  teacher_out = {i: (sg(h), sg(u)) for i, (h, u) in cache.items()}
   for members, graphdef, state in zip(groups, teacher_graphdefs, teacher_states):
     outs = group_hidden(graphdef, state, x, [specs[i].rows for i in members])
     teacher_out.update(zip(members, outs))
@@ -279,6 +285,7 @@ def train_step(
   schedule: optax.Schedule,
   groups: tuple[tuple[int, ...], ...] | None = None,
   diagnostics=True,
+  teacher_cache: dict | None = None,
 ):
   """One OPD update. Returns (new_state, metrics). A non-finite loss or gradient leaves
   params and optimizer state unchanged and reports `metrics["finite"] = 0`.
@@ -289,6 +296,8 @@ def train_step(
   metrics: `loss` is the optimised objective (for sampled estimators a surrogate whose value
   is no divergence); `divergence` is the weighted mean over teachers of the full-vocab
   reverse KL on their rows, which reaches 0 when the student matches every teacher.
+
+  `teacher_cache`: the streamed teachers' hidden states (see `distill_objective`).
   """
 
   def objective(params):
@@ -301,6 +310,7 @@ def train_step(
       specs,
       groups,
       diagnostics,
+      teacher_cache,
     )
 
   (loss, per_teacher), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])

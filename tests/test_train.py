@@ -115,8 +115,8 @@ def test_one_device_and_eight_devices_agree_step_by_step(world, tmp_path):
     batch = one.rollouts(next(one.data_iter), one.rollout_key(one.step))
     batch8 = {k: jax.device_put(np.asarray(v), eight.batch_shardings[k]) for k, v in batch.items()}
     on = jax.numpy.asarray(True)
-    one.state, m1 = one.train_step(one.state, one.teachers.states, batch, on)
-    eight.state, m8 = eight.train_step(eight.state, eight.teachers.states, batch8, on)
+    one.state, m1 = one.train_step(one.state, one.teachers.states, {}, batch, on)
+    eight.state, m8 = eight.train_step(eight.state, eight.teachers.states, {}, batch8, on)
     # losses: f32 sums reordered across shards (seen: ~2e-7 relative)
     loss_rtol = 64 * f32
     np.testing.assert_allclose(float(m8["loss"]), float(m1["loss"]), rtol=loss_rtol)

@@ -28,7 +28,7 @@ def _param(rngs: nnx.Rngs, shape, axes, dtype, scale: float = 0.02):
 
 
 def route(logits: jax.Array, k: int, norm_topk_prob: bool) -> tuple[jax.Array, jax.Array]:
-  """Top-k of the float32 softmax of `[tokens, experts]` logits → (weights, experts) `[tokens, k]`."""
+  """`[tokens, experts]` logits → top-k (weights, experts) `[tokens, k]` of their f32 softmax."""
   probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
   weights, experts = jax.lax.top_k(probs, k)
   if norm_topk_prob:

@@ -26,6 +26,7 @@ import optax
 from flax import nnx
 
 from jdistill import losses
+from jdistill.models import moe
 
 sg = jax.lax.stop_gradient
 SAMPLED_LOSSES = ("sampled_token", "overlap_aware")  # estimators that use the sampled tokens
@@ -161,17 +162,22 @@ def distill_objective(
   `groups` lists teacher indices (into `specs`) that share one graphdef and a stacked
   state (see `group_hidden`); `teacher_graphdefs` / `teacher_states` are then per group.
   Default: every teacher on its own.
+
+  A mixture-of-experts student adds its coefficient-weighted router losses (`moe.aux_losses`)
+  to the total and reports them, unweighted, in every teacher's metrics.
   """
   groups = tuple((i,) for i in range(len(specs))) if groups is None else tuple(groups)
   x = shifted_inputs(batch)
   student = nnx.merge(student_graphdef, params)
-  hidden, _ = student(x["inputs"], x["positions"], kv_mask=x["kv_mask"])
+  hidden, _, router = moe.forward_with_aux_losses(
+    student, x["inputs"], x["positions"], x["kv_mask"]
+  )
   unembed = student.unembedding()
   teacher_out = {}
   for members, graphdef, state in zip(groups, teacher_graphdefs, teacher_states):
     outs = group_hidden(graphdef, state, x, [specs[i].rows for i in members])
     teacher_out.update(zip(members, outs))
-  total = jnp.zeros((), jnp.float32)
+  total = moe.weighted_aux_loss(router, student.cfg)
   metrics = {}
   for i, spec in enumerate(specs):
     rows = lambda a: take_rows(a, spec.rows)  # noqa: E731
@@ -193,7 +199,7 @@ def distill_objective(
       diagnostics=diagnostics,
     )
     total = total + spec.weight * loss
-    metrics[spec.name] = dict(teacher_metrics(diag, rows(x["mask"])), loss=loss)
+    metrics[spec.name] = dict(teacher_metrics(diag, rows(x["mask"])), loss=loss, **router)
   return total, metrics
 
 

@@ -22,12 +22,16 @@ MeshAxes = str | tuple[str, ...] | None
 Rules = Sequence[tuple[str, MeshAxes]]
 
 # Batch over data-parallel axes; weights FSDP-sharded on `embed`, Megatron-style
-# tensor parallel on heads / mlp / vocab.
+# tensor parallel on heads / mlp / vocab. Mixture-of-experts weights are split by expert
+# over an `expert` mesh axis, which also carries batch rows outside the experts (expert
+# parallelism). A mesh without some axis (say `expert`) leaves those dimensions replicated.
 DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
-  ("batch", ("data", "fsdp")),
+  ("batch", ("data", "fsdp", "expert")),
   ("vocab", "tensor"),
   ("embed", "fsdp"),
   ("mlp", "tensor"),
+  ("expert", "expert"),
+  ("moe_mlp", "tensor"),
   ("heads", "tensor"),
   ("kv_heads", "tensor"),
   ("head_dim", None),

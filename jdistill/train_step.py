@@ -26,6 +26,7 @@ import optax
 from flax import nnx
 
 from jdistill import losses
+from jdistill.models import moe
 
 sg = jax.lax.stop_gradient
 SAMPLED_LOSSES = ("sampled_token", "overlap_aware")  # estimators that use the sampled tokens
@@ -165,19 +166,24 @@ def distill_objective(
 
   `teacher_cache`: `{i: (hidden [S, L-1, D], unembed [D, V])}` of the streamed teachers
   (`jdistill.streaming`), whose forward ran before the step; they are in no group.
+
+  A mixture-of-experts student adds its coefficient-weighted router losses (`moe.aux_losses`)
+  to the total and reports them, unweighted, in every teacher's metrics.
   """
   cache = teacher_cache or {}
   if groups is None:
     groups = tuple((i,) for i in range(len(specs)) if i not in cache)
   x = shifted_inputs(batch)
   student = nnx.merge(student_graphdef, params)
-  hidden, _ = student(x["inputs"], x["positions"], kv_mask=x["kv_mask"])
+  hidden, _, router = moe.forward_with_aux_losses(
+    student, x["inputs"], x["positions"], x["kv_mask"]
+  )
   unembed = student.unembedding()
   teacher_out = {i: (sg(h), sg(u)) for i, (h, u) in cache.items()}
   for members, graphdef, state in zip(groups, teacher_graphdefs, teacher_states):
     outs = group_hidden(graphdef, state, x, [specs[i].rows for i in members])
     teacher_out.update(zip(members, outs))
-  total = jnp.zeros((), jnp.float32)
+  total = moe.weighted_aux_loss(router, student.cfg)
   metrics = {}
   for i, spec in enumerate(specs):
     rows = lambda a: take_rows(a, spec.rows)  # noqa: E731
@@ -199,7 +205,7 @@ def distill_objective(
       diagnostics=diagnostics,
     )
     total = total + spec.weight * loss
-    metrics[spec.name] = dict(teacher_metrics(diag, rows(x["mask"])), loss=loss)
+    metrics[spec.name] = dict(teacher_metrics(diag, rows(x["mask"])), loss=loss, **router)
   return total, metrics
 
 

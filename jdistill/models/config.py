@@ -1,4 +1,5 @@
-"""Architecture config of the one decoder family jdistill runs (Llama 3, Qwen2, Qwen3)."""
+"""Architecture config of the one decoder family jdistill runs (Llama 3, Qwen2, Qwen3 and the
+Qwen2-MoE / Qwen3-MoE mixture-of-experts variants)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ from typing import Any
 
 import jax.numpy as jnp
 
-MODEL_TYPES = ("llama", "qwen2", "qwen3")
+MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
 DTYPES = ("float32", "bfloat16", "float16")
 ROPE_TYPES = ("default", "linear", "llama3")
+MOE_DISPATCHES = ("ragged", "dense")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,6 +22,14 @@ class ModelConfig:
   matmuls and activations (softmax, norms and logits are always float32).
   `rope_scaling` is a tuple of (key, value) pairs so the config stays hashable
   (it is a static argument of jitted functions).
+
+  Mixture of experts (`num_experts > 0`): layer `i` is sparse unless `i` is in
+  `mlp_only_layers` or `(i + 1) % decoder_sparse_step != 0` (HF's rule); dense layers
+  keep the `intermediate_size` MLP. Each token goes to its `num_experts_per_tok` experts
+  of width `moe_intermediate_size`; `shared_expert_intermediate_size > 0` adds Qwen2-MoE's
+  sigmoid-gated shared expert. `moe_dispatch="dense"` runs every expert on every token
+  (a reference for tests). The router coefficients weight the optional training losses
+  (`jdistill.models.moe.aux_losses`); 0 turns them off.
   """
 
   model_type: str = "llama"
@@ -40,6 +50,16 @@ class ModelConfig:
   param_dtype: str = "float32"
   dtype: str = "float32"
   remat: bool = False
+  num_experts: int = 0
+  num_experts_per_tok: int = 0
+  moe_intermediate_size: int = 0
+  norm_topk_prob: bool = False
+  decoder_sparse_step: int = 1
+  mlp_only_layers: tuple[int, ...] = ()
+  shared_expert_intermediate_size: int = 0
+  moe_dispatch: str = "ragged"
+  router_aux_loss_coef: float = 0.0
+  router_z_loss_coef: float = 0.0
 
   def __post_init__(self):
     self.validate()
@@ -92,6 +112,43 @@ class ModelConfig:
       for key in needed:
         if key not in rope:
           raise ValueError(f"ModelConfig.rope_scaling: rope_type={rope_type!r} needs {key!r}")
+
+    self._validate_moe(bad)
+
+  def _validate_moe(self, bad) -> None:
+    if self.moe_dispatch not in MOE_DISPATCHES:
+      bad("moe_dispatch", self.moe_dispatch, MOE_DISPATCHES)
+    for name in ("router_aux_loss_coef", "router_z_loss_coef"):
+      if getattr(self, name) < 0:
+        bad(name, getattr(self, name), "a float >= 0")
+    if not isinstance(self.num_experts, int) or self.num_experts < 0:
+      bad("num_experts", self.num_experts, "an integer >= 0 (0: a dense model)")
+    if self.num_experts == 0:
+      return
+    if self.model_type not in ("qwen2_moe", "qwen3_moe"):
+      bad("model_type", self.model_type, "'qwen2_moe' or 'qwen3_moe' when num_experts > 0")
+    if not 1 <= self.num_experts_per_tok <= self.num_experts:
+      bad("num_experts_per_tok", self.num_experts_per_tok, f"1..num_experts={self.num_experts}")
+    if not isinstance(self.moe_intermediate_size, int) or self.moe_intermediate_size <= 0:
+      bad("moe_intermediate_size", self.moe_intermediate_size, "a positive integer")
+    if not isinstance(self.decoder_sparse_step, int) or self.decoder_sparse_step <= 0:
+      bad("decoder_sparse_step", self.decoder_sparse_step, "a positive integer")
+    if not isinstance(self.mlp_only_layers, tuple) or any(
+      not isinstance(i, int) or not 0 <= i < self.num_layers for i in self.mlp_only_layers
+    ):
+      allowed = f"a tuple of layer indices in [0, {self.num_layers})"
+      bad("mlp_only_layers", self.mlp_only_layers, allowed)
+    shared = self.shared_expert_intermediate_size
+    if not isinstance(shared, int) or shared < 0:
+      bad("shared_expert_intermediate_size", shared, "an integer >= 0")
+
+  def is_moe_layer(self, i: int) -> bool:
+    """Whether layer `i` is sparse (HF's `mlp_only_layers` / `decoder_sparse_step` rule)."""
+    return (
+      self.num_experts > 0
+      and i not in self.mlp_only_layers
+      and (i + 1) % self.decoder_sparse_step == 0
+    )
 
   @property
   def rope_dict(self) -> dict[str, Any] | None:

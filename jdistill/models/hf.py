@@ -32,7 +32,10 @@ _HF_CLASSES = {
   "llama": "LlamaForCausalLM",
   "qwen2": "Qwen2ForCausalLM",
   "qwen3": "Qwen3ForCausalLM",
+  "qwen2_moe": "Qwen2MoeForCausalLM",
+  "qwen3_moe": "Qwen3MoeForCausalLM",
 }
+_MOE_TYPES = ("qwen2_moe", "qwen3_moe")
 
 
 def config_from_hf(
@@ -66,6 +69,7 @@ def config_from_hf(
   rope["rope_type"] = rope_type
   rope_scaling = None if rope_type == "default" else tuple(sorted(rope.items()))
   return ModelConfig(
+    **_moe_from_hf(hf, model_type),
     model_type=model_type,
     vocab_size=hf["vocab_size"],
     hidden_size=hf["hidden_size"],
@@ -79,12 +83,38 @@ def config_from_hf(
     rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
     max_position_embeddings=int(hf.get("max_position_embeddings", 32768)),
     tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-    qkv_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
-    qk_norm=model_type == "qwen3",
+    qkv_bias=model_type == "qwen2"
+    or (model_type == "qwen2_moe" and bool(hf.get("qkv_bias", True)))
+    or bool(hf.get("attention_bias", False)),
+    qk_norm=model_type in ("qwen3", "qwen3_moe"),
     param_dtype=param_dtype,
     dtype=dtype,
     remat=remat,
   )
+
+
+def _moe_from_hf(hf: dict, model_type: str) -> dict:
+  """ModelConfig's mixture-of-experts fields from a Qwen2-MoE / Qwen3-MoE `config.json`."""
+  if model_type not in _MOE_TYPES:
+    return {}
+  # transformers v5 writes Qwen3-MoE's `num_experts` as `num_local_experts`
+  experts = hf.get("num_experts", hf.get("num_local_experts", 0))
+  out = dict(
+    num_experts=experts,
+    num_experts_per_tok=hf.get("num_experts_per_tok", 0),
+    moe_intermediate_size=hf.get("moe_intermediate_size", 0),
+    norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
+    decoder_sparse_step=hf.get("decoder_sparse_step", 1),
+    mlp_only_layers=tuple(hf.get("mlp_only_layers") or ()),
+    # HF adds the balancing loss to its loss only with output_router_logits
+    router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001))
+    if hf.get("output_router_logits")
+    else 0.0,
+    router_z_loss_coef=float(hf.get("router_z_loss_coef", 0.0)),
+  )
+  if model_type == "qwen2_moe":
+    out["shared_expert_intermediate_size"] = hf.get("shared_expert_intermediate_size", 0)
+  return out
 
 
 def config_to_hf(cfg: ModelConfig, torch_dtype: str = "float32") -> dict:
@@ -115,16 +145,39 @@ def config_to_hf(cfg: ModelConfig, torch_dtype: str = "float32") -> dict:
   if cfg.model_type == "llama":
     out["attention_bias"] = False
     out["mlp_bias"] = False
-  if cfg.model_type == "qwen3":
+  if cfg.model_type in ("qwen3", "qwen3_moe"):
     out["attention_bias"] = cfg.qkv_bias
+  if cfg.model_type == "qwen2_moe":
+    out["qkv_bias"] = cfg.qkv_bias
+    out["use_sliding_window"] = False
+    out["shared_expert_intermediate_size"] = cfg.shared_expert_intermediate_size
+  if cfg.model_type in _MOE_TYPES:
+    out.update(
+      num_experts=cfg.num_experts,
+      num_experts_per_tok=cfg.num_experts_per_tok,
+      moe_intermediate_size=cfg.moe_intermediate_size,
+      norm_topk_prob=cfg.norm_topk_prob,
+      decoder_sparse_step=cfg.decoder_sparse_step,
+      mlp_only_layers=list(cfg.mlp_only_layers),
+      output_router_logits=cfg.router_aux_loss_coef > 0,
+    )
+    if cfg.router_aux_loss_coef > 0:
+      out["router_aux_loss_coef"] = cfg.router_aux_loss_coef
+    if cfg.router_z_loss_coef > 0:
+      out["router_z_loss_coef"] = cfg.router_z_loss_coef
   return out
 
 
 # --- name and layout mapping -------------------------------------------------
 
 
-def _param_map(cfg: ModelConfig) -> dict[tuple, tuple[str, Callable, Callable]]:
-  """jdistill state path → (HF tensor name, HF→ours, ours→HF)."""
+def _param_map(cfg: ModelConfig) -> dict[tuple, tuple[str | tuple[str, ...], Callable, Callable]]:
+  """jdistill state path → (HF tensor name, HF→ours, ours→HF).
+
+  Expert weights are one jdistill tensor `[experts, ...]` from one HF tensor per expert (the
+  per-expert names `save_pretrained` writes): the name is then a tuple and the converters
+  take / return a list.
+  """
   h, kv, hd, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
   ident = (lambda w: w, lambda w: w)
   transpose = (lambda w: w.T, lambda w: w.T)
@@ -151,10 +204,13 @@ def _param_map(cfg: ModelConfig) -> dict[tuple, tuple[str, Callable, Callable]]:
       ("attn", "k_proj"): ("self_attn.k_proj.weight", *proj_in(kv)),
       ("attn", "v_proj"): ("self_attn.v_proj.weight", *proj_in(kv)),
       ("attn", "o_proj"): ("self_attn.o_proj.weight", *o_proj),
-      ("mlp", "gate_proj"): ("mlp.gate_proj.weight", *transpose),
-      ("mlp", "up_proj"): ("mlp.up_proj.weight", *transpose),
-      ("mlp", "down_proj"): ("mlp.down_proj.weight", *transpose),
     }
+    if cfg.is_moe_layer(i):
+      layer.update(_moe_param_map(cfg, pre))
+    else:
+      layer[("mlp", "gate_proj")] = ("mlp.gate_proj.weight", *transpose)
+      layer[("mlp", "up_proj")] = ("mlp.up_proj.weight", *transpose)
+      layer[("mlp", "down_proj")] = ("mlp.down_proj.weight", *transpose)
     if cfg.qkv_bias:
       layer[("attn", "q_bias")] = ("self_attn.q_proj.bias", *bias(h))
       layer[("attn", "k_bias")] = ("self_attn.k_proj.bias", *bias(kv))
@@ -162,8 +218,36 @@ def _param_map(cfg: ModelConfig) -> dict[tuple, tuple[str, Callable, Callable]]:
     if cfg.qk_norm:
       layer[("attn", "q_norm")] = ("self_attn.q_norm.weight", *ident)
       layer[("attn", "k_norm")] = ("self_attn.k_norm.weight", *ident)
-    for path, entry in layer.items():
-      table[("layers", i, *path)] = (pre + entry[0], *entry[1:])
+    for path, (name, *convert) in layer.items():
+      full = tuple(pre + n for n in name) if isinstance(name, tuple) else pre + name
+      table[("layers", i, *path)] = (full, *convert)
+  return table
+
+
+def _moe_param_map(cfg: ModelConfig, pre: str) -> dict:
+  """One sparse layer's entries (names relative to the layer)."""
+  transpose = (lambda w: w.T, lambda w: w.T)
+  # each HF expert is an nn.Linear `[out, in]`; ours stack `[experts, in, out]`
+  stacked = (lambda ws: np.stack([w.T for w in ws]), lambda w: [e.T for e in w])
+
+  def experts(proj):
+    return tuple(f"mlp.experts.{e}.{proj}.weight" for e in range(cfg.num_experts))
+
+  table = {
+    ("mlp", "router"): ("mlp.gate.weight", *transpose),
+    ("mlp", "gate_proj"): (experts("gate_proj"), *stacked),
+    ("mlp", "up_proj"): (experts("up_proj"), *stacked),
+    ("mlp", "down_proj"): (experts("down_proj"), *stacked),
+  }
+  if cfg.shared_expert_intermediate_size:
+    table[("mlp", "shared_gate_proj")] = ("mlp.shared_expert.gate_proj.weight", *transpose)
+    table[("mlp", "shared_up_proj")] = ("mlp.shared_expert.up_proj.weight", *transpose)
+    table[("mlp", "shared_down_proj")] = ("mlp.shared_expert.down_proj.weight", *transpose)
+    table[("mlp", "shared_expert_gate")] = (
+      "mlp.shared_expert_gate.weight",
+      lambda w: w.reshape(-1),
+      lambda w: w.reshape(1, -1),
+    )
   return table
 
 
@@ -245,7 +329,11 @@ def from_hf(
   def load(path_, var):
     key = _path_key(path_)
     hf_name, to_ours, _ = table[key]
-    host = np.asarray(to_ours(reader.get(hf_name)))
+    if isinstance(hf_name, tuple):
+      host = np.asarray(to_ours([reader.get(n) for n in hf_name]))
+      hf_name = hf_name[0].replace(".experts.0.", ".experts.*.")
+    else:
+      host = np.asarray(to_ours(reader.get(hf_name)))
     sds = var.get_value()
     if host.shape != sds.shape:
       raise ValueError(
@@ -291,7 +379,10 @@ def to_hf(
   ):
     hf_name, _, to_hf_layout = table[_path_key(path)]
     host = _to_host(var.get_value()).astype(jnp.dtype(dtype))
-    tensors[hf_name] = np.ascontiguousarray(to_hf_layout(host))
+    if isinstance(hf_name, tuple):
+      tensors.update((n, np.ascontiguousarray(w)) for n, w in zip(hf_name, to_hf_layout(host)))
+    else:
+      tensors[hf_name] = np.ascontiguousarray(to_hf_layout(host))
   if jax.process_index() != 0:
     return
   # Written into a fresh folder beside `out_dir`, then renamed into place: an existing export

@@ -15,6 +15,16 @@ HF_CONFIGS = {
   ),
   "qwen2": dict(model_type="qwen2"),
   "qwen3": dict(model_type="qwen3", head_dim=32),
+  "qwen3_moe": dict(
+    model_type="qwen3_moe", num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32
+  ),
+  "qwen2_moe": dict(
+    model_type="qwen2_moe",
+    num_experts=8,
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=48,
+  ),
 }
 
 
@@ -31,7 +41,8 @@ def tiny_hf_model(
   seed: int = 0,
   **extra,
 ):
-  """A random transformers CausalLM of the given family (`llama`, `qwen2`, `qwen3`)."""
+  """A random transformers CausalLM of the given family (`llama`, `qwen2`, `qwen3`, `qwen2_moe`,
+  `qwen3_moe`); `extra` overrides config fields (say `mlp_only_layers=[0]`)."""
   import torch
   from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -59,4 +70,8 @@ def tiny_hf_model(
     for name, p in model.named_parameters():
       if name.endswith("bias") or "norm" in name:
         p.add_(0.1 * torch.randn_like(p))
+      elif name.endswith("mlp.gate.weight"):  # router logits of std ~1: distinct top-k
+        p.copy_(torch.randn_like(p) / hidden_size**0.5)
+      elif ".experts." in name or "shared_expert" in name:  # experts that move the logits
+        p.copy_(0.1 * torch.randn_like(p))
   return model

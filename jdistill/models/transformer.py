@@ -1,4 +1,5 @@
-"""Decoder-only transformer in Flax NNX covering Llama 3, Qwen2 and Qwen3.
+"""Decoder-only transformer in Flax NNX covering Llama 3, Qwen2 and Qwen3 (and their MoE
+variants, whose sparse layers use `jdistill.models.moe.MoE` in place of the MLP).
 
 Every weight is an `nnx.Param` whose `logical_axes` metadata names its
 dimensions; `jdistill.sharding` maps those names to mesh axes.
@@ -23,6 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jdistill.models.config import ModelConfig
+from jdistill.models.moe import MoE
 
 Cache = tuple[dict[str, jax.Array], ...]
 
@@ -160,15 +162,15 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-  """Pre-norm residual block: attention then MLP."""
+  """Pre-norm residual block: attention then MLP (or a mixture of experts when `moe`)."""
 
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, moe: bool = False):
     pd = cfg.jnp_param_dtype
     self.eps = cfg.rms_norm_eps
     self.input_norm = _param(rngs, (cfg.hidden_size,), ("norm",), pd, ones=True)
     self.attn = Attention(cfg, rngs)
     self.post_attn_norm = _param(rngs, (cfg.hidden_size,), ("norm",), pd, ones=True)
-    self.mlp = MLP(cfg, rngs)
+    self.mlp = MoE(cfg, rngs) if moe else MLP(cfg, rngs)
 
   def __call__(self, x, positions, kv_mask, layer_cache, cache_index):
     attn_out, new_cache = self.attn(
@@ -190,7 +192,9 @@ class Transformer(nnx.Module):
     self.cfg = cfg
     pd = cfg.jnp_param_dtype
     self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pd, 0.02)
-    self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+    self.layers = nnx.List(
+      [Block(cfg, rngs, moe=cfg.is_moe_layer(i)) for i in range(cfg.num_layers)]
+    )
     self.final_norm = _param(rngs, (cfg.hidden_size,), ("norm",), pd, ones=True)
     if not cfg.tie_word_embeddings:
       self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pd, 0.02)

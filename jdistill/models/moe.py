@@ -1,0 +1,160 @@
+"""Sparse mixture-of-experts feed-forward (Qwen2-MoE / Qwen3-MoE) and its router losses.
+
+Dispatch never drops a token (no capacity factor): the `[tokens * k]` (token, expert)
+assignments are sorted by expert, every expert runs as one group of a grouped matmul
+(`jax.lax.ragged_dot`) over its rows, and the rows are unsorted and summed with the
+router weights. `moe_dispatch="dense"` runs every expert on every token and masks the
+result: E times the FLOPs, a reference for tests only.
+
+Router losses: under `nnx.capture(model, nnx.Intermediate)` each MoE layer sows its
+float32 router logits `[batch, seq, experts]`; `forward_with_aux_losses` runs the model
+that way and turns them into the load-balancing and z losses (`aux_losses`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jdistill.models.config import ModelConfig
+
+AUX_KEYS = ("router_aux_loss", "router_z_loss")
+
+
+def _param(rngs: nnx.Rngs, shape, axes, dtype, scale: float = 0.02):
+  value = (scale * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+  return nnx.Param(value, logical_axes=axes)
+
+
+def route(logits: jax.Array, k: int, norm_topk_prob: bool) -> tuple[jax.Array, jax.Array]:
+  """`[tokens, experts]` logits → top-k (weights, experts) `[tokens, k]` of their f32 softmax."""
+  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  weights, experts = jax.lax.top_k(probs, k)
+  if norm_topk_prob:
+    weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+  return weights, experts
+
+
+def ragged_experts(x, experts, weights, gate, up, down) -> jax.Array:
+  """Grouped-matmul SwiGLU experts.
+
+  Args:
+    x: `[tokens, hidden]`; experts, weights: `[tokens, k]` (the router's choice).
+    gate, up: `[experts, hidden, moe_mlp]`; down: `[experts, moe_mlp, hidden]`.
+  Returns:
+    `[tokens, hidden]`: the router-weighted sum of each token's k expert outputs.
+  """
+  n, k = experts.shape
+  flat = experts.reshape(-1)
+  order = jnp.argsort(flat, stable=True)
+  rows = x[order // k]  # [tokens * k, hidden], grouped by expert
+  sizes = jnp.bincount(flat, length=gate.shape[0]).astype(jnp.int32)
+  h = jax.nn.silu(jax.lax.ragged_dot(rows, gate, sizes)) * jax.lax.ragged_dot(rows, up, sizes)
+  out = jax.lax.ragged_dot(h, down, sizes)
+  out = out[jnp.argsort(order)].reshape(n, k, -1)
+  return jnp.einsum("nkd,nk->nd", out, weights.astype(out.dtype))
+
+
+def dense_experts(x, experts, weights, gate, up, down) -> jax.Array:
+  """Same contract as `ragged_experts`, computing every expert on every token (reference)."""
+  one_hot = jax.nn.one_hot(experts, gate.shape[0], dtype=weights.dtype)  # [tokens, k, experts]
+  combine = jnp.sum(one_hot * weights[..., None], axis=1)
+  h = jax.nn.silu(jnp.einsum("nd,edf->nef", x, gate)) * jnp.einsum("nd,edf->nef", x, up)
+  out = jnp.einsum("nef,efd->ned", h, down)
+  return jnp.einsum("ned,ne->nd", out, combine.astype(out.dtype))
+
+
+class MoE(nnx.Module):
+  """Routed SwiGLU experts, plus Qwen2-MoE's sigmoid-gated shared expert when configured."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    e, d, f, pd = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.jnp_param_dtype
+    self.cfg = cfg
+    self.router = _param(rngs, (d, e), ("embed", "expert"), pd)
+    self.gate_proj = _param(rngs, (e, d, f), ("expert", "embed", "moe_mlp"), pd)
+    self.up_proj = _param(rngs, (e, d, f), ("expert", "embed", "moe_mlp"), pd)
+    self.down_proj = _param(rngs, (e, f, d), ("expert", "moe_mlp", "embed"), pd)
+    s = cfg.shared_expert_intermediate_size
+    if s:
+      self.shared_gate_proj = _param(rngs, (d, s), ("embed", "mlp"), pd)
+      self.shared_up_proj = _param(rngs, (d, s), ("embed", "mlp"), pd)
+      self.shared_down_proj = _param(rngs, (s, d), ("mlp", "embed"), pd)
+      self.shared_expert_gate = _param(rngs, (d,), ("embed",), pd)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """`[batch, seq, hidden]` → `[batch, seq, hidden]`."""
+    cfg, dt = self.cfg, self.cfg.jnp_dtype
+    b, t, d = x.shape
+    flat = x.reshape(b * t, d)
+    logits = jnp.dot(flat, self.router[...].astype(dt), preferred_element_type=jnp.float32)
+    # Only under nnx.capture: a plain sow stores onto the module, which fails inside the
+    # sampler's while_loop (TraceContextError) and would leak into later nnx.split states.
+    if hasattr(self, "__captures__"):
+      self.sow(nnx.Intermediate, "router_logits", logits.reshape(b, t, -1))
+    weights, experts = route(logits, cfg.num_experts_per_tok, cfg.norm_topk_prob)
+    run = ragged_experts if cfg.moe_dispatch == "ragged" else dense_experts
+    w = [p[...].astype(dt) for p in (self.gate_proj, self.up_proj, self.down_proj)]
+    y = run(flat, experts, weights.astype(dt), *w)
+    if cfg.shared_expert_intermediate_size:
+      gate = jax.nn.silu(flat @ self.shared_gate_proj[...].astype(dt))
+      shared = (gate * (flat @ self.shared_up_proj[...].astype(dt))) @ self.shared_down_proj[
+        ...
+      ].astype(dt)
+      y = y + jax.nn.sigmoid(flat @ self.shared_expert_gate[...].astype(dt))[:, None] * shared
+    return y.reshape(b, t, d)
+
+
+def aux_losses(
+  router_logits: list[jax.Array], cfg: ModelConfig, token_mask: jax.Array | None = None
+) -> dict[str, jax.Array]:
+  """Unweighted router losses over all MoE layers, as float32 scalars.
+
+  Args:
+    router_logits: per MoE layer, `[batch, seq, experts]`.
+    token_mask: `[batch, seq]`, which tokens count (padding is False). Default: all.
+  Returns:
+    `router_aux_loss`: HF's `load_balancing_loss_func`: `E * sum_e f_e * P_e` where, pooled
+      over layers and real tokens, `f_e` is the mean number of top-k slots given to expert `e`
+      and `P_e` its mean router probability. `router_z_loss`: the mean over layers and real
+      tokens of `logsumexp(logits)^2` (ST-MoE).
+  """
+  e, k = cfg.num_experts, cfg.num_experts_per_tok
+  logits = jnp.stack([x.astype(jnp.float32) for x in router_logits])  # [layers, b, t, e]
+  mask = jnp.ones(logits.shape[1:3], jnp.float32) if token_mask is None else token_mask
+  mask = jnp.broadcast_to(mask.astype(jnp.float32), logits.shape[:3])
+  rows = jnp.maximum(jnp.sum(mask), 1.0)
+  probs = jax.nn.softmax(logits, axis=-1)
+  _, chosen = jax.lax.top_k(probs, k)
+  slots = jnp.sum(jax.nn.one_hot(chosen, e, dtype=jnp.float32), axis=-2)  # [layers, b, t, e]
+  tokens_per_expert = jnp.einsum("lbte,lbt->e", slots, mask) / rows
+  prob_per_expert = jnp.einsum("lbte,lbt->e", probs, mask) / rows
+  z = jax.nn.logsumexp(logits, axis=-1)
+  return {
+    "router_aux_loss": e * jnp.sum(tokens_per_expert * prob_per_expert),
+    "router_z_loss": jnp.sum(z * z * mask) / rows,
+  }
+
+
+def forward_with_aux_losses(model, tokens, positions=None, kv_mask=None):
+  """`model(tokens, positions, kv_mask=kv_mask)` → (hidden, cache, router losses).
+
+  The losses (`aux_losses`, weighted by nothing) are computed over the tokens `kv_mask`
+  marks (a `[batch, seq]` mask); a dense model gives `{}`.
+  """
+  if not model.cfg.num_experts:
+    return (*model(tokens, positions, kv_mask=kv_mask), {})
+  (hidden, cache), captured = nnx.capture(model, nnx.Intermediate)(
+    tokens, positions, kv_mask=kv_mask
+  )
+  logits = jax.tree.leaves(captured)
+  return hidden, cache, aux_losses(logits, model.cfg, kv_mask)
+
+
+def weighted_aux_loss(losses: dict[str, jax.Array], cfg: ModelConfig) -> jax.Array:
+  """The coefficient-weighted sum of `aux_losses`' terms (0 for a dense model)."""
+  total = jnp.zeros((), jnp.float32)
+  if losses:
+    total += cfg.router_aux_loss_coef * losses["router_aux_loss"]
+    total += cfg.router_z_loss_coef * losses["router_z_loss"]
+  return total

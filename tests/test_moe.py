@@ -1,0 +1,395 @@
+"""Mixture-of-experts decoders (Qwen3-MoE / Qwen2-MoE): dispatch, HF parity and export,
+expert-sharded forward, router losses (and their use in the train step), greedy sampling."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from jdistill import sharding as shd
+from jdistill import train_step as ts
+from jdistill.losses import LossSettings
+from jdistill.models import ModelConfig, Transformer, hf, moe
+from jdistill.models.testing import tiny_hf_model
+from jdistill.models.transformer import MLP
+from jdistill.sampler import Sampler, SamplingParams
+
+VOCAB = 128
+
+
+def _single_mesh():
+  return shd.make_mesh({"data": 1}, jax.devices()[:1])
+
+
+def _padded_batch(rows=4):
+  rng = np.random.RandomState(0)
+  tokens = rng.randint(3, VOCAB, (rows, 11))
+  mask = np.ones((rows, 11), bool)
+  mask[1, :4] = False  # left padding
+  mask[2, :7] = False
+  positions = np.maximum(np.cumsum(mask, 1) - 1, 0)
+  return tokens, mask, positions
+
+
+def _torch_logits(model, tokens, mask, positions):
+  with torch.no_grad():
+    return model(
+      input_ids=torch.tensor(tokens),
+      attention_mask=torch.tensor(mask.astype(np.int64)),
+      position_ids=torch.tensor(positions),
+    ).logits.numpy()
+
+
+@jax.jit
+def _forward(graphdef, state, tokens, positions, mask):
+  return nnx.merge(graphdef, state).forward_logits(tokens, positions, mask)
+
+
+def _jd_logits(model, tokens, mask, positions):
+  graphdef, state = nnx.split(model)
+  return np.asarray(
+    _forward(graphdef, state, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(mask))
+  )
+
+
+def _with_cfg(model, **kw):
+  """The same weights under a config with `kw` changed (a new graphdef, same state)."""
+  graphdef, state = nnx.split(model)
+  other = nnx.eval_shape(lambda: Transformer(model.cfg.replace(**kw), nnx.Rngs(0)))
+  return nnx.merge(nnx.split(other)[0], state)
+
+
+# --- config ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+  "kw,match",
+  [
+    (dict(num_experts_per_tok=5), "num_experts_per_tok"),
+    (dict(num_experts_per_tok=0), "num_experts_per_tok"),
+    (dict(moe_intermediate_size=0), "moe_intermediate_size"),
+    (dict(decoder_sparse_step=0), "decoder_sparse_step"),
+    (dict(mlp_only_layers=(2,)), "mlp_only_layers"),
+    (dict(mlp_only_layers=[0]), "mlp_only_layers"),
+    (dict(model_type="qwen3"), "model_type"),
+    (dict(moe_dispatch="sorted"), "moe_dispatch"),
+    (dict(router_z_loss_coef=-1.0), "router_z_loss_coef"),
+    (dict(num_experts=-1), "num_experts"),
+  ],
+)
+def test_bad_moe_config(kw, match):
+  base = dict(model_type="qwen3_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8)
+  with pytest.raises(ValueError, match=f"ModelConfig.{match}="):
+    ModelConfig(**{**base, **kw})
+
+
+def test_dense_config_has_no_experts_and_layer_rule():
+  dense = ModelConfig()
+  assert dense.num_experts == 0 and not any(dense.is_moe_layer(i) for i in range(4))
+  state = nnx.state(nnx.eval_shape(lambda: Transformer(dense, nnx.Rngs(0))), nnx.Param)
+  assert set(state["layers"][0]["mlp"].keys()) == {"gate_proj", "up_proj", "down_proj"}
+  cfg = ModelConfig(
+    model_type="qwen3_moe",
+    num_layers=6,
+    num_experts=4,
+    num_experts_per_tok=1,
+    moe_intermediate_size=8,
+    decoder_sparse_step=2,
+    mlp_only_layers=(3,),
+  )
+  assert [cfg.is_moe_layer(i) for i in range(6)] == [False, True, False, False, False, True]
+
+
+# --- dispatch ------------------------------------------------------------------------
+
+
+def _expert_weights(e=6, d=16, f=12, seed=0):
+  ks = jax.random.split(jax.random.key(seed), 3)
+  return (
+    0.3 * jax.random.normal(ks[0], (e, d, f)),
+    0.3 * jax.random.normal(ks[1], (e, d, f)),
+    0.3 * jax.random.normal(ks[2], (e, f, d)),
+  )
+
+
+def test_ragged_dispatch_equals_dense_and_per_token_loop():
+  gate, up, down = _expert_weights()
+  x = jax.random.normal(jax.random.key(1), (20, 16))
+  logits = jax.random.normal(jax.random.key(2), (20, 6))
+  weights, experts = moe.route(logits, 2, norm_topk_prob=True)
+  np.testing.assert_allclose(np.asarray(weights).sum(-1), 1.0, rtol=1e-6)
+  ragged_fn, dense_fn = jax.jit(moe.ragged_experts), jax.jit(moe.dense_experts)
+  ragged = np.asarray(ragged_fn(x, experts, weights, gate, up, down))
+  dense = np.asarray(dense_fn(x, experts, weights, gate, up, down))
+  xn, gn, un, dn = (np.asarray(a, np.float64) for a in (x, gate, up, down))
+  loop = np.zeros_like(xn)
+  for n in range(20):
+    for j in range(2):
+      e = int(experts[n, j])
+      a = xn[n] @ gn[e]
+      loop[n] += float(weights[n, j]) * ((a / (1 + np.exp(-a))) * (xn[n] @ un[e])) @ dn[e]
+  np.testing.assert_allclose(ragged, loop, atol=1e-5)
+  np.testing.assert_allclose(dense, loop, atol=1e-5)
+  assert np.abs(loop).max() > 0.1  # a real signal, not zeros
+
+  # every token on one expert (and others empty): nothing is dropped
+  skew = jnp.zeros((20, 2), jnp.int32).at[:, 1].set(3)
+  np.testing.assert_allclose(
+    np.asarray(ragged_fn(x, skew, weights, gate, up, down)),
+    np.asarray(dense_fn(x, skew, weights, gate, up, down)),
+    atol=1e-5,
+  )
+
+  # gradients through the grouped matmuls equal the dense reference's
+  def loss(fn):
+    return lambda x, w, g, u, d: jnp.sum(jnp.sin(fn(x, experts, w, g, u, d)))
+
+  args = (x, weights, gate, up, down)
+  g_ragged = jax.jit(jax.grad(loss(moe.ragged_experts), argnums=(0, 1, 2, 3, 4)))(*args)
+  g_dense = jax.jit(jax.grad(loss(moe.dense_experts), argnums=(0, 1, 2, 3, 4)))(*args)
+  for a, b in zip(g_ragged, g_dense):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+# --- Hugging Face parity and export ---------------------------------------------------------
+
+CASES = {
+  "qwen3_moe": ("qwen3_moe", {}),
+  "qwen3_moe-step2-normtopk": ("qwen3_moe", dict(decoder_sparse_step=2, norm_topk_prob=True)),
+  "qwen2_moe-mlponly0-tied": ("qwen2_moe", dict(mlp_only_layers=[0], tie=True)),
+}
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def hf_moe(request, tmp_path_factory):
+  kind, extra = CASES[request.param]
+  torch_model = tiny_hf_model(kind, vocab_size=VOCAB, **extra)
+  path = str(tmp_path_factory.mktemp(request.param))
+  torch_model.save_pretrained(path)
+  return request.param, torch_model, path
+
+
+@pytest.fixture(scope="module")
+def qwen3_moe(tmp_path_factory):
+  torch_model = tiny_hf_model("qwen3_moe", vocab_size=VOCAB, seed=1)
+  path = str(tmp_path_factory.mktemp("qwen3_moe_single"))
+  torch_model.save_pretrained(path)
+  return torch_model, path
+
+
+def test_logits_match_transformers(hf_moe):
+  name, torch_model, path = hf_moe
+  model = hf.from_hf(path)
+  cfg = model.cfg
+  sparse = [cfg.is_moe_layer(i) for i in range(cfg.num_layers)]
+  assert (
+    sparse
+    == {
+      "qwen3_moe": [True, True],
+      "qwen3_moe-step2-normtopk": [False, True],
+      "qwen2_moe-mlponly0-tied": [False, True],
+    }[name]
+  )
+  for i, block in enumerate(model.layers):
+    assert isinstance(block.mlp, moe.MoE if sparse[i] else MLP)
+  assert cfg.norm_topk_prob == ("normtopk" in name)
+  assert (cfg.shared_expert_intermediate_size > 0) == name.startswith("qwen2_moe")
+  assert cfg.qkv_bias == name.startswith("qwen2_moe") and cfg.qk_norm == name.startswith("qwen3")
+  tokens, mask, positions = _padded_batch()
+  ref = _torch_logits(torch_model, tokens, mask, positions)
+  out = _jd_logits(model, tokens, mask, positions)
+  err = np.abs(out - ref)[mask].max()
+  print(f"\n{name}: max |logits - transformers| = {err:.2e}")
+  assert err <= 1e-4
+  dense = _jd_logits(_with_cfg(model, moe_dispatch="dense"), tokens, mask, positions)
+  assert np.abs(dense - ref)[mask].max() <= 1e-4
+  # the router's weighting matters at this tolerance: the other norm_topk_prob is far off
+  flipped = _jd_logits(
+    _with_cfg(model, norm_topk_prob=not cfg.norm_topk_prob), tokens, mask, positions
+  )
+  assert np.abs(flipped - ref)[mask].max() > 1e-2
+
+
+def test_export_round_trip(hf_moe, tmp_path):
+  from transformers import AutoModelForCausalLM
+
+  name, torch_model, path = hf_moe
+  model = hf.from_hf(path)
+  out_dir = str(tmp_path / "export")
+  hf.to_hf(model, out_dir)
+  written = json.load(open(os.path.join(out_dir, "config.json")))
+  assert written["num_experts"] == 8 and written["num_experts_per_tok"] == 2
+  reloaded = AutoModelForCausalLM.from_pretrained(out_dir, local_files_only=True).eval()
+  assert type(reloaded).__name__ == type(torch_model).__name__
+  tokens, mask, positions = _padded_batch()
+  ref = _torch_logits(torch_model, tokens, mask, positions)
+  np.testing.assert_allclose(
+    _torch_logits(reloaded, tokens, mask, positions)[mask], ref[mask], atol=1e-5
+  )
+  again = hf.from_hf(out_dir)
+  assert again.cfg == model.cfg
+  for a, b in zip(jax.tree.leaves(nnx.state(again)), jax.tree.leaves(nnx.state(model))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_import_names_a_missing_expert(qwen3_moe, tmp_path):
+  from safetensors.numpy import load_file, save_file
+
+  _, path = qwen3_moe
+  os.makedirs(tmp_path / "broken")
+  tensors = load_file(os.path.join(path, "model.safetensors"))
+  del tensors["model.layers.1.mlp.experts.5.up_proj.weight"]
+  save_file(tensors, str(tmp_path / "broken" / "model.safetensors"))
+  with open(os.path.join(path, "config.json")) as f:
+    json.dump(json.load(f), open(tmp_path / "broken" / "config.json", "w"))
+  with pytest.raises(
+    ValueError, match=r"missing tensor 'model\.layers\.1\.mlp\.experts\.5\.up_proj"
+  ):
+    hf.from_hf(str(tmp_path / "broken"))
+
+
+# --- sharding ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+  "axes", [{"fsdp": 2, "expert": 2, "tensor": 2}, {"data": 2, "fsdp": 2, "tensor": 2}]
+)
+def test_sharded_forward_equals_single_device(qwen3_moe, axes):
+  assert jax.device_count() == 8
+  _, path = qwen3_moe
+  mesh = shd.make_mesh(axes)
+  sharded = hf.from_hf(path, mesh)
+  single = hf.from_hf(path, _single_mesh())
+  mlp = nnx.state(sharded, nnx.Param)["layers"][0]["mlp"]
+  expert = "expert" if "expert" in axes else None
+  assert mlp["gate_proj"].get_value().sharding.spec == P(expert, "fsdp", "tensor")
+  assert mlp["down_proj"].get_value().sharding.spec == P(expert, "tensor", "fsdp")
+  assert mlp["router"].get_value().sharding.spec == P("fsdp", expert)
+  if expert:  # 8 experts over expert=2: each device holds 4
+    assert mlp["gate_proj"].get_value().addressable_shards[0].data.shape == (4, 32, 16)
+  tokens, mask, positions = _padded_batch()
+  batch = shd.batch_sharding(mesh, 2)
+  assert batch.spec[0] == (("data", "fsdp") if "data" in axes else ("fsdp", "expert"))
+  args = [jax.device_put(jnp.asarray(a), batch) for a in (tokens, positions, mask)]
+  graphdef, st = nnx.split(sharded)
+  out = np.asarray(_forward(graphdef, st, *args))
+  np.testing.assert_allclose(out, _jd_logits(single, tokens, mask, positions), atol=1e-5)
+
+
+# --- router losses --------------------------------------------------------------------
+
+
+def test_aux_losses_match_transformers(qwen3_moe):
+  from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
+
+  torch_model, path = qwen3_moe
+  model = hf.from_hf(path)
+  tokens, mask, positions = _padded_batch()
+  graphdef, state = nnx.split(model)
+  hidden, _, losses = jax.jit(
+    lambda st, *a: moe.forward_with_aux_losses(nnx.merge(graphdef, st), *a)
+  )(state, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(mask))
+  with torch.no_grad():
+    ref = torch_model(
+      input_ids=torch.tensor(tokens),
+      attention_mask=torch.tensor(mask.astype(np.int64)),
+      position_ids=torch.tensor(positions),
+      output_router_logits=True,
+    )
+  # the model's own HF aux loss (masked), and its router logits against ours
+  np.testing.assert_allclose(float(losses["router_aux_loss"]), float(ref.aux_loss), rtol=1e-5)
+  np.testing.assert_allclose(
+    np.asarray(model.logits(hidden))[mask], ref.logits.numpy()[mask], atol=1e-4
+  )
+
+  # random logits, padded rows: both losses against HF's function / a NumPy z-loss
+  rng = np.random.RandomState(3)
+  layers = [rng.randn(4, 11, 8).astype(np.float32) * 2 for _ in range(3)]
+  for token_mask in (None, mask):
+    ours = moe.aux_losses([jnp.asarray(x) for x in layers], model.cfg, token_mask)
+    hf_mask = None if token_mask is None else torch.tensor(token_mask.astype(np.int64))
+    expect = load_balancing_loss_func(
+      tuple(torch.tensor(x.reshape(-1, 8)) for x in layers), 8, 2, hf_mask
+    )
+    np.testing.assert_allclose(float(ours["router_aux_loss"]), float(expect), rtol=1e-5)
+    lse = np.log(np.exp(np.stack(layers).astype(np.float64)).sum(-1))  # [layers, b, t]
+    w = np.ones(lse.shape[1:]) if token_mask is None else token_mask.astype(np.float64)
+    z = (lse**2 * w).sum() / (w.sum() * len(layers))
+    np.testing.assert_allclose(float(ours["router_z_loss"]), z, rtol=1e-5)
+
+
+def test_train_step_adds_and_logs_router_losses(qwen3_moe):
+  _, path = qwen3_moe
+  student = hf.from_hf(path, remat=True)  # the sown logits also come out of nnx.remat
+  teacher = Transformer(
+    ModelConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=1),
+    nnx.Rngs(1),
+  )
+  rng = np.random.RandomState(0)
+  completion = np.zeros((2, 12), np.float32)
+  completion[:, 5:10] = 1
+  batch = {
+    "tokens": jnp.asarray(rng.randint(3, VOCAB, (2, 12)), jnp.int32),
+    "completion_mask": jnp.asarray(completion),
+    "logprobs": jnp.full((2, 12), -2.0, jnp.float32),
+    "sampling_logprobs": jnp.full((2, 12), -2.0, jnp.float32),
+    "lengths": jnp.asarray([10, 8], jnp.int32),
+  }
+  specs = (ts.TeacherSpec("t", LossSettings(loss="reverse_kl", chunk_size=4), 1.0, (0, 1)),)
+  t_graphdef, t_state = nnx.split(teacher)
+
+  coefs = dict(router_aux_loss_coef=0.01, router_z_loss_coef=0.001)
+  graphdef, params = nnx.split(_with_cfg(student, **coefs))
+
+  @jax.jit
+  def step(p, t_state, b):
+    def objective(p):
+      return ts.distill_objective(p, graphdef, (t_graphdef,), (t_state,), b, specs)
+
+    return jax.value_and_grad(objective, has_aux=True)(p)
+
+  (loss, metrics), grad = step(params, t_state, batch)
+  x = ts.shifted_inputs(batch)
+  _, _, expect = jax.jit(lambda p, *a: moe.forward_with_aux_losses(nnx.merge(graphdef, p), *a))(
+    params, x["inputs"], x["positions"], x["kv_mask"]
+  )
+  for key in moe.AUX_KEYS:
+    np.testing.assert_allclose(float(metrics["t"][key]), float(expect[key]), rtol=1e-5)
+    assert float(metrics["t"][key]) > 0
+  np.testing.assert_allclose(
+    float(loss),
+    float(metrics["t"]["loss"])
+    + 0.01 * float(expect["router_aux_loss"])
+    + 0.001 * float(expect["router_z_loss"]),
+    rtol=1e-6,
+  )
+  assert np.isfinite(np.asarray(grad["layers"][0]["mlp"]["router"].get_value())).all()
+
+
+# --- sampling ------------------------------------------------------------------------
+
+
+def test_greedy_matches_transformers(qwen3_moe):
+  torch_model, path = qwen3_moe
+  graphdef, state = nnx.split(hf.from_hf(path, _single_mesh()))
+  prompts = [[5, 17, 99], [3, 44, 8, 61, 70, 12, 9]]
+  new = 8
+  sp = SamplingParams(max_new_tokens=new, temperature=0.0, prompt_buckets=(16,))
+  out = Sampler(graphdef, _single_mesh()).generate(state, prompts, jax.random.key(0), sp)
+  torch_model.generation_config.eos_token_id = None
+  for b, prompt in enumerate(prompts):
+    with torch.no_grad():
+      ref = torch_model.generate(
+        torch.tensor([prompt]),
+        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        max_new_tokens=new,
+        do_sample=False,
+        pad_token_id=0,
+      )
+    np.testing.assert_array_equal(np.asarray(out.tokens[b, : len(prompt) + new]), ref[0].numpy())

@@ -38,6 +38,7 @@ from jdistill import sharding as shd
 from jdistill.models.transformer import Cache, init_cache
 
 DEFAULT_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+KEY_SCHEDULES = ("step", "prompt")
 
 
 # --- configuration ---------------------------------------------------------------
@@ -59,6 +60,11 @@ class SamplingParams:
   stop_token_ids: a row stops after emitting any of these (the stop token is kept).
   prompt_buckets: allowed padded prompt lengths (sorted on construction).
   pad_id: filler token of the output layout (and of prompt padding).
+  key_schedule: which key draws generated token t of row b. "step": `fold_in(rng, t)`, one
+    key shared by the batch (b's uniform is row b of it). "prompt":
+    `fold_in(fold_in(rng, b), t)`, so a prompt's draws do not depend on which other prompts
+    share its batch, nor when it is decoded (what continuous batching needs to be
+    comparable with the static loop). Unused when greedy.
   """
 
   max_new_tokens: int = 32
@@ -68,6 +74,7 @@ class SamplingParams:
   stop_token_ids: tuple[int, ...] = ()
   prompt_buckets: tuple[int, ...] = DEFAULT_BUCKETS
   pad_id: int = 0
+  key_schedule: str = "step"
 
   def __post_init__(self):
     object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
@@ -101,6 +108,8 @@ class SamplingParams:
       bad("prompt_buckets", self.prompt_buckets, "a non-empty tuple of positive integers")
     if not _is_int(self.pad_id) or self.pad_id < 0:
       bad("pad_id", self.pad_id, "a token id >= 0")
+    if self.key_schedule not in KEY_SCHEDULES:
+      bad("key_schedule", self.key_schedule, KEY_SCHEDULES)
 
   @property
   def greedy(self) -> bool:
@@ -276,7 +285,7 @@ def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.
 def sample_step(
   logits: jax.Array, key: jax.Array, knobs: Knobs, *, greedy: bool, filtered: bool
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Draws one token per row from f32 logits `[B, V]`.
+  """Draws one token per row from f32 logits `[B, V]` with `key` (one key, or `[B]` keys).
 
   Returns (tokens [B] int32, logprobs [B] under the raw softmax, sampling_logprobs [B]
   under the temperature/top-k/top-p distribution sampled from; 0 when greedy).
@@ -296,8 +305,23 @@ def sample_step(
   return tokens, _pick(raw_logp, tokens), sampling_logp
 
 
+def prompt_keys(rng: jax.Array, prompt_ids: jax.Array, t: jax.Array) -> jax.Array:
+  """The "prompt" key schedule: `fold_in(fold_in(rng, p), t)` per row → `[B]` keys.
+
+  prompt_ids, t: `[B]` int (t broadcasts). A raw uint32 key is wrapped first, so the
+  result is a typed key array either way.
+  """
+  if not jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+    rng = jax.random.wrap_key_data(rng)
+  t = jnp.broadcast_to(t, prompt_ids.shape)
+  return jax.vmap(lambda p, s: jax.random.fold_in(jax.random.fold_in(rng, p), s))(prompt_ids, t)
+
+
 def draw(key: jax.Array, logp: jax.Array) -> jax.Array:
   """One token per row from log-probabilities `[B, V]` (-inf = excluded) → `[B]` int32.
+
+  `key`: one key (row b takes row b of its `[B]` uniforms) or a typed key array `[B]`
+  (row b takes the one uniform of key b).
 
   Inverse CDF: one uniform per row, where Gumbel-max (`jax.random.categorical`) draws V; at
   [16, 32k] on a CPU that is 3x faster with the log-softmax included, 6x at 152k vocab
@@ -307,7 +331,11 @@ def draw(key: jax.Array, logp: jax.Array) -> jax.Array:
   """
   probs = jnp.exp(logp)
   cdf = jnp.cumsum(probs, axis=-1)
-  u = jax.random.uniform(key, (logp.shape[0], 1), jnp.float32) * cdf[:, -1:]
+  if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) and key.ndim == 1:
+    u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(key)[:, None]
+  else:
+    u = jax.random.uniform(key, (logp.shape[0], 1), jnp.float32)
+  u = u * cdf[:, -1:]
   index = jnp.sum(cdf <= u, axis=-1)
   last_allowed = logp.shape[-1] - 1 - jnp.argmax(probs[:, ::-1] > 0, axis=-1)
   return jnp.minimum(index, last_allowed).astype(jnp.int32)
@@ -376,6 +404,7 @@ class _Key(NamedTuple):
   greedy: bool
   filtered: bool
   n_stop: int
+  key_schedule: str
 
 
 class Sampler:
@@ -467,15 +496,22 @@ class Sampler:
       logits = model.logits(hidden[:, -1:])[:, 0]
       return constrain_cache(cache), jax.lax.with_sharding_constraint(logits, b2)
 
-    def decode(state, cache, logits, prompt_left, lengths, rng, knobs):
-      """Samples up to `n_new` tokens; stops early once every row has hit a stop id."""
+    def decode(state, cache, logits, prompt_left, lengths, limits, rng, knobs):
+      """Samples up to `limits` `[B]` (≤ `n_new`) tokens per row; stops early once every row
+      has hit a stop id or its limit."""
       sampler.num_compiles += 1
       model = nnx.merge(graphdef, state)
       _, kv_mask = cache_layout(lengths, bucket, cache_len)
       batch = lengths.shape[0]
-      sample = lambda lg, t: sample_step(
-        lg, jax.random.fold_in(rng, t), knobs, greedy=key.greedy, filtered=key.filtered
-      )
+      rows = jnp.arange(batch, dtype=jnp.int32)
+
+      def sample(lg, t):
+        if key.key_schedule == "prompt":
+          step_key = prompt_keys(rng, rows, t)
+        else:
+          step_key = jax.random.fold_in(rng, t)
+        return sample_step(lg, step_key, knobs, greedy=key.greedy, filtered=key.filtered)
+
       is_stop = lambda tok: jnp.any(tok[:, None] == knobs.stop_ids[None, :], axis=-1)
 
       def record(carry, tok, lp, slp):
@@ -486,12 +522,13 @@ class Sampler:
         toks = toks.at[:, t].set(tok)
         lps = lps.at[:, t].set(jnp.where(live, lp, 0.0))
         slps = slps.at[:, t].set(jnp.where(live, slp, 0.0))
+        count = count + live.astype(jnp.int32)
         return (
           t + 1,
           cache,
           tok,
-          done | (live & is_stop(tok)),
-          count + live.astype(jnp.int32),
+          done | (live & (is_stop(tok) | (count >= limits))),
+          count,
           toks,
           lps,
           slps,
@@ -537,7 +574,15 @@ class Sampler:
       self._cfg = nnx.merge(self.graphdef, state).cfg
     return self._cfg
 
-  def generate(self, state, prompts, rng: jax.Array, params: SamplingParams) -> Rollouts:
+  def generate(
+    self,
+    state,
+    prompts,
+    rng: jax.Array,
+    params: SamplingParams,
+    *,
+    max_new_per_prompt: Sequence[int] | np.ndarray | None = None,
+  ) -> Rollouts:
     """Samples completions for a batch of prompts.
 
     Args:
@@ -545,11 +590,56 @@ class Sampler:
       prompts: a list of token-id lists, or `(tokens [B, P0] right-padded, lengths [B])`;
         the prompt bucket is the smallest one ≥ the padded width P0. With several
         processes each passes its own rows (joined process-major).
-      rng: PRNG key; step t draws with `fold_in(rng, t)` (unused when greedy).
+      rng: PRNG key, drawn from as `params.key_schedule` says (unused when greedy); with
+        "prompt", prompt p is row p of the (global) batch.
       params: SamplingParams.
+      max_new_per_prompt: optional `[B]` ints in [1, max_new_tokens]: row b stops after
+        that many tokens (or at a stop token). Default: max_new_tokens for every row.
     Returns:
       Rollouts with `[B, P + max_new_tokens]` arrays (P = chosen prompt bucket).
     """
+    cfg, tokens, lengths, bucket = self._prepare(state, prompts, params)
+    n_rows = tokens.shape[0]
+    limits = self._limits(max_new_per_prompt, n_rows, params.max_new_tokens)
+    if jax.process_count() > 1:
+      # Each process passes its own rows; they are joined process-major into the global batch.
+      local_dp = self.data_parallel_size() // jax.process_count()
+      if self.data_parallel_size() % jax.process_count() or n_rows % max(local_dp, 1):
+        raise ValueError(
+          f"{n_rows} prompt rows per process do not divide over the "
+          f"{self.data_parallel_size()} data-parallel shards of "
+          f"{jax.process_count()} processes"
+        )
+    else:
+      tokens, lengths = pad_rows(tokens, lengths, self.data_parallel_size(), params.pad_id)
+      # dummy rows stop after one token, so they never hold the loop open
+      limits = np.concatenate([limits, np.ones(tokens.shape[0] - n_rows, np.int32)])
+    left = left_align(tokens, lengths, bucket, params.pad_id)
+    global_rows = left.shape[0] * jax.process_count()
+    key = _Key(
+      global_rows,
+      bucket,
+      params.max_new_tokens,
+      params.greedy,
+      params.filtered,
+      len(params.stop_token_ids),
+      params.key_schedule,
+    )
+    alloc, prefill, decode = self._compiled(key, cfg)
+    cache = self._caches.pop(key, None) or alloc()
+    left_d = jax.make_array_from_process_local_data(self._batch(2), left)
+    lengths_d = jax.make_array_from_process_local_data(self._batch(1), lengths)
+    limits_d = jax.make_array_from_process_local_data(self._batch(1), limits)
+    cache, logits = prefill(state, cache, left_d, lengths_d)
+    cache, out = decode(state, cache, logits, left_d, lengths_d, limits_d, rng, knobs_of(params))
+    if self.keep_cache:
+      self._caches[key] = cache
+    if global_rows != n_rows * jax.process_count():
+      out = jax.tree.map(lambda x: x[:n_rows], out)
+    return out
+
+  def _prepare(self, state, prompts, params: SamplingParams):
+    """Validates a call → (model cfg, tokens `[B, P0]`, lengths `[B]`, prompt bucket)."""
     if not isinstance(params, SamplingParams):
       raise ValueError(f"params: expected SamplingParams, got {type(params).__name__}")
     cfg = self.model_config(state)
@@ -565,39 +655,25 @@ class Sampler:
         f"{cache_len} cache slots exceed the cache limit max_cache_len="
         f"{self.max_cache_len}"
       )
-    n_rows = tokens.shape[0]
-    if jax.process_count() > 1:
-      # Each process passes its own rows; they are joined process-major into the global batch.
-      local_dp = self.data_parallel_size() // jax.process_count()
-      if self.data_parallel_size() % jax.process_count() or n_rows % max(local_dp, 1):
-        raise ValueError(
-          f"{n_rows} prompt rows per process do not divide over the "
-          f"{self.data_parallel_size()} data-parallel shards of "
-          f"{jax.process_count()} processes"
-        )
-    else:
-      tokens, lengths = pad_rows(tokens, lengths, self.data_parallel_size(), params.pad_id)
-    left = left_align(tokens, lengths, bucket, params.pad_id)
-    global_rows = left.shape[0] * jax.process_count()
-    key = _Key(
-      global_rows,
-      bucket,
-      params.max_new_tokens,
-      params.greedy,
-      params.filtered,
-      len(params.stop_token_ids),
-    )
-    alloc, prefill, decode = self._compiled(key, cfg)
-    cache = self._caches.pop(key, None) or alloc()
-    left_d = jax.make_array_from_process_local_data(self._batch(2), left)
-    lengths_d = jax.make_array_from_process_local_data(self._batch(1), lengths)
-    cache, logits = prefill(state, cache, left_d, lengths_d)
-    cache, out = decode(state, cache, logits, left_d, lengths_d, rng, knobs_of(params))
-    if self.keep_cache:
-      self._caches[key] = cache
-    if global_rows != n_rows * jax.process_count():
-      out = jax.tree.map(lambda x: x[:n_rows], out)
-    return out
+    return cfg, tokens, lengths, bucket
+
+  @staticmethod
+  def _limits(max_new_per_prompt, n_rows: int, max_new_tokens: int) -> np.ndarray:
+    """Per-row token limits `[B]` int32 (default: max_new_tokens each)."""
+    if max_new_per_prompt is None:
+      return np.full((n_rows,), max_new_tokens, np.int32)
+    limits = np.asarray(max_new_per_prompt)
+    if (
+      limits.shape != (n_rows,)
+      or not np.issubdtype(limits.dtype, np.integer)
+      or np.any(limits < 1)
+      or np.any(limits > max_new_tokens)
+    ):
+      raise ValueError(
+        f"max_new_per_prompt: expected {n_rows} integers in [1, {max_new_tokens}] "
+        f"(max_new_tokens), one per prompt; got {limits.tolist()}"
+      )
+    return limits.astype(np.int32)
 
   @staticmethod
   def _check_ids(tokens: np.ndarray, lengths: np.ndarray, params: SamplingParams, vocab: int):

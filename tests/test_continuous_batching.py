@@ -85,18 +85,19 @@ def test_continuous_equals_static_per_prompt(tiny, temperature):
   np.testing.assert_array_equal(slot_group[np.asarray(stats.slot_of_prompt)], GROUPS)
 
 
-def test_slot_count_and_grouping_do_not_change_rollouts(tiny):
+def test_one_slot_per_prompt_runs_as_long_as_the_longest_row(tiny):
   state, sampler = tiny
   sp = _params()
-  key = jax.random.key(11)
-  ref, _ = sampler.generate_continuous(state, PROMPTS, key, sp, slots_per_group=1)
-  wide, wide_stats = sampler.generate_continuous(
+  key = jax.random.key(7)
+  ref = sampler.generate(state, PROMPTS, key, sp)
+  wide, stats = sampler.generate_continuous(
     state, PROMPTS, key, sp, slots_per_group=(4, 3), groups=GROUPS
   )
   _assert_same(wide, ref)
-  # every prompt has its own slot: the loop runs as long as the longest row
-  assert int(wide_stats.decode_steps) == int(np.max(ref.completion_lengths)) - 1
-  other, _ = sampler.generate_continuous(state, PROMPTS, jax.random.key(12), sp, slots_per_group=1)
+  assert int(stats.decode_steps) == int(np.max(ref.completion_lengths)) - 1
+  other, _ = sampler.generate_continuous(
+    state, PROMPTS, jax.random.key(8), sp, slots_per_group=(4, 3), groups=GROUPS
+  )
   assert not np.array_equal(np.asarray(other.tokens), np.asarray(ref.tokens))
 
 
@@ -148,3 +149,55 @@ def test_sharded_slots_equal_single_device(tiny):
     sharded, PROMPTS, jax.random.key(5), sp, slots_per_group=2
   )
   _assert_same(out, ref)
+
+
+# --- training wiring (`sampling.continuous_slots`) ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def toy_config(tmp_path_factory):
+  from jdistill.toy import make_toy_world, tiny_config
+
+  c = tiny_config(make_toy_world(str(tmp_path_factory.mktemp("world")), n_train=16, n_eval=4))
+  c.data.slots_per_teacher, c.sampling.max_new_tokens, c.loss.chunk_size = 4, 8, 8
+  c.train.steps, c.optimizer.warmup_steps = 1, 1
+  return c
+
+
+def test_config_continuous_slots_is_validated(toy_config):
+  from jdistill import config as config_lib
+
+  c = toy_config.copy_and_resolve_references()
+  for bad in (-1, 5):  # ConfigDict itself refuses non-int types
+    c.sampling.continuous_slots = bad
+    with pytest.raises(ValueError, match=r"config.sampling.continuous_slots=.* \[0, data"):
+      config_lib.validate(c)
+  c.sampling.continuous_slots = 2
+  config_lib.validate(c)
+
+
+def test_trainer_rollouts_with_continuous_slots(toy_config, tmp_path):
+  """The step's rollouts: 2 refilling slots per teacher for its 4 rows, the static rows'
+  tokens (per-prompt keys), in the train step's layout."""
+  import dataclasses
+
+  from jdistill import train
+
+  c = toy_config.copy_and_resolve_references()
+  c.output_dir = str(tmp_path / "out")
+  c.sampling.continuous_slots = 2
+  trainer = train.Trainer(c)
+  prompts = trainer.batcher.batch(0)
+  key = jax.random.key(3)
+  got = trainer.rollouts(prompts, key)
+  ref = trainer.sampler.generate(
+    trainer.params,
+    (prompts["prompt_tokens"], prompts["prompt_lengths"]),
+    key,
+    dataclasses.replace(trainer.sampling, key_schedule="prompt"),
+  )
+  np.testing.assert_array_equal(np.asarray(got["tokens"]), np.asarray(ref.tokens))
+  np.testing.assert_allclose(np.asarray(got["logprobs"]), np.asarray(ref.logprobs), atol=1e-5)
+  np.testing.assert_array_equal(
+    np.asarray(got["lengths"]), np.asarray(ref.prompt_lengths + ref.completion_lengths)
+  )

@@ -19,6 +19,14 @@ changing them does not recompile either. The KV cache is donated through
 prefill → decode. `decode` is a `lax.while_loop` that stops once every row has
 emitted a stop token, and returns the rollouts already gathered into the
 trainer's right-padded layout (see `Rollouts`).
+
+Continuous batching (`Sampler.generate_continuous`): a fixed number of slots, each owned
+by a group (teacher), decode in one compiled `lax.while_loop`; a finished slot takes its
+group's next queued prompt. Each slot keeps the layout above in its own cache row (its
+prompt in `[P - len, P)`, decode step t at slot `P + t`), so the one decode step is vmapped
+over rows to give every row its own write slot and causal horizon; a refill is a one-row
+prefill of `[1, P]` inside the loop, which rewrites the row's prompt region (older decode
+slots stay behind the causal horizon until rewritten).
 """
 
 from __future__ import annotations

@@ -106,6 +106,7 @@ def base_config() -> mlc.ConfigDict:
       top_p=1.0,
       prompt_buckets=(16, 32, 64, 128, 256, 512, 1024, 2048),
       stop_at_eos=True,
+      continuous_slots=0,  # >0: OPD rollouts decode with this many refilling slots per teacher
     )
   )
 
@@ -389,6 +390,17 @@ def validate(config) -> None:
       _fail(f"overlap.{field}", value, "a number in [0, 1]")
   if not 0.0 < config.sampling.top_p <= 1.0:
     _fail("sampling.top_p", config.sampling.top_p, "a float in (0, 1]")
+  slots = config.sampling.continuous_slots
+  if (
+    not isinstance(slots, int)
+    or isinstance(slots, bool)
+    or not 0 <= slots <= config.data.slots_per_teacher
+  ):
+    _fail(
+      "sampling.continuous_slots",
+      slots,
+      f"an int in [0, data.slots_per_teacher={config.data.slots_per_teacher}] (0 = off)",
+    )
   if not 0.0 <= config.loss.beta <= 1.0:
     _fail("loss.beta", config.loss.beta, "a float in [0, 1]")
   if config.optimizer.warmup_steps > config.train.steps:

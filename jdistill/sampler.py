@@ -19,6 +19,14 @@ changing them does not recompile either. The KV cache is donated through
 prefill → decode. `decode` is a `lax.while_loop` that stops once every row has
 emitted a stop token, and returns the rollouts already gathered into the
 trainer's right-padded layout (see `Rollouts`).
+
+Continuous batching (`Sampler.generate_continuous`): a fixed number of slots, each owned
+by a group (teacher), decode in one compiled `lax.while_loop`; a finished slot takes its
+group's next queued prompt. Each slot keeps the layout above in its own cache row (its
+prompt in `[P - len, P)`, decode step t at slot `P + t`), so the one decode step is vmapped
+over rows to give every row its own write slot and causal horizon; a refill is a one-row
+prefill of `[1, P]` inside the loop, which rewrites the row's prompt region (older decode
+slots stay behind the causal horizon until rewritten).
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ from jdistill import sharding as shd
 from jdistill.models.transformer import Cache, init_cache
 
 DEFAULT_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+KEY_SCHEDULES = ("step", "prompt")
 
 
 # --- configuration ---------------------------------------------------------------
@@ -59,6 +68,11 @@ class SamplingParams:
   stop_token_ids: a row stops after emitting any of these (the stop token is kept).
   prompt_buckets: allowed padded prompt lengths (sorted on construction).
   pad_id: filler token of the output layout (and of prompt padding).
+  key_schedule: which key draws generated token t of row b. "step": `fold_in(rng, t)`, one
+    key shared by the batch (b's uniform is row b of it). "prompt":
+    `fold_in(fold_in(rng, b), t)`, so a prompt's draws do not depend on which other prompts
+    share its batch, nor when it is decoded (what continuous batching needs to be
+    comparable with the static loop). Unused when greedy.
   """
 
   max_new_tokens: int = 32
@@ -68,6 +82,7 @@ class SamplingParams:
   stop_token_ids: tuple[int, ...] = ()
   prompt_buckets: tuple[int, ...] = DEFAULT_BUCKETS
   pad_id: int = 0
+  key_schedule: str = "step"
 
   def __post_init__(self):
     object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
@@ -101,6 +116,8 @@ class SamplingParams:
       bad("prompt_buckets", self.prompt_buckets, "a non-empty tuple of positive integers")
     if not _is_int(self.pad_id) or self.pad_id < 0:
       bad("pad_id", self.pad_id, "a token id >= 0")
+    if self.key_schedule not in KEY_SCHEDULES:
+      bad("key_schedule", self.key_schedule, KEY_SCHEDULES)
 
   @property
   def greedy(self) -> bool:
@@ -276,7 +293,7 @@ def filter_logits(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.
 def sample_step(
   logits: jax.Array, key: jax.Array, knobs: Knobs, *, greedy: bool, filtered: bool
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Draws one token per row from f32 logits `[B, V]`.
+  """Draws one token per row from f32 logits `[B, V]` with `key` (one key, or `[B]` keys).
 
   Returns (tokens [B] int32, logprobs [B] under the raw softmax, sampling_logprobs [B]
   under the temperature/top-k/top-p distribution sampled from; 0 when greedy).
@@ -296,8 +313,23 @@ def sample_step(
   return tokens, _pick(raw_logp, tokens), sampling_logp
 
 
+def prompt_keys(rng: jax.Array, prompt_ids: jax.Array, t: jax.Array) -> jax.Array:
+  """The "prompt" key schedule: `fold_in(fold_in(rng, p), t)` per row → `[B]` keys.
+
+  prompt_ids, t: `[B]` int (t broadcasts). A raw uint32 key is wrapped first, so the
+  result is a typed key array either way.
+  """
+  if not jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+    rng = jax.random.wrap_key_data(rng)
+  t = jnp.broadcast_to(t, prompt_ids.shape)
+  return jax.vmap(lambda p, s: jax.random.fold_in(jax.random.fold_in(rng, p), s))(prompt_ids, t)
+
+
 def draw(key: jax.Array, logp: jax.Array) -> jax.Array:
   """One token per row from log-probabilities `[B, V]` (-inf = excluded) → `[B]` int32.
+
+  `key`: one key (row b takes row b of its `[B]` uniforms) or a typed key array `[B]`
+  (row b takes the one uniform of key b).
 
   Inverse CDF: one uniform per row, where Gumbel-max (`jax.random.categorical`) draws V; at
   [16, 32k] on a CPU that is 3x faster with the log-softmax included, 6x at 152k vocab
@@ -307,7 +339,11 @@ def draw(key: jax.Array, logp: jax.Array) -> jax.Array:
   """
   probs = jnp.exp(logp)
   cdf = jnp.cumsum(probs, axis=-1)
-  u = jax.random.uniform(key, (logp.shape[0], 1), jnp.float32) * cdf[:, -1:]
+  if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) and key.ndim == 1:
+    u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(key)[:, None]
+  else:
+    u = jax.random.uniform(key, (logp.shape[0], 1), jnp.float32)
+  u = u * cdf[:, -1:]
   index = jnp.sum(cdf <= u, axis=-1)
   last_allowed = logp.shape[-1] - 1 - jnp.argmax(probs[:, ::-1] > 0, axis=-1)
   return jnp.minimum(index, last_allowed).astype(jnp.int32)
@@ -376,6 +412,31 @@ class _Key(NamedTuple):
   greedy: bool
   filtered: bool
   n_stop: int
+  key_schedule: str
+
+
+class _ContinuousKey(NamedTuple):
+  slots: int
+  prompts: int
+  groups: int
+  bucket: int
+  max_new_tokens: int
+  greedy: bool
+  filtered: bool
+  n_stop: int
+
+
+class LoopStats(NamedTuple):
+  """Work done by `Sampler.generate_continuous` (int32 scalars).
+
+  decode_steps: iterations of the decode loop (one batched token per slot each).
+  prefills: one-row prompt prefills (one per prompt).
+  slot_of_prompt: `[N]` the slot that decoded each prompt.
+  """
+
+  decode_steps: jax.Array
+  prefills: jax.Array
+  slot_of_prompt: jax.Array
 
 
 class Sampler:
@@ -421,7 +482,7 @@ class Sampler:
     self.max_cache_len = max_cache_len
     self.keep_cache = keep_cache
     self.num_compiles = 0
-    self._fns: dict[_Key, tuple] = {}
+    self._fns: dict[_Key | _ContinuousKey, Any] = {}
     self._caches: dict[_Key, Cache] = {}
     self._cfg = None
 
@@ -467,15 +528,22 @@ class Sampler:
       logits = model.logits(hidden[:, -1:])[:, 0]
       return constrain_cache(cache), jax.lax.with_sharding_constraint(logits, b2)
 
-    def decode(state, cache, logits, prompt_left, lengths, rng, knobs):
-      """Samples up to `n_new` tokens; stops early once every row has hit a stop id."""
+    def decode(state, cache, logits, prompt_left, lengths, limits, rng, knobs):
+      """Samples up to `limits` `[B]` (≤ `n_new`) tokens per row; stops early once every row
+      has hit a stop id or its limit."""
       sampler.num_compiles += 1
       model = nnx.merge(graphdef, state)
       _, kv_mask = cache_layout(lengths, bucket, cache_len)
       batch = lengths.shape[0]
-      sample = lambda lg, t: sample_step(
-        lg, jax.random.fold_in(rng, t), knobs, greedy=key.greedy, filtered=key.filtered
-      )
+      rows = jnp.arange(batch, dtype=jnp.int32)
+
+      def sample(lg, t):
+        if key.key_schedule == "prompt":
+          step_key = prompt_keys(rng, rows, t)
+        else:
+          step_key = jax.random.fold_in(rng, t)
+        return sample_step(lg, step_key, knobs, greedy=key.greedy, filtered=key.filtered)
+
       is_stop = lambda tok: jnp.any(tok[:, None] == knobs.stop_ids[None, :], axis=-1)
 
       def record(carry, tok, lp, slp):
@@ -486,12 +554,13 @@ class Sampler:
         toks = toks.at[:, t].set(tok)
         lps = lps.at[:, t].set(jnp.where(live, lp, 0.0))
         slps = slps.at[:, t].set(jnp.where(live, slp, 0.0))
+        count = count + live.astype(jnp.int32)
         return (
           t + 1,
           cache,
           tok,
-          done | (live & is_stop(tok)),
-          count + live.astype(jnp.int32),
+          done | (live & (is_stop(tok) | (count >= limits))),
+          count,
           toks,
           lps,
           slps,
@@ -531,13 +600,139 @@ class Sampler:
       jax.jit(decode, donate_argnums=(1,)),
     )
 
+  def _build_continuous(self, key: _ContinuousKey, cfg):
+    """The one compiled function of `generate_continuous` for this static shape."""
+    bucket, n_new, n_slots, n_prompts = key.bucket, key.max_new_tokens, key.slots, key.prompts
+    cache_len = bucket + n_new
+    cache_sh = self._cache_sharding((n_slots, cache_len, cfg.num_kv_heads, cfg.head_dim))
+    constrain_cache = lambda c: jax.lax.with_sharding_constraint(
+      c, jax.tree.map(lambda _: cache_sh, c)
+    )
+    graphdef, sampler = self.graphdef, self
+
+    def run(state, prompt_left, lengths, limits, order, group_start, group_count, slot_group, rng,
+            knobs):  # fmt: skip
+      """prompt_left `[N, bucket]`, lengths / limits / order `[N]` (order: prompt ids grouped
+      by group, queue order within each), group_start / group_count `[G]`, slot_group `[S]`
+      → (Rollouts `[N, cache_len]`, LoopStats)."""
+      sampler.num_compiles += 1
+      model = nnx.merge(graphdef, state)
+      slot_ids = jnp.arange(n_slots, dtype=jnp.int32)
+      is_stop = lambda tok: jnp.any(tok[:, None] == knobs.stop_ids[None, :], axis=-1)
+
+      def sample(logits, prompt, t):
+        keys = prompt_keys(rng, prompt, t)
+        return sample_step(logits, keys, knobs, greedy=key.greedy, filtered=key.filtered)
+
+      def record(c, live, tok, lp, slp):
+        """Stores each live slot's token as position t of its prompt; frees finished slots."""
+        p, t = c["prompt"], c["t"]
+        row = jnp.where(live, p, n_prompts)  # out of range: dropped
+        out = dict(c)
+        out["toks"] = c["toks"].at[row, t].set(tok, mode="drop")
+        out["lps"] = c["lps"].at[row, t].set(lp, mode="drop")
+        out["slps"] = c["slps"].at[row, t].set(slp, mode="drop")
+        out["count"] = c["count"].at[row].set(t + 1, mode="drop")
+        limit = limits[jnp.clip(p, 0, n_prompts - 1)]
+        finished = live & (is_stop(tok) | (t + 1 >= limit))
+        out["prompt"] = jnp.where(finished, -1, p)
+        out["t"] = jnp.where(live, t + 1, t)
+        out["prev"] = jnp.where(live, tok, c["prev"])
+        return out
+
+      def waiting(c):
+        """`[S]`: the slot is free and its group still has queued prompts."""
+        return (c["prompt"] < 0) & (c["next"][slot_group] < group_count[slot_group])
+
+      def refill_one(c):
+        # One row's prompt is prefilled on its own ([1, bucket]): no padding to a batch of
+        # refills, and the row's cache region is rewritten exactly as a fresh batch would be.
+        r = jnp.argmax(waiting(c)).astype(jnp.int32)
+        g = slot_group[r]
+        p = order[group_start[g] + c["next"][g]]
+        row_cache = jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, r, 1, 0), c["cache"])
+        positions, kv_mask = cache_layout(lengths[p][None], bucket, cache_len)
+        hidden, row_cache = model(
+          prompt_left[p][None], positions, kv_mask=kv_mask, cache=row_cache, cache_index=0
+        )
+        logits = model.logits(hidden[:, -1:])[:, 0]
+        tok, lp, slp = sample(logits, p[None], jnp.zeros((1,), jnp.int32))
+        c = dict(c)
+        c["cache"] = constrain_cache(
+          jax.tree.map(
+            lambda x, y: jax.lax.dynamic_update_slice_in_dim(x, y, r, 0), c["cache"], row_cache
+          )
+        )
+        c["next"] = c["next"].at[g].add(1)
+        c["prefills"] = c["prefills"] + 1
+        c["slot_of"] = c["slot_of"].at[p].set(r)
+        c["prompt"] = c["prompt"].at[r].set(p)
+        c["t"] = c["t"].at[r].set(0)
+        put = lambda x: jnp.zeros((n_slots,), x.dtype).at[r].set(x[0])
+        return record(c, slot_ids == r, put(tok), put(lp), put(slp))
+
+      def refill(c):
+        return jax.lax.while_loop(lambda c: jnp.any(waiting(c)), refill_one, c)
+
+      def one_row(cache_row, tok, pos, kv_mask, slot):
+        """One slot's decode step; vmapped, so each slot writes its own cache slot."""
+        cache_row = jax.tree.map(lambda x: x[None], cache_row)
+        hidden, cache_row = model(
+          tok[None, None], pos[None, None], kv_mask=kv_mask[None], cache=cache_row,
+          cache_index=slot,
+        )  # fmt: skip
+        return model.logits(hidden)[0, 0], jax.tree.map(lambda x: x[0], cache_row)
+
+      def decode(c):
+        live = c["prompt"] >= 0
+        p = jnp.clip(c["prompt"], 0, n_prompts - 1)
+        length, t = lengths[p], c["t"]
+        _, kv_mask = cache_layout(length, bucket, cache_len)
+        # Slot bucket + t - 1 takes the previous token, as in the static loop. A slot left
+        # free (its queue is empty) computes a discarded row: the batch shape is fixed.
+        logits, cache = jax.vmap(one_row)(c["cache"], c["prev"], length + t - 1, kv_mask,
+                                          bucket + t - 1)  # fmt: skip
+        c = dict(c, cache=constrain_cache(cache), steps=c["steps"] + 1)
+        return refill(record(c, live, *sample(logits, p, t)))
+
+      zeros_f = jnp.zeros((n_prompts, n_new), jnp.float32)
+      init = dict(
+        cache=constrain_cache(init_cache(cfg, n_slots, cache_len, sampler.cache_dtype)),
+        prompt=jnp.full((n_slots,), -1, jnp.int32),
+        t=jnp.zeros((n_slots,), jnp.int32),
+        prev=jnp.zeros((n_slots,), jnp.int32),
+        next=jnp.zeros(group_count.shape, jnp.int32),
+        toks=jnp.full((n_prompts, n_new), knobs.pad_id, jnp.int32),
+        lps=zeros_f,
+        slps=zeros_f,
+        count=jnp.zeros((n_prompts,), jnp.int32),
+        steps=jnp.int32(0),
+        prefills=jnp.int32(0),
+        slot_of=jnp.full((n_prompts,), -1, jnp.int32),
+      )
+      c = jax.lax.while_loop(lambda c: jnp.any(c["prompt"] >= 0), decode, refill(init))
+      out = to_right_padded(
+        prompt_left, c["toks"], c["lps"], c["slps"], lengths, c["count"], knobs.pad_id
+      )
+      return out, LoopStats(c["steps"], c["prefills"], c["slot_of"])
+
+    return jax.jit(run)
+
   # -- public --
   def model_config(self, state):
     if self._cfg is None:
       self._cfg = nnx.merge(self.graphdef, state).cfg
     return self._cfg
 
-  def generate(self, state, prompts, rng: jax.Array, params: SamplingParams) -> Rollouts:
+  def generate(
+    self,
+    state,
+    prompts,
+    rng: jax.Array,
+    params: SamplingParams,
+    *,
+    max_new_per_prompt: Sequence[int] | np.ndarray | None = None,
+  ) -> Rollouts:
     """Samples completions for a batch of prompts.
 
     Args:
@@ -545,11 +740,137 @@ class Sampler:
       prompts: a list of token-id lists, or `(tokens [B, P0] right-padded, lengths [B])`;
         the prompt bucket is the smallest one ≥ the padded width P0. With several
         processes each passes its own rows (joined process-major).
-      rng: PRNG key; step t draws with `fold_in(rng, t)` (unused when greedy).
+      rng: PRNG key, drawn from as `params.key_schedule` says (unused when greedy); with
+        "prompt", prompt p is row p of the (global) batch.
       params: SamplingParams.
+      max_new_per_prompt: optional `[B]` ints in [1, max_new_tokens]: row b stops after
+        that many tokens (or at a stop token). Default: max_new_tokens for every row.
     Returns:
       Rollouts with `[B, P + max_new_tokens]` arrays (P = chosen prompt bucket).
     """
+    cfg, tokens, lengths, bucket = self._prepare(state, prompts, params)
+    n_rows = tokens.shape[0]
+    limits = self._limits(max_new_per_prompt, n_rows, params.max_new_tokens)
+    if jax.process_count() > 1:
+      # Each process passes its own rows; they are joined process-major into the global batch.
+      local_dp = self.data_parallel_size() // jax.process_count()
+      if self.data_parallel_size() % jax.process_count() or n_rows % max(local_dp, 1):
+        raise ValueError(
+          f"{n_rows} prompt rows per process do not divide over the "
+          f"{self.data_parallel_size()} data-parallel shards of "
+          f"{jax.process_count()} processes"
+        )
+    else:
+      tokens, lengths = pad_rows(tokens, lengths, self.data_parallel_size(), params.pad_id)
+      # dummy rows stop after one token, so they never hold the loop open
+      limits = np.concatenate([limits, np.ones(tokens.shape[0] - n_rows, np.int32)])
+    left = left_align(tokens, lengths, bucket, params.pad_id)
+    global_rows = left.shape[0] * jax.process_count()
+    key = _Key(
+      global_rows,
+      bucket,
+      params.max_new_tokens,
+      params.greedy,
+      params.filtered,
+      len(params.stop_token_ids),
+      params.key_schedule,
+    )
+    alloc, prefill, decode = self._compiled(key, cfg)
+    cache = self._caches.pop(key, None) or alloc()
+    left_d = jax.make_array_from_process_local_data(self._batch(2), left)
+    lengths_d = jax.make_array_from_process_local_data(self._batch(1), lengths)
+    limits_d = jax.make_array_from_process_local_data(self._batch(1), limits)
+    cache, logits = prefill(state, cache, left_d, lengths_d)
+    cache, out = decode(state, cache, logits, left_d, lengths_d, limits_d, rng, knobs_of(params))
+    if self.keep_cache:
+      self._caches[key] = cache
+    if global_rows != n_rows * jax.process_count():
+      out = jax.tree.map(lambda x: x[:n_rows], out)
+    return out
+
+  def generate_continuous(
+    self,
+    state,
+    prompts,
+    rng: jax.Array,
+    params: SamplingParams,
+    *,
+    slots_per_group: int | Sequence[int],
+    groups: Sequence[int] | np.ndarray | None = None,
+    max_new_per_prompt: Sequence[int] | np.ndarray | None = None,
+  ) -> tuple[Rollouts, LoopStats]:
+    """Samples every prompt with a fixed number of decode slots (continuous batching).
+
+    Each group (a teacher) owns `slots_per_group[g]` slots and a queue of its prompts in
+    their given order. One compiled `lax.while_loop` decodes all slots together; when a
+    slot's row emits a stop token or reaches its limit, the next queued prompt of the
+    slot's group is prefilled into that slot's KV cache (a one-row prefill inside the
+    loop) and the slot decodes on, until every prompt is done. Rows that finish early thus
+    stop costing: the loop runs about `sum(lengths) / slots` steps, not `max(lengths)` per
+    batch.
+
+    Draws follow the "prompt" key schedule (prompt p = its index in `prompts`), so with the
+    same rng each prompt gets the tokens `generate` gives it with
+    `key_schedule="prompt"`, whatever the slot count or queue order. `params.key_schedule`
+    must therefore be "prompt".
+
+    Args:
+      state, prompts, params, max_new_per_prompt: as for `generate` (`N` prompts).
+      rng: PRNG key; token t of prompt p draws with `fold_in(fold_in(rng, p), t)`.
+      slots_per_group: decode slots per group (an int: the same for every group), each ≥ 1.
+      groups: `[N]` group index in [0, G) of each prompt (default: one group).
+    Returns:
+      (Rollouts `[N, P + max_new_tokens]` in the order of `prompts`, LoopStats).
+    """
+    if not isinstance(params, SamplingParams):
+      raise ValueError(f"params: expected SamplingParams, got {type(params).__name__}")
+    if params.key_schedule != "prompt":
+      raise ValueError(
+        "generate_continuous draws with the per-prompt key schedule; pass SamplingParams("
+        f"key_schedule='prompt') (got {params.key_schedule!r})"
+      )
+    if jax.process_count() > 1:
+      raise ValueError("generate_continuous runs on one process only")
+    cfg, tokens, lengths, bucket = self._prepare(state, prompts, params)
+    n = tokens.shape[0]
+    limits = self._limits(max_new_per_prompt, n, params.max_new_tokens)
+    groups = np.zeros((n,), np.int64) if groups is None else np.asarray(groups)
+    if groups.shape != (n,) or not np.issubdtype(groups.dtype, np.integer) or groups.min() < 0:
+      raise ValueError(f"groups: expected {n} group indices >= 0, one per prompt")
+    n_groups = int(groups.max()) + 1
+    if _is_int(slots_per_group):
+      slots_per_group = [slots_per_group] * n_groups
+    slots = np.asarray(slots_per_group)
+    if (
+      slots.shape != (n_groups,) or not np.issubdtype(slots.dtype, np.integer) or np.any(slots < 1)
+    ):
+      raise ValueError(
+        f"slots_per_group: expected an int or {n_groups} ints >= 1 (one per group); got "
+        f"{slots_per_group!r}"
+      )
+    order = np.argsort(groups, kind="stable").astype(np.int32)
+    count = np.bincount(groups, minlength=n_groups).astype(np.int32)
+    start = (np.cumsum(count) - count).astype(np.int32)
+    slot_group = np.repeat(np.arange(n_groups, dtype=np.int32), slots)
+    left = left_align(tokens, lengths, bucket, params.pad_id)
+    key = _ContinuousKey(
+      len(slot_group),
+      n,
+      n_groups,
+      bucket,
+      params.max_new_tokens,
+      params.greedy,
+      params.filtered,
+      len(params.stop_token_ids),
+    )
+    if key not in self._fns:
+      self._fns[key] = self._build_continuous(key, cfg)
+    return self._fns[key](
+      state, left, lengths, limits, order, start, count, slot_group, rng, knobs_of(params)
+    )
+
+  def _prepare(self, state, prompts, params: SamplingParams):
+    """Validates a call → (model cfg, tokens `[B, P0]`, lengths `[B]`, prompt bucket)."""
     if not isinstance(params, SamplingParams):
       raise ValueError(f"params: expected SamplingParams, got {type(params).__name__}")
     cfg = self.model_config(state)
@@ -565,39 +886,25 @@ class Sampler:
         f"{cache_len} cache slots exceed the cache limit max_cache_len="
         f"{self.max_cache_len}"
       )
-    n_rows = tokens.shape[0]
-    if jax.process_count() > 1:
-      # Each process passes its own rows; they are joined process-major into the global batch.
-      local_dp = self.data_parallel_size() // jax.process_count()
-      if self.data_parallel_size() % jax.process_count() or n_rows % max(local_dp, 1):
-        raise ValueError(
-          f"{n_rows} prompt rows per process do not divide over the "
-          f"{self.data_parallel_size()} data-parallel shards of "
-          f"{jax.process_count()} processes"
-        )
-    else:
-      tokens, lengths = pad_rows(tokens, lengths, self.data_parallel_size(), params.pad_id)
-    left = left_align(tokens, lengths, bucket, params.pad_id)
-    global_rows = left.shape[0] * jax.process_count()
-    key = _Key(
-      global_rows,
-      bucket,
-      params.max_new_tokens,
-      params.greedy,
-      params.filtered,
-      len(params.stop_token_ids),
-    )
-    alloc, prefill, decode = self._compiled(key, cfg)
-    cache = self._caches.pop(key, None) or alloc()
-    left_d = jax.make_array_from_process_local_data(self._batch(2), left)
-    lengths_d = jax.make_array_from_process_local_data(self._batch(1), lengths)
-    cache, logits = prefill(state, cache, left_d, lengths_d)
-    cache, out = decode(state, cache, logits, left_d, lengths_d, rng, knobs_of(params))
-    if self.keep_cache:
-      self._caches[key] = cache
-    if global_rows != n_rows * jax.process_count():
-      out = jax.tree.map(lambda x: x[:n_rows], out)
-    return out
+    return cfg, tokens, lengths, bucket
+
+  @staticmethod
+  def _limits(max_new_per_prompt, n_rows: int, max_new_tokens: int) -> np.ndarray:
+    """Per-row token limits `[B]` int32 (default: max_new_tokens each)."""
+    if max_new_per_prompt is None:
+      return np.full((n_rows,), max_new_tokens, np.int32)
+    limits = np.asarray(max_new_per_prompt)
+    if (
+      limits.shape != (n_rows,)
+      or not np.issubdtype(limits.dtype, np.integer)
+      or np.any(limits < 1)
+      or np.any(limits > max_new_tokens)
+    ):
+      raise ValueError(
+        f"max_new_per_prompt: expected {n_rows} integers in [1, {max_new_tokens}] "
+        f"(max_new_tokens), one per prompt; got {limits.tolist()}"
+      )
+    return limits.astype(np.int32)
 
   @staticmethod
   def _check_ids(tokens: np.ndarray, lengths: np.ndarray, params: SamplingParams, vocab: int):

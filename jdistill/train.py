@@ -175,9 +175,23 @@ class Trainer(TrainingStage):
     return jax.random.fold_in(self.rng, step)
 
   def rollouts(self, prompts: dict, rng) -> dict:
-    """Student rollouts on a prompt batch → the train step's batch (right-padded)."""
+    """Student rollouts on a prompt batch → the train step's batch (right-padded).
+
+    With `sampling.continuous_slots`, each teacher's rows share that many refilling decode
+    slots (continuous batching); the batch layout is the same."""
     prompt = (prompts["prompt_tokens"], prompts["prompt_lengths"])
-    out = self.sampler.generate(self.state["params"], prompt, rng, self.sampling)
+    slots = self.config.sampling.continuous_slots
+    if slots:
+      out, _ = self.sampler.generate_continuous(
+        self.state["params"],
+        prompt,
+        rng,
+        dataclasses.replace(self.sampling, key_schedule="prompt"),
+        slots_per_group=slots,
+        groups=prompts["teacher_index"],
+      )
+    else:
+      out = self.sampler.generate(self.state["params"], prompt, rng, self.sampling)
     return ts.rollout_batch(out, self.batch_shardings)
 
   def train_one(self, diagnostics: bool = True) -> dict:

@@ -50,6 +50,7 @@ class ModelConfig:
   param_dtype: str = "float32"
   dtype: str = "float32"
   remat: bool = False
+  attention_chunk: int = 0  # > 0: cache-less attention in blocks of this many queries
   num_experts: int = 0
   num_experts_per_tok: int = 0
   moe_intermediate_size: int = 0
@@ -113,6 +114,8 @@ class ModelConfig:
         if key not in rope:
           raise ValueError(f"ModelConfig.rope_scaling: rope_type={rope_type!r} needs {key!r}")
 
+    if not isinstance(self.attention_chunk, int) or self.attention_chunk < 0:
+      bad("attention_chunk", self.attention_chunk, "an integer >= 0 (0: one block)")
     self._validate_moe(bad)
 
   def _validate_moe(self, bad) -> None:

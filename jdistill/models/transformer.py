@@ -130,19 +130,59 @@ class Attention(nnx.Module):
       new_cache = {"k": k_all, "v": v_all}
       k, v = k_all.astype(dt), v_all.astype(dt)
 
-    b, s = k.shape[0], k.shape[1]
+    b = k.shape[0]
     groups = cfg.num_heads // cfg.num_kv_heads
     q = q.reshape(b, seq, cfg.num_kv_heads, groups, cfg.head_dim)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = scores * (cfg.head_dim**-0.5)
-    query_slot = start + jnp.arange(seq)[:, None]
-    causal = jnp.arange(s)[None, :] <= query_slot  # [T, S]
     key_mask = kv_mask[:, None, :] if kv_mask.ndim == 2 else kv_mask  # [B, 1 or T, S]
-    mask = causal[None] & key_mask.astype(bool)  # [B, T, S]
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, seq, cfg.num_heads, cfg.head_dim)
+    chunk = cfg.attention_chunk
+    if chunk and layer_cache is None and seq > chunk:
+      out = _chunked_attention(q, k, v, key_mask, chunk)
+    else:
+      out = _attention(q, k, v, key_mask, start + jnp.arange(seq))
+    out = out.reshape(b, seq, cfg.num_heads, cfg.head_dim)
     return jnp.einsum("bthk,hkd->btd", out, self.o_proj[...].astype(dt)), new_cache
+
+
+def _attention(q, k, v, key_mask, query_slot):
+  """Causal grouped-query attention with materialised scores.
+
+  q: `[B, T, kv_heads, groups, Dh]`; k, v: `[B, S, kv_heads, Dh]`; key_mask: `[B, 1 or T, S]`;
+  query_slot: `[T]`, the cache slot of each query. Returns `[B, T, kv_heads, groups, Dh]`.
+  """
+  dt = q.dtype
+  scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+  scores = scores * (q.shape[-1] ** -0.5)
+  causal = jnp.arange(k.shape[1])[None, :] <= query_slot[:, None]  # [T, S]
+  mask = causal[None] & key_mask.astype(bool)  # [B, T, S]
+  scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+  return jnp.einsum("bkgts,bskd->btkgd", probs, v)
+
+
+def _chunked_attention(q, k, v, key_mask, chunk: int):
+  """`_attention` of a cache-less forward, one block of `chunk` queries at a time.
+
+  Only one block's `[B, kv_heads, groups, chunk, S]` scores are live, and each block is
+  rematerialised in the backward pass, so attention memory grows with T·chunk instead of
+  T² (the part of flash attention that matters for memory; the scores are still exact).
+  """
+  b, t = q.shape[:2]
+  n = -(-t // chunk)
+  pad = n * chunk - t  # padded queries attend like the last ones and are dropped
+  q = jnp.pad(q, [(0, 0), (0, pad)] + [(0, 0)] * (q.ndim - 2))
+  q_blocks = jnp.moveaxis(q.reshape(b, n, chunk, *q.shape[2:]), 1, 0)
+  mask_blocks = None
+  if key_mask.shape[1] != 1:  # a mask per query (packed rows): blocked like the queries
+    key_mask = jnp.pad(key_mask, [(0, 0), (0, pad), (0, 0)], mode="edge")
+    mask_blocks = jnp.moveaxis(key_mask.reshape(b, n, chunk, -1), 1, 0)
+
+  @jax.checkpoint
+  def block(i, q_block, mask_block):
+    slots = i * chunk + jnp.arange(chunk)
+    return _attention(q_block, k, v, key_mask if mask_block is None else mask_block, slots)
+
+  out = jax.lax.map(lambda a: block(*a), (jnp.arange(n), q_blocks, mask_blocks))
+  return jnp.moveaxis(out, 0, 1).reshape(q.shape)[:, :t]
 
 
 class MLP(nnx.Module):

@@ -10,6 +10,16 @@ import jax.numpy as jnp
 MODEL_TYPES = ("llama", "qwen2", "qwen3")
 DTYPES = ("float32", "bfloat16", "float16")
 ROPE_TYPES = ("default", "linear", "llama3")
+# Names of `ModelConfig.remat_policy`; `transformer.checkpoint_policy` maps them to jax policies.
+REMAT_POLICIES = (
+  "none",
+  "full",
+  "dots_saveable",
+  "dots_with_no_batch_dims_saveable",
+  "save_qkv_proj",
+)
+# `scan_layers=None` (auto) scans models with at least this many layers.
+SCAN_MIN_LAYERS = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,6 +30,14 @@ class ModelConfig:
   matmuls and activations (softmax, norms and logits are always float32).
   `rope_scaling` is a tuple of (key, value) pairs so the config stays hashable
   (it is a static argument of jitted functions).
+
+  `scan_layers`: stack the blocks' params on a leading `layers` axis and run them under
+  `jax.lax.scan` (one block compiled instead of `num_layers`). `None` (auto) is resolved
+  once, in `__post_init__`, to `num_layers >= SCAN_MIN_LAYERS`, so the stored value is a
+  bool and `model_config.json` records the layout. `remat_policy`: what each block keeps for
+  the backward pass (`none`: everything, no remat; `full`: nothing, recompute the block;
+  `dots_saveable` / `dots_with_no_batch_dims_saveable`: the matmul outputs (the jax
+  policies of those names); `save_qkv_proj`: only the q/k/v projections).
   """
 
   model_type: str = "llama"
@@ -39,10 +57,13 @@ class ModelConfig:
   qk_norm: bool = False
   param_dtype: str = "float32"
   dtype: str = "float32"
-  remat: bool = False
+  scan_layers: bool | None = None
+  remat_policy: str = "none"
 
   def __post_init__(self):
     self.validate()
+    if self.scan_layers is None:
+      object.__setattr__(self, "scan_layers", self.num_layers >= SCAN_MIN_LAYERS)
 
   def validate(self) -> None:
     def bad(field, value, allowed):
@@ -75,6 +96,10 @@ class ModelConfig:
     for name in ("param_dtype", "dtype"):
       if getattr(self, name) not in DTYPES:
         bad(name, getattr(self, name), DTYPES)
+    if not (self.scan_layers is None or isinstance(self.scan_layers, bool)):
+      bad("scan_layers", self.scan_layers, f"None (auto: from {SCAN_MIN_LAYERS} layers) or a bool")
+    if self.remat_policy not in REMAT_POLICIES:
+      bad("remat_policy", self.remat_policy, REMAT_POLICIES)
     rope = self.rope_dict
     if rope is not None:
       rope_type = rope.get("rope_type", "default")

@@ -18,7 +18,7 @@ def get_config():
   c.output_dir = "runs/opd_ultra"
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
   c.student.dtype = "bfloat16"
-  c.student.remat = True
+  c.student.remat_policy = "full"
   c.teachers = ml_collections.ConfigDict(
     {
       "reasoning": teacher_config(domains="math,science,code", loss="sampled_token"),

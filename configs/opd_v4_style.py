@@ -17,7 +17,7 @@ def get_config():
   c.output_dir = "runs/opd_v4"
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
   c.student.dtype = "bfloat16"
-  c.student.remat = True
+  c.student.remat_policy = "full"
   c.teachers = ml_collections.ConfigDict(
     {
       "math": teacher_config(domains="math", loss="reverse_kl", weight=1.0),

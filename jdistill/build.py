@@ -44,13 +44,22 @@ def tokenizer(config):
   return load_tokenizer(config.tokenizer or config.student.path)
 
 
-def load_model(path: str, mesh, *, param_dtype: str, dtype: str, remat: bool = False):
-  """An HF directory or a jdistill checkpoint directory → a sharded Transformer."""
+def load_model(
+  path: str,
+  mesh,
+  *,
+  param_dtype: str,
+  dtype: str,
+  scan_layers: bool | None = None,
+  remat_policy: str = "none",
+):
+  """An HF directory or a jdistill checkpoint directory → a sharded Transformer
+  (`scan_layers` None: scanned from `models.config.SCAN_MIN_LAYERS` layers)."""
+  kw = dict(param_dtype=param_dtype, dtype=dtype, scan_layers=scan_layers)
+  kw["remat_policy"] = remat_policy
   if ckpt.is_checkpoint_dir(path):
-    return ckpt.load_model_from_checkpoint(
-      path, mesh, param_dtype=param_dtype, dtype=dtype, remat=remat
-    )
-  return hf.from_hf(path, mesh, param_dtype=param_dtype, dtype=dtype, remat=remat)
+    return ckpt.load_model_from_checkpoint(path, mesh, **kw)
+  return hf.from_hf(path, mesh, **kw)
 
 
 @dataclasses.dataclass
@@ -65,7 +74,14 @@ class Student:
 
 def student(config, mesh) -> Student:
   s = config.student
-  model = load_model(s.path, mesh, param_dtype=s.param_dtype, dtype=s.dtype, remat=s.remat)
+  model = load_model(
+    s.path,
+    mesh,
+    param_dtype=s.param_dtype,
+    dtype=s.dtype,
+    scan_layers=s.scan_layers,
+    remat_policy=s.remat_policy,
+  )
   graphdef, params = nnx.split(model)
   return Student(graphdef, params, model.cfg)
 
@@ -142,7 +158,9 @@ def teachers(config, mesh, vocab_size: int, rows_per_teacher: int | None = None)
   graphdefs, states, specs, streamed = {}, {}, [], []
   for i, name in enumerate(names):
     t = config.teachers[name]
-    model = load_model(t.path, mesh, param_dtype=t.param_dtype, dtype=t.param_dtype)
+    model = load_model(
+      t.path, mesh, param_dtype=t.param_dtype, dtype=t.param_dtype, scan_layers=t.scan_layers
+    )
     if model.cfg.vocab_size != vocab_size:
       raise ValueError(
         f"config.teachers.{name}: vocab_size {model.cfg.vocab_size} differs from the "

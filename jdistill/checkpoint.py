@@ -30,10 +30,26 @@ from flax import nnx
 
 from jdistill import sharding as shd
 from jdistill.models import ModelConfig, Transformer
+from jdistill.models.transformer import stack_layers, unstack_layers
 
 MODEL_CONFIG = "model_config.json"
-# Fields that may differ between a checkpoint and the model it is restored into.
-_NON_ARCHITECTURE = ("param_dtype", "dtype", "remat")
+# Fields that may differ between a checkpoint and the model it is restored into (`remat`:
+# the bool that `remat_policy` replaced, still in older model_config.json files).
+_NON_ARCHITECTURE = ("param_dtype", "dtype", "remat", "remat_policy", "scan_layers")
+
+
+def saved_scan_layers(fields: dict) -> bool:
+  """The layer layout of a saved `model_config.json` (files older than `scan_layers`: unrolled)."""
+  return bool(fields.get("scan_layers") or False)
+
+
+def _layout_error(directory: str, saved: bool) -> ValueError:
+  return ValueError(
+    f"{directory} holds checkpoints of a model with scan_layers={saved} (layer parameters "
+    f"{'stacked on a leading layers axis' if saved else 'one per layer'}), this model has "
+    f"scan_layers={not saved}; set config.student.scan_layers={saved} to resume them, or use "
+    "another config.checkpoint.dir"
+  )
 
 
 class CorruptCheckpoint(Exception):
@@ -92,6 +108,8 @@ class Checkpointer:
     if os.path.exists(path):
       with open(path) as f:
         saved = json.load(f)
+      if saved_scan_layers(saved) != cfg.scan_layers:
+        raise _layout_error(self.directory, saved_scan_layers(saved))
       differ = sorted(
         k
         for k in set(saved) | set(new)
@@ -184,31 +202,49 @@ def load_model_from_checkpoint(
   *,
   param_dtype=None,
   dtype=None,
-  remat: bool = False,
+  scan_layers: bool | None = None,
+  remat_policy: str = "none",
   step: int | None = None,
 ) -> Transformer:
-  """A Transformer from a jdistill checkpoint directory (params only), e.g. as a teacher."""
+  """A Transformer from a jdistill checkpoint directory (params only), e.g. as a teacher.
+
+  The params are restored in the layout they were saved in and converted (stacked or
+  unstacked) when `scan_layers` (None: auto by depth) asks for the other one."""
   with open(os.path.join(path, MODEL_CONFIG)) as f:
     fields = json.load(f)
   if fields.get("rope_scaling") is not None:
     fields["rope_scaling"] = tuple(tuple(kv) for kv in fields["rope_scaling"])
-  cfg = ModelConfig(**fields)
-  cfg = cfg.replace(
-    param_dtype=param_dtype or cfg.param_dtype, dtype=dtype or cfg.dtype, remat=remat
+  fields.pop("remat", None)
+  fields["scan_layers"] = saved_scan_layers(fields)
+  saved_cfg = ModelConfig(**fields).replace(
+    param_dtype=param_dtype or fields["param_dtype"],
+    dtype=dtype or fields["dtype"],
+    remat_policy=remat_policy,
   )
+  cfg = saved_cfg.replace(scan_layers=scan_layers)  # None is resolved again, by depth
   manager = ocp.CheckpointManager(os.path.abspath(path))
   step = manager.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"{path}: no checkpoint steps")
   # orbax casts to the abstract target's dtype (e.g. an f32 student saved, a bf16 teacher loaded)
   graphdef, abstract = shd.abstract_sharded_state(
-    lambda: Transformer(cfg, nnx.Rngs(0)), mesh, rules
+    lambda: Transformer(saved_cfg, nnx.Rngs(0)), mesh, rules
   )
   params = manager.restore(
     step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract))
   )["params"]
   manager.close()
-  return nnx.merge(graphdef, params)
+  if cfg.scan_layers == saved_cfg.scan_layers:
+    return nnx.merge(graphdef, params)
+  params = stack_layers(params) if cfg.scan_layers else unstack_layers(params)
+  graphdef, target = shd.abstract_sharded_state(lambda: Transformer(cfg, nnx.Rngs(0)), mesh, rules)
+  placed = jax.tree.map(
+    lambda v, t: v.replace(jax.device_put(v.get_value(), t.get_value().sharding)),
+    params,
+    target,
+    is_leaf=lambda x: isinstance(x, nnx.Variable),
+  )
+  return nnx.merge(graphdef, placed)
 
 
 def _jsonable(value):
@@ -280,6 +316,13 @@ def restore_train_state(checkpointer: Checkpointer, state: dict, step: int | Non
   With `step`: exactly that step (a CorruptCheckpoint if it does not verify), and the
   steps after it are set aside, so the run branches from it.
   """
+  config_file = os.path.join(checkpointer.directory, MODEL_CONFIG)
+  if os.path.exists(config_file):
+    # a tree of the other layout fails in orbax like a corrupt step, which would be set aside
+    with open(config_file) as f:
+      saved = saved_scan_layers(json.load(f))
+    if saved != ("block" in state["params"]["layers"]):
+      raise _layout_error(checkpointer.directory, saved)
   steps = sorted(checkpointer.all_steps(), reverse=True)
   if step is not None:
     if step not in steps:

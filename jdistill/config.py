@@ -14,6 +14,7 @@ Teachers are `config.teachers.<name>` entries, run in sorted name order:
   placement   resident (on the mesh beside the student) | streamed (params in host memory,
               brought onto the mesh one teacher at a time; see jdistill/streaming.py)
   hidden_dtype dtype of a streamed teacher's cached hidden states (bfloat16 by default)
+  scan_layers None (auto: from 8 layers), True or False: run the layers under scan
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import math
 import ml_collections as mlc
 
 from jdistill import losses
+from jdistill.models.config import REMAT_POLICIES, SCAN_MIN_LAYERS
 
 LOSSES = (
   "sampled_token",
@@ -54,6 +56,7 @@ def teacher_config(
   param_dtype: str = "bfloat16",
   placement: str = "resident",
   hidden_dtype: str = "bfloat16",
+  scan_layers: bool | None = None,
 ) -> mlc.ConfigDict:
   return mlc.ConfigDict(
     dict(
@@ -64,6 +67,7 @@ def teacher_config(
       param_dtype=param_dtype,
       placement=placement,
       hidden_dtype=hidden_dtype,
+      scan_layers=scan_layers,
     )
   )
 
@@ -77,7 +81,15 @@ def base_config() -> mlc.ConfigDict:
   c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   c.num_devices = 0  # 0: all devices; n: the first n (e.g. to compare against one device)
 
-  c.student = mlc.ConfigDict(dict(path="", param_dtype="float32", dtype="float32", remat=False))
+  c.student = mlc.ConfigDict(
+    dict(
+      path="",
+      param_dtype="float32",
+      dtype="float32",
+      scan_layers=None,  # None: auto (scanned from 8 layers) | True | False
+      remat_policy="none",  # see REMAT_POLICIES
+    )
+  )
   c.teachers = mlc.ConfigDict()
   c.stack_teachers = True  # teachers of one architecture run as one vmapped forward
   c.tokenizer = ""  # HF tokenizer dir (default: the student's directory)
@@ -226,6 +238,14 @@ def _check_choice(config, field: str, allowed) -> None:
     _fail(field, node, list(allowed))
 
 
+def _check_scan_layers(config, field: str) -> None:
+  node = config
+  for part in field.split("."):
+    node = node[part]
+  if not (node is None or isinstance(node, bool)):
+    _fail(field, node, f"None (auto: scanned from {SCAN_MIN_LAYERS} layers), True or False")
+
+
 def _check_positive(config, field: str, allow_zero: bool = False) -> None:
   node = config
   for part in field.split("."):
@@ -320,6 +340,8 @@ def validate(config) -> None:
   _check_choice(config, "optimizer.schedule", SCHEDULES)
   _check_choice(config, "student.param_dtype", DTYPES)
   _check_choice(config, "student.dtype", DTYPES)
+  _check_choice(config, "student.remat_policy", REMAT_POLICIES)
+  _check_scan_layers(config, "student.scan_layers")
   for field in (
     "data.max_prompt_len",
     "data.slots_per_teacher",
@@ -485,9 +507,11 @@ def _validate_teachers(config) -> None:
   owner: dict[str, str] = {}
   for name, domains in teacher_domains(config).items():
     t = config.teachers[name]
-    for key in ("path", "domains", "loss", "weight", "param_dtype"):
+    keys = ("path", "domains", "loss", "weight", "param_dtype", "scan_layers")
+    for key in keys:
       if key not in t:
-        _fail(f"teachers.{name}", dict(t), "fields path, domains, loss, weight, param_dtype")
+        _fail(f"teachers.{name}", dict(t), f"fields {', '.join(keys)}")
+    _check_scan_layers(config, f"teachers.{name}.scan_layers")
     if not t.path:
       _fail(f"teachers.{name}.path", t.path, "a Hugging Face or orbax directory")
     if t.loss not in LOSSES:

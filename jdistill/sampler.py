@@ -43,7 +43,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from jdistill import sharding as shd
-from jdistill.models.transformer import Cache, init_cache
+from jdistill.models.transformer import Cache, cache_logical_axes, init_cache
 
 DEFAULT_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 KEY_SCHEDULES = ("step", "prompt")
@@ -493,10 +493,8 @@ class Sampler:
   def _batch(self, ndim: int) -> NamedSharding:
     return shd.batch_sharding(self.mesh, ndim, self.rules)
 
-  def _cache_sharding(self, shape) -> NamedSharding:
-    spec = shd.logical_to_spec(
-      ("batch", None, "kv_heads", "head_dim"), shape, self.mesh, self.rules
-    )
+  def _cache_sharding(self, cfg, shape) -> NamedSharding:
+    spec = shd.logical_to_spec(cache_logical_axes(cfg), shape, self.mesh, self.rules)
     return NamedSharding(self.mesh, spec)
 
   # -- compiled pieces --
@@ -508,8 +506,8 @@ class Sampler:
   def _build(self, key: _Key, cfg) -> tuple:
     bucket, n_new = key.bucket, key.max_new_tokens
     cache_len = bucket + n_new
-    cache_shape = (key.batch, cache_len, cfg.num_kv_heads, cfg.head_dim)
-    cache_sh = self._cache_sharding(cache_shape)
+    cache_shape = jax.tree.leaves(jax.eval_shape(lambda: init_cache(cfg, key.batch, cache_len)))[0]
+    cache_sh = self._cache_sharding(cfg, cache_shape.shape)
     constrain_cache = lambda c: jax.lax.with_sharding_constraint(
       c, jax.tree.map(lambda _: cache_sh, c)
     )

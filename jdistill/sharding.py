@@ -37,6 +37,7 @@ DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
   ("head_dim", None),
   ("norm", None),
   ("seq", None),
+  ("layers", None),  # the stacked axis of scanned layers: every device holds every layer
 )
 
 

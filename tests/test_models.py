@@ -159,12 +159,12 @@ def test_bf16_compute_f32_params_and_remat(tmp_path):
   torch_model.save_pretrained(str(tmp_path))
   tokens, mask, positions = _padded_batch()
   f32 = _jd_logits(hf.from_hf(str(tmp_path)), tokens, mask, positions)
-  bf16 = hf.from_hf(str(tmp_path), dtype="bfloat16", remat=True)
+  bf16 = hf.from_hf(str(tmp_path), dtype="bfloat16", remat_policy="full")
   assert nnx.state(bf16, nnx.Param)["embed"].get_value().dtype == jnp.float32
   out = _jd_logits(bf16, tokens, mask, positions)
   assert out.dtype == np.float32
   assert np.abs(out - f32)[mask].max() < 0.05
-  remat = _jd_logits(hf.from_hf(str(tmp_path), remat=True), tokens, mask, positions)
+  remat = _jd_logits(hf.from_hf(str(tmp_path), remat_policy="full"), tokens, mask, positions)
   np.testing.assert_allclose(remat, f32, atol=1e-6)
 
 

@@ -326,7 +326,7 @@ def test_aux_losses_match_transformers(qwen3_moe):
 
 def test_train_step_adds_and_logs_router_losses(qwen3_moe):
   _, path = qwen3_moe
-  student = hf.from_hf(path, remat=True)  # the sown logits also come out of nnx.remat
+  student = hf.from_hf(path, remat_policy="full")  # the sown logits also come out of nnx.remat
   teacher = Transformer(
     ModelConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_layers=1),
     nnx.Rngs(1),
@@ -393,3 +393,37 @@ def test_greedy_matches_transformers(qwen3_moe):
         pad_token_id=0,
       )
     np.testing.assert_array_equal(np.asarray(out.tokens[b, : len(prompt) + new]), ref[0].numpy())
+
+
+def test_scanned_moe_equals_unrolled_with_router_losses():
+  """All-sparse layers scan; the router logits sown inside the scan reach the losses."""
+  from jdistill.models.transformer import stack_layers
+
+  cfg = ModelConfig(
+    model_type="qwen3_moe", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=3,
+    num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True, num_experts=4, num_experts_per_tok=2,
+    moe_intermediate_size=16, router_aux_loss_coef=0.01, router_z_loss_coef=0.001,
+    scan_layers=False, remat_policy="full",
+  )  # fmt: skip
+  graphdef, state = nnx.split(Transformer(cfg, nnx.Rngs(0)))
+  scanned_graphdef = nnx.split(Transformer(cfg.replace(scan_layers=True), nnx.Rngs(0)))[0]
+  tokens = jax.random.randint(jax.random.key(1), (2, 9), 0, cfg.vocab_size)
+
+  def loss(state, graphdef):
+    hidden, _, aux = moe.forward_with_aux_losses(nnx.merge(graphdef, state), tokens)
+    return jnp.sum(hidden * hidden) + moe.weighted_aux_loss(aux, cfg), aux
+
+  (ref, aux_ref), g_ref = jax.value_and_grad(loss, has_aux=True)(state, graphdef)
+  (val, aux), g = jax.value_and_grad(loss, has_aux=True)(stack_layers(state), scanned_graphdef)
+  assert set(aux) == {"router_aux_loss", "router_z_loss"}
+  for k in aux:
+    np.testing.assert_allclose(aux[k], aux_ref[k], rtol=1e-6)
+  np.testing.assert_allclose(val, ref, rtol=1e-6)
+  scale = max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(g_ref))
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, atol=4e-6 * scale), stack_layers(g_ref), g
+  )
+  mixed = dict(decoder_sparse_step=2, num_layers=8)
+  assert cfg.replace(scan_layers=None, **mixed).scan_layers is False  # auto: two kinds
+  with pytest.raises(ValueError, match="scan_layers=True.*two kinds"):
+    cfg.replace(scan_layers=True, **mixed)

@@ -12,6 +12,16 @@ MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
 DTYPES = ("float32", "bfloat16", "float16")
 ROPE_TYPES = ("default", "linear", "llama3")
 MOE_DISPATCHES = ("ragged", "dense")
+# Names of `ModelConfig.remat_policy`; `transformer.checkpoint_policy` maps them to jax policies.
+REMAT_POLICIES = (
+  "none",
+  "full",
+  "dots_saveable",
+  "dots_with_no_batch_dims_saveable",
+  "save_qkv_proj",
+)
+# `scan_layers=None` (auto) scans models with at least this many layers.
+SCAN_MIN_LAYERS = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +40,14 @@ class ModelConfig:
   sigmoid-gated shared expert. `moe_dispatch="dense"` runs every expert on every token
   (a reference for tests). The router coefficients weight the optional training losses
   (`jdistill.models.moe.aux_losses`); 0 turns them off.
+
+  `scan_layers`: stack the blocks' params on a leading `layers` axis and run them under
+  `jax.lax.scan` (one block compiled instead of `num_layers`). `None` (auto) is resolved
+  once, in `__post_init__`, to `num_layers >= SCAN_MIN_LAYERS`, so the stored value is a
+  bool and `model_config.json` records the layout. `remat_policy`: what each block keeps for
+  the backward pass (`none`: everything, no remat; `full`: nothing, recompute the block;
+  `dots_saveable` / `dots_with_no_batch_dims_saveable`: the matmul outputs (the jax
+  policies of those names); `save_qkv_proj`: only the q/k/v projections).
   """
 
   model_type: str = "llama"
@@ -49,7 +67,6 @@ class ModelConfig:
   qk_norm: bool = False
   param_dtype: str = "float32"
   dtype: str = "float32"
-  remat: bool = False
   attention_chunk: int = 0  # > 0: cache-less attention in blocks of this many queries
   num_experts: int = 0
   num_experts_per_tok: int = 0
@@ -61,9 +78,20 @@ class ModelConfig:
   moe_dispatch: str = "ragged"
   router_aux_loss_coef: float = 0.0
   router_z_loss_coef: float = 0.0
+  scan_layers: bool | None = None
+  remat_policy: str = "none"
 
   def __post_init__(self):
     self.validate()
+    if self.scan_layers is None:
+      auto = self.num_layers >= SCAN_MIN_LAYERS and self.uniform_layers
+      object.__setattr__(self, "scan_layers", auto)
+    elif self.scan_layers and not self.uniform_layers:
+      raise ValueError(
+        f"ModelConfig.scan_layers=True is invalid with layers of two kinds (mlp_only_layers="
+        f"{self.mlp_only_layers}, decoder_sparse_step={self.decoder_sparse_step}): one scan "
+        "runs identical blocks; allowed: False or None (auto)"
+      )
 
   def validate(self) -> None:
     def bad(field, value, allowed):
@@ -96,6 +124,10 @@ class ModelConfig:
     for name in ("param_dtype", "dtype"):
       if getattr(self, name) not in DTYPES:
         bad(name, getattr(self, name), DTYPES)
+    if not (self.scan_layers is None or isinstance(self.scan_layers, bool)):
+      bad("scan_layers", self.scan_layers, f"None (auto: from {SCAN_MIN_LAYERS} layers) or a bool")
+    if self.remat_policy not in REMAT_POLICIES:
+      bad("remat_policy", self.remat_policy, REMAT_POLICIES)
     rope = self.rope_dict
     if rope is not None:
       rope_type = rope.get("rope_type", "default")
@@ -144,6 +176,11 @@ class ModelConfig:
     shared = self.shared_expert_intermediate_size
     if not isinstance(shared, int) or shared < 0:
       bad("shared_expert_intermediate_size", shared, "an integer >= 0")
+
+  @property
+  def uniform_layers(self) -> bool:
+    """Whether every layer is the same kind of block (all dense or all sparse)."""
+    return len({self.is_moe_layer(i) for i in range(self.num_layers)}) == 1
 
   def is_moe_layer(self, i: int) -> bool:
     """Whether layer `i` is sparse (HF's `mlp_only_layers` / `decoder_sparse_step` rule)."""

@@ -39,7 +39,12 @@ _MOE_TYPES = ("qwen2_moe", "qwen3_moe")
 
 
 def config_from_hf(
-  hf: dict, *, param_dtype: str = "float32", dtype: str = "float32", remat: bool = False
+  hf: dict,
+  *,
+  param_dtype: str = "float32",
+  dtype: str = "float32",
+  scan_layers: bool | None = None,
+  remat_policy: str = "none",
 ) -> ModelConfig:
   """ModelConfig from a `config.json` dict; unsupported features raise, naming the field."""
   model_type = hf.get("model_type")
@@ -89,7 +94,8 @@ def config_from_hf(
     qk_norm=model_type in ("qwen3", "qwen3_moe"),
     param_dtype=param_dtype,
     dtype=dtype,
-    remat=remat,
+    scan_layers=scan_layers,
+    remat_policy=remat_policy,
   )
 
 
@@ -255,6 +261,18 @@ def _path_key(path) -> tuple:
   return tuple(getattr(p, "key", getattr(p, "idx", p)) for p in path)
 
 
+def _is_stacked(key: tuple) -> bool:
+  return key[:2] == ("layers", "block")
+
+
+def _entries(table: dict, key: tuple, num_layers: int) -> list[tuple[str, Callable, Callable]]:
+  """The `_param_map` entries behind one state path: one per layer for a scanned
+  `layers.block.*` leaf (stacked on its leading axis), else the path's own."""
+  if _is_stacked(key):
+    return [table[("layers", i, *key[2:])] for i in range(num_layers)]
+  return [table[key]]
+
+
 @contextlib.contextmanager
 def _open_safetensors(path: str):
   """`safe_open` whose errors (missing, truncated, not safetensors) name the file."""
@@ -315,10 +333,16 @@ def from_hf(
   *,
   param_dtype: str = "float32",
   dtype: str = "float32",
-  remat: bool = False,
+  scan_layers: bool | None = None,
+  remat_policy: str = "none",
 ) -> Transformer:
-  """Loads a local HF checkpoint directory into a Transformer sharded on `mesh`."""
-  cfg = load_hf_config(path, param_dtype=param_dtype, dtype=dtype, remat=remat)
+  """Loads a local HF checkpoint directory into a Transformer sharded on `mesh`.
+
+  With `scan_layers` (None: auto by depth) each layer's tensors are stacked on the host
+  into one `[layers, ...]` array."""
+  cfg = load_hf_config(
+    path, param_dtype=param_dtype, dtype=dtype, scan_layers=scan_layers, remat_policy=remat_policy
+  )
   mesh = mesh or shd.make_mesh({"data": -1}, jax.devices()[:1])
   graphdef, abstract = shd.abstract_sharded_state(
     lambda: Transformer(cfg, nnx.Rngs(0)), mesh, rules
@@ -328,19 +352,23 @@ def from_hf(
 
   def load(path_, var):
     key = _path_key(path_)
-    hf_name, to_ours, _ = table[key]
-    if isinstance(hf_name, tuple):
-      host = np.asarray(to_ours([reader.get(n) for n in hf_name]))
-      hf_name = hf_name[0].replace(".experts.0.", ".experts.*.")
-    else:
-      host = np.asarray(to_ours(reader.get(hf_name)))
     sds = var.get_value()
-    if host.shape != sds.shape:
-      raise ValueError(
-        f"tensor {hf_name!r} has shape {host.shape} after conversion, "
-        f"expected {sds.shape} from config.json"
-      )
-    host = host.astype(sds.dtype)
+    stacked = _is_stacked(key)
+    want = sds.shape[1:] if stacked else sds.shape
+    parts = []
+    for hf_name, to_ours, _ in _entries(table, key, cfg.num_layers):
+      if isinstance(hf_name, tuple):  # one tensor per expert, stacked on the expert axis
+        host = np.asarray(to_ours([reader.get(n) for n in hf_name]))
+        hf_name = hf_name[0].replace(".experts.0.", ".experts.*.")
+      else:
+        host = np.asarray(to_ours(reader.get(hf_name)))
+      if host.shape != want:
+        raise ValueError(
+          f"tensor {hf_name!r} has shape {host.shape} after conversion, "
+          f"expected {want} from config.json"
+        )
+      parts.append(host.astype(sds.dtype))
+    host = np.stack(parts) if stacked else parts[0]
     return var.replace(jax.make_array_from_callback(sds.shape, sds.sharding, lambda idx: host[idx]))
 
   state = jax.tree_util.tree_map_with_path(
@@ -377,12 +405,14 @@ def to_hf(
   for path, var in jax.tree_util.tree_leaves_with_path(
     state, is_leaf=lambda x: isinstance(x, nnx.Variable)
   ):
-    hf_name, _, to_hf_layout = table[_path_key(path)]
+    key = _path_key(path)
     host = _to_host(var.get_value()).astype(jnp.dtype(dtype))
-    if isinstance(hf_name, tuple):
-      tensors.update((n, np.ascontiguousarray(w)) for n, w in zip(hf_name, to_hf_layout(host)))
-    else:
-      tensors[hf_name] = np.ascontiguousarray(to_hf_layout(host))
+    parts = host if _is_stacked(key) else [host]  # a scanned leaf: one tensor per layer
+    for (hf_name, _, to_hf_layout), part in zip(_entries(table, key, cfg.num_layers), parts):
+      if isinstance(hf_name, tuple):  # one tensor per expert
+        tensors.update((n, np.ascontiguousarray(w)) for n, w in zip(hf_name, to_hf_layout(part)))
+      else:
+        tensors[hf_name] = np.ascontiguousarray(to_hf_layout(part))
   if jax.process_index() != 0:
     return
   # Written into a fresh folder beside `out_dir`, then renamed into place: an existing export

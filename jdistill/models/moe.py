@@ -111,7 +111,8 @@ def aux_losses(
   """Unweighted router losses over all MoE layers, as float32 scalars.
 
   Args:
-    router_logits: per MoE layer, `[batch, seq, experts]`.
+    router_logits: per MoE layer `[batch, seq, experts]`, or stacked layers
+      `[layers, batch, seq, experts]`.
     token_mask: `[batch, seq]`, which tokens count (padding is False). Default: all.
   Returns:
     `router_aux_loss`: HF's `load_balancing_loss_func`: `E * sum_e f_e * P_e` where, pooled
@@ -120,7 +121,10 @@ def aux_losses(
       tokens of `logsumexp(logits)^2` (ST-MoE).
   """
   e, k = cfg.num_experts, cfg.num_experts_per_tok
-  logits = jnp.stack([x.astype(jnp.float32) for x in router_logits])  # [layers, b, t, e]
+  # per layer `[b, t, e]`, or `[layers, b, t, e]` from scanned layers
+  logits = jnp.concatenate(
+    [x.astype(jnp.float32).reshape(-1, *x.shape[-3:]) for x in router_logits]
+  )  # [layers, b, t, e]
   mask = jnp.ones(logits.shape[1:3], jnp.float32) if token_mask is None else token_mask
   mask = jnp.broadcast_to(mask.astype(jnp.float32), logits.shape[:3])
   rows = jnp.maximum(jnp.sum(mask), 1.0)

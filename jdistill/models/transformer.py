@@ -9,24 +9,33 @@ The forward returns final (post-norm) hidden states `[batch, seq, hidden]`;
 compute logits chunk by chunk instead of holding `[batch, seq, vocab]`.
 
 KV cache: a tuple with one `{"k", "v"}` dict per layer, each `[batch, cache_len,
-kv_heads, head_dim]`. A call with a cache writes its `seq` new keys/values at
+kv_heads, head_dim]`; with `cfg.scan_layers` one `{"k", "v"}` dict of stacked
+`[layers, batch, cache_len, kv_heads, head_dim]` arrays (`init_cache` makes the layout
+of a config). A call with a cache writes its `seq` new keys/values at
 slots `[cache_index, cache_index + seq)` and attends over all `cache_len` slots
 where `kv_mask` is true and the slot is not in the future of the query.
+
+Scanned layers (`cfg.scan_layers`): `ScannedBlocks` holds one block whose every parameter
+has a leading `layers` axis (logical name `layers`, never sharded) and runs it under
+`jax.lax.scan`; `stack_layers` / `unstack_layers` convert a model state between the two
+layouts (HF import/export, checkpoints, tests).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from jdistill.models.config import ModelConfig
 from jdistill.models.moe import MoE
 
-Cache = tuple[dict[str, jax.Array], ...]
+Cache = tuple[dict[str, jax.Array], ...] | dict[str, jax.Array]
 
 
 def _param(rngs: nnx.Rngs, shape, axes, dtype, scale: float | None = None, ones=False):
@@ -111,6 +120,8 @@ class Attention(nnx.Module):
       q = q + self.q_bias[...].astype(dt)
       k = k + self.k_bias[...].astype(dt)
       v = v + self.v_bias[...].astype(dt)
+    # names for remat_policy="save_qkv_proj"
+    q, k, v = (checkpoint_name(a, n) for a, n in ((q, "q_proj"), (k, "k_proj"), (v, "v_proj")))
     if cfg.qk_norm:
       q = rms_norm(q, self.q_norm[...], cfg.rms_norm_eps)
       k = rms_norm(k, self.k_norm[...], cfg.rms_norm_eps)
@@ -225,6 +236,145 @@ def _run_block(block, x, positions, kv_mask, layer_cache, cache_index):
   return block(x, positions, kv_mask, layer_cache, cache_index)
 
 
+def checkpoint_policy(name: str) -> Callable | None:
+  """The `jax.checkpoint` policy of a `ModelConfig.remat_policy` name; None: no remat."""
+  policies = jax.checkpoint_policies
+  if name == "none":
+    return None
+  if name == "full":
+    return policies.nothing_saveable
+  if name == "save_qkv_proj":
+    return policies.save_only_these_names("q_proj", "k_proj", "v_proj")
+  return getattr(policies, name)  # dots_saveable, dots_with_no_batch_dims_saveable
+
+
+# --- a stack of identical blocks run under scan ----------------------------------------
+
+
+class ScannedBlocks(nnx.Module):
+  """`num` identical blocks as one: `block`'s params are stacked `[num, ...]`, run by scan.
+
+  `make_block(rngs)` builds one block; blocks are built one after another from the same
+  `rngs` and stacked, so the stack holds exactly the weights the unrolled layers would.
+  The block's `__call__(x, positions, kv_mask, layer_cache, cache_index)` returns
+  `(x, layer_cache)` as `Block` does.
+  """
+
+  def __init__(self, make_block: Callable[[nnx.Rngs], nnx.Module], num: int, rngs: nnx.Rngs):
+    blocks = [make_block(rngs) for _ in range(num)]
+    graphdef, _ = nnx.split(blocks[0])
+    self.block = nnx.merge(graphdef, _stack([nnx.state(b) for b in blocks]))
+
+  def __call__(self, x, positions, kv_mask, cache, cache_index, policy):
+    """x `[B, T, D]`; cache None or stacked `{"k", "v"}` `[layers, B, S, KV, Dh]`.
+
+    Returns `(x, cache)`; only the `T` new slots of each layer are written into the stack.
+    """
+    graphdef, params = nnx.split(self.block)
+
+    def layer(params, x, positions, kv_mask, layer_cache, cache_index):
+      return nnx.merge(graphdef, params)(x, positions, kv_mask, layer_cache, cache_index)
+
+    if policy is not None:
+      layer = jax.checkpoint(layer, policy=policy, prevent_cse=False)
+    if cache is None and hasattr(self, "__captures__"):
+      # Under nnx.capture (the MoE router losses): the blocks merged inside the scan are
+      # not the captured graph, so each layer's sown values come out as the scan's outputs
+      # and are sown here, stacked `[layers, ...]`.
+      def captured(p, x):
+        (x, _), sown = nnx.capture(nnx.merge(graphdef, p), nnx.Intermediate)(
+          x, positions, kv_mask, None, cache_index
+        )
+        return x, sown
+
+      if policy is not None:
+        captured = jax.checkpoint(captured, policy=policy, prevent_cse=False)
+      x, sown = jax.lax.scan(lambda x, p: captured(p, x), x, params)
+      for i, leaf in enumerate(jax.tree.leaves(sown)):
+        self.sow(nnx.Intermediate, f"scanned_{i}", leaf)
+      return x, None
+    if cache is None:
+
+      def body(x, p):
+        return layer(p, x, positions, kv_mask, None, cache_index)[0], None
+
+      return jax.lax.scan(body, x, params)[0], None
+
+    zero = jnp.zeros((), jnp.int32)
+    slot = jnp.asarray(cache_index, jnp.int32)
+
+    def body(carry, xs):
+      x, stacked = carry
+      p, i = xs
+      layer_cache = {name: a[i] for name, a in stacked.items()}
+      x, written = layer(p, x, positions, kv_mask, layer_cache, cache_index)
+      # the new slots only (writing whole layers back would copy the cache every step)
+      new = {
+        name: jax.lax.dynamic_slice_in_dim(a, slot, x.shape[1], axis=1)
+        for name, a in written.items()
+      }
+      stacked = {
+        name: jax.lax.dynamic_update_slice(a, new[name][None], (i, zero, slot, zero, zero))
+        for name, a in stacked.items()
+      }
+      return (x, stacked), None
+
+    num = jax.tree.leaves(params)[0].shape[0]
+    (x, cache), _ = jax.lax.scan(body, (x, cache), (params, jnp.arange(num, dtype=jnp.int32)))
+    return x, cache
+
+
+def _relabel(var: nnx.Variable, value, axes):
+  """`var` holding `value`, its `logical_axes` (if it has them) changed by `axes(old)`."""
+  old = getattr(var, "logical_axes", None)
+  return var.replace(value) if old is None else var.replace(value, logical_axes=axes(old))
+
+
+def _is_var(x) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def _stack(states):
+  """Same-structure Variable states → one state of `[len(states), ...]` leaves, `layers`
+  prepended to each `logical_axes`."""
+
+  def stack(*vs):
+    value = jnp.stack([v.get_value() for v in vs])
+    return _relabel(vs[0], value, lambda axes: ("layers", *axes))
+
+  return jax.tree.map(stack, *states, is_leaf=_is_var)
+
+
+def _unstack(state, num: int) -> list:
+  def part(v, i):
+    return _relabel(v, v.get_value()[i], lambda axes: tuple(axes[1:]))
+
+  return [jax.tree.map(lambda v, i=i: part(v, i), state, is_leaf=_is_var) for i in range(num)]
+
+
+def _nested_dicts(tree):
+  """Nested States → nested plain dicts around the Variables (what `nnx.split` gives)."""
+  if _is_var(tree):
+    return tree
+  return {k: _nested_dicts(v) for k, v in tree.items()}
+
+
+def stack_layers(state: nnx.State) -> nnx.State:
+  """State of an unrolled Transformer → the same weights in the scanned layout
+  (`layers.block.*`, each leaf `[layers, ...]`)."""
+  layers = state["layers"]
+  block = _stack([_nested_dicts(layers[i]) for i in sorted(layers)])
+  return nnx.State({**_nested_dicts(state), "layers": {"block": block}})
+
+
+def unstack_layers(state: nnx.State) -> nnx.State:
+  """State of a scanned Transformer → the unrolled layout (`layers.<i>.*`)."""
+  block = _nested_dicts(state["layers"]["block"])
+  num = jax.tree.leaves(block)[0].shape[0]
+  layers = dict(enumerate(_unstack(block, num)))
+  return nnx.State({**_nested_dicts(state), "layers": layers})
+
+
 class Transformer(nnx.Module):
   """Decoder-only LM. See the module docstring for the cache layout."""
 
@@ -232,9 +382,13 @@ class Transformer(nnx.Module):
     self.cfg = cfg
     pd = cfg.jnp_param_dtype
     self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pd, 0.02)
-    self.layers = nnx.List(
-      [Block(cfg, rngs, moe=cfg.is_moe_layer(i)) for i in range(cfg.num_layers)]
-    )
+    if cfg.scan_layers:  # uniform layers only (ModelConfig checks): all dense or all sparse
+      moe = cfg.is_moe_layer(0)
+      self.layers = ScannedBlocks(lambda r: Block(cfg, r, moe=moe), cfg.num_layers, rngs)
+    else:
+      self.layers = nnx.List(
+        [Block(cfg, rngs, moe=cfg.is_moe_layer(i)) for i in range(cfg.num_layers)]
+      )
     self.final_norm = _param(rngs, (cfg.hidden_size,), ("norm",), pd, ones=True)
     if not cfg.tie_word_embeddings:
       self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pd, 0.02)
@@ -267,8 +421,13 @@ class Transformer(nnx.Module):
     b, t = tokens.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+    if cache is not None and isinstance(cache, dict) != self.cfg.scan_layers:
+      raise ValueError(
+        f"Transformer: the cache's layout does not match scan_layers={self.cfg.scan_layers} "
+        "(make it with init_cache(model.cfg, ...))"
+      )
     if kv_mask is None:
-      kv_len = t if cache is None else cache[0]["k"].shape[1]
+      kv_len = t if cache is None else jax.tree.leaves(cache)[0].shape[-3]
       kv_mask = jnp.ones((b, kv_len), bool)
     if cache is not None and cache_index is None:
       raise ValueError("Transformer: cache_index is required when a cache is given")
@@ -278,15 +437,20 @@ class Transformer(nnx.Module):
       same = segment_ids[:, :, None] == segment_ids[:, None, :]
       kv_mask = kv_mask.astype(bool)[:, None, :] & same  # [B, T, T]
     x = jnp.take(self.embed[...], tokens, axis=0).astype(self.cfg.jnp_dtype)
-    run = nnx.remat(_run_block) if self.cfg.remat else _run_block
-    new_cache = []
-    for i, block in enumerate(self.layers):
-      x, layer_cache = run(
-        block, x, positions, kv_mask, None if cache is None else cache[i], cache_index
-      )
-      new_cache.append(layer_cache)
+    policy = checkpoint_policy(self.cfg.remat_policy)
+    if self.cfg.scan_layers:
+      x, cache = self.layers(x, positions, kv_mask, cache, cache_index, policy)
+    else:
+      run = _run_block if policy is None else nnx.remat(_run_block, policy=policy)
+      new_cache = []
+      for i, block in enumerate(self.layers):
+        x, layer_cache = run(
+          block, x, positions, kv_mask, None if cache is None else cache[i], cache_index
+        )
+        new_cache.append(layer_cache)
+      cache = None if cache is None else tuple(new_cache)
     x = rms_norm(x, self.final_norm[...], self.cfg.rms_norm_eps)
-    return x, (None if cache is None else tuple(new_cache))
+    return x, cache
 
   def unembedding(self) -> jax.Array:
     """The `[hidden, vocab]` output matrix (the transposed embedding when tied)."""
@@ -304,10 +468,20 @@ class Transformer(nnx.Module):
     return self.logits(hidden)
 
 
+def cache_logical_axes(cfg: ModelConfig) -> tuple[str | None, ...]:
+  """Logical axis names of every array of `init_cache(cfg, ...)`."""
+  axes = ("batch", None, "kv_heads", "head_dim")
+  return ("layers", *axes) if cfg.scan_layers else axes
+
+
 def init_cache(cfg: ModelConfig, batch: int, cache_len: int, dtype: Any = None) -> Cache:
-  """Zeroed KV cache: per layer `{"k", "v"}` of `[batch, cache_len, kv_heads, head_dim]`."""
+  """Zeroed KV cache: per layer `{"k", "v"}` of `[batch, cache_len, kv_heads, head_dim]`, or
+  with `cfg.scan_layers` one `{"k", "v"}` of `[layers, batch, cache_len, kv_heads, head_dim]`."""
   dtype = cfg.jnp_dtype if dtype is None else dtype
   shape = (batch, cache_len, cfg.num_kv_heads, cfg.head_dim)
+  if cfg.scan_layers:
+    shape = (cfg.num_layers, *shape)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
   return tuple(
     {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_layers)
   )

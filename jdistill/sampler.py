@@ -602,7 +602,9 @@ class Sampler:
     """The one compiled function of `generate_continuous` for this static shape."""
     bucket, n_new, n_slots, n_prompts = key.bucket, key.max_new_tokens, key.slots, key.prompts
     cache_len = bucket + n_new
-    cache_sh = self._cache_sharding((n_slots, cache_len, cfg.num_kv_heads, cfg.head_dim))
+    cache_shape = jax.tree.leaves(jax.eval_shape(lambda: init_cache(cfg, n_slots, cache_len)))[0]
+    cache_sh = self._cache_sharding(cfg, cache_shape.shape)
+    rows = 1 if cfg.scan_layers else 0  # the cache's batch axis (scanned: `[layers, B, ...]`)
     constrain_cache = lambda c: jax.lax.with_sharding_constraint(
       c, jax.tree.map(lambda _: cache_sh, c)
     )
@@ -648,7 +650,7 @@ class Sampler:
         r = jnp.argmax(waiting(c)).astype(jnp.int32)
         g = slot_group[r]
         p = order[group_start[g] + c["next"][g]]
-        row_cache = jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, r, 1, 0), c["cache"])
+        row_cache = jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, r, 1, rows), c["cache"])
         positions, kv_mask = cache_layout(lengths[p][None], bucket, cache_len)
         hidden, row_cache = model(
           prompt_left[p][None], positions, kv_mask=kv_mask, cache=row_cache, cache_index=0
@@ -658,7 +660,7 @@ class Sampler:
         c = dict(c)
         c["cache"] = constrain_cache(
           jax.tree.map(
-            lambda x, y: jax.lax.dynamic_update_slice_in_dim(x, y, r, 0), c["cache"], row_cache
+            lambda x, y: jax.lax.dynamic_update_slice_in_dim(x, y, r, rows), c["cache"], row_cache
           )
         )
         c["next"] = c["next"].at[g].add(1)
@@ -674,12 +676,12 @@ class Sampler:
 
       def one_row(cache_row, tok, pos, kv_mask, slot):
         """One slot's decode step; vmapped, so each slot writes its own cache slot."""
-        cache_row = jax.tree.map(lambda x: x[None], cache_row)
+        cache_row = jax.tree.map(lambda x: jnp.expand_dims(x, rows), cache_row)
         hidden, cache_row = model(
           tok[None, None], pos[None, None], kv_mask=kv_mask[None], cache=cache_row,
           cache_index=slot,
         )  # fmt: skip
-        return model.logits(hidden)[0, 0], jax.tree.map(lambda x: x[0], cache_row)
+        return model.logits(hidden)[0, 0], jax.tree.map(lambda x: jnp.squeeze(x, rows), cache_row)
 
       def decode(c):
         live = c["prompt"] >= 0
@@ -688,8 +690,9 @@ class Sampler:
         _, kv_mask = cache_layout(length, bucket, cache_len)
         # Slot bucket + t - 1 takes the previous token, as in the static loop. A slot left
         # free (its queue is empty) computes a discarded row: the batch shape is fixed.
-        logits, cache = jax.vmap(one_row)(c["cache"], c["prev"], length + t - 1, kv_mask,
-                                          bucket + t - 1)  # fmt: skip
+        logits, cache = jax.vmap(one_row, in_axes=(rows, 0, 0, 0, 0), out_axes=(0, rows))(
+          c["cache"], c["prev"], length + t - 1, kv_mask, bucket + t - 1
+        )
         c = dict(c, cache=constrain_cache(cache), steps=c["steps"] + 1)
         return refill(record(c, live, *sample(logits, p, t)))
 

@@ -26,8 +26,7 @@ GROUPS = [0, 1, 0, 0, 1, 0, 1]
 SLOTS = (2, 1)  # 3 slots for 7 prompts
 
 
-@pytest.fixture(scope="module")
-def tiny():
+def _tiny(**kw):
   cfg = ModelConfig(
     vocab_size=VOCAB,
     hidden_size=32,
@@ -36,9 +35,15 @@ def tiny():
     num_heads=4,
     num_kv_heads=2,
     head_dim=8,
+    **kw,
   )
   graphdef, state = nnx.split(Transformer(cfg, nnx.Rngs(3)))
   return state, Sampler(graphdef, shd.make_mesh({"data": 1}, jax.devices()[:1]))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  return _tiny()
 
 
 def _params(**kw):
@@ -62,9 +67,12 @@ def _assert_same(got, ref):
     )
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.0], ids=["t1", "greedy"])
-def test_continuous_equals_static_per_prompt(tiny, temperature):
-  state, sampler = tiny
+@pytest.mark.parametrize(
+  "temperature, scan", [(1.0, False), (0.0, False), (1.0, True)], ids=["t1", "greedy", "scanned"]
+)
+def test_continuous_equals_static_per_prompt(tiny, temperature, scan):
+  # scanned layers keep the cache as [layers, slots, ...]: a slot is a row of axis 1
+  state, sampler = _tiny(scan_layers=True) if scan else tiny
   sp = _params(temperature=temperature)
   # greedy on a near-uniform random model rarely stops: per-prompt limits vary the lengths
   limits = [NEW, 2, 9, NEW, 5, 1, 13] if temperature == 0 else None

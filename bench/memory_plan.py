@@ -1,0 +1,441 @@
+"""What fits where: the per-device memory of the OPD step for named setups and meshes.
+
+Nothing is allocated. Params, optimizer state, teachers and the batch are
+`ShapeDtypeStruct`s carrying their `NamedSharding`s; each program is lowered and compiled
+for the mesh, and XLA's `memory_analysis()` of the compiled program gives its per-device
+bytes: arguments + outputs not aliased with them + temporaries.
+
+* resident: every teacher on the mesh (stacked, one vmapped forward), one compiled step.
+* streamed: teachers in pinned host memory. Peak = the larger of the train step (student
+  state + every teacher's cached hidden states `[rows, L-1, d]` bf16 + unembeddings) and
+  one teacher's forward (its params moved onto the mesh inside the program) while the
+  student state and the other teachers' caches are live.
+
+The student keeps f32 master params and AdamW moments and computes in bf16 with
+`remat_policy` per layer; teachers are bf16. Models of 8 layers or more run scanned, and
+attention runs in blocks of `--attention_chunk` queries (T·chunk scores, not T²).
+Rollouts (the sampler's KV cache) are a separate program before the step and are not
+counted here.
+
+  python bench/memory_plan.py                                   # the README table
+  python bench/memory_plan.py --setups qwen3_1.7b_4x8b --meshes h200x8
+  python bench/memory_plan.py --smoke                           # tiny shapes, seconds
+
+The compile runs on simulated CPU devices (`--xla_force_host_platform_device_count`). The
+CPU compiler's buffer assignment, fusion and rematerialisation differ from the GPU and TPU
+compilers', so the figures are an estimate of the accelerator's, not its measurement; see
+README for a same-program comparison on an H200.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+DEVICES = 64
+if "jax" not in sys.modules:
+  os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={DEVICES}"
+  )
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+from jdistill import sharding as shd  # noqa: E402
+from jdistill import streaming  # noqa: E402
+from jdistill import train_step as ts  # noqa: E402
+from jdistill.losses import LossSettings  # noqa: E402
+from jdistill.models import ModelConfig, Transformer  # noqa: E402
+
+GB = 1e9
+QWEN3 = dict(
+  model_type="qwen3",
+  vocab_size=151_936,
+  head_dim=128,
+  qk_norm=True,
+  rope_theta=1_000_000.0,
+  param_dtype="bfloat16",
+  dtype="bfloat16",
+)
+MODELS = {
+  "qwen3-1.7b": dict(
+    **QWEN3,
+    hidden_size=2048,
+    intermediate_size=6144,
+    num_layers=28,
+    num_heads=16,
+    num_kv_heads=8,
+    tie_word_embeddings=True,
+  ),
+  "qwen3-8b": dict(
+    **QWEN3,
+    hidden_size=4096,
+    intermediate_size=12288,
+    num_layers=36,
+    num_heads=32,
+    num_kv_heads=8,
+  ),
+  "qwen3-32b": dict(
+    **QWEN3,
+    hidden_size=5120,
+    intermediate_size=25600,
+    num_layers=64,
+    num_heads=64,
+    num_kv_heads=8,
+  ),
+  "qwen3-30b-a3b": dict(
+    **{**QWEN3, "model_type": "qwen3_moe"},
+    hidden_size=2048,
+    intermediate_size=6144,
+    num_layers=48,
+    num_heads=32,
+    num_kv_heads=4,
+    num_experts=128,
+    num_experts_per_tok=8,
+    moe_intermediate_size=768,
+    norm_topk_prob=True,
+  ),
+  "tiny": dict(
+    **{**QWEN3, "vocab_size": 1024},
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    tie_word_embeddings=True,
+  ),
+}
+# (student, teacher, number of teachers, tokens per row, rows per teacher)
+SETUPS = {
+  "qwen3_1.7b_4x8b": ("qwen3-1.7b", "qwen3-8b", 4, 8192, 8),
+  "qwen3_30b_a3b_4x32b": ("qwen3-30b-a3b", "qwen3-32b", 4, 16384, 8),
+  "tiny": ("tiny", "tiny", 4, 128, 2),
+}
+# Meshes and their device memory (GB): 8 x H200 (141 GB), TPU v5p-64 (32 chips of 95 GB,
+# 64 with megacore off: here 64 devices of 95 GB / 2 = 47.5 GB would understate a chip, so
+# the plan uses the 32 chips).
+MESHES = {
+  "h200x8": (dict(data=1, fsdp=8, tensor=1), 141),
+  "h200x8_tp2": (dict(data=1, fsdp=4, tensor=2), 141),
+  "v5p-64": (dict(data=1, fsdp=32, tensor=1), 95),
+  "v5p-64_tp4": (dict(data=1, fsdp=8, tensor=4), 95),
+  "cpu8": (dict(data=2, fsdp=2, tensor=2), None),
+}
+
+
+def model_config(name: str, **overrides) -> ModelConfig:
+  return ModelConfig(**{**MODELS[name], **overrides})
+
+
+def cpu_moe_proxy(cfg: ModelConfig) -> tuple[ModelConfig, dict]:
+  """A dense stand-in for an MoE model, for the CPU compiler, and what it leaves out.
+
+  XLA:CPU lowers `ragged_dot` densely (every group over every row: E times the memory of
+  the grouped matmul), so an MoE step compiled for CPU says nothing about an accelerator.
+  The stand-in swaps each expert layer for a dense SwiGLU of width k·f, whose activations
+  (`[tokens, k·f]`) are exactly the grouped matmul's (`[tokens·k, f]`). Left out, and added
+  back by `plan` per device: the other E − k experts' weights (`extra_params` per model,
+  as parameter counts) and the `[tokens·k, d]` rows the dispatch gathers, live within one
+  layer (`gathered_rows` per token, in elements).
+  """
+  e, k, f, d = cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size, cfg.hidden_size
+  proxy = cfg.replace(
+    model_type="qwen3",
+    num_experts=0,
+    num_experts_per_tok=0,
+    moe_intermediate_size=0,
+    norm_topk_prob=False,
+    intermediate_size=k * f,
+  )
+  extra = {
+    "extra_params": cfg.num_layers * (3 * d * f * (e - k) + d * e),
+    "gathered_rows": k * d,
+  }
+  return proxy, extra
+
+
+def abstract_model(cfg: ModelConfig, mesh, memory_kind: str | None = None):
+  """(graphdef, state of ShapeDtypeStructs sharded on `mesh`) — nothing allocated."""
+  graphdef, state = shd.abstract_sharded_state(lambda: Transformer(cfg, nnx.Rngs(0)), mesh)
+  if memory_kind:
+    state = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(
+        x.shape, x.dtype, sharding=x.sharding.with_memory_kind(memory_kind)
+      ),
+      state,
+    )
+  return graphdef, state
+
+
+def stacked(state, n: int):
+  """A state with every leaf stacked n times on a new leading (teacher) axis."""
+
+  def one(x):
+    spec = P(None, *x.sharding.spec)
+    sharding = NamedSharding(x.sharding.mesh, spec)
+    return jax.ShapeDtypeStruct((n, *x.shape), x.dtype, sharding=sharding)
+
+  return jax.tree.map(one, state)
+
+
+def batch(mesh, rows: int, length: int) -> dict:
+  """The step's rollout batch `[rows, length]` as ShapeDtypeStructs."""
+  two, one = shd.batch_sharding(mesh, 2), shd.batch_sharding(mesh, 1)
+  sds = lambda shape, dtype, sh: jax.ShapeDtypeStruct(shape, dtype, sharding=sh)  # noqa: E731
+  return {
+    "tokens": sds((rows, length), jnp.int32, two),
+    "completion_mask": sds((rows, length), jnp.float32, two),
+    "logprobs": sds((rows, length), jnp.float32, two),
+    "sampling_logprobs": sds((rows, length), jnp.float32, two),
+    "lengths": sds((rows,), jnp.int32, one),
+  }
+
+
+def device_bytes(compiled) -> dict:
+  m = compiled.memory_analysis()
+  args, out, alias, temp = (
+    m.argument_size_in_bytes,
+    m.output_size_in_bytes,
+    m.alias_size_in_bytes,
+    m.temp_size_in_bytes,
+  )
+  return {"arguments": args, "temp": temp, "peak": args + out - alias + temp}
+
+
+def programs(
+  setup: str, mesh, placement: str, *, remat_policy: str, chunk: int, attention: int
+) -> dict:
+  """The OPD step's compiled-to-be programs on abstract args, and the per-device bytes that
+  stay live across them.
+
+  Returns `{"step": (jitted, args), "forward": (jitted, args) (streamed only), "state",
+  "teachers", "cache_per_teacher", "n_teachers"}`; args are ShapeDtypeStructs (a bench on a
+  real device materialises them and runs the same programs).
+  """
+  student_name, teacher_name, n_teachers, length, rows_per_teacher = SETUPS[setup]
+  dp = shd.data_parallel_size(mesh)
+  if (rows_per_teacher * n_teachers) % dp:
+    raise ValueError(f"{setup}: {rows_per_teacher * n_teachers} rows over {dp} data shards")
+  student_cfg = model_config(
+    student_name, param_dtype="float32", remat_policy=remat_policy, attention_chunk=attention
+  )
+  teacher_cfg = model_config(teacher_name, attention_chunk=attention)
+  proxy = {}
+  if jax.default_backend() == "cpu":
+    if student_cfg.num_experts:
+      student_cfg, proxy["student"] = cpu_moe_proxy(student_cfg)
+    if teacher_cfg.num_experts:
+      teacher_cfg, proxy["teacher"] = cpu_moe_proxy(teacher_cfg)
+  graphdef, params = abstract_model(student_cfg, mesh)
+  optimizer, schedule = ts.make_optimizer(1e-5, steps=100)
+  replicated = NamedSharding(mesh, P())
+  opt_state = jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+    jax.eval_shape(optimizer.init, params),
+    _opt_shardings(optimizer, params, replicated),
+  )
+  state = {
+    "params": params,
+    "opt_state": opt_state,
+    "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+  }
+  rows = ts.teacher_rows(n_teachers, rows_per_teacher)
+  specs = tuple(
+    ts.TeacherSpec(f"t{i}", LossSettings(loss="reverse_kl", chunk_size=chunk), 1.0, rows[i])
+    for i in range(n_teachers)
+  )
+  step_batch = batch(mesh, n_teachers * rows_per_teacher, length)
+  t_graphdef, t_state = abstract_model(teacher_cfg, mesh)
+  shardings = lambda tree: jax.tree.map(lambda x: x.sharding, tree)  # noqa: E731
+  common = dict(
+    student_graphdef=graphdef,
+    specs=specs,
+    optimizer=optimizer,
+    schedule=schedule,
+    diagnostics=False,
+  )
+  out = {"state": state, "n_teachers": n_teachers, "teacher_state": t_state, "proxy": proxy}
+  out["tokens_per_device"] = n_teachers * rows_per_teacher * length / dp
+  if placement == "resident":
+    teachers = (stacked(t_state, n_teachers),) if n_teachers > 1 else (t_state,)
+    step = jax.jit(
+      lambda s, t, b: ts.train_step(
+        s, t, b, teacher_graphdefs=(t_graphdef,), groups=(tuple(range(n_teachers)),), **common
+      ),
+      in_shardings=(shardings(state), shardings(teachers), shardings(step_batch)),
+      out_shardings=(shardings(state), None),
+      donate_argnums=(0,),
+    )
+    out["step"] = (step, (state, teachers, step_batch))
+    return out
+  hidden = jax.ShapeDtypeStruct(
+    (rows_per_teacher, length - 1, teacher_cfg.hidden_size),
+    jnp.bfloat16,
+    sharding=streaming.hidden_sharding(mesh, rows_per_teacher),
+  )
+  unembed_shape = (teacher_cfg.hidden_size, teacher_cfg.vocab_size)
+  unembed = jax.ShapeDtypeStruct(
+    unembed_shape,
+    jnp.bfloat16,
+    sharding=NamedSharding(mesh, shd.logical_to_spec(("embed", "vocab"), unembed_shape, mesh)),
+  )
+  cache = {i: (hidden, unembed) for i in range(n_teachers)}
+  step = jax.jit(
+    lambda s, c, b: ts.train_step(
+      s, (), b, teacher_graphdefs=(), groups=(), teacher_cache=c, **common
+    ),
+    in_shardings=(shardings(state), shardings(cache), shardings(step_batch)),
+    out_shardings=(shardings(state), None),
+    donate_argnums=(0,),
+  )
+  _, host_state = abstract_model(teacher_cfg, mesh, memory_kind="pinned_host")
+  on_device = streaming.device_shardings(host_state)
+
+  def forward(host, b):  # what streaming.StreamedTeacher.forward compiles
+    h, _ = ts.teacher_hidden(
+      t_graphdef, jax.device_put(host, on_device), ts.shifted_inputs(b), rows[0]
+    )
+    return h.astype(jnp.bfloat16)
+
+  fwd = jax.jit(
+    forward,
+    in_shardings=(shardings(host_state), shardings(step_batch)),
+    out_shardings=hidden.sharding,
+  )
+  out["step"] = (step, (state, cache, step_batch))
+  out["forward"] = (fwd, (host_state, step_batch))
+  out["cache_per_teacher"] = (hidden, unembed)
+  return out
+
+
+def plan(setup: str, mesh_name: str, placement: str, **kw) -> dict:
+  """Compiles the setup's programs on `mesh_name` and reads their per-device peaks (GB)."""
+  axes, capacity = MESHES[mesh_name]
+  mesh = shd.make_mesh(axes, jax.devices()[: _size(axes)])
+  t0 = time.perf_counter()
+  progs = programs(setup, mesh, placement, **kw)
+  out = {"setup": setup, "mesh": mesh_name, "placement": placement, "capacity_gb": capacity}
+  fn, args = progs["step"]
+  step = device_bytes(fn.lower(*args).compile())
+  out.update(peak_gb=step["peak"] / GB, step_gb=step["peak"] / GB)
+  if placement == "streamed":
+    fn, args = progs["forward"]
+    fwd = device_bytes(fn.lower(*args).compile())
+    hidden, unembed = progs["cache_per_teacher"]
+    # while the last teacher runs: the student state, every other teacher's cache, every
+    # unembedding, and the forward program itself (its device copy of the params included)
+    live = _per_device(progs["state"]) + progs["n_teachers"] * _per_device(unembed)
+    live += (progs["n_teachers"] - 1) * _per_device(hidden)
+    during_forward = fwd["peak"] + live
+    out.update(
+      peak_gb=max(step["peak"], during_forward) / GB, teacher_forward_gb=during_forward / GB
+    )
+  out["compile_s"] = time.perf_counter() - t0
+  if progs["proxy"]:  # the MoE parts the CPU stand-in leaves out (see cpu_moe_proxy)
+    devices = _size(axes)
+    added = 0.0
+    if "student" in progs["proxy"]:
+      extra = progs["proxy"]["student"]
+      added += 16 * extra["extra_params"] / devices  # f32 param, grad, Adam m and v
+      added += 2 * extra["gathered_rows"] * progs["tokens_per_device"]  # bf16, one layer
+    if "teacher" in progs["proxy"]:
+      extra = progs["proxy"]["teacher"]
+      n_on_device = progs["n_teachers"] if placement == "resident" else 1
+      added += 2 * n_on_device * extra["extra_params"] / devices
+    out["moe_added_gb"] = added / GB
+    for key in ("peak_gb", "step_gb"):
+      out[key] += added / GB
+  out["student_state_gb"] = _per_device(progs["state"]) / GB
+  out["teacher_params_gb"] = progs["n_teachers"] * _per_device(progs["teacher_state"]) / GB
+  out["fits"] = None if capacity is None else bool(out["peak_gb"] <= capacity)
+  return out
+
+
+def _per_device(tree) -> int:
+  """Bytes of one device's shards of a tree of sharded ShapeDtypeStructs."""
+  total = 0
+  for x in jax.tree.leaves(tree):
+    shard = x.sharding.shard_shape(x.shape)
+    total += int(jnp.dtype(x.dtype).itemsize * _prod(shard))
+  return total
+
+
+def _prod(shape) -> int:
+  out = 1
+  for s in shape:
+    out *= s
+  return out
+
+
+def _size(axes: dict) -> int:
+  return _prod(axes.values())
+
+
+def _opt_shardings(optimizer, params, replicated):
+  by_path = {
+    tuple(map(str, path)): x.sharding for path, x in jax.tree_util.tree_leaves_with_path(params)
+  }
+
+  def one(path, leaf):
+    path = tuple(map(str, path))
+    for i in range(len(path)):
+      if path[i:] in by_path and leaf.ndim:
+        return by_path[path[i:]]
+    return replicated
+
+  return jax.tree_util.tree_map_with_path(one, jax.eval_shape(optimizer.init, params))
+
+
+def main(argv=None) -> list[dict]:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--setups", default="qwen3_1.7b_4x8b")
+  p.add_argument("--meshes", default="h200x8,v5p-64")
+  p.add_argument("--placements", default="resident,streamed")
+  p.add_argument("--remat_policy", default="full")
+  p.add_argument("--chunk", type=int, default=1024, help="loss.chunk_size")
+  p.add_argument("--attention_chunk", type=int, default=1024, help="0: one block (T^2 scores)")
+  p.add_argument("--smoke", action="store_true", help="the tiny setup on the cpu8 mesh")
+  p.add_argument("--json", default="")
+  a = p.parse_args(argv)
+  setups, meshes = a.setups.split(","), a.meshes.split(",")
+  if a.smoke:
+    setups, meshes = ["tiny"], ["cpu8"]
+  results = []
+  print(
+    f"{'setup':<22}{'mesh':<12}{'placement':<11}{'peak GB/dev':>12}{'step':>8}{'fits':>6}"
+    f"{'compile s':>11}",
+    flush=True,
+  )
+  for setup in setups:
+    for mesh_name in meshes:
+      for placement in a.placements.split(","):
+        r = plan(
+          setup,
+          mesh_name,
+          placement,
+          remat_policy=a.remat_policy,
+          chunk=a.chunk,
+          attention=a.attention_chunk,
+        )
+        results.append(r)
+        fits = "-" if r["fits"] is None else ("yes" if r["fits"] else "no")
+        print(
+          f"{setup:<22}{mesh_name:<12}{placement:<11}{r['peak_gb']:>12.1f}{r['step_gb']:>8.1f}"
+          f"{fits:>6}{r['compile_s']:>11.1f}",
+          flush=True,
+        )
+  if a.json:
+    with open(a.json, "w") as f:
+      json.dump(results, f, indent=1)
+  return results
+
+
+if __name__ == "__main__":
+  main()

@@ -37,6 +37,28 @@ def to_float(tree):
   return jax.tree.map(float, jax.device_get(tree))
 
 
+def move_rows(x: jax.Array, sharding: jax.sharding.NamedSharding) -> jax.Array:
+  """`x` `[B, ...]`, its rows split over some devices, → `sharding` (its rows split over
+  other devices), copied shard by shard from device to device.
+
+  `jax.device_put` across meshes whose shards do not match one to one went through the
+  host and blocked until the sampler had finished (measured on 2 + 6 devices)."""
+  sources = {}  # row range -> one device's copy of those rows
+  for shard in x.addressable_shards:
+    rows = shard.index[0].indices(x.shape[0])[:2]
+    sources.setdefault(rows, shard.data)
+  pieces = []
+  for device, index in sharding.addressable_devices_indices_map(x.shape).items():
+    start, stop = index[0].indices(x.shape[0])[:2]
+    parts = [
+      jax.device_put(data[max(start, lo) - lo : min(stop, hi) - lo], device)
+      for (lo, hi), data in sorted(sources.items())
+      if max(start, lo) < min(stop, hi)
+    ]
+    pieces.append(parts[0] if len(parts) == 1 else jax.numpy.concatenate(parts))
+  return jax.make_array_from_single_device_arrays(x.shape, sharding, pieces)
+
+
 class Pending(NamedTuple):
   """A rollout batch sampled ahead of its step (disaggregated rollouts)."""
 
@@ -221,7 +243,10 @@ class Trainer(TrainingStage):
     (right-padded, on the training mesh)."""
     prompt = (prompts["prompt_tokens"], prompts["prompt_lengths"])
     out = self.sampler.generate(self.rollout_params(), prompt, rng, self.sampling)
-    return ts.rollout_batch(out, self.batch_shardings)
+    if self.rollout_mesh is None:
+      return ts.rollout_batch(out, self.batch_shardings)
+    batch = ts.rollout_batch(out)  # still on the sampler's mesh
+    return {k: move_rows(v, self.batch_shardings[k]) for k, v in batch.items()}
 
   def sample_ahead(self) -> None:
     """Samples every batch up to step `step + staleness` (at most the last step of

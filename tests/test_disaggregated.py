@@ -194,3 +194,23 @@ def test_rollout_config_errors_name_the_field(world, tmp_path):
   c.mesh.update(dict(data=2, fsdp=2, tensor=1))
   with pytest.raises(ValueError, match=r"config.rollout.devices=3.*5 devices left for training"):
     train.Trainer(c)
+
+
+def test_move_rows_copies_a_batch_between_meshes_of_other_shard_counts():
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  from jdistill.sharding import make_mesh
+
+  devices = jax.devices()
+  x = np.arange(24 * 3, dtype=np.float32).reshape(24, 3)
+  two = jax.device_put(x, NamedSharding(make_mesh({"data": 2}, devices[6:]), P("data")))
+  for mesh in (
+    make_mesh({"data": 6}, devices[:6]),
+    make_mesh({"data": 2, "fsdp": 1, "tensor": 3}, devices[:6]),  # rows replicated on tensor
+    make_mesh({"data": 1}, devices[:1]),
+  ):
+    target = NamedSharding(mesh, P("data"))
+    moved = train.move_rows(two, target)
+    assert moved.sharding == target
+    np.testing.assert_array_equal(np.asarray(moved), x)

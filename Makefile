@@ -43,6 +43,7 @@ bench: $(STAMP)
 	$(PY) bench/sampler.py
 	$(PY) bench/train_step.py
 	$(PY) bench/stages.py
+	$(PY) bench/disaggregated.py
 
 clean:
 	rm -rf $(VENV) demo_out runs

@@ -27,16 +27,60 @@ from jdistill.tokenizer import load_tokenizer
 # --- mesh and models -------------------------------------------------------------------
 
 
-def mesh(config) -> jax.sharding.Mesh:
-  """The mesh of `config.mesh` over all devices, or the first `config.num_devices`."""
+def devices(config) -> list[jax.Device]:
+  """The devices a run uses: all, or the first `config.num_devices`."""
   available = jax.device_count()
   if config.num_devices > available:
     raise ValueError(
       f"config.num_devices={config.num_devices} is invalid; allowed: 0 (all) or at most the "
       f"{available} devices this run sees ({jax.devices()[0].platform})"
     )
-  devices = jax.devices()[: config.num_devices] if config.num_devices else None
-  return shd.make_mesh(dict(config.mesh), devices)
+  return jax.devices()[: config.num_devices or None]
+
+
+def mesh(config) -> jax.sharding.Mesh:
+  """The mesh of `config.mesh` over all devices, or the first `config.num_devices`."""
+  return shd.make_mesh(dict(config.mesh), devices(config))
+
+
+def meshes(config) -> tuple[jax.sharding.Mesh, jax.sharding.Mesh | None]:
+  """(training mesh, sampler mesh) of the OPD stage.
+
+  `rollout.devices` = 0: (`mesh(config)`, None): the sampler shares the training mesh.
+  n > 0 of a run's N devices: `config.mesh` over the first N − n, and a data-parallel mesh
+  `{data: n, fsdp: 1, tensor: 1}` (params replicated) over the last n for the sampler.
+  """
+  n = config.rollout.devices
+  if not n:
+    return mesh(config), None
+  pool = devices(config)
+  if jax.process_count() > 1:
+    raise ValueError(
+      f"config.rollout.devices={n} is invalid with {jax.process_count()} processes; "
+      "allowed: 0 (a disaggregated sampler runs in one process for now)"
+    )
+  if n >= len(pool):
+    raise ValueError(
+      f"config.rollout.devices={n} is invalid; allowed: 0, or at most {len(pool) - 1} of the "
+      f"{len(pool)} devices (training keeps at least one)"
+    )
+  try:
+    training = shd.make_mesh(dict(config.mesh), pool[: len(pool) - n])
+  except ValueError as e:
+    raise ValueError(
+      f"config.rollout.devices={n} is invalid: the {len(pool) - n} devices left for training "
+      f"do not fit config.mesh ({e}); allowed: a count whose remainder fits config.mesh"
+    ) from e
+  return training, shd.make_mesh({"data": n, "fsdp": 1, "tensor": 1}, pool[len(pool) - n :])
+
+
+def param_shardings(params, mesh):
+  """Shardings of the student params on `mesh` (the sampler's), by their logical axes."""
+  return jax.tree.map(
+    lambda v: v.get_value(),
+    shd.state_shardings(params, mesh),
+    is_leaf=lambda x: isinstance(x, nnx.Variable),
+  )
 
 
 def tokenizer(config):

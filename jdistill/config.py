@@ -121,6 +121,12 @@ def base_config() -> mlc.ConfigDict:
       continuous_slots=0,  # >0: OPD rollouts decode with this many refilling slots per teacher
     )
   )
+  c.rollout = mlc.ConfigDict(
+    dict(
+      devices=0,  # 0: the sampler shares the training mesh; n: its own mesh of the last n
+      staleness=1,  # k (devices > 0): the batch of step t uses the params after update t - k
+    )
+  )
 
   c.loss = mlc.ConfigDict(
     dict(
@@ -329,6 +335,16 @@ def validate(config) -> None:
   if not (isinstance(config.eval.pass_k, int) and config.eval.pass_k >= 0):
     _fail("eval.pass_k", config.eval.pass_k, "an integer >= 0")
   _check_positive(config, "num_devices", allow_zero=True)
+  for field in ("rollout.devices", "rollout.staleness"):
+    value = config.rollout[field.split(".")[1]]
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+      _fail(field, value, "an integer >= 0")
+  if config.num_devices and config.rollout.devices >= config.num_devices:
+    _fail(
+      "rollout.devices",
+      config.rollout.devices,
+      f"0, or fewer than num_devices={config.num_devices} (training keeps at least one device)",
+    )
   if config.data.check_prompts != -1:
     _check_positive(config, "data.check_prompts")
   _check_choice(config, "data.on_error", ON_ERROR)

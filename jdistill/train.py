@@ -6,16 +6,21 @@
 Per step: the jitted sampler draws rollouts from the current student params, then
 one compiled `train_step` (explicit in/out shardings, donated state) runs the
 teachers on their slots, the student, the chunked loss kernels and the optax
-update. Progress goes to the console; metrics to `<output_dir>/metrics.jsonl`,
-TensorBoard (`<output_dir>/tb`) and a learning-curve PNG.
+update. With `rollout.devices` = n > 0 the sampler has its own mesh of n devices and
+samples step t's batch from the params after update t − `rollout.staleness`, while the
+training mesh runs the earlier steps (see `Trainer.sample_ahead` and docs/design.md).
+Progress goes to the console; metrics to `<output_dir>/metrics.jsonl`, TensorBoard
+(`<output_dir>/tb`) and a learning-curve PNG.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import logging
 import sys
+from typing import NamedTuple
 
 import jax
 
@@ -32,6 +37,37 @@ def to_float(tree):
   return jax.tree.map(float, jax.device_get(tree))
 
 
+def move_rows(x: jax.Array, sharding: jax.sharding.NamedSharding) -> jax.Array:
+  """`x` `[B, ...]`, its rows split over some devices, → `sharding` (its rows split over
+  other devices), copied shard by shard from device to device.
+
+  `jax.device_put` across meshes whose shards do not match one to one went through the
+  host and blocked until the sampler had finished (measured on 2 + 6 devices)."""
+  sources = {}  # row range -> one device's copy of those rows
+  for shard in x.addressable_shards:
+    rows = shard.index[0].indices(x.shape[0])[:2]
+    sources.setdefault(rows, shard.data)
+  pieces = []
+  for device, index in sharding.addressable_devices_indices_map(x.shape).items():
+    start, stop = index[0].indices(x.shape[0])[:2]
+    parts = [
+      jax.device_put(data[max(start, lo) - lo : min(stop, hi) - lo], device)
+      for (lo, hi), data in sorted(sources.items())
+      if max(start, lo) < min(stop, hi)
+    ]
+    pieces.append(parts[0] if len(parts) == 1 else jax.numpy.concatenate(parts))
+  return jax.make_array_from_single_device_arrays(x.shape, sharding, pieces)
+
+
+class Pending(NamedTuple):
+  """A rollout batch sampled ahead of its step (disaggregated rollouts)."""
+
+  step: int  # the step that trains on it
+  version: int  # the params it was sampled with: those after `version` updates
+  data_state: dict  # the data iterator's state before its prompts were drawn
+  batch: dict  # the train step's batch, on the training mesh
+
+
 class Trainer(TrainingStage):
   """The OPD stage: student rollouts → one compiled step. `run()` trains.
 
@@ -45,7 +81,7 @@ class Trainer(TrainingStage):
     self.identity = run_identity(c)
     self.run_dir = open_run_dir(c, self.identity)
     # Everything that reads user input runs before the models load and the step compiles.
-    self.mesh = build.mesh(c)
+    self.mesh, self.rollout_mesh = build.meshes(c)
     self.tokenizer = build.tokenizer(c)
     self.batcher = build.prompt_batcher(c, self.tokenizer, c.data.train_files, seed=c.seed)
     build.check_rows_divide(c, self.batcher.rows_per_batch, self.mesh)
@@ -71,7 +107,14 @@ class Trainer(TrainingStage):
     self.state = build.train_state(student.params, self.optimizer, self.mesh)
     self.step = 0  # host copy of state["step"]: the loop never waits on the device for it
     self.sampling = build.sampling_params(c, self.tokenizer)
-    self.sampler = Sampler(self.graphdef, self.mesh)
+    self.sampler = Sampler(self.graphdef, self.rollout_mesh or self.mesh)
+    # colocated (rollout.devices = 0): step t's batch always uses the params after update t
+    self.staleness = c.rollout.staleness if self.rollout_mesh is not None else 0
+    self.rollout_shardings = None
+    if self.rollout_mesh is not None:
+      self.rollout_shardings = build.param_shardings(student.params, self.rollout_mesh)
+    self._rollout_params = None  # (version, params on the sampler's mesh)
+    self.pending: collections.deque[Pending] = collections.deque()
     self.batch_shardings = build.batch_shardings(self.mesh)
     self.rng = jax.random.key(c.seed)
     self.alarms = overlap.AlarmTracker(c.overlap)
@@ -122,6 +165,16 @@ class Trainer(TrainingStage):
     )
     return train_step, eval_objective
 
+  def data_state(self) -> dict:
+    """Where the data stream stands for the next step to train: batches sampled ahead have
+    drawn their prompts already, so a checkpoint records the state before the first one."""
+    return self.pending[0].data_state if self.pending else self.data_iter.get_state()
+
+  def set_data_state(self, data_state: dict) -> None:
+    self.pending.clear()  # sampled from the data and params this replaces
+    self._rollout_params = None
+    super().set_data_state(data_state)
+
   def teacher_cache(self, batch: dict) -> dict:
     """The streamed teachers' hidden states on `batch`, one teacher after another
     (`{}` when every teacher is resident)."""
@@ -150,7 +203,7 @@ class Trainer(TrainingStage):
       max_prompt_len=c.data.max_prompt_len, overlong="truncate_left",
     )  # fmt: skip
     return evaluate.accuracy(
-      self.sampler, self.state["params"], self.tokenizer, self.accuracy_records,
+      self.sampler, self.rollout_params(), self.tokenizer, self.accuracy_records,
       encode=encode, max_new_tokens=c.sampling.max_new_tokens, verifier=c.eval.verifier,
       pass_k=c.eval.pass_k, prompt_buckets=c.sampling.prompt_buckets,
       batch_rows=self.batcher.rows_per_batch,
@@ -174,8 +227,20 @@ class Trainer(TrainingStage):
     """The sampler's key for the rollouts of `step`: `fold_in(key(seed), step)`."""
     return jax.random.fold_in(self.rng, step)
 
+  def rollout_params(self):
+    """The current student params (after `step` updates) where the sampler runs: the
+    training state itself when colocated, else its copy on the sampler's mesh, made once
+    per update."""
+    if self.rollout_mesh is None:
+      return self.state["params"]
+    if self._rollout_params is None or self._rollout_params[0] != self.step:
+      copy = jax.device_put(self.state["params"], self.rollout_shardings)
+      self._rollout_params = (self.step, copy)
+    return self._rollout_params[1]
+
   def rollouts(self, prompts: dict, rng) -> dict:
-    """Student rollouts on a prompt batch → the train step's batch (right-padded).
+    """Student rollouts of the rollout params (`rollout_params`) on a prompt batch → the
+    train step's batch (right-padded, on the training mesh).
 
     With `sampling.continuous_slots`, each teacher's rows share that many refilling decode
     slots (continuous batching); the batch layout is the same."""
@@ -183,7 +248,7 @@ class Trainer(TrainingStage):
     slots = self.config.sampling.continuous_slots
     if slots:
       out, _ = self.sampler.generate_continuous(
-        self.state["params"],
+        self.rollout_params(),
         prompt,
         rng,
         dataclasses.replace(self.sampling, key_schedule="prompt"),
@@ -191,17 +256,42 @@ class Trainer(TrainingStage):
         groups=prompts["teacher_index"],
       )
     else:
-      out = self.sampler.generate(self.state["params"], prompt, rng, self.sampling)
-    return ts.rollout_batch(out, self.batch_shardings)
+      out = self.sampler.generate(self.rollout_params(), prompt, rng, self.sampling)
+    if self.rollout_mesh is None:
+      return ts.rollout_batch(out, self.batch_shardings)
+    batch = ts.rollout_batch(out)  # still on the sampler's mesh
+    return {k: move_rows(v, self.batch_shardings[k]) for k, v in batch.items()}
+
+  def sample_ahead(self) -> None:
+    """Samples every batch up to step `step + staleness` (at most the last step of
+    `train.steps`) not yet sampled, from the current params.
+
+    Step t's batch thus uses the params after update max(t − k, s) (k = staleness, s = the
+    step this session started or restored at). The sampler only dispatches device work
+    (prompt padding is host work on a few small arrays), so the batch of step t + k is
+    computed on the sampler's mesh while the training mesh runs step t.
+    """
+    last = max(self.step, min(self.step + self.staleness, self.config.train.steps - 1))
+    first = self.pending[-1].step + 1 if self.pending else self.step
+    for t in range(first, last + 1):
+      data_state = self.data_iter.get_state()
+      batch = self.rollouts(next(self.data_iter), self.rollout_key(t))
+      self.pending.append(Pending(t, self.step, data_state, batch))
 
   def train_one(self, diagnostics: bool = True) -> dict:
-    """One OPD step; `diagnostics`: compute the overlap diagnostics (logging steps)."""
-    batch = self.rollouts(next(self.data_iter), self.rollout_key(self.step))
+    """One OPD step; `diagnostics`: compute the overlap diagnostics (logging steps).
+
+    Metrics gain `rollout_staleness`: the step minus the params version its batch used."""
+    self.sample_ahead()
+    pending = self.pending.popleft()
+    batch, t = pending.batch, self.step
     flag = jax.numpy.asarray(diagnostics)
     cache = self.teacher_cache(batch)
     self.state, metrics = self.train_step(self.state, self.teachers.states, cache, batch, flag)
     self.step += 1
-    return metrics
+    if self.rollout_mesh is not None:
+      self.rollout_params()  # the copy to the sampler's mesh starts as soon as the step ends
+    return dict(metrics, rollout_staleness=t - pending.version)
 
   def step_tokens(self, metrics: dict) -> dict:
     generated = sum(t["tokens"] for t in metrics["teachers"].values())
@@ -216,7 +306,10 @@ class Trainer(TrainingStage):
   def progress(self, record: dict) -> str:
     """Per-teacher full-vocab reverse KL: a divergence that reaches 0 at the teacher (never
     the optimisation surrogate, whose value for sampled estimators is no divergence)."""
-    return " ".join(f"{n} rkl {t['reverse_kl']:.3f}" for n, t in record["teachers"].items())
+    line = " ".join(f"{n} rkl {t['reverse_kl']:.3f}" for n, t in record["teachers"].items())
+    if self.rollout_mesh is not None:
+      line += f" | staleness {record['rollout_staleness']:.0f}"
+    return line
 
   # --- evaluation ----------------------------------------------------------------------
 

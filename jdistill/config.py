@@ -67,7 +67,8 @@ def teacher_config(
       param_dtype=param_dtype,
       placement=placement,
       hidden_dtype=hidden_dtype,
-      scan_layers=scan_layers,
+      # a typed None: `--config.teachers.<name>.scan_layers=True` overrides it
+      scan_layers=mlc.config_dict.placeholder(bool) if scan_layers is None else scan_layers,
     )
   )
 
@@ -86,7 +87,8 @@ def base_config() -> mlc.ConfigDict:
       path="",
       param_dtype="float32",
       dtype="float32",
-      scan_layers=None,  # None: auto (scanned from 8 layers) | True | False
+      # None: auto (scanned from 8 layers) | True | False; a typed None, overridable
+      scan_layers=mlc.config_dict.placeholder(bool),
       remat_policy="none",  # see REMAT_POLICIES
     )
   )

@@ -201,10 +201,16 @@ def test_cli_nested_overrides_and_bad_overrides(world):
     "--config.optimizer.lr=3e-6",
     "--config.teachers.math.weight=2",
     "--config.data.slots_per_teacher=2",
+    "--config.student.scan_layers=True",  # a typed None (auto) overridden by a bool
+    "--config.teachers.code.placement=streamed",
     world_dir=world_dir,
   )
   assert ok.returncode == 0, ok.stderr
   shown = json.loads(ok.stdout.strip().splitlines()[-1])
+  assert (
+    shown["student"]["scan_layers"] is True and shown["teachers"]["math"]["scan_layers"] is None
+  )
+  assert shown["teachers"]["code"]["placement"] == "streamed"
   assert shown["optimizer"]["lr"] == 3e-6
   assert shown["teachers"]["math"]["weight"] == 2
   assert shown["data"]["slots_per_teacher"] == 2

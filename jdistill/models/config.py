@@ -11,7 +11,7 @@ import jax.numpy as jnp
 MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
 DTYPES = ("float32", "bfloat16", "float16")
 ROPE_TYPES = ("default", "linear", "llama3")
-MOE_DISPATCHES = ("ragged", "dense")
+MOE_DISPATCHES = ("ragged", "blocked", "dense")
 # Names of `ModelConfig.remat_policy`; `transformer.checkpoint_policy` maps them to jax policies.
 REMAT_POLICIES = (
   "none",

@@ -1,10 +1,14 @@
 """Sparse mixture-of-experts feed-forward (Qwen2-MoE / Qwen3-MoE) and its router losses.
 
 Dispatch never drops a token (no capacity factor): the `[tokens * k]` (token, expert)
-assignments are sorted by expert, every expert runs as one group of a grouped matmul
-(`jax.lax.ragged_dot`) over its rows, and the rows are unsorted and summed with the
-router weights. `moe_dispatch="dense"` runs every expert on every token and masks the
-result: E times the FLOPs, a reference for tests only.
+assignments are sorted by expert, every expert runs over its rows, and the rows are
+unsorted and summed with the router weights. `moe_dispatch="blocked"` (the default) pads
+each expert's rows to whole blocks and runs the blocks as batched matmuls with their
+experts' gathered weights (`blocked_experts`); `"ragged"` runs one grouped matmul
+(`jax.lax.ragged_dot`), which XLA lowers densely today (every expert over every row: on
+CPU E times the memory, on an H200 slower than the dense reference);
+`"dense"` runs every expert on every token and masks the result: E times the FLOPs, a
+reference for tests only.
 
 Router losses: under `nnx.capture(model, nnx.Intermediate)` each MoE layer sows its
 float32 router logits `[batch, seq, experts]`; `forward_with_aux_losses` runs the model

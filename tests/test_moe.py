@@ -1,6 +1,7 @@
 """Mixture-of-experts decoders (Qwen3-MoE / Qwen2-MoE): dispatch, HF parity and export,
 expert-sharded forward, router losses (and their use in the train step), greedy sampling."""
 
+import functools
 import json
 import os
 
@@ -157,6 +158,82 @@ def test_ragged_dispatch_equals_dense_and_per_token_loop():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
 
 
+def _routing(case, n=20, e=6):
+  """(experts, weights) `[n, k]` for the dispatch edge cases."""
+  logits = jax.random.normal(jax.random.key(2), (n, e))
+  if case == "random":
+    weights, experts = moe.route(logits, 2, norm_topk_prob=True)
+  elif case == "empty_experts":  # experts 0 and 4 get no token
+    weights, experts = moe.route(logits.at[:, jnp.array([0, 4])].set(-1e9), 2, True)
+  elif case == "all_to_one":  # every row on expert 3, the rest empty
+    weights, experts = moe.route(logits.at[:, 3].set(1e9), 1, False)
+    weights = weights * jnp.linspace(0.5, 1.5, n)[:, None]
+  else:  # every token picks 3 with one other expert: group sizes 20 and a few
+    weights, experts = moe.route(logits.at[:, 3].set(logits.max(1) + 0.5), 2, True)
+  return experts, weights
+
+
+@pytest.mark.parametrize(
+  "case,block_size,group",
+  [
+    ("random", None, None),  # auto: the smallest block, no scan
+    ("random", 3, 1),  # groups of 3-7 rows in blocks of 3, one block per scan step
+    ("random", 4, 3),  # 3 blocks per step, dead blocks at the end
+    ("empty_experts", 4, None),
+    ("empty_experts", 8, 2),
+    ("all_to_one", 8, 1),  # 20 rows on one expert: 3 blocks of it, nothing dropped
+    ("all_to_one", 64, None),  # one block holds them all
+    ("skewed", 5, 2),
+  ],
+)
+def test_blocked_dispatch_equals_dense_and_ragged(case, block_size, group):
+  gate, up, down = _expert_weights()
+  x = jax.random.normal(jax.random.key(1), (20, 16))
+  experts, weights = _routing(case)
+  sizes = np.bincount(np.asarray(experts).ravel(), minlength=6)
+  if case in ("empty_experts", "all_to_one"):
+    assert (sizes == 0).sum() >= 2
+  blocked = functools.partial(moe.blocked_experts, block_size=block_size, group=group)
+
+  def loss(fn):
+    return lambda x, w, g, u, d: jnp.sum(jnp.sin(fn(x, experts, w, g, u, d)))
+
+  args = (x, weights, gate, up, down)
+  fns = {"blocked": blocked, "dense": moe.dense_experts, "ragged": moe.ragged_experts}
+  out = {
+    name: jax.jit(jax.value_and_grad(loss(fn), argnums=(0, 1, 2, 3, 4)))(*args)
+    for name, fn in fns.items()
+  }
+  y = np.asarray(jax.jit(blocked)(x, experts, weights, gate, up, down))
+  np.testing.assert_allclose(y, moe.dense_experts(x, experts, weights, gate, up, down), atol=1e-5)
+  assert np.abs(y).max() > 0.1
+  for ref in ("dense", "ragged"):
+    np.testing.assert_allclose(out["blocked"][0], out[ref][0], rtol=1e-5)
+    for a, b in zip(out["blocked"][1], out[ref][1]):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+  # every expert that has rows gets a weight gradient, the empty ones exactly zero
+  assert (np.abs(np.asarray(out["blocked"][1][2])).max((1, 2)) > 0).tolist() == (sizes > 0).tolist()
+
+
+def test_blocked_block_size_and_bound():
+  assert moe.block_size_for(8192 * 8 * 8, 128) == 128  # Qwen3-30B-A3B, 8,192 tokens
+  assert moe.block_size_for(2048 * 4, 64) == 32
+  assert moe.block_size_for(40, 6) == 8  # the floor
+  # the static bound holds for the worst split: every expert one row past a block
+  e, bs = 8, 4
+  experts = jnp.repeat(jnp.arange(e), bs + 1)[:, None]  # 40 rows, 5 per expert
+  n_blocks = (40 + e * (bs - 1)) // bs
+  assert n_blocks == 2 * e  # exactly what this split needs
+  gate, up, down = _expert_weights(e=e)
+  x = jax.random.normal(jax.random.key(1), (40, 16))
+  w = jnp.ones((40, 1))
+  np.testing.assert_allclose(
+    moe.blocked_experts(x, experts, w, gate, up, down, block_size=bs),
+    moe.dense_experts(x, experts, w, gate, up, down),
+    atol=1e-5,
+  )
+
+
 # --- Hugging Face parity and export ---------------------------------------------------------
 
 CASES = {
@@ -183,9 +260,10 @@ def qwen3_moe(tmp_path_factory):
   return torch_model, path
 
 
-def test_logits_match_transformers(hf_moe):
+@pytest.mark.parametrize("dispatch", ["ragged", "blocked"])
+def test_logits_match_transformers(hf_moe, dispatch):
   name, torch_model, path = hf_moe
-  model = hf.from_hf(path)
+  model = _with_cfg(hf.from_hf(path), moe_dispatch=dispatch)
   cfg = model.cfg
   sparse = [cfg.is_moe_layer(i) for i in range(cfg.num_layers)]
   assert (
@@ -205,7 +283,7 @@ def test_logits_match_transformers(hf_moe):
   ref = _torch_logits(torch_model, tokens, mask, positions)
   out = _jd_logits(model, tokens, mask, positions)
   err = np.abs(out - ref)[mask].max()
-  print(f"\n{name}: max |logits - transformers| = {err:.2e}")
+  print(f"\n{name} {dispatch}: max |logits - transformers| = {err:.2e}")
   assert err <= 1e-4
   dense = _jd_logits(_with_cfg(model, moe_dispatch="dense"), tokens, mask, positions)
   assert np.abs(dense - ref)[mask].max() <= 1e-4

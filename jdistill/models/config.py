@@ -11,7 +11,7 @@ import jax.numpy as jnp
 MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
 DTYPES = ("float32", "bfloat16", "float16")
 ROPE_TYPES = ("default", "linear", "llama3")
-MOE_DISPATCHES = ("ragged", "dense")
+MOE_DISPATCHES = ("ragged", "blocked", "dense")
 # Names of `ModelConfig.remat_policy`; `transformer.checkpoint_policy` maps them to jax policies.
 REMAT_POLICIES = (
   "none",
@@ -37,8 +37,9 @@ class ModelConfig:
   `mlp_only_layers` or `(i + 1) % decoder_sparse_step != 0` (HF's rule); dense layers
   keep the `intermediate_size` MLP. Each token goes to its `num_experts_per_tok` experts
   of width `moe_intermediate_size`; `shared_expert_intermediate_size > 0` adds Qwen2-MoE's
-  sigmoid-gated shared expert. `moe_dispatch="dense"` runs every expert on every token
-  (a reference for tests). The router coefficients weight the optional training losses
+  sigmoid-gated shared expert. `moe_dispatch`: `blocked` (block-padded grouped matmul),
+  `ragged` (`jax.lax.ragged_dot`) or `dense` (every expert on every token, a reference for
+  tests); all three drop no token. The router coefficients weight the optional training losses
   (`jdistill.models.moe.aux_losses`); 0 turns them off.
 
   `scan_layers`: stack the blocks' params on a leading `layers` axis and run them under
@@ -75,7 +76,7 @@ class ModelConfig:
   decoder_sparse_step: int = 1
   mlp_only_layers: tuple[int, ...] = ()
   shared_expert_intermediate_size: int = 0
-  moe_dispatch: str = "ragged"
+  moe_dispatch: str = "blocked"
   router_aux_loss_coef: float = 0.0
   router_z_loss_coef: float = 0.0
   scan_layers: bool | None = None

@@ -81,6 +81,11 @@ def pkg_version(name: str) -> str:
     return "not installed"
 
 
+def progress(msg: str) -> None:
+  """One line per finished row on stderr, so a long quiet run shows where it is."""
+  print(f"[compare {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
 def median_time(fn, repeats: int) -> tuple[float, list[float]]:
   times = []
   for _ in range(repeats):
@@ -484,10 +489,13 @@ def main():
       teacher.save_pretrained(t_path)
       row = {}
       row["jdistill"] = bench_jdistill_sampler(s_path, shape, prompts, args.repeats)
+      progress(f"vocab {vocab}: jdistill sampler {row['jdistill']['median_s']:.3f} s")
       if "tunix" not in skip:
         row["tunix"] = bench_tunix(s_path, student, shape, vocab, prompts, args.repeats)
+        progress(f"vocab {vocab}: Tunix sampler {row['tunix'].get('median_s')}")
       if "torch" not in skip:
         row["transformers"] = bench_transformers(student, shape, prompts, args.repeats)
+        progress(f"vocab {vocab}: transformers generate {row['transformers']['median_s']:.3f} s")
       for r in row.values():
         if "median_s" in r:
           r["tok_per_s"] = gen_tokens / r["median_s"]
@@ -497,8 +505,10 @@ def main():
         opd = {}
         opd["jdistill"] = jdistill_opd(s_path, t_path, prompts, shape, steps, diagnostics=False)
         opd["jdistill_diag"] = jdistill_opd(s_path, t_path, prompts, shape, steps, diagnostics=True)
+        progress(f"jdistill OPD step {opd['jdistill']['median_s']:.3f} s")
         if "torch" not in skip:
           opd["pytorch"] = pytorch_opd(student, teacher, prompts, shape, steps)
+          progress(f"PyTorch OPD step {opd['pytorch']['median_s']:.3f} s")
         results["opd"] = dict(vocab=vocab, **opd)
       del student, teacher
 

@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 LOG    := $(VENV)/install.log
 
-.PHONY: test lint format demo experiment install bench clean
+.PHONY: test lint format demo experiment install bench bench-venv compare clean
 
 # Install output goes to a log and is shown (its tail) only when the install fails.
 $(STAMP): pyproject.toml
@@ -45,5 +45,26 @@ bench: $(STAMP)
 	$(PY) bench/stages.py
 	$(PY) bench/disaggregated.py
 
+# bench/compare.py (jdistill vs Tunix vs transformers/PyTorch) needs Tunix, which is only a
+# bench dependency: it goes into its own venv (.venv-bench, jdistill[test,bench]), never .venv.
+BENCH_VENV  := .venv-bench
+BENCH_STAMP := $(BENCH_VENV)/.installed
+BENCH_LOG   := $(BENCH_VENV)/install.log
+COMPARE_ARGS ?= --vocab 32000,151936 --repeats 3
+
+$(BENCH_STAMP): pyproject.toml bench/requirements-tunix.txt
+	@test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	@echo "installing jdistill[test,bench] (Tunix) into $(BENCH_VENV) (log: $(BENCH_LOG))"
+	@( $(BENCH_VENV)/bin/python -m pip install --upgrade pip \
+	   && $(BENCH_VENV)/bin/python -m pip install -e '.[test,bench]' ) > $(BENCH_LOG) 2>&1 \
+	  || { echo "install failed; the last lines of $(BENCH_LOG):"; tail -n 40 $(BENCH_LOG); exit 1; }
+	@touch $(BENCH_STAMP)
+
+bench-venv: $(BENCH_STAMP)
+
+# e.g. make compare COMPARE_ARGS="--vocab 32000,151936 --repeats 3 --json compare.json"
+compare: $(BENCH_STAMP)
+	$(BENCH_VENV)/bin/python bench/compare.py $(COMPARE_ARGS)
+
 clean:
-	rm -rf $(VENV) demo_out runs
+	rm -rf $(VENV) $(BENCH_VENV) demo_out runs

@@ -140,7 +140,10 @@ def main():
     f"{batch}, {t_one / t_cont:.2f}x over one static batch of {PROMPTS}"
   )
   print(f"continuous tokens identical to the one static batch: {same}")
-  assert same
+  # On the CPU the two paths compute bit-identical logits, so the tokens must agree. On a GPU
+  # the one-row prefills and vmapped decode use other kernels than the batched loop, and a
+  # last-bit logit difference can move a T=1 draw across a CDF boundary (seen on an H200).
+  assert same or jax.default_backend() != "cpu"
 
 
 if __name__ == "__main__":

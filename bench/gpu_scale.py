@@ -204,6 +204,11 @@ def main(argv=None):
   p.add_argument("--smoke", action="store_true")
   p.add_argument("--cpu_estimate", action="store_true", help="only the XLA peaks, no run")
   p.add_argument("--parts", default="compile,memory,moe")
+  p.add_argument(
+    "--placements",
+    default="resident,streamed",
+    help="one per process for a clean measured peak (the device's peak is process-wide)",
+  )
   p.add_argument("--json", default="")
   a = p.parse_args(argv)
   setup = "tiny_1x" if a.smoke else "qwen3_1.7b_1x8b"
@@ -213,7 +218,7 @@ def main(argv=None):
     results["compile"] = compile_times(a.smoke)
   if "memory" in parts:
     results["memory"] = []
-    for placement in ("resident", "streamed"):
+    for placement in a.placements.split(","):
       r = memory_check(setup, placement, run=not a.cpu_estimate)
       results["memory"].append(r)
       log(json.dumps(r))

@@ -112,10 +112,13 @@ MODELS = {
     tie_word_embeddings=True,
   ),
 }
-# (student, teacher, number of teachers, tokens per row, rows per teacher)
+# (student, teacher, number of teachers, tokens per row, rows per teacher; -1: one row per
+# data shard for each teacher (the fewest rows at which every teacher's forward and loss are
+# split over all data shards; with fewer, GSPMD runs them replicated on every device), 0:
+# one row per data shard in all)
 SETUPS = {
-  "qwen3_1.7b_4x8b": ("qwen3-1.7b", "qwen3-8b", 4, 8192, 8),
-  "qwen3_30b_a3b_4x32b": ("qwen3-30b-a3b", "qwen3-32b", 4, 16384, 8),
+  "qwen3_1.7b_4x8b": ("qwen3-1.7b", "qwen3-8b", 4, 8192, -1),
+  "qwen3_30b_a3b_4x32b": ("qwen3-30b-a3b", "qwen3-32b", 4, 16384, -1),
   "tiny": ("tiny", "tiny", 4, 128, 2),
 }
 # Meshes and their device memory (GB): 8 x H200 (141 GB), TPU v5p-64 (32 chips of 95 GB,
@@ -138,8 +141,9 @@ def cpu_moe_proxy(cfg: ModelConfig) -> tuple[ModelConfig, dict]:
   """A dense stand-in for an MoE model, for the CPU compiler, and what it leaves out.
 
   XLA:CPU lowers `ragged_dot` densely (every group over every row: E times the memory of
-  the grouped matmul), so an MoE step compiled for CPU says nothing about an accelerator.
-  The stand-in swaps each expert layer for a dense SwiGLU of width k·f, whose activations
+  the grouped matmul), and the blocked dispatch's memory depends on its gathered-weight
+  budget, so the CPU's reading of an MoE step says little about an accelerator. The
+  stand-in swaps each expert layer for a dense SwiGLU of width k·f, whose activations
   (`[tokens, k·f]`) are exactly the grouped matmul's (`[tokens·k, f]`). Left out, and added
   back by `plan` per device: the other E − k experts' weights (`extra_params` per model,
   as parameter counts) and the `[tokens·k, d]` rows the dispatch gathers, live within one
@@ -221,6 +225,10 @@ def programs(
   """
   student_name, teacher_name, n_teachers, length, rows_per_teacher = SETUPS[setup]
   dp = shd.data_parallel_size(mesh)
+  if rows_per_teacher == 0:  # one row of the step per data shard
+    rows_per_teacher = max(dp // n_teachers, 1)
+  if rows_per_teacher == -1:  # each teacher's rows over every data shard
+    rows_per_teacher = dp
   if (rows_per_teacher * n_teachers) % dp:
     raise ValueError(f"{setup}: {rows_per_teacher * n_teachers} rows over {dp} data shards")
   student_cfg = model_config(
@@ -261,7 +269,13 @@ def programs(
     schedule=schedule,
     diagnostics=False,
   )
-  out = {"state": state, "n_teachers": n_teachers, "teacher_state": t_state, "proxy": proxy}
+  out = {
+    "rows_per_teacher": rows_per_teacher,
+    "state": state,
+    "n_teachers": n_teachers,
+    "teacher_state": t_state,
+    "proxy": proxy,
+  }
   out["tokens_per_device"] = n_teachers * rows_per_teacher * length / dp
   if placement == "resident":
     teachers = (stacked(t_state, n_teachers),) if n_teachers > 1 else (t_state,)
@@ -352,6 +366,7 @@ def plan(setup: str, mesh_name: str, placement: str, **kw) -> dict:
     out["moe_added_gb"] = added / GB
     for key in ("peak_gb", "step_gb"):
       out[key] += added / GB
+  out["rows_per_teacher"] = progs["rows_per_teacher"]
   out["student_state_gb"] = _per_device(progs["state"]) / GB
   out["teacher_params_gb"] = progs["n_teachers"] * _per_device(progs["teacher_state"]) / GB
   out["fits"] = None if capacity is None else bool(out["peak_gb"] <= capacity)
@@ -400,7 +415,7 @@ def main(argv=None) -> list[dict]:
   p.add_argument("--placements", default="resident,streamed")
   p.add_argument("--remat_policy", default="full")
   p.add_argument("--chunk", type=int, default=1024, help="loss.chunk_size")
-  p.add_argument("--attention_chunk", type=int, default=1024, help="0: one block (T^2 scores)")
+  p.add_argument("--attention_chunk", type=int, default=512, help="0: one block (T^2 scores)")
   p.add_argument("--smoke", action="store_true", help="the tiny setup on the cpu8 mesh")
   p.add_argument("--json", default="")
   a = p.parse_args(argv)

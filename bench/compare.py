@@ -300,7 +300,7 @@ def pytorch_opd(student, teacher, prompts, shape, steps: int) -> dict:
   return res
 
 
-def jdistill_train_fn(graphdef, t_graphdef, rows: int, diagnostics: bool):
+def jdistill_train_fn(graphdef, t_graphdef, rows: int, diagnostics: bool, loss_window=None):
   opt, sched = ts.make_optimizer(1e-4, steps=1000, warmup_steps=0)
   specs = (ts.TeacherSpec("teacher", LossSettings(loss="reverse_kl"), 1.0, tuple(range(rows))),)
   step = jax.jit(
@@ -312,6 +312,7 @@ def jdistill_train_fn(graphdef, t_graphdef, rows: int, diagnostics: bool):
       optimizer=opt,
       schedule=sched,
       diagnostics=diagnostics,
+      loss_window=loss_window,
     ),
     donate_argnums=(0,),  # as jdistill/train.py: the train state is donated
   )
@@ -323,7 +324,9 @@ def jdistill_opd(path, teacher_path, prompts, shape, steps: int, diagnostics: bo
   graphdef, params = nnx.split(hf.from_hf(path, mesh))
   t_graphdef, t_state = nnx.split(hf.from_hf(teacher_path, mesh))
   rows = prompts.shape[0]
-  step, opt = jdistill_train_fn(graphdef, t_graphdef, rows, diagnostics)
+  # as jdistill/train.py: the loss runs over the completion window (as the PyTorch step's
+  # logits_to_keep), not over the prompt positions
+  step, opt = jdistill_train_fn(graphdef, t_graphdef, rows, diagnostics, shape["new"])
   box = {
     "state": {
       "params": params,

@@ -134,6 +134,7 @@ class Trainer(TrainingStage):
       teacher_graphdefs=t.graphdefs,
       specs=t.specs,
       groups=t.groups,
+      loss_window=self.config.sampling.max_new_tokens,  # the loss skips the prompt positions
     )
     state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
     teacher_shardings = jax.tree.map(lambda x: x.sharding, t.states)

@@ -94,6 +94,25 @@ def shifted_inputs(batch: dict) -> dict:
   )
 
 
+def completion_window(x: dict, window: int) -> jax.Array:
+  """Per row, the `window` positions from the one that predicts the first completion token:
+  int `[B, window]` indices into the `L-1` positions of `shifted_inputs`.
+
+  Rows are prompt, completion, pad; with `window` = the sampler's `max_new_tokens`, every
+  position with `mask` 1 is inside, so a loss over the window equals the loss over all
+  positions (the others weigh 0) at `window / (L-1)` of the vocabulary work.
+  """
+  first = jnp.argmax(x["mask"] > 0, axis=1)  # the first completion target
+  start = jnp.minimum(first, x["mask"].shape[1] - window)
+  return start[:, None] + jnp.arange(window)[None, :]
+
+
+def take_positions(a, idx):
+  """`a [B, T, ...]` at `idx [B, W]` → `[B, W, ...]`."""
+  idx = idx.reshape(*idx.shape, *([1] * (a.ndim - 2)))
+  return jnp.take_along_axis(a, idx, axis=1)
+
+
 def teacher_hidden(graphdef, state, x: dict, rows: tuple[int, ...]):
   """Frozen teacher's final hidden states `[S, L-1, D]` and unembedding on its rows."""
   teacher = nnx.merge(graphdef, state)
@@ -157,6 +176,7 @@ def distill_objective(
   groups: Sequence[tuple[int, ...]] | None = None,
   diagnostics=True,
   teacher_cache: dict | None = None,
+  loss_window: int | None = None,
 ):
   """Weighted sum over teachers of their loss on their rows → (loss, metrics).
 
@@ -166,6 +186,9 @@ def distill_objective(
 
   `teacher_cache`: `{i: (hidden [S, L-1, D], unembed [D, V])}` of the streamed teachers
   (`jdistill.streaming`), whose forward ran before the step; they are in no group.
+
+  `loss_window` (static; the sampler's `max_new_tokens`): the loss kernels run only over
+  each row's completion window (`completion_window`), not over the prompt positions too.
 
   A mixture-of-experts student adds its coefficient-weighted router losses (`moe.aux_losses`)
   to the total and reports them, unweighted, in every teacher's metrics.
@@ -184,6 +207,13 @@ def distill_objective(
     outs = group_hidden(graphdef, state, x, [specs[i].rows for i in members])
     teacher_out.update(zip(members, outs))
   total = moe.weighted_aux_loss(router, student.cfg)
+  if loss_window is not None and loss_window < x["mask"].shape[1]:
+    idx = completion_window(x, loss_window)
+    hidden = take_positions(hidden, idx)
+    x = {k: take_positions(x[k], idx) for k in ("targets", "mask", "behaviour_logp")}
+    teacher_out = {
+      i: (take_positions(h, take_rows(idx, specs[i].rows)), u) for i, (h, u) in teacher_out.items()
+    }
   metrics = {}
   for i, spec in enumerate(specs):
     rows = lambda a: take_rows(a, spec.rows)  # noqa: E731
@@ -292,6 +322,7 @@ def train_step(
   groups: tuple[tuple[int, ...], ...] | None = None,
   diagnostics=True,
   teacher_cache: dict | None = None,
+  loss_window: int | None = None,
 ):
   """One OPD update. Returns (new_state, metrics). A non-finite loss or gradient leaves
   params and optimizer state unchanged and reports `metrics["finite"] = 0`.
@@ -303,7 +334,8 @@ def train_step(
   is no divergence); `divergence` is the weighted mean over teachers of the full-vocab
   reverse KL on their rows, which reaches 0 when the student matches every teacher.
 
-  `teacher_cache`: the streamed teachers' hidden states (see `distill_objective`).
+  `teacher_cache`: the streamed teachers' hidden states; `loss_window`: the completion
+  window the loss runs over (both: see `distill_objective`).
   """
 
   def objective(params):
@@ -317,6 +349,7 @@ def train_step(
       groups,
       diagnostics,
       teacher_cache,
+      loss_window,
     )
 
   (loss, per_teacher), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])

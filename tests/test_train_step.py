@@ -200,3 +200,45 @@ def test_diagnostics_only_when_asked_with_one_compile_and_the_same_update(setup)
     float(m_on["teachers"]["a"]["reverse_kl"]) + 0.5 * float(m_on["teachers"]["b"]["reverse_kl"])
   ) / 1.5
   np.testing.assert_allclose(float(m_on["divergence"]), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("loss", ["reverse_kl", "sampled_token"])
+def test_the_completion_window_gives_the_full_loss_and_gradients(setup, loss):
+  """Rows of different prompt lengths: the loss over each row's `max_new` window equals the
+  loss over every position (the prompt and pad positions weigh 0)."""
+  graphdef, params, t_graphdefs, t_states, _, _ = setup
+  rows = ts.teacher_rows(2, 2)
+  specs = tuple(
+    ts.TeacherSpec(n, LossSettings(loss=loss, chunk_size=4, normalize=norm), 1.0, r)
+    for n, norm, r in zip("ab", ("token", "sequence"), rows)
+  )
+  prompt, new = np.array([3, 7, 5, 9]), 6  # L = 9 + 6 = 15
+  completion = np.array([6, 2, 4, 1])
+  length = 15
+  rng = np.random.RandomState(3)
+  mask = np.zeros((4, length), np.float32)
+  for r in range(4):
+    mask[r, prompt[r] : prompt[r] + completion[r]] = 1
+  batch = {
+    "tokens": jnp.asarray(rng.randint(3, CFG.vocab_size, (4, length)), jnp.int32),
+    "completion_mask": jnp.asarray(mask),
+    "logprobs": jnp.full((4, length), -2.0, jnp.float32),
+    "sampling_logprobs": jnp.asarray(rng.uniform(-4, -1, (4, length)), jnp.float32),
+    "lengths": jnp.asarray(prompt + completion, jnp.int32),
+  }
+
+  def objective(p, window):
+    return ts.distill_objective(
+      p, graphdef, t_graphdefs, t_states, batch, specs, loss_window=window
+    )
+
+  fn = jax.jit(jax.value_and_grad(objective, has_aux=True), static_argnums=1)
+  (full, m_full), g_full = fn(params, None)
+  (win, m_win), g_win = fn(params, new)
+  np.testing.assert_allclose(win, full, rtol=1e-6)
+  for name in "ab":
+    for key in ("loss", "tokens", "teacher_logp"):
+      np.testing.assert_allclose(m_win[name][key], m_full[name][key], rtol=1e-5, atol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g_win, g_full)
+  idx = ts.completion_window(ts.shifted_inputs(batch), new)
+  np.testing.assert_array_equal(idx[:, 0], prompt - 1)  # the position predicting token `prompt`

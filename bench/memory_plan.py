@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -247,7 +248,7 @@ def programs(
   opt_state = jax.tree.map(
     lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
     jax.eval_shape(optimizer.init, params),
-    _opt_shardings(optimizer, params, replicated),
+    shd.optimizer_shardings(optimizer, params, replicated),
   )
   state = {
     "params": params,
@@ -332,7 +333,7 @@ def programs(
 def plan(setup: str, mesh_name: str, placement: str, **kw) -> dict:
   """Compiles the setup's programs on `mesh_name` and reads their per-device peaks (GB)."""
   axes, capacity = MESHES[mesh_name]
-  mesh = shd.make_mesh(axes, jax.devices()[: _size(axes)])
+  mesh = shd.make_mesh(axes, jax.devices()[: math.prod(axes.values())])
   t0 = time.perf_counter()
   progs = programs(setup, mesh, placement, **kw)
   out = {"setup": setup, "mesh": mesh_name, "placement": placement, "capacity_gb": capacity}
@@ -353,7 +354,7 @@ def plan(setup: str, mesh_name: str, placement: str, **kw) -> dict:
     )
   out["compile_s"] = time.perf_counter() - t0
   if progs["proxy"]:  # the MoE parts the CPU stand-in leaves out (see cpu_moe_proxy)
-    devices = _size(axes)
+    devices = math.prod(axes.values())
     added = 0.0
     if "student" in progs["proxy"]:
       extra = progs["proxy"]["student"]
@@ -378,34 +379,8 @@ def _per_device(tree) -> int:
   total = 0
   for x in jax.tree.leaves(tree):
     shard = x.sharding.shard_shape(x.shape)
-    total += int(jnp.dtype(x.dtype).itemsize * _prod(shard))
+    total += int(jnp.dtype(x.dtype).itemsize * math.prod(shard))
   return total
-
-
-def _prod(shape) -> int:
-  out = 1
-  for s in shape:
-    out *= s
-  return out
-
-
-def _size(axes: dict) -> int:
-  return _prod(axes.values())
-
-
-def _opt_shardings(optimizer, params, replicated):
-  by_path = {
-    tuple(map(str, path)): x.sharding for path, x in jax.tree_util.tree_leaves_with_path(params)
-  }
-
-  def one(path, leaf):
-    path = tuple(map(str, path))
-    for i in range(len(path)):
-      if path[i:] in by_path and leaf.ndim:
-        return by_path[path[i:]]
-    return replicated
-
-  return jax.tree_util.tree_map_with_path(one, jax.eval_shape(optimizer.init, params))
 
 
 def main(argv=None) -> list[dict]:

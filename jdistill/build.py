@@ -286,26 +286,10 @@ def optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
   )
 
 
-def optimizer_shardings(optimizer, params, replicated):
-  """Shardings of the optimizer state: moments like their parameter, scalars replicated."""
-  by_path = {
-    tuple(map(str, path)): x.sharding for path, x in jax.tree_util.tree_leaves_with_path(params)
-  }
-
-  def one(path, leaf):
-    path = tuple(map(str, path))
-    for i in range(len(path)):
-      if path[i:] in by_path and leaf.ndim:
-        return by_path[path[i:]]
-    return replicated
-
-  return jax.tree_util.tree_map_with_path(one, jax.eval_shape(optimizer.init, params))
-
-
 def train_state(params, optimizer, mesh) -> dict:
   """`{"params", "opt_state", "step"}` with the optimizer state sharded like the params."""
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  out_shardings = optimizer_shardings(optimizer, params, replicated)
+  out_shardings = shd.optimizer_shardings(optimizer, params, replicated)
   opt_state = jax.jit(optimizer.init, out_shardings=out_shardings)(params)
   step = jax.device_put(jnp.zeros((), jnp.int32), replicated)
   return {"params": params, "opt_state": opt_state, "step": step}

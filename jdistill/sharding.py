@@ -164,3 +164,19 @@ def abstract_sharded_state(
     is_leaf=_is_variable,
   )
   return graphdef, sds
+
+
+def optimizer_shardings(optimizer, params, replicated):
+  """Shardings of the optimizer state: moments like their parameter, scalars replicated."""
+  by_path = {
+    tuple(map(str, path)): x.sharding for path, x in jax.tree_util.tree_leaves_with_path(params)
+  }
+
+  def one(path, leaf):
+    path = tuple(map(str, path))
+    for i in range(len(path)):
+      if path[i:] in by_path and leaf.ndim:
+        return by_path[path[i:]]
+    return replicated
+
+  return jax.tree_util.tree_map_with_path(one, jax.eval_shape(optimizer.init, params))

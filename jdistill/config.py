@@ -132,7 +132,7 @@ def base_config() -> mlc.ConfigDict:
 
   c.loss = mlc.ConfigDict(
     dict(
-      chunk_size=256,
+      chunk_size=0,  # positions per loss chunk along T; 0: chosen from the shapes
       temperature=1.0,
       normalize="token",
       beta=0.5,
@@ -364,7 +364,6 @@ def validate(config) -> None:
     "data.max_prompt_len",
     "data.slots_per_teacher",
     "sampling.max_new_tokens",
-    "loss.chunk_size",
     "loss.temperature",
     "loss.topk",
     "optimizer.lr",
@@ -379,6 +378,7 @@ def validate(config) -> None:
   for field in (
     "sampling.temperature",
     "sampling.top_k",
+    "loss.chunk_size",
     "optimizer.warmup_steps",
     "optimizer.weight_decay",
     "optimizer.max_grad_norm",

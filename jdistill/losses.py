@@ -89,11 +89,12 @@ class LossSettings:
   loss uses matter (e.g. ``beta`` only for "jsd", ``k``/``topk_*`` only for "topk",
   ``overlap_*`` only for "overlap_aware", ``clip_eps`` only for "sampled_token"). The
   ``diag_*`` fields configure the per-token support diagnostics every loss returns.
-  ``chunk_size=None`` materialises full ``[B, T, V]`` logits (the test reference).
+  ``chunk_size``: positions per chunk along T; 0 chooses it from the shapes
+  (:func:`chunk_positions`); None materialises full ``[B, T, V]`` logits (the test reference).
   """
 
   loss: str = "reverse_kl"
-  chunk_size: int | None = 512
+  chunk_size: int | None = 0
   temperature: float = 1.0
   normalize: str = "token"
   beta: float = 0.5
@@ -121,9 +122,11 @@ class LossSettings:
     _check_choice("normalize", self.normalize, NORMALIZE_MODES)
     _check_temperature(self.temperature)
     if self.chunk_size is not None and not (
-      isinstance(self.chunk_size, numbers.Integral) and self.chunk_size > 0
+      isinstance(self.chunk_size, numbers.Integral) and self.chunk_size >= 0
     ):
-      raise ValueError(f"chunk_size must be a positive int or None, got {self.chunk_size!r}")
+      raise ValueError(
+        f"chunk_size must be a positive int, 0 (auto) or None (unchunked), got {self.chunk_size!r}"
+      )
     if self.loss == "jsd":
       _check_beta(self.beta)
     if self.loss == "topk":
@@ -628,6 +631,29 @@ def _check_unembed_shapes(
       raise ValueError(f"{name} must have shape {(vocab,)}, got {bias.shape}")
 
 
+# Tokens (rows x positions) per chunk with chunk_size=0. CPU: a chunk's [tokens, V] logits
+# and softmax temporaries are read and written ~10 times, and ~256 tokens keep those passes
+# near the caches while the vocabulary matmuls still amortise their weight reads (the
+# compare-bench train step, 16 rows x 128 positions: 128-256 tokens 1.90-1.98 s against
+# 2.22 s at 2,048 at vocab 32k; 7.5 s against 8.4 s at 64 tokens at 151,936).
+# Accelerators: as many tokens as fit this many bytes of f32 logits per model.
+AUTO_CHUNK_TOKENS_CPU = 256
+AUTO_CHUNK_BYTES = 512 * 2**20
+
+
+def chunk_positions(chunk_size: int, rows: int, length: int, vocab: int) -> int:
+  """Positions per chunk along T (at most ``length``): ``chunk_size`` itself, or with 0
+  (auto) ``AUTO_CHUNK_TOKENS_CPU`` tokens' worth on CPU and ``AUTO_CHUNK_BYTES`` of f32
+  ``[rows, C, vocab]`` logits (at least 256 tokens) elsewhere, over the global ``rows``."""
+  if chunk_size == 0:
+    if jax.default_backend() == "cpu":
+      tokens = AUTO_CHUNK_TOKENS_CPU
+    else:
+      tokens = max(AUTO_CHUNK_TOKENS_CPU, AUTO_CHUNK_BYTES // (4 * vocab))
+    chunk_size = max(1, tokens // max(rows, 1))
+  return int(min(chunk_size, length))
+
+
 def project_logits(hidden, unembed, bias=None):
   """``hidden [..., D] @ unembed [D, V] (+ bias [V])`` with float32 accumulation."""
   logits = jnp.dot(hidden, unembed, preferred_element_type=jnp.float32)
@@ -687,10 +713,10 @@ def chunked_token_values(
     student_bias,
     teacher_bias,
   )
-  if not (isinstance(chunk_size, numbers.Integral) and chunk_size > 0):
-    raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+  if not (isinstance(chunk_size, numbers.Integral) and chunk_size >= 0):
+    raise ValueError(f"chunk_size must be a positive int or 0 (auto), got {chunk_size!r}")
   length = targets.shape[1]
-  chunk_size = int(min(chunk_size, length))
+  chunk_size = chunk_positions(chunk_size, targets.shape[0], length, student_unembed.shape[-1])
   n_chunks = -(-length // chunk_size)
   weights = (
     student_unembed,
@@ -716,13 +742,14 @@ def chunked_token_values(
   return jax.tree.map(lambda y: _merge_chunks(y, length), values)
 
 
-def token_logprobs(hidden, unembed, targets, *, chunk_size: int | None = 512, bias=None):
+def token_logprobs(hidden, unembed, targets, *, chunk_size: int | None = 0, bias=None):
   """Differentiable log-probs of ``targets`` from hidden states -> ``[B, T]`` float32.
 
   ``hidden [B, T, D]``, ``unembed [D, V]``, ``targets [B, T]`` (position t scores
   ``targets[:, t]``). Logits are built ``chunk_size`` positions at a time under
   ``jax.checkpoint`` (as in :func:`chunked_token_values`), so no ``[B, T, V]`` array lives
-  in memory; ``chunk_size=None`` is the unchunked reference. The policy-gradient losses
+  in memory; ``chunk_size=0`` chooses the size (:func:`chunk_positions`), ``None`` is the
+  unchunked reference. The policy-gradient losses
   (GRPO) and the cross-entropy of SFT both stand on it.
   """
   _check_same_shape("hidden[..., 0]", hidden[..., 0], "targets", targets)
@@ -733,7 +760,7 @@ def token_logprobs(hidden, unembed, targets, *, chunk_size: int | None = 512, bi
   if chunk_size is None:
     return logp(hidden, unembed, bias, targets)
   length = targets.shape[1]
-  size = int(min(chunk_size, length))
+  size = chunk_positions(chunk_size, targets.shape[0], length, unembed.shape[-1])
   n_chunks = -(-length // size)
   chunks = (_split_chunks(hidden, n_chunks, size), _split_chunks(targets, n_chunks, size))
   step = jax.checkpoint(lambda chunk: logp(chunk[0], unembed, bias, chunk[1]))
@@ -741,7 +768,7 @@ def token_logprobs(hidden, unembed, targets, *, chunk_size: int | None = 512, bi
 
 
 def cross_entropy_loss(
-  hidden, unembed, targets, mask, *, chunk_size: int | None = 512, bias=None, normalize="token"
+  hidden, unembed, targets, mask, *, chunk_size: int | None = 0, bias=None, normalize="token"
 ):
   """Masked next-token cross-entropy from hidden states -> ``(loss, nll [B, T])``.
 
@@ -1033,7 +1060,7 @@ def _fused_pass(settings: LossSettings, student, fixed: dict, with_grad: bool):
   s_hidden, s_unembed, s_bias = student
   targets = fixed["targets"]
   length = targets.shape[1]
-  chunk_size = int(min(settings.chunk_size, length))
+  chunk_size = chunk_positions(settings.chunk_size, targets.shape[0], length, s_unembed.shape[-1])
   n_chunks = -(-length // chunk_size)
   per_row = dict(
     s_hidden=s_hidden,
@@ -1046,9 +1073,9 @@ def _fused_pass(settings: LossSettings, student, fixed: dict, with_grad: bool):
   chunks = {k: _split_chunks(v, n_chunks, chunk_size) for k, v in per_row.items() if v is not None}
   fn = _per_token_loss_fn(settings, fixed["diagnostics"])
 
-  def chunk_loss(hidden, unembed, bias, teacher_logits, c):
+  def chunk_loss(logits, teacher_logits, c):
     per_token, aux = fn(
-      project_logits(hidden, unembed, bias),
+      logits,
       teacher_logits,
       c["targets"],
       c.get("behaviour_logp"),
@@ -1059,27 +1086,34 @@ def _fused_pass(settings: LossSettings, student, fixed: dict, with_grad: bool):
 
   def body(carry, c):
     teacher_logits = project_logits(c["t_hidden"], fixed["t_unembed"], fixed["t_bias"])
+    logits = project_logits(c["s_hidden"], s_unembed, s_bias)
     if not with_grad:
-      value, aux = chunk_loss(c["s_hidden"], s_unembed, s_bias, teacher_logits, c)
+      value, aux = chunk_loss(logits, teacher_logits, c)
       return carry + value, aux
-    total, d_unembed, d_bias = carry
-    value, vjp, aux = jax.vjp(
-      lambda h, w, b: chunk_loss(h, w, b, teacher_logits, c),
-      c["s_hidden"],
-      s_unembed,
-      s_bias,
-      has_aux=True,
-    )
-    g_hidden, g_unembed, g_bias = vjp(jnp.ones_like(value))
-    carry = (total + value, d_unembed + g_unembed, jax.tree.map(jnp.add, d_bias, g_bias))
-    return carry, (aux, g_hidden)
+    total, d_unembed_t, d_bias = carry
+    value, vjp, aux = jax.vjp(lambda lg: chunk_loss(lg, teacher_logits, c), logits, has_aux=True)
+    (d_logits,) = vjp(jnp.ones_like(value))  # [B, C, V] f32
+    # The projection's two gradients as explicit contractions: d_logits is read in its own
+    # layout (autodiff's transpose of the unembedding grad made XLA:CPU write a transposed
+    # [V, B*C] copy of it, the step's slowest op).
+    g_hidden = jnp.einsum("bcv,dv->bcd", d_logits, s_unembed, preferred_element_type=jnp.float32)
+    g_unembed_t = jnp.einsum("bcd,bcv->dv", c["s_hidden"], d_logits, preferred_element_type=jnp.float32)
+    g_bias = None if s_bias is None else jnp.sum(d_logits, (0, 1))
+    carry = (total + value, d_unembed_t + g_unembed_t, jax.tree.map(jnp.add, d_bias, g_bias))
+    return carry, (aux, g_hidden.astype(s_hidden.dtype))
 
   zero = jnp.zeros((), jnp.float32)
   if not with_grad:
     total, aux = jax.lax.scan(body, zero, chunks)
     return total, jax.tree.map(lambda y: _merge_chunks(y, length), aux), None
-  init = (zero, jnp.zeros_like(s_unembed), jax.tree.map(jnp.zeros_like, s_bias))
-  (total, d_unembed, d_bias), (aux, g_hidden) = jax.lax.scan(body, init, chunks)
+  init = (
+    zero,
+    jnp.zeros(s_unembed.shape, jnp.float32),
+    jax.tree.map(lambda b: jnp.zeros(b.shape, jnp.float32), s_bias),
+  )
+  (total, d_unembed_t, d_bias), (aux, g_hidden) = jax.lax.scan(body, init, chunks)
+  d_unembed = d_unembed_t.astype(s_unembed.dtype)
+  d_bias = jax.tree.map(lambda g, b: g.astype(b.dtype), d_bias, s_bias)
   grads = (_merge_chunks(g_hidden, length), d_unembed, d_bias)
   return total, jax.tree.map(lambda y: _merge_chunks(y, length), aux), grads
 

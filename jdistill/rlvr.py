@@ -49,7 +49,7 @@ sg = jax.lax.stop_gradient
 class RLSettings:
   """Static settings of the RL objective (a jit static: hashable)."""
 
-  chunk_size: int | None = 512
+  chunk_size: int | None = 0  # 0: chosen from the shapes (losses.chunk_positions)
   normalize: str = "token"
   clip_eps: float | None = None
   icepop_c: float | None = None

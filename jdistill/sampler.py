@@ -325,28 +325,45 @@ def prompt_keys(rng: jax.Array, prompt_ids: jax.Array, t: jax.Array) -> jax.Arra
   return jax.vmap(lambda p, s: jax.random.fold_in(jax.random.fold_in(rng, p), s))(prompt_ids, t)
 
 
-def draw(key: jax.Array, logp: jax.Array) -> jax.Array:
+def draw(key: jax.Array, logp: jax.Array, block: int | None = None) -> jax.Array:
   """One token per row from log-probabilities `[B, V]` (-inf = excluded) → `[B]` int32.
 
   `key`: one key (row b takes row b of its `[B]` uniforms) or a typed key array `[B]`
   (row b takes the one uniform of key b).
 
-  Inverse CDF: one uniform per row, where Gumbel-max (`jax.random.categorical`) draws V; at
-  [16, 32k] on a CPU that is 3x faster with the log-softmax included, 6x at 152k vocab
-  (bench/sampler.py). The f32 running sum distorts only probabilities near its rounding
-  (~1e-7 of the total mass). An excluded token is never drawn: its CDF step is empty, and a
-  uniform rounding up to the total falls back to the last allowed token.
+  Inverse CDF: one uniform per row, where Gumbel-max (`jax.random.categorical`) draws V. The
+  CDF is walked in two levels, so no running sum spans the vocabulary (XLA:CPU lowers a long
+  cumsum to a slow reduce-window): the uniform picks a block of `block` tokens (default: the
+  power of two ≥ √V) from the running sum of the block masses, then a token from the running
+  sum inside that block. The draw is the one-level inverse CDF's up to f32 rounding of the
+  sums (~1e-7 of the total mass). An excluded token is never drawn: its CDF step is empty,
+  and a uniform that rounds past a block's (or the row's) allowed tokens falls back to the
+  nearest allowed one in it.
   """
+  rows, vocab = logp.shape
+  block = block or 1 << max(math.ceil(math.log2(math.sqrt(vocab))), 0)
+  n_blocks = -(-vocab // block)
   probs = jnp.exp(logp)
-  cdf = jnp.cumsum(probs, axis=-1)
   if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) and key.ndim == 1:
-    u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(key)[:, None]
+    u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(key)
   else:
-    u = jax.random.uniform(key, (logp.shape[0], 1), jnp.float32)
-  u = u * cdf[:, -1:]
-  index = jnp.sum(cdf <= u, axis=-1)
-  last_allowed = logp.shape[-1] - 1 - jnp.argmax(probs[:, ::-1] > 0, axis=-1)
-  return jnp.minimum(index, last_allowed).astype(jnp.int32)
+    u = jax.random.uniform(key, (rows, 1), jnp.float32)[:, 0]
+  blocks = jnp.pad(probs, ((0, 0), (0, n_blocks * block - vocab))).reshape(rows, n_blocks, block)
+  mass = jnp.sum(blocks, axis=-1)  # [B, n_blocks]
+  cdf = jnp.cumsum(mass, axis=-1)
+  target = u * cdf[:, -1]
+  chosen = _first_last_allowed(mass, jnp.sum(cdf <= target[:, None], axis=-1))
+  inner = jnp.take_along_axis(blocks, chosen[:, None, None], axis=1)[:, 0]  # [B, block]
+  rest = target - _pick(cdf - mass, chosen)  # the uniform's mass left inside the block
+  index = _first_last_allowed(inner, jnp.sum(jnp.cumsum(inner, axis=-1) <= rest[:, None], axis=-1))
+  return (chosen * block + index).astype(jnp.int32)
+
+
+def _first_last_allowed(probs: jax.Array, index: jax.Array) -> jax.Array:
+  """`index [B]` clamped into the span of `probs [B, N]`'s positive entries."""
+  first = jnp.argmax(probs > 0, axis=-1)
+  last = probs.shape[-1] - 1 - jnp.argmax(probs[:, ::-1] > 0, axis=-1)
+  return jnp.clip(index, first, last)
 
 
 def _pick(x: jax.Array, idx: jax.Array) -> jax.Array:

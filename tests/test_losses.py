@@ -402,7 +402,7 @@ LOSS_KWARGS = {
   "sampled_token_ppo": {"clip_eps": 0.2},
 }
 CHUNK_CASES = (
-  [("reverse_kl", c) for c in (1, 3, T, T + 4)]
+  [("reverse_kl", c) for c in (0, 1, 3, T, T + 4)]
   + [("sampled_token_ppo", c) for c in (1, 3, T + 4)]
   + [(name, 3) for name in ("forward_kl", "jsd", "topk", "sampled_token")]
 )
@@ -512,6 +512,21 @@ def _distill(**overrides):
   return losses.distill_loss(*args.values(), settings, **kwargs)
 
 
+def test_chunk_positions_from_the_shapes(monkeypatch):
+  """chunk_size=0: ~AUTO_CHUNK_TOKENS_CPU tokens per chunk on CPU; a logits byte budget on
+  accelerators; an explicit size is kept; never more than the sequence, never below 1."""
+  cpu = losses.AUTO_CHUNK_TOKENS_CPU
+  assert losses.chunk_positions(0, 16, 128, 32_000) == cpu // 16
+  assert losses.chunk_positions(0, 1, 100, 32_000) == 100  # capped at the length
+  assert losses.chunk_positions(0, 4 * cpu, 100, 32_000) == 1  # more rows than the budget
+  assert losses.chunk_positions(24, 16, 128, 32_000) == 24
+  assert losses.chunk_positions(512, 16, 128, 32_000) == 128
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  tokens = losses.AUTO_CHUNK_BYTES // (4 * 32_000)
+  assert losses.chunk_positions(0, 16, 10_000, 32_000) == tokens // 16
+  assert losses.chunk_positions(0, 16, 10_000, 10**7) == cpu // 16  # the floor
+
+
 @pytest.mark.parametrize(
   "overrides,match",
   [
@@ -531,7 +546,8 @@ def _distill(**overrides):
     ({"loss": "topk", "topk_direction": "sideways", "k": 3}, "topk_direction must be one of"),
     ({"temperature": 0.0}, "temperature must be > 0"),
     ({"temperature": -1.0}, "temperature must be > 0"),
-    ({"chunk_size": 0}, "chunk_size"),
+    ({"chunk_size": -1}, "chunk_size"),
+    ({"chunk_size": 2.5}, "chunk_size"),
     ({"loss": "sampled_token", "clip_eps": 0.2}, "clip_eps requires behaviour_logp"),
     ({"loss": "sampled_token", "extra_advantage": jnp.zeros((B, 2))}, "extra_advantage"),
     ({"extra_advantage": jnp.zeros((B, 1))}, "extra_advantage"),

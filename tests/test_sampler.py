@@ -444,3 +444,30 @@ def test_inverse_cdf_draw_matches_its_distribution_and_never_draws_excluded_toke
     single = np.full((8, vocab), -np.inf, np.float32)
     single[:, only] = 0.0
     assert (np.asarray(draw(jax.random.key(4), jnp.asarray(single))) == only).all()
+
+
+@pytest.mark.parametrize("block", [1, 5, 8, 64])
+def test_blocked_draw_is_the_one_level_inverse_cdf(block):
+  """The two-level walk (blocks of `block` tokens, a partial last block at 5) draws what one
+  running sum over the whole row draws from the same uniform, up to f32 rounding at CDF
+  boundaries; it keeps the distribution, including a whole excluded block and excluded
+  tokens at block edges, and one allowed token at either end of a row."""
+  from jdistill.sampler import draw
+
+  rng = np.random.RandomState(1)
+  vocab, rows = 64, 20_000
+  logits = rng.randn(vocab) * 2.0
+  logits[[0, 7, 8, 31, vocab - 1]] = -np.inf
+  logits[16:24] = -np.inf  # one whole block of 8
+  logp = logits - np.logaddexp.reduce(logits[np.isfinite(logits)])
+  grid = jnp.broadcast_to(jnp.asarray(logp, jnp.float32), (rows, vocab))
+  key = jax.random.key(5)
+  blocked = np.asarray(draw(key, grid, block=block))
+  one_level = np.asarray(draw(key, grid, block=vocab))
+  assert np.mean(blocked == one_level) > 0.999
+  assert np.isfinite(logp[blocked]).all(), "an excluded token was drawn"
+  assert _chi_square_pvalue(np.bincount(blocked, minlength=vocab), np.exp(logp)) > 1e-3
+  for only in (0, 17, vocab - 1):
+    single = np.full((8, vocab), -np.inf, np.float32)
+    single[:, only] = 0.0
+    assert (np.asarray(draw(jax.random.key(4), jnp.asarray(single), block=block)) == only).all()

@@ -1090,16 +1090,17 @@ def _fused_pass(settings: LossSettings, student, fixed: dict, with_grad: bool):
     if not with_grad:
       value, aux = chunk_loss(logits, teacher_logits, c)
       return carry + value, aux
-    total, d_unembed_t, d_bias = carry
+    total, d_unembed, d_bias = carry
     value, vjp, aux = jax.vjp(lambda lg: chunk_loss(lg, teacher_logits, c), logits, has_aux=True)
     (d_logits,) = vjp(jnp.ones_like(value))  # [B, C, V] f32
     # The projection's two gradients as explicit contractions: d_logits is read in its own
     # layout (autodiff's transpose of the unembedding grad made XLA:CPU write a transposed
     # [V, B*C] copy of it, the step's slowest op).
-    g_hidden = jnp.einsum("bcv,dv->bcd", d_logits, s_unembed, preferred_element_type=jnp.float32)
-    g_unembed_t = jnp.einsum("bcd,bcv->dv", c["s_hidden"], d_logits, preferred_element_type=jnp.float32)
+    f32 = jnp.float32
+    g_hidden = jnp.einsum("bcv,dv->bcd", d_logits, s_unembed, preferred_element_type=f32)
+    g_unembed = jnp.einsum("bcd,bcv->dv", c["s_hidden"], d_logits, preferred_element_type=f32)
     g_bias = None if s_bias is None else jnp.sum(d_logits, (0, 1))
-    carry = (total + value, d_unembed_t + g_unembed_t, jax.tree.map(jnp.add, d_bias, g_bias))
+    carry = (total + value, d_unembed + g_unembed, jax.tree.map(jnp.add, d_bias, g_bias))
     return carry, (aux, g_hidden.astype(s_hidden.dtype))
 
   zero = jnp.zeros((), jnp.float32)
@@ -1111,8 +1112,8 @@ def _fused_pass(settings: LossSettings, student, fixed: dict, with_grad: bool):
     jnp.zeros(s_unembed.shape, jnp.float32),
     jax.tree.map(lambda b: jnp.zeros(b.shape, jnp.float32), s_bias),
   )
-  (total, d_unembed_t, d_bias), (aux, g_hidden) = jax.lax.scan(body, init, chunks)
-  d_unembed = d_unembed_t.astype(s_unembed.dtype)
+  (total, d_unembed, d_bias), (aux, g_hidden) = jax.lax.scan(body, init, chunks)
+  d_unembed = d_unembed.astype(s_unembed.dtype)
   d_bias = jax.tree.map(lambda g, b: g.astype(b.dtype), d_bias, s_bias)
   grads = (_merge_chunks(g_hidden, length), d_unembed, d_bias)
   return total, jax.tree.map(lambda y: _merge_chunks(y, length), aux), grads

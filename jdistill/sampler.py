@@ -304,10 +304,15 @@ def sample_step(
     tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     sampling_logp = jnp.zeros(tokens.shape, jnp.float32)
   else:
-    scaled = logits / knobs.temperature
     if filtered:
-      scaled = filter_logits(scaled, knobs.top_k, knobs.top_p)
-    scaled_logp = jax.nn.log_softmax(scaled, axis=-1)
+      scaled = filter_logits(logits / knobs.temperature, knobs.top_k, knobs.top_p)
+      scaled_logp = jax.nn.log_softmax(scaled, axis=-1)
+    else:  # at T = 1 (the on-policy default) the sampled distribution is the raw one
+      scaled_logp = jax.lax.cond(
+        knobs.temperature == 1.0,
+        lambda: raw_logp,
+        lambda: jax.nn.log_softmax(logits / knobs.temperature, axis=-1),
+      )
     tokens = draw(key, scaled_logp)
     sampling_logp = _pick(scaled_logp, tokens)
   return tokens, _pick(raw_logp, tokens), sampling_logp

@@ -490,6 +490,26 @@ def test_distill_loss_without_biases_and_bf16_hidden():
   assert diag["per_token_loss"].dtype == jnp.float32
 
 
+def test_fused_gradients_keep_bf16_dtypes_and_match_autodiff():
+  """bf16 hidden states and unembedding: the fused kernel's explicit projection gradients
+  (f32 contractions, cast back) have the inputs' dtypes and equal autodiff of the unchunked
+  loss to bf16 precision."""
+  sh, su, th, tu, targets, mask, _, _ = hidden_inputs()
+  bf = lambda x: x.astype(jnp.bfloat16)
+  sh, su, th, tu = bf(sh), bf(su), bf(th), bf(tu)
+  settings = losses.LossSettings(loss="reverse_kl", chunk_size=3)
+
+  def grads(fn):
+    objective = lambda h, w: fn(h, w, th, tu, targets, mask, settings)[0]
+    return jax.grad(objective, argnums=(0, 1))(sh, su)
+
+  fused, reference = grads(losses.distill_loss), grads(losses.unchunked_distill_loss)
+  for got, want, x in zip(fused, reference, (sh, su)):
+    assert got.dtype == x.dtype == jnp.bfloat16
+    scale = float(np.max(np.abs(np.asarray(want, np.float32))))
+    close(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=0, atol=2e-2 * scale)
+
+
 # --------------------------------------------------------------------------
 # Bad inputs
 # --------------------------------------------------------------------------

@@ -401,11 +401,7 @@ def validate(config) -> None:
     for part in field.split("."):
       node = node[part]
     if not isinstance(node, int) or isinstance(node, bool):
-      _fail(
-        field,
-        node,
-        "an integer >= 0 (0: auto)" if field == "loss.chunk_size" else "a positive integer",
-      )
+      _fail(field, node, "an integer (in the range checked above)")
   topks = tuple(config.overlap.topks)
   if not topks or any(not isinstance(k, int) or k <= 0 for k in topks):
     _fail("overlap.topks", topks, "a non-empty tuple of positive integers")

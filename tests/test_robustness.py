@@ -365,6 +365,7 @@ def test_prompt_counts_are_printed_at_start(world, tmp_path, no_compile, capsys)
     ("teachers.math.weight", float("nan"), r"config.teachers.math.weight=nan.*finite"),
     ("optimizer.lr", float("inf"), r"config.optimizer.lr=inf.*finite"),
     ("loss.beta", float("nan"), r"config.loss.beta=nan.*finite"),
+    ("loss.chunk_size", -1, r"config.loss.chunk_size=-1 is invalid.*non-negative"),
   ],
 )
 def test_nan_and_inf_fields_are_refused(world, field, value, match):

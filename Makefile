@@ -30,11 +30,11 @@ test: lint
 	$(PY) -m pytest tests
 
 demo: $(STAMP)
-	@$(PY) -m jdistill.demo --out=demo_out
+	@$(PY) -m jdistill demo --out=demo_out
 
 # The whole support-overlap grid (losses x teachers x warmups x 3 seeds); cells are cached.
 experiment: $(STAMP)
-	@$(PY) -m jdistill.experiment --out=runs/experiment
+	@$(PY) -m jdistill.experiments.experiment --out=runs/experiment
 
 bench: $(STAMP)
 	$(PY) bench/loss_memory.py

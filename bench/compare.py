@@ -4,7 +4,7 @@ Shape (the issue's): a tiny Qwen3 — 4 layers, width 256, 4 heads (2 KV, head_d
 768, tied embeddings, float32 — batch 16, prompt 64, 128 new tokens, sampling at T=1 (no
 top-k, no top-p, no stop token: every row decodes all 128). The sampler rows are repeated at
 every `--vocab` (default 32,000 and 151,936). All three systems run the same random weights:
-a transformers Qwen3 (`jdistill.models.testing.tiny_hf_model`) → `save_pretrained` → loaded by
+a transformers Qwen3 (`jdistill.testing.tiny_hf.tiny_hf_model`) → `save_pretrained` → loaded by
 `jdistill.models.hf.from_hf` and by Tunix's own safetensors loader
 (`tunix.models.qwen3.params.create_model_from_safe_tensors`); the loaded Tunix model's logits
 are checked against transformers' before timing.
@@ -55,12 +55,12 @@ import torch
 from common import flops_of, matmul_peak
 from flax import nnx
 
-from jdistill import sharding as shd
-from jdistill import train_step as ts
 from jdistill.losses import LossSettings
 from jdistill.models import hf
-from jdistill.models.testing import tiny_hf_model
-from jdistill.sampler import Sampler, SamplingParams
+from jdistill.runtime import sharding as shd
+from jdistill.sampling import Sampler, SamplingParams
+from jdistill.step import opd as ts
+from jdistill.testing.tiny_hf import tiny_hf_model
 
 try:
   import tunix

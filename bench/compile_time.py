@@ -18,9 +18,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jdistill import train_step as ts
 from jdistill.losses import LossSettings
 from jdistill.models import ModelConfig, Transformer
+from jdistill.step import opd as ts
 
 
 def compile_seconds(fn, *args) -> float:

@@ -23,9 +23,9 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jdistill import sharding as shd
 from jdistill.models import ModelConfig, Transformer
-from jdistill.sampler import Sampler, SamplingParams
+from jdistill.runtime import sharding as shd
+from jdistill.sampling import Sampler, SamplingParams
 
 LAYERS, WIDTH, HEADS, KV_HEADS, MLP, VOCAB = 4, 256, 4, 2, 512, 8192
 PROMPTS, PROMPT_LEN, GROUPS, SLOTS, NEW = 64, 32, 2, 8, 256

@@ -11,7 +11,7 @@ For that reason the last column, the k = 1 loop's measured time per step, is a s
 check only. "dispatch" is the host time until the sampler's call returns: far below S
 means the sampling runs behind the host's back (JAX async dispatch), as the overlap needs.
 
-Shape: the toy world (`jdistill.toy`) with a wider student and teachers (width 128, 4
+Shape: the toy world (`jdistill.testing.toy`) with a wider student and teachers (width 128, 4
 layers, vocab 384), 2 teachers x 12 rows, prompt bucket 32 + 64 new tokens.
 
   python bench/disaggregated.py [--devices=8] [--repeats=5]
@@ -36,8 +36,8 @@ if __name__ == "__main__":
 import jax
 import numpy as np
 
-from jdistill import train
-from jdistill.toy import make_toy_world, tiny_config
+from jdistill.stages import opd as train
+from jdistill.testing.toy import make_toy_world, tiny_config
 
 SLOTS = 12  # 24 rows: both meshes split them evenly for n = 2, 4, 6 of 8 devices
 
@@ -70,7 +70,7 @@ def median_time(fn, repeats: int) -> tuple[float, float]:
 def measure(world, out: str, devices: int, repeats: int) -> dict:
   """S (sampler on its mesh), T (train step on the training mesh), the host time the
   sampler's call takes before it returns (dispatch), and the k = 1 loop per step."""
-  trainer = train.Trainer(config(world, out, devices=devices))
+  trainer = train.OPDTrainer(config(world, out, devices=devices))
   prompts, key = next(trainer.data_iter), trainer.rollout_key(0)
   batch = trainer.rollouts(prompts, key)
   sample, dispatch = median_time(lambda: trainer.rollouts(prompts, key), repeats)

@@ -30,11 +30,11 @@ import numpy as np
 from common import timed
 from flax import nnx
 
-from jdistill import sharding as shd
-from jdistill import train_step as ts
 from jdistill.losses import LossSettings
 from jdistill.models import ModelConfig, Transformer
-from jdistill.sampler import Sampler, SamplingParams
+from jdistill.runtime import sharding as shd
+from jdistill.sampling import Sampler, SamplingParams
+from jdistill.step import opd as ts
 
 QWEN3 = dict(
   model_type="qwen3",

@@ -31,9 +31,9 @@ from flax import nnx
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import memory_plan as mp  # noqa: E402
 
-from jdistill import sharding as shd  # noqa: E402
 from jdistill.models import ModelConfig  # noqa: E402
 from jdistill.models import moe as moe_lib  # noqa: E402
+from jdistill.runtime import sharding as shd  # noqa: E402
 
 mp.SETUPS["qwen3_1.7b_1x8b"] = ("qwen3-1.7b", "qwen3-8b", 1, 8192, 2)
 mp.SETUPS["tiny_1x"] = ("tiny", "tiny", 1, 128, 2)

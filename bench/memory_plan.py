@@ -49,11 +49,11 @@ from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from jdistill import sharding as shd  # noqa: E402
 from jdistill import streaming  # noqa: E402
-from jdistill import train_step as ts  # noqa: E402
 from jdistill.losses import LossSettings  # noqa: E402
 from jdistill.models import ModelConfig, Transformer  # noqa: E402
+from jdistill.runtime import sharding as shd  # noqa: E402
+from jdistill.step import opd as ts  # noqa: E402
 
 GB = 1e9
 QWEN3 = dict(

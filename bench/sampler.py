@@ -24,10 +24,10 @@ import numpy as np
 import torch
 from flax import nnx
 
-from jdistill import sharding as shd
 from jdistill.models import hf
-from jdistill.models.testing import tiny_hf_model
-from jdistill.sampler import Sampler, SamplingParams, draw
+from jdistill.runtime import sharding as shd
+from jdistill.sampling import Sampler, SamplingParams, draw
+from jdistill.testing.tiny_hf import tiny_hf_model
 
 LAYERS, WIDTH, HEADS, KV_HEADS, MLP, VOCAB = 4, 256, 4, 2, 512, 32_000
 BATCH, PROMPT, NEW = 16, 64, 128

@@ -20,11 +20,14 @@ import numpy as np
 from common import flops_of, matmul_peak, timed
 from flax import nnx
 
-from jdistill import losses, packing, rlvr, sft, verifiers
-from jdistill import sharding as shd
-from jdistill import train_step as ts
+from jdistill import losses
+from jdistill.data import packing
+from jdistill.eval import verifiers
 from jdistill.models import ModelConfig, Transformer
-from jdistill.sampler import Sampler, SamplingParams
+from jdistill.runtime import sharding as shd
+from jdistill.sampling import Sampler, SamplingParams
+from jdistill.stages import rlvr, sft
+from jdistill.step import opd as ts
 
 CFG = ModelConfig(
   vocab_size=8192, hidden_size=256, intermediate_size=768, num_layers=4, num_heads=4,

@@ -21,11 +21,11 @@ import numpy as np
 from common import flops_of, matmul_peak, timed
 from flax import nnx
 
-from jdistill import sharding as shd
-from jdistill import train_step as ts
 from jdistill.losses import LossSettings
 from jdistill.models import ModelConfig, Transformer
-from jdistill.sampler import Sampler, SamplingParams
+from jdistill.runtime import sharding as shd
+from jdistill.sampling import Sampler, SamplingParams
+from jdistill.step import opd as ts
 
 CFG = ModelConfig(
   vocab_size=8192,

@@ -3,12 +3,12 @@
 Each math prompt of the toy world carries its reference answer, so the `numeric` verifier
 scores every completion; `--config.generate.keep=verified` keeps only the correct ones:
 
-  python -m jdistill.train --config=configs/generate_tiny.py
+  python -m jdistill generate --config=configs/generate_tiny.py
 """
 
 import os
 
-from jdistill.toy import load_or_make_world, tiny_config
+from jdistill.testing.toy import load_or_make_world, tiny_config
 
 WORLD = os.environ.get("JDISTILL_TOY_WORLD", "runs/toy_world")
 

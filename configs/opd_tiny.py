@@ -3,12 +3,12 @@
 The toy world (tokenizer, prompts, teachers, student) is written on first use, so
 this runs on a fresh machine with no downloads:
 
-  python -m jdistill.train --config=configs/opd_tiny.py --config.train.steps=20
+  python -m jdistill opd --config=configs/opd_tiny.py --config.train.steps=20
 """
 
 import os
 
-from jdistill.toy import load_or_make_world, tiny_config
+from jdistill.testing.toy import load_or_make_world, tiny_config
 
 WORLD = os.environ.get("JDISTILL_TOY_WORLD", "runs/toy_world")
 

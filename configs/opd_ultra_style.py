@@ -3,7 +3,7 @@ overlap), sampled-token reverse-KL advantage with PPO clipping against the sampl
 logprobs. Run a warmup SFT on the teachers' data first, and check overlap before training:
 
   python -m jdistill.overlap --config=configs/opd_ultra_style.py --config.student.path=... ...
-  python -m jdistill.train --config=configs/opd_ultra_style.py \
+  python -m jdistill opd --config=configs/opd_ultra_style.py \
       --config.student.path=/ckpt/student-warm --config.data.train_files=/data/opd.jsonl \
       --config.teachers.reasoning.path=/ckpt/reasoning --config.teachers.chat.path=/ckpt/chat
 """

@@ -1,7 +1,7 @@
 """DeepSeek-V4-style multi-teacher OPD: teachers forked from one base (high support overlap),
 full-vocabulary reverse KL at every token, weighted per teacher, no warmup SFT.
 
-  python -m jdistill.train --config=configs/opd_v4_style.py \
+  python -m jdistill opd --config=configs/opd_v4_style.py \
       --config.student.path=/ckpt/base --config.data.train_files=/data/opd.jsonl \
       --config.teachers.math.path=/ckpt/math-rl --config.teachers.code.path=/ckpt/code-rl \
       --config.teachers.agent.path=/ckpt/agent-rl --config.checkpoint.dir=/ckpt/opd-v4

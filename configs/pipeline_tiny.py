@@ -9,12 +9,12 @@
 Each stage writes into its own folder under output_dir; a killed run resumes at the stage
 and step it reached when the same command is run again:
 
-  python -m jdistill.train --config=configs/pipeline_tiny.py
+  python -m jdistill pipeline --config=configs/pipeline_tiny.py
 """
 
 import os
 
-from jdistill.toy import load_or_make_world, tiny_config
+from jdistill.testing.toy import load_or_make_world, tiny_config
 
 WORLD = os.environ.get("JDISTILL_TOY_WORLD", "runs/toy_world")
 

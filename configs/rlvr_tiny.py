@@ -1,16 +1,16 @@
 """Embedded CPU config for RLVR (GRPO): a tiny random student learns to answer "larger of a
-and b ->" with the larger digit, rewarded by a verifier (`jdistill.toy:larger_reward`: 1 for
+and b ->" with the larger digit, rewarded by a verifier (`jdistill.testing.toy:larger_reward`: 1 for
 the right digit, 0.2 for another digit). No teachers: pure GRPO. Add teachers and
 `--config.loss.kl_weight` for the unified objective (see docs/design.md):
 
-  python -m jdistill.train --config=configs/rlvr_tiny.py --config.train.steps=40
+  python -m jdistill rlvr --config=configs/rlvr_tiny.py --config.train.steps=40
 """
 
 import os
 
 import ml_collections
 
-from jdistill.toy import load_or_make_world, tiny_config, write_larger_prompts
+from jdistill.testing.toy import load_or_make_world, tiny_config, write_larger_prompts
 
 WORLD = os.environ.get("JDISTILL_TOY_WORLD", "runs/toy_world")
 
@@ -35,7 +35,7 @@ def get_config():
   config.sampling.max_new_tokens = 1  # the answer is one token
   config.sampling.stop_at_eos = False
   config.rl.group_size = 8
-  config.rl.verifier = "jdistill.toy:larger_reward"
+  config.rl.verifier = "jdistill.testing.toy:larger_reward"
   config.rl.eval_prompts = 64
   config.optimizer.lr = 3e-3
   config.optimizer.warmup_steps = 0

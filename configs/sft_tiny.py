@@ -3,13 +3,13 @@
 Writes a small prompt + completion file from the toy world's training prompts on first use
 (the completion here is the math answer; a real run uses a teacher's completions):
 
-  python -m jdistill.train --config=configs/sft_tiny.py --config.train.steps=50
+  python -m jdistill sft --config=configs/sft_tiny.py --config.train.steps=50
 """
 
 import json
 import os
 
-from jdistill.toy import load_or_make_world, tiny_config
+from jdistill.testing.toy import load_or_make_world, tiny_config
 
 WORLD = os.environ.get("JDISTILL_TOY_WORLD", "runs/toy_world")
 

@@ -7,7 +7,7 @@ port=${JDISTILL_PORT:-12355}
 pids=()
 for ((i = 0; i < n; i++)); do
   JDISTILL_COORDINATOR=127.0.0.1:$port JDISTILL_NUM_PROCESSES=$n JDISTILL_PROCESS_ID=$i \
-    JAX_PLATFORMS=cpu python -m jdistill.train "$@" > "jdistill_proc$i.log" 2>&1 &
+    JAX_PLATFORMS=cpu python -m jdistill train "$@" > "jdistill_proc$i.log" 2>&1 &
   pids+=($!)
 done
 status=0

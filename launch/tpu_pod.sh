@@ -6,4 +6,4 @@ set -euo pipefail
 tpu=${1:?TPU name}; zone=${2:?zone}; shift 2
 args=$(printf '%q ' "$@")
 gcloud compute tpus tpu-vm ssh "$tpu" --zone "$zone" --worker=all \
-  --command "cd $(pwd) && JDISTILL_DISTRIBUTED=auto python -m jdistill.train $args"
+  --command "cd $(pwd) && JDISTILL_DISTRIBUTED=auto python -m jdistill train $args"

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jdistill import sharding as shd
 from jdistill.models import ModelConfig, Transformer
-from jdistill.sampler import Sampler, SamplingParams
+from jdistill.runtime import sharding as shd
+from jdistill.sampling import Sampler, SamplingParams
 
 VOCAB = 64
 NEW = 24
@@ -164,7 +164,7 @@ def test_sharded_slots_equal_single_device(tiny):
 
 @pytest.fixture(scope="module")
 def toy_config(tmp_path_factory):
-  from jdistill.toy import make_toy_world, tiny_config
+  from jdistill.testing.toy import make_toy_world, tiny_config
 
   c = tiny_config(make_toy_world(str(tmp_path_factory.mktemp("world")), n_train=16, n_eval=4))
   c.data.slots_per_teacher, c.sampling.max_new_tokens, c.loss.chunk_size = 4, 8, 8
@@ -189,12 +189,12 @@ def test_trainer_rollouts_with_continuous_slots(toy_config, tmp_path):
   tokens (per-prompt keys), in the train step's layout."""
   import dataclasses
 
-  from jdistill import train
+  from jdistill.stages import opd as train
 
   c = toy_config.copy_and_resolve_references()
   c.output_dir = str(tmp_path / "out")
   c.sampling.continuous_slots = 2
-  trainer = train.Trainer(c)
+  trainer = train.OPDTrainer(c)
   prompts = trainer.batcher.batch(0)
   key = jax.random.key(3)
   got = trainer.rollouts(prompts, key)

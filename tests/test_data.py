@@ -1,4 +1,4 @@
-"""Tests of jdistill.data and jdistill.tokenizer (CPU, no network)."""
+"""Tests of jdistill.data.prompts and jdistill.data.tokenizer (CPU, no network)."""
 
 import json
 
@@ -7,8 +7,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jdistill.data import PromptBatcher, encode_prompt, read_prompt_records
-from jdistill.tokenizer import load_tokenizer, train_tiny_tokenizer
+from jdistill.data.prompts import PromptBatcher, encode_prompt, read_prompt_records
+from jdistill.data.tokenizer import load_tokenizer, train_tiny_tokenizer
 
 TEACHERS = {"mathT": ["math", "logic"], "codeT": ["code"]}
 

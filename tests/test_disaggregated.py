@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from jdistill import config as config_lib
-from jdistill import train
-from jdistill import train_step as ts
-from jdistill.toy import make_toy_world, tiny_config
+from jdistill.stages import opd as train
+from jdistill.step import opd as ts
+from jdistill.testing.toy import make_toy_world, tiny_config
 
 STEPS_EQUAL = 3  # (a): per-step equality of k = 0 with today's loop
 STEPS_STALE = 12  # (b), (c): the k = 1 run
@@ -45,7 +45,7 @@ def colocated(world, tmp_path_factory):
   """Today's loop (rollout.devices = 0) on a 4-device mesh: the same programs as the
   disaggregated trainer's training and sampler meshes, on other devices."""
   out = tmp_path_factory.mktemp("colocated")
-  return train.Trainer(_config(world, out, steps=STEPS_EQUAL, num_devices=4))
+  return train.OPDTrainer(_config(world, out, steps=STEPS_EQUAL, num_devices=4))
 
 
 def test_staleness_0_equals_todays_loop_step_by_step(world, tmp_path, colocated):
@@ -54,7 +54,7 @@ def test_staleness_0_equals_todays_loop_step_by_step(world, tmp_path, colocated)
   Reference: the colocated loop on the first 4 devices (`num_devices=4`). Both meshes are
   {data: 4} with replicated params, so the sampler and the step run the same programs on
   other devices, and the results agree bit for bit."""
-  dis = train.Trainer(_config(world, tmp_path, steps=STEPS_EQUAL, devices=4, staleness=0))
+  dis = train.OPDTrainer(_config(world, tmp_path, steps=STEPS_EQUAL, devices=4, staleness=0))
   train_devices = set(dis.mesh.devices.flat)
   sampler_devices = set(dis.sampler.mesh.devices.flat)
   assert train_devices == set(jax.devices()[:4]) and sampler_devices == set(jax.devices()[4:])
@@ -79,7 +79,7 @@ def stale_run(world, tmp_path_factory):
   c = _config(world, out / "out", steps=STEPS_STALE, devices=4, staleness=1)
   c.checkpoint.dir = str(out / "ckpt")
   c.checkpoint.every = RESTORE_AT
-  trainer = train.Trainer(c)
+  trainer = train.OPDTrainer(c)
   samples, params = {}, {0: _params(trainer)}
   rollouts, train_one = trainer.rollouts, trainer.train_one
 
@@ -160,7 +160,7 @@ def test_resume_resamples_the_pending_batches_from_the_restored_params(
   c.output_dir = str(tmp_path / "resumed")
   c.checkpoint.restore_step = RESTORE_AT
   c.run_mode = "resume"
-  resumed = train.Trainer(c)
+  resumed = train.OPDTrainer(c)
   assert resumed.step == RESTORE_AT
   assert resumed.data_state() == {"next_index": RESTORE_AT}
   jax.tree.map(np.testing.assert_array_equal, stale_run["params"][RESTORE_AT], _params(resumed))
@@ -189,18 +189,18 @@ def test_rollout_config_errors_name_the_field(world, tmp_path):
     config_lib.validate(c)
   c = _config(world, tmp_path, steps=2, devices=8)
   with pytest.raises(ValueError, match=r"config.rollout.devices=8.*at most 7 of the 8 devices"):
-    train.Trainer(c)
+    train.OPDTrainer(c)
   c = _config(world, tmp_path, steps=2, devices=3)
   c.mesh.update(dict(data=2, fsdp=2, tensor=1))
   with pytest.raises(ValueError, match=r"config.rollout.devices=3.*5 devices left for training"):
-    train.Trainer(c)
+    train.OPDTrainer(c)
 
 
 def test_move_rows_copies_a_batch_between_meshes_of_other_shard_counts():
   from jax.sharding import NamedSharding
   from jax.sharding import PartitionSpec as P
 
-  from jdistill.sharding import make_mesh
+  from jdistill.runtime.sharding import make_mesh
 
   devices = jax.devices()
   x = np.arange(24 * 3, dtype=np.float32).reshape(24, 3)

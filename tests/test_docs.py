@@ -332,7 +332,9 @@ def test_import_graph_helpers():
   found = import_edges(module_files())
   assert "jdistill.losses" in found["jdistill.config"]  # `from jdistill import losses`
   assert "jdistill.models.config" in found["jdistill.models.hf"]  # `from jdistill.models.x`
-  assert "jdistill.models" in found["jdistill.checkpoint"]  # `from jdistill.models import X`
+  assert (
+    "jdistill.models" in found["jdistill.runtime.checkpoint"]
+  )  # `from jdistill.models import X`
 
 
 def test_no_import_cycle_among_jdistill_modules():

@@ -138,7 +138,7 @@ def test_overlap_aware_is_reverse_kl_in_expectation_with_every_gate(criterion, k
 
 
 def test_icepop_masks_tokens_whose_ratio_leaves_the_band_and_the_step_logs_it():
-  from jdistill import train_step as ts
+  from jdistill.step import opd as ts
 
   ratios = np.asarray([[0.2, 0.9, 1.0, 1.5, 3.0, 0.45]], np.float32)
   student_logp = jnp.full((1, 6), -1.0)

@@ -5,8 +5,9 @@ import os
 
 import pytest
 
-from jdistill import generate, verifiers
-from jdistill.toy import make_toy_world, tiny_config
+from jdistill.eval import verifiers
+from jdistill.stages import generate
+from jdistill.testing.toy import make_toy_world, tiny_config
 
 
 @pytest.mark.parametrize(
@@ -36,9 +37,9 @@ def test_verifiers_on_hand_cases(name, completion, reference, want):
 
 
 def test_user_verifiers_and_their_errors():
-  assert verifiers.get("jdistill.verifiers:numeric")("= 3", "3") == 1.0
+  assert verifiers.get("jdistill.eval.verifiers:numeric")("= 3", "3") == 1.0
   with pytest.raises(ValueError, match="cannot import 'nope'"):
-    verifiers.get("jdistill.verifiers:nope")
+    verifiers.get("jdistill.eval.verifiers:nope")
   with pytest.raises(ValueError, match="allowed: exact_match"):
     verifiers.get("levenshtein")
   scorer = verifiers.Scorer(verifiers.get("json:loads"))  # raises on these arguments

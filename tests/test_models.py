@@ -11,9 +11,9 @@ import torch
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from jdistill import sharding as shd
 from jdistill.models import ModelConfig, Transformer, hf
-from jdistill.models.testing import tiny_hf_model
+from jdistill.runtime import sharding as shd
+from jdistill.testing.tiny_hf import tiny_hf_model
 
 VOCAB = 128
 

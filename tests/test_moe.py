@@ -13,13 +13,13 @@ import torch
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from jdistill import sharding as shd
-from jdistill import train_step as ts
 from jdistill.losses import LossSettings
 from jdistill.models import ModelConfig, Transformer, hf, moe
-from jdistill.models.testing import tiny_hf_model
 from jdistill.models.transformer import MLP
-from jdistill.sampler import Sampler, SamplingParams
+from jdistill.runtime import sharding as shd
+from jdistill.sampling import Sampler, SamplingParams
+from jdistill.step import opd as ts
+from jdistill.testing.tiny_hf import tiny_hf_model
 
 VOCAB = 128
 

@@ -15,9 +15,9 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jdistill import train
 from jdistill.models import hf
-from jdistill.toy import make_toy_world, tiny_config
+from jdistill.stages import opd as train
+from jdistill.testing.toy import make_toy_world, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OVERRIDES = dict(
@@ -69,7 +69,7 @@ def _train_in_two_processes(tmp_path, out) -> tuple[list[int], list[str]]:
     with open(logs[-1], "w") as log:
       procs.append(
         subprocess.Popen(
-          [sys.executable, "-m", "jdistill.train", "--config=configs/opd_tiny.py", *flags],
+          [sys.executable, "-m", "jdistill", "opd", "--config=configs/opd_tiny.py", *flags],
           cwd=ROOT,
           env=env,
           stdout=log,
@@ -102,7 +102,7 @@ def test_two_processes_match_one_process(tmp_path):
     c[section][field] = v
   c.output_dir = str(tmp_path / "single")
   c.num_devices = 4
-  single = train.Trainer(c)
+  single = train.OPDTrainer(c)
   single.run()
   multi = nnx.state(hf.from_hf(str(out / "export")), nnx.Param)
   jax.tree.map(

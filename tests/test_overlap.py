@@ -500,8 +500,8 @@ def test_overlap_aware_finite_differences():
 
 
 def test_overlap_aware_validation_and_train_step_settings():
-  from jdistill import build
   from jdistill import config as config_lib
+  from jdistill.runtime import build
 
   args, _ = _loss_case()
   aware = losses.LossSettings(loss="overlap_aware")
@@ -530,7 +530,7 @@ def _is_png(path):
 
 
 def test_command_end_to_end_on_toy_world(tmp_path, capsys):
-  from jdistill.toy import make_toy_world, tiny_config
+  from jdistill.testing.toy import make_toy_world, tiny_config
 
   world = make_toy_world(str(tmp_path / "world"), hidden=32, layers=1, n_train=8, n_eval=4)
   c = tiny_config(world)
@@ -584,7 +584,7 @@ def test_command_reads_a_forked_teacher_on_support_and_a_random_one_off_support(
   small domain bias on its unembedding) is on-support; a sharp unrelated random teacher is
   off-support."""
   from jdistill.models import hf
-  from jdistill.toy import make_toy_world, tiny_config
+  from jdistill.testing.toy import make_toy_world, tiny_config
 
   world = make_toy_world(str(tmp_path / "world"), hidden=32, layers=1, n_train=8, n_eval=4)
   fork = hf.from_hf(world["student"])
@@ -592,7 +592,7 @@ def test_command_reads_a_forked_teacher_on_support_and_a_random_one_off_support(
   bias[np.random.RandomState(0).choice(fork.cfg.vocab_size, 20, replace=False)] = 0.3
   fork.lm_head[...] = fork.lm_head[...].at[0].add(jnp.asarray(bias))
   tokenizer_dir = world["tokenizer"]
-  from jdistill.tokenizer import load_tokenizer
+  from jdistill.data.tokenizer import load_tokenizer
 
   hf.to_hf(fork, str(tmp_path / "fork"), tokenizer=load_tokenizer(tokenizer_dir))
   c = tiny_config(world)

@@ -12,9 +12,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jdistill import pipeline, sft
 from jdistill.config import teacher_config
-from jdistill.toy import make_toy_world, tiny_config
+from jdistill.stages import pipeline, sft
+from jdistill.testing.toy import make_toy_world, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -68,7 +68,7 @@ def _cli(world, out):
   env = dict(os.environ, JDISTILL_TOY_WORLD=os.path.dirname(world["student"]), JAX_PLATFORMS="cpu")
   env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
   args = [
-    sys.executable, "-m", "jdistill.train", "--config=configs/pipeline_tiny.py",
+    sys.executable, "-m", "jdistill", "pipeline", "--config=configs/pipeline_tiny.py",
     f"--config.output_dir={out}", "--config.pipeline.steps=(0, 12, 4)",
     "--config.generate.samples_per_prompt=1", "--config.sft.until_overlap=0.0",
     "--config.checkpoint.every=4", "--config.train.log_every=2",

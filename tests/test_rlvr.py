@@ -9,9 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jdistill import losses, rlvr, toy
-from jdistill import train_step as ts
-from jdistill.toy import make_toy_world, tiny_config
+from jdistill import losses
+from jdistill.stages import rlvr
+from jdistill.step import opd as ts
+from jdistill.testing import toy
+from jdistill.testing.toy import make_toy_world, tiny_config
 
 V, G = 4, 3  # vocabulary and group size of the enumeration
 
@@ -89,7 +91,7 @@ def _rl_config(world, train, evals, out_dir, steps):
   c.sampling.max_new_tokens = 1
   c.sampling.stop_at_eos = False
   c.rl.group_size = 8
-  c.rl.verifier = "jdistill.toy:larger_reward"
+  c.rl.verifier = "jdistill.testing.toy:larger_reward"
   c.rl.eval_prompts = 32
   c.optimizer.lr = 1e-2
   c.optimizer.warmup_steps = 0

@@ -11,11 +11,11 @@ import jax
 import numpy as np
 import pytest
 
-from jdistill import checkpoint as ckpt
 from jdistill import config as config_lib
-from jdistill import train
-from jdistill.run_dir import RunDirInUse
-from jdistill.toy import make_toy_world, tiny_config
+from jdistill.runtime import checkpoint as ckpt
+from jdistill.runtime.run_dir import RunDirInUse
+from jdistill.stages import opd as train
+from jdistill.testing.toy import make_toy_world, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -62,7 +62,7 @@ def no_compile(monkeypatch):
   def refuse(self):
     raise AssertionError("reached the compile: the bad input was found too late")
 
-  monkeypatch.setattr(train.Trainer, "_compile", refuse)
+  monkeypatch.setattr(train.OPDTrainer, "_compile", refuse)
 
 
 # ------------------------------------------------------------------------------ signals
@@ -74,7 +74,8 @@ def _cli(world, out, *extra):
   args = [
     sys.executable,
     "-m",
-    "jdistill.train",
+    "jdistill",
+    "opd",
     "--config=configs/opd_tiny.py",
     f"--config.output_dir={out}",
     f"--config.checkpoint.dir={out}/ckpt",
@@ -162,7 +163,7 @@ def test_a_damaged_checkpoint_is_detected_set_aside_and_the_run_falls_back(
   c = _config(world, tmp_path, steps=4)
   c.checkpoint.dir = str(tmp_path / "ckpt")
   c.checkpoint.every = 2
-  first = train.Trainer(c)
+  first = train.OPDTrainer(c)
   first.run(steps=2)
   at_two = _params(first)
   first.run(steps=2)
@@ -178,7 +179,7 @@ def test_a_damaged_checkpoint_is_detected_set_aside_and_the_run_falls_back(
       data = data[: len(data) // 2]
     open(target, "wb").write(bytes(data))
 
-  resumed = train.Trainer(c)
+  resumed = train.OPDTrainer(c)
   printed = capsys.readouterr().out
   assert resumed.step == 2
   warning = [line for line in printed.splitlines() if "checkpoint step 4" in line]
@@ -207,9 +208,9 @@ def test_restore_step_sets_later_steps_aside_and_another_architecture_is_refused
   c = _config(world, tmp_path, steps=4)
   c.checkpoint.dir = str(tmp_path / "ckpt")
   c.checkpoint.every = 2
-  train.Trainer(c).run()
+  train.OPDTrainer(c).run()
   c.checkpoint.restore_step = 2
-  branch = train.Trainer(c)
+  branch = train.OPDTrainer(c)
   assert branch.step == 2
   names = os.listdir(tmp_path / "ckpt")
   assert "4" not in names and any(n.startswith("4.after-restore-step-") for n in names)
@@ -222,7 +223,7 @@ def test_restore_step_sets_later_steps_aside_and_another_architecture_is_refused
   c2.output_dir = str(tmp_path / "other_out")
   before = _listing(tmp_path / "ckpt")
   with pytest.raises(ValueError, match=r"another architecture \(.*hidden_size: 32 there, 64 here"):
-    train.Trainer(c2)
+    train.OPDTrainer(c2)
   assert _listing(tmp_path / "ckpt") == before
 
 
@@ -240,26 +241,26 @@ def test_a_second_run_on_a_locked_directory_refuses_and_a_stale_lock_is_taken_ov
     with open(os.path.join(c.output_dir, "run.lock"), "w") as f:
       json.dump(lock, f)
     with pytest.raises(RunDirInUse, match=rf"in use by pid {live.pid} on host"):
-      train.Trainer(c)
+      train.OPDTrainer(c)
   finally:
     live.kill()
     live.wait()
   with pytest.raises(AssertionError, match="reached the compile"):  # the stale lock is taken
-    train.Trainer(c)
+    train.OPDTrainer(c)
   assert json.load(open(os.path.join(c.output_dir, "run.lock")))["pid"] == os.getpid()
 
 
 def test_another_config_on_a_used_directory_refuses_unless_resume_or_new_run(world, tmp_path):
   c = _config(world, tmp_path, steps=2)
   c.checkpoint.dir = os.path.join(c.output_dir, "ckpt")
-  train.Trainer(c).run()
+  train.OPDTrainer(c).run()
   c.optimizer.lr = 3e-3
   with pytest.raises(ValueError, match=r"another config \(optimizer.lr: 0.01 -> 0.003\).*--resume"):
-    train.Trainer(c)
+    train.OPDTrainer(c)
   c.run_mode = "resume"
-  assert train.Trainer(c).step == 2  # carried on with the new lr
+  assert train.OPDTrainer(c).step == 2  # carried on with the new lr
   c.run_mode = "new"
-  fresh = train.Trainer(c)
+  fresh = train.OPDTrainer(c)
   assert fresh.step == 0
   moved = [n for n in os.listdir(tmp_path) if n.startswith("run.previous-")]
   assert len(moved) == 1 and "2" in os.listdir(tmp_path / moved[0] / "ckpt")  # kept
@@ -269,10 +270,10 @@ def test_resume_keeps_each_metrics_step_once(world, tmp_path):
   c = _config(world, tmp_path, steps=4, log_every=1)
   c.checkpoint.dir = str(tmp_path / "ckpt")
   c.checkpoint.every = 2
-  first = train.Trainer(c)
+  first = train.OPDTrainer(c)
   first.run(steps=3)  # logs 1, 2, 3; saves 2 and 3
   shutil.move(str(tmp_path / "ckpt" / "3"), str(tmp_path / "lost"))  # killed before 3 committed
-  resumed = train.Trainer(c)
+  resumed = train.OPDTrainer(c)
   assert resumed.step == 2
   resumed.run()
   steps = [json.loads(line)["step"] for line in open(os.path.join(c.output_dir, "metrics.jsonl"))]
@@ -300,7 +301,7 @@ def test_the_demo_deletes_only_a_directory_it_wrote(tmp_path):
   precious.mkdir()
   (precious / "notes.txt").write_text("keep me")
   out = subprocess.run(
-    [sys.executable, "-m", "jdistill.demo", f"--out={precious}"],
+    [sys.executable, "-m", "jdistill", "demo", f"--out={precious}"],
     cwd=ROOT,
     capture_output=True,
     text=True,
@@ -327,14 +328,14 @@ def test_bad_prompts_fail_before_compiling_with_file_and_line(world, tmp_path, n
   c.data.train_files = data
   c.data.overlong = "error"
   with pytest.raises(ValueError, match=rf"{data}:5: prompt has \d+ tokens, more than"):
-    train.Trainer(c)
+    train.OPDTrainer(c)
   c.data.overlong = "drop"
   c.data.train_files = _write(
     tmp_path / "q.jsonl",
     "\n".join(json.dumps(x) for x in lines[:3] + [{"domain": "code", "prompt": long}]) + "\n",
   )
   with pytest.raises(ValueError, match=r"every checked prompt of teacher 'code' is longer"):
-    train.Trainer(c)
+    train.OPDTrainer(c)
 
   bad_bytes = tmp_path / "r.jsonl"
   bad_bytes.write_bytes(
@@ -343,17 +344,17 @@ def test_bad_prompts_fail_before_compiling_with_file_and_line(world, tmp_path, n
   )
   c.data.train_files = str(bad_bytes)
   with pytest.raises(ValueError, match=rf"{bad_bytes}:2: not UTF-8"):
-    train.Trainer(c)
+    train.OPDTrainer(c)
   c.data.on_error = "skip"
   with pytest.raises(AssertionError, match="reached the compile"):  # skipped, then on to compile
-    train.Trainer(c)
+    train.OPDTrainer(c)
 
 
 def test_prompt_counts_are_printed_at_start(world, tmp_path, no_compile, capsys):
   c = _config(world, tmp_path)
   c.data.max_prompt_len = 12
   with pytest.raises(AssertionError, match="reached the compile"):
-    train.Trainer(c)
+    train.OPDTrainer(c)
   line = [x for x in capsys.readouterr().out.splitlines() if "training prompts:" in x][0]
   checked, truncated = (int(line.split(" ")[i]) for i in (3, 5))
   assert checked == 32 and 0 < truncated <= checked, line
@@ -389,7 +390,7 @@ def test_other_bad_inputs_fail_before_compiling(world, tmp_path, no_compile):
   c = _config(world, tmp_path)
   c.num_devices = 16
   with pytest.raises(ValueError, match=r"config.num_devices=16 is invalid.*at most the 8"):
-    train.Trainer(c)
+    train.OPDTrainer(c)
 
   broken = tmp_path / "broken_teacher"
   shutil.copytree(world["teacher_code"], broken)
@@ -398,7 +399,7 @@ def test_other_bad_inputs_fail_before_compiling(world, tmp_path, no_compile):
   c = _config(world, tmp_path)
   c.teachers.code.path = str(broken)
   with pytest.raises(ValueError, match=rf"{weights}"):
-    train.Trainer(c)
+    train.OPDTrainer(c)
 
 
 def test_overlap_on_a_checkpoint_records_it_and_a_missing_one_is_an_error(world, tmp_path):
@@ -409,13 +410,13 @@ def test_overlap_on_a_checkpoint_records_it_and_a_missing_one_is_an_error(world,
   with pytest.raises(FileNotFoundError, match="not a jdistill checkpoint directory"):
     overlap.measure(c, rows_per_domain=2, use_checkpoint=True)
   c.checkpoint.dir = str(tmp_path / "ckpt")
-  train.Trainer(c).run()
+  train.OPDTrainer(c).run()
   report = overlap.measure(c, rows_per_domain=2, use_checkpoint=True)
   assert report["student"] == c.checkpoint.dir and report["student_step"] == 2
 
 
 def test_progress_counts_the_steps_run_and_the_eta_leaves_out_the_compile(monkeypatch, capsys):
-  from jdistill import loop as loop_lib
+  from jdistill.runtime import loop as loop_lib
 
   clock = {"now": 0.0}
   durations = iter([100.0] + [2.0] * 20)  # the first step compiles

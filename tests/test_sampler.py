@@ -8,12 +8,12 @@ import pytest
 import torch
 from flax import nnx
 
-from jdistill import sampler as smp
-from jdistill import sharding as shd
+from jdistill import sampling as smp
 from jdistill.models import ModelConfig, Transformer, hf
-from jdistill.models.testing import tiny_hf_model
 from jdistill.models.transformer import init_cache
-from jdistill.sampler import Sampler, SamplingParams
+from jdistill.runtime import sharding as shd
+from jdistill.sampling import Sampler, SamplingParams
+from jdistill.testing.tiny_hf import tiny_hf_model
 
 VOCAB = 128
 NEW = 8
@@ -427,7 +427,7 @@ def test_cache_is_donated_and_reused(llama):
 
 
 def test_inverse_cdf_draw_matches_its_distribution_and_never_draws_excluded_tokens():
-  from jdistill.sampler import draw
+  from jdistill.sampling import draw
 
   rng = np.random.RandomState(0)
   vocab, rows = 64, 20_000
@@ -452,7 +452,7 @@ def test_blocked_draw_is_the_one_level_inverse_cdf(block):
   running sum over the whole row draws from the same uniform, up to f32 rounding at CDF
   boundaries; it keeps the distribution, including a whole excluded block and excluded
   tokens at block edges, and one allowed token at either end of a row."""
-  from jdistill.sampler import draw
+  from jdistill.sampling import draw
 
   rng = np.random.RandomState(1)
   vocab, rows = 64, 20_000

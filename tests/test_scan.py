@@ -12,16 +12,16 @@ import torch
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from jdistill import checkpoint as ckpt
 from jdistill import config as config_lib
-from jdistill import sharding as shd
-from jdistill import train_step as ts
 from jdistill.losses import LossSettings
 from jdistill.models import ModelConfig, Transformer, hf
 from jdistill.models.config import REMAT_POLICIES
-from jdistill.models.testing import tiny_hf_model
 from jdistill.models.transformer import init_cache, stack_layers, unstack_layers
-from jdistill.sampler import Sampler, SamplingParams
+from jdistill.runtime import checkpoint as ckpt
+from jdistill.runtime import sharding as shd
+from jdistill.sampling import Sampler, SamplingParams
+from jdistill.step import opd as ts
+from jdistill.testing.tiny_hf import tiny_hf_model
 
 CFG = ModelConfig(
   model_type="qwen3",

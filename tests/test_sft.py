@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jdistill import losses, packing, sft
+from jdistill import losses
+from jdistill.data import packing
 from jdistill.models import ModelConfig, Transformer
-from jdistill.toy import make_toy_world, tiny_config
+from jdistill.stages import sft
+from jdistill.testing.toy import make_toy_world, tiny_config
 
 CFG = ModelConfig(
   vocab_size=50, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -127,7 +129,7 @@ def test_sft_learns_a_small_memorisable_dataset(tmp_path):
 
 def test_bad_sft_examples_name_file_and_line(tmp_path):
   world = make_toy_world(str(tmp_path / "world"), hidden=32, layers=1, n_train=8, n_eval=4)
-  from jdistill.tokenizer import load_tokenizer
+  from jdistill.data.tokenizer import load_tokenizer
 
   tok = load_tokenizer(world["tokenizer"])
   path = tmp_path / "bad.jsonl"

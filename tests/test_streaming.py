@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from jdistill import config as config_lib
-from jdistill import streaming, train
-from jdistill import train_step as ts
-from jdistill.toy import make_toy_world, tiny_config
+from jdistill.stages import opd as train
+from jdistill.step import opd as ts
+from jdistill.step import streaming
+from jdistill.testing.toy import make_toy_world, tiny_config
 
 STEPS = 3
 
@@ -21,7 +22,7 @@ def world(tmp_path_factory):
   return make_toy_world(str(tmp_path_factory.mktemp("world")), n_train=32, n_eval=8)
 
 
-def _trainer(world, tmp_path, placement: str) -> train.Trainer:
+def _trainer(world, tmp_path, placement: str) -> train.OPDTrainer:
   c = tiny_config(world)
   c.output_dir = str(tmp_path / placement)
   c.data.slots_per_teacher = 4
@@ -37,7 +38,7 @@ def _trainer(world, tmp_path, placement: str) -> train.Trainer:
     c.teachers[name].placement = placement
     c.teachers[name].param_dtype = "float32"
     c.teachers[name].hidden_dtype = "float32"
-  return train.Trainer(c)
+  return train.OPDTrainer(c)
 
 
 def _device_bytes() -> int:

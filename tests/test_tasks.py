@@ -8,7 +8,8 @@ import random
 
 import pytest
 
-from jdistill import experiment, task_world, tasks, verifiers
+from jdistill.eval import verifiers
+from jdistill.experiments import experiment, task_world, tasks
 
 
 @pytest.mark.parametrize("style", tasks.STYLES)
@@ -50,7 +51,7 @@ def test_hand_cases():
 def test_verifier_on_hand_cases_including_malformed(completion, score):
   assert tasks.verify(completion, "85") == score
   # registered with the stages' verifiers: usable as rl.verifier / generate.verifier
-  assert verifiers.get("jdistill.tasks:verify")(completion, "85") == score
+  assert verifiers.get("jdistill.experiments.tasks:verify")(completion, "85") == score
 
 
 def test_prompt_files_are_distinct_and_held_out_prompts_stay_out_of_training(tmp_path):
@@ -110,7 +111,7 @@ def test_the_experiment_runs_end_to_end_and_reuses_its_cache(tmp_path):
 
 def test_the_committed_world_scores_what_world_json_says_and_sits_in_its_bands():
   """Teachers >= 0.9 greedy exact match on their own domain; the base well below."""
-  from jdistill.evaluate import model_accuracy
+  from jdistill.eval.accuracy import model_accuracy
 
   root = task_world.COMMITTED
   world = json.load(open(os.path.join(root, "world.json")))
@@ -119,7 +120,7 @@ def test_the_committed_world_scores_what_world_json_says_and_sits_in_its_bands()
   for name in task_world.model_names():
     got = model_accuracy(
       os.path.join(root, name), records, max_new_tokens=world["spec"]["max_new_tokens"],
-      verifier="jdistill.tasks:verify",
+      verifier="jdistill.experiments.tasks:verify",
     )  # fmt: skip
     for domain in tasks.DOMAINS:
       assert abs(got[domain]["accuracy"] - world["accuracy"][name][domain]) <= 1 / 64, name
@@ -127,8 +128,8 @@ def test_the_committed_world_scores_what_world_json_says_and_sits_in_its_bands()
   # pass@k: k samples at temperature 1; a teacher that is right greedily is right in some
   add = [r for r in records if r["domain"] == "add"][:16]
   got = model_accuracy(
-    os.path.join(root, "lineage_add"), add, max_new_tokens=48, verifier="jdistill.tasks:verify",
-    pass_k=4,
+    os.path.join(root, "lineage_add"), add, max_new_tokens=48,
+    verifier="jdistill.experiments.tasks:verify", pass_k=4,
   )["add"]  # fmt: skip
   assert got["prompts"] == 16 and got["accuracy"] == 1.0 and got["pass@4"] >= 0.9
 
@@ -141,7 +142,7 @@ def _check_bands(accuracy):
 
 
 def test_a_smaller_rebuild_lands_in_the_same_bands(tmp_path):
-  """`python -m jdistill.task_world` from scratch, with fewer examples and teacher steps: the
+  """`python -m jdistill task_world` from scratch, with fewer examples and teacher steps: the
   same bands as the committed world (a few minutes: the one slow test of the world)."""
   spec = task_world.WorldSpec(examples_per_domain=1000, eval_per_domain=32)
   summary = task_world.build(str(tmp_path / "world"), spec, log=lambda *_: None)

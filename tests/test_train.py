@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from jdistill import config as config_lib
-from jdistill import train
-from jdistill.toy import make_toy_world, tiny_config
+from jdistill.stages import opd as train
+from jdistill.testing.toy import make_toy_world, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,7 +44,7 @@ def test_two_teachers_two_losses_reverse_kl_halves(world, tmp_path):
     "math": "reverse_kl",
     "code": "sampled_token",
   }
-  trainer = train.Trainer(c)
+  trainer = train.OPDTrainer(c)
   before = trainer.evaluate()
   history = trainer.run()
   after = trainer.evaluate()
@@ -63,7 +63,7 @@ def test_kill_and_resume_gives_the_same_params_and_data_order(world, tmp_path):
       c = _config(world, tmp_path, steps=4)
       c.checkpoint.dir = str(ckpt_dir)
       c.checkpoint.every = 2
-      trainer = train.Trainer(c)  # resumes from the latest checkpoint, if any
+      trainer = train.OPDTrainer(c)  # resumes from the latest checkpoint, if any
       start = trainer.step
       seen.append(trainer.data_iter.get_state())
       trainer.run(steps=steps)
@@ -106,7 +106,7 @@ def test_one_device_and_eight_devices_agree_step_by_step(world, tmp_path):
       c.teachers[name].param_dtype = "float32"
     c.num_devices = num_devices
     c.mesh.update(mesh)
-    trainers.append(train.Trainer(c))
+    trainers.append(train.OPDTrainer(c))
   one, eight = trainers
   q = eight.params["layers"][0]["attn"]["q_proj"].get_value()
   assert len(q.sharding.device_set) == 8
@@ -139,7 +139,7 @@ ADAM_EPS_1V8 = 1e-2
 def test_rollout_key_of_step_t_is_fold_in_of_the_seed_key(world, tmp_path):
   c = _config(world, tmp_path, steps=3)
   c.seed = 7
-  trainer = train.Trainer(c)
+  trainer = train.OPDTrainer(c)
   keys, generate = [], trainer.sampler.generate
 
   def spy(params, prompts, rng, sampling):
@@ -182,7 +182,7 @@ def _cli(*overrides, world_dir):
     [
       sys.executable,
       "-m",
-      "jdistill.train",
+      "jdistill.train",  # the old entry point, an alias of `jdistill train`
       "--config=configs/opd_tiny.py",
       "--validate_only",
       *overrides,
@@ -225,16 +225,16 @@ def test_cli_nested_overrides_and_bad_overrides(world):
 def test_checkpoint_restores_onto_another_mesh_loads_as_teacher_and_exports(world, tmp_path):
   from flax import nnx
 
-  from jdistill.checkpoint import load_model_from_checkpoint
   from jdistill.models import hf
-  from jdistill.sharding import make_mesh
+  from jdistill.runtime.checkpoint import load_model_from_checkpoint
+  from jdistill.runtime.sharding import make_mesh
 
   c = _config(world, tmp_path, steps=2)
   c.num_devices = 1
   c.mesh.update(dict(data=1, fsdp=1, tensor=1))
   c.checkpoint.dir = str(tmp_path / "ckpt")
   c.checkpoint.every = 2
-  one = train.Trainer(c)
+  one = train.OPDTrainer(c)
   one.run()
   saved = _params(one)
 
@@ -242,7 +242,7 @@ def test_checkpoint_restores_onto_another_mesh_loads_as_teacher_and_exports(worl
   c8.mesh.update(dict(data=2, fsdp=2, tensor=2))
   c8.checkpoint.dir = str(tmp_path / "ckpt")
   c8.run_mode = "resume"  # the same run, carried on for more steps
-  eight = train.Trainer(c8)  # resumes step 2 onto the 2x2x2 mesh
+  eight = train.OPDTrainer(c8)  # resumes step 2 onto the 2x2x2 mesh
   assert eight.step == 2
   gate = eight.params["layers"][0]["mlp"]["gate_proj"].get_value()
   assert len(gate.sharding.device_set) == 8 and gate.sharding.spec == jax.sharding.PartitionSpec(
@@ -288,7 +288,7 @@ def test_example_configs_validate_once_paths_are_given(name):
 
 def test_nonfinite_steps_are_skipped_and_counted_or_stop_the_run(world, tmp_path, capsys):
   c = _config(world, tmp_path, steps=10, log_every=5)
-  trainer = train.Trainer(c)
+  trainer = train.OPDTrainer(c)
   before = _params(trainer)
   trainer.teachers.states = jax.tree.map(lambda x: x * np.nan, trainer.teachers.states)
   trainer.run(steps=2)  # not a logging step: still noticed

@@ -9,9 +9,9 @@ import pytest
 from flax import nnx
 
 from jdistill import losses
-from jdistill import train_step as ts
 from jdistill.losses import LossSettings
 from jdistill.models import ModelConfig, Transformer
+from jdistill.step import opd as ts
 
 CFG = ModelConfig(
   vocab_size=48,
@@ -119,8 +119,8 @@ def test_teacher_rows_are_process_major():
 
 
 def test_stacked_same_architecture_teachers_equal_the_loop():
-  from jdistill import sharding as shd
-  from jdistill.build import group_by_architecture, stack_states
+  from jdistill.runtime import sharding as shd
+  from jdistill.runtime.build import group_by_architecture, stack_states
 
   mesh = shd.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   student = shd.create_sharded(lambda: Transformer(CFG, nnx.Rngs(0)), mesh)

@@ -24,9 +24,9 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from jdistill import sharding as shd
 from jdistill.models.config import ModelConfig
 from jdistill.models.transformer import Transformer
+from jdistill.runtime import sharding as shd
 
 _HF_CLASSES = {
   "llama": "LlamaForCausalLM",

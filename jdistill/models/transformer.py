@@ -2,7 +2,7 @@
 variants, whose sparse layers use `jdistill.models.moe.MoE` in place of the MLP).
 
 Every weight is an `nnx.Param` whose `logical_axes` metadata names its
-dimensions; `jdistill.sharding` maps those names to mesh axes.
+dimensions; `jdistill.runtime.sharding` maps those names to mesh axes.
 
 The forward returns final (post-norm) hidden states `[batch, seq, hidden]`;
 `logits` / `unembedding` turn them into vocabulary scores, so loss kernels can

@@ -11,7 +11,7 @@ directory that holds another config refuses unless told what to do:
   mode "new"     move the directory (and an outside checkpoint directory) aside, renamed with
                  a time stamp, never deleted, and start afresh
 
-(`python -m jdistill.train --resume` / `--new_run`, or `config.run_mode`.)
+(`python -m jdistill train --resume` / `--new_run`, or `config.run_mode`.)
 """
 
 from __future__ import annotations

@@ -17,8 +17,8 @@ import ml_collections
 from flax import nnx
 
 from jdistill.config import base_config, teacher_config
+from jdistill.data.tokenizer import train_tiny_tokenizer
 from jdistill.models import ModelConfig, Transformer, hf
-from jdistill.tokenizer import train_tiny_tokenizer
 
 DOMAINS = {"math": "math", "code": "code"}
 
@@ -67,7 +67,8 @@ def write_larger_prompts(path: str, n: int, seed: int) -> str:
 
 def larger_reward(completion: str, reference: str) -> float:
   """Shaped verifier of the "larger" task: 1 for the right digit, 0.2 for another single
-  digit (the answer's format), 0 otherwise. Used as `rl.verifier="jdistill.toy:larger_reward"`."""
+  digit (the answer's format), 0 otherwise. Used as
+  `rl.verifier="jdistill.testing.toy:larger_reward"`."""
   answer = completion.strip()
   if answer == reference.strip():
     return 1.0

@@ -25,7 +25,7 @@ import math
 
 import ml_collections as mlc
 
-from jdistill import losses
+from jdistill import losses, stages
 from jdistill.models.config import REMAT_POLICIES, SCAN_MIN_LAYERS
 
 LOSSES = (
@@ -43,7 +43,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 NONFINITE = ("skip", "stop")
 OVERLONG = ("truncate_left", "drop", "error")
 ON_ERROR = ("raise", "skip")
-STAGES = ("opd", "sft", "generate", "rlvr")
+STAGES = tuple(stages.STAGES)
 KEEP = ("all", "verified")
 PLACEMENTS = ("resident", "streamed")
 
@@ -328,7 +328,7 @@ def validate(config) -> None:
   _check_choice(config, "run_mode", ("auto", "resume", "new"))
   _check_choice(config, "stage", STAGES)
   if config.eval.verifier:
-    from jdistill import verifiers
+    from jdistill.eval import verifiers
 
     try:
       verifiers.get(config.eval.verifier)
@@ -465,7 +465,7 @@ def validate(config) -> None:
     if g.model == "teachers":
       _validate_teachers(config)
     if g.verifier:
-      from jdistill import verifiers
+      from jdistill.eval import verifiers
 
       try:
         verifiers.get(g.verifier)
@@ -507,7 +507,7 @@ def _validate_rl(config) -> None:
     _check_positive(config, f"rl.{field}", allow_zero=True)
   if r.dense_weight > 0 and not config.teachers.keys():
     _fail("rl.dense_weight", r.dense_weight, "0 when no teachers are configured")
-  from jdistill import verifiers
+  from jdistill.eval import verifiers
 
   for field, name in [("rl.verifier", r.verifier)] + [
     (f"rl.verifiers.{d}", v) for d, v in r.verifiers.items()

@@ -1,6 +1,6 @@
 """RLVR: GRPO with verifiable rewards, optionally unified with on-policy distillation.
 
-  python -m jdistill.train --config=configs/rlvr_tiny.py
+  python -m jdistill rlvr --config=configs/rlvr_tiny.py
 
 Per step: `data.slots_per_teacher` prompts per group (per teacher, or one "policy" group
 when no teachers are configured), each sampled `rl.group_size` = G times by the jitted
@@ -32,15 +32,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jdistill import build, losses, plots, verifiers
 from jdistill import config as config_lib
-from jdistill import loop as loop_lib
-from jdistill import sharding as shd
-from jdistill import train_step as ts
-from jdistill.evaluate import decode_completions
-from jdistill.run_dir import open_run_dir, run_identity
-from jdistill.sampler import Sampler
-from jdistill.stage import TrainingStage
+from jdistill import losses
+from jdistill.eval import verifiers
+from jdistill.eval.accuracy import decode_completions
+from jdistill.runtime import build, plots
+from jdistill.runtime import loop as loop_lib
+from jdistill.runtime import sharding as shd
+from jdistill.runtime.run_dir import open_run_dir, run_identity
+from jdistill.sampling import Sampler
+from jdistill.stages.base import TrainingStage, run_training
+from jdistill.step import opd as ts
 
 sg = jax.lax.stop_gradient
 
@@ -395,3 +397,14 @@ class RLVRTrainer(TrainingStage):
 
   def describe_eval(self, results: dict) -> str:
     return " ".join(f"{d} accuracy {v['accuracy']:.3f}" for d, v in results.items())
+
+  def describe_change(self, before: dict, after: dict) -> str:
+    return "\n".join(
+      f"{d}: greedy accuracy {before[d]['accuracy']:.3f} -> {after[d]['accuracy']:.3f}"
+      for d in after
+    )
+
+
+def run(config) -> dict:
+  """The RLVR stage from `config`, trained to its end (`base.run_training`)."""
+  return run_training(RLVRTrainer, config)

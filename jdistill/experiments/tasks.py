@@ -90,7 +90,7 @@ def final_answer(completion: str) -> str | None:
 
 def verify(completion: str, reference: str) -> float:
   """1.0 when the completion ends in `answer: <reference>`, else 0.0 (malformed: 0.0). The
-  verifier of every domain: `rl.verifier="jdistill.tasks:verify"`."""
+  verifier of every domain: `rl.verifier="jdistill.experiments.tasks:verify"`."""
   answer = final_answer(completion)
   return float(answer is not None and answer == str(reference).strip())
 

@@ -37,7 +37,7 @@ import threading
 import time
 from typing import Protocol
 
-from jdistill.run_log import RunLog
+from jdistill.runtime.run_log import RunLog
 
 
 class Stage(Protocol):

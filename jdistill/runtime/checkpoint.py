@@ -28,9 +28,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from jdistill import sharding as shd
 from jdistill.models import ModelConfig, Transformer
 from jdistill.models.transformer import stack_layers, unstack_layers
+from jdistill.runtime import sharding as shd
 
 MODEL_CONFIG = "model_config.json"
 # Fields that may differ between a checkpoint and the model it is restored into (`remat`:

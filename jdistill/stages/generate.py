@@ -1,11 +1,11 @@
 """Teacher-data generation: a model samples n completions per prompt into JSONL, exactly once.
 
-  python -m jdistill.train --config=configs/generate_tiny.py
+  python -m jdistill generate --config=configs/generate_tiny.py
 
 Any model (a teacher, or the student) runs the jitted sampler over a prompt file. Each record
 carries the domain, the model's name, the prompt, the completion, the sampling settings and,
 where the prompt has an `answer` and `generate.verifier` is set, the verifier's score
-(`jdistill.verifiers`); `generate.keep="verified"` writes only completions scoring 1
+(`jdistill.eval.verifiers`); `generate.keep="verified"` writes only completions scoring 1
 (rejection sampling). The records are what warmup SFT reads (`prompt` + `completion`).
 
 Exactly once, across kills: process p of P handles prompts p, p + P, ... and writes
@@ -19,16 +19,20 @@ seed and the batch, so the output equals an uninterrupted run's.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 
 import jax
 import numpy as np
 
-from jdistill import build, verifiers
 from jdistill import config as config_lib
-from jdistill import data as data_lib
-from jdistill.sampler import Sampler
+from jdistill.data import prompts as data_lib
+from jdistill.eval import verifiers
+from jdistill.runtime import build
+from jdistill.sampling import Sampler
+
+log = logging.getLogger("jdistill")
 
 
 class Generator:
@@ -189,3 +193,18 @@ def generate_all(config) -> dict:
     for key in total:
       total[key] += progress[key]
   return total
+
+
+def run(config) -> dict:
+  """The generate stage from `config` → {"generated": the summed progress counts}."""
+  from jdistill.stages.base import InputError
+
+  try:
+    progress = generate_all(config)
+  except (ValueError, FileNotFoundError) as e:
+    raise InputError(str(e)) from e
+  log.info(
+    "generate: %d records of %d samples in %s; %d verifier errors",
+    progress["kept"], progress["sampled"], config.generate.out_dir, progress["verifier_errors"],
+  )  # fmt: skip
+  return {"generated": progress}

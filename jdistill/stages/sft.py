@@ -1,10 +1,10 @@
 """Warmup SFT: masked cross-entropy on completions, packed rows, the shared loop and machinery.
 
-  python -m jdistill.train --config=configs/sft_tiny.py
+  python -m jdistill sft --config=configs/sft_tiny.py
 
 The student learns a teacher's (or any) completions before on-policy distillation, to pull
 its rollouts onto the teacher's support. Prompts carry no loss, only the completion and its
-end-of-sequence token (`jdistill.packing`). The step is one pure jitted function (explicit
+end-of-sequence token (`jdistill.data.packing`). The step is one pure jitted function (explicit
 shardings, donated state) ending in the same optax update as OPD
 (`train_step.apply_gradients`); the loop, progress line, metrics, checkpoints (verified,
 resumable), signals and run directories are the OPD stage's.
@@ -31,13 +31,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jdistill import build, losses, overlap, packing, plots
 from jdistill import config as config_lib
-from jdistill import loop as loop_lib
-from jdistill import sharding as shd
-from jdistill import train_step as ts
-from jdistill.run_dir import open_run_dir, run_identity
-from jdistill.stage import TrainingStage
+from jdistill import losses, overlap
+from jdistill.data import packing
+from jdistill.runtime import build, plots
+from jdistill.runtime import loop as loop_lib
+from jdistill.runtime import sharding as shd
+from jdistill.runtime.run_dir import open_run_dir, run_identity
+from jdistill.stages.base import TrainingStage, run_training
+from jdistill.step import opd as ts
 
 BATCH_KEYS = ("tokens", "positions", "segment_ids", "loss_mask")
 
@@ -266,3 +268,14 @@ class SFTTrainer(TrainingStage):
   def set_data_state(self, data_state: dict) -> None:
     self.switches = dict(data_state.get("switches", {}))
     self.phase_start = int(data_state.get("phase_start", 0))
+
+  def describe_change(self, before: dict, after: dict) -> str:
+    return (
+      f"held-out completion cross-entropy {before['cross_entropy']:.4f} -> "
+      f"{after['cross_entropy']:.4f}"
+    )
+
+
+def run(config) -> dict:
+  """The SFT stage from `config`, trained to its end (`base.run_training`)."""
+  return run_training(SFTTrainer, config)

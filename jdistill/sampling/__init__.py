@@ -42,8 +42,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from jdistill import sharding as shd
 from jdistill.models.transformer import Cache, cache_logical_axes, init_cache
+from jdistill.runtime import sharding as shd
 
 DEFAULT_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 KEY_SCHEDULES = ("step", "prompt")
@@ -479,7 +479,7 @@ class Sampler:
     mesh: the device mesh; the batch is sharded over its data axes (the batch is
       padded with dummy rows up to a multiple of their size) and the KV cache's
       kv_heads over `tensor` where it divides.
-    rules: logical-axis rules (`jdistill.sharding.DEFAULT_RULES`).
+    rules: logical-axis rules (`jdistill.runtime.sharding.DEFAULT_RULES`).
     cache_dtype: KV cache dtype (default: the model's compute dtype).
     max_cache_len: optional cap on `bucket + max_new_tokens` (e.g. the model's
       maximum context); exceeding it raises ValueError.

@@ -1,9 +1,11 @@
 """`make demo`: three specialist teachers merged into one student that then solves their tasks.
 
-The task world (`jdistill.task_world`, committed under jdistill/assets/task_world): a weak
+The task world (`jdistill.experiments.task_world`, committed under
+jdistill/experiments/assets/task_world): a weak
 base model and three lineage teachers forked from it, each strong at one domain (two-digit
 addition, word reversal, letter counting). The demo is a reduced cell set of the
-support-overlap experiment (`jdistill.experiment`, `make experiment` for the whole grid):
+support-overlap experiment (`jdistill.experiments.experiment`; `make experiment` for the whole
+grid):
 lineage teachers, a warmup SFT on the teachers' verified answers, then on-policy
 distillation with full-vocab reverse KL and with the sampled-token estimator, one seed. It
 ends with per-domain greedy accuracy on held-out prompts (student before → after, next to
@@ -19,7 +21,7 @@ import time
 
 from absl import app, flags, logging
 
-from jdistill import experiment, task_world, tasks
+from jdistill.experiments import experiment, task_world, tasks
 
 flags.DEFINE_string(
   "out", "demo_out", "Output directory (replaced on each run, if the demo wrote it)."
@@ -85,5 +87,9 @@ def main(argv):
   )
 
 
-if __name__ == "__main__":
+def cli():
   app.run(main)
+
+
+if __name__ == "__main__":
+  cli()

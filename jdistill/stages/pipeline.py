@@ -1,6 +1,6 @@
 """Pipelines: stages chained in one run directory, each from the previous one's final model.
 
-  python -m jdistill.train --config=configs/pipeline_tiny.py
+  python -m jdistill pipeline --config=configs/pipeline_tiny.py
 
 `pipeline.stages` lists stages (`generate`, `sft`, `opd`, `rlvr`), e.g. `("generate", "sft",
 "opd")`. Stage k runs with the same config except:
@@ -29,9 +29,9 @@ from collections.abc import Callable
 import jax
 
 from jdistill import config as config_lib
-from jdistill.generate import output_files
-
-TRAINING = ("sft", "opd", "rlvr")
+from jdistill import stages
+from jdistill.stages import TRAINING
+from jdistill.stages.generate import output_files
 
 
 def stage_dir(config, k: int) -> str:
@@ -84,7 +84,7 @@ def validate(config) -> None:
       raise ValueError(f"pipeline stage {k + 1} ({stages[k]}): {e}") from None
 
 
-def run_once(config, out_dir: str, run_stage: Callable[[object], dict]) -> dict:
+def run_once(config, out_dir: str, run_stage: Callable[[object], dict] = stages.run_stage) -> dict:
   """`run_stage(config)`'s summary, computed once: a finished stage leaves
   `<out_dir>/DONE.json` (atomically, after its final model is exported) and is skipped."""
   marker = os.path.join(out_dir, "DONE.json")
@@ -101,7 +101,7 @@ def run_once(config, out_dir: str, run_stage: Callable[[object], dict]) -> dict:
   return summary
 
 
-def run(config, run_stage: Callable[[object], dict]) -> list[dict]:
+def run(config, run_stage: Callable[[object], dict] = stages.run_stage) -> list[dict]:
   """Runs the unfinished stages in order with `run_stage(stage_config)` (which trains or
   generates to the end and exports); returns each stage's summary (from DONE.json when it was
   already done)."""

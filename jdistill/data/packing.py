@@ -1,7 +1,7 @@
 """Supervised examples (prompt + completion) tokenised and packed into fixed-length rows.
 
 A record is `{"prompt": str or "messages": [...], "completion": str, "domain": str?}` (the
-prompt fields as in `jdistill.data`). Its tokens are the prompt rendered as the student
+prompt fields as in `jdistill.data.prompts`). Its tokens are the prompt rendered as the student
 will see it at sampling time (chat template with the generation prompt) followed by the
 completion and the end-of-sequence token; only the completion and that token carry loss.
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from jdistill import data as data_lib
+from jdistill.data import prompts as data_lib
 
 
 def encode_example(record: dict, tokenizer, *, use_chat_template: bool) -> tuple[list, list]:

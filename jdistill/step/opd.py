@@ -185,7 +185,7 @@ def distill_objective(
   Default: every resident teacher on its own.
 
   `teacher_cache`: `{i: (hidden [S, L-1, D], unembed [D, V])}` of the streamed teachers
-  (`jdistill.streaming`), whose forward ran before the step; they are in no group.
+  (`jdistill.step.streaming`), whose forward ran before the step; they are in no group.
 
   `loss_window` (static; the sampler's `max_new_tokens`): the loss kernels run only over
   each row's completion window (`completion_window`), not over the prompt positions too.

@@ -14,15 +14,16 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from jdistill import checkpoint as ckpt
 from jdistill import config as config_lib
-from jdistill import data as data_lib
-from jdistill import losses, streaming
-from jdistill import sharding as shd
-from jdistill import train_step as ts
+from jdistill import losses
+from jdistill.data import prompts as data_lib
+from jdistill.data.tokenizer import load_tokenizer
 from jdistill.models import ModelConfig, hf
-from jdistill.sampler import SamplingParams
-from jdistill.tokenizer import load_tokenizer
+from jdistill.runtime import checkpoint as ckpt
+from jdistill.runtime import sharding as shd
+from jdistill.sampling import SamplingParams
+from jdistill.step import opd as ts
+from jdistill.step import streaming
 
 # --- mesh and models -------------------------------------------------------------------
 
@@ -138,7 +139,7 @@ class Teachers:
   `groups` lists resident teacher indices that share one graphdef; `graphdefs[g]` /
   `states[g]` are per group, a group of several having every state leaf stacked on a
   leading teacher axis (run as one `vmap`ped forward). `streamed` holds the teachers
-  placed `streamed` (params in host memory, see `jdistill.streaming`), in no group.
+  placed `streamed` (params in host memory, see `jdistill.step.streaming`), in no group.
   """
 
   names: list[str]

@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jdistill import sharding as shd
-from jdistill import train_step as ts
+from jdistill.runtime import sharding as shd
+from jdistill.step import opd as ts
 
 PLACEMENTS = ("resident", "streamed")
 

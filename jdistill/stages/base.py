@@ -7,15 +7,15 @@ import logging
 import jax
 from flax import nnx
 
-from jdistill import build, plots, run_log
-from jdistill import checkpoint as ckpt
 from jdistill.models import hf
+from jdistill.runtime import build, plots, run_log
+from jdistill.runtime import checkpoint as ckpt
 
 log = logging.getLogger("jdistill")
 
 
 class TrainingStage:
-  """Base of `train.Trainer`, `sft.SFTTrainer` and `rlvr.RLVRTrainer`.
+  """Base of `train.OPDTrainer`, `sft.SFTTrainer` and `rlvr.RLVRTrainer`.
 
   A subclass's constructor sets `config`, `state` ({"params", "opt_state", "step"}), `step`,
   `rng`, `identity`, `loop`, `graphdef`, `model_cfg`, `tokenizer` and `run_dir`, then calls
@@ -92,3 +92,30 @@ class TrainingStage:
   def export(self, out_dir: str) -> None:
     """The student as a Hugging Face folder (safetensors, config, tokenizer)."""
     hf.to_hf(nnx.merge(self.graphdef, self.params), out_dir, tokenizer=self.tokenizer)
+
+
+class InputError(Exception):
+  """Bad input found while building a stage (config, files, models): a one-line error."""
+
+
+def run_training(stage_cls, config) -> dict:
+  """Builds `stage_cls(config)`, evaluates, trains to `train.steps`, evaluates again and
+  exports the student (`export_dir`) → a summary of the run."""
+  try:
+    trainer = stage_cls(config)
+  except (ValueError, FileNotFoundError) as e:
+    raise InputError(str(e)) from e
+  log.info(
+    "stage %s, mesh %s, resuming at step %d", config.stage, dict(trainer.mesh.shape), trainer.step
+  )
+  before = trainer.evaluate()
+  trainer.run()
+  after = trainer.evaluate()
+  print(trainer.describe_change(before, after), flush=True)
+  if config.export_dir:
+    trainer.export(config.export_dir)
+    log.info("exported the student to %s", config.export_dir)
+  summary = {"step": trainer.step, "eval_before": before, "eval_after": after}
+  if getattr(trainer, "switches", None):
+    summary["switches"] = trainer.switches
+  return summary

@@ -1,0 +1,175 @@
+"""What a model can do: greedy exact-match accuracy and pass@k per domain on held-out prompts.
+
+  python -m jdistill evaluate --model=runs/task_world/base --prompts=runs/task_world/eval.jsonl \
+      [--model=... more] [--verifier=jdistill.experiments.tasks:verify] [--pass_k=4]
+
+Each prompt record needs `domain` and `answer`. Accuracy is the mean verifier score of one
+greedy completion per prompt; pass@k the share of prompts where at least one of k samples at
+temperature 1 scores 1 (n = k samples: the plain estimator). Stages call `accuracy` as their
+per-step hook (`eval_every`); the experiment calls it for teachers, base and student alike.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import jax
+import numpy as np
+
+from jdistill.eval import verifiers
+from jdistill.sampling import Sampler, SamplingParams
+
+
+def completions(sampler: Sampler, params, tokenizer, prompts: list[list[int]], sampling, key):
+  """Decoded completions (special tokens dropped) of token-id `prompts`, in order."""
+  rows = len(prompts)
+  width = max(len(p) for p in prompts)
+  tokens = np.full((rows, width), sampling.pad_id, np.int32)
+  for i, p in enumerate(prompts):
+    tokens[i, : len(p)] = p
+  lengths = np.asarray([len(p) for p in prompts], np.int32)
+  out = jax.device_get(sampler.generate(params, (tokens, lengths), key, sampling))
+  return decode_completions(tokenizer, out.tokens, out.prompt_lengths, out.completion_lengths)
+
+
+def decode_completions(tokenizer, tokens, prompt_lengths, completion_lengths) -> list[str]:
+  """The completions of sampled rows (host arrays `[rows, width]`, `[rows]`, `[rows]`) as
+  text, special tokens dropped."""
+  return [
+    tokenizer.decode(row[int(start) : int(start) + int(n)], skip_special_tokens=True)
+    for row, start, n in zip(tokens, prompt_lengths, completion_lengths)
+  ]
+
+
+def accuracy(
+  sampler: Sampler,
+  params,
+  tokenizer,
+  records: list[dict],
+  *,
+  encode,
+  max_new_tokens: int,
+  verifier: str = "exact_match",
+  pass_k: int = 0,
+  batch_rows: int = 64,
+  prompt_buckets=(16, 32, 64, 128, 256),
+  seed: int = 0,
+) -> dict[str, dict[str, float]]:
+  """{domain: {"accuracy", "pass@k" (with pass_k > 0), "prompts"}} over `records`.
+
+  `encode(record) -> token ids` renders a prompt as the model sees it; generation stops at
+  the tokenizer's end-of-sequence token."""
+  score = verifiers.Scorer(verifiers.get(verifier))
+  stop = tuple(i for i in (tokenizer.eos_token_id,) if i is not None)
+  base = dict(
+    max_new_tokens=max_new_tokens,
+    stop_token_ids=stop,
+    prompt_buckets=tuple(prompt_buckets),
+    pad_id=tokenizer.pad_token_id or 0,
+  )
+  greedy = SamplingParams(temperature=0.0, **base)
+  sampled = SamplingParams(temperature=1.0, **base)
+  ids = [encode(r) for r in records]
+  greedy_scores = []
+  for start in range(0, len(records), batch_rows):
+    texts = completions(
+      sampler, params, tokenizer, ids[start : start + batch_rows], greedy, jax.random.key(0)
+    )
+    for record, text in zip(records[start : start + batch_rows], texts):
+      greedy_scores.append(score(text, str(record["answer"])))
+  passed = []
+  if pass_k:
+    per_call = max(1, batch_rows // pass_k)
+    for start in range(0, len(records), per_call):
+      chunk = records[start : start + per_call]
+      repeated = [ids[start + j] for j in range(len(chunk)) for _ in range(pass_k)]
+      key = jax.random.key(seed + start)
+      texts = completions(sampler, params, tokenizer, repeated, sampled, key)
+      for j, record in enumerate(chunk):
+        hits = [
+          score(t, str(record["answer"])) >= 1.0 for t in texts[j * pass_k : (j + 1) * pass_k]
+        ]
+        passed.append(float(any(hits)))
+  by_domain: dict[str, dict[str, list[float]]] = collections.defaultdict(
+    lambda: {"accuracy": [], "pass": []}
+  )
+  for i, record in enumerate(records):
+    by_domain[record["domain"]]["accuracy"].append(greedy_scores[i])
+    if passed:
+      by_domain[record["domain"]]["pass"].append(passed[i])
+  out = {}
+  for domain in sorted(by_domain):
+    values = by_domain[domain]
+    out[domain] = {
+      "accuracy": float(np.mean(values["accuracy"])),
+      "prompts": len(values["accuracy"]),
+    }
+    if passed:
+      out[domain][f"pass@{pass_k}"] = float(np.mean(values["pass"]))
+  return out
+
+
+def model_accuracy(model_dir: str, records: list[dict], **kw) -> dict[str, dict[str, float]]:
+  """`accuracy` of the HF (or jdistill checkpoint) model in `model_dir` on one device."""
+  from flax import nnx
+
+  from jdistill.data.tokenizer import load_tokenizer
+  from jdistill.runtime import build
+  from jdistill.runtime import sharding as shd
+
+  mesh = shd.make_mesh({"data": 1}, devices=jax.devices()[:1])
+  model = build.load_model(model_dir, mesh, param_dtype="float32", dtype="float32")
+  tokenizer = kw.pop("tokenizer", None) or load_tokenizer(model_dir)
+  graphdef, params = nnx.split(model)
+  encode = kw.pop("encode", None) or (lambda r: tokenizer.encode(r["prompt"]))
+  return accuracy(Sampler(graphdef, mesh), params, tokenizer, records, encode=encode, **kw)
+
+
+def format_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
+  """A markdown table: one row per model, one column per domain's accuracy (pass@k)."""
+  domains = sorted({d for r in results.values() for d in r})
+  lines = ["| model | " + " | ".join(domains) + " |", "|---" * (len(domains) + 1) + "|"]
+  for name, per_domain in results.items():
+    cells = []
+    for d in domains:
+      v = per_domain.get(d, {})
+      extra = "".join(f" ({v[k]:.2f} {k})" for k in v if k.startswith("pass@"))
+      cells.append(f"{v['accuracy']:.2f}{extra}" if v else "—")
+    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  import json
+
+  from absl import flags
+
+  f = flags.FLAGS
+  with open(f.prompts) as fh:
+    records = [json.loads(line) for line in fh if line.strip()]
+  results = {
+    path: model_accuracy(
+      path, records, max_new_tokens=f.max_new_tokens, verifier=f.verifier, pass_k=f.pass_k
+    )
+    for path in f.model
+  }
+  print(format_table(results))
+
+
+def cli():
+  from absl import app, flags
+
+  flags.DEFINE_multi_string("model", None, "HF model directory (repeat for several).")
+  flags.DEFINE_string("prompts", None, "JSONL of {domain, prompt, answer}.")
+  flags.DEFINE_string(
+    "verifier", "jdistill.experiments.tasks:verify", "Verifier name (jdistill.eval.verifiers)."
+  )
+  flags.DEFINE_integer("pass_k", 0, "k of pass@k (0: greedy accuracy only).")
+  flags.DEFINE_integer("max_new_tokens", 64, "Tokens generated per completion.")
+  flags.mark_flags_as_required(["model", "prompts"])
+  app.run(main)
+
+
+if __name__ == "__main__":
+  cli()

@@ -1,0 +1,363 @@
+"""The OPD stage: multi-teacher on-policy distillation.
+
+  python -m jdistill opd --config=configs/opd_tiny.py \
+      --config.optimizer.lr=3e-6 --config.teachers.math.weight=2
+
+Per step: the jitted sampler draws rollouts from the current student params, then
+one compiled `train_step` (explicit in/out shardings, donated state) runs the
+teachers on their slots, the student, the chunked loss kernels and the optax
+update. With `rollout.devices` = n > 0 the sampler has its own mesh of n devices and
+samples step t's batch from the params after update t − `rollout.staleness`, while the
+training mesh runs the earlier steps (see `Trainer.sample_ahead` and docs/design.md).
+Progress goes to the console; metrics to `<output_dir>/metrics.jsonl`, TensorBoard
+(`<output_dir>/tb`) and a learning-curve PNG.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+
+from jdistill import config as config_lib
+from jdistill import overlap
+from jdistill.runtime import build
+from jdistill.runtime import loop as loop_lib
+from jdistill.runtime.run_dir import open_run_dir, run_identity
+from jdistill.sampling import Sampler
+from jdistill.stages.base import TrainingStage, run_training
+from jdistill.step import opd as ts
+from jdistill.step import streaming
+
+
+def to_float(tree):
+  return jax.tree.map(float, jax.device_get(tree))
+
+
+def move_rows(x: jax.Array, sharding: jax.sharding.NamedSharding) -> jax.Array:
+  """`x` `[B, ...]`, its rows split over some devices, → `sharding` (its rows split over
+  other devices), copied shard by shard from device to device.
+
+  `jax.device_put` across meshes whose shards do not match one to one went through the
+  host and blocked until the sampler had finished (measured on 2 + 6 devices)."""
+  sources = {}  # row range -> one device's copy of those rows
+  for shard in x.addressable_shards:
+    rows = shard.index[0].indices(x.shape[0])[:2]
+    sources.setdefault(rows, shard.data)
+  pieces = []
+  for device, index in sharding.addressable_devices_indices_map(x.shape).items():
+    start, stop = index[0].indices(x.shape[0])[:2]
+    parts = [
+      jax.device_put(data[max(start, lo) - lo : min(stop, hi) - lo], device)
+      for (lo, hi), data in sorted(sources.items())
+      if max(start, lo) < min(stop, hi)
+    ]
+    pieces.append(parts[0] if len(parts) == 1 else jax.numpy.concatenate(parts))
+  return jax.make_array_from_single_device_arrays(x.shape, sharding, pieces)
+
+
+class Pending(NamedTuple):
+  """A rollout batch sampled ahead of its step (disaggregated rollouts)."""
+
+  step: int  # the step that trains on it
+  version: int  # the params it was sampled with: those after `version` updates
+  data_state: dict  # the data iterator's state before its prompts were drawn
+  batch: dict  # the train step's batch, on the training mesh
+
+
+class OPDTrainer(TrainingStage):
+  """The OPD stage: student rollouts → one compiled step. `run()` trains.
+
+  Built from a validated config by `jdistill.runtime.build`; the loop (`jdistill.runtime.loop`)
+  drives it through `train_one`, `step_tokens`, `log_record`, `progress`, `evaluate` and `save`.
+  """
+
+  def __init__(self, config):
+    config_lib.validate(config)
+    self.config = c = config
+    self.identity = run_identity(c)
+    self.run_dir = open_run_dir(c, self.identity)
+    # Everything that reads user input runs before the models load and the step compiles.
+    self.mesh, self.rollout_mesh = build.meshes(c)
+    self.tokenizer = build.tokenizer(c)
+    self.batcher = build.prompt_batcher(c, self.tokenizer, c.data.train_files, seed=c.seed)
+    build.check_rows_divide(c, self.batcher.rows_per_batch, self.mesh)
+    self.eval_batcher = None
+    if c.data.eval_files:
+      self.eval_batcher = build.prompt_batcher(
+        c, self.tokenizer, c.data.eval_files, seed=c.seed + 1
+      )
+    n = self.batcher.prompt_counts
+    print(
+      f"jdistill: training prompts: {n['checked']} checked, {n['truncated']} truncated and "
+      f"{n['dropped']} dropped (data.overlong={c.data.overlong!r}), {n['malformed_skipped']} "
+      "malformed lines skipped",
+      flush=True,
+    )
+    self.data_iter = self.batcher.iterator()
+
+    student = build.student(c, self.mesh)
+    self.graphdef, self.model_cfg = student.graphdef, student.cfg
+    self.identity["model_config"] = dataclasses.asdict(student.cfg)
+    self.teachers = build.teachers(c, self.mesh, student.cfg.vocab_size)
+    self.optimizer, self.schedule = build.optimizer(c)
+    self.state = build.train_state(student.params, self.optimizer, self.mesh)
+    self.step = 0  # host copy of state["step"]: the loop never waits on the device for it
+    self.sampling = build.sampling_params(c, self.tokenizer)
+    self.sampler = Sampler(self.graphdef, self.rollout_mesh or self.mesh)
+    # colocated (rollout.devices = 0): step t's batch always uses the params after update t
+    self.staleness = c.rollout.staleness if self.rollout_mesh is not None else 0
+    self.rollout_shardings = None
+    if self.rollout_mesh is not None:
+      self.rollout_shardings = build.param_shardings(student.params, self.rollout_mesh)
+    self._rollout_params = None  # (version, params on the sampler's mesh)
+    self.pending: collections.deque[Pending] = collections.deque()
+    self.batch_shardings = build.batch_shardings(self.mesh)
+    self.rng = jax.random.key(c.seed)
+    self.alarms = overlap.AlarmTracker(c.overlap)
+    self.accuracy_records = self._accuracy_records() if c.eval.verifier else None
+    self.train_step, self.eval_objective = self._compile()
+    self.loop = loop_lib.Loop(
+      log_every=c.train.log_every, eval_every=c.train.eval_every, nonfinite=c.loss.nonfinite
+    )
+
+    self.resume_or_start()
+
+  def _compile(self):
+    """The jitted train step (explicit shardings, donated state) and eval objective."""
+    t = self.teachers
+    structure = dict(
+      student_graphdef=self.graphdef,
+      teacher_graphdefs=t.graphdefs,
+      specs=t.specs,
+      groups=t.groups,
+      loss_window=self.config.sampling.max_new_tokens,  # the loss skips the prompt positions
+    )
+    state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
+    teacher_shardings = jax.tree.map(lambda x: x.sharding, t.states)
+    cache_shardings = {
+      s.index: (streaming.hidden_sharding(self.mesh, len(s.rows)), s.unembed.sharding)
+      for s in t.streamed
+    }
+    step_fn = functools.partial(
+      ts.train_step, optimizer=self.optimizer, schedule=self.schedule, **structure
+    )
+    replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    train_step = jax.jit(
+      lambda state, teachers, cache, batch, diagnostics: step_fn(
+        state, teachers, batch, diagnostics=diagnostics, teacher_cache=cache
+      ),
+      in_shardings=(
+        state_shardings,
+        teacher_shardings,
+        cache_shardings,
+        self.batch_shardings,
+        replicated,
+      ),
+      out_shardings=(state_shardings, None),
+      donate_argnums=(0,),
+    )
+    objective = functools.partial(ts.distill_objective, **structure)
+    eval_objective = jax.jit(
+      lambda p, s, c, b: objective(p, teacher_states=s, batch=b, teacher_cache=c)[1]
+    )
+    return train_step, eval_objective
+
+  def data_state(self) -> dict:
+    """Where the data stream stands for the next step to train: batches sampled ahead have
+    drawn their prompts already, so a checkpoint records the state before the first one."""
+    return self.pending[0].data_state if self.pending else self.data_iter.get_state()
+
+  def set_data_state(self, data_state: dict) -> None:
+    self.pending.clear()  # sampled from the data and params this replaces
+    self._rollout_params = None
+    super().set_data_state(data_state)
+
+  def teacher_cache(self, batch: dict) -> dict:
+    """The streamed teachers' hidden states on `batch`, one teacher after another
+    (`{}` when every teacher is resident)."""
+    return streaming.teacher_cache(self.teachers.streamed, batch, self.batch_shardings, self.mesh)
+
+  def _accuracy_records(self) -> list[dict]:
+    """The held-out prompts (`data.eval_files`) whose answers `evaluate` checks."""
+    if self.eval_batcher is None:
+      raise ValueError("config.eval.verifier needs held-out prompts in config.data.eval_files")
+    records = self.eval_batcher.records
+    missing = [r["where"] for r in records if "answer" not in r]
+    if missing:
+      raise ValueError(
+        f"{missing[0]}: no 'answer' field, which config.eval.verifier scores against"
+      )
+    return records
+
+  def accuracy(self) -> dict[str, dict[str, float]]:
+    """Per-domain greedy accuracy (and pass@k) of the student on the held-out prompts."""
+    from jdistill.data import prompts as data_lib
+    from jdistill.eval import accuracy as evaluate
+
+    c = self.config
+    encode = lambda r: data_lib.encode_prompt(  # noqa: E731
+      r, self.tokenizer, use_chat_template=c.data.use_chat_template,
+      max_prompt_len=c.data.max_prompt_len, overlong="truncate_left",
+    )  # fmt: skip
+    return evaluate.accuracy(
+      self.sampler, self.rollout_params(), self.tokenizer, self.accuracy_records,
+      encode=encode, max_new_tokens=c.sampling.max_new_tokens, verifier=c.eval.verifier,
+      pass_k=c.eval.pass_k, prompt_buckets=c.sampling.prompt_buckets,
+      batch_rows=self.batcher.rows_per_batch,
+    )  # fmt: skip
+
+  @property
+  def names(self) -> list[str]:
+    return self.teachers.names
+
+  @property
+  def params(self):
+    return self.state["params"]
+
+  @property
+  def skipped_updates(self) -> int:
+    return self.loop.skipped_updates
+
+  # --- one step ------------------------------------------------------------------------
+
+  def rollout_key(self, step: int):
+    """The sampler's key for the rollouts of `step`: `fold_in(key(seed), step)`."""
+    return jax.random.fold_in(self.rng, step)
+
+  def rollout_params(self):
+    """The current student params (after `step` updates) where the sampler runs: the
+    training state itself when colocated, else its copy on the sampler's mesh, made once
+    per update."""
+    if self.rollout_mesh is None:
+      return self.state["params"]
+    if self._rollout_params is None or self._rollout_params[0] != self.step:
+      copy = jax.device_put(self.state["params"], self.rollout_shardings)
+      self._rollout_params = (self.step, copy)
+    return self._rollout_params[1]
+
+  def rollouts(self, prompts: dict, rng) -> dict:
+    """Student rollouts of the rollout params (`rollout_params`) on a prompt batch → the
+    train step's batch (right-padded, on the training mesh).
+
+    With `sampling.continuous_slots`, each teacher's rows share that many refilling decode
+    slots (continuous batching); the batch layout is the same."""
+    prompt = (prompts["prompt_tokens"], prompts["prompt_lengths"])
+    slots = self.config.sampling.continuous_slots
+    if slots:
+      out, _ = self.sampler.generate_continuous(
+        self.rollout_params(),
+        prompt,
+        rng,
+        dataclasses.replace(self.sampling, key_schedule="prompt"),
+        slots_per_group=slots,
+        groups=prompts["teacher_index"],
+      )
+    else:
+      out = self.sampler.generate(self.rollout_params(), prompt, rng, self.sampling)
+    if self.rollout_mesh is None:
+      return ts.rollout_batch(out, self.batch_shardings)
+    batch = ts.rollout_batch(out)  # still on the sampler's mesh
+    return {k: move_rows(v, self.batch_shardings[k]) for k, v in batch.items()}
+
+  def sample_ahead(self) -> None:
+    """Samples every batch up to step `step + staleness` (at most the last step of
+    `train.steps`) not yet sampled, from the current params.
+
+    Step t's batch thus uses the params after update max(t − k, s) (k = staleness, s = the
+    step this session started or restored at). The sampler only dispatches device work
+    (prompt padding is host work on a few small arrays), so the batch of step t + k is
+    computed on the sampler's mesh while the training mesh runs step t.
+    """
+    last = max(self.step, min(self.step + self.staleness, self.config.train.steps - 1))
+    first = self.pending[-1].step + 1 if self.pending else self.step
+    for t in range(first, last + 1):
+      data_state = self.data_iter.get_state()
+      batch = self.rollouts(next(self.data_iter), self.rollout_key(t))
+      self.pending.append(Pending(t, self.step, data_state, batch))
+
+  def train_one(self, diagnostics: bool = True) -> dict:
+    """One OPD step; `diagnostics`: compute the overlap diagnostics (logging steps).
+
+    Metrics gain `rollout_staleness`: the step minus the params version its batch used."""
+    self.sample_ahead()
+    pending = self.pending.popleft()
+    batch, t = pending.batch, self.step
+    flag = jax.numpy.asarray(diagnostics)
+    cache = self.teacher_cache(batch)
+    self.state, metrics = self.train_step(self.state, self.teachers.states, cache, batch, flag)
+    self.step += 1
+    if self.rollout_mesh is not None:
+      self.rollout_params()  # the copy to the sampler's mesh starts as soon as the step ends
+    return dict(metrics, rollout_staleness=t - pending.version)
+
+  def step_tokens(self, metrics: dict) -> dict:
+    generated = sum(t["tokens"] for t in metrics["teachers"].values())
+    return {"generated": generated, "total": metrics["tokens"]}
+
+  def log_record(self, metrics: dict) -> dict:
+    record = to_float(metrics)
+    for name, alarm in self.alarms.update(self.step, record["teachers"]).items():
+      record["teachers"][name]["overlap_alarm"] = float(alarm)
+    return record
+
+  def progress(self, record: dict) -> str:
+    """Per-teacher full-vocab reverse KL: a divergence that reaches 0 at the teacher (never
+    the optimisation surrogate, whose value for sampled estimators is no divergence)."""
+    line = " ".join(f"{n} rkl {t['reverse_kl']:.3f}" for n, t in record["teachers"].items())
+    if self.rollout_mesh is not None:
+      line += f" | staleness {record['rollout_staleness']:.0f}"
+    return line
+
+  # --- evaluation ----------------------------------------------------------------------
+
+  def evaluate(self, seed: int = 1234) -> dict[str, dict]:
+    """Per-teacher metrics (full-vocab reverse KL etc.) on held-out student rollouts.
+
+    One batch of `eval_files` prompts (else a far-away batch of the training stream),
+    sampled with a fixed key, so evaluations at different steps are comparable."""
+    batcher = self.eval_batcher or self.batcher
+    prompts = batcher.batch(10**6 if batcher is self.batcher else 0)
+    batch = self.rollouts(prompts, jax.random.key(seed))
+    results = to_float(
+      self.eval_objective(
+        self.state["params"], self.teachers.states, self.teacher_cache(batch), batch
+      )
+    )
+    if self.accuracy_records:  # each teacher: the accuracy over the domains it owns
+      per_domain = self.accuracy()
+      owners = config_lib.teacher_domains(self.config)
+      for name in results:
+        mine = [per_domain[d] for d in owners[name] if d in per_domain]
+        total = sum(v["prompts"] for v in mine)
+        for key in {k for v in mine for k in v if k != "prompts"}:
+          results[name][key] = sum(v[key] * v["prompts"] for v in mine) / max(total, 1)
+    return results
+
+  def describe_eval(self, results: dict) -> str:
+    return " ".join(
+      f"{n} rkl {v['reverse_kl']:.3f}" + (f" acc {v['accuracy']:.2f}" if "accuracy" in v else "")
+      for n, v in results.items()
+    )
+
+  def describe_change(self, before: dict, after: dict) -> str:
+    """Per teacher: full-vocab reverse KL and teacher log-prob, before → after training."""
+    lines = [
+      f"{'teacher':<14}{'reverse KL before':>19}{'after':>10}"
+      f"{'teacher logp before':>21}{'after':>10}"
+    ]
+    for name in before:
+      b, a = before[name], after[name]
+      lines.append(
+        f"{name:<14}{b['reverse_kl']:>19.4f}{a['reverse_kl']:>10.4f}"
+        f"{b['teacher_logp']:>21.4f}{a['teacher_logp']:>10.4f}"
+      )
+    return "\n".join(lines)
+
+
+def run(config) -> dict:
+  """The OPD stage from `config`, trained to its end (`base.run_training`)."""
+  return run_training(OPDTrainer, config)

@@ -34,7 +34,7 @@ demo: $(STAMP)
 
 # The whole support-overlap grid (losses x teachers x warmups x 3 seeds); cells are cached.
 experiment: $(STAMP)
-	@$(PY) -m jdistill.experiments.experiment --out=runs/experiment
+	@$(PY) -m jdistill experiment --out=runs/experiment
 
 bench: $(STAMP)
 	$(PY) bench/loss_memory.py

@@ -48,20 +48,21 @@ __all__ = [
   "validate",
 ]
 
-# Every section, in docs/configs.md's order; `teachers.<name>` is one `teachers` entry.
+# Every section, in the config's order (docs/configs.md.in places them in its own order);
+# `teachers.<name>` is one entry of `teachers`, filled per run with `teacher_config(...)`.
 SECTIONS = (
   run.TOP,
   run.MESH,
   model.STUDENT,
   model.TEACHER,
   data.DATA,
-  stages.GENERATE,
-  stages.SFT,
-  stages.RL,
   data.SAMPLING,
   data.ROLLOUT,
   training.LOSS,
   training.OPTIMIZER,
+  stages.SFT,
+  stages.GENERATE,
+  stages.RL,
   metrics.EVAL,
   stages.PIPELINE,
   training.TRAIN,
@@ -72,10 +73,8 @@ SECTIONS = (
 
 def base_config() -> mlc.ConfigDict:
   c = run.TOP.config()
-  for section in SECTIONS:
-    if section not in (run.TOP, model.TEACHER):
-      c[section.path] = section.config()
-  c.teachers = mlc.ConfigDict()  # filled per run: name -> teacher_config(...)
+  for section in SECTIONS[1:]:
+    c[section.key] = mlc.ConfigDict() if section is model.TEACHER else section.config()
   return c
 
 

@@ -1,5 +1,7 @@
 """The docs and the package layout cannot drift: config fields, links, imports.
 
+* docs/configs.md is what `python -m jdistill.config.docs` generates from the field
+  declarations in jdistill/config/ and the prose in docs/configs.md.in;
 * every field of `config.base_config()` (and of `config.teacher_config()`, as
   `teachers.<name>.<field>`) has a row in docs/configs.md, and every row names a real field;
 * every relative link in README.md and docs/*.md resolves to a file (and heading) inside
@@ -23,8 +25,10 @@ import sys
 import urllib.parse
 
 import ml_collections
+import pytest
 
 from jdistill import config as config_lib
+from jdistill.config import docs as config_docs
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "jdistill"
@@ -90,17 +94,34 @@ def test_every_config_field_is_documented_and_every_documented_field_exists():
   problems = []
   if missing:
     problems.append(
-      f"config fields of jdistill/config.py missing from {doc} (add a table row "
-      f"'| `<field>` | default | meaning | allowed |' for each): {missing}"
+      f"config fields missing from {doc} (declare each with field(default, description, "
+      f"allowed) in its section under jdistill/config/, then run {config_docs.COMMAND}): "
+      f"{missing}"
     )
   if unknown:
     problems.append(
-      f"{doc} documents fields that jdistill/config.py does not have (remove or rename "
-      f"these rows): {unknown}"
+      f"{doc} documents fields that the config does not have (regenerate it: "
+      f"{config_docs.COMMAND}): {unknown}"
     )
   if duplicated:
     problems.append(f"{doc} documents these fields more than once: {duplicated}")
   assert not problems, "\n".join(problems)
+
+
+def test_configs_md_is_generated_from_the_field_declarations():
+  generated = config_docs.render_docs()
+  assert CONFIGS_MD.read_text(encoding="utf-8") == generated, (
+    f"{_rel(CONFIGS_MD)} is not what the field declarations in jdistill/config/ and "
+    f"docs/configs.md.in generate; edit those (not the .md), then run: {config_docs.COMMAND}"
+  )
+
+
+def test_configs_md_generator_refuses_a_template_missing_a_section():
+  template = config_docs.TEMPLATE.read_text(encoding="utf-8")
+  with pytest.raises(ValueError, match=r"missing \['loss'\]"):
+    config_docs.render_docs(template.replace("{{fields: loss}}", ""))
+  with pytest.raises(ValueError, match="no config sections"):
+    config_docs.render_docs(template + "{{fields: nosuch}}\n")
 
 
 def test_documented_field_parser_sees_both_directions():
@@ -330,7 +351,7 @@ def test_import_graph_helpers():
   )
   assert import_cycles({"a": {"b": "x"}, "b": {}}) == []
   found = import_edges(module_files())
-  assert "jdistill.losses" in found["jdistill.config"]  # `from jdistill import losses`
+  assert "jdistill.losses" in found["jdistill.config.training"]  # `from jdistill import losses`
   assert "jdistill.models.config" in found["jdistill.models.hf"]  # `from jdistill.models.x`
   assert (
     "jdistill.models" in found["jdistill.runtime.checkpoint"]

@@ -1,0 +1,158 @@
+"""The models: `student` and the `teachers.<name>` entries (`teacher_config`)."""
+
+from __future__ import annotations
+
+import ml_collections as mlc
+
+from jdistill.config.fields import (
+  check_choice,
+  check_scan_layers,
+  fail,
+  field,
+  one_of,
+  section,
+)
+from jdistill.config.training import LOSSES
+from jdistill.models.config import REMAT_POLICIES
+
+DTYPES = ("float32", "bfloat16")
+PLACEMENTS = ("resident", "streamed")
+
+STUDENT = section(
+  "student",
+  path=field(
+    "",
+    "the student to train: an HF directory (`config.json` + `*.safetensors`) or a jdistill "
+    "checkpoint directory",
+    "required, non-empty",
+  ),
+  param_dtype=field("float32", "storage dtype of the trained parameters", one_of(DTYPES)),
+  dtype=field(
+    "float32",
+    "compute dtype of matmuls and activations (softmax, norms and logits are float32)",
+    one_of(DTYPES),
+  ),
+  scan_layers=field(
+    None,
+    "stack the decoder blocks' parameters on a leading `layers` axis and run them under "
+    "`jax.lax.scan`: one block is compiled instead of one per layer (see "
+    "`bench/compile_time.py`). `None` = auto: scanned from 8 layers. A checkpoint directory "
+    "resumes only with the layout it was written with (the error says which to set); loading "
+    "a checkpoint as a model (student or teacher path) converts",
+    "`None`, `True`, `False`",
+    field_type=bool,
+  ),
+  remat_policy=field(
+    "none",
+    "what each decoder block keeps for the backward pass: `none` everything (no remat); "
+    "`full` nothing (recompute the block, `jax.checkpoint_policies.nothing_saveable`); "
+    "`dots_saveable` / `dots_with_no_batch_dims_saveable` the matmul outputs (the jax "
+    "policies of those names); `save_qkv_proj` only the q/k/v projections",
+    one_of(REMAT_POLICIES),
+  ),
+)
+
+TEACHER = section(
+  "teachers.<name>",
+  path=field(
+    "", "an HF directory or a jdistill (orbax) checkpoint directory", "required, non-empty"
+  ),
+  domains=field(
+    "",
+    "comma-separated domains this teacher owns; prompts are routed by their `domain`",
+    "required; a domain belongs to one teacher only",
+  ),
+  loss=field(
+    "reverse_kl", "this teacher's loss ([design.md](design.md#the-losses))", one_of(LOSSES)
+  ),
+  weight=field(1.0, "weight `w_i` of this teacher's loss in the sum (DeepSeek V4)", "a number ≥ 0"),
+  param_dtype=field("bfloat16", "storage and compute dtype of the frozen teacher", one_of(DTYPES)),
+  placement=field(
+    "resident",
+    "`resident`: params on the mesh beside the student. `streamed`: params in pinned host "
+    "memory, moved onto the mesh inside the teacher's own forward before each step, one "
+    "teacher at a time; only its hidden states `[rows, L-1, d_model]` and its unembedding "
+    "stay for the loss step ([design.md](design.md#streamed-teachers))",
+    one_of(PLACEMENTS, " (stage `opd` only)"),
+  ),
+  hidden_dtype=field(
+    "bfloat16",
+    "dtype of a streamed teacher's cached hidden states; its compute dtype gives the same "
+    "loss as resident",
+    one_of(DTYPES),
+  ),
+  scan_layers=field(
+    None,
+    "run the teacher's layers under scan (as `student.scan_layers`)",
+    "`None`, `True`, `False`",
+    field_type=bool,
+  ),
+)
+
+
+def teacher_config(path: str = "", domains: str = "", **fields) -> mlc.ConfigDict:
+  """One `config.teachers.<name>` entry: the declared defaults, with these fields set."""
+  if fields.get("scan_layers", False) is None:
+    del fields["scan_layers"]  # the declared typed None, overridable on the command line
+  return TEACHER.config(path=path, domains=domains, **fields)
+
+
+def teacher_names(config) -> list[str]:
+  return sorted(config.teachers.keys())
+
+
+def teacher_domains(config) -> dict[str, list[str]]:
+  return {
+    name: [d.strip() for d in str(config.teachers[name].domains).split(",") if d.strip()]
+    for name in teacher_names(config)
+  }
+
+
+def validate_student(config) -> None:
+  check_choice(config, "student.param_dtype", DTYPES)
+  check_choice(config, "student.dtype", DTYPES)
+  check_choice(config, "student.remat_policy", REMAT_POLICIES)
+  check_scan_layers(config, "student.scan_layers")
+  if not config.student.path:
+    fail("student.path", config.student.path, "a Hugging Face directory")
+
+
+def validate_teachers(config) -> None:
+  """Each `config.teachers.<name>`: complete, valid, owning domains no other teacher owns."""
+  if not config.teachers.keys():
+    fail("teachers", "{}", "at least one teacher: --config.teachers.<name>.path=...")
+  owner: dict[str, str] = {}
+  for name, domains in teacher_domains(config).items():
+    t = config.teachers[name]
+    keys = ("path", "domains", "loss", "weight", "param_dtype", "scan_layers")
+    for key in keys:
+      if key not in t:
+        fail(f"teachers.{name}", dict(t), f"fields {', '.join(keys)}")
+    check_scan_layers(config, f"teachers.{name}.scan_layers")
+    if not t.path:
+      fail(f"teachers.{name}.path", t.path, "a Hugging Face or orbax directory")
+    if t.loss not in LOSSES:
+      fail(f"teachers.{name}.loss", t.loss, list(LOSSES))
+    if t.param_dtype not in DTYPES:
+      fail(f"teachers.{name}.param_dtype", t.param_dtype, list(DTYPES))
+    if t.get("placement", "resident") not in PLACEMENTS:
+      fail(f"teachers.{name}.placement", t.placement, list(PLACEMENTS))
+    if t.get("hidden_dtype", "bfloat16") not in DTYPES:
+      fail(f"teachers.{name}.hidden_dtype", t.hidden_dtype, list(DTYPES))
+    if t.get("placement") == "streamed" and config.stage != "opd":
+      fail(f"teachers.{name}.placement", t.placement, f"'resident' in stage {config.stage!r}")
+    if not isinstance(t.weight, (int, float)) or t.weight < 0:
+      fail(f"teachers.{name}.weight", t.weight, "a non-negative number")
+    if not domains:
+      fail(f"teachers.{name}.domains", t.domains, "comma-separated domain names")
+    for d in domains:
+      if d in owner:
+        fail(
+          f"teachers.{name}.domains",
+          t.domains,
+          f"domains not owned by another teacher ({d!r} already belongs to {owner[d]!r})",
+        )
+      owner[d] = name
+  weights = {name: config.teachers[name].weight for name in config.teachers.keys()}
+  if not any(w > 0 for w in weights.values()):
+    fail("teachers.<name>.weight", weights, "at least one teacher with weight > 0")

@@ -28,16 +28,7 @@ import ml_collections as mlc
 from jdistill import losses, stages
 from jdistill.models.config import REMAT_POLICIES, SCAN_MIN_LAYERS
 
-LOSSES = (
-  "sampled_token",
-  "reverse_kl",
-  "forward_kl",
-  "jsd",
-  "topk_teacher",
-  "topk_student",
-  "topk_union",
-  "overlap_aware",
-)
+LOSSES = losses.registry.NAMES  # the one vocabulary of loss names (jdistill/losses/registry.py)
 DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("cosine", "linear", "constant")
 NONFINITE = ("skip", "stop")

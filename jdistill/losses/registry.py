@@ -6,21 +6,23 @@ the name fixes (``topk_teacher`` is the "topk" kernel with ``topk_support="teach
 one-line description, and whether it reads the sampled tokens' behaviour log-probs. Every
 other list of loss names is derived from it: ``config.LOSSES`` (config validation),
 ``LOSS_NAMES`` (the kernel names ``LossSettings.validate`` accepts), ``SAMPLED_LOSSES``
-(the kernels the OPD step hands ``behaviour_logp``), and :func:`settings_for`, which maps a
-config name to its ``LossSettings``; the demo's and the experiment grid's selections are
+(the kernels the OPD step hands ``behaviour_logp``), and ``losses.settings_for``, which maps
+a config name to its ``LossSettings``; the demo's and the experiment grid's selections are
 checked against it (:func:`check_names`), and ``tests/test_losses.py`` checks that every
 name here appears in docs/configs.md.
 
 Adding a loss takes two places:
 
-1. the kernel: its per-token terms in ``_make_token_fn`` (and, for a sampled estimator,
+1. the kernel: its per-token terms in its own branch of ``_make_token_fn`` (whose final
+   ``else`` is "topk"; and, for a sampled estimator,
    its ``*_terms`` in ``estimators.py`` wired in ``_per_token_loss_fn`` and
-   ``distill_loss``), with any new hyper-parameter a field of ``LossSettings`` checked in
-   ``LossSettings.validate`` (a new kernel name is accepted once it is in this registry);
+   ``distill_loss``); a new kernel name is accepted once it is in this registry;
 2. its entry here: ``Loss(name, kernel, description, fixed, sampled)``.
 
 Config, runtime and the step then accept it; docs/configs.md and docs/design.md must name it
-(the tests fail until docs/configs.md does).
+(the tests fail until docs/configs.md does). Only a new hyper-parameter takes more: a field
+of ``LossSettings`` checked in ``LossSettings.validate``, and its ``config.loss.*`` field,
+check, row in docs/configs.md and line in ``build.loss_settings``.
 """
 
 from __future__ import annotations

@@ -14,9 +14,9 @@ name here appears in docs/configs.md.
 Adding a loss takes two places:
 
 1. the kernel: its per-token terms in its own branch of ``_make_token_fn`` (whose final
-   ``else`` is "topk"; and, for a sampled estimator,
-   its ``*_terms`` in ``estimators.py`` wired in ``_per_token_loss_fn`` and
-   ``distill_loss``); a new kernel name is accepted once it is in this registry;
+   ``else`` is "topk") and, for a sampled estimator, its ``*_terms`` in ``estimators.py``
+   wired in ``_per_token_loss_fn`` and ``distill_loss``; a new kernel name is accepted once
+   it is in this registry;
 2. its entry here: ``Loss(name, kernel, description, fixed, sampled)``.
 
 Config, runtime and the step then accept it; docs/configs.md and docs/design.md must name it

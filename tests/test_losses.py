@@ -1,7 +1,10 @@
 """Tests for jdistill.losses against independent float64 NumPy references."""
 
+import ast
 import dataclasses
 import functools
+import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -691,3 +694,73 @@ def test_fused_kernel_projects_the_teacher_vocabulary_once_per_step(loss, remat_
     jaxpr = jax.make_jaxpr(jax.value_and_grad(objective, (0, 1)))(sh, su).jaxpr
     counts[fused] = _count_teacher_projections(jaxpr, tu.shape)
   assert counts == {True: 1, False: remat_count}
+
+
+# --------------------------------------------------------------------------
+# The loss registry: the one vocabulary of loss names
+# --------------------------------------------------------------------------
+
+
+def _selection_in(path):
+  """The names in ``LOSSES = registry.check_names((...), ...)`` of a module, read from its
+  source (the demo defines absl flags on import)."""
+  tree = ast.parse(pathlib.Path(path).read_text(encoding="utf-8"))
+  for node in tree.body:
+    if isinstance(node, ast.Assign) and [t.id for t in node.targets] == ["LOSSES"]:
+      call = node.value
+      assert isinstance(call, ast.Call) and ast.unparse(call.func) == "registry.check_names", (
+        f"{path}: LOSSES is not checked against the registry at import"
+      )
+      return ast.literal_eval(call.args[0])
+  raise AssertionError(f"{path} defines no LOSSES")
+
+
+def test_the_registry_is_the_one_vocabulary_of_loss_names():
+  from jdistill import config
+  from jdistill.experiments import experiment
+  from jdistill.runtime import build
+  from jdistill.step import opd
+
+  registry = losses.registry
+  root = pathlib.Path(__file__).resolve().parent.parent
+  assert config.LOSSES == registry.NAMES == tuple(registry.REGISTRY)
+  assert all(name == entry.name for name, entry in registry.REGISTRY.items())
+  # The kernel names LossSettings accepts are exactly the registry's kernels.
+  assert set(losses.LOSS_NAMES) == {e.kernel for e in registry.REGISTRY.values()}
+  # A kernel reads the sampled tokens under every name or under none; the step knows which.
+  for entry in registry.REGISTRY.values():
+    assert entry.sampled == (entry.kernel in losses.SAMPLED_LOSSES), entry
+  assert opd.SAMPLED_LOSSES == losses.SAMPLED_LOSSES == ("sampled_token", "overlap_aware")
+  # The demo's and the grid's selections are registry names, checked at import.
+  for path in ("jdistill/experiments/demo.py", "jdistill/experiments/experiment.py"):
+    assert set(_selection_in(root / path)) <= set(registry.NAMES), path
+  assert set(experiment.LOSSES) <= set(registry.NAMES)
+  with pytest.raises(ValueError, match="are not loss names"):
+    registry.check_names(("reverse_kl", "topk"), "grid")
+  # Every entry builds a valid LossSettings, directly and from a config.
+  cfg = config.base_config()
+  for name, entry in registry.REGISTRY.items():
+    settings = losses.settings_for(name, k=4)
+    settings.validate(vocab=V)
+    assert settings.loss == entry.kernel
+    for field, value in entry.fixed:
+      assert getattr(settings, field) == value, (name, field)
+    from_config = build.loss_settings(cfg, name)
+    from_config.validate()
+    assert (from_config.loss, from_config.topk_support) == (settings.loss, settings.topk_support)
+    assert entry.description and "\n" not in entry.description
+  assert build.loss_settings(cfg, "topk_student").topk_support == "student"
+  with pytest.raises(ValueError, match="loss must be one of"):
+    losses.settings_for("topk_both")
+  # docs/configs.md lists exactly the registry's names as the allowed values of the field.
+  rows = [
+    line
+    for line in (root / "docs" / "configs.md").read_text(encoding="utf-8").splitlines()
+    if line.startswith("| `teachers.<name>.loss` |")
+  ]
+  assert len(rows) == 1, "docs/configs.md has no single row for teachers.<name>.loss"
+  allowed = rows[0].strip().strip("|").split("|")[-1]
+  assert re.findall(r"`([^`]+)`", allowed) == list(registry.NAMES), (
+    "docs/configs.md: the allowed values of teachers.<name>.loss are not the registry's names "
+    f"(jdistill/losses/registry.py) in its order: {registry.NAMES}"
+  )

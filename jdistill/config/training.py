@@ -14,16 +14,7 @@ from jdistill.config.fields import (
   section,
 )
 
-LOSSES = (
-  "sampled_token",
-  "reverse_kl",
-  "forward_kl",
-  "jsd",
-  "topk_teacher",
-  "topk_student",
-  "topk_union",
-  "overlap_aware",
-)
+LOSSES = losses.registry.NAMES  # the one vocabulary of loss names (jdistill/losses/registry.py)
 SCHEDULES = ("cosine", "linear", "constant")
 NONFINITE = ("skip", "stop")
 

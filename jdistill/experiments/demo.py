@@ -22,6 +22,7 @@ import time
 from absl import app, flags, logging
 
 from jdistill.experiments import experiment, task_world, tasks
+from jdistill.losses import registry
 
 flags.DEFINE_string(
   "out", "demo_out", "Output directory (replaced on each run, if the demo wrote it)."
@@ -29,7 +30,7 @@ flags.DEFINE_string(
 flags.DEFINE_integer("steps", experiment.Grid.opd_steps, "OPD steps per loss.")
 FLAGS = flags.FLAGS
 MARKER = ".jdistill-demo"  # the demo only ever deletes a directory that carries this
-LOSSES = ("reverse_kl", "sampled_token")
+LOSSES = registry.check_names(("reverse_kl", "sampled_token"), "demo LOSSES")
 WARMUP = "sft"
 
 

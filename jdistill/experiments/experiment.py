@@ -35,9 +35,12 @@ import numpy as np
 
 from jdistill.config import base_config, teacher_config
 from jdistill.experiments import task_world, tasks
+from jdistill.losses import registry
 from jdistill.stages import pipeline
 
-LOSSES = ("sampled_token", "topk_teacher", "reverse_kl", "overlap_aware")
+LOSSES = registry.check_names(
+  ("sampled_token", "topk_teacher", "reverse_kl", "overlap_aware"), "experiment LOSSES"
+)
 WORLDS = ("lineage", "external")
 WARMUPS = ("none", "sft", "overlap")
 VERIFIER = "jdistill.experiments.tasks:verify"

@@ -168,17 +168,13 @@ class Teachers:
 def loss_settings(config, loss: str) -> losses.LossSettings:
   """The kernel settings of a teacher whose `config.teachers.<name>.loss` is `loss`."""
   lc, o = config.loss, config.overlap
-  topk_support = "teacher"
-  if loss.startswith("topk_"):
-    loss, topk_support = "topk", loss.removeprefix("topk_")
-  return losses.LossSettings(
-    loss=loss,
+  return losses.settings_for(
+    loss,  # its kernel loss and the settings the name fixes (losses.registry)
     chunk_size=lc.chunk_size,
     temperature=lc.temperature,
     normalize=lc.normalize,
     beta=lc.beta,
     k=lc.topk,
-    topk_support=topk_support,
     topk_tail=lc.topk_tail,
     topk_direction=lc.topk_direction,
     clip_eps=lc.clip_eps or None,

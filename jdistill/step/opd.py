@@ -29,7 +29,7 @@ from jdistill import losses
 from jdistill.models import moe
 
 sg = jax.lax.stop_gradient
-SAMPLED_LOSSES = ("sampled_token", "overlap_aware")  # estimators that use the sampled tokens
+SAMPLED_LOSSES = losses.SAMPLED_LOSSES  # estimators that use the sampled tokens (the registry)
 
 
 @dataclasses.dataclass(frozen=True)

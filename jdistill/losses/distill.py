@@ -88,12 +88,14 @@ def _make_token_fn(settings: LossSettings, diagnostics=True):
           s.overlap_floor_prob,
         ),
       }
-    else:
+    elif s.loss == "topk":
       terms = {
         "per_token_loss": _topk_kl_from_logp(
           s_tau, t_tau, s.k, s.topk_support, s.topk_tail, s.topk_direction
         )
       }
+    else:  # a registry kernel without its branch here must not run another loss silently
+      raise ValueError(f"loss kernel {s.loss!r} has no per-token terms in _make_token_fn")
 
     def full_diagnostics():
       return support_diagnostics(

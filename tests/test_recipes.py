@@ -8,6 +8,7 @@ import os
 
 import pytest
 
+from jdistill import config as config_lib
 from jdistill.experiments import budget, task_world
 from jdistill.stages import pipeline
 
@@ -56,8 +57,6 @@ def test_ultra_is_rlvr_then_warmup_then_sampled_token_mopd():
   assert warm.sft.train_files.startswith(os.path.join(gen.output_dir, "data"))
   assert opd.student.path == os.path.join(warm.output_dir, "final")
   for k in range(4):  # the overridden stage configs are valid too
-    from jdistill import config as config_lib
-
     config_lib.validate(stage(ultra, c, k))
   # the plain CLI's stage 1 keeps the teacher term (documented): the overrides matter
   assert pipeline.stage_config(c, 0).loss.kl_weight == 1.0
@@ -91,6 +90,7 @@ def few(path, out, per_domain):
 def tiny(c, tmp_path, steps):
   """Few prompts, one or two steps per stage, no periodic evaluation."""
   c.output_dir = str(tmp_path / "run")
+  c.num_devices = 1  # one device: the tiny shapes compile and run fastest unsharded
   c.data.train_files = few(c.data.train_files, tmp_path / "train.jsonl", 8)
   c.data.eval_files = few(c.data.eval_files, tmp_path / "eval.jsonl", 8)
   c.data.slots_per_teacher = 8

@@ -15,7 +15,7 @@ distribution, then MOPD with the sampled-token advantage. Stages:
 
 Run it faithfully through this file, which applies STAGE_OVERRIDES to each stage:
 
-  python configs/recipes/ultra.py [--config.output_dir=... --config.student.path=...]
+  PYTHONPATH=. python configs/recipes/ultra.py [--config.output_dir=... --config.student.path=...]
   # or, in Python: ultra.run(ultra.get_config())  (jdistill.stages.pipeline.run + run_stage)
 
 `python -m jdistill pipeline --config=configs/recipes/ultra.py` runs the same stages *without*

@@ -224,3 +224,20 @@ def test_equal_budget_accounting():
   bad = dict(fair[1], student_tokens=5)
   with pytest.raises(ValueError, match="student_tokens=5"):
     budget.cell_budget(bad)
+
+
+def test_named_settings_and_missing_fields():
+  # a teacher set off the dial whose measured overlap differs per seed stays one setting
+  cells = rl_cells(0.3, rl_gain=0.25)
+  for c in cells:
+    c["overlap"] += 0.001 * c["seed"]
+  assert len(verdict.matching_settings(cells)) == 3  # split by seed: one-seed settings
+  for c in cells:
+    c["setting"] = "foreign"
+  rows = verdict.matching_settings(cells)
+  assert len(rows) == 1 and rows[0][1].n == 3 and rows[0][2] == REFUTED
+  del cells[4]["overlap_before"]
+  with pytest.raises(
+    ValueError, match=r"results cell 4 \(alpha=None, setting='foreign'.* lacks \['overlap_before'\]"
+  ):
+    verdict.answer(cells)

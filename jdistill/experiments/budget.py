@@ -76,8 +76,10 @@ def opd_steps_for_budget(rl_stage_tokens: int, rl_opd_steps: int, opd_tokens_per
 
 
 def setting_of(cell: dict):
-  """The dial setting a cell belongs to: its `alpha` when given, else its measured overlap
-  (rounded to 3 decimals)."""
+  """The dial setting a cell belongs to: its `setting` name when given (e.g. "foreign" for a
+  teacher set off the dial), else its `alpha`, else its measured overlap (3 decimals)."""
+  if cell.get("setting") is not None:
+    return ("setting", str(cell["setting"]))
   alpha = cell.get("alpha")
   return ("alpha", float(alpha)) if alpha is not None else ("overlap", round(cell["overlap"], 3))
 

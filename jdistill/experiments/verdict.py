@@ -4,10 +4,11 @@ Results format: a list of cells, one dict per (dial setting, recipe, seed):
 
   alpha               the dial: share of external-style data in the teachers' training
                       (None for a teacher set off the dial, e.g. other-init teachers)
+  setting             optional name of the setting (e.g. "foreign"); default: alpha, else
+                      overlap (`budget.setting_of`)
   overlap             measured calibrated overlap (1 - TV) of the *starting* student's rollouts
-                      with the teacher set, before any stage: the dial's x-axis. The cells of
-                      one setting share it (a setting is its alpha, or this value when alpha is
-                      None; `budget.setting_of`)
+                      with the teacher set, before any stage: the dial's x-axis (a setting's
+                      overlap is the mean over its cells)
   loss                the OPD loss: reverse_kl | forward_kl | sampled_token | topk_teacher | ...
   rl                  student RL: none | rlvr (GRPO before OPD, Ultra) | unified (reward +
                       distillation advantage)
@@ -161,6 +162,19 @@ def regime(cells: list[dict], name: str, p: Params) -> list[dict]:
 
 
 RECIPE = ("loss", "rl", "warmup")
+REQUIRED = ("overlap", *RECIPE, "seed", "accuracy", "overlap_before")
+
+
+def check_cells(cells: list[dict]) -> None:
+  """Raises ValueError naming the first cell that lacks a field the claims read."""
+  for i, c in enumerate(cells):
+    missing = [f for f in REQUIRED if f not in c]
+    if missing:
+      raise ValueError(f"results cell {i} ({_name(c)}) lacks {missing}; see verdict.py's format")
+
+
+def _name(c: dict) -> str:
+  return ", ".join(f"{f}={c[f]!r}" for f in ("alpha", "setting", *RECIPE, "seed") if f in c)
 
 
 def compare(cells, field: str, factor: str, a: str, b: str, level: float = 0.95) -> Interval:
@@ -344,6 +358,7 @@ CLAIMS = (
 
 
 def verdicts(cells: list[dict], p: Params = Params()) -> list[Verdict]:
+  check_cells(cells)
   return [claim(cells, p) for claim in CLAIMS]
 
 
@@ -382,6 +397,7 @@ def headline(cells, p: Params = Params()) -> str:
 
 
 def answer(cells: list[dict], p: Params = Params()) -> str:
+  check_cells(cells)
   lines = ["# Can engineered support overlap replace student RL?", "", headline(cells, p), ""]
   for o, d, v in matching_settings(cells, p):
     lines.append(f"- overlap {o:.2f}: no-RL - {p.rl_arm} accuracy {d}: {v}")

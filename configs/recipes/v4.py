@@ -1,0 +1,81 @@
+"""DeepSeek V4's recipe as a preset: teachers forked from one base, full-vocabulary reverse KL at
+every token, no student RL and no warmup. One stage:
+
+  1-opd   multi-teacher OPD from the base: per teacher, full-vocab reverse KL on the student's
+          rollouts of its domain's prompts, weighted (w_i = 1); teachers streamed: params in
+          host memory, brought onto the mesh one at a time, their last hidden states cached
+          per step and the logits rebuilt from them (V4's teacher hidden-state cache)
+
+  python -m jdistill pipeline --config=configs/recipes/v4.py
+  python -m jdistill pipeline --config=configs/recipes/v4.py:external   # off-lineage teachers
+
+By default it runs on the committed task world (`jdistill/experiments/assets/task_world`: a
+weak base and, per domain add / count / reverse, a lineage teacher forked from the base; with
+`:external`, the other-init teachers trained on the external style). On your models override
+the paths (one teacher per domain name; add teachers as `--config.teachers.<name>.*`):
+
+  python -m jdistill pipeline --config=configs/recipes/v4.py \
+      --config.student.path=/ckpt/base --config.tokenizer=/ckpt/base \
+      --config.data.train_files=/data/prompts.jsonl --config.data.eval_files=/data/eval.jsonl \
+      --config.teachers.add.path=/ckpt/math-rl ...
+
+Budget: OPD_STEPS (300) OPD steps sample as many student tokens as the Ultra preset's 25 RLVR
+steps (16 prompts x 4 rollouts per teacher group: 100 OPD steps' worth) + 200 MOPD steps
+(`jdistill.experiments.budget.opd_steps_for_budget`; tests/test_recipes.py asserts it), so the
+two presets compare at equal budget (at full length; with stop_at_eos the counts are measured).
+
+Deviations from V4: 3 teachers, not 10+; the teachers are domain SFT forks (the task world's),
+without their own GRPO; the learning rate is the task world's (tune it per recipe, issue 22).
+"""
+
+import os
+
+import ml_collections
+
+from jdistill.config import base_config, teacher_config
+from jdistill.experiments import task_world, tasks
+
+WORLD = task_world.COMMITTED
+VERIFIER = "jdistill.experiments.tasks:verify"
+OPD_STEPS = 300
+
+
+def world_config(teachers: str, loss: str, world: str = WORLD) -> ml_collections.ConfigDict:
+  """The fields every task-world stage shares: tokenizer, prompts, sampling, one teacher of
+  kind `teachers` (lineage | external) per domain with `loss`."""
+  c = base_config()
+  c.student.path = os.path.join(world, "base")
+  c.tokenizer = os.path.join(world, "tokenizer")
+  c.teachers = ml_collections.ConfigDict(
+    {
+      d: teacher_config(os.path.join(world, f"{teachers}_{d}"), d, loss, param_dtype="float32")
+      for d in tasks.DOMAINS
+    }
+  )
+  c.data.train_files = os.path.join(world, "train.jsonl")
+  c.data.eval_files = os.path.join(world, "eval.jsonl")
+  c.data.use_chat_template = False
+  c.data.max_prompt_len = 24
+  c.data.slots_per_teacher = 16
+  c.sampling.max_new_tokens = 48
+  c.sampling.prompt_buckets = (24,)
+  c.loss.chunk_size = 16
+  c.optimizer.b2 = 0.99
+  c.eval.verifier = VERIFIER
+  c.train.log_every = 10
+  c.train.eval_every = 50
+  c.checkpoint.every = 50
+  return c
+
+
+def get_config(teachers: str = "lineage"):
+  c = world_config(teachers or "lineage", "reverse_kl")
+  c.output_dir = "runs/recipes/v4"
+  for name in c.teachers.keys():
+    c.teachers[name].placement = "streamed"
+  c.optimizer.lr = 2e-3
+  c.optimizer.warmup_steps = 5
+  c.train.steps = OPD_STEPS
+  c.pipeline.stages = ("opd",)
+  c.pipeline.steps = (OPD_STEPS,)
+  return c

@@ -29,8 +29,8 @@ from jdistill.runtime import loop as loop_lib
 from jdistill.runtime.run_dir import open_run_dir, run_identity
 from jdistill.sampling import Sampler
 from jdistill.stages.base import TrainingStage, run_training
+from jdistill.step import common, streaming
 from jdistill.step import opd as ts
-from jdistill.step import streaming
 
 
 def to_float(tree):
@@ -259,8 +259,8 @@ class OPDTrainer(TrainingStage):
     else:
       out = self.sampler.generate(self.rollout_params(), prompt, rng, self.sampling)
     if self.rollout_mesh is None:
-      return ts.rollout_batch(out, self.batch_shardings)
-    batch = ts.rollout_batch(out)  # still on the sampler's mesh
+      return common.rollout_batch(out, self.batch_shardings)
+    batch = common.rollout_batch(out)  # still on the sampler's mesh
     return {k: move_rows(v, self.batch_shardings[k]) for k, v in batch.items()}
 
   def sample_ahead(self) -> None:

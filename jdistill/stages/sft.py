@@ -4,10 +4,10 @@
 
 The student learns a teacher's (or any) completions before on-policy distillation, to pull
 its rollouts onto the teacher's support. Prompts carry no loss, only the completion and its
-end-of-sequence token (`jdistill.data.packing`). The step is one pure jitted function (explicit
-shardings, donated state) ending in the same optax update as OPD
-(`train_step.apply_gradients`); the loop, progress line, metrics, checkpoints (verified,
-resumable), signals and run directories are the OPD stage's.
+end-of-sequence token (`jdistill.data.packing`). The step is one pure jitted function
+(`jdistill.step.sft`; explicit shardings, donated state) ending in the same optax update as OPD
+(`jdistill.step.common.apply_gradients`); the loop, progress line, metrics, checkpoints
+(verified, resumable), signals and run directories are the OPD stage's.
 
 Overlap-triggered warmup (`sft.until_overlap` > 0): instead of a fixed length, every
 `sft.overlap_every` steps each teacher's calibrated overlap (1 − TV, token mean) with the
@@ -27,21 +27,17 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from jdistill import config as config_lib
-from jdistill import losses, overlap
+from jdistill import overlap
 from jdistill.data import packing
 from jdistill.runtime import build, plots
 from jdistill.runtime import loop as loop_lib
 from jdistill.runtime import sharding as shd
 from jdistill.runtime.run_dir import open_run_dir, run_identity
 from jdistill.stages.base import TrainingStage, run_training
-from jdistill.step import opd as ts
-
-BATCH_KEYS = ("tokens", "positions", "segment_ids", "loss_mask")
+from jdistill.step.sft import BATCH_KEYS, sft_loss, sft_step
 
 
 def read_files(files: str, **kw) -> list:
@@ -53,41 +49,6 @@ def read_files(files: str, **kw) -> list:
   if not filled:
     raise ValueError(f"{files}: every file is empty (no examples to train on)")
   return [e for path in filled for e in packing.read_examples(path, **kw)]
-
-
-def sft_loss(params, graphdef, batch: dict, chunk_size: int | None):
-  """Token-mean cross-entropy of the completion tokens of a packed batch → (loss, tokens)."""
-  student = nnx.merge(graphdef, params)
-  segments = batch["segment_ids"][:, :-1]
-  hidden, _ = student(
-    batch["tokens"][:, :-1],
-    batch["positions"][:, :-1],
-    kv_mask=segments > 0,
-    segment_ids=segments,
-  )
-  mask = target_mask(batch)
-  loss, _ = losses.cross_entropy_loss(
-    hidden, student.unembedding(), batch["tokens"][:, 1:], mask, chunk_size=chunk_size
-  )
-  return loss, jnp.sum(mask)
-
-
-def target_mask(batch: dict):
-  """`[rows, max_len - 1]`: 1 where position t's target (token t+1) carries loss — a
-  completion token of the same example (a segment boundary never does: the next example
-  starts with its prompt)."""
-  same = batch["segment_ids"][:, 1:] == batch["segment_ids"][:, :-1]
-  return batch["loss_mask"][:, 1:] * same
-
-
-def sft_step(state: dict, batch: dict, *, graphdef, optimizer, schedule, chunk_size):
-  """One SFT update → (new state, metrics)."""
-  grad_fn = jax.value_and_grad(sft_loss, has_aux=True)
-  (loss, tokens), grads = grad_fn(state["params"], graphdef, batch, chunk_size)
-  new_state, metrics = ts.apply_gradients(state, loss, grads, optimizer, schedule)
-  return new_state, dict(
-    metrics, completion_tokens=tokens, tokens=jnp.sum(batch["segment_ids"] > 0)
-  )
 
 
 class SFTTrainer(TrainingStage):

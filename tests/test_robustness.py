@@ -62,7 +62,7 @@ def no_compile(monkeypatch):
   def refuse(self):
     raise AssertionError("reached the compile: the bad input was found too late")
 
-  monkeypatch.setattr(train.OPDTrainer, "_compile", refuse)
+  monkeypatch.setattr(train.OPDTrainer, "build_step", refuse)
 
 
 # ------------------------------------------------------------------------------ signals

@@ -31,16 +31,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jdistill import config as config_lib
 from jdistill import losses
 from jdistill.eval import verifiers
 from jdistill.eval.accuracy import decode_completions
 from jdistill.runtime import build, plots
-from jdistill.runtime import loop as loop_lib
 from jdistill.runtime import sharding as shd
-from jdistill.runtime.run_dir import open_run_dir, run_identity
 from jdistill.sampling import Sampler
-from jdistill.stages.base import TrainingStage, run_training
+from jdistill.stages.base import TrainingStage, run_training, shardings
 from jdistill.step import common
 from jdistill.step.rlvr import RLSettings, rl_step
 
@@ -84,13 +81,8 @@ class RLVRTrainer(TrainingStage):
 
   curve = staticmethod(plots.rl_curve)
 
-  def __init__(self, config):
-    config_lib.validate(config)
-    self.config = c = config
-    self.identity = run_identity(c)
-    self.run_dir = open_run_dir(c, self.identity)
-    self.mesh = build.mesh(c)
-    self.tokenizer = build.tokenizer(c)
+  def build_data(self) -> None:
+    c = self.config
     self.group_size = g = c.rl.group_size
     self.batcher = build.prompt_batcher(c, self.tokenizer, c.data.train_files, seed=c.seed)
     self.eval_batcher = None
@@ -120,31 +112,31 @@ class RLVRTrainer(TrainingStage):
     self.verifier_errors = 0
     self.data_iter = self.batcher.iterator()
 
-    student = build.student(c, self.mesh)
-    self.graphdef, self.model_cfg = student.graphdef, student.cfg
-    self.identity["model_config"] = dataclasses.asdict(student.cfg)
+  def build_models(self, student):
+    """The teachers (if any) and, with `rl.kl_coef`, the reference → a copy of the student's
+    params to train (the reference keeps the originals)."""
+    c = self.config
     if c.teachers.keys():
       self.teachers = build.teachers(
-        c, self.mesh, student.cfg.vocab_size, rows_per_teacher=c.data.slots_per_teacher * g
-      )
+        c, self.mesh, student.cfg.vocab_size,
+        rows_per_teacher=c.data.slots_per_teacher * self.group_size,
+      )  # fmt: skip
     else:
       self.teachers = build.Teachers([], (), (), (), ())
     # The reference of the k3 penalty: the model this stage starts from (never updated).
     self.reference = student.params if c.rl.kl_coef else None
-    self.optimizer, self.schedule = build.optimizer(c)
-    self.state = build.train_state(
-      jax.tree.map(jnp.copy, student.params) if self.reference is not None else student.params,
-      self.optimizer,
-      self.mesh,
-    )
-    self.step = 0
+    if self.reference is None:
+      return student.params
+    return jax.tree.map(jnp.copy, student.params)
+
+  def build_step(self) -> None:
+    c, t = self.config, self.teachers
     self.sampling = build.sampling_params(c, self.tokenizer)
     self.greedy = dataclasses.replace(self.sampling, temperature=0.0)
     self.sampler = Sampler(self.graphdef, self.mesh)
     self.batch_shardings = dict(
       build.batch_shardings(self.mesh), advantages=shd.batch_sharding(self.mesh, 1)
     )
-    self.rng = jax.random.key(c.seed)
     self.settings = RLSettings(
       chunk_size=c.loss.chunk_size,
       normalize=c.loss.normalize,
@@ -155,15 +147,6 @@ class RLVRTrainer(TrainingStage):
       kl_coef=c.rl.kl_coef,
       dense_weight=c.rl.dense_weight,
     )
-    self.train_step = self._compile()
-    self.loop = loop_lib.Loop(
-      log_every=c.train.log_every, eval_every=c.train.eval_every, nonfinite=c.loss.nonfinite
-    )
-    self.resume_or_start()
-
-  def _compile(self):
-    t = self.teachers
-    state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
     step = functools.partial(
       rl_step,
       optimizer=self.optimizer,
@@ -175,23 +158,11 @@ class RLVRTrainer(TrainingStage):
       reference_graphdef=self.graphdef,
       settings=self.settings,
     )
-    shardings = lambda tree: jax.tree.map(lambda x: x.sharding, tree)  # noqa: E731
-    return jax.jit(
-      step,
-      in_shardings=(
-        state_shardings,
-        shardings(t.states),
-        shardings(self.reference),
-        self.batch_shardings,
-      ),
-      out_shardings=(state_shardings, None),
-      donate_argnums=(0,),
+    self.train_step = self.jit_step(
+      step, shardings(t.states), shardings(self.reference), self.batch_shardings
     )
 
   # --- rollouts and rewards ------------------------------------------------------------
-
-  def rollout_key(self, step: int):
-    return jax.random.fold_in(self.rng, step)
 
   def sample_groups(self, prompts: dict, key, sampling) -> tuple:
     """G samples of every prompt (consecutive rows) → (sampler output, host rows, rewards)."""

@@ -21,7 +21,6 @@ one step mixing SFT rows and OPD rows is not built.)
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import os
@@ -33,10 +32,8 @@ from jdistill import config as config_lib
 from jdistill import overlap
 from jdistill.data import packing
 from jdistill.runtime import build, plots
-from jdistill.runtime import loop as loop_lib
 from jdistill.runtime import sharding as shd
-from jdistill.runtime.run_dir import open_run_dir, run_identity
-from jdistill.stages.base import TrainingStage, run_training
+from jdistill.stages.base import TrainingStage, run_training, shardings
 from jdistill.step.sft import BATCH_KEYS, sft_loss, sft_step
 
 
@@ -57,14 +54,8 @@ class SFTTrainer(TrainingStage):
   token_label = "completion"  # the progress line's first tokens/s: tokens that carry loss
   curve = staticmethod(plots.sft_curve)
 
-  def __init__(self, config):
-    config_lib.validate(config)
-    self.config = c = config
-    self.identity = run_identity(c)
-    self.run_dir = open_run_dir(c, self.identity)
-    self.mesh = build.mesh(c)
-    self.tokenizer = build.tokenizer(c)
-    s = c.sft
+  def build_data(self) -> None:
+    c, s = self.config, self.config.sft
     read = functools.partial(
       read_files,
       tokenizer=self.tokenizer,
@@ -98,15 +89,21 @@ class SFTTrainer(TrainingStage):
       f"{int(self.rows['loss_mask'].sum())} completion tokens",
       flush=True,
     )
-    student = build.student(c, self.mesh)
-    self.graphdef, self.model_cfg = student.graphdef, student.cfg
-    self.identity["model_config"] = dataclasses.asdict(student.cfg)
-    self.optimizer, self.schedule = build.optimizer(c)
-    self.state = build.train_state(student.params, self.optimizer, self.mesh)
-    self.step = 0
-    self.rng = jax.random.key(c.seed)
+
+  def build_models(self, student):
+    """The teachers of the overlap probe (`sft.until_overlap`), if any."""
+    c = self.config
+    self.probe = None
+    if c.sft.until_overlap:
+      teachers = build.teachers(c, self.mesh, student.cfg.vocab_size)
+      self.probe = overlap.OverlapProbe(
+        c, self.mesh, self.tokenizer, self.graphdef, teachers, c.sft.overlap_rows
+      )
+    return student.params
+
+  def build_step(self) -> None:
+    c = self.config
     self.shardings = {k: shd.batch_sharding(self.mesh, 2) for k in BATCH_KEYS}
-    state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
     step = functools.partial(
       sft_step,
       graphdef=self.graphdef,
@@ -114,26 +111,13 @@ class SFTTrainer(TrainingStage):
       schedule=self.schedule,
       chunk_size=c.loss.chunk_size,
     )
-    self.train_step = jax.jit(
-      step,
-      in_shardings=(state_shardings, self.shardings),
-      out_shardings=(state_shardings, None),
-      donate_argnums=(0,),
-    )
+    self.train_step = self.jit_step(step, self.shardings)
     self.eval_loss = jax.jit(
       lambda p, b: sft_loss(p, self.graphdef, b, c.loss.chunk_size)[0],
-      in_shardings=(state_shardings["params"], self.shardings),
+      in_shardings=(shardings(self.params), self.shardings),
     )
-    self.loop = loop_lib.Loop(
-      log_every=c.train.log_every, eval_every=c.train.eval_every, nonfinite=c.loss.nonfinite
-    )
-    self.probe = None
-    if s.until_overlap:
-      teachers = build.teachers(c, self.mesh, student.cfg.vocab_size)
-      self.probe = overlap.OverlapProbe(
-        c, self.mesh, self.tokenizer, self.graphdef, teachers, s.overlap_rows
-      )
-    self.resume_or_start()
+
+  def started(self) -> None:
     if self.probe is not None and self.step == 0:
       # A teacher the student already overlaps switches before any SFT step: training first
       # and probing after would move the student off a support it already had.

@@ -423,6 +423,9 @@ def test_progress_counts_the_steps_run_and_the_eta_leaves_out_the_compile(monkey
 
   class FakeStage:
     step = 0
+    done = False
+    token_label = "generated"
+    checkpointer = None
 
     def train_one(self, diagnostics=True):
       clock["now"] += next(durations)

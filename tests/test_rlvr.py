@@ -149,6 +149,32 @@ def test_a_raising_verifier_is_counted_not_fatal(tmp_path, monkeypatch):
   assert "RuntimeError: odd" in trainer.scorers["larger"].last_error
 
 
+def test_evaluate_is_the_shared_accuracy_with_each_domains_verifier(tmp_path, monkeypatch):
+  """RLVR's evaluation is `eval.accuracy.accuracy` on its held-out batches: the same scores as
+  greedy samples of those batches scored by hand, and each domain scored by its own
+  `rl.verifiers` entry."""
+  (tmp_path / "always_right.py").write_text("def score(completion, reference):\n  return 1.0\n")
+  monkeypatch.syspath_prepend(str(tmp_path))
+  world, train, evals = _larger_world(tmp_path, n_train=16)
+  c = _rl_config(world, train, evals, tmp_path / "run", steps=1)
+  c.rl.eval_prompts = 16
+  trainer = rlvr.RLVRTrainer(c)
+  scores = []
+  for k in range(2):  # 16 prompts, 8 a batch
+    prompts = trainer.eval_batcher.batch(k)
+    out = trainer.sampler.generate(
+      trainer.params, (prompts["prompt_tokens"], prompts["prompt_lengths"]), jax.random.key(0),
+      trainer.greedy,
+    )  # fmt: skip
+    for i, text in enumerate(trainer.local_completions(out)):
+      answer = trainer.eval_batcher.records[prompts["record_index"][i]]["answer"]
+      scores.append(toy.larger_reward(text, str(answer)))
+  assert trainer.evaluate() == {"larger": {"accuracy": np.mean(scores), "prompts": 16}}
+  assert np.mean(scores) < 1.0  # so that the domain's own verifier below changes it
+  c.rl.verifiers.larger = "always_right:score"
+  assert trainer.evaluate() == {"larger": {"accuracy": 1.0, "prompts": 16}}
+
+
 def test_prompts_without_answers_are_refused_by_file_and_line(tmp_path):
   world, train, evals = _larger_world(tmp_path, n_train=4)
   with open(train, "a") as f:

@@ -37,6 +37,7 @@ import jax
 from flax import nnx
 
 from jdistill import config as config_lib
+from jdistill.data import prompts as data_lib
 from jdistill.models import hf
 from jdistill.runtime import build, plots, run_log
 from jdistill.runtime import checkpoint as ckpt
@@ -131,6 +132,15 @@ class TrainingStage:
   def skipped_updates(self) -> int:
     """Non-finite updates skipped so far (this session)."""
     return self.loop.skipped_updates
+
+  def encode_prompt(self, record: dict) -> list[int]:
+    """A held-out prompt record's token ids as the student sees it (`data.use_chat_template`;
+    longer than `data.max_prompt_len`: its last tokens)."""
+    c = self.config
+    return data_lib.encode_prompt(
+      record, self.tokenizer, use_chat_template=c.data.use_chat_template,
+      max_prompt_len=c.data.max_prompt_len, overlong="truncate_left",
+    )  # fmt: skip
 
   def rollout_key(self, step: int):
     """The sampler's key for the rollouts of `step`: `fold_in(key(seed), step)`."""

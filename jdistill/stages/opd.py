@@ -172,17 +172,12 @@ class OPDTrainer(TrainingStage):
 
   def accuracy(self) -> dict[str, dict[str, float]]:
     """Per-domain greedy accuracy (and pass@k) of the student on the held-out prompts."""
-    from jdistill.data import prompts as data_lib
     from jdistill.eval import accuracy as evaluate
 
     c = self.config
-    encode = lambda r: data_lib.encode_prompt(  # noqa: E731
-      r, self.tokenizer, use_chat_template=c.data.use_chat_template,
-      max_prompt_len=c.data.max_prompt_len, overlong="truncate_left",
-    )  # fmt: skip
     return evaluate.accuracy(
       self.sampler, self.rollout_params(), self.tokenizer, self.accuracy_records,
-      encode=encode, max_new_tokens=c.sampling.max_new_tokens, verifier=c.eval.verifier,
+      encode=self.encode_prompt, max_new_tokens=c.sampling.max_new_tokens, verifier=c.eval.verifier,
       pass_k=c.eval.pass_k, prompt_buckets=c.sampling.prompt_buckets,
       batch_rows=self.batcher.rows_per_batch,
     )  # fmt: skip

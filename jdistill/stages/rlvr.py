@@ -32,8 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jdistill import losses
-from jdistill.eval import verifiers
-from jdistill.eval.accuracy import decode_completions
+from jdistill.eval import accuracy, verifiers
+from jdistill.eval.accuracy import decode_completions, local_rows
 from jdistill.runtime import build, plots
 from jdistill.runtime import sharding as shd
 from jdistill.sampling import Sampler
@@ -60,20 +60,6 @@ def reward_stats(rewards, domains, domain_names, group_size: int) -> dict:
     if sel.size:
       out["domains"][name] = {"reward_mean": float(sel.mean()), "reward_std": float(sel.std())}
   return out
-
-
-def local_rows(x) -> np.ndarray:
-  """This process's rows of a global, batch-sharded array (all rows with one process)."""
-  if jax.process_count() == 1:
-    return np.asarray(jax.device_get(x))
-  shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
-  seen, parts = set(), []
-  for s in shards:  # replicas over non-data axes hold the same rows: keep one
-    start = s.index[0].start or 0
-    if start not in seen:
-      seen.add(start)
-      parts.append(np.asarray(s.data))
-  return np.concatenate(parts)
 
 
 class RLVRTrainer(TrainingStage):
@@ -226,25 +212,25 @@ class RLVRTrainer(TrainingStage):
     )
 
   def evaluate(self) -> dict:
-    """Greedy accuracy (mean verifier score) per domain on `rl.eval_prompts` held-out
-    prompts per group (`data.eval_files`, else a far-away batch of the training stream)."""
+    """Greedy accuracy (mean verifier score, `eval.accuracy.accuracy`) per domain on
+    `rl.eval_prompts` held-out prompts per group (`data.eval_files`, else a far-away batch of
+    the training stream), each domain scored by its `rl.verifiers` entry (else `rl.verifier`)."""
+    c = self.config
     batcher = self.eval_batcher or self.batcher
-    n = max(1, self.config.rl.eval_prompts // self.config.data.slots_per_teacher)
-    scores: dict[str, list[float]] = {d: [] for d in batcher.domains}
-    for k in range(n):
-      prompts = batcher.batch(k if self.eval_batcher else 10**6 + k)
-      out = self.sampler.generate(
-        self.state["params"],
-        (prompts["prompt_tokens"], prompts["prompt_lengths"]),
-        jax.random.key(0),
-        self.greedy,
-      )
-      for i, completion in enumerate(self.local_completions(out)):
-        record = batcher.records[prompts["record_index"][i]]
-        scores[record["domain"]].append(
-          self.scorers[record["domain"]](completion, str(record["answer"]))
-        )
-    return {d: {"accuracy": float(np.mean(v))} for d, v in scores.items() if v}
+    n = max(1, c.rl.eval_prompts // c.data.slots_per_teacher)
+    records = [
+      batcher.records[r]
+      for k in range(n)
+      for r in batcher.batch(k if self.eval_batcher else 10**6 + k)["record_index"]
+    ]
+    per_domain = accuracy.accuracy(
+      self.sampler, self.params, self.tokenizer, records, encode=self.encode_prompt,
+      max_new_tokens=c.sampling.max_new_tokens,
+      verifier={d: c.rl.verifiers.get(d, c.rl.verifier) for d in self.batcher.domains},
+      batch_rows=batcher.local_rows, prompt_buckets=c.sampling.prompt_buckets,
+      stop_token_ids=self.greedy.stop_token_ids,
+    )  # fmt: skip
+    return {d: per_domain[d] for d in batcher.domains if d in per_domain}
 
   def describe_eval(self, results: dict) -> str:
     return " ".join(f"{d} accuracy {v['accuracy']:.3f}" for d, v in results.items())

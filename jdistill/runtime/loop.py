@@ -35,6 +35,7 @@ pods the preemption notice reaches every host at the same step through `stage.pr
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -42,6 +43,8 @@ import time
 from typing import TYPE_CHECKING, Protocol
 
 from jdistill.runtime.run_log import RunLog
+
+log = logging.getLogger("jdistill")
 
 if TYPE_CHECKING:
   from jdistill.runtime.checkpoint import Checkpointer
@@ -136,10 +139,8 @@ class Loop:
     if self.nonfinite == "stop":
       raise FloatingPointError(msg + " (config.loss.nonfinite='stop')")
     self.skipped_updates += 1
-    print(
-      f"WARNING {msg}: update skipped (config.loss.nonfinite='skip'; "
-      f"{self.skipped_updates} so far)",
-      flush=True,
+    log.warning(
+      "%s: update skipped (config.loss.nonfinite='skip'; %d so far)", msg, self.skipped_updates
     )
 
   def run_to(self, stage: Stage, end: int, out_dir: str, plot) -> list[dict]:

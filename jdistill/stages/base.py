@@ -164,7 +164,7 @@ class TrainingStage:
     self.run_dir.record_identity(self.identity["config_hash"], c.to_json_best_effort())
     dropped = run_log.truncate(c.output_dir, self.step)
     if dropped:
-      print(f"jdistill: resuming at step {self.step}: dropped {dropped} later metrics records")
+      log.info("resuming at step %d: dropped %d later metrics records", self.step, dropped)
 
   def restore(self, step: int | None = None) -> bool:
     """Restores `step` (default: the latest) of `config.checkpoint.dir`; False if none."""

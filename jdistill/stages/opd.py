@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import logging
 from typing import NamedTuple
 
 import jax
@@ -29,6 +30,8 @@ from jdistill.sampling import Sampler
 from jdistill.stages.base import TrainingStage, run_training, shardings
 from jdistill.step import common, streaming
 from jdistill.step import opd as ts
+
+log = logging.getLogger("jdistill")
 
 
 def to_float(tree):
@@ -86,12 +89,11 @@ class OPDTrainer(TrainingStage):
         c, self.tokenizer, c.data.eval_files, seed=c.seed + 1
       )
     n = self.batcher.prompt_counts
-    print(
-      f"jdistill: training prompts: {n['checked']} checked, {n['truncated']} truncated and "
-      f"{n['dropped']} dropped (data.overlong={c.data.overlong!r}), {n['malformed_skipped']} "
+    log.info(
+      "training prompts: %d checked, %d truncated and %d dropped (data.overlong=%r), %d "
       "malformed lines skipped",
-      flush=True,
-    )
+      n["checked"], n["truncated"], n["dropped"], c.data.overlong, n["malformed_skipped"],
+    )  # fmt: skip
     self.accuracy_records = self._accuracy_records() if c.eval.verifier else None
     self.data_iter = self.batcher.iterator()
     self.pending: collections.deque[Pending] = collections.deque()  # batches sampled ahead

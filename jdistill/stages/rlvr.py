@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +41,8 @@ from jdistill.sampling import Sampler
 from jdistill.stages.base import TrainingStage, run_training, shardings
 from jdistill.step import common
 from jdistill.step.rlvr import RLSettings, rl_step
+
+log = logging.getLogger("jdistill")
 
 
 def reward_stats(rewards, domains, domain_names, group_size: int) -> dict:
@@ -200,7 +203,7 @@ class RLVRTrainer(TrainingStage):
     record = jax.tree.map(float, jax.device_get(metrics))
     if record["verifier_errors"]:
       last = [s.last_error for s in self.scorers.values() if s.last_error]
-      print(f"WARNING {int(record['verifier_errors'])} verifier errors; last: {last[-1]}")
+      log.warning("%d verifier errors; last: %s", int(record["verifier_errors"]), last[-1])
     return record
 
   def progress(self, record: dict) -> str:

@@ -12,7 +12,7 @@ end-of-sequence token (`jdistill.data.packing`). The step is one pure jitted fun
 Overlap-triggered warmup (`sft.until_overlap` > 0): instead of a fixed length, every
 `sft.overlap_every` steps each teacher's calibrated overlap (1 − TV, token mean) with the
 student's own rollouts on its prompts is measured (`overlap.OverlapProbe`). A teacher whose
-overlap reaches the threshold switches to OPD: the switch is printed and written to
+overlap reaches the threshold switches to OPD: the switch is logged and written to
 `<output_dir>/switches.json` with the measured value, and its examples (packed per domain)
 leave the SFT mix. The stage ends when every teacher has switched (or at `train.steps`); the
 next pipeline stage distils from all of them. (Teachers that switched wait for the others:
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 
 import jax
@@ -35,6 +36,8 @@ from jdistill.runtime import build, plots
 from jdistill.runtime import sharding as shd
 from jdistill.stages.base import TrainingStage, run_training, shardings
 from jdistill.step.sft import BATCH_KEYS, sft_loss, sft_step
+
+log = logging.getLogger("jdistill")
 
 
 def read_files(files: str, **kw) -> list:
@@ -84,11 +87,10 @@ class SFTTrainer(TrainingStage):
       self.row_teacher = None
     self.eval_rows = packing.pack(read(s.eval_files), s.max_len) if s.eval_files else None
     n_rows = len(self.rows["tokens"])
-    print(
-      f"jdistill sft: {n_rows} rows of {s.max_len} tokens, "
-      f"{int(self.rows['loss_mask'].sum())} completion tokens",
-      flush=True,
-    )
+    log.info(
+      "sft: %d rows of %d tokens, %d completion tokens",
+      n_rows, s.max_len, int(self.rows["loss_mask"].sum()),
+    )  # fmt: skip
 
   def build_models(self, student):
     """The teachers of the overlap probe (`sft.until_overlap`), if any."""
@@ -159,16 +161,15 @@ class SFTTrainer(TrainingStage):
     readings = self.probe.measure(self.state["params"])
     threshold = self.config.sft.until_overlap
     line = " ".join(f"{n} {v:.3f}" for n, v in readings.items())
-    print(f"sft step {self.step}: overlap {line} (switch at >= {threshold})", flush=True)
+    log.info("sft step %d: overlap %s (switch at >= %s)", self.step, line, threshold)
     for name, value in readings.items():
       if name not in self.switches and value >= threshold:
         self.switches[name] = {"step": self.step, "overlap": value, "threshold": threshold}
         self.phase_start = self.step
-        print(
-          f"jdistill sft: teacher {name!r} switches to OPD at step {self.step}: overlap "
-          f"{value:.3f} >= {threshold}",
-          flush=True,
-        )
+        log.info(
+          "sft: teacher %r switches to OPD at step %d: overlap %.3f >= %s",
+          name, self.step, value, threshold,
+        )  # fmt: skip
     path = os.path.join(self.config.output_dir, "switches.json")
     with open(path + ".tmp", "w") as f:
       json.dump(self.switches, f, indent=1)

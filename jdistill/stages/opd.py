@@ -72,8 +72,9 @@ class Pending(NamedTuple):
 class OPDTrainer(TrainingStage):
   """The OPD stage: student rollouts → one compiled step. `run()` trains.
 
-  Built from a validated config by `jdistill.runtime.build`; the loop (`jdistill.runtime.loop`)
-  drives it through `train_one`, `step_tokens`, `log_record`, `progress`, `evaluate` and `save`.
+  Built by `TrainingStage` (the contract: `jdistill.stages.base`) from `jdistill.runtime.build`'s
+  parts; the loop (`jdistill.runtime.loop`) drives it through `train_one`, `step_tokens`,
+  `log_record`, `progress`, `evaluate` and `save`.
   """
 
   def build_mesh(self) -> None:

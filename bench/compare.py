@@ -59,6 +59,7 @@ from jdistill.losses import LossSettings
 from jdistill.models import hf
 from jdistill.runtime import sharding as shd
 from jdistill.sampling import Sampler, SamplingParams
+from jdistill.step import common as step_common
 from jdistill.step import opd as ts
 from jdistill.testing.tiny_hf import tiny_hf_model
 
@@ -305,9 +306,9 @@ def pytorch_opd(student, teacher, prompts, shape, steps: int) -> dict:
 def jdistill_train_fn(
   graphdef, t_graphdef, rows: int, diagnostics: bool, loss_window=None, chunk_size=0
 ):
-  opt, sched = ts.make_optimizer(1e-4, steps=1000, warmup_steps=0)
+  opt, sched = step_common.make_optimizer(1e-4, steps=1000, warmup_steps=0)
   settings = LossSettings(loss="reverse_kl", chunk_size=chunk_size)
-  specs = (ts.TeacherSpec("teacher", settings, 1.0, tuple(range(rows))),)
+  specs = (step_common.TeacherSpec("teacher", settings, 1.0, tuple(range(rows))),)
   step = jax.jit(
     functools.partial(
       ts.train_step,
@@ -352,7 +353,7 @@ def jdistill_opd(path, teacher_path, prompts, shape, steps: int, diagnostics: bo
     out = sampler.generate(
       box["state"]["params"], (prompts, lengths), jax.random.key(next(keys)), sp
     )
-    batch = ts.rollout_batch(out)
+    batch = step_common.rollout_batch(out)
     jax.block_until_ready(batch)
     t1 = time.perf_counter()
     box["state"], metrics = step(box["state"], (t_state,), batch)

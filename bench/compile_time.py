@@ -20,6 +20,7 @@ from flax import nnx
 
 from jdistill.losses import LossSettings
 from jdistill.models import ModelConfig, Transformer
+from jdistill.step import common as step_common
 from jdistill.step import opd as ts
 
 
@@ -38,8 +39,10 @@ def measure(cfg: ModelConfig, rows: int = 4, length: int = 32) -> dict[str, floa
   def forward(params, tokens):
     return nnx.merge(graphdef, params).forward_logits(tokens)
 
-  specs = (ts.TeacherSpec("t", LossSettings(loss="reverse_kl", chunk_size=16), 1.0, (0, 1, 2, 3)),)
-  opt, sched = ts.make_optimizer(1e-3, steps=10, warmup_steps=0)
+  specs = (
+    step_common.TeacherSpec("t", LossSettings(loss="reverse_kl", chunk_size=16), 1.0, (0, 1, 2, 3)),
+  )
+  opt, sched = step_common.make_optimizer(1e-3, steps=10, warmup_steps=0)
   step = functools.partial(
     ts.train_step,
     student_graphdef=graphdef,

@@ -34,6 +34,7 @@ from jdistill.losses import LossSettings
 from jdistill.models import ModelConfig, Transformer
 from jdistill.runtime import sharding as shd
 from jdistill.sampling import Sampler, SamplingParams
+from jdistill.step import common as step_common
 from jdistill.step import opd as ts
 
 QWEN3 = dict(
@@ -106,13 +107,13 @@ def bench_size(name: str, args, mesh) -> dict:
   graphdef, params = nnx.split(student)
   t_graphdef, t_state = nnx.split(teacher)
   del student, teacher
-  spec = ts.TeacherSpec(
+  spec = step_common.TeacherSpec(
     "teacher",
     LossSettings(loss="reverse_kl", chunk_size=args.chunk),
     1.0,
     tuple(range(args.rows)),
   )
-  opt, sched = ts.make_optimizer(1e-5, steps=1000, warmup_steps=0)
+  opt, sched = step_common.make_optimizer(1e-5, steps=1000, warmup_steps=0)
   state = {
     "params": params,
     "opt_state": jax.jit(opt.init)(params),
@@ -149,7 +150,7 @@ def bench_size(name: str, args, mesh) -> dict:
     flush=True,
   )
 
-  batch = ts.rollout_batch(out)
+  batch = step_common.rollout_batch(out)
   step = jax.jit(
     functools.partial(
       ts.train_step,

@@ -53,6 +53,7 @@ from jdistill import streaming  # noqa: E402
 from jdistill.losses import LossSettings  # noqa: E402
 from jdistill.models import ModelConfig, Transformer  # noqa: E402
 from jdistill.runtime import sharding as shd  # noqa: E402
+from jdistill.step import common as step_common  # noqa: E402
 from jdistill.step import opd as ts  # noqa: E402
 
 GB = 1e9
@@ -243,7 +244,7 @@ def programs(
     if teacher_cfg.num_experts:
       teacher_cfg, proxy["teacher"] = cpu_moe_proxy(teacher_cfg)
   graphdef, params = abstract_model(student_cfg, mesh)
-  optimizer, schedule = ts.make_optimizer(1e-5, steps=100)
+  optimizer, schedule = step_common.make_optimizer(1e-5, steps=100)
   replicated = NamedSharding(mesh, P())
   opt_state = jax.tree.map(
     lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -255,9 +256,11 @@ def programs(
     "opt_state": opt_state,
     "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
   }
-  rows = ts.teacher_rows(n_teachers, rows_per_teacher)
+  rows = step_common.teacher_rows(n_teachers, rows_per_teacher)
   specs = tuple(
-    ts.TeacherSpec(f"t{i}", LossSettings(loss="reverse_kl", chunk_size=chunk), 1.0, rows[i])
+    step_common.TeacherSpec(
+      f"t{i}", LossSettings(loss="reverse_kl", chunk_size=chunk), 1.0, rows[i]
+    )
     for i in range(n_teachers)
   )
   step_batch = batch(mesh, n_teachers * rows_per_teacher, length)
@@ -314,8 +317,8 @@ def programs(
   on_device = streaming.device_shardings(host_state)
 
   def forward(host, b):  # what streaming.StreamedTeacher.forward compiles
-    h, _ = ts.teacher_hidden(
-      t_graphdef, jax.device_put(host, on_device), ts.shifted_inputs(b), rows[0]
+    h, _ = step_common.teacher_hidden(
+      t_graphdef, jax.device_put(host, on_device), step_common.shifted_inputs(b), rows[0]
     )
     return h.astype(jnp.bfloat16)
 

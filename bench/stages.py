@@ -26,8 +26,9 @@ from jdistill.eval import verifiers
 from jdistill.models import ModelConfig, Transformer
 from jdistill.runtime import sharding as shd
 from jdistill.sampling import Sampler, SamplingParams
-from jdistill.stages import rlvr, sft
-from jdistill.step import opd as ts
+from jdistill.step import common as step_common
+from jdistill.step import rlvr as step_rlvr
+from jdistill.step import sft as step_sft
 
 CFG = ModelConfig(
   vocab_size=8192, hidden_size=256, intermediate_size=768, num_layers=4, num_heads=4,
@@ -52,7 +53,7 @@ def sft_bench(graphdef, params, optimizer, schedule, steps: int):
   batch = {k: jnp.asarray(v) for k, v in rows.items()}
   step = jax.jit(
     functools.partial(
-      sft.sft_step, graphdef=graphdef, optimizer=optimizer, schedule=schedule, chunk_size=64
+      step_sft.sft_step, graphdef=graphdef, optimizer=optimizer, schedule=schedule, chunk_size=64
     )
   )
   state = train_state(params, optimizer)
@@ -85,11 +86,11 @@ def grpo_bench(graphdef, params, optimizer, schedule, mesh, steps: int):
     return losses.group_advantages(rewards, GROUP)
 
   advantages, t_score = timed(score, repeats=steps)
-  batch = {**ts.rollout_batch(out), "advantages": jnp.asarray(advantages)}
-  settings = rlvr.RLSettings(chunk_size=32, clip_eps=0.2, kl_coef=0.05)
+  batch = {**step_common.rollout_batch(out), "advantages": jnp.asarray(advantages)}
+  settings = step_rlvr.RLSettings(chunk_size=32, clip_eps=0.2, kl_coef=0.05)
   step = jax.jit(
     functools.partial(
-      rlvr.rl_step, optimizer=optimizer, schedule=schedule, student_graphdef=graphdef,
+      step_rlvr.rl_step, optimizer=optimizer, schedule=schedule, student_graphdef=graphdef,
       teacher_graphdefs=(), specs=(), groups=(), reference_graphdef=graphdef, settings=settings,
     )
   )  # fmt: skip
@@ -105,7 +106,7 @@ def main():
   args = parser.parse_args()
   mesh = shd.make_mesh({"data": -1})
   graphdef, params = nnx.split(shd.create_sharded(lambda: Transformer(CFG, nnx.Rngs(0)), mesh))
-  optimizer, schedule = ts.make_optimizer(1e-4, steps=100, warmup_steps=0)
+  optimizer, schedule = step_common.make_optimizer(1e-4, steps=100, warmup_steps=0)
 
   t_sft, sft_flops, sft_tokens = sft_bench(graphdef, params, optimizer, schedule, args.steps)
   t_sample, t_score, t_rl, rl_flops, rl_tokens = grpo_bench(

@@ -25,6 +25,7 @@ from jdistill.losses import LossSettings
 from jdistill.models import ModelConfig, Transformer
 from jdistill.runtime import sharding as shd
 from jdistill.sampling import Sampler, SamplingParams
+from jdistill.step import common as step_common
 from jdistill.step import opd as ts
 
 CFG = ModelConfig(
@@ -51,13 +52,13 @@ def main():
   ]
   graphdef, params = nnx.split(student)
   t_graphdefs, t_states = zip(*(nnx.split(t) for t in teachers))
-  rows_a, rows_b = ts.teacher_rows(2, ROWS_PER_TEACHER)
+  rows_a, rows_b = step_common.teacher_rows(2, ROWS_PER_TEACHER)
   specs = (
-    ts.TeacherSpec("a", LossSettings(loss="reverse_kl", chunk_size=32), 1.0, rows_a),
-    ts.TeacherSpec("b", LossSettings(loss="sampled_token", chunk_size=32), 1.0, rows_b),
+    step_common.TeacherSpec("a", LossSettings(loss="reverse_kl", chunk_size=32), 1.0, rows_a),
+    step_common.TeacherSpec("b", LossSettings(loss="sampled_token", chunk_size=32), 1.0, rows_b),
   )
   rows = 2 * ROWS_PER_TEACHER
-  opt, sched = ts.make_optimizer(1e-4, steps=100, warmup_steps=0)
+  opt, sched = step_common.make_optimizer(1e-4, steps=100, warmup_steps=0)
   state = {
     "params": params,
     "opt_state": jax.jit(opt.init)(params),
@@ -76,7 +77,7 @@ def main():
     out = gen(state["params"])
     jax.block_until_ready(out.tokens)
   t_sample = (time.perf_counter() - t0) / args.steps
-  batch = ts.rollout_batch(out)
+  batch = step_common.rollout_batch(out)
   seq = batch["tokens"].shape[1]
 
   step = jax.jit(
@@ -89,11 +90,12 @@ def main():
       schedule=sched,
     )
   )
-  x = ts.shifted_inputs(batch)
+  x = step_common.shifted_inputs(batch)
 
   def teachers_forward(t_states, x):
     return [
-      ts.teacher_hidden(g, s, x, spec.rows)[0] for g, s, spec in zip(t_graphdefs, t_states, specs)
+      step_common.teacher_hidden(g, s, x, spec.rows)[0]
+      for g, s, spec in zip(t_graphdefs, t_states, specs)
     ]
 
   teacher_fwd = jax.jit(teachers_forward)

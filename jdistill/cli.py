@@ -97,6 +97,8 @@ def stage_main(command: str) -> None:
     if len(argv) > 1:
       sys.exit(f"jdistill {command}: unexpected arguments {argv[1:]}")
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
+    # absl's handler now holds the root logger at WARNING: jdistill's own status lines stay on
+    logging.getLogger("jdistill").setLevel(logging.INFO)
     fl = flags.FLAGS
     config = fl.config
     if fl.resume and fl.new_run:

@@ -7,7 +7,7 @@ import pytest
 
 from jdistill import config as config_lib
 from jdistill.stages import opd as train
-from jdistill.step import opd as ts
+from jdistill.step import common
 from jdistill.testing.toy import make_toy_world, tiny_config
 
 STEPS_EQUAL = 3  # (a): per-step equality of k = 0 with today's loop
@@ -131,7 +131,7 @@ def _colocated_batch(colocated, params, prompts, key):
     key,
     colocated.sampling,
   )
-  return jax.device_get(ts.rollout_batch(out, colocated.batch_shardings))
+  return jax.device_get(common.rollout_batch(out, colocated.batch_shardings))
 
 
 def test_batch_of_step_t_is_sampled_from_the_params_after_update_t_minus_1(stale_run, colocated):

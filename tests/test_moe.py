@@ -18,6 +18,7 @@ from jdistill.models import ModelConfig, Transformer, hf, moe
 from jdistill.models.transformer import MLP
 from jdistill.runtime import sharding as shd
 from jdistill.sampling import Sampler, SamplingParams
+from jdistill.step import common
 from jdistill.step import opd as ts
 from jdistill.testing.tiny_hf import tiny_hf_model
 
@@ -419,7 +420,7 @@ def test_train_step_adds_and_logs_router_losses(qwen3_moe):
     "sampling_logprobs": jnp.full((2, 12), -2.0, jnp.float32),
     "lengths": jnp.asarray([10, 8], jnp.int32),
   }
-  specs = (ts.TeacherSpec("t", LossSettings(loss="reverse_kl", chunk_size=4), 1.0, (0, 1)),)
+  specs = (common.TeacherSpec("t", LossSettings(loss="reverse_kl", chunk_size=4), 1.0, (0, 1)),)
   t_graphdef, t_state = nnx.split(teacher)
 
   coefs = dict(router_aux_loss_coef=0.01, router_z_loss_coef=0.001)
@@ -433,7 +434,7 @@ def test_train_step_adds_and_logs_router_losses(qwen3_moe):
     return jax.value_and_grad(objective, has_aux=True)(p)
 
   (loss, metrics), grad = step(params, t_state, batch)
-  x = ts.shifted_inputs(batch)
+  x = common.shifted_inputs(batch)
   _, _, expect = jax.jit(lambda p, *a: moe.forward_with_aux_losses(nnx.merge(graphdef, p), *a))(
     params, x["inputs"], x["positions"], x["kv_mask"]
   )

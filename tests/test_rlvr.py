@@ -11,7 +11,9 @@ import pytest
 
 from jdistill import losses
 from jdistill.stages import rlvr
+from jdistill.step import common
 from jdistill.step import opd as ts
+from jdistill.step import rlvr as step_rlvr
 from jdistill.testing import toy
 from jdistill.testing.toy import make_toy_world, tiny_config
 
@@ -25,7 +27,7 @@ def _expected_gradient(settings, theta, teacher_logits, reference_logits, reward
 
   def loss(theta, xs, advantages):
     logq = jax.nn.log_softmax(theta)[xs][:, None]  # [G, 1]
-    value, _ = rlvr.policy_loss(
+    value, _ = step_rlvr.policy_loss(
       logq, jax.lax.stop_gradient(logq), advantages, jnp.ones((G, 1)), settings,
       teacher_logp=teacher[xs][:, None], reference_logp=reference[xs][:, None],
     )  # fmt: skip
@@ -47,7 +49,9 @@ def test_expected_gradient_is_the_documented_objective():
   theta, t_logits, r_logits = (jnp.asarray(rng.randn(V), jnp.float32) for _ in range(3))
   reward = jnp.asarray([1.0, 0.0, 0.3, 0.0])
   w_r, lam, kl_coef = 1.5, 0.7, 0.4
-  settings = rlvr.RLSettings(chunk_size=None, reward_weight=w_r, kl_weight=lam, kl_coef=kl_coef)
+  settings = step_rlvr.RLSettings(
+    chunk_size=None, reward_weight=w_r, kl_weight=lam, kl_coef=kl_coef
+  )
   got = _expected_gradient(settings, theta, t_logits, r_logits, reward)
 
   def objective(theta):
@@ -145,6 +149,32 @@ def test_a_raising_verifier_is_counted_not_fatal(tmp_path, monkeypatch):
   assert "RuntimeError: odd" in trainer.scorers["larger"].last_error
 
 
+def test_evaluate_is_the_shared_accuracy_with_each_domains_verifier(tmp_path, monkeypatch):
+  """RLVR's evaluation is `eval.accuracy.accuracy` on its held-out batches: the same scores as
+  greedy samples of those batches scored by hand, and each domain scored by its own
+  `rl.verifiers` entry."""
+  (tmp_path / "always_right.py").write_text("def score(completion, reference):\n  return 1.0\n")
+  monkeypatch.syspath_prepend(str(tmp_path))
+  world, train, evals = _larger_world(tmp_path, n_train=16)
+  c = _rl_config(world, train, evals, tmp_path / "run", steps=1)
+  c.rl.eval_prompts = 16
+  trainer = rlvr.RLVRTrainer(c)
+  scores = []
+  for k in range(2):  # 16 prompts, 8 a batch
+    prompts = trainer.eval_batcher.batch(k)
+    out = trainer.sampler.generate(
+      trainer.params, (prompts["prompt_tokens"], prompts["prompt_lengths"]), jax.random.key(0),
+      trainer.greedy,
+    )  # fmt: skip
+    for i, text in enumerate(trainer.local_completions(out)):
+      answer = trainer.eval_batcher.records[prompts["record_index"][i]]["answer"]
+      scores.append(toy.larger_reward(text, str(answer)))
+  assert trainer.evaluate() == {"larger": {"accuracy": np.mean(scores), "prompts": 16}}
+  assert np.mean(scores) < 1.0  # so that the domain's own verifier below changes it
+  c.rl.verifiers.larger = "always_right:score"
+  assert trainer.evaluate() == {"larger": {"accuracy": 1.0, "prompts": 16}}
+
+
 def test_prompts_without_answers_are_refused_by_file_and_line(tmp_path):
   world, train, evals = _larger_world(tmp_path, n_train=4)
   with open(train, "a") as f:
@@ -180,7 +210,7 @@ def test_unified_objective_reduces_to_pure_opd_and_pure_grpo():
     "advantages": jnp.asarray(rng.randn(b), jnp.float32),
   }
   opd_settings = losses.LossSettings("sampled_token", chunk_size=4)
-  spec = ts.TeacherSpec("t", opd_settings, 1.0, tuple(range(b)))
+  spec = common.TeacherSpec("t", opd_settings, 1.0, tuple(range(b)))
   structure = dict(
     student_graphdef=student_gd, teacher_graphdefs=(teacher_gd,), specs=(spec,), groups=((0,),)
   )
@@ -189,8 +219,8 @@ def test_unified_objective_reduces_to_pure_opd_and_pure_grpo():
     return ts.distill_objective(p, teacher_states=(teacher,), batch=batch, **structure)[0]
 
   def rl(p, **settings):
-    s = rlvr.RLSettings(chunk_size=4, **settings)
-    return rlvr.rl_objective(
+    s = step_rlvr.RLSettings(chunk_size=4, **settings)
+    return step_rlvr.rl_objective(
       p, (teacher,), None, batch, reference_graphdef=student_gd, settings=s, **structure
     )[0]
 
@@ -201,9 +231,9 @@ def test_unified_objective_reduces_to_pure_opd_and_pure_grpo():
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
 
   pure = rl(params, kl_weight=0.0)
-  no_teacher = rlvr.rl_objective(
+  no_teacher = step_rlvr.rl_objective(
     params, (), None, batch, student_graphdef=student_gd, teacher_graphdefs=(), specs=(),
-    groups=(), reference_graphdef=student_gd, settings=rlvr.RLSettings(chunk_size=4),
+    groups=(), reference_graphdef=student_gd, settings=step_rlvr.RLSettings(chunk_size=4),
   )[0]  # fmt: skip
   np.testing.assert_allclose(pure, no_teacher, rtol=1e-6)
   assert not np.allclose(pure, want)

@@ -1,6 +1,7 @@
 """Nothing lost, nothing silent: signals, verified checkpoints, run directories, bad input."""
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -62,7 +63,7 @@ def no_compile(monkeypatch):
   def refuse(self):
     raise AssertionError("reached the compile: the bad input was found too late")
 
-  monkeypatch.setattr(train.OPDTrainer, "_compile", refuse)
+  monkeypatch.setattr(train.OPDTrainer, "build_step", refuse)
 
 
 # ------------------------------------------------------------------------------ signals
@@ -350,13 +351,14 @@ def test_bad_prompts_fail_before_compiling_with_file_and_line(world, tmp_path, n
     train.OPDTrainer(c)
 
 
-def test_prompt_counts_are_printed_at_start(world, tmp_path, no_compile, capsys):
+def test_prompt_counts_are_logged_at_start(world, tmp_path, no_compile, caplog):
+  caplog.set_level(logging.INFO, logger="jdistill")
   c = _config(world, tmp_path)
   c.data.max_prompt_len = 12
   with pytest.raises(AssertionError, match="reached the compile"):
     train.OPDTrainer(c)
-  line = [x for x in capsys.readouterr().out.splitlines() if "training prompts:" in x][0]
-  checked, truncated = (int(line.split(" ")[i]) for i in (3, 5))
+  line = [x for x in caplog.messages if "training prompts:" in x][0]
+  checked, truncated = (int(line.split(" ")[i]) for i in (2, 4))
   assert checked == 32 and 0 < truncated <= checked, line
 
 
@@ -423,6 +425,9 @@ def test_progress_counts_the_steps_run_and_the_eta_leaves_out_the_compile(monkey
 
   class FakeStage:
     step = 0
+    done = False
+    token_label = "generated"
+    checkpointer = None
 
     def train_one(self, diagnostics=True):
       clock["now"] += next(durations)

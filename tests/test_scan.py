@@ -20,6 +20,7 @@ from jdistill.models.transformer import init_cache, stack_layers, unstack_layers
 from jdistill.runtime import checkpoint as ckpt
 from jdistill.runtime import sharding as shd
 from jdistill.sampling import Sampler, SamplingParams
+from jdistill.step import common
 from jdistill.step import opd as ts
 from jdistill.testing.tiny_hf import tiny_hf_model
 
@@ -120,7 +121,9 @@ def test_scanned_params_are_sharded_by_their_logical_axes():
 
 def _loss_grads(graphdef, params, t_graphdef, t_state, batch, *, step=False):
   """(loss, grads) of the OPD objective and, with `step`, the params after one train step."""
-  specs = (ts.TeacherSpec("a", LossSettings(loss="reverse_kl", chunk_size=4), 1.0, (0, 1, 2, 3)),)
+  specs = (
+    common.TeacherSpec("a", LossSettings(loss="reverse_kl", chunk_size=4), 1.0, (0, 1, 2, 3)),
+  )
   objective = functools.partial(
     ts.distill_objective,
     student_graphdef=graphdef,
@@ -133,7 +136,7 @@ def _loss_grads(graphdef, params, t_graphdef, t_state, batch, *, step=False):
   loss, grads = jax.jit(jax.value_and_grad(lambda p: objective(p)[0]))(params)
   if not step:
     return loss, grads, None
-  opt, sched = ts.make_optimizer(1e-3, steps=10, warmup_steps=0)
+  opt, sched = common.make_optimizer(1e-3, steps=10, warmup_steps=0)
   state = {"params": params, "opt_state": opt.init(params), "step": jnp.zeros((), jnp.int32)}
   train_step = functools.partial(
     ts.train_step,
@@ -227,7 +230,7 @@ def test_greedy_sampler_scanned_equals_unrolled(hf_dir):
 
 def test_checkpoints_restore_scanned_and_name_scan_layers_across_layouts(tmp_path):
   unrolled, scanned = _pair()
-  opt, _ = ts.make_optimizer(1e-3, steps=10, warmup_steps=0)
+  opt, _ = common.make_optimizer(1e-3, steps=10, warmup_steps=0)
 
   def train_state(model):
     params = nnx.state(model)

@@ -12,6 +12,7 @@ from jdistill import losses
 from jdistill.data import packing
 from jdistill.models import ModelConfig, Transformer
 from jdistill.stages import sft
+from jdistill.step import sft as step_sft
 from jdistill.testing.toy import make_toy_world, tiny_config
 
 CFG = ModelConfig(
@@ -70,12 +71,12 @@ def test_packed_and_unpacked_batches_give_the_same_loss_and_prompts_no_gradient(
   examples = _examples(n=3)
   packed = {k: jnp.asarray(v) for k, v in packing.pack(examples, 24).items()}
   alone = {k: jnp.asarray(v) for k, v in packing.pack(examples, 24, pack_rows=False).items()}
-  loss_packed, n_packed = sft.sft_loss(params, graphdef, packed, chunk_size=5)
-  loss_alone, n_alone = sft.sft_loss(params, graphdef, alone, chunk_size=None)
+  loss_packed, n_packed = step_sft.sft_loss(params, graphdef, packed, chunk_size=5)
+  loss_alone, n_alone = step_sft.sft_loss(params, graphdef, alone, chunk_size=None)
   assert float(n_packed) == float(n_alone) == sum(sum(m) for _, m in examples)
   np.testing.assert_allclose(float(loss_packed), float(loss_alone), rtol=1e-5)
   # the targets that carry loss: completion tokens only, never across a segment boundary
-  mask = np.asarray(sft.target_mask(packed))[0]
+  mask = np.asarray(step_sft.target_mask(packed))[0]
   targets_seg = np.asarray(packed["segment_ids"])[0, 1:]
   targets_mask = np.asarray(packed["loss_mask"])[0, 1:]
   assert np.all(mask <= targets_mask)  # prompt targets carry no loss
@@ -91,7 +92,7 @@ def test_packed_and_unpacked_batches_give_the_same_loss_and_prompts_no_gradient(
   )  # fmt: skip
   grad = jax.grad(
     lambda h: losses.cross_entropy_loss(
-      h, student.unembedding(), packed["tokens"][:, 1:], sft.target_mask(packed), chunk_size=4
+      h, student.unembedding(), packed["tokens"][:, 1:], step_sft.target_mask(packed), chunk_size=4
     )[0]
   )(hidden)
   g = np.abs(np.asarray(grad))[0].sum(-1)

@@ -286,14 +286,14 @@ def test_example_configs_validate_once_paths_are_given(name):
   config_lib.validate(c)
 
 
-def test_nonfinite_steps_are_skipped_and_counted_or_stop_the_run(world, tmp_path, capsys):
+def test_nonfinite_steps_are_skipped_and_counted_or_stop_the_run(world, tmp_path, caplog):
   c = _config(world, tmp_path, steps=10, log_every=5)
   trainer = train.OPDTrainer(c)
   before = _params(trainer)
   trainer.teachers.states = jax.tree.map(lambda x: x * np.nan, trainer.teachers.states)
   trainer.run(steps=2)  # not a logging step: still noticed
   assert trainer.skipped_updates == 2
-  assert "update skipped (config.loss.nonfinite='skip'; 2 so far)" in capsys.readouterr().out
+  assert "update skipped (config.loss.nonfinite='skip'; 2 so far)" in caplog.text
   jax.tree.map(np.testing.assert_array_equal, before, _params(trainer))
   trainer.loop.nonfinite = "stop"
   with pytest.raises(FloatingPointError, match="step 3: non-finite loss nan"):

@@ -11,6 +11,7 @@ from flax import nnx
 from jdistill import losses
 from jdistill.losses import LossSettings
 from jdistill.models import ModelConfig, Transformer
+from jdistill.step import common
 from jdistill.step import opd as ts
 
 CFG = ModelConfig(
@@ -33,10 +34,10 @@ def setup():
   ]
   graphdef, params = nnx.split(student)
   t_graphdefs, t_states = zip(*(nnx.split(t) for t in teachers))
-  rows = ts.teacher_rows(2, 2)
+  rows = common.teacher_rows(2, 2)
   specs = (
-    ts.TeacherSpec("a", LossSettings(loss="reverse_kl", chunk_size=4), 1.0, rows[0]),
-    ts.TeacherSpec("b", LossSettings(loss="sampled_token", chunk_size=4), 0.5, rows[1]),
+    common.TeacherSpec("a", LossSettings(loss="reverse_kl", chunk_size=4), 1.0, rows[0]),
+    common.TeacherSpec("b", LossSettings(loss="sampled_token", chunk_size=4), 0.5, rows[1]),
   )
   rng = np.random.RandomState(0)
   mask = np.zeros((4, 12), np.float32)
@@ -53,7 +54,7 @@ def setup():
 
 def _step(setup, grad_accum=1):
   graphdef, params, t_graphdefs, _, specs, _ = setup
-  opt, sched = ts.make_optimizer(1e-2, steps=10, warmup_steps=0, grad_accum=grad_accum)
+  opt, sched = common.make_optimizer(1e-2, steps=10, warmup_steps=0, grad_accum=grad_accum)
   fn = jax.jit(
     functools.partial(
       ts.train_step,
@@ -79,7 +80,7 @@ def test_loss_is_the_weighted_sum_of_per_teacher_kernels(setup):
   # teacher a's loss recomputed by hand from full logits on its rows
   student = nnx.merge(graphdef, params)
   teacher = nnx.merge(t_graphdefs[0], t_states[0])
-  x = ts.shifted_inputs(batch)
+  x = common.shifted_inputs(batch)
   s_logits = student.forward_logits(x["inputs"], x["positions"], x["kv_mask"])[:2]
   t_logits = teacher.forward_logits(x["inputs"], x["positions"], x["kv_mask"])[:2]
   ref = losses.masked_mean(losses.reverse_kl_per_token(s_logits, t_logits), x["mask"][:2])
@@ -113,9 +114,9 @@ def test_gradient_accumulation_applies_every_k_calls(setup):
 
 
 def test_teacher_rows_are_process_major():
-  assert ts.teacher_rows(2, 4) == [(0, 1, 2, 3), (4, 5, 6, 7)]
+  assert common.teacher_rows(2, 4) == [(0, 1, 2, 3), (4, 5, 6, 7)]
   # 2 processes each hold 2 slots of both teachers: [p0:t0 t0 t1 t1 | p1:t0 t0 t1 t1]
-  assert ts.teacher_rows(2, 4, process_count=2) == [(0, 1, 4, 5), (2, 3, 6, 7)]
+  assert common.teacher_rows(2, 4, process_count=2) == [(0, 1, 4, 5), (2, 3, 6, 7)]
 
 
 def test_stacked_same_architecture_teachers_equal_the_loop():
@@ -138,9 +139,9 @@ def test_stacked_same_architecture_teachers_equal_the_loop():
   assert q.shape == (2, 32, 2, 16) and q.sharding.spec == jax.sharding.PartitionSpec(
     None, "fsdp", "tensor", None
   )
-  rows = ts.teacher_rows(3, 2)
+  rows = common.teacher_rows(3, 2)
   specs = tuple(
-    ts.TeacherSpec(n, LossSettings(loss=loss, chunk_size=4), 1.0, r)
+    common.TeacherSpec(n, LossSettings(loss=loss, chunk_size=4), 1.0, r)
     for n, loss, r in zip("abc", ("reverse_kl", "sampled_token", "jsd"), rows)
   )
   rng = np.random.RandomState(1)
@@ -167,7 +168,7 @@ def test_stacked_same_architecture_teachers_equal_the_loop():
 
 def test_diagnostics_only_when_asked_with_one_compile_and_the_same_update(setup):
   graphdef, params, t_graphdefs, t_states, specs, batch = setup
-  opt, sched = ts.make_optimizer(1e-2, steps=10, warmup_steps=0)
+  opt, sched = common.make_optimizer(1e-2, steps=10, warmup_steps=0)
   step = jax.jit(
     lambda state, teachers, batch, diagnostics: ts.train_step(
       state,
@@ -207,9 +208,9 @@ def test_the_completion_window_gives_the_full_loss_and_gradients(setup, loss):
   """Rows of different prompt lengths: the loss over each row's `max_new` window equals the
   loss over every position (the prompt and pad positions weigh 0)."""
   graphdef, params, t_graphdefs, t_states, _, _ = setup
-  rows = ts.teacher_rows(2, 2)
+  rows = common.teacher_rows(2, 2)
   specs = tuple(
-    ts.TeacherSpec(n, LossSettings(loss=loss, chunk_size=4, normalize=norm), 1.0, r)
+    common.TeacherSpec(n, LossSettings(loss=loss, chunk_size=4, normalize=norm), 1.0, r)
     for n, norm, r in zip("ab", ("token", "sequence"), rows)
   )
   prompt, new = np.array([3, 7, 5, 9]), 6  # L = 9 + 6 = 15
@@ -240,5 +241,5 @@ def test_the_completion_window_gives_the_full_loss_and_gradients(setup, loss):
     for key in ("loss", "tokens", "teacher_logp"):
       np.testing.assert_allclose(m_win[name][key], m_full[name][key], rtol=1e-5, atol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g_win, g_full)
-  idx = ts.completion_window(ts.shifted_inputs(batch), new)
+  idx = common.completion_window(common.shifted_inputs(batch), new)
   np.testing.assert_array_equal(idx[:, 0], prompt - 1)  # the position predicting token `prompt`

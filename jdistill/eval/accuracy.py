@@ -12,6 +12,7 @@ per-step hook (`eval_every`); the experiment calls it for teachers, base and stu
 from __future__ import annotations
 
 import collections
+from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
@@ -28,8 +29,23 @@ def completions(sampler: Sampler, params, tokenizer, prompts: list[list[int]], s
   for i, p in enumerate(prompts):
     tokens[i, : len(p)] = p
   lengths = np.asarray([len(p) for p in prompts], np.int32)
-  out = jax.device_get(sampler.generate(params, (tokens, lengths), key, sampling))
-  return decode_completions(tokenizer, out.tokens, out.prompt_lengths, out.completion_lengths)
+  out = sampler.generate(params, (tokens, lengths), key, sampling)
+  arrays = (out.tokens, out.prompt_lengths, out.completion_lengths)
+  return decode_completions(tokenizer, *(local_rows(a) for a in arrays))
+
+
+def local_rows(x) -> np.ndarray:
+  """This process's rows of a global, batch-sharded array (all rows with one process)."""
+  if jax.process_count() == 1:
+    return np.asarray(jax.device_get(x))
+  shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+  seen, parts = set(), []
+  for s in shards:  # replicas over non-data axes hold the same rows: keep one
+    start = s.index[0].start or 0
+    if start not in seen:
+      seen.add(start)
+      parts.append(np.asarray(s.data))
+  return np.concatenate(parts)
 
 
 def decode_completions(tokenizer, tokens, prompt_lengths, completion_lengths) -> list[str]:
@@ -49,18 +65,30 @@ def accuracy(
   *,
   encode,
   max_new_tokens: int,
-  verifier: str = "exact_match",
+  verifier: str | Mapping[str, str] = "exact_match",
   pass_k: int = 0,
   batch_rows: int = 64,
   prompt_buckets=(16, 32, 64, 128, 256),
   seed: int = 0,
+  stop_token_ids: Sequence[int] | None = None,
 ) -> dict[str, dict[str, float]]:
-  """{domain: {"accuracy", "pass@k" (with pass_k > 0), "prompts"}} over `records`.
+  """{domain: {"accuracy", "pass@k" (with pass_k > 0), "prompts"}} over `records` (this
+  process's prompts).
 
-  `encode(record) -> token ids` renders a prompt as the model sees it; generation stops at
-  the tokenizer's end-of-sequence token."""
-  score = verifiers.Scorer(verifiers.get(verifier))
-  stop = tuple(i for i in (tokenizer.eos_token_id,) if i is not None)
+  `encode(record) -> token ids` renders a prompt as the model sees it; `verifier` names the
+  verifier (`jdistill.eval.verifiers`), or one per domain; generation stops at
+  `stop_token_ids` (default: the tokenizer's end-of-sequence token)."""
+  scorers: dict[str, verifiers.Scorer] = {}
+
+  def score(text: str, record: dict) -> float:
+    name = verifier[record["domain"]] if isinstance(verifier, Mapping) else verifier
+    if name not in scorers:
+      scorers[name] = verifiers.Scorer(verifiers.get(name))
+    return scorers[name](text, str(record["answer"]))
+
+  if stop_token_ids is None:
+    stop_token_ids = (tokenizer.eos_token_id,)
+  stop = tuple(i for i in stop_token_ids if i is not None)
   base = dict(
     max_new_tokens=max_new_tokens,
     stop_token_ids=stop,
@@ -76,7 +104,7 @@ def accuracy(
       sampler, params, tokenizer, ids[start : start + batch_rows], greedy, jax.random.key(0)
     )
     for record, text in zip(records[start : start + batch_rows], texts):
-      greedy_scores.append(score(text, str(record["answer"])))
+      greedy_scores.append(score(text, record))
   passed = []
   if pass_k:
     per_call = max(1, batch_rows // pass_k)
@@ -86,9 +114,7 @@ def accuracy(
       key = jax.random.key(seed + start)
       texts = completions(sampler, params, tokenizer, repeated, sampled, key)
       for j, record in enumerate(chunk):
-        hits = [
-          score(t, str(record["answer"])) >= 1.0 for t in texts[j * pass_k : (j + 1) * pass_k]
-        ]
+        hits = [score(t, record) >= 1.0 for t in texts[j * pass_k : (j + 1) * pass_k]]
         passed.append(float(any(hits)))
   by_domain: dict[str, dict[str, list[float]]] = collections.defaultdict(
     lambda: {"accuracy": [], "pass": []}

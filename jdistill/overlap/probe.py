@@ -69,15 +69,15 @@ def _prompt_rows(config, tokenizer, records, domains: Sequence[str], rows_per_do
 
 
 def _score_fn(student_graphdef, teacher_graphdef, chunk_size: int, metric_kw: dict):
-  from jdistill.step import opd as ts
+  from jdistill.step import common
 
   @jax.jit
   def score(student_params, teacher_state, batch):
-    x = ts.shifted_inputs(batch)
+    x = common.shifted_inputs(batch)
     student = nnx.merge(student_graphdef, student_params)
     hidden, _ = student(x["inputs"], x["positions"], kv_mask=x["kv_mask"])
     rows = tuple(range(x["inputs"].shape[0]))
-    t_hidden, t_unembed = ts.teacher_hidden(teacher_graphdef, teacher_state, x, rows)
+    t_hidden, t_unembed = common.teacher_hidden(teacher_graphdef, teacher_state, x, rows)
     per_token = chunked_overlap_metrics(
       hidden,
       student.unembedding(),
@@ -130,7 +130,7 @@ def _rollouts(config, student, tokenizer, mesh, rows, seed: int, sampler=None) -
   (padded to the data-parallel size for sampling, then cut back)."""
   from jdistill.runtime import build
   from jdistill.sampling import Sampler
-  from jdistill.step import opd as ts
+  from jdistill.step import common
 
   sampler = sampler or Sampler(student.graphdef, mesh)
   n_real = len(rows)
@@ -144,7 +144,7 @@ def _rollouts(config, student, tokenizer, mesh, rows, seed: int, sampler=None) -
   out = sampler.generate(
     student.params, (prompt_tokens, prompt_lengths), jax.random.key(seed), sampling
   )
-  batch = jax.device_get(ts.rollout_batch(out, build.batch_shardings(mesh)))
+  batch = jax.device_get(common.rollout_batch(out, build.batch_shardings(mesh)))
   return {k: np.asarray(v)[:n_real] for k, v in batch.items()}
 
 

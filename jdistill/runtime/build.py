@@ -22,8 +22,7 @@ from jdistill.models import ModelConfig, hf
 from jdistill.runtime import checkpoint as ckpt
 from jdistill.runtime import sharding as shd
 from jdistill.sampling import SamplingParams
-from jdistill.step import opd as ts
-from jdistill.step import streaming
+from jdistill.step import common, streaming
 
 # --- mesh and models -------------------------------------------------------------------
 
@@ -143,7 +142,7 @@ class Teachers:
   """
 
   names: list[str]
-  specs: tuple[ts.TeacherSpec, ...]
+  specs: tuple[common.TeacherSpec, ...]
   groups: tuple[tuple[int, ...], ...]
   graphdefs: tuple
   states: tuple
@@ -195,7 +194,7 @@ def teachers(config, mesh, vocab_size: int, rows_per_teacher: int | None = None)
   GRPO: prompts × group size)."""
   names = config_lib.teacher_names(config)
   slots = rows_per_teacher or config.data.slots_per_teacher
-  rows = ts.teacher_rows(len(names), slots, jax.process_count())
+  rows = common.teacher_rows(len(names), slots, jax.process_count())
   graphdefs, states, specs, streamed = {}, {}, [], []
   for i, name in enumerate(names):
     t = config.teachers[name]
@@ -208,7 +207,7 @@ def teachers(config, mesh, vocab_size: int, rows_per_teacher: int | None = None)
         f"student's {vocab_size}; teachers and student must share a tokenizer"
       )
     graphdef, state = nnx.split(model)
-    specs.append(ts.TeacherSpec(name, loss_settings(config, t.loss), float(t.weight), rows[i]))
+    specs.append(common.TeacherSpec(name, loss_settings(config, t.loss), float(t.weight), rows[i]))
     if t.get("placement", "resident") == "streamed":
       hidden_dtype = t.get("hidden_dtype", "bfloat16")
       streamed.append(
@@ -268,7 +267,7 @@ def stack_states(states):
 
 def optimizer(config) -> tuple[optax.GradientTransformation, optax.Schedule]:
   o = config.optimizer
-  return ts.make_optimizer(
+  return common.make_optimizer(
     o.lr,
     steps=config.train.steps,
     warmup_steps=o.warmup_steps,
@@ -374,7 +373,7 @@ def sampling_params(config, tokenizer) -> SamplingParams:
 
 
 def batch_shardings(mesh) -> dict:
-  """Shardings of the step's rollout batch (`train_step.rollout_batch`): rows over data."""
+  """Shardings of the step's rollout batch (`step.common.rollout_batch`): rows over data."""
   ndims = {"tokens": 2, "completion_mask": 2, "logprobs": 2, "sampling_logprobs": 2, "lengths": 1}
   return {k: shd.batch_sharding(mesh, nd) for k, nd in ndims.items()}
 

@@ -1,6 +1,6 @@
 """The training loop every stage shares: step cadence, non-finite policy, progress, eval, saves.
 
-A stage (OPD today; SFT and GRPO later) hands the loop an object with
+A stage (`jdistill.stages`: OPD, SFT, RLVR) hands the loop an object with
 
   step: int                        host copy of its step counter
   train_one(diagnostics) -> metrics  one compiled update; device metrics with "finite",
@@ -15,8 +15,12 @@ A stage (OPD today; SFT and GRPO later) hands the loop an object with
   describe_eval(results) -> str    one line for the console
   save(force) -> bool              a checkpoint on its interval (or forced)
   preempted(step) -> bool          the platform's preemption notice (orbax / JAX sync point)
-  done: bool (optional)            True when the stage has reached its goal before `end`
-                                   (the overlap-triggered warmup)
+  done: bool                       True when the stage has reached its goal before `end`
+                                   (the overlap-triggered warmup); else False
+  token_label: str                 what the progress line's first tokens/s counts
+                                   ("generated", SFT's "completion")
+  checkpointer                     its `checkpoint.Checkpointer` (`run_to` waits for its last
+                                   save to commit), or None without checkpoints
 
 and the loop does the rest the same way for every stage.
 
@@ -31,17 +35,28 @@ pods the preemption notice reaches every host at the same step through `stage.pr
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
 import time
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from jdistill.runtime.run_log import RunLog
 
+log = logging.getLogger("jdistill")
+
+if TYPE_CHECKING:
+  from jdistill.runtime.checkpoint import Checkpointer
+
 
 class Stage(Protocol):
+  """What the loop reads of a stage (`stages.base.TrainingStage` gives the defaults)."""
+
   step: int
+  done: bool
+  token_label: str
+  checkpointer: Checkpointer | None
 
   def train_one(self, diagnostics: bool = True) -> dict: ...
   def step_tokens(self, metrics: dict) -> dict: ...
@@ -124,10 +139,8 @@ class Loop:
     if self.nonfinite == "stop":
       raise FloatingPointError(msg + " (config.loss.nonfinite='stop')")
     self.skipped_updates += 1
-    print(
-      f"WARNING {msg}: update skipped (config.loss.nonfinite='skip'; "
-      f"{self.skipped_updates} so far)",
-      flush=True,
+    log.warning(
+      "%s: update skipped (config.loss.nonfinite='skip'; %d so far)", msg, self.skipped_updates
     )
 
   def run_to(self, stage: Stage, end: int, out_dir: str, plot) -> list[dict]:
@@ -137,9 +150,8 @@ class Loop:
     try:
       return self.run(stage, end, log)
     finally:
-      checkpointer = getattr(stage, "checkpointer", None)
-      if checkpointer is not None:
-        checkpointer.wait()
+      if stage.checkpointer is not None:
+        stage.checkpointer.wait()
       log.close()
 
   def run(self, stage: Stage, end: int, log: RunLog) -> list[dict]:
@@ -160,7 +172,7 @@ class Loop:
     t_start = time.time()
     t_compiled = step_compiled = None
     t_last, pending = t_start, []
-    while stage.step < end and not getattr(stage, "done", False):
+    while stage.step < end and not stage.done:
       upcoming = stage.step + 1
       logged = upcoming % self.log_every == 0 or upcoming == end
       metrics = stage.train_one(diagnostics=logged)
@@ -170,7 +182,7 @@ class Loop:
       now = time.time()
       if t_compiled is None:
         t_compiled, step_compiled = now, step
-      if step % self.log_every == 0 or step == end or getattr(stage, "done", False):
+      if step % self.log_every == 0 or step == end or stage.done:
         record = stage.log_record(metrics)
         generated = sum(float(t["generated"]) for t in pending)
         total = sum(float(t["total"]) for t in pending)
@@ -190,10 +202,9 @@ class Loop:
           eta = "after the first step"
         records.append(record)
         log.write(record)
-        label = getattr(stage, "token_label", "generated")
         print(
           f"step {step}/{end} | {stage.progress(record)} | "
-          f"{record['generated_tokens_per_s']:,.0f} {label} tok/s, "
+          f"{record['generated_tokens_per_s']:,.0f} {stage.token_label} tok/s, "
           f"{record['tokens_per_s']:,.0f} tok/s in all | ETA {eta}",
           flush=True,
         )

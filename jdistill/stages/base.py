@@ -1,33 +1,150 @@
-"""What the training stages (OPD, SFT, RLVR) share: checkpoints, resume, the run, the export."""
+"""What the training stages (OPD, SFT, RLVR) share: their construction, the compiled step's
+shardings and donation, checkpoints, resume, the run, the export.
+
+The stage contract. `TrainingStage(config)` builds every stage in this order, calling the hooks
+a stage defines where stages differ:
+
+   1. `config_lib.validate(config)`; the run's identity (`identity`) and directory (`run_dir`)
+   2. `build_mesh()`              `mesh` (default `build.mesh`; OPD adds its sampler's mesh)
+   3. `tokenizer`
+   4. `build_data()`              everything that reads user input (data files, their checks and
+                                  counts): before any model loads or the step compiles, so a bad
+                                  input fails in seconds
+   5. the student: `graphdef`, `model_cfg`, the identity's `model_config`
+   6. `build_models(student)`     the other models (teachers, a reference) → the params to train
+                                  (default: the student's own)
+   7. `optimizer`, `schedule`, `state` ({"params", "opt_state", "step"}), `step` = 0 (the host
+      copy of state["step"]: the loop never waits on the device for it), `rng` = key(seed),
+      `loop`
+   8. `build_step()`              the jitted step (`jit_step`) and what evaluation runs
+   9. `resume_or_start()`         restores from `checkpoint.dir` when resuming; records the run
+  10. `started()`                 after the restore (default: nothing; SFT probes at step 0)
+
+A stage must define `build_data`, `build_step`, the loop's methods (`jdistill.runtime.loop.Stage`:
+`train_one`, `step_tokens`, `log_record`, `progress`, `evaluate`, `describe_eval`) and
+`describe_change` (the before → after summary of `run_training`). It may override
+`build_mesh`, `build_models`, `started`, `data_state` / `set_data_state` (where its data stream
+stands, saved with each checkpoint; default: a `batcher`'s `data_iter`), and the class
+attributes `curve` (the plot of its records), `token_label` and `done` (see `TrainingStage`).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import jax
 from flax import nnx
 
+from jdistill import config as config_lib
+from jdistill.data import prompts as data_lib
 from jdistill.models import hf
 from jdistill.runtime import build, plots, run_log
 from jdistill.runtime import checkpoint as ckpt
+from jdistill.runtime import loop as loop_lib
+from jdistill.runtime.run_dir import open_run_dir, run_identity
 
 log = logging.getLogger("jdistill")
 
 
+def shardings(tree):
+  """The shardings of a pytree of arrays (None stays None)."""
+  return jax.tree.map(lambda x: x.sharding, tree)
+
+
 class TrainingStage:
-  """Base of `train.OPDTrainer`, `sft.SFTTrainer` and `rlvr.RLVRTrainer`.
+  """Base of `opd.OPDTrainer`, `sft.SFTTrainer` and `rlvr.RLVRTrainer`: builds a stage from a
+  config (the contract: this module's docstring) and runs it with `loop.Loop`."""
 
-  A subclass's constructor sets `config`, `state` ({"params", "opt_state", "step"}), `step`,
-  `rng`, `identity`, `loop`, `graphdef`, `model_cfg`, `tokenizer` and `run_dir`, then calls
-  `resume_or_start()`. It defines `data_state()` and `set_data_state(d)` (where its data
-  stream stands, saved with each checkpoint) and may set `curve` (the plot of its records).
-  """
+  curve = staticmethod(plots.learning_curves)  # the plot of the stage's records
+  token_label = "generated"  # the progress line's first tokens/s: which tokens it counts
+  done = False  # True once the stage has reached its goal before `end` (the loop stops)
+  checkpointer: ckpt.Checkpointer | None = None  # config.checkpoint.dir's (`resume_or_start`)
+  switches: dict | None = None  # teachers that switched stage (SFT's overlap warmup)
 
-  curve = staticmethod(plots.learning_curves)
+  def __init__(self, config):
+    config_lib.validate(config)
+    self.config = c = config
+    self.identity = run_identity(c)
+    self.run_dir = open_run_dir(c, self.identity)
+    # Everything that reads user input runs before the models load and the step compiles.
+    self.build_mesh()
+    self.tokenizer = build.tokenizer(c)
+    self.build_data()
+
+    student = build.student(c, self.mesh)
+    self.graphdef, self.model_cfg = student.graphdef, student.cfg
+    self.identity["model_config"] = dataclasses.asdict(student.cfg)
+    params = self.build_models(student)
+    self.optimizer, self.schedule = build.optimizer(c)
+    self.state = build.train_state(params, self.optimizer, self.mesh)
+    self.step = 0  # host copy of state["step"]: the loop never waits on the device for it
+    self.rng = jax.random.key(c.seed)
+    self.loop = loop_lib.Loop(
+      log_every=c.train.log_every, eval_every=c.train.eval_every, nonfinite=c.loss.nonfinite
+    )
+    self.build_step()
+    self.resume_or_start()
+    self.started()
+
+  # --- the hooks ---------------------------------------------------------------------------
+
+  def build_mesh(self) -> None:
+    """Sets `mesh`, the training mesh."""
+    self.mesh = build.mesh(self.config)
+
+  def build_data(self) -> None:
+    """Reads and checks the stage's data (its only reads of user input besides the config and
+    the models); sets what `data_state` / `set_data_state` and the step's batches use."""
+    raise NotImplementedError
+
+  def build_models(self, student: build.Student):
+    """Loads the models the step needs besides the student → the params to train."""
+    return student.params
+
+  def build_step(self) -> None:
+    """Builds the stage's jitted step (`jit_step`; it compiles on its first call) and what its
+    evaluation runs."""
+    raise NotImplementedError
+
+  def started(self) -> None:
+    """Runs once the stage is built and restored (or fresh)."""
+
+  def jit_step(self, fn, *in_shardings):
+    """`fn(state, *args) -> (state, metrics)` compiled once: the train state's shardings in
+    and out, the state donated (the caller rebinds `self.state` to the result),
+    `in_shardings` those of `args` in order; metrics are placed as XLA chooses."""
+    state_shardings = shardings(self.state)
+    return jax.jit(
+      fn,
+      in_shardings=(state_shardings, *in_shardings),
+      out_shardings=(state_shardings, None),
+      donate_argnums=(0,),
+    )
+
+  # --- the run ---------------------------------------------------------------------------
 
   @property
   def params(self):
     return self.state["params"]
+
+  @property
+  def skipped_updates(self) -> int:
+    """Non-finite updates skipped so far (this session)."""
+    return self.loop.skipped_updates
+
+  def encode_prompt(self, record: dict) -> list[int]:
+    """A held-out prompt record's token ids as the student sees it (`data.use_chat_template`;
+    longer than `data.max_prompt_len`: its last tokens)."""
+    c = self.config
+    return data_lib.encode_prompt(
+      record, self.tokenizer, use_chat_template=c.data.use_chat_template,
+      max_prompt_len=c.data.max_prompt_len, overlong="truncate_left",
+    )  # fmt: skip
+
+  def rollout_key(self, step: int):
+    """The sampler's key for the rollouts of `step`: `fold_in(key(seed), step)`."""
+    return jax.random.fold_in(self.rng, step)
 
   def data_state(self) -> dict:
     return self.data_iter.get_state()
@@ -47,7 +164,7 @@ class TrainingStage:
     self.run_dir.record_identity(self.identity["config_hash"], c.to_json_best_effort())
     dropped = run_log.truncate(c.output_dir, self.step)
     if dropped:
-      print(f"jdistill: resuming at step {self.step}: dropped {dropped} later metrics records")
+      log.info("resuming at step %d: dropped %d later metrics records", self.step, dropped)
 
   def restore(self, step: int | None = None) -> bool:
     """Restores `step` (default: the latest) of `config.checkpoint.dir`; False if none."""
@@ -116,6 +233,6 @@ def run_training(stage_cls, config) -> dict:
     trainer.export(config.export_dir)
     log.info("exported the student to %s", config.export_dir)
   summary = {"step": trainer.step, "eval_before": before, "eval_after": after}
-  if getattr(trainer, "switches", None):
+  if trainer.switches:
     summary["switches"] = trainer.switches
   return summary

@@ -8,7 +8,7 @@ one compiled `train_step` (explicit in/out shardings, donated state) runs the
 teachers on their slots, the student, the chunked loss kernels and the optax
 update. With `rollout.devices` = n > 0 the sampler has its own mesh of n devices and
 samples step t's batch from the params after update t − `rollout.staleness`, while the
-training mesh runs the earlier steps (see `Trainer.sample_ahead` and docs/design.md).
+training mesh runs the earlier steps (see `OPDTrainer.sample_ahead` and docs/design.md).
 Progress goes to the console; metrics to `<output_dir>/metrics.jsonl`, TensorBoard
 (`<output_dir>/tb`) and a learning-curve PNG.
 """
@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import logging
 from typing import NamedTuple
 
 import jax
@@ -25,12 +26,12 @@ import jax
 from jdistill import config as config_lib
 from jdistill import overlap
 from jdistill.runtime import build
-from jdistill.runtime import loop as loop_lib
-from jdistill.runtime.run_dir import open_run_dir, run_identity
 from jdistill.sampling import Sampler
-from jdistill.stages.base import TrainingStage, run_training
+from jdistill.stages.base import TrainingStage, run_training, shardings
+from jdistill.step import common, streaming
 from jdistill.step import opd as ts
-from jdistill.step import streaming
+
+log = logging.getLogger("jdistill")
 
 
 def to_float(tree):
@@ -71,18 +72,16 @@ class Pending(NamedTuple):
 class OPDTrainer(TrainingStage):
   """The OPD stage: student rollouts → one compiled step. `run()` trains.
 
-  Built from a validated config by `jdistill.runtime.build`; the loop (`jdistill.runtime.loop`)
-  drives it through `train_one`, `step_tokens`, `log_record`, `progress`, `evaluate` and `save`.
+  Built by `TrainingStage` (the contract: `jdistill.stages.base`) from `jdistill.runtime.build`'s
+  parts; the loop (`jdistill.runtime.loop`) drives it through `train_one`, `step_tokens`,
+  `log_record`, `progress`, `evaluate` and `save`.
   """
 
-  def __init__(self, config):
-    config_lib.validate(config)
-    self.config = c = config
-    self.identity = run_identity(c)
-    self.run_dir = open_run_dir(c, self.identity)
-    # Everything that reads user input runs before the models load and the step compiles.
-    self.mesh, self.rollout_mesh = build.meshes(c)
-    self.tokenizer = build.tokenizer(c)
+  def build_mesh(self) -> None:
+    self.mesh, self.rollout_mesh = build.meshes(self.config)
+
+  def build_data(self) -> None:
+    c = self.config
     self.batcher = build.prompt_batcher(c, self.tokenizer, c.data.train_files, seed=c.seed)
     build.check_rows_divide(c, self.batcher.rows_per_batch, self.mesh)
     self.eval_batcher = None
@@ -91,53 +90,40 @@ class OPDTrainer(TrainingStage):
         c, self.tokenizer, c.data.eval_files, seed=c.seed + 1
       )
     n = self.batcher.prompt_counts
-    print(
-      f"jdistill: training prompts: {n['checked']} checked, {n['truncated']} truncated and "
-      f"{n['dropped']} dropped (data.overlong={c.data.overlong!r}), {n['malformed_skipped']} "
+    log.info(
+      "training prompts: %d checked, %d truncated and %d dropped (data.overlong=%r), %d "
       "malformed lines skipped",
-      flush=True,
-    )
+      n["checked"], n["truncated"], n["dropped"], c.data.overlong, n["malformed_skipped"],
+    )  # fmt: skip
+    self.accuracy_records = self._accuracy_records() if c.eval.verifier else None
     self.data_iter = self.batcher.iterator()
+    self.pending: collections.deque[Pending] = collections.deque()  # batches sampled ahead
 
-    student = build.student(c, self.mesh)
-    self.graphdef, self.model_cfg = student.graphdef, student.cfg
-    self.identity["model_config"] = dataclasses.asdict(student.cfg)
-    self.teachers = build.teachers(c, self.mesh, student.cfg.vocab_size)
-    self.optimizer, self.schedule = build.optimizer(c)
-    self.state = build.train_state(student.params, self.optimizer, self.mesh)
-    self.step = 0  # host copy of state["step"]: the loop never waits on the device for it
+  def build_models(self, student):
+    self.teachers = build.teachers(self.config, self.mesh, student.cfg.vocab_size)
+    return student.params
+
+  def build_step(self) -> None:
+    """The sampler, the jitted train step (explicit shardings, donated state) and eval
+    objective."""
+    c, t = self.config, self.teachers
     self.sampling = build.sampling_params(c, self.tokenizer)
     self.sampler = Sampler(self.graphdef, self.rollout_mesh or self.mesh)
     # colocated (rollout.devices = 0): step t's batch always uses the params after update t
     self.staleness = c.rollout.staleness if self.rollout_mesh is not None else 0
     self.rollout_shardings = None
     if self.rollout_mesh is not None:
-      self.rollout_shardings = build.param_shardings(student.params, self.rollout_mesh)
+      self.rollout_shardings = build.param_shardings(self.params, self.rollout_mesh)
     self._rollout_params = None  # (version, params on the sampler's mesh)
-    self.pending: collections.deque[Pending] = collections.deque()
     self.batch_shardings = build.batch_shardings(self.mesh)
-    self.rng = jax.random.key(c.seed)
     self.alarms = overlap.AlarmTracker(c.overlap)
-    self.accuracy_records = self._accuracy_records() if c.eval.verifier else None
-    self.train_step, self.eval_objective = self._compile()
-    self.loop = loop_lib.Loop(
-      log_every=c.train.log_every, eval_every=c.train.eval_every, nonfinite=c.loss.nonfinite
-    )
-
-    self.resume_or_start()
-
-  def _compile(self):
-    """The jitted train step (explicit shardings, donated state) and eval objective."""
-    t = self.teachers
     structure = dict(
       student_graphdef=self.graphdef,
       teacher_graphdefs=t.graphdefs,
       specs=t.specs,
       groups=t.groups,
-      loss_window=self.config.sampling.max_new_tokens,  # the loss skips the prompt positions
+      loss_window=c.sampling.max_new_tokens,  # the loss skips the prompt positions
     )
-    state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
-    teacher_shardings = jax.tree.map(lambda x: x.sharding, t.states)
     cache_shardings = {
       s.index: (streaming.hidden_sharding(self.mesh, len(s.rows)), s.unembed.sharding)
       for s in t.streamed
@@ -146,25 +132,19 @@ class OPDTrainer(TrainingStage):
       ts.train_step, optimizer=self.optimizer, schedule=self.schedule, **structure
     )
     replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-    train_step = jax.jit(
+    self.train_step = self.jit_step(
       lambda state, teachers, cache, batch, diagnostics: step_fn(
         state, teachers, batch, diagnostics=diagnostics, teacher_cache=cache
       ),
-      in_shardings=(
-        state_shardings,
-        teacher_shardings,
-        cache_shardings,
-        self.batch_shardings,
-        replicated,
-      ),
-      out_shardings=(state_shardings, None),
-      donate_argnums=(0,),
+      shardings(t.states),
+      cache_shardings,
+      self.batch_shardings,
+      replicated,
     )
     objective = functools.partial(ts.distill_objective, **structure)
-    eval_objective = jax.jit(
+    self.eval_objective = jax.jit(
       lambda p, s, c, b: objective(p, teacher_states=s, batch=b, teacher_cache=c)[1]
     )
-    return train_step, eval_objective
 
   def data_state(self) -> dict:
     """Where the data stream stands for the next step to train: batches sampled ahead have
@@ -195,17 +175,12 @@ class OPDTrainer(TrainingStage):
 
   def accuracy(self) -> dict[str, dict[str, float]]:
     """Per-domain greedy accuracy (and pass@k) of the student on the held-out prompts."""
-    from jdistill.data import prompts as data_lib
     from jdistill.eval import accuracy as evaluate
 
     c = self.config
-    encode = lambda r: data_lib.encode_prompt(  # noqa: E731
-      r, self.tokenizer, use_chat_template=c.data.use_chat_template,
-      max_prompt_len=c.data.max_prompt_len, overlong="truncate_left",
-    )  # fmt: skip
     return evaluate.accuracy(
       self.sampler, self.rollout_params(), self.tokenizer, self.accuracy_records,
-      encode=encode, max_new_tokens=c.sampling.max_new_tokens, verifier=c.eval.verifier,
+      encode=self.encode_prompt, max_new_tokens=c.sampling.max_new_tokens, verifier=c.eval.verifier,
       pass_k=c.eval.pass_k, prompt_buckets=c.sampling.prompt_buckets,
       batch_rows=self.batcher.rows_per_batch,
     )  # fmt: skip
@@ -214,19 +189,7 @@ class OPDTrainer(TrainingStage):
   def names(self) -> list[str]:
     return self.teachers.names
 
-  @property
-  def params(self):
-    return self.state["params"]
-
-  @property
-  def skipped_updates(self) -> int:
-    return self.loop.skipped_updates
-
   # --- one step ------------------------------------------------------------------------
-
-  def rollout_key(self, step: int):
-    """The sampler's key for the rollouts of `step`: `fold_in(key(seed), step)`."""
-    return jax.random.fold_in(self.rng, step)
 
   def rollout_params(self):
     """The current student params (after `step` updates) where the sampler runs: the
@@ -259,8 +222,8 @@ class OPDTrainer(TrainingStage):
     else:
       out = self.sampler.generate(self.rollout_params(), prompt, rng, self.sampling)
     if self.rollout_mesh is None:
-      return ts.rollout_batch(out, self.batch_shardings)
-    batch = ts.rollout_batch(out)  # still on the sampler's mesh
+      return common.rollout_batch(out, self.batch_shardings)
+    batch = common.rollout_batch(out)  # still on the sampler's mesh
     return {k: move_rows(v, self.batch_shardings[k]) for k, v in batch.items()}
 
   def sample_ahead(self) -> None:

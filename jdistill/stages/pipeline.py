@@ -23,6 +23,7 @@ committed batch), so the result equals an uninterrupted run's.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Callable
 
@@ -32,6 +33,8 @@ from jdistill import config as config_lib
 from jdistill import stages
 from jdistill.stages import TRAINING
 from jdistill.stages.generate import output_files
+
+log = logging.getLogger("jdistill")
 
 
 def stage_dir(config, k: int) -> str:
@@ -112,8 +115,8 @@ def run(config, run_stage: Callable[[object], dict] = stages.run_stage) -> list[
     c = stage_config(config, k)
     head = f"pipeline stage {k + 1}/{len(stages)} ({name})"
     if os.path.exists(os.path.join(c.output_dir, "DONE.json")):
-      print(f"{head}: done earlier, skipped ({c.output_dir})", flush=True)
+      log.info("%s: done earlier, skipped (%s)", head, c.output_dir)
     else:
-      print(f"{head}: {c.output_dir}", flush=True)
+      log.info("%s: %s", head, c.output_dir)
     summaries.append(run_once(c, c.output_dir, run_stage))
   return summaries

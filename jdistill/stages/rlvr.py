@@ -26,143 +26,23 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from jdistill import config as config_lib
 from jdistill import losses
-from jdistill.eval import verifiers
-from jdistill.eval.accuracy import decode_completions
+from jdistill.eval import accuracy, verifiers
+from jdistill.eval.accuracy import decode_completions, local_rows
 from jdistill.runtime import build, plots
-from jdistill.runtime import loop as loop_lib
 from jdistill.runtime import sharding as shd
-from jdistill.runtime.run_dir import open_run_dir, run_identity
 from jdistill.sampling import Sampler
-from jdistill.stages.base import TrainingStage, run_training
-from jdistill.step import opd as ts
+from jdistill.stages.base import TrainingStage, run_training, shardings
+from jdistill.step import common
+from jdistill.step.rlvr import RLSettings, rl_step
 
-sg = jax.lax.stop_gradient
-
-
-@dataclasses.dataclass(frozen=True)
-class RLSettings:
-  """Static settings of the RL objective (a jit static: hashable)."""
-
-  chunk_size: int | None = 0  # 0: chosen from the shapes (losses.chunk_positions)
-  normalize: str = "token"
-  clip_eps: float | None = None
-  icepop_c: float | None = None
-  reward_weight: float = 1.0  # w_R
-  kl_weight: float = 0.0  # λ: weight of the teacher's sampled-token advantage
-  kl_coef: float = 0.0  # k3 penalty towards the reference
-  dense_weight: float = 0.0  # full-vocab reverse KL to the row's teacher
-
-
-def policy_loss(
-  student_logp, behaviour_logp, reward_advantage, mask, settings: RLSettings, *,
-  teacher_logp=None, reference_logp=None,
-):  # fmt: skip
-  """The per-token RL objective from log-probs of the sampled tokens → (loss, metrics).
-
-  `student_logp [B, T]` (differentiable), `behaviour_logp [B, T]` (log π of the sampled
-  tokens), `reward_advantage [B]`, `mask [B, T]`; `teacher_logp [B, T]` with λ > 0,
-  `reference_logp [B, T]` with `kl_coef` > 0 (both treated as constants).
-  """
-  teacher = jnp.zeros_like(student_logp) if teacher_logp is None else sg(teacher_logp)
-  kl_weight = 0.0 if teacher_logp is None else settings.kl_weight
-  advantage = settings.reward_weight * reward_advantage[:, None].astype(jnp.float32)
-  per_token, aux = losses.sampled_token_terms(
-    student_logp, teacher, behaviour_logp, advantage, settings.clip_eps, settings.icepop_c,
-    kl_weight=kl_weight,
-  )  # fmt: skip
-  loss = losses.masked_mean(per_token, mask, settings.normalize)
-  abs_log_ratio = jnp.abs(jnp.log(aux["ratio"]))
-  metrics = {
-    "policy_loss": sg(loss),
-    "clip_fraction": losses.masked_mean(aux["clipped"], mask),
-    "abs_log_ratio_mean": losses.masked_mean(abs_log_ratio, mask),
-    "response_length": jnp.mean(jnp.sum(mask, axis=-1)),
-  }
-  if teacher_logp is not None:  # sampled estimate of the reverse KL to the teachers
-    metrics["teacher_k1"] = losses.masked_mean(sg(student_logp) - teacher, mask)
-  if reference_logp is not None and settings.kl_coef:
-    kl = losses.masked_mean(
-      losses.k3_kl(student_logp, sg(reference_logp)), mask, settings.normalize
-    )
-    loss = loss + settings.kl_coef * kl
-    metrics["k3_kl"] = sg(kl)
-  return loss, metrics
-
-
-def rl_objective(
-  params,
-  teacher_states: tuple,
-  reference_state,
-  batch: dict,
-  *,
-  student_graphdef,
-  teacher_graphdefs: tuple,
-  specs: tuple[ts.TeacherSpec, ...],
-  groups: tuple[tuple[int, ...], ...],
-  reference_graphdef,
-  settings: RLSettings,
-):
-  """Student (and teachers, reference) forwards on a rollout batch → (loss, metrics).
-
-  `batch` as `train_step` (right-padded rollouts) plus `advantages [B]` (group reward
-  advantages). Teachers run only when λ or `dense_weight` needs them."""
-  x = ts.shifted_inputs(batch)
-  student = nnx.merge(student_graphdef, params)
-  hidden, _ = student(x["inputs"], x["positions"], kv_mask=x["kv_mask"])
-  unembed = student.unembedding()
-  chunk = settings.chunk_size
-  logp = losses.token_logprobs(hidden, unembed, x["targets"], chunk_size=chunk)
-  teacher_logp, dense = None, jnp.zeros((), jnp.float32)
-  if specs and (settings.kl_weight or settings.dense_weight):
-    teacher_logp = jnp.zeros_like(logp)
-    total_weight = max(sum(s.weight for s in specs), 1e-12)
-    dense_settings = losses.LossSettings("reverse_kl", chunk, normalize=settings.normalize)
-    for members, graphdef, state in zip(groups, teacher_graphdefs, teacher_states):
-      outs = ts.group_hidden(graphdef, state, x, [specs[i].rows for i in members])
-      for i, (t_hidden, t_unembed) in zip(members, outs):
-        rows = specs[i].rows
-        targets = ts.take_rows(x["targets"], rows)
-        if settings.kl_weight:
-          t_logp = losses.token_logprobs(t_hidden, t_unembed, targets, chunk_size=chunk)
-          teacher_logp = teacher_logp.at[jnp.asarray(rows)].set(t_logp)
-        if settings.dense_weight:
-          value, _ = losses.distill_loss(
-            ts.take_rows(hidden, rows), unembed, t_hidden, t_unembed, targets,
-            ts.take_rows(x["mask"], rows), dense_settings, diagnostics=False,
-          )  # fmt: skip
-          dense = dense + specs[i].weight / total_weight * value
-  reference_logp = None
-  if settings.kl_coef:
-    reference = nnx.merge(reference_graphdef, reference_state)
-    r_hidden, _ = reference(x["inputs"], x["positions"], kv_mask=x["kv_mask"])
-    reference_logp = losses.token_logprobs(
-      sg(r_hidden), sg(reference.unembedding()), x["targets"], chunk_size=chunk
-    )
-  loss, metrics = policy_loss(
-    logp, x["behaviour_logp"], batch["advantages"], x["mask"], settings,
-    teacher_logp=teacher_logp, reference_logp=reference_logp,
-  )  # fmt: skip
-  if settings.dense_weight:
-    loss = loss + settings.dense_weight * dense
-    metrics["dense_reverse_kl"] = sg(dense)
-  return loss, metrics
-
-
-def rl_step(state, teacher_states, reference_state, batch, *, optimizer, schedule, **structure):
-  """One RL update → (new state, metrics); non-finite updates are skipped (`finite` 0)."""
-  objective = functools.partial(rl_objective, **structure)
-  grad_fn = jax.value_and_grad(objective, has_aux=True)
-  (loss, metrics), grads = grad_fn(state["params"], teacher_states, reference_state, batch)
-  new_state, update = ts.apply_gradients(state, loss, grads, optimizer, schedule)
-  return new_state, {**update, **metrics, "tokens": jnp.sum(batch["lengths"])}
+log = logging.getLogger("jdistill")
 
 
 def reward_stats(rewards, domains, domain_names, group_size: int) -> dict:
@@ -185,32 +65,13 @@ def reward_stats(rewards, domains, domain_names, group_size: int) -> dict:
   return out
 
 
-def local_rows(x) -> np.ndarray:
-  """This process's rows of a global, batch-sharded array (all rows with one process)."""
-  if jax.process_count() == 1:
-    return np.asarray(jax.device_get(x))
-  shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
-  seen, parts = set(), []
-  for s in shards:  # replicas over non-data axes hold the same rows: keep one
-    start = s.index[0].start or 0
-    if start not in seen:
-      seen.add(start)
-      parts.append(np.asarray(s.data))
-  return np.concatenate(parts)
-
-
 class RLVRTrainer(TrainingStage):
   """The RLVR stage for `loop.Loop`; built from a validated config with `stage="rlvr"`."""
 
   curve = staticmethod(plots.rl_curve)
 
-  def __init__(self, config):
-    config_lib.validate(config)
-    self.config = c = config
-    self.identity = run_identity(c)
-    self.run_dir = open_run_dir(c, self.identity)
-    self.mesh = build.mesh(c)
-    self.tokenizer = build.tokenizer(c)
+  def build_data(self) -> None:
+    c = self.config
     self.group_size = g = c.rl.group_size
     self.batcher = build.prompt_batcher(c, self.tokenizer, c.data.train_files, seed=c.seed)
     self.eval_batcher = None
@@ -240,31 +101,31 @@ class RLVRTrainer(TrainingStage):
     self.verifier_errors = 0
     self.data_iter = self.batcher.iterator()
 
-    student = build.student(c, self.mesh)
-    self.graphdef, self.model_cfg = student.graphdef, student.cfg
-    self.identity["model_config"] = dataclasses.asdict(student.cfg)
+  def build_models(self, student):
+    """The teachers (if any) and, with `rl.kl_coef`, the reference → a copy of the student's
+    params to train (the reference keeps the originals)."""
+    c = self.config
     if c.teachers.keys():
       self.teachers = build.teachers(
-        c, self.mesh, student.cfg.vocab_size, rows_per_teacher=c.data.slots_per_teacher * g
-      )
+        c, self.mesh, student.cfg.vocab_size,
+        rows_per_teacher=c.data.slots_per_teacher * self.group_size,
+      )  # fmt: skip
     else:
       self.teachers = build.Teachers([], (), (), (), ())
     # The reference of the k3 penalty: the model this stage starts from (never updated).
     self.reference = student.params if c.rl.kl_coef else None
-    self.optimizer, self.schedule = build.optimizer(c)
-    self.state = build.train_state(
-      jax.tree.map(jnp.copy, student.params) if self.reference is not None else student.params,
-      self.optimizer,
-      self.mesh,
-    )
-    self.step = 0
+    if self.reference is None:
+      return student.params
+    return jax.tree.map(jnp.copy, student.params)
+
+  def build_step(self) -> None:
+    c, t = self.config, self.teachers
     self.sampling = build.sampling_params(c, self.tokenizer)
     self.greedy = dataclasses.replace(self.sampling, temperature=0.0)
     self.sampler = Sampler(self.graphdef, self.mesh)
     self.batch_shardings = dict(
       build.batch_shardings(self.mesh), advantages=shd.batch_sharding(self.mesh, 1)
     )
-    self.rng = jax.random.key(c.seed)
     self.settings = RLSettings(
       chunk_size=c.loss.chunk_size,
       normalize=c.loss.normalize,
@@ -275,15 +136,6 @@ class RLVRTrainer(TrainingStage):
       kl_coef=c.rl.kl_coef,
       dense_weight=c.rl.dense_weight,
     )
-    self.train_step = self._compile()
-    self.loop = loop_lib.Loop(
-      log_every=c.train.log_every, eval_every=c.train.eval_every, nonfinite=c.loss.nonfinite
-    )
-    self.resume_or_start()
-
-  def _compile(self):
-    t = self.teachers
-    state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
     step = functools.partial(
       rl_step,
       optimizer=self.optimizer,
@@ -295,23 +147,11 @@ class RLVRTrainer(TrainingStage):
       reference_graphdef=self.graphdef,
       settings=self.settings,
     )
-    shardings = lambda tree: jax.tree.map(lambda x: x.sharding, tree)  # noqa: E731
-    return jax.jit(
-      step,
-      in_shardings=(
-        state_shardings,
-        shardings(t.states),
-        shardings(self.reference),
-        self.batch_shardings,
-      ),
-      out_shardings=(state_shardings, None),
-      donate_argnums=(0,),
+    self.train_step = self.jit_step(
+      step, shardings(t.states), shardings(self.reference), self.batch_shardings
     )
 
   # --- rollouts and rewards ------------------------------------------------------------
-
-  def rollout_key(self, step: int):
-    return jax.random.fold_in(self.rng, step)
 
   def sample_groups(self, prompts: dict, key, sampling) -> tuple:
     """G samples of every prompt (consecutive rows) → (sampler output, host rows, rewards)."""
@@ -339,7 +179,7 @@ class RLVRTrainer(TrainingStage):
     advantages = np.asarray(
       losses.group_advantages(rewards, self.group_size, normalize_std=self.config.rl.normalize_std)
     )
-    batch = ts.rollout_batch(out, self.batch_shardings)
+    batch = common.rollout_batch(out, self.batch_shardings)
     batch["advantages"] = jax.make_array_from_process_local_data(
       self.batch_shardings["advantages"], advantages
     )
@@ -363,7 +203,7 @@ class RLVRTrainer(TrainingStage):
     record = jax.tree.map(float, jax.device_get(metrics))
     if record["verifier_errors"]:
       last = [s.last_error for s in self.scorers.values() if s.last_error]
-      print(f"WARNING {int(record['verifier_errors'])} verifier errors; last: {last[-1]}")
+      log.warning("%d verifier errors; last: %s", int(record["verifier_errors"]), last[-1])
     return record
 
   def progress(self, record: dict) -> str:
@@ -375,25 +215,25 @@ class RLVRTrainer(TrainingStage):
     )
 
   def evaluate(self) -> dict:
-    """Greedy accuracy (mean verifier score) per domain on `rl.eval_prompts` held-out
-    prompts per group (`data.eval_files`, else a far-away batch of the training stream)."""
+    """Greedy accuracy (mean verifier score, `eval.accuracy.accuracy`) per domain on
+    `rl.eval_prompts` held-out prompts per group (`data.eval_files`, else a far-away batch of
+    the training stream), each domain scored by its `rl.verifiers` entry (else `rl.verifier`)."""
+    c = self.config
     batcher = self.eval_batcher or self.batcher
-    n = max(1, self.config.rl.eval_prompts // self.config.data.slots_per_teacher)
-    scores: dict[str, list[float]] = {d: [] for d in batcher.domains}
-    for k in range(n):
-      prompts = batcher.batch(k if self.eval_batcher else 10**6 + k)
-      out = self.sampler.generate(
-        self.state["params"],
-        (prompts["prompt_tokens"], prompts["prompt_lengths"]),
-        jax.random.key(0),
-        self.greedy,
-      )
-      for i, completion in enumerate(self.local_completions(out)):
-        record = batcher.records[prompts["record_index"][i]]
-        scores[record["domain"]].append(
-          self.scorers[record["domain"]](completion, str(record["answer"]))
-        )
-    return {d: {"accuracy": float(np.mean(v))} for d, v in scores.items() if v}
+    n = max(1, c.rl.eval_prompts // c.data.slots_per_teacher)
+    records = [
+      batcher.records[r]
+      for k in range(n)
+      for r in batcher.batch(k if self.eval_batcher else 10**6 + k)["record_index"]
+    ]
+    per_domain = accuracy.accuracy(
+      self.sampler, self.params, self.tokenizer, records, encode=self.encode_prompt,
+      max_new_tokens=c.sampling.max_new_tokens,
+      verifier={d: c.rl.verifiers.get(d, c.rl.verifier) for d in self.batcher.domains},
+      batch_rows=batcher.local_rows, prompt_buckets=c.sampling.prompt_buckets,
+      stop_token_ids=self.greedy.stop_token_ids,
+    )  # fmt: skip
+    return {d: per_domain[d] for d in batcher.domains if d in per_domain}
 
   def describe_eval(self, results: dict) -> str:
     return " ".join(f"{d} accuracy {v['accuracy']:.3f}" for d, v in results.items())

@@ -4,15 +4,15 @@
 
 The student learns a teacher's (or any) completions before on-policy distillation, to pull
 its rollouts onto the teacher's support. Prompts carry no loss, only the completion and its
-end-of-sequence token (`jdistill.data.packing`). The step is one pure jitted function (explicit
-shardings, donated state) ending in the same optax update as OPD
-(`train_step.apply_gradients`); the loop, progress line, metrics, checkpoints (verified,
-resumable), signals and run directories are the OPD stage's.
+end-of-sequence token (`jdistill.data.packing`). The step is one pure jitted function
+(`jdistill.step.sft`; explicit shardings, donated state) ending in the same optax update as OPD
+(`jdistill.step.common.apply_gradients`); the loop, progress line, metrics, checkpoints
+(verified, resumable), signals and run directories are the OPD stage's.
 
 Overlap-triggered warmup (`sft.until_overlap` > 0): instead of a fixed length, every
 `sft.overlap_every` steps each teacher's calibrated overlap (1 − TV, token mean) with the
 student's own rollouts on its prompts is measured (`overlap.OverlapProbe`). A teacher whose
-overlap reaches the threshold switches to OPD: the switch is printed and written to
+overlap reaches the threshold switches to OPD: the switch is logged and written to
 `<output_dir>/switches.json` with the measured value, and its examples (packed per domain)
 leave the SFT mix. The stage ends when every teacher has switched (or at `train.steps`); the
 next pipeline stage distils from all of them. (Teachers that switched wait for the others:
@@ -21,27 +21,23 @@ one step mixing SFT rows and OPD rows is not built.)
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
+import logging
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from jdistill import config as config_lib
-from jdistill import losses, overlap
+from jdistill import overlap
 from jdistill.data import packing
 from jdistill.runtime import build, plots
-from jdistill.runtime import loop as loop_lib
 from jdistill.runtime import sharding as shd
-from jdistill.runtime.run_dir import open_run_dir, run_identity
-from jdistill.stages.base import TrainingStage, run_training
-from jdistill.step import opd as ts
+from jdistill.stages.base import TrainingStage, run_training, shardings
+from jdistill.step.sft import BATCH_KEYS, sft_loss, sft_step
 
-BATCH_KEYS = ("tokens", "positions", "segment_ids", "loss_mask")
+log = logging.getLogger("jdistill")
 
 
 def read_files(files: str, **kw) -> list:
@@ -55,55 +51,14 @@ def read_files(files: str, **kw) -> list:
   return [e for path in filled for e in packing.read_examples(path, **kw)]
 
 
-def sft_loss(params, graphdef, batch: dict, chunk_size: int | None):
-  """Token-mean cross-entropy of the completion tokens of a packed batch → (loss, tokens)."""
-  student = nnx.merge(graphdef, params)
-  segments = batch["segment_ids"][:, :-1]
-  hidden, _ = student(
-    batch["tokens"][:, :-1],
-    batch["positions"][:, :-1],
-    kv_mask=segments > 0,
-    segment_ids=segments,
-  )
-  mask = target_mask(batch)
-  loss, _ = losses.cross_entropy_loss(
-    hidden, student.unembedding(), batch["tokens"][:, 1:], mask, chunk_size=chunk_size
-  )
-  return loss, jnp.sum(mask)
-
-
-def target_mask(batch: dict):
-  """`[rows, max_len - 1]`: 1 where position t's target (token t+1) carries loss — a
-  completion token of the same example (a segment boundary never does: the next example
-  starts with its prompt)."""
-  same = batch["segment_ids"][:, 1:] == batch["segment_ids"][:, :-1]
-  return batch["loss_mask"][:, 1:] * same
-
-
-def sft_step(state: dict, batch: dict, *, graphdef, optimizer, schedule, chunk_size):
-  """One SFT update → (new state, metrics)."""
-  grad_fn = jax.value_and_grad(sft_loss, has_aux=True)
-  (loss, tokens), grads = grad_fn(state["params"], graphdef, batch, chunk_size)
-  new_state, metrics = ts.apply_gradients(state, loss, grads, optimizer, schedule)
-  return new_state, dict(
-    metrics, completion_tokens=tokens, tokens=jnp.sum(batch["segment_ids"] > 0)
-  )
-
-
 class SFTTrainer(TrainingStage):
   """The SFT stage for `loop.Loop`; built from a validated config with `stage="sft"`."""
 
   token_label = "completion"  # the progress line's first tokens/s: tokens that carry loss
   curve = staticmethod(plots.sft_curve)
 
-  def __init__(self, config):
-    config_lib.validate(config)
-    self.config = c = config
-    self.identity = run_identity(c)
-    self.run_dir = open_run_dir(c, self.identity)
-    self.mesh = build.mesh(c)
-    self.tokenizer = build.tokenizer(c)
-    s = c.sft
+  def build_data(self) -> None:
+    c, s = self.config, self.config.sft
     read = functools.partial(
       read_files,
       tokenizer=self.tokenizer,
@@ -132,20 +87,25 @@ class SFTTrainer(TrainingStage):
       self.row_teacher = None
     self.eval_rows = packing.pack(read(s.eval_files), s.max_len) if s.eval_files else None
     n_rows = len(self.rows["tokens"])
-    print(
-      f"jdistill sft: {n_rows} rows of {s.max_len} tokens, "
-      f"{int(self.rows['loss_mask'].sum())} completion tokens",
-      flush=True,
-    )
-    student = build.student(c, self.mesh)
-    self.graphdef, self.model_cfg = student.graphdef, student.cfg
-    self.identity["model_config"] = dataclasses.asdict(student.cfg)
-    self.optimizer, self.schedule = build.optimizer(c)
-    self.state = build.train_state(student.params, self.optimizer, self.mesh)
-    self.step = 0
-    self.rng = jax.random.key(c.seed)
+    log.info(
+      "sft: %d rows of %d tokens, %d completion tokens",
+      n_rows, s.max_len, int(self.rows["loss_mask"].sum()),
+    )  # fmt: skip
+
+  def build_models(self, student):
+    """The teachers of the overlap probe (`sft.until_overlap`), if any."""
+    c = self.config
+    self.probe = None
+    if c.sft.until_overlap:
+      teachers = build.teachers(c, self.mesh, student.cfg.vocab_size)
+      self.probe = overlap.OverlapProbe(
+        c, self.mesh, self.tokenizer, self.graphdef, teachers, c.sft.overlap_rows
+      )
+    return student.params
+
+  def build_step(self) -> None:
+    c = self.config
     self.shardings = {k: shd.batch_sharding(self.mesh, 2) for k in BATCH_KEYS}
-    state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
     step = functools.partial(
       sft_step,
       graphdef=self.graphdef,
@@ -153,26 +113,13 @@ class SFTTrainer(TrainingStage):
       schedule=self.schedule,
       chunk_size=c.loss.chunk_size,
     )
-    self.train_step = jax.jit(
-      step,
-      in_shardings=(state_shardings, self.shardings),
-      out_shardings=(state_shardings, None),
-      donate_argnums=(0,),
-    )
+    self.train_step = self.jit_step(step, self.shardings)
     self.eval_loss = jax.jit(
       lambda p, b: sft_loss(p, self.graphdef, b, c.loss.chunk_size)[0],
-      in_shardings=(state_shardings["params"], self.shardings),
+      in_shardings=(shardings(self.params), self.shardings),
     )
-    self.loop = loop_lib.Loop(
-      log_every=c.train.log_every, eval_every=c.train.eval_every, nonfinite=c.loss.nonfinite
-    )
-    self.probe = None
-    if s.until_overlap:
-      teachers = build.teachers(c, self.mesh, student.cfg.vocab_size)
-      self.probe = overlap.OverlapProbe(
-        c, self.mesh, self.tokenizer, self.graphdef, teachers, s.overlap_rows
-      )
-    self.resume_or_start()
+
+  def started(self) -> None:
     if self.probe is not None and self.step == 0:
       # A teacher the student already overlaps switches before any SFT step: training first
       # and probing after would move the student off a support it already had.
@@ -214,16 +161,15 @@ class SFTTrainer(TrainingStage):
     readings = self.probe.measure(self.state["params"])
     threshold = self.config.sft.until_overlap
     line = " ".join(f"{n} {v:.3f}" for n, v in readings.items())
-    print(f"sft step {self.step}: overlap {line} (switch at >= {threshold})", flush=True)
+    log.info("sft step %d: overlap %s (switch at >= %s)", self.step, line, threshold)
     for name, value in readings.items():
       if name not in self.switches and value >= threshold:
         self.switches[name] = {"step": self.step, "overlap": value, "threshold": threshold}
         self.phase_start = self.step
-        print(
-          f"jdistill sft: teacher {name!r} switches to OPD at step {self.step}: overlap "
-          f"{value:.3f} >= {threshold}",
-          flush=True,
-        )
+        log.info(
+          "sft: teacher %r switches to OPD at step %d: overlap %.3f >= %s",
+          name, self.step, value, threshold,
+        )  # fmt: skip
     path = os.path.join(self.config.output_dir, "switches.json")
     with open(path + ".tmp", "w") as f:
       json.dump(self.switches, f, indent=1)

@@ -10,7 +10,7 @@ default). The train step then rebuilds that teacher's logits chunk by chunk from
 cached hidden states and its unembedding `[d_model, vocab]`, which alone stays resident.
 
 The programs run in order on the devices, so at most one streamed teacher's params are
-in device memory at a time; a resident teacher (`train_step.teacher_hidden`) and a
+in device memory at a time; a resident teacher (`common.teacher_hidden`) and a
 streamed one give the same hidden states when `hidden_dtype` is the teacher's compute
 dtype, hence the same loss and gradients.
 """
@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jdistill.runtime import sharding as shd
-from jdistill.step import opd as ts
+from jdistill.step import common
 
 PLACEMENTS = ("resident", "streamed")
 
@@ -74,7 +74,7 @@ class StreamedTeacher:
 
       def run(host_state, batch):
         state = jax.device_put(host_state, on_device)
-        hidden, _ = ts.teacher_hidden(graphdef, state, ts.shifted_inputs(batch), rows)
+        hidden, _ = common.teacher_hidden(graphdef, state, common.shifted_inputs(batch), rows)
         return hidden.astype(dtype)
 
       self._forward = jax.jit(

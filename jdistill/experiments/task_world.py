@@ -32,6 +32,7 @@ import jax
 from jdistill.config import base_config
 from jdistill.experiments import tasks
 from jdistill.models import ModelConfig
+from jdistill.runtime.io import write_json_atomic
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,9 +85,7 @@ def _read_hash(path: str) -> str | None:
 
 
 def _mark(path: str, digest: str, **info) -> None:
-  with open(os.path.join(path, "artifact.json.tmp"), "w") as f:
-    json.dump({"hash": digest, **info}, f, indent=1)
-  os.replace(os.path.join(path, "artifact.json.tmp"), os.path.join(path, "artifact.json"))
+  write_json_atomic(os.path.join(path, "artifact.json"), {"hash": digest, **info}, indent=1)
 
 
 def sft_config(root: str, name: str, init: str, data: str, steps: int, spec: WorldSpec):
@@ -234,9 +233,7 @@ def build(root: str, spec: WorldSpec = WorldSpec(), log=print) -> dict:
     "build_seconds": time.time() - t0,
     "devices": jax.device_count(),
   }
-  with open(summary_path + ".tmp", "w") as f:
-    json.dump(summary, f, indent=1)
-  os.replace(summary_path + ".tmp", summary_path)
+  write_json_atomic(summary_path, summary, indent=1)
   return summary
 
 

@@ -24,6 +24,8 @@ import time
 
 import jax
 
+from jdistill.runtime.io import write_json_atomic
+
 LOCK = "run.lock"
 IDENTITY = "run.json"
 MODES = ("auto", "resume", "new")
@@ -159,9 +161,7 @@ class RunDir:
         record["previous_config_hashes"] = previous.get("previous_config_hashes", []) + [
           previous["config_hash"]
         ]
-      with open(path + ".tmp", "w") as f:
-        json.dump(record, f, indent=2)
-      os.replace(path + ".tmp", path)
+      write_json_atomic(path, record, indent=2)
 
 
 def run_identity(config) -> dict:

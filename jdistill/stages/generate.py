@@ -30,6 +30,7 @@ from jdistill import config as config_lib
 from jdistill.data import prompts as data_lib
 from jdistill.eval import verifiers
 from jdistill.runtime import build
+from jdistill.runtime.io import write_json_atomic
 from jdistill.sampling import Sampler
 
 log = logging.getLogger("jdistill")
@@ -75,10 +76,7 @@ class Generator:
       return json.load(f)
 
   def _commit(self, progress: dict) -> None:
-    tmp = self.progress_path + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(progress, f)
-    os.replace(tmp, self.progress_path)
+    write_json_atomic(self.progress_path, progress)
 
   def _encode(self, record) -> list[int]:
     d = self.config.data

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 
 import jax
@@ -37,6 +36,7 @@ from jdistill.data import packing
 from jdistill.runtime import build, plots
 from jdistill.runtime import loop as loop_lib
 from jdistill.runtime import sharding as shd
+from jdistill.runtime.io import write_json_atomic
 from jdistill.runtime.run_dir import open_run_dir, run_identity
 from jdistill.stages.base import TrainingStage, run_training
 from jdistill.step import opd as ts
@@ -225,9 +225,7 @@ class SFTTrainer(TrainingStage):
           flush=True,
         )
     path = os.path.join(self.config.output_dir, "switches.json")
-    with open(path + ".tmp", "w") as f:
-      json.dump(self.switches, f, indent=1)
-    os.replace(path + ".tmp", path)
+    write_json_atomic(path, self.switches, indent=1)
     return readings
 
   # --- the loop's Stage protocol ------------------------------------------------------

@@ -135,15 +135,8 @@ def _rollouts(config, student, tokenizer, mesh, rows, seed: int, sampler=None) -
   sampler = sampler or Sampler(student.graphdef, mesh)
   n_real = len(rows)
   padded = rows + [rows[-1]] * (-n_real % sampler.data_parallel_size())
-  width = max(len(ids) for _, ids in padded)
-  prompt_tokens = np.full((len(padded), width), tokenizer.pad_token_id or 0, np.int32)
-  for i, (_, ids) in enumerate(padded):
-    prompt_tokens[i, : len(ids)] = ids
-  prompt_lengths = np.asarray([len(ids) for _, ids in padded], np.int32)
   sampling = build.sampling_params(config, tokenizer)
-  out = sampler.generate(
-    student.params, (prompt_tokens, prompt_lengths), jax.random.key(seed), sampling
-  )
+  out = sampler.generate(student.params, [ids for _, ids in padded], jax.random.key(seed), sampling)
   batch = jax.device_get(ts.rollout_batch(out, build.batch_shardings(mesh)))
   return {k: np.asarray(v)[:n_real] for k, v in batch.items()}
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import time
 
@@ -33,6 +34,8 @@ from jdistill.config import base_config
 from jdistill.experiments import tasks
 from jdistill.models import ModelConfig
 from jdistill.runtime.io import write_json_atomic
+
+log = logging.getLogger("jdistill")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +140,7 @@ def model_names() -> list[str]:
   return ["base"] + [f"{kind}_{d}" for kind in ("lineage", "external") for d in tasks.DOMAINS]
 
 
-def build(root: str, spec: WorldSpec = WorldSpec(), log=print) -> dict:
+def build(root: str, spec: WorldSpec = WorldSpec(), log=log.info) -> dict:
   """Builds what is missing under `root` (see the module docstring) → world.json's content."""
   from jdistill.data.tokenizer import train_tiny_tokenizer
   from jdistill.eval.accuracy import model_accuracy
@@ -246,7 +249,7 @@ def main(argv):
   summary = build(flags.FLAGS.root)
   if flags.FLAGS.commit:
     commit(flags.FLAGS.root)
-    print(f"copied the world to {COMMITTED}")
+    log.info("copied the world to %s", COMMITTED)
   table = {n: {d: {"accuracy": v} for d, v in a.items()} for n, a in summary["accuracy"].items()}
   print(format_table(table))
   print(f"built in {summary['build_seconds']:.0f} s")
@@ -266,7 +269,7 @@ if __name__ == "__main__":
   cli()
 
 
-def usable_world(fallback: str, spec: WorldSpec = WorldSpec(), log=print) -> str:
+def usable_world(fallback: str, spec: WorldSpec = WorldSpec(), log=log.info) -> str:
   """The committed world when it was built with `spec`, else `fallback` (built if needed)."""
   summary = os.path.join(COMMITTED, "world.json")
   if os.path.exists(summary):

@@ -16,6 +16,7 @@ directory); ``--use_checkpoint`` instead restores the latest checkpoint of
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
@@ -33,6 +34,8 @@ from jdistill.overlap.metrics import (
   reading,
   thresholds_from_config,
 )
+
+log = logging.getLogger("jdistill")
 
 
 def coverage_ks(vocab: int) -> list[int]:
@@ -387,7 +390,7 @@ def run(
   with open(os.path.join(out_dir, "overlap.json"), "w") as f:
     json.dump(_nan_to_none(public), f, indent=2)
   print(format_table(report), flush=True)
-  print(f"\nwrote {out_dir}/overlap.json, teacher_logp_hist.png, topk_coverage.png", flush=True)
+  log.info("wrote %s/overlap.json, teacher_logp_hist.png, topk_coverage.png", out_dir)
   return public
 
 

@@ -1,8 +1,9 @@
 """Host-side prompt handling: token-id lists → right-padded arrays, the prompt bucket, the
 left-aligned cache layout's prompt block, and dummy rows for the data-parallel size.
 
-`prompt_arrays` is the one place prompts are padded by hand: callers with token-id lists pass
-them here (or straight to `Sampler.generate`, which calls it).
+`prompt_arrays` pads token-id lists for the sampler: callers pass the lists straight to
+`Sampler.generate`, which calls it (the data pipeline's batches arrive already padded to its
+fixed width, `(tokens, lengths)`).
 """
 
 from __future__ import annotations

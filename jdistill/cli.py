@@ -132,7 +132,10 @@ def main(argv: list[str] | None = None) -> None:
   if command not in STAGE_COMMANDS and command not in TOOLS:
     sys.exit(f"jdistill: unknown command {command!r}\n\n{usage()}")
   sys.argv = [f"jdistill {command}", *argv[2:]]
-  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+  # absl's app.run puts its handler on the root logger, and a command's
+  # `absl_logging.set_verbosity(WARNING)` (to quiet orbax) sets the root level: jdistill's own
+  # status lines stay at INFO regardless.
+  logging.getLogger("jdistill").setLevel(logging.INFO)
   if command in STAGE_COMMANDS:
     stage_main(command)
   else:

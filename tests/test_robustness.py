@@ -159,7 +159,7 @@ def _data_files(step_dir):
 
 @pytest.mark.parametrize("damage", ["bit_flip", "truncate"])
 def test_a_damaged_checkpoint_is_detected_set_aside_and_the_run_falls_back(
-  world, tmp_path, damage, capsys
+  world, tmp_path, damage, caplog
 ):
   c = _config(world, tmp_path, steps=4)
   c.checkpoint.dir = str(tmp_path / "ckpt")
@@ -181,10 +181,10 @@ def test_a_damaged_checkpoint_is_detected_set_aside_and_the_run_falls_back(
     open(target, "wb").write(bytes(data))
 
   resumed = train.OPDTrainer(c)
-  printed = capsys.readouterr().out
+  logged = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
   assert resumed.step == 2
-  warning = [line for line in printed.splitlines() if "checkpoint step 4" in line]
-  assert len(warning) == 1 and "set aside" in warning[0], printed
+  warning = [line for line in logged if "checkpoint step 4" in line]
+  assert len(warning) == 1 and "set aside" in warning[0], logged
   jax.tree.map(np.testing.assert_array_equal, at_two, _params(resumed))
   names = os.listdir(tmp_path / "ckpt")
   assert "4" not in names and any(n.startswith("4.corrupt-") for n in names)  # kept, renamed

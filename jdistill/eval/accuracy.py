@@ -23,13 +23,7 @@ from jdistill.sampling import Sampler, SamplingParams
 
 def completions(sampler: Sampler, params, tokenizer, prompts: list[list[int]], sampling, key):
   """Decoded completions (special tokens dropped) of token-id `prompts`, in order."""
-  rows = len(prompts)
-  width = max(len(p) for p in prompts)
-  tokens = np.full((rows, width), sampling.pad_id, np.int32)
-  for i, p in enumerate(prompts):
-    tokens[i, : len(p)] = p
-  lengths = np.asarray([len(p) for p in prompts], np.int32)
-  out = sampler.generate(params, (tokens, lengths), key, sampling)
+  out = sampler.generate(params, prompts, key, sampling)
   arrays = (out.tokens, out.prompt_lengths, out.completion_lengths)
   return decode_completions(tokenizer, *(local_rows(a) for a in arrays))
 

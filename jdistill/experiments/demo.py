@@ -15,11 +15,13 @@ each teacher's) and says where the plots are.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
 
-from absl import app, flags, logging
+from absl import app, flags
+from absl import logging as absl_logging
 
 from jdistill.experiments import experiment, task_world, tasks
 from jdistill.losses import registry
@@ -32,6 +34,7 @@ FLAGS = flags.FLAGS
 MARKER = ".jdistill-demo"  # the demo only ever deletes a directory that carries this
 LOSSES = registry.check_names(("reverse_kl", "sampled_token"), "demo LOSSES")
 WARMUP = "sft"
+log = logging.getLogger("jdistill")
 
 
 def accuracy_table(report: dict, world: dict) -> str:
@@ -52,7 +55,7 @@ def accuracy_table(report: dict, world: dict) -> str:
 
 def main(argv):
   del argv
-  logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
   out = os.path.abspath(FLAGS.out)
   if os.path.exists(out):
     if not os.path.exists(os.path.join(out, MARKER)):
@@ -60,7 +63,7 @@ def main(argv):
         f"demo: {out} exists and was not written by the demo (no {MARKER} in it); "
         "nothing was deleted — pass another --out"
       )
-    print(f"demo: replacing the previous demo output in {out}")
+    log.warning("demo: replacing the previous demo output in %s", out)
     shutil.rmtree(out)
   os.makedirs(out)
   open(os.path.join(out, MARKER), "w").close()

@@ -36,6 +36,7 @@ import numpy as np
 from jdistill.config import base_config, teacher_config
 from jdistill.experiments import task_world, tasks
 from jdistill.losses import registry
+from jdistill.runtime.io import write_json_atomic
 from jdistill.stages import pipeline
 
 LOSSES = registry.check_names(
@@ -186,9 +187,7 @@ def run_cell(exp, world, kind, warmup, seed, loss, grid: Grid) -> dict:
     "warmup_steps": warm.get("step", 0), "switches": warm.get("switches", {}),
     "curve": curve,
   }  # fmt: skip
-  with open(cached + ".tmp", "w") as f:
-    json.dump(result, f)
-  os.replace(cached + ".tmp", cached)
+  write_json_atomic(cached, result)
   return result
 
 

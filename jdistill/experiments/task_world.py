@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import time
 
@@ -32,6 +33,9 @@ import jax
 from jdistill.config import base_config
 from jdistill.experiments import tasks
 from jdistill.models import ModelConfig
+from jdistill.runtime.io import write_json_atomic
+
+log = logging.getLogger("jdistill")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,9 +88,7 @@ def _read_hash(path: str) -> str | None:
 
 
 def _mark(path: str, digest: str, **info) -> None:
-  with open(os.path.join(path, "artifact.json.tmp"), "w") as f:
-    json.dump({"hash": digest, **info}, f, indent=1)
-  os.replace(os.path.join(path, "artifact.json.tmp"), os.path.join(path, "artifact.json"))
+  write_json_atomic(os.path.join(path, "artifact.json"), {"hash": digest, **info}, indent=1)
 
 
 def sft_config(root: str, name: str, init: str, data: str, steps: int, spec: WorldSpec):
@@ -138,7 +140,7 @@ def model_names() -> list[str]:
   return ["base"] + [f"{kind}_{d}" for kind in ("lineage", "external") for d in tasks.DOMAINS]
 
 
-def build(root: str, spec: WorldSpec = WorldSpec(), log=print) -> dict:
+def build(root: str, spec: WorldSpec = WorldSpec(), log=log.info) -> dict:
   """Builds what is missing under `root` (see the module docstring) → world.json's content."""
   from jdistill.data.tokenizer import train_tiny_tokenizer
   from jdistill.eval.accuracy import model_accuracy
@@ -234,9 +236,7 @@ def build(root: str, spec: WorldSpec = WorldSpec(), log=print) -> dict:
     "build_seconds": time.time() - t0,
     "devices": jax.device_count(),
   }
-  with open(summary_path + ".tmp", "w") as f:
-    json.dump(summary, f, indent=1)
-  os.replace(summary_path + ".tmp", summary_path)
+  write_json_atomic(summary_path, summary, indent=1)
   return summary
 
 
@@ -249,7 +249,7 @@ def main(argv):
   summary = build(flags.FLAGS.root)
   if flags.FLAGS.commit:
     commit(flags.FLAGS.root)
-    print(f"copied the world to {COMMITTED}")
+    log.info("copied the world to %s", COMMITTED)
   table = {n: {d: {"accuracy": v} for d, v in a.items()} for n, a in summary["accuracy"].items()}
   print(format_table(table))
   print(f"built in {summary['build_seconds']:.0f} s")
@@ -269,7 +269,7 @@ if __name__ == "__main__":
   cli()
 
 
-def usable_world(fallback: str, spec: WorldSpec = WorldSpec(), log=print) -> str:
+def usable_world(fallback: str, spec: WorldSpec = WorldSpec(), log=log.info) -> str:
   """The committed world when it was built with `spec`, else `fallback` (built if needed)."""
   summary = os.path.join(COMMITTED, "world.json")
   if os.path.exists(summary):

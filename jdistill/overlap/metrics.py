@@ -54,12 +54,15 @@ student equals the teacher.
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Mapping
 
 import jax
 import numpy as np
 
 from jdistill import losses
+
+log = logging.getLogger("jdistill")
 
 sg = jax.lax.stop_gradient
 
@@ -292,10 +295,10 @@ class AlarmTracker:
       on[name] = bool(alarms)
       if alarms and name not in self.active:
         for a in alarms:
-          print(f"WARNING step {step}: {a}", flush=True)
+          log.warning("step %d: %s", step, a)
         self.active.add(name)
       elif not alarms and name in self.active:
-        print(f"step {step}: teacher {name!r} is back within the overlap thresholds", flush=True)
+        log.info("step %d: teacher %r is back within the overlap thresholds", step, name)
         self.active.discard(name)
     return on
 

@@ -16,6 +16,7 @@ directory); ``--use_checkpoint`` instead restores the latest checkpoint of
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
@@ -33,6 +34,8 @@ from jdistill.overlap.metrics import (
   reading,
   thresholds_from_config,
 )
+
+log = logging.getLogger("jdistill")
 
 
 def coverage_ks(vocab: int) -> list[int]:
@@ -135,15 +138,8 @@ def _rollouts(config, student, tokenizer, mesh, rows, seed: int, sampler=None) -
   sampler = sampler or Sampler(student.graphdef, mesh)
   n_real = len(rows)
   padded = rows + [rows[-1]] * (-n_real % sampler.data_parallel_size())
-  width = max(len(ids) for _, ids in padded)
-  prompt_tokens = np.full((len(padded), width), tokenizer.pad_token_id or 0, np.int32)
-  for i, (_, ids) in enumerate(padded):
-    prompt_tokens[i, : len(ids)] = ids
-  prompt_lengths = np.asarray([len(ids) for _, ids in padded], np.int32)
   sampling = build.sampling_params(config, tokenizer)
-  out = sampler.generate(
-    student.params, (prompt_tokens, prompt_lengths), jax.random.key(seed), sampling
-  )
+  out = sampler.generate(student.params, [ids for _, ids in padded], jax.random.key(seed), sampling)
   batch = jax.device_get(common.rollout_batch(out, build.batch_shardings(mesh)))
   return {k: np.asarray(v)[:n_real] for k, v in batch.items()}
 
@@ -394,7 +390,7 @@ def run(
   with open(os.path.join(out_dir, "overlap.json"), "w") as f:
     json.dump(_nan_to_none(public), f, indent=2)
   print(format_table(report), flush=True)
-  print(f"\nwrote {out_dir}/overlap.json, teacher_logp_hist.png, topk_coverage.png", flush=True)
+  log.info("wrote %s/overlap.json, teacher_logp_hist.png, topk_coverage.png", out_dir)
   return public
 
 

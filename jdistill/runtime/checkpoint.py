@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import time
 
@@ -31,6 +32,8 @@ from flax import nnx
 from jdistill.models import ModelConfig, Transformer
 from jdistill.models.transformer import stack_layers, unstack_layers
 from jdistill.runtime import sharding as shd
+
+log = logging.getLogger("jdistill")
 
 MODEL_CONFIG = "model_config.json"
 # Fields that may differ between a checkpoint and the model it is restored into (`remat`:
@@ -333,7 +336,7 @@ def restore_train_state(checkpointer: Checkpointer, state: dict, step: int | Non
     restored = _restore_step(checkpointer, state, step)
     for newer in (s for s in steps if s > step):
       moved = checkpointer.set_aside(newer, "after-restore-step")
-      print(f"jdistill: set aside checkpoint step {newer} (restoring step {step}): {moved}")
+      log.info("set aside checkpoint step %d (restoring step %d): %s", newer, step, moved)
     checkpointer.reload()
     return restored
   for candidate in steps:
@@ -341,7 +344,7 @@ def restore_train_state(checkpointer: Checkpointer, state: dict, step: int | Non
       restored = _restore_step(checkpointer, state, candidate)
     except CorruptCheckpoint as e:
       moved = checkpointer.set_aside(candidate, "corrupt")
-      print(f"WARNING jdistill: checkpoint {e}; set aside as {moved}", flush=True)
+      log.warning("checkpoint %s; set aside as %s", e, moved)
       continue
     checkpointer.reload()
     return restored

@@ -18,11 +18,16 @@ from __future__ import annotations
 
 import atexit
 import json
+import logging
 import os
 import socket
 import time
 
 import jax
+
+from jdistill.runtime.io import write_json_atomic
+
+log = logging.getLogger("jdistill")
 
 LOCK = "run.lock"
 IDENTITY = "run.json"
@@ -89,7 +94,7 @@ class RunDir:
         pid = holder.get("pid")
         if same_host and (pid == me["pid"] or not (isinstance(pid, int) and _alive(pid))):
           if pid != me["pid"]:
-            print(f"jdistill: taking over the stale lock of pid {pid} (gone) in {self.path}")
+            log.warning("taking over the stale lock of pid %s (gone) in %s", pid, self.path)
           os.remove(lock)
           continue
         raise RunDirInUse(
@@ -159,9 +164,7 @@ class RunDir:
         record["previous_config_hashes"] = previous.get("previous_config_hashes", []) + [
           previous["config_hash"]
         ]
-      with open(path + ".tmp", "w") as f:
-        json.dump(record, f, indent=2)
-      os.replace(path + ".tmp", path)
+      write_json_atomic(path, record, indent=2)
 
 
 def run_identity(config) -> dict:
@@ -189,7 +192,7 @@ def open_run_dir(config, identity: dict) -> RunDir:
     here = os.path.abspath(".")
     for path in (os.path.abspath(config.output_dir), os.path.abspath(config.checkpoint.dir or ".")):
       if path != here and os.path.isdir(path) and os.listdir(path):
-        print(f"jdistill: --new_run: moved the previous run aside to {set_aside(path, 'previous')}")
+        log.info("--new_run: moved the previous run aside to %s", set_aside(path, "previous"))
     run_dir.acquire()
   run_dir.check_identity(identity["config_hash"], config.to_json_best_effort(), config.run_mode)
   return run_dir

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 
+from jdistill.runtime.io import atomic_write
+
 
 def read_records(path: str) -> list[dict]:
   """The JSON records of a metrics.jsonl file (none if it does not exist)."""
@@ -26,9 +28,8 @@ def truncate(out_dir: str, step: int) -> int:
   records = read_records(path)
   kept = [r for r in records if r.get("step", 0) <= step]
   if len(kept) != len(records):
-    with open(path + ".tmp", "w") as f:
+    with atomic_write(path) as f:
       f.writelines(json.dumps(r) + "\n" for r in kept)
-    os.replace(path + ".tmp", path)
   return len(records) - len(kept)
 
 

@@ -24,12 +24,12 @@ import os
 import time
 
 import jax
-import numpy as np
 
 from jdistill import config as config_lib
 from jdistill.data import prompts as data_lib
 from jdistill.eval import verifiers
 from jdistill.runtime import build
+from jdistill.runtime.io import write_json_atomic
 from jdistill.sampling import Sampler
 
 log = logging.getLogger("jdistill")
@@ -75,10 +75,7 @@ class Generator:
       return json.load(f)
 
   def _commit(self, progress: dict) -> None:
-    tmp = self.progress_path + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(progress, f)
-    os.replace(tmp, self.progress_path)
+    write_json_atomic(self.progress_path, progress)
 
   def _encode(self, record) -> list[int]:
     d = self.config.data
@@ -107,15 +104,8 @@ class Generator:
       batch = self.records[start : start + g.prompts_per_batch]
       ids = [self._encode(r) for r in batch for _ in range(n)]
       rows = ids + [ids[-1]] * (-len(ids) % dp)
-      width = max(len(x) for x in rows)
-      tokens = np.full((len(rows), width), self.tokenizer.pad_token_id or 0, np.int32)
-      for i, x in enumerate(rows):
-        tokens[i, : len(x)] = x
-      lengths = np.asarray([len(x) for x in rows], np.int32)
       key = jax.random.fold_in(jax.random.key(self.config.seed), start)
-      out = jax.device_get(
-        self.sampler.generate(self.params, (tokens, lengths), key, self.sampling)
-      )
+      out = jax.device_get(self.sampler.generate(self.params, rows, key, self.sampling))
       lines = []
       for i in range(len(ids)):
         record = batch[i // n]

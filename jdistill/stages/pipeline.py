@@ -31,6 +31,7 @@ import jax
 
 from jdistill import config as config_lib
 from jdistill import stages
+from jdistill.runtime.io import write_json_atomic
 from jdistill.stages import TRAINING
 from jdistill.stages.generate import output_files
 
@@ -98,9 +99,7 @@ def run_once(config, out_dir: str, run_stage: Callable[[object], dict] = stages.
   summary.update(run_stage(config))
   if jax.process_index() == 0:
     os.makedirs(out_dir, exist_ok=True)
-    with open(marker + ".tmp", "w") as f:
-      json.dump(summary, f, indent=1)
-    os.replace(marker + ".tmp", marker)
+    write_json_atomic(marker, summary, indent=1)
   return summary
 
 

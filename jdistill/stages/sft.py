@@ -22,7 +22,6 @@ one step mixing SFT rows and OPD rows is not built.)
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 
@@ -34,6 +33,7 @@ from jdistill import overlap
 from jdistill.data import packing
 from jdistill.runtime import build, plots
 from jdistill.runtime import sharding as shd
+from jdistill.runtime.io import write_json_atomic
 from jdistill.stages.base import TrainingStage, run_training, shardings
 from jdistill.step.sft import BATCH_KEYS, sft_loss, sft_step
 
@@ -171,9 +171,7 @@ class SFTTrainer(TrainingStage):
           name, self.step, value, threshold,
         )  # fmt: skip
     path = os.path.join(self.config.output_dir, "switches.json")
-    with open(path + ".tmp", "w") as f:
-      json.dump(self.switches, f, indent=1)
-    os.replace(path + ".tmp", path)
+    write_json_atomic(path, self.switches, indent=1)
     return readings
 
   # --- the loop's Stage protocol ------------------------------------------------------

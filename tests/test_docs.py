@@ -15,8 +15,8 @@ Nothing here compiles JAX code.
 from __future__ import annotations
 
 import ast
-import concurrent.futures
 import html
+import json
 import os
 import pathlib
 import re
@@ -368,26 +368,54 @@ def test_no_import_cycle_among_jdistill_modules():
   )
 
 
-def _import_alone(name: str) -> tuple[str, int, str]:
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+# Imports each named module with no jdistill module loaded before it (the third-party
+# libraries stay loaded: re-importing jax, flax and transformers per module costs minutes and
+# checks nothing of jdistill's) → the failures as JSON on stdout.
+IMPORT_EACH_ALONE = """
+import importlib, json, sys, traceback
+failures = []
+for name in sys.argv[1:]:
+  for loaded in [m for m in sys.modules if m == "jdistill" or m.startswith("jdistill.")]:
+    del sys.modules[loaded]
+  try:
+    importlib.import_module(name)
+  except BaseException:
+    failures.append(name + ":\\n" + "".join(traceback.format_exc().splitlines(True)[-8:]))
+print(json.dumps(failures))
+"""
+
+
+def import_each_alone(names: list[str]) -> list[str]:
   proc = subprocess.run(
-    [sys.executable, "-c", "import importlib, sys; importlib.import_module(sys.argv[1])", name],
+    [sys.executable, "-c", IMPORT_EACH_ALONE, *names],
     cwd=ROOT,
-    env=env,
+    env=dict(os.environ, JAX_PLATFORMS="cpu"),
     capture_output=True,
     text=True,
-    timeout=300,
+    timeout=600,
   )
-  return name, proc.returncode, proc.stderr
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_each_module_imports_alone_in_a_fresh_interpreter():
-  names = sorted(module_files())
-  with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
-    results = list(pool.map(_import_alone, names))
-  failures = [
-    f"{name} (exit {rc}):\n" + "\n".join(err.strip().splitlines()[-8:])
-    for name, rc, err in results
-    if rc != 0
-  ]
+def test_import_each_alone_finds_a_module_that_needs_another_imported_first(tmp_path):
+  """The check itself: a module that works only after another was imported fails alone."""
+  package = tmp_path / "jdistill_probe_pkg"
+  package.mkdir()
+  (package / "__init__.py").write_text("")
+  code = "import sys\nassert 'jdistill.losses' in sys.modules, 'needs losses first'\n"
+  (package / "needs_losses.py").write_text(code)
+  env_path = os.environ.get("PYTHONPATH", "")
+  os.environ["PYTHONPATH"] = f"{tmp_path}{os.pathsep}{env_path}"
+  try:
+    ok = import_each_alone(["jdistill.losses"])
+    bad = import_each_alone(["jdistill.losses", "jdistill_probe_pkg.needs_losses"])
+  finally:
+    os.environ["PYTHONPATH"] = env_path
+  assert ok == []
+  assert len(bad) == 1 and "needs losses first" in bad[0]
+
+
+def test_each_module_imports_alone():
+  failures = import_each_alone(sorted(module_files()))
   assert not failures, "modules that fail to import on their own:\n" + "\n\n".join(failures)

@@ -26,10 +26,6 @@ from absl import logging as absl_logging
 from jdistill.experiments import experiment, task_world, tasks
 from jdistill.losses import registry
 
-flags.DEFINE_string(
-  "out", "demo_out", "Output directory (replaced on each run, if the demo wrote it)."
-)
-flags.DEFINE_integer("steps", experiment.Grid.opd_steps, "OPD steps per loss.")
 FLAGS = flags.FLAGS
 MARKER = ".jdistill-demo"  # the demo only ever deletes a directory that carries this
 LOSSES = registry.check_names(("reverse_kl", "sampled_token"), "demo LOSSES")
@@ -92,6 +88,10 @@ def main(argv):
 
 
 def cli():
+  flags.DEFINE_string(
+    "out", "demo_out", "Output directory (replaced on each run, if the demo wrote it)."
+  )
+  flags.DEFINE_integer("steps", experiment.Grid.opd_steps, "OPD steps per loss.")
   app.run(main)
 
 

@@ -25,9 +25,11 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-# The test command (README.md and .ci/run call exactly this): style first, then the suite.
+# The test command (README.md and .ci/run call exactly this): style first, then the suite in
+# TEST_WORKERS processes, one test file per process at a time (module fixtures built once).
+TEST_WORKERS ?= 2
 test: lint
-	$(PY) -m pytest tests
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile tests
 
 demo: $(STAMP)
 	@$(PY) -m jdistill demo --out=demo_out

@@ -42,7 +42,7 @@ Deviations from the report, and why:
 By default it runs on the committed task world (see configs/recipes/v4.py); on your models
 override student, tokenizer, data and teacher paths as there. Budget: RLVR_STEPS (25) steps
 of 16 prompts x 4 rollouts x 3 groups sample as many student tokens as 100 MOPD steps; with
-MOPD_STEPS (200) the total equals V4's 300 OPD steps (tests/test_recipes.py asserts it).
+MOPD_STEPS (200) the total equals V4's 300 OPD steps (tests/experiments/test_recipes.py asserts it).
 """
 
 import os

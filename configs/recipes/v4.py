@@ -21,8 +21,9 @@ the paths (one teacher per domain name; add teachers as `--config.teachers.<name
 
 Budget: OPD_STEPS (300) OPD steps sample as many student tokens as the Ultra preset's 25 RLVR
 steps (16 prompts x 4 rollouts per teacher group: 100 OPD steps' worth) + 200 MOPD steps
-(`jdistill.experiments.budget.opd_steps_for_budget`; tests/test_recipes.py asserts it), so the
-two presets compare at equal budget (at full length; with stop_at_eos the counts are measured).
+(`jdistill.experiments.budget.opd_steps_for_budget`; tests/experiments/test_recipes.py asserts
+it), so the two presets compare at equal budget (at full length; with stop_at_eos the counts
+are measured).
 
 Deviations from V4: 3 teachers, not 10+; the teachers are domain SFT forks (the task world's),
 without their own GRPO; the learning rate is the task world's (tune it per recipe, issue 22).

@@ -125,8 +125,8 @@ def _train(root, name, init, data, steps, spec, log) -> None:
 
 # The default world, trained once and committed (a few MB of safetensors), so `make demo` and
 # the experiment skip the ~6 minutes of building it; `python -m jdistill task_world --commit`
-# regenerates it (tests/test_tasks.py checks that a smaller rebuild lands in the same
-# accuracy bands, and that the committed models still score what world.json says).
+# regenerates it (tests/experiments/test_task_world.py checks that a smaller rebuild lands in
+# the same accuracy bands, and that the committed models still score what world.json says).
 COMMITTED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "task_world")
 COMMITTED_FILES = ("tokenizer", "eval.jsonl", "train.jsonl", "artifact.json", "world.json")
 

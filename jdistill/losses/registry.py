@@ -8,7 +8,7 @@ other list of loss names is derived from it: ``config.LOSSES`` (config validatio
 ``LOSS_NAMES`` (the kernel names ``LossSettings.validate`` accepts), ``SAMPLED_LOSSES``
 (the kernels the OPD step hands ``behaviour_logp``), and ``losses.settings_for``, which maps
 a config name to its ``LossSettings``; the demo's and the experiment grid's selections are
-checked against it (:func:`check_names`), and ``tests/test_losses.py`` checks that every
+checked against it (:func:`check_names`), and ``tests/losses/test_losses.py`` checks that every
 name here appears in docs/configs.md.
 
 Adding a loss takes two places:

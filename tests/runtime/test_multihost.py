@@ -19,7 +19,7 @@ from jdistill.models import hf
 from jdistill.stages import opd as train
 from jdistill.testing.toy import make_toy_world, tiny_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 OVERRIDES = dict(
   sampling__temperature=0.0,
   train__steps=3,

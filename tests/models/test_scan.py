@@ -161,7 +161,7 @@ def test_train_step_scanned_equals_unrolled_under_every_remat_policy():
   loss, grads, params = _loss_grads(*nnx.split(scanned), *teacher, batch, step=True)
   assert abs(float(loss) - float(ref_loss)) <= 1e-5
   assert _max_diff(grads, ref_grads) <= 1e-5 and _max_diff(params, ref_params) <= 1e-5
-  for policy in REMAT_POLICIES[1:]:  # (unrolled remat: tests/test_models.py)
+  for policy in REMAT_POLICIES[1:]:  # (unrolled remat: tests/models/test_models.py)
     graphdef = _graphdef(scanned.cfg.replace(remat_policy=policy))
     loss, grads, _ = _loss_grads(graphdef, nnx.state(scanned), *teacher, batch)
     assert abs(float(loss) - float(ref_loss)) <= 1e-5, policy

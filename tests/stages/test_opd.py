@@ -13,7 +13,7 @@ from jdistill import config as config_lib
 from jdistill.stages import opd as train
 from jdistill.testing.toy import make_toy_world, tiny_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from jdistill.config import teacher_config
 from jdistill.stages import pipeline, sft
 from jdistill.testing.toy import make_toy_world, tiny_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")

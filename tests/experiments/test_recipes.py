@@ -12,7 +12,7 @@ from jdistill import config as config_lib
 from jdistill.experiments import budget, task_world
 from jdistill.stages import pipeline
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def recipe(name):

@@ -18,7 +18,7 @@ from jdistill.runtime.run_dir import RunDirInUse
 from jdistill.stages import opd as train
 from jdistill.testing.toy import make_toy_world, tiny_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")

@@ -722,7 +722,7 @@ def test_the_registry_is_the_one_vocabulary_of_loss_names():
   from jdistill.step import opd
 
   registry = losses.registry
-  root = pathlib.Path(__file__).resolve().parent.parent
+  root = pathlib.Path(__file__).resolve().parents[2]
   assert config.LOSSES == registry.NAMES == tuple(registry.REGISTRY)
   assert all(name == entry.name for name, entry in registry.REGISTRY.items())
   # The kernel names LossSettings accepts are exactly the registry's kernels.

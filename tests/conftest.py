@@ -9,3 +9,23 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402  (after the environment above, which jax reads when imported)
+
+from jdistill.testing.toy import make_toy_world  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+  """The toy world of the OPD stage tests: a student and two teachers (width 64, 2 layers),
+  32 training and 8 held-out prompts per domain (`jdistill.testing.toy.make_toy_world`)."""
+  return make_toy_world(str(tmp_path_factory.mktemp("world")), n_train=32, n_eval=8)
+
+
+@pytest.fixture(scope="session")
+def small_world(tmp_path_factory):
+  """A smaller toy world (width 32, 1 layer; 8 training and 4 held-out prompts per domain)
+  for the tests that run whole stages, pipelines and subprocesses."""
+  return make_toy_world(
+    str(tmp_path_factory.mktemp("small_world")), hidden=32, layers=1, n_train=8, n_eval=4
+  )

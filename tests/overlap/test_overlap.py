@@ -529,10 +529,10 @@ def _is_png(path):
     return f.read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(path) > 5000
 
 
-def test_command_end_to_end_on_toy_world(tmp_path, capsys):
-  from jdistill.testing.toy import make_toy_world, tiny_config
+def test_command_end_to_end_on_toy_world(small_world, tmp_path, capsys):
+  from jdistill.testing.toy import tiny_config
 
-  world = make_toy_world(str(tmp_path / "world"), hidden=32, layers=1, n_train=8, n_eval=4)
+  world = small_world
   c = tiny_config(world)
   c.output_dir = str(tmp_path / "run")
   c.data.slots_per_teacher = 4
@@ -579,14 +579,16 @@ def test_command_end_to_end_on_toy_world(tmp_path, capsys):
   assert "per teacher" in printed and "reading" in printed and report["teachers"]
 
 
-def test_command_reads_a_forked_teacher_on_support_and_a_random_one_off_support(tmp_path):
+def test_command_reads_a_forked_teacher_on_support_and_a_random_one_off_support(
+  small_world, tmp_path
+):
   """The real pipeline on cases with a known answer: a teacher forked from the student (a
   small domain bias on its unembedding) is on-support; a sharp unrelated random teacher is
   off-support."""
   from jdistill.models import hf
-  from jdistill.testing.toy import make_toy_world, tiny_config
+  from jdistill.testing.toy import tiny_config
 
-  world = make_toy_world(str(tmp_path / "world"), hidden=32, layers=1, n_train=8, n_eval=4)
+  world = small_world
   fork = hf.from_hf(world["student"])
   bias = np.zeros(fork.cfg.vocab_size, np.float32)
   bias[np.random.RandomState(0).choice(fork.cfg.vocab_size, 20, replace=False)] = 0.3

@@ -17,7 +17,7 @@ from flax import nnx
 
 from jdistill.models import hf
 from jdistill.stages import opd as train
-from jdistill.testing.toy import make_toy_world, tiny_config
+from jdistill.testing.toy import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 OVERRIDES = dict(
@@ -41,7 +41,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _train_in_two_processes(tmp_path, out) -> tuple[list[int], list[str]]:
+def _train_in_two_processes(world, out) -> tuple[list[int], list[str]]:
   """Runs the CLI as processes 0 and 1 of one job writing under `out` → (exit codes, outputs)."""
   flags = [f"--config.{k.replace('__', '.')}={v}" for k, v in OVERRIDES.items()]
   flags += [
@@ -54,7 +54,7 @@ def _train_in_two_processes(tmp_path, out) -> tuple[list[int], list[str]]:
   for pid in range(2):
     env = dict(
       os.environ,
-      JDISTILL_TOY_WORLD=str(tmp_path / "world"),
+      JDISTILL_TOY_WORLD=os.path.dirname(world["student"]),
       JAX_PLATFORMS="cpu",
       # One compute thread each: on a 2-core machine neither process starves the other on the
       # way to a collective.
@@ -80,17 +80,16 @@ def _train_in_two_processes(tmp_path, out) -> tuple[list[int], list[str]]:
   return codes, [log.read_text() for log in logs]
 
 
-def test_two_processes_match_one_process(tmp_path):
-  world = make_toy_world(str(tmp_path / "world"), n_train=16, n_eval=4)
+def test_two_processes_match_one_process(world, tmp_path):
   out = tmp_path / "run"
-  codes, outputs = _train_in_two_processes(tmp_path, out)
+  codes, outputs = _train_in_two_processes(world, out)
   if any(GLOO_DEADLINE in o for o in outputs):
     # gloo gives each peer a fixed 30 s (not settable from JAX) to reach a new collective, and
     # a loaded 2-core CI machine once exceeded it. Start over once, in fresh folders; any other
     # failure, or the deadline again, fails the test.
     print("test_multihost: gloo's 30 s deadline expired; starting over once")
     out = tmp_path / "retry"
-    codes, outputs = _train_in_two_processes(tmp_path, out)
+    codes, outputs = _train_in_two_processes(world, out)
   for pid, (code, o) in enumerate(zip(codes, outputs)):
     assert code == 0, f"process {pid} ({len(o)} bytes of output):\n{o[-3000:]}"
   assert "mesh {'data': 4" in outputs[0]

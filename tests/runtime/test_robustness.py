@@ -16,29 +16,15 @@ from jdistill import config as config_lib
 from jdistill.runtime import checkpoint as ckpt
 from jdistill.runtime.run_dir import RunDirInUse
 from jdistill.stages import opd as train
-from jdistill.testing.toy import make_toy_world, tiny_config
+from jdistill.testing.toy import make_toy_world, short_run_config, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-  return make_toy_world(
-    str(tmp_path_factory.mktemp("world")), hidden=32, layers=1, n_train=16, n_eval=4
+def _config(small_world, tmp_path, name="run", **train):
+  return short_run_config(
+    small_world, tmp_path / name, max_new_tokens=6, **{"eval_every": 0, **train}
   )
-
-
-def _config(world, tmp_path, name="run", **train_kw):
-  c = tiny_config(world)
-  c.output_dir = str(tmp_path / name)
-  c.data.slots_per_teacher = 4
-  c.sampling.max_new_tokens = 6
-  c.loss.chunk_size = 8
-  c.optimizer.warmup_steps = 1
-  c.train.eval_every = 0
-  for k, v in train_kw.items():
-    c.train[k] = v
-  return c
 
 
 def _params(trainer):
@@ -69,8 +55,10 @@ def no_compile(monkeypatch):
 # ------------------------------------------------------------------------------ signals
 
 
-def _cli(world, out, *extra):
-  env = dict(os.environ, JDISTILL_TOY_WORLD=os.path.dirname(world["student"]), JAX_PLATFORMS="cpu")
+def _cli(small_world, out, *extra):
+  env = dict(
+    os.environ, JDISTILL_TOY_WORLD=os.path.dirname(small_world["student"]), JAX_PLATFORMS="cpu"
+  )
   env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
   args = [
     sys.executable,
@@ -115,8 +103,8 @@ def _exported(out):
   return jax.tree.map(np.asarray, nnx.state(hf.from_hf(os.path.join(out, "hf")), nnx.Param))
 
 
-def test_sigterm_and_sigint_save_then_resume_to_the_same_result(world, tmp_path):
-  straight = _cli(world, tmp_path / "straight")
+def test_sigterm_and_sigint_save_then_resume_to_the_same_result(small_world, tmp_path):
+  straight = _cli(small_world, tmp_path / "straight")
   out = straight.communicate(timeout=300)[0]
   assert straight.returncode == 0, out[-2000:]
   reference = _exported(tmp_path / "straight")
@@ -124,14 +112,14 @@ def test_sigterm_and_sigint_save_then_resume_to_the_same_result(world, tmp_path)
   for name, sig, at in (("term", signal.SIGTERM, "step 4/8"), ("int", signal.SIGINT, "step 3/8")):
     run = tmp_path / name
     # SIGINT right after step 3's line: the step-3 save (every=3) is in flight
-    rc, out = _interrupt_at(_cli(world, run), at, sig)
+    rc, out = _interrupt_at(_cli(small_world, run), at, sig)
     assert rc == 128 + sig, out[-2000:]
     stopped = [line for line in out.splitlines() if "stopped by" in line]
     assert len(stopped) == 1 and signal.Signals(sig).name in stopped[0], out[-2000:]
     assert "Traceback" not in out
     step = int(stopped[0].split("after step ")[1].split(";")[0])
     assert str(step) in os.listdir(run / "ckpt")  # the stop saved its step
-    again = _cli(world, run)
+    again = _cli(small_world, run)
     out2 = again.communicate(timeout=300)[0]
     assert again.returncode == 0, out2[-2000:]
     assert f"resuming at step {step}" in out2
@@ -159,9 +147,9 @@ def _data_files(step_dir):
 
 @pytest.mark.parametrize("damage", ["bit_flip", "truncate"])
 def test_a_damaged_checkpoint_is_detected_set_aside_and_the_run_falls_back(
-  world, tmp_path, damage, caplog
+  small_world, tmp_path, damage, caplog
 ):
-  c = _config(world, tmp_path, steps=4)
+  c = _config(small_world, tmp_path, steps=4)
   c.checkpoint.dir = str(tmp_path / "ckpt")
   c.checkpoint.every = 2
   first = train.OPDTrainer(c)
@@ -205,8 +193,10 @@ def test_checksums_change_with_any_single_bit():
   assert isinstance(bf16["['y']"], int)
 
 
-def test_restore_step_sets_later_steps_aside_and_another_architecture_is_refused(world, tmp_path):
-  c = _config(world, tmp_path, steps=4)
+def test_restore_step_sets_later_steps_aside_and_another_architecture_is_refused(
+  small_world, tmp_path
+):
+  c = _config(small_world, tmp_path, steps=4)
   c.checkpoint.dir = str(tmp_path / "ckpt")
   c.checkpoint.every = 2
   train.OPDTrainer(c).run()
@@ -218,7 +208,7 @@ def test_restore_step_sets_later_steps_aside_and_another_architecture_is_refused
 
   # another student architecture: refused before anything is written
   other = make_toy_world(str(tmp_path / "world64"), hidden=64, layers=1, n_train=8, n_eval=4)
-  c2 = _config(world, tmp_path, steps=4)
+  c2 = _config(small_world, tmp_path, steps=4)
   c2.student.path = other["student"]
   c2.checkpoint.dir = str(tmp_path / "ckpt")
   c2.output_dir = str(tmp_path / "other_out")
@@ -232,9 +222,9 @@ def test_restore_step_sets_later_steps_aside_and_another_architecture_is_refused
 
 
 def test_a_second_run_on_a_locked_directory_refuses_and_a_stale_lock_is_taken_over(
-  world, tmp_path, no_compile
+  small_world, tmp_path, no_compile
 ):
-  c = _config(world, tmp_path, steps=2)
+  c = _config(small_world, tmp_path, steps=2)
   os.makedirs(c.output_dir)
   live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
   try:
@@ -251,8 +241,8 @@ def test_a_second_run_on_a_locked_directory_refuses_and_a_stale_lock_is_taken_ov
   assert json.load(open(os.path.join(c.output_dir, "run.lock")))["pid"] == os.getpid()
 
 
-def test_another_config_on_a_used_directory_refuses_unless_resume_or_new_run(world, tmp_path):
-  c = _config(world, tmp_path, steps=2)
+def test_another_config_on_a_used_directory_refuses_unless_resume_or_new_run(small_world, tmp_path):
+  c = _config(small_world, tmp_path, steps=2)
   c.checkpoint.dir = os.path.join(c.output_dir, "ckpt")
   train.OPDTrainer(c).run()
   c.optimizer.lr = 3e-3
@@ -267,8 +257,8 @@ def test_another_config_on_a_used_directory_refuses_unless_resume_or_new_run(wor
   assert len(moved) == 1 and "2" in os.listdir(tmp_path / moved[0] / "ckpt")  # kept
 
 
-def test_resume_keeps_each_metrics_step_once(world, tmp_path):
-  c = _config(world, tmp_path, steps=4, log_every=1)
+def test_resume_keeps_each_metrics_step_once(small_world, tmp_path):
+  c = _config(small_world, tmp_path, steps=4, log_every=1)
   c.checkpoint.dir = str(tmp_path / "ckpt")
   c.checkpoint.every = 2
   first = train.OPDTrainer(c)
@@ -281,12 +271,12 @@ def test_resume_keeps_each_metrics_step_once(world, tmp_path):
   assert steps == [1, 2, 3, 4]
 
 
-def test_export_over_a_sharded_directory_loads_the_new_weights(world, tmp_path):
+def test_export_over_a_sharded_directory_loads_the_new_weights(small_world, tmp_path):
   from flax import nnx
 
   from jdistill.models import hf
 
-  model = hf.from_hf(world["student"])
+  model = hf.from_hf(small_world["student"])
   hf.to_hf(model, str(tmp_path / "out"), max_shard_bytes=20_000)
   assert os.path.exists(tmp_path / "out" / "model.safetensors.index.json")
   model.embed[...] = model.embed[...] + 1.0
@@ -320,12 +310,12 @@ def _write(path, text):
   return str(path)
 
 
-def test_bad_prompts_fail_before_compiling_with_file_and_line(world, tmp_path, no_compile):
+def test_bad_prompts_fail_before_compiling_with_file_and_line(small_world, tmp_path, no_compile):
   long = " ".join(["compute"] * 200)
   lines = [{"domain": "math", "prompt": "what is 1 plus 2"}] * 3
   lines += [{"domain": "code", "prompt": "def f"}, {"domain": "math", "prompt": long}]
   data = _write(tmp_path / "p.jsonl", "\n".join(json.dumps(x) for x in lines) + "\n")
-  c = _config(world, tmp_path)
+  c = _config(small_world, tmp_path)
   c.data.train_files = data
   c.data.overlong = "error"
   with pytest.raises(ValueError, match=rf"{data}:5: prompt has \d+ tokens, more than"):
@@ -351,9 +341,9 @@ def test_bad_prompts_fail_before_compiling_with_file_and_line(world, tmp_path, n
     train.OPDTrainer(c)
 
 
-def test_prompt_counts_are_logged_at_start(world, tmp_path, no_compile, caplog):
+def test_prompt_counts_are_logged_at_start(small_world, tmp_path, no_compile, caplog):
   caplog.set_level(logging.INFO, logger="jdistill")
-  c = _config(world, tmp_path)
+  c = _config(small_world, tmp_path)
   c.data.max_prompt_len = 12
   with pytest.raises(AssertionError, match="reached the compile"):
     train.OPDTrainer(c)
@@ -371,8 +361,8 @@ def test_prompt_counts_are_logged_at_start(world, tmp_path, no_compile, caplog):
     ("loss.chunk_size", -1, r"config.loss.chunk_size=-1 is invalid.*non-negative"),
   ],
 )
-def test_nan_and_inf_fields_are_refused(world, field, value, match):
-  c = tiny_config(world)
+def test_nan_and_inf_fields_are_refused(small_world, field, value, match):
+  c = tiny_config(small_world)
   section, key = field.rsplit(".", 1)
   node = c
   for part in section.split("."):
@@ -382,32 +372,32 @@ def test_nan_and_inf_fields_are_refused(world, field, value, match):
     config_lib.validate(c)
 
 
-def test_other_bad_inputs_fail_before_compiling(world, tmp_path, no_compile):
-  c = _config(world, tmp_path)
+def test_other_bad_inputs_fail_before_compiling(small_world, tmp_path, no_compile):
+  c = _config(small_world, tmp_path)
   c.teachers.math.weight = 0.0
   c.teachers.code.weight = 0.0
   with pytest.raises(ValueError, match="at least one teacher with weight > 0"):
     config_lib.validate(c)
 
-  c = _config(world, tmp_path)
+  c = _config(small_world, tmp_path)
   c.num_devices = 16
   with pytest.raises(ValueError, match=r"config.num_devices=16 is invalid.*at most the 8"):
     train.OPDTrainer(c)
 
   broken = tmp_path / "broken_teacher"
-  shutil.copytree(world["teacher_code"], broken)
+  shutil.copytree(small_world["teacher_code"], broken)
   weights = broken / "model.safetensors"
   weights.write_bytes(weights.read_bytes()[:5000])
-  c = _config(world, tmp_path)
+  c = _config(small_world, tmp_path)
   c.teachers.code.path = str(broken)
   with pytest.raises(ValueError, match=rf"{weights}"):
     train.OPDTrainer(c)
 
 
-def test_overlap_on_a_checkpoint_records_it_and_a_missing_one_is_an_error(world, tmp_path):
+def test_overlap_on_a_checkpoint_records_it_and_a_missing_one_is_an_error(small_world, tmp_path):
   from jdistill import overlap
 
-  c = _config(world, tmp_path, steps=2)
+  c = _config(small_world, tmp_path, steps=2)
   c.checkpoint.dir = str(tmp_path / "missing")
   with pytest.raises(FileNotFoundError, match="not a jdistill checkpoint directory"):
     overlap.measure(c, rows_per_domain=2, use_checkpoint=True)

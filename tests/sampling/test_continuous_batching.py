@@ -163,10 +163,10 @@ def test_sharded_slots_equal_single_device(tiny):
 
 
 @pytest.fixture(scope="module")
-def toy_config(tmp_path_factory):
-  from jdistill.testing.toy import make_toy_world, tiny_config
+def toy_config(world):
+  from jdistill.testing.toy import tiny_config
 
-  c = tiny_config(make_toy_world(str(tmp_path_factory.mktemp("world")), n_train=16, n_eval=4))
+  c = tiny_config(world)
   c.data.slots_per_teacher, c.sampling.max_new_tokens, c.loss.chunk_size = 4, 8, 8
   c.train.steps, c.optimizer.warmup_steps = 1, 1
   return c

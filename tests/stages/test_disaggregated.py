@@ -8,28 +8,15 @@ import pytest
 from jdistill import config as config_lib
 from jdistill.stages import opd as train
 from jdistill.step import common
-from jdistill.testing.toy import make_toy_world, tiny_config
+from jdistill.testing.toy import short_run_config
 
 STEPS_EQUAL = 3  # (a): per-step equality of k = 0 with today's loop
 STEPS_STALE = 12  # (b), (c): the k = 1 run
 RESTORE_AT = 6
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-  return make_toy_world(str(tmp_path_factory.mktemp("world")), n_train=32, n_eval=8)
-
-
 def _config(world, out, *, steps, devices=0, staleness=1, num_devices=0):
-  c = tiny_config(world)
-  c.output_dir = str(out)
-  c.data.slots_per_teacher = 4
-  c.sampling.max_new_tokens = 8
-  c.loss.chunk_size = 8
-  c.optimizer.warmup_steps = 1
-  c.train.steps = steps
-  c.train.log_every = 1
-  c.train.eval_every = 0
+  c = short_run_config(world, out, steps=steps, log_every=1, eval_every=0)
   c.num_devices = num_devices
   c.rollout.devices = devices
   c.rollout.staleness = staleness

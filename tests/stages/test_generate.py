@@ -7,7 +7,7 @@ import pytest
 
 from jdistill.eval import verifiers
 from jdistill.stages import generate
-from jdistill.testing.toy import make_toy_world, tiny_config
+from jdistill.testing.toy import tiny_config
 
 
 @pytest.mark.parametrize(
@@ -47,15 +47,11 @@ def test_user_verifiers_and_their_errors():
   assert scorer.errors == 2 and "Error" in scorer.last_error
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-  return make_toy_world(str(tmp_path_factory.mktemp("w")), hidden=32, layers=1, n_train=5)
-
-
 def _config(world, out_dir, **generate_kw):
   c = tiny_config(world)
   c.stage = "generate"
   c.generate.model = world["teacher_math"]
+  c.generate.prompt_files = world["eval"]  # 4 prompts per domain: 8 in all
   c.generate.model_name = "math"
   c.generate.out_dir = str(out_dir)
   c.generate.samples_per_prompt = 2
@@ -73,11 +69,11 @@ def _records(out_dir):
     return f.read()
 
 
-def test_generation_is_complete_and_exactly_once_after_a_kill(world, tmp_path, monkeypatch):
-  generate.Generator(_config(world, tmp_path / "straight")).run()
+def test_generation_is_complete_and_exactly_once_after_a_kill(small_world, tmp_path, monkeypatch):
+  generate.Generator(_config(small_world, tmp_path / "straight")).run()
   straight = _records(tmp_path / "straight")
   lines = [json.loads(x) for x in straight.splitlines()]
-  assert len(lines) == 10 * 2  # 10 prompts x 2 samples
+  assert len(lines) == 8 * 2  # 8 prompts x 2 samples
   first = lines[0]
   assert {"domain", "teacher", "completion", "sampling", "prompt", "source"} <= set(first)
   assert first["teacher"] == "math" and first["sampling"]["max_new_tokens"] == 6
@@ -93,30 +89,30 @@ def test_generation_is_complete_and_exactly_once_after_a_kill(world, tmp_path, m
 
   monkeypatch.setattr(generate.Generator, "_commit", dying_commit)
   with pytest.raises(KeyboardInterrupt):
-    generate.Generator(_config(world, tmp_path / "killed")).run()
+    generate.Generator(_config(small_world, tmp_path / "killed")).run()
   assert len(_records(tmp_path / "killed").splitlines()) == 12  # 2 batches on disk, 1 committed
   monkeypatch.setattr(generate.Generator, "_commit", commit)
-  generate.Generator(_config(world, tmp_path / "killed")).run()
+  generate.Generator(_config(small_world, tmp_path / "killed")).run()
   assert _records(tmp_path / "killed") == straight  # every record once, byte for byte
 
 
-def test_rejection_sampling_keeps_exactly_the_verified_ones(world, tmp_path):
+def test_rejection_sampling_keeps_exactly_the_verified_ones(small_world, tmp_path):
   verifier = "regex:[0-9]"  # the toy completions that contain a digit
-  all_cfg = _config(world, tmp_path / "all", verifier=verifier)
+  all_cfg = _config(small_world, tmp_path / "all", verifier=verifier)
   generate.Generator(all_cfg).run()
   scored = [json.loads(x) for x in _records(tmp_path / "all").splitlines()]
   assert all("score" in r for r in scored if r["domain"] == "math")
   verified = [r for r in scored if r.get("score") == 1.0]
   assert 0 < len(verified) < len(scored)
-  kept_cfg = _config(world, tmp_path / "kept", verifier=verifier, keep="verified")
+  kept_cfg = _config(small_world, tmp_path / "kept", verifier=verifier, keep="verified")
   progress = generate.Generator(kept_cfg).run()
   kept = [json.loads(x) for x in _records(tmp_path / "kept").splitlines()]
   assert kept == verified and progress["kept"] == len(verified)
   assert progress["sampled"] == len(scored)
 
 
-def test_a_raising_verifier_is_counted_not_fatal(world, tmp_path):
-  progress = generate.Generator(_config(world, tmp_path / "x", verifier="json:loads")).run()
+def test_a_raising_verifier_is_counted_not_fatal(small_world, tmp_path):
+  progress = generate.Generator(_config(small_world, tmp_path / "x", verifier="json:loads")).run()
   math_samples = sum(
     r["domain"] == "math" for r in map(json.loads, _records(tmp_path / "x").splitlines())
   )

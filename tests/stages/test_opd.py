@@ -11,26 +11,13 @@ import pytest
 
 from jdistill import config as config_lib
 from jdistill.stages import opd as train
-from jdistill.testing.toy import make_toy_world, tiny_config
+from jdistill.testing.toy import short_run_config, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-  return make_toy_world(str(tmp_path_factory.mktemp("world")), n_train=32, n_eval=8)
-
-
-def _config(world, tmp_path, **train_kw):
-  c = tiny_config(world)
-  c.output_dir = str(tmp_path / "out")
-  c.data.slots_per_teacher = 4
-  c.sampling.max_new_tokens = 8
-  c.loss.chunk_size = 8
-  c.optimizer.warmup_steps = 1
-  for k, v in train_kw.items():
-    c.train[k] = v
-  return c
+def _config(world, tmp_path, **train):
+  return short_run_config(world, tmp_path / "out", **train)
 
 
 def _params(trainer):

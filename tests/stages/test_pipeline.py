@@ -14,20 +14,13 @@ import pytest
 
 from jdistill.config import teacher_config
 from jdistill.stages import pipeline, sft
-from jdistill.testing.toy import make_toy_world, tiny_config
+from jdistill.testing.toy import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-  return make_toy_world(
-    str(tmp_path_factory.mktemp("world")), hidden=32, layers=1, n_train=8, n_eval=4
-  )
-
-
-def _pipeline_config(world, out):
-  c = tiny_config(world)
+def _pipeline_config(small_world, out):
+  c = tiny_config(small_world)
   c.output_dir = str(out)
   c.pipeline.stages = ("generate", "sft", "opd")
   c.pipeline.steps = (0, 12, 4)
@@ -37,8 +30,8 @@ def _pipeline_config(world, out):
   return c
 
 
-def test_stage_configs_chain_folders_models_and_data(world, tmp_path):
-  c = _pipeline_config(world, tmp_path / "run")
+def test_stage_configs_chain_folders_models_and_data(small_world, tmp_path):
+  c = _pipeline_config(small_world, tmp_path / "run")
   gen, warm, opd = (pipeline.stage_config(c, k) for k in range(3))
   assert [x.output_dir for x in (gen, warm, opd)] == [
     str(tmp_path / "run" / name) for name in ("1-generate", "2-sft", "3-opd")
@@ -64,8 +57,10 @@ def test_stage_configs_chain_folders_models_and_data(world, tmp_path):
     pipeline.validate(c)
 
 
-def _cli(world, out):
-  env = dict(os.environ, JDISTILL_TOY_WORLD=os.path.dirname(world["student"]), JAX_PLATFORMS="cpu")
+def _cli(small_world, out):
+  env = dict(
+    os.environ, JDISTILL_TOY_WORLD=os.path.dirname(small_world["student"]), JAX_PLATFORMS="cpu"
+  )
   env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
   args = [
     sys.executable, "-m", "jdistill", "pipeline", "--config=configs/pipeline_tiny.py",
@@ -88,14 +83,16 @@ def _final_params(out):
   return jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
 
 
-def test_a_pipeline_killed_in_its_second_stage_resumes_there_with_the_same_result(world, tmp_path):
-  straight = _cli(world, tmp_path / "straight")
+def test_a_pipeline_killed_in_its_second_stage_resumes_there_with_the_same_result(
+  small_world, tmp_path
+):
+  straight = _cli(small_world, tmp_path / "straight")
   out = straight.communicate(timeout=600)[0]
   assert straight.returncode == 0, out[-3000:]
   assert "pipeline stage 3/3 (opd)" in out
 
   run = tmp_path / "killed"
-  proc, seen = _cli(world, run), []
+  proc, seen = _cli(small_world, run), []
   for line in proc.stdout:  # SIGKILL (no chance to save) once SFT has logged step 10
     seen.append(line)
     if line.startswith("step 10/12"):
@@ -105,7 +102,7 @@ def test_a_pipeline_killed_in_its_second_stage_resumes_there_with_the_same_resul
   assert proc.returncode == -signal.SIGKILL, "".join(seen)[-3000:]
   assert not os.path.exists(run / "2-sft" / "DONE.json")
 
-  again = _cli(world, run)
+  again = _cli(small_world, run)
   out2 = again.communicate(timeout=600)[0]
   assert again.returncode == 0, out2[-3000:]
   assert "pipeline stage 1/3 (generate): done earlier, skipped" in out2
@@ -125,7 +122,7 @@ def test_a_pipeline_killed_in_its_second_stage_resumes_there_with_the_same_resul
   assert steps == [2, 4, 6, 8, 10, 12], steps  # each logged step once across both sessions
 
 
-def _warmup_config(world, tmp_path, student: str, threshold: float):
+def _warmup_config(small_world, tmp_path, student: str, threshold: float):
   lines = [
     {"domain": "math", "prompt": f"math: compute {a} + {b} and explain the steps.",
      "completion": f"{a + b}"}
@@ -133,15 +130,15 @@ def _warmup_config(world, tmp_path, student: str, threshold: float):
   ]  # fmt: skip
   data = tmp_path / "sft.jsonl"
   data.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
-  c = tiny_config(world)
+  c = tiny_config(small_world)
   c.stage = "sft"
   c.output_dir = str(tmp_path / f"warmup-{os.path.basename(student)}")
   c.student.path = student
   c.teachers = ml_collections.ConfigDict(
-    {"math": teacher_config(world["teacher_math"], "math", param_dtype="float32")}
+    {"math": teacher_config(small_world["teacher_math"], "math", param_dtype="float32")}
   )
-  c.data.train_files = world["train"].replace("train.jsonl", "math_only.jsonl")
-  with open(world["train"]) as f, open(c.data.train_files, "w") as out:
+  c.data.train_files = small_world["train"].replace("train.jsonl", "math_only.jsonl")
+  with open(small_world["train"]) as f, open(c.data.train_files, "w") as out:
     out.writelines(line for line in f if '"math"' in line)
   c.data.eval_files = ""
   c.sft.train_files = str(data)
@@ -157,11 +154,11 @@ def _warmup_config(world, tmp_path, student: str, threshold: float):
   return c
 
 
-def test_overlap_triggered_warmup_reads_right_on_known_cases(world, tmp_path):
+def test_overlap_triggered_warmup_reads_right_on_known_cases(small_world, tmp_path):
   """A student that *is* the teacher has overlap 1: it switches at the probe before the first
   step and the warmup ends with no SFT step. A random student never reaches overlap 0.99: it
   runs to train.steps."""
-  same = sft.SFTTrainer(_warmup_config(world, tmp_path, world["teacher_math"], 0.99))
+  same = sft.SFTTrainer(_warmup_config(small_world, tmp_path, small_world["teacher_math"], 0.99))
   same.run()
   assert same.step == 0 and same.done
   switch = same.switches["math"]
@@ -169,6 +166,6 @@ def test_overlap_triggered_warmup_reads_right_on_known_cases(world, tmp_path):
   logged = json.loads(open(os.path.join(same.config.output_dir, "switches.json")).read())
   assert logged["math"]["overlap"] == switch["overlap"]
 
-  other = sft.SFTTrainer(_warmup_config(world, tmp_path, world["student"], 0.99))
+  other = sft.SFTTrainer(_warmup_config(small_world, tmp_path, small_world["student"], 0.99))
   other.run()
   assert other.step == 3 and not other.done and other.switches == {}

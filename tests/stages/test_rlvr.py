@@ -15,7 +15,7 @@ from jdistill.step import common
 from jdistill.step import opd as ts
 from jdistill.step import rlvr as step_rlvr
 from jdistill.testing import toy
-from jdistill.testing.toy import make_toy_world, tiny_config
+from jdistill.testing.toy import tiny_config
 
 V, G = 4, 3  # vocabulary and group size of the enumeration
 
@@ -73,11 +73,10 @@ def test_expected_gradient_is_the_documented_objective():
     assert not np.allclose(_expected_gradient(s, theta, t_logits, r_logits, reward), want)
 
 
-def _larger_world(tmp_path, n_train=128):
-  world = make_toy_world(str(tmp_path / "world"), hidden=32, layers=1, n_train=8, n_eval=4)
+def _larger_prompts(tmp_path, n_train=128):
   train = toy.write_larger_prompts(str(tmp_path / "larger.jsonl"), n_train, seed=0)
   evals = toy.write_larger_prompts(str(tmp_path / "larger_eval.jsonl"), 32, seed=1)
-  return world, train, evals
+  return train, evals
 
 
 def _rl_config(world, train, evals, out_dir, steps):
@@ -106,8 +105,9 @@ def _rl_config(world, train, evals, out_dir, steps):
   return c
 
 
-def test_grpo_mean_reward_rises_on_a_verifiable_task(tmp_path):
-  world, train, evals = _larger_world(tmp_path)
+def test_grpo_mean_reward_rises_on_a_verifiable_task(small_world, tmp_path):
+  world = small_world
+  train, evals = _larger_prompts(tmp_path)
   trainer = rlvr.RLVRTrainer(_rl_config(world, train, evals, tmp_path / "run", steps=40))
   before = trainer.evaluate()["larger"]["accuracy"]
   records = trainer.run()
@@ -122,7 +122,7 @@ def test_grpo_mean_reward_rises_on_a_verifiable_task(tmp_path):
   assert (tmp_path / "run" / "learning_curves.png").exists()
 
 
-def test_a_raising_verifier_is_counted_not_fatal(tmp_path, monkeypatch):
+def test_a_raising_verifier_is_counted_not_fatal(small_world, tmp_path, monkeypatch):
   """A user verifier that raises on every prompt with an odd answer: those samples score 0,
   every failure is counted in the logged `verifier_errors`, and the run goes on."""
   (tmp_path / "flaky_verifier.py").write_text(
@@ -132,7 +132,8 @@ def test_a_raising_verifier_is_counted_not_fatal(tmp_path, monkeypatch):
     "  return float(completion.strip() == reference)\n"
   )
   monkeypatch.syspath_prepend(str(tmp_path))
-  world, train, evals = _larger_world(tmp_path, n_train=16)
+  world = small_world
+  train, evals = _larger_prompts(tmp_path, n_train=16)
   c = _rl_config(world, train, evals, tmp_path / "run", steps=3)
   c.rl.verifier = "flaky_verifier:score"
   trainer = rlvr.RLVRTrainer(c)
@@ -149,13 +150,16 @@ def test_a_raising_verifier_is_counted_not_fatal(tmp_path, monkeypatch):
   assert "RuntimeError: odd" in trainer.scorers["larger"].last_error
 
 
-def test_evaluate_is_the_shared_accuracy_with_each_domains_verifier(tmp_path, monkeypatch):
+def test_evaluate_is_the_shared_accuracy_with_each_domains_verifier(
+  small_world, tmp_path, monkeypatch
+):
   """RLVR's evaluation is `eval.accuracy.accuracy` on its held-out batches: the same scores as
   greedy samples of those batches scored by hand, and each domain scored by its own
   `rl.verifiers` entry."""
   (tmp_path / "always_right.py").write_text("def score(completion, reference):\n  return 1.0\n")
   monkeypatch.syspath_prepend(str(tmp_path))
-  world, train, evals = _larger_world(tmp_path, n_train=16)
+  world = small_world
+  train, evals = _larger_prompts(tmp_path, n_train=16)
   c = _rl_config(world, train, evals, tmp_path / "run", steps=1)
   c.rl.eval_prompts = 16
   trainer = rlvr.RLVRTrainer(c)
@@ -175,8 +179,9 @@ def test_evaluate_is_the_shared_accuracy_with_each_domains_verifier(tmp_path, mo
   assert trainer.evaluate() == {"larger": {"accuracy": 1.0, "prompts": 16}}
 
 
-def test_prompts_without_answers_are_refused_by_file_and_line(tmp_path):
-  world, train, evals = _larger_world(tmp_path, n_train=4)
+def test_prompts_without_answers_are_refused_by_file_and_line(small_world, tmp_path):
+  world = small_world
+  train, evals = _larger_prompts(tmp_path, n_train=4)
   with open(train, "a") as f:
     f.write(json.dumps({"domain": "larger", "prompt": "larger of 1 and 2 ->"}) + "\n")
   with pytest.raises(ValueError, match=rf"{train}:5: no 'answer' field"):
@@ -239,9 +244,10 @@ def test_unified_objective_reduces_to_pure_opd_and_pure_grpo():
   assert not np.allclose(pure, want)
 
 
-def test_rlvr_resumes_exactly(tmp_path):
+def test_rlvr_resumes_exactly(small_world, tmp_path):
   """4 steps straight equal 2 steps, a new process-like trainer restoring step 2, 2 more."""
-  world, train, evals = _larger_world(tmp_path, n_train=32)
+  world = small_world
+  train, evals = _larger_prompts(tmp_path, n_train=32)
 
   def config(name):
     c = _rl_config(world, train, evals, tmp_path / name, steps=4)

@@ -13,7 +13,7 @@ from jdistill.data import packing
 from jdistill.models import ModelConfig, Transformer
 from jdistill.stages import sft
 from jdistill.step import sft as step_sft
-from jdistill.testing.toy import make_toy_world, tiny_config
+from jdistill.testing.toy import tiny_config
 
 CFG = ModelConfig(
   vocab_size=50, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -99,8 +99,8 @@ def test_packed_and_unpacked_batches_give_the_same_loss_and_prompts_no_gradient(
   assert np.all(g[mask == 0] == 0) and np.all(g[mask == 1] > 0)
 
 
-def test_sft_learns_a_small_memorisable_dataset(tmp_path):
-  world = make_toy_world(str(tmp_path / "world"), hidden=32, layers=1, n_train=8, n_eval=4)
+def test_sft_learns_a_small_memorisable_dataset(small_world, tmp_path):
+  world = small_world
   lines = [
     {"domain": "math", "prompt": f"what is {a} plus {b}?", "completion": f"{a + b}"}
     for a, b in ((1, 2), (3, 4), (5, 6), (7, 8), (2, 2), (4, 5), (6, 1), (9, 0))
@@ -128,8 +128,8 @@ def test_sft_learns_a_small_memorisable_dataset(tmp_path):
   assert (tmp_path / "run" / "learning_curves.png").exists()
 
 
-def test_bad_sft_examples_name_file_and_line(tmp_path):
-  world = make_toy_world(str(tmp_path / "world"), hidden=32, layers=1, n_train=8, n_eval=4)
+def test_bad_sft_examples_name_file_and_line(small_world, tmp_path):
+  world = small_world
   from jdistill.data.tokenizer import load_tokenizer
 
   tok = load_tokenizer(world["tokenizer"])

@@ -12,24 +12,13 @@ from jdistill import config as config_lib
 from jdistill.stages import opd as train
 from jdistill.step import opd as ts
 from jdistill.step import streaming
-from jdistill.testing.toy import make_toy_world, tiny_config
+from jdistill.testing.toy import short_run_config, tiny_config
 
 STEPS = 3
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-  return make_toy_world(str(tmp_path_factory.mktemp("world")), n_train=32, n_eval=8)
-
-
 def _trainer(world, tmp_path, placement: str) -> train.OPDTrainer:
-  c = tiny_config(world)
-  c.output_dir = str(tmp_path / placement)
-  c.data.slots_per_teacher = 4
-  c.sampling.max_new_tokens = 8
-  c.loss.chunk_size = 8
-  c.optimizer.warmup_steps = 1
-  c.train.steps = STEPS
+  c = short_run_config(world, tmp_path / placement, steps=STEPS)
   c.mesh.update(dict(data=2, fsdp=2, tensor=2))
   c.optimizer.eps = 1e-2  # bounds |d update / d grad| by lr / eps (see test_train's 1 vs 8)
   for name in c.teachers:

@@ -29,48 +29,13 @@ Deviations from V4: 3 teachers, not 10+; the teachers are domain SFT forks (the 
 without their own GRPO; the learning rate is the task world's (tune it per recipe, issue 22).
 """
 
-import os
+from jdistill.experiments.task_world import recipe_config
 
-import ml_collections
-
-from jdistill.config import base_config, teacher_config
-from jdistill.experiments import task_world, tasks
-
-WORLD = task_world.COMMITTED
-VERIFIER = "jdistill.experiments.tasks:verify"
 OPD_STEPS = 300
 
 
-def world_config(teachers: str, loss: str, world: str = WORLD) -> ml_collections.ConfigDict:
-  """The fields every task-world stage shares: tokenizer, prompts, sampling, one teacher of
-  kind `teachers` (lineage | external) per domain with `loss`."""
-  c = base_config()
-  c.student.path = os.path.join(world, "base")
-  c.tokenizer = os.path.join(world, "tokenizer")
-  c.teachers = ml_collections.ConfigDict(
-    {
-      d: teacher_config(os.path.join(world, f"{teachers}_{d}"), d, loss, param_dtype="float32")
-      for d in tasks.DOMAINS
-    }
-  )
-  c.data.train_files = os.path.join(world, "train.jsonl")
-  c.data.eval_files = os.path.join(world, "eval.jsonl")
-  c.data.use_chat_template = False
-  c.data.max_prompt_len = 24
-  c.data.slots_per_teacher = 16
-  c.sampling.max_new_tokens = 48
-  c.sampling.prompt_buckets = (24,)
-  c.loss.chunk_size = 16
-  c.optimizer.b2 = 0.99
-  c.eval.verifier = VERIFIER
-  c.train.log_every = 10
-  c.train.eval_every = 50
-  c.checkpoint.every = 50
-  return c
-
-
 def get_config(teachers: str = "lineage"):
-  c = world_config(teachers or "lineage", "reverse_kl")
+  c = recipe_config(teachers or "lineage", "reverse_kl")
   c.output_dir = "runs/recipes/v4"
   for name in c.teachers.keys():
     c.teachers[name].placement = "streamed"

@@ -145,6 +145,14 @@ PIPELINE = section(
   steps=field(
     (), "`train.steps` of each stage (0: `train.steps`)", "empty, or one int ≥ 0 per stage"
   ),
+  overrides=field(
+    None,
+    "fields that differ in one stage, as the config nests them: "
+    "`pipeline.overrides.rlvr.loss.kl_weight=0.0` (every stage of that name)",
+    "existing fields of the stages in `pipeline.stages` (not `stage`, `pipeline` or the "
+    "paths a pipeline sets)",
+    per="stage",
+  ),
 )
 
 

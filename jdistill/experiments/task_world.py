@@ -29,8 +29,9 @@ import os
 import time
 
 import jax
+import ml_collections
 
-from jdistill.config import base_config
+from jdistill.config import base_config, teacher_config
 from jdistill.experiments import tasks
 from jdistill.models import ModelConfig
 from jdistill.runtime.io import write_json_atomic
@@ -129,6 +130,36 @@ def _train(root, name, init, data, steps, spec, log) -> None:
 # the same accuracy bands, and that the committed models still score what world.json says).
 COMMITTED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "task_world")
 COMMITTED_FILES = ("tokenizer", "eval.jsonl", "train.jsonl", "artifact.json", "world.json")
+VERIFIER = "jdistill.experiments.tasks:verify"
+
+
+def recipe_config(teachers: str, loss: str, world: str = COMMITTED):
+  """What the recipes (configs/recipes/) share on a task world: its base as the student, its
+  tokenizer and prompts, the sampling and logging settings, and one teacher of kind
+  `teachers` (lineage | external) per domain with `loss`."""
+  c = base_config()
+  c.student.path = os.path.join(world, "base")
+  c.tokenizer = os.path.join(world, "tokenizer")
+  c.teachers = ml_collections.ConfigDict(
+    {
+      d: teacher_config(os.path.join(world, f"{teachers}_{d}"), d, loss, param_dtype="float32")
+      for d in tasks.DOMAINS
+    }
+  )
+  c.data.train_files = os.path.join(world, "train.jsonl")
+  c.data.eval_files = os.path.join(world, "eval.jsonl")
+  c.data.use_chat_template = False
+  c.data.max_prompt_len = 24
+  c.data.slots_per_teacher = 16
+  c.sampling.max_new_tokens = 48
+  c.sampling.prompt_buckets = (24,)
+  c.loss.chunk_size = 16
+  c.optimizer.b2 = 0.99
+  c.eval.verifier = VERIFIER
+  c.train.log_every = 10
+  c.train.eval_every = 50
+  c.checkpoint.every = 50
+  return c
 
 
 def eval_records(root: str) -> list[dict]:

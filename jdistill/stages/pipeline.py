@@ -12,6 +12,8 @@
   train.steps      pipeline.steps[k] when given and > 0
   generate.out_dir <stage dir>/data               (generate)
   sft.train_files  the previous generate stage's files, when sft.train_files is empty
+  anything else    pipeline.overrides.<stage>: fields that differ in stages of that name,
+                   e.g. `overrides.rlvr.loss.kl_weight=0.0` (pure GRPO before a distilling OPD)
 
 Every stage's config is validated before the first one runs. A finished stage writes
 `<stage dir>/DONE.json` (atomically, after its final model is exported) and is never redone;
@@ -28,6 +30,7 @@ import os
 from collections.abc import Callable
 
 import jax
+import ml_collections as mlc
 
 from jdistill import config as config_lib
 from jdistill import stages
@@ -42,12 +45,35 @@ def stage_dir(config, k: int) -> str:
   return os.path.join(config.output_dir, f"{k + 1}-{config.pipeline.stages[k]}")
 
 
+# What a pipeline derives for each stage: an override of these would be silently replaced.
+DERIVED = ("stage", "pipeline", "output_dir", "checkpoint.dir", "export_dir", "generate.out_dir")
+
+
+def apply_overrides(config, overrides, where: str) -> None:
+  """Sets each leaf of `overrides` (nested like `config`) on `config`; raises ValueError
+  naming `<where>.<field>` for a field `config` does not have or a pipeline derives."""
+  for key, value in overrides.items():
+    field = f"{where}.{key}"
+    dotted = field.split(".", 3)[-1]  # the field's path inside a stage's config
+    if key not in config:
+      raise ValueError(f"config.{field} names no config field ({dotted!r})")
+    if dotted in DERIVED:
+      raise ValueError(f"config.{field}: the pipeline sets {dotted!r} for every stage")
+    if isinstance(value, mlc.ConfigDict) and isinstance(config[key], mlc.ConfigDict):
+      apply_overrides(config[key], value, field)
+    else:
+      config[key] = value
+
+
 def stage_config(config, k: int):
   """The config of stage `k` (see the module docstring)."""
   stages = tuple(config.pipeline.stages)
   c = config.copy_and_resolve_references()
   with c.unlocked():
-    c.pipeline.stages, c.pipeline.steps = (), ()
+    overrides = c.pipeline.overrides.get(stages[k])
+    c.pipeline.stages, c.pipeline.steps, c.pipeline.overrides = (), (), mlc.ConfigDict()
+    if overrides is not None:
+      apply_overrides(c, overrides, f"pipeline.overrides.{stages[k]}")
     c.stage = stages[k]
     c.output_dir = stage_dir(config, k)
     c.checkpoint.dir = os.path.join(c.output_dir, "checkpoints")
@@ -80,6 +106,11 @@ def validate(config) -> None:
     raise ValueError(
       f"config.pipeline.steps={steps!r} is invalid; allowed: empty, or one int >= 0 per stage "
       f"of pipeline.stages ({len(stages)}; 0 = train.steps)"
+    )
+  unknown = sorted(set(config.pipeline.overrides) - set(stages))
+  if unknown:
+    raise ValueError(
+      f"config.pipeline.overrides has stages {unknown} that pipeline.stages={stages!r} lacks"
     )
   for k in range(len(stages)):
     try:

@@ -23,17 +23,12 @@ def recipe(name):
   return module
 
 
-def stage(module, config, k):
-  c = pipeline.stage_config(config, k)
-  return module.with_overrides(c) if hasattr(module, "with_overrides") else c
-
-
 def test_v4_is_full_vocab_reverse_kl_opd_from_the_base_with_lineage_teachers():
   v4 = recipe("v4")
   c = v4.get_config()
   pipeline.validate(c)
   assert tuple(c.pipeline.stages) == ("opd",)
-  opd = stage(v4, c, 0)
+  opd = pipeline.stage_config(c, 0)
   assert opd.student.path == os.path.join(task_world.COMMITTED, "base")
   for name, t in opd.teachers.items():
     assert (t.loss, t.weight, t.placement) == ("reverse_kl", 1.0, "streamed")
@@ -46,7 +41,7 @@ def test_ultra_is_rlvr_then_warmup_then_sampled_token_mopd():
   c = ultra.get_config()
   pipeline.validate(c)
   assert tuple(c.pipeline.stages) == ("rlvr", "generate", "sft", "opd")
-  rl, gen, warm, opd = (stage(ultra, c, k) for k in range(4))
+  rl, gen, warm, opd = (pipeline.stage_config(c, k) for k in range(4))
   assert rl.loss.kl_weight == 0.0 and rl.rl.reward_weight == 1.0  # pure GRPO
   assert opd.loss.kl_weight == 1.0  # the sampled-token advantage, no reward term
   assert (opd.loss.clip_eps, opd.loss.icepop_c) == (0.2, 5.0)
@@ -57,7 +52,7 @@ def test_ultra_is_rlvr_then_warmup_then_sampled_token_mopd():
   assert warm.sft.train_files.startswith(os.path.join(gen.output_dir, "data"))
   assert opd.student.path == os.path.join(warm.output_dir, "final")
   for k in range(4):  # the overridden stage configs are valid too
-    config_lib.validate(stage(ultra, c, k))
+    config_lib.validate(pipeline.stage_config(c, k))
   # the plain CLI's stage 1 keeps the teacher term (documented): the overrides matter
   assert pipeline.stage_config(c, 0).loss.kl_weight == 1.0
 
@@ -65,9 +60,9 @@ def test_ultra_is_rlvr_then_warmup_then_sampled_token_mopd():
 def test_the_defaults_sample_equal_student_tokens():
   v4, ultra = recipe("v4"), recipe("ultra")
   cu, cv = ultra.get_config(), v4.get_config()
-  rl_tokens = cu.pipeline.steps[0] * budget.step_tokens(stage(ultra, cu, 0))
-  mopd_step = budget.step_tokens(stage(ultra, cu, 3))
-  opd_step = budget.step_tokens(stage(v4, cv, 0))
+  rl_tokens = cu.pipeline.steps[0] * budget.step_tokens(pipeline.stage_config(cu, 0))
+  mopd_step = budget.step_tokens(pipeline.stage_config(cu, 3))
+  opd_step = budget.step_tokens(pipeline.stage_config(cv, 0))
   assert opd_step == mopd_step
   steps = budget.opd_steps_for_budget(rl_tokens, cu.pipeline.steps[3], mopd_step)
   assert steps == cv.pipeline.steps[0] == v4.OPD_STEPS
@@ -109,8 +104,7 @@ def tiny(c, tmp_path, steps):
 def test_recipe_runs_end_to_end_on_the_task_world(name, steps, tmp_path):
   module = recipe(name)
   c = tiny(module.get_config(), tmp_path, steps)
-  run = getattr(module, "run", lambda config: pipeline.run(config))
-  summaries = run(c)
+  summaries = pipeline.run(c)
   assert [s["stage"] for s in summaries] == list(c.pipeline.stages)
   for k, s in enumerate(summaries):
     if c.pipeline.stages[k] != "generate":

@@ -169,3 +169,26 @@ def test_overlap_triggered_warmup_reads_right_on_known_cases(small_world, tmp_pa
   other = sft.SFTTrainer(_warmup_config(small_world, tmp_path, small_world["student"], 0.99))
   other.run()
   assert other.step == 3 and not other.done and other.switches == {}
+
+
+def test_overrides_change_one_stage_and_bad_ones_name_the_field(small_world, tmp_path):
+  import ml_collections
+
+  c = _pipeline_config(small_world, tmp_path / "run")
+  c.pipeline.overrides.sft = ml_collections.ConfigDict({"optimizer": {"lr": 3e-3}})
+  pipeline.validate(c)
+  gen, warm, opd = (pipeline.stage_config(c, k) for k in range(3))
+  assert warm.optimizer.lr == 3e-3 and opd.optimizer.lr == gen.optimizer.lr == c.optimizer.lr
+  assert not warm.pipeline.overrides  # a stage's own config carries no pipeline fields
+  c.pipeline.overrides.sft = ml_collections.ConfigDict({"optimizer": {"lrr": 3e-3}})
+  with pytest.raises(ValueError, match=r"config.pipeline.overrides.sft.optimizer.lrr names no"):
+    pipeline.validate(c)
+  c.pipeline.overrides.sft = ml_collections.ConfigDict({"checkpoint": {"dir": "/elsewhere"}})
+  with pytest.raises(ValueError, match=r"the pipeline sets 'checkpoint.dir' for every stage"):
+    pipeline.validate(c)
+  c.pipeline.overrides = ml_collections.ConfigDict({"rlvr": {"loss": {"kl_weight": 0.0}}})
+  with pytest.raises(ValueError, match=r"overrides has stages \['rlvr'\] that pipeline.stages"):
+    pipeline.validate(c)
+  c.pipeline.overrides = ml_collections.ConfigDict({"opd": {"optimizer": {"lr": "fast"}}})
+  with pytest.raises(ValueError, match=r"pipeline stage 3 \(opd\): config.optimizer.lr='fast'"):
+    pipeline.validate(c)

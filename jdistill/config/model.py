@@ -90,8 +90,12 @@ TEACHER = section(
 )
 
 
-def teacher_config(path: str = "", domains: str = "", **fields) -> mlc.ConfigDict:
-  """One `config.teachers.<name>` entry: the declared defaults, with these fields set."""
+def teacher_config(
+  path: str = "", domains: str = "", loss: str | None = None, weight: float | None = None, **fields
+) -> mlc.ConfigDict:
+  """One `config.teachers.<name>` entry: the declared defaults, with these fields set (`loss`
+  and `weight` may also come third and fourth, as they always could)."""
+  fields.update({k: v for k, v in (("loss", loss), ("weight", weight)) if v is not None})
   if fields.get("scan_layers", False) is None:
     del fields["scan_layers"]  # the declared typed None, overridable on the command line
   return TEACHER.config(path=path, domains=domains, **fields)

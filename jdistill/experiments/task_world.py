@@ -167,12 +167,13 @@ def eval_records(root: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
-def model_names() -> list[str]:
-  return ["base"] + [f"{kind}_{d}" for kind in ("lineage", "external") for d in tasks.DOMAINS]
+def model_names(domains=tasks.DOMAINS) -> list[str]:
+  return ["base"] + [f"{kind}_{d}" for kind in ("lineage", "external") for d in domains]
 
 
-def build(root: str, spec: WorldSpec = WorldSpec(), log=log.info) -> dict:
-  """Builds what is missing under `root` (see the module docstring) → world.json's content."""
+def build(root: str, spec: WorldSpec = WorldSpec(), log=log.info, domains=tasks.DOMAINS) -> dict:
+  """Builds what is missing under `root` (see the module docstring) → world.json's content;
+  `domains`: the domains whose two teachers are built (all of them but in a test)."""
   from jdistill.data.tokenizer import train_tiny_tokenizer
   from jdistill.eval.accuracy import model_accuracy
   from jdistill.testing.toy import random_model_dir
@@ -230,6 +231,8 @@ def build(root: str, spec: WorldSpec = WorldSpec(), log=log.info) -> dict:
     _train(root, "base", init("base", spec.seed + 100), data, spec.base_steps, spec, log)
     _mark(base, base_hash)
   for k, domain in enumerate(tasks.DOMAINS):
+    if domain not in domains:
+      continue
     for kind, start in (("lineage", base), ("external", None)):
       name = f"{kind}_{domain}"
       start_hash = base_hash if kind == "lineage" else _hash(data_hash, arch)
@@ -243,7 +246,7 @@ def build(root: str, spec: WorldSpec = WorldSpec(), log=log.info) -> dict:
       _mark(os.path.join(root, name), digest)
 
   world_hash = _hash(
-    [_read_hash(os.path.join(root, n)) for n in model_names()], spec.eval_per_domain,
+    [_read_hash(os.path.join(root, n)) for n in model_names(domains)], spec.eval_per_domain,
     spec.max_new_tokens,
   )  # fmt: skip
   summary_path = os.path.join(root, "world.json")
@@ -258,7 +261,7 @@ def build(root: str, spec: WorldSpec = WorldSpec(), log=log.info) -> dict:
       os.path.join(root, name), records, max_new_tokens=spec.max_new_tokens,
       verifier="jdistill.experiments.tasks:verify", tokenizer=tokenizer,
     )
-    for name in model_names()
+    for name in model_names(domains)
   }  # fmt: skip
   summary = {
     "hash": world_hash,

@@ -1,0 +1,1 @@
+"""Prompt and example data: reading, tokenising, batching per teacher, packing."""

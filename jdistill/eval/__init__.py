@@ -1,0 +1,1 @@
+"""What a model can do: verifiable rewards and per-domain accuracy."""

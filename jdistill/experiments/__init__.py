@@ -1,0 +1,1 @@
+"""Research on top of the library: the task world, the support-overlap experiment, the demo."""

@@ -1,0 +1,1 @@
+"""What runs a stage: build, the loop, checkpoints, run directories, logs, sharding, io."""

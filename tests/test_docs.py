@@ -43,6 +43,16 @@ def _rel(path: pathlib.Path) -> str:
 # --------------------------------------------------------------------------- config fields
 
 
+# Maps filled per run (`rl.verifiers.<domain>`, `pipeline.overrides.<stage>`): the name docs
+# give them, from their declarations.
+PER_RUN_MAPS = {
+  name.rsplit(".<", 1)[0]: name
+  for section in config_lib.SECTIONS
+  for name, declared in section.rows()
+  if declared.per
+}
+
+
 def _leaf_fields(node: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
   out = []
   for key in sorted(node.keys()):
@@ -51,7 +61,7 @@ def _leaf_fields(node: ml_collections.ConfigDict, prefix: str = "") -> list[str]
     if name == "teachers":  # filled per run; its entries are `teacher_config()` fields
       continue
     if isinstance(value, ml_collections.ConfigDict) and not value.keys():
-      out.append(name + ".<domain>")  # a per-domain map filled per run (rl.verifiers)
+      out.append(PER_RUN_MAPS.get(name, name + ".<?>"))  # a map filled per run (rl.verifiers)
     elif isinstance(value, ml_collections.ConfigDict):
       out += _leaf_fields(value, name + ".")
     else:

@@ -62,7 +62,10 @@ def apply_overrides(config, overrides, where: str) -> None:
     if isinstance(value, mlc.ConfigDict) and isinstance(config[key], mlc.ConfigDict):
       apply_overrides(config[key], value, field)
     else:
-      config[key] = value
+      try:
+        config[key] = value
+      except TypeError as e:  # ml_collections refuses another type: name the field
+        raise ValueError(f"config.{field}={value!r} is invalid; allowed: {e}") from None
 
 
 def stage_config(config, k: int):

@@ -53,7 +53,8 @@ def test_ultra_is_rlvr_then_warmup_then_sampled_token_mopd():
   assert opd.student.path == os.path.join(warm.output_dir, "final")
   for k in range(4):  # the overridden stage configs are valid too
     config_lib.validate(pipeline.stage_config(c, k))
-  # the plain CLI's stage 1 keeps the teacher term (documented): the overrides matter
+  # the override is what makes stage 1 pure GRPO: without it RLVR adds the teacher term
+  del c.pipeline.overrides["rlvr"]
   assert pipeline.stage_config(c, 0).loss.kl_weight == 1.0
 
 

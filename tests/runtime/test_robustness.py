@@ -349,7 +349,7 @@ def test_prompt_counts_are_logged_at_start(small_world, tmp_path, no_compile, ca
     train.OPDTrainer(c)
   line = [x for x in caplog.messages if "training prompts:" in x][0]
   checked, truncated = (int(line.split(" ")[i]) for i in (2, 4))
-  assert checked == 32 and 0 < truncated <= checked, line
+  assert checked == 16 and 0 < truncated <= checked, line  # 8 prompts of each domain
 
 
 @pytest.mark.parametrize(

@@ -145,6 +145,7 @@ def build(
   dial.json's content. `spec` (default: the world's) sets the SFT sizes and the accuracy's
   `max_new_tokens`; a smaller one (and fewer `domains`) gives the tests a quick dial."""
   t0 = time.time()
+  alphas = sorted(alphas)
   spec = spec or world_spec(world)
   sets = train_teachers(world, out, alphas, spec, domains, log)
   for kind in references:
@@ -163,11 +164,11 @@ def build(
   for name, teachers in sets.items():
     measured[name] = measure_set(world, teachers, spec, rows_per_domain)
     log(f"dial: {name} overlap {measured[name]['overlap_mean']:.3f}")
-  dial = [measured[set_name(a)]["overlap_mean"] for a in sorted(alphas)]
+  dial = [measured[set_name(a)]["overlap_mean"] for a in alphas]
   summary = {
     "hash": digest,
     "spec": dataclasses.asdict(spec),
-    "alphas": sorted(alphas),
+    "alphas": alphas,
     "rows_per_domain": rows_per_domain,
     "sets": {n: dict(m, alpha=_alpha(n)) for n, m in measured.items()},
     "monotone": all(a > b for a, b in zip(dial, dial[1:])),

@@ -30,6 +30,7 @@ TOOLS = {
   "evaluate": ("jdistill.eval.accuracy:cli", "greedy accuracy and pass@k per domain"),
   "experiment": ("jdistill.experiments.experiment:cli", "the support-overlap experiment"),
   "task_world": ("jdistill.experiments.task_world:cli", "rebuild the task world"),
+  "dial": ("jdistill.experiments.dial:cli", "the overlap dial: teachers forked on mixed data"),
   "demo": ("jdistill.experiments.demo:cli", "what `make demo` runs"),
 }
 

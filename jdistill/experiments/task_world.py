@@ -142,7 +142,7 @@ def recipe_config(teachers: str, loss: str, world: str = COMMITTED):
   c.tokenizer = os.path.join(world, "tokenizer")
   c.teachers = ml_collections.ConfigDict(
     {
-      d: teacher_config(os.path.join(world, f"{teachers}_{d}"), d, loss, param_dtype="float32")
+      d: teacher_config(os.path.join(world, f"{teachers}_{d}"), d, loss=loss, param_dtype="float32")
       for d in tasks.DOMAINS
     }
   )

@@ -29,7 +29,7 @@ format: $(STAMP)
 # TEST_WORKERS processes, one test file per process at a time (module fixtures built once).
 TEST_WORKERS ?= 2
 test: lint
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile tests
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
 
 demo: $(STAMP)
 	@$(PY) -m jdistill demo --out=demo_out

@@ -429,3 +429,71 @@ def test_import_each_alone_finds_a_module_that_needs_another_imported_first(tmp_
 def test_each_module_imports_alone():
   failures = import_each_alone(sorted(module_files()))
   assert not failures, "modules that fail to import on their own:\n" + "\n\n".join(failures)
+
+
+KERNELS = ("jdistill.losses", "jdistill.overlap.metrics", "jdistill.models", "jdistill.sampling")
+ABOVE_KERNELS = ("jdistill.stages", "jdistill.runtime.loop", "jdistill.cli")
+LIBRARY_ONLY_BELOW = ("jdistill.experiments", "jdistill.testing")
+
+
+def _within(name: str, prefixes) -> bool:
+  return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def reachable(edges: dict[str, dict[str, str]], start: str) -> dict[str, list[str]]:
+  """Every module `start` imports, directly or through others → the chain of 'file:line'."""
+  chains = {start: []}
+  frontier = [start]
+  while frontier:
+    nxt = []
+    for v in frontier:
+      for w, where in sorted(edges[v].items()):
+        if w not in chains:
+          chains[w] = chains[v] + [f"{w} ({where})"]
+          nxt.append(w)
+    frontier = nxt
+  del chains[start]
+  return chains
+
+
+def layering_violations(edges, lower, upper) -> list[str]:
+  """'module -> ... -> forbidden' for each module under `lower` that reaches one under `upper`."""
+  out = []
+  for name in sorted(edges):
+    if not _within(name, lower):
+      continue
+    for target, chain in reachable(edges, name).items():
+      if _within(target, upper):
+        out.append(f"{name} -> " + " -> ".join(chain))
+  return out
+
+
+def test_layering_helpers_find_an_indirect_violation():
+  edges = {
+    "jdistill.losses.k": {"jdistill.util": "k.py:1"},
+    "jdistill.util": {"jdistill.stages.opd": "util.py:2"},
+    "jdistill.stages.opd": {},
+  }
+  found = layering_violations(edges, KERNELS, ABOVE_KERNELS)
+  assert found == ["jdistill.losses.k -> jdistill.util (k.py:1) -> jdistill.stages.opd (util.py:2)"]
+  assert layering_violations(edges, ("jdistill.util",), ("jdistill.losses",)) == []
+
+
+def test_kernels_models_and_sampling_never_import_a_stage_the_loop_or_the_cli():
+  """Losses, overlap metrics, models and sampling are functions of arrays: nothing they import
+  (directly or through another module) is a stage, the loop or the command line; and no
+  module of the library imports the experiments or the test fixtures."""
+  edges = import_edges(module_files())
+  assert any(_within(m, ("jdistill.losses",)) for m in edges)  # the names still exist
+  assert "jdistill.overlap.metrics" in edges and "jdistill.runtime.loop" in edges
+  problems = layering_violations(edges, KERNELS, ABOVE_KERNELS)
+  library = tuple(
+    m
+    for m in edges
+    if not _within(m, LIBRARY_ONLY_BELOW + ("jdistill.cli", "jdistill.__main__"))
+    and m.count(".") >= 1
+    and m
+    not in ("jdistill.train", "jdistill.evaluate", "jdistill.experiment", "jdistill.task_world")
+  )
+  problems += layering_violations(edges, library, LIBRARY_ONLY_BELOW)
+  assert not problems, "imports against the layering (docs/design.md):\n" + "\n".join(problems)

@@ -28,7 +28,8 @@ STAGE_COMMANDS = {
 TOOLS = {
   "overlap": ("jdistill.overlap.probe:cli", "support overlap of the student's rollouts"),
   "evaluate": ("jdistill.eval.accuracy:cli", "greedy accuracy and pass@k per domain"),
-  "experiment": ("jdistill.experiments.experiment:cli", "the support-overlap experiment"),
+  "question": ("jdistill.experiments.question:cli", "can engineered overlap replace student RL?"),
+  "experiment": ("jdistill.experiments.experiment:cli", "the loss grid: loss x teachers x warmup"),
   "task_world": ("jdistill.experiments.task_world:cli", "rebuild the task world"),
   "dial": ("jdistill.experiments.dial:cli", "the overlap dial: teachers forked on mixed data"),
   "demo": ("jdistill.experiments.demo:cli", "what `make demo` runs"),

@@ -84,6 +84,12 @@ SFT = section(
     "and prompts in `data.train_files`",
     "0 (off) or a number in (0, 1]",
   ),
+  replay_share=field(
+    0.25,
+    "overlap-triggered warmup: the share of each step's rows replayed from the examples of "
+    "teachers that have switched, so their domains do not erode while the others train",
+    "a number in [0, 1)",
+  ),
   overlap_every=field(10, "steps between overlap probes", "a positive int"),
   overlap_rows=field(
     16,
@@ -197,6 +203,8 @@ def _validate_sft(config) -> None:
       fail(f"sft.{name}", config.sft[name], "a positive integer")
   if not 0.0 <= config.sft.until_overlap <= 1.0:
     fail("sft.until_overlap", config.sft.until_overlap, "0 (off) or an overlap in (0, 1]")
+  if not 0.0 <= config.sft.replay_share < 1.0:
+    fail("sft.replay_share", config.sft.replay_share, "a number in [0, 1)")
   if config.sft.until_overlap:
     if not (config.data.eval_files or config.data.train_files):
       fail("data.train_files", "", "prompts for the overlap probe (sft.until_overlap > 0)")

@@ -39,11 +39,17 @@ ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 REFERENCES = ("lineage", "external")  # the world's own sets: same lineage, other init
 
 
-def set_name(alpha: float) -> str:
-  return f"alpha_{alpha:g}"
+KNOBS = ("example", "token")  # what α is a share of: examples in the external style, or tokens
+PREFIX = {"example": "alpha_", "token": "notation_"}
 
 
-def write_mixture(path: str, domain: str, n: int, alpha: float, seed: int, exclude=()) -> str:
+def set_name(alpha: float, knob: str = "example") -> str:
+  return f"{PREFIX[knob]}{alpha:g}"
+
+
+def write_mixture(
+  path: str, domain: str, n: int, alpha: float, seed: int, exclude=(), knob: str = "example"
+) -> str:
   """`n` worked examples of `domain` (`domain`, `prompt`, `completion`), exactly `round(α n)` of
   them external-style and the rest plain. The problems are those `tasks.write_examples(...,
   seed)` draws, so α = 0 and α = 1 equal its plain and external files; the external rows are
@@ -60,8 +66,11 @@ def write_mixture(path: str, domain: str, n: int, alpha: float, seed: int, exclu
       prompt, _ = tasks.make_problem(domain, rng)
       while prompt in exclude:
         prompt, _ = tasks.make_problem(domain, rng)
-      style = "external" if i in external else "plain"
-      record = {"domain": domain, "prompt": prompt, "completion": tasks.solution(prompt, style)}
+      if knob == "token":  # every example plain, a share α of its step tokens re-notated
+        completion = tasks.notate(tasks.solution(prompt, "plain"), alpha, rng)
+      else:
+        completion = tasks.solution(prompt, "external" if i in external else "plain")
+      record = {"domain": domain, "prompt": prompt, "completion": completion}
       f.write(json.dumps(record) + "\n")
   return path
 
@@ -72,8 +81,9 @@ def world_spec(world: str) -> tw.WorldSpec:
 
 
 def train_teachers(
-  world: str, out: str, alphas, spec: tw.WorldSpec, domains=tasks.DOMAINS, log=log.info
-) -> dict:
+  world: str, out: str, alphas, spec: tw.WorldSpec, domains=tasks.DOMAINS, log=log.info,
+  knob: str = "example",
+) -> dict:  # fmt: skip
   """Trains what is missing of the dial's teachers → {set name: {domain: teacher dir}}."""
   os.makedirs(os.path.join(out, "data"), exist_ok=True)
   if not os.path.isdir(os.path.join(out, "tokenizer")):
@@ -83,16 +93,17 @@ def train_teachers(
   training = (spec.rows_per_step, spec.lr, spec.teacher_steps, spec.seed)
   sets = {}
   for alpha in alphas:
-    sets[set_name(alpha)] = {}
+    sets[set_name(alpha, knob)] = {}
     for domain in domains:
-      name = f"{set_name(alpha)}_{domain}"
-      sets[set_name(alpha)][domain] = path = os.path.join(out, name)
+      name = f"{set_name(alpha, knob)}_{domain}"
+      sets[set_name(alpha, knob)][domain] = path = os.path.join(out, name)
       seed = spec.seed + 10 + tasks.DOMAINS.index(domain)  # the world's per-domain data seed
-      digest = tw._hash(base_hash, training, spec.examples_per_domain, alpha, domain, "dial-v1")
+      version = "dial-v1" if knob == "example" else f"dial-v1-{knob}"  # example: as committed
+      digest = tw._hash(base_hash, training, spec.examples_per_domain, alpha, domain, version)
       if tw._done(path, digest):
         continue
       data = os.path.join(out, "data", f"{name}.jsonl")
-      write_mixture(data, domain, spec.examples_per_domain, alpha, seed, exclude=held_out)
+      write_mixture(data, domain, spec.examples_per_domain, alpha, seed, held_out, knob)
       t0 = time.time()
       base = os.path.join(world, "base")
       tw._train(out, name, base, data, spec.teacher_steps, spec, log)
@@ -140,21 +151,26 @@ def measure_set(world: str, teachers: dict[str, str], spec, rows_per_domain: int
 def build(
   world: str = tw.COMMITTED, out: str = "runs/dial", alphas=ALPHAS, rows_per_domain: int = 64,
   spec: tw.WorldSpec | None = None, references=REFERENCES, domains=tasks.DOMAINS, log=log.info,
+  knob: str = "example",
 ) -> dict:  # fmt: skip
   """Trains the missing teachers and measures every set (and the world's `references`) →
-  dial.json's content. `spec` (default: the world's) sets the SFT sizes and the accuracy's
-  `max_new_tokens`; a smaller one (and fewer `domains`) gives the tests a quick dial."""
+  dial.json's content (`dial_token.json` for the token knob). `spec` (default: the world's)
+  sets the SFT sizes and the accuracy's `max_new_tokens`; a smaller one (and fewer
+  `domains`) gives the tests a quick dial. `knob`: α is a share of examples in the external
+  style, or of step tokens in the shifted notation (`tasks.notate`)."""
+  if knob not in KNOBS:
+    raise ValueError(f"knob must be one of {KNOBS}, got {knob!r}")
   t0 = time.time()
   alphas = sorted(alphas)
   spec = spec or world_spec(world)
-  sets = train_teachers(world, out, alphas, spec, domains, log)
+  sets = train_teachers(world, out, alphas, spec, domains, log, knob)
   for kind in references:
     sets[kind] = {d: os.path.join(world, f"{kind}_{d}") for d in domains}
   digest = tw._hash(
     {s: {d: tw._read_hash(p) for d, p in t.items()} for s, t in sets.items()},
     rows_per_domain, spec.max_new_tokens,
   )  # fmt: skip
-  path = os.path.join(out, "dial.json")
+  path = os.path.join(out, summary_name(knob))
   if os.path.exists(path):
     with open(path) as f:
       summary = json.load(f)
@@ -164,17 +180,18 @@ def build(
   for name, teachers in sets.items():
     measured[name] = measure_set(world, teachers, spec, rows_per_domain)
     log(f"dial: {name} overlap {measured[name]['overlap_mean']:.3f}")
-  dial = [measured[set_name(a)]["overlap_mean"] for a in alphas]
+  dial = [measured[set_name(a, knob)]["overlap_mean"] for a in alphas]
   summary = {
     "hash": digest,
     "spec": dataclasses.asdict(spec),
     "alphas": alphas,
+    "knob": knob,
     "rows_per_domain": rows_per_domain,
     "sets": {n: dict(m, alpha=_alpha(n)) for n, m in measured.items()},
     "monotone": all(a > b for a, b in zip(dial, dial[1:])),
     "span": [min(dial), max(dial)],
     "min_teacher_accuracy": min(
-      v for n in map(set_name, alphas) for v in measured[n]["accuracy"].values()
+      v for a in alphas for v in measured[set_name(a, knob)]["accuracy"].values()
     ),
     "build_seconds": time.time() - t0,
   }
@@ -182,8 +199,15 @@ def build(
   return summary
 
 
+def summary_name(knob: str) -> str:
+  return "dial.json" if knob == "example" else f"dial_{knob}.json"
+
+
 def _alpha(name: str) -> float | None:
-  return float(name.removeprefix("alpha_")) if name.startswith("alpha_") else None
+  for prefix in PREFIX.values():
+    if name.startswith(prefix):
+      return float(name.removeprefix(prefix))
+  return None
 
 
 def table(summary: dict) -> str:
@@ -204,10 +228,10 @@ def commit(out: str, world: str = tw.COMMITTED) -> str:
     shutil.rmtree(dest)
   os.makedirs(dest)
   with open(os.path.join(out, "dial.json")) as f:
-    alphas = json.load(f)["alphas"]
-  for a in alphas:
+    summary = json.load(f)
+  for a in summary["alphas"]:
     for d in tasks.DOMAINS:
-      name = f"{set_name(a)}_{d}"
+      name = f"{set_name(a, summary.get('knob', 'example'))}_{d}"
       shutil.copytree(os.path.join(out, name), os.path.join(dest, name))
   shutil.copy(os.path.join(out, "dial.json"), os.path.join(dest, "dial.json"))
   return dest
@@ -219,7 +243,7 @@ def main(argv):
 
   f = flags.FLAGS
   alphas = [float(a) for a in f.alphas.split(",")]
-  summary = build(f.world, f.out, alphas, f.rows_per_domain)
+  summary = build(f.world, f.out, alphas, f.rows_per_domain, knob=f.knob)
   print(table(summary))
   print(
     f"monotone: {summary['monotone']}, span {summary['span'][0]:.3f} → {summary['span'][1]:.3f}, "
@@ -236,6 +260,7 @@ def cli():
   flags.DEFINE_string("world", tw.COMMITTED, "The task world whose base the teachers fork.")
   flags.DEFINE_string("out", "runs/dial", "Where the dial's teachers and data are built.")
   flags.DEFINE_string("alphas", ",".join(f"{a:g}" for a in ALPHAS), "External-style shares.")
+  flags.DEFINE_enum("knob", "example", list(KNOBS), "α is a share of: examples | tokens.")
   flags.DEFINE_integer("rows_per_domain", 64, "Base rollouts per domain the overlap is over.")
   flags.DEFINE_bool("commit", False, "Copy the teachers and dial.json to <world>/dial/.")
   app.run(main)

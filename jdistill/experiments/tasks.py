@@ -79,6 +79,25 @@ def solution(prompt: str, style: str) -> str:
   raise ValueError(f"prompt {prompt!r}: unknown domain {domain!r}")
 
 
+# The "notation" of external data at the token level: each character of the worked steps may
+# be written in its shifted glyph (a digit as the symbol on its key, a letter in upper case).
+# The answer line stays plain, so the verifier reads it whatever the notation.
+SHIFTED = dict(zip("0123456789abcdefghijklmnopqrstuvwxyz", ")!@#$%^&*(ABCDEFGHIJKLMNOPQRSTUVWXYZ"))
+
+
+def notate(completion: str, share: float, rng: random.Random) -> str:
+  """`completion` with each character of its steps (before ` answer:`) that has a shifted
+  glyph written in it with probability `share`, independently: at share α a model trained on
+  such data puts about α of its mass on the shifted glyph at every such position."""
+  if not 0.0 <= share <= 1.0:
+    raise ValueError(f"share must be in [0, 1], got {share}")
+  steps, sep, answer = completion.rpartition(" answer:")
+  if not sep:
+    raise ValueError(f"completion {completion!r} has no ' answer:' line")
+  out = [SHIFTED[ch] if ch in SHIFTED and rng.random() < share else ch for ch in steps]
+  return "".join(out) + sep + answer
+
+
 def final_answer(completion: str) -> str | None:
   """The `<x>` of a completion's last line `answer: <x>`; None if it does not end so."""
   lines = [line for line in completion.strip().splitlines() if line.strip()]

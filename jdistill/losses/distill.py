@@ -69,6 +69,8 @@ def _make_token_fn(settings: LossSettings, diagnostics=True):
         "student_logp": token_logp(s_tau, targets),
         "teacher_logp": token_logp(t_tau, targets),
       }
+      if s.kl_baseline:  # the exact KL(q || p_T) at this position: the advantage's baseline
+        terms["baseline"] = sg(_kl_from_logp(s_tau, t_tau))
     elif s.loss == "reverse_kl":
       terms = {"per_token_loss": _kl_from_logp(s_tau, t_tau)}
     elif s.loss == "forward_kl":
@@ -132,6 +134,7 @@ def _per_token_loss_fn(settings: LossSettings, diagnostics):
         settings.clip_eps,
         settings.icepop_c,
         settings.kl_weight,
+        terms.get("baseline"),
       )
     elif settings.loss == "overlap_aware":
       per_token, aux = overlap_aware_terms(
@@ -334,6 +337,8 @@ def distill_loss(
       extra_advantage=extra_advantage,
       normalize=settings.normalize,
       icepop_c=settings.icepop_c,
+      kl_weight=settings.kl_weight,
+      baseline=terms.get("baseline"),
     )
     diagnostics.update(aux)
   elif settings.loss == "overlap_aware":

@@ -41,6 +41,8 @@ def sampled_token_loss(
   extra_advantage=None,
   normalize: str = "token",
   icepop_c: float | None = None,
+  kl_weight: float = 1.0,
+  baseline=None,
 ):
   """Sampled-token (k1) on-policy distillation loss -> ``(loss scalar, aux)``.
 
@@ -48,8 +50,11 @@ def sampled_token_loss(
   ``teacher_logp`` = log p_t(x_t), ``mask`` the completion mask.
 
   * k1 = student_logp - teacher_logp (the per-token reverse-KL estimator).
-  * Advantage A = -stop_gradient(k1) (+ stop_gradient(extra_advantage), shape
-    ``[B, T]`` or ``[B, 1]``, e.g. an RL sequence reward). A is the same in every
+  * Advantage A = -kl_weight · stop_gradient(k1 − b) (+ stop_gradient(extra_advantage),
+    shape ``[B, T]`` or ``[B, 1]``, e.g. an RL sequence reward), where the baseline
+    ``baseline`` b ``[B, T]`` (default 0) depends on the context only, e.g. the exact
+    per-position KL(q || p_T): E_x[b ∇log q(x)] = 0, so the expected gradient is unchanged
+    and only the variance moves. A is the same in every
     mode: we do *not* use Ultra's A = sg(teacher_logp - behaviour_logp); at the
     behaviour policy (r = 1) the gradients of both forms coincide.
   * No ``behaviour_logp``: per-token loss ``-A * student_logp`` (REINFORCE).
@@ -77,8 +82,17 @@ def sampled_token_loss(
     _check_extra_advantage(extra_advantage, student_logp.shape)
   if behaviour_logp is not None:
     _check_same_shape("behaviour_logp", behaviour_logp, "student_logp", student_logp)
+  if baseline is not None:
+    _check_same_shape("baseline", baseline, "student_logp", student_logp)
   per_token, aux = sampled_token_terms(
-    student_logp, teacher_logp, behaviour_logp, extra_advantage, clip_eps, icepop_c
+    student_logp,
+    teacher_logp,
+    behaviour_logp,
+    extra_advantage,
+    clip_eps,
+    icepop_c,
+    kl_weight,
+    baseline,
   )
   loss = masked_mean(per_token, mask, normalize)
   clipped = aux.pop("clipped")
@@ -86,15 +100,23 @@ def sampled_token_loss(
 
 
 def sampled_token_terms(
-  student_logp, teacher_logp, behaviour_logp, extra_advantage, clip_eps, icepop_c, kl_weight=1.0
+  student_logp,
+  teacher_logp,
+  behaviour_logp,
+  extra_advantage,
+  clip_eps,
+  icepop_c,
+  kl_weight=1.0,
+  baseline=None,
 ):
   """Elementwise part of :func:`sampled_token_loss` -> ``(per_token_loss, aux)``, all shaped
   like ``student_logp`` (``extra_advantage`` broadcasts); aux holds ``clipped`` (1 where the
   PPO clip is active) instead of the reduced ``clip_fraction``. The advantage is
-  :func:`combined_advantage`: ``kl_weight · (−k1) + extra_advantage``."""
+  :func:`combined_advantage`: ``kl_weight · (−(k1 − baseline)) + extra_advantage``."""
   student_logp = student_logp.astype(jnp.float32)
   k1 = student_logp - sg(teacher_logp.astype(jnp.float32))
-  advantage = -kl_weight * sg(k1)
+  centred = k1 if baseline is None else k1 - baseline.astype(jnp.float32)
+  advantage = -kl_weight * sg(centred)
   if extra_advantage is not None:
     advantage = advantage + sg(extra_advantage.astype(jnp.float32))
 

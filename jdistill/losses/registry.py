@@ -53,6 +53,13 @@ REGISTRY: dict[str, Loss] = {
       "k1 = log p_s(x) - log p_t(x) of the sampled token as a per-token advantage",
       sampled=True,
     ),
+    Loss(
+      "sampled_token_baseline",
+      "sampled_token",
+      "sampled-token with the exact per-position reverse KL as its baseline (same expectation)",
+      fixed=(("kl_baseline", True),),
+      sampled=True,
+    ),
     Loss("reverse_kl", "reverse_kl", "full-vocabulary KL(student || teacher)"),
     Loss("forward_kl", "forward_kl", "full-vocabulary KL(teacher || student)"),
     Loss("jsd", "jsd", "generalized JSD(beta), as TRL's generalized_jsd_loss"),

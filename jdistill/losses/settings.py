@@ -80,6 +80,8 @@ class LossSettings:
   clip_eps: float | None = None
   kl_weight: float = 1.0  # λ: weight of the sampled-token distillation advantage −k1
   icepop_c: float | None = None  # > 1: sampled terms with q/π outside [1/c, c] get no gradient
+  # sampled_token: subtract the exact per-position KL(q || p_T) from −k1 (a control variate)
+  kl_baseline: bool = False
   overlap_criterion: str = "teacher_topk"
   overlap_topk: int = 8
   overlap_floor_prob: float = 1e-3

@@ -14,7 +14,9 @@ Overlap-triggered warmup (`sft.until_overlap` > 0): instead of a fixed length, e
 student's own rollouts on its prompts is measured (`overlap.OverlapProbe`). A teacher whose
 overlap reaches the threshold switches to OPD: the switch is logged and written to
 `<output_dir>/switches.json` with the measured value, and its examples (packed per domain)
-leave the SFT mix. The stage ends when every teacher has switched (or at `train.steps`); the
+leave the main SFT mix; a share `sft.replay_share` of every later step's rows is replayed
+from the switched teachers' examples, so a domain that switched early does not erode while
+the others train on. The stage ends when every teacher has switched (or at `train.steps`); the
 next pipeline stage distils from all of them. (Teachers that switched wait for the others:
 one step mixing SFT rows and OPD rows is not built.)
 """
@@ -134,18 +136,33 @@ class SFTTrainer(TrainingStage):
       return np.arange(len(self.rows["tokens"]))
     return np.flatnonzero(~np.isin(self.row_teacher, list(self.switches)))
 
+  def replay_rows(self) -> np.ndarray:
+    """Rows of the teachers that have switched to OPD (replayed at `sft.replay_share`)."""
+    if self.row_teacher is None:
+      return np.arange(0)
+    return np.flatnonzero(np.isin(self.row_teacher, list(self.switches)))
+
   def batch(self, step: int) -> dict:
     """Rows of step `step`: epochs of a seeded permutation of the active rows, restarting
-    at each teacher's switch (phase)."""
-    active, k = self.active_rows(), self.config.sft.rows_per_step
+    at each teacher's switch (phase), and once a teacher has switched, round(replay_share ·
+    rows_per_step) rows drawn (seeded by step) from the switched teachers' rows."""
+    active, replay = self.active_rows(), self.replay_rows()
+    rows_per_step = self.config.sft.rows_per_step
+    replayed = round(self.config.sft.replay_share * rows_per_step) if len(replay) else 0
+    replayed = min(replayed, rows_per_step - 1) if len(active) else rows_per_step
+    k = rows_per_step - replayed
     n, phase, local = len(active), len(self.switches), step - self.phase_start
     order = []
-    epoch = (local * k) // n
-    while len(order) < (local * k) % n + k:
+    epoch = (local * k) // max(n, 1)
+    while n and len(order) < (local * k) % n + k:
       order.extend(np.random.default_rng([self.config.seed, phase, epoch]).permutation(n))
       epoch += 1
-    first = (local * k) % n
-    picked = active[np.asarray(order[first : first + k])]
+    first = (local * k) % max(n, 1)
+    picked = active[np.asarray(order[first : first + k], dtype=np.int64)]
+    if replayed:
+      rng = np.random.default_rng([self.config.seed, phase, step, 1])
+      extra = rng.choice(replay, replayed, replace=len(replay) < replayed)
+      picked = np.concatenate([picked, extra])
     return {
       name: jax.device_put(self.rows[name][picked], self.shardings[name]) for name in BATCH_KEYS
     }

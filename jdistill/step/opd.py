@@ -30,7 +30,10 @@ SAMPLED_LOSSES = losses.SAMPLED_LOSSES  # estimators that use the sampled tokens
 
 
 def teacher_metrics(diag: dict, mask) -> dict:
-  """Token means over the completion of the loss kernel's per-token diagnostics."""
+  """Token means over the completion of the loss kernel's per-token diagnostics, and
+  `off_support_loss_share`: the share of the loss's per-token weight (|advantage| of a sampled
+  estimator, the per-token loss of a dense one) on tokens the teacher puts off its support
+  (probability < `metrics.floor_prob`)."""
   per_token = {
     k: v
     for k, v in diag.items()
@@ -45,6 +48,11 @@ def teacher_metrics(diag: dict, mask) -> dict:
     out["abs_log_ratio_max"] = jnp.max(jnp.where(mask > 0, abs_log_ratio, 0.0))
   if "clip_fraction" in diag:
     out["clip_fraction"] = diag["clip_fraction"]
+  if "off_support" in diag:  # where the loss's weight sits: on tokens off the teacher's support
+    weight = jnp.abs(diag["advantage"] if "advantage" in diag else diag["per_token_loss"]) * mask
+    out["off_support_loss_share"] = jnp.sum(weight * diag["off_support"]) / jnp.maximum(
+      jnp.sum(weight), 1e-12
+    )
   out["tokens"] = jnp.sum(mask)
   return out
 

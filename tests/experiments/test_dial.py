@@ -48,6 +48,31 @@ def test_the_mixture_has_the_share_the_total_and_the_world_s_problems(tmp_path):
     dial.write_mixture(str(tmp_path / "bad"), "add", n, 1.5, seed)
 
 
+@pytest.mark.parametrize("domain", tasks.DOMAINS)
+def test_the_token_knob_renotates_a_share_of_the_step_tokens_and_keeps_the_answer(tmp_path, domain):
+  n, shares = 300, {}
+  for alpha in (0.0, 0.25, 0.5, 1.0):
+    path = dial.write_mixture(str(tmp_path / f"{alpha}"), domain, n, alpha, 5, knob="token")
+    rows = _rows(path)
+    changed = total = 0
+    for r in rows:
+      plain = tasks.solution(r["prompt"], "plain")
+      assert len(r["completion"]) == len(plain) and tasks.verify(r["completion"], "") == 0.0
+      assert tasks.final_answer(r["completion"]) == tasks.final_answer(plain)
+      steps = plain.rpartition(" answer:")[0]
+      for a, b in zip(steps, r["completion"]):
+        if a in tasks.SHIFTED:
+          total += 1
+          changed += a != b
+          assert b in (a, tasks.SHIFTED[a])
+        else:
+          assert a == b
+    shares[alpha] = changed / total
+  assert shares[0.0] == 0.0 and shares[1.0] == 1.0
+  assert abs(shares[0.25] - 0.25) < 0.03 and abs(shares[0.5] - 0.5) < 0.03
+  assert dial.set_name(0.5, "token") == "notation_0.5" and dial._alpha("notation_0.5") == 0.5
+
+
 # A quick dial on the committed world's base: 40 SFT steps per teacher already move the α = 1
 # teachers off the base's plain style, while the α = 0 ones stay near it.
 QUICK = dict(

@@ -140,3 +140,39 @@ def test_bad_sft_examples_name_file_and_line(small_world, tmp_path):
   path.write_text('{"prompt": "hi", "completion": "' + "yo " * 100 + '"}\n')
   with pytest.raises(ValueError, match=rf"{path}:1: example has \d+ tokens, more than max_len"):
     packing.read_examples(str(path), tok, use_chat_template=True, max_len=64)
+
+
+def _rows_of(replay_share: float, switches: dict, step: int) -> np.ndarray:
+  """The teachers of the rows `SFTTrainer.batch` picks, on a stand-in with 3 teachers' rows."""
+  from types import SimpleNamespace
+
+  teachers = np.repeat(np.array(["add", "count", "reverse"]), 10)
+  stand_in = SimpleNamespace(
+    rows={name: np.arange(30)[:, None] for name in sft.BATCH_KEYS},
+    row_teacher=teachers,
+    switches=switches,
+    phase_start=0,
+    shardings={name: None for name in sft.BATCH_KEYS},
+    config=SimpleNamespace(seed=0, sft=SimpleNamespace(rows_per_step=8, replay_share=replay_share)),
+  )
+  stand_in.active_rows = lambda: sft.SFTTrainer.active_rows(stand_in)
+  stand_in.replay_rows = lambda: sft.SFTTrainer.replay_rows(stand_in)
+  picked = np.asarray(sft.SFTTrainer.batch(stand_in, step)[sft.BATCH_KEYS[0]])[:, 0]
+  return teachers[picked]
+
+
+def test_a_switched_teachers_rows_are_replayed_at_the_replay_share():
+  """Before any switch every teacher's rows are drawn; after 'add' switches, 2 of 8 rows per
+  step (share 0.25) are its, the rest the others'; with share 0 it leaves the mix."""
+  assert set(np.concatenate([_rows_of(0.25, {}, s) for s in range(4)])) == {
+    "add",
+    "count",
+    "reverse",
+  }
+  for step in range(6):
+    rows = _rows_of(0.25, {"add": {"step": 0}}, step)
+    assert len(rows) == 8 and list(rows).count("add") == 2, rows
+    assert list(_rows_of(0.0, {"add": {"step": 0}}, step)).count("add") == 0
+  np.testing.assert_array_equal(  # a pure function of the step: resume draws the same rows
+    _rows_of(0.25, {"add": {"step": 0}}, 3), _rows_of(0.25, {"add": {"step": 0}}, 3)
+  )

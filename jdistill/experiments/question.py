@@ -1,0 +1,567 @@
+"""The question's grid: can engineered support overlap replace student RL?
+
+  make experiment
+  python -m jdistill question --out=runs/question [--seeds=3] [--settings=lineage,alpha_1] ...
+
+At each dial setting (a teacher set: `lineage` = forks of the base on their domain's own
+plain data, high overlap; `alpha_<α>` = the dial's forks on a share α of external-style data,
+`jdistill.experiments.dial`; `external` = other inits), every recipe
+
+  loss     reverse_kl | sampled_token (Ultra: PPO clip 0.2, IcePop 5) | sampled_token_baseline
+           | forward_kl | topk_teacher
+  rl       none | rlvr (GRPO before OPD, Ultra's order)
+  warmup   none | sft (the teachers' verified completions, after RL: Ultra's order)
+
+runs from the world's base at **equal budget**: `budget_steps` OPD steps' worth of student
+tokens, of which the rlvr arm spends `rl_steps` GRPO steps (group `rl_group`) and OPD the rest
+(`jdistill.experiments.budget`). Pruned: warmup SFT runs only where the teachers' data is not
+the student's own style (the lineage teachers' data *is* the base's; claims 1-2 concern
+external-data teachers), and RL arms only with `rl_losses`.
+
+Learning rates are tuned, not shared: `sweep` runs each loss at `lrs` and RLVR at `rl_lrs`
+(seed 0, the dial's ends) and scores them on a **validation** split (`validation.jsonl`:
+prompts kept apart from the training and the test prompts); each recipe then runs at its best
+lr. Each cell records held-out test accuracy, overlap before and after OPD (after RL and
+warmup: "before" is the student OPD starts from), the estimator's gradient noise at the
+start (`jdistill.experiments.noise`), student and teacher tokens and wall time, in the format
+`jdistill.experiments.verdict` reads; `answer.md` is its verdict. Cells, stages and the sweep
+are cached under `--out`: a re-run resumes where the last one stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import time
+
+import numpy as np
+
+from jdistill.experiments import budget, dial, tasks, verdict
+from jdistill.experiments import experiment as loss_grid
+from jdistill.experiments import task_world as tw
+from jdistill.runtime.io import write_json_atomic
+
+SAMPLED = ("sampled_token", "sampled_token_baseline")
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+  settings: tuple[str, ...] = ("lineage", "alpha_1")
+  losses: tuple[str, ...] = ("reverse_kl", "sampled_token", "sampled_token_baseline")
+  rl_losses: tuple[str, ...] = ("reverse_kl", "sampled_token")  # the losses with RL arms
+  rls: tuple[str, ...] = ("none", "rlvr")
+  warmups: tuple[str, ...] = ("none", "sft")
+  seeds: int = 3
+  budget_steps: int = 150  # student tokens of this many OPD steps per cell
+  rl_steps: int = 15  # GRPO steps of the rlvr arm (group rl_group: 4 OPD steps' tokens each)
+  rl_group: int = 4
+  warmup_steps: int = 60
+  lrs: tuple[float, ...] = (5e-4, 1e-3, 2e-3, 4e-3)
+  # the sampled estimators diverge at 2e-3 (the loss grid): their sweep reaches lower
+  sampled_lrs: tuple[float, ...] = (1e-4, 2.5e-4, 5e-4, 1e-3, 2e-3)
+  rl_lrs: tuple[float, ...] = (1e-4, 3e-4, 1e-3)
+  warmup_lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3)  # the warmup SFT's, at the low end
+  validation_per_domain: int = 64
+  noise_batches: int = 2
+  slots_per_teacher: int = 16
+  max_new_tokens: int = 48
+
+  def loss_grid(self) -> loss_grid.Grid:
+    """The loss grid's settings this grid shares (prompts, sampling, the warmup's SFT)."""
+    return loss_grid.Grid(
+      opd_steps=self.budget_steps,
+      warmup_steps=self.warmup_steps,
+      slots_per_teacher=self.slots_per_teacher,
+      max_new_tokens=self.max_new_tokens,
+    )
+
+  def lrs_of(self, loss: str) -> tuple[float, ...]:
+    """The learning rates the sweep tries for `loss`."""
+    return self.sampled_lrs if loss in SAMPLED else self.lrs
+
+  def cells(self):
+    """(setting, warmup, rl, loss, seed) of every cell, pruned as the module docstring says."""
+    out = []
+    for setting in self.settings:
+      for warmup in self.warmups:
+        if warmup == "sft" and setting == "lineage":
+          continue
+        for rl in self.rls:
+          for loss in self.losses:
+            if rl != "none" and loss not in self.rl_losses:
+              continue
+            out += [(setting, warmup, rl, loss, seed) for seed in range(self.seeds)]
+    return out
+
+
+def teacher_dirs(world: str, dial_dir: str, setting: str) -> dict[str, str]:
+  """{domain: teacher dir} of a dial setting."""
+  if setting in ("lineage", "external"):
+    return {d: os.path.join(world, f"{setting}_{d}") for d in tasks.DOMAINS}
+  return {d: os.path.join(dial_dir, f"{setting}_{d}") for d in tasks.DOMAINS}
+
+
+def write_validation(world: str, path: str, per_domain: int, seed: int = 4242) -> str:
+  """Validation prompts: `per_domain` distinct problems per domain, none of them a training
+  or a test prompt of the world (the lr sweep scores on these, never on the test prompts)."""
+  taken = set()
+  for name in ("train.jsonl", "eval.jsonl"):
+    with open(os.path.join(world, name)) as f:
+      taken |= {json.loads(line)["prompt"] for line in f if line.strip()}
+  rng = random.Random(seed)
+  rows = []
+  for domain in tasks.DOMAINS:
+    seen = set()
+    while len(seen) < per_domain:
+      prompt, answer = tasks.make_problem(domain, rng)
+      if prompt not in taken and prompt not in seen:
+        seen.add(prompt)
+        rows.append({"domain": domain, "prompt": prompt, "answer": answer})
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in rows)
+  os.replace(tmp, path)
+  return path
+
+
+def _teachers(config, teachers: dict[str, str]) -> None:
+  for d, path in teachers.items():
+    config.teachers[d].path = path
+
+
+def rlvr_config(world, teachers, out_dir, seed, lr, grid: Grid, eval_files: str):
+  """Pure GRPO (no teacher term) over all domains, PPO clip 0.2: Ultra's RLVR stage."""
+  c = loss_grid.opd_config(world, "lineage", "reverse_kl", os.path.join(world, "base"),
+                           out_dir, seed, grid.loss_grid())  # fmt: skip
+  _teachers(c, teachers)
+  c.stage = "rlvr"
+  c.data.eval_files = eval_files
+  c.export_dir = os.path.join(out_dir, "final")
+  c.train.steps = grid.rl_steps
+  c.optimizer.lr = lr
+  c.optimizer.warmup_steps = min(5, grid.rl_steps)
+  c.rl.group_size = grid.rl_group
+  c.rl.verifier = loss_grid.VERIFIER
+  c.rl.reward_weight = 1.0
+  c.rl.eval_prompts = 64
+  c.loss.kl_weight = 0.0
+  c.loss.clip_eps = 0.2
+  return c
+
+
+def rlvr_student(exp, world, teachers, seed, lr, grid: Grid, eval_files: str) -> tuple[str, dict]:
+  """The base after the rlvr arm's GRPO (cached per seed and lr; no teacher term, so every
+  dial setting shares it) → (its dir, the stage summary)."""
+  from jdistill.stages import run_stage
+
+  out = os.path.join(exp, "rlvr", f"lr{lr:g}", f"seed{seed}")
+  config = rlvr_config(world, teachers, out, seed, lr, grid, eval_files)
+  summary = loss_grid._once(config, out, run_stage)
+  return config.export_dir, summary
+
+
+def _teacher_data(exp, world, setting, teachers, grid: Grid) -> str:
+  """The setting's teachers' verified completions of the training prompts (generated once)."""
+  from jdistill.stages import generate, run_stage
+
+  gen = loss_grid.generate_config(
+    world, "lineage", os.path.join(exp, setting, "teacher_data"), grid.loss_grid()
+  )
+  _teachers(gen, teachers)
+  loss_grid._once(gen, gen.generate.out_dir, run_stage)
+  return ",".join(generate.output_files(gen))
+
+
+def warmup_student(exp, world, setting, teachers, student, tag, seed, lr, grid: Grid) -> str:
+  """`student` after warmup SFT at `lr` on the setting's teachers' verified completions
+  (cached)."""
+  from jdistill.stages import run_stage
+
+  lg = grid.loss_grid()
+  files = _teacher_data(exp, world, setting, teachers, grid)
+  out = os.path.join(exp, setting, "warmup_sft", f"{tag}_lr{lr:g}", f"seed{seed}")
+  config = loss_grid.warmup_config(world, "lineage", "sft", files, out, seed, lg)
+  _teachers(config, teachers)
+  config.student.path = student
+  config.optimizer.lr = lr
+  loss_grid._once(config, out, run_stage)
+  return config.export_dir
+
+
+def _accuracy(point: dict) -> dict[str, float]:
+  acc = {d: point[d]["accuracy"] for d in tasks.DOMAINS}
+  return dict(acc, mean=float(np.mean(list(acc.values()))))
+
+
+def run_opd(world, teachers, loss, student, out, seed, lr, steps, grid, eval_files, noise=0):
+  """OPD from `student` for `steps` steps at `lr` → {accuracy before/after on `eval_files`,
+  overlap before/after, tokens, noise}."""
+  from jdistill.experiments.noise import gradient_noise
+  from jdistill.stages.opd import OPDTrainer
+
+  lg = dataclasses.replace(grid.loss_grid(), lr=lr, opd_steps=max(steps, 1))  # 0: score only
+  config = loss_grid.opd_config(world, "lineage", loss, student, out, seed, lg)
+  _teachers(config, teachers)
+  config.data.eval_files = eval_files
+  config.run_mode = "new"
+  if loss == "sampled_token":  # as Ultra runs it
+    config.loss.clip_eps = 0.2
+    config.loss.icepop_c = 5.0
+  trainer = OPDTrainer(config)
+  before = trainer.evaluate()
+  noise_stats = gradient_noise(trainer, noise) if noise else {}
+  if steps:
+    trainer.run(steps=steps)
+  after = trainer.evaluate() if steps else before
+  return {
+    "accuracy_before": _accuracy(before),
+    "accuracy": _accuracy(after),
+    "overlap_before": loss_grid.overlap_of(before),
+    "overlap_after": loss_grid.overlap_of(after),
+    "opd_student_tokens": budget.step_tokens(config) * steps,
+    "teacher_tokens": budget.step_tokens(config) * steps,
+    "noise": noise_stats,
+    # where the loss's weight sits at the start: on tokens off the teachers' support
+    "off_support_loss_share": float(
+      np.mean([before[d].get("off_support_loss_share", np.nan) for d in tasks.DOMAINS])
+    ),
+    "off_support_tokens": float(np.mean([before[d]["off_support"] for d in tasks.DOMAINS])),
+  }
+
+
+def opd_steps(grid: Grid, rl: str, world: str) -> tuple[int, int]:
+  """(RL student tokens, OPD steps) of a cell of arm `rl` at the grid's budget."""
+  if rl == "none":
+    return 0, grid.budget_steps
+  lg = grid.loss_grid()
+  opd = loss_grid.opd_config(world, "lineage", "reverse_kl", "", "", 0, lg)
+  rl_cfg = rlvr_config(world, {}, "", 0, 1e-3, grid, "")
+  rl_tokens = budget.step_tokens(rl_cfg) * grid.rl_steps
+  rl_as_opd_steps = budget.opd_steps_for_budget(rl_tokens, 0, budget.step_tokens(opd))
+  if rl_as_opd_steps >= grid.budget_steps:
+    raise ValueError(f"rl_steps={grid.rl_steps} spend the whole budget of {grid.budget_steps}")
+  return rl_tokens, grid.budget_steps - rl_as_opd_steps
+
+
+def sweep(exp, world, dial_dir, grid: Grid, progress=print, shard=(0, 1)) -> dict | None:
+  """The lr sweep on the validation split (seed 0): every loss at `lrs` at the dial's two
+  ends (no RL, no warmup), RLVR at `rl_lrs` → {"table": rows, "lr": {loss: best},
+  "rl_lr": best} (cached in sweep.json), or None while another shard's jobs are unfinished.
+  `shard` = (i, n): run only every n-th job from the i-th ((0, 0): none, only collect)."""
+  path = os.path.join(exp, "sweep.json")
+  key = dataclasses.asdict(grid)
+  if os.path.exists(path):
+    with open(path) as f:
+      cached = json.load(f)
+    if cached.get("grid") == key:
+      return cached
+  validation = os.path.join(exp, "validation.jsonl")
+  ends = tuple(dict.fromkeys((grid.settings[0], grid.settings[-1])))
+  jobs = [(loss, lr, s) for loss in grid.losses for lr in grid.lrs_of(loss) for s in ends]
+  jobs += [("rlvr", lr, None) for lr in grid.rl_lrs]
+  if "sft" in grid.warmups:
+    jobs += [("warmup", lr, ends[-1]) for lr in grid.warmup_lrs]
+  index, count = shard
+  for k, (loss, lr, setting) in enumerate(jobs):
+    if not count or k % count != index:  # count 0: collect only
+      continue
+    progress(f"sweep {k + 1}/{len(jobs)}: {loss} lr {lr:g}" + (f" at {setting}" if setting else ""))
+    if loss == "rlvr":
+      student, _ = rlvr_student(
+        exp, world, teacher_dirs(world, dial_dir, ends[0]), 0, lr, grid, validation
+      )
+      out = os.path.join(exp, "sweep", "rlvr", f"lr{lr:g}")
+      _cached(out, lambda out=out, student=student: run_opd(
+        world, teacher_dirs(world, dial_dir, ends[0]), "reverse_kl", student, out, 0, grid.lrs[0],
+        0, grid, validation))  # fmt: skip
+    else:
+      out = os.path.join(exp, "sweep", setting, loss, f"lr{lr:g}")
+      _cached(out, lambda out=out, setting=setting, loss=loss, lr=lr: run_opd(
+        world, teacher_dirs(world, dial_dir, setting), loss, os.path.join(world, "base"),
+        out, 0, lr, grid.budget_steps, grid, validation))  # fmt: skip
+  rows, rl_rows, warmup_rows = [], [], []  # every shard's results, once all are there
+  for loss, lr, setting in jobs:
+    sub = (loss, f"lr{lr:g}") if loss in ("rlvr", "warmup") else (setting, loss, f"lr{lr:g}")
+    cell = os.path.join(exp, "sweep", *sub, "cell.json")
+    if not os.path.exists(cell):
+      return None
+    with open(cell) as f:
+      r = json.load(f)
+    if loss == "rlvr":
+      rl_rows.append({"lr": lr, "accuracy": r["accuracy"]})
+    elif loss == "warmup":
+      warmup_rows.append({"lr": lr, "setting": setting, "accuracy": r["accuracy"]})
+    else:
+      rows.append({"setting": setting, "loss": loss, "lr": lr, **r})
+  best = {}
+  for loss in grid.losses:
+    by_lr = {
+      lr: np.mean([r["accuracy"]["mean"] for r in rows if r["loss"] == loss and r["lr"] == lr])
+      for lr in grid.lrs_of(loss)
+    }
+    best[loss] = max(by_lr, key=by_lr.get)
+  rl_lr = max(rl_rows, key=lambda r: r["accuracy"]["mean"])["lr"]
+  warmup_lr = max(warmup_rows, key=lambda r: r["accuracy"]["mean"])["lr"] if warmup_rows else None
+  result = {
+    "grid": key, "table": rows, "rl_table": rl_rows, "warmup_table": warmup_rows, "lr": best,
+    "rl_lr": rl_lr, "warmup_lr": warmup_lr,
+  }  # fmt: skip
+  write_json_atomic(path, result, indent=1)
+  return result
+
+
+def _cached(out: str, compute) -> dict:
+  path = os.path.join(out, "cell.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  t0 = time.time()
+  result = dict(compute(), wall_s=time.time() - t0)
+  os.makedirs(out, exist_ok=True)
+  write_json_atomic(path, result)
+  return result
+
+
+def run_cell(
+  exp, world, dial_dir, cell, lrs: dict, rl_lr: float, grid: Grid, overlaps, warmup_lr=3e-4
+) -> dict:
+  setting, warmup, rl, loss, seed = cell
+  rl_tag = f"rl_{rl}" + (f"_lr{rl_lr:g}" if rl != "none" else "")
+  out = os.path.join(exp, "cells", setting, f"warmup_{warmup}", rl_tag, f"{loss}_lr{lrs[loss]:g}",
+                     f"seed{seed}")  # fmt: skip
+  teachers = teacher_dirs(world, dial_dir, setting)
+  test = os.path.join(world, "eval.jsonl")
+
+  def compute():
+    t0 = time.time()
+    student, rl_tokens = os.path.join(world, "base"), 0
+    if rl == "rlvr":
+      student, _ = rlvr_student(exp, world, teachers, seed, rl_lr, grid, test)
+    rl_tokens, steps = opd_steps(grid, rl, world)
+    if warmup == "sft":
+      student = warmup_student(
+        exp, world, setting, teachers, student, rl_tag, seed, warmup_lr, grid
+      )
+    r = run_opd(world, teachers, loss, student, out, seed, lrs[loss], steps, grid, test,
+                noise=grid.noise_batches)  # fmt: skip
+    r["rl_student_tokens"] = rl_tokens
+    r["student_tokens"] = rl_tokens + r["opd_student_tokens"]
+    r["opd_steps"] = steps
+    r["stages_wall_s"] = time.time() - t0
+    return r
+
+  r = _cached(out, compute)
+  alpha = dial._alpha(setting)
+  return {
+    "setting": setting, "alpha": 0.0 if setting == "lineage" else alpha,
+    "overlap": overlaps[setting], "loss": loss, "rl": rl, "warmup": warmup, "seed": seed,
+    "lr": lrs[loss], **r,
+  }  # fmt: skip
+
+
+def setting_overlaps(world, dial_dir, settings) -> dict[str, float]:
+  """Each setting's measured calibrated overlap with the base's rollouts (the dial's x-axis),
+  from dial.json (measured before any stage: `jdistill.experiments.dial`)."""
+  sets = {}
+  paths = [os.path.join(world, "dial", "dial.json")]  # the committed dial, then those built here
+  paths += [os.path.join(dial_dir, dial.summary_name(k)) for k in dial.KNOBS]
+  for path in paths:
+    if os.path.exists(path):
+      with open(path) as f:
+        sets.update(json.load(f)["sets"])
+  missing = [s for s in settings if s not in sets]
+  if missing:
+    raise ValueError(f"settings {missing} have no measured overlap in {dial_dir}/dial.json")
+  return {s: sets[s]["overlap_mean"] for s in settings}
+
+
+def table(cells: list[dict]) -> str:
+  """Markdown: one row per recipe and setting; accuracy mean and 95% interval over seeds,
+  overlap before → after OPD, the estimator's noise, tokens and wall time."""
+  head = ["setting (overlap)", "warmup", "rl", "loss", "lr", "accuracy (95% CI)",
+          "overlap before → after", "grad noise", "off-support loss share", "student tokens",
+          "wall s"]  # fmt: skip
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  keys = list(dict.fromkeys((c["setting"], c["warmup"], c["rl"], c["loss"]) for c in cells))
+  for key in keys:
+    group = [c for c in cells if (c["setting"], c["warmup"], c["rl"], c["loss"]) == key]
+    acc = verdict.mean_interval([c["accuracy"]["mean"] for c in group])
+    noise = [c["noise"].get("noise") for c in group if c.get("noise")]
+    lines.append("| " + " | ".join([
+      f"{key[0]} ({group[0]['overlap']:.2f})", key[1], key[2], key[3], f"{group[0]['lr']:g}",
+      f"{acc}", f"{np.mean([c['overlap_before'] for c in group]):.2f} → "
+      f"{np.mean([c['overlap_after'] for c in group]):.2f}",
+      f"{np.mean(noise):.2f}" if noise else "-",
+      f"{np.mean([c.get('off_support_loss_share', np.nan) for c in group]):.2f}",
+      f"{int(np.mean([c['student_tokens'] for c in group])):,}",
+      f"{np.mean([c['wall_s'] for c in group]):.0f}",
+    ]) + " |")  # fmt: skip
+  return "\n".join(lines)
+
+
+def sweep_table(result: dict) -> str:
+  lines = ["| loss | lr | setting | validation accuracy |", "|---|---|---|---|"]
+  for r in result["table"]:
+    chosen = " (chosen)" if result["lr"][r["loss"]] == r["lr"] else ""
+    lines.append(
+      f"| {r['loss']} | {r['lr']:g}{chosen} | {r['setting']} | {r['accuracy']['mean']:.3f} |"
+    )
+  for r in result["rl_table"]:
+    chosen = " (chosen)" if result["rl_lr"] == r["lr"] else ""
+    lines.append(f"| rlvr alone | {r['lr']:g}{chosen} | - | {r['accuracy']['mean']:.3f} |")
+  for r in result.get("warmup_table", []):
+    chosen = " (chosen)" if result["warmup_lr"] == r["lr"] else ""
+    lines.append(
+      f"| warmup SFT alone | {r['lr']:g}{chosen} | {r['setting']} | {r['accuracy']['mean']:.3f} |"
+    )
+  return "\n".join(lines)
+
+
+def shard_of(cell, count: int) -> int:
+  """The shard of a cell: by seed and RL arm, so the stages cells share (a seed's RLVR, its
+  warmups) are trained by one process only."""
+  _, _, rl, _, seed = cell
+  return (seed + (rl != "none")) % count
+
+
+def run(out: str, grid: Grid = Grid(), world: str = tw.COMMITTED, dial_dir: str = "runs/dial",
+        progress=print, shard=(0, 1)) -> dict | None:  # fmt: skip
+  """The sweep, then every cell not yet done; writes results.json, table.md, sweep.md,
+  answer.md and the plots under `out`. `shard` = (i, n): this process runs its n-th of the
+  sweep, then (once the sweep is complete) of the cells, and writes no report (run it again
+  unsharded to collect)."""
+  t0 = time.time()
+  os.makedirs(out, exist_ok=True)
+  for knob, prefix in dial.PREFIX.items():
+    alphas = sorted({dial._alpha(s) for s in grid.settings if s.startswith(prefix)})
+    if alphas:
+      dial.build(world, dial_dir, alphas, knob=knob)
+  overlaps = setting_overlaps(world, dial_dir, grid.settings)
+  validation = os.path.join(out, "validation.jsonl")
+  if not os.path.exists(validation):
+    write_validation(world, validation, grid.validation_per_domain)
+  index, count = shard
+  for setting in grid.settings:  # the warmup data, shared by the shards
+    if "sft" in grid.warmups and setting != "lineage":
+      _teacher_data(out, world, setting, teacher_dirs(world, dial_dir, setting), grid)
+  swept = sweep(out, world, dial_dir, grid, progress, shard)
+  while swept is None:  # a shard waits for the others' share of the sweep
+    time.sleep(20)
+    swept = sweep(out, world, dial_dir, grid, lambda _: None, (0, 0))
+  cells = []
+  todo = [c for c in grid.cells() if shard_of(c, count) == index]
+  for i, cell in enumerate(todo):
+    elapsed = time.time() - t0
+    progress(f"question cell {i + 1}/{len(todo)}: {cell} ({elapsed / 60:.1f} min so far)")
+    cells.append(run_cell(
+      out, world, dial_dir, cell, swept["lr"], swept["rl_lr"], grid, overlaps,
+      swept["warmup_lr"],
+    ))  # fmt: skip
+  if count > 1:
+    return None
+  return report(out, cells, swept, time.time() - t0)
+
+
+def _recipe(c: dict) -> str:
+  return f"{c['loss']}, rl {c['rl']}, warmup {c['warmup']}"
+
+
+def plot(cells: list[dict], out: str) -> str:
+  """answer.png: (left) test accuracy vs the setting's measured overlap per recipe, mean and
+  95% interval band over seeds; (middle) full-vocab − sampled-token and (right) RL − no RL
+  (equal budget) accuracy per setting, with intervals, no warmup."""
+  from jdistill.runtime.plots import plt
+
+  fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+  ax = axes[0]
+  for recipe in dict.fromkeys(map(_recipe, cells)):
+    group = [c for c in cells if _recipe(c) == recipe]
+    xs = sorted({c["overlap"] for c in group})
+    iv = [verdict.mean_interval([c["accuracy"]["mean"] for c in group if c["overlap"] == x])
+          for x in xs]  # fmt: skip
+    ax.plot(xs, [i.mean for i in iv], marker="o", label=recipe)
+    lo = [max(i.lo, 0.0) if np.isfinite(i.lo) else i.mean for i in iv]
+    hi = [min(i.hi, 1.0) if np.isfinite(i.hi) else i.mean for i in iv]
+    ax.fill_between(xs, lo, hi, alpha=0.15)
+  ax.set_xlabel("teachers' overlap with the base's rollouts (1 − TV)")
+  ax.set_ylabel("test accuracy (mean of domains)")
+  ax.set_title("accuracy after the recipe, 95% CI over seeds")
+  ax.legend(fontsize=7)
+  cold = [c for c in cells if c["warmup"] == "none"]
+  p = verdict.Params()
+  for ax, (factor, a, b, title) in zip(axes[1:], (
+    ("loss", p.full_vocab, p.sampled, f"{p.full_vocab} − {p.sampled} (no RL, no warmup)"),
+    ("rl", p.rl_arm, "none", f"{p.rl_arm} − no RL at equal budget (no warmup)"),
+  )):  # fmt: skip
+    pool = [c for c in cold if factor == "rl" or c["rl"] == "none"]
+    points = verdict.per_setting(pool, "accuracy", factor, a, b, p)
+    xs = [o for o, _ in points]
+    ax.errorbar(
+      xs, [d.mean for _, d in points], capsize=4, marker="o",
+      yerr=np.array([[d.mean - d.lo, d.hi - d.mean] if np.isfinite(d.lo) else [0, 0]
+                     for _, d in points]).T.reshape(2, -1),
+    )  # fmt: skip
+    ax.axhline(0, color="gray", lw=0.8)
+    ax.set_xlabel("overlap")
+    ax.set_ylabel("accuracy difference")
+    ax.set_title(title, fontsize=9)
+  fig.tight_layout()
+  path = os.path.join(out, "answer.png")
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
+def report(out: str, cells: list[dict], swept: dict, seconds: float) -> dict:
+  summary = {"cells": cells, "sweep": swept, "seconds": seconds}
+  write_json_atomic(os.path.join(out, "results.json"), summary, indent=1)
+  with open(os.path.join(out, "table.md"), "w") as f:
+    f.write(table(cells) + "\n")
+  with open(os.path.join(out, "sweep.md"), "w") as f:
+    f.write(sweep_table(swept) + "\n")
+  verdict.write_answer(cells, os.path.join(out, "answer.md"))
+  plot(cells, out)
+  return summary
+
+
+def main(argv):
+  del argv
+  from absl import flags
+  from absl import logging as absl_logging
+
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  f = flags.FLAGS
+  grid = dataclasses.replace(
+    Grid(), seeds=f.seeds, settings=tuple(f.settings), losses=tuple(f.losses),
+    budget_steps=f.budget_steps, rl_steps=f.rl_steps,
+  )  # fmt: skip
+  index, count = (int(x) for x in f.shard.split("/"))
+  result = run(f.out, grid, dial_dir=f.dial, shard=(index, count))
+  if result is None:
+    print(f"question: shard {index}/{count} done; run again without --shard to collect")
+    return
+  print(table(result["cells"]))
+  with open(os.path.join(f.out, "answer.md")) as fh:
+    print(fh.read())
+  print(f"question: {len(result['cells'])} cells in {result['seconds'] / 60:.1f} min; "
+        f"outputs in {f.out}")  # fmt: skip
+
+
+def cli():
+  from absl import app, flags
+
+  flags.DEFINE_string("out", "runs/question", "Output directory (finished work is reused).")
+  flags.DEFINE_string("dial", "runs/dial", "The dial's directory (its teachers are built there).")
+  flags.DEFINE_integer("seeds", Grid.seeds, "Seeds per recipe.")
+  flags.DEFINE_list("settings", list(Grid.settings), "Dial settings (teacher sets).")
+  flags.DEFINE_list("losses", list(Grid.losses), "OPD losses.")
+  flags.DEFINE_integer("budget_steps", Grid.budget_steps, "OPD steps' worth of student tokens.")
+  flags.DEFINE_integer("rl_steps", Grid.rl_steps, "GRPO steps of the rlvr arm.")
+  flags.DEFINE_string("shard", "0/1", "i/n: run every n-th job from the i-th (parallel runs).")
+  app.run(main)
+
+
+if __name__ == "__main__":
+  cli()

@@ -1,0 +1,101 @@
+"""The question's grid: its cells, equal budgets, the validation split, shards, one whole cell."""
+
+import dataclasses
+import json
+import os
+
+import pytest
+
+from jdistill.experiments import budget, question, tasks, verdict
+from jdistill.experiments import task_world as tw
+
+WORLD = tw.COMMITTED
+
+
+def test_cells_prune_only_as_documented():
+  grid = question.Grid(seeds=2)
+  cells = grid.cells()
+  assert len(cells) == len(set(cells))
+  # warmup SFT only where the teachers' data is not the student's own style
+  assert {c[0] for c in cells if c[1] == "sft"} == {"alpha_1"}
+  # RL arms only with the rl_losses; every loss without RL at every setting and warmup
+  assert {c[3] for c in cells if c[2] != "none"} == set(grid.rl_losses)
+  for setting in grid.settings:
+    for warmup in ("none",) if setting == "lineage" else grid.warmups:
+      for loss in grid.losses:
+        assert {c[4] for c in cells if c[:4] == (setting, warmup, "none", loss)} == {0, 1}
+  n_recipes = len(grid.losses) + len(grid.rl_losses)  # per (setting, warmup)
+  assert len(cells) == 2 * 3 * n_recipes  # lineage: none; alpha_1: none, sft
+
+
+def test_rl_and_opd_tokens_sum_to_the_budget_of_the_arm_without_rl():
+  grid = question.Grid()
+  opd = question.loss_grid.opd_config(WORLD, "lineage", "reverse_kl", "", "", 0, grid.loss_grid())
+  per_step = budget.step_tokens(opd)
+  assert question.opd_steps(grid, "none", WORLD) == (0, grid.budget_steps)
+  rl_tokens, steps = question.opd_steps(grid, "rlvr", WORLD)
+  assert 0 < steps < grid.budget_steps and rl_tokens > 0
+  assert rl_tokens + steps * per_step == grid.budget_steps * per_step
+  cells = [
+    {"alpha": 0.0, "rl": "none", "opd_student_tokens": grid.budget_steps * per_step},
+    {"alpha": 0.0, "rl": "rlvr", "rl_student_tokens": rl_tokens,
+     "opd_student_tokens": steps * per_step},
+  ]  # fmt: skip
+  assert budget.check_equal_budget(cells) == []
+  with pytest.raises(ValueError, match="whole budget"):
+    question.opd_steps(dataclasses.replace(grid, rl_steps=grid.budget_steps), "rlvr", WORLD)
+
+
+def test_the_validation_split_is_apart_from_training_and_test_prompts(tmp_path):
+  path = question.write_validation(WORLD, str(tmp_path / "v.jsonl"), per_domain=40)
+  rows = [json.loads(line) for line in open(path)]
+  taken = set()
+  for name in ("train.jsonl", "eval.jsonl"):
+    taken |= {json.loads(line)["prompt"] for line in open(os.path.join(WORLD, name))}
+  prompts = [r["prompt"] for r in rows]
+  assert len(prompts) == len(set(prompts)) == 40 * len(tasks.DOMAINS)
+  assert not set(prompts) & taken
+  for r in rows:  # answers the verifier accepts from the reference solution
+    assert tasks.verify(tasks.solution(r["prompt"], "plain"), r["answer"]) == 1.0
+  again = question.write_validation(WORLD, str(tmp_path / "w.jsonl"), per_domain=40)
+  assert open(again).read() == open(path).read()
+
+
+def test_shards_split_the_cells_and_keep_a_seeds_rl_in_one_process():
+  cells = question.Grid().cells()
+  shards = [[c for c in cells if question.shard_of(c, 2) == i] for i in range(2)]
+  assert sorted(shards[0] + shards[1]) == sorted(cells)
+  assert min(map(len, shards)) > 0.3 * len(cells)
+  for seed in range(3):  # the stages a seed's RL cells share are trained in one shard
+    owners = {question.shard_of(c, 2) for c in cells if c[4] == seed and c[2] == "rlvr"}
+    assert len(owners) == 1
+
+
+def test_setting_overlaps_read_the_dial_and_name_what_is_missing(tmp_path):
+  overlaps = question.setting_overlaps(WORLD, str(tmp_path), ("lineage", "external"))
+  assert overlaps["lineage"] > 0.8 > 0.5 > overlaps["external"]
+  with pytest.raises(ValueError, match="alpha_0.3"):
+    question.setting_overlaps(WORLD, str(tmp_path), ("lineage", "alpha_0.3"))
+
+
+def test_a_cell_with_rlvr_and_warmup_runs_end_to_end_at_equal_budget(tmp_path):
+  """RLVR (1 step = 4 OPD steps of tokens) → warmup SFT → OPD for the rest of 6 steps, on the
+  committed world with its external teachers; the cell has the verdict's fields."""
+  grid = question.Grid(
+    settings=("lineage", "external"), seeds=1, budget_steps=6, rl_steps=1, warmup_steps=2,
+    noise_batches=1, slots_per_teacher=8,
+  )  # fmt: skip
+  overlaps = {"lineage": 0.83, "external": 0.29}
+  cell = question.run_cell(
+    str(tmp_path), WORLD, str(tmp_path), ("external", "sft", "rlvr", "sampled_token", 0),
+    {"sampled_token": 2e-3}, 1e-3, grid, overlaps, 3e-4,
+  )  # fmt: skip
+  assert cell["opd_steps"] == 2
+  assert cell["student_tokens"] == cell["rl_student_tokens"] + cell["opd_student_tokens"]
+  opd = question.loss_grid.opd_config(WORLD, "lineage", "reverse_kl", "", "", 0, grid.loss_grid())
+  assert cell["student_tokens"] == grid.budget_steps * budget.step_tokens(opd)
+  assert cell["noise"]["noise"] > 0  # a sampled estimator is not the exact gradient
+  verdict.check_cells([cell])
+  assert set(cell["accuracy"]) == {*tasks.DOMAINS, "mean"}
+  for stage in ("rlvr", os.path.join("external", "warmup_sft")):
+    assert os.path.isdir(os.path.join(tmp_path, stage))

@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 LOG    := $(VENV)/install.log
 
-.PHONY: test lint format demo experiment install bench bench-venv compare clean
+.PHONY: test lint format demo experiment loss-grid install bench bench-venv compare clean
 
 # Install output goes to a log and is shown (its tail) only when the install fails.
 $(STAMP): pyproject.toml
@@ -34,8 +34,17 @@ test: lint
 demo: $(STAMP)
 	@$(PY) -m jdistill demo --out=demo_out
 
-# The whole support-overlap grid (losses x teachers x warmups x 3 seeds); cells are cached.
+# The question's grid (docs/experiment.md): the dial's teachers first, then the lr sweep and
+# the cells in two processes (one per core), then the report. Every piece is cached: a re-run
+# resumes where the last one stopped. `make loss-grid` runs the earlier loss x teachers grid.
+QUESTION := $(PY) -m jdistill question --out=runs/question
 experiment: $(STAMP)
+	@$(PY) -m jdistill dial --out=runs/dial --alphas=1
+	@$(PY) -m jdistill dial --out=runs/dial --knob=token --alphas=0.5,1
+	@$(QUESTION) --shard=0/2 & $(QUESTION) --shard=1/2; wait
+	@$(QUESTION)
+
+loss-grid: $(STAMP)
 	@$(PY) -m jdistill experiment --out=runs/experiment
 
 bench: $(STAMP)

@@ -14,9 +14,9 @@ plain data, high overlap; `alpha_<α>` = the dial's forks on a share α of exter
 
 runs from the world's base at **equal budget**: `budget_steps` OPD steps' worth of student
 tokens, of which the rlvr arm spends `rl_steps` GRPO steps (group `rl_group`) and OPD the rest
-(`jdistill.experiments.budget`). Pruned: warmup SFT runs only where the teachers' data is not
-the student's own style (the lineage teachers' data *is* the base's; claims 1-2 concern
-external-data teachers), and RL arms only with `rl_losses`.
+(`jdistill.experiments.budget`). Pruned: warmup SFT runs only at `warmup_settings`, teachers
+whose data is not the student's own style (the lineage teachers' data *is* the base's; claims
+1-2 concern external-data teachers), and RL arms only with `rl_losses`.
 
 Learning rates are tuned, not shared: `sweep` runs each loss at `lrs` and RLVR at `rl_lrs`
 (seed 0, the dial's ends) and scores them on a **validation** split (`validation.jsonl`:
@@ -41,18 +41,25 @@ import numpy as np
 from jdistill.experiments import budget, dial, tasks, verdict
 from jdistill.experiments import experiment as loss_grid
 from jdistill.experiments import task_world as tw
+from jdistill.losses import registry
 from jdistill.runtime.io import write_json_atomic
 
+LOSSES = registry.check_names(
+  ("reverse_kl", "sampled_token", "sampled_token_baseline"), "question LOSSES"
+)
 SAMPLED = ("sampled_token", "sampled_token_baseline")
 
 
 @dataclasses.dataclass(frozen=True)
 class Grid:
-  settings: tuple[str, ...] = ("lineage", "alpha_1")
-  losses: tuple[str, ...] = ("reverse_kl", "sampled_token", "sampled_token_baseline")
+  # the dial by falling overlap: lineage (α = 0), the token knob at α = 0.5 and 1, the example
+  # knob at α = 1; the sweep runs at the first and the last
+  settings: tuple[str, ...] = ("lineage", "notation_0.5", "notation_1", "alpha_1")
+  losses: tuple[str, ...] = LOSSES
   rl_losses: tuple[str, ...] = ("reverse_kl", "sampled_token")  # the losses with RL arms
   rls: tuple[str, ...] = ("none", "rlvr")
   warmups: tuple[str, ...] = ("none", "sft")
+  warmup_settings: tuple[str, ...] = ("alpha_1",)  # where the sft warmup runs (see above)
   seeds: int = 3
   budget_steps: int = 150  # student tokens of this many OPD steps per cell
   rl_steps: int = 15  # GRPO steps of the rlvr arm (group rl_group: 4 OPD steps' tokens each)
@@ -86,7 +93,7 @@ class Grid:
     out = []
     for setting in self.settings:
       for warmup in self.warmups:
-        if warmup == "sft" and setting == "lineage":
+        if warmup == "sft" and setting not in self.warmup_settings:
           continue
         for rl in self.rls:
           for loss in self.losses:
@@ -276,6 +283,14 @@ def sweep(exp, world, dial_dir, grid: Grid, progress=print, shard=(0, 1)) -> dic
       _cached(out, lambda out=out, student=student: run_opd(
         world, teacher_dirs(world, dial_dir, ends[0]), "reverse_kl", student, out, 0, grid.lrs[0],
         0, grid, validation))  # fmt: skip
+    elif loss == "warmup":
+      teachers = teacher_dirs(world, dial_dir, setting)
+      base = os.path.join(world, "base")
+      student = warmup_student(exp, world, setting, teachers, base, "sweep", 0, lr, grid)
+      out = os.path.join(exp, "sweep", "warmup", f"lr{lr:g}")
+      _cached(out, lambda out=out, student=student, teachers=teachers: run_opd(
+        world, teachers, "reverse_kl", student, out, 0, grid.lrs[0], 0, grid, validation
+      ))  # fmt: skip
     else:
       out = os.path.join(exp, "sweep", setting, loss, f"lr{lr:g}")
       _cached(out, lambda out=out, setting=setting, loss=loss, lr=lr: run_opd(
@@ -304,8 +319,40 @@ def sweep(exp, world, dial_dir, grid: Grid, progress=print, shard=(0, 1)) -> dic
     best[loss] = max(by_lr, key=by_lr.get)
   rl_lr = max(rl_rows, key=lambda r: r["accuracy"]["mean"])["lr"]
   warmup_lr = max(warmup_rows, key=lambda r: r["accuracy"]["mean"])["lr"] if warmup_rows else None
+  # Phase 2, once the RLVR lr is known: the OPD lr of each RL recipe (OPD after that RLVR,
+  # for the steps its budget leaves), at the same ends and lrs.
+  after_rl = [(loss, lr, s) for loss in grid.rl_losses for lr in grid.lrs_of(loss) for s in ends]
+  _, rl_opd_steps = opd_steps(grid, "rlvr", world)
+  for k, (loss, lr, setting) in enumerate(after_rl):
+    if not count or k % count != index:
+      continue
+    progress(f"sweep after RLVR {k + 1}/{len(after_rl)}: {loss} lr {lr:g} at {setting}")
+    student, _ = rlvr_student(
+      exp, world, teacher_dirs(world, dial_dir, ends[0]), 0, rl_lr, grid, validation
+    )
+    out = os.path.join(exp, "sweep", setting, f"{loss}_after_rlvr", f"lr{lr:g}")
+    _cached(out, lambda out=out, setting=setting, loss=loss, lr=lr, student=student: run_opd(
+      world, teacher_dirs(world, dial_dir, setting), loss, student, out, 0, lr, rl_opd_steps,
+      grid, validation))  # fmt: skip
+  rl_rows_opd = []
+  for loss, lr, setting in after_rl:
+    cell = os.path.join(exp, "sweep", setting, f"{loss}_after_rlvr", f"lr{lr:g}", "cell.json")
+    if not os.path.exists(cell):
+      return None
+    with open(cell) as f:
+      rl_rows_opd.append({"setting": setting, "loss": loss, "lr": lr, **json.load(f)})
+  best_rl = {}
+  for loss in grid.rl_losses:
+    by_lr = {
+      lr: np.mean(
+        [r["accuracy"]["mean"] for r in rl_rows_opd if (r["loss"], r["lr"]) == (loss, lr)]
+      )
+      for lr in grid.lrs_of(loss)
+    }
+    best_rl[loss] = max(by_lr, key=by_lr.get)
   result = {
-    "grid": key, "table": rows, "rl_table": rl_rows, "warmup_table": warmup_rows, "lr": best,
+    "grid": key, "table": rows, "rl_table": rl_rows, "warmup_table": warmup_rows,
+    "after_rl_table": rl_rows_opd, "lr": {"none": best, "rlvr": best_rl},
     "rl_lr": rl_lr, "warmup_lr": warmup_lr,
   }  # fmt: skip
   write_json_atomic(path, result, indent=1)
@@ -327,9 +374,11 @@ def _cached(out: str, compute) -> dict:
 def run_cell(
   exp, world, dial_dir, cell, lrs: dict, rl_lr: float, grid: Grid, overlaps, warmup_lr=3e-4
 ) -> dict:
+  """One cell (cached): RL, warmup, OPD at its recipe's lr `lrs[rl][loss]`."""
   setting, warmup, rl, loss, seed = cell
+  lr = lrs[rl][loss]
   rl_tag = f"rl_{rl}" + (f"_lr{rl_lr:g}" if rl != "none" else "")
-  out = os.path.join(exp, "cells", setting, f"warmup_{warmup}", rl_tag, f"{loss}_lr{lrs[loss]:g}",
+  out = os.path.join(exp, "cells", setting, f"warmup_{warmup}", rl_tag, f"{loss}_lr{lr:g}",
                      f"seed{seed}")  # fmt: skip
   teachers = teacher_dirs(world, dial_dir, setting)
   test = os.path.join(world, "eval.jsonl")
@@ -344,7 +393,7 @@ def run_cell(
       student = warmup_student(
         exp, world, setting, teachers, student, rl_tag, seed, warmup_lr, grid
       )
-    r = run_opd(world, teachers, loss, student, out, seed, lrs[loss], steps, grid, test,
+    r = run_opd(world, teachers, loss, student, out, seed, lr, steps, grid, test,
                 noise=grid.noise_batches)  # fmt: skip
     r["rl_student_tokens"] = rl_tokens
     r["student_tokens"] = rl_tokens + r["opd_student_tokens"]
@@ -357,7 +406,7 @@ def run_cell(
   return {
     "setting": setting, "alpha": 0.0 if setting == "lineage" else alpha,
     "overlap": overlaps[setting], "loss": loss, "rl": rl, "warmup": warmup, "seed": seed,
-    "lr": lrs[loss], **r,
+    "lr": lr, **r,
   }  # fmt: skip
 
 
@@ -402,12 +451,15 @@ def table(cells: list[dict]) -> str:
 
 
 def sweep_table(result: dict) -> str:
-  lines = ["| loss | lr | setting | validation accuracy |", "|---|---|---|---|"]
-  for r in result["table"]:
-    chosen = " (chosen)" if result["lr"][r["loss"]] == r["lr"] else ""
-    lines.append(
-      f"| {r['loss']} | {r['lr']:g}{chosen} | {r['setting']} | {r['accuracy']['mean']:.3f} |"
-    )
+  """Markdown: every swept (recipe, lr, setting) and its validation accuracy (seed 0)."""
+  lines = ["| recipe | lr | setting | validation accuracy |", "|---|---|---|---|"]
+  for rl, table in (("none", result["table"]), ("rlvr", result.get("after_rl_table", []))):
+    for r in table:
+      chosen = " (chosen)" if result["lr"][rl][r["loss"]] == r["lr"] else ""
+      name = r["loss"] + (" after RLVR" if rl == "rlvr" else "")
+      lines.append(
+        f"| {name} | {r['lr']:g}{chosen} | {r['setting']} | {r['accuracy']['mean']:.3f} |"
+      )
   for r in result["rl_table"]:
     chosen = " (chosen)" if result["rl_lr"] == r["lr"] else ""
     lines.append(f"| rlvr alone | {r['lr']:g}{chosen} | - | {r['accuracy']['mean']:.3f} |")
@@ -434,22 +486,22 @@ def run(out: str, grid: Grid = Grid(), world: str = tw.COMMITTED, dial_dir: str 
   unsharded to collect)."""
   t0 = time.time()
   os.makedirs(out, exist_ok=True)
-  for knob, prefix in dial.PREFIX.items():
+  index, count = shard
+  for knob, prefix in dial.PREFIX.items():  # shards find the dial built (`make experiment`)
     alphas = sorted({dial._alpha(s) for s in grid.settings if s.startswith(prefix)})
-    if alphas:
+    if alphas and count == 1:
       dial.build(world, dial_dir, alphas, knob=knob)
   overlaps = setting_overlaps(world, dial_dir, grid.settings)
   validation = os.path.join(out, "validation.jsonl")
   if not os.path.exists(validation):
     write_validation(world, validation, grid.validation_per_domain)
-  index, count = shard
-  for setting in grid.settings:  # the warmup data, shared by the shards
-    if "sft" in grid.warmups and setting != "lineage":
+  for setting in grid.warmup_settings if index == 0 else ():  # shared by the shards' warmups
+    if "sft" in grid.warmups and setting in grid.settings:
       _teacher_data(out, world, setting, teacher_dirs(world, dial_dir, setting), grid)
   swept = sweep(out, world, dial_dir, grid, progress, shard)
-  while swept is None:  # a shard waits for the others' share of the sweep
-    time.sleep(20)
-    swept = sweep(out, world, dial_dir, grid, lambda _: None, (0, 0))
+  while swept is None:  # a shard waits for the others' share of the sweep (and runs its own
+    time.sleep(20)  # share of the second phase when the first is complete)
+    swept = sweep(out, world, dial_dir, grid, lambda _: None, shard)
   cells = []
   todo = [c for c in grid.cells() if shard_of(c, count) == index]
   for i, cell in enumerate(todo):

@@ -21,11 +21,12 @@ def test_cells_prune_only_as_documented():
   # RL arms only with the rl_losses; every loss without RL at every setting and warmup
   assert {c[3] for c in cells if c[2] != "none"} == set(grid.rl_losses)
   for setting in grid.settings:
-    for warmup in ("none",) if setting == "lineage" else grid.warmups:
+    for warmup in grid.warmups if setting in grid.warmup_settings else ("none",):
       for loss in grid.losses:
         assert {c[4] for c in cells if c[:4] == (setting, warmup, "none", loss)} == {0, 1}
   n_recipes = len(grid.losses) + len(grid.rl_losses)  # per (setting, warmup)
-  assert len(cells) == 2 * 3 * n_recipes  # lineage: none; alpha_1: none, sft
+  # every setting without warmup, the warmup settings also with it
+  assert len(cells) == 2 * (len(grid.settings) + len(grid.warmup_settings)) * n_recipes
 
 
 def test_rl_and_opd_tokens_sum_to_the_budget_of_the_arm_without_rl():
@@ -88,7 +89,7 @@ def test_a_cell_with_rlvr_and_warmup_runs_end_to_end_at_equal_budget(tmp_path):
   overlaps = {"lineage": 0.83, "external": 0.29}
   cell = question.run_cell(
     str(tmp_path), WORLD, str(tmp_path), ("external", "sft", "rlvr", "sampled_token", 0),
-    {"sampled_token": 2e-3}, 1e-3, grid, overlaps, 3e-4,
+    {"rlvr": {"sampled_token": 2e-3}}, 1e-3, grid, overlaps, 3e-4,
   )  # fmt: skip
   assert cell["opd_steps"] == 2
   assert cell["student_tokens"] == cell["rl_student_tokens"] + cell["opd_student_tokens"]

@@ -732,7 +732,11 @@ def test_the_registry_is_the_one_vocabulary_of_loss_names():
     assert entry.sampled == (entry.kernel in losses.SAMPLED_LOSSES), entry
   assert opd.SAMPLED_LOSSES == losses.SAMPLED_LOSSES == ("sampled_token", "overlap_aware")
   # The demo's and the grid's selections are registry names, checked at import.
-  for path in ("jdistill/experiments/demo.py", "jdistill/experiments/experiment.py"):
+  for path in (
+    "jdistill/experiments/demo.py",
+    "jdistill/experiments/experiment.py",
+    "jdistill/experiments/question.py",
+  ):
     assert set(_selection_in(root / path)) <= set(registry.NAMES), path
   assert set(experiment.LOSSES) <= set(registry.NAMES)
   with pytest.raises(ValueError, match="are not loss names"):

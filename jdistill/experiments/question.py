@@ -372,9 +372,11 @@ def _cached(out: str, compute) -> dict:
 
 
 def run_cell(
-  exp, world, dial_dir, cell, lrs: dict, rl_lr: float, grid: Grid, overlaps, warmup_lr=3e-4
-) -> dict:
-  """One cell (cached): RL, warmup, OPD at its recipe's lr `lrs[rl][loss]`."""
+  exp, world, dial_dir, cell, lrs: dict, rl_lr: float, grid: Grid, overlaps, warmup_lr=3e-4,
+  cached_only: bool = False,
+) -> dict | None:  # fmt: skip
+  """One cell (cached): RL, warmup, OPD at its recipe's lr `lrs[rl][loss]`. `cached_only`:
+  None for a cell not yet computed (a report of what a running grid has)."""
   setting, warmup, rl, loss, seed = cell
   lr = lrs[rl][loss]
   rl_tag = f"rl_{rl}" + (f"_lr{rl_lr:g}" if rl != "none" else "")
@@ -401,6 +403,8 @@ def run_cell(
     r["stages_wall_s"] = time.time() - t0
     return r
 
+  if cached_only and not os.path.exists(os.path.join(out, "cell.json")):
+    return None
   r = _cached(out, compute)
   alpha = dial._alpha(setting)
   return {
@@ -479,29 +483,38 @@ def shard_of(cell, count: int) -> int:
 
 
 def run(out: str, grid: Grid = Grid(), world: str = tw.COMMITTED, dial_dir: str = "runs/dial",
-        progress=print, shard=(0, 1)) -> dict | None:  # fmt: skip
+        progress=print, shard=(0, 1), report_only: bool = False) -> dict | None:  # fmt: skip
   """The sweep, then every cell not yet done; writes results.json, table.md, sweep.md,
   answer.md and the plots under `out`. `shard` = (i, n): this process runs its n-th of the
   sweep, then (once the sweep is complete) of the cells, and writes no report (run it again
-  unsharded to collect)."""
+  unsharded to collect). `report_only`: the report of the finished cells, computing nothing
+  (the sweep must be done)."""
   t0 = time.time()
   os.makedirs(out, exist_ok=True)
   index, count = shard
   for knob, prefix in dial.PREFIX.items():  # shards find the dial built (`make experiment`)
     alphas = sorted({dial._alpha(s) for s in grid.settings if s.startswith(prefix)})
-    if alphas and count == 1:
+    if alphas and count == 1 and not report_only:
       dial.build(world, dial_dir, alphas, knob=knob)
   overlaps = setting_overlaps(world, dial_dir, grid.settings)
   validation = os.path.join(out, "validation.jsonl")
   if not os.path.exists(validation):
     write_validation(world, validation, grid.validation_per_domain)
-  for setting in grid.warmup_settings if index == 0 else ():  # shared by the shards' warmups
+  shared = grid.warmup_settings if index == 0 and not report_only else ()
+  for setting in shared:  # the warmup data the shards' warmups share
     if "sft" in grid.warmups and setting in grid.settings:
       _teacher_data(out, world, setting, teacher_dirs(world, dial_dir, setting), grid)
   swept = sweep(out, world, dial_dir, grid, progress, shard)
   while swept is None:  # a shard waits for the others' share of the sweep (and runs its own
     time.sleep(20)  # share of the second phase when the first is complete)
     swept = sweep(out, world, dial_dir, grid, lambda _: None, shard)
+  if report_only:  # the finished cells, whatever is still running
+    found = [
+      run_cell(out, world, dial_dir, cell, swept["lr"], swept["rl_lr"], grid, overlaps,
+               swept["warmup_lr"], cached_only=True)
+      for cell in grid.cells()
+    ]  # fmt: skip
+    return report(out, [c for c in found if c is not None], swept, time.time() - t0)
   cells = []
   todo = [c for c in grid.cells() if shard_of(c, count) == index]
   for i, cell in enumerate(todo):
@@ -590,7 +603,7 @@ def main(argv):
     budget_steps=f.budget_steps, rl_steps=f.rl_steps,
   )  # fmt: skip
   index, count = (int(x) for x in f.shard.split("/"))
-  result = run(f.out, grid, dial_dir=f.dial, shard=(index, count))
+  result = run(f.out, grid, dial_dir=f.dial, shard=(index, count), report_only=f.report_only)
   if result is None:
     print(f"question: shard {index}/{count} done; run again without --shard to collect")
     return
@@ -611,6 +624,7 @@ def cli():
   flags.DEFINE_list("losses", list(Grid.losses), "OPD losses.")
   flags.DEFINE_integer("budget_steps", Grid.budget_steps, "OPD steps' worth of student tokens.")
   flags.DEFINE_integer("rl_steps", Grid.rl_steps, "GRPO steps of the rlvr arm.")
+  flags.DEFINE_bool("report_only", False, "Report the finished cells; compute nothing.")
   flags.DEFINE_string("shard", "0/1", "i/n: run every n-th job from the i-th (parallel runs).")
   app.run(main)
 

@@ -60,6 +60,7 @@ from scipy import stats
 from jdistill.experiments import budget
 
 SUPPORTED, REFUTED, INCONCLUSIVE = "supported", "refuted", "inconclusive"
+FLOOR = "matched at the floor (both arms end below where they started)"
 DIRECTIONS = ("greater", "less", "not_less", "not_more")
 
 
@@ -364,12 +365,27 @@ def verdicts(cells: list[dict], p: Params = Params()) -> list[Verdict]:
 
 def matching_settings(cells, p: Params = Params()) -> list[tuple[float, Interval, str]]:
   """Per dial setting (by falling overlap): (overlap, interval of no-RL - RL accuracy, its
-  not_less decision), skipping settings whose budgets differ."""
+  not_less decision), skipping settings whose budgets differ. A match where both arms end at
+  or below the accuracy they started from (`accuracy_before`, when the cells record it) is
+  FLOOR: neither recipe taught anything there, so matching says nothing about RL."""
   out = []
   for o, d, group in _per_setting(_rl_cells(cells, p), "accuracy", "rl", "none", p.rl_arm, p):
     unequal = budget.check_equal_budget(group, p.budget_tolerance)
-    out.append((o, d, INCONCLUSIVE if unequal else decide(d, "not_less", p.margin)))
+    decision = INCONCLUSIVE if unequal else decide(d, "not_less", p.margin)
+    if decision == SUPPORTED and _at_floor(group, p):
+      decision = FLOOR
+    out.append((o, d, decision))
   return out
+
+
+def _at_floor(group: list[dict], p: Params) -> bool:
+  """Both arms' mean accuracy at or below the no-RL arm's starting accuracy."""
+  start = [c["accuracy_before"]["mean"] for c in group
+           if c["rl"] == "none" and "accuracy_before" in c]  # fmt: skip
+  if not start:
+    return False
+  arms = [[value(c, "accuracy") for c in group if c["rl"] == arm] for arm in ("none", p.rl_arm)]
+  return all(a and np.mean(a) <= np.mean(start) for a in arms)
 
 
 def headline(cells, p: Params = Params()) -> str:

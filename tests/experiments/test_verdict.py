@@ -241,3 +241,13 @@ def test_named_settings_and_missing_fields():
     ValueError, match=r"results cell 4 \(alpha=None, setting='foreign'.* lacks \['overlap_before'\]"
   ):
     verdict.answer(cells)
+
+
+def test_a_match_where_both_arms_lose_accuracy_is_at_the_floor():
+  cells = rl_cells(0.3, rl_gain=0.0)
+  assert all(v == verdict.SUPPORTED for _, _, v in verdict.matching_settings(cells))
+  for c in cells:  # every arm ends below the accuracy it started from
+    c["accuracy_before"] = {"mean": c["accuracy"]["mean"] + 0.2}
+  rows = verdict.matching_settings(cells)
+  assert [v for _, _, v in rows] == [verdict.FLOOR]
+  assert verdict.headline(cells).startswith("At no overlap tested")

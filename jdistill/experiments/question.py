@@ -61,6 +61,7 @@ class Grid:
   warmups: tuple[str, ...] = ("none", "sft")
   warmup_settings: tuple[str, ...] = ("alpha_1",)  # where the sft warmup runs (see above)
   seeds: int = 3
+  seeds_if_straddling: int = 5  # where an answer's interval straddles zero (straddling_cells)
   budget_steps: int = 150  # student tokens of this many OPD steps per cell
   rl_steps: int = 15  # GRPO steps of the rlvr arm (group rl_group: 4 OPD steps' tokens each)
   rl_group: int = 4
@@ -512,21 +513,61 @@ def run(out: str, grid: Grid = Grid(), world: str = tw.COMMITTED, dial_dir: str 
     found = [
       run_cell(out, world, dial_dir, cell, swept["lr"], swept["rl_lr"], grid, overlaps,
                swept["warmup_lr"], cached_only=True)
-      for cell in grid.cells()
+      for cell in grid.cells() + [c for c in _more_seeds(grid) if c not in grid.cells()]
     ]  # fmt: skip
     return report(out, [c for c in found if c is not None], swept, time.time() - t0)
-  cells = []
   todo = [c for c in grid.cells() if shard_of(c, count) == index]
   for i, cell in enumerate(todo):
     elapsed = time.time() - t0
     progress(f"question cell {i + 1}/{len(todo)}: {cell} ({elapsed / 60:.1f} min so far)")
-    cells.append(run_cell(
-      out, world, dial_dir, cell, swept["lr"], swept["rl_lr"], grid, overlaps,
-      swept["warmup_lr"],
-    ))  # fmt: skip
+    run_cell(out, world, dial_dir, cell, swept["lr"], swept["rl_lr"], grid, overlaps,
+             swept["warmup_lr"])  # fmt: skip
+
+  def finished(todo):
+    found = [run_cell(out, world, dial_dir, c, swept["lr"], swept["rl_lr"], grid, overlaps,
+                      swept["warmup_lr"], cached_only=True) for c in todo]  # fmt: skip
+    return None if None in found else found
+
+  everything = finished(grid.cells())
+  while everything is None:  # a shard waits for the others' cells: the extra seeds need all
+    time.sleep(20)
+    everything = finished(grid.cells())
+  extra = [c for c in straddling_cells(everything, grid) if shard_of(c, count) == index]
+  for cell in extra:  # more seeds where an interval straddles zero
+    progress(f"question cell (more seeds): {cell}")
+    run_cell(out, world, dial_dir, cell, swept["lr"], swept["rl_lr"], grid, overlaps,
+             swept["warmup_lr"])  # fmt: skip
   if count > 1:
     return None
-  return report(out, cells, swept, time.time() - t0)
+  return report(out, everything + finished(straddling_cells(everything, grid)), swept,
+                time.time() - t0)  # fmt: skip
+
+
+def _more_seeds(grid: Grid) -> list[tuple]:
+  """Every cell the extra seeds could add (a report finds those that ran)."""
+  extra = range(grid.seeds, grid.seeds_if_straddling)
+  return [(*c[:4], seed) for c in grid.cells() if c[4] == 0 for seed in extra]
+
+
+def straddling_cells(cells: list[dict], grid: Grid) -> list[tuple]:
+  """More seeds (`seeds` … `seeds_if_straddling` − 1) for the comparisons the answer makes
+  whose finite 95% interval straddles zero at a setting: no-RL vs RL (the `rl_losses`, no
+  warmup) and full-vocab vs sampled-token (no RL, no warmup) → the cells of both arms."""
+  p = verdict.Params()
+  cold = [c for c in cells if c["warmup"] == "none"]
+  comparisons = (
+    ("rl", "none", p.rl_arm, cold, lambda c: c[2] in ("none", p.rl_arm) and c[3] in grid.rl_losses),
+    ("loss", p.full_vocab, p.sampled, [c for c in cold if c["rl"] == "none"],
+     lambda c: c[2] == "none" and c[3] in (p.full_vocab, p.sampled)),
+  )  # fmt: skip
+  wanted = set()
+  for factor, a, b, pool, member in comparisons:
+    for _, d, group in verdict._per_setting(pool, "accuracy", factor, a, b, p):
+      if np.isfinite(d.lo) and d.lo < 0 < d.hi:
+        setting = group[0]["setting"]
+        wanted |= {c[:4] for c in grid.cells() if c[0] == setting and c[1] == "none" and member(c)}
+  extra = range(grid.seeds, grid.seeds_if_straddling)
+  return [(*key, seed) for key in sorted(wanted) for seed in extra]
 
 
 def _recipe(c: dict) -> str:

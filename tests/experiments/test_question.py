@@ -100,3 +100,26 @@ def test_a_cell_with_rlvr_and_warmup_runs_end_to_end_at_equal_budget(tmp_path):
   assert set(cell["accuracy"]) == {*tasks.DOMAINS, "mean"}
   for stage in ("rlvr", os.path.join("external", "warmup_sft")):
     assert os.path.isdir(os.path.join(tmp_path, stage))
+
+
+def test_more_seeds_go_where_an_answer_s_interval_straddles_zero():
+  """At 'lineage' the RL arms differ by ±0.1 across seeds (straddles zero), at 'alpha_1' by a
+  steady +0.2: only lineage's cells of the two compared arms get seeds 3 and 4."""
+  grid = question.Grid(settings=("lineage", "alpha_1"))
+  noise = {0: 0.1, 1: -0.1, 2: 0.05}
+  cells = []
+  for setting, overlap in (("lineage", 0.83), ("alpha_1", 0.39)):
+    for _, warmup, rl, loss, seed in [c for c in grid.cells() if c[0] == setting]:
+      gain = (noise[seed] if setting == "lineage" else 0.2) if rl == "rlvr" else 0.0
+      full = 0.3 if loss == "reverse_kl" else 0.0  # full-vocab clearly better: no straddle
+      acc = 0.3 + gain + full
+      cells.append({
+        "setting": setting, "alpha": None, "overlap": overlap, "loss": loss, "rl": rl,
+        "warmup": warmup, "seed": seed, "accuracy": {"mean": acc}, "overlap_before": overlap,
+        "opd_student_tokens": 100,
+      })  # fmt: skip
+  extra = question.straddling_cells(cells, grid)
+  assert {c[0] for c in extra} == {"lineage"} and {c[4] for c in extra} == {3, 4}
+  assert {(c[1], c[2], c[3]) for c in extra} == {
+    ("none", rl, loss) for rl in ("none", "rlvr") for loss in grid.rl_losses
+  }

@@ -127,7 +127,7 @@ def write_validation(world: str, path: str, per_domain: int, seed: int = 4242) -
       if prompt not in taken and prompt not in seen:
         seen.add(prompt)
         rows.append({"domain": domain, "prompt": prompt, "answer": answer})
-  tmp = path + ".tmp"
+  tmp = f"{path}.{os.getpid()}.tmp"
   with open(tmp, "w") as f:
     f.writelines(json.dumps(r) + "\n" for r in rows)
   os.replace(tmp, path)

@@ -22,8 +22,9 @@ from typing import Any, TextIO
 @contextlib.contextmanager
 def atomic_write(path: str) -> Iterator[TextIO]:
   """A text file to write that replaces `path` when the block exits normally; on an exception
-  `path` is untouched and the temporary file removed."""
-  tmp = path + ".tmp"
+  `path` is untouched and the temporary file removed. The temporary name carries the process
+  id, so two processes writing the same file each replace it whole (the last one wins)."""
+  tmp = f"{path}.{os.getpid()}.tmp"
   try:
     with open(tmp, "w") as f:
       yield f

@@ -45,3 +45,18 @@ def test_the_data_is_fsynced_before_the_rename(tmp_path, monkeypatch):
   )
   io.write_json_atomic(str(tmp_path / "state.json"), [1])
   assert calls == ["fsync", "replace"]
+
+
+def test_two_processes_writing_one_file_each_replace_it_whole(tmp_path, monkeypatch):
+  """Shards of a grid write the same summary: the one that finishes last wins, whole (with
+  one shared temporary name the first rename took the other's file away)."""
+  path = str(tmp_path / "sweep.json")
+  pids = iter([101, 202])
+  monkeypatch.setattr(io.os, "getpid", lambda: next(pids))
+  with io.atomic_write(path) as first:
+    first.write('{"by": "first"')
+    io.write_json_atomic(path, {"by": "second"})  # the other process, done meanwhile
+    first.write("}")
+  with open(path) as f:
+    assert json.load(f) == {"by": "first"}
+  assert os.listdir(tmp_path) == ["sweep.json"]

@@ -32,6 +32,7 @@ OVERRIDES = dict(
 )
 
 
+SHUTDOWN_DEADLINE = "Barrier timed out. Id: Shutdown"
 GLOO_DEADLINE = "Gloo context initialization failed"
 
 
@@ -83,11 +84,12 @@ def _train_in_two_processes(world, out) -> tuple[list[int], list[str]]:
 def test_two_processes_match_one_process(world, tmp_path):
   out = tmp_path / "run"
   codes, outputs = _train_in_two_processes(world, out)
-  if any(GLOO_DEADLINE in o for o in outputs):
+  if any(GLOO_DEADLINE in o or SHUTDOWN_DEADLINE in o for o in outputs):
     # gloo gives each peer a fixed 30 s (not settable from JAX) to reach a new collective, and
-    # a loaded 2-core CI machine once exceeded it. Start over once, in fresh folders; any other
-    # failure, or the deadline again, fails the test.
-    print("test_multihost: gloo's 30 s deadline expired; starting over once")
+    # a loaded 2-core CI machine once exceeded it; once, too, a peer reached the distributed
+    # service's shutdown barrier after its deadline, the training done. Start over once, in
+    # fresh folders; any other failure, or a deadline again, fails the test.
+    print("test_multihost: a distributed deadline expired on a loaded machine; starting over")
     out = tmp_path / "retry"
     codes, outputs = _train_in_two_processes(world, out)
   for pid, (code, o) in enumerate(zip(codes, outputs)):

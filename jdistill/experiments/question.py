@@ -311,13 +311,7 @@ def sweep(exp, world, dial_dir, grid: Grid, progress=print, shard=(0, 1)) -> dic
       warmup_rows.append({"lr": lr, "setting": setting, "accuracy": r["accuracy"]})
     else:
       rows.append({"setting": setting, "loss": loss, "lr": lr, **r})
-  best = {}
-  for loss in grid.losses:
-    by_lr = {
-      lr: np.mean([r["accuracy"]["mean"] for r in rows if r["loss"] == loss and r["lr"] == lr])
-      for lr in grid.lrs_of(loss)
-    }
-    best[loss] = max(by_lr, key=by_lr.get)
+  best = best_lrs(rows, grid.losses, grid.lrs_of)
   rl_lr = max(rl_rows, key=lambda r: r["accuracy"]["mean"])["lr"]
   warmup_lr = max(warmup_rows, key=lambda r: r["accuracy"]["mean"])["lr"] if warmup_rows else None
   # Phase 2, once the RLVR lr is known: the OPD lr of each RL recipe (OPD after that RLVR,
@@ -342,15 +336,7 @@ def sweep(exp, world, dial_dir, grid: Grid, progress=print, shard=(0, 1)) -> dic
       return None
     with open(cell) as f:
       rl_rows_opd.append({"setting": setting, "loss": loss, "lr": lr, **json.load(f)})
-  best_rl = {}
-  for loss in grid.rl_losses:
-    by_lr = {
-      lr: np.mean(
-        [r["accuracy"]["mean"] for r in rl_rows_opd if (r["loss"], r["lr"]) == (loss, lr)]
-      )
-      for lr in grid.lrs_of(loss)
-    }
-    best_rl[loss] = max(by_lr, key=by_lr.get)
+  best_rl = best_lrs(rl_rows_opd, grid.rl_losses, grid.lrs_of)
   result = {
     "grid": key, "table": rows, "rl_table": rl_rows, "warmup_table": warmup_rows,
     "after_rl_table": rl_rows_opd, "lr": {"none": best, "rlvr": best_rl},
@@ -358,6 +344,19 @@ def sweep(exp, world, dial_dir, grid: Grid, progress=print, shard=(0, 1)) -> dic
   }  # fmt: skip
   write_json_atomic(path, result, indent=1)
   return result
+
+
+def best_lrs(rows: list[dict], losses, lrs_of) -> dict[str, float]:
+  """{loss: the lr of `lrs_of(loss)` whose rows (one per setting) have the highest mean
+  validation accuracy}: one lr per recipe, chosen over the dial's ends together."""
+  best = {}
+  for loss in losses:
+    by_lr = {
+      lr: np.mean([r["accuracy"]["mean"] for r in rows if r["loss"] == loss and r["lr"] == lr])
+      for lr in lrs_of(loss)
+    }
+    best[loss] = max(by_lr, key=by_lr.get)
+  return best
 
 
 def _cached(out: str, compute) -> dict:

@@ -123,3 +123,18 @@ def test_more_seeds_go_where_an_answer_s_interval_straddles_zero():
   assert {(c[1], c[2], c[3]) for c in extra} == {
     ("none", rl, loss) for rl in ("none", "rlvr") for loss in grid.rl_losses
   }
+
+
+def test_each_recipe_gets_the_lr_best_on_validation_over_both_ends():
+  """reverse_kl: 1e-3 wins on the mean of the two ends though 2e-3 wins at one of them."""
+  acc = {(1e-3, "lineage"): 0.40, (1e-3, "alpha_1"): 0.10, (2e-3, "lineage"): 0.45,
+         (2e-3, "alpha_1"): 0.0, (1e-4, "lineage"): 0.2, (1e-4, "alpha_1"): 0.2}  # fmt: skip
+  rows = [
+    {"loss": loss, "lr": lr, "setting": s, "accuracy": {"mean": a}}
+    for (lr, s), a in acc.items()
+    for loss in (("sampled_token",) if lr == 1e-4 else ("reverse_kl",))
+  ]
+  lrs_of = {"reverse_kl": (1e-3, 2e-3), "sampled_token": (1e-4,)}.get
+  assert question.best_lrs(rows, ("reverse_kl", "sampled_token"), lrs_of) == {
+    "reverse_kl": 1e-3, "sampled_token": 1e-4,
+  }  # fmt: skip

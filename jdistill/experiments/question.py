@@ -8,15 +8,21 @@ plain data, high overlap; `alpha_<α>` = the dial's forks on a share α of exter
 `jdistill.experiments.dial`; `external` = other inits), every recipe
 
   loss     reverse_kl | sampled_token (Ultra: PPO clip 0.2, IcePop 5) | sampled_token_baseline
-           | forward_kl | topk_teacher
-  rl       none | rlvr (GRPO before OPD, Ultra's order)
+           | forward_kl | topk_teacher (k = 8, tail bucket)
+  rl       none | rlvr (GRPO before OPD, Ultra's order) | unified (the whole budget in one
+           GRPO stage whose advantage adds the teachers' term to the reward's: reverse_kl as a
+           dense full-vocab KL loss, sampled_token as λ·sg[log p_T − log q] per token)
   warmup   none | sft (the teachers' verified completions, after RL: Ultra's order)
 
 runs from the world's base at **equal budget**: `budget_steps` OPD steps' worth of student
 tokens, of which the rlvr arm spends `rl_steps` GRPO steps (group `rl_group`) and OPD the rest
-(`jdistill.experiments.budget`). Pruned: warmup SFT runs only at `warmup_settings`, teachers
-whose data is not the student's own style (the lineage teachers' data *is* the base's; claims
-1-2 concern external-data teachers), and RL arms only with `rl_losses`.
+(`jdistill.experiments.budget`); the unified arm spends it all in its GRPO stage. Pruned,
+for the 2-core budget: warmup SFT runs only at `warmup_settings`, teachers whose data is not
+the student's own style (the lineage teachers' data *is* the base's; claims 1-2 concern
+external-data teachers), and only with `warmup_losses`; the rlvr arm only with `rl_losses`,
+the unified arm only with `unified_losses` and without warmup (claims 5-7 compare the RL arms
+with no RL; forward KL and top-k answer the mechanism question, the KL direction and
+truncation, against reverse_kl without RL).
 
 Learning rates are tuned, not shared: `sweep` runs each loss at `lrs` and RLVR at `rl_lrs`
 (seed 0, the dial's ends) and scores them on a **validation** split (`validation.jsonl`:
@@ -45,9 +51,11 @@ from jdistill.losses import registry
 from jdistill.runtime.io import write_json_atomic
 
 LOSSES = registry.check_names(
-  ("reverse_kl", "sampled_token", "sampled_token_baseline"), "question LOSSES"
+  ("reverse_kl", "sampled_token", "sampled_token_baseline", "forward_kl", "topk_teacher"),
+  "question LOSSES",
 )
 SAMPLED = ("sampled_token", "sampled_token_baseline")
+RLS = ("none", "rlvr", "unified")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,10 +64,12 @@ class Grid:
   # knob at α = 1; the sweep runs at the first and the last
   settings: tuple[str, ...] = ("lineage", "notation_0.5", "notation_1", "alpha_1")
   losses: tuple[str, ...] = LOSSES
-  rl_losses: tuple[str, ...] = ("reverse_kl", "sampled_token")  # the losses with RL arms
-  rls: tuple[str, ...] = ("none", "rlvr")
+  rl_losses: tuple[str, ...] = ("reverse_kl", "sampled_token")  # the losses with an rlvr arm
+  unified_losses: tuple[str, ...] = ("reverse_kl", "sampled_token")  # ... with a unified arm
+  rls: tuple[str, ...] = RLS
   warmups: tuple[str, ...] = ("none", "sft")
   warmup_settings: tuple[str, ...] = ("alpha_1",)  # where the sft warmup runs (see above)
+  warmup_losses: tuple[str, ...] = ("reverse_kl", "sampled_token", "sampled_token_baseline")
   seeds: int = 3
   seeds_if_straddling: int = 5  # where an answer's interval straddles zero (straddling_cells)
   budget_steps: int = 150  # student tokens of this many OPD steps per cell
@@ -69,7 +79,10 @@ class Grid:
   lrs: tuple[float, ...] = (5e-4, 1e-3, 2e-3, 4e-3)
   # the sampled estimators diverge at 2e-3 (the loss grid): their sweep reaches lower
   sampled_lrs: tuple[float, ...] = (1e-4, 2.5e-4, 5e-4, 1e-3, 2e-3)
+  # forward KL and top-k: around reverse_kl's best (2e-3), to save 2-core time
+  other_lrs: tuple[float, ...] = (1e-3, 2e-3, 4e-3)
   rl_lrs: tuple[float, ...] = (1e-4, 3e-4, 1e-3)
+  unified_lrs: tuple[float, ...] = (1e-4, 5e-4, 2e-3)  # spans GRPO's best and reverse_kl's
   warmup_lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3)  # the warmup SFT's, at the low end
   validation_per_domain: int = 64
   noise_batches: int = 2
@@ -86,8 +99,10 @@ class Grid:
     )
 
   def lrs_of(self, loss: str) -> tuple[float, ...]:
-    """The learning rates the sweep tries for `loss`."""
-    return self.sampled_lrs if loss in SAMPLED else self.lrs
+    """The learning rates the sweep tries for `loss` (OPD without RL)."""
+    if loss in SAMPLED:
+      return self.sampled_lrs
+    return self.lrs if loss in ("reverse_kl",) else self.other_lrs
 
   def cells(self):
     """(setting, warmup, rl, loss, seed) of every cell, pruned as the module docstring says."""
@@ -98,7 +113,11 @@ class Grid:
           continue
         for rl in self.rls:
           for loss in self.losses:
-            if rl != "none" and loss not in self.rl_losses:
+            if rl == "rlvr" and loss not in self.rl_losses:
+              continue
+            if rl == "unified" and (loss not in self.unified_losses or warmup != "none"):
+              continue
+            if warmup == "sft" and loss not in self.warmup_losses:
               continue
             out += [(setting, warmup, rl, loss, seed) for seed in range(self.seeds)]
     return out
@@ -168,6 +187,53 @@ def rlvr_student(exp, world, teachers, seed, lr, grid: Grid, eval_files: str) ->
   config = rlvr_config(world, teachers, out, seed, lr, grid, eval_files)
   summary = loss_grid._once(config, out, run_stage)
   return config.export_dir, summary
+
+
+def unified_config(world, teachers, out_dir, seed, lr, grid: Grid, eval_files, loss, steps):
+  """The unified arm's one stage: GRPO over all domains (group reward advantage, w_R = 1, PPO
+  clip 0.2) whose objective adds the teachers' term: `reverse_kl` as a full-vocab reverse KL
+  loss to each row's teacher (rl.dense_weight = 1), `sampled_token` as λ = 1 times the
+  per-token advantage sg[log p_T − log q], IcePop 5 as Ultra's MOPD."""
+  c = rlvr_config(world, teachers, out_dir, seed, lr, grid, eval_files)
+  c.train.steps = steps
+  c.optimizer.warmup_steps = min(5, steps)
+  if loss == "reverse_kl":
+    c.rl.dense_weight = 1.0
+  elif loss == "sampled_token":
+    c.loss.kl_weight = 1.0
+    c.loss.icepop_c = 5.0
+  else:
+    raise ValueError(f"unified loss {loss!r}; allowed: ['reverse_kl', 'sampled_token']")
+  return c
+
+
+def unified_steps(grid: Grid, world: str) -> int:
+  """GRPO steps of the unified arm: as many student tokens as `budget_steps` OPD steps."""
+  lg = grid.loss_grid()
+  opd = loss_grid.opd_config(world, "lineage", "reverse_kl", "", "", 0, lg)
+  rl_cfg = rlvr_config(world, {}, "", 0, 1e-3, grid, "")
+  return round(grid.budget_steps * budget.step_tokens(opd) / budget.step_tokens(rl_cfg))
+
+
+def run_unified(world, teachers, loss, out, seed, lr, grid: Grid, eval_files, noise=0) -> dict:
+  """The unified arm from the base: its stage (cached under `out`/unified), scored before
+  and after as `run_opd` scores a cell (the noise is its distillation term's, at the start)."""
+  from jdistill.stages import run_stage
+
+  steps = unified_steps(grid, world)
+  base = os.path.join(world, "base")
+  start = run_opd(world, teachers, loss, base, os.path.join(out, "start"), seed, lr, 0, grid,
+                  eval_files, noise=noise)  # fmt: skip
+  config = unified_config(world, teachers, os.path.join(out, "unified"), seed, lr, grid,
+                          eval_files, loss, steps)  # fmt: skip
+  loss_grid._once(config, os.path.join(out, "unified"), run_stage)
+  end = run_opd(world, teachers, loss, config.export_dir, os.path.join(out, "end"), seed, lr, 0,
+                grid, eval_files)  # fmt: skip
+  rl_tokens = budget.step_tokens(config) * steps
+  return dict(
+    start, accuracy=end["accuracy"], overlap_after=end["overlap_before"], unified_steps=steps,
+    rl_student_tokens=rl_tokens, opd_student_tokens=0, teacher_tokens=rl_tokens,
+  )  # fmt: skip
 
 
 def _teacher_data(exp, world, setting, teachers, grid: Grid) -> str:
@@ -243,6 +309,9 @@ def opd_steps(grid: Grid, rl: str, world: str) -> tuple[int, int]:
   """(RL student tokens, OPD steps) of a cell of arm `rl` at the grid's budget."""
   if rl == "none":
     return 0, grid.budget_steps
+  if rl == "unified":
+    rl_cfg = rlvr_config(world, {}, "", 0, 1e-3, grid, "")
+    return budget.step_tokens(rl_cfg) * unified_steps(grid, world), 0
   lg = grid.loss_grid()
   opd = loss_grid.opd_config(world, "lineage", "reverse_kl", "", "", 0, lg)
   rl_cfg = rlvr_config(world, {}, "", 0, 1e-3, grid, "")
@@ -269,6 +338,9 @@ def sweep(exp, world, dial_dir, grid: Grid, progress=print, shard=(0, 1)) -> dic
   ends = tuple(dict.fromkeys((grid.settings[0], grid.settings[-1])))
   jobs = [(loss, lr, s) for loss in grid.losses for lr in grid.lrs_of(loss) for s in ends]
   jobs += [("rlvr", lr, None) for lr in grid.rl_lrs]
+  if "unified" in grid.rls:
+    jobs += [(f"unified:{loss}", lr, s)
+             for loss in grid.unified_losses for lr in grid.unified_lrs for s in ends]  # fmt: skip
   if "sft" in grid.warmups:
     jobs += [("warmup", lr, ends[-1]) for lr in grid.warmup_lrs]
   index, count = shard
@@ -284,6 +356,15 @@ def sweep(exp, world, dial_dir, grid: Grid, progress=print, shard=(0, 1)) -> dic
       _cached(out, lambda out=out, student=student: run_opd(
         world, teacher_dirs(world, dial_dir, ends[0]), "reverse_kl", student, out, 0, grid.lrs[0],
         0, grid, validation))  # fmt: skip
+    elif loss.startswith("unified:"):
+      name = loss.split(":")[1]
+      out = os.path.join(exp, "sweep", setting, f"{name}_unified", f"lr{lr:g}")
+      _cached(
+        out,
+        lambda out=out, setting=setting, name=name, lr=lr: run_unified(
+          world, teacher_dirs(world, dial_dir, setting), name, out, 0, lr, grid, validation
+        ),
+      )
     elif loss == "warmup":
       teachers = teacher_dirs(world, dial_dir, setting)
       base = os.path.join(world, "base")
@@ -297,9 +378,11 @@ def sweep(exp, world, dial_dir, grid: Grid, progress=print, shard=(0, 1)) -> dic
       _cached(out, lambda out=out, setting=setting, loss=loss, lr=lr: run_opd(
         world, teacher_dirs(world, dial_dir, setting), loss, os.path.join(world, "base"),
         out, 0, lr, grid.budget_steps, grid, validation))  # fmt: skip
-  rows, rl_rows, warmup_rows = [], [], []  # every shard's results, once all are there
+  rows, rl_rows, warmup_rows, unified_rows = [], [], [], []  # every shard's, once all are in
   for loss, lr, setting in jobs:
     sub = (loss, f"lr{lr:g}") if loss in ("rlvr", "warmup") else (setting, loss, f"lr{lr:g}")
+    if loss.startswith("unified:"):
+      sub = (setting, f"{loss.split(':')[1]}_unified", f"lr{lr:g}")
     cell = os.path.join(exp, "sweep", *sub, "cell.json")
     if not os.path.exists(cell):
       return None
@@ -307,6 +390,8 @@ def sweep(exp, world, dial_dir, grid: Grid, progress=print, shard=(0, 1)) -> dic
       r = json.load(f)
     if loss == "rlvr":
       rl_rows.append({"lr": lr, "accuracy": r["accuracy"]})
+    elif loss.startswith("unified:"):
+      unified_rows.append({"setting": setting, "loss": loss.split(":")[1], "lr": lr, **r})
     elif loss == "warmup":
       warmup_rows.append({"lr": lr, "setting": setting, "accuracy": r["accuracy"]})
     else:
@@ -337,9 +422,12 @@ def sweep(exp, world, dial_dir, grid: Grid, progress=print, shard=(0, 1)) -> dic
     with open(cell) as f:
       rl_rows_opd.append({"setting": setting, "loss": loss, "lr": lr, **json.load(f)})
   best_rl = best_lrs(rl_rows_opd, grid.rl_losses, grid.lrs_of)
+  lrs = {"none": best, "rlvr": best_rl}
+  if unified_rows:
+    lrs["unified"] = best_lrs(unified_rows, grid.unified_losses, lambda _: grid.unified_lrs)
   result = {
     "grid": key, "table": rows, "rl_table": rl_rows, "warmup_table": warmup_rows,
-    "after_rl_table": rl_rows_opd, "lr": {"none": best, "rlvr": best_rl},
+    "after_rl_table": rl_rows_opd, "unified_table": unified_rows, "lr": lrs,
     "rl_lr": rl_lr, "warmup_lr": warmup_lr,
   }  # fmt: skip
   write_json_atomic(path, result, indent=1)
@@ -379,7 +467,7 @@ def run_cell(
   None for a cell not yet computed (a report of what a running grid has)."""
   setting, warmup, rl, loss, seed = cell
   lr = lrs[rl][loss]
-  rl_tag = f"rl_{rl}" + (f"_lr{rl_lr:g}" if rl != "none" else "")
+  rl_tag = f"rl_{rl}" + (f"_lr{rl_lr:g}" if rl == "rlvr" else "")
   out = os.path.join(exp, "cells", setting, f"warmup_{warmup}", rl_tag, f"{loss}_lr{lr:g}",
                      f"seed{seed}")  # fmt: skip
   teachers = teacher_dirs(world, dial_dir, setting)
@@ -387,6 +475,12 @@ def run_cell(
 
   def compute():
     t0 = time.time()
+    if rl == "unified":
+      r = run_unified(world, teachers, loss, out, seed, lr, grid, test, noise=grid.noise_batches)
+      r["student_tokens"] = r["rl_student_tokens"]
+      r["opd_steps"] = 0
+      r["stages_wall_s"] = time.time() - t0
+      return r
     student, rl_tokens = os.path.join(world, "base"), 0
     if rl == "rlvr":
       student, _ = rlvr_student(exp, world, teachers, seed, rl_lr, grid, test)
@@ -464,6 +558,12 @@ def sweep_table(result: dict) -> str:
       lines.append(
         f"| {name} | {r['lr']:g}{chosen} | {r['setting']} | {r['accuracy']['mean']:.3f} |"
       )
+  for r in result.get("unified_table", []):
+    chosen = " (chosen)" if result["lr"]["unified"][r["loss"]] == r["lr"] else ""
+    lines.append(
+      f"| unified GRPO + {r['loss']} | {r['lr']:g}{chosen} | {r['setting']} | "
+      f"{r['accuracy']['mean']:.3f} |"
+    )
   for r in result["rl_table"]:
     chosen = " (chosen)" if result["rl_lr"] == r["lr"] else ""
     lines.append(f"| rlvr alone | {r['lr']:g}{chosen} | - | {r['accuracy']['mean']:.3f} |")
@@ -550,14 +650,20 @@ def _more_seeds(grid: Grid) -> list[tuple]:
 
 def straddling_cells(cells: list[dict], grid: Grid) -> list[tuple]:
   """More seeds (`seeds` … `seeds_if_straddling` − 1) for the comparisons the answer makes
-  whose finite 95% interval straddles zero at a setting: no-RL vs RL (the `rl_losses`, no
-  warmup) and full-vocab vs sampled-token (no RL, no warmup) → the cells of both arms."""
+  whose finite 95% interval straddles zero at a setting: no-RL vs each RL arm (the arm's
+  losses, no warmup) and full-vocab vs sampled-token (no RL, no warmup) → the cells of both
+  arms."""
   p = verdict.Params()
   cold = [c for c in cells if c["warmup"] == "none"]
-  comparisons = (
-    ("rl", "none", p.rl_arm, cold, lambda c: c[2] in ("none", p.rl_arm) and c[3] in grid.rl_losses),
+  arm_losses = {"rlvr": grid.rl_losses, "unified": grid.unified_losses}
+  comparisons = [
+    ("rl", "none", arm, [c for c in cold if c["rl"] in ("none", arm)],
+     lambda c, arm=arm: c[2] in ("none", arm) and c[3] in arm_losses[arm])
+    for arm in arm_losses if arm in grid.rls
+  ]  # fmt: skip
+  comparisons.append(
     ("loss", p.full_vocab, p.sampled, [c for c in cold if c["rl"] == "none"],
-     lambda c: c[2] == "none" and c[3] in (p.full_vocab, p.sampled)),
+     lambda c: c[2] == "none" and c[3] in (p.full_vocab, p.sampled))
   )  # fmt: skip
   wanted = set()
   for factor, a, b, pool, member in comparisons:
@@ -575,8 +681,8 @@ def _recipe(c: dict) -> str:
 
 def plot(cells: list[dict], out: str) -> str:
   """answer.png: (left) test accuracy vs the setting's measured overlap per recipe, mean and
-  95% interval band over seeds; (middle) full-vocab − sampled-token and (right) RL − no RL
-  (equal budget) accuracy per setting, with intervals, no warmup."""
+  95% interval band over seeds; (middle) full-vocab − sampled-token and (right) each RL arm −
+  no RL (equal budget) accuracy per setting, with intervals, no warmup."""
   from jdistill.runtime.plots import plt
 
   fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
@@ -596,22 +702,27 @@ def plot(cells: list[dict], out: str) -> str:
   ax.legend(fontsize=7)
   cold = [c for c in cells if c["warmup"] == "none"]
   p = verdict.Params()
-  for ax, (factor, a, b, title) in zip(axes[1:], (
-    ("loss", p.full_vocab, p.sampled, f"{p.full_vocab} − {p.sampled} (no RL, no warmup)"),
-    ("rl", p.rl_arm, "none", f"{p.rl_arm} − no RL at equal budget (no warmup)"),
-  )):  # fmt: skip
-    pool = [c for c in cold if factor == "rl" or c["rl"] == "none"]
-    points = verdict.per_setting(pool, "accuracy", factor, a, b, p)
-    xs = [o for o, _ in points]
-    ax.errorbar(
-      xs, [d.mean for _, d in points], capsize=4, marker="o",
-      yerr=np.array([[d.mean - d.lo, d.hi - d.mean] if np.isfinite(d.lo) else [0, 0]
-                     for _, d in points]).T.reshape(2, -1),
-    )  # fmt: skip
+  panels = (
+    (axes[1], "loss", [(p.full_vocab, p.sampled)], "full-vocab − sampled-token (no RL, no warmup)"),
+    (axes[2], "rl", [(arm, "none") for arm in RLS[1:]], "RL arm − no RL, equal budget (no warmup)"),
+  )  # fmt: skip
+  for ax, factor, pairs, title in panels:
+    for k, (a, b) in enumerate(pairs):
+      pool = [c for c in cold if factor == "rl" or c["rl"] == "none"]
+      points = verdict.per_setting(pool, "accuracy", factor, a, b, p)
+      if not points:
+        continue
+      ax.errorbar(
+        [o + 0.005 * k for o, _ in points], [d.mean for _, d in points], capsize=4, marker="o",
+        label=f"{a} − {b}",
+        yerr=np.array([[d.mean - d.lo, d.hi - d.mean] if np.isfinite(d.lo) else [0, 0]
+                       for _, d in points]).T.reshape(2, -1),
+      )  # fmt: skip
     ax.axhline(0, color="gray", lw=0.8)
     ax.set_xlabel("overlap")
     ax.set_ylabel("accuracy difference")
     ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
   fig.tight_layout()
   path = os.path.join(out, "answer.png")
   fig.savefig(path, dpi=100)

@@ -209,8 +209,8 @@ class Verdict:
   numbers: dict  # name -> Interval or a plain number
   note: str = ""
 
-  def lines(self) -> list[str]:
-    out = [f"{self.claim}. **{self.text}**: {self.verdict.upper()}"]
+  def lines(self, label: str = "") -> list[str]:
+    out = [f"{self.claim}{label}. **{self.text}**: {self.verdict.upper()}"]
     out += [f"   - {name}: {v}" for name, v in self.numbers.items()]
     if self.note:
       out.append(f"   - {self.note}")
@@ -412,6 +412,41 @@ def headline(cells, p: Params = Params()) -> str:
   )
 
 
+OTHER_RL_ARMS = ("unified",)  # compared with no RL as the claims compare rl_arm
+OTHER_LOSSES = ("forward_kl", "topk_teacher", "sampled_token_baseline")
+
+
+def rl_arm_lines(cells, arm: str, p: Params = Params()) -> list[str]:
+  """answer.md's section on another RL arm: the headline, each setting, and claims 5 and 7
+  with `arm` in place of `p.rl_arm` (labelled `5u.`, `7u.`); [] when no cell ran it."""
+  if not any(c["rl"] == arm for c in cells):
+    return []
+  q = dataclasses.replace(p, rl_arm=arm)
+  lines = [f"## Against the {arm} arm", "", headline(cells, q), ""]
+  for o, d, v in matching_settings(cells, q):
+    lines.append(f"- overlap {o:.2f}: no-RL - {arm} accuracy {d}: {v}")
+  lines.append("")
+  for claim in (claim_rl_high, claim_engineered_matches):
+    lines += claim(cells, q).lines(label=arm[0])
+  return lines + [""]
+
+
+def loss_lines(cells, p: Params = Params(), others=OTHER_LOSSES) -> list[str]:
+  """answer.md's section on the losses the claims do not name: (loss − full-vocab) accuracy
+  per setting without RL or warmup, and whether it is higher, lower or not shown to differ:
+  the KL direction (forward_kl), truncation (topk_teacher), a baseline (sampled_token_baseline)."""
+  cold = [c for c in cells if c["rl"] == "none" and c["warmup"] == "none"]
+  lines = []
+  for loss in others:
+    for o, d in per_setting(cold, "accuracy", "loss", loss, p.full_vocab, p):
+      word = "higher" if d.lo > 0 else "lower" if d.hi < 0 else "no difference shown"
+      lines.append(f"- {loss} - {p.full_vocab} at overlap {o:.2f}: {d}: {word}")
+  if not lines:
+    return []
+  head = f"## Other losses against {p.full_vocab} (no RL, no warmup; accuracy)"
+  return [head, "", *lines, ""]
+
+
 def answer(cells: list[dict], p: Params = Params()) -> str:
   check_cells(cells)
   lines = ["# Can engineered support overlap replace student RL?", "", headline(cells, p), ""]
@@ -420,8 +455,11 @@ def answer(cells: list[dict], p: Params = Params()) -> str:
   lines += ["", "## Claims", ""]
   for v in verdicts(cells, p):
     lines += v.lines()
+  lines.append("")
+  for arm in OTHER_RL_ARMS:
+    lines += rl_arm_lines(cells, arm, p)
+  lines += loss_lines(cells, p)
   lines += [
-    "",
     f"95% Student-t intervals over seeds, paired by seed; high overlap >= {p.high}, low <= "
     f"{p.low}; equivalence margin {p.margin} (see jdistill/experiments/verdict.py).",
   ]

@@ -18,15 +18,18 @@ def test_cells_prune_only_as_documented():
   assert len(cells) == len(set(cells))
   # warmup SFT only where the teachers' data is not the student's own style
   assert {c[0] for c in cells if c[1] == "sft"} == {"alpha_1"}
-  # RL arms only with the rl_losses; every loss without RL at every setting and warmup
-  assert {c[3] for c in cells if c[2] != "none"} == set(grid.rl_losses)
+  # RL arms only with their losses, the unified arm without warmup
+  assert {c[3] for c in cells if c[2] == "rlvr"} == set(grid.rl_losses)
+  assert {c[3] for c in cells if c[2] == "unified"} == set(grid.unified_losses)
+  assert {c[1] for c in cells if c[2] == "unified"} == {"none"}
+  # every loss without RL at every setting, and with warmup its warmup_losses
   for setting in grid.settings:
     for warmup in grid.warmups if setting in grid.warmup_settings else ("none",):
-      for loss in grid.losses:
+      for loss in grid.losses if warmup == "none" else grid.warmup_losses:
         assert {c[4] for c in cells if c[:4] == (setting, warmup, "none", loss)} == {0, 1}
-  n_recipes = len(grid.losses) + len(grid.rl_losses)  # per (setting, warmup)
-  # every setting without warmup, the warmup settings also with it
-  assert len(cells) == 2 * (len(grid.settings) + len(grid.warmup_settings)) * n_recipes
+  cold = len(grid.losses) + len(grid.rl_losses) + len(grid.unified_losses)
+  warm = len(grid.warmup_losses) + len(grid.rl_losses)
+  assert len(cells) == 2 * (len(grid.settings) * cold + len(grid.warmup_settings) * warm)
 
 
 def test_rl_and_opd_tokens_sum_to_the_budget_of_the_arm_without_rl():
@@ -45,6 +48,10 @@ def test_rl_and_opd_tokens_sum_to_the_budget_of_the_arm_without_rl():
   assert budget.check_equal_budget(cells) == []
   with pytest.raises(ValueError, match="whole budget"):
     question.opd_steps(dataclasses.replace(grid, rl_steps=grid.budget_steps), "rlvr", WORLD)
+  # the unified arm spends the budget in its GRPO stage, to within one GRPO step
+  unified_tokens, unified_opd = question.opd_steps(grid, "unified", WORLD)
+  assert unified_opd == 0
+  assert abs(unified_tokens - grid.budget_steps * per_step) <= per_step * grid.rl_group / 2
 
 
 def test_the_validation_split_is_apart_from_training_and_test_prompts(tmp_path):
@@ -100,6 +107,31 @@ def test_a_cell_with_rlvr_and_warmup_runs_end_to_end_at_equal_budget(tmp_path):
   assert set(cell["accuracy"]) == {*tasks.DOMAINS, "mean"}
   for stage in ("rlvr", os.path.join("external", "warmup_sft")):
     assert os.path.isdir(os.path.join(tmp_path, stage))
+
+
+def test_the_unified_arm_runs_end_to_end_and_scores_its_teacher_term(tmp_path):
+  """One GRPO step whose objective adds the dense reverse KL to the lineage teachers: its
+  tokens are the budget, its accuracy and overlap are measured after the stage."""
+  grid = question.Grid(
+    settings=("lineage",), seeds=1, budget_steps=4, noise_batches=1, slots_per_teacher=8
+  )
+  assert question.unified_steps(grid, WORLD) == 1
+  cell = question.run_cell(
+    str(tmp_path), WORLD, str(tmp_path), ("lineage", "none", "unified", "reverse_kl", 0),
+    {"unified": {"reverse_kl": 2e-3}}, 1e-3, grid, {"lineage": 0.83},
+  )  # fmt: skip
+  verdict.check_cells([cell])
+  assert cell["opd_steps"] == 0 and cell["opd_student_tokens"] == 0
+  assert cell["student_tokens"] == cell["rl_student_tokens"] > 0
+  config = question.unified_config(WORLD, {}, "", 0, 1e-3, grid, "", "reverse_kl", 1)
+  assert config.rl.dense_weight == 1.0 and config.rl.reward_weight == 1.0
+  out = os.path.join(
+    tmp_path, "cells", "lineage", "warmup_none", "rl_unified", "reverse_kl_lr0.002"
+  )
+  summary = json.load(open(os.path.join(out, "seed0", "unified", "DONE.json")))
+  assert summary["step"] == 1
+  with pytest.raises(ValueError, match="unified loss 'forward_kl'"):
+    question.unified_config(WORLD, {}, "", 0, 1e-3, grid, "", "forward_kl", 1)
 
 
 def test_more_seeds_go_where_an_answer_s_interval_straddles_zero():

@@ -251,3 +251,34 @@ def test_a_match_where_both_arms_lose_accuracy_is_at_the_floor():
   rows = verdict.matching_settings(cells)
   assert [v for _, _, v in rows] == [verdict.FLOOR]
   assert verdict.headline(cells).startswith("At no overlap tested")
+
+
+def test_answer_compares_the_unified_arm_and_the_other_losses_by_the_same_rules(tmp_path):
+  """RLVR helps by 0.2 at both settings; the unified arm matches no RL at 0.9 and is 0.2
+  better at 0.3; forward KL is 0.1 below reverse KL at 0.9, top-k equal to it (noisy)."""
+  cells = rl_cells(0.9, 0.2) + rl_cells(0.3, 0.2)
+  for c in [c for c in cells if c["rl"] == "rlvr"]:
+    gain = 0.0 if c["overlap"] == 0.9 else 0.2
+    cells.append(dict(c, rl="unified", accuracy={"mean": 0.5 + gain + SMALL[c["seed"]]}))
+  for s in range(3):
+    for loss, acc in (("reverse_kl", 0.5), ("forward_kl", 0.4 + SMALL[s]),
+                      ("topk_teacher", 0.5 + LARGE[s])):  # fmt: skip
+      cells.append(cell(0.9, loss, seed=s, acc=acc))
+  text = verdict.write_answer(cells, str(tmp_path / "answer.md"))
+  head = text.splitlines()[2]
+  assert head.startswith("At no overlap tested") and "(rlvr)" in head  # RLVR helps everywhere
+  section = text[text.index("## Against the unified arm") :]
+  assert "matches the one with it (unified, equal budget, within 0.05) at overlap 0.90;" in section
+  assert "- overlap 0.30: no-RL - unified accuracy" in section
+  assert "5u. **at high overlap, student RL adds nothing" in section
+  assert section.split("5u. ")[1].split("\n")[0].endswith("SUPPORTED")
+  losses = text[text.index("## Other losses") :]
+  assert "- forward_kl - reverse_kl at overlap 0.90: -0.099" in losses
+  assert (
+    losses.split("forward_kl - reverse_kl at overlap 0.90")[1].split("\n")[0].endswith(": lower")
+  )
+  assert "topk_teacher - reverse_kl at overlap 0.90" in losses
+  assert losses.split("topk_teacher - reverse_kl")[1].split("\n")[0].endswith("no difference shown")
+  # without unified cells or other losses the sections are absent
+  plain = verdict.answer(rl_cells(0.9, 0.2))
+  assert "## Against the unified arm" not in plain and "## Other losses" not in plain

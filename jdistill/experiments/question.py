@@ -22,7 +22,8 @@ the student's own style (the lineage teachers' data *is* the base's; claims 1-2 
 external-data teachers), and only with `warmup_losses`; the rlvr arm only with `rl_losses`,
 the unified arm only with `unified_losses` and without warmup (claims 5-7 compare the RL arms
 with no RL; forward KL and top-k answer the mechanism question, the KL direction and
-truncation, against reverse_kl without RL).
+truncation, against reverse_kl without RL); the unified arm, forward KL and top-k only at the
+dial's two ends (`ends_only`).
 
 Learning rates are tuned, not shared: `sweep` runs each loss at `lrs` and RLVR at `rl_lrs`
 (seed 0, the dial's ends) and scores them on a **validation** split (`validation.jsonl`:
@@ -70,6 +71,9 @@ class Grid:
   warmups: tuple[str, ...] = ("none", "sft")
   warmup_settings: tuple[str, ...] = ("alpha_1",)  # where the sft warmup runs (see above)
   warmup_losses: tuple[str, ...] = ("reverse_kl", "sampled_token", "sampled_token_baseline")
+  # the unified arm, forward KL and top-k run at the dial's ends only (2-core budget): every
+  # claim about them pools the high (lineage) or low (alpha_1) regime, which the ends hold
+  ends_only: tuple[str, ...] = ("unified", "forward_kl", "topk_teacher")
   seeds: int = 3
   seeds_if_straddling: int = 5  # where an answer's interval straddles zero (straddling_cells)
   budget_steps: int = 150  # student tokens of this many OPD steps per cell
@@ -118,6 +122,9 @@ class Grid:
             if rl == "unified" and (loss not in self.unified_losses or warmup != "none"):
               continue
             if warmup == "sft" and loss not in self.warmup_losses:
+              continue
+            ends = (self.settings[0], self.settings[-1])
+            if (rl in self.ends_only or loss in self.ends_only) and setting not in ends:
               continue
             out += [(setting, warmup, rl, loss, seed) for seed in range(self.seeds)]
     return out

@@ -22,14 +22,22 @@ def test_cells_prune_only_as_documented():
   assert {c[3] for c in cells if c[2] == "rlvr"} == set(grid.rl_losses)
   assert {c[3] for c in cells if c[2] == "unified"} == set(grid.unified_losses)
   assert {c[1] for c in cells if c[2] == "unified"} == {"none"}
-  # every loss without RL at every setting, and with warmup its warmup_losses
+  # every loss without RL at every setting (the ends_only ones at the dial's ends), and with
+  # warmup its warmup_losses
+  ends = (grid.settings[0], grid.settings[-1])
+  assert {c[0] for c in cells if c[2] == "unified" or c[3] in grid.ends_only} == set(ends)
   for setting in grid.settings:
     for warmup in grid.warmups if setting in grid.warmup_settings else ("none",):
       for loss in grid.losses if warmup == "none" else grid.warmup_losses:
+        if loss in grid.ends_only and setting not in ends:
+          continue
         assert {c[4] for c in cells if c[:4] == (setting, warmup, "none", loss)} == {0, 1}
-  cold = len(grid.losses) + len(grid.rl_losses) + len(grid.unified_losses)
+  other = [x for x in grid.losses if x not in grid.ends_only]
+  cold = len(other) + len(grid.rl_losses)  # at every setting
+  cold_ends = len(grid.losses) - len(other) + len(grid.unified_losses)  # at the ends too
   warm = len(grid.warmup_losses) + len(grid.rl_losses)
-  assert len(cells) == 2 * (len(grid.settings) * cold + len(grid.warmup_settings) * warm)
+  n = len(grid.settings) * cold + 2 * cold_ends + len(grid.warmup_settings) * warm
+  assert len(cells) == 2 * n
 
 
 def test_rl_and_opd_tokens_sum_to_the_budget_of_the_arm_without_rl():

@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 LOG    := $(VENV)/install.log
 
-.PHONY: test lint format demo experiment loss-grid install bench bench-venv compare clean
+.PHONY: test lint format demo experiment merge-ten loss-grid install bench bench-venv compare clean
 
 # Install output goes to a log and is shown (its tail) only when the install fails.
 $(STAMP): pyproject.toml
@@ -43,6 +43,13 @@ experiment: $(STAMP)
 	@$(PY) -m jdistill dial --out=runs/dial --knob=token --alphas=0.5,1
 	@$(QUESTION) --shard=0/2 & $(QUESTION) --shard=1/2; wait
 	@$(QUESTION)
+
+# Ten lineage teachers into one student, V4 vs Ultra at equal budget (docs/experiment.md,
+# "Merge ten"): the 10-domain world, then both recipes per seed, cached; the report is copied
+# to docs/results/merge_ten.{md,json}.
+merge-ten: $(STAMP)
+	@$(PY) -m jdistill merge_ten --out=runs/merge_ten
+	@cp runs/merge_ten/merge_ten.md runs/merge_ten/merge_ten.json docs/results/
 
 loss-grid: $(STAMP)
 	@$(PY) -m jdistill experiment --out=runs/experiment

@@ -32,6 +32,7 @@ TOOLS = {
   "experiment": ("jdistill.experiments.experiment:cli", "the loss grid: loss x teachers x warmup"),
   "task_world": ("jdistill.experiments.task_world:cli", "rebuild the task world"),
   "dial": ("jdistill.experiments.dial:cli", "the overlap dial: teachers forked on mixed data"),
+  "merge_ten": ("jdistill.experiments.merge_ten:cli", "ten teachers into one student: V4 vs Ultra"),
   "demo": ("jdistill.experiments.demo:cli", "what `make demo` runs"),
 }
 

@@ -43,6 +43,7 @@ import os
 import random
 import time
 
+import ml_collections
 import numpy as np
 
 from jdistill.experiments import budget, dial, tasks, verdict
@@ -161,6 +162,14 @@ def write_validation(world: str, path: str, per_domain: int, seed: int = 4242) -
 
 
 def _teachers(config, teachers: dict[str, str]) -> None:
+  """Points the config's teachers at `teachers` ({domain: dir}); another set of domains (a
+  world other than the default, `jdistill.experiments.merge_ten`) replaces them, each with the
+  settings of the config's first teacher."""
+  if teachers and set(teachers) != set(config.teachers.keys()):
+    template = next(iter(config.teachers.values())).to_dict()
+    config.teachers = ml_collections.ConfigDict(
+      {d: dict(template, path=path, domains=d) for d, path in teachers.items()}
+    )
   for d, path in teachers.items():
     config.teachers[d].path = path
 
@@ -271,8 +280,8 @@ def warmup_student(exp, world, setting, teachers, student, tag, seed, lr, grid: 
   return config.export_dir
 
 
-def _accuracy(point: dict) -> dict[str, float]:
-  acc = {d: point[d]["accuracy"] for d in tasks.DOMAINS}
+def _accuracy(point: dict, domains=tasks.DOMAINS) -> dict[str, float]:
+  acc = {d: point[d]["accuracy"] for d in domains}
   return dict(acc, mean=float(np.mean(list(acc.values()))))
 
 
@@ -296,24 +305,26 @@ def run_opd(world, teachers, loss, student, out, seed, lr, steps, grid, eval_fil
   if steps:
     trainer.run(steps=steps)
   after = trainer.evaluate() if steps else before
+  domains = list(teachers)
   return {
-    "accuracy_before": _accuracy(before),
-    "accuracy": _accuracy(after),
-    "overlap_before": loss_grid.overlap_of(before),
-    "overlap_after": loss_grid.overlap_of(after),
+    "accuracy_before": _accuracy(before, domains),
+    "accuracy": _accuracy(after, domains),
+    "overlap_before": loss_grid.overlap_of(before, domains),
+    "overlap_after": loss_grid.overlap_of(after, domains),
     "opd_student_tokens": budget.step_tokens(config) * steps,
     "teacher_tokens": budget.step_tokens(config) * steps,
     "noise": noise_stats,
     # where the loss's weight sits at the start: on tokens off the teachers' support
     "off_support_loss_share": float(
-      np.mean([before[d].get("off_support_loss_share", np.nan) for d in tasks.DOMAINS])
+      np.mean([before[d].get("off_support_loss_share", np.nan) for d in domains])
     ),
-    "off_support_tokens": float(np.mean([before[d]["off_support"] for d in tasks.DOMAINS])),
+    "off_support_tokens": float(np.mean([before[d]["off_support"] for d in domains])),
   }
 
 
-def opd_steps(grid: Grid, rl: str, world: str) -> tuple[int, int]:
-  """(RL student tokens, OPD steps) of a cell of arm `rl` at the grid's budget."""
+def opd_steps(grid: Grid, rl: str, world: str, teachers=None) -> tuple[int, int]:
+  """(RL student tokens, OPD steps) of a cell of arm `rl` at the grid's budget, with
+  `teachers` ({domain: dir}; default: the world's three)."""
   if rl == "none":
     return 0, grid.budget_steps
   if rl == "unified":
@@ -321,7 +332,8 @@ def opd_steps(grid: Grid, rl: str, world: str) -> tuple[int, int]:
     return budget.step_tokens(rl_cfg) * unified_steps(grid, world), 0
   lg = grid.loss_grid()
   opd = loss_grid.opd_config(world, "lineage", "reverse_kl", "", "", 0, lg)
-  rl_cfg = rlvr_config(world, {}, "", 0, 1e-3, grid, "")
+  _teachers(opd, teachers or {})
+  rl_cfg = rlvr_config(world, teachers or {}, "", 0, 1e-3, grid, "")
   rl_tokens = budget.step_tokens(rl_cfg) * grid.rl_steps
   rl_as_opd_steps = budget.opd_steps_for_budget(rl_tokens, 0, budget.step_tokens(opd))
   if rl_as_opd_steps >= grid.budget_steps:

@@ -167,21 +167,39 @@ def eval_records(root: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
-def model_names(domains=tasks.DOMAINS) -> list[str]:
-  return ["base"] + [f"{kind}_{d}" for kind in ("lineage", "external") for d in domains]
+KINDS = ("lineage", "external")
 
 
-def build(root: str, spec: WorldSpec = WorldSpec(), log=log.info, domains=tasks.DOMAINS) -> dict:
-  """Builds what is missing under `root` (see the module docstring) → world.json's content;
-  `domains`: the domains whose two teachers are built (all of them but in a test)."""
+def model_names(domains=tasks.DOMAINS, kinds=KINDS) -> list[str]:
+  return ["base"] + [f"{kind}_{d}" for kind in kinds for d in domains]
+
+
+def build(
+  root: str, spec: WorldSpec = WorldSpec(), log=log.info, domains=None,
+  world_domains=tasks.DOMAINS, kinds=KINDS,
+) -> dict:  # fmt: skip
+  """Builds what is missing under `root` (see the module docstring) → world.json's content.
+  `world_domains`: the world's domains (its prompts, the base's mixture, the SFT data);
+  `domains`: those of them whose teachers of `kinds` are built (default: all of them)."""
+  world_domains = tuple(world_domains)
+  domains = world_domains if domains is None else tuple(domains)
+  if unknown := set(world_domains) - set(tasks.ALL_DOMAINS):
+    raise ValueError(f"world_domains {sorted(unknown)} invalid; allowed: {list(tasks.ALL_DOMAINS)}")
+  if not set(domains) <= set(world_domains):
+    raise ValueError(f"domains {list(domains)} must be among world_domains {list(world_domains)}")
+  if unknown := set(kinds) - set(KINDS):
+    raise ValueError(f"kinds {sorted(unknown)} invalid; allowed: {list(KINDS)}")
   from jdistill.data.tokenizer import train_tiny_tokenizer
   from jdistill.eval.accuracy import model_accuracy
   from jdistill.testing.toy import random_model_dir
 
   t0 = time.time()
+  # Another world's domains join the hash; the default world's hash stays what its committed
+  # artifacts carry (they are not rebuilt).
+  other = () if world_domains == tasks.DOMAINS else (list(world_domains),)
   data_hash = _hash(
     spec.examples_per_domain, spec.eval_per_domain, spec.train_prompts_per_domain, spec.seed,
-    "data-v1",
+    "data-v1", *other,
   )  # fmt: skip
   arch = (spec.hidden, spec.layers, spec.heads, spec.kv_heads, spec.mlp)
   training = (spec.rows_per_step, spec.lr)
@@ -191,20 +209,20 @@ def build(root: str, spec: WorldSpec = WorldSpec(), log=log.info, domains=tasks.
     # The byte alphabet and no merges (vocab_size 261): one token per character.
     train_tiny_tokenizer(tok_dir, ["add 12 34\n"], vocab_size=261)
     s = spec.seed
-    tasks.write_prompts(os.path.join(root, "eval.jsonl"), tasks.DOMAINS, spec.eval_per_domain, s)
+    tasks.write_prompts(os.path.join(root, "eval.jsonl"), world_domains, spec.eval_per_domain, s)
     held_out = {r["prompt"] for r in eval_records(root)}
     train = tasks.write_prompts(
-      os.path.join(root, "train_all.jsonl"), tasks.DOMAINS, spec.train_prompts_per_domain, s + 1
+      os.path.join(root, "train_all.jsonl"), world_domains, spec.train_prompts_per_domain, s + 1
     )
     with open(train) as f, open(os.path.join(root, "train.jsonl"), "w") as out:
       out.writelines(line for line in f if json.loads(line)["prompt"] not in held_out)
     os.remove(train)
     n = spec.examples_per_domain
     tasks.write_examples(
-      os.path.join(root, "data", "base_plain.jsonl"), tasks.DOMAINS, n // 8, s + 2, "plain",
+      os.path.join(root, "data", "base_plain.jsonl"), world_domains, n // 8, s + 2, "plain",
       exclude=held_out,
     )  # fmt: skip
-    for k, domain in enumerate(tasks.DOMAINS):
+    for k, domain in enumerate(world_domains):
       for style in tasks.STYLES:
         tasks.write_examples(
           os.path.join(root, "data", f"{style}_{domain}.jsonl"), [domain], n, s + 10 + k,
@@ -230,10 +248,12 @@ def build(root: str, spec: WorldSpec = WorldSpec(), log=log.info, domains=tasks.
     data = os.path.join(root, "data", "base_plain.jsonl")
     _train(root, "base", init("base", spec.seed + 100), data, spec.base_steps, spec, log)
     _mark(base, base_hash)
-  for k, domain in enumerate(tasks.DOMAINS):
+  for k, domain in enumerate(world_domains):
     if domain not in domains:
       continue
     for kind, start in (("lineage", base), ("external", None)):
+      if kind not in kinds:
+        continue
       name = f"{kind}_{domain}"
       start_hash = base_hash if kind == "lineage" else _hash(data_hash, arch)
       digest = _hash(start_hash, training, spec.teacher_steps, name)
@@ -246,7 +266,7 @@ def build(root: str, spec: WorldSpec = WorldSpec(), log=log.info, domains=tasks.
       _mark(os.path.join(root, name), digest)
 
   world_hash = _hash(
-    [_read_hash(os.path.join(root, n)) for n in model_names(domains)], spec.eval_per_domain,
+    [_read_hash(os.path.join(root, n)) for n in model_names(domains, kinds)], spec.eval_per_domain,
     spec.max_new_tokens,
   )  # fmt: skip
   summary_path = os.path.join(root, "world.json")
@@ -261,7 +281,7 @@ def build(root: str, spec: WorldSpec = WorldSpec(), log=log.info, domains=tasks.
       os.path.join(root, name), records, max_new_tokens=spec.max_new_tokens,
       verifier="jdistill.experiments.tasks:verify", tokenizer=tokenizer,
     )
-    for name in model_names(domains)
+    for name in model_names(domains, kinds)
   }  # fmt: skip
   summary = {
     "hash": world_hash,

@@ -4,6 +4,8 @@ import dataclasses
 import json
 import os
 
+import pytest
+
 from jdistill.experiments import task_world, tasks
 
 
@@ -49,3 +51,42 @@ def test_a_smaller_rebuild_lands_in_the_same_bands(tmp_path):
   summary = task_world.build(str(tmp_path / "world"), spec, log=lambda *_: None, domains=["add"])
   assert set(summary["accuracy"]) == {"base", "lineage_add", "external_add"}
   _check_bands(summary["accuracy"], domains=["add"])
+
+
+def _no_training(*args, **kwargs):
+  raise AssertionError(f"build() trained {args[1]}")
+
+
+def test_building_the_committed_worlds_spec_again_changes_nothing(tmp_path, monkeypatch):
+  """The default world's hashes are what its committed artifacts carry: a build on a copy of
+  it trains nothing and rewrites no file; another world's domains (`world_domains`) are
+  another world: its data are written anew (for every one of its domains)."""
+  import filecmp
+  import shutil
+
+  root = str(tmp_path / "world")
+  shutil.copytree(task_world.COMMITTED, root)
+  monkeypatch.setattr(task_world, "_train", _no_training)
+  summary = task_world.build(root, log=lambda *_: None)
+  assert summary == json.load(open(os.path.join(task_world.COMMITTED, "world.json")))
+  same = filecmp.dircmp(root, task_world.COMMITTED)
+  assert not same.diff_files and not same.left_only and not same.right_only
+  for name in task_world.model_names():
+    marker = os.path.join(name, "artifact.json")
+    assert filecmp.cmp(os.path.join(root, marker), os.path.join(task_world.COMMITTED, marker))
+
+  with pytest.raises(AssertionError, match="trained base"):  # the same spec, more domains
+    task_world.build(root, log=lambda *_: None, world_domains=tasks.ALL_DOMAINS)
+  domains = {r["domain"] for r in task_world.eval_records(root)}
+  assert domains == set(tasks.ALL_DOMAINS)
+  assert os.path.exists(os.path.join(root, "data", "plain_len.jsonl"))
+
+
+def test_build_refuses_unknown_domains_and_kinds(tmp_path):
+  root = str(tmp_path / "w")
+  with pytest.raises(ValueError, match="world_domains.*'divide'"):
+    task_world.build(root, world_domains=("add", "divide"))
+  with pytest.raises(ValueError, match="must be among"):
+    task_world.build(root, domains=("sub",))
+  with pytest.raises(ValueError, match="kinds.*'forked'"):
+    task_world.build(root, kinds=("forked",))

@@ -90,8 +90,9 @@ def completion_window(x: dict, window: int) -> jax.Array:
   int `[B, window]` indices into the `L-1` positions of `shifted_inputs`.
 
   Rows are prompt, completion, pad; with `window` = the sampler's `max_new_tokens` (a
-  multi-turn episode's `max_total_tokens`), every position with `mask` 1 is inside, so a loss over the window equals the loss over all
-  positions (the others weigh 0) at `window / (L-1)` of the vocabulary work.
+  multi-turn episode's `max_total_tokens`), every position with `mask` 1 is inside, so a loss
+  over the window equals the loss over all positions (the others weigh 0) at `window / (L-1)`
+  of the vocabulary work.
   """
   first = jnp.argmax(x["mask"] > 0, axis=1)  # the first completion target
   start = jnp.minimum(first, x["mask"].shape[1] - window)

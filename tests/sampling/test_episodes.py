@@ -51,8 +51,8 @@ class ScriptedEnv:
       raise RuntimeError("tool crashed")
     if fault == "malformed":
       raise MalformedTurn("no closing bracket")
-    if fault == "flood":
-      return "a" * 500, False, None
+    if fault == "flood":  # a reward before done is no episode reward
+      return "a" * 500, False, 0.7
     if fault == "bad_return":
       return "ok", False  # two values, not three
     if len(state["texts"]) >= state["record"]["turns"]:
@@ -194,12 +194,15 @@ def test_stop_strings_end_a_turn(student):
   """A turn ends where its text first contains a stop string; tokens after it are dropped."""
   stop = dataclasses.replace(LONG, stop_strings=tuple("abcdefghijklmnopqrstuvwxyz"), slots=None)
   out, envs = _run(student, [{"turns": 1}] * 5, stop)
+  by_string = 0
   for b, state in enumerate(envs):
     ids = out.tokens[b, out.prompt_lengths[b] : out.lengths[b]].tolist()
     text = TOK.decode([i for i in ids if i not in STOPS])
     assert state["texts"] == [text]
     if not set(ids) & set(STOPS):  # ended by the stop string: its last character is a letter
       assert text[-1].isalpha() and not any(c.isalpha() for c in text[:-1])
+      by_string += 1
+  assert by_string > 0 and out.reasons == ("done",) * 5
 
 
 def test_load_environment(tmp_path, monkeypatch):

@@ -14,23 +14,9 @@ from jdistill.runtime import sharding as shd
 from jdistill.sampling import Sampler, SamplingParams
 from jdistill.sampling.environment import MalformedTurn, load_environment
 from jdistill.sampling.episodes import EpisodeParams, run_episodes
+from jdistill.testing.chars import EOS, PAD, VOCAB, CharTokenizer
 
-CHARS = "_$abcdefghijklmnopqrstuvwxyz0123456789 :[]<>=+-*/.,?!ABCDEFGHIJK"
-assert len(CHARS) == 64  # one character per id of the tiny model's vocabulary
-PAD, EOS = 0, 1
-STOPS = (EOS, *range(50, 64))  # 15 of 64 ids: a random model's turns end after ~4 tokens
-
-
-class CharTokenizer:
-  """One character per token id."""
-
-  def encode(self, text, add_special_tokens=False):
-    return [CHARS.index(c) for c in text]
-
-  def decode(self, ids):
-    return "".join(CHARS[i] for i in ids)
-
-
+STOPS = (EOS, *range(50, VOCAB))  # 15 of 64 ids: a random model's turns end after ~4 tokens
 TOK = CharTokenizer()
 
 
@@ -63,7 +49,7 @@ class ScriptedEnv:
 @pytest.fixture(scope="module")
 def student():
   cfg = ModelConfig(
-    vocab_size=64,
+    vocab_size=VOCAB,
     hidden_size=32,
     intermediate_size=48,
     num_layers=1,

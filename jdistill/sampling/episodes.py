@@ -90,8 +90,8 @@ class EpisodeParams:
 
 @dataclasses.dataclass(frozen=True)
 class Episodes:
-  """Finished episodes, right-padded as the trainer reads them (`L = longest prompt +
-  max_total_tokens`), rows in the order of the prompts.
+  """Finished episodes, right-padded as the trainer reads them (`L = prompt_width +
+  max_total_tokens`, `run_episodes`), rows in the order of the prompts.
 
   tokens             int32 `[N, L]`  prompt, then model and environment turns, then pad_id
   prompt_lengths     int32 `[N]`
@@ -127,6 +127,18 @@ class Episodes:
     """Episodes per end reason, every reason of `REASONS` present (0 if none)."""
     counts = collections.Counter(self.reasons)
     return {r: counts[r] for r in REASONS}
+
+  def metrics(self) -> dict[str, float]:
+    """Host metrics of the batch: mean reward, turns, model and environment tokens per
+    episode, and `ended_<reason>` counts for every reason of `REASONS`."""
+    environment = self.completion_mask - self.model_mask
+    return {
+      "reward": float(self.rewards.mean()),
+      "turns": float(self.turns.mean()),
+      "model_tokens": float(self.model_mask.sum(axis=1).mean()),
+      "environment_tokens": float(environment.sum(axis=1).mean()),
+      **{f"ended_{r}": float(n) for r, n in self.reason_counts().items()},
+    }
 
   def batch(self) -> dict:
     """The train step's rollout batch (`jdistill.step.common`), with `model_mask`."""
@@ -187,6 +199,8 @@ def run_episodes(
   params: SamplingParams,
   episode: EpisodeParams,
   tokenizer,
+  *,
+  prompt_width: int | None = None,
 ) -> Episodes:
   """Runs one multi-turn episode per prompt with the student `state` on `sampler`.
 
@@ -203,6 +217,8 @@ def run_episodes(
     episode: the episodes' limits.
     tokenizer: `encode(text, add_special_tokens=False) -> ids` for observations and
       `decode(ids) -> text` for the turns handed to the environment (stop ids left out).
+    prompt_width: the output's prompt width (default: the longest prompt), so that batches of
+      one data pipeline share one width `L = prompt_width + max_total_tokens`.
   Returns:
     Episodes, rows in the order of `prompts`.
   """
@@ -211,6 +227,9 @@ def run_episodes(
     raise ValueError(f"records: expected {n} records, one per prompt; got {len(records)}")
   if n == 0:
     raise ValueError("prompts: the batch is empty")
+  longest = max(len(p) for p in prompts)
+  if prompt_width is not None and prompt_width < longest:
+    raise ValueError(f"prompt_width={prompt_width} is shorter than the longest prompt ({longest})")
   wave_tokens = min(episode.wave_tokens or episode.max_turn_tokens, episode.max_turn_tokens)
   slots = min(episode.slots or n, n)
   params = dataclasses.replace(params, max_new_tokens=wave_tokens, key_schedule="prompt")
@@ -299,8 +318,8 @@ def run_episodes(
     active = [i for i in active if rows[i].reason is None]
     wave += 1
     admit()
-  return _assemble(rows, max(len(p) for p in prompts) + episode.max_total_tokens, params.pad_id,
-                   wave)  # fmt: skip
+  width = (prompt_width or longest) + episode.max_total_tokens
+  return _assemble(rows, width, params.pad_id, wave)
 
 
 def _check_step(result) -> tuple[str | None, bool, float | None]:

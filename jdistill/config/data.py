@@ -123,8 +123,9 @@ EPISODE = section(
   "episode",
   environment=field(
     "",
-    "multi-turn OPD rollouts: the environment that answers each student turn (user code, "
-    "`jdistill/sampling/environment.py`); its observations are context, never a target. "
+    "multi-turn rollouts (stages `opd`, `rlvr`): the environment that answers each student "
+    "turn (user code, `jdistill/sampling/environment.py`); its observations are context, "
+    "never a target. "
     "`sampling.max_new_tokens` is then the per-turn limit",
     "`''` (single-turn rollouts) or `module:Class` / `module:function`",
   ),
@@ -196,11 +197,12 @@ def _validate_episode(config) -> None:
     fail("episode.stop_strings", e.stop_strings, "a tuple of non-empty strings")
   if not spec:
     return
-  if config.stage != "opd":
+  if config.stage not in ("opd", "rlvr"):
     fail(
       "episode.environment",
       spec,
-      f"'' with stage={config.stage!r} (multi-turn rollouts are built for stage 'opd' only)",
+      f"'' with stage={config.stage!r} (multi-turn rollouts are built for stages 'opd' and "
+      "'rlvr' only)",
     )
   longest = config.data.max_prompt_len + e.max_total_tokens
   if max(config.sampling.prompt_buckets) < longest:
@@ -210,7 +212,7 @@ def _validate_episode(config) -> None:
       f"a bucket >= data.max_prompt_len + episode.max_total_tokens = {longest} (an episode's "
       "whole context is a prompt of its next wave)",
     )
-  if config.eval.verifier:
+  if config.stage == "opd" and config.eval.verifier:
     fail(
       "eval.verifier",
       config.eval.verifier,

@@ -159,11 +159,11 @@ class _Row:
   tokens: list[int]
   prompt_length: int
   start_wave: int
-  model: list[int] = dataclasses.field(default_factory=list)  # 1 per model token, 0 otherwise
-  logprobs: list[float] = dataclasses.field(default_factory=list)
-  sampling_logprobs: list[float] = dataclasses.field(default_factory=list)
+  model: list[int] = dataclasses.field(init=False)  # per token: 1 the model's, 0 otherwise
+  logprobs: list[float] = dataclasses.field(init=False)
+  sampling_logprobs: list[float] = dataclasses.field(init=False)
+  turn_start: int = dataclasses.field(init=False)  # where in `tokens` the current turn began
   env_state: Any = None
-  turn_start: int = 0  # index in `tokens` where the current model turn began
   turns: int = 0
   decode_waves: int = 0
   end_wave: int = -1
@@ -244,7 +244,9 @@ def run_episodes(
     row.reason, row.end_wave = reason, wave
     if reason != "done":
       row.reward = 0.0
-      log.warning("episode %d ended early: %s%s", i, reason, f" ({detail})" if detail else "")
+      # an environment error needs its author; the other reasons are the policy's, and counted
+      level = logging.WARNING if reason == "env_error" else logging.INFO
+      log.log(level, "episode %d ended early: %s%s", i, reason, f" ({detail})" if detail else "")
 
   def admit() -> None:
     while queue and len(active) < slots:

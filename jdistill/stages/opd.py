@@ -29,8 +29,7 @@ from jdistill import config as config_lib
 from jdistill import overlap
 from jdistill.runtime import build
 from jdistill.sampling import Sampler
-from jdistill.sampling.environment import load_environment
-from jdistill.sampling.episodes import EpisodeParams, run_episodes
+from jdistill.sampling.episodes import run_episodes
 from jdistill.stages.base import TrainingStage, run_training, shardings
 from jdistill.step import common, streaming
 from jdistill.step import opd as ts
@@ -156,22 +155,9 @@ class OPDTrainer(TrainingStage):
   def build_episodes(self) -> None:
     """With `episode.environment`: the environment, the episodes' limits and the model mask's
     placement (`self.environment` is None for single-turn rollouts)."""
-    e = self.config.episode
-    self.environment = None
-    if not e.environment:
-      return
-    if jax.process_count() > 1:
-      raise ValueError("episode.environment: multi-turn rollouts run on one process only")
-    self.environment = load_environment(e.environment, "episode.environment")
-    self.episode_params = EpisodeParams(
-      max_turns=e.max_turns,
-      max_turn_tokens=self.config.sampling.max_new_tokens,
-      max_total_tokens=e.max_total_tokens,
-      stop_strings=tuple(e.stop_strings),
-      wave_tokens=e.wave_tokens or None,
-      slots=e.slots or None,
-    )
-    self.batch_shardings["model_mask"] = self.batch_shardings["completion_mask"]
+    self.environment, self.episode_params = build.episodes(self.config)
+    if self.environment is not None:
+      self.batch_shardings["model_mask"] = self.batch_shardings["completion_mask"]
 
   def data_state(self) -> dict:
     """Where the data stream stands for the next step to train: batches sampled ahead have

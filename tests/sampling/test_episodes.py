@@ -3,6 +3,7 @@ origin, rows that advance independently, faults that end only their episode, and
 environment loader."""
 
 import dataclasses
+import logging
 
 import jax
 import numpy as np
@@ -146,10 +147,14 @@ def test_episodes_are_a_function_of_the_seed(student, uneven):
   assert not np.array_equal(other.tokens, again.tokens)
 
 
-def test_faults_end_only_their_episode(student):
+def test_faults_end_only_their_episode(student, caplog):
   records = [{"turns": 2}, {"fault": "raise"}, {"fault": "malformed"}, {"fault": "flood"},
              {"fault": "reset"}, {"fault": "bad_return"}, {"turns": 3}]  # fmt: skip
-  out, _ = _run(student, records, dataclasses.replace(LONG, slots=None))
+  with caplog.at_level(logging.INFO, logger="jdistill"):
+    out, _ = _run(student, records, dataclasses.replace(LONG, slots=None))
+  logged = [r.getMessage() for r in caplog.records]
+  assert any("episode 1 ended early: env_error (step raised RuntimeError" in m for m in logged)
+  assert any("episode 2 ended early: malformed (no closing bracket)" in m for m in logged)
   assert out.reasons == (
     "done", "env_error", "malformed", "total_limit", "env_error", "env_error", "done"
   )  # fmt: skip

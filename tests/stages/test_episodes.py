@@ -1,6 +1,6 @@
-"""The OPD stage with multi-turn rollouts (`episode.environment`): the lookup task's episodes
-train the toy student, the loss counts the student's tokens only, and the config checks name
-their field."""
+"""The OPD and RLVR stages with multi-turn rollouts (`episode.environment`): the lookup task's
+episodes train the toy student, the loss counts the student's tokens only, and the config
+checks name their field."""
 
 import json
 
@@ -11,6 +11,7 @@ from jdistill import config as config_lib
 from jdistill.config import teacher_config
 from jdistill.experiments import lookup
 from jdistill.stages import opd as train
+from jdistill.stages import rlvr
 from jdistill.testing.toy import short_run_config
 
 
@@ -35,7 +36,9 @@ def test_opd_trains_on_episodes_with_environment_tokens_masked(small_world, tmp_
   c = _config(small_world, tmp_path, steps=2, log_every=1, eval_every=0)
   config_lib.validate(c)
   train.OPDTrainer(c).run()
-  records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+  records = [
+    json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
+  ]
   assert [r["step"] for r in records] == [1, 2]
   for record in records:
     episodes, teacher = record["episodes"], record["teachers"]["math"]
@@ -44,6 +47,28 @@ def test_opd_trains_on_episodes_with_environment_tokens_masked(small_world, tmp_
     assert sum(v for k, v in episodes.items() if k.startswith("ended_")) == 4  # 4 rows a step
     # the loss weighs the student's tokens of the 4 rows, none of the environment's
     assert teacher["tokens"] == pytest.approx(4 * episodes["model_tokens"])
+
+
+def test_rlvr_rewards_are_the_episodes(small_world, tmp_path):
+  c = _config(small_world, tmp_path, steps=2, log_every=1, eval_every=0)
+  c.stage = "rlvr"
+  c.teachers = ml_collections.ConfigDict()  # pure GRPO: one "policy" group
+  c.data.slots_per_teacher, c.rl.group_size = 2, 2  # 4 rows: 2 prompts x 2 episodes
+  c.data.eval_files = c.data.train_files
+  c.rl.eval_prompts = 2
+  config_lib.validate(c)
+  trainer = rlvr.RLVRTrainer(c)
+  assert trainer.evaluate() == {"lookup": {"accuracy": 0.0, "prompts": 2}}  # a random student
+  trainer.run()
+  records = [
+    json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
+  ]
+  for record in records:
+    episodes = record["episodes"]
+    assert record["finite"] == 1.0 and episodes["turns"] > 1
+    assert record["rewards"]["reward_mean"] == episodes["reward"]
+    # the loss weighs the student's tokens, none of the environment's
+    assert record["response_length"] == pytest.approx(episodes["model_tokens"])
 
 
 def test_episode_config_checks_name_their_field(small_world, tmp_path):
@@ -56,6 +81,7 @@ def test_episode_config_checks_name_their_field(small_world, tmp_path):
     ("sampling.continuous_slots", 2, "sampling.continuous_slots=2"),
     ("eval.verifier", "exact_match", "eval.verifier='exact_match'"),
     ("stage", "sft", "episode.environment=.*stage='sft'"),
+    ("stage", "generate", "episode.environment=.*stage='generate'"),
   ):
     bad = _config(small_world, tmp_path)
     section, name = field.split(".") if "." in field else (None, field)

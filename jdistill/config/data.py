@@ -123,7 +123,7 @@ EPISODE = section(
   "episode",
   environment=field(
     "",
-    "multi-turn rollouts (stages `opd`, `rlvr`): the environment that answers each student "
+    "multi-turn rollouts (stages `opd`, `rlvr`, `generate`): the environment that answers each "
     "turn (user code, `jdistill/sampling/environment.py`); its observations are context, "
     "never a target. "
     "`sampling.max_new_tokens` is then the per-turn limit",
@@ -197,12 +197,12 @@ def _validate_episode(config) -> None:
     fail("episode.stop_strings", e.stop_strings, "a tuple of non-empty strings")
   if not spec:
     return
-  if config.stage not in ("opd", "rlvr"):
+  if config.stage not in ("opd", "rlvr", "generate"):
     fail(
       "episode.environment",
       spec,
-      f"'' with stage={config.stage!r} (multi-turn rollouts are built for stages 'opd' and "
-      "'rlvr' only)",
+      f"'' with stage={config.stage!r} (multi-turn rollouts are built for stages 'opd', "
+      "'rlvr' and 'generate' only)",
     )
   longest = config.data.max_prompt_len + e.max_total_tokens
   if max(config.sampling.prompt_buckets) < longest:

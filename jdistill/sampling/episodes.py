@@ -140,6 +140,20 @@ class Episodes:
       **{f"ended_{r}": float(n) for r, n in self.reason_counts().items()},
     }
 
+  def turn_texts(self, row: int, decode) -> list[dict]:
+    """Row `row`'s turns after the prompt as `{"origin": "model" | "environment", "text"}`,
+    maximal runs of one origin, each decoded by `decode(ids) -> str` (what multi-turn SFT
+    examples hold, `jdistill.data.packing`)."""
+    start, end = int(self.prompt_lengths[row]), int(self.lengths[row])
+    model = self.model_mask[row, start:end] > 0
+    out, begin = [], 0
+    for t in range(1, end - start + 1):
+      if t == end - start or model[t] != model[t - 1]:
+        origin = "model" if model[begin] else "environment"
+        out.append({"origin": origin, "text": decode(self.tokens[row, start + begin : start + t])})
+        begin = t
+    return out
+
   def batch(self) -> dict:
     """The train step's rollout batch (`jdistill.step.common`), with `model_mask`."""
     return {

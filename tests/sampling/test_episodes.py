@@ -114,6 +114,10 @@ def test_every_token_carries_its_origin(uneven):
       if t == n or model[t] != model[t - 1]:
         runs.append((bool(model[start]), row[start:t].tolist()))
         start = t
+    assert out.turn_texts(b, TOK.decode) == [
+      {"origin": "model" if is_model else "environment", "text": TOK.decode(ids)}
+      for is_model, ids in runs
+    ]
     turns = [ids for is_model, ids in runs if is_model]
     observations = [TOK.decode(ids) for is_model, ids in runs if not is_model]
     assert len(turns) == TURNS[b] and observations == ["ok."] * (TURNS[b] - 1)

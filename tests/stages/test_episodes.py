@@ -1,6 +1,6 @@
-"""The OPD and RLVR stages with multi-turn rollouts (`episode.environment`): the lookup task's
-episodes train the toy student, the loss counts the student's tokens only, and the config
-checks name their field."""
+"""The OPD, RLVR and generate stages with multi-turn rollouts (`episode.environment`): the
+lookup task's episodes train the toy student, the loss counts the student's tokens only,
+generated episodes are SFT examples, and the config checks name their field."""
 
 import json
 
@@ -9,9 +9,12 @@ import pytest
 
 from jdistill import config as config_lib
 from jdistill.config import teacher_config
+from jdistill.data import packing
+from jdistill.data.tokenizer import load_tokenizer
 from jdistill.experiments import lookup
+from jdistill.sampling.episodes import REASONS
+from jdistill.stages import generate, rlvr
 from jdistill.stages import opd as train
-from jdistill.stages import rlvr
 from jdistill.testing.toy import short_run_config
 
 
@@ -71,6 +74,31 @@ def test_rlvr_rewards_are_the_episodes(small_world, tmp_path):
     assert record["response_length"] == pytest.approx(episodes["model_tokens"])
 
 
+def test_generate_writes_episodes_that_sft_reads(small_world, tmp_path):
+  c = _config(small_world, tmp_path)
+  c.stage = "generate"
+  c.generate.model, c.generate.model_name = small_world["teacher_math"], "math"
+  c.generate.prompt_files = c.data.train_files  # 16 prompts
+  c.generate.out_dir = str(tmp_path / "generated")
+  c.generate.samples_per_prompt, c.generate.prompts_per_batch = 2, 4
+  progress = generate.generate_all(c)
+  assert progress["sampled"] == progress["kept"] == 32
+  (path,) = generate.output_files(c)
+  lines = [json.loads(line) for line in open(path)]
+  assert len(lines) == 32 and not any("completion" in line for line in lines)
+  for line in lines:
+    origins = [t["origin"] for t in line["turns"]]
+    assert origins[::2] == ["model"] * len(origins[::2])  # the model's turns alternate
+    assert set(origins[1::2]) <= {"environment"}
+    assert line["ended"] in REASONS and line["score"] in (0.0, 1.0)
+  assert max(len(line["turns"]) for line in lines) > 1
+  tokenizer = load_tokenizer(small_world["tokenizer"])
+  examples = packing.read_examples(
+    path, tokenizer, use_chat_template=c.data.use_chat_template, max_len=512
+  )
+  assert len(examples) == 32 and all(0 < sum(mask) < len(mask) for _, mask, _ in examples)
+
+
 def test_episode_config_checks_name_their_field(small_world, tmp_path):
   c = _config(small_world, tmp_path)
   for field, value, message in (
@@ -81,7 +109,6 @@ def test_episode_config_checks_name_their_field(small_world, tmp_path):
     ("sampling.continuous_slots", 2, "sampling.continuous_slots=2"),
     ("eval.verifier", "exact_match", "eval.verifier='exact_match'"),
     ("stage", "sft", "episode.environment=.*stage='sft'"),
-    ("stage", "generate", "episode.environment=.*stage='generate'"),
   ):
     bad = _config(small_world, tmp_path)
     section, name = field.split(".") if "." in field else (None, field)

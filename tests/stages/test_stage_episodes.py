@@ -38,7 +38,10 @@ def _config(world, tmp_path, **train):
 def test_opd_trains_on_episodes_with_environment_tokens_masked(small_world, tmp_path):
   c = _config(small_world, tmp_path, steps=2, log_every=1, eval_every=0)
   config_lib.validate(c)
-  train.OPDTrainer(c).run()
+  trainer = train.OPDTrainer(c)
+  held_out = trainer.evaluate()["math"]  # held-out episodes, scored by the teacher
+  assert held_out["tokens"] > 0 and held_out["reverse_kl"] > 0
+  trainer.run()
   records = [
     json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
   ]

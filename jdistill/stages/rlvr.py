@@ -82,7 +82,9 @@ class RLVRTrainer(TrainingStage):
       self.eval_batcher = build.prompt_batcher(
         c, self.tokenizer, c.data.eval_files, seed=c.seed + 1
       )
-    for batcher in filter(None, (self.batcher, self.eval_batcher)):
+    # with an environment the episodes' rewards are its own: no answer needed
+    checked = () if c.episode.environment else (self.batcher, self.eval_batcher)
+    for batcher in filter(None, checked):
       missing = [r for r in batcher.records if "answer" not in r]
       if missing:
         raise ValueError(

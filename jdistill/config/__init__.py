@@ -9,7 +9,7 @@ Each section's fields (default, description, allowed values) and its checks live
 
   run.py       top level (seed, stage, output_dir, ...) and mesh; config_hash
   model.py     student, teachers.<name> (teacher_config)
-  data.py      data, sampling, rollout
+  data.py      data, sampling, rollout, episode
   training.py  loss, optimizer, train, checkpoint; LOSSES
   metrics.py   eval, overlap
   stages.py    generate, sft, rl, pipeline; what each `stage` needs
@@ -58,6 +58,7 @@ SECTIONS = (
   data.DATA,
   data.SAMPLING,
   data.ROLLOUT,
+  data.EPISODE,
   training.LOSS,
   training.OPTIMIZER,
   stages.SFT,

@@ -1,4 +1,5 @@
-"""Prompts and rollouts: data, sampling, rollout (the sampler's own devices)."""
+"""Prompts and rollouts: data, sampling, rollout (the sampler's own devices), episode
+(multi-turn rollouts with an environment)."""
 
 from __future__ import annotations
 
@@ -118,6 +119,35 @@ ROLLOUT = section(
   ),
 )
 
+EPISODE = section(
+  "episode",
+  environment=field(
+    "",
+    "multi-turn rollouts (stages `opd`, `rlvr`, `generate`): the environment that answers each "
+    "turn (user code, `jdistill/sampling/environment.py`); its observations are context, "
+    "never a target. "
+    "`sampling.max_new_tokens` is then the per-turn limit",
+    "`''` (single-turn rollouts) or `module:Class` / `module:function`",
+  ),
+  max_turns=field(4, "student turns per episode", "a positive int"),
+  max_total_tokens=field(
+    256,
+    "tokens after the prompt per episode, the student's and the environment's together",
+    "a positive int",
+  ),
+  stop_strings=field(
+    (),
+    "a student turn also ends once its text contains one of these (e.g. the close of a tool call)",
+    "a tuple of non-empty strings",
+  ),
+  wave_tokens=field(
+    0,
+    "the most tokens a row decodes before the host steps the environments of finished turns",
+    "an int ≥ 0; `0` = `sampling.max_new_tokens`",
+  ),
+  slots=field(0, "episodes in flight at once", "an int ≥ 0; `0` = every row of the step's batch"),
+)
+
 
 def validate(config) -> None:
   check_choice(config, "data.overlong", OVERLONG)
@@ -149,6 +179,51 @@ def validate(config) -> None:
       f"an int in [0, data.slots_per_teacher={config.data.slots_per_teacher}] (0 = off)",
     )
   _validate_rollout(config)
+  _validate_episode(config)
+
+
+def _validate_episode(config) -> None:
+  e = config.episode
+  spec = e.environment
+  if not isinstance(spec, str) or (spec and (spec.count(":") != 1 or not all(spec.split(":")))):
+    fail("episode.environment", spec, "'' or 'module:Class' / 'module:function'")
+  for name in ("max_turns", "max_total_tokens"):
+    check_positive(config, f"episode.{name}")
+    check_integer(config, f"episode.{name}")
+  for name in ("wave_tokens", "slots"):
+    check_positive(config, f"episode.{name}", allow_zero=True)
+    check_integer(config, f"episode.{name}")
+  if not all(isinstance(x, str) and x for x in e.stop_strings):
+    fail("episode.stop_strings", e.stop_strings, "a tuple of non-empty strings")
+  if not spec:
+    return
+  if config.stage not in ("opd", "rlvr", "generate"):
+    fail(
+      "episode.environment",
+      spec,
+      f"'' with stage={config.stage!r} (multi-turn rollouts are built for stages 'opd', "
+      "'rlvr' and 'generate' only)",
+    )
+  longest = config.data.max_prompt_len + e.max_total_tokens
+  if max(config.sampling.prompt_buckets) < longest:
+    fail(
+      "sampling.prompt_buckets",
+      tuple(config.sampling.prompt_buckets),
+      f"a bucket >= data.max_prompt_len + episode.max_total_tokens = {longest} (an episode's "
+      "whole context is a prompt of its next wave)",
+    )
+  if config.stage == "opd" and config.eval.verifier:
+    fail(
+      "eval.verifier",
+      config.eval.verifier,
+      "'' with episode.environment set (the environment scores episodes: `episodes.reward`)",
+    )
+  if config.sampling.continuous_slots:
+    fail(
+      "sampling.continuous_slots",
+      config.sampling.continuous_slots,
+      "0 with episode.environment set (episodes refill their own slots)",
+    )
 
 
 def _validate_rollout(config) -> None:

@@ -92,5 +92,9 @@ def config_hash(config) -> str:
       tree.get(node, {}).pop(rest[0], None)
     else:
       tree.pop(node, None)
+  if not tree.get("episode", {}).get("environment"):
+    # single-turn rollouts: the episode fields change nothing, and the runs from before the
+    # section existed keep their hash
+    tree.pop("episode", None)
   blob = json.dumps(tree, sort_keys=True).encode()
   return hashlib.sha256(blob).hexdigest()[:16]

@@ -5,6 +5,11 @@ prompt fields as in `jdistill.data.prompts`). Its tokens are the prompt rendered
 will see it at sampling time (chat template with the generation prompt) followed by the
 completion and the end-of-sequence token; only the completion and that token carry loss.
 
+A multi-turn record has `"turns": [{"origin": "model" or "environment", "text": str}, ...]`
+in place of the completion (an episode, `jdistill.sampling.episodes`): each turn's text is
+tokenised on its own and appended, and only the model's turns carry loss (and the
+end-of-sequence token after a last model turn); the environment's turns are context.
+
 Packing puts several examples in one row of `max_len` tokens, first fit in file order:
 each example gets its own segment id (1, 2, ...; 0 is padding) and positions restarting at
 0, and the model attends only within a segment (`Transformer(segment_ids=...)`), so a packed
@@ -20,17 +25,43 @@ import numpy as np
 
 from jdistill.data import prompts as data_lib
 
+ORIGINS = ("model", "environment")
+
 
 def encode_example(record: dict, tokenizer, *, use_chat_template: bool) -> tuple[list, list]:
   """(token ids, loss mask) of one example: the prompt (mask 0), the completion and EOS
-  (mask 1)."""
+  (mask 1); or, for a multi-turn record, its turns (mask 1 on the model's)."""
   prompt = data_lib.encode_full_prompt(record, tokenizer, use_chat_template=use_chat_template)
+  if "turns" in record:
+    return _encode_turns(prompt, record["turns"], tokenizer)
   completion = list(tokenizer.encode(record["completion"], add_special_tokens=False))
   if tokenizer.eos_token_id is not None:
     completion.append(tokenizer.eos_token_id)
   if not completion:
     raise ValueError("empty completion")
   return prompt + completion, [0] * len(prompt) + [1] * len(completion)
+
+
+def _encode_turns(prompt: list, turns, tokenizer) -> tuple[list, list]:
+  if not isinstance(turns, list) or not turns:
+    raise ValueError("'turns' must be a non-empty list")
+  ids, mask = list(prompt), [0] * len(prompt)
+  for k, turn in enumerate(turns):
+    if (
+      not isinstance(turn, dict)
+      or turn.get("origin") not in ORIGINS
+      or not isinstance(turn.get("text"), str)
+    ):
+      raise ValueError(f"turns[{k}] must be {{'origin': one of {ORIGINS}, 'text': str}}")
+    tokens = list(tokenizer.encode(turn["text"], add_special_tokens=False))
+    ids += tokens
+    mask += [int(turn["origin"] == "model")] * len(tokens)
+  if turns[-1]["origin"] == "model" and tokenizer.eos_token_id is not None:
+    ids.append(tokenizer.eos_token_id)
+    mask.append(1)
+  if not any(mask):
+    raise ValueError("no model tokens in 'turns'")
+  return ids, mask
 
 
 def read_examples(path: str, tokenizer, *, use_chat_template: bool, max_len: int) -> list:
@@ -47,8 +78,12 @@ def read_examples(path: str, tokenizer, *, use_chat_template: bool, max_len: int
         if not text.strip():
           continue
         record = json.loads(text)
-        if not isinstance(record, dict) or not isinstance(record.get("completion"), str):
-          raise ValueError("needs a string 'completion'")
+        if not isinstance(record, dict) or (
+          not isinstance(record.get("completion"), str) and "turns" not in record
+        ):
+          raise ValueError("needs a string 'completion' (or multi-turn 'turns')")
+        if "turns" in record and "completion" in record:
+          raise ValueError("has both 'completion' and 'turns'; a record has one")
         ids, mask = encode_example(record, tokenizer, use_chat_template=use_chat_template)
       except (UnicodeDecodeError, ValueError, KeyError) as e:
         raise ValueError(f"{where}: {e}") from None

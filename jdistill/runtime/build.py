@@ -22,6 +22,8 @@ from jdistill.models import ModelConfig, hf
 from jdistill.runtime import checkpoint as ckpt
 from jdistill.runtime import sharding as shd
 from jdistill.sampling import SamplingParams
+from jdistill.sampling.environment import Environment, load_environment
+from jdistill.sampling.episodes import EpisodeParams
 from jdistill.step import common, streaming
 
 # --- mesh and models -------------------------------------------------------------------
@@ -370,6 +372,25 @@ def sampling_params(config, tokenizer) -> SamplingParams:
     prompt_buckets=tuple(s.prompt_buckets),
     pad_id=tokenizer.pad_token_id or 0,
   )
+
+
+def episodes(config) -> tuple[Environment, EpisodeParams] | tuple[None, None]:
+  """With `episode.environment`: the environment and the episodes' limits (the per-turn limit
+  is `sampling.max_new_tokens`); else `(None, None)`, single-turn rollouts."""
+  e = config.episode
+  if not e.environment:
+    return None, None
+  if jax.process_count() > 1:
+    raise ValueError("config.episode.environment: multi-turn rollouts run on one process only")
+  limits = EpisodeParams(
+    max_turns=e.max_turns,
+    max_turn_tokens=config.sampling.max_new_tokens,
+    max_total_tokens=e.max_total_tokens,
+    stop_strings=tuple(e.stop_strings),
+    wave_tokens=e.wave_tokens or None,
+    slots=e.slots or None,
+  )
+  return load_environment(e.environment, "config.episode.environment"), limits
 
 
 def batch_shardings(mesh) -> dict:

@@ -6,6 +6,8 @@ layout      the left-aligned cache layout, the right-padded Rollouts, the gather
 ops         top-k / top-p filtering, the two-level inverse-CDF draw, one sampling step
 sampler     Sampler: prefill + a static while_loop decode over a donated KV cache
 continuous  Sampler.generate_continuous: refilling decode slots (continuous batching)
+environment the environment of a multi-turn episode: its interface and loader
+episodes    run_episodes: multi-turn episodes over the sampler, every token's origin
 """
 
 from jdistill.sampling.continuous import LoopStats

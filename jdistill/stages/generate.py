@@ -8,6 +8,11 @@ where the prompt has an `answer` and `generate.verifier` is set, the verifier's 
 (`jdistill.eval.verifiers`); `generate.keep="verified"` writes only completions scoring 1
 (rejection sampling). The records are what warmup SFT reads (`prompt` + `completion`).
 
+With `episode.environment` each sample is a multi-turn episode (`jdistill.sampling.episodes`):
+its record holds `turns` (each `{"origin", "text"}`; multi-turn SFT reads them, loss on the
+model's turns) in place of `completion`, the episode's `reward` as its score, and why it
+`ended`. A turn's stop token is not in its text (a stop string is).
+
 Exactly once, across kills: process p of P handles prompts p, p + P, ... and writes
 `<out_dir>/part-<p>-of-<P>.jsonl`. After each batch its records are appended and synced,
 then `part-...progress.json` is replaced atomically with the next prompt position and the
@@ -31,6 +36,7 @@ from jdistill.eval import verifiers
 from jdistill.runtime import build
 from jdistill.runtime.io import write_json_atomic
 from jdistill.sampling import Sampler
+from jdistill.sampling.episodes import run_episodes
 
 log = logging.getLogger("jdistill")
 
@@ -63,6 +69,7 @@ class Generator:
     p, n_proc = jax.process_index(), jax.process_count()
     self.records = records[p::n_proc]
     self.scorer = verifiers.Scorer(verifiers.get(g.verifier)) if g.verifier else None
+    self.environment, self.episode_params = build.episodes(c)
     os.makedirs(g.out_dir, exist_ok=True)
     stem = os.path.join(g.out_dir, f"part-{p:05d}-of-{n_proc:05d}")
     self.out_path, self.progress_path = stem + ".jsonl", stem + ".progress.json"
@@ -105,23 +112,30 @@ class Generator:
       ids = [self._encode(r) for r in batch for _ in range(n)]
       rows = ids + [ids[-1]] * (-len(ids) % dp)
       key = jax.random.fold_in(jax.random.key(self.config.seed), start)
-      out = jax.device_get(self.sampler.generate(self.params, rows, key, self.sampling))
+      if self.environment is not None:
+        episodes = run_episodes(
+          self.sampler, self.params, self.environment, [batch[i // n] for i in range(len(ids))],
+          ids, key, self.sampling, self.episode_params, self.tokenizer,
+        )  # fmt: skip
+      else:
+        out = jax.device_get(self.sampler.generate(self.params, rows, key, self.sampling))
       lines = []
       for i in range(len(ids)):
         record = batch[i // n]
-        p0, m = int(out.prompt_lengths[i]), int(out.completion_lengths[i])
-        completion = self.tokenizer.decode(out.tokens[i, p0 : p0 + m], skip_special_tokens=True)
-        line = {
-          "domain": record["domain"],
-          "teacher": self.model_name,
-          "sample": i % n,
-          "completion": completion,
-          "sampling": settings,
-          "source": record["where"],
-        }
+        line = {"domain": record["domain"], "teacher": self.model_name, "sample": i % n}
+        if self.environment is not None:
+          decode = lambda t: self.tokenizer.decode(t, skip_special_tokens=True)  # noqa: E731
+          line["turns"] = episodes.turn_texts(i, decode)
+          line["score"] = float(episodes.rewards[i])
+          line["ended"] = episodes.reasons[i]
+        else:
+          p0, m = int(out.prompt_lengths[i]), int(out.completion_lengths[i])
+          tokens = out.tokens[i, p0 : p0 + m]
+          line["completion"] = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        line.update(sampling=settings, source=record["where"])
         line.update({k: record[k] for k in ("prompt", "messages", "answer") if k in record})
-        if self.scorer is not None and "answer" in record:
-          line["score"] = self.scorer(completion, record["answer"])
+        if self.scorer is not None and "answer" in record and "completion" in line:
+          line["score"] = self.scorer(line["completion"], record["answer"])
         progress["sampled"] += 1
         sampled_here += 1
         if g.keep == "verified" and line.get("score", 0.0) < 1.0:

@@ -9,6 +9,8 @@ teachers on their slots, the student, the chunked loss kernels and the optax
 update. With `rollout.devices` = n > 0 the sampler has its own mesh of n devices and
 samples step t's batch from the params after update t − `rollout.staleness`, while the
 training mesh runs the earlier steps (see `OPDTrainer.sample_ahead` and docs/design.md).
+With `episode.environment` set, each rollout is a multi-turn episode
+(`jdistill.sampling.episodes`): the environment's tokens are context, never a target.
 Progress goes to the console; metrics to `<output_dir>/metrics.jsonl`, TensorBoard
 (`<output_dir>/tb`) and a learning-curve PNG.
 """
@@ -27,6 +29,7 @@ from jdistill import config as config_lib
 from jdistill import overlap
 from jdistill.runtime import build
 from jdistill.sampling import Sampler
+from jdistill.sampling.episodes import run_episodes
 from jdistill.stages.base import TrainingStage, run_training, shardings
 from jdistill.step import common, streaming
 from jdistill.step import opd as ts
@@ -67,6 +70,7 @@ class Pending(NamedTuple):
   version: int  # the params it was sampled with: those after `version` updates
   data_state: dict  # the data iterator's state before its prompts were drawn
   batch: dict  # the train step's batch, on the training mesh
+  episodes: dict  # multi-turn rollouts: the episodes' host metrics (`Episodes.metrics`); {}
 
 
 class OPDTrainer(TrainingStage):
@@ -116,13 +120,15 @@ class OPDTrainer(TrainingStage):
       self.rollout_shardings = build.param_shardings(self.params, self.rollout_mesh)
     self._rollout_params = None  # (version, params on the sampler's mesh)
     self.batch_shardings = build.batch_shardings(self.mesh)
+    self.build_episodes()
     self.alarms = overlap.AlarmTracker(c.overlap)
     structure = dict(
       student_graphdef=self.graphdef,
       teacher_graphdefs=t.graphdefs,
       specs=t.specs,
       groups=t.groups,
-      loss_window=c.sampling.max_new_tokens,  # the loss skips the prompt positions
+      # the loss skips the prompt positions
+      loss_window=c.episode.max_total_tokens if self.environment else c.sampling.max_new_tokens,
     )
     cache_shardings = {
       s.index: (streaming.hidden_sharding(self.mesh, len(s.rows)), s.unembed.sharding)
@@ -145,6 +151,13 @@ class OPDTrainer(TrainingStage):
     self.eval_objective = jax.jit(
       lambda p, s, c, b: objective(p, teacher_states=s, batch=b, teacher_cache=c)[1]
     )
+
+  def build_episodes(self) -> None:
+    """With `episode.environment`: the environment, the episodes' limits and the model mask's
+    placement (`self.environment` is None for single-turn rollouts)."""
+    self.environment, self.episode_params = build.episodes(self.config)
+    if self.environment is not None:
+      self.batch_shardings["model_mask"] = self.batch_shardings["completion_mask"]
 
   def data_state(self) -> dict:
     """Where the data stream stands for the next step to train: batches sampled ahead have
@@ -202,12 +215,19 @@ class OPDTrainer(TrainingStage):
       self._rollout_params = (self.step, copy)
     return self._rollout_params[1]
 
-  def rollouts(self, prompts: dict, rng) -> dict:
+  def rollouts(self, prompts: dict, rng, batcher=None) -> dict:
     """Student rollouts of the rollout params (`rollout_params`) on a prompt batch → the
     train step's batch (right-padded, on the training mesh).
 
     With `sampling.continuous_slots`, each teacher's rows share that many refilling decode
-    slots (continuous batching); the batch layout is the same."""
+    slots (continuous batching); the batch layout is the same. With `episode.environment`,
+    multi-turn episodes (`episodes`) on the records of `batcher` (default: training's)."""
+    return self.sample(prompts, rng, batcher)[0]
+
+  def sample(self, prompts: dict, rng, batcher=None) -> tuple[dict, dict]:
+    """`rollouts`, and the episodes' host metrics (`{}` for single-turn rollouts)."""
+    if self.environment is not None:
+      return self.episodes(prompts, rng, batcher or self.batcher)
     prompt = (prompts["prompt_tokens"], prompts["prompt_lengths"])
     slots = self.config.sampling.continuous_slots
     if slots:
@@ -222,9 +242,22 @@ class OPDTrainer(TrainingStage):
     else:
       out = self.sampler.generate(self.rollout_params(), prompt, rng, self.sampling)
     if self.rollout_mesh is None:
-      return common.rollout_batch(out, self.batch_shardings)
+      return common.rollout_batch(out, self.batch_shardings), {}
     batch = common.rollout_batch(out)  # still on the sampler's mesh
-    return {k: move_rows(v, self.batch_shardings[k]) for k, v in batch.items()}
+    return {k: move_rows(v, self.batch_shardings[k]) for k, v in batch.items()}, {}
+
+  def episodes(self, prompts: dict, rng, batcher) -> tuple[dict, dict]:
+    """Multi-turn episodes on a prompt batch → (the train step's batch with `model_mask`,
+    the episodes' host metrics). Each row's environment resets on its prompt record."""
+    records = [batcher.records[int(r)] for r in prompts["record_index"]]
+    tokens, lengths = prompts["prompt_tokens"], prompts["prompt_lengths"]
+    out = run_episodes(
+      self.sampler, self.rollout_params(), self.environment, records,
+      [row[:n].tolist() for row, n in zip(tokens, lengths)], rng, self.sampling,
+      self.episode_params, self.tokenizer, prompt_width=tokens.shape[1],
+    )  # fmt: skip
+    batch = {k: jax.device_put(v, self.batch_shardings[k]) for k, v in out.batch().items()}
+    return batch, out.metrics()
 
   def sample_ahead(self) -> None:
     """Samples every batch up to step `step + staleness` (at most the last step of
@@ -239,13 +272,14 @@ class OPDTrainer(TrainingStage):
     first = self.pending[-1].step + 1 if self.pending else self.step
     for t in range(first, last + 1):
       data_state = self.data_iter.get_state()
-      batch = self.rollouts(next(self.data_iter), self.rollout_key(t))
-      self.pending.append(Pending(t, self.step, data_state, batch))
+      batch, episodes = self.sample(next(self.data_iter), self.rollout_key(t))
+      self.pending.append(Pending(t, self.step, data_state, batch, episodes))
 
   def train_one(self, diagnostics: bool = True) -> dict:
     """One OPD step; `diagnostics`: compute the overlap diagnostics (logging steps).
 
-    Metrics gain `rollout_staleness`: the step minus the params version its batch used."""
+    Metrics gain `rollout_staleness`: the step minus the params version its batch used, and
+    with multi-turn rollouts `episodes` (`Episodes.metrics`)."""
     self.sample_ahead()
     pending = self.pending.popleft()
     batch, t = pending.batch, self.step
@@ -255,7 +289,8 @@ class OPDTrainer(TrainingStage):
     self.step += 1
     if self.rollout_mesh is not None:
       self.rollout_params()  # the copy to the sampler's mesh starts as soon as the step ends
-    return dict(metrics, rollout_staleness=t - pending.version)
+    episodes = {"episodes": pending.episodes} if pending.episodes else {}
+    return dict(metrics, rollout_staleness=t - pending.version, **episodes)
 
   def step_tokens(self, metrics: dict) -> dict:
     generated = sum(t["tokens"] for t in metrics["teachers"].values())
@@ -273,6 +308,9 @@ class OPDTrainer(TrainingStage):
     line = " ".join(f"{n} rkl {t['reverse_kl']:.3f}" for n, t in record["teachers"].items())
     if self.rollout_mesh is not None:
       line += f" | staleness {record['rollout_staleness']:.0f}"
+    if "episodes" in record:
+      e = record["episodes"]
+      line += f" | episode reward {e['reward']:.2f} turns {e['turns']:.1f}"
     return line
 
   # --- evaluation ----------------------------------------------------------------------
@@ -284,7 +322,7 @@ class OPDTrainer(TrainingStage):
     sampled with a fixed key, so evaluations at different steps are comparable."""
     batcher = self.eval_batcher or self.batcher
     prompts = batcher.batch(10**6 if batcher is self.batcher else 0)
-    batch = self.rollouts(prompts, jax.random.key(seed))
+    batch = self.rollouts(prompts, jax.random.key(seed), batcher)
     results = to_float(
       self.eval_objective(
         self.state["params"], self.teachers.states, self.teacher_cache(batch), batch

@@ -6,7 +6,9 @@ Per step: `data.slots_per_teacher` prompts per group (per teacher, or one "polic
 when no teachers are configured), each sampled `rl.group_size` = G times by the jitted
 sampler from the current params. On the host a verifier scores each completion against the
 prompt's `answer` (`rl.verifier`, or `rl.verifiers.<domain>`); a verifier that raises scores
-0 and is counted. Rewards become group advantages (`losses.group_advantages`). Then one
+0 and is counted. With `episode.environment` each sample is a multi-turn episode
+(`jdistill.sampling.episodes`) and its reward is the environment's; the environment's tokens
+carry no loss. Rewards become group advantages (`losses.group_advantages`). Then one
 compiled step (explicit shardings, donated state; teachers and reference are arguments)
 minimises, per completion token t of row b,
 
@@ -38,6 +40,7 @@ from jdistill.eval.accuracy import decode_completions, local_rows
 from jdistill.runtime import build, plots
 from jdistill.runtime import sharding as shd
 from jdistill.sampling import Sampler
+from jdistill.sampling.episodes import Episodes, run_episodes
 from jdistill.stages.base import TrainingStage, run_training, shardings
 from jdistill.step import common
 from jdistill.step.rlvr import RLSettings, rl_step
@@ -79,7 +82,9 @@ class RLVRTrainer(TrainingStage):
       self.eval_batcher = build.prompt_batcher(
         c, self.tokenizer, c.data.eval_files, seed=c.seed + 1
       )
-    for batcher in filter(None, (self.batcher, self.eval_batcher)):
+    # with an environment the episodes' rewards are its own: no answer needed
+    checked = () if c.episode.environment else (self.batcher, self.eval_batcher)
+    for batcher in filter(None, checked):
       missing = [r for r in batcher.records if "answer" not in r]
       if missing:
         raise ValueError(
@@ -126,6 +131,10 @@ class RLVRTrainer(TrainingStage):
     self.batch_shardings = dict(
       build.batch_shardings(self.mesh), advantages=shd.batch_sharding(self.mesh, 1)
     )
+    # multi-turn rollouts (`episode.environment`): the reward is the episode's
+    self.environment, self.episode_params = build.episodes(c)
+    if self.environment is not None:
+      self.batch_shardings["model_mask"] = self.batch_shardings["completion_mask"]
     self.settings = RLSettings(
       chunk_size=c.loss.chunk_size,
       normalize=c.loss.normalize,
@@ -154,9 +163,14 @@ class RLVRTrainer(TrainingStage):
   # --- rollouts and rewards ------------------------------------------------------------
 
   def sample_groups(self, prompts: dict, key, sampling) -> tuple:
-    """G samples of every prompt (consecutive rows) → (sampler output, host rows, rewards)."""
+    """G samples of every prompt (consecutive rows) → (sampler output, host rows, rewards).
+
+    With `episode.environment` the output is `Episodes` and the rewards are theirs."""
     g = self.group_size
     rows = {k: np.repeat(v, g, axis=0) for k, v in prompts.items()}
+    if self.environment is not None:
+      out = self.episodes(self.batcher, rows, key, sampling)
+      return out, rows, out.rewards.copy()
     out = self.sampler.generate(
       self.state["params"], (rows["prompt_tokens"], rows["prompt_lengths"]), key, sampling
     )
@@ -166,6 +180,17 @@ class RLVRTrainer(TrainingStage):
       record = self.batcher.records[rows["record_index"][i]]
       rewards[i] = self.scorers[record["domain"]](completion, str(record["answer"]))
     return out, rows, rewards
+
+  def episodes(self, batcher, rows: dict, key, sampling) -> Episodes:
+    """Multi-turn episodes of the student on prompt rows (`prompt_tokens`, `prompt_lengths`,
+    `record_index` of `batcher`'s records)."""
+    tokens, lengths = rows["prompt_tokens"], rows["prompt_lengths"]
+    return run_episodes(
+      self.sampler, self.state["params"], self.environment,
+      [batcher.records[int(r)] for r in rows["record_index"]],
+      [row[:n].tolist() for row, n in zip(tokens, lengths)], key, sampling, self.episode_params,
+      self.tokenizer, prompt_width=tokens.shape[1],
+    )  # fmt: skip
 
   def local_completions(self, out) -> list[str]:
     """This process's rows of a sampler output, decoded."""
@@ -179,7 +204,10 @@ class RLVRTrainer(TrainingStage):
     advantages = np.asarray(
       losses.group_advantages(rewards, self.group_size, normalize_std=self.config.rl.normalize_std)
     )
-    batch = common.rollout_batch(out, self.batch_shardings)
+    if isinstance(out, Episodes):
+      batch = {k: jax.device_put(v, self.batch_shardings[k]) for k, v in out.batch().items()}
+    else:
+      batch = common.rollout_batch(out, self.batch_shardings)
     batch["advantages"] = jax.make_array_from_process_local_data(
       self.batch_shardings["advantages"], advantages
     )
@@ -191,6 +219,8 @@ class RLVRTrainer(TrainingStage):
     metrics["rewards"] = reward_stats(
       rewards, rows["domain_index"], self.batcher.domains, self.group_size
     )
+    if isinstance(out, Episodes):
+      metrics["episodes"] = out.metrics()
     return metrics
 
   # --- the loop's Stage protocol ------------------------------------------------------
@@ -221,6 +251,8 @@ class RLVRTrainer(TrainingStage):
     c = self.config
     batcher = self.eval_batcher or self.batcher
     n = max(1, c.rl.eval_prompts // c.data.slots_per_teacher)
+    if self.environment is not None:
+      return self.episode_success(batcher, n)
     records = [
       batcher.records[r]
       for k in range(n)
@@ -234,6 +266,21 @@ class RLVRTrainer(TrainingStage):
       stop_token_ids=self.greedy.stop_token_ids,
     )  # fmt: skip
     return {d: per_domain[d] for d in batcher.domains if d in per_domain}
+
+  def episode_success(self, batcher, n_batches: int) -> dict:
+    """Greedy episodes on `n_batches` held-out prompt batches → per domain, the mean episode
+    reward as `accuracy` (its success rate with 0/1 rewards) and the `prompts` scored."""
+    rewards: dict[str, list[float]] = {}
+    for k in range(n_batches):
+      rows = batcher.batch(k if self.eval_batcher else 10**6 + k)
+      out = self.episodes(batcher, rows, jax.random.key(0), self.greedy)
+      for r, reward in zip(rows["record_index"], out.rewards):
+        rewards.setdefault(batcher.records[int(r)]["domain"], []).append(float(reward))
+    return {
+      d: {"accuracy": float(np.mean(v)), "prompts": len(v)}
+      for d, v in rewards.items()
+      if d in batcher.domains
+    }
 
   def describe_eval(self, results: dict) -> str:
     return " ".join(f"{d} accuracy {v['accuracy']:.3f}" for d, v in results.items())

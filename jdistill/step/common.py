@@ -11,6 +11,13 @@ arguments (never captured constants, never donated). Rollout batches are right-p
   sampling_logprobs f32 `[B, L]`   ... under the distribution it was sampled from (temperature,
                                    top-k, top-p): log π of the sampled estimators' q/π weights
   lengths         int32 `[B]`      prompt + completion length of each row
+  model_mask      f32   `[B, L]`   optional (multi-turn episodes, `jdistill.sampling.episodes`):
+                                   1 on the model's tokens, 0 on the environment's; the
+                                   completion mask then also covers environment tokens
+
+The loss mask of every stage's step is `completion_mask · model_mask` (`shifted_inputs`):
+environment tokens are context for the student and every teacher, and a target for none (no
+loss, advantage, ratio, share of the normalisation or weight in the overlap metrics).
 
 Each teacher owns a static set of rows (`TeacherSpec.rows`): `[i*S, (i+1)*S)` in one
 process; with several processes the global batch is process-major (see `teacher_rows`).
@@ -54,8 +61,17 @@ def rollout_batch(out, batch_shardings: dict | None = None) -> dict:
   return {k: jax.device_put(jnp.asarray(v), shardings.get(k)) for k, v in batch.items()}
 
 
+def loss_mask(batch: dict) -> jax.Array:
+  """`[B, L]` f32: 1 on the tokens that are a target, the completion's model tokens."""
+  mask = batch["completion_mask"].astype(jnp.float32)
+  if "model_mask" in batch:
+    mask = mask * batch["model_mask"].astype(jnp.float32)
+  return mask
+
+
 def shifted_inputs(batch: dict) -> dict:
-  """Model inputs and aligned targets: position t predicts token t+1. All `[B, L-1]`."""
+  """Model inputs and aligned targets: position t predicts token t+1. All `[B, L-1]`; `mask` is
+  `loss_mask` shifted, so every input token (environment tokens too) stays context."""
   tokens = batch["tokens"]
   b, length = tokens.shape
   positions = jnp.broadcast_to(jnp.arange(length - 1), (b, length - 1))
@@ -64,7 +80,7 @@ def shifted_inputs(batch: dict) -> dict:
     targets=tokens[:, 1:],
     positions=positions,
     kv_mask=positions < batch["lengths"][:, None],
-    mask=batch["completion_mask"][:, 1:].astype(jnp.float32),
+    mask=loss_mask(batch)[:, 1:],
     behaviour_logp=batch["sampling_logprobs"][:, 1:].astype(jnp.float32),
   )
 
@@ -73,9 +89,10 @@ def completion_window(x: dict, window: int) -> jax.Array:
   """Per row, the `window` positions from the one that predicts the first completion token:
   int `[B, window]` indices into the `L-1` positions of `shifted_inputs`.
 
-  Rows are prompt, completion, pad; with `window` = the sampler's `max_new_tokens`, every
-  position with `mask` 1 is inside, so a loss over the window equals the loss over all
-  positions (the others weigh 0) at `window / (L-1)` of the vocabulary work.
+  Rows are prompt, completion, pad; with `window` = the sampler's `max_new_tokens` (a
+  multi-turn episode's `max_total_tokens`), every position with `mask` 1 is inside, so a loss
+  over the window equals the loss over all positions (the others weigh 0) at `window / (L-1)`
+  of the vocabulary work.
   """
   first = jnp.argmax(x["mask"] > 0, axis=1)  # the first completion target
   start = jnp.minimum(first, x["mask"].shape[1] - window)

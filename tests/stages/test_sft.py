@@ -142,6 +142,32 @@ def test_bad_sft_examples_name_file_and_line(small_world, tmp_path):
     packing.read_examples(str(path), tok, use_chat_template=True, max_len=64)
 
 
+def test_multi_turn_examples_carry_loss_on_the_model_turns_only(tmp_path):
+  from jdistill.testing.chars import CharTokenizer
+
+  tok = CharTokenizer()
+  turns = [
+    {"origin": "model", "text": "[get ab]"},
+    {"origin": "environment", "text": " ab=12 "},
+    {"origin": "model", "text": "answer: 12"},
+  ]
+  path = tmp_path / "episodes.jsonl"
+  path.write_text(json.dumps({"prompt": "q:", "turns": turns}) + "\n")
+  ((ids, mask, _),) = packing.read_examples(str(path), tok, use_chat_template=False, max_len=64)
+  assert tok.decode(ids) == "q:[get ab] ab=12 answer: 12$"  # "$": EOS after the last model turn
+  assert mask == [0] * 2 + [1] * 8 + [0] * 7 + [1] * 10 + [1]
+  batch = packing.pack([(ids, mask, None)], 64)
+  assert float(step_sft.target_mask(batch).sum()) == sum(mask)  # the SFT step's targets
+  for bad, message in (
+    ({"prompt": "q:", "turns": [{"origin": "user", "text": "x"}]}, r"turns\[0\] must be"),
+    ({"prompt": "q:", "turns": [{"origin": "environment", "text": "x"}]}, "no model tokens"),
+    ({"prompt": "q:", "turns": turns, "completion": "x"}, "both 'completion' and 'turns'"),
+  ):
+    path.write_text(json.dumps(bad) + "\n")
+    with pytest.raises(ValueError, match=rf"{path}:1: .*{message}"):
+      packing.read_examples(str(path), tok, use_chat_template=False, max_len=64)
+
+
 def _rows_of(replay_share: float, switches: dict, step: int) -> np.ndarray:
   """The teachers of the rows `SFTTrainer.batch` picks, on a stand-in with 3 teachers' rows."""
   from types import SimpleNamespace

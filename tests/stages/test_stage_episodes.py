@@ -1,0 +1,131 @@
+"""The OPD, RLVR and generate stages with multi-turn rollouts (`episode.environment`): the
+lookup task's episodes train the toy student, the loss counts the student's tokens only,
+generated episodes are SFT examples, and the config checks name their field."""
+
+import json
+
+import ml_collections
+import pytest
+
+from jdistill import config as config_lib
+from jdistill.config import teacher_config
+from jdistill.data import packing
+from jdistill.data.tokenizer import load_tokenizer
+from jdistill.experiments import lookup
+from jdistill.sampling.episodes import REASONS
+from jdistill.stages import generate, rlvr
+from jdistill.stages import opd as train
+from jdistill.testing.toy import short_run_config
+
+
+def _config(world, tmp_path, **train):
+  c = short_run_config(world, tmp_path / "out", **train)
+  c.teachers = ml_collections.ConfigDict(
+    {"math": teacher_config(world["teacher_math"], "lookup", loss="sampled_token")}
+  )
+  c.data.train_files = lookup.write_prompts(str(tmp_path / "lookup.jsonl"), 16, seed=0)
+  c.data.eval_files = ""
+  c.num_devices = 2  # 4 rows over 2 data-parallel shards
+  c.episode.environment = "jdistill.experiments.lookup:make_env"  # hints: episodes go on
+  # a random student's turns end within a few tokens, so episodes have several turns
+  c.episode.stop_strings = tuple("aeiou]")
+  c.episode.max_turns = 3
+  c.episode.max_total_tokens = 96  # the hint is ~30 tokens of the toy tokenizer
+  c.sampling.prompt_buckets = (32, 128)
+  return c
+
+
+def test_opd_trains_on_episodes_with_environment_tokens_masked(small_world, tmp_path):
+  c = _config(small_world, tmp_path, steps=2, log_every=1, eval_every=0)
+  config_lib.validate(c)
+  trainer = train.OPDTrainer(c)
+  held_out = trainer.evaluate()["math"]  # held-out episodes, scored by the teacher
+  assert held_out["tokens"] > 0 and held_out["reverse_kl"] > 0
+  trainer.run()
+  records = [
+    json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
+  ]
+  assert [r["step"] for r in records] == [1, 2]
+  for record in records:
+    episodes, teacher = record["episodes"], record["teachers"]["math"]
+    assert record["finite"] == 1.0
+    assert episodes["turns"] > 1 and episodes["environment_tokens"] > 0
+    assert sum(v for k, v in episodes.items() if k.startswith("ended_")) == 4  # 4 rows a step
+    # the loss weighs the student's tokens of the 4 rows, none of the environment's
+    assert teacher["tokens"] == pytest.approx(4 * episodes["model_tokens"])
+
+
+def test_rlvr_rewards_are_the_episodes(small_world, tmp_path):
+  c = _config(small_world, tmp_path, steps=2, log_every=1, eval_every=0)
+  c.stage = "rlvr"
+  c.teachers = ml_collections.ConfigDict()  # pure GRPO: one "policy" group
+  c.data.slots_per_teacher, c.rl.group_size = 2, 2  # 4 rows: 2 prompts x 2 episodes
+  c.data.eval_files = c.data.train_files
+  c.rl.eval_prompts = 2
+  config_lib.validate(c)
+  trainer = rlvr.RLVRTrainer(c)
+  assert trainer.evaluate() == {"lookup": {"accuracy": 0.0, "prompts": 2}}  # a random student
+  trainer.run()
+  records = [
+    json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
+  ]
+  for record in records:
+    episodes = record["episodes"]
+    assert record["finite"] == 1.0 and episodes["turns"] > 1
+    assert record["rewards"]["reward_mean"] == episodes["reward"]
+    # the loss weighs the student's tokens, none of the environment's
+    assert record["response_length"] == pytest.approx(episodes["model_tokens"])
+
+
+def test_generate_writes_episodes_that_sft_reads(small_world, tmp_path):
+  c = _config(small_world, tmp_path)
+  c.stage = "generate"
+  c.generate.model, c.generate.model_name = small_world["teacher_math"], "math"
+  c.generate.prompt_files = c.data.train_files  # 16 prompts
+  c.generate.out_dir = str(tmp_path / "generated")
+  c.generate.samples_per_prompt, c.generate.prompts_per_batch = 2, 4
+  progress = generate.generate_all(c)
+  assert progress["sampled"] == progress["kept"] == 32
+  (path,) = generate.output_files(c)
+  lines = [json.loads(line) for line in open(path)]
+  assert len(lines) == 32 and not any("completion" in line for line in lines)
+  for line in lines:
+    origins = [t["origin"] for t in line["turns"]]
+    assert origins[::2] == ["model"] * len(origins[::2])  # the model's turns alternate
+    assert set(origins[1::2]) <= {"environment"}
+    assert line["ended"] in REASONS and line["score"] in (0.0, 1.0)
+  assert max(len(line["turns"]) for line in lines) > 1
+  tokenizer = load_tokenizer(small_world["tokenizer"])
+  examples = packing.read_examples(
+    path, tokenizer, use_chat_template=c.data.use_chat_template, max_len=512
+  )
+  assert len(examples) == 32 and all(0 < sum(mask) < len(mask) for _, mask, _ in examples)
+
+
+def test_episode_config_checks_name_their_field(small_world, tmp_path):
+  c = _config(small_world, tmp_path)
+  for field, value, message in (
+    ("episode.environment", "no_colon", "episode.environment='no_colon'"),
+    ("episode.max_turns", 0, "episode.max_turns=0"),
+    ("episode.stop_strings", ("",), "episode.stop_strings"),
+    ("sampling.prompt_buckets", (32, 64), "sampling.prompt_buckets=.*>= .* = 128"),
+    ("sampling.continuous_slots", 2, "sampling.continuous_slots=2"),
+    ("eval.verifier", "exact_match", "eval.verifier='exact_match'"),
+    ("stage", "sft", "episode.environment=.*stage='sft'"),
+  ):
+    bad = _config(small_world, tmp_path)
+    section, name = field.split(".") if "." in field else (None, field)
+    (bad[section] if section else bad)[name] = value
+    with pytest.raises(ValueError, match=message):
+      config_lib.validate(bad)
+  config_lib.validate(c)
+
+
+def test_single_turn_configs_keep_their_hash():
+  """The episode section at its default changes no run's hash (runs from before it resume)."""
+  c = config_lib.base_config()
+  without = config_lib.base_config()
+  del without["episode"]
+  assert config_lib.config_hash(c) == config_lib.config_hash(without)
+  c.episode.environment = "jdistill.experiments.lookup:LookupEnv"
+  assert config_lib.config_hash(c) != config_lib.config_hash(without)

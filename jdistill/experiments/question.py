@@ -670,8 +670,8 @@ def _more_seeds(grid: Grid) -> list[tuple]:
 def straddling_cells(cells: list[dict], grid: Grid) -> list[tuple]:
   """More seeds (`seeds` … `seeds_if_straddling` − 1) for the comparisons the answer makes
   whose finite 95% interval straddles zero at a setting: no-RL vs each RL arm (the arm's
-  losses, no warmup) and full-vocab vs sampled-token (no RL, no warmup) → the cells of both
-  arms."""
+  losses, no warmup) and full-vocab vs each other loss (no RL, no warmup) → the cells of
+  both arms."""
   p = verdict.Params()
   cold = [c for c in cells if c["warmup"] == "none"]
   arm_losses = {"rlvr": grid.rl_losses, "unified": grid.unified_losses}
@@ -680,10 +680,12 @@ def straddling_cells(cells: list[dict], grid: Grid) -> list[tuple]:
      lambda c, arm=arm: c[2] in ("none", arm) and c[3] in arm_losses[arm])
     for arm in arm_losses if arm in grid.rls
   ]  # fmt: skip
-  comparisons.append(
-    ("loss", p.full_vocab, p.sampled, [c for c in cold if c["rl"] == "none"],
-     lambda c: c[2] == "none" and c[3] in (p.full_vocab, p.sampled))
-  )  # fmt: skip
+  no_rl = [c for c in cold if c["rl"] == "none"]
+  for other in (p.sampled, *(x for x in verdict.OTHER_LOSSES if x in grid.losses)):
+    comparisons.append(
+      ("loss", p.full_vocab, other, no_rl,
+       lambda c, other=other: c[2] == "none" and c[3] in (p.full_vocab, other))
+    )  # fmt: skip
   wanted = set()
   for factor, a, b, pool, member in comparisons:
     for _, d, group in verdict._per_setting(pool, "accuracy", factor, a, b, p):

@@ -163,6 +163,14 @@ def test_more_seeds_go_where_an_answer_s_interval_straddles_zero():
   assert {(c[1], c[2], c[3]) for c in extra} == {
     ("none", rl, loss) for rl in ("none", "rlvr") for loss in grid.rl_losses
   }
+  # forward KL within ±0.1 of reverse KL at alpha_1: its cells and reverse KL's get seeds too
+  for c in cells:
+    if c["setting"] == "alpha_1" and c["loss"] == "forward_kl":
+      c["accuracy"] = {"mean": 0.6 + noise[c["seed"]]}
+  extra = question.straddling_cells(cells, grid)
+  assert {c[:4] for c in extra if c[0] == "alpha_1"} == {
+    ("alpha_1", "none", "none", loss) for loss in ("reverse_kl", "forward_kl")
+  }
 
 
 def test_each_recipe_gets_the_lr_best_on_validation_over_both_ends():

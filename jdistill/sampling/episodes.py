@@ -293,7 +293,10 @@ def run_episodes(
       return finish(i, "done")
     if row.turns >= episode.max_turns:
       return finish(i, "max_turns")
-    ids = tokenizer.encode(observation, add_special_tokens=False) if observation else []
+    try:  # the environment's text: a tokenizer that cannot read it ends only this episode
+      ids = tokenizer.encode(observation, add_special_tokens=False) if observation else []
+    except Exception as e:  # noqa: BLE001
+      return finish(i, "env_error", f"observation not tokenisable: {type(e).__name__}: {e}")
     room = episode.max_total_tokens - row.used()
     row.append(ids[:room], model=False)
     row.turn_start = len(row.tokens)

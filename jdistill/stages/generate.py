@@ -126,6 +126,10 @@ class Generator:
         if self.environment is not None:
           decode = lambda t: self.tokenizer.decode(t, skip_special_tokens=True)  # noqa: E731
           line["turns"] = episodes.turn_texts(i, decode)
+          if not any(t["origin"] == "model" and t["text"] for t in line["turns"]):
+            progress["sampled"] += 1  # nothing of the model's to learn from (its reset failed)
+            sampled_here += 1
+            continue
           line["score"] = float(episodes.rewards[i])
           line["ended"] = episodes.reasons[i]
         else:

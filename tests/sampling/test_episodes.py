@@ -24,7 +24,7 @@ TOK = CharTokenizer()
 class ScriptedEnv:
   """Each record says what the environment does: `turns` turns answered with `observation`,
   then done with reward 1; or a fault (`fault`: "raise", "malformed", "flood", "reset",
-  "bad_return"). The state keeps the texts the environment was handed."""
+  "bad_return", "untokenisable"). The state keeps the texts the environment was handed."""
 
   def reset(self, record):
     if record.get("fault") == "reset":
@@ -42,6 +42,8 @@ class ScriptedEnv:
       return "a" * 500, False, 0.7
     if fault == "bad_return":
       return "ok", False  # two values, not three
+    if fault == "untokenisable":  # text the tokenizer cannot encode
+      return "\u2603", False, None
     if len(state["texts"]) >= state["record"]["turns"]:
       return None, True, 1.0
     return state["record"].get("observation", "ok."), False, None
@@ -153,18 +155,20 @@ def test_episodes_are_a_function_of_the_seed(student, uneven):
 
 def test_faults_end_only_their_episode(student, caplog):
   records = [{"turns": 2}, {"fault": "raise"}, {"fault": "malformed"}, {"fault": "flood"},
-             {"fault": "reset"}, {"fault": "bad_return"}, {"turns": 3}]  # fmt: skip
+             {"fault": "reset"}, {"fault": "bad_return"}, {"turns": 3},
+             {"fault": "untokenisable"}]  # fmt: skip
   with caplog.at_level(logging.INFO, logger="jdistill"):
     out, _ = _run(student, records, dataclasses.replace(LONG, slots=None))
   logged = [r.getMessage() for r in caplog.records]
   assert any("episode 1 ended early: env_error (step raised RuntimeError" in m for m in logged)
   assert any("episode 2 ended early: malformed (no closing bracket)" in m for m in logged)
+  assert any("episode 7 ended early: env_error (observation not tokenisable" in m for m in logged)
   assert out.reasons == (
-    "done", "env_error", "malformed", "total_limit", "env_error", "env_error", "done"
+    "done", "env_error", "malformed", "total_limit", "env_error", "env_error", "done", "env_error"
   )  # fmt: skip
-  np.testing.assert_array_equal(out.rewards, [1, 0, 0, 0, 0, 0, 1])
+  np.testing.assert_array_equal(out.rewards, [1, 0, 0, 0, 0, 0, 1, 0])
   counts = out.reason_counts()
-  assert counts["env_error"] == 3 and counts["malformed"] == 1 and counts["total_limit"] == 1
+  assert counts["env_error"] == 4 and counts["malformed"] == 1 and counts["total_limit"] == 1
   assert out.lengths[4] == out.prompt_lengths[4]  # reset failed: nothing decoded
   # the flood is cut at the total limit; what fits stays as context
   assert out.lengths[3] - out.prompt_lengths[3] == LONG.max_total_tokens

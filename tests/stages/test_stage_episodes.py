@@ -81,11 +81,13 @@ def test_generate_writes_episodes_that_sft_reads(small_world, tmp_path):
   c = _config(small_world, tmp_path)
   c.stage = "generate"
   c.generate.model, c.generate.model_name = small_world["teacher_math"], "math"
-  c.generate.prompt_files = c.data.train_files  # 16 prompts
+  c.generate.prompt_files = c.data.train_files  # 16 prompts, and one whose reset fails:
+  with open(c.data.train_files, "a") as f:  # its episode has no model turn to learn from
+    f.write(json.dumps({"domain": "lookup", "prompt": "value of zz?\n"}) + "\n")
   c.generate.out_dir = str(tmp_path / "generated")
   c.generate.samples_per_prompt, c.generate.prompts_per_batch = 2, 4
   progress = generate.generate_all(c)
-  assert progress["sampled"] == progress["kept"] == 32
+  assert progress["sampled"] == 34 and progress["kept"] == 32
   (path,) = generate.output_files(c)
   lines = [json.loads(line) for line in open(path)]
   assert len(lines) == 32 and not any("completion" in line for line in lines)

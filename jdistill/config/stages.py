@@ -187,8 +187,8 @@ def _validate_generate(config) -> None:
       fail(f"generate.{name}", g[name], "a positive integer")
   if not (g.prompt_files or config.data.train_files):
     fail("generate.prompt_files", g.prompt_files, "a prompt file (or data.train_files)")
-  if g.keep == "verified" and not g.verifier:
-    fail("generate.keep", g.keep, "'all' when generate.verifier is empty")
+  if g.keep == "verified" and not g.verifier and not config.episode.environment:
+    fail("generate.keep", g.keep, "'all' when generate.verifier and episode.environment are empty")
   if g.model == "teachers":
     validate_teachers(config)
   if g.verifier:

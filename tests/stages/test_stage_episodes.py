@@ -121,6 +121,14 @@ def test_episode_config_checks_name_their_field(small_world, tmp_path):
     with pytest.raises(ValueError, match=message):
       config_lib.validate(bad)
   config_lib.validate(c)
+  # rejection sampling of episodes keeps reward-1 episodes: no verifier needed, unlike
+  # single-turn generation
+  c.stage, c.generate.keep, c.generate.verifier = "generate", "verified", ""
+  c.generate.model, c.generate.prompt_files = small_world["teacher_math"], c.data.train_files
+  config_lib.validate(c)
+  c.episode.environment = ""
+  with pytest.raises(ValueError, match="generate.keep='verified'"):
+    config_lib.validate(c)
 
 
 def test_single_turn_configs_keep_their_hash():

@@ -68,20 +68,20 @@ def stale_run(world, tmp_path_factory):
   c.checkpoint.every = RESTORE_AT
   trainer = train.OPDTrainer(c)
   samples, params = {}, {0: _params(trainer)}
-  rollouts, train_one = trainer.rollouts, trainer.train_one
+  sample, train_one = trainer.sample, trainer.train_one
 
-  def spy_rollouts(prompts, rng):
-    batch = rollouts(prompts, rng)
+  def spy_sample(prompts, rng, batcher=None):  # every batch training samples passes here
+    batch, episodes = sample(prompts, rng, batcher)
     key = np.asarray(jax.random.key_data(rng)).tobytes()
     samples[key] = dict(version=trainer.step, prompts=prompts, batch=jax.device_get(batch))
-    return batch
+    return batch, episodes
 
   def spy_train_one(diagnostics=True):
     metrics = train_one(diagnostics)
     params[trainer.step] = _params(trainer)
     return metrics
 
-  trainer.rollouts, trainer.train_one = spy_rollouts, spy_train_one
+  trainer.sample, trainer.train_one = spy_sample, spy_train_one
   records = trainer.run()
   by_step = {
     t: samples[np.asarray(jax.random.key_data(trainer.rollout_key(t))).tobytes()]
@@ -151,11 +151,11 @@ def test_resume_resamples_the_pending_batches_from_the_restored_params(
   assert resumed.step == RESTORE_AT
   assert resumed.data_state() == {"next_index": RESTORE_AT}
   jax.tree.map(np.testing.assert_array_equal, stale_run["params"][RESTORE_AT], _params(resumed))
-  rollouts, batches = resumed.rollouts, []
-  resumed.rollouts = lambda p, k: batches.append((p, k, rollouts(p, k))) or batches[-1][2]
+  sample, batches = resumed.sample, []
+  resumed.sample = lambda p, k, b=None: batches.append((p, k, *sample(p, k, b))) or batches[-1][2:]
   records = resumed.run(steps=2)
   assert [r["rollout_staleness"] for r in records] == [0.0, 1.0]
-  prompts, key, batch = batches[0]
+  prompts, key, batch, _ = batches[0]
   assert (
     jax.random.key_data(key).tolist()
     == jax.random.key_data(resumed.rollout_key(RESTORE_AT)).tolist()

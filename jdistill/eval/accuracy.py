@@ -2,11 +2,16 @@
 
   python -m jdistill evaluate --model=runs/task_world/base --prompts=runs/task_world/eval.jsonl \
       [--model=... more] [--verifier=jdistill.experiments.tasks:verify] [--pass_k=4]
+  python -m jdistill evaluate --model=runs/agentic/lineage_lookup \
+      --prompts=runs/agentic/test.jsonl --environment=jdistill.experiments.agentic:world_env \
+      --stop_strings=']',')' --max_new_tokens=16 --max_total_tokens=40 --pass_k=4
 
 Each prompt record needs `domain` and `answer`. Accuracy is the mean verifier score of one
 greedy completion per prompt; pass@k the share of prompts where at least one of k samples at
 temperature 1 scores 1 (n = k samples: the plain estimator). Stages call `accuracy` as their
 per-step hook (`eval_every`); the experiment calls it for teachers, base and student alike.
+With an environment (`episode_accuracy`) a prompt is a multi-turn episode and its score the
+environment's reward.
 """
 
 from __future__ import annotations
@@ -129,8 +134,80 @@ def accuracy(
   return out
 
 
+def episode_accuracy(
+  sampler: Sampler,
+  params,
+  tokenizer,
+  records: list[dict],
+  *,
+  encode,
+  environment,
+  episode,
+  pass_k: int = 0,
+  batch_rows: int = 64,
+  prompt_buckets=(16, 32, 64, 128, 256),
+  seed: int = 0,
+  stop_token_ids: Sequence[int] | None = None,
+) -> dict[str, dict[str, float]]:
+  """{domain: {"accuracy", "pass@k" (with pass_k > 0), "prompts", "turns"}} of multi-turn
+  episodes (`jdistill.sampling.episodes`) on `records`: accuracy is the mean reward of one
+  greedy episode per prompt (the environment's; 0 for an episode a fault ended), pass@k the
+  share of prompts where one of k episodes at temperature 1 earns reward 1, turns the greedy
+  episodes' mean model turns.
+
+  `environment`: an environment object (`jdistill.sampling.environment`); `episode`: the
+  episodes' limits (`EpisodeParams`); the rest as `accuracy`."""
+  from jdistill.sampling.episodes import run_episodes
+
+  if stop_token_ids is None:
+    stop_token_ids = (tokenizer.eos_token_id,)
+  base = dict(
+    max_new_tokens=episode.max_turn_tokens,
+    stop_token_ids=tuple(i for i in stop_token_ids if i is not None),
+    prompt_buckets=tuple(prompt_buckets),
+    pad_id=tokenizer.pad_token_id or 0,
+  )
+  ids = [encode(r) for r in records]
+
+  def rewards(rows: list[int], params_: SamplingParams, key) -> tuple[np.ndarray, np.ndarray]:
+    out = run_episodes(
+      sampler, params, environment, [records[i] for i in rows], [ids[i] for i in rows], key,
+      params_, episode, tokenizer,
+    )  # fmt: skip
+    return np.asarray(out.rewards, np.float64), np.asarray(out.turns, np.float64)
+
+  greedy, turns = np.zeros(len(records)), np.zeros(len(records))
+  for start in range(0, len(records), batch_rows):
+    rows = list(range(start, min(start + batch_rows, len(records))))
+    greedy[rows], turns[rows] = rewards(
+      rows, SamplingParams(temperature=0.0, **base), jax.random.key(0)
+    )
+  passed = np.zeros(len(records))
+  if pass_k:
+    per_call = max(1, batch_rows // pass_k)
+    for start in range(0, len(records), per_call):
+      chunk = list(range(start, min(start + per_call, len(records))))
+      repeated = [i for i in chunk for _ in range(pass_k)]
+      r, _ = rewards(
+        repeated, SamplingParams(temperature=1.0, **base), jax.random.key(seed + start)
+      )
+      passed[chunk] = (r.reshape(len(chunk), pass_k) >= 1.0).any(axis=1)
+  out = {}
+  for domain in sorted({r["domain"] for r in records}):
+    rows = [i for i, r in enumerate(records) if r["domain"] == domain]
+    out[domain] = {
+      "accuracy": float(greedy[rows].mean()),
+      "prompts": len(rows),
+      "turns": float(turns[rows].mean()),
+    }
+    if pass_k:
+      out[domain][f"pass@{pass_k}"] = float(passed[rows].mean())
+  return out
+
+
 def model_accuracy(model_dir: str, records: list[dict], **kw) -> dict[str, dict[str, float]]:
-  """`accuracy` of the HF (or jdistill checkpoint) model in `model_dir` on one device."""
+  """`accuracy` of the HF (or jdistill checkpoint) model in `model_dir` on one device; with
+  `environment=` and `episode=`, `episode_accuracy`."""
   from flax import nnx
 
   from jdistill.data.tokenizer import load_tokenizer
@@ -142,6 +219,10 @@ def model_accuracy(model_dir: str, records: list[dict], **kw) -> dict[str, dict[
   tokenizer = kw.pop("tokenizer", None) or load_tokenizer(model_dir)
   graphdef, params = nnx.split(model)
   encode = kw.pop("encode", None) or (lambda r: tokenizer.encode(r["prompt"]))
+  if "environment" in kw:
+    return episode_accuracy(
+      Sampler(graphdef, mesh), params, tokenizer, records, encode=encode, **kw
+    )
   return accuracy(Sampler(graphdef, mesh), params, tokenizer, records, encode=encode, **kw)
 
 
@@ -168,12 +249,18 @@ def main(argv):
   f = flags.FLAGS
   with open(f.prompts) as fh:
     records = [json.loads(line) for line in fh if line.strip()]
-  results = {
-    path: model_accuracy(
-      path, records, max_new_tokens=f.max_new_tokens, verifier=f.verifier, pass_k=f.pass_k
-    )
-    for path in f.model
-  }
+  if f.environment:  # multi-turn episodes: the environment scores them, no verifier
+    from jdistill.sampling.environment import load_environment
+    from jdistill.sampling.episodes import EpisodeParams
+
+    limits = EpisodeParams(
+      max_turns=f.max_turns, max_turn_tokens=f.max_new_tokens,
+      max_total_tokens=f.max_total_tokens, stop_strings=tuple(f.stop_strings or ()),
+    )  # fmt: skip
+    kw = dict(environment=load_environment(f.environment, "--environment"), episode=limits)
+  else:
+    kw = dict(max_new_tokens=f.max_new_tokens, verifier=f.verifier)
+  results = {path: model_accuracy(path, records, pass_k=f.pass_k, **kw) for path in f.model}
   print(format_table(results))
 
 
@@ -186,7 +273,13 @@ def cli():
     "verifier", "jdistill.experiments.tasks:verify", "Verifier name (jdistill.eval.verifiers)."
   )
   flags.DEFINE_integer("pass_k", 0, "k of pass@k (0: greedy accuracy only).")
-  flags.DEFINE_integer("max_new_tokens", 64, "Tokens generated per completion.")
+  flags.DEFINE_integer("max_new_tokens", 64, "Tokens generated per completion (per turn).")
+  flags.DEFINE_string(
+    "environment", "", "Multi-turn episodes: the environment, 'module:Class' or 'module:function'."
+  )
+  flags.DEFINE_integer("max_turns", 4, "With --environment: model turns per episode.")
+  flags.DEFINE_integer("max_total_tokens", 256, "With --environment: tokens after the prompt.")
+  flags.DEFINE_list("stop_strings", [], "With --environment: strings that end a model turn.")
   flags.mark_flags_as_required(["model", "prompts"])
   app.run(main)
 

@@ -45,7 +45,8 @@ def coverage_ks(vocab: int) -> list[int]:
 
 
 def _prompt_rows(config, tokenizer, records, domains: Sequence[str], rows_per_domain: int):
-  """Token ids of the first ``rows_per_domain`` prompts of each domain (cycled if fewer)."""
+  """(domain, token ids, record) of the first ``rows_per_domain`` prompts of each domain
+  (cycled if fewer)."""
   from jdistill.data import prompts as data_lib
 
   d = config.data
@@ -64,10 +65,10 @@ def _prompt_rows(config, tokenizer, records, domains: Sequence[str], rows_per_do
         overlong=d.overlong,
       )
       if enc is not None:
-        ids.append(enc)
+        ids.append((enc, rec))
     if not ids:
       raise ValueError(f"domain {domain!r} has no usable prompts")
-    out += [(domain, ids[i % len(ids)]) for i in range(rows_per_domain)]
+    out += [(domain, *ids[i % len(ids)]) for i in range(rows_per_domain)]
   return out
 
 
@@ -129,17 +130,28 @@ def _student_and_teachers(config, mesh, use_checkpoint: bool):
 
 
 def _rollouts(config, student, tokenizer, mesh, rows, seed: int, sampler=None) -> dict:
-  """One batch of student rollouts for `rows` [(domain, prompt ids)] → numpy `[len(rows), L]`
-  (padded to the data-parallel size for sampling, then cut back)."""
+  """One batch of student rollouts for `rows` [(domain, prompt ids, record)] → numpy
+  `[len(rows), L]` (padded to the data-parallel size for sampling, then cut back). With
+  `episode.environment` each row is a multi-turn episode and the batch carries its
+  `model_mask`: the metrics weigh the student's tokens only, never the environment's."""
   from jdistill.runtime import build
   from jdistill.sampling import Sampler
+  from jdistill.sampling.episodes import run_episodes
   from jdistill.step import common
 
   sampler = sampler or Sampler(student.graphdef, mesh)
   n_real = len(rows)
   padded = rows + [rows[-1]] * (-n_real % sampler.data_parallel_size())
   sampling = build.sampling_params(config, tokenizer)
-  out = sampler.generate(student.params, [ids for _, ids in padded], jax.random.key(seed), sampling)
+  ids, key = [r[1] for r in padded], jax.random.key(seed)
+  environment, limits = build.episodes(config)
+  if environment is not None:
+    records = [r[2] for r in padded]
+    out = run_episodes(
+      sampler, student.params, environment, records, ids, key, sampling, limits, tokenizer
+    )
+    return {k: np.asarray(v)[:n_real] for k, v in out.batch().items()}
+  out = sampler.generate(student.params, ids, key, sampling)
   batch = jax.device_get(common.rollout_batch(out, build.batch_shardings(mesh)))
   return {k: np.asarray(v)[:n_real] for k, v in batch.items()}
 
@@ -166,7 +178,7 @@ class OverlapProbe:
     present = {r["domain"] for r in records}
     self.domains = [d for name in teachers.names for d in owners[name] if d in present]
     self.rows = _prompt_rows(config, tokenizer, records, self.domains, rows_per_domain)
-    row_domain = [self.domains.index(d) for d, _ in self.rows]
+    row_domain = [self.domains.index(r[0]) for r in self.rows]
     self.teacher_rows = {
       name: np.flatnonzero(np.isin(row_domain, [self.domains.index(d) for d in owners[name]]))
       for name in teachers.names
@@ -231,7 +243,7 @@ def measure(
   domains = [d for name in teachers.names for d in owners[name] if d in present]
   rows = _prompt_rows(config, tokenizer, records, domains, rows_per_domain)
   batch = _rollouts(config, student, tokenizer, mesh, rows, config.seed if seed is None else seed)
-  row_domain = np.asarray([domains.index(d) for d, _ in rows], np.int32)
+  row_domain = np.asarray([domains.index(r[0]) for r in rows], np.int32)
 
   report = {
     "source": files,

@@ -258,8 +258,9 @@ def run_episodes(
     row.reason, row.end_wave = reason, wave
     if reason != "done":
       row.reward = 0.0
-      # an environment error needs its author; the other reasons are the policy's, and counted
-      level = logging.WARNING if reason == "env_error" else logging.INFO
+      # an environment error needs its author; the other reasons are the policy's, counted
+      # per step in the metrics (`Episodes.metrics`), one line each only when debugging
+      level = logging.WARNING if reason == "env_error" else logging.DEBUG
       log.log(level, "episode %d ended early: %s%s", i, reason, f" ({detail})" if detail else "")
 
   def admit() -> None:

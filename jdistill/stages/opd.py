@@ -99,7 +99,9 @@ class OPDTrainer(TrainingStage):
       "malformed lines skipped",
       n["checked"], n["truncated"], n["dropped"], c.data.overlong, n["malformed_skipped"],
     )  # fmt: skip
-    self.accuracy_records = self._accuracy_records() if c.eval.verifier else None
+    # scored by the verifier, or with an environment by the episodes' rewards
+    scored = c.eval.verifier or c.episode.environment
+    self.accuracy_records = self._accuracy_records() if scored else None
     self.data_iter = self.batcher.iterator()
     self.pending: collections.deque[Pending] = collections.deque()  # batches sampled ahead
 
@@ -177,20 +179,30 @@ class OPDTrainer(TrainingStage):
   def _accuracy_records(self) -> list[dict]:
     """The held-out prompts (`data.eval_files`) whose answers `evaluate` checks."""
     if self.eval_batcher is None:
+      if not self.config.eval.verifier:  # episodes: accuracy only where there are prompts
+        return []
       raise ValueError("config.eval.verifier needs held-out prompts in config.data.eval_files")
     records = self.eval_batcher.records
     missing = [r["where"] for r in records if "answer" not in r]
-    if missing:
+    if missing and self.config.eval.verifier:  # an environment needs no answer field
       raise ValueError(
         f"{missing[0]}: no 'answer' field, which config.eval.verifier scores against"
       )
     return records
 
   def accuracy(self) -> dict[str, dict[str, float]]:
-    """Per-domain greedy accuracy (and pass@k) of the student on the held-out prompts."""
+    """Per-domain greedy accuracy (and pass@k) of the student on the held-out prompts; with
+    an environment, of its multi-turn episodes (the mean reward)."""
     from jdistill.eval import accuracy as evaluate
 
     c = self.config
+    if self.environment is not None:
+      return evaluate.episode_accuracy(
+        self.sampler, self.rollout_params(), self.tokenizer, self.accuracy_records,
+        encode=self.encode_prompt, environment=self.environment, episode=self.episode_params,
+        pass_k=c.eval.pass_k, prompt_buckets=c.sampling.prompt_buckets,
+        batch_rows=self.batcher.rows_per_batch,
+      )  # fmt: skip
     return evaluate.accuracy(
       self.sampler, self.rollout_params(), self.tokenizer, self.accuracy_records,
       encode=self.encode_prompt, max_new_tokens=c.sampling.max_new_tokens, verifier=c.eval.verifier,

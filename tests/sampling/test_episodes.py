@@ -157,12 +157,14 @@ def test_faults_end_only_their_episode(student, caplog):
   records = [{"turns": 2}, {"fault": "raise"}, {"fault": "malformed"}, {"fault": "flood"},
              {"fault": "reset"}, {"fault": "bad_return"}, {"turns": 3},
              {"fault": "untokenisable"}]  # fmt: skip
-  with caplog.at_level(logging.INFO, logger="jdistill"):
+  with caplog.at_level(logging.DEBUG, logger="jdistill"):
     out, _ = _run(student, records, dataclasses.replace(LONG, slots=None))
   logged = [r.getMessage() for r in caplog.records]
   assert any("episode 1 ended early: env_error (step raised RuntimeError" in m for m in logged)
   assert any("episode 2 ended early: malformed (no closing bracket)" in m for m in logged)
   assert any("episode 7 ended early: env_error (observation not tokenisable" in m for m in logged)
+  warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+  assert all("env_error" in m for m in warned) and len(warned) >= 2  # the policy's: debug only
   assert out.reasons == (
     "done", "env_error", "malformed", "total_limit", "env_error", "env_error", "done", "env_error"
   )  # fmt: skip

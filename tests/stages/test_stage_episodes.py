@@ -139,3 +139,49 @@ def test_single_turn_configs_keep_their_hash():
   assert config_lib.config_hash(c) == config_lib.config_hash(without)
   c.episode.environment = "jdistill.experiments.lookup:LookupEnv"
   assert config_lib.config_hash(c) != config_lib.config_hash(without)
+
+
+def test_overlap_probe_weighs_the_students_tokens_only(small_world, tmp_path, monkeypatch):
+  """The `overlap` command on multi-turn episodes: each teacher's token count is the
+  student's tokens, none of the environment's."""
+  from jdistill.overlap import probe
+  from jdistill.sampling import episodes
+
+  c = _config(small_world, tmp_path)
+  c.data.eval_files = c.data.train_files
+  seen = []
+  run_episodes = episodes.run_episodes
+
+  def spy(*args, **kw):
+    seen.append(run_episodes(*args, **kw))
+    return seen[-1]
+
+  monkeypatch.setattr(episodes, "run_episodes", spy)
+  report = probe.measure(c, rows_per_domain=4)
+  (out,) = seen
+  assert (out.completion_mask - out.model_mask).sum() > 0  # there were environment tokens
+  assert report["teachers"]["math"]["tokens"] == int(out.model_mask.sum())
+
+
+def test_a_resumed_episode_run_equals_an_uninterrupted_one(small_world, tmp_path):
+  """OPD on episodes stopped after 2 of 4 steps and resumed from its checkpoint ends with the
+  params of a straight run: the episodes of a step are a function of the seed and the step."""
+  import jax
+  import numpy as np
+
+  def run(sessions, name):
+    (tmp_path / name).mkdir()
+    for steps in sessions:
+      c = _config(small_world, tmp_path / name, steps=4, log_every=1, eval_every=0)
+      c.checkpoint.dir, c.checkpoint.every = str(tmp_path / name / "ckpt"), 2
+      trainer = train.OPDTrainer(c)  # resumes from the latest checkpoint, if any
+      trainer.run(steps=steps)
+    return trainer
+
+  straight, resumed = run([4], "a"), run([2, 2], "b")
+  assert resumed.checkpointer.all_steps() == [2, 4]
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+    jax.device_get(straight.params),
+    jax.device_get(resumed.params),
+  )

@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 LOG    := $(VENV)/install.log
 
-.PHONY: test lint format demo experiment merge-ten loss-grid install bench bench-venv compare clean
+.PHONY: test lint format demo experiment agentic merge-ten loss-grid install bench bench-venv compare clean
 
 # Install output goes to a log and is shown (its tail) only when the install fails.
 $(STAMP): pyproject.toml
@@ -43,6 +43,15 @@ experiment: $(STAMP)
 	@$(PY) -m jdistill dial --out=runs/dial --knob=token --alphas=0.5,1
 	@$(QUESTION) --shard=0/2 & $(QUESTION) --shard=1/2; wait
 	@$(QUESTION)
+
+# The agentic domain (docs/experiment.md, "Agentic"): lookup teachers that call a tool, OPD on
+# the student's multi-turn episodes per loss at its swept lr; cached, two processes.
+agentic: $(STAMP)
+	@$(PY) -m jdistill agentic --build_only
+	@$(PY) -m jdistill agentic --shard=0/2 & $(PY) -m jdistill agentic --shard=1/2; wait
+	@$(PY) -m jdistill agentic --shard=0/2 & $(PY) -m jdistill agentic --shard=1/2; wait
+	@$(PY) -m jdistill agentic
+	@cp runs/agentic/agentic.md runs/agentic/agentic.json docs/results/
 
 # Ten lineage teachers into one student, V4 vs Ultra at equal budget (docs/experiment.md,
 # "Merge ten"): the 10-domain world, then both recipes per seed, cached; the report is copied

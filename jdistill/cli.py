@@ -33,6 +33,7 @@ TOOLS = {
   "task_world": ("jdistill.experiments.task_world:cli", "rebuild the task world"),
   "dial": ("jdistill.experiments.dial:cli", "the overlap dial: teachers forked on mixed data"),
   "merge_ten": ("jdistill.experiments.merge_ten:cli", "ten teachers into one student: V4 vs Ultra"),
+  "agentic": ("jdistill.experiments.agentic:cli", "the lookup domain: multi-turn OPD, tool calls"),
   "demo": ("jdistill.experiments.demo:cli", "what `make demo` runs"),
 }
 

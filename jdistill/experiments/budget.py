@@ -46,14 +46,19 @@ def step_tokens(config) -> int:
   """Student completion tokens one step of `config.stage` samples at full length (the exact
   count with `sampling.stop_at_eos=False`; an upper bound otherwise): OPD samples one rollout
   per prompt, `data.slots_per_teacher` prompts per teacher; RLVR `rl.group_size` per prompt,
-  per teacher group (one group without teachers)."""
+  per teacher group (one group without teachers). A multi-turn episode
+  (`episode.environment`) counts its model turns' bound: `episode.max_turns` turns of
+  `sampling.max_new_tokens`, at most `episode.max_total_tokens` (the environment's excluded)."""
   groups = max(len(config.teachers.keys()), 1)
   rows = config.data.slots_per_teacher * groups
   if config.stage == "rlvr":
     rows *= config.rl.group_size
   elif config.stage != "opd":
     raise ValueError(f"config.stage={config.stage!r}: only opd and rlvr sample the student")
-  return rows * config.sampling.max_new_tokens
+  per_row = config.sampling.max_new_tokens
+  if config.get("episode") and config.episode.environment:
+    per_row = min(config.episode.max_turns * per_row, config.episode.max_total_tokens)
+  return rows * per_row
 
 
 def opd_steps_for_budget(rl_stage_tokens: int, rl_opd_steps: int, opd_tokens_per_step: int) -> int:

@@ -2,7 +2,9 @@
 
 A hidden table maps keys (three lowercase letters) to values (two digits). A prompt asks for
 one key's value; only the environment can read the table. The model calls the tool with a
-turn that ends in `[get <key>]` (the stop string `"]"` closes the call), the environment
+turn that ends in `[get <key>]` (the stop string `"]"` closes the call) or, in the other
+syntax an external teacher learns (`jdistill.experiments.agentic`), `lookup(<key>)` (closed
+by `")"`); the environment
 answers with the observation ` <key>=<value> ` (or ` <key>=none `), and the model ends the
 episode with a turn containing `answer: <value>`: reward 1 if it is the key's value, else 0.
 
@@ -24,9 +26,10 @@ import string
 from jdistill.sampling.environment import MalformedTurn
 
 DOMAIN = "lookup"
-STOP_STRINGS = ("]",)
+STOP_STRINGS = ("]", ")")
+SYNTAXES = {"get": "[get {key}]", "call": "lookup({key})"}  # the student's, another model's
 HINT = " use [get <key>] or answer: <value> "
-_CALL = re.compile(r"\[get ([a-z]+)\]")
+_CALL = re.compile(r"\[get ([a-z]+)\]|lookup\(([a-z]+)\)")
 _ANSWER = re.compile(r"answer:\s*(\S+)")
 
 
@@ -59,12 +62,12 @@ def write_prompts(path: str, n: int, seed: int = 0, table_seed: int = 0) -> str:
 class LookupEnv:
   """The lookup task's environment (`jdistill.sampling.environment.Environment`).
 
-  table_seed: the hidden table (`make_table`); hints: answer a malformed turn with a hint
-  instead of ending the episode.
+  table_seed, size: the hidden table (`make_table`); hints: answer a malformed turn with a
+  hint instead of ending the episode.
   """
 
-  def __init__(self, table_seed: int = 0, hints: bool = False):
-    self.table = make_table(table_seed)
+  def __init__(self, table_seed: int = 0, hints: bool = False, size: int = 64):
+    self.table = make_table(table_seed, size)
     self.hints = hints
 
   def reset(self, record: dict) -> dict:
@@ -79,7 +82,7 @@ class LookupEnv:
     call = _CALL.search(turn_text)
     if call:
       state["calls"] += 1
-      key = call.group(1)
+      key = call.group(1) or call.group(2)
       return f" {key}={self.table.get(key, 'none')} ", False, None
     if self.hints:
       return HINT, False, None

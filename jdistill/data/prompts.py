@@ -138,7 +138,10 @@ def encode_full_prompt(record: Mapping[str, Any], tokenizer, *, use_chat_templat
   """All token ids of a prompt record (see :func:`encode_prompt`), before any length rule."""
   if use_chat_template:
     messages = record.get("messages") or [{"role": "user", "content": record["prompt"]}]
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    # `tools` (JSON schemas) as the template renders them, e.g. Qwen3's <tools> system block
+    text = tokenizer.apply_chat_template(
+      messages, tools=record.get("tools"), tokenize=False, add_generation_prompt=True
+    )
     ids = tokenizer.encode(text, add_special_tokens=False)
   else:
     if "prompt" not in record:

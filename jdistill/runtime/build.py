@@ -376,12 +376,18 @@ def sampling_params(config, tokenizer) -> SamplingParams:
 
 def episodes(config) -> tuple[Environment, EpisodeParams] | tuple[None, None]:
   """With `episode.environment`: the environment and the episodes' limits (the per-turn limit
-  is `sampling.max_new_tokens`); else `(None, None)`, single-turn rollouts."""
+  is `sampling.max_new_tokens`; with `data.use_chat_template`, observations wrapped as the
+  template's tool messages); else `(None, None)`, single-turn rollouts."""
   e = config.episode
   if not e.environment:
     return None, None
   if jax.process_count() > 1:
     raise ValueError("config.episode.environment: multi-turn rollouts run on one process only")
+  role = None
+  if config.data.use_chat_template:  # observations enter as the template's tool messages
+    from jdistill.data.chat import tool_role
+
+    role = tool_role(tokenizer(config))
   limits = EpisodeParams(
     max_turns=e.max_turns,
     max_turn_tokens=config.sampling.max_new_tokens,
@@ -389,6 +395,7 @@ def episodes(config) -> tuple[Environment, EpisodeParams] | tuple[None, None]:
     stop_strings=tuple(e.stop_strings),
     wave_tokens=e.wave_tokens or None,
     slots=e.slots or None,
+    observation_role=role,
   )
   return load_environment(e.environment, "config.episode.environment"), limits
 

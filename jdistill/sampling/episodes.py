@@ -61,6 +61,8 @@ class EpisodeParams:
   wave_tokens: the most tokens a row decodes per wave (None: `max_turn_tokens`); smaller
     hands control back to the host sooner, at the cost of more prefills.
   slots: episodes in flight at once, the static batch of every wave (None: all of them).
+  observation_role: the chat template's tool role (`jdistill.data.chat.tool_role`) that wraps
+    each observation before it is tokenised (None: the observation's text as it is).
   """
 
   max_turns: int
@@ -69,6 +71,7 @@ class EpisodeParams:
   stop_strings: tuple[str, ...] = ()
   wave_tokens: int | None = None
   slots: int | None = None
+  observation_role: Any = None
 
   def __post_init__(self):
     object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
@@ -279,7 +282,8 @@ def run_episodes(
     """The environment's answer to row i's finished turn: appends it, or ends the episode."""
     row = rows[i]
     turn = row.tokens[row.turn_start :]
-    if turn and turn[-1] in stop_ids:
+    closed = bool(turn) and turn[-1] in stop_ids  # by the model's stop token
+    if closed:
       turn = turn[:-1]
     row.turns += 1
     try:
@@ -294,6 +298,8 @@ def run_episodes(
       return finish(i, "done")
     if row.turns >= episode.max_turns:
       return finish(i, "max_turns")
+    if observation and episode.observation_role is not None:  # a chat format's tool message
+      observation = episode.observation_role.render(observation, closed)
     try:  # the environment's text: a tokenizer that cannot read it ends only this episode
       ids = tokenizer.encode(observation, add_special_tokens=False) if observation else []
     except Exception as e:  # noqa: BLE001

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jdistill.data.chat import ToolRole
 from jdistill.models import ModelConfig, Transformer
 from jdistill.runtime import sharding as shd
 from jdistill.sampling import Sampler, SamplingParams
@@ -226,3 +227,21 @@ def test_load_environment(tmp_path, monkeypatch):
   ):
     with pytest.raises(ValueError, match=f"rollout.environment=.*{message}"):
       load_environment(spec, field="rollout.environment")
+
+
+def test_observations_enter_as_the_chat_templates_tool_messages(student):
+  """With a tool role each observation is wrapped as the chat template's tool message, and a
+  turn a stop string ended (no stop token) is closed by the template's end-of-turn text."""
+  role = ToolRole(end_of_turn="$", before="<tool>", after="</tool>=")
+  records = [{"turns": 3, "observation": "ok."} for _ in range(8)]
+  episode = dataclasses.replace(LONG, observation_role=role, stop_strings=("a", "e", "o", "i"))
+  out, _ = _run(student, records, episode)
+  closed_by = set()
+  for b in range(len(records)):
+    texts = out.turn_texts(b, TOK.decode)
+    for before, after in zip(texts, texts[1:]):
+      if after["origin"] == "environment":
+        closed = TOK.encode(before["text"])[-1] in STOPS
+        closed_by.add(closed)
+        assert after["text"] == ("" if closed else "$") + "<tool>ok.</tool>="
+  assert closed_by == {True, False}  # both kinds of turn end were met

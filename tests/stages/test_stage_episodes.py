@@ -185,3 +185,16 @@ def test_a_resumed_episode_run_equals_an_uninterrupted_one(small_world, tmp_path
     jax.device_get(straight.params),
     jax.device_get(resumed.params),
   )
+
+
+def test_chat_format_runs_wrap_observations_as_tool_messages(small_world, tmp_path):
+  from jdistill.runtime import build
+
+  c = _config(small_world, tmp_path)
+  c.data.use_chat_template = True
+  _, limits = build.episodes(c)  # the toy tokenizer's ChatML template: role "tool"
+  assert limits.observation_role.render("x", turn_closed=True) == (
+    "<|im_end|>\n<|im_start|>tool\nx<|im_end|>\n<|im_start|>assistant\n"
+  )
+  c.data.use_chat_template = False
+  assert build.episodes(c)[1].observation_role is None

@@ -302,6 +302,26 @@ def run_cell(
   return cell
 
 
+def start_noise(root, kind, warmup, batches=4, base_world=tw.COMMITTED) -> dict:
+  """Sampled-token's gradient noise on the student's own episodes before OPD: its distance
+  from the exact reverse-KL gradient on the same batch as a share of it
+  (`jdistill.experiments.noise.gradient_noise`, `batches` batches of the train keys), cached."""
+  from jdistill.experiments.noise import gradient_noise
+  from jdistill.stages.opd import OPDTrainer
+
+  out = os.path.join(root, "noise", f"{kind}_{warmup}")
+  path = os.path.join(out, "noise.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  c = opd_config(root, kind, "sampled_token", 1e-3, 0, out, "validation", 1, base_world)
+  if warmup == "sft":
+    c.student.path = warm_student(root, kind, base_world)
+  result = gradient_noise(OPDTrainer(c), batches)
+  write_json_atomic(path, result, indent=1)
+  return result
+
+
 def training_metrics(cell_dir: str) -> dict:
   """The teacher's metrics on the student's rollouts at the first and last logged step of a
   cell's OPD (its metrics.jsonl): reverse KL, forward KL, overlap (1 − TV) and the share of
@@ -376,6 +396,8 @@ def run(root: str, seeds: int = 3, base_world: str = tw.COMMITTED, log=print, sh
     for k in KINDS
   }
   result = {"world": world, "warm": warm, "sweep": sweep, "lr": chosen, "cells": tests}
+  result["noise"] = {f"{k}/{w}": start_noise(root, k, w, base_world=base_world)
+                     for w in WARMUPS for k in KINDS}  # fmt: skip
   result["seconds"] = time.time() - t0
   write_json_atomic(os.path.join(root, "agentic.json"), result, indent=1)
   with open(os.path.join(root, "agentic.md"), "w") as f:
@@ -452,6 +474,19 @@ def report(result: dict) -> str:
           f"[{lo:.2f}, {hi:.2f}] | {len(rows)} | {turns:.2f} | {moved('reverse_kl')} "
           f"| {moved('forward_kl')} | {moved('overlap')} |"
         )
+  lines += [
+    "",
+    "Sampled-token's gradient on the student's own episodes before OPD, against the exact "
+    "reverse-KL gradient on the same batch (mean of 4 batches of 16 episodes):",
+    "",
+    "| warmup | teacher | noise ‖g − g_exact‖/‖g_exact‖ | cosine | ‖g‖/‖g_exact‖ |",
+    "|---|---|---|---|---|",
+  ]
+  for key, v in result.get("noise", {}).items():
+    kind, warmup = key.split("/")
+    lines.append(
+      f"| {warmup} | {kind} | {v['noise']:.2f} | {v['cosine']:.2f} | {v['norm_ratio']:.2f} |"
+    )
   lines += ["", "Ultra's finding on agentic tasks, sampled-token ahead of full-vocab, here:", ""]
   lines += claim_lines(result["cells"])
   lines += ["", "Sweep (validation keys, seed 0):", ""]

@@ -55,7 +55,8 @@ def gradient_noise(trainer, batches: int = 4, seed: int = 7, specs=None) -> dict
     student_graphdef=trainer.graphdef,
     teacher_graphdefs=t.graphdefs,
     groups=t.groups,
-    loss_window=c.sampling.max_new_tokens,
+    # as the trainer's step: an episode's window is its whole length after the prompt
+    loss_window=c.episode.max_total_tokens if trainer.environment else c.sampling.max_new_tokens,
   )
 
   def grad_of(specs):

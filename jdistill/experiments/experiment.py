@@ -67,7 +67,9 @@ class Grid:
 
 
 def _common(config, world: str, kind: str, seed: int, grid: Grid) -> None:
-  """Fields every stage of the experiment shares: tokenizer, prompts, teachers of `kind`."""
+  """Fields every stage of the experiment shares: tokenizer, prompts, teachers of `kind`,
+  the devices (`task_world.NUM_DEVICES`)."""
+  config.num_devices = task_world.NUM_DEVICES
   config.seed = seed
   config.tokenizer = os.path.join(world, "tokenizer")
   config.teachers = ml_collections.ConfigDict(

@@ -92,10 +92,16 @@ def _mark(path: str, digest: str, **info) -> None:
   write_json_atomic(os.path.join(path, "artifact.json"), {"hash": digest, **info}, indent=1)
 
 
+# The devices each stage of the task-world experiments runs on (`num_devices`: 0 = all). The
+# tests set 1: their tiny worlds compile and run fastest unsharded (no hash includes it).
+NUM_DEVICES = 0
+
+
 def sft_config(root: str, name: str, init: str, data: str, steps: int, spec: WorldSpec):
   """The SFT stage config that trains model `name` from `init` on `data`."""
   c = base_config()
   c.stage = "sft"
+  c.num_devices = NUM_DEVICES
   c.run_mode = "new"
   c.seed = spec.seed
   c.output_dir = os.path.join(root, "train", name)
@@ -138,6 +144,7 @@ def recipe_config(teachers: str, loss: str, world: str = COMMITTED):
   tokenizer and prompts, the sampling and logging settings, and one teacher of kind
   `teachers` (lineage | external) per domain with `loss`."""
   c = base_config()
+  c.num_devices = NUM_DEVICES
   c.student.path = os.path.join(world, "base")
   c.tokenizer = os.path.join(world, "tokenizer")
   c.teachers = ml_collections.ConfigDict(

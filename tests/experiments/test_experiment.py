@@ -12,9 +12,10 @@ TINY = task_world.WorldSpec(
 )  # fmt: skip
 
 
-def test_the_experiment_runs_end_to_end_and_reuses_its_cache(tmp_path):
+def test_the_experiment_runs_end_to_end_and_reuses_its_cache(tmp_path, monkeypatch):
   """Both worlds, no warmup and the overlap-triggered one (an SFT stage that also measures
   overlap: the fixed-length warmup is the same stage without the probe)."""
+  monkeypatch.setattr(task_world, "NUM_DEVICES", 1)  # tiny shapes run fastest unsharded
   grid = experiment.Grid(
     losses=("reverse_kl",), worlds=("lineage", "external"),
     warmups=("none", "overlap"), seeds=1, opd_steps=2, eval_every=1, warmup_steps=2,

@@ -94,9 +94,10 @@ def test_setting_overlaps_read_the_dial_and_name_what_is_missing(tmp_path):
     question.setting_overlaps(WORLD, str(tmp_path), ("lineage", "alpha_0.3"))
 
 
-def test_a_cell_with_rlvr_and_warmup_runs_end_to_end_at_equal_budget(tmp_path):
+def test_a_cell_with_rlvr_and_warmup_runs_end_to_end_at_equal_budget(tmp_path, monkeypatch):
   """RLVR (1 step = 4 OPD steps of tokens) → warmup SFT → OPD for the rest of 6 steps, on the
   committed world with its external teachers; the cell has the verdict's fields."""
+  monkeypatch.setattr(tw, "NUM_DEVICES", 1)  # tiny shapes run fastest unsharded
   grid = question.Grid(
     settings=("lineage", "external"), seeds=1, budget_steps=6, rl_steps=1, warmup_steps=2,
     noise_batches=1, slots_per_teacher=8,

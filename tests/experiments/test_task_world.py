@@ -47,7 +47,10 @@ def test_a_smaller_rebuild_lands_in_the_same_bands(tmp_path):
   """`python -m jdistill task_world` from scratch with fewer examples, building the base and
   one domain's two teachers (the other domains' teachers are the same code on other data):
   the same bands as the committed world."""
-  spec = task_world.WorldSpec(examples_per_domain=1000, eval_per_domain=32)
+  # Half the base's steps: it only has to stay weak (its band is an upper bound), and the
+  # lineage teacher forked from it still reaches 1.0 by step 400. The teachers keep their 500
+  # steps: the external one, from a random init, is at 0.81 after 400 (below its band).
+  spec = task_world.WorldSpec(examples_per_domain=1000, eval_per_domain=32, base_steps=150)
   summary = task_world.build(str(tmp_path / "world"), spec, log=lambda *_: None, domains=["add"])
   assert set(summary["accuracy"]) == {"base", "lineage_add", "external_add"}
   _check_bands(summary["accuracy"], domains=["add"])

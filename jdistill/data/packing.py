@@ -7,8 +7,10 @@ completion and the end-of-sequence token; only the completion and that token car
 
 A multi-turn record has `"turns": [{"origin": "model" or "environment", "text": str}, ...]`
 in place of the completion (an episode, `jdistill.sampling.episodes`): each turn's text is
-tokenised on its own and appended, and only the model's turns carry loss (and the
-end-of-sequence token after a last model turn); the environment's turns are context.
+tokenised on its own and appended (special tokens written as text, e.g. a turn's closing
+`<|im_end|>`, become those tokens), and only the model's turns carry loss (and the
+end-of-sequence token after a last model turn that does not already end with it); the
+environment's turns are context.
 
 Packing puts several examples in one row of `max_len` tokens, first fit in file order:
 each example gets its own segment id (1, 2, ...; 0 is padding) and positions restarting at
@@ -56,8 +58,9 @@ def _encode_turns(prompt: list, turns, tokenizer) -> tuple[list, list]:
     tokens = list(tokenizer.encode(turn["text"], add_special_tokens=False))
     ids += tokens
     mask += [int(turn["origin"] == "model")] * len(tokens)
-  if turns[-1]["origin"] == "model" and tokenizer.eos_token_id is not None:
-    ids.append(tokenizer.eos_token_id)
+  eos = tokenizer.eos_token_id
+  if turns[-1]["origin"] == "model" and eos is not None and ids[-1] != eos:
+    ids.append(eos)
     mask.append(1)
   if not any(mask):
     raise ValueError("no model tokens in 'turns'")

@@ -124,7 +124,9 @@ class Generator:
         record = batch[i // n]
         line = {"domain": record["domain"], "teacher": self.model_name, "sample": i % n}
         if self.environment is not None:
-          decode = lambda t: self.tokenizer.decode(t, skip_special_tokens=True)  # noqa: E731
+          # special tokens kept: a model turn's stop token and a chat template's tool-message
+          # wrapper are part of what SFT must reproduce (`jdistill.data.packing` reads them)
+          decode = lambda t: self.tokenizer.decode(t, skip_special_tokens=False)  # noqa: E731
           line["turns"] = episodes.turn_texts(i, decode)
           if not any(t["origin"] == "model" and t["text"] for t in line["turns"]):
             progress["sampled"] += 1  # nothing of the model's to learn from (its reset failed)

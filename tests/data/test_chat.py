@@ -87,3 +87,23 @@ def test_chatml_and_templates_without_a_tool_role(tokenizer):
     assert tool_role(tokenizer) is None
   finally:
     tokenizer.chat_template = chatml
+
+
+def test_multi_turn_sft_keeps_each_turns_stop_token_once(tokenizer):
+  """A model turn written with its closing stop token reads back as that token and carries
+  loss; the last turn gets the end-of-sequence token only if it lacks it."""
+  from jdistill.data.packing import encode_example
+
+  eos = tokenizer.eos_token
+  record = {"prompt": "q", "turns": [
+    {"origin": "model", "text": "call" + eos},
+    {"origin": "environment", "text": "<|im_start|>tool\nabc=42<|im_end|>\n"},
+    {"origin": "model", "text": "answer" + eos},
+  ]}  # fmt: skip
+  ids, mask = encode_example(record, tokenizer, use_chat_template=False)
+  learned = [i for i, m in zip(ids, mask) if m]
+  assert learned.count(tokenizer.eos_token_id) == 2 and ids[-1] == tokenizer.eos_token_id
+  assert tokenizer.convert_tokens_to_ids("<|im_start|>") in ids  # read back as the token
+  record["turns"][-1]["text"] = "answer"
+  ids, mask = encode_example(record, tokenizer, use_chat_template=False)
+  assert [i for i, m in zip(ids, mask) if m].count(tokenizer.eos_token_id) == 2

@@ -102,6 +102,15 @@ def test_generate_writes_episodes_that_sft_reads(small_world, tmp_path):
     path, tokenizer, use_chat_template=c.data.use_chat_template, max_len=512
   )
   assert len(examples) == 32 and all(0 < sum(mask) < len(mask) for _, mask, _ in examples)
+  # special tokens survive the round trip: the chat template's tool-message wrapper is written
+  # as text and SFT reads it back as those tokens (so is a turn's closing stop token)
+  im_start = tokenizer.convert_tokens_to_ids("<|im_start|>")
+  for line, (ids, mask, _) in zip(lines, examples):
+    observations = [t["text"] for t in line["turns"] if t["origin"] == "environment"]
+    assert all("<|im_start|>tool\n" in text for text in observations)
+    if observations:
+      context = [i for i, m in zip(ids, mask) if not m]
+      assert context.count(im_start) >= len(observations) + 1  # the prompt's, then each's
 
 
 def test_episode_config_checks_name_their_field(small_world, tmp_path):

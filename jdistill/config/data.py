@@ -146,6 +146,13 @@ EPISODE = section(
     "an int ≥ 0; `0` = `sampling.max_new_tokens`",
   ),
   slots=field(0, "episodes in flight at once", "an int ≥ 0; `0` = every row of the step's batch"),
+  env_workers=field(
+    1,
+    "environments stepped at once on host threads (a slow tool keeps only its own episode "
+    "waiting); the answers are applied in row order, so episodes do not depend on it; the "
+    "environment must allow `step` on different episodes at once",
+    "a positive int; `1` = one after another",
+  ),
 )
 
 
@@ -187,7 +194,7 @@ def _validate_episode(config) -> None:
   spec = e.environment
   if not isinstance(spec, str) or (spec and (spec.count(":") != 1 or not all(spec.split(":")))):
     fail("episode.environment", spec, "'' or 'module:Class' / 'module:function'")
-  for name in ("max_turns", "max_total_tokens"):
+  for name in ("max_turns", "max_total_tokens", "env_workers"):
     check_positive(config, f"episode.{name}")
     check_integer(config, f"episode.{name}")
   for name in ("wave_tokens", "slots"):

@@ -79,6 +79,7 @@ RUN_BOOKKEEPING = (
   "num_devices",
   "train.log_every",
   "train.eval_every",
+  "episode.env_workers",
   "eval",
 )
 

@@ -395,6 +395,7 @@ def episodes(config) -> tuple[Environment, EpisodeParams] | tuple[None, None]:
     stop_strings=tuple(e.stop_strings),
     wave_tokens=e.wave_tokens or None,
     slots=e.slots or None,
+    env_workers=e.env_workers,
     observation_role=role,
   )
   return load_environment(e.environment, "config.episode.environment"), limits

@@ -32,6 +32,7 @@ An episode the environment ends has reason "done" and the environment's reward.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import logging
 import math
@@ -61,6 +62,9 @@ class EpisodeParams:
   wave_tokens: the most tokens a row decodes per wave (None: `max_turn_tokens`); smaller
     hands control back to the host sooner, at the cost of more prefills.
   slots: episodes in flight at once, the static batch of every wave (None: all of them).
+  env_workers: environments stepped at once on host threads (1: one after another); the
+    answers are applied in row order, so the episodes are the same for any value (the
+    environment must allow `step` on different episodes' states at once).
   observation_role: the chat template's tool role (`jdistill.data.chat.tool_role`) that wraps
     each observation before it is tokenised (None: the observation's text as it is).
   """
@@ -71,11 +75,12 @@ class EpisodeParams:
   stop_strings: tuple[str, ...] = ()
   wave_tokens: int | None = None
   slots: int | None = None
+  env_workers: int = 1
   observation_role: Any = None
 
   def __post_init__(self):
     object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
-    for field in ("max_turns", "max_turn_tokens", "max_total_tokens"):
+    for field in ("max_turns", "max_turn_tokens", "max_total_tokens", "env_workers"):
       value = getattr(self, field)
       if not _is_int(value) or value < 1:
         raise ValueError(f"EpisodeParams.{field}={value!r} is invalid; allowed: an integer >= 1")
@@ -278,21 +283,33 @@ def run_episodes(
         continue
       active.append(i)
 
-  def step_env(i: int) -> None:
-    """The environment's answer to row i's finished turn: appends it, or ends the episode."""
-    row = rows[i]
-    turn = row.tokens[row.turn_start :]
-    closed = bool(turn) and turn[-1] in stop_ids  # by the model's stop token
-    if closed:
-      turn = turn[:-1]
-    row.turns += 1
+  def ended_turn(i: int) -> tuple[str, bool]:
+    """Row i's finished turn as the environment reads it (its stop token left out), and
+    whether the model's stop token closed it."""
+    turn = rows[i].tokens[rows[i].turn_start :]
+    closed = bool(turn) and turn[-1] in stop_ids
+    return tokenizer.decode(turn[:-1] if closed else turn), closed
+
+  def call_env(i: int, text: str):
+    """env.step on row i's turn → ("ok", result) or ("malformed" | "error", exception)."""
     try:
-      result = env.step(row.env_state, tokenizer.decode(turn))
-      observation, done, reward = _check_step(result)
+      return "ok", _check_step(env.step(rows[i].env_state, text))
     except MalformedTurn as e:
-      return finish(i, "malformed", str(e))
+      return "malformed", e
     except Exception as e:  # noqa: BLE001  (user code: any error ends only this episode)
-      return finish(i, "env_error", f"step raised {type(e).__name__}: {e}")
+      return "error", e
+
+  def step_env(i: int, outcome, closed: bool) -> None:
+    """Applies the environment's answer to row i's finished turn: appends it, or ends the
+    episode."""
+    row = rows[i]
+    row.turns += 1
+    kind, value = outcome
+    if kind == "malformed":
+      return finish(i, "malformed", str(value))
+    if kind == "error":
+      return finish(i, "env_error", f"step raised {type(value).__name__}: {value}")
+    observation, done, reward = value
     if done:
       row.reward = 0.0 if reward is None else float(reward)
       return finish(i, "done")
@@ -310,40 +327,59 @@ def run_episodes(
     if row.used() >= episode.max_total_tokens:
       finish(i, "total_limit", f"observation of {len(ids)} tokens, {room} left")
 
-  admit()
-  while active:
-    contexts = [rows[i].tokens for i in active] + [[params.pad_id]] * (slots - len(active))
-    limits = [
-      min(wave_tokens, episode.max_turn_tokens - (len(r.tokens) - r.turn_start),
-          episode.max_total_tokens - r.used())
-      for r in (rows[i] for i in active)
-    ] + [1] * (slots - len(active))  # fmt: skip
-    out = sampler.generate(
-      state, contexts, jax.random.fold_in(rng, wave), params, max_new_per_prompt=limits
-    )
-    out = jax.device_get(out)
-    turn_ended = []
-    for k, i in enumerate(active):
-      row = rows[i]
-      row.decode_waves += 1
-      start = len(row.tokens)
-      span = slice(start, start + int(out.completion_lengths[k]))
-      new = [int(t) for t in out.tokens[k, span]]
-      cut = _stop_string_cut(tokenizer, row.tokens[row.turn_start :], new, episode.stop_strings)
-      keep = len(new) if cut is None else cut
-      row.append(new[:keep], True, out.logprobs[k, span][:keep],
-                 out.sampling_logprobs[k, span][:keep])  # fmt: skip
-      if cut is not None or (keep and new[keep - 1] in stop_ids):
-        turn_ended.append(i)
-      elif len(row.tokens) - row.turn_start >= episode.max_turn_tokens:
-        finish(i, "turn_limit", f"{episode.max_turn_tokens} tokens without a stop")
-      elif row.used() >= episode.max_total_tokens:
-        finish(i, "total_limit", f"{episode.max_total_tokens} tokens")
-    for i in turn_ended:
-      step_env(i)
-    active = [i for i in active if rows[i].reason is None]
-    wave += 1
+  def step_envs(ended: list[int]) -> None:
+    """Steps the environments of the rows whose turn ended: the calls at once on up to
+    `env_workers` threads (a slow tool keeps only its own row waiting), their answers applied
+    in row order, so the episodes do not depend on which call returns first."""
+    turns = [ended_turn(i) for i in ended]
+    calls = [(i, text) for i, (text, _) in zip(ended, turns)]
+    if pool is None or len(calls) < 2:
+      outcomes = [call_env(i, text) for i, text in calls]
+    else:
+      outcomes = list(pool.map(lambda c: call_env(*c), calls))
+    for i, (_, closed), outcome in zip(ended, turns, outcomes):
+      step_env(i, outcome, closed)
+
+  pool = None
+  if episode.env_workers > 1:
+    pool = concurrent.futures.ThreadPoolExecutor(episode.env_workers, "jdistill-env")
+  try:
     admit()
+    while active:
+      contexts = [rows[i].tokens for i in active] + [[params.pad_id]] * (slots - len(active))
+      limits = [
+        min(wave_tokens, episode.max_turn_tokens - (len(r.tokens) - r.turn_start),
+            episode.max_total_tokens - r.used())
+        for r in (rows[i] for i in active)
+      ] + [1] * (slots - len(active))  # fmt: skip
+      out = sampler.generate(
+        state, contexts, jax.random.fold_in(rng, wave), params, max_new_per_prompt=limits
+      )
+      out = jax.device_get(out)
+      turn_ended = []
+      for k, i in enumerate(active):
+        row = rows[i]
+        row.decode_waves += 1
+        start = len(row.tokens)
+        span = slice(start, start + int(out.completion_lengths[k]))
+        new = [int(t) for t in out.tokens[k, span]]
+        cut = _stop_string_cut(tokenizer, row.tokens[row.turn_start :], new, episode.stop_strings)
+        keep = len(new) if cut is None else cut
+        row.append(new[:keep], True, out.logprobs[k, span][:keep],
+                   out.sampling_logprobs[k, span][:keep])  # fmt: skip
+        if cut is not None or (keep and new[keep - 1] in stop_ids):
+          turn_ended.append(i)
+        elif len(row.tokens) - row.turn_start >= episode.max_turn_tokens:
+          finish(i, "turn_limit", f"{episode.max_turn_tokens} tokens without a stop")
+        elif row.used() >= episode.max_total_tokens:
+          finish(i, "total_limit", f"{episode.max_total_tokens} tokens")
+      step_envs(turn_ended)
+      active = [i for i in active if rows[i].reason is None]
+      wave += 1
+      admit()
+  finally:
+    if pool is not None:
+      pool.shutdown()
   width = (prompt_width or longest) + episode.max_total_tokens
   return _assemble(rows, width, params.pad_id, wave)
 

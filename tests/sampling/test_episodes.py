@@ -245,3 +245,35 @@ def test_observations_enter_as_the_chat_templates_tool_messages(student):
         closed_by.add(closed)
         assert after["text"] == ("" if closed else "$") + "<tool>ok.</tool>="
   assert closed_by == {True, False}  # both kinds of turn end were met
+
+
+def test_environments_step_at_once_and_the_episodes_do_not_change(student):
+  """With `env_workers` the finished turns' environments run on threads at once (observed:
+  several calls in flight together), and the episodes equal the one-after-another run's."""
+  import threading
+
+  class SlowEnv(ScriptedEnv):
+    def __init__(self):
+      self.lock, self.in_flight, self.most = threading.Lock(), 0, 0
+
+    def step(self, state, turn_text):
+      with self.lock:
+        self.in_flight += 1
+        self.most = max(self.most, self.in_flight)
+      threading.Event().wait(0.05)  # a slow tool: the others' calls overlap this one's
+      with self.lock:
+        self.in_flight -= 1
+      return super().step(state, turn_text)
+
+  records = [{"turns": 3, "observation": "ok."} for _ in range(6)]
+  serial_env, threaded_env = SlowEnv(), SlowEnv()
+  serial, _ = _run(student, records, dataclasses.replace(LONG, slots=None), env=serial_env)
+  threaded, _ = _run(
+    student, records, dataclasses.replace(LONG, slots=None, env_workers=4), env=threaded_env
+  )
+  assert serial_env.most == 1 and threaded_env.most > 1
+  for field in dataclasses.fields(serial):
+    a, b = getattr(serial, field.name), getattr(threaded, field.name)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with pytest.raises(ValueError, match="env_workers=0"):
+    dataclasses.replace(LONG, env_workers=0)

@@ -148,9 +148,9 @@ EPISODE = section(
   slots=field(0, "episodes in flight at once", "an int ≥ 0; `0` = every row of the step's batch"),
   env_workers=field(
     1,
-    "environments stepped at once on host threads (a slow tool keeps only its own episode "
-    "waiting); the answers are applied in row order, so episodes do not depend on it; the "
-    "environment must allow `step` on different episodes at once",
+    "environments stepped at once on host threads (a wave waits for its slowest tool call, "
+    "not for the sum of them); the answers are applied in row order, so episodes do not "
+    "depend on it; the environment must allow `step` on different episodes at once",
     "a positive int; `1` = one after another",
   ),
 )

@@ -329,7 +329,7 @@ def run_episodes(
 
   def step_envs(ended: list[int]) -> None:
     """Steps the environments of the rows whose turn ended: the calls at once on up to
-    `env_workers` threads (a slow tool keeps only its own row waiting), their answers applied
+    `env_workers` threads (the wave waits for the slowest call, not their sum), answers applied
     in row order, so the episodes do not depend on which call returns first."""
     turns = [ended_turn(i) for i in ended]
     calls = [(i, text) for i, (text, _) in zip(ended, turns)]

@@ -82,14 +82,13 @@ def split_keys() -> dict[str, list[str]]:
   return out
 
 
-def write_split(path: str, split: str, repeats: int = 1) -> str:
+def write_split(path: str, split: str) -> str:
   """Prompt records `{"domain", "prompt", "key", "answer"}` for every key of `split`."""
   table = lookup.make_table(TABLE_SEED, TABLE_SIZE)
   with open(path, "w") as f:
-    for _ in range(repeats):
-      for key in split_keys()[split]:
-        record = {"domain": lookup.DOMAIN, "prompt": lookup.prompt_of(key), "key": key}
-        f.write(json.dumps({**record, "answer": table[key]}) + "\n")
+    for key in split_keys()[split]:
+      record = {"domain": lookup.DOMAIN, "prompt": lookup.prompt_of(key), "key": key}
+      f.write(json.dumps({**record, "answer": table[key]}) + "\n")
   return path
 
 

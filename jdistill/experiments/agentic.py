@@ -21,6 +21,9 @@ Then per teacher kind and loss (full-vocab reverse KL as V4 runs it, full-vocab 
 sampled-token as Ultra runs it: PPO clip 0.2 and IcePop 5) an lr sweep on the validation
 keys (seed 0, `lrs_of`), and `--seeds` seeds at the chosen lr on the test keys, each cell OPD on
 the student's episodes (environment tokens masked: `jdistill.step.common`) for `STEPS` steps.
+Against them, student RL without a teacher (`RLVR_GROUPS`: GRPO on the environment's reward
+at group sizes 4, 8 and 16, the same episodes a step) from the warmed-up student, its group
+size and lr chosen on the validation keys too.
 Accuracy is the mean reward of one greedy episode per test prompt
 (`jdistill.eval.accuracy.episode_accuracy`). Output under `--out`: agentic.json (every
 number) and agentic.md (the table, the sweep).
@@ -47,9 +50,14 @@ TABLE_SEED, TABLE_SIZE = 7, 256
 SPLITS = {"test": 64, "validation": 32, "train": 160}  # keys per split, disjoint
 KINDS = {"lineage": "get", "external": "call"}  # teacher kind → its tool syntax
 LOSSES = ("reverse_kl", "forward_kl", "sampled_token")  # full vocab: both directions
+# student RL without a teacher: GRPO on the environment's reward, G episodes of each key a
+# step, ROWS in all (as many as an OPD step); G is tuned with the lr: at a low sampled success
+# rate a small group is mostly all-wrong, an advantage of 0
+RLVR_GROUPS = {"rlvr": 4, "rlvr_g8": 8, "rlvr_g16": 16}
 LRS = (1e-3, 3e-3, 1e-2)
 # the sampled estimator diverges at the full-vocab losses' lrs once the student is warm
 SAMPLED_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+RLVR_LRS = (1e-4, 3e-4, 1e-3)
 STEPS = 300
 WARMUPS = ("none", "sft")
 WARMUP_STEPS = 80  # SFT steps on the teacher's episodes: some success, far from the teacher's
@@ -62,7 +70,9 @@ EXPERT_EXAMPLES = 4000
 
 
 def lrs_of(loss: str) -> tuple[float, ...]:
-  """The learning rates the sweep tries for `loss`."""
+  """The learning rates the sweep tries for `loss` (or an RLVR variant, `RLVR_GROUPS`)."""
+  if loss in RLVR_GROUPS:
+    return RLVR_LRS
   return SAMPLED_LRS if loss == "sampled_token" else LRS
 
 
@@ -254,6 +264,35 @@ def opd_config(
   return c
 
 
+def rlvr_config(
+  root, kind, lr, seed, out_dir, eval_split, group, steps=STEPS, base_world=tw.COMMITTED
+):
+  """The RLVR stage on the same episodes without a teacher: GRPO on the environment's reward,
+  `group` episodes of each of `ROWS // group` train keys a step (as many episodes as an OPD
+  step samples), advantages normalised per group. `kind` only names the teacher whose
+  warmed-up student it starts from (set `student.path`)."""
+  c = opd_config(root, kind, "reverse_kl", lr, seed, out_dir, eval_split, steps, base_world)
+  c.stage = "rlvr"
+  c.teachers = ml_collections.ConfigDict()
+  c.rl.group_size = group
+  c.data.slots_per_teacher = ROWS // group
+  return c
+
+
+def trained_success(trainer, records: list[dict]) -> dict:
+  """{"accuracy", "prompts", "turns"}: greedy episodes of a trainer's current student on
+  `records` (`episode_accuracy`, as `OPDTrainer.accuracy` scores the OPD cells)."""
+  from jdistill.eval.accuracy import episode_accuracy
+
+  c = trainer.config
+  out = episode_accuracy(
+    trainer.sampler, trainer.state["params"], trainer.tokenizer, records,
+    encode=trainer.encode_prompt, environment=trainer.environment,
+    episode=trainer.episode_params, prompt_buckets=c.sampling.prompt_buckets,
+  )  # fmt: skip
+  return out[lookup.DOMAIN]
+
+
 def warm_student(root, kind, base_world=tw.COMMITTED, log=print) -> str:
   """The base after a warmup SFT of `WARMUP_STEPS` steps on the `kind` teacher's episodes (in
   its syntax: the teachers succeed on every prompt, so their episodes are the expert ones)."""
@@ -264,8 +303,9 @@ def warm_student(root, kind, base_world=tw.COMMITTED, log=print) -> str:
 def run_cell(
   root, kind, loss, lr, seed, eval_split, warmup="none", steps=STEPS, base_world=tw.COMMITTED
 ):
-  """One OPD run (cached in its folder's cell.json) from the base (`warmup` "none") or the
-  warmed-up student ("sft") → {accuracy before/after, tokens, wall}."""
+  """One OPD run (or with `loss` in `RLVR_GROUPS` an RLVR run, no teacher) cached in its folder's
+  cell.json, from the base (`warmup` "none") or the warmed-up student ("sft") → {accuracy
+  before/after, tokens, wall}."""
   from jdistill.experiments import budget
   from jdistill.stages.opd import OPDTrainer
 
@@ -284,12 +324,28 @@ def run_cell(
     if all(cell.get(k) == v for k, v in made_of.items()) and cell["steps"] == steps:
       return cell
   t0 = time.time()
-  c = opd_config(root, kind, loss, lr, seed, out, eval_split, steps, base_world)
-  c.student.path = student
-  trainer = OPDTrainer(c)
-  before = trainer.accuracy()[lookup.DOMAIN]
+  if loss in RLVR_GROUPS:
+    from jdistill.stages.rlvr import RLVRTrainer
+
+    c = rlvr_config(root, kind, lr, seed, out, eval_split, RLVR_GROUPS[loss], steps, base_world)
+    c.student.path = student
+    trainer = RLVRTrainer(c)
+    records = _read(c.data.eval_files)
+
+    def measure():
+      return trained_success(trainer, records)
+
+  else:
+    c = opd_config(root, kind, loss, lr, seed, out, eval_split, steps, base_world)
+    c.student.path = student
+    trainer = OPDTrainer(c)
+
+    def measure():
+      return trainer.accuracy()[lookup.DOMAIN]
+
+  before = measure()
   trainer.run(steps=steps)
-  after = trainer.accuracy()[lookup.DOMAIN]
+  after = measure()
   cell = {
     "kind": kind, "loss": loss, "lr": lr, "seed": seed, "split": eval_split,
     "warmup": warmup, "steps": steps,
@@ -324,13 +380,15 @@ def start_noise(root, kind, warmup, batches=4, base_world=tw.COMMITTED) -> dict:
 def training_metrics(cell_dir: str) -> dict:
   """The teacher's metrics on the student's rollouts at the first and last logged step of a
   cell's OPD (its metrics.jsonl): reverse KL, forward KL, overlap (1 − TV) and the share of
-  student tokens off the teacher's support, and the training episodes' reward."""
+  student tokens off the teacher's support (None for an RLVR cell), and the training
+  episodes' reward."""
   with open(os.path.join(cell_dir, "metrics.jsonl")) as f:
     records = [json.loads(line) for line in f if line.strip()]
   out = {}
+  fields = ("reverse_kl", "forward_kl", "overlap", "off_support")
   for when, r in (("first", records[0]), ("last", records[-1])):
-    t = r["teachers"][lookup.DOMAIN]
-    out[when] = {k: t[k] for k in ("reverse_kl", "forward_kl", "overlap", "off_support")}
+    t = r.get("teachers", {}).get(lookup.DOMAIN, {})  # RLVR has no teacher
+    out[when] = {k: t.get(k) for k in fields}
     out[when]["reward"] = r["episodes"]["reward"]
     out[when]["step"] = r["step"]
   return out
@@ -370,7 +428,10 @@ def run(root: str, seeds: int = 3, base_world: str = tw.COMMITTED, log=print, sh
       return None
     return [run_cell(root, *job, base_world=base_world) for job in jobs]  # cached: reads
 
+  # RLVR only from the warm students: the base's episodes all earn 0 (pass@4 0.00), so every
+  # group advantage is 0 and GRPO has nothing to follow
   recipes = [(k, loss, w) for w in WARMUPS for k in KINDS for loss in LOSSES]
+  recipes += [(k, loss, "sft") for k in KINDS for loss in RLVR_GROUPS]
   sweep = cells(
     [(k, loss, lr, 0, "validation", w) for k, loss, w in recipes for lr in lrs_of(loss)]
   )
@@ -380,6 +441,14 @@ def run(root: str, seeds: int = 3, base_world: str = tw.COMMITTED, log=print, sh
   for kind, loss, warmup in recipes:
     rows = [r for r in sweep if (r["kind"], r["loss"], r["warmup"]) == (kind, loss, warmup)]
     chosen[f"{kind}/{loss}/{warmup}"] = max(rows, key=lambda r: (r["accuracy"], -r["lr"]))["lr"]
+  # the RL arm of each kind: the group size (with its lr) that the validation keys chose
+  rlvr = {
+    kind: max(
+      (r for r in sweep if r["kind"] == kind and r["loss"] in RLVR_GROUPS),
+      key=lambda r: (r["accuracy"], -r["lr"], -RLVR_GROUPS[r["loss"]]),
+    )["loss"]
+    for kind in KINDS
+  }
   tests = cells(
     [(k, loss, chosen[f"{k}/{loss}/{w}"], s, "test", w) for k, loss, w in recipes
      for s in range(seeds)]
@@ -394,7 +463,9 @@ def run(root: str, seeds: int = 3, base_world: str = tw.COMMITTED, log=print, sh
     f"warm_{k}": success(warm_student(root, k, base_world), test, tokenizer, pass_k=4)
     for k in KINDS
   }
-  result = {"world": world, "warm": warm, "sweep": sweep, "lr": chosen, "cells": tests}
+  result = {
+    "world": world, "warm": warm, "sweep": sweep, "lr": chosen, "rlvr": rlvr, "cells": tests
+  }  # fmt: skip
   result["noise"] = {f"{k}/{w}": start_noise(root, k, w, base_world=base_world)
                      for w in WARMUPS for k in KINDS}  # fmt: skip
   result["seconds"] = time.time() - t0
@@ -429,6 +500,30 @@ def claim_lines(cells: list[dict]) -> list[str]:
   return lines
 
 
+def rl_lines(cells: list[dict], rlvr: dict[str, str], margin: float = 0.05) -> list[str]:
+  """Per teacher kind, from the warm student at equal episodes: each OPD loss's test success
+  minus that of RLVR's variant `rlvr[kind]` (Welch's 95% interval over seeds) and whether
+  OPD without student RL is not worse than RLVR by more than `margin` (`verdict.decide`,
+  "not_less")."""
+  from jdistill.experiments import verdict
+
+  lines = []
+  for kind, arm in rlvr.items():
+    of = {
+      loss: [
+        c["accuracy"] for c in cells if (c["warmup"], c["kind"], c["loss"]) == ("sft", kind, loss)
+      ]
+      for loss in (*LOSSES, arm)
+    }
+    for loss in LOSSES:
+      if not of[loss] or not of[arm]:
+        continue
+      d = verdict.difference_interval(of[loss], of[arm], paired=False)
+      answer = verdict.decide(d, "not_less", margin)
+      lines.append(f"- {kind} teacher: {loss} − {arm} = {d}, not below −{margin:g}: {answer}")
+  return lines
+
+
 def report(result: dict) -> str:
   """agentic.md: success per model and per OPD recipe (mean, 95% interval over seeds)."""
   lines = [
@@ -446,8 +541,10 @@ def report(result: dict) -> str:
     "",
     f"OPD, {STEPS} steps of {ROWS} episodes, from the base (warmup none) or from the student "
     f"after {WARMUP_STEPS} warmup SFT steps on that teacher's episodes (sft), at the lr the "
-    "validation keys chose; the teacher's metrics on the student's training episodes at the "
-    "first and last logged step:",
+    "validation keys chose; `rlvr_g<G>` (`rlvr`: G = 4) is GRPO on the environment's reward "
+    f"with no teacher, {ROWS} // G keys × G episodes a step (the same episodes), from the warm "
+    "student; the teacher's metrics on the student's training episodes at the first and last "
+    "logged step:",
     "",
     "| warmup | teacher | loss | lr | success before → after (95% CI over seeds) | seeds "
     "| turns | reverse KL | forward KL | overlap |",
@@ -455,7 +552,7 @@ def report(result: dict) -> str:
   ]
   for warmup in WARMUPS:
     for kind in KINDS:
-      for loss in LOSSES:
+      for loss in (*LOSSES, *RLVR_GROUPS):
         recipe = (warmup, kind, loss)
         rows = [c for c in result["cells"] if (c["warmup"], c["kind"], c["loss"]) == recipe]
         if not rows:
@@ -465,6 +562,8 @@ def report(result: dict) -> str:
         turns = np.mean([c["turns"] for c in rows])
 
         def moved(field, rows=rows):
+          if rows[0]["training"]["first"][field] is None:  # RLVR: no teacher
+            return "—"
           a, b = (np.mean([c["training"][w][field] for c in rows]) for w in ("first", "last"))
           return f"{a:.2f} → {b:.2f}"
 
@@ -488,6 +587,13 @@ def report(result: dict) -> str:
     )
   lines += ["", "Ultra's finding on agentic tasks, sampled-token ahead of full-vocab, here:", ""]
   lines += claim_lines(result["cells"])
+  lines += [
+    "",
+    "OPD from the teacher against student RL (the group size the validation keys chose) at "
+    "the same episodes, both from the warm student:",
+    "",
+  ]
+  lines += rl_lines(result["cells"], result["rlvr"])
   lines += ["", "Sweep (validation keys, seed 0):", ""]
   lines += ["| warmup | teacher | loss | lr | success |", "|---|---|---|---|---|"]
   for r in result["sweep"]:

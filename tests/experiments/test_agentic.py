@@ -87,3 +87,22 @@ def test_the_claim_is_refuted_only_when_the_interval_excludes_zero():
     cells("reverse_kl", [0.2, 0.25, 0.3]) + cells("sampled_token", [0.6, 0.55, 0.65])
   )
   assert lines == [lines[0]] and lines[0].endswith(": supported")
+
+
+def test_opd_against_rl_compares_with_the_chosen_group_size_and_its_margin():
+  def cells(loss, values, kind="lineage"):
+    return [
+      {"warmup": "sft", "kind": kind, "loss": loss, "accuracy": v, "seed": s}
+      for s, v in enumerate(values)
+    ]
+
+  opd = cells("reverse_kl", [0.95, 0.96, 0.94]) + cells("rlvr_g8", [0.96, 0.97, 0.95])
+  # the variant the validation keys chose is the RL arm; another variant is not looked at
+  lines = agentic.rl_lines(opd + cells("rlvr", [0.2, 0.2, 0.3]), {"lineage": "rlvr_g8"})
+  assert len(lines) == 1 and "reverse_kl − rlvr_g8" in lines[0], lines
+  assert lines[0].endswith(": supported")  # -0.01 [-0.03, +0.01]: within the 0.05 margin
+  assert agentic.rl_lines(opd, {"lineage": "rlvr_g8"}, margin=0.0)[0].endswith(": inconclusive")
+  worse = cells("reverse_kl", [0.5, 0.52, 0.51]) + cells("rlvr_g8", [0.95, 0.94, 0.96])
+  assert agentic.rl_lines(worse, {"lineage": "rlvr_g8"})[0].endswith(": refuted")
+  noisy = cells("reverse_kl", [0.5, 0.9, 0.7]) + cells("rlvr_g8", [0.95, 0.4, 0.96])
+  assert agentic.rl_lines(noisy, {"lineage": "rlvr_g8"})[0].endswith(": inconclusive")

@@ -1,0 +1,126 @@
+"""Alignment of a student's rollout with a teacher of another tokenizer, on hand cases: the
+"Qwen-like" student and the "Llama-3-like" teacher of `jdistill.testing.tokenizers` (byte-level
+BPEs of different vocabularies, split regexes and special tokens)."""
+
+import numpy as np
+import pytest
+
+from jdistill.data import alignment
+from jdistill.testing.tokenizers import llama3_like, qwen_like
+
+
+@pytest.fixture(scope="module")
+def vocabs():
+  return alignment.Vocab.of(qwen_like()), alignment.Vocab.of(llama3_like())
+
+
+def span_texts(vocab, ids, span):
+  """The bytes of each span, from one side's tokens."""
+  out = [b""] * (int(span.max()) + 1)
+  for i, k in zip(ids, span, strict=True):
+    out[k] += vocab.pieces[int(i)]
+  return out
+
+
+def test_unicode_split_across_tokens_is_one_span_and_no_cut_falls_inside_a_character(vocabs):
+  student, teacher = vocabs
+  text = "Grüße 東京 🙂"
+  ids = qwen_like().encode(text)
+  # the hand case: the student splits ß (c3 9f) and 東京 into bytes, the teacher joins "Gr"
+  # and cuts 東京 as e6|9d|b1e4|ba|ac, across the two characters
+  assert [student.pieces[i] for i in ids][:5] == [b"G", b"r", "ü".encode(), b"\xc3", b"\x9f"]
+  row = alignment.align_row(student, teacher, ids)
+  assert [teacher.pieces[i] for i in row.teacher_ids][8] == b"\xb1\xe4"
+  want = ["Gr", "ü", "ß", "e", " ", "東京", " ", "🙂"]
+  assert [s.decode() for s in span_texts(student, ids, row.student_span)] == want
+  assert [s.decode() for s in span_texts(teacher, row.teacher_ids, row.teacher_span)] == want
+  # one token on both sides with equal bytes: ü, e and the spaces; ß is two on both sides
+  np.testing.assert_array_equal(row.single, [0, 1, 0, 1, 1, 0, 1, 0])
+  np.testing.assert_array_equal(
+    row.student_span, [0, 0, 1, 2, 2, 3, 4, 5, 5, 5, 5, 5, 5, 6, 7, 7, 7]
+  )
+
+
+def test_whitespace_runs_and_newlines(vocabs):
+  student, teacher = vocabs
+  text = "x  \t\ty\n\n\n  def f(a):\n    return a"
+  ids = qwen_like().encode(text)
+  row = alignment.align_row(student, teacher, ids)
+  s_spans = span_texts(student, ids, row.student_span)
+  assert s_spans == span_texts(teacher, row.teacher_ids, row.teacher_span)
+  assert b"".join(s_spans).decode() == text
+  # every token boundary that both sides share is a span boundary, and only those
+  common = set(row.student_offsets) & set(row.teacher_offsets)
+  ends = np.cumsum([len(s) for s in s_spans])
+  assert set(ends) | {0} == common
+  assert row.single.sum() == sum(
+    1
+    for k in range(row.n_spans)
+    if (row.student_span == k).sum() == 1 and (row.teacher_span == k).sum() == 1
+  )
+
+
+def test_special_tokens_map_eos_to_eos_by_role_and_others_by_text(vocabs):
+  student, teacher = vocabs
+  ids = qwen_like().encode("ok") + [student.eos]
+  row = alignment.align_row(student, teacher, ids)
+  assert (
+    int(row.teacher_ids[-1]) == teacher.eos == llama3_like().convert_tokens_to_ids("<|eot_id|>")
+  )
+  assert row.student_span[-1] == row.teacher_span[-1] == row.n_spans - 1
+  assert not row.single[-1]  # one token each, but <|im_end|> is not <|eot_id|>
+  im_start = qwen_like().convert_tokens_to_ids("<|im_start|>")
+  with pytest.raises(ValueError, match="'<\\|im_start\\|>'.*no counterpart"):
+    alignment.align_row(student, teacher, [im_start] + ids)
+
+
+def test_invalid_utf8_bytes_become_the_teachers_byte_tokens(vocabs):
+  student, teacher = vocabs
+  lone = student.byte_ids[0x9F]  # a continuation byte with no lead byte
+  ids = qwen_like().encode("a") + [lone] + qwen_like().encode("b")
+  row = alignment.align_row(student, teacher, ids)
+  assert [teacher.pieces[i] for i in row.teacher_ids] == [b"a", b"\x9f", b"b"]
+  np.testing.assert_array_equal(row.student_span, [0, 1, 2])
+  assert row.single.all()
+
+
+def test_the_teachers_prompt_is_rendered_with_its_own_chat_template(vocabs):
+  _, teacher = vocabs
+  record = {"prompt": "hi"}
+  ids = alignment.teacher_prompt_ids(teacher, record, use_chat_template=True)
+  text = llama3_like().decode(ids)
+  assert text == (
+    "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"
+    "<|start_header_id|>assistant<|end_header_id|>\n\n"
+  )
+
+
+def test_the_same_vocabulary_scores_the_students_own_ids(vocabs):
+  student, _ = vocabs
+  ids = [qwen_like().convert_tokens_to_ids(t) for t in ("d", "e", "f")]  # not canonical "def"
+  row = alignment.align_row(student, alignment.Vocab.of(qwen_like()), ids)
+  np.testing.assert_array_equal(row.teacher_ids, ids)
+  np.testing.assert_array_equal(row.student_span, [0, 1, 2])
+  assert row.single.all()
+
+
+def test_batch_is_padded_to_static_shapes_and_cuts_whole_spans(vocabs):
+  student, teacher = vocabs
+  rows = [qwen_like().encode("Grüße 東京"), qwen_like().encode("x")]
+  t = 16
+  completions = np.zeros((2, t), np.int32)
+  mask = np.zeros((2, t), np.float32)
+  for r, ids in enumerate(rows):
+    completions[r, : len(ids)] = ids
+    mask[r, : len(ids)] = 1
+  full = alignment.align_row(student, teacher, rows[0])
+  assert len(full.teacher_ids) == 11
+  out = alignment.align_batch(student, teacher, completions, mask, teacher_len=8)
+  assert out["teacher_ids"].shape == out["teacher_span"].shape == (2, 8)
+  assert out["student_span"].shape == out["single"].shape == (2, t)
+  # teacher token 8 (b1e4) belongs to span 5 (東京), which no longer fits: spans 0..4 stay
+  np.testing.assert_array_equal(out["teacher_span"][0], [0, 1, 2, 2, 3, 4, -1, -1])
+  np.testing.assert_array_equal(out["student_span"][0, :7], [0, 0, 1, 2, 2, 3, 4])
+  assert (out["student_span"][0, 7:] == -1).all() and out["dropped"][0] == 6
+  np.testing.assert_array_equal(out["student_span"][1], [0] + [-1] * 15)
+  assert out["teacher_mask"].sum(1).tolist() == [6, 1] and out["dropped"][1] == 0

@@ -25,6 +25,8 @@ Every public name is re-exported here (``losses.X``); private helpers live in th
   means and token weights.
 * :mod:`~jdistill.losses.estimators`: the sampled-token and overlap-aware estimators,
   IcePop, group and combined advantages, k3.
+* :mod:`~jdistill.losses.span`: the sampled-token estimator across tokenizers (one advantage
+  per aligned span).
 * :mod:`~jdistill.losses.support`: support-overlap diagnostics, the teacher nucleus, the
   calibrated overlap and the overlap-aware gate.
 * :mod:`~jdistill.losses.chunking`: logits chunk by chunk over T (memory), token log-probs
@@ -76,6 +78,7 @@ from jdistill.losses.settings import (
   LossSettings,
   settings_for,
 )
+from jdistill.losses.span import span_k1, span_sampled_token_loss, span_sums
 from jdistill.losses.support import (
   calibrated_overlap,
   overlap_gate,

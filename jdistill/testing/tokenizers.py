@@ -93,3 +93,18 @@ def qwen_like() -> transformers.PreTrainedTokenizerFast:
   """Byte-level BPE of the Qwen kind, 300 tokens; EOS (end of a turn) is `<|im_end|>`."""
   specials = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
   return _build(QWEN_SPLIT, specials, 300, CHATML_TEMPLATE, "<|im_end|>", "<|endoftext|>")
+
+
+def _plain_bpe(tokens: list[str], merges: list[tuple[str, str]]):
+  """A BPE over the characters of `tokens` with `merges` in rank order, no pre-tokenizer."""
+  tok = tokenizers.Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+  return transformers.PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+def ab_pair():
+  """A toy pair over the alphabet {a, b} for exact enumeration: the student has `a`, `b`,
+  `ab`; the teacher `a`, `b`, `bb`, `ba` (merged in that order, so its tokenisation of a text
+  never changes a finished span when more text follows)."""
+  student = _plain_bpe(["a", "b", "ab"], [("a", "b")])
+  teacher = _plain_bpe(["b", "a", "bb", "ba"], [("b", "b"), ("b", "a")])
+  return student, teacher

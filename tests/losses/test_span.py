@@ -1,0 +1,182 @@
+"""The sampled-token estimator across tokenizers (`losses.span`): its expected gradient by
+exact enumeration of every student sequence on a toy pair of tokenizers, and the identity
+with today's same-tokenizer kernel."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jdistill import losses
+from jdistill.data import alignment
+from jdistill.testing.tokenizers import ab_pair, qwen_like
+
+T = 3  # student tokens per sequence: every one of 3**3 sequences is enumerated
+TT = 2 * T  # the teacher's tokens of a sequence (each student token is at most 2 characters)
+rng = np.random.RandomState(0)
+THETA = rng.randn(4, 3).astype(np.float32)  # student bigram logits: row = previous token, 3 = BOS
+PHI = 2.0 * rng.randn(5, 4)  # teacher bigram logits over its own 4 tokens, 4 = BOS
+
+
+def log_softmax(x):
+  return x - np.logaddexp.reduce(x, axis=-1, keepdims=True)
+
+
+def student_logp(theta, ys):
+  """log q(x_t | x_{t-1}) of every token of ``ys [N, T]`` -> ``[N, T]`` (jax, differentiable)."""
+  prev = jnp.concatenate([jnp.full((ys.shape[0], 1), 3), ys[:, :-1]], axis=1)
+  return jnp.take_along_axis(jax.nn.log_softmax(theta)[prev], ys[..., None], axis=-1)[..., 0]
+
+
+@pytest.fixture(scope="module")
+def toy():
+  """Every student sequence, aligned with the teacher: ids, span ids, teacher log-probs."""
+  s_tok, t_tok = ab_pair()
+  student, teacher = alignment.Vocab.of(s_tok), alignment.Vocab.of(t_tok)
+  ys = np.asarray(list(itertools.product(range(3), repeat=T)), np.int32)
+  n = len(ys)
+  s_span = np.zeros((n, T), np.int32)
+  t_span = np.full((n, TT), -1, np.int32)
+  t_logp = np.zeros((n, TT), np.float32)
+  rows = []
+  teacher_table = log_softmax(PHI)
+  for r, y in enumerate(ys):
+    row = alignment.align_row(student, teacher, y)
+    rows.append(row)
+    prev = np.concatenate([[4], row.teacher_ids[:-1]])
+    m = len(row.teacher_ids)
+    t_logp[r, :m] = teacher_table[prev, row.teacher_ids]
+    t_span[r, :m] = row.teacher_span
+    s_span[r] = row.student_span
+  return dict(ys=ys, rows=rows, s_span=s_span, t_span=t_span, t_logp=t_logp)
+
+
+def expected_gradient(toy, **kw):
+  """E_{y~q}[Σ_t ∇l_t] through the real kernel: all sequences in one batch, each weighted by
+  q(y) through the mask ("constant" normalisation divides by the N·T entries)."""
+  ys = jnp.asarray(toy["ys"])
+  q_y = np.exp(np.asarray(student_logp(jnp.asarray(THETA), ys)).sum(1))
+  weights = jnp.asarray(np.repeat(q_y[:, None], T, 1), jnp.float32)
+
+  def loss(theta):
+    s = student_logp(theta, ys)
+    value, _ = losses.span_sampled_token_loss(
+      s,
+      jnp.asarray(toy["t_logp"]),
+      jnp.asarray(toy["s_span"]),
+      jnp.asarray(toy["t_span"]),
+      weights,
+      behaviour_logp=jax.lax.stop_gradient(s),  # on-policy: π = q, r = 1
+      normalize="constant",
+      **kw,
+    )
+    return value
+
+  return np.asarray(jax.jit(jax.grad(loss))(jnp.asarray(THETA)), np.float64) * ys.size
+
+
+def span_objective_gradient(toy):
+  """∇J, J = Σ_k E_{h~q}[KL(q(σ | h) ‖ p_T(σ | h))] with the history distribution held fixed,
+  summed over the distinct (history, span) pairs of the enumeration (docs/design.md)."""
+  pairs = {}  # (h, σ) -> log p_T(σ | h): the teacher's log-probs of the span's own tokens
+  for y, row, t_logp in zip(toy["ys"], toy["rows"], toy["t_logp"], strict=True):
+    for k in range(row.n_spans):
+      s_idx = np.flatnonzero(row.student_span == k)
+      key = (tuple(y[: s_idx[0]]), tuple(y[s_idx[0] : s_idx[-1] + 1]))
+      log_p = float(t_logp[np.flatnonzero(row.teacher_span == k)].sum())
+      # the toy's teacher never retokenises a finished span: the same pair, the same p
+      assert pairs.setdefault(key, log_p) == pytest.approx(log_p, abs=1e-6)
+
+  histories = sorted({h for h, _ in pairs})
+
+  def padded(seqs, first_prev):
+    """tokens, previous tokens and mask ``[P, T]`` of token tuples; the first token's previous
+    token is ``first_prev[i]``."""
+    x, prev, m = (np.zeros((len(seqs), T), np.int32) for _ in range(3))
+    for i, seq in enumerate(seqs):
+      x[i, : len(seq)] = seq
+      prev[i, : len(seq)] = (first_prev[i], *seq[:-1])
+      m[i, : len(seq)] = 1
+    return jnp.asarray(x), jnp.asarray(prev), jnp.asarray(m)
+
+  keys = list(pairs)
+  hist = padded([h for h, _ in keys], [3] * len(keys))
+  span = padded([sigma for _, sigma in keys], [h[-1] if h else 3 for h, _ in keys])
+  log_p = jnp.asarray([pairs[k] for k in keys])
+  which = jnp.asarray([histories.index(h) for h, _ in keys])
+
+  def logq(theta, x, prev, m):
+    return jnp.sum(m * jax.nn.log_softmax(theta)[prev, x], axis=1)
+
+  def j(theta):
+    log_h = jax.lax.stop_gradient(logq(theta, *hist))
+    log_sigma = logq(theta, *span)
+    total = jnp.sum(jnp.exp(log_h + log_sigma) * (log_sigma - log_p))
+    return total, jax.ops.segment_sum(jnp.exp(log_sigma), which, len(histories))
+
+  grad, per_history = jax.jit(jax.grad(j, has_aux=True))(jnp.asarray(THETA))
+  # the spans after each history are a complete set of alternatives: q(σ | h) sums to 1
+  np.testing.assert_allclose(per_history, 1.0, rtol=1e-5)
+  return np.asarray(grad, np.float64), pairs
+
+
+@pytest.mark.parametrize("kw", [{}, dict(clip_eps=0.2, icepop_c=2.0)])
+def test_span_estimator_is_the_per_span_reverse_kl_in_expectation(toy, kw):
+  want, pairs = span_objective_gradient(toy)
+  # a real cross-tokenizer toy: spans of two student tokens and spans of two teacher tokens
+  assert any(len(sigma) == 2 for _, sigma in pairs)
+  assert any(np.bincount(r.teacher_span).max() == 2 for r in toy["rows"])
+  np.testing.assert_allclose(expected_gradient(toy, **kw), want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_teacher_with_the_students_tokenizer_through_the_span_path_is_todays_loss():
+  """Same loss and gradients as `distill_loss`'s sampled-token path (ratio, clip, IcePop)."""
+  tok = qwen_like()
+  vocab = len(tok)
+  student, teacher = alignment.Vocab.of(tok), alignment.Vocab.of(tok)
+  b, t, d = 2, 8, 16
+  r = np.random.RandomState(1)
+  # a rollout that is not the canonical tokenisation of its text ("d", "e", "f" for "def")
+  ids = [student.byte_ids[ord(c)] for c in "def xyz!"]
+  targets = np.asarray([ids, ids[:5] + [0, 0, 0]], np.int32)
+  mask = np.asarray([[1] * 8, [1] * 5 + [0] * 3], np.float32)
+  aligned = alignment.align_batch(student, teacher, targets, mask, teacher_len=t)
+  np.testing.assert_array_equal(aligned["teacher_ids"], targets * mask)
+  sh = jnp.asarray(r.randn(b, t, d), jnp.float32)
+  su = jnp.asarray(r.randn(d, vocab) * 0.5, jnp.float32)
+  th = jnp.asarray(r.randn(b, t, d), jnp.float32)
+  tu = jnp.asarray(r.randn(d, vocab) * 0.5, jnp.float32)
+  su_logp = losses.token_logprobs(sh, su, jnp.asarray(targets), chunk_size=None)
+  behaviour = su_logp + jnp.asarray(r.uniform(-0.6, 0.6, (b, t)), jnp.float32)  # some clipped
+  settings = losses.LossSettings(loss="sampled_token", clip_eps=0.2, icepop_c=1.6, chunk_size=4)
+
+  def today(sh, su):
+    value, _ = losses.distill_loss(
+      sh, su, th, tu, jnp.asarray(targets), jnp.asarray(mask), settings, behaviour_logp=behaviour
+    )
+    return value
+
+  def across(sh, su):
+    s = losses.token_logprobs(sh, su, jnp.asarray(targets), chunk_size=None)
+    p = losses.token_logprobs(th, tu, jnp.asarray(aligned["teacher_ids"]), chunk_size=None)
+    value, aux = losses.span_sampled_token_loss(
+      s,
+      p,
+      jnp.asarray(aligned["student_span"]),
+      jnp.asarray(aligned["teacher_span"]),
+      jnp.asarray(mask),
+      behaviour_logp=behaviour,
+      clip_eps=0.2,
+      icepop_c=1.6,
+    )
+    return value, aux
+
+  (want, want_grads) = jax.jit(jax.value_and_grad(today, argnums=(0, 1)))(sh, su)
+  grad_fn = jax.jit(jax.value_and_grad(across, argnums=(0, 1), has_aux=True))
+  (got, aux), got_grads = grad_fn(sh, su)
+  np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+  for g, w in zip(got_grads, want_grads, strict=True):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-6)
+  assert 0 < float(aux["clip_fraction"]) and float(aux["icepop_masked"].sum()) > 0  # both bite

@@ -294,3 +294,24 @@ def align_batch(student: Vocab, teacher: Vocab, completions, mask, teacher_len: 
     out["single"][r, :keep_spans] = row.single[:keep_spans]
     out["dropped"][r] = n - ns
   return out
+
+
+def vocab_map(student: Vocab, teacher: Vocab) -> np.ndarray:
+  """The teacher id of each student id whose token is the same string -> ``[Vs]`` int32, -1
+  where the teacher has none. Special tokens match by equal text, and the student's EOS is
+  the teacher's EOS (as in :func:`align_row`). Built once per teacher."""
+  by_bytes = {}
+  for j, piece in enumerate(teacher.pieces):
+    if j not in teacher.special:
+      by_bytes.setdefault(piece, j)
+  by_text = {text: j for j, text in teacher.special.items()}
+  out = np.full(len(student.pieces), -1, np.int32)
+  for i, piece in enumerate(student.pieces):
+    if i in student.special:
+      j = by_text.get(student.special[i])
+      if j is None and i == student.eos and teacher.eos is not None:
+        j = teacher.eos
+      out[i] = -1 if j is None else j
+    else:
+      out[i] = by_bytes.get(piece, -1)
+  return out

@@ -78,7 +78,14 @@ from jdistill.losses.settings import (
   LossSettings,
   settings_for,
 )
-from jdistill.losses.span import span_k1, span_sampled_token_loss, span_sums
+from jdistill.losses.span import (
+  matched_reverse_kl,
+  span_dense_loss,
+  span_k1,
+  span_sampled_token_loss,
+  span_sampled_token_terms,
+  span_sums,
+)
 from jdistill.losses.support import (
   calibrated_overlap,
   overlap_gate,

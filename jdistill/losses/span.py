@@ -92,6 +92,36 @@ def span_sampled_token_loss(
     _check_same_shape("behaviour_logp", behaviour_logp, "student_logp", student_logp)
   if clip_eps is not None and behaviour_logp is None:
     raise ValueError("clip_eps requires behaviour_logp (the PPO clip is on r)")
+  per_token, aux = span_sampled_token_terms(
+    student_logp,
+    teacher_logp,
+    student_span,
+    teacher_span,
+    mask,
+    behaviour_logp,
+    clip_eps,
+    icepop_c,
+    kl_weight,
+  )
+  weight = mask.astype(jnp.float32) * (student_span >= 0)
+  loss = masked_mean(per_token, weight, normalize)
+  clipped = aux.pop("clipped")
+  return loss, dict(aux, clip_fraction=sg(masked_mean(clipped, weight, "token")))
+
+
+def span_sampled_token_terms(
+  student_logp,
+  teacher_logp,
+  student_span,
+  teacher_span,
+  mask,
+  behaviour_logp=None,
+  clip_eps=None,
+  icepop_c=None,
+  kl_weight=1.0,
+):
+  """Elementwise part of :func:`span_sampled_token_loss` -> ``(per_token_loss [B, T], aux)``;
+  aux holds ``clipped`` instead of the reduced ``clip_fraction``."""
   k1 = span_k1(student_logp, teacher_logp, student_span, teacher_span, mask)
   s = student_logp.astype(jnp.float32)
   # the per-token kernel's k1 = s − teacher, so this "teacher" makes its k1 the span's
@@ -99,8 +129,104 @@ def span_sampled_token_loss(
   per_token, aux = sampled_token_terms(
     s, as_teacher, behaviour_logp, None, clip_eps, icepop_c, kl_weight
   )
-  weight = mask.astype(jnp.float32) * (student_span >= 0)
+  aux["k1"] = k1
+  return per_token, aux
+
+
+# --------------------------------------------------------------------------
+# Dense across tokenizers: matched vocabularies with a tail bucket
+# --------------------------------------------------------------------------
+
+
+def matched_reverse_kl(student_logp, teacher_logp, vocab_map):
+  """Reverse KL over the matched part of two vocabularies plus one tail bucket -> ``[...]``.
+
+  ``student_logp [..., Vs]``, ``teacher_logp [..., Vt]`` log-probs; ``vocab_map [Vs]`` the
+  teacher id of each student id with the same string, -1 where none
+  (`data.alignment.vocab_map`). With M the matched student ids,
+
+    Σ_{v∈M} q(v) log(q(v) / p(m(v))) + q̄ log(q̄ / p̄),   q̄ = 1 − q(M), p̄ = 1 − p(m(M)),
+
+  the KL between the two distributions coarsened to the matched tokens and "anything else".
+  Teacher terms are stop-gradient'ed."""
+  vocab_map = jnp.asarray(vocab_map)
+  matched = vocab_map >= 0
+  s = student_logp.astype(jnp.float32)
+  t = sg(teacher_logp.astype(jnp.float32))
+  t_at = jnp.take(t, jnp.maximum(vocab_map, 0), axis=-1)  # [..., Vs]: p(m(v))
+  q = jnp.exp(s)
+  q_in = jnp.where(matched, q, 0.0)
+  body = jnp.sum(jnp.where(matched, q * (s - t_at), 0.0), axis=-1)
+  q_tail = jnp.clip(1.0 - jnp.sum(q_in, axis=-1), 0.0, 1.0)
+  p_tail = jnp.clip(1.0 - jnp.sum(jnp.where(matched, jnp.exp(t_at), 0.0), axis=-1), 0.0, 1.0)
+  tiny = jnp.finfo(jnp.float32).tiny
+  tail = jnp.where(
+    q_tail > 0,
+    q_tail * (jnp.log(jnp.maximum(q_tail, tiny)) - jnp.log(jnp.maximum(p_tail, tiny))),
+    0.0,
+  )
+  return body + tail
+
+
+def span_dense_loss(
+  student_logits,
+  teacher_logits,
+  targets,
+  teacher_targets,
+  student_span,
+  teacher_span,
+  single,
+  vocab_map,
+  mask,
+  *,
+  behaviour_logp=None,
+  clip_eps: float | None = None,
+  normalize: str = "token",
+  icepop_c: float | None = None,
+):
+  """Dense loss across tokenizers -> ``(loss scalar, aux)``.
+
+  ``student_logits [B, T, Vs]`` score ``targets [B, T]``; ``teacher_logits [B, Tt, Vt]``
+  score ``teacher_targets [B, Tt]``; ``student_span``, ``teacher_span`` and ``single [B, T]``
+  (per span id: one token on both sides with equal strings) from
+  `data.alignment.align_batch`; ``vocab_map [Vs]``; ``mask [B, T]``.
+
+  Student token t of span k: where ``single[k]``, ``l_t`` = :func:`matched_reverse_kl` of
+  the student's distribution at t and the teacher's at the span's one teacher token (the
+  full-vocab reverse KL on the matched vocabulary, the rest in a tail bucket); elsewhere the
+  span sampled-token term of :func:`span_sampled_token_terms`. Reduced with
+  :func:`masked_mean` over the tokens that have a span. aux: ``dense`` (the gate, per
+  token), ``dense_term``, ``sampled_term``, ``k1``, ``per_token_loss``.
+  """
+  _check_same_shape("targets", targets, "student_span", student_span)
+  _check_same_shape("teacher_targets", teacher_targets, "teacher_span", teacher_span)
+  _check_same_shape("targets", targets, "single", single)
+  s_logp = jax.nn.log_softmax(student_logits.astype(jnp.float32), axis=-1)
+  t_logp = jax.nn.log_softmax(sg(teacher_logits).astype(jnp.float32), axis=-1)
+  s_tok = jnp.take_along_axis(s_logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  t_tok = jnp.take_along_axis(t_logp, teacher_targets[..., None].astype(jnp.int32), axis=-1)
+  sampled, aux = span_sampled_token_terms(
+    s_tok, t_tok[..., 0], student_span, teacher_span, mask, behaviour_logp, clip_eps, icepop_c
+  )
+  has_span = student_span >= 0
+  span = jnp.maximum(student_span, 0)
+  gate = has_span & jnp.take_along_axis(single.astype(bool), span, axis=1)
+  # the teacher position of each span (its only token where the span is single)
+  n = targets.shape[1]
+  t_pos = jnp.arange(teacher_span.shape[1], dtype=jnp.int32)[None, :]
+  pos_of_span = span_sums(jnp.broadcast_to(t_pos, teacher_span.shape), teacher_span, n)
+  pos = jnp.take_along_axis(pos_of_span, span, axis=1).astype(jnp.int32)
+  pos = jnp.where(gate, pos, 0)  # elsewhere a sum of several positions, maybe out of range
+  t_at = jnp.take_along_axis(t_logp, pos[..., None], axis=1)  # [B, T, Vt]
+  dense = matched_reverse_kl(s_logp, t_at, vocab_map)
+  per_token = jnp.where(gate, dense, sampled)
+  weight = mask.astype(jnp.float32) * has_span
   loss = masked_mean(per_token, weight, normalize)
   clipped = aux.pop("clipped")
-  aux["k1"] = k1
-  return loss, dict(aux, clip_fraction=sg(masked_mean(clipped, weight, "token")))
+  aux.update(
+    dense=gate.astype(jnp.float32),
+    dense_term=sg(dense),
+    sampled_term=sg(sampled),
+    per_token_loss=sg(per_token),
+  )
+  return loss, dict(aux, clip_fraction=sg(masked_mean(clipped * (1 - gate), weight, "token")))

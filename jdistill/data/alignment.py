@@ -10,8 +10,10 @@ each side is the sum of its tokens' log-probabilities (`jdistill.losses.span`).
 
 Special tokens are segments of their own: the student's EOS becomes the teacher's EOS, a
 special token whose text the teacher also has as a special token becomes that token, and any
-other is a ValueError naming it. Bytes that are not valid UTF-8 (a byte-level student can
-sample a lone continuation byte) become the teacher's single-byte tokens.
+other is scored as its literal text (the teacher's plain tokens of it; a rollout never stops
+the run). Text is never read as the teacher's special tokens (`split_special_tokens`). Bytes
+that are not valid UTF-8 (a byte-level student can sample a lone continuation byte) become the
+teacher's single-byte tokens.
 
 A teacher whose vocabulary is the student's (same bytes per id) scores the student's own ids:
 no re-tokenisation, one span per token, which is today's same-tokenizer path exactly.
@@ -26,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import re
 
 import numpy as np
 
@@ -142,79 +145,77 @@ def _segments(student: Vocab, ids):
   return out
 
 
-def _map_special(student: Vocab, teacher: Vocab, i: int) -> int:
+def _map_special(student: Vocab, teacher: Vocab, i: int) -> int | None:
+  """The teacher's special token for the student's special token `i`: by equal text, or
+  EOS for EOS; None where it has none."""
   text = student.special[i]
   by_text = {t: j for j, t in teacher.special.items()}
   if text in by_text:
     return by_text[text]
   if i == student.eos and teacher.eos is not None:
     return teacher.eos
-  raise ValueError(
-    f"student special token {text!r} (id {i}) has no counterpart in the teacher's tokenizer "
-    "(only the student's EOS maps to the teacher's EOS, other specials by equal text)"
-  )
+  return None
+
+
+_ESCAPED = re.compile("([\udc80-\udcff])")  # an invalid byte under "surrogateescape"
 
 
 def _teacher_bytes_ids(teacher: Vocab, data: bytes) -> list[int]:
-  """The teacher's tokens of `data`: its own tokenisation of each valid UTF-8 stretch, its
-  single-byte tokens for the invalid bytes."""
-  ids, pos = [], 0
-  while pos < len(data):
-    try:
-      text = data[pos:].decode()
-      stop = len(data)
-    except UnicodeDecodeError as err:
-      text, stop = data[pos : pos + err.start].decode(), pos + err.start
-    if text:
-      ids += teacher.tokenizer.encode(text, add_special_tokens=False)
-    pos = stop
-    if pos < len(data):  # one invalid byte
-      b = data[pos]
+  """The teacher's tokens of `data`: its own tokenisation of each valid UTF-8 stretch (one
+  batched call), its single-byte tokens for the invalid bytes."""
+  pieces = [p for p in _ESCAPED.split(data.decode("utf-8", "surrogateescape")) if p]
+  texts = [p for p in pieces if not (len(p) == 1 and "\udc80" <= p <= "\udcff")]
+  encoded = iter(
+    teacher.tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    if texts
+    else []
+  )
+  ids = []
+  for piece in pieces:
+    if len(piece) == 1 and "\udc80" <= piece <= "\udcff":
+      b = ord(piece) - 0xDC00
       if b not in teacher.byte_ids:
         raise ValueError(f"byte 0x{b:02x} is not valid UTF-8 and the teacher has no token for it")
       ids.append(teacher.byte_ids[b])
-      pos += 1
+    else:
+      ids += next(encoded)
   return ids
 
 
 def _char_starts(data: bytes) -> np.ndarray:
-  """1 at every byte offset 0..len(data) where a character may start (not a continuation
-  byte of valid UTF-8); the end offset counts."""
-  arr = np.frombuffer(data, np.uint8)
-  starts = np.ones(len(data) + 1, bool)
-  starts[:-1] = (arr & 0xC0) != 0x80
-  # a continuation byte outside a valid character (invalid UTF-8) is a character of its own
-  try:
-    data.decode()
-  except UnicodeDecodeError:
-    pos = 0
-    while pos < len(data):
-      try:
-        data[pos:].decode()
-        break
-      except UnicodeDecodeError as err:
-        starts[pos + err.start] = True
-        pos += err.start + 1
+  """1 at every byte offset 0..len(data) where a character starts (an invalid byte is a
+  character of its own); the end offset counts."""
+  text = data.decode("utf-8", "surrogateescape")
+  widths = np.fromiter(
+    (len(c.encode("utf-8", "surrogateescape")) for c in text), np.int64, len(text)
+  )
+  starts = np.zeros(len(data) + 1, bool)
+  starts[np.concatenate([[0], np.cumsum(widths)])] = True
   return starts
 
 
-def align_row(student: Vocab, teacher: Vocab, completion_ids) -> RowAlignment:
-  """Aligns one row's completion (student ids, no padding) with the teacher's tokenisation."""
+def align_row(
+  student: Vocab, teacher: Vocab, completion_ids, same_vocab: bool | None = None
+) -> RowAlignment:
+  """Aligns one row's completion (student ids, no padding) with the teacher's tokenisation;
+  `same_vocab` (whether both have the same bytes per id) is computed when None."""
   ids = np.asarray(completion_ids, np.int64).reshape(-1)
   s_len = np.fromiter((len(student.pieces[i]) for i in ids), np.int64, len(ids))
-  if teacher.pieces == student.pieces:  # the same vocabulary scores the student's own ids
+  if same_vocab is None:
+    same_vocab = teacher.pieces == student.pieces
+  if same_vocab:  # the same vocabulary scores the student's own ids
     n = len(ids)
     offsets = np.concatenate([[0], np.cumsum(s_len)])
     span = np.arange(n)
     return RowAlignment(ids, span, span.copy(), np.ones(n, bool), offsets, offsets.copy())
   t_ids, t_len, data = [], [], []
   for kind, seg in _segments(student, ids):
-    if kind == "special":
+    if kind == "special" and _map_special(student, teacher, seg) is not None:
       t_ids.append(_map_special(student, teacher, seg))
       t_len.append(len(student.pieces[seg]))  # the teacher's special covers the student's
       data.append(student.pieces[seg])
-    else:
-      chunk = b"".join(student.pieces[i] for i in seg)
+    else:  # text, or a special token the teacher lacks: its literal text
+      chunk = b"".join(student.pieces[i] for i in ([seg] if kind == "special" else seg))
       seg_ids = _teacher_bytes_ids(teacher, chunk)
       lengths = [len(teacher.pieces[j]) for j in seg_ids]
       if sum(lengths) != len(chunk):
@@ -279,9 +280,10 @@ def align_batch(student: Vocab, teacher: Vocab, completions, mask, teacher_len: 
     single=np.zeros((b, t), bool),
     dropped=np.zeros((b,), np.int32),
   )
+  same = teacher.pieces == student.pieces
   for r in range(b):
     n = int(mask[r].sum())
-    row = align_row(student, teacher, completions[r, :n])
+    row = align_row(student, teacher, completions[r, :n], same)
     keep_spans = row.n_spans
     if len(row.teacher_ids) > teacher_len:  # keep only the spans that fit whole
       keep_spans = int(row.teacher_span[teacher_len])

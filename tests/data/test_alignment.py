@@ -69,9 +69,16 @@ def test_special_tokens_map_eos_to_eos_by_role_and_others_by_text(vocabs):
   )
   assert row.student_span[-1] == row.teacher_span[-1] == row.n_spans - 1
   assert not row.single[-1]  # one token each, but <|im_end|> is not <|eot_id|>
+  # a special token the teacher lacks is scored as its literal text, in a span of its own
   im_start = qwen_like().convert_tokens_to_ids("<|im_start|>")
-  with pytest.raises(ValueError, match="'<\\|im_start\\|>'.*no counterpart"):
-    alignment.align_row(student, teacher, [im_start] + ids)
+  row = alignment.align_row(student, teacher, [im_start] + ids)
+  literal = [teacher.pieces[i] for i in row.teacher_ids[row.teacher_span == 0]]
+  assert b"".join(literal) == b"<|im_start|>" and len(literal) > 1
+  assert (row.student_span == 0).sum() == 1 and row.n_spans == len(ids) + 1
+  # and text that spells a teacher special is not read as that special
+  spelled = list(qwen_like().encode("<|eot_id|>"))
+  row = alignment.align_row(student, teacher, spelled)
+  assert teacher.eos not in row.teacher_ids.tolist()
 
 
 def test_invalid_utf8_bytes_become_the_teachers_byte_tokens(vocabs):

@@ -244,3 +244,47 @@ def test_dense_across_tokenizers_matches_numpy_values_and_gradients():
   assert 0 < n_dense < count and float(aux["dense"].sum()) == n_dense  # both branches
   np.testing.assert_allclose(float(got), want / count, rtol=1e-5)
   np.testing.assert_allclose(np.asarray(grad), want_grad / count, rtol=2e-4, atol=1e-6)
+
+
+def test_dense_with_the_students_tokenizer_is_todays_full_vocab_reverse_kl():
+  """Every span single, every id matched, no tail: `distill_loss`'s reverse KL."""
+  tok = qwen_like()
+  vocab = alignment.Vocab.of(tok)
+  vmap = alignment.vocab_map(vocab, alignment.Vocab.of(tok))
+  np.testing.assert_array_equal(vmap, np.arange(len(tok)))
+  targets = np.asarray([tok.encode("ab cd!")[:4], tok.encode("x y")[:2] + [0, 0]], np.int32)
+  mask = np.asarray([[1, 1, 1, 1], [1, 1, 0, 0]], np.float32)
+  al = alignment.align_batch(vocab, vocab, targets, mask, teacher_len=4)
+  r = np.random.RandomState(3)
+  d = 8
+  sh, su = (
+    jnp.asarray(r.randn(2, 4, d), jnp.float32),
+    jnp.asarray(r.randn(d, len(tok)), jnp.float32),
+  )
+  th, tu = (
+    jnp.asarray(r.randn(2, 4, d), jnp.float32),
+    jnp.asarray(r.randn(d, len(tok)), jnp.float32),
+  )
+  settings = losses.LossSettings(loss="reverse_kl", chunk_size=None)
+
+  def today(sh):
+    return losses.distill_loss(sh, su, th, tu, jnp.asarray(targets), jnp.asarray(mask), settings)[0]
+
+  def across(sh):
+    value, _ = losses.span_dense_loss(
+      sh @ su,
+      th @ tu,
+      jnp.asarray(targets),
+      jnp.asarray(al["teacher_ids"]),
+      jnp.asarray(al["student_span"]),
+      jnp.asarray(al["teacher_span"]),
+      jnp.asarray(al["single"]),
+      jnp.asarray(vmap),
+      jnp.asarray(mask),
+    )
+    return value
+
+  want, want_grad = jax.jit(jax.value_and_grad(today))(sh)
+  got, got_grad = jax.jit(jax.value_and_grad(across))(sh)
+  np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(got_grad), np.asarray(want_grad), rtol=1e-4, atol=1e-6)

@@ -29,6 +29,7 @@ from jdistill.losses.estimators import sampled_token_terms
 from jdistill.losses.settings import NORMALIZE_MODES, _check_choice, _check_same_shape
 
 sg = jax.lax.stop_gradient
+RATIO_MODES = ("token", "span")
 
 
 def span_sums(values, span, n_spans: int):
@@ -69,6 +70,7 @@ def span_sampled_token_loss(
   normalize: str = "token",
   icepop_c: float | None = None,
   kl_weight: float = 1.0,
+  ratio: str = "token",
 ):
   """Sampled-token loss across tokenizers -> ``(loss scalar, aux)``.
 
@@ -81,8 +83,16 @@ def span_sampled_token_loss(
   exactly the per-token loss of :func:`sampled_token_terms` (``A_t = −kl_weight · k1_t``,
   ratio ``r_t = q(x_t)/π(x_t)``, the PPO clip on ``r_t``, IcePop), reduced with
   :func:`masked_mean` over the tokens that have a span. With one token per span on both sides
-  this is :func:`sampled_token_loss`. aux: per-token ``k1``, ``advantage``, ``ratio``,
-  ``icepop_masked``, ``per_token_loss``, and the scalar ``clip_fraction``.
+  this is :func:`sampled_token_loss`.
+
+  ``ratio``: "token" (default, today's ``r_t``) or "span", ``r_t = q(σ_k)/π(σ_k)`` the
+  ratio of the token's whole span (the clip and IcePop then act on it; the gradient flows
+  through token t's own factor). Off-policy only "span" keeps the expectation on the stated
+  objective (token t's ratio does not correct the other tokens of its span); on-policy
+  both are 1, and on one-token spans they are the same.
+
+  aux: per-token ``k1``, ``advantage``, ``ratio``, ``icepop_masked``, ``per_token_loss``,
+  and the scalar ``clip_fraction``.
   """
   _check_choice("normalize", normalize, NORMALIZE_MODES)
   _check_same_shape("student_logp", student_logp, "student_span", student_span)
@@ -102,6 +112,7 @@ def span_sampled_token_loss(
     clip_eps,
     icepop_c,
     kl_weight,
+    ratio,
   )
   weight = mask.astype(jnp.float32) * (student_span >= 0)
   loss = masked_mean(per_token, weight, normalize)
@@ -119,11 +130,23 @@ def span_sampled_token_terms(
   clip_eps=None,
   icepop_c=None,
   kl_weight=1.0,
+  ratio="token",
 ):
   """Elementwise part of :func:`span_sampled_token_loss` -> ``(per_token_loss [B, T], aux)``;
   aux holds ``clipped`` instead of the reduced ``clip_fraction``."""
+  _check_choice("ratio", ratio, RATIO_MODES)
   k1 = span_k1(student_logp, teacher_logp, student_span, teacher_span, mask)
   s = student_logp.astype(jnp.float32)
+  if ratio == "span" and behaviour_logp is not None:
+    # r_t = q(σ)/π(σ) of the whole span, differentiable through token t's own factor only:
+    # a "behaviour" that moves the rest of the span's log-ratio into token t's
+    log_r = sg(s) - sg(behaviour_logp.astype(jnp.float32))
+    valid = (student_span >= 0) & (mask != 0)
+    per_span = span_sums(
+      jnp.where(valid, log_r, 0.0), jnp.where(valid, student_span, -1), s.shape[1]
+    )
+    others = jnp.take_along_axis(per_span, jnp.maximum(student_span, 0), axis=1) - log_r
+    behaviour_logp = behaviour_logp.astype(jnp.float32) - jnp.where(valid, others, 0.0)
   # the per-token kernel's k1 = s − teacher, so this "teacher" makes its k1 the span's
   as_teacher = sg(s) - k1
   per_token, aux = sampled_token_terms(

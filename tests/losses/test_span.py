@@ -53,12 +53,14 @@ def toy():
   return dict(ys=ys, rows=rows, s_span=s_span, t_span=t_span, t_logp=t_logp)
 
 
-def expected_gradient(toy, **kw):
-  """E_{y~q}[Σ_t ∇l_t] through the real kernel: all sequences in one batch, each weighted by
-  q(y) through the mask ("constant" normalisation divides by the N·T entries)."""
+def expected_gradient(toy, temperature=1.0, **kw):
+  """E_{y~π}[Σ_t ∇l_t] through the real kernel: all sequences in one batch, each weighted by
+  π(y) through the mask ("constant" normalisation divides by the N·T entries); π is the
+  student at ``temperature`` (1: on-policy, π = q, r = 1)."""
   ys = jnp.asarray(toy["ys"])
-  q_y = np.exp(np.asarray(student_logp(jnp.asarray(THETA), ys)).sum(1))
-  weights = jnp.asarray(np.repeat(q_y[:, None], T, 1), jnp.float32)
+  log_pi = student_logp(jnp.asarray(THETA) / temperature, ys)
+  pi_y = np.exp(np.asarray(log_pi).sum(1))
+  weights = jnp.asarray(np.repeat(pi_y[:, None], T, 1), jnp.float32)
 
   def loss(theta):
     s = student_logp(theta, ys)
@@ -68,7 +70,7 @@ def expected_gradient(toy, **kw):
       jnp.asarray(toy["s_span"]),
       jnp.asarray(toy["t_span"]),
       weights,
-      behaviour_logp=jax.lax.stop_gradient(s),  # on-policy: π = q, r = 1
+      behaviour_logp=log_pi,
       normalize="constant",
       **kw,
     )
@@ -77,9 +79,10 @@ def expected_gradient(toy, **kw):
   return np.asarray(jax.jit(jax.grad(loss))(jnp.asarray(THETA)), np.float64) * ys.size
 
 
-def span_objective_gradient(toy):
-  """∇J, J = Σ_k E_{h~q}[KL(q(σ | h) ‖ p_T(σ | h))] with the history distribution held fixed,
-  summed over the distinct (history, span) pairs of the enumeration (docs/design.md)."""
+def span_objective_gradient(toy, temperature=1.0):
+  """∇J, J = Σ_k E_{h~π}[KL(q(σ | h) ‖ p_T(σ | h))] with the history distribution (π: the
+  student at ``temperature``) held fixed, summed over the distinct (history, span) pairs of
+  the enumeration (docs/design.md)."""
   pairs = {}  # (h, σ) -> log p_T(σ | h): the teacher's log-probs of the span's own tokens
   for y, row, t_logp in zip(toy["ys"], toy["rows"], toy["t_logp"], strict=True):
     for k in range(row.n_spans):
@@ -111,7 +114,7 @@ def span_objective_gradient(toy):
     return jnp.sum(m * jax.nn.log_softmax(theta)[prev, x], axis=1)
 
   def j(theta):
-    log_h = jax.lax.stop_gradient(logq(theta, *hist))
+    log_h = jax.lax.stop_gradient(logq(theta / temperature, *hist))
     log_sigma = logq(theta, *span)
     total = jnp.sum(jnp.exp(log_h + log_sigma) * (log_sigma - log_p))
     return total, jax.ops.segment_sum(jnp.exp(log_sigma), which, len(histories))
@@ -129,6 +132,19 @@ def test_span_estimator_is_the_per_span_reverse_kl_in_expectation(toy, kw):
   assert any(len(sigma) == 2 for _, sigma in pairs)
   assert any(np.bincount(r.teacher_span).max() == 2 for r in toy["rows"])
   np.testing.assert_allclose(expected_gradient(toy, **kw), want, rtol=1e-5, atol=1e-6)
+
+
+def test_off_policy_the_span_ratio_keeps_the_objective_and_the_token_ratio_does_not(toy):
+  """Under a tempered sampler π (histories from π, held fixed): with ratio="span"
+  (q(σ)/π(σ) of the token's whole span) the expectation is still ∇J; today's per-token ratio
+  corrects only token t's own factor, not the other tokens of its span, and misses ∇J by a
+  clear margin (the same-tokenizer estimator does not: test_estimators.py)."""
+  want, _ = span_objective_gradient(toy, temperature=0.7)
+  np.testing.assert_allclose(
+    expected_gradient(toy, temperature=0.7, ratio="span"), want, rtol=1e-5, atol=1e-6
+  )
+  token = expected_gradient(toy, temperature=0.7)
+  assert np.abs(token - want).max() > 0.05 * np.abs(want).max()
 
 
 def test_a_teacher_with_the_students_tokenizer_through_the_span_path_is_todays_loss():

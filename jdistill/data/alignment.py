@@ -257,6 +257,19 @@ def teacher_prompt_ids(teacher: Vocab, record, *, use_chat_template: bool) -> li
   return encode_full_prompt(record, teacher.tokenizer, use_chat_template=chat)
 
 
+def _fit(row: RowAlignment, room: int) -> tuple[int, int, int]:
+  """The spans of `row` whose teacher tokens fit whole in `room` -> (spans, teacher tokens,
+  student tokens) kept."""
+  keep = row.n_spans
+  if len(row.teacher_ids) > room:
+    keep = int(row.teacher_span[room])
+  return (
+    keep,
+    int(np.searchsorted(row.teacher_span, keep)),
+    int(np.searchsorted(row.student_span, keep)),
+  )
+
+
 def align_batch(student: Vocab, teacher: Vocab, completions, mask, teacher_len: int) -> dict:
   """Aligns a batch of completions, padded to static shapes.
 
@@ -284,11 +297,7 @@ def align_batch(student: Vocab, teacher: Vocab, completions, mask, teacher_len: 
   for r in range(b):
     n = int(mask[r].sum())
     row = align_row(student, teacher, completions[r, :n], same)
-    keep_spans = row.n_spans
-    if len(row.teacher_ids) > teacher_len:  # keep only the spans that fit whole
-      keep_spans = int(row.teacher_span[teacher_len])
-    nt = int(np.searchsorted(row.teacher_span, keep_spans))
-    ns = int(np.searchsorted(row.student_span, keep_spans))
+    keep_spans, nt, ns = _fit(row, teacher_len)
     out["teacher_ids"][r, :nt] = row.teacher_ids[:nt]
     out["teacher_mask"][r, :nt] = 1
     out["teacher_span"][r, :nt] = row.teacher_span[:nt]
@@ -316,4 +325,66 @@ def vocab_map(student: Vocab, teacher: Vocab) -> np.ndarray:
       out[i] = -1 if j is None else j
     else:
       out[i] = by_bytes.get(piece, -1)
+  return out
+
+
+def teacher_rollouts(
+  student: Vocab,
+  teacher: Vocab,
+  records,
+  tokens,
+  prompt_lengths,
+  completion_lengths,
+  teacher_len: int,
+  *,
+  use_chat_template: bool = True,
+) -> dict:
+  """The teacher's side of a batch of rollouts, in the trainer's right-padded layout.
+
+  Args:
+    records: the `B` prompt records (`prompt` or `messages`), rendered for the teacher by
+      :func:`teacher_prompt_ids`.
+    tokens: `[B, L]` the student's rollouts (prompt, completion, pad), `prompt_lengths` and
+      `completion_lengths` `[B]`, as `sampling.layout.Rollouts` holds them.
+    teacher_len: `Lt`, the teacher's sequence width (static).
+
+  Returns NumPy arrays: `tokens [B, Lt]` (the teacher's prompt, its tokens of the
+  completion, then the teacher's pad id, 0 if it has none), `prompt_lengths` and
+  `completion_lengths [B]` (the teacher's), `completion_mask [B, Lt]`, `teacher_span [B, Lt]` and
+  `student_span [B, L]` (span ids < L at the completion's positions, -1 elsewhere and on the
+  spans that do not fit), `single [B, L]` (per span id) and `dropped [B]` (student tokens left
+  without a span). A teacher prompt longer than `teacher_len` is a ValueError.
+  """
+  tokens = np.asarray(tokens)
+  b, width = tokens.shape
+  pad = getattr(teacher.tokenizer, "pad_token_id", None) or 0
+  out = dict(
+    tokens=np.full((b, teacher_len), pad, np.int32),
+    prompt_lengths=np.zeros((b,), np.int32),
+    completion_lengths=np.zeros((b,), np.int32),
+    completion_mask=np.zeros((b, teacher_len), np.float32),
+    teacher_span=np.full((b, teacher_len), -1, np.int32),
+    student_span=np.full((b, width), -1, np.int32),
+    single=np.zeros((b, width), bool),
+    dropped=np.zeros((b,), np.int32),
+  )
+  same = teacher.pieces == student.pieces
+  for r in range(b):
+    p, n = int(prompt_lengths[r]), int(completion_lengths[r])
+    prompt = teacher_prompt_ids(teacher, records[r], use_chat_template=use_chat_template)
+    if len(prompt) >= teacher_len:
+      raise ValueError(
+        f"teacher_len={teacher_len}: row {r}'s teacher prompt alone is {len(prompt)} tokens"
+      )
+    row = align_row(student, teacher, tokens[r, p : p + n], same)
+    keep, nt, ns = _fit(row, teacher_len - len(prompt))
+    tp = len(prompt)
+    out["tokens"][r, :tp] = prompt
+    out["tokens"][r, tp : tp + nt] = row.teacher_ids[:nt]
+    out["completion_mask"][r, tp : tp + nt] = 1
+    out["prompt_lengths"][r], out["completion_lengths"][r] = tp, nt
+    out["teacher_span"][r, tp : tp + nt] = row.teacher_span[:nt]
+    out["student_span"][r, p : p + ns] = row.student_span[:ns]
+    out["single"][r, :keep] = row.single[:keep]
+    out["dropped"][r] = n - ns
   return out

@@ -131,3 +131,48 @@ def test_batch_is_padded_to_static_shapes_and_cuts_whole_spans(vocabs):
   assert (out["student_span"][0, 7:] == -1).all() and out["dropped"][0] == 6
   np.testing.assert_array_equal(out["student_span"][1], [0] + [-1] * 15)
   assert out["teacher_mask"].sum(1).tolist() == [6, 1] and out["dropped"][1] == 0
+
+
+def test_teacher_rollouts_put_the_teachers_prompt_and_completion_in_the_trainers_layout(vocabs):
+  from jdistill.data.prompts import encode_full_prompt
+
+  student, teacher = vocabs
+  records = [{"prompt": "hi"}, {"messages": [{"role": "user", "content": "ok?"}]}]
+  completions = [qwen_like().encode("Grüße!") + [student.eos], qwen_like().encode("no")]
+  width = 40
+  tokens = np.zeros((2, width), np.int32)
+  prompt_lengths, completion_lengths = [], []
+  for r, (record, completion) in enumerate(zip(records, completions, strict=True)):
+    prompt = encode_full_prompt(record, qwen_like(), use_chat_template=True)
+    tokens[r, : len(prompt) + len(completion)] = prompt + completion
+    prompt_lengths.append(len(prompt))
+    completion_lengths.append(len(completion))
+  out = alignment.teacher_rollouts(
+    student, teacher, records, tokens, prompt_lengths, completion_lengths, teacher_len=32
+  )
+  assert out["tokens"].shape == out["teacher_span"].shape == (2, 32)
+  assert out["student_span"].shape == (2, width)
+  header = "<|start_header_id|>{}<|end_header_id|>\n\n"
+  want = "<|begin_of_text|>" + header.format("user") + "hi<|eot_id|>" + header.format("assistant")
+  tp, tn = out["prompt_lengths"][0], out["completion_lengths"][0]
+  assert llama3_like().decode(out["tokens"][0, : tp + tn]) == want + "Grüße!<|eot_id|>"
+  assert (out["tokens"][0, tp + tn :] == llama3_like().pad_token_id).all()
+  completion = out["completion_mask"][0] > 0
+  assert llama3_like().decode(out["tokens"][0][completion]) == "Grüße!<|eot_id|>"
+  # the spans sit at the completion's positions on both sides and cover the same text
+  p, n = prompt_lengths[0], completion_lengths[0]
+  assert (out["student_span"][0, :p] == -1).all() and (out["student_span"][0, p + n :] == -1).all()
+  s_texts = span_texts(student, tokens[0, p : p + n], out["student_span"][0, p : p + n])
+  t_texts = span_texts(teacher, out["tokens"][0][completion], out["teacher_span"][0][completion])
+  assert s_texts[:-1] == t_texts[:-1] and b"".join(s_texts[:-1]) == "Grüße!".encode()
+  tp, tn = out["prompt_lengths"][1], out["completion_lengths"][1]
+  assert (
+    llama3_like()
+    .decode(out["tokens"][1, : tp + tn])
+    .endswith("ok?<|eot_id|>" + header.format("assistant") + "no")
+  )
+  assert out["dropped"].tolist() == [0, 0]
+  with pytest.raises(ValueError, match="teacher_len=8"):
+    alignment.teacher_rollouts(
+      student, teacher, records, tokens, prompt_lengths, completion_lengths, teacher_len=8
+    )

@@ -5,6 +5,9 @@ teacher's tokenisation (360 tokens), both from `jdistill.testing.tokenizers`: te
 and random non-special ids (invalid UTF-8 and all), against the baseline measured in the
 same process, the teacher's own `encode` of the same text (the part no alignment avoids).
 
+Also the loss kernels on the aligned arrays: `span_sampled_token_loss` fwd+bwd against
+`sampled_token_loss` on the same `[B, T]` log-probs (jitted, same process).
+
   python bench/alignment.py [--rows 64] [--repeats 5]
 """
 
@@ -81,6 +84,38 @@ def main():
       f"({align / encode:.1f}x); {spans:.0f} spans/row; prefix-unstable span ends "
       f"{100 * unstable:.1f}%"
     )
+    same, across = kernel_ratio(out, args.rows, args.tokens, args.repeats)
+    print(
+      f"  loss fwd+bwd on [{args.rows}, {args.tokens}]: same-tokenizer {same:.2f} ms, "
+      f"span {across:.2f} ms ({across / same:.1f}x)"
+    )
+
+
+def kernel_ratio(out, rows, tokens, repeats):
+  import jax
+  import jax.numpy as jnp
+
+  from jdistill import losses
+
+  rng = np.random.RandomState(1)
+  s = jnp.asarray(-rng.rand(rows, tokens), jnp.float32)
+  behaviour = s + 0.1
+  t_len = out["teacher_span"].shape[1]
+  teacher = jnp.asarray(-rng.rand(rows, t_len), jnp.float32)
+  mask = jnp.ones((rows, tokens), jnp.float32)
+  spans = jnp.asarray(out["student_span"]), jnp.asarray(out["teacher_span"])
+
+  def same(x):
+    return losses.sampled_token_loss(x, teacher[:, :tokens], mask, behaviour_logp=behaviour)[0]
+
+  def across(x):
+    return losses.span_sampled_token_loss(x, teacher, *spans, mask, behaviour_logp=behaviour)[0]
+
+  def run(f):
+    g = jax.jit(jax.grad(f))
+    return median_ms(lambda: jax.block_until_ready(g(s)), repeats)
+
+  return run(same), run(across)
 
 
 if __name__ == "__main__":

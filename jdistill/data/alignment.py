@@ -59,14 +59,22 @@ def _is_byte_level(tokenizer) -> bool:
   return decoder.get("type") == "ByteLevel"
 
 
-def vocab_bytes(tokenizer) -> list[bytes]:
-  """The UTF-8 bytes of every token id of `tokenizer` (`len(tokenizer)` entries): read off the
-  byte-level alphabet for a byte-level BPE, a special token's own text, else `decode([id])`."""
-  n = len(tokenizer)
+def _special_tokens(tokenizer) -> dict[int, str]:
+  """id -> text of the tokenizer's special tokens (its named ones and the added specials)."""
   special = {i: tokenizer.convert_ids_to_tokens(i) for i in tokenizer.all_special_ids}
   for tok in getattr(tokenizer, "added_tokens_decoder", {}).values():
     if tok.special:
       special[tokenizer.convert_tokens_to_ids(tok.content)] = tok.content
+  return special
+
+
+def vocab_bytes(tokenizer) -> list[bytes]:
+  """The UTF-8 bytes of every token id of `tokenizer` (`len(tokenizer)` entries): read off the
+  byte-level alphabet for a byte-level BPE, a special token's own text, else `decode([id])`
+  (right for tokenizers whose tokens decode alone to their text; a SentencePiece "▁" space is
+  not, and its rows then fail the byte check of :func:`align_row`)."""
+  n = len(tokenizer)
+  special = _special_tokens(tokenizer)
   if _is_byte_level(tokenizer):
     table = _byte_decoder()
     pieces = tokenizer.convert_ids_to_tokens(list(range(n)))
@@ -97,10 +105,7 @@ class Vocab:
   @classmethod
   def of(cls, tokenizer) -> Vocab:
     pieces = tuple(vocab_bytes(tokenizer))
-    special = {i: pieces[i].decode() for i in tokenizer.all_special_ids}
-    for tok in getattr(tokenizer, "added_tokens_decoder", {}).values():
-      if tok.special:
-        special[tokenizer.convert_tokens_to_ids(tok.content)] = tok.content
+    special = _special_tokens(tokenizer)
     byte_ids = {}
     for i, p in enumerate(pieces):
       if len(p) == 1 and i not in special:
@@ -129,7 +134,7 @@ class RowAlignment:
 
 
 def _segments(student: Vocab, ids):
-  """The completion cut into ("special", id) and ("bytes", bytes) segments."""
+  """The completion cut into ("special", id) and ("bytes", [ids]) segments."""
   out, run = [], []
   for i in ids:
     i = int(i)
@@ -210,8 +215,9 @@ def align_row(
     return RowAlignment(ids, span, span.copy(), np.ones(n, bool), offsets, offsets.copy())
   t_ids, t_len, data = [], [], []
   for kind, seg in _segments(student, ids):
-    if kind == "special" and _map_special(student, teacher, seg) is not None:
-      t_ids.append(_map_special(student, teacher, seg))
+    mapped = _map_special(student, teacher, seg) if kind == "special" else None
+    if mapped is not None:
+      t_ids.append(mapped)
       t_len.append(len(student.pieces[seg]))  # the teacher's special covers the student's
       data.append(student.pieces[seg])
     else:  # text, or a special token the teacher lacks: its literal text
@@ -232,7 +238,7 @@ def align_row(
   common = np.intersect1d(s_off[1:], t_off[1:])
   common = common[_char_starts(data)[common]]
   if len(common) and common[-1] != len(data):
-    raise AssertionError("the end of the completion is a boundary on both sides")
+    raise AssertionError("the completion's end must be a boundary on both sides")
   s_span = np.searchsorted(common, s_off[1:])
   t_span = np.searchsorted(common, t_off[1:])
   n = len(common)

@@ -26,7 +26,7 @@ Every public name is re-exported here (``losses.X``); private helpers live in th
 * :mod:`~jdistill.losses.estimators`: the sampled-token and overlap-aware estimators,
   IcePop, group and combined advantages, k3.
 * :mod:`~jdistill.losses.span`: the sampled-token estimator across tokenizers (one advantage
-  per aligned span).
+  per aligned span) and the dense loss on spans of one equal token per side.
 * :mod:`~jdistill.losses.support`: support-overlap diagnostics, the teacher nucleus, the
   calibrated overlap and the overlap-aware gate.
 * :mod:`~jdistill.losses.chunking`: logits chunk by chunk over T (memory), token log-probs

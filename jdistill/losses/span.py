@@ -8,8 +8,8 @@ text. Per span k, with ``h_k`` the text before it:
 
 is the advantage of every student token of the span, with the sampled-token estimator's
 importance ratio, PPO clip and IcePop (`estimators.sampled_token_terms`, which this reuses).
-Its expected gradient, on-policy, is that of the per-span reverse KL with the history
-distribution held fixed,
+Its expected gradient, on-policy (or off-policy with ``ratio="span"``, the whole span's
+q/π), is that of the per-span reverse KL with the history distribution held fixed,
 
   J(θ) = Σ_k E_{h_k ~ q} [ Σ_σ q_θ(σ | h_k) (log q_θ(σ | h_k) − log p_T(σ | h_k)) ],
 
@@ -17,6 +17,9 @@ the span analogue of the per-position reverse KL of `sampled_token` (a span of o
 both sides is that term exactly). It holds when a span's extent and its teacher tokens are
 fixed by the text up to its end (the teacher's tokenisation does not change a finished span
 when more text follows); docs/design.md#sampled-token-across-tokenizers says what else.
+
+The dense loss across tokenizers (:func:`span_dense_loss`) puts the reverse KL over the
+matched vocabularies (:func:`matched_reverse_kl`) on the spans of one equal token per side.
 """
 
 from __future__ import annotations

@@ -25,6 +25,8 @@ Every public name is re-exported here (``losses.X``); private helpers live in th
   means and token weights.
 * :mod:`~jdistill.losses.estimators`: the sampled-token and overlap-aware estimators,
   IcePop, group and combined advantages, k3.
+* :mod:`~jdistill.losses.span`: the sampled-token estimator across tokenizers (one advantage
+  per aligned span) and the dense loss on spans of one equal token per side.
 * :mod:`~jdistill.losses.support`: support-overlap diagnostics, the teacher nucleus, the
   calibrated overlap and the overlap-aware gate.
 * :mod:`~jdistill.losses.chunking`: logits chunk by chunk over T (memory), token log-probs
@@ -75,6 +77,14 @@ from jdistill.losses.settings import (
   TOPK_TAILS,
   LossSettings,
   settings_for,
+)
+from jdistill.losses.span import (
+  matched_reverse_kl,
+  span_dense_loss,
+  span_k1,
+  span_sampled_token_loss,
+  span_sampled_token_terms,
+  span_sums,
 )
 from jdistill.losses.support import (
   calibrated_overlap,

@@ -268,3 +268,150 @@ def test_a_torn_last_metrics_line_is_cut_on_resume(tmp_path):
   assert [r["step"] for r in run_log.read_records(str(path))] == [1, 2]
   run_log.truncate(str(tmp_path), 2)
   assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
+
+
+class _EchoSampler:
+  """Stands in for the sampler: each row's completion is its prompt reversed."""
+
+  def data_parallel_size(self):
+    return 1
+
+  def generate(self, params, rows, key, sampling):
+    n, width = len(rows), 2 * max(map(len, rows))
+    tokens = np.zeros((n, width), np.int32)
+    for i, row in enumerate(rows):
+      tokens[i, : 2 * len(row)] = list(row) + list(row)[::-1]
+    lengths = np.asarray([len(r) for r in rows], np.int32)
+    return SimpleNamespace(tokens=tokens, prompt_lengths=lengths, completion_lengths=lengths)
+
+
+def _generator(out_dir):
+  """A `generate.Generator` on 5 prompts, 2 per batch, 2 samples each, with `_EchoSampler`."""
+  from jdistill.stages import generate
+  from jdistill.testing.chars import CharTokenizer
+
+  g = generate.Generator.__new__(generate.Generator)
+  g.config = SimpleNamespace(
+    seed=0,
+    generate=SimpleNamespace(samples_per_prompt=2, prompts_per_batch=2, keep="all"),
+    sampling=SimpleNamespace(temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=4),
+    data=SimpleNamespace(use_chat_template=False, max_prompt_len=16),
+  )
+
+  class Chars(CharTokenizer):
+    def decode(self, ids, skip_special_tokens=False):
+      return super().decode(ids)
+
+  g.tokenizer, g.sampler, g.params, g.model_name = Chars(), _EchoSampler(), None, "echo"
+  g.environment = g.scorer = g.sampling = None
+  g.records = [{"domain": "d", "prompt": f"q{k}", "where": f"p.jsonl:{k + 1}"} for k in range(5)]
+  stem = os.path.join(str(out_dir), "part-00000-of-00001")
+  g.out_path, g.progress_path = stem + ".jsonl", stem + ".progress.json"
+  return g
+
+
+@pytest.mark.parametrize("code,meaning", FAULTS)
+def test_a_generation_part_on_a_full_or_readonly_disk(
+  tmp_path, monkeypatch, capfd, caplog, code, meaning
+):
+  """The second batch's append fails (half of it written: ENOSPC; or the part cannot be
+  opened: EACCES): one line naming the part; the first batch stays committed; the rerun writes
+  the file an uninterrupted run writes, byte for byte."""
+  from jdistill.stages import generate
+
+  straight = _generator(tmp_path / "straight")
+  os.makedirs(tmp_path / "straight")
+  straight.run()
+  want = open(straight.out_path, "rb").read()
+
+  os.makedirs(tmp_path / "run")
+  g = _generator(tmp_path / "run")
+  appends = {"n": 0}
+
+  def failing_open(file, mode="r", *args, **kwargs):
+    if mode != "a":
+      return open(file, mode, *args, **kwargs)
+    appends["n"] += 1
+    if appends["n"] < 2:
+      return open(file, mode, *args, **kwargs)
+    if code == errno.EACCES:
+      raise _fault(code, str(file))
+    f = open(file, mode, *args, **kwargs)
+    f.writelines = lambda lines: (f.write("".join(lines)[:40]), f.flush(), _raise(code))
+    return f
+
+  monkeypatch.setattr(generate, "open", failing_open, raising=False)
+  status, _ = _cli(monkeypatch, g.run)
+  monkeypatch.undo()
+  err = _no_traceback(capfd, caplog)
+  lines = [line for line in err.splitlines() if line.startswith("jdistill:")]
+  assert status == 74 and len(lines) == 1 and f"cannot write {g.out_path}: " in lines[0], err
+  assert meaning in lines[0]
+  committed = json.load(open(g.progress_path))
+  assert committed["next"] == 2 and want.startswith(
+    open(g.out_path, "rb").read()[: committed["bytes"]]
+  )
+
+  _generator(tmp_path / "run").run()
+  assert open(g.out_path, "rb").read() == want
+
+
+def _raise(code):
+  raise _fault(code, None)
+
+
+@pytest.mark.parametrize("code,meaning", FAULTS)
+def test_an_export_on_a_full_or_readonly_disk(tmp_path, monkeypatch, capfd, caplog, code, meaning):
+  """A second export fails (a safetensors file half written: ENOSPC; the new folder cannot be
+  renamed into place: EACCES): one line naming the path; the first export is intact and no
+  temporary folder is left; the rerun writes what a clean export writes."""
+  from flax import nnx
+
+  from jdistill.models import ModelConfig, Transformer, hf
+
+  cfg = ModelConfig(
+    vocab_size=50, hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2,
+    num_kv_heads=1, head_dim=8,
+  )  # fmt: skip
+  # eval_shape and host values: initialising the model eagerly compiles for seconds
+  graphdef, shapes = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s.shape, s.dtype)), shapes)
+  stage = SimpleNamespace(graphdef=graphdef, params=params, tokenizer=None)
+  out = tmp_path / "hf"
+  TrainingStage.export(stage, str(out))
+  first = {name: (out / name).read_bytes() for name in os.listdir(out)}
+  stage.params = jax.tree.map(lambda x: jnp.asarray(np.asarray(x) + 1), params)
+
+  save_file, rename = hf.save_file, os.rename
+  if code == errno.ENOSPC:
+
+    def failing_save(tensors, path, **kwargs):
+      save_file(tensors, path, **kwargs)
+      with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+      raise _fault(code, path)
+
+    monkeypatch.setattr(hf, "save_file", failing_save)
+  else:
+
+    def failing_rename(src, dst, *args, **kwargs):
+      if os.path.abspath(dst) == str(out) and ".writing-" in str(src):
+        raise _fault(code, str(dst))
+      return rename(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "rename", failing_rename)
+  status, _ = _cli(monkeypatch, lambda: TrainingStage.export(stage, str(out)))
+  monkeypatch.undo()
+  err = _no_traceback(capfd, caplog)
+  lines = [line for line in err.splitlines() if line.startswith("jdistill:")]
+  assert status == 74 and len(lines) == 1 and meaning in lines[0], err
+  assert f"cannot write {tmp_path}{os.sep}hf" in lines[0]
+  assert sorted(os.listdir(tmp_path)) == ["hf"]  # no temporary folder left
+  assert {name: (out / name).read_bytes() for name in os.listdir(out)} == first
+
+  TrainingStage.export(stage, str(out))
+  TrainingStage.export(stage, str(tmp_path / "clean"))
+  for name in os.listdir(tmp_path / "clean"):
+    assert (out / name).read_bytes() == (tmp_path / "clean" / name).read_bytes()
+  assert (out / "model.safetensors").read_bytes() != first["model.safetensors"]

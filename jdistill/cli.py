@@ -15,8 +15,10 @@ The tools keep their own flags (`jdistill <tool> --help`).
 
 from __future__ import annotations
 
+import errno
 import importlib
 import logging
+import os
 import sys
 
 STAGE_COMMANDS = {
@@ -82,21 +84,22 @@ def run_config(config, command: str) -> None:
   except loop_lib.Stopped as e:
     print(f"jdistill: {e}", file=sys.stderr, flush=True)
     sys.exit(e.code)
-  except OSError as e:  # a writer that did not name its path still gets one line
+  except WriteFailed as e:
+    stop_on_disk_error(str(e))
+  except OSError as e:  # a disk error that no writer wrapped (it may be a read) is one line too
     if not is_disk_error(e):
       raise
-    stop_on_disk_error(WriteFailed(str(e.filename or "a file"), e.errno))
-  except WriteFailed as e:
-    stop_on_disk_error(e)
+    name = errno.errorcode.get(e.errno, str(e.errno))
+    stop_on_disk_error(f"{e.filename or 'a file'}: {os.strerror(e.errno)} ({name})")
 
 
 DISK_ERROR_STATUS = 74  # EX_IOERR (sysexits.h)
 
 
-def stop_on_disk_error(e: Exception) -> None:
+def stop_on_disk_error(what: str) -> None:
   """Exits with one line for a full or unwritable disk (`io.WriteFailed`)."""
   print(
-    f"jdistill: {e}; committed checkpoints and finished files are intact: free space or fix "
+    f"jdistill: {what}; committed checkpoints and finished files are intact: free space or fix "
     "the permissions, then run the same command again to resume",
     file=sys.stderr,
     flush=True,

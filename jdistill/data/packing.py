@@ -5,7 +5,7 @@ prompt fields as in `jdistill.data.prompts`). Its tokens are the prompt rendered
 will see it at sampling time (chat template with the generation prompt) followed by the
 completion and the end-of-sequence token; only the completion and that token carry loss.
 The prompt's and the completion's text equal to a special token (`<|im_end|>`) stays text
-(`jdistill.data.tokenizer.encode_text`).
+(`jdistill.data.user_text.encode_text`).
 
 A multi-turn record has `"turns": [{"origin": "model" or "environment", "text": str}, ...]`
 in place of the completion (an episode, `jdistill.sampling.episodes`): each turn's text is
@@ -28,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 
 from jdistill.data import prompts as data_lib
-from jdistill.data.tokenizer import encode_text
+from jdistill.data.user_text import encode_text
 
 ORIGINS = ("model", "environment")
 

@@ -24,7 +24,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from jdistill.data.tokenizer import encode_text, holds_special_text, special_texts
+from jdistill.data.user_text import encode_text, holds_special_text, special_texts
 
 OVERLONG_MODES = ("truncate_left", "drop", "error")
 

@@ -4,11 +4,6 @@ Nothing here touches the network: ``load_tokenizer`` reads a directory written b
 ``save_pretrained`` (``tokenizer.json`` / ``tokenizer_config.json`` …) and
 ``train_tiny_tokenizer`` builds such a directory from a few texts, so tests and
 the CPU demo have real tokenizer artifacts without a hub.
-
-User text (a prompt, a message's content, an SFT completion) is encoded with ``encode_text``:
-a substring equal to a special token's text (``<|im_end|>``, ``<eos>``) stays text, split into
-ordinary tokens, so a prompt cannot close its own turn or end the sequence. Only the chat
-template's own markup becomes special tokens (``jdistill.data.prompts.encode_full_prompt``).
 """
 
 from __future__ import annotations
@@ -32,30 +27,6 @@ CHATML_TEMPLATE = (
   "{% endfor %}"
   "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-
-
-def special_texts(tokenizer) -> tuple[str, ...]:
-  """The texts of `tokenizer`'s special tokens (none for a tokenizer that has no such list)."""
-  return tuple(t for t in getattr(tokenizer, "all_special_tokens", ()) or () if t)
-
-
-def holds_special_text(tokenizer, text: str) -> bool:
-  """Whether `text` contains the text of one of `tokenizer`'s special tokens."""
-  return any(t in text for t in special_texts(tokenizer))
-
-
-def encode_text(tokenizer, text: str, *, add_special_tokens: bool = False) -> list[int]:
-  """Token ids of user text, in which the text of a special token stays text (ordinary tokens).
-
-  `add_special_tokens`: the tokenizer's own additions (e.g. a BOS its post-processor puts
-  first), which are not read from the text. Text holding no special token's text is encoded
-  exactly as `tokenizer.encode` does."""
-  if not holds_special_text(tokenizer, text):
-    return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
-  return list(
-    tokenizer.encode(text, add_special_tokens=add_special_tokens, split_special_tokens=True)
-  )
-
 
 # Files of which at least one must exist for a directory to hold a tokenizer.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")

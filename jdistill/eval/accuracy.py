@@ -210,7 +210,8 @@ def model_accuracy(model_dir: str, records: list[dict], **kw) -> dict[str, dict[
   `environment=` and `episode=`, `episode_accuracy`."""
   from flax import nnx
 
-  from jdistill.data.tokenizer import encode_text, load_tokenizer
+  from jdistill.data.tokenizer import load_tokenizer
+  from jdistill.data.user_text import encode_text
   from jdistill.runtime import build
   from jdistill.runtime import sharding as shd
 

@@ -23,14 +23,14 @@ def read_records(path: str) -> list[dict]:
   if not os.path.exists(path):
     return []
   with open(path) as f:
-    lines = [line for line in f if line.strip()]
+    lines = [(n, line) for n, line in enumerate(f, start=1) if line.strip()]
   records = []
-  for k, line in enumerate(lines):
+  for k, (n, line) in enumerate(lines):
     try:
       records.append(json.loads(line))
     except json.JSONDecodeError:
       if k < len(lines) - 1 or line.endswith("\n"):
-        raise ValueError(f"{path}:{k + 1}: not a metrics record") from None
+        raise ValueError(f"{path}:{n}: not a metrics record") from None
       # a torn last line: an append cut short by a crash; the step is logged again on resume
   return records
 

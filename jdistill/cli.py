@@ -8,13 +8,17 @@ A stage command (`STAGE_COMMANDS`) reads a config file and its `--config.*` over
 runs that stage (the command sets `config.stage`); `train` runs whatever the config names,
 as `python -m jdistill.train` always did. Exit status: 0 done, 1 bad config or input (one
 line naming the field or `file:line`, before anything compiles), 128 + N stopped by signal
-N after a checkpoint. The tools keep their own flags (`jdistill <tool> --help`).
+N after a checkpoint, 74 (EX_IOERR) a full or unwritable disk (one line naming the path and
+the errno; the committed checkpoints and finished files are intact: rerun to resume).
+The tools keep their own flags (`jdistill <tool> --help`).
 """
 
 from __future__ import annotations
 
+import errno
 import importlib
 import logging
+import os
 import sys
 
 STAGE_COMMANDS = {
@@ -51,6 +55,7 @@ def run_config(config, command: str) -> None:
   from jdistill import config as config_lib
   from jdistill.runtime import distributed
   from jdistill.runtime import loop as loop_lib
+  from jdistill.runtime.io import WriteFailed, is_disk_error
   from jdistill.stages import pipeline, run_stage
   from jdistill.stages.base import InputError
 
@@ -79,6 +84,27 @@ def run_config(config, command: str) -> None:
   except loop_lib.Stopped as e:
     print(f"jdistill: {e}", file=sys.stderr, flush=True)
     sys.exit(e.code)
+  except WriteFailed as e:
+    stop_on_disk_error(str(e))
+  except OSError as e:  # a disk error that no writer wrapped (it may be a read) is one line too
+    if not is_disk_error(e):
+      raise
+    name = errno.errorcode.get(e.errno, str(e.errno))
+    stop_on_disk_error(f"{e.filename or 'a file'}: {os.strerror(e.errno)} ({name})")
+
+
+DISK_ERROR_STATUS = 74  # EX_IOERR (sysexits.h)
+
+
+def stop_on_disk_error(what: str) -> None:
+  """Exits with one line for a full or unwritable disk (`io.WriteFailed`)."""
+  print(
+    f"jdistill: {what}; committed checkpoints and finished files are intact: free space or fix "
+    "the permissions, then run the same command again to resume",
+    file=sys.stderr,
+    flush=True,
+  )
+  sys.exit(DISK_ERROR_STATUS)
 
 
 def stage_main(command: str) -> None:

@@ -4,6 +4,8 @@ A record is `{"prompt": str or "messages": [...], "completion": str, "domain": s
 prompt fields as in `jdistill.data.prompts`). Its tokens are the prompt rendered as the student
 will see it at sampling time (chat template with the generation prompt) followed by the
 completion and the end-of-sequence token; only the completion and that token carry loss.
+The prompt's and the completion's text equal to a special token (`<|im_end|>`) stays text
+(`jdistill.data.user_text.encode_text`).
 
 A multi-turn record has `"turns": [{"origin": "model" or "environment", "text": str}, ...]`
 in place of the completion (an episode, `jdistill.sampling.episodes`): each turn's text is
@@ -26,6 +28,7 @@ from __future__ import annotations
 import numpy as np
 
 from jdistill.data import prompts as data_lib
+from jdistill.data.user_text import encode_text
 
 ORIGINS = ("model", "environment")
 
@@ -36,7 +39,7 @@ def encode_example(record: dict, tokenizer, *, use_chat_template: bool) -> tuple
   prompt = data_lib.encode_full_prompt(record, tokenizer, use_chat_template=use_chat_template)
   if "turns" in record:
     return _encode_turns(prompt, record["turns"], tokenizer)
-  completion = list(tokenizer.encode(record["completion"], add_special_tokens=False))
+  completion = encode_text(tokenizer, record["completion"])
   if tokenizer.eos_token_id is not None:
     completion.append(tokenizer.eos_token_id)
   if not completion:

@@ -16,12 +16,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grain
 import numpy as np
+
+from jdistill.data.user_text import encode_text, holds_special_text, special_texts
 
 OVERLONG_MODES = ("truncate_left", "drop", "error")
 
@@ -135,21 +138,63 @@ def read_prompt_records(
 
 
 def encode_full_prompt(record: Mapping[str, Any], tokenizer, *, use_chat_template: bool):
-  """All token ids of a prompt record (see :func:`encode_prompt`), before any length rule."""
+  """All token ids of a prompt record (see :func:`encode_prompt`), before any length rule.
+  The text of the prompt or of a message that equals a special token (`<|im_end|>`) stays
+  text: only the chat template's own markup becomes special tokens."""
   if use_chat_template:
     messages = record.get("messages") or [{"role": "user", "content": record["prompt"]}]
-    # `tools` (JSON schemas) as the template renders them, e.g. Qwen3's <tools> system block
-    text = tokenizer.apply_chat_template(
-      messages, tools=record.get("tools"), tokenize=False, add_generation_prompt=True
-    )
-    ids = tokenizer.encode(text, add_special_tokens=False)
+    ids = encode_chat(tokenizer, messages, tools=record.get("tools"))
   else:
     if "prompt" not in record:
       raise ValueError("a 'messages' record needs use_chat_template=True")
-    ids = tokenizer.encode(record["prompt"])
+    ids = encode_text(tokenizer, record["prompt"], add_special_tokens=True)
   ids = list(ids)
   if not ids:
     raise ValueError("prompt encodes to no tokens")
+  return ids
+
+
+def _render(tokenizer, messages, tools) -> str:
+  # `tools` (JSON schemas) as the template renders them, e.g. Qwen3's <tools> system block
+  return tokenizer.apply_chat_template(
+    list(messages), tools=tools, tokenize=False, add_generation_prompt=True
+  )
+
+
+def encode_chat(tokenizer, messages: Sequence[Mapping[str, Any]], *, tools=None) -> list[int]:
+  """Token ids of `messages` rendered with the tokenizer's chat template and its generation
+  prompt. The template's markup is read as special tokens, the messages' contents as text
+  (`encode_text`): a content holding `<|im_end|>` stays text and cannot close its turn.
+
+  Contents that hold no special token's text take the plain path (render, then encode), so
+  their ids are exactly those of `tokenizer.encode` on the rendering. Otherwise the template
+  is rendered with a placeholder per content and the pieces are encoded apart; a template
+  that alters contents (the rendering with the real contents is not the placeholders'
+  rendering with each placeholder replaced) is a ValueError naming the special token.
+  """
+  text = _render(tokenizer, messages, tools)
+  contents = [m.get("content") for m in messages]
+  held = [c for c in contents if isinstance(c, str) and holds_special_text(tokenizer, c)]
+  if not held:
+    return list(tokenizer.encode(text, add_special_tokens=False))
+  marks = [f"JDISTILL-CONTENT-{k}-{os.getpid()}" for k in range(len(messages))]
+  probe = [{**m, "content": mark} for m, mark in zip(messages, marks)]
+  pieces = re.split("(" + "|".join(map(re.escape, marks)) + ")", _render(tokenizer, probe, tools))
+  content_of = dict(zip(marks, contents))
+  parts = [(content_of[p], True) if p in content_of else (p, False) for p in pieces if p]
+  if "".join(p for p, _ in parts) != text:
+    special = next(t for t in special_texts(tokenizer) if any(t in c for c in held))
+    raise ValueError(
+      f"a message holds the special token text {special!r} and the chat template changes "
+      "message contents, so it cannot be kept as text; remove it from the data"
+    )
+  ids = []
+  for part, is_content in parts:
+    ids += (
+      encode_text(tokenizer, part)
+      if is_content
+      else tokenizer.encode(part, add_special_tokens=False)
+    )
   return ids
 
 

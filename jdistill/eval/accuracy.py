@@ -211,6 +211,7 @@ def model_accuracy(model_dir: str, records: list[dict], **kw) -> dict[str, dict[
   from flax import nnx
 
   from jdistill.data.tokenizer import load_tokenizer
+  from jdistill.data.user_text import encode_text
   from jdistill.runtime import build
   from jdistill.runtime import sharding as shd
 
@@ -218,7 +219,9 @@ def model_accuracy(model_dir: str, records: list[dict], **kw) -> dict[str, dict[
   model = build.load_model(model_dir, mesh, param_dtype="float32", dtype="float32")
   tokenizer = kw.pop("tokenizer", None) or load_tokenizer(model_dir)
   graphdef, params = nnx.split(model)
-  encode = kw.pop("encode", None) or (lambda r: tokenizer.encode(r["prompt"]))
+  encode = kw.pop("encode", None) or (
+    lambda r: encode_text(tokenizer, r["prompt"], add_special_tokens=True)
+  )
   if "environment" in kw:
     return episode_accuracy(
       Sampler(graphdef, mesh), params, tokenizer, records, encode=encode, **kw

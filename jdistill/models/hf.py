@@ -421,36 +421,45 @@ def to_hf(
   parent = os.path.dirname(final_dir)
   os.makedirs(parent, exist_ok=True)
   out_dir = tempfile.mkdtemp(prefix=os.path.basename(final_dir) + ".writing-", dir=parent)
-  os.chmod(out_dir, 0o755)  # mkdtemp's 0700 is for the temporary name only
-  with open(os.path.join(out_dir, "config.json"), "w") as f:
-    json.dump(config_to_hf(cfg, torch_dtype=dtype), f, indent=2)
-  shards: list[dict[str, np.ndarray]] = [{}]
-  size = 0
-  for name in sorted(tensors):
-    nbytes = tensors[name].nbytes
-    if max_shard_bytes and shards[-1] and size + nbytes > max_shard_bytes:
-      shards.append({})
-      size = 0
-    shards[-1][name] = tensors[name]
-    size += nbytes
-  meta = {"format": "pt"}
-  if len(shards) == 1:
-    save_file(shards[0], os.path.join(out_dir, "model.safetensors"), metadata=meta)
-  else:
-    weight_map = {}
-    for i, shard in enumerate(shards):
-      fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-      save_file(shard, os.path.join(out_dir, fname), metadata=meta)
-      weight_map.update({name: fname for name in shard})
-    total = sum(t.nbytes for t in tensors.values())
-    with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
-      json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-  if tokenizer is not None:
-    tokenizer.save_pretrained(out_dir)
-  if os.path.exists(final_dir):
-    old = tempfile.mkdtemp(prefix=os.path.basename(final_dir) + ".replaced-", dir=parent)
-    os.rename(final_dir, os.path.join(old, "old"))
-    os.rename(out_dir, final_dir)
-    shutil.rmtree(old)  # the previous export, replaced as asked
-  else:
-    os.rename(out_dir, final_dir)
+  try:  # a failed write (a full disk) leaves neither the temporary folder nor a moved export
+    os.chmod(out_dir, 0o755)  # mkdtemp's 0700 is for the temporary name only
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+      json.dump(config_to_hf(cfg, torch_dtype=dtype), f, indent=2)
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name in sorted(tensors):
+      nbytes = tensors[name].nbytes
+      if max_shard_bytes and shards[-1] and size + nbytes > max_shard_bytes:
+        shards.append({})
+        size = 0
+      shards[-1][name] = tensors[name]
+      size += nbytes
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+      save_file(shards[0], os.path.join(out_dir, "model.safetensors"), metadata=meta)
+    else:
+      weight_map = {}
+      for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(out_dir, fname), metadata=meta)
+        weight_map.update({name: fname for name in shard})
+      total = sum(t.nbytes for t in tensors.values())
+      with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    if tokenizer is not None:
+      tokenizer.save_pretrained(out_dir)
+    if os.path.exists(final_dir):
+      old = tempfile.mkdtemp(prefix=os.path.basename(final_dir) + ".replaced-", dir=parent)
+      os.rename(final_dir, os.path.join(old, "old"))
+      try:
+        os.rename(out_dir, final_dir)
+      except BaseException:
+        os.rename(os.path.join(old, "old"), final_dir)  # the previous export back in place
+        os.rmdir(old)
+        raise
+      shutil.rmtree(old)  # the previous export, replaced as asked
+    else:
+      os.rename(out_dir, final_dir)
+  except BaseException:
+    shutil.rmtree(out_dir, ignore_errors=True)
+    raise

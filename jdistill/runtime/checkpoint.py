@@ -13,6 +13,12 @@ devices, so sharded and multi-host arrays need no gathering) and the run's ident
 checksums after loading; a step that fails (flipped bits, truncated or deleted files) is
 named in one line, set aside (renamed `<step>.corrupt-<time>`, never deleted) and the
 newest step that verifies is used instead.
+
+A full or unwritable disk: a save that fails (in orbax's background thread or not) raises
+`io.WriteFailed` naming the file, at the save or at the next `save`/`wait`; orbax's own
+traceback of it is not logged (the command line prints the one line). The step never commits
+(orbax leaves its temporary directory, which the next save of that step replaces), so the last
+committed step stays as it was and a rerun resumes from it.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from flax import nnx
 from jdistill.models import ModelConfig, Transformer
 from jdistill.models.transformer import stack_layers, unstack_layers
 from jdistill.runtime import sharding as shd
+from jdistill.runtime.io import is_disk_error, writing
 
 log = logging.getLogger("jdistill")
 
@@ -92,10 +99,25 @@ def tree_checksums(tree) -> dict[str, int]:
   }
 
 
+class _QuietDiskErrors(logging.Filter):
+  """Drops orbax's logged tracebacks of a disk error in its save threads: `Checkpointer`
+  re-raises that error as one line."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    error = record.exc_info[1] if record.exc_info else None
+    return not is_disk_error(error)
+
+
+_QUIET = _QuietDiskErrors()
+
+
 class Checkpointer:
   """Thin wrapper over `ocp.CheckpointManager` with jdistill's items."""
 
   def __init__(self, directory: str, *, every: int, keep: int, async_save: bool = True):
+    for name in ("absl", "orbax"):
+      if _QUIET not in logging.getLogger(name).filters:
+        logging.getLogger(name).addFilter(_QUIET)
     self.directory = os.path.abspath(directory)
     self.every = every
     options = ocp.CheckpointManagerOptions(
@@ -126,7 +148,7 @@ class Checkpointer:
         )
       return
     if jax.process_index() == 0:
-      with open(path, "w") as f:
+      with writing(path), open(path, "w") as f:
         json.dump(new, f, indent=2)
 
   def reload(self) -> None:
@@ -152,15 +174,16 @@ class Checkpointer:
     """Saves if `step` is on the save interval (or `force`); never overwrites a step."""
     if (step % self.every and not force) or step in self.manager.all_steps():
       return False
-    return self.manager.save(
-      step,
-      args=ocp.args.Composite(
-        params=ocp.args.StandardSave(params),
-        opt_state=ocp.args.StandardSave(opt_state),
-        meta=ocp.args.JsonSave(meta),
-      ),
-      force=True,
-    )
+    with writing(os.path.join(self.directory, str(step))):
+      return self.manager.save(
+        step,
+        args=ocp.args.Composite(
+          params=ocp.args.StandardSave(params),
+          opt_state=ocp.args.StandardSave(opt_state),
+          meta=ocp.args.JsonSave(meta),
+        ),
+        force=True,
+      )
 
   def restore(self, step: int, abstract_params, abstract_opt_state):
     """(params, opt_state, meta) at `step`, placed as the abstract targets' shardings say."""
@@ -175,7 +198,9 @@ class Checkpointer:
     return out["params"], out["opt_state"], out["meta"]
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    """Waits for the save in flight to commit (`io.WriteFailed` if it failed)."""
+    with writing(self.directory):
+      self.manager.wait_until_finished()
 
   def close(self) -> None:
     self.manager.close()

@@ -8,15 +8,48 @@ then leaves `path` empty or truncated, the very state the rename was meant to ru
 crash of the process itself before the rename leaves the old file as it was. The directory is
 not fsynced: after an OS crash the rename may be lost, which leaves the old file, and that is
 allowed.
+
+A write that fails for want of space or permission (`DISK_ERRNOS`: ENOSPC, EDQUOT, EACCES,
+EPERM, EROFS) is raised as `WriteFailed`, one line naming the path and the errno's meaning
+(`writing(path)` wraps a writer), which the command line prints as it is: no traceback.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 from collections.abc import Iterator
 from typing import Any, TextIO
+
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+class WriteFailed(Exception):
+  """A write that failed for want of space or permission; the message is one line."""
+
+  def __init__(self, path: str, code: int):
+    name = errno.errorcode.get(code, str(code))
+    super().__init__(f"cannot write {path}: {os.strerror(code)} ({name})")
+    self.path, self.errno = path, code
+
+
+def is_disk_error(e: BaseException) -> bool:
+  """Whether `e` is an OSError of a full or unwritable disk (`DISK_ERRNOS`)."""
+  return isinstance(e, OSError) and e.errno in DISK_ERRNOS
+
+
+@contextlib.contextmanager
+def writing(path: str) -> Iterator[None]:
+  """Turns a disk error (`is_disk_error`) raised inside the block into `WriteFailed`, naming
+  the file the OS named, else `path`."""
+  try:
+    yield
+  except OSError as e:
+    if not is_disk_error(e):
+      raise
+    raise WriteFailed(str(e.filename or path), e.errno) from None
 
 
 @contextlib.contextmanager
@@ -26,13 +59,14 @@ def atomic_write(path: str) -> Iterator[TextIO]:
   id, so two processes writing the same file each replace it whole (the last one wins)."""
   tmp = f"{path}.{os.getpid()}.tmp"
   try:
-    with open(tmp, "w") as f:
+    with writing(path), open(tmp, "w") as f:
       yield f
       f.flush()
       os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with writing(path):
+      os.replace(tmp, path)
   except BaseException:
-    with contextlib.suppress(FileNotFoundError):
+    with contextlib.suppress(OSError):
       os.remove(tmp)
     raise
 

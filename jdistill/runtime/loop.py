@@ -150,9 +150,11 @@ class Loop:
     try:
       return self.run(stage, end, log)
     finally:
-      if stage.checkpointer is not None:
-        stage.checkpointer.wait()
-      log.close()
+      try:
+        if stage.checkpointer is not None:
+          stage.checkpointer.wait()
+      finally:
+        log.close()
 
   def run(self, stage: Stage, end: int, log: RunLog) -> list[dict]:
     """Trains `stage` until its step reaches `end`; returns the records logged.

@@ -3,14 +3,19 @@
 A record is a dict with an int `"step"`, float scalars, and optionally nested dicts of
 floats (e.g. `"teachers": {name: {metric: value}}`, flattened to `name/metric` in
 TensorBoard).
+
+`metrics.jsonl` only ever holds whole records: a record whose append fails (a full disk) is cut
+off again, and the run stops with `io.WriteFailed`; a torn last line (a crash mid-append) is
+not read as a record.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
-from jdistill.runtime.io import atomic_write
+from jdistill.runtime.io import atomic_write, writing
 
 
 def read_records(path: str) -> list[dict]:
@@ -18,7 +23,16 @@ def read_records(path: str) -> list[dict]:
   if not os.path.exists(path):
     return []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    lines = [(n, line) for n, line in enumerate(f, start=1) if line.strip()]
+  records = []
+  for k, (n, line) in enumerate(lines):
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError:
+      if k < len(lines) - 1 or line.endswith("\n"):
+        raise ValueError(f"{path}:{n}: not a metrics record") from None
+      # a torn last line: an append cut short by a crash; the step is logged again on resume
+  return records
 
 
 def truncate(out_dir: str, step: int) -> int:
@@ -27,10 +41,19 @@ def truncate(out_dir: str, step: int) -> int:
   path = os.path.join(out_dir, "metrics.jsonl")
   records = read_records(path)
   kept = [r for r in records if r.get("step", 0) <= step]
-  if len(kept) != len(records):
+  if len(kept) != len(records) or _torn(path):
     with atomic_write(path) as f:
       f.writelines(json.dumps(r) + "\n" for r in kept)
   return len(records) - len(kept)
+
+
+def _torn(path: str) -> bool:
+  """Whether the file's last byte is not a newline (its last line was cut short)."""
+  if not os.path.exists(path) or not os.path.getsize(path):
+    return False
+  with open(path, "rb") as f:
+    f.seek(-1, os.SEEK_END)
+    return f.read(1) != b"\n"
 
 
 class RunLog:
@@ -42,7 +65,9 @@ class RunLog:
     self.out_dir = out_dir
     self._plot = plot
     self.history: list[dict] = []
-    self._jsonl = open(os.path.join(out_dir, "metrics.jsonl"), "a")  # noqa: SIM115
+    self._path = os.path.join(out_dir, "metrics.jsonl")
+    with writing(self._path):
+      self._jsonl = open(self._path, "ab", buffering=0)  # noqa: SIM115
     self._tb = _tensorboard(os.path.join(out_dir, "tb"))
 
   def write(self, record: dict) -> None:
@@ -57,8 +82,16 @@ class RunLog:
     self._write_json({"step": step, "eval": results})
 
   def _write_json(self, record: dict) -> None:
-    self._jsonl.write(json.dumps(record) + "\n")
-    self._jsonl.flush()
+    data = memoryview((json.dumps(record) + "\n").encode())
+    start = self._jsonl.seek(0, os.SEEK_END)
+    try:
+      with writing(self._path):
+        while data:
+          data = data[self._jsonl.write(data) :]
+    except BaseException:
+      with contextlib.suppress(OSError):  # the file keeps whole records only
+        os.ftruncate(self._jsonl.fileno(), start)
+      raise
 
   def close(self) -> str | None:
     """Closes the files; returns the learning-curve PNG path, if one was drawn. The curves

@@ -42,6 +42,7 @@ from jdistill.models import hf
 from jdistill.runtime import build, plots, run_log
 from jdistill.runtime import checkpoint as ckpt
 from jdistill.runtime import loop as loop_lib
+from jdistill.runtime.io import writing
 from jdistill.runtime.run_dir import open_run_dir, run_identity
 
 log = logging.getLogger("jdistill")
@@ -208,7 +209,8 @@ class TrainingStage:
 
   def export(self, out_dir: str) -> None:
     """The student as a Hugging Face folder (safetensors, config, tokenizer)."""
-    hf.to_hf(nnx.merge(self.graphdef, self.params), out_dir, tokenizer=self.tokenizer)
+    with writing(out_dir):  # a full or unwritable disk: one line; a previous export kept
+      hf.to_hf(nnx.merge(self.graphdef, self.params), out_dir, tokenizer=self.tokenizer)
 
 
 class InputError(Exception):

@@ -18,7 +18,9 @@ Exactly once, across kills: process p of P handles prompts p, p + P, ... and wri
 then `part-...progress.json` is replaced atomically with the next prompt position and the
 file's committed size. A restarted run truncates the file to that size (dropping a batch
 written after the last commit) and goes on from there; sampling keys depend only on the
-seed and the batch, so the output equals an uninterrupted run's.
+seed and the batch, so the output equals an uninterrupted run's. A full or unwritable disk
+stops the run with `io.WriteFailed` (one line) at the batch it hit; a rerun resumes the same
+way.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from jdistill import config as config_lib
 from jdistill.data import prompts as data_lib
 from jdistill.eval import verifiers
 from jdistill.runtime import build
-from jdistill.runtime.io import write_json_atomic
+from jdistill.runtime.io import write_json_atomic, writing
 from jdistill.sampling import Sampler
 from jdistill.sampling.episodes import run_episodes
 
@@ -99,8 +101,7 @@ class Generator:
     """Generates from the committed position to the end; returns the final progress."""
     g, s = self.config.generate, self.config.sampling
     progress = self._progress()
-    with open(self.out_path, "ab") as f:  # drop anything written after the last commit
-      f.truncate(progress["bytes"])
+    reopen_part(self.out_path, progress["bytes"])
     n = g.samples_per_prompt
     dp = self.sampler.data_parallel_size()
     settings = {"temperature": s.temperature, "top_k": s.top_k, "top_p": s.top_p,
@@ -147,13 +148,10 @@ class Generator:
         if g.keep == "verified" and line.get("score", 0.0) < 1.0:
           continue
         lines.append(json.dumps(line) + "\n")
-      with open(self.out_path, "a") as f:
-        f.writelines(lines)
-        f.flush()
-        os.fsync(f.fileno())
+      size = append_part(self.out_path, lines)
       progress.update(
         next=start + len(batch),
-        bytes=os.path.getsize(self.out_path),
+        bytes=size,
         kept=progress["kept"] + len(lines),
         verifier_errors=progress["verifier_errors"] + (self.scorer.errors if self.scorer else 0),
       )
@@ -165,6 +163,24 @@ class Generator:
       print(f"generate {done}/{total} prompts | {progress['kept']} kept of "
             f"{progress['sampled']} sampled | {rate:,.1f} samples/s", flush=True)  # fmt: skip
     return progress
+
+
+def reopen_part(path: str, committed: int) -> None:
+  """Cuts part file `path` back to its `committed` size (drops a batch written after the last
+  commit), creating it if missing."""
+  with writing(path), open(path, "ab") as f:
+    f.truncate(committed)
+
+
+def append_part(path: str, lines: list[str]) -> int:
+  """Appends `lines` to part file `path` and syncs it → the file's size. A failed write (a full
+  disk) raises `io.WriteFailed`; what it left after the committed size is cut on resume."""
+  with writing(path):
+    with open(path, "a") as f:
+      f.writelines(lines)
+      f.flush()
+      os.fsync(f.fileno())
+    return os.path.getsize(path)
 
 
 def teacher_configs(config) -> list[tuple[object, list[str]]]:

@@ -7,6 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from jdistill.data import packing
 from jdistill.data.prompts import PromptBatcher, encode_prompt, read_prompt_records
 from jdistill.data.tokenizer import load_tokenizer, train_tiny_tokenizer
 
@@ -142,6 +143,22 @@ def test_encode_overlong(tok):
   chat = encode_prompt(rec, tok, use_chat_template=True, max_prompt_len=1000)
   ids = encode_prompt(rec, tok, use_chat_template=True, max_prompt_len=20)
   assert ids == chat[-20:] and tok.decode(ids).endswith("?<|im_end|>\n<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_an_sft_examples_prompt_carries_no_loss(tok, chat):
+  """`packing.encode_example`: the prompt as the student sees it (mask 0), then the completion
+  and EOS (mask 1); a multi-turn record's prompt is context too."""
+  record = {"prompt": "what is 2 plus 3?", "completion": " 5"}
+  ids, mask = packing.encode_example(record, tok, use_chat_template=chat)
+  shown = "<|im_start|>user\nwhat is 2 plus 3?<|im_end|>\n<|im_start|>assistant\n"
+  n = mask.index(1)
+  assert len(ids) == len(mask) and mask == [0] * n + [1] * (len(ids) - n)
+  assert tok.decode(ids[:n]) == (shown if chat else record["prompt"])
+  assert tok.decode(ids[n:]) == " 5<eos>"
+  turns = {"prompt": record["prompt"], "turns": [{"origin": "model", "text": " 5"}]}
+  ids, mask = packing.encode_example(turns, tok, use_chat_template=chat)
+  assert tok.decode([i for i, m in zip(ids, mask) if m]) == " 5<eos>"
 
 
 # ----------------------------------------------------------------------------- batching

@@ -36,6 +36,19 @@ def test_verifiers_on_hand_cases(name, completion, reference, want):
   assert verifiers.get(name)(completion, reference) == want
 
 
+def test_numeric_honours_its_tolerance_on_values_that_are_not_exactly_representable():
+  """0.1 + 0.2 is 0.30000000000000004 in binary floating point: within the tolerance of 0.3
+  (absolute 1e-6 below 1, relative above), while 1.1e-6 away is not; a passed `tol` is used."""
+  numeric = verifiers.get("numeric")
+  assert numeric(f"answer: {0.1 + 0.2!r}", "0.3") == 1.0
+  assert numeric("answer: 0.3000009", "0.3") == 1.0
+  assert numeric("answer: 0.3000011", "0.3") == 0.0
+  assert numeric("answer: 1000000.7", "1000000.1") == 1.0  # relative: 1e-6 * 1e6 = 1
+  assert numeric("answer: 1000001.3", "1000000.1") == 0.0
+  assert verifiers.numeric("answer: 3.14159", "3.14", tol=1e-3) == 1.0
+  assert verifiers.numeric("answer: 3.14159", "3.14", tol=1e-4) == 0.0
+
+
 def test_user_verifiers_and_their_errors():
   assert verifiers.get("jdistill.eval.verifiers:numeric")("= 3", "3") == 1.0
   with pytest.raises(ValueError, match="cannot import 'nope'"):

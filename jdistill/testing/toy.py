@@ -75,6 +75,23 @@ def larger_reward(completion: str, reference: str) -> float:
   return 0.2 if len(answer) == 1 and answer.isdigit() else 0.0
 
 
+class VowelEnv:
+  """A two-turn toy environment for RL on episodes (`episode.environment=
+  "jdistill.testing.toy:VowelEnv"`, turns ending at a vowel: `episode.stop_strings=("a", "e",
+  "i", "o", "u")`): the first turn is answered with the observation " now a: ", the second
+  ends the episode with reward 1 if its text ends in "a", else 0. A random student earns ~1/5."""
+
+  def reset(self, record: dict) -> dict:
+    del record
+    return {"turns": 0}
+
+  def step(self, state: dict, turn_text: str) -> tuple[str | None, bool, float | None]:
+    state["turns"] += 1
+    if state["turns"] == 1:
+      return " now a: ", False, None
+    return None, True, float(turn_text.endswith("a"))
+
+
 def random_model_dir(
   out_dir: str,
   cfg: ModelConfig,

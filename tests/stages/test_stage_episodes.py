@@ -207,3 +207,28 @@ def test_chat_format_runs_wrap_observations_as_tool_messages(small_world, tmp_pa
   )
   c.data.use_chat_template = False
   assert build.episodes(c)[1].observation_role is None
+
+
+def test_rlvr_on_episodes_learns_the_turn_after_the_observation(small_world, tmp_path):
+  """GRPO on two-turn episodes (`toy.VowelEnv`: reward 1 when the turn after the
+  environment's observation ends in "a"; a random student earns ~0.05): the sampled reward
+  and the greedy success rise, so the episodes' rewards reach their own rows' model tokens."""
+  c = _config(small_world, tmp_path, steps=30, log_every=1, eval_every=0)
+  c.stage = "rlvr"
+  c.teachers = ml_collections.ConfigDict()
+  c.num_devices = 1
+  c.episode.environment = "jdistill.testing.toy:VowelEnv"
+  c.episode.stop_strings = tuple("aeiou")
+  c.episode.max_turns = 2
+  c.episode.max_total_tokens = 48
+  c.data.slots_per_teacher, c.rl.group_size = 4, 8
+  c.data.eval_files = c.data.train_files
+  c.rl.eval_prompts = 8
+  c.optimizer.lr = 1e-2
+  config_lib.validate(c)
+  trainer = rlvr.RLVRTrainer(c)
+  assert trainer.evaluate()["lookup"]["accuracy"] == 0.0
+  rewards = [r["rewards"]["reward_mean"] for r in trainer.run()]
+  first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
+  assert first < 0.1 and last > first + 0.2, rewards
+  assert trainer.evaluate()["lookup"]["accuracy"] >= 0.75

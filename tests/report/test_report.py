@@ -131,15 +131,16 @@ def test_exported_model_carries_a_model_card(run):
 
 @pytest.mark.skipif(not os.path.exists("/usr/bin/chromium"), reason="Chromium is not installed")
 def test_chromium_draws_the_coloured_tokens(tmp_path):
-  """tools/report_screenshot.py in headless Chromium: the screenshot holds pixels of the full
-  red and full blue of the token colours (a report of one constructed rollout)."""
+  """tools/report_screenshot.py in headless Chromium: the screenshot holds pixels of the token
+  colours of log-ratios −2 and +2 (half-way red and blue, drawn by no legend: only the tokens of
+  a report of one constructed rollout have them)."""
   from PIL import Image
 
   run_dir = tmp_path / "run"
   run_dir.mkdir()
   tokens = [
     {"text": f" w{i}", "id": i, "teacher_logp": lp, "student_logp": 0.0, "top": []}
-    for i, lp in enumerate([-8.0, 8.0] * 20)
+    for i, lp in enumerate([-2.0, 2.0] * 20)
   ]
   record = {"step": 1, "teacher": "math", "row": 0, "prompt": "p", "tokens": tokens}
   (run_dir / "samples.jsonl").write_text(json.dumps(record) + "\n")
@@ -150,4 +151,5 @@ def test_chromium_draws_the_coloured_tokens(tmp_path):
                         capture_output=True, text=True, timeout=180)  # fmt: skip
   assert done.returncode == 0, done.stderr[-2000:]
   pixels = {tuple(p) for p in np.asarray(Image.open(png).convert("RGB")).reshape(-1, 3).tolist()}
-  assert (214, 39, 40) in pixels and (31, 119, 180) in pixels
+  assert report.log_ratio_colour(-2.0) == "rgb(234, 147, 148)"
+  assert (234, 147, 148) in pixels and (143, 187, 218) in pixels

@@ -46,32 +46,39 @@ def token_table(
   teacher_graphdef,
   teacher_state,
   batch: dict,
+  rows,
   *,
-  rows: tuple[int, ...],
   settings: losses.LossSettings,
   top_p: float,
   topk: int,
 ) -> dict:
-  """Per-token records of `rows` of `batch` (the step's batch layout, `jdistill.step.common`)
-  under the student `params` and one teacher → arrays `[n, L-1]` (position t scores token
-  t + 1), `top_ids` / `top_logp` `[n, L-1, k]`, and `completion` / `environment` masks
-  `[n, L-1]` of the targets."""
+  """Per-token records of `rows` (int `[n]`) of `batch` (the step's batch layout,
+  `jdistill.step.common`) under the student `params` and one teacher → arrays `[n, L-1]`
+  (position t scores token t + 1), `top_ids` / `top_logp` `[n, L-1, k]`, and the
+  `completion` / `environment` masks `[n, L-1]` of the targets.
+
+  `rows` is traced, so the teachers of one architecture and loss share one compile."""
+  batch = {k: jnp.take(v, rows, axis=0) for k, v in batch.items()}
   x = shifted_inputs(batch)
-  s_hidden, s_unembed = teacher_hidden(student_graphdef, params, x, rows)  # any model's forward
-  t_hidden, t_unembed = teacher_hidden(teacher_graphdef, teacher_state, x, rows)
+  every = tuple(range(rows.shape[0]))
+  s_hidden, s_unembed = teacher_hidden(student_graphdef, params, x, every)  # any model's forward
+  t_hidden, t_unembed = teacher_hidden(teacher_graphdef, teacher_state, x, every)
   s_logp = jax.nn.log_softmax(losses.project_logits(s_hidden, s_unembed), axis=-1)
   t_logp = jax.nn.log_softmax(losses.project_logits(t_hidden, t_unembed), axis=-1)
-  take = lambda a: jnp.take(a, jnp.asarray(rows), axis=0)  # noqa: E731
-  targets = take(x["targets"])
-  diag = losses.support_diagnostics(
-    s_logp, t_logp, targets, topks=(), top_p=top_p, student_topks=()
-  )
-  student, teacher = diag["student_logp"], diag["teacher_logp"]
-  behaviour = take(x["behaviour_logp"])
+  targets = x["targets"][..., None]
+  student = jnp.take_along_axis(s_logp, targets, axis=-1)[..., 0]
+  teacher = jnp.take_along_axis(t_logp, targets, axis=-1)[..., 0]
+  # `losses.support_diagnostics`' `in_teacher_top_p`, without its other (costly) metrics: the
+  # teacher's mass on tokens strictly more likely than the target reaches top_p
+  above = jnp.where(t_logp > teacher[..., None], jnp.exp(t_logp), 0.0)
+  outside = (jnp.sum(above, axis=-1) >= top_p).astype(jnp.float32)
+  behaviour = x["behaviour_logp"]
   zeros = jnp.zeros_like(student)
   icepop, clipped = zeros, zeros
   if settings.loss == "sampled_token":
-    baseline = diag["reverse_kl"] if settings.kl_baseline else None
+    baseline = None
+    if settings.kl_baseline:  # the exact per-position KL(q ‖ p_T)
+      baseline = jnp.sum(jnp.exp(s_logp) * (s_logp - t_logp), axis=-1)
     _, aux = losses.sampled_token_terms(
       student, teacher, behaviour, None, settings.clip_eps, settings.icepop_c,
       settings.kl_weight, baseline,
@@ -80,20 +87,20 @@ def token_table(
   elif settings.loss in losses.SAMPLED_LOSSES:  # overlap_aware: IcePop on its sampled term
     icepop = losses.icepop_mask(jnp.exp(student - behaviour), settings.icepop_c)
   top_logp, top_ids = jax.lax.top_k(t_logp, topk)
-  completion = take(batch["completion_mask"][:, 1:]).astype(jnp.float32)
-  model = take(batch["model_mask"][:, 1:]).astype(jnp.float32) if "model_mask" in batch else 1.0
+  completion = batch["completion_mask"][:, 1:].astype(jnp.float32)
+  model = batch["model_mask"][:, 1:].astype(jnp.float32) if "model_mask" in batch else 1.0
   return dict(
     teacher_logp=teacher,
     student_logp=student,
-    outside_nucleus=1.0 - diag["in_teacher_top_p"],
+    outside_nucleus=outside,
     icepop_masked=icepop,
     clipped=clipped,
     top_ids=top_ids,
     top_logp=top_logp,
     completion=completion,
     environment=completion * (1.0 - model),
-    tokens=take(batch["tokens"]),
-    lengths=take(batch["lengths"]),
+    tokens=batch["tokens"],
+    lengths=batch["lengths"],
   )
 
 
@@ -154,7 +161,7 @@ class SampleRecorder:
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     self._table = jax.jit(
       token_table,
-      static_argnames=("student_graphdef", "teacher_graphdef", "rows", "settings", "top_p", "topk"),
+      static_argnames=("student_graphdef", "teacher_graphdef", "settings", "top_p", "topk"),
       out_shardings=replicated,
     )
 
@@ -178,7 +185,7 @@ class SampleRecorder:
         teacher_graphdef=graphdef,
         teacher_state=state,
         batch=batch,
-        rows=spec.rows[: self.rows],
+        rows=np.asarray(spec.rows[: self.rows], np.int32),
         settings=spec.settings,
         top_p=self.top_p,
         topk=self.topk,

@@ -89,12 +89,13 @@ def token_table(
   top_logp, top_ids = jax.lax.top_k(t_logp, topk)
   completion = batch["completion_mask"][:, 1:].astype(jnp.float32)
   model = batch["model_mask"][:, 1:].astype(jnp.float32) if "model_mask" in batch else 1.0
+  target = x["mask"]  # the loss's targets: an environment token is never masked or clipped
   return dict(
     teacher_logp=teacher,
     student_logp=student,
     outside_nucleus=outside,
-    icepop_masked=icepop,
-    clipped=clipped,
+    icepop_masked=icepop * target,
+    clipped=clipped * target,
     top_ids=top_ids,
     top_logp=top_logp,
     completion=completion,

@@ -215,20 +215,22 @@ def tiny_config(paths: dict[str, str]):
   c.train.log_every = 5
   c.train.eval_every = 50
   c.checkpoint.every = 20
+  # no sample rollouts (each recording compiles one more function: the tests' time budget);
+  # `--config.train.sample_rows=2` records them for the report
+  c.train.sample_rows = 0
   return c
 
 
 def short_run_config(paths: dict[str, str], output_dir: str, *, max_new_tokens: int = 8, **train):
   """`tiny_config` for the tests' short runs: 4 rows per teacher, `max_new_tokens` new tokens,
-  loss chunks of 8, one warmup step, no sample rollouts recorded, output in `output_dir`;
-  `train` sets `config.train` fields (e.g. `steps=4, eval_every=0`)."""
+  loss chunks of 8, one warmup step, output in `output_dir`; `train` sets `config.train`
+  fields (e.g. `steps=4, eval_every=0`)."""
   c = tiny_config(paths)
   c.output_dir = str(output_dir)
   c.data.slots_per_teacher = 4
   c.sampling.max_new_tokens = max_new_tokens
   c.loss.chunk_size = 8
   c.optimizer.warmup_steps = 1
-  c.train.sample_rows = 0  # recording samples compiles one more function (tests/report: on)
   for key, value in train.items():
     c.train[key] = value
   return c

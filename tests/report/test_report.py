@@ -23,7 +23,7 @@ SECTIONS = ("curves", "accuracy", "overlap", "samples", "experiment")
 @pytest.fixture(scope="module")
 def run(small_world, tmp_path_factory):
   """Two logged steps of the small toy world, every row of both teachers recorded (4 per
-  teacher), exported; → (run dir, export dir, the logged records)."""
+  teacher), exported; → (run dir, export dir, the logged records, the trainer)."""
   out = tmp_path_factory.mktemp("report_run")
   c = short_run_config(small_world, out / "run", steps=2, log_every=1, eval_every=0)
   c.train.sample_rows = c.data.slots_per_teacher
@@ -31,7 +31,7 @@ def run(small_world, tmp_path_factory):
   trainer = opd.OPDTrainer(c)
   records = trainer.run()
   trainer.export(str(out / "final"))
-  return str(out / "run"), str(out / "final"), records
+  return str(out / "run"), str(out / "final"), records, trainer
 
 
 def _samples(run_dir):
@@ -43,7 +43,7 @@ def test_samples_agree_with_the_train_steps_metrics(run):
   """With every row recorded, the token means of the recorded log-probs and nucleus flags are
   the train step's own per-teacher metrics of that step (the step computed them in its compiled
   loss; the samples in a separate function)."""
-  run_dir, _, records = run
+  run_dir, _, records, _ = run
   samples = _samples(run_dir)
   assert sorted({(s["step"], s["teacher"]) for s in samples}) == [
     (1, "code"), (1, "math"), (2, "code"), (2, "math")
@@ -66,7 +66,7 @@ def test_samples_agree_with_the_train_steps_metrics(run):
 
 
 def test_report_has_every_section_and_a_span_per_recorded_token(run):
-  run_dir, _, _ = run
+  run_dir, _, _, _ = run
   cli.main(["jdistill", "report", run_dir])  # the command writes <run dir>/report.html
   with open(os.path.join(run_dir, "report.html")) as f:
     page = f.read()
@@ -115,7 +115,7 @@ def test_token_colours_and_marks_match_the_logged_log_ratios():
 
 
 def test_exported_model_carries_a_model_card(run):
-  run_dir, export_dir, records = run
+  run_dir, export_dir, records, _ = run
   with open(os.path.join(export_dir, "README.md")) as f:
     card = f.read()
   for heading in ("## Recipe", "## Teachers", "## Data", "## Measured", "## Reproduce"):
@@ -153,3 +153,46 @@ def test_chromium_draws_the_coloured_tokens(tmp_path):
   pixels = {tuple(p) for p in np.asarray(Image.open(png).convert("RGB")).reshape(-1, 3).tolist()}
   assert report.log_ratio_colour(-2.0) == "rgb(234, 147, 148)"
   assert (234, 147, 148) in pixels and (143, 187, 218) in pixels
+
+
+def test_token_table_flags_on_a_multi_turn_batch(run):
+  """A constructed episode row scored by the run's student and its Llama teacher: a model turn
+  with behaviour log-probs of −50 (q/π ≫ 1), an environment turn (sampling log-prob 0, as
+  episodes write it), a model turn with behaviour log-probs 0 (q/π = q < 1/2). IcePop (c = 2)
+  masks every model token; the PPO clip (0.2) is active where the advantage log p − log q is
+  positive in the first turn and negative in the second; no environment token is flagged."""
+  import jax.numpy as jnp
+
+  from jdistill.losses import LossSettings
+
+  trainer = run[3]
+  recorder = trainer.samples
+  graphdef, state = trainer.teachers.member(trainer.names.index("math"))
+  completion = np.zeros((1, 12), np.float32)
+  completion[:, 3:12] = 1
+  model = completion.copy()
+  model[:, 6:9] = 0  # the environment's turn
+  vocab = trainer.model_cfg.vocab_size
+  batch = {
+    "tokens": jnp.asarray(np.random.RandomState(0).randint(3, vocab, (1, 12)), jnp.int32),
+    "completion_mask": jnp.asarray(completion),
+    "model_mask": jnp.asarray(model),
+    "sampling_logprobs": jnp.asarray(np.where(np.arange(12) < 6, -50.0, 0.0)[None], jnp.float32),
+    "lengths": jnp.asarray([12], jnp.int32),
+  }
+  table = recorder._table(
+    student_graphdef=trainer.graphdef, params=trainer.params, teacher_graphdef=graphdef,
+    teacher_state=state, batch=batch, rows=np.asarray([0], np.int32),
+    settings=LossSettings(loss="sampled_token", clip_eps=0.2, icepop_c=2.0), top_p=0.9, topk=3,
+  )  # fmt: skip
+  table = {k: np.asarray(v)[0] for k, v in table.items()}
+  env = (model[0, 1:] == 0) & (completion[0, 1:] > 0)
+  target = (model * completion)[0, 1:] > 0
+  np.testing.assert_array_equal(table["environment"], env.astype(np.float32))
+  np.testing.assert_array_equal(table["icepop_masked"], target.astype(np.float32))
+  assert np.all(table["student_logp"][target] < np.log(0.5))  # q/π leaves [1/2, 2] everywhere
+  positive = table["teacher_logp"] > table["student_logp"]
+  first_turn = np.arange(1, 12) < 6
+  clipped = target & np.where(first_turn, positive, ~positive)
+  np.testing.assert_array_equal(table["clipped"], clipped.astype(np.float32))
+  assert 0 < clipped.sum() < target.sum()  # the case holds clipped and unclipped tokens

@@ -6,8 +6,9 @@ No server, no network, no external asset: CSS inline, plots as inline SVG, PNGs 
 as data URIs. Its sections (each a `<section id=...>`):
 
   curves       learning curves from metrics.jsonl (loss, divergence, per-teacher reverse KL
-               and teacher log-prob)
-  accuracy     held-out accuracy per teacher's domains over steps (metrics.jsonl's eval records)
+               and teacher log-prob, RLVR's reward per domain)
+  accuracy     held-out accuracy over steps (metrics.jsonl's eval records: per teacher's
+               domains in OPD, per domain in RLVR)
   overlap      per-teacher calibrated overlap and nucleus coverage over steps
   samples      the rollouts of samples.jsonl (`jdistill.report.samples`): every token coloured
                by log p_teacher − log q_student (`log_ratio_colour`), marks for tokens outside the
@@ -108,6 +109,15 @@ def _teacher_series(records: list[dict], key: str) -> dict[str, list[tuple[float
 def _scalar_series(records: list[dict], key: str) -> dict[str, list[tuple[float, float]]]:
   values = [(r["step"], float(r[key])) for r in records if isinstance(r.get(key), (int, float))]
   return {key: values} if values else {}
+
+
+def _reward_series(records: list[dict]) -> dict[str, list[tuple[float, float]]]:
+  """RLVR's mean verifier reward per domain."""
+  series: dict[str, list] = {}
+  for r in records:
+    for domain, m in (r.get("rewards") or {}).get("domains", {}).items():
+      series.setdefault(domain, []).append((r["step"], float(m["reward_mean"])))
+  return series
 
 
 def _eval_series(evals: list[dict], key: str) -> dict[str, list[tuple[float, float]]]:
@@ -255,7 +265,8 @@ h1{font-size:1.4em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em}
 .who{font:10px system-ui;color:#888;margin-right:.5em;text-transform:uppercase}
 .tok{border-radius:2px;padding:0 1px}.tok.nuc{border-bottom:2px dashed #000}
 .tok.ice{text-decoration:line-through}.tok.clip{outline:1px solid #9467bd}
-.sw{padding:0 .3em}.none{color:#888;font-style:italic}.md{background:#f7f7f7;padding:.5em}
+.sw{padding:0 .3em}.none{color:#888;font-style:italic}
+.md{background:#f7f7f7;padding:.5em;white-space:pre-wrap}
 figure img{max-width:100%}
 """
 
@@ -278,10 +289,11 @@ def render(run_dir: str) -> str:
       ("reverse KL per teacher", _teacher_series(train, "reverse_kl")),
       ("teacher log-prob of sampled tokens", _teacher_series(train, "teacher_logp")),
       ("eval: reverse KL per teacher", _eval_series(evals, "reverse_kl")),
+      ("RLVR: mean verifier reward per domain", _reward_series(train)),
     ]
   )
   accuracy = _charts(
-    [("eval: accuracy over each teacher's domains", _eval_series(evals, "accuracy"))]
+    [("eval: accuracy (OPD: per teacher's domains)", _eval_series(evals, "accuracy"))]
   )
   overlap = _charts(
     [

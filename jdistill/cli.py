@@ -39,6 +39,7 @@ TOOLS = {
   "merge_ten": ("jdistill.experiments.merge_ten:cli", "ten teachers into one student: V4 vs Ultra"),
   "agentic": ("jdistill.experiments.agentic:cli", "the lookup domain: multi-turn OPD, tool calls"),
   "demo": ("jdistill.experiments.demo:cli", "what `make demo` runs"),
+  "report": ("jdistill.report.html:cli", "one self-contained HTML report of a run directory"),
 }
 
 

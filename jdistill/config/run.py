@@ -79,6 +79,8 @@ RUN_BOOKKEEPING = (
   "num_devices",
   "train.log_every",
   "train.eval_every",
+  "train.sample_rows",
+  "train.sample_topk",
   "episode.env_workers",
   "eval",
 )

@@ -115,6 +115,16 @@ TRAIN = section(
     "steps between held-out evals (per-teacher reverse KL on fixed-key rollouts)",
     "an int ≥ 0; `0` = off",
   ),
+  sample_rows=field(
+    2,
+    "rows per teacher recorded token by token on each logging step (OPD): both log-probs, "
+    "nucleus / IcePop / clip flags and the teacher's top alternatives, in `samples.jsonl` "
+    "(drawn by `jdistill report`)",
+    "an int ≥ 0; `0` = off",
+  ),
+  sample_topk=field(
+    5, "teacher alternatives recorded per sampled token (`train.sample_rows`)", "a positive int"
+  ),
 )
 
 CHECKPOINT = section(
@@ -138,6 +148,10 @@ def validate(config) -> None:
   for name in ("train.steps", "train.log_every", "checkpoint.keep", "checkpoint.every"):
     check_positive(config, name)
   check_positive(config, "train.eval_every", allow_zero=True)
+  check_positive(config, "train.sample_rows", allow_zero=True)
+  check_positive(config, "train.sample_topk")
+  check_integer(config, "train.sample_rows")
+  check_integer(config, "train.sample_topk")
   check_integer(config, "train.steps")
   _validate_loss(config)
   _validate_optimizer(config)

@@ -57,7 +57,7 @@ RLVR_GROUPS = {"rlvr": 4, "rlvr_g8": 8, "rlvr_g16": 16}
 LRS = (1e-3, 3e-3, 1e-2)
 # the sampled estimator diverges at the full-vocab losses' lrs once the student is warm
 SAMPLED_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
-RLVR_LRS = (1e-4, 3e-4, 1e-3)
+RLVR_LRS = (3e-5, 1e-4, 3e-4, 1e-3)
 STEPS = 300
 WARMUPS = ("none", "sft")
 WARMUP_STEPS = 80  # SFT steps on the teacher's episodes: some success, far from the teacher's
@@ -261,6 +261,7 @@ def opd_config(
   c.train.steps = steps
   c.train.log_every = 10
   c.train.eval_every = 0
+  c.train.sample_rows = 0  # no report samples: each cell would pay their compile
   return c
 
 

@@ -39,6 +39,8 @@ from flax import nnx
 from jdistill import config as config_lib
 from jdistill.data import prompts as data_lib
 from jdistill.models import hf
+from jdistill.report import card
+from jdistill.report import html as report
 from jdistill.runtime import build, plots, run_log
 from jdistill.runtime import checkpoint as ckpt
 from jdistill.runtime import loop as loop_lib
@@ -208,9 +210,14 @@ class TrainingStage:
     return self.loop.run_to(self, end, self.config.output_dir, self.curve)
 
   def export(self, out_dir: str) -> None:
-    """The student as a Hugging Face folder (safetensors, config, tokenizer)."""
+    """The student as a Hugging Face folder (safetensors, config, tokenizer) with its model
+    card (README.md: `jdistill.report.card`)."""
     with writing(out_dir):  # a full or unwritable disk: one line; a previous export kept
       hf.to_hf(nnx.merge(self.graphdef, self.params), out_dir, tokenizer=self.tokenizer)
+      if jax.process_index() == 0:
+        card.write_model_card(
+          out_dir, self.config, step=self.step, config_hash=self.identity["config_hash"]
+        )
 
 
 class InputError(Exception):
@@ -231,6 +238,8 @@ def run_training(stage_cls, config) -> dict:
   trainer.run()
   after = trainer.evaluate()
   print(trainer.describe_change(before, after), flush=True)
+  if jax.process_index() == 0:
+    log.info("the run's report: %s", report.write_report(config.output_dir))
   if config.export_dir:
     trainer.export(config.export_dir)
     log.info("exported the student to %s", config.export_dir)

@@ -27,6 +27,7 @@ import jax
 
 from jdistill import config as config_lib
 from jdistill import overlap
+from jdistill.report.samples import SampleRecorder
 from jdistill.runtime import build
 from jdistill.sampling import Sampler
 from jdistill.sampling.episodes import run_episodes
@@ -149,6 +150,13 @@ class OPDTrainer(TrainingStage):
       self.batch_shardings,
       replicated,
     )
+    self.samples = None  # the rollouts recorded token by token on logging steps
+    if c.train.sample_rows:
+      self.samples = SampleRecorder(
+        out_dir=c.output_dir, tokenizer=self.tokenizer, student_graphdef=self.graphdef,
+        teachers=t, rows=c.train.sample_rows, topk=c.train.sample_topk, top_p=c.overlap.top_p,
+        vocab=self.model_cfg.vocab_size, mesh=self.mesh,
+      )  # fmt: skip
     objective = functools.partial(ts.distill_objective, **structure)
     self.eval_objective = jax.jit(
       lambda p, s, c, b: objective(p, teacher_states=s, batch=b, teacher_cache=c)[1]
@@ -160,6 +168,10 @@ class OPDTrainer(TrainingStage):
     self.environment, self.episode_params = build.episodes(self.config)
     if self.environment is not None:
       self.batch_shardings["model_mask"] = self.batch_shardings["completion_mask"]
+
+  def started(self) -> None:
+    if self.samples is not None:  # a resumed run records its later logging steps again
+      self.samples.truncate(self.step)
 
   def data_state(self) -> dict:
     """Where the data stream stands for the next step to train: batches sampled ahead have
@@ -297,6 +309,8 @@ class OPDTrainer(TrainingStage):
     batch, t = pending.batch, self.step
     flag = jax.numpy.asarray(diagnostics)
     cache = self.teacher_cache(batch)
+    if diagnostics and self.samples is not None:  # before the update: the params that scored
+      self.samples.record(t + 1, self.state["params"], batch)
     self.state, metrics = self.train_step(self.state, self.teachers.states, cache, batch, flag)
     self.step += 1
     if self.rollout_mesh is not None:

@@ -232,6 +232,9 @@ def tiny_config(paths: dict[str, str]):
   c.train.log_every = 5
   c.train.eval_every = 50
   c.checkpoint.every = 20
+  # no sample rollouts (each recording compiles one more function: the tests' time budget);
+  # `--config.train.sample_rows=2` records them for the report
+  c.train.sample_rows = 0
   return c
 
 

@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from jdistill.config import base_config
 from jdistill.runtime import checkpoint as ckpt
 from jdistill.runtime import loop as loop_lib
 from jdistill.runtime import run_log
@@ -377,7 +378,14 @@ def test_an_export_on_a_full_or_readonly_disk(tmp_path, monkeypatch, capfd, capl
   graphdef, shapes = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))
   rng = np.random.default_rng(0)
   params = jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s.shape, s.dtype)), shapes)
-  stage = SimpleNamespace(graphdef=graphdef, params=params, tokenizer=None)
+  stage = SimpleNamespace(
+    graphdef=graphdef,
+    params=params,
+    tokenizer=None,
+    config=base_config(),
+    step=3,
+    identity={"config_hash": "0" * 16},
+  )  # fmt: skip (the export writes the model card too)
   out = tmp_path / "hf"
   TrainingStage.export(stage, str(out))
   first = {name: (out / name).read_bytes() for name in os.listdir(out)}

@@ -1,5 +1,6 @@
 """Decoder-only transformer in Flax NNX covering Llama 3, Qwen2 and Qwen3 (and their MoE
-variants, whose sparse layers use `jdistill.models.moe.MoE` in place of the MLP).
+variants, whose sparse layers use `jdistill.models.moe.MoE` in place of the MLP), and
+DeepSeek-V3 (its attention is `jdistill.models.mla.MLAttention`).
 
 Every weight is an `nnx.Param` whose `logical_axes` metadata names its
 dimensions; `jdistill.runtime.sharding` maps those names to mesh axes.
@@ -8,10 +9,10 @@ The forward returns final (post-norm) hidden states `[batch, seq, hidden]`;
 `logits` / `unembedding` turn them into vocabulary scores, so loss kernels can
 compute logits chunk by chunk instead of holding `[batch, seq, vocab]`.
 
-KV cache: a tuple with one `{"k", "v"}` dict per layer, each `[batch, cache_len,
-kv_heads, head_dim]`; with `cfg.scan_layers` one `{"k", "v"}` dict of stacked
-`[layers, batch, cache_len, kv_heads, head_dim]` arrays (`init_cache` makes the layout
-of a config). A call with a cache writes its `seq` new keys/values at
+KV cache (MLA's latent one: `jdistill.models.mla`): a tuple with one `{"k", "v"}` dict per
+layer, each `[batch, cache_len, kv_heads, head_dim]`; with `cfg.scan_layers` one `{"k", "v"}`
+dict of stacked `[layers, batch, cache_len, kv_heads, head_dim]` arrays (`init_cache` makes
+the layout of a config). A call with a cache writes its `seq` new keys/values at
 slots `[cache_index, cache_index + seq)` and attends over all `cache_len` slots
 where `kv_mask` is true and the slot is not in the future of the query.
 
@@ -55,12 +56,53 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
   return weight.astype(x.dtype) * xf.astype(x.dtype)
 
 
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+  """YaRN's attention temperature `0.1 * mscale * ln(factor) + 1` (1 for factor <= 1)."""
+  return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def rope_attention_factor(cfg: ModelConfig) -> float:
+  """The scale of RoPE's cos and sin: YaRN's `attention_factor` (given, or from `mscale` /
+  `mscale_all_dim`), 1 for the other RoPE types."""
+  rope = cfg.rope_dict or {}
+  if rope.get("rope_type", "default") != "yarn":
+    return 1.0
+  if rope.get("attention_factor") is not None:
+    return float(rope["attention_factor"])
+  factor, mscale, mscale_all = rope["factor"], rope.get("mscale"), rope.get("mscale_all_dim")
+  if mscale and mscale_all:
+    return yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all)
+  return yarn_mscale(factor)
+
+
+def _yarn_inv_freq(inv_freq, rope: dict, dim: int, base: float) -> jax.Array:
+  """YaRN (NTK-by-parts): interpolated frequencies below the `beta_slow` rotations,
+  extrapolated above `beta_fast`, a linear ramp between (HF's `_compute_yarn_parameters`)."""
+  factor, old_len = rope["factor"], rope["original_max_position_embeddings"]
+  fast, slow = rope.get("beta_fast") or 32, rope.get("beta_slow") or 1
+
+  def correction_dim(rotations):
+    return dim * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+  low, high = correction_dim(fast), correction_dim(slow)
+  if rope.get("truncate", True):
+    low, high = math.floor(low), math.ceil(high)
+  low, high = max(low, 0), min(high, dim - 1)
+  if low == high:
+    high += 0.001  # no zero-width ramp
+  ramp = jnp.clip((jnp.arange(dim // 2, dtype=jnp.float32) - low) / (high - low), 0, 1)
+  extrapolated = 1 - ramp
+  return inv_freq / factor * (1 - extrapolated) + inv_freq * extrapolated
+
+
 def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
-  """Inverse frequencies `[head_dim // 2]`, with linear or Llama-3 scaling."""
-  dim = cfg.head_dim
+  """Inverse frequencies `[rope_dim // 2]`, with linear, Llama-3 or YaRN scaling."""
+  dim = cfg.rope_dim
   inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
   rope = cfg.rope_dict or {}
   rope_type = rope.get("rope_type", "default")
+  if rope_type == "yarn":
+    return _yarn_inv_freq(inv_freq, rope, dim, cfg.rope_theta)
   if rope_type == "linear":
     return inv_freq / rope["factor"]
   if rope_type == "llama3":
@@ -76,11 +118,14 @@ def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
   return inv_freq
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
-  """Rotary embedding (HF's rotate-half layout). x: `[B, T, H, Dh]`, positions: `[B, T]`."""
+def apply_rope(
+  x: jax.Array, positions: jax.Array, inv_freq: jax.Array, scale: float = 1.0
+) -> jax.Array:
+  """Rotary embedding (HF's rotate-half layout), cos and sin times `scale` (YaRN's attention
+  factor). x: `[B, T, H, Dh]`, positions: `[B, T]`."""
   freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, Dh/2]
   emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
-  cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+  cos, sin = (jnp.cos(emb) * scale).astype(x.dtype), (jnp.sin(emb) * scale).astype(x.dtype)
   half = x.shape[-1] // 2
   rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
   return x * cos + rotated * sin
@@ -125,8 +170,8 @@ class Attention(nnx.Module):
     if cfg.qk_norm:
       q = rms_norm(q, self.q_norm[...], cfg.rms_norm_eps)
       k = rms_norm(k, self.k_norm[...], cfg.rms_norm_eps)
-    inv_freq = rope_inv_freq(cfg)
-    q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+    inv_freq, factor = rope_inv_freq(cfg), rope_attention_factor(cfg)
+    q, k = apply_rope(q, positions, inv_freq, factor), apply_rope(k, positions, inv_freq, factor)
 
     seq = x.shape[1]
     if layer_cache is None:
@@ -230,13 +275,16 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-  """Pre-norm residual block: attention then MLP (or a mixture of experts when `moe`)."""
+  """Pre-norm residual block: attention (latent attention under `cfg.mla`) then MLP (or a
+  mixture of experts when `moe`)."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, moe: bool = False):
+    from jdistill.models.mla import MLAttention  # mla builds on this module's helpers
+
     pd = cfg.jnp_param_dtype
     self.eps = cfg.rms_norm_eps
     self.input_norm = _param(rngs, (cfg.hidden_size,), ("norm",), pd, ones=True)
-    self.attn = Attention(cfg, rngs)
+    self.attn = MLAttention(cfg, rngs) if cfg.mla else Attention(cfg, rngs)
     self.post_attn_norm = _param(rngs, (cfg.hidden_size,), ("norm",), pd, ones=True)
     self.mlp = MoE(cfg, rngs) if moe else MLP(cfg, rngs)
 
@@ -486,19 +534,27 @@ class Transformer(nnx.Module):
 
 
 def cache_logical_axes(cfg: ModelConfig) -> tuple[str | None, ...]:
-  """Logical axis names of every array of `init_cache(cfg, ...)`."""
-  axes = ("batch", None, "kv_heads", "head_dim")
+  """Logical axis names of every array of `init_cache(cfg, ...)` (MLA's latent and RoPE key
+  are shared by all heads: replicated over `tensor`)."""
+  axes = ("batch", None, None, None) if cfg.mla else ("batch", None, "kv_heads", "head_dim")
   return ("layers", *axes) if cfg.scan_layers else axes
 
 
 def init_cache(cfg: ModelConfig, batch: int, cache_len: int, dtype: Any = None) -> Cache:
   """Zeroed KV cache: per layer `{"k", "v"}` of `[batch, cache_len, kv_heads, head_dim]`, or
-  with `cfg.scan_layers` one `{"k", "v"}` of `[layers, batch, cache_len, kv_heads, head_dim]`."""
+  with `cfg.scan_layers` one `{"k", "v"}` of `[layers, batch, cache_len, kv_heads, head_dim]`.
+  Under `cfg.mla` the names and widths are `jdistill.models.mla.cache_shapes`'
+  (`{"latent", "k_rope"}`, one shared head)."""
+  from jdistill.models.mla import cache_shapes
+
   dtype = cfg.jnp_dtype if dtype is None else dtype
-  shape = (batch, cache_len, cfg.num_kv_heads, cfg.head_dim)
+  if cfg.mla:
+    shapes = cache_shapes(cfg, batch, cache_len)
+  else:
+    shape = (batch, cache_len, cfg.num_kv_heads, cfg.head_dim)
+    shapes = {"k": shape, "v": shape}
   if cfg.scan_layers:
-    shape = (cfg.num_layers, *shape)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+    return {name: jnp.zeros((cfg.num_layers, *shape), dtype) for name, shape in shapes.items()}
   return tuple(
-    {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_layers)
+    {name: jnp.zeros(shape, dtype) for name, shape in shapes.items()} for _ in range(cfg.num_layers)
   )

@@ -190,8 +190,6 @@ class ModelConfig:
         bad(name, value, "a positive integer (model_type='deepseek_v3')")
     if self.qk_rope_head_dim % 2:
       bad("qk_rope_head_dim", self.qk_rope_head_dim, "an even integer (RoPE rotates pairs)")
-    if self.attention_chunk:
-      bad("attention_chunk", self.attention_chunk, "0 for model_type='deepseek_v3'")
     if self.qkv_bias or self.qk_norm:
       bad("qkv_bias" if self.qkv_bias else "qk_norm", True, "False for model_type='deepseek_v3'")
 

@@ -3,7 +3,8 @@
 Keys and values of all heads come from one `kv_lora_rank` latent per token (after
 `kv_a_norm`) and one `qk_rope_head_dim` RoPE key shared by every head. Without a cache
 (training, scoring) the latent is expanded into per-head keys `[nope | rope]` and values and
-attention runs as usual. With a cache only the latent and the RoPE key are stored (per layer
+attention runs as GQA's does (`transformer._attention`, in query blocks with
+`attention_chunk`). With a cache only the latent and the RoPE key are stored (per layer
 `{"latent": [B, S, 1, kv_lora_rank], "k_rope": [B, S, 1, qk_rope_head_dim]}`, the `1` a
 single shared head so the cache has the GQA cache's rank) and attention runs against the
 latent with the absorbed projections: `q_nope · W_UK` is folded into a query over the latent
@@ -24,6 +25,8 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jdistill.models.config import ModelConfig
 from jdistill.models.transformer import (
+  _attention,
+  _chunked_attention,
   _param,
   apply_rope,
   rms_norm,
@@ -76,7 +79,7 @@ class MLAttention(nnx.Module):
     """x `[B, T, hidden]` → (`[B, T, hidden]`, the layer cache with the T new slots written
     (None without a cache)). kv_mask `[B, S]` or `[B, T, S]`."""
     cfg, dt = self.cfg, self.cfg.jnp_dtype
-    dn, r = cfg.qk_nope_head_dim, cfg.kv_lora_rank
+    dn, dr, r = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
     if cfg.q_lora_rank is None:
       q = jnp.einsum("btd,dhk->bthk", x, self.q_proj[...].astype(dt))
     else:
@@ -97,39 +100,43 @@ class MLAttention(nnx.Module):
     w_uk, w_uv = kv_b[..., :dn], kv_b[..., dn:]  # [r, H, dn], [r, H, dv]
     t = x.shape[1]
     f32 = jnp.float32
-    if layer_cache is None:  # expanded: per-head keys and values of the T tokens
-      new_cache, slots = None, jnp.arange(t)
+    key_mask = kv_mask[:, None, :] if kv_mask.ndim == 2 else kv_mask  # [B, 1 or T, S]
+    o_proj = self.o_proj[...].astype(dt)
+    if layer_cache is None:  # expanded: per-head keys `[nope | rope]` and values, as GQA's
       k_nope = jnp.einsum("bsr,rhk->bshk", latent[:, :, 0], w_uk)
+      k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope, (*k_nope.shape[:3], dr))], -1)
       v = jnp.einsum("bsr,rhk->bshk", latent[:, :, 0], w_uv)
-      scores = jnp.einsum("bthk,bshk->bhts", q_nope, k_nope, preferred_element_type=f32)
-    else:  # absorbed: attention against the cached latent
-      zero = jnp.zeros((), jnp.int32)
-      idx = (zero, jnp.asarray(cache_index, jnp.int32), zero, zero)
-      new_cache = {
-        "latent": jax.lax.dynamic_update_slice(
-          layer_cache["latent"], latent.astype(layer_cache["latent"].dtype), idx
-        ),
-        "k_rope": jax.lax.dynamic_update_slice(
-          layer_cache["k_rope"], k_rope.astype(layer_cache["k_rope"].dtype), idx
-        ),
-      }
-      latent, k_rope = new_cache["latent"].astype(dt), new_cache["k_rope"].astype(dt)
-      slots = cache_index + jnp.arange(t)
-      q_absorbed = jnp.einsum("bthk,rhk->bthr", q_nope, w_uk)
-      scores = jnp.einsum("bthr,bsr->bhts", q_absorbed, latent[:, :, 0], preferred_element_type=f32)
+      q = jnp.concatenate([q_nope, q_rope], axis=-1)[:, :, :, None]  # one query per "kv head"
+      chunk = cfg.attention_chunk
+      if chunk and t > chunk:
+        out = _chunked_attention(q, k, v, key_mask, chunk, softmax_scale(cfg))
+      else:
+        out = _attention(q, k, v, key_mask, jnp.arange(t), softmax_scale(cfg))
+      return jnp.einsum("bthk,hkd->btd", out[:, :, :, 0], o_proj), None
+    # absorbed: attention against the cached latent
+    zero = jnp.zeros((), jnp.int32)
+    idx = (zero, jnp.asarray(cache_index, jnp.int32), zero, zero)
+    new_cache = {
+      "latent": jax.lax.dynamic_update_slice(
+        layer_cache["latent"], latent.astype(layer_cache["latent"].dtype), idx
+      ),
+      "k_rope": jax.lax.dynamic_update_slice(
+        layer_cache["k_rope"], k_rope.astype(layer_cache["k_rope"].dtype), idx
+      ),
+    }
+    latent, k_rope = new_cache["latent"].astype(dt), new_cache["k_rope"].astype(dt)
+    slots = cache_index + jnp.arange(t)
+    q_absorbed = jnp.einsum("bthk,rhk->bthr", q_nope, w_uk)
+    scores = jnp.einsum("bthr,bsr->bhts", q_absorbed, latent[:, :, 0], preferred_element_type=f32)
     scores += jnp.einsum("bthk,bsk->bhts", q_rope, k_rope[:, :, 0], preferred_element_type=f32)
     scores = scores * softmax_scale(cfg)
-    key_mask = kv_mask[:, None, :] if kv_mask.ndim == 2 else kv_mask  # [B, 1 or T, S]
     causal = jnp.arange(scores.shape[-1])[None, :] <= slots[:, None]  # [T, S]
     mask = causal[None] & key_mask.astype(bool)  # [B, T, S]
     scores = jnp.where(mask[:, None], scores, jnp.finfo(f32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    if layer_cache is None:
-      out = jnp.einsum("bhts,bshk->bthk", probs, v)
-    else:
-      out_latent = jnp.einsum("bhts,bsr->bthr", probs, latent[:, :, 0])
-      out = jnp.einsum("bthr,rhk->bthk", out_latent, w_uv)
-    return jnp.einsum("bthk,hkd->btd", out, self.o_proj[...].astype(dt)), new_cache
+    out_latent = jnp.einsum("bhts,bsr->bthr", probs, latent[:, :, 0])
+    out = jnp.einsum("bthr,rhk->bthk", out_latent, w_uv)
+    return jnp.einsum("bthk,hkd->btd", out, o_proj), new_cache
 
 
 def cache_shapes(cfg: ModelConfig, batch: int, cache_len: int) -> dict[str, tuple[int, ...]]:

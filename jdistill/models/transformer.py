@@ -199,17 +199,19 @@ class Attention(nnx.Module):
     return jnp.einsum("bthk,hkd->btd", out, self.o_proj[...].astype(dt)), new_cache
 
 
-def _attention(q, k, v, key_mask, query_slot):
+def _attention(q, k, v, key_mask, query_slot, scale: float | None = None):
   """Causal grouped-query attention with materialised scores.
 
-  q: `[B, T, kv_heads, groups, Dh]`; k, v: `[B, S, kv_heads, Dh]`; key_mask: `[B, 1 or T, S]`;
-  query_slot: `[T]`, the cache slot of each query. Returns `[B, T, kv_heads, groups, Dh]`.
+  q: `[B, T, kv_heads, groups, Dh]`; k: `[B, S, kv_heads, Dh]`; v: `[B, S, kv_heads, Dv]`;
+  key_mask: `[B, 1 or T, S]`; query_slot: `[T]`, the cache slot of each query; scale: of the
+  scores (None: `Dh ** -0.5`). Returns `[B, T, kv_heads, groups, Dv]`.
   """
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
   if q.shape[1] == 1:
-    return _one_query_attention(q, k, v, key_mask, query_slot)
+    return _one_query_attention(q, k, v, key_mask, query_slot, scale)
   dt = q.dtype
   scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-  scores = scores * (q.shape[-1] ** -0.5)
+  scores = scores * scale
   causal = jnp.arange(k.shape[1])[None, :] <= query_slot[:, None]  # [T, S]
   mask = causal[None] & key_mask.astype(bool)  # [B, T, S]
   scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
@@ -217,14 +219,14 @@ def _attention(q, k, v, key_mask, query_slot):
   return jnp.einsum("bkgts,bskd->btkgd", probs, v)
 
 
-def _one_query_attention(q, k, v, key_mask, query_slot):
+def _one_query_attention(q, k, v, key_mask, query_slot, scale):
   """`_attention` of one query per row (a decode step), as products and sums in f32 over
   the cache in its own `[B, S, kv_heads, Dh]` layout: the two dots would have XLA:CPU copy
   every layer's cache into their operand layout on every step (~0.2 ms a layer at
   [16, 192, 2, 64]; this is 0.4 -> 0.25 ms a layer with the softmax)."""
   f32 = jnp.float32
   query = q[:, 0, None].astype(f32)  # [B, 1, kv_heads, groups, Dh]
-  scores = jnp.sum(query * k[:, :, :, None].astype(f32), axis=-1) * (q.shape[-1] ** -0.5)
+  scores = jnp.sum(query * k[:, :, :, None].astype(f32), axis=-1) * scale
   mask = (jnp.arange(k.shape[1]) <= query_slot[0])[None] & key_mask[:, 0].astype(bool)  # [B, S]
   scores = jnp.where(mask[:, :, None, None], scores, jnp.finfo(f32).min)  # [B, S, kv, groups]
   probs = jax.nn.softmax(scores, axis=1)
@@ -232,7 +234,7 @@ def _one_query_attention(q, k, v, key_mask, query_slot):
   return out[:, None].astype(q.dtype)
 
 
-def _chunked_attention(q, k, v, key_mask, chunk: int):
+def _chunked_attention(q, k, v, key_mask, chunk: int, scale: float | None = None):
   """`_attention` of a cache-less forward, one block of `chunk` queries at a time.
 
   Only one block's `[B, kv_heads, groups, chunk, S]` scores are live, and each block is
@@ -252,10 +254,11 @@ def _chunked_attention(q, k, v, key_mask, chunk: int):
   @jax.checkpoint
   def block(i, q_block, mask_block):
     slots = i * chunk + jnp.arange(chunk)
-    return _attention(q_block, k, v, key_mask if mask_block is None else mask_block, slots)
+    mask = key_mask if mask_block is None else mask_block
+    return _attention(q_block, k, v, mask, slots, scale)
 
   out = jax.lax.map(lambda a: block(*a), (jnp.arange(n), q_blocks, mask_blocks))
-  return jnp.moveaxis(out, 0, 1).reshape(q.shape)[:, :t]
+  return jnp.moveaxis(out, 0, 1).reshape(b, n * chunk, *out.shape[3:])[:, :t]
 
 
 class MLP(nnx.Module):

@@ -57,11 +57,16 @@ def _forward(graphdef, state, tokens, positions, mask):
   return nnx.merge(graphdef, state).forward_logits(tokens, positions, mask)
 
 
-def _dense(model):
-  """The same weights with `moe_dispatch="dense"` (a cheaper compile; the dispatches are
-  tested equal in test_moe.py)."""
-  other = nnx.eval_shape(lambda: Transformer(model.cfg.replace(moe_dispatch="dense"), nnx.Rngs(0)))
+def _with_cfg(model, **kw):
+  """The same weights under a config with `kw` changed."""
+  other = nnx.eval_shape(lambda: Transformer(model.cfg.replace(**kw), nnx.Rngs(0)))
   return nnx.merge(nnx.graphdef(other), nnx.state(model))
+
+
+def _dense(model):
+  """`moe_dispatch="dense"`: a cheaper compile (the dispatches are tested equal in
+  test_moe.py)."""
+  return _with_cfg(model, moe_dispatch="dense")
 
 
 def _jd_logits(model, tokens, mask, positions):
@@ -81,9 +86,11 @@ def ds_pair(request, tmp_path_factory):
 
 def test_logits_match_transformers(ds_pair):
   name, torch_model, path = ds_pair
-  model = hf.from_hf(path)  # blocked dispatch (the default) in one case, dense in the other
+  model = hf.from_hf(path)
   if name == "yarn-qlora-interleave":
     model = _dense(model)  # the decode test's model: the forward compiles once
+  else:  # the default blocked dispatch, and attention in blocks of 4 queries (11 = 4 + 4 + 3)
+    model = _with_cfg(model, attention_chunk=4)
   cfg = model.cfg
   assert cfg.mla and (cfg.q_lora_rank is None) == ("qfull" in name)
   assert (cfg.rope_scaling is not None) == ("yarn" in name) and cfg.rope_interleave == (
@@ -262,7 +269,6 @@ def test_grouped_router_picks_from_the_best_groups():
     (dict(kv_lora_rank=0), "kv_lora_rank"),
     (dict(q_lora_rank=0), "q_lora_rank"),
     (dict(qk_rope_head_dim=3), "qk_rope_head_dim"),
-    (dict(attention_chunk=4), "attention_chunk"),
     (dict(router_aux_loss_coef=0.01), "router_aux_loss_coef"),
     (dict(first_k_dense_replace=3), "first_k_dense_replace"),
     (dict(rope_scaling=(("factor", 4.0), ("rope_type", "yarn"))), "original_max_position"),

@@ -3,7 +3,7 @@
 Keys and values of all heads come from one `kv_lora_rank` latent per token (after
 `kv_a_norm`) and one `qk_rope_head_dim` RoPE key shared by every head. Without a cache
 (training, scoring) the latent is expanded into per-head keys `[nope | rope]` and values and
-attention runs as GQA's does (`transformer._attention`, in query blocks with
+attention runs as GQA's does (`layers._attention`, in query blocks with
 `attention_chunk`). With a cache only the latent and the RoPE key are stored (per layer
 `{"latent": [B, S, 1, kv_lora_rank], "k_rope": [B, S, 1, qk_rope_head_dim]}`, the `1` a
 single shared head so the cache has the GQA cache's rank) and attention runs against the
@@ -24,7 +24,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from jdistill.models.config import ModelConfig
-from jdistill.models.transformer import (
+from jdistill.models.layers import (
   _attention,
   _chunked_attention,
   _param,

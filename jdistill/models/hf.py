@@ -511,7 +511,10 @@ def to_hf(
     state, is_leaf=lambda x: isinstance(x, nnx.Variable)
   ):
     key = _path_key(path)
-    host = _to_host(var.get_value()).astype(jnp.dtype(dtype))
+    # DeepSeek-V3's score-correction bias stays f32 (HF keeps it so: it only ranks experts,
+    # and bf16 would reorder close scores)
+    keep = key[-1] == "score_bias"
+    host = _to_host(var.get_value()).astype(jnp.float32 if keep else jnp.dtype(dtype))
     parts = host if _is_stacked(key) else [host]  # a scanned leaf: one tensor per layer
     for (hf_name, _, to_hf_layout), part in zip(_entries(table, key, cfg.num_layers), parts):
       if isinstance(hf_name, tuple):  # one tensor per expert

@@ -189,6 +189,13 @@ def test_export_loads_in_transformers_and_reimports_bit_identical(ds_pair, tmp_p
   assert again.cfg == model.cfg
   for a, b in zip(jax.tree.leaves(nnx.state(again)), jax.tree.leaves(nnx.state(model))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # a bf16 export keeps the score-correction bias in f32, as HF does
+  from safetensors import safe_open
+
+  hf.to_hf(model, str(tmp_path / "bf16"), dtype="bfloat16")
+  with safe_open(str(tmp_path / "bf16" / "model.safetensors"), "np") as f:
+    assert f.get_slice("model.layers.1.mlp.gate.e_score_correction_bias").get_dtype() == "F32"
+    assert f.get_slice("model.layers.1.mlp.gate.weight").get_dtype() == "BF16"
 
 
 # --- without transformers: scanned layers, sharding, config ---------------------------

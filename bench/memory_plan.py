@@ -49,12 +49,12 @@ from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from jdistill import streaming  # noqa: E402
 from jdistill.losses import LossSettings  # noqa: E402
 from jdistill.models import ModelConfig, Transformer  # noqa: E402
 from jdistill.runtime import sharding as shd  # noqa: E402
 from jdistill.step import common as step_common  # noqa: E402
 from jdistill.step import opd as ts  # noqa: E402
+from jdistill.step import streaming  # noqa: E402
 
 GB = 1e9
 QWEN3 = dict(
@@ -104,6 +104,33 @@ MODELS = {
     moe_intermediate_size=768,
     norm_topk_prob=True,
   ),
+  # DeepSeek-V3's architecture (MLA, 2 shared + 64 routed experts of which 6 active, sigmoid
+  # group routing, one dense first layer) at DeepSeek-V2-Lite's 16B size: a student that fits
+  # 8 H200s with f32 Adam, unlike V3's own 671B; Qwen3's vocabulary, to share its teachers'
+  "deepseek-v3-16b": dict(
+    model_type="deepseek_v3",
+    vocab_size=151_936,
+    hidden_size=2048,
+    intermediate_size=10_944,
+    num_layers=27,
+    num_heads=16,
+    num_kv_heads=16,
+    q_lora_rank=None,
+    kv_lora_rank=512,
+    qk_nope_head_dim=128,
+    qk_rope_head_dim=64,
+    v_head_dim=128,
+    num_experts=64,
+    num_experts_per_tok=6,
+    moe_intermediate_size=1408,
+    shared_expert_intermediate_size=2 * 1408,
+    n_group=1,
+    topk_group=1,
+    norm_topk_prob=False,
+    first_k_dense_replace=1,
+    param_dtype="bfloat16",
+    dtype="bfloat16",
+  ),
   "tiny": dict(
     **{**QWEN3, "vocab_size": 1024},
     hidden_size=64,
@@ -121,6 +148,7 @@ MODELS = {
 SETUPS = {
   "qwen3_1.7b_4x8b": ("qwen3-1.7b", "qwen3-8b", 4, 8192, -1),
   "qwen3_30b_a3b_4x32b": ("qwen3-30b-a3b", "qwen3-32b", 4, 16384, -1),
+  "deepseek_v3_16b_4x8b": ("deepseek-v3-16b", "qwen3-8b", 4, 8192, -1),
   "tiny": ("tiny", "tiny", 4, 128, 2),
 }
 # Meshes and their device memory (GB): 8 x H200 (141 GB), TPU v5p-64 (32 chips of 95 GB,
@@ -150,18 +178,28 @@ def cpu_moe_proxy(cfg: ModelConfig) -> tuple[ModelConfig, dict]:
   back by `plan` per device: the other E − k experts' weights (`extra_params` per model,
   as parameter counts) and the `[tokens·k, d]` rows the dispatch gathers, live within one
   layer (`gathered_rows` per token, in elements).
+
+  DeepSeek-V3 keeps its latent attention; every layer's stand-in MLP is k·f plus the shared
+  experts' width wide (the sparse layers' activations), and the `first_k_dense_replace`
+  dense layers' wider MLP weights are added back as parameters (their activations, a few
+  layers of `[tokens, intermediate_size]`, are not).
   """
   e, k, f, d = cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size, cfg.hidden_size
+  sparse = sum(cfg.is_moe_layer(i) for i in range(cfg.num_layers))
+  width = k * f + (cfg.shared_expert_intermediate_size if cfg.mla else 0)
   proxy = cfg.replace(
-    model_type="qwen3",
+    model_type="deepseek_v3" if cfg.mla else "qwen3",
     num_experts=0,
     num_experts_per_tok=0,
     moe_intermediate_size=0,
+    shared_expert_intermediate_size=0,
     norm_topk_prob=False,
-    intermediate_size=k * f,
+    first_k_dense_replace=0,
+    intermediate_size=width,
   )
+  dense_extra = (cfg.num_layers - sparse) * 3 * d * (cfg.intermediate_size - width)
   extra = {
-    "extra_params": cfg.num_layers * (3 * d * f * (e - k) + d * e),
+    "extra_params": sparse * (3 * d * f * (e - k) + d * e) + dense_extra,
     "gathered_rows": k * d,
   }
   return proxy, extra

@@ -1,5 +1,6 @@
-"""Architecture config of the one decoder family jdistill runs (Llama 3, Qwen2, Qwen3 and the
-Qwen2-MoE / Qwen3-MoE mixture-of-experts variants)."""
+"""Architecture config of the one decoder family jdistill runs (Llama 3, Qwen2, Qwen3, the
+Qwen2-MoE / Qwen3-MoE mixture-of-experts variants and DeepSeek-V3's latent attention with
+shared-expert MoE)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ from typing import Any
 
 import jax.numpy as jnp
 
-MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
+MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "deepseek_v3")
+MOE_TYPES = ("qwen2_moe", "qwen3_moe", "deepseek_v3")
 DTYPES = ("float32", "bfloat16", "float16")
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 MOE_DISPATCHES = ("ragged", "blocked", "dense")
 # Names of `ModelConfig.remat_policy`; `transformer.checkpoint_policy` maps them to jax policies.
 REMAT_POLICIES = (
@@ -41,6 +43,17 @@ class ModelConfig:
   `ragged` (`jax.lax.ragged_dot`) or `dense` (every expert on every token, a reference for
   tests); all three drop no token. The router coefficients weight the optional training losses
   (`jdistill.models.moe.aux_losses`); 0 turns them off.
+
+  DeepSeek-V3 (`model_type="deepseek_v3"`): multi-head latent attention (MLA) replaces
+  grouped-query attention (`num_kv_heads` and `head_dim` are unused): queries come from
+  `hidden -> q_lora_rank -> heads x (qk_nope_head_dim + qk_rope_head_dim)` (`q_lora_rank=None`:
+  one `hidden -> heads x ...` projection); keys and values from a `kv_lora_rank` latent and one
+  shared `qk_rope_head_dim` RoPE key; values are `v_head_dim` wide. `rope_interleave`: the RoPE
+  dims come in interleaved pairs (DeepSeek's checkpoints). Layers `i >= first_k_dense_replace`
+  are sparse; their router scores are sigmoids, picked (with a score-correction bias that
+  only selects) from the best `topk_group` of `n_group` expert groups, and scaled by
+  `routed_scaling_factor`; `shared_expert_intermediate_size` is the ungated shared experts'
+  width (HF's `n_shared_experts * moe_intermediate_size`).
 
   `scan_layers`: stack the blocks' params on a leading `layers` axis and run them under
   `jax.lax.scan` (one block compiled instead of `num_layers`). `None` (auto) is resolved
@@ -81,6 +94,17 @@ class ModelConfig:
   router_z_loss_coef: float = 0.0
   scan_layers: bool | None = None
   remat_policy: str = "none"
+  # DeepSeek-V3 (MLA and its router); see the class docstring
+  q_lora_rank: int | None = None
+  kv_lora_rank: int = 0
+  qk_nope_head_dim: int = 0
+  qk_rope_head_dim: int = 0
+  v_head_dim: int = 0
+  rope_interleave: bool = False
+  n_group: int = 1
+  topk_group: int = 1
+  routed_scaling_factor: float = 1.0
+  first_k_dense_replace: int = 0
 
   def __post_init__(self):
     self.validate()
@@ -90,7 +114,8 @@ class ModelConfig:
     elif self.scan_layers and not self.uniform_layers:
       raise ValueError(
         f"ModelConfig.scan_layers=True is invalid with layers of two kinds (mlp_only_layers="
-        f"{self.mlp_only_layers}, decoder_sparse_step={self.decoder_sparse_step}): one scan "
+        f"{self.mlp_only_layers}, decoder_sparse_step={self.decoder_sparse_step}, "
+        f"first_k_dense_replace={self.first_k_dense_replace}): one scan "
         "runs identical blocks; allowed: False or None (auto)"
       )
 
@@ -136,6 +161,7 @@ class ModelConfig:
         bad("rope_scaling.rope_type", rope_type, ROPE_TYPES)
       needed = {
         "linear": ("factor",),
+        "yarn": ("factor", "original_max_position_embeddings"),
         "llama3": (
           "factor",
           "low_freq_factor",
@@ -149,7 +175,23 @@ class ModelConfig:
 
     if not isinstance(self.attention_chunk, int) or self.attention_chunk < 0:
       bad("attention_chunk", self.attention_chunk, "an integer >= 0 (0: one block)")
+    self._validate_mla(bad)
     self._validate_moe(bad)
+
+  def _validate_mla(self, bad) -> None:
+    if not self.mla:
+      return
+    q = self.q_lora_rank
+    if q is not None and (not isinstance(q, int) or isinstance(q, bool) or q <= 0):
+      bad("q_lora_rank", q, "None (a full-rank query projection) or a positive integer")
+    for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        bad(name, value, "a positive integer (model_type='deepseek_v3')")
+    if self.qk_rope_head_dim % 2:
+      bad("qk_rope_head_dim", self.qk_rope_head_dim, "an even integer (RoPE rotates pairs)")
+    if self.qkv_bias or self.qk_norm:
+      bad("qkv_bias" if self.qkv_bias else "qk_norm", True, "False for model_type='deepseek_v3'")
 
   def _validate_moe(self, bad) -> None:
     if self.moe_dispatch not in MOE_DISPATCHES:
@@ -161,8 +203,8 @@ class ModelConfig:
       bad("num_experts", self.num_experts, "an integer >= 0 (0: a dense model)")
     if self.num_experts == 0:
       return
-    if self.model_type not in ("qwen2_moe", "qwen3_moe"):
-      bad("model_type", self.model_type, "'qwen2_moe' or 'qwen3_moe' when num_experts > 0")
+    if self.model_type not in MOE_TYPES:
+      bad("model_type", self.model_type, f"one of {MOE_TYPES} when num_experts > 0")
     if not 1 <= self.num_experts_per_tok <= self.num_experts:
       bad("num_experts_per_tok", self.num_experts_per_tok, f"1..num_experts={self.num_experts}")
     if not isinstance(self.moe_intermediate_size, int) or self.moe_intermediate_size <= 0:
@@ -177,6 +219,23 @@ class ModelConfig:
     shared = self.shared_expert_intermediate_size
     if not isinstance(shared, int) or shared < 0:
       bad("shared_expert_intermediate_size", shared, "an integer >= 0")
+    first = self.first_k_dense_replace
+    if not isinstance(first, int) or not 0 <= first <= self.num_layers:
+      bad("first_k_dense_replace", first, f"an integer in [0, num_layers={self.num_layers}]")
+    if self.model_type != "deepseek_v3":
+      return
+    if self.router_aux_loss_coef or self.router_z_loss_coef:
+      name = "router_aux_loss_coef" if self.router_aux_loss_coef else "router_z_loss_coef"
+      bad(name, getattr(self, name), "0 for deepseek_v3 (its losses are for softmax routers)")
+    groups, top = self.n_group, self.topk_group
+    if not isinstance(groups, int) or groups <= 0 or self.num_experts % groups:
+      bad("n_group", groups, f"a positive divisor of num_experts={self.num_experts}")
+    if not isinstance(top, int) or not 1 <= top <= groups:
+      bad("topk_group", top, f"1..n_group={groups}")
+    if self.num_experts // groups < 2:
+      bad("n_group", groups, "at most num_experts / 2 (a group scores its best two experts)")
+    if self.num_experts_per_tok > top * (self.num_experts // groups):
+      bad("num_experts_per_tok", self.num_experts_per_tok, "at most the kept groups' experts")
 
   @property
   def uniform_layers(self) -> bool:
@@ -184,12 +243,24 @@ class ModelConfig:
     return len({self.is_moe_layer(i) for i in range(self.num_layers)}) == 1
 
   def is_moe_layer(self, i: int) -> bool:
-    """Whether layer `i` is sparse (HF's `mlp_only_layers` / `decoder_sparse_step` rule)."""
+    """Whether layer `i` is sparse (HF's `mlp_only_layers` / `decoder_sparse_step` /
+    `first_k_dense_replace` rules)."""
     return (
       self.num_experts > 0
+      and i >= self.first_k_dense_replace
       and i not in self.mlp_only_layers
       and (i + 1) % self.decoder_sparse_step == 0
     )
+
+  @property
+  def mla(self) -> bool:
+    """Whether attention is DeepSeek's multi-head latent attention (`jdistill.models.mla`)."""
+    return self.model_type == "deepseek_v3"
+
+  @property
+  def rope_dim(self) -> int:
+    """The width RoPE rotates: `qk_rope_head_dim` under MLA, else `head_dim`."""
+    return self.qk_rope_head_dim if self.mla else self.head_dim
 
   @property
   def rope_dict(self) -> dict[str, Any] | None:

@@ -34,8 +34,9 @@ _HF_CLASSES = {
   "qwen3": "Qwen3ForCausalLM",
   "qwen2_moe": "Qwen2MoeForCausalLM",
   "qwen3_moe": "Qwen3MoeForCausalLM",
+  "deepseek_v3": "DeepseekV3ForCausalLM",
 }
-_MOE_TYPES = ("qwen2_moe", "qwen3_moe")
+_MOE_TYPES = ("qwen2_moe", "qwen3_moe", "deepseek_v3")
 
 
 def config_from_hf(
@@ -52,7 +53,8 @@ def config_from_hf(
     raise ValueError(
       f"config.json: model_type={model_type!r} is not supported; allowed: {sorted(_HF_CLASSES)}"
     )
-  for field in ("attention_bias", "mlp_bias") if model_type == "llama" else ("mlp_bias",):
+  biased = ("attention_bias", "mlp_bias") if model_type in ("llama", "deepseek_v3") else ()
+  for field in biased or ("mlp_bias",):
     if hf.get(field):
       raise ValueError(f"config.json: {field}=true is not supported for {model_type}")
   if hf.get("use_sliding_window"):
@@ -75,13 +77,14 @@ def config_from_hf(
   rope_scaling = None if rope_type == "default" else tuple(sorted(rope.items()))
   return ModelConfig(
     **_moe_from_hf(hf, model_type),
+    **_mla_from_hf(hf, model_type),
     model_type=model_type,
     vocab_size=hf["vocab_size"],
     hidden_size=hf["hidden_size"],
     intermediate_size=hf["intermediate_size"],
     num_layers=hf["num_hidden_layers"],
     num_heads=heads,
-    num_kv_heads=hf.get("num_key_value_heads") or heads,
+    num_kv_heads=heads if model_type == "deepseek_v3" else hf.get("num_key_value_heads") or heads,
     head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
     rope_theta=float(theta),
     rope_scaling=rope_scaling,
@@ -99,10 +102,41 @@ def config_from_hf(
   )
 
 
+def _mla_from_hf(hf: dict, model_type: str) -> dict:
+  """ModelConfig's latent-attention fields from a DeepSeek-V3 `config.json`."""
+  if model_type != "deepseek_v3":
+    return {}
+  for field in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+    if field not in hf:
+      raise ValueError(f"config.json: missing required field {field!r} for deepseek_v3")
+  return dict(
+    q_lora_rank=hf.get("q_lora_rank"),
+    kv_lora_rank=hf["kv_lora_rank"],
+    qk_nope_head_dim=hf["qk_nope_head_dim"],
+    qk_rope_head_dim=hf["qk_rope_head_dim"],
+    v_head_dim=hf["v_head_dim"],
+    rope_interleave=bool(hf.get("rope_interleave", True)),
+  )
+
+
 def _moe_from_hf(hf: dict, model_type: str) -> dict:
-  """ModelConfig's mixture-of-experts fields from a Qwen2-MoE / Qwen3-MoE `config.json`."""
+  """ModelConfig's mixture-of-experts fields from a Qwen2-MoE / Qwen3-MoE / DeepSeek-V3
+  `config.json`."""
   if model_type not in _MOE_TYPES:
     return {}
+  if model_type == "deepseek_v3":
+    moe_width = hf.get("moe_intermediate_size", 0)
+    return dict(
+      num_experts=hf.get("n_routed_experts", 0),
+      num_experts_per_tok=hf.get("num_experts_per_tok", 0),
+      moe_intermediate_size=moe_width,
+      norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
+      shared_expert_intermediate_size=(hf.get("n_shared_experts") or 0) * moe_width,
+      n_group=hf.get("n_group") or 1,
+      topk_group=hf.get("topk_group") or 1,
+      routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
+      first_k_dense_replace=hf.get("first_k_dense_replace") or 0,
+    )
   # transformers v5 writes Qwen3-MoE's `num_experts` as `num_local_experts`
   experts = hf.get("num_experts", hf.get("num_local_experts", 0))
   out = dict(
@@ -153,6 +187,9 @@ def config_to_hf(cfg: ModelConfig, torch_dtype: str = "float32") -> dict:
     out["mlp_bias"] = False
   if cfg.model_type in ("qwen3", "qwen3_moe"):
     out["attention_bias"] = cfg.qkv_bias
+  if cfg.mla:
+    out.update(_mla_to_hf(cfg))
+    return out
   if cfg.model_type == "qwen2_moe":
     out["qkv_bias"] = cfg.qkv_bias
     out["use_sliding_window"] = False
@@ -172,6 +209,37 @@ def config_to_hf(cfg: ModelConfig, torch_dtype: str = "float32") -> dict:
     if cfg.router_z_loss_coef > 0:
       out["router_z_loss_coef"] = cfg.router_z_loss_coef
   return out
+
+
+def _mla_to_hf(cfg: ModelConfig) -> dict:
+  """DeepSeek-V3's own `config.json` fields (MLA, its router, the dense first layers)."""
+  shared, width = cfg.shared_expert_intermediate_size, cfg.moe_intermediate_size
+  if width and shared % width:
+    raise ValueError(
+      f"ModelConfig.shared_expert_intermediate_size={shared} is not a multiple of "
+      f"moe_intermediate_size={width} (HF's n_shared_experts)"
+    )
+  return dict(
+    num_key_value_heads=cfg.num_heads,
+    head_dim=cfg.qk_rope_head_dim,
+    attention_bias=False,
+    q_lora_rank=cfg.q_lora_rank,
+    kv_lora_rank=cfg.kv_lora_rank,
+    qk_nope_head_dim=cfg.qk_nope_head_dim,
+    qk_rope_head_dim=cfg.qk_rope_head_dim,
+    v_head_dim=cfg.v_head_dim,
+    rope_interleave=cfg.rope_interleave,
+    n_routed_experts=cfg.num_experts,
+    num_experts_per_tok=cfg.num_experts_per_tok,
+    moe_intermediate_size=width,
+    n_shared_experts=shared // width if width else 0,
+    norm_topk_prob=cfg.norm_topk_prob,
+    n_group=cfg.n_group,
+    topk_group=cfg.topk_group,
+    routed_scaling_factor=cfg.routed_scaling_factor,
+    first_k_dense_replace=cfg.first_k_dense_replace if cfg.num_experts else cfg.num_layers,
+    num_nextn_predict_layers=0,
+  )
 
 
 # --- name and layout mapping -------------------------------------------------
@@ -206,11 +274,14 @@ def _param_map(cfg: ModelConfig) -> dict[tuple, tuple[str | tuple[str, ...], Cal
     layer = {
       ("input_norm",): ("input_layernorm.weight", *ident),
       ("post_attn_norm",): ("post_attention_layernorm.weight", *ident),
-      ("attn", "q_proj"): ("self_attn.q_proj.weight", *proj_in(h)),
-      ("attn", "k_proj"): ("self_attn.k_proj.weight", *proj_in(kv)),
-      ("attn", "v_proj"): ("self_attn.v_proj.weight", *proj_in(kv)),
-      ("attn", "o_proj"): ("self_attn.o_proj.weight", *o_proj),
     }
+    if cfg.mla:
+      layer.update(_mla_param_map(cfg))
+    else:
+      layer[("attn", "q_proj")] = ("self_attn.q_proj.weight", *proj_in(h))
+      layer[("attn", "k_proj")] = ("self_attn.k_proj.weight", *proj_in(kv))
+      layer[("attn", "v_proj")] = ("self_attn.v_proj.weight", *proj_in(kv))
+      layer[("attn", "o_proj")] = ("self_attn.o_proj.weight", *o_proj)
     if cfg.is_moe_layer(i):
       layer.update(_moe_param_map(cfg, pre))
     else:
@@ -230,6 +301,36 @@ def _param_map(cfg: ModelConfig) -> dict[tuple, tuple[str | tuple[str, ...], Cal
   return table
 
 
+def _mla_param_map(cfg: ModelConfig) -> dict:
+  """One latent-attention layer's entries (names relative to the layer)."""
+  h, d = cfg.num_heads, cfg.hidden_size
+  qk, kv = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.qk_nope_head_dim + cfg.v_head_dim
+  ident = (lambda w: w, lambda w: w)
+  transpose = (lambda w: w.T, lambda w: w.T)
+
+  def heads_out(rows, width):  # HF [heads*width, rows] ⇄ ours [rows, heads, width]
+    return (lambda w: w.T.reshape(rows, h, width), lambda w: w.reshape(rows, h * width).T)
+
+  dv = cfg.v_head_dim
+  table = {
+    ("attn", "kv_a_proj"): ("self_attn.kv_a_proj_with_mqa.weight", *transpose),
+    ("attn", "kv_a_norm"): ("self_attn.kv_a_layernorm.weight", *ident),
+    ("attn", "kv_b_proj"): ("self_attn.kv_b_proj.weight", *heads_out(cfg.kv_lora_rank, kv)),
+    ("attn", "o_proj"): (
+      "self_attn.o_proj.weight",
+      lambda w: w.T.reshape(h, dv, d),
+      lambda w: w.reshape(h * dv, d).T,
+    ),
+  }
+  if cfg.q_lora_rank is None:
+    table[("attn", "q_proj")] = ("self_attn.q_proj.weight", *heads_out(d, qk))
+  else:
+    table[("attn", "q_a_proj")] = ("self_attn.q_a_proj.weight", *transpose)
+    table[("attn", "q_a_norm")] = ("self_attn.q_a_layernorm.weight", *ident)
+    table[("attn", "q_b_proj")] = ("self_attn.q_b_proj.weight", *heads_out(cfg.q_lora_rank, qk))
+  return table
+
+
 def _moe_param_map(cfg: ModelConfig, pre: str) -> dict:
   """One sparse layer's entries (names relative to the layer)."""
   transpose = (lambda w: w.T, lambda w: w.T)
@@ -245,10 +346,14 @@ def _moe_param_map(cfg: ModelConfig, pre: str) -> dict:
     ("mlp", "up_proj"): (experts("up_proj"), *stacked),
     ("mlp", "down_proj"): (experts("down_proj"), *stacked),
   }
+  if cfg.model_type == "deepseek_v3":
+    table[("mlp", "score_bias")] = ("mlp.gate.e_score_correction_bias", lambda w: w, lambda w: w)
+  shared = "shared_experts" if cfg.model_type == "deepseek_v3" else "shared_expert"
   if cfg.shared_expert_intermediate_size:
-    table[("mlp", "shared_gate_proj")] = ("mlp.shared_expert.gate_proj.weight", *transpose)
-    table[("mlp", "shared_up_proj")] = ("mlp.shared_expert.up_proj.weight", *transpose)
-    table[("mlp", "shared_down_proj")] = ("mlp.shared_expert.down_proj.weight", *transpose)
+    table[("mlp", "shared_gate_proj")] = (f"mlp.{shared}.gate_proj.weight", *transpose)
+    table[("mlp", "shared_up_proj")] = (f"mlp.{shared}.up_proj.weight", *transpose)
+    table[("mlp", "shared_down_proj")] = (f"mlp.{shared}.down_proj.weight", *transpose)
+  if cfg.shared_expert_intermediate_size and cfg.model_type == "qwen2_moe":
     table[("mlp", "shared_expert_gate")] = (
       "mlp.shared_expert_gate.weight",
       lambda w: w.reshape(-1),
@@ -406,7 +511,10 @@ def to_hf(
     state, is_leaf=lambda x: isinstance(x, nnx.Variable)
   ):
     key = _path_key(path)
-    host = _to_host(var.get_value()).astype(jnp.dtype(dtype))
+    # DeepSeek-V3's score-correction bias stays f32 (HF keeps it so: it only ranks experts,
+    # and bf16 would reorder close scores)
+    keep = key[-1] == "score_bias"
+    host = _to_host(var.get_value()).astype(jnp.float32 if keep else jnp.dtype(dtype))
     parts = host if _is_stacked(key) else [host]  # a scanned leaf: one tensor per layer
     for (hf_name, _, to_hf_layout), part in zip(_entries(table, key, cfg.num_layers), parts):
       if isinstance(hf_name, tuple):  # one tensor per expert

@@ -1,4 +1,8 @@
-"""Sparse mixture-of-experts feed-forward (Qwen2-MoE / Qwen3-MoE) and its router losses.
+"""Sparse mixture-of-experts feed-forward (Qwen2-MoE / Qwen3-MoE / DeepSeek-V3) and its router
+losses.
+
+Routers: Qwen's softmax top-k (`route`); DeepSeek-V3's sigmoid scores, chosen with a
+score-correction bias from the best groups and scaled (`route_grouped`).
 
 Dispatch never drops a token (no capacity factor): the `[tokens * k]` (token, expert)
 assignments are sorted by expert, every expert runs over its rows, and the rows are
@@ -38,6 +42,36 @@ def route(logits: jax.Array, k: int, norm_topk_prob: bool) -> tuple[jax.Array, j
   if norm_topk_prob:
     weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
   return weights, experts
+
+
+def route_grouped(
+  logits: jax.Array,
+  bias: jax.Array,
+  k: int,
+  n_group: int,
+  topk_group: int,
+  norm_topk_prob: bool,
+  scaling: float,
+) -> tuple[jax.Array, jax.Array]:
+  """DeepSeek-V3's router: `[tokens, experts]` logits → (weights, experts) `[tokens, k]`.
+
+  Scores are `sigmoid(logits)` (f32). Choice only: `scores + bias` (the score-correction bias,
+  `[experts]`) ranks the `n_group` contiguous expert groups by the sum of their best two, and
+  the top k experts are picked from the best `topk_group` groups. The weights are the chosen
+  experts' plain scores, normalised to sum 1 if `norm_topk_prob`, times `scaling`.
+  """
+  n, e = logits.shape
+  scores = jax.nn.sigmoid(logits.astype(jnp.float32))
+  choice = scores + jax.lax.stop_gradient(bias.astype(jnp.float32))
+  group_scores = jnp.sum(jax.lax.top_k(choice.reshape(n, n_group, e // n_group), 2)[0], -1)
+  _, groups = jax.lax.top_k(group_scores, topk_group)  # [tokens, topk_group]
+  kept = jnp.sum(jax.nn.one_hot(groups, n_group, dtype=jnp.int32), axis=1) > 0  # [tokens, groups]
+  choice = jnp.where(jnp.repeat(kept, e // n_group, axis=1), choice, -jnp.inf)
+  _, experts = jax.lax.top_k(choice, k)
+  weights = jnp.take_along_axis(scores, experts, axis=1)
+  if norm_topk_prob:
+    weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
+  return weights * scaling, experts
 
 
 def ragged_experts(x, experts, weights, gate, up, down) -> jax.Array:
@@ -157,7 +191,10 @@ def dense_experts(x, experts, weights, gate, up, down) -> jax.Array:
 
 
 class MoE(nnx.Module):
-  """Routed SwiGLU experts, plus Qwen2-MoE's sigmoid-gated shared expert when configured."""
+  """Routed SwiGLU experts, plus a shared expert when configured (Qwen2-MoE's is
+  sigmoid-gated, DeepSeek-V3's always on). DeepSeek-V3's router also holds the
+  score-correction bias `score_bias` `[experts]` (f32): it only picks experts, so it gets no
+  gradient (it is a checkpoint value, not trained here)."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     e, d, f, pd = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.jnp_param_dtype
@@ -166,24 +203,36 @@ class MoE(nnx.Module):
     self.gate_proj = _param(rngs, (e, d, f), ("expert", "embed", "moe_mlp"), pd)
     self.up_proj = _param(rngs, (e, d, f), ("expert", "embed", "moe_mlp"), pd)
     self.down_proj = _param(rngs, (e, f, d), ("expert", "moe_mlp", "embed"), pd)
+    if cfg.model_type == "deepseek_v3":
+      self.score_bias = nnx.Param(jnp.zeros((e,), jnp.float32), logical_axes=("expert",))
     s = cfg.shared_expert_intermediate_size
     if s:
       self.shared_gate_proj = _param(rngs, (d, s), ("embed", "mlp"), pd)
       self.shared_up_proj = _param(rngs, (d, s), ("embed", "mlp"), pd)
       self.shared_down_proj = _param(rngs, (s, d), ("mlp", "embed"), pd)
-      self.shared_expert_gate = _param(rngs, (d,), ("embed",), pd)
+      if cfg.model_type == "qwen2_moe":
+        self.shared_expert_gate = _param(rngs, (d,), ("embed",), pd)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """`[batch, seq, hidden]` → `[batch, seq, hidden]`."""
     cfg, dt = self.cfg, self.cfg.jnp_dtype
     b, t, d = x.shape
     flat = x.reshape(b * t, d)
-    logits = jnp.dot(flat, self.router[...].astype(dt), preferred_element_type=jnp.float32)
+    if cfg.model_type == "deepseek_v3":  # HF keeps this router in f32
+      logits = jnp.dot(flat.astype(jnp.float32), self.router[...].astype(jnp.float32))
+    else:
+      logits = jnp.dot(flat, self.router[...].astype(dt), preferred_element_type=jnp.float32)
     # Only under nnx.capture: a plain sow stores onto the module, which fails inside the
     # sampler's while_loop (TraceContextError) and would leak into later nnx.split states.
     if hasattr(self, "__captures__"):
       self.sow(nnx.Intermediate, "router_logits", logits.reshape(b, t, -1))
-    weights, experts = route(logits, cfg.num_experts_per_tok, cfg.norm_topk_prob)
+    if cfg.model_type == "deepseek_v3":
+      weights, experts = route_grouped(
+        logits, self.score_bias[...], cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group,
+        cfg.norm_topk_prob, cfg.routed_scaling_factor,
+      )  # fmt: skip
+    else:
+      weights, experts = route(logits, cfg.num_experts_per_tok, cfg.norm_topk_prob)
     run = {"ragged": ragged_experts, "blocked": blocked_experts, "dense": dense_experts}[
       cfg.moe_dispatch
     ]
@@ -194,7 +243,9 @@ class MoE(nnx.Module):
       shared = (gate * (flat @ self.shared_up_proj[...].astype(dt))) @ self.shared_down_proj[
         ...
       ].astype(dt)
-      y = y + jax.nn.sigmoid(flat @ self.shared_expert_gate[...].astype(dt))[:, None] * shared
+      if cfg.model_type == "qwen2_moe":
+        shared = jax.nn.sigmoid(flat @ self.shared_expert_gate[...].astype(dt))[:, None] * shared
+      y = y + shared
     return y.reshape(b, t, d)
 
 

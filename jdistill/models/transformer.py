@@ -1,5 +1,6 @@
 """Decoder-only transformer in Flax NNX covering Llama 3, Qwen2 and Qwen3 (and their MoE
-variants, whose sparse layers use `jdistill.models.moe.MoE` in place of the MLP).
+variants, whose sparse layers use `jdistill.models.moe.MoE` in place of the MLP), and
+DeepSeek-V3 (its attention is `jdistill.models.mla.MLAttention`).
 
 Every weight is an `nnx.Param` whose `logical_axes` metadata names its
 dimensions; `jdistill.runtime.sharding` maps those names to mesh axes.
@@ -8,10 +9,10 @@ The forward returns final (post-norm) hidden states `[batch, seq, hidden]`;
 `logits` / `unembedding` turn them into vocabulary scores, so loss kernels can
 compute logits chunk by chunk instead of holding `[batch, seq, vocab]`.
 
-KV cache: a tuple with one `{"k", "v"}` dict per layer, each `[batch, cache_len,
-kv_heads, head_dim]`; with `cfg.scan_layers` one `{"k", "v"}` dict of stacked
-`[layers, batch, cache_len, kv_heads, head_dim]` arrays (`init_cache` makes the layout
-of a config). A call with a cache writes its `seq` new keys/values at
+KV cache (MLA's latent one: `jdistill.models.mla`): a tuple with one `{"k", "v"}` dict per
+layer, each `[batch, cache_len, kv_heads, head_dim]`; with `cfg.scan_layers` one `{"k", "v"}`
+dict of stacked `[layers, batch, cache_len, kv_heads, head_dim]` arrays (`init_cache` makes
+the layout of a config). A call with a cache writes its `seq` new keys/values at
 slots `[cache_index, cache_index + seq)` and attends over all `cache_len` slots
 where `kv_mask` is true and the slot is not in the future of the query.
 
@@ -23,7 +24,6 @@ layouts (HF import/export, checkpoints, tests).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -33,57 +33,20 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from jdistill.models.config import ModelConfig
+from jdistill.models.layers import (
+  _attention,
+  _chunked_attention,
+  _param,
+  apply_rope,
+  rms_norm,
+  rope_attention_factor,
+  rope_inv_freq,
+)
+from jdistill.models.mla import MLAttention
+from jdistill.models.mla import cache_shapes as mla_cache_shapes
 from jdistill.models.moe import MoE
 
 Cache = tuple[dict[str, jax.Array], ...] | dict[str, jax.Array]
-
-
-def _param(rngs: nnx.Rngs, shape, axes, dtype, scale: float | None = None, ones=False):
-  if ones:
-    value = jnp.ones(shape, dtype)
-  elif scale is None:
-    value = jnp.zeros(shape, dtype)
-  else:
-    value = (scale * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
-  return nnx.Param(value, logical_axes=axes)
-
-
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-  """RMSNorm over the last axis in float32, cast back to x's dtype before the scale (as HF)."""
-  xf = x.astype(jnp.float32)
-  xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-  return weight.astype(x.dtype) * xf.astype(x.dtype)
-
-
-def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
-  """Inverse frequencies `[head_dim // 2]`, with linear or Llama-3 scaling."""
-  dim = cfg.head_dim
-  inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
-  rope = cfg.rope_dict or {}
-  rope_type = rope.get("rope_type", "default")
-  if rope_type == "linear":
-    return inv_freq / rope["factor"]
-  if rope_type == "llama3":
-    factor = rope["factor"]
-    low, high = rope["low_freq_factor"], rope["high_freq_factor"]
-    old_len = rope["original_max_position_embeddings"]
-    wavelen = 2 * math.pi / inv_freq
-    scaled = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
-    smooth = (old_len / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    is_medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
-    return jnp.where(is_medium, smoothed, scaled)
-  return inv_freq
-
-
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
-  """Rotary embedding (HF's rotate-half layout). x: `[B, T, H, Dh]`, positions: `[B, T]`."""
-  freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, Dh/2]
-  emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
-  cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
-  half = x.shape[-1] // 2
-  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-  return x * cos + rotated * sin
 
 
 class Attention(nnx.Module):
@@ -125,8 +88,8 @@ class Attention(nnx.Module):
     if cfg.qk_norm:
       q = rms_norm(q, self.q_norm[...], cfg.rms_norm_eps)
       k = rms_norm(k, self.k_norm[...], cfg.rms_norm_eps)
-    inv_freq = rope_inv_freq(cfg)
-    q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+    inv_freq, factor = rope_inv_freq(cfg), rope_attention_factor(cfg)
+    q, k = apply_rope(q, positions, inv_freq, factor), apply_rope(k, positions, inv_freq, factor)
 
     seq = x.shape[1]
     if layer_cache is None:
@@ -154,65 +117,6 @@ class Attention(nnx.Module):
     return jnp.einsum("bthk,hkd->btd", out, self.o_proj[...].astype(dt)), new_cache
 
 
-def _attention(q, k, v, key_mask, query_slot):
-  """Causal grouped-query attention with materialised scores.
-
-  q: `[B, T, kv_heads, groups, Dh]`; k, v: `[B, S, kv_heads, Dh]`; key_mask: `[B, 1 or T, S]`;
-  query_slot: `[T]`, the cache slot of each query. Returns `[B, T, kv_heads, groups, Dh]`.
-  """
-  if q.shape[1] == 1:
-    return _one_query_attention(q, k, v, key_mask, query_slot)
-  dt = q.dtype
-  scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-  scores = scores * (q.shape[-1] ** -0.5)
-  causal = jnp.arange(k.shape[1])[None, :] <= query_slot[:, None]  # [T, S]
-  mask = causal[None] & key_mask.astype(bool)  # [B, T, S]
-  scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-  return jnp.einsum("bkgts,bskd->btkgd", probs, v)
-
-
-def _one_query_attention(q, k, v, key_mask, query_slot):
-  """`_attention` of one query per row (a decode step), as products and sums in f32 over
-  the cache in its own `[B, S, kv_heads, Dh]` layout: the two dots would have XLA:CPU copy
-  every layer's cache into their operand layout on every step (~0.2 ms a layer at
-  [16, 192, 2, 64]; this is 0.4 -> 0.25 ms a layer with the softmax)."""
-  f32 = jnp.float32
-  query = q[:, 0, None].astype(f32)  # [B, 1, kv_heads, groups, Dh]
-  scores = jnp.sum(query * k[:, :, :, None].astype(f32), axis=-1) * (q.shape[-1] ** -0.5)
-  mask = (jnp.arange(k.shape[1]) <= query_slot[0])[None] & key_mask[:, 0].astype(bool)  # [B, S]
-  scores = jnp.where(mask[:, :, None, None], scores, jnp.finfo(f32).min)  # [B, S, kv, groups]
-  probs = jax.nn.softmax(scores, axis=1)
-  out = jnp.sum(probs[..., None] * v[:, :, :, None].astype(f32), axis=1)  # [B, kv, groups, Dh]
-  return out[:, None].astype(q.dtype)
-
-
-def _chunked_attention(q, k, v, key_mask, chunk: int):
-  """`_attention` of a cache-less forward, one block of `chunk` queries at a time.
-
-  Only one block's `[B, kv_heads, groups, chunk, S]` scores are live, and each block is
-  rematerialised in the backward pass, so attention memory grows with T·chunk instead of
-  T² (the part of flash attention that matters for memory; the scores are still exact).
-  """
-  b, t = q.shape[:2]
-  n = -(-t // chunk)
-  pad = n * chunk - t  # padded queries attend like the last ones and are dropped
-  q = jnp.pad(q, [(0, 0), (0, pad)] + [(0, 0)] * (q.ndim - 2))
-  q_blocks = jnp.moveaxis(q.reshape(b, n, chunk, *q.shape[2:]), 1, 0)
-  mask_blocks = None
-  if key_mask.shape[1] != 1:  # a mask per query (packed rows): blocked like the queries
-    key_mask = jnp.pad(key_mask, [(0, 0), (0, pad), (0, 0)], mode="edge")
-    mask_blocks = jnp.moveaxis(key_mask.reshape(b, n, chunk, -1), 1, 0)
-
-  @jax.checkpoint
-  def block(i, q_block, mask_block):
-    slots = i * chunk + jnp.arange(chunk)
-    return _attention(q_block, k, v, key_mask if mask_block is None else mask_block, slots)
-
-  out = jax.lax.map(lambda a: block(*a), (jnp.arange(n), q_blocks, mask_blocks))
-  return jnp.moveaxis(out, 0, 1).reshape(q.shape)[:, :t]
-
-
 class MLP(nnx.Module):
   """SwiGLU feed-forward."""
 
@@ -230,13 +134,14 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-  """Pre-norm residual block: attention then MLP (or a mixture of experts when `moe`)."""
+  """Pre-norm residual block: attention (latent attention under `cfg.mla`) then MLP (or a
+  mixture of experts when `moe`)."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, moe: bool = False):
     pd = cfg.jnp_param_dtype
     self.eps = cfg.rms_norm_eps
     self.input_norm = _param(rngs, (cfg.hidden_size,), ("norm",), pd, ones=True)
-    self.attn = Attention(cfg, rngs)
+    self.attn = MLAttention(cfg, rngs) if cfg.mla else Attention(cfg, rngs)
     self.post_attn_norm = _param(rngs, (cfg.hidden_size,), ("norm",), pd, ones=True)
     self.mlp = MoE(cfg, rngs) if moe else MLP(cfg, rngs)
 
@@ -486,19 +391,25 @@ class Transformer(nnx.Module):
 
 
 def cache_logical_axes(cfg: ModelConfig) -> tuple[str | None, ...]:
-  """Logical axis names of every array of `init_cache(cfg, ...)`."""
-  axes = ("batch", None, "kv_heads", "head_dim")
+  """Logical axis names of every array of `init_cache(cfg, ...)` (MLA's latent and RoPE key
+  are shared by all heads: replicated over `tensor`)."""
+  axes = ("batch", None, None, None) if cfg.mla else ("batch", None, "kv_heads", "head_dim")
   return ("layers", *axes) if cfg.scan_layers else axes
 
 
 def init_cache(cfg: ModelConfig, batch: int, cache_len: int, dtype: Any = None) -> Cache:
   """Zeroed KV cache: per layer `{"k", "v"}` of `[batch, cache_len, kv_heads, head_dim]`, or
-  with `cfg.scan_layers` one `{"k", "v"}` of `[layers, batch, cache_len, kv_heads, head_dim]`."""
+  with `cfg.scan_layers` one `{"k", "v"}` of `[layers, batch, cache_len, kv_heads, head_dim]`.
+  Under `cfg.mla` the names and widths are `jdistill.models.mla.cache_shapes`'
+  (`{"latent", "k_rope"}`, one shared head)."""
   dtype = cfg.jnp_dtype if dtype is None else dtype
-  shape = (batch, cache_len, cfg.num_kv_heads, cfg.head_dim)
+  if cfg.mla:
+    shapes = mla_cache_shapes(cfg, batch, cache_len)
+  else:
+    shape = (batch, cache_len, cfg.num_kv_heads, cfg.head_dim)
+    shapes = {"k": shape, "v": shape}
   if cfg.scan_layers:
-    shape = (cfg.num_layers, *shape)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+    return {name: jnp.zeros((cfg.num_layers, *shape), dtype) for name, shape in shapes.items()}
   return tuple(
-    {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_layers)
+    {name: jnp.zeros(shape, dtype) for name, shape in shapes.items()} for _ in range(cfg.num_layers)
   )

@@ -35,6 +35,7 @@ DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
   ("heads", "tensor"),
   ("kv_heads", "tensor"),
   ("head_dim", None),
+  ("latent", None),  # MLA's low-rank q / kv latents (every head reads all of it)
   ("norm", None),
   ("seq", None),
   ("layers", None),  # the stacked axis of scanned layers: every device holds every layer

@@ -25,6 +25,34 @@ HF_CONFIGS = {
     moe_intermediate_size=32,
     shared_expert_intermediate_size=48,
   ),
+  # MLA with a q latent, YaRN, one dense layer then MoE (8 experts in 4 groups, 2 kept)
+  "deepseek_v3": dict(
+    model_type="deepseek_v3",
+    q_lora_rank=24,
+    kv_lora_rank=32,
+    qk_nope_head_dim=16,
+    qk_rope_head_dim=8,
+    v_head_dim=12,
+    n_routed_experts=8,
+    num_experts_per_tok=2,
+    n_group=4,
+    topk_group=2,
+    n_shared_experts=1,
+    moe_intermediate_size=32,
+    first_k_dense_replace=1,
+    routed_scaling_factor=2.5,
+    norm_topk_prob=True,
+    rope_interleave=True,
+    rope_scaling={
+      "rope_type": "yarn",
+      "factor": 4.0,
+      "original_max_position_embeddings": 64,
+      "beta_fast": 32,
+      "beta_slow": 1,
+      "mscale": 1.0,
+      "mscale_all_dim": 0.8,
+    },
+  ),
 }
 
 
@@ -42,13 +70,15 @@ def tiny_hf_model(
   **extra,
 ):
   """A random transformers CausalLM of the given family (`llama`, `qwen2`, `qwen3`, `qwen2_moe`,
-  `qwen3_moe`); `extra` overrides config fields (say `mlp_only_layers=[0]`)."""
+  `qwen3_moe`, `deepseek_v3`); `extra` overrides config fields (say `mlp_only_layers=[0]`)."""
   import torch
   from transformers import AutoConfig, AutoModelForCausalLM
 
   spec = dict(HF_CONFIGS[kind])
   model_type = spec.pop("model_type")
   spec.update(extra)
+  if model_type == "deepseek_v3":
+    kv_heads = heads  # MLA expands the latent into one key per head (HF repeats none)
   config = AutoConfig.for_model(
     model_type,
     vocab_size=vocab_size,
@@ -74,4 +104,7 @@ def tiny_hf_model(
         p.copy_(torch.randn_like(p) / hidden_size**0.5)
       elif ".experts." in name or "shared_expert" in name:  # experts that move the logits
         p.copy_(0.1 * torch.randn_like(p))
+    for name, b in model.named_buffers():  # DeepSeek-V3's bias that changes which experts win
+      if name.endswith("e_score_correction_bias"):
+        b.copy_(0.2 * torch.randn_like(b))
   return model

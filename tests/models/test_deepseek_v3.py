@@ -1,0 +1,286 @@
+"""DeepSeek-V3 (MLA + shared-expert MoE with grouped sigmoid routing) against transformers'
+PyTorch model: logits, the latent cache's decode, greedy tokens, export and re-import, and
+the expert/tensor-sharded forward."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from jdistill.models import ModelConfig, Transformer, hf, moe
+from jdistill.models.mla import MLAttention
+from jdistill.models.transformer import MLP, init_cache
+from jdistill.runtime import sharding as shd
+from jdistill.sampling import Sampler, SamplingParams
+from jdistill.testing.tiny_hf import tiny_hf_model
+
+VOCAB = 128
+# tiny_hf's deepseek_v3: q latent 24, YaRN (mscale_all_dim 0.8), interleaved RoPE, layer 0
+# dense and layer 1 MoE (8 experts in 4 groups, 2 kept, a shared expert)
+CASES = {
+  "yarn-qlora-interleave": {},
+  "plain-qfull-halves": dict(q_lora_rank=None, rope_scaling=None, rope_interleave=False),
+}
+
+
+def _single_mesh():
+  return shd.make_mesh({"data": 1}, jax.devices()[:1])
+
+
+def _padded_batch():
+  rng = np.random.RandomState(0)
+  tokens = rng.randint(3, VOCAB, (3, 11))
+  mask = np.ones((3, 11), bool)
+  mask[1, :4] = False  # left padding
+  mask[2, :7] = False
+  positions = np.maximum(np.cumsum(mask, 1) - 1, 0)
+  return tokens, mask, positions
+
+
+def _torch_logits(model, tokens, mask, positions):
+  with torch.no_grad():
+    return model(
+      input_ids=torch.tensor(tokens),
+      attention_mask=torch.tensor(mask.astype(np.int64)),
+      position_ids=torch.tensor(positions),
+    ).logits.numpy()
+
+
+@jax.jit
+def _forward(graphdef, state, tokens, positions, mask):
+  return nnx.merge(graphdef, state).forward_logits(tokens, positions, mask)
+
+
+def _with_cfg(model, **kw):
+  """The same weights under a config with `kw` changed."""
+  other = nnx.eval_shape(lambda: Transformer(model.cfg.replace(**kw), nnx.Rngs(0)))
+  return nnx.merge(nnx.graphdef(other), nnx.state(model))
+
+
+def _dense(model):
+  """`moe_dispatch="dense"`: a cheaper compile (the dispatches are tested equal in
+  test_moe.py)."""
+  return _with_cfg(model, moe_dispatch="dense")
+
+
+def _jd_logits(model, tokens, mask, positions):
+  graphdef, state = nnx.split(model)
+  return np.asarray(
+    _forward(graphdef, state, jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(mask))
+  )
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def ds_pair(request, tmp_path_factory):
+  torch_model = tiny_hf_model("deepseek_v3", vocab_size=VOCAB, **CASES[request.param])
+  path = str(tmp_path_factory.mktemp(request.param))
+  torch_model.save_pretrained(path)
+  return request.param, torch_model, path
+
+
+def test_logits_match_transformers(ds_pair):
+  name, torch_model, path = ds_pair
+  model = hf.from_hf(path)
+  if name == "yarn-qlora-interleave":
+    model = _dense(model)  # the decode test's model: the forward compiles once
+  else:  # the default blocked dispatch, and attention in blocks of 4 queries (11 = 4 + 4 + 3)
+    model = _with_cfg(model, attention_chunk=4)
+  cfg = model.cfg
+  assert cfg.mla and (cfg.q_lora_rank is None) == ("qfull" in name)
+  assert (cfg.rope_scaling is not None) == ("yarn" in name) and cfg.rope_interleave == (
+    "interleave" in name
+  )
+  assert [cfg.is_moe_layer(i) for i in range(2)] == [False, True]
+  assert isinstance(model.layers[0].mlp, MLP) and isinstance(model.layers[1].mlp, moe.MoE)
+  assert isinstance(model.layers[0].attn, MLAttention)
+  tokens, mask, positions = _padded_batch()
+  ref = _torch_logits(torch_model, tokens, mask, positions)
+  out = _jd_logits(model, tokens, mask, positions)
+  err = np.abs(out - ref)[mask].max()
+  print(f"\ndeepseek_v3 {name}: max |logits - transformers| = {err:.2e}")
+  assert err <= 1e-5
+  # the score-correction bias picks experts at this tolerance: without it the logits move
+  state = nnx.state(model)
+  bias = state["layers"][1]["mlp"]["score_bias"]
+  assert np.abs(np.asarray(bias.get_value())).max() > 0.05
+  bias.set_value(jnp.zeros_like(bias.get_value()))
+  unbiased = np.asarray(_forward(nnx.graphdef(model), state, tokens, positions, mask))
+  assert np.abs(unbiased - ref)[mask].max() > 1e-3
+
+
+def test_latent_cache_decode_equals_full_forward(ds_pair):
+  """Every token decoded one at a time through the latent cache and the absorbed projections
+  (the sampler's multi-token prefill through the cache is the greedy test's)."""
+  name, _, path = ds_pair
+  if name != "yarn-qlora-interleave":
+    pytest.skip("one case suffices: the cache path shares the projections")
+  model = _dense(hf.from_hf(path))
+  cfg = model.cfg
+  tokens, mask, positions = _padded_batch()
+  full = _jd_logits(model, tokens, mask, positions)
+  graphdef, state = nnx.split(model)
+  cache = init_cache(cfg, 3, 11)
+  assert {k: v.shape for k, v in cache[0].items()} == {
+    "latent": (3, 11, 1, cfg.kv_lora_rank),
+    "k_rope": (3, 11, 1, cfg.qk_rope_head_dim),
+  }
+
+  @jax.jit
+  def step(state, cache, tok, pos, index):
+    m = nnx.merge(graphdef, state)
+    hidden, cache = m(tok, pos, kv_mask=jnp.asarray(mask), cache=cache, cache_index=index)
+    return m.logits(hidden), cache
+
+  outs = []
+  for t in range(11):
+    logits, cache = step(state, cache, tokens[:, t : t + 1], positions[:, t : t + 1], t)
+    outs.append(np.asarray(logits))
+  decoded = np.concatenate(outs, axis=1)
+  np.testing.assert_allclose(decoded[mask], full[mask], atol=1e-5)
+
+
+def test_greedy_matches_transformers_generate(ds_pair):
+  name, torch_model, path = ds_pair
+  if name != "plain-qfull-halves":
+    pytest.skip("one case suffices: the decode path is the cache test's")
+  graphdef, state = nnx.split(_dense(hf.from_hf(path, _single_mesh())))
+  prompts = [[5, 17, 99], [3, 44, 8, 61, 70, 12, 9]]
+  new = 8
+  sp = SamplingParams(max_new_tokens=new, temperature=0.0, prompt_buckets=(16,))
+  out = Sampler(graphdef, _single_mesh()).generate(state, prompts, jax.random.key(0), sp)
+  torch_model.generation_config.eos_token_id = None
+  for b, prompt in enumerate(prompts):
+    with torch.no_grad():
+      ref = torch_model.generate(
+        torch.tensor([prompt]),
+        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        max_new_tokens=new,
+        do_sample=False,
+        pad_token_id=0,
+      )
+    np.testing.assert_array_equal(np.asarray(out.tokens[b, : len(prompt) + new]), ref[0].numpy())
+
+
+def test_export_loads_in_transformers_and_reimports_bit_identical(ds_pair, tmp_path):
+  from transformers import AutoModelForCausalLM
+
+  _, torch_model, path = ds_pair
+  model = hf.from_hf(path)
+  out_dir = str(tmp_path / "export")
+  hf.to_hf(model, out_dir)
+  written = json.load(open(os.path.join(out_dir, "config.json")))
+  assert written["n_routed_experts"] == 8 and written["n_shared_experts"] == 1
+  assert written["first_k_dense_replace"] == 1 and written["n_group"] == 4
+  reloaded = AutoModelForCausalLM.from_pretrained(out_dir, local_files_only=True).eval()
+  assert type(reloaded).__name__ == "DeepseekV3ForCausalLM"
+  tokens, mask, positions = _padded_batch()
+  np.testing.assert_allclose(
+    _torch_logits(reloaded, tokens, mask, positions)[mask],
+    _torch_logits(torch_model, tokens, mask, positions)[mask],
+    atol=1e-6,
+  )
+  again = hf.from_hf(out_dir)
+  assert again.cfg == model.cfg
+  for a, b in zip(jax.tree.leaves(nnx.state(again)), jax.tree.leaves(nnx.state(model))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # a bf16 export keeps the score-correction bias in f32, as HF does
+  from safetensors import safe_open
+
+  hf.to_hf(model, str(tmp_path / "bf16"), dtype="bfloat16")
+  with safe_open(str(tmp_path / "bf16" / "model.safetensors"), "np") as f:
+    assert f.get_slice("model.layers.1.mlp.gate.e_score_correction_bias").get_dtype() == "F32"
+    assert f.get_slice("model.layers.1.mlp.gate.weight").get_dtype() == "BF16"
+
+
+# --- without transformers: scanned layers, sharding, config ---------------------------
+
+SMALL = ModelConfig(
+  model_type="deepseek_v3", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
+  num_heads=4, num_kv_heads=4, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8,
+  qk_rope_head_dim=4, v_head_dim=8, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=8,
+  shared_expert_intermediate_size=8, n_group=4, topk_group=2, routed_scaling_factor=2.0,
+  norm_topk_prob=True, scan_layers=False, moe_dispatch="dense",
+)  # fmt: skip
+
+
+def test_scanned_equals_unrolled_with_latent_cache(tmp_path):
+  """All-sparse layers import scanned; the stacked latent cache decodes as the unrolled
+  forward. (Imported, not initialised: a jax init costs ~10 s here, torch's nothing.)"""
+  path = str(tmp_path / "all_sparse")
+  tiny_hf_model("deepseek_v3", vocab_size=VOCAB, first_k_dense_replace=0).save_pretrained(path)
+  unrolled = _dense(hf.from_hf(path, scan_layers=False))
+  scanned = _dense(hf.from_hf(path, scan_layers=True))
+  assert scanned.cfg.scan_layers and not unrolled.cfg.scan_layers
+  tokens, mask, positions = _padded_batch()
+  ref = _jd_logits(unrolled, tokens, mask, positions)
+  sg, ss = nnx.split(scanned)
+
+  @jax.jit
+  def run(s):  # prefill 10 slots, decode the 11th, through the `[layers, ...]` cache
+    m = nnx.merge(sg, s)
+    cache = init_cache(m.cfg, 3, 11)
+    kw = dict(kv_mask=jnp.asarray(mask))
+    hidden, cache = m(tokens[:, :10], positions[:, :10], cache=cache, cache_index=0, **kw)
+    last, cache = m(tokens[:, 10:], positions[:, 10:], cache=cache, cache_index=10, **kw)
+    return m.logits(jnp.concatenate([hidden, last], axis=1)), cache
+
+  decoded, cache = run(ss)
+  assert cache["latent"].shape == (2, 3, 11, 1, scanned.cfg.kv_lora_rank)
+  np.testing.assert_allclose(np.asarray(decoded)[mask], ref[mask], atol=1e-5)
+
+
+def test_sharding_rules_put_experts_on_expert_and_mla_heads_on_tensor():
+  """The parameter specs only (a sharded forward's compile costs ~30 s here; the rules are
+  the ones the Qwen-MoE sharded forward tests exercise)."""
+  mesh = shd.make_mesh({"fsdp": 2, "expert": 2, "tensor": 2})
+  cfg = SMALL.replace(first_k_dense_replace=1)
+  _, state = shd.abstract_sharded_state(lambda: Transformer(cfg, nnx.Rngs(0)), mesh)
+  spec = lambda v: v.get_value().sharding.spec  # noqa: E731
+  attn, mlp = state["layers"][1]["attn"], state["layers"][1]["mlp"]
+  assert spec(attn["q_a_proj"]) == P("fsdp", None)
+  assert spec(attn["q_b_proj"]) == P(None, "tensor", None)
+  assert spec(attn["kv_b_proj"]) == P(None, "tensor", None)
+  assert spec(attn["o_proj"]) == P("tensor", None, "fsdp")
+  assert spec(attn["kv_a_proj"]) == P("fsdp", None)
+  assert spec(mlp["gate_proj"]) == P("expert", "fsdp", "tensor")
+  assert spec(mlp["score_bias"]) == P("expert")
+  assert spec(state["layers"][0]["mlp"]["gate_proj"]) == P("fsdp", "tensor")
+
+
+def test_grouped_router_picks_from_the_best_groups():
+  # 2 groups of 4; group 0's best two (0.9 + 0.8) beat group 1's (0.85 + 0.1)
+  scores = jnp.array([[0.9, 0.8, 0.1, 0.1, 0.85, 0.1, 0.1, 0.1]])
+  logits = jnp.log(scores / (1 - scores))
+  weights, experts = moe.route_grouped(logits, jnp.zeros(8), 2, 2, 1, False, 1.0)
+  assert sorted(np.asarray(experts[0]).tolist()) == [0, 1]
+  np.testing.assert_allclose(np.sort(np.asarray(weights[0])), [0.8, 0.9], rtol=1e-6)
+  # the bias only chooses: group 1 wins and expert 5 is picked, weighted by its own score
+  bias = jnp.array([0, 0, 0, 0, 0, 0.9, 0, 0])
+  weights, experts = moe.route_grouped(logits, bias, 2, 2, 1, True, 2.5)
+  assert sorted(np.asarray(experts[0]).tolist()) == [4, 5]
+  np.testing.assert_allclose(np.sort(np.asarray(weights[0])), [2.5 * 0.1 / 0.95, 2.5 * 0.85 / 0.95])
+
+
+@pytest.mark.parametrize(
+  "kw,match",
+  [
+    (dict(n_group=3), "n_group"),
+    (dict(topk_group=5), "topk_group"),
+    (dict(n_group=8, topk_group=1), "n_group"),  # one expert per group
+    (dict(kv_lora_rank=0), "kv_lora_rank"),
+    (dict(q_lora_rank=0), "q_lora_rank"),
+    (dict(qk_rope_head_dim=3), "qk_rope_head_dim"),
+    (dict(router_aux_loss_coef=0.01), "router_aux_loss_coef"),
+    (dict(first_k_dense_replace=3), "first_k_dense_replace"),
+    (dict(rope_scaling=(("factor", 4.0), ("rope_type", "yarn"))), "original_max_position"),
+  ],
+)
+def test_bad_deepseek_config(kw, match):
+  with pytest.raises(ValueError, match=match):
+    SMALL.replace(**kw)

@@ -8,11 +8,12 @@ import jax
 import numpy as np
 import pytest
 
+from jdistill import config as config_lib
 from jdistill.data.tokenizer import train_tiny_tokenizer
 from jdistill.models import ModelConfig
 from jdistill.stages import opd as train
 from jdistill.step import opd as ts
-from jdistill.testing.toy import random_model_dir, short_run_config
+from jdistill.testing.toy import random_model_dir, short_run_config, tiny_config
 
 
 def test_same_tokenizer_through_the_span_path_gives_todays_loss_and_gradients(
@@ -106,3 +107,21 @@ def test_student_moves_towards_a_teacher_of_another_tokenizer(small_world, other
   # measured: teacher_logp -52 -> -3, reverse_kl 46 -> 0.5 (first -> last 10 steps)
   assert mean(last, "teacher_logp") > mean(first, "teacher_logp") + 20.0, code
   assert mean(last, "reverse_kl") < 0.1 * mean(first, "reverse_kl"), code
+
+
+@pytest.mark.parametrize(
+  "field, value, message",
+  [
+    ("loss", "reverse_kl", "needs loss = sampled_token"),
+    ("placement", "streamed", "is resident"),
+  ],
+)
+def test_another_tokenizer_is_validated_before_anything_compiles(
+  small_world, field, value, message
+):
+  c = tiny_config(small_world)
+  c.teachers.code.tokenizer = small_world["tokenizer"]
+  config_lib.validate(c)  # sampled_token, resident: allowed
+  c.teachers.code[field] = value
+  with pytest.raises(ValueError, match=rf"config.teachers.code.tokenizer=.*{message}"):
+    config_lib.validate(c)

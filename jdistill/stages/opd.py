@@ -196,17 +196,12 @@ class OPDTrainer(TrainingStage):
     host = jax.device_get({k: batch[k] for k in ("tokens", "lengths", "completion_mask")})
     records = [batcher.records[int(r)] for r in prompts["record_index"]]
     chat = self.config.data.use_chat_template
-    batch["teacher_layouts"] = {
-      t.index: cross_tokenizer.layouts(
-        t,
-        host["tokens"],
-        host["lengths"],
-        host["completion_mask"],
-        [records[r] for r in t.rows],
-        chat=chat,
+    batch["teacher_layouts"] = {}
+    for t in self.teachers.cross:
+      batch["teacher_layouts"][t.index] = cross_tokenizer.layouts(
+        t, host["tokens"], host["lengths"], host["completion_mask"],
+        [records[r] for r in t.rows], chat=chat,
       )  # fmt: skip
-      for t in self.teachers.cross
-    }
     return batch
 
   def _accuracy_records(self) -> list[dict]:

@@ -16,21 +16,47 @@ from jdistill.step import opd as ts
 from jdistill.testing.toy import random_model_dir, short_run_config, tiny_config
 
 
+def _rollouts(trainer, new_tokens: int, seed: int = 0):
+  """A rollout batch on the next prompts without the sampler (nothing to compile): random
+  completions of 3..`new_tokens` ids and random behaviour log-probs -> (batch, prompts)."""
+  rng = np.random.default_rng(seed)
+  prompts = next(trainer.data_iter)
+  p_tok, p_len = prompts["prompt_tokens"], prompts["prompt_lengths"]
+  rows, width = p_tok.shape[0], p_tok.shape[1] + new_tokens
+  tokens = np.zeros((rows, width), np.int32)
+  mask = np.zeros((rows, width), np.float32)
+  n = rng.integers(3, new_tokens + 1, rows)
+  for r in range(rows):
+    p = int(p_len[r])
+    tokens[r, :p] = p_tok[r, :p]
+    tokens[r, p : p + n[r]] = rng.integers(5, len(trainer.tokenizer), n[r])
+    mask[r, p : p + n[r]] = 1
+  behaviour = np.where(mask > 0, rng.uniform(-4.0, -0.5, mask.shape), 0.0).astype(np.float32)
+  batch = dict(
+    tokens=tokens, completion_mask=mask, logprobs=behaviour, sampling_logprobs=behaviour,
+    lengths=(p_len + n).astype(np.int32),
+  )  # fmt: skip
+  return {k: jax.numpy.asarray(v) for k, v in batch.items()}, prompts
+
+
 def test_same_tokenizer_through_the_span_path_gives_todays_loss_and_gradients(
   small_world, tmp_path
 ):
   """`teachers.code.tokenizer` = the student's own sends it through the span path (host
   alignment, its own forward, span sums): one span per token, so on the same rollouts the
-  objective and its gradients are today's sampled-token path's."""
+  objective and its gradients are today's sampled-token path's (with the PPO clip on, and
+  behaviour log-probs that are not the student's, so the ratio is not 1)."""
   c = short_run_config(small_world, tmp_path, steps=1, eval_every=0)
   c.num_devices = 1
+  c.loss.clip_eps = 0.2
   c.teachers.code.tokenizer = small_world["tokenizer"]
   c.teachers.code.domains = "math,code"  # one teacher: half the forwards to compile
   del c.teachers["math"]
   trainer = train.OPDTrainer(c)
   t = trainer.teachers
   (cross,) = t.cross
-  batch = trainer.rollouts(next(trainer.data_iter), jax.random.key(0))
+  batch, prompts = _rollouts(trainer, c.sampling.max_new_tokens)
+  batch = trainer.with_teacher_layouts(batch, prompts, trainer.batcher)
   assert "teacher_layouts" in batch
   cache = trainer.teacher_cache(batch)  # takes the layouts out of the batch
   assert set(cache) == {cross.index} and "teacher_layouts" not in batch
@@ -59,9 +85,11 @@ def test_same_tokenizer_through_the_span_path_gives_todays_loss_and_gradients(
       )  # fmt: skip
 
     (loss, metrics), grads = jax.jit(jax.value_and_grad(objective, has_aux=True))(trainer.params)
-    results[name] = (float(loss), float(metrics["code"]["loss"]), jax.device_get(grads))
-  (loss0, code0, g0), (loss1, code1, g1) = results["today"], results["spans"]
-  assert code0 != 0.0
+    clipped = float(metrics["code"]["clip_fraction"])
+    results[name] = (float(loss), float(metrics["code"]["loss"]), jax.device_get(grads), clipped)
+  (loss0, code0, g0, clip0), (loss1, code1, g1, clip1) = results["today"], results["spans"]
+  assert code0 != 0.0 and 0.0 < clip1 < 1.0
+  np.testing.assert_allclose(clip1, clip0, rtol=1e-6)
   np.testing.assert_allclose(code1, code0, rtol=1e-5)
   np.testing.assert_allclose(loss1, loss0, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), g1, g0)

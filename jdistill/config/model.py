@@ -87,6 +87,23 @@ TEACHER = section(
     "`None`, `True`, `False`",
     field_type=bool,
   ),
+  tokenizer=field(
+    None,
+    "the teacher's own HF tokenizer directory when it is not the student's: the student's "
+    "rollouts are re-tokenised for it and scored per aligned span "
+    "([design.md](design.md#sampled-token-across-tokenizers)); set, even to the student's, "
+    "it takes that path",
+    "`None` (the student's) or a path; with a path: `loss = sampled_token`, `placement = "
+    "resident`, stage `opd`, no `episode.environment`",
+    field_type=str,
+  ),
+  length_ratio=field(
+    1.5,
+    "with `tokenizer`: the teacher's sequence width is `ceil(length_ratio · L)` for the "
+    "student's width `L` (static, so nothing recompiles); spans whose teacher tokens do not "
+    "fit get no loss (`dropped_tokens` in its metrics)",
+    "a number ≥ 1",
+  ),
 )
 
 
@@ -157,6 +174,25 @@ def validate_teachers(config) -> None:
           f"domains not owned by another teacher ({d!r} already belongs to {owner[d]!r})",
         )
       owner[d] = name
+    if t.get("tokenizer"):
+      _validate_cross_tokenizer(config, name)
   weights = {name: config.teachers[name].weight for name in config.teachers.keys()}
   if not any(w > 0 for w in weights.values()):
     fail("teachers.<name>.weight", weights, "at least one teacher with weight > 0")
+
+
+def _validate_cross_tokenizer(config, name: str) -> None:
+  """A teacher with its own `tokenizer`: only what the span path supports (sampled-token,
+  resident, single-turn OPD)."""
+  t, where = config.teachers[name], f"teachers.{name}.tokenizer"
+  need = "a teacher with another tokenizer"
+  if t.loss != "sampled_token":
+    fail(where, t.tokenizer, f"None with loss {t.loss!r}: {need} needs loss = sampled_token")
+  if t.get("placement", "resident") != "resident":
+    fail(where, t.tokenizer, f"None with placement {t.placement!r}: {need} is resident")
+  if config.stage != "opd":
+    fail(where, t.tokenizer, f"None in stage {config.stage!r}: {need} is for stage opd")
+  if config.get("episode") and config.episode.get("environment"):
+    fail(where, t.tokenizer, f"None with episode.environment: {need} scores single turns")
+  if not isinstance(t.get("length_ratio", 1.5), (int, float)) or t.length_ratio < 1:
+    fail(f"teachers.{name}.length_ratio", t.length_ratio, "a number ≥ 1")

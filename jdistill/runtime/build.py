@@ -16,6 +16,7 @@ from flax import nnx
 
 from jdistill import config as config_lib
 from jdistill import losses
+from jdistill.data import alignment
 from jdistill.data import prompts as data_lib
 from jdistill.data.tokenizer import load_tokenizer
 from jdistill.models import ModelConfig, hf
@@ -24,7 +25,7 @@ from jdistill.runtime import sharding as shd
 from jdistill.sampling import SamplingParams
 from jdistill.sampling.environment import Environment, load_environment
 from jdistill.sampling.episodes import EpisodeParams
-from jdistill.step import common, streaming
+from jdistill.step import common, cross_tokenizer, streaming
 
 # --- mesh and models -------------------------------------------------------------------
 
@@ -140,7 +141,8 @@ class Teachers:
   `groups` lists resident teacher indices that share one graphdef; `graphdefs[g]` /
   `states[g]` are per group, a group of several having every state leaf stacked on a
   leading teacher axis (run as one `vmap`ped forward). `streamed` holds the teachers
-  placed `streamed` (params in host memory, see `jdistill.step.streaming`), in no group.
+  placed `streamed` (params in host memory, see `jdistill.step.streaming`), in no group;
+  `cross` the teachers with their own `tokenizer` (`jdistill.step.cross_tokenizer`), in none.
   """
 
   names: list[str]
@@ -149,6 +151,7 @@ class Teachers:
   graphdefs: tuple
   states: tuple
   streamed: tuple[streaming.StreamedTeacher, ...] = ()
+  cross: tuple[cross_tokenizer.CrossTeacher, ...] = ()
 
   def member(self, i: int):
     """(graphdef, state) of teacher i, sliced out of its stacked group if needed (a
@@ -190,19 +193,34 @@ def loss_settings(config, loss: str) -> losses.LossSettings:
   )
 
 
-def teachers(config, mesh, vocab_size: int, rows_per_teacher: int | None = None) -> Teachers:
+def teachers(
+  config, mesh, vocab_size: int, rows_per_teacher: int | None = None, student_tokenizer=None
+) -> Teachers:
   """Loads every `config.teachers.<name>` onto `mesh`; checks the shared vocabulary.
   Each teacher scores `rows_per_teacher` rows of the step (default `data.slots_per_teacher`;
-  GRPO: prompts × group size)."""
+  GRPO: prompts × group size). A teacher with its own `tokenizer` is aligned with
+  `student_tokenizer` (required then) and has a vocabulary of its own."""
   names = config_lib.teacher_names(config)
   slots = rows_per_teacher or config.data.slots_per_teacher
   rows = common.teacher_rows(len(names), slots, jax.process_count())
-  graphdefs, states, specs, streamed = {}, {}, [], []
+  graphdefs, states, specs, streamed, cross = {}, {}, [], [], []
   for i, name in enumerate(names):
     t = config.teachers[name]
     model = load_model(
       t.path, mesh, param_dtype=t.param_dtype, dtype=t.param_dtype, scan_layers=t.scan_layers
     )
+    if t.get("tokenizer"):
+      settings = loss_settings(config, t.loss)
+      cross_tokenizer.check_settings(settings, name)
+      specs.append(common.TeacherSpec(name, settings, float(t.weight), rows[i], spans=True))
+      graphdef, state = nnx.split(model)
+      cross.append(
+        cross_tokenizer.CrossTeacher(
+          i, rows[i], graphdef, state, alignment.Vocab.of(student_tokenizer),
+          alignment.Vocab.of(load_tokenizer(t.tokenizer)), float(t.length_ratio),
+        )
+      )  # fmt: skip
+      continue
     if model.cfg.vocab_size != vocab_size:
       raise ValueError(
         f"config.teachers.{name}: vocab_size {model.cfg.vocab_size} differs from the "
@@ -236,6 +254,7 @@ def teachers(config, mesh, vocab_size: int, rows_per_teacher: int | None = None)
     tuple(graphdefs[g[0]] for g in groups),
     stacked,
     tuple(streamed),
+    tuple(cross),
   )
 
 

@@ -32,7 +32,7 @@ from jdistill.runtime import build
 from jdistill.sampling import Sampler
 from jdistill.sampling.episodes import run_episodes
 from jdistill.stages.base import TrainingStage, run_training, shardings
-from jdistill.step import common, streaming
+from jdistill.step import common, cross_tokenizer, streaming
 from jdistill.step import opd as ts
 
 log = logging.getLogger("jdistill")
@@ -107,7 +107,9 @@ class OPDTrainer(TrainingStage):
     self.pending: collections.deque[Pending] = collections.deque()  # batches sampled ahead
 
   def build_models(self, student):
-    self.teachers = build.teachers(self.config, self.mesh, student.cfg.vocab_size)
+    self.teachers = build.teachers(
+      self.config, self.mesh, student.cfg.vocab_size, student_tokenizer=self.tokenizer
+    )
     return student.params
 
   def build_step(self) -> None:
@@ -137,6 +139,7 @@ class OPDTrainer(TrainingStage):
       s.index: (streaming.hidden_sharding(self.mesh, len(s.rows)), s.unembed.sharding)
       for s in t.streamed
     }
+    cache_shardings.update(cross_tokenizer.cache_shardings(t.cross, self.mesh))
     step_fn = functools.partial(
       ts.train_step, optimizer=self.optimizer, schedule=self.schedule, **structure
     )
@@ -184,9 +187,34 @@ class OPDTrainer(TrainingStage):
     super().set_data_state(data_state)
 
   def teacher_cache(self, batch: dict) -> dict:
-    """The streamed teachers' hidden states on `batch`, one teacher after another
-    (`{}` when every teacher is resident)."""
-    return streaming.teacher_cache(self.teachers.streamed, batch, self.batch_shardings, self.mesh)
+    """The streamed teachers' hidden states on `batch`, one teacher after another, and the
+    span log-probs of the teachers of another tokenizer (`{}` when every teacher is resident
+    and shares the student's tokenizer). Takes `batch["teacher_layouts"]` out of `batch`."""
+    cache = streaming.teacher_cache(self.teachers.streamed, batch, self.batch_shardings, self.mesh)
+    layouts = batch.pop("teacher_layouts", {})
+    shardings = cross_tokenizer.cache_shardings(self.teachers.cross, self.mesh)
+    for t in self.teachers.cross:
+      settings = self.teachers.specs[t.index].settings
+      cache[t.index] = cross_tokenizer.teacher_cache(
+        t, layouts[t.index], shardings[t.index], settings
+      )
+    return cache
+
+  def with_teacher_layouts(self, batch: dict, prompts: dict, batcher) -> dict:
+    """`batch` with `teacher_layouts`, `{index: layout}` of the teachers of another tokenizer
+    (host NumPy, `cross_tokenizer.layouts`; built once the rollouts are on the host), if any."""
+    if not self.teachers.cross:
+      return batch
+    host = jax.device_get({k: batch[k] for k in ("tokens", "lengths", "completion_mask")})
+    records = [batcher.records[int(r)] for r in prompts["record_index"]]
+    chat = self.config.data.use_chat_template
+    batch["teacher_layouts"] = {}
+    for t in self.teachers.cross:
+      batch["teacher_layouts"][t.index] = cross_tokenizer.layouts(
+        t, host["tokens"], host["lengths"], host["completion_mask"],
+        [records[r] for r in t.rows], chat=chat,
+      )  # fmt: skip
+    return batch
 
   def _accuracy_records(self) -> list[dict]:
     """The held-out prompts (`data.eval_files`) whose answers `evaluate` checks."""
@@ -266,9 +294,11 @@ class OPDTrainer(TrainingStage):
     else:
       out = self.sampler.generate(self.rollout_params(), prompt, rng, self.sampling)
     if self.rollout_mesh is None:
-      return common.rollout_batch(out, self.batch_shardings), {}
-    batch = common.rollout_batch(out)  # still on the sampler's mesh
-    return {k: move_rows(v, self.batch_shardings[k]) for k, v in batch.items()}, {}
+      batch = common.rollout_batch(out, self.batch_shardings)
+    else:
+      batch = common.rollout_batch(out)  # still on the sampler's mesh
+      batch = {k: move_rows(v, self.batch_shardings[k]) for k, v in batch.items()}
+    return self.with_teacher_layouts(batch, prompts, batcher or self.batcher), {}
 
   def episodes(self, prompts: dict, rng, batcher) -> tuple[dict, dict]:
     """Multi-turn episodes on a prompt batch → (the train step's batch with `model_mask`,

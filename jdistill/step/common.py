@@ -116,6 +116,9 @@ class TeacherSpec:
   settings: losses.LossSettings  # this teacher's loss kind and hyper-parameters
   weight: float
   rows: tuple[int, ...]  # rows of the global batch this teacher scores
+  # another tokenizer: scored per aligned span from its `teacher_cache` entry
+  # (`jdistill.step.cross_tokenizer`)
+  spans: bool = False
 
 
 def teacher_rows(n_teachers: int, slots: int, process_count: int = 1) -> list[tuple[int, ...]]:

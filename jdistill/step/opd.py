@@ -15,6 +15,7 @@ from flax import nnx
 
 from jdistill import losses
 from jdistill.models import moe
+from jdistill.step import cross_tokenizer
 from jdistill.step.common import (
   TeacherSpec,
   apply_gradients,
@@ -76,7 +77,9 @@ def distill_objective(
   Default: every resident teacher on its own.
 
   `teacher_cache`: `{i: (hidden [S, L-1, D], unembed [D, V])}` of the streamed teachers
-  (`jdistill.step.streaming`), whose forward ran before the step; they are in no group.
+  (`jdistill.step.streaming`), whose forward ran before the step; they are in no group. A
+  teacher of another tokenizer (`spec.spans`) has `(span_logp [S, L-1], student_span [S,
+  L-1])` there instead (`jdistill.step.cross_tokenizer`).
 
   `loss_window` (static; the sampler's `max_new_tokens`): the loss kernels run only over
   each row's completion window (`completion_window`), not over the prompt positions too.
@@ -84,9 +87,10 @@ def distill_objective(
   A mixture-of-experts student adds its coefficient-weighted router losses (`moe.aux_losses`)
   to the total and reports them, unweighted, in every teacher's metrics.
   """
-  cache = teacher_cache or {}
+  cache = dict(teacher_cache or {})
+  spans = {i: cache.pop(i) for i in list(cache) if specs[i].spans}
   if groups is None:
-    groups = tuple((i,) for i in range(len(specs)) if i not in cache)
+    groups = tuple((i,) for i in range(len(specs)) if i not in cache and i not in spans)
   x = shifted_inputs(batch)
   student = nnx.merge(student_graphdef, params)
   hidden, _, router = moe.forward_with_aux_losses(
@@ -105,9 +109,20 @@ def distill_objective(
     teacher_out = {
       i: (take_positions(h, take_rows(idx, specs[i].rows)), u) for i, (h, u) in teacher_out.items()
     }
+    spans = {
+      i: (lp, take_positions(sp, take_rows(idx, specs[i].rows))) for i, (lp, sp) in spans.items()
+    }
   metrics = {}
   for i, spec in enumerate(specs):
     rows = lambda a: take_rows(a, spec.rows)  # noqa: E731
+    if spec.spans:
+      loss, metrics[spec.name] = cross_tokenizer.span_loss(
+        rows(hidden), unembed, rows(x["targets"]), rows(x["mask"]), rows(x["behaviour_logp"]),
+        *spans[i], spec.settings,
+      )  # fmt: skip
+      metrics[spec.name].update(router)
+      total = total + spec.weight * loss
+      continue
     t_hidden, t_unembed = teacher_out[i]
     loss, diag = losses.distill_loss(
       rows(hidden),

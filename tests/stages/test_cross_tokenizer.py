@@ -1,0 +1,155 @@
+"""A teacher of another tokenizer in the OPD stage: the span path equals today's sampled-token
+path when the tokenizers agree, and a student learns from a teacher of another tokenizer."""
+
+import dataclasses
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from jdistill import config as config_lib
+from jdistill.data.tokenizer import train_tiny_tokenizer
+from jdistill.models import ModelConfig
+from jdistill.stages import opd as train
+from jdistill.step import opd as ts
+from jdistill.testing.toy import random_model_dir, short_run_config, tiny_config
+
+
+def _rollouts(trainer, new_tokens: int, seed: int = 0):
+  """A rollout batch on the next prompts without the sampler (nothing to compile): random
+  completions of 3..`new_tokens` ids and random behaviour log-probs -> (batch, prompts)."""
+  rng = np.random.default_rng(seed)
+  prompts = next(trainer.data_iter)
+  p_tok, p_len = prompts["prompt_tokens"], prompts["prompt_lengths"]
+  rows, width = p_tok.shape[0], p_tok.shape[1] + new_tokens
+  tokens = np.zeros((rows, width), np.int32)
+  mask = np.zeros((rows, width), np.float32)
+  n = rng.integers(3, new_tokens + 1, rows)
+  for r in range(rows):
+    p = int(p_len[r])
+    tokens[r, :p] = p_tok[r, :p]
+    tokens[r, p : p + n[r]] = rng.integers(5, len(trainer.tokenizer), n[r])
+    mask[r, p : p + n[r]] = 1
+  behaviour = np.where(mask > 0, rng.uniform(-4.0, -0.5, mask.shape), 0.0).astype(np.float32)
+  batch = dict(
+    tokens=tokens, completion_mask=mask, logprobs=behaviour, sampling_logprobs=behaviour,
+    lengths=(p_len + n).astype(np.int32),
+  )  # fmt: skip
+  return {k: jax.numpy.asarray(v) for k, v in batch.items()}, prompts
+
+
+def test_same_tokenizer_through_the_span_path_gives_todays_loss_and_gradients(
+  small_world, tmp_path
+):
+  """`teachers.code.tokenizer` = the student's own sends it through the span path (host
+  alignment, its own forward, span sums): one span per token, so on the same rollouts the
+  objective and its gradients are today's sampled-token path's (with the PPO clip on, and
+  behaviour log-probs that are not the student's, so the ratio is not 1)."""
+  c = short_run_config(small_world, tmp_path, steps=1, eval_every=0)
+  c.num_devices = 1
+  c.loss.clip_eps = 0.2
+  c.teachers.code.tokenizer = small_world["tokenizer"]
+  c.teachers.code.domains = "math,code"  # one teacher: half the forwards to compile
+  del c.teachers["math"]
+  trainer = train.OPDTrainer(c)
+  t = trainer.teachers
+  (cross,) = t.cross
+  batch, prompts = _rollouts(trainer, c.sampling.max_new_tokens)
+  batch = trainer.with_teacher_layouts(batch, prompts, trainer.batcher)
+  assert "teacher_layouts" in batch
+  cache = trainer.teacher_cache(batch)  # takes the layouts out of the batch
+  assert set(cache) == {cross.index} and "teacher_layouts" not in batch
+  # today's path: the same teacher resident in its own group, a plain sampled-token spec
+  today = dict(
+    teacher_graphdefs=(*t.graphdefs, cross.graphdef),
+    teacher_states=(*t.states, cross.state),
+    specs=tuple(dataclasses.replace(s, spans=False) for s in t.specs),
+    groups=(*t.groups, (cross.index,)),
+    teacher_cache={},
+  )
+  spans = dict(
+    teacher_graphdefs=t.graphdefs,
+    teacher_states=t.states,
+    specs=t.specs,
+    groups=t.groups,
+    teacher_cache=cache,
+  )
+  results = {}
+  for name, kw in (("today", today), ("spans", spans)):
+
+    def objective(params, kw=kw):
+      return ts.distill_objective(
+        params, trainer.graphdef, batch=batch, diagnostics=False,
+        loss_window=c.sampling.max_new_tokens, **kw,
+      )  # fmt: skip
+
+    (loss, metrics), grads = jax.jit(jax.value_and_grad(objective, has_aux=True))(trainer.params)
+    clipped = float(metrics["code"]["clip_fraction"])
+    results[name] = (float(loss), float(metrics["code"]["loss"]), jax.device_get(grads), clipped)
+  (loss0, code0, g0, clip0), (loss1, code1, g1, clip1) = results["today"], results["spans"]
+  assert code0 != 0.0 and 0.0 < clip1 < 1.0
+  np.testing.assert_allclose(clip1, clip0, rtol=1e-6)
+  np.testing.assert_allclose(code1, code0, rtol=1e-5)
+  np.testing.assert_allclose(loss1, loss0, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), g1, g0)
+
+
+@pytest.fixture(scope="module")
+def other_teacher(small_world, tmp_path_factory):
+  """A sharp random teacher (width 32, 1 layer) that leans towards digits, on a byte-level
+  BPE trained on the world's prompts to another size than the student's (other merges)."""
+  root = tmp_path_factory.mktemp("other_teacher")
+  texts = [json.loads(line)["prompt"] for line in open(small_world["train"])] * 4
+  tokenizer = train_tiny_tokenizer(str(root / "tokenizer"), texts, vocab_size=300)
+  cfg = ModelConfig(
+    model_type="llama", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+    num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8,
+  )  # fmt: skip
+  digits = sorted({i for d in "0123456789" for i in tokenizer.encode(d)})
+  path = random_model_dir(
+    str(root / "model"), cfg, 7, tokenizer, unembed_scale=1.0, preferred_ids=digits,
+    preference=10.0,
+  )  # fmt: skip
+  return {"path": path, "tokenizer": str(root / "tokenizer")}
+
+
+def test_student_moves_towards_a_teacher_of_another_tokenizer(small_world, other_teacher, tmp_path):
+  """OPD from a teacher whose tokenizer is not the student's (it puts most of its mass on
+  digits): over 60 steps the teacher's log-prob of the student's rollouts (per student
+  token, summed over its own tokens) rises and the sequence reverse-KL estimate falls."""
+  c = short_run_config(small_world, tmp_path, steps=60, eval_every=0, log_every=1000)
+  c.data.slots_per_teacher = 8
+  c.num_devices = 1
+  del c.teachers["math"]
+  c.teachers.code.update(
+    path=other_teacher["path"], tokenizer=other_teacher["tokenizer"], domains="math,code"
+  )
+  c.teachers.code.length_ratio = 3.0  # its prompt is near byte level: no span is dropped
+  trainer = train.OPDTrainer(c)
+  history = [jax.device_get(trainer.train_one(diagnostics=False)) for _ in range(60)]
+  code = [h["teachers"]["code"] for h in history]
+  first, last = code[:10], code[-10:]
+  mean = lambda rows, k: float(np.mean([float(r[k]) for r in rows]))  # noqa: E731
+  assert all(float(r["dropped_tokens"]) == 0.0 for r in code)
+  # measured: teacher_logp -52 -> -3, reverse_kl 46 -> 0.5 (first -> last 10 steps)
+  assert mean(last, "teacher_logp") > mean(first, "teacher_logp") + 20.0, code
+  assert mean(last, "reverse_kl") < 0.1 * mean(first, "reverse_kl"), code
+
+
+@pytest.mark.parametrize(
+  "field, value, message",
+  [
+    ("loss", "reverse_kl", "needs loss = sampled_token"),
+    ("placement", "streamed", "is resident"),
+  ],
+)
+def test_another_tokenizer_is_validated_before_anything_compiles(
+  small_world, field, value, message
+):
+  c = tiny_config(small_world)
+  c.teachers.code.tokenizer = small_world["tokenizer"]
+  config_lib.validate(c)  # sampled_token, resident: allowed
+  c.teachers.code[field] = value
+  with pytest.raises(ValueError, match=rf"config.teachers.code.tokenizer=.*{message}"):
+    config_lib.validate(c)

@@ -166,6 +166,11 @@ def validate(config) -> None:
     check_integer(config, name)
   for name in ("sampling.temperature", "sampling.top_k"):
     check_positive(config, name, allow_zero=True)
+  buckets = tuple(config.sampling.prompt_buckets)
+  if not buckets or not all(
+    isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in buckets
+  ):
+    fail("sampling.prompt_buckets", buckets, "a non-empty tuple of positive ints")
   if config.data.max_prompt_len > max(config.sampling.prompt_buckets):
     fail(
       "data.max_prompt_len",

@@ -83,13 +83,24 @@ def read_examples(path: str, tokenizer, *, use_chat_template: bool, max_len: int
         text = raw.decode("utf-8")
         if not text.strip():
           continue
-        record = json.loads(text)
+        try:
+          record = json.loads(text)
+        except RecursionError as e:  # nested deeper than the parser's stack
+          raise ValueError(f"bad JSON: {e}") from None
         if not isinstance(record, dict) or (
           not isinstance(record.get("completion"), str) and "turns" not in record
         ):
           raise ValueError("needs a string 'completion' (or multi-turn 'turns')")
         if "turns" in record and "completion" in record:
           raise ValueError("has both 'completion' and 'turns'; a record has one")
+        if record.get("prompt") is None and record.get("messages") is None:
+          raise ValueError("has neither 'prompt' nor 'messages'")
+        if record.get("prompt") is not None:
+          data_lib.check_prompt(record["prompt"])
+        if record.get("messages") is not None:
+          data_lib.check_messages(record["messages"])
+        if record.get("domain") is not None and not isinstance(record["domain"], str):
+          raise ValueError(f"'domain' must be a string, got {type(record['domain']).__name__}")
         ids, mask = encode_example(record, tokenizer, use_chat_template=use_chat_template)
       except (UnicodeDecodeError, ValueError, KeyError) as e:
         raise ValueError(f"{where}: {e}") from None

@@ -44,27 +44,37 @@ def _check_record(raw: Any, prompt_field: str, messages_field: str, domain_field
     raise ValueError(f"{domain_field!r} must be a non-empty string, got {domain!r}")
   prompt, messages = raw.get(prompt_field), raw.get(messages_field)
   if prompt is not None:
-    if not isinstance(prompt, str):
-      raise ValueError(f"{prompt_field!r} must be a string, got {type(prompt).__name__}")
-    if not prompt.strip():
-      raise ValueError(f"empty {prompt_field!r}")
-    return {"domain": domain, "prompt": prompt}
+    return {"domain": domain, "prompt": check_prompt(prompt, prompt_field)}
   if messages is not None:
-    if not isinstance(messages, (list, tuple)) or not messages:
-      raise ValueError(f"{messages_field!r} must be a non-empty list")
-    out = []
-    for k, m in enumerate(messages):
-      if (
-        not isinstance(m, Mapping)
-        or not isinstance(m.get("role"), str)
-        or not isinstance(m.get("content"), str)
-      ):
-        raise ValueError(f"{messages_field}[{k}] must have string 'role' and 'content'")
-      out.append({"role": m["role"], "content": m["content"]})
-    if not any(m["content"].strip() for m in out):
-      raise ValueError(f"empty {messages_field!r} (all contents blank)")
-    return {"domain": domain, "messages": out}
+    return {"domain": domain, "messages": check_messages(messages, messages_field)}
   raise ValueError(f"has neither {prompt_field!r} nor {messages_field!r}")
+
+
+def check_prompt(prompt: Any, field: str = "prompt") -> str:
+  """A record's text prompt, or ValueError naming `field` (without location)."""
+  if not isinstance(prompt, str):
+    raise ValueError(f"{field!r} must be a string, got {type(prompt).__name__}")
+  if not prompt.strip():
+    raise ValueError(f"empty {field!r}")
+  return prompt
+
+
+def check_messages(messages: Any, field: str = "messages") -> list[dict]:
+  """A record's chat as `[{"role", "content"}, ...]`, or ValueError naming `field`."""
+  if not isinstance(messages, (list, tuple)) or not messages:
+    raise ValueError(f"{field!r} must be a non-empty list")
+  out = []
+  for k, m in enumerate(messages):
+    if (
+      not isinstance(m, Mapping)
+      or not isinstance(m.get("role"), str)
+      or not isinstance(m.get("content"), str)
+    ):
+      raise ValueError(f"{field}[{k}] must have string 'role' and 'content'")
+    out.append({"role": m["role"], "content": m["content"]})
+  if not any(m["content"].strip() for m in out):
+    raise ValueError(f"empty {field!r} (all contents blank)")
+  return out
 
 
 def _raw_records(path: str):
@@ -81,7 +91,7 @@ def _raw_records(path: str):
           continue
         try:
           raw = json.loads(line)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, RecursionError) as e:  # RecursionError: nested too deep
           raw = ValueError(f"bad JSON: {e}")
         yield f"{path}:{line_no}", raw
   elif path.endswith(".parquet"):

@@ -6,7 +6,7 @@ import hashlib
 import json
 
 from jdistill import stages
-from jdistill.config.fields import check_choice, check_positive, field, one_of, section
+from jdistill.config.fields import check_choice, check_positive, fail, field, one_of, section
 
 STAGES = tuple(stages.STAGES)
 RUN_MODES = ("auto", "resume", "new")
@@ -66,6 +66,15 @@ def validate(config) -> None:
   check_choice(config, "run_mode", RUN_MODES)
   check_choice(config, "stage", STAGES)
   check_positive(config, "num_devices", allow_zero=True)
+  rest = ""  # the axis of size -1 (the remaining devices), at most one
+  for name in ("data", "fsdp", "tensor"):
+    size = config.mesh[name]
+    if not isinstance(size, int) or isinstance(size, bool) or not (size > 0 or size == -1):
+      fail(f"mesh.{name}", size, "a positive int, or -1 (the remaining devices)")
+    if size == -1 and rest:
+      fail(f"mesh.{name}", size, f"a positive int (mesh.{rest} is already -1; at most one is)")
+    if size == -1:
+      rest = name
 
 
 # Fields that say where a run writes, how often it reports, and on which devices: a run that

@@ -153,6 +153,8 @@ def validate(config) -> None:
   check_integer(config, "train.sample_rows")
   check_integer(config, "train.sample_topk")
   check_integer(config, "train.steps")
+  if config.checkpoint.restore_step < -1:  # any other negative step was silently the latest
+    fail("checkpoint.restore_step", config.checkpoint.restore_step, "a saved step, or -1 (latest)")
   _validate_loss(config)
   _validate_optimizer(config)
 
@@ -179,7 +181,7 @@ def _validate_loss(config) -> None:
 
 def _validate_optimizer(config) -> None:
   check_choice(config, "optimizer.schedule", SCHEDULES)
-  for name in ("optimizer.lr", "optimizer.grad_accum"):
+  for name in ("optimizer.lr", "optimizer.grad_accum", "optimizer.eps"):
     check_positive(config, name)
   for name in ("optimizer.warmup_steps", "optimizer.weight_decay", "optimizer.max_grad_norm"):
     check_positive(config, name, allow_zero=True)

@@ -28,7 +28,7 @@ from jdistill.testing.tokenizers import qwen_like
 
 CASES: collections.Counter = collections.Counter()
 SETTINGS = settings(
-  max_examples=150,
+  max_examples=200,
   deadline=None,
   derandomize=True,  # the same cases on every run (CI, the break checks)
   suppress_health_check=[HealthCheck.function_scoped_fixture],
@@ -62,6 +62,20 @@ OVERRIDE_TEXT = st.one_of(
   ),
   ARGV_TEXT,
 )
+# Text of the field's own type, at its edges (the flag parser refuses most other texts)
+INT_TEXT = st.sampled_from(["-1", "0", "1", "-2", "9" * 30, "-" + "9" * 30]) | st.integers().map(
+  str
+)
+FLOAT_TEXT = st.sampled_from(["nan", "-nan", "inf", "-inf", "1e999", "-0.0", "0", "1", "-1", "1.5"])
+TUPLE_TEXT = st.sampled_from(
+  ["()", "(0,)", "(-1,)", "(1.5, 2)", "('a', 1)", "('',)", "(nan,)", "1"]
+)
+BY_TYPE = {
+  bool: st.sampled_from(["True", "False", "true", "0", "yes", "", "2"]),
+  int: INT_TEXT,
+  float: FLOAT_TEXT | st.floats().map(repr),
+  tuple: TUPLE_TEXT | st.lists(st.integers(-3, 3), max_size=3).map(lambda xs: repr(tuple(xs))),
+}
 CHOICES = re.compile(r"`[^`]+`(, `[^`]+`)*")
 
 
@@ -155,21 +169,8 @@ def no_compile():
   assert not compiles, compiles
 
 
-@SETTINGS
-# found by this property: prompt_buckets was never checked (a float, a string, an empty tuple)
-@example(field="sampling.prompt_buckets", text="64.0", stage="opd")
-@example(field="sampling.prompt_buckets", text="()", stage="opd")
-@example(field="sampling.prompt_buckets", text="", stage="opd")
-@example(field="optimizer.eps", text="-1", stage="opd")  # found: optimizer.eps was unchecked
-@example(field="mesh.fsdp", text="-7", stage="opd")  # found: mesh sizes were unchecked
-@example(field="mesh.fsdp", text="-1", stage="opd")  # two axes of -1 (mesh.data is -1)
-@example(field="checkpoint.restore_step", text="-5", stage="opd")  # found: silently the latest
-@given(
-  field=st.sampled_from(sorted(FIELDS)),
-  text=OVERRIDE_TEXT,
-  stage=st.sampled_from(config_lib.STAGES),
-)
-def test_a_config_override_passes_or_names_its_field(no_compile, field, text, stage):
+def check_override(field: str, text: str, stage: str) -> None:
+  """The property for `--config.<field>=<text>` in `stage`."""
   CASES["config overrides"] += 1
   try:
     config = override(valid_config(stage), field, text)
@@ -189,6 +190,35 @@ def test_a_config_override_passes_or_names_its_field(no_compile, field, text, st
   CASES["accepted"] += 1
   if checked_in(field, stage) and not config.pipeline.stages:
     assert stated(field, FIELDS[field].allowed, value), (field, value, FIELDS[field].allowed)
+
+
+@SETTINGS
+@given(data=st.data(), stage=st.sampled_from(config_lib.STAGES))
+def test_a_config_override_passes_or_names_its_field(no_compile, data, stage):
+  field = data.draw(st.sampled_from(sorted(FIELDS)), "field")
+  declared = FIELDS[field]
+  own = BY_TYPE.get(declared.field_type or type(declared.default), ARGV_TEXT)
+  check_override(field, data.draw(st.one_of(own, own, OVERRIDE_TEXT), "text"), stage)
+
+
+# What the property found (each was accepted, or another exception than a ValueError naming
+# the field): prompt_buckets was never checked (a float, an empty tuple: max() of nothing, a
+# string: TypeError); optimizer.eps was unchecked; mesh sizes were checked only when the mesh
+# was built, naming no config field; restore_step=-5 silently meant the latest.
+@pytest.mark.parametrize(
+  "field, text",
+  [
+    ("sampling.prompt_buckets", "64.0"),
+    ("sampling.prompt_buckets", "()"),
+    ("sampling.prompt_buckets", ""),
+    ("optimizer.eps", "-1"),
+    ("mesh.fsdp", "-7"),
+    ("mesh.fsdp", "-1"),  # two axes of -1 (mesh.data is -1)
+    ("checkpoint.restore_step", "-5"),
+  ],
+)
+def test_overrides_the_property_found(no_compile, field, text):
+  check_override(field, text, "opd")
 
 
 # ------------------------------------------------------------------------------- data

@@ -275,6 +275,10 @@ def check_line_error(error: ValueError, path: str) -> None:
 
 @SETTINGS
 @example(lines=[b"[" * 5000])  # found by this property: a RecursionError, not a ValueError
+# found by this property: a list, bool or NaN answer became the reference "[]", "True", "nan"
+@example(lines=[dumps({**GOOD, "answer": []}).encode()])
+@example(lines=[dumps({**GOOD, "answer": True}).encode()])
+@example(lines=[dumps({**GOOD, "answer": math.nan}).encode()])
 @given(lines=st.lists(BYTES, min_size=1, max_size=3))
 def test_a_prompt_line_reads_or_names_file_and_line(no_compile, tmp_path, lines):
   CASES["prompt files"] += 1
@@ -289,7 +293,13 @@ def test_a_prompt_line_reads_or_names_file_and_line(no_compile, tmp_path, lines)
   for record in read:
     assert isinstance(record["domain"], str) and record["domain"]
     assert isinstance(record.get("prompt", ""), str)
-    assert isinstance(record.get("answer", ""), str)
+    line = int(record["where"].rsplit(":", 1)[1])
+    answer = json.loads(lines[line - 1]).get("answer")  # the line as written
+    if answer is None:
+      assert "answer" not in record
+    else:  # the text itself, or a number as Python writes it; nothing else
+      assert record["answer"] == (answer if isinstance(answer, str) else repr(answer))
+      assert isinstance(answer, str) or type(answer) in (int, float) and math.isfinite(answer)
 
 
 @SETTINGS

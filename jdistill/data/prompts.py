@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -77,6 +78,15 @@ def check_messages(messages: Any, field: str = "messages") -> list[dict]:
   return out
 
 
+def check_answer(answer: Any) -> str:
+  """A record's reference answer as text: a string, or a finite number written out; anything
+  else (a bool, a list, NaN) would be a reference no completion can match."""
+  number = isinstance(answer, (int, float)) and not isinstance(answer, bool)
+  if isinstance(answer, str) or (number and math.isfinite(answer)):
+    return str(answer)
+  raise ValueError(f"'answer' must be a string or a finite number, got {answer!r:.60}")
+
+
 def _raw_records(path: str):
   """Yields ``(location, raw_record_or_exception)`` for a .jsonl or .parquet file."""
   if path.endswith(".jsonl"):
@@ -134,7 +144,7 @@ def read_prompt_records(
         raise raw
       record = dict(_check_record(raw, prompt_field, messages_field, domain_field), where=where)
       if isinstance(raw, Mapping) and raw.get("answer") is not None:
-        record["answer"] = str(raw["answer"])  # the reference a verifier checks against
+        record["answer"] = check_answer(raw["answer"])  # the reference a verifier checks
       records.append(record)
     except ValueError as e:
       if on_error == "raise":

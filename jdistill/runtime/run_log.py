@@ -82,7 +82,7 @@ class RunLog:
       self._wandb = WandbLog(out_dir, wandb)
 
   def write(self, record: dict) -> None:
-    """A training record: JSONL, TensorBoard, and kept for the curves."""
+    """A training record: JSONL, TensorBoard, W&B (if on), and kept for the curves."""
     self.history.append(record)
     self._write_json(record)
     scalars = _flatten(record)

@@ -90,6 +90,8 @@ RUN_BOOKKEEPING = (
   "train.eval_every",
   "train.sample_rows",
   "train.sample_topk",
+  "train.wandb",
+  "train.wandb_project",
   "episode.env_workers",
   "eval",
 )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 from jdistill import losses
 from jdistill.config.fields import (
   check_choice,
@@ -17,6 +19,7 @@ from jdistill.config.fields import (
 LOSSES = losses.registry.NAMES  # the one vocabulary of loss names (jdistill/losses/registry.py)
 SCHEDULES = ("cosine", "linear", "constant")
 NONFINITE = ("skip", "stop")
+WANDB_MODES = ("", "offline", "online")
 
 LOSS = section(
   "loss",
@@ -125,6 +128,14 @@ TRAIN = section(
   sample_topk=field(
     5, "teacher alternatives recorded per sampled token (`train.sample_rows`)", "a positive int"
   ),
+  wandb=field(
+    "",
+    "also log to Weights & Biases: the `metrics.jsonl` scalars, evals and the sample rollouts "
+    "as a table; `offline` writes `<output_dir>/wandb/` with no network (`wandb sync` uploads "
+    "it), `online` streams to the W&B server; a resumed run continues its W&B run",
+    one_of(WANDB_MODES, " (`\"\"` = off); a mode needs `pip install 'jdistill[wandb]'`"),
+  ),
+  wandb_project=field("jdistill", "the W&B project of the run (`train.wandb`)", "a name"),
 )
 
 CHECKPOINT = section(
@@ -155,8 +166,22 @@ def validate(config) -> None:
   check_integer(config, "train.steps")
   if config.checkpoint.restore_step < -1:  # any other negative step was silently the latest
     fail("checkpoint.restore_step", config.checkpoint.restore_step, "a saved step, or -1 (latest)")
+  check_choice(config, "train.wandb", WANDB_MODES)
+  if config.train.wandb and not _importable("wandb"):
+    fail(
+      "train.wandb",
+      config.train.wandb,
+      "\"\" (wandb is not installed: pip install 'jdistill[wandb]')",
+    )
   _validate_loss(config)
   _validate_optimizer(config)
+
+
+def _importable(module: str) -> bool:
+  try:
+    return importlib.util.find_spec(module) is not None
+  except ValueError:  # sys.modules[module] is None: its import is blocked
+    return False
 
 
 def _validate_loss(config) -> None:

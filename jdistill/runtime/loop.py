@@ -21,6 +21,8 @@ A stage (`jdistill.stages`: OPD, SFT, RLVR) hands the loop an object with
                                    ("generated", SFT's "completion")
   checkpointer                     its `checkpoint.Checkpointer` (`run_to` waits for its last
                                    save to commit), or None without checkpoints
+  take_samples() -> list[dict]     (optional) the sample rollouts recorded since the last call
+                                   (OPD's `SampleRecorder` records): the run log's W&B table
 
 and the loop does the rest the same way for every stage.
 
@@ -143,10 +145,11 @@ class Loop:
       "%s: update skipped (config.loss.nonfinite='skip'; %d so far)", msg, self.skipped_updates
     )
 
-  def run_to(self, stage: Stage, end: int, out_dir: str, plot) -> list[dict]:
+  def run_to(self, stage: Stage, end: int, out_dir: str, plot, wandb=None) -> list[dict]:
     """`run` with the stage's metrics in `out_dir` (metrics.jsonl, TensorBoard, `plot`'s
-    PNG), waiting for the stage's last checkpoint to commit (`stage.checkpointer`)."""
-    log = RunLog(out_dir, plot=plot)
+    PNG, W&B with `wandb`: `wandb_log.Options`), waiting for the stage's last checkpoint to
+    commit (`stage.checkpointer`)."""
+    log = RunLog(out_dir, plot=plot, wandb=wandb)
     try:
       return self.run(stage, end, log)
     finally:
@@ -204,6 +207,9 @@ class Loop:
           eta = "after the first step"
         records.append(record)
         log.write(record)
+        take_samples = getattr(stage, "take_samples", None)
+        if take_samples is not None:
+          log.write_samples(step, take_samples())
         print(
           f"step {step}/{end} | {stage.progress(record)} | "
           f"{record['generated_tokens_per_s']:,.0f} {stage.token_label} tok/s, "

@@ -1,4 +1,5 @@
-"""Where a run's metrics go: `metrics.jsonl`, TensorBoard (`tb/`) and PNG learning curves.
+"""Where a run's metrics go: `metrics.jsonl`, TensorBoard (`tb/`), PNG learning curves and, with
+`train.wandb`, Weights & Biases (`jdistill.runtime.wandb_log`: scalars, evals, sample rollouts).
 
 A record is a dict with an int `"step"`, float scalars, and optionally nested dicts of
 floats (e.g. `"teachers": {name: {metric: value}}`, flattened to `name/metric` in
@@ -14,8 +15,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from typing import TYPE_CHECKING
 
 from jdistill.runtime.io import atomic_write, writing
+
+if TYPE_CHECKING:
+  from jdistill.runtime.wandb_log import Options
 
 
 def read_records(path: str) -> list[dict]:
@@ -59,8 +64,9 @@ def _torn(path: str) -> bool:
 class RunLog:
   """Appends records of one run under `out_dir`; `close()` draws the PNG curves."""
 
-  def __init__(self, out_dir: str, plot=None):
-    """`plot(history, path)`: draws the records logged in this session into `path`."""
+  def __init__(self, out_dir: str, plot=None, wandb: Options | None = None):
+    """`plot(history, path)`: draws the records logged in this session into `path`;
+    `wandb`: also log to Weights & Biases (None: `wandb` is not imported)."""
     os.makedirs(out_dir, exist_ok=True)
     self.out_dir = out_dir
     self._plot = plot
@@ -69,17 +75,33 @@ class RunLog:
     with writing(self._path):
       self._jsonl = open(self._path, "ab", buffering=0)  # noqa: SIM115
     self._tb = _tensorboard(os.path.join(out_dir, "tb"))
+    self._wandb = None
+    if wandb is not None:
+      from jdistill.runtime.wandb_log import WandbLog
+
+      self._wandb = WandbLog(out_dir, wandb)
 
   def write(self, record: dict) -> None:
-    """A training record: JSONL, TensorBoard, and kept for the curves."""
+    """A training record: JSONL, TensorBoard, W&B (if on), and kept for the curves."""
     self.history.append(record)
     self._write_json(record)
+    scalars = _flatten(record)
     if self._tb is not None:
-      for key, value in _flatten(record).items():
+      for key, value in scalars.items():
         self._tb.add_scalar(key, value, record["step"])
+    if self._wandb is not None:
+      self._wandb.log(record["step"], scalars)
 
   def write_eval(self, step: int, results: dict) -> None:
     self._write_json({"step": step, "eval": results})
+    if self._wandb is not None:
+      self._wandb.log(step, _flatten({"eval": results}))
+
+  def write_samples(self, step: int, records: list[dict]) -> None:
+    """The sample rollouts recorded at `step` (`SampleRecorder.record`, which writes
+    samples.jsonl itself): to W&B as a table, if it is on."""
+    if self._wandb is not None and records:
+      self._wandb.samples(step, records)
 
   def _write_json(self, record: dict) -> None:
     data = memoryview((json.dumps(record) + "\n").encode())
@@ -99,6 +121,8 @@ class RunLog:
     self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
+    if self._wandb is not None:
+      self._wandb.close()
     records = read_records(os.path.join(self.out_dir, "metrics.jsonl"))
     history = [r for r in records if "eval" not in r] or self.history
     if self._plot is None or not history:

@@ -41,7 +41,7 @@ from jdistill.data import prompts as data_lib
 from jdistill.models import hf
 from jdistill.report import card
 from jdistill.report import html as report
-from jdistill.runtime import build, plots, run_log
+from jdistill.runtime import build, plots, run_log, wandb_log
 from jdistill.runtime import checkpoint as ckpt
 from jdistill.runtime import loop as loop_lib
 from jdistill.runtime.io import writing
@@ -207,7 +207,8 @@ class TrainingStage:
   def run(self, steps: int | None = None) -> list[dict]:
     """Trains until `train.steps` (or `steps` more); returns the logged records."""
     end = self.config.train.steps if steps is None else self.step + steps
-    return self.loop.run_to(self, end, self.config.output_dir, self.curve)
+    wandb = wandb_log.options(self.config, self.identity["config_hash"])
+    return self.loop.run_to(self, end, self.config.output_dir, self.curve, wandb=wandb)
 
   def export(self, out_dir: str) -> None:
     """The student as a Hugging Face folder (safetensors, config, tokenizer) with its model

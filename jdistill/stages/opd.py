@@ -154,6 +154,7 @@ class OPDTrainer(TrainingStage):
       replicated,
     )
     self.samples = None  # the rollouts recorded token by token on logging steps
+    self.recorded: list[dict] = []  # their records since the loop last took them (W&B)
     if c.train.sample_rows:
       self.samples = SampleRecorder(
         out_dir=c.output_dir, tokenizer=self.tokenizer, student_graphdef=self.graphdef,
@@ -340,13 +341,19 @@ class OPDTrainer(TrainingStage):
     flag = jax.numpy.asarray(diagnostics)
     cache = self.teacher_cache(batch)
     if diagnostics and self.samples is not None:  # before the update: the params that scored
-      self.samples.record(t + 1, self.state["params"], batch)
+      self.recorded += self.samples.record(t + 1, self.state["params"], batch)
     self.state, metrics = self.train_step(self.state, self.teachers.states, cache, batch, flag)
     self.step += 1
     if self.rollout_mesh is not None:
       self.rollout_params()  # the copy to the sampler's mesh starts as soon as the step ends
     episodes = {"episodes": pending.episodes} if pending.episodes else {}
     return dict(metrics, rollout_staleness=t - pending.version, **episodes)
+
+  def take_samples(self) -> list[dict]:
+    """The sample records of the logging steps since the last call (the run log's W&B
+    table)."""
+    recorded, self.recorded = self.recorded, []
+    return recorded
 
   def step_tokens(self, metrics: dict) -> dict:
     generated = sum(t["tokens"] for t in metrics["teachers"].values())

@@ -16,6 +16,7 @@ from jdistill import cli
 from jdistill.config import teacher_config
 from jdistill.report import html as report
 from jdistill.stages import opd
+from jdistill.testing import wandb_file
 from jdistill.testing.toy import short_run_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -35,6 +36,7 @@ def run(small_world, tmp_path_factory):
   c.num_devices = 2  # its 4 rows over 2 data-parallel shards
   c.train.sample_rows = c.data.slots_per_teacher
   c.train.sample_topk = 3
+  c.train.wandb = "offline"  # W&B beside TensorBoard: its run is read back below
   trainer = opd.OPDTrainer(c)
   records = trainer.run()
   trainer.export(str(out / "final"))
@@ -68,6 +70,41 @@ def test_samples_agree_with_the_train_steps_metrics(run):
         top = [lp for _, lp in t["top"]]
         assert len(top) == 3 and top == sorted(top, reverse=True)
         assert top[0] >= t["teacher_logp"] - 1e-3  # the teacher's best is at least the token
+
+
+def test_offline_wandb_run_holds_the_logged_scalars_and_the_samples_table(run):
+  run_dir, _, records, _ = run
+  (path,) = wandb_file.run_files(run_dir)
+  logged = {}  # step -> every key logged at it (scalars and the table arrive in two calls)
+  for row in wandb_file.history(path):
+    logged.setdefault(row["_step"], {}).update(row)
+  assert sorted(logged) == [r["step"] for r in records] == [1, 2]
+  for r in records:
+    at = logged[r["step"]]
+    for key in ("loss", "grad_norm", "tokens_per_s"):
+      assert at[key] == pytest.approx(r[key]), key
+    for name, metrics in r["teachers"].items():
+      for key, value in metrics.items():
+        assert at[f"{name}/{key}"] == pytest.approx(value), f"{name}/{key}"
+  with open(os.path.join(run_dir, "wandb", "run_id")) as f:
+    run_id = f.read().strip()
+  meta = wandb_file.run_record(path)
+  assert (meta.run_id, meta.project) == (run_id, "jdistill")
+  config = {item.key: json.loads(item.value_json) for item in meta.config.update}
+  assert config["train"]["wandb"] == "offline"
+  for step in (1, 2):  # the table of the rollouts samples.jsonl recorded at that step
+    with open(os.path.join(os.path.dirname(path), "files", logged[step]["samples/path"])) as f:
+      table = json.load(f)
+    rows = [dict(zip(table["columns"], row)) for row in table["data"]]
+    recorded = [r for r in _samples(run_dir) if r["step"] == step]
+    assert len(rows) == len(recorded) == 4
+    for row, sample in zip(rows, recorded):
+      model = [t for t in sample["tokens"] if not t["environment"]]
+      ratios = [t["student_logp"] - t["teacher_logp"] for t in model]
+      assert (row["step"], row["teacher"], row["prompt"]) == (step, "code", sample["prompt"])
+      assert row["completion"] == "".join(t["text"] for t in sample["tokens"])
+      assert row["tokens"] == len(ratios) > 0
+      assert row["mean_log_ratio"] == pytest.approx(np.mean(ratios))
 
 
 def test_report_has_every_section_and_a_span_per_recorded_token(run):

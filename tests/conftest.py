@@ -1,6 +1,15 @@
-"""Every test process simulates 8 CPU devices, so sharded code is checked against one device."""
+"""Every test process simulates 8 CPU devices, so sharded code is checked against one device.
 
+Every process of one test run (pytest's xdist workers and the CLI subprocesses the tests start,
+which inherit the environment) shares one JAX persistent compilation cache in a fresh temporary
+folder, removed at exit: the same step compiled again (another process, another `jax.jit` of the
+same function) is read back instead of recompiled. XLA's compile dominates the suite on CPU.
+"""
+
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
   os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -9,6 +18,13 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # set: a worker or subprocess of this run
+  _cache = tempfile.mkdtemp(prefix="jdistill-tests-jax-cache-")
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# a size limit turns on the cache's file lock: workers write and read the same entries
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
 
 import pytest  # noqa: E402  (after the environment above, which jax reads when imported)
 

@@ -76,12 +76,21 @@ def _jd_logits(model, tokens, mask, positions):
   )
 
 
+_PAIRS: dict = {}  # case name -> (name, HF model, its folder), built once per test session
+
+
+def _pair(name: str, tmp_path_factory):
+  if name not in _PAIRS:
+    torch_model = tiny_hf_model("deepseek_v3", vocab_size=VOCAB, **CASES[name])
+    path = str(tmp_path_factory.mktemp(name))
+    torch_model.save_pretrained(path)
+    _PAIRS[name] = (name, torch_model, path)
+  return _PAIRS[name]
+
+
 @pytest.fixture(scope="module", params=list(CASES))
 def ds_pair(request, tmp_path_factory):
-  torch_model = tiny_hf_model("deepseek_v3", vocab_size=VOCAB, **CASES[request.param])
-  path = str(tmp_path_factory.mktemp(request.param))
-  torch_model.save_pretrained(path)
-  return request.param, torch_model, path
+  return _pair(request.param, tmp_path_factory)
 
 
 def test_logits_match_transformers(ds_pair):
@@ -114,12 +123,11 @@ def test_logits_match_transformers(ds_pair):
   assert np.abs(unbiased - ref)[mask].max() > 1e-3
 
 
-def test_latent_cache_decode_equals_full_forward(ds_pair):
+def test_latent_cache_decode_equals_full_forward(tmp_path_factory):
   """Every token decoded one at a time through the latent cache and the absorbed projections
-  (the sampler's multi-token prefill through the cache is the greedy test's)."""
-  name, _, path = ds_pair
-  if name != "yarn-qlora-interleave":
-    pytest.skip("one case suffices: the cache path shares the projections")
+  (the sampler's multi-token prefill through the cache is the greedy test's); one case: the
+  cache path shares the projections."""
+  _, _, path = _pair("yarn-qlora-interleave", tmp_path_factory)
   model = _dense(hf.from_hf(path))
   cfg = model.cfg
   tokens, mask, positions = _padded_batch()
@@ -145,10 +153,9 @@ def test_latent_cache_decode_equals_full_forward(ds_pair):
   np.testing.assert_allclose(decoded[mask], full[mask], atol=1e-5)
 
 
-def test_greedy_matches_transformers_generate(ds_pair):
-  name, torch_model, path = ds_pair
-  if name != "plain-qfull-halves":
-    pytest.skip("one case suffices: the decode path is the cache test's")
+def test_greedy_matches_transformers_generate(tmp_path_factory):
+  """One case (the decode path is the cache test's)."""
+  _, torch_model, path = _pair("plain-qfull-halves", tmp_path_factory)
   graphdef, state = nnx.split(_dense(hf.from_hf(path, _single_mesh())))
   prompts = [[5, 17, 99], [3, 44, 8, 61, 70, 12, 9]]
   new = 8

@@ -108,3 +108,47 @@ def tiny_hf_model(
       if name.endswith("e_score_correction_bias"):
         b.copy_(0.2 * torch.randn_like(b))
   return model
+
+
+def padded_batch(vocab: int, rows: int = 3):
+  """A fixed left-padded batch for parity tests → (tokens, mask, positions), each `[rows, 11]`:
+  row 1 padded by 4, row 2 by 7, positions counting the real tokens from 0."""
+  import numpy as np
+
+  rng = np.random.RandomState(0)
+  tokens = rng.randint(3, vocab, (rows, 11))
+  mask = np.ones((rows, 11), bool)
+  mask[1, :4] = False
+  mask[2, :7] = False
+  positions = np.maximum(np.cumsum(mask, 1) - 1, 0)
+  return tokens, mask, positions
+
+
+def torch_logits(model, tokens, mask, positions):
+  """transformers' logits `[rows, seq, vocab]` of `padded_batch`'s arrays (numpy)."""
+  import numpy as np
+  import torch
+
+  with torch.no_grad():
+    return model(
+      input_ids=torch.tensor(tokens),
+      attention_mask=torch.tensor(mask.astype(np.int64)),
+      position_ids=torch.tensor(positions),
+    ).logits.numpy()
+
+
+def jax_logits(graphdef, state, tokens, positions, mask):
+  """jdistill's logits `[rows, seq, vocab]` of a split model (`nnx.split`), jitted once."""
+  return _jitted_forward()(graphdef, state, tokens, positions, mask)
+
+
+_FORWARD = []
+
+
+def _jitted_forward():
+  if not _FORWARD:
+    import jax
+    from flax import nnx
+
+    _FORWARD.append(jax.jit(lambda g, s, t, p, m: nnx.merge(g, s).forward_logits(t, p, m)))
+  return _FORWARD[0]

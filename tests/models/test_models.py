@@ -7,39 +7,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from jdistill.models import ModelConfig, Transformer, hf
 from jdistill.runtime import sharding as shd
+from jdistill.testing import tiny_hf
 from jdistill.testing.tiny_hf import tiny_hf_model
 
 VOCAB = 128
 
 
 def _padded_batch():
-  rng = np.random.RandomState(0)
-  tokens = rng.randint(3, VOCAB, (3, 11))
-  mask = np.ones((3, 11), bool)
-  mask[1, :4] = False  # left padding
-  mask[2, :7] = False
-  positions = np.maximum(np.cumsum(mask, 1) - 1, 0)
-  return tokens, mask, positions
+  return tiny_hf.padded_batch(VOCAB)
 
 
-def _torch_logits(model, tokens, mask, positions):
-  with torch.no_grad():
-    return model(
-      input_ids=torch.tensor(tokens),
-      attention_mask=torch.tensor(mask.astype(np.int64)),
-      position_ids=torch.tensor(positions),
-    ).logits.numpy()
-
-
-@jax.jit
-def _forward(graphdef, state, tokens, positions, mask):
-  return nnx.merge(graphdef, state).forward_logits(tokens, positions, mask)
+_torch_logits, _forward = tiny_hf.torch_logits, tiny_hf.jax_logits
 
 
 def _jd_logits(model, tokens, mask, positions):

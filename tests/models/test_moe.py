@@ -20,6 +20,7 @@ from jdistill.runtime import sharding as shd
 from jdistill.sampling import Sampler, SamplingParams
 from jdistill.step import common
 from jdistill.step import opd as ts
+from jdistill.testing import tiny_hf
 from jdistill.testing.tiny_hf import tiny_hf_model
 
 VOCAB = 128
@@ -30,27 +31,10 @@ def _single_mesh():
 
 
 def _padded_batch(rows=4):
-  rng = np.random.RandomState(0)
-  tokens = rng.randint(3, VOCAB, (rows, 11))
-  mask = np.ones((rows, 11), bool)
-  mask[1, :4] = False  # left padding
-  mask[2, :7] = False
-  positions = np.maximum(np.cumsum(mask, 1) - 1, 0)
-  return tokens, mask, positions
+  return tiny_hf.padded_batch(VOCAB, rows)
 
 
-def _torch_logits(model, tokens, mask, positions):
-  with torch.no_grad():
-    return model(
-      input_ids=torch.tensor(tokens),
-      attention_mask=torch.tensor(mask.astype(np.int64)),
-      position_ids=torch.tensor(positions),
-    ).logits.numpy()
-
-
-@jax.jit
-def _forward(graphdef, state, tokens, positions, mask):
-  return nnx.merge(graphdef, state).forward_logits(tokens, positions, mask)
+_torch_logits, _forward = tiny_hf.torch_logits, tiny_hf.jax_logits
 
 
 def _jd_logits(model, tokens, mask, positions):

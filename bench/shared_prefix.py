@@ -57,7 +57,8 @@ def main():
     f"model: {LAYERS} layers, width {WIDTH}, {HEADS} heads ({KV_HEADS} KV), MLP {MLP}, vocab "
     f"{VOCAB:,}, float32; {PROMPTS} prompts x G = {GROUP}, {NEW} new tokens at T = 1"
   )
-  print(f"{'prompt':>7}{'repeated s':>12}{'shared s':>10}{'speed-up':>10}  runs (repeated | shared)")
+  header = f"{'prompt':>7}{'repeated s':>12}{'shared s':>10}{'speed-up':>10}"
+  print(header + "  runs (repeated | shared)")
   for length in args.prompt_lengths:
     rng = np.random.RandomState(length)
     tokens = rng.randint(3, VOCAB, (PROMPTS, length)).astype(np.int32)

@@ -371,10 +371,11 @@ _TOP_P = dict(temperature=1.0, top_p=0.9)
 @pytest.mark.parametrize(
   "axes,modes",
   [
-    (None, [dict(_TOP_P, key_schedule="prompt")]),
-    ({"data": 8}, [dict(temperature=0.0), _TOP_P]),  # the references compiled by the test above
+    # the references (9 rows) are the ones test_sharded_equals_single_device compiled
+    (None, [_TOP_P]),
+    ({"data": 8}, [dict(temperature=0.0), _TOP_P]),
   ],
-  ids=["1dev-prompt_keys", "data8"],
+  ids=["1dev", "data8"],
 )
 def test_shared_prefix_equals_repeated_prompts(llama, axes, modes):
   """`group_size=G` (each prompt prefilled once, its cache rows repeated on device) gives the
@@ -431,6 +432,13 @@ def test_bad_inputs_raise(llama, prompts, params, match):
   sp = SamplingParams(max_new_tokens=4, temperature=0.0, prompt_buckets=BUCKETS, **params)
   with pytest.raises(ValueError, match=match):
     sampler.generate(state, prompts, jax.random.key(0), sp)
+
+
+@pytest.mark.parametrize("group_size", [0, 2.0, True])
+def test_bad_group_size_raises(llama, group_size):
+  _, _, state, sampler = llama
+  with pytest.raises(ValueError, match="group_size: expected a positive integer"):
+    sampler.generate(state, PROMPTS, jax.random.key(0), SamplingParams(), group_size=group_size)
 
 
 def test_cache_limit_raises(llama):

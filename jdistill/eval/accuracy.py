@@ -26,9 +26,12 @@ from jdistill.eval import verifiers
 from jdistill.sampling import Sampler, SamplingParams
 
 
-def completions(sampler: Sampler, params, tokenizer, prompts: list[list[int]], sampling, key):
-  """Decoded completions (special tokens dropped) of token-id `prompts`, in order."""
-  out = sampler.generate(params, prompts, key, sampling)
+def completions(
+  sampler: Sampler, params, tokenizer, prompts: list[list[int]], sampling, key, group_size: int = 1
+):
+  """Decoded completions (special tokens dropped) of token-id `prompts`, in order; with
+  `group_size` G, G of every prompt (consecutive, the prompt prefilled once)."""
+  out = sampler.generate(params, prompts, key, sampling, group_size=group_size)
   arrays = (out.tokens, out.prompt_lengths, out.completion_lengths)
   return decode_completions(tokenizer, *(local_rows(a) for a in arrays))
 
@@ -109,9 +112,10 @@ def accuracy(
     per_call = max(1, batch_rows // pass_k)
     for start in range(0, len(records), per_call):
       chunk = records[start : start + per_call]
-      repeated = [ids[start + j] for j in range(len(chunk)) for _ in range(pass_k)]
       key = jax.random.key(seed + start)
-      texts = completions(sampler, params, tokenizer, repeated, sampled, key)
+      texts = completions(
+        sampler, params, tokenizer, ids[start : start + len(chunk)], sampled, key, pass_k
+      )
       for j, record in enumerate(chunk):
         hits = [score(t, record) >= 1.0 for t in texts[j * pass_k : (j + 1) * pass_k]]
         passed.append(float(any(hits)))

@@ -14,6 +14,11 @@ prefill → decode. `decode` is a `lax.while_loop` that stops once every row has
 emitted a stop token, and returns the rollouts already gathered into the
 trainer's right-padded layout (see `Rollouts`).
 
+Shared prefixes (`generate(..., group_size=G)`): each prompt row stands for G consecutive rows
+(RLVR groups, n samples per prompt, pass@k). Prefill runs on the unique prompts only, its KV cache
+rows and last-position logits are then repeated G times on device, and decode runs on all rows as
+usual, so the output (and every row's random key) is that of the prompts repeated on the host.
+
 Continuous batching (`Sampler.generate_continuous`) lives in `jdistill.sampling.continuous`.
 """
 
@@ -33,7 +38,7 @@ from jdistill.runtime import sharding as shd
 from jdistill.sampling.continuous import ContinuousBatching, _ContinuousKey
 from jdistill.sampling.layout import Rollouts, cache_layout, to_right_padded
 from jdistill.sampling.ops import prompt_keys, sample_step
-from jdistill.sampling.params import SamplingParams, knobs_of
+from jdistill.sampling.params import SamplingParams, _is_int, knobs_of
 from jdistill.sampling.prompts import choose_bucket, left_align, pad_rows, prompt_arrays
 
 
@@ -55,6 +60,7 @@ class _Key(NamedTuple):
   filtered: bool
   n_stop: int
   key_schedule: str
+  group_size: int = 1
 
 
 class Sampler(ContinuousBatching):
@@ -144,6 +150,22 @@ class Sampler(ContinuousBatching):
       logits = model.logits(hidden[:, -1:])[:, 0]
       return constrain_cache(cache), jax.lax.with_sharding_constraint(logits, b2)
 
+    batch_axis = cache_logical_axes(cfg).index("batch")
+
+    def prefill_shared(state, prompt_left, lengths):
+      """Prefills the unique prompts (`[U, bucket]`, U padded to the data-parallel size) into a
+      cache of U rows, then repeats row u to rows `[u * G, (u + 1) * G)` of the B-row cache and
+      logits. A dummy row b past U * G reads row min(b // G, U - 1): its output is dropped."""
+      unique = lengths.shape[0]
+      shape = cache_shape.shape
+      small_sh = self._cache_sharding(cfg, shape[:batch_axis] + (unique,) + shape[batch_axis + 1 :])
+      small = init_cache(cfg, unique, cache_len, self.cache_dtype)
+      small = jax.lax.with_sharding_constraint(small, jax.tree.map(lambda _: small_sh, small))
+      small, logits = prefill(state, small, prompt_left, lengths)
+      src = jnp.minimum(jnp.arange(key.batch, dtype=jnp.int32) // key.group_size, unique - 1)
+      cache = jax.tree.map(lambda x: jnp.take(x, src, axis=batch_axis), small)
+      return constrain_cache(cache), jax.lax.with_sharding_constraint(logits[src], b2)
+
     def decode(state, cache, logits, prompt_left, lengths, limits, rng, knobs):
       """Samples up to `limits` `[B]` (≤ `n_new`) tokens per row; stops early once every row
       has hit a stop id or its limit."""
@@ -212,7 +234,7 @@ class Sampler(ContinuousBatching):
 
     return (
       jax.jit(alloc),
-      jax.jit(prefill, donate_argnums=(1,)),
+      jax.jit(prefill, donate_argnums=(1,)) if key.group_size == 1 else jax.jit(prefill_shared),
       jax.jit(decode, donate_argnums=(1,)),
     )
 
@@ -230,12 +252,13 @@ class Sampler(ContinuousBatching):
     params: SamplingParams,
     *,
     max_new_per_prompt: Sequence[int] | np.ndarray | None = None,
+    group_size: int = 1,
   ) -> Rollouts:
     """Samples completions for a batch of prompts.
 
     Args:
       state: model state (`nnx.split(model)[1]`), placed on `self.mesh`.
-      prompts: a list of token-id lists, or `(tokens [B, P0] right-padded, lengths [B])`;
+      prompts: a list of token-id lists, or `(tokens [U, P0] right-padded, lengths [U])`;
         the prompt bucket is the smallest one ≥ the padded width P0. With several
         processes each passes its own rows (joined process-major).
       rng: PRNG key, drawn from as `params.key_schedule` says (unused when greedy); with
@@ -243,12 +266,27 @@ class Sampler(ContinuousBatching):
       params: SamplingParams.
       max_new_per_prompt: optional `[B]` ints in [1, max_new_tokens]: row b stops after
         that many tokens (or at a stop token). Default: max_new_tokens for every row.
+      group_size: G ≥ 1 samples of every prompt: the output has B = U * G rows, rows
+        `[u * G, (u + 1) * G)` sampling prompt u, exactly as if each prompt had been repeated
+        G times on the host (same tokens, same keys per row), but each prompt is prefilled
+        once (a shared prefix).
     Returns:
       Rollouts with `[B, P + max_new_tokens]` arrays (P = chosen prompt bucket).
     """
+    if not _is_int(group_size) or group_size < 1:
+      raise ValueError(f"group_size: expected a positive integer, got {group_size!r}")
     cfg, tokens, lengths, bucket = self._prepare(state, prompts, params)
-    n_rows = tokens.shape[0]
+    if group_size > 1 and not self._can_share(tokens.shape[0]):
+      tokens, lengths = np.repeat(tokens, group_size, 0), np.repeat(lengths, group_size, 0)
+      group_size = 1
+    n_unique = tokens.shape[0]
+    n_rows = n_unique * group_size
     limits = self._limits(max_new_per_prompt, n_rows, params.max_new_tokens)
+    unique_left = unique_lengths = None
+    if group_size > 1:
+      padded = pad_rows(tokens, lengths, self.data_parallel_size(), params.pad_id)
+      unique_left, unique_lengths = left_align(*padded, bucket, params.pad_id), padded[1]
+      tokens, lengths = np.repeat(tokens, group_size, 0), np.repeat(lengths, group_size, 0)
     if jax.process_count() > 1:
       # Each process passes its own rows; they are joined process-major into the global batch.
       local_dp = self.data_parallel_size() // jax.process_count()
@@ -272,19 +310,36 @@ class Sampler(ContinuousBatching):
       params.filtered,
       len(params.stop_token_ids),
       params.key_schedule,
+      group_size,
     )
     alloc, prefill, decode = self._compiled(key, cfg)
-    cache = self._caches.pop(key, None) or alloc()
     left_d = jax.make_array_from_process_local_data(self._batch(2), left)
     lengths_d = jax.make_array_from_process_local_data(self._batch(1), lengths)
     limits_d = jax.make_array_from_process_local_data(self._batch(1), limits)
-    cache, logits = prefill(state, cache, left_d, lengths_d)
+    if group_size > 1:  # the cache is made by repeating the unique rows' one: nothing to keep
+      cache, logits = prefill(
+        state,
+        jax.make_array_from_process_local_data(self._batch(2), unique_left),
+        jax.make_array_from_process_local_data(self._batch(1), unique_lengths),
+      )
+    else:
+      cache = self._caches.pop(key, None) or alloc()
+      cache, logits = prefill(state, cache, left_d, lengths_d)
     cache, out = decode(state, cache, logits, left_d, lengths_d, limits_d, rng, knobs_of(params))
-    if self.keep_cache:
+    if self.keep_cache and group_size == 1:
       self._caches[key] = cache
     if global_rows != n_rows * jax.process_count():
       out = jax.tree.map(lambda x: x[:n_rows], out)
     return out
+
+  def _can_share(self, n_unique: int) -> bool:
+    """Whether `n_unique` prompts per process can be prefilled as one batch of their own: with
+    several processes they must divide over each process's data-parallel shards (one process
+    pads with dummy rows)."""
+    if jax.process_count() == 1:
+      return True
+    local_dp = max(self.data_parallel_size() // jax.process_count(), 1)
+    return n_unique % local_dp == 0
 
   def _prepare(self, state, prompts, params: SamplingParams):
     """Validates a call → (model cfg, tokens `[B, P0]`, lengths `[B]`, prompt bucket)."""

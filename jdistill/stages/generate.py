@@ -110,8 +110,10 @@ class Generator:
     while progress["next"] < len(self.records):
       start = progress["next"]
       batch = self.records[start : start + g.prompts_per_batch]
-      ids = [self._encode(r) for r in batch for _ in range(n)]
-      rows = ids + [ids[-1]] * (-len(ids) % dp)
+      unique = [self._encode(r) for r in batch]
+      ids = [p for p in unique for _ in range(n)]
+      if jax.process_count() > 1:  # each process's rows must divide over its data shards
+        unique += [unique[-1]] * (-len(unique) % dp)
       key = jax.random.fold_in(jax.random.key(self.config.seed), start)
       if self.environment is not None:
         episodes = run_episodes(
@@ -119,7 +121,8 @@ class Generator:
           ids, key, self.sampling, self.episode_params, self.tokenizer,
         )  # fmt: skip
       else:
-        out = jax.device_get(self.sampler.generate(self.params, rows, key, self.sampling))
+        out = self.sampler.generate(self.params, unique, key, self.sampling, group_size=n)
+        out = jax.device_get(out)
       lines = []
       for i in range(len(ids)):
         record = batch[i // n]

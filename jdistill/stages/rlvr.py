@@ -171,8 +171,12 @@ class RLVRTrainer(TrainingStage):
     if self.environment is not None:
       out = self.episodes(self.batcher, rows, key, sampling)
       return out, rows, out.rewards.copy()
-    out = self.sampler.generate(
-      self.state["params"], (rows["prompt_tokens"], rows["prompt_lengths"]), key, sampling
+    out = self.sampler.generate(  # each prompt prefilled once (a shared prefix)
+      self.state["params"],
+      (prompts["prompt_tokens"], prompts["prompt_lengths"]),
+      key,
+      sampling,
+      group_size=g,
     )
     texts = self.local_completions(out)
     rewards = np.zeros(len(texts), np.float32)

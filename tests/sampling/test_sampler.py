@@ -362,6 +362,56 @@ def test_no_recompilation_across_lengths_params_and_values(llama):
   assert sampler.num_compiles == compiled + 2
 
 
+# --- shared prefixes ---------------------------------------------------------------------
+
+
+_TOP_P = dict(temperature=1.0, top_p=0.9)
+
+
+@pytest.mark.parametrize(
+  "axes,modes",
+  [
+    # the references (9 rows) are the ones test_sharded_equals_single_device compiled
+    (None, [_TOP_P]),
+    ({"data": 8}, [dict(temperature=0.0), _TOP_P]),
+  ],
+  ids=["1dev", "data8"],
+)
+def test_shared_prefix_equals_repeated_prompts(llama, axes, modes):
+  """`group_size=G` (each prompt prefilled once, its cache rows repeated on device) gives the
+  tokens of the prompts repeated G times on the host under the same key, and their log-probs
+  up to f32 rounding (the prefill's batch is smaller); on 8 data shards both the 3 unique
+  prompts (→ 8) and the 9 rows (→ 16) take dummy rows."""
+  path, graphdef, state, sampler = llama
+  if axes is not None:
+    mesh = shd.make_mesh(axes)
+    graphdef, state = nnx.split(hf.from_hf(path, mesh))
+    sampler = Sampler(graphdef, mesh)
+  g = 3
+  repeated = [p for p in PROMPTS for _ in range(g)]
+  for kw in modes:
+    sp = SamplingParams(max_new_tokens=NEW, prompt_buckets=BUCKETS, **kw)
+    ref = sampler.generate(state, repeated, jax.random.key(3), sp)
+    before = sampler.num_compiles
+    out = sampler.generate(state, PROMPTS, jax.random.key(3), sp, group_size=g)
+    assert sampler.num_compiles == before + 2  # the shared prefill and its own decode
+    assert out.tokens.shape[0] == len(repeated)
+    for name in ("tokens", "completion_lengths", "completion_mask"):
+      np.testing.assert_array_equal(
+        np.asarray(getattr(out, name)), np.asarray(getattr(ref, name)), err_msg=f"{kw} {name}"
+      )
+    for name in ("logprobs", "sampling_logprobs"):
+      np.testing.assert_allclose(
+        np.asarray(getattr(out, name)), np.asarray(getattr(ref, name)), atol=1e-5, err_msg=name
+      )
+    if kw["temperature"]:  # the G samples of a prompt differ
+      assert len({tuple(np.asarray(out.tokens)[i]) for i in range(g)}) > 1
+  # new prompts of the same shape reuse the compiled pieces
+  before = sampler.num_compiles
+  sampler.generate(state, [[7] * 5, [8], [9] * 11], jax.random.key(4), sp, group_size=g)
+  assert sampler.num_compiles == before
+
+
 # --- validation ------------------------------------------------------------------------
 
 
@@ -382,6 +432,13 @@ def test_bad_inputs_raise(llama, prompts, params, match):
   sp = SamplingParams(max_new_tokens=4, temperature=0.0, prompt_buckets=BUCKETS, **params)
   with pytest.raises(ValueError, match=match):
     sampler.generate(state, prompts, jax.random.key(0), sp)
+
+
+@pytest.mark.parametrize("group_size", [0, 2.0, True])
+def test_bad_group_size_raises(llama, group_size):
+  _, _, state, sampler = llama
+  with pytest.raises(ValueError, match="group_size: expected a positive integer"):
+    sampler.generate(state, PROMPTS, jax.random.key(0), SamplingParams(), group_size=group_size)
 
 
 def test_cache_limit_raises(llama):

@@ -38,25 +38,28 @@ def sample_step(
 
   Returns (tokens [B] int32, logprobs [B] under the raw softmax, sampling_logprobs [B]
   under the temperature/top-k/top-p distribution sampled from; 0 when greedy).
+
+  No `[B, V]` log-softmax or probabilities are written: at T = 1 without top-k/top-p the
+  step reads the logits twice (their max, then the block masses of `draw_logits`), and both
+  log-probs come from the draw's normaliser.
   """
   logits = logits.astype(jnp.float32)
-  raw_logp = jax.nn.log_softmax(logits, axis=-1)
   if greedy:
     tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    sampling_logp = jnp.zeros(tokens.shape, jnp.float32)
-  else:
-    if filtered:
-      scaled = filter_logits(logits / knobs.temperature, knobs.top_k, knobs.top_p)
-      scaled_logp = jax.nn.log_softmax(scaled, axis=-1)
-    else:  # at T = 1 (the on-policy default) the sampled distribution is the raw one
-      scaled_logp = jax.lax.cond(
-        knobs.temperature == 1.0,
-        lambda: raw_logp,
-        lambda: jax.nn.log_softmax(logits / knobs.temperature, axis=-1),
-      )
-    tokens = draw(key, scaled_logp)
-    sampling_logp = _pick(scaled_logp, tokens)
-  return tokens, _pick(raw_logp, tokens), sampling_logp
+    return tokens, _pick(logits, tokens) - _logsumexp(logits), jnp.zeros(tokens.shape, jnp.float32)
+  if filtered:
+    scaled = filter_logits(logits / knobs.temperature, knobs.top_k, knobs.top_p)
+    tokens, sampling_logp = draw_logits(key, scaled)
+    return tokens, _pick(logits, tokens) - _logsumexp(logits), sampling_logp
+  # the temperature scales inside the draw's passes (no `logits / T` array); at T = 1 (the
+  # on-policy default) the sampled distribution is the raw one
+  tokens, sampling_logp = draw_logits(key, logits, inv_temperature=1.0 / knobs.temperature)
+  raw_logp = jax.lax.cond(
+    knobs.temperature == 1.0,
+    lambda: sampling_logp,
+    lambda: _pick(logits, tokens) - _logsumexp(logits),
+  )
+  return tokens, raw_logp, sampling_logp
 
 
 def prompt_keys(rng: jax.Array, prompt_ids: jax.Array, t: jax.Array) -> jax.Array:
@@ -74,35 +77,77 @@ def prompt_keys(rng: jax.Array, prompt_ids: jax.Array, t: jax.Array) -> jax.Arra
 def draw(key: jax.Array, logp: jax.Array, block: int | None = None) -> jax.Array:
   """One token per row from log-probabilities `[B, V]` (-inf = excluded) → `[B]` int32.
 
+  `draw_logits`' tokens (any shift of a row draws the same); see there.
+  """
+  return draw_logits(key, logp, block)[0]
+
+
+def draw_logits(
+  key: jax.Array,
+  logits: jax.Array,
+  block: int | None = None,
+  inv_temperature: jax.Array | float = 1.0,
+) -> tuple[jax.Array, jax.Array]:
+  """One token per row from the softmax of `logits * inv_temperature` (`[B, V]` f32, -inf =
+  excluded; inv_temperature > 0) → (tokens `[B]` int32, their log-probabilities `[B]` under
+  that softmax).
+
   `key`: one key (row b takes row b of its `[B]` uniforms) or a typed key array `[B]`
   (row b takes the one uniform of key b).
 
   Inverse CDF: one uniform per row, where Gumbel-max (`jax.random.categorical`) draws V. The
   CDF is walked in two levels, so no running sum spans the vocabulary (XLA:CPU lowers a long
-  cumsum to a slow reduce-window): the uniform picks a block of `block` tokens (default: the
-  power of two ≥ √V) from the running sum of the block masses, then a token from the running
-  sum inside that block. The draw is the one-level inverse CDF's up to f32 rounding of the
+  cumsum to a slow reduce-window): the uniform picks a block of `block` tokens (default:
+  `_block_size(V)`, about √V) from the running sum of the block masses, then a token from the
+  running sum inside that block. The draw is the one-level inverse CDF's up to f32 rounding of the
   sums (~1e-7 of the total mass). An excluded token is never drawn: its CDF step is empty,
   and a uniform that rounds past a block's (or the row's) allowed tokens falls back to the
   nearest allowed one in it.
+
+  Two passes over the row (its max; the masses `exp((x - max) · inv_temperature)` summed per
+  block) and no `[B, V]` output: the normaliser is the sum of the block masses, and only the
+  chosen block's `block` weights are formed again.
   """
-  rows, vocab = logp.shape
-  block = block or 1 << max(math.ceil(math.log2(math.sqrt(vocab))), 0)
+  rows, vocab = logits.shape
+  block = block or _block_size(vocab)
   n_blocks = -(-vocab // block)
-  probs = jnp.exp(logp)
   if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) and key.ndim == 1:
     u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(key)
   else:
     u = jax.random.uniform(key, (rows, 1), jnp.float32)[:, 0]
-  blocks = jnp.pad(probs, ((0, 0), (0, n_blocks * block - vocab))).reshape(rows, n_blocks, block)
-  mass = jnp.sum(blocks, axis=-1)  # [B, n_blocks]
+  top = jnp.max(logits, axis=-1)
+  top = jnp.where(jnp.isfinite(top), top, 0.0)  # a row without a finite weight draws token 0
+  padded = jnp.pad(logits, ((0, 0), (0, n_blocks * block - vocab)), constant_values=-jnp.inf)
+  blocks = padded.reshape(rows, n_blocks, block)
+  mass = jnp.sum(jnp.exp((blocks - top[:, None, None]) * inv_temperature), axis=-1)  # [B, n_blocks]
   cdf = jnp.cumsum(mass, axis=-1)
-  target = u * cdf[:, -1]
+  total = cdf[:, -1]
+  target = u * total
   chosen = _first_last_allowed(mass, jnp.sum(cdf <= target[:, None], axis=-1))
   inner = jnp.take_along_axis(blocks, chosen[:, None, None], axis=1)[:, 0]  # [B, block]
+  inner = jnp.exp((inner - top[:, None]) * inv_temperature)
   rest = target - _pick(cdf - mass, chosen)  # the uniform's mass left inside the block
   index = _first_last_allowed(inner, jnp.sum(jnp.cumsum(inner, axis=-1) <= rest[:, None], axis=-1))
-  return (chosen * block + index).astype(jnp.int32)
+  tokens = (chosen * block + index).astype(jnp.int32)
+  return tokens, (_pick(logits, tokens) - top) * inv_temperature - jnp.log(total)
+
+
+def _block_size(vocab: int) -> int:
+  """Tokens per block of `draw_logits`: the largest power of two ≤ the one ≥ √V that divides
+  V (no padded copy of the logits: 256 at 32,000, 128 at 151,936), unless that is under a
+  quarter of it; then the power of two ≥ √V, with the last block padded."""
+  target = 1 << max(math.ceil(math.log2(math.sqrt(vocab))), 0)
+  block = target
+  while block > 1 and vocab % block:
+    block //= 2
+  return block if 4 * block >= target else target
+
+
+def _logsumexp(x: jax.Array) -> jax.Array:
+  """`[B, V]` → `[B]`: two passes (max, sum of exp), no `[B, V]` output."""
+  top = jax.lax.stop_gradient(jnp.max(x, axis=-1))
+  top = jnp.where(jnp.isfinite(top), top, 0.0)
+  return top + jnp.log(jnp.sum(jnp.exp(x - top[:, None]), axis=-1))
 
 
 def _first_last_allowed(probs: jax.Array, index: jax.Array) -> jax.Array:

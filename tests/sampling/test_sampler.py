@@ -528,3 +528,30 @@ def test_blocked_draw_is_the_one_level_inverse_cdf(block):
     single = np.full((8, vocab), -np.inf, np.float32)
     single[:, only] = 0.0
     assert (np.asarray(draw(jax.random.key(4), jnp.asarray(single), block=block)) == only).all()
+
+
+def test_sample_step_logprobs_are_the_raw_and_the_tempered_softmax():
+  """Both log-probs of a step, in every unfiltered mode (greedy; T = 1, where the raw ones are
+  the draw's own; T = 0.5, where they are computed apart), against numpy's float64 softmax of
+  the logits and of logits / T; at a vocab (37) no block divides, so the last one is padded."""
+  rng = np.random.RandomState(2)
+  logits = (3.0 * rng.randn(6, 37)).astype(np.float32)
+  x = logits.astype(np.float64)
+  step = jax.jit(smp.sample_step, static_argnames=("greedy", "filtered"))
+  for temperature in (0.0, 1.0, 0.5):  # T = 1 and 0.5 share one compile (T is traced)
+    sp = SamplingParams(temperature=temperature)
+    knobs = smp.params.knobs_of(sp)
+    tokens, logp, sampling_logp = step(
+      jnp.asarray(logits), jax.random.key(0), knobs, greedy=sp.greedy, filtered=False
+    )
+    tokens = np.asarray(tokens)
+    picked = lambda a: np.take_along_axis(a, tokens[:, None], -1)[:, 0]
+    raw = x - np.logaddexp.reduce(x, axis=-1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(logp), picked(raw), atol=1e-5)
+    if sp.greedy:
+      np.testing.assert_array_equal(tokens, np.argmax(logits, -1))
+      assert not np.asarray(sampling_logp).any()
+    else:
+      scaled = x / temperature
+      tempered = scaled - np.logaddexp.reduce(scaled, axis=-1, keepdims=True)
+      np.testing.assert_allclose(np.asarray(sampling_logp), picked(tempered), atol=1e-5)

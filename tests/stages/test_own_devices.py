@@ -29,9 +29,9 @@ def _config(world, out, *, devices=0, num_devices=0):
   return c
 
 
-def test_a_teacher_on_its_own_devices_equals_resident(world, tmp_path):
-  own = train.OPDTrainer(_config(world, tmp_path / "own", devices=2))
-  resident = train.OPDTrainer(_config(world, tmp_path / "resident", num_devices=6))
+def test_a_teacher_on_its_own_devices_equals_resident(small_world, tmp_path):
+  own = train.OPDTrainer(_config(small_world, tmp_path / "own", devices=2))
+  resident = train.OPDTrainer(_config(small_world, tmp_path / "resident", num_devices=6))
   devices = jax.devices()
   assert set(own.mesh.devices.flat) == set(devices[:6]) == set(resident.mesh.devices.flat)
   (math,) = own.teachers.own_devices
@@ -59,7 +59,9 @@ def test_a_teacher_on_its_own_devices_equals_resident(world, tmp_path):
   )
 
 
-def test_own_devices_config_errors_name_the_field(world, tmp_path):
+def test_own_devices_config_errors_name_the_field(small_world, tmp_path):
+  world = small_world
+
   def refused(c, match, build=False):
     with pytest.raises(ValueError, match=match):
       train.OPDTrainer(c) if build else config_lib.validate(c)

@@ -154,8 +154,10 @@ SETUPS = {
   "qwen3_1.7b_4x8b": ("qwen3-1.7b", "qwen3-8b", 4, 8192, -1),
   "qwen3_30b_a3b_4x32b": ("qwen3-30b-a3b", "qwen3-32b", 4, 16384, -1),
   "deepseek_v3_16b_4x8b": ("deepseek-v3-16b", "qwen3-8b", 4, 8192, -1),
-  # twelve 8B specialists into an 8B student (issue 26), 8 rows of 4,096 tokens per teacher
+  # twelve 8B specialists into an 8B student (issue 26), 8 rows of 4,096 / 2,048 tokens per
+  # teacher
   "qwen3_8b_12x8b": ("qwen3-8b", "qwen3-8b", 12, 4096, 8),
+  "qwen3_8b_12x8b_2k": ("qwen3-8b", "qwen3-8b", 12, 2048, 8),
   "tiny": ("tiny", "tiny", 4, 128, 2),
 }
 # Meshes and their device memory (GB): 8 x H200 (141 GB), TPU v5p-64 (32 chips of 95 GB,
@@ -465,7 +467,11 @@ def plan(setup: str, mesh_name: str, placement: str, teacher_devices: int = 2, *
       out["peak_gb"] = max(out["step_gb"], out["teacher_mesh_gb"])
   out["rows_per_teacher"] = progs["rows_per_teacher"]
   out["student_state_gb"] = _per_device(progs["state"]) / GB
+  # per device of the mesh the step runs on, were they resident there (own_devices: none are,
+  # each has teacher_mesh_params_gb on its own mesh)
   out["teacher_params_gb"] = progs["n_teachers"] * _per_device(progs["teacher_state"]) / GB
+  if placement == "own_devices":
+    out["teacher_params_gb"] = 0.0
   out["fits"] = None if capacity is None else bool(out["peak_gb"] <= capacity)
   return out
 

@@ -10,6 +10,11 @@ bytes: arguments + outputs not aliased with them + temporaries.
   state + every teacher's cached hidden states `[rows, L-1, d]` bf16 + unembeddings) and
   one teacher's forward (its params moved onto the mesh inside the program) while the
   student state and the other teachers' caches are live.
+* own_devices (`teachers.<name>.devices`): each teacher on `--teacher_devices` devices of its
+  own (`{fsdp: k}`), the student's step on the rest. Training mesh: the streamed step's
+  program (student state + every teacher's hidden states and unembedding), no forward;
+  teacher mesh: one teacher's forward with its params resident there (params + the
+  activations of its rows + its hidden states out).
 
 The student keeps f32 master params and AdamW moments and computes in bf16 with
 `remat_policy` per layer; teachers are bf16. Models of 8 layers or more run scanned, and
@@ -149,6 +154,10 @@ SETUPS = {
   "qwen3_1.7b_4x8b": ("qwen3-1.7b", "qwen3-8b", 4, 8192, -1),
   "qwen3_30b_a3b_4x32b": ("qwen3-30b-a3b", "qwen3-32b", 4, 16384, -1),
   "deepseek_v3_16b_4x8b": ("deepseek-v3-16b", "qwen3-8b", 4, 8192, -1),
+  # twelve 8B specialists into an 8B student (issue 26), 8 rows of 4,096 / 2,048 tokens per
+  # teacher
+  "qwen3_8b_12x8b": ("qwen3-8b", "qwen3-8b", 12, 4096, 8),
+  "qwen3_8b_12x8b_2k": ("qwen3-8b", "qwen3-8b", 12, 2048, 8),
   "tiny": ("tiny", "tiny", 4, 128, 2),
 }
 # Meshes and their device memory (GB): 8 x H200 (141 GB), TPU v5p-64 (32 chips of 95 GB,
@@ -157,6 +166,7 @@ SETUPS = {
 MESHES = {
   "h200x8": (dict(data=1, fsdp=8, tensor=1), 141),
   "h200x8_tp2": (dict(data=1, fsdp=4, tensor=2), 141),
+  "h200x32": (dict(data=1, fsdp=32, tensor=1), 141),  # four nodes of 8
   "v5p-64": (dict(data=1, fsdp=32, tensor=1), 95),
   "v5p-64_tp4": (dict(data=1, fsdp=8, tensor=4), 95),
   "cpu8": (dict(data=2, fsdp=2, tensor=2), None),
@@ -371,16 +381,58 @@ def programs(
   return out
 
 
-def plan(setup: str, mesh_name: str, placement: str, **kw) -> dict:
-  """Compiles the setup's programs on `mesh_name` and reads their per-device peaks (GB)."""
+def own_devices_forward(setup: str, mesh, step_batch) -> tuple:
+  """One teacher's forward on its own mesh (`jdistill.step.own_devices`): (jitted, args)."""
+  _, teacher_name, _, length, rows_per_teacher = SETUPS[setup]
+  t_graphdef, t_state = abstract_model(model_config(teacher_name, attention_chunk=512), mesh)
+  moved = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shd.batch_sharding(mesh, x.ndim)),
+    step_batch,
+  )
+  rows = tuple(range(rows_per_teacher))
+  out = streaming.hidden_sharding(mesh, rows_per_teacher)
+
+  def forward(state, b):  # what own_devices.OwnDevicesTeacher.forward compiles
+    h, _ = step_common.teacher_hidden(t_graphdef, state, step_common.shifted_inputs(b), rows)
+    return h.astype(jnp.bfloat16)
+
+  shardings = lambda tree: jax.tree.map(lambda x: x.sharding, tree)  # noqa: E731
+  fwd = jax.jit(forward, in_shardings=(shardings(t_state), shardings(moved)), out_shardings=out)
+  return fwd, (t_state, moved)
+
+
+def plan(setup: str, mesh_name: str, placement: str, teacher_devices: int = 2, **kw) -> dict:
+  """Compiles the setup's programs on `mesh_name` and reads their per-device peaks (GB).
+  `own_devices`: each teacher on `teacher_devices` of the mesh's devices (the last ones), the
+  step on the rest (`{fsdp: rest}`)."""
   axes, capacity = MESHES[mesh_name]
-  mesh = shd.make_mesh(axes, jax.devices()[: math.prod(axes.values())])
+  n = math.prod(axes.values())
+  mesh = shd.make_mesh(axes, jax.devices()[:n])
   t0 = time.perf_counter()
-  progs = programs(setup, mesh, placement, **kw)
+  if placement == "own_devices":
+    training = n - SETUPS[setup][2] * teacher_devices
+    if training < 1:
+      raise ValueError(f"{setup}: {SETUPS[setup][2]} x {teacher_devices} devices of {n}")
+    mesh = shd.make_mesh(dict(data=1, fsdp=training, tensor=1), jax.devices()[:training])
+    own = shd.make_mesh(
+      dict(data=1, fsdp=teacher_devices, tensor=1),
+      jax.devices()[training : training + teacher_devices],
+    )
+  progs = programs(setup, mesh, "streamed" if placement == "own_devices" else placement, **kw)
   out = {"setup": setup, "mesh": mesh_name, "placement": placement, "capacity_gb": capacity}
   fn, args = progs["step"]
   step = device_bytes(fn.lower(*args).compile())
   out.update(peak_gb=step["peak"] / GB, step_gb=step["peak"] / GB)
+  if placement == "own_devices":
+    fn, args = own_devices_forward(setup, own, progs["step"][1][2])
+    fwd = device_bytes(fn.lower(*args).compile())
+    out.update(
+      training_devices=training,
+      teacher_devices=teacher_devices,
+      teacher_mesh_gb=fwd["peak"] / GB,
+      teacher_mesh_params_gb=_per_device(args[0]) / GB,
+      peak_gb=max(step["peak"], fwd["peak"]) / GB,
+    )
   if placement == "streamed":
     fn, args = progs["forward"]
     fwd = device_bytes(fn.lower(*args).compile())
@@ -395,7 +447,7 @@ def plan(setup: str, mesh_name: str, placement: str, **kw) -> dict:
     )
   out["compile_s"] = time.perf_counter() - t0
   if progs["proxy"]:  # the MoE parts the CPU stand-in leaves out (see cpu_moe_proxy)
-    devices = math.prod(axes.values())
+    devices = mesh.devices.size  # the training mesh's
     added = 0.0
     if "student" in progs["proxy"]:
       extra = progs["proxy"]["student"]
@@ -403,14 +455,23 @@ def plan(setup: str, mesh_name: str, placement: str, **kw) -> dict:
       added += 2 * extra["gathered_rows"] * progs["tokens_per_device"]  # bf16, one layer
     if "teacher" in progs["proxy"]:
       extra = progs["proxy"]["teacher"]
-      n_on_device = progs["n_teachers"] if placement == "resident" else 1
-      added += 2 * n_on_device * extra["extra_params"] / devices
+      if placement == "own_devices":  # on the teacher's mesh, not the step's
+        out["teacher_mesh_gb"] += 2 * extra["extra_params"] / teacher_devices / GB
+      else:
+        n_on_device = progs["n_teachers"] if placement == "resident" else 1
+        added += 2 * n_on_device * extra["extra_params"] / devices
     out["moe_added_gb"] = added / GB
     for key in ("peak_gb", "step_gb"):
       out[key] += added / GB
+    if placement == "own_devices":
+      out["peak_gb"] = max(out["step_gb"], out["teacher_mesh_gb"])
   out["rows_per_teacher"] = progs["rows_per_teacher"]
   out["student_state_gb"] = _per_device(progs["state"]) / GB
+  # per device of the mesh the step runs on, were they resident there (own_devices: none are,
+  # each has teacher_mesh_params_gb on its own mesh)
   out["teacher_params_gb"] = progs["n_teachers"] * _per_device(progs["teacher_state"]) / GB
+  if placement == "own_devices":
+    out["teacher_params_gb"] = 0.0
   out["fits"] = None if capacity is None else bool(out["peak_gb"] <= capacity)
   return out
 
@@ -428,7 +489,8 @@ def main(argv=None) -> list[dict]:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--setups", default="qwen3_1.7b_4x8b")
   p.add_argument("--meshes", default="h200x8,v5p-64")
-  p.add_argument("--placements", default="resident,streamed")
+  p.add_argument("--placements", default="resident,streamed", help="and own_devices")
+  p.add_argument("--teacher_devices", type=int, default=2, help="own_devices: per teacher")
   p.add_argument("--remat_policy", default="full")
   p.add_argument("--chunk", type=int, default=1024, help="loss.chunk_size")
   p.add_argument("--attention_chunk", type=int, default=512, help="0: one block (T^2 scores)")
@@ -440,8 +502,8 @@ def main(argv=None) -> list[dict]:
     setups, meshes = ["tiny"], ["cpu8"]
   results = []
   print(
-    f"{'setup':<22}{'mesh':<12}{'placement':<11}{'peak GB/dev':>12}{'step':>8}{'fits':>6}"
-    f"{'compile s':>11}",
+    f"{'setup':<22}{'mesh':<12}{'placement':<12}{'peak GB/dev':>12}{'step':>8}"
+    f"{'teacher mesh':>14}{'fits':>6}{'compile s':>11}",
     flush=True,
   )
   for setup in setups:
@@ -454,12 +516,14 @@ def main(argv=None) -> list[dict]:
           remat_policy=a.remat_policy,
           chunk=a.chunk,
           attention=a.attention_chunk,
+          teacher_devices=1 if a.smoke else a.teacher_devices,
         )
         results.append(r)
         fits = "-" if r["fits"] is None else ("yes" if r["fits"] else "no")
+        own = f"{r['teacher_mesh_gb']:>14.1f}" if "teacher_mesh_gb" in r else f"{'-':>14}"
         print(
-          f"{setup:<22}{mesh_name:<12}{placement:<11}{r['peak_gb']:>12.1f}{r['step_gb']:>8.1f}"
-          f"{fits:>6}{r['compile_s']:>11.1f}",
+          f"{setup:<22}{mesh_name:<12}{placement:<12}{r['peak_gb']:>12.1f}{r['step_gb']:>8.1f}"
+          f"{own}{fits:>6}{r['compile_s']:>11.1f}",
           flush=True,
         )
   if a.json:

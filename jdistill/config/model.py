@@ -77,9 +77,21 @@ TEACHER = section(
   ),
   hidden_dtype=field(
     "bfloat16",
-    "dtype of a streamed teacher's cached hidden states; its compute dtype gives the same "
-    "loss as resident",
+    "dtype of the hidden states a streamed teacher, or one on its own `devices`, hands to the "
+    "step; its compute dtype gives the same loss as resident",
     one_of(DTYPES),
+  ),
+  devices=field(
+    0,
+    "devices of the teacher's own mesh: `0` = on the training mesh (`placement`); `n > 0` = n "
+    "of the run's devices, carved off after `rollout.devices` (the run's devices in order: "
+    "training, then the teachers in name order, then the sampler's last `rollout.devices`), "
+    "form a mesh `{fsdp: n}` (rows and params split over them) where the teacher's params "
+    "stay and its forward runs; only its last hidden states `[rows, L-1, d_model]` in "
+    "`hidden_dtype` cross to the training mesh, where its unembedding rebuilds the logits "
+    "([design.md](design.md#teachers-on-their-own-devices))",
+    "an int ≥ 0 dividing `data.slots_per_teacher`; with `rollout.devices`, leaves ≥ 1 "
+    "training device; stage `opd`, `placement = resident`, no `tokenizer`; one process only",
   ),
   scan_layers=field(
     None,
@@ -174,8 +186,11 @@ def validate_teachers(config) -> None:
           f"domains not owned by another teacher ({d!r} already belongs to {owner[d]!r})",
         )
       owner[d] = name
+    if t.get("devices", 0):
+      _validate_own_devices(config, name)
     if t.get("tokenizer"):
       _validate_cross_tokenizer(config, name)
+  _validate_device_count(config)
   weights = {name: config.teachers[name].weight for name in config.teachers.keys()}
   if not any(w > 0 for w in weights.values()):
     fail("teachers.<name>.weight", weights, "at least one teacher with weight > 0")
@@ -196,3 +211,36 @@ def _validate_cross_tokenizer(config, name: str) -> None:
     fail(where, t.tokenizer, f"None with episode.environment: {need} scores single turns")
   if not isinstance(t.get("length_ratio", 1.5), (int, float)) or t.length_ratio < 1:
     fail(f"teachers.{name}.length_ratio", t.length_ratio, "a number ≥ 1")
+
+
+def _validate_own_devices(config, name: str) -> None:
+  """A teacher on its own `devices`: a resident, same-tokenizer OPD teacher whose rows split
+  evenly over them."""
+  t, where = config.teachers[name], f"teachers.{name}.devices"
+  n = t.devices
+  if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+    fail(where, n, "an integer >= 0")
+  if not n:
+    return
+  if config.stage != "opd":
+    fail(where, n, f"0 in stage {config.stage!r} (own devices are for stage opd)")
+  if t.get("placement", "resident") != "resident":
+    fail(where, n, f"0 with placement {t.placement!r} (a teacher on its own devices is resident)")
+  if t.get("tokenizer"):
+    fail(where, n, "0 with a teacher tokenizer (own devices need the student's tokenizer)")
+  slots = config.data.slots_per_teacher
+  if slots % n:
+    fail(where, n, f"a divisor of data.slots_per_teacher={slots} (its rows split over them)")
+
+
+def _validate_device_count(config) -> None:
+  """The teachers' own devices and the sampler's leave the training mesh at least one."""
+  own = {name: config.teachers[name].get("devices", 0) for name in teacher_names(config)}
+  taken = sum(own.values()) + config.rollout.devices
+  if config.num_devices and any(own.values()) and taken >= config.num_devices:
+    fail(
+      "teachers.<name>.devices",
+      {k: v for k, v in own.items() if v},
+      f"a total that, with rollout.devices={config.rollout.devices}, is fewer than "
+      f"num_devices={config.num_devices} (training keeps at least one device)",
+    )

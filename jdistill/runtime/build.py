@@ -25,7 +25,7 @@ from jdistill.runtime import sharding as shd
 from jdistill.sampling import SamplingParams
 from jdistill.sampling.environment import Environment, load_environment
 from jdistill.sampling.episodes import EpisodeParams
-from jdistill.step import common, cross_tokenizer, streaming
+from jdistill.step import common, cross_tokenizer, own_devices, streaming
 
 # --- mesh and models -------------------------------------------------------------------
 
@@ -46,35 +46,64 @@ def mesh(config) -> jax.sharding.Mesh:
   return shd.make_mesh(dict(config.mesh), devices(config))
 
 
+def own_device_counts(config) -> dict[str, int]:
+  """`{name: n}` of the teachers on `n > 0` devices of their own (`teachers.<name>.devices`)."""
+  names = config_lib.teacher_names(config) if "teachers" in config else []
+  return {
+    n: config.teachers[n].get("devices", 0) for n in names if config.teachers[n].get("devices", 0)
+  }
+
+
 def meshes(config) -> tuple[jax.sharding.Mesh, jax.sharding.Mesh | None]:
   """(training mesh, sampler mesh) of the OPD stage.
 
-  `rollout.devices` = 0: (`mesh(config)`, None): the sampler shares the training mesh.
-  n > 0 of a run's N devices: `config.mesh` over the first N − n, and a data-parallel mesh
-  `{data: n, fsdp: 1, tensor: 1}` (params replicated) over the last n for the sampler.
+  `rollout.devices` = 0 and no teacher on devices of its own: (`mesh(config)`, None). Of a
+  run's N devices, the sampler's n = `rollout.devices` are the last n (a data-parallel mesh
+  `{data: n, fsdp: 1, tensor: 1}`, params replicated), the teachers' own devices
+  (`teacher_meshes`) the ones before them, and `config.mesh` applies to the rest, the first.
   """
-  n = config.rollout.devices
-  if not n:
+  n, own = config.rollout.devices, sum(own_device_counts(config).values())
+  if not n and not own:
     return mesh(config), None
   pool = devices(config)
+  field = f"config.rollout.devices={n}" if n else f"config.teachers.<name>.devices={own}"
   if jax.process_count() > 1:
     raise ValueError(
-      f"config.rollout.devices={n} is invalid with {jax.process_count()} processes; "
-      "allowed: 0 (a disaggregated sampler runs in one process for now)"
+      f"{field} is invalid with {jax.process_count()} processes; "
+      "allowed: 0 (a disaggregated sampler or teacher runs in one process for now)"
     )
-  if n >= len(pool):
+  if n + own >= len(pool):
+    if own:
+      field = f"config.teachers.<name>.devices={own} with config.rollout.devices={n}"
     raise ValueError(
-      f"config.rollout.devices={n} is invalid; allowed: 0, or at most {len(pool) - 1} of the "
+      f"{field} is invalid; allowed: 0, or at most {len(pool) - 1} of the "
       f"{len(pool)} devices (training keeps at least one)"
     )
+  left = len(pool) - n - own
   try:
-    training = shd.make_mesh(dict(config.mesh), pool[: len(pool) - n])
+    training = shd.make_mesh(dict(config.mesh), pool[:left])
   except ValueError as e:
     raise ValueError(
-      f"config.rollout.devices={n} is invalid: the {len(pool) - n} devices left for training "
+      f"{field} is invalid: the {left} devices left for training "
       f"do not fit config.mesh ({e}); allowed: a count whose remainder fits config.mesh"
     ) from e
+  if not n:
+    return training, None
   return training, shd.make_mesh({"data": n, "fsdp": 1, "tensor": 1}, pool[len(pool) - n :])
+
+
+def teacher_meshes(config) -> dict[str, jax.sharding.Mesh]:
+  """`{name: mesh}` of the teachers on devices of their own: in name order, the devices just
+  before the sampler's (`meshes`), each a mesh `{data: 1, fsdp: n, tensor: 1}`: the rows
+  split over its n devices and the params FSDP-sharded on them."""
+  own = own_device_counts(config)
+  pool = devices(config)
+  start = len(pool) - config.rollout.devices - sum(own.values())
+  out = {}
+  for name, n in own.items():
+    out[name] = shd.make_mesh({"data": 1, "fsdp": n, "tensor": 1}, pool[start : start + n])
+    start += n
+  return out
 
 
 def param_shardings(params, mesh):
@@ -142,6 +171,7 @@ class Teachers:
   `states[g]` are per group, a group of several having every state leaf stacked on a
   leading teacher axis (run as one `vmap`ped forward). `streamed` holds the teachers
   placed `streamed` (params in host memory, see `jdistill.step.streaming`), in no group;
+  `own_devices` those on devices of their own (`jdistill.step.own_devices`), in none;
   `cross` the teachers with their own `tokenizer` (`jdistill.step.cross_tokenizer`), in none.
   """
 
@@ -152,13 +182,23 @@ class Teachers:
   states: tuple
   streamed: tuple[streaming.StreamedTeacher, ...] = ()
   cross: tuple[cross_tokenizer.CrossTeacher, ...] = ()
+  own_devices: tuple[own_devices.OwnDevicesTeacher, ...] = ()
+
+  @property
+  def cached(self) -> tuple:
+    """The teachers whose hidden states enter the step through its `teacher_cache`."""
+    return self.streamed + self.own_devices
 
   def member(self, i: int):
     """(graphdef, state) of teacher i, sliced out of its stacked group if needed (a
-    streamed teacher: a device copy of its params)."""
+    streamed teacher: a device copy of its params; one on its own devices: a copy on the
+    training mesh)."""
     for t in self.streamed:
       if t.index == i:
         return t.graphdef, t.device_state()
+    for t in self.own_devices:
+      if t.index == i:
+        return t.graphdef, t.training_state()
     for g, members in enumerate(self.groups):
       if i in members:
         state = self.states[g]
@@ -203,11 +243,16 @@ def teachers(
   names = config_lib.teacher_names(config)
   slots = rows_per_teacher or config.data.slots_per_teacher
   rows = common.teacher_rows(len(names), slots, jax.process_count())
-  graphdefs, states, specs, streamed, cross = {}, {}, [], [], []
+  graphdefs, states, specs, streamed, cross, placed = {}, {}, [], [], [], []
+  own_meshes = teacher_meshes(config)
   for i, name in enumerate(names):
     t = config.teachers[name]
     model = load_model(
-      t.path, mesh, param_dtype=t.param_dtype, dtype=t.param_dtype, scan_layers=t.scan_layers
+      t.path,
+      own_meshes.get(name, mesh),
+      param_dtype=t.param_dtype,
+      dtype=t.param_dtype,
+      scan_layers=t.scan_layers,
     )
     if t.get("tokenizer"):
       settings = loss_settings(config, t.loss)
@@ -236,6 +281,14 @@ def teachers(
         )
       )
       continue
+    if name in own_meshes:
+      placed.append(
+        own_devices.OwnDevicesTeacher.place(
+          i, graphdef, state, rows=rows[i], hidden_dtype=t.get("hidden_dtype", "bfloat16"),
+          training_mesh=mesh,
+        )
+      )  # fmt: skip
+      continue
     graphdefs[i], states[i] = graphdef, state
   resident = sorted(graphdefs)
   if config.stack_teachers:
@@ -255,6 +308,7 @@ def teachers(
     stacked,
     tuple(streamed),
     tuple(cross),
+    tuple(placed),
   )
 
 

@@ -29,10 +29,11 @@ from jdistill import config as config_lib
 from jdistill import overlap
 from jdistill.report.samples import SampleRecorder
 from jdistill.runtime import build
+from jdistill.runtime.sharding import move_rows  # noqa: F401  (tests: train.move_rows)
 from jdistill.sampling import Sampler
 from jdistill.sampling.episodes import run_episodes
 from jdistill.stages.base import TrainingStage, run_training, shardings
-from jdistill.step import common, cross_tokenizer, streaming
+from jdistill.step import common, cross_tokenizer, own_devices, streaming
 from jdistill.step import opd as ts
 
 log = logging.getLogger("jdistill")
@@ -40,28 +41,6 @@ log = logging.getLogger("jdistill")
 
 def to_float(tree):
   return jax.tree.map(float, jax.device_get(tree))
-
-
-def move_rows(x: jax.Array, sharding: jax.sharding.NamedSharding) -> jax.Array:
-  """`x` `[B, ...]`, its rows split over some devices, → `sharding` (its rows split over
-  other devices), copied shard by shard from device to device.
-
-  `jax.device_put` across meshes whose shards do not match one to one went through the
-  host and blocked until the sampler had finished (measured on 2 + 6 devices)."""
-  sources = {}  # row range -> one device's copy of those rows
-  for shard in x.addressable_shards:
-    rows = shard.index[0].indices(x.shape[0])[:2]
-    sources.setdefault(rows, shard.data)
-  pieces = []
-  for device, index in sharding.addressable_devices_indices_map(x.shape).items():
-    start, stop = index[0].indices(x.shape[0])[:2]
-    parts = [
-      jax.device_put(data[max(start, lo) - lo : min(stop, hi) - lo], device)
-      for (lo, hi), data in sorted(sources.items())
-      if max(start, lo) < min(stop, hi)
-    ]
-    pieces.append(parts[0] if len(parts) == 1 else jax.numpy.concatenate(parts))
-  return jax.make_array_from_single_device_arrays(x.shape, sharding, pieces)
 
 
 class Pending(NamedTuple):
@@ -137,7 +116,7 @@ class OPDTrainer(TrainingStage):
     )
     cache_shardings = {
       s.index: (streaming.hidden_sharding(self.mesh, len(s.rows)), s.unembed.sharding)
-      for s in t.streamed
+      for s in t.cached
     }
     cache_shardings.update(cross_tokenizer.cache_shardings(t.cross, self.mesh))
     step_fn = functools.partial(
@@ -188,11 +167,17 @@ class OPDTrainer(TrainingStage):
     super().set_data_state(data_state)
 
   def teacher_cache(self, batch: dict) -> dict:
-    """The streamed teachers' hidden states on `batch`, one teacher after another, and the
+    """The streamed teachers' hidden states on `batch`, one teacher after another, those of
+    the teachers on their own devices (dispatched when the batch was sampled, else now), and the
     span log-probs of the teachers of another tokenizer (`{}` when every teacher is resident
-    and shares the student's tokenizer). Takes `batch["teacher_layouts"]` out of `batch`."""
-    cache = streaming.teacher_cache(self.teachers.streamed, batch, self.batch_shardings, self.mesh)
+    on the training mesh and shares the student's tokenizer). Takes `batch["teacher_layouts"]`
+    and `batch["own_devices_hidden"]` out of `batch`."""
     layouts = batch.pop("teacher_layouts", {})
+    placed = batch.pop("own_devices_hidden", None)
+    if placed is None:
+      placed = own_devices.teacher_cache(self.teachers.own_devices, batch, self.mesh)
+    cache = streaming.teacher_cache(self.teachers.streamed, batch, self.batch_shardings, self.mesh)
+    cache.update(placed)
     shardings = cross_tokenizer.cache_shardings(self.teachers.cross, self.mesh)
     for t in self.teachers.cross:
       settings = self.teachers.specs[t.index].settings
@@ -328,6 +313,11 @@ class OPDTrainer(TrainingStage):
     for t in range(first, last + 1):
       data_state = self.data_iter.get_state()
       batch, episodes = self.sample(next(self.data_iter), self.rollout_key(t))
+      if self.teachers.own_devices:  # their forwards start now, beside the step before
+        arrays = {k: v for k, v in batch.items() if k != "teacher_layouts"}
+        batch["own_devices_hidden"] = own_devices.teacher_cache(
+          self.teachers.own_devices, arrays, self.mesh
+        )
       self.pending.append(Pending(t, self.step, data_state, batch, episodes))
 
   def train_one(self, diagnostics: bool = True) -> dict:

@@ -1,1 +1,2 @@
-"""The pure compiled steps (OPD, SFT, RLVR) and what they share; streamed teachers."""
+"""The pure compiled steps (OPD, SFT, RLVR) and what they share; streamed teachers and teachers
+on their own devices."""

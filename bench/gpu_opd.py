@@ -47,10 +47,15 @@ weights for the student and 4 teachers ~30 s; rollouts: continuous + static comp
 4 + 4 timed runs at <= 2 s (16 rows; decode is weight-bandwidth bound, H100 ~1.4x slower than
 H200) ~20 s; streamed: park 4 x 3.4 GB ~10 s, 4 forward compiles ~65 s, step compile ~45 s,
 4 steps ~10 s; stacked: forward compile ~20 s, step compile ~60 s, 4 steps ~8 s. About
-5.5 minutes; the budget is 10. Memory at 16 rows (32 rows took 102 GB on the H200 with one
-teacher): f32 params + AdamW 21 GB, grads 7 GB, 4 bf16 teachers 14 GB (stacked), bf16
-rollout copy 3.4 GB, activations ~35 GB: about 80 GB without remat, hence `--remat
-dots_with_no_batch_dims_saveable` in `--all` (recomputes what is cheap, not counted in MFU).
+5.5 minutes, 7 if `--remat auto` falls back (a second step compile per placement); the budget
+is 10. Memory at 16 rows: XLA:CPU's plan of the same stacked step (compiled on CPU from
+abstract inputs) has 34.4 GB of arguments (f32 params + AdamW 20.6 GB, 4 bf16 teachers 13.8
+GB) and 94.4 GB of temporaries without remat, 49.5 GB with dots_with_no_batch_dims_saveable.
+The GPU's plan is smaller (32 rows with one teacher peaked at 102 GB measured on the H200),
+but whether it fits an H100's 80 GB is unknown, hence `--remat auto`: the student's step is
+compiled with dots_with_no_batch_dims_saveable and, when its temporaries do not fit in the
+free memory (`memory_analysis` against `memory_stats`, before it runs), again with full
+remat. Recomputation is not in the model count, so MFU under remat reads the useful work.
 """
 
 from __future__ import annotations
@@ -63,7 +68,10 @@ import os
 import sys
 import time
 
-import jax
+# JAX takes 75% of a GPU's memory by default (59 GB of an H100's 80): this run needs most of it
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+
+import jax  # noqa: E402
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -113,8 +121,10 @@ ALL = dict(
   rows=16,
   prompt=128,
   new=384,
-  remat="dots_with_no_batch_dims_saveable",
+  remat="auto",
 )
+# `--remat auto`: the student's remat policies to try, the first whose step fits in memory
+AUTO_REMAT = ("dots_with_no_batch_dims_saveable", "full")
 GOAL_MFU = 0.45  # train step, model count, at the 1.7B shape
 GOAL_ROLLOUT_SHARE = 0.50  # rollouts' share of the whole step
 STOP_TOKEN = 2  # any id: random weights draw it about once per vocab_size tokens
@@ -187,6 +197,27 @@ def compiled_bytes(compiled) -> float:
   return float(
     m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
   )
+
+
+def extra_bytes(compiled) -> float:
+  """What a compiled program allocates beyond its (resident) arguments: temporaries and the
+  outputs not aliased to donated arguments."""
+  m = compiled.memory_analysis()
+  if m is None:
+    return 0.0
+  return float(m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes)
+
+
+def free_bytes(margin: float = 0.95) -> float:
+  """The device's memory left under `margin` of its limit (inf where there are no statistics)."""
+  stats = jax.devices()[0].memory_stats() or {}
+  if "bytes_limit" not in stats:
+    return float("inf")
+  return margin * stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+
+
+def graphdef_of(cfg: ModelConfig):
+  return nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))[0]
 
 
 def bf16_matmul_tflops(n: int) -> float:
@@ -277,7 +308,7 @@ def rollouts(cfg: ModelConfig, graphdef, params, args, mesh, log) -> tuple[dict,
   return batch, r
 
 
-def train_phases(placement: str, base: ModelConfig, state, graphdef, batch, args, mesh, log):
+def train_phases(placement: str, base: ModelConfig, state, batch, args, mesh, log):
   """Phase 2 for one placement → its figures (state is donated; the new one is returned too)."""
   n_t, per = args.teachers, args.rows // args.teachers
   rows = step_common.teacher_rows(n_t, per)
@@ -328,23 +359,37 @@ def train_phases(placement: str, base: ModelConfig, state, graphdef, batch, args
     groups, teachers, graphdefs = (), (), ()
   else:
     raise ValueError(f"--placement: {placement!r} is not stacked or streamed")
-  step = jax.jit(
-    functools.partial(
-      ts.train_step,
-      student_graphdef=graphdef,
-      teacher_graphdefs=graphdefs,
-      specs=specs,
-      optimizer=opt,
-      schedule=sched,
-      groups=groups,
-      diagnostics=False,
-      loss_window=args.new,
-    ),
-    donate_argnums=0,
-  )
-  t0 = time.perf_counter()
-  compiled = step.lower(state, teachers, batch, teacher_cache=cache).compile(args.compiler_options)
-  r["step_compile_s"] = time.perf_counter() - t0
+  # `--remat auto`: the first policy whose compiled step fits beside what is resident
+  policies = list(AUTO_REMAT) if args.remat == "auto" else [args.remat]
+  r["step_compile_s"] = 0.0
+  for policy in policies:
+    student_cfg = base.replace(param_dtype="float32", dtype="bfloat16", remat_policy=policy)
+    step = jax.jit(
+      functools.partial(
+        ts.train_step,
+        student_graphdef=graphdef_of(student_cfg),
+        teacher_graphdefs=graphdefs,
+        specs=specs,
+        optimizer=opt,
+        schedule=sched,
+        groups=groups,
+        diagnostics=False,
+        loss_window=args.new,
+      ),
+      donate_argnums=0,
+    )
+    t0 = time.perf_counter()
+    lowered = step.lower(state, teachers, batch, teacher_cache=cache)
+    compiled = lowered.compile(args.compiler_options)
+    r["step_compile_s"] += time.perf_counter() - t0
+    free = free_bytes()
+    if policy == policies[-1] or extra_bytes(compiled) <= free:
+      break
+    log(
+      f"{placement}: remat {policy} needs {extra_bytes(compiled) / 1e9:.1f} GB beside the "
+      f"resident arrays, {free / 1e9:.1f} GB free; next: {policies[policies.index(policy) + 1]}"
+    )
+  r["remat"] = policy
   r["step_compiled_gb"] = compiled_bytes(compiled) / 1e9
   state, metrics = compiled(state, teachers, batch, teacher_cache=cache)  # warm-up
   jax.block_until_ready(metrics["loss"])
@@ -362,7 +407,7 @@ def train_phases(placement: str, base: ModelConfig, state, graphdef, batch, args
 
 
 def bench_size(name: str, args, mesh, log) -> list[dict]:
-  base = SIZES[name].replace(remat_policy=args.remat)
+  base = SIZES[name]
   student_cfg = base.replace(param_dtype="float32", dtype="bfloat16")
   t0 = time.perf_counter()
   graphdef, params = random_state(student_cfg, 0)
@@ -383,7 +428,7 @@ def bench_size(name: str, args, mesh, log) -> list[dict]:
   results = []
   for placement in args.placement.split(","):
     t0 = time.perf_counter()
-    state, r = train_phases(placement, base, state, graphdef, batch, args, mesh, log)
+    state, r = train_phases(placement, base, state, batch, args, mesh, log)
     # Train-step FLOPs: the student's 3 forwards; stacked, the teachers' forward too;
     # streamed, only the teachers' logits rebuilt from their cached hidden states.
     student = 3 * (f["body"] + f["unembed"])
@@ -400,7 +445,6 @@ def bench_size(name: str, args, mesh, log) -> list[dict]:
       "rows": args.rows,
       "prompt": args.prompt,
       "new": args.new,
-      "remat": args.remat,
       **rollout,
       **r,
       "opd_step_s": whole,
@@ -452,7 +496,12 @@ def parse(argv=None) -> argparse.Namespace:
   parser.add_argument("--rows", type=int, default=ALL["rows"])
   parser.add_argument("--prompt", type=int, default=ALL["prompt"])
   parser.add_argument("--new", type=int, default=ALL["new"])
-  parser.add_argument("--remat", default=ALL["remat"], help="the models' remat_policy")
+  parser.add_argument(
+    "--remat",
+    default=ALL["remat"],
+    help="the student's remat_policy, or auto: the first of "
+    f"{', '.join(AUTO_REMAT)} whose train step fits in the device's memory",
+  )
   parser.add_argument("--chunk", type=int, default=256, help="loss chunk (tokens)")
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--peak_tflops", type=float, default=989.0)

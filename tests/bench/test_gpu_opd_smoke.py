@@ -48,7 +48,7 @@ def test_four_stacked_and_four_streamed_teachers_bf16_continuous(tmp_path, capsy
   assert streamed["teacher_layout"] == {"streamed": [0, 1, 2, 3], "memory_kinds": ["pinned_host"]}
   assert stacked["teacher_layout"] == {"groups": [[0, 1, 2, 3]], "stacked_axis": [4]}
   for r in (streamed, stacked):
-    assert r["teachers"] == 4 and r["rollout_param_dtypes"] == ["bfloat16"]
+    assert r["teachers"] == 4 and r["rollout_param_dtypes"] == ["bfloat16"] and r["remat"] == "none"
     # continuous batching: every prompt prefilled once into one of the 4 slots
     assert r["rollout_path"].startswith("continuous") and r["prefills"] == rows
     assert 0 < r["generated_tokens"] <= rows * r["forced_lengths_mean"]

@@ -10,7 +10,11 @@ For each size, a student (f32 master params, bf16 compute) and `--teachers` same
    each teacher's rows one group) or by the static loop (`--continuous_slots 0`). Random
    weights almost never draw the stop token, so each row gets a forced length
    (`max_new_per_prompt`), uniform in [new/4, new]: lengths vary as with `stop_at_eos`. With
-   `--compare_static` the static loop also runs on the same prompts and lengths.
+   `--compare_static` the static loop also runs on the same prompts and lengths. `--all`
+   gives each teacher as many slots as rows (4): with a fixed batch per step, fewer slots
+   can only add loop steps (a teacher's queue takes about sum(lengths) / slots of them, the
+   static loop max(lengths)), so the run measures what the continuous loop's per-row decode
+   and in-loop prefills cost against the static loop, at the same step count.
 2. For each `--placement`:
    - stacked: the teachers are same-graphdef forks whose states are stacked on a leading
      teacher axis, one group (as `runtime.build.teachers` groups them with
@@ -476,7 +480,9 @@ def bench_size(name: str, args, mesh, log) -> list[dict]:
 def parse(argv=None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument(
-    "--all", action="store_true", help="the issue's run (the default when no option is given)"
+    "--all",
+    action="store_true",
+    help="the issue's run (the default when no option is given); overrides the other options",
   )
   parser.add_argument("--sizes", default=ALL["sizes"], help=f"comma-separated of {list(SIZES)}")
   parser.add_argument("--teachers", type=int, default=ALL["teachers"])

@@ -30,6 +30,19 @@ import pytest  # noqa: E402  (after the environment above, which jax reads when 
 
 from jdistill.testing.toy import make_toy_world  # noqa: E402
 
+# The size limit is there for its lock, never to evict: the run's cache is fresh and far below
+# 8 GiB. jax's eviction check stats and reads every entry on every write, under the lock, so a
+# run's writes cost O(entries²) and hold up the other worker (~2,300 entries by a run's end:
+# ~0.13 s of CPU per write). Skipped in the test processes; the CLI subprocesses the tests
+# start still do it.
+try:  # a private module: a jax without it keeps its own check
+  from jax._src.lru_cache import LRUCache
+except ImportError:
+  pass
+else:
+  if hasattr(LRUCache, "_evict_if_needed"):
+    LRUCache._evict_if_needed = lambda self, *, additional_size=0: None
+
 
 @pytest.fixture(scope="session")
 def world(tmp_path_factory):

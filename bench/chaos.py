@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -103,11 +104,12 @@ def session(args, env, out, kill=None) -> dict:
   if timer is not None:
     timer.cancel()
   text = "".join(lines)
-  resumed = [ln for ln in lines if "resuming at step" in ln]
+  resumed = [re.search(r"resuming at step (\d+)", ln) for ln in lines]
+  resumed = [int(m.group(1)) for m in resumed if m]
   return dict(
     kind=kill[0] if kill else "run", target=kill[1] if kill else None, signal=sent,
     rc=proc.returncode, first_step=first, last_step=last,
-    resumed_at=int(resumed[0].split("resuming at step")[1].split()[0]) if resumed else None,
+    resumed_at=resumed[0] if resumed else None,
     seconds=round(time.time() - t0, 1), tail=text[-600:] if proc.returncode not in (0, 143, -9)
     else "",
   )  # fmt: skip
@@ -156,21 +158,27 @@ def main() -> None:
   ap.add_argument("--every", type=int, default=7)
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--out", default="runs/chaos")
+  ap.add_argument(
+    "--keep_straight", action="store_true", help="reuse <out>/straight of an earlier call"
+  )
   args = ap.parse_args()
   random.seed(args.seed)
   out = os.path.abspath(args.out)
-  shutil.rmtree(out, ignore_errors=True)
-  os.makedirs(out)
-  from jdistill.testing.toy import make_toy_world
-
   world = os.path.join(out, "world")
-  make_toy_world(world, hidden=32, layers=1, n_train=8, n_eval=4)
   env = environment(world, os.path.join(out, "jax_cache"))
+  straight_s = None
+  if args.keep_straight and os.path.exists(os.path.join(out, "straight", "hf")):
+    shutil.rmtree(os.path.join(out, "chaos"), ignore_errors=True)
+  else:
+    shutil.rmtree(out, ignore_errors=True)
+    os.makedirs(out)
+    from jdistill.testing.toy import make_toy_world
 
-  t0 = time.time()
-  straight = session(args, env, os.path.join(out, "straight"))
-  assert straight["rc"] == 0, straight
-  straight_s = time.time() - t0
+    make_toy_world(world, hidden=32, layers=1, n_train=8, n_eval=4)
+    t0 = time.time()
+    straight = session(args, env, os.path.join(out, "straight"))
+    assert straight["rc"] == 0, straight
+    straight_s = round(time.time() - t0, 1)
 
   kinds = ["sigkill", "save-kill", "sigterm", "start-kill"]
   targets = sorted(random.sample(range(1, args.steps), args.kills))
@@ -215,7 +223,7 @@ def main() -> None:
     metrics_steps_chaos=len(m_chaos),
     metrics_steps_differ=differ[:10],
     metrics_equal=not differ and set(m_straight) == set(m_chaos),
-    straight_s=round(straight_s, 1),
+    straight_s=straight_s,
     chaos_s=round(chaos_s, 1),
     log=[{k: v for k, v in s.items() if k != "tail"} for s in sessions],
   )  # fmt: skip

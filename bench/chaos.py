@@ -183,8 +183,11 @@ def main() -> None:
   kinds = ["sigkill", "save-kill", "sigterm", "start-kill"]
   targets = sorted(random.sample(range(1, args.steps), args.kills))
   plan = []
+  last_save = (args.steps - 1) // args.every * args.every  # the last save before the end
   for target in targets:
     kind = random.choice(kinds)
+    if kind == "save-kill":
+      target = min(target, last_save)
     plan.append((kind, round(random.uniform(0.5, 8.0), 2) if kind == "start-kill" else target))
   chaos, sessions = os.path.join(out, "chaos"), []
   t0 = time.time()
@@ -194,7 +197,7 @@ def main() -> None:
     print(json.dumps({k: v for k, v in s.items() if k != "tail"}), flush=True)
     if s["rc"] == 0:  # finished before the kill landed: nothing left to interrupt
       break
-  while True:  # then the same command until it finishes
+  while sessions[-1]["rc"] != 0:  # then the same command until it finishes
     s = session(args, env, chaos)
     sessions.append(s)
     print(json.dumps({k: v for k, v in s.items() if k != "tail"}), flush=True)

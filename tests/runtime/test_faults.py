@@ -153,9 +153,11 @@ def _cli(monkeypatch, run) -> tuple[int, str]:
   from jdistill.runtime import distributed
 
   monkeypatch.setattr(jdistill.config, "validate", lambda config: None)
-  monkeypatch.setattr(distributed, "initialize", lambda: None)
+  monkeypatch.setattr(distributed, "initialize", lambda peer_timeout_s, checkpoint_dir: None)
   monkeypatch.setattr(jdistill.stages, "run_stage", lambda config: run())
-  config = ml_collections.ConfigDict({"pipeline": {"stages": []}, "stage": "opd"})
+  config = ml_collections.ConfigDict(
+    {"pipeline": {"stages": []}, "stage": "opd", "peer_timeout_s": 180, "checkpoint": {"dir": ""}}
+  )
   with pytest.raises(SystemExit) as stop:
     cli.run_config(config, "opd")
   return stop.value.code, stop.value.__context__

@@ -44,7 +44,7 @@ TOP = section(
     "status 75; rerun all processes to resume). Each process announces itself every "
     "`peer_timeout_s / 10` s (at most 1 s) from a thread, so a long step or compile is never "
     "taken for a loss",
-    "a positive number of seconds",
+    "a number > 0 (seconds)",
   ),
   stack_teachers=field(
     True, "teachers of one architecture are stacked and run as one `vmap`ped forward", "bool"

@@ -9,7 +9,10 @@ runs that stage (the command sets `config.stage`); `train` runs whatever the con
 as `python -m jdistill.train` always did. Exit status: 0 done, 1 bad config or input (one
 line naming the field or `file:line`, before anything compiles), 128 + N stopped by signal
 N after a checkpoint, 74 (EX_IOERR) a full or unwritable disk (one line naming the path and
-the errno; the committed checkpoints and finished files are intact: rerun to resume).
+the errno; the committed checkpoints and finished files are intact: rerun to resume), 75
+(EX_TEMPFAIL) a multi-process run lost a process (one line naming it and the last committed
+step, within `config.peer_timeout_s`: rerun every process to resume;
+`jdistill.runtime.distributed`).
 The tools keep their own flags (`jdistill <tool> --help`).
 """
 
@@ -74,7 +77,7 @@ def run_config(config, command: str) -> None:
     (pipeline.validate if is_pipeline else config_lib.validate)(config)
   except ValueError as e:
     sys.exit(f"jdistill: bad config: {e}")
-  distributed.initialize()
+  distributed.initialize(config.peer_timeout_s, config.checkpoint.dir)
   try:
     if is_pipeline:
       pipeline.run(config)
@@ -92,6 +95,9 @@ def run_config(config, command: str) -> None:
       raise
     name = errno.errorcode.get(e.errno, str(e.errno))
     stop_on_disk_error(f"{e.filename or 'a file'}: {os.strerror(e.errno)} ({name})")
+  except Exception:  # e.g. a collective whose peer died: the watch names the peer first
+    distributed.wait_for_lost_peer()
+    raise
 
 
 DISK_ERROR_STATUS = 74  # EX_IOERR (sysexits.h)

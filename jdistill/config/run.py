@@ -37,6 +37,15 @@ TOP = section(
     "a path",
   ),
   num_devices=field(0, "devices used for the mesh", "`0` = all; `n > 0` = the first `n`"),
+  peer_timeout_s=field(
+    180,
+    "multi-process runs: a process that has not been heard from for this long is lost, and "
+    "every other process exits with one line naming it and the last committed step (exit "
+    "status 75; rerun all processes to resume). Each process announces itself every "
+    "`peer_timeout_s / 10` s (at most 1 s) from a thread, so a long step or compile is never "
+    "taken for a loss",
+    "a number > 0 (seconds)",
+  ),
   stack_teachers=field(
     True, "teachers of one architecture are stacked and run as one `vmap`ped forward", "bool"
   ),
@@ -66,6 +75,7 @@ def validate(config) -> None:
   check_choice(config, "run_mode", RUN_MODES)
   check_choice(config, "stage", STAGES)
   check_positive(config, "num_devices", allow_zero=True)
+  check_positive(config, "peer_timeout_s")
   rest = ""  # the axis of size -1 (the remaining devices), at most one
   for name in ("data", "fsdp", "tensor"):
     size = config.mesh[name]
@@ -86,6 +96,7 @@ RUN_BOOKKEEPING = (
   "checkpoint",
   "mesh",
   "num_devices",
+  "peer_timeout_s",
   "train.log_every",
   "train.eval_every",
   "train.sample_rows",

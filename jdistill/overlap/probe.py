@@ -419,7 +419,7 @@ def main(argv):
     config_lib.validate(config)
   except ValueError as e:
     sys.exit(f"jdistill overlap: bad config: {e}")
-  distributed.initialize()
+  distributed.initialize(config.peer_timeout_s, config.checkpoint.dir)
   run(config, out_dir=fl.out, rows_per_domain=fl.rows_per_domain, use_checkpoint=fl.use_checkpoint)
 
 

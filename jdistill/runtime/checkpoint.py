@@ -2,7 +2,9 @@
 
 Layout of `<dir>/<step>/`: `params` and `opt_state` (sharded arrays; restored
 onto whatever mesh the abstract target carries, so a run may resume on another
-mesh shape), `meta` (JSON: step, RNG key data, data-iterator state) and, in the
+mesh shape), `meta` (JSON: step, RNG key data, data-iterator state), `pending` (host
+arrays a stage computed ahead of the next step, e.g. OPD's batches sampled ahead under
+`rollout.staleness`; only when there are some, described in `meta["pending"]`) and, in the
 root, `model_config.json` so a checkpoint can also be loaded as a teacher.
 Orbax writes each step to a temporary directory and renames it when complete
 (atomic); an existing step is never overwritten.
@@ -170,32 +172,39 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
 
-  def save(self, step: int, params, opt_state, meta: dict, *, force: bool = False) -> bool:
-    """Saves if `step` is on the save interval (or `force`); never overwrites a step."""
+  def save(
+    self, step: int, params, opt_state, meta: dict, *, pending=None, force: bool = False
+  ) -> bool:
+    """Saves if `step` is on the save interval (or `force`); never overwrites a step.
+    `pending`: a pytree of host arrays saved as the `pending` item (None or empty: none)."""
     if (step % self.every and not force) or step in self.manager.all_steps():
       return False
-    with writing(os.path.join(self.directory, str(step))):
-      return self.manager.save(
-        step,
-        args=ocp.args.Composite(
-          params=ocp.args.StandardSave(params),
-          opt_state=ocp.args.StandardSave(opt_state),
-          meta=ocp.args.JsonSave(meta),
-        ),
-        force=True,
-      )
-
-  def restore(self, step: int, abstract_params, abstract_opt_state):
-    """(params, opt_state, meta) at `step`, placed as the abstract targets' shardings say."""
-    out = self.manager.restore(
-      step,
-      args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(abstract_params),
-        opt_state=ocp.args.StandardRestore(abstract_opt_state),
-        meta=ocp.args.JsonRestore(),
-      ),
+    items = dict(
+      params=ocp.args.StandardSave(params),
+      opt_state=ocp.args.StandardSave(opt_state),
+      meta=ocp.args.JsonSave(meta),
     )
-    return out["params"], out["opt_state"], out["meta"]
+    if pending:
+      items["pending"] = ocp.args.StandardSave(pending)
+    with writing(os.path.join(self.directory, str(step))):
+      return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+  def restore(self, step: int, abstract_params, abstract_opt_state, pending=None):
+    """(params, opt_state, meta, pending) at `step`, placed as the abstract targets' shardings
+    say; `pending`: the target of the `pending` item (host arrays), None: not read."""
+    items = dict(
+      params=ocp.args.StandardRestore(abstract_params),
+      opt_state=ocp.args.StandardRestore(abstract_opt_state),
+      meta=ocp.args.JsonRestore(),
+    )
+    if pending:
+      items["pending"] = ocp.args.StandardRestore(pending)
+    out = self.manager.restore(step, args=ocp.args.Composite(**items))
+    return out["params"], out["opt_state"], out["meta"], out.get("pending") if pending else None
+
+  def saved_meta(self, step: int) -> dict:
+    """The `meta` item of `step` alone (JSON)."""
+    return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
   def wait(self) -> None:
     """Waits for the save in flight to commit (`io.WriteFailed` if it failed)."""
@@ -279,6 +288,10 @@ def _jsonable(value):
   return json.loads(json.dumps(value))
 
 
+def _is_spec(x) -> bool:
+  return isinstance(x, dict) and set(x) == {"shape", "dtype"}
+
+
 def save_train_state(
   checkpointer: Checkpointer,
   step: int,
@@ -287,13 +300,20 @@ def save_train_state(
   rng,
   data_state: dict,
   identity: dict,
+  pending: tuple[dict, dict] | None = None,
   force: bool = False,
 ) -> bool:
   """Saves a stage's `{"params", "opt_state", "step"}` (at host `step`) with its RNG key,
   data-iterator position, the arrays' checksums and the run's `identity` (config hash,
-  model config, seed, version), on the save interval or when `force`d."""
+  model config, seed, version), on the save interval or when `force`d.
+
+  `pending`: `(arrays, description)`, what the stage computed ahead of step `step` — a pytree
+  (nested dicts) of host arrays and JSON — saved, checksummed, and given back by
+  `restore_train_state` as `meta["pending"]`; None: nothing pending (saved as such)."""
   if (step % checkpointer.every and not force) or step in checkpointer.all_steps():
     return False
+  arrays, description = pending if pending is not None else ({}, {})
+  arrays = jax.tree.map(np.asarray, arrays)
   meta = {
     "step": step,
     "rng": np.asarray(jax.random.key_data(rng)).tolist(),
@@ -302,17 +322,32 @@ def save_train_state(
     "checksums": {
       "params": tree_checksums(state["params"]),
       "opt_state": tree_checksums(state["opt_state"]),
+      "pending": tree_checksums(arrays),
+    },
+    "pending": {
+      "description": _jsonable(description),
+      "arrays": jax.tree.map(lambda a: {"shape": list(a.shape), "dtype": a.dtype.name}, arrays),
     },
   }
-  return checkpointer.save(step, state["params"], state["opt_state"], meta, force=force)
+  return checkpointer.save(
+    step, state["params"], state["opt_state"], meta, pending=arrays, force=force
+  )
 
 
 def _restore_step(checkpointer: Checkpointer, state: dict, step: int):
-  """Loads step `step` like `state` and verifies it → `(state, rng, data_state, meta)`;
-  raises CorruptCheckpoint with a one-line reason."""
+  """Loads step `step` like `state` and verifies it → `(state, rng, data_state, meta)`, with
+  `meta["pending"]` = `{"description", "arrays"}` (host arrays) as `save_train_state` got them
+  (absent: a checkpoint older than pending state); raises CorruptCheckpoint with a one-line
+  reason."""
   try:
-    params, opt_state, meta = checkpointer.restore(
-      step, abstract_like(state["params"]), abstract_like(state["opt_state"])
+    saved_pending = checkpointer.saved_meta(step).get("pending")
+    target = None
+    if saved_pending is not None:
+      target = jax.tree.map(
+        lambda s: np.zeros(s["shape"], s["dtype"]), saved_pending["arrays"], is_leaf=_is_spec
+      )
+    params, opt_state, meta, pending = checkpointer.restore(
+      step, abstract_like(state["params"]), abstract_like(state["opt_state"]), target
     )
   except Exception as e:  # orbax's errors for truncated or missing files run to many lines
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -321,14 +356,21 @@ def _restore_step(checkpointer: Checkpointer, state: dict, step: int):
   saved = meta.get("checksums")
   if saved is None:
     raise CorruptCheckpoint(f"step {step}: has no checksums (written by an older jdistill)")
-  for item, tree in (("params", params), ("opt_state", opt_state)):
+  trees = {"params": params, "opt_state": opt_state}
+  if "pending" in meta:
+    trees["pending"] = pending or {}
+  for item, tree in trees.items():
     got = tree_checksums(tree)
+    if set(got) != set(saved.get(item, {})):
+      raise CorruptCheckpoint(f"step {step}: {item} holds other arrays than its checksums name")
     for path, want in saved[item].items():
       if got.get(path) != want:
         raise CorruptCheckpoint(
           f"step {step}: {item}{path} does not match its checksum (saved {want}, read "
           f"{got.get(path)})"
         )
+  if "pending" in meta:
+    meta["pending"] = {"description": meta["pending"]["description"], "arrays": pending or {}}
   restored_step = jax.device_put(jnp.asarray(meta["step"], jnp.int32), state["step"].sharding)
   rng = jax.random.wrap_key_data(jnp.asarray(meta["rng"], jnp.uint32))
   new_state = {"params": params, "opt_state": opt_state, "step": restored_step}

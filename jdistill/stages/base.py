@@ -24,7 +24,8 @@ A stage must define `build_data`, `build_step`, the loop's methods (`jdistill.ru
 `train_one`, `step_tokens`, `log_record`, `progress`, `evaluate`, `describe_eval`) and
 `describe_change` (the before → after summary of `run_training`). It may override
 `build_mesh`, `build_models`, `started`, `data_state` / `set_data_state` (where its data stream
-stands, saved with each checkpoint; default: a `batcher`'s `data_iter`), and the class
+stands, saved with each checkpoint; default: a `batcher`'s `data_iter`), `pending_state` /
+`set_pending_state` (work done ahead of the next step, saved with each checkpoint), and the class
 attributes `curve` (the plot of its records), `token_label` and `done` (see `TrainingStage`).
 """
 
@@ -156,6 +157,15 @@ class TrainingStage:
     self.data_iter = self.batcher.iterator()
     self.data_iter.set_state(data_state)
 
+  def pending_state(self) -> tuple[dict, dict] | None:
+    """What the stage computed ahead of the next step and a checkpoint must keep for an exact
+    resume: `(host arrays (nested dicts), JSON description)`, or None (default: nothing)."""
+    return None
+
+  def set_pending_state(self, saved: dict | None) -> None:
+    """Takes back `pending_state()` from a restored checkpoint: `{"description", "arrays"}`, or None
+    for a checkpoint written before pending state was saved. Default: nothing to take."""
+
   def resume_or_start(self) -> None:
     """Opens `config.checkpoint.dir`, restores from it when resuming, records the run."""
     c = self.config
@@ -181,9 +191,10 @@ class TrainingStage:
         f"{saved_hash}, this config {self.identity['config_hash']}); pass --resume to "
         "continue it with this config, or --new_run to start afresh (moved aside, not deleted)"
       )
-    self.state, self.rng, data_state, _ = restored
+    self.state, self.rng, data_state, meta = restored
     self.step = int(jax.device_get(self.state["step"]))
     self.set_data_state(data_state)
+    self.set_pending_state(meta.get("pending"))
     log.info("restored step %d from %s", self.step, self.checkpointer.directory)
     return True
 
@@ -197,6 +208,7 @@ class TrainingStage:
       rng=self.rng,
       data_state=self.data_state(),
       identity=self.identity,
+      pending=self.pending_state(),
       force=force,
     )
 

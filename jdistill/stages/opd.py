@@ -38,6 +38,9 @@ from jdistill.step import opd as ts
 
 log = logging.getLogger("jdistill")
 
+# Entries of a pending batch that a checkpoint leaves out: made again from the rest on restore.
+_MADE_AGAIN = ("teacher_layouts", "own_devices_hidden")
+
 
 def to_float(tree):
   return jax.tree.map(float, jax.device_get(tree))
@@ -51,6 +54,7 @@ class Pending(NamedTuple):
   data_state: dict  # the data iterator's state before its prompts were drawn
   batch: dict  # the train step's batch, on the training mesh
   episodes: dict  # multi-turn rollouts: the episodes' host metrics (`Episodes.metrics`); {}
+  record_index: list  # the prompts' records (`batcher.records`), one per row
 
 
 class OPDTrainer(TrainingStage):
@@ -312,13 +316,74 @@ class OPDTrainer(TrainingStage):
     first = self.pending[-1].step + 1 if self.pending else self.step
     for t in range(first, last + 1):
       data_state = self.data_iter.get_state()
-      batch, episodes = self.sample(next(self.data_iter), self.rollout_key(t))
-      if self.teachers.own_devices:  # their forwards start now, beside the step before
-        arrays = {k: v for k, v in batch.items() if k != "teacher_layouts"}
-        batch["own_devices_hidden"] = own_devices.teacher_cache(
-          self.teachers.own_devices, arrays, self.mesh
-        )
-      self.pending.append(Pending(t, self.step, data_state, batch, episodes))
+      prompts = next(self.data_iter)
+      batch, episodes = self.sample(prompts, self.rollout_key(t))
+      records = [int(r) for r in prompts["record_index"]]
+      batch = self.with_own_devices(batch)
+      self.pending.append(Pending(t, self.step, data_state, batch, episodes, records))
+
+  def with_own_devices(self, batch: dict) -> dict:
+    """`batch` with the hidden states of the teachers on their own devices: their forwards
+    start now, beside the step before."""
+    if self.teachers.own_devices:
+      arrays = {k: v for k, v in batch.items() if k not in _MADE_AGAIN}
+      batch["own_devices_hidden"] = own_devices.teacher_cache(
+        self.teachers.own_devices, arrays, self.mesh
+      )
+    return batch
+
+  def pending_state(self) -> tuple[dict, dict] | None:
+    """The batches sampled ahead (`sample_ahead`), for the checkpoint: their arrays `{"0":
+    batch, ...}` on the host (the teachers' layouts of another tokenizer are made again from
+    the records, and the hidden states of teachers on their own devices from the batch), and
+    the step, params version, data state, episodes' metrics and records of each, with the
+    data state after the last. Saving the batches, not the k older params they were sampled
+    from, is exact without sampling again and costs `[B, L]` arrays, not k copies of the
+    student (docs/design.md, Disaggregated rollouts)."""
+    if not self.pending:
+      return None
+    arrays = {
+      str(i): jax.device_get({k: v for k, v in p.batch.items() if k not in _MADE_AGAIN})
+      for i, p in enumerate(self.pending)
+    }
+    batches = [
+      dict(step=p.step, version=p.version, data_state=p.data_state,
+           episodes=to_float(p.episodes), record_index=p.record_index)
+      for p in self.pending
+    ]  # fmt: skip
+    return arrays, dict(
+      staleness=self.staleness, data_after=self.data_iter.get_state(), batches=batches
+    )
+
+  def set_pending_state(self, saved: dict | None) -> None:
+    """Puts the saved batches sampled ahead back (on the training mesh) and the data stream
+    after them, so the next steps train on what an uninterrupted run would. A checkpoint
+    without them (older than this, or of another `rollout.staleness`) resumes the way a new
+    run starts: its first k batches are sampled from the restored params (a warning)."""
+    description = (saved or {}).get("description") or {}
+    if saved is not None and not description:
+      return  # nothing was pending
+    if saved is None or description["staleness"] != self.staleness:
+      if self.staleness:
+        why = (
+          "was written before batches sampled ahead were saved" if saved is None
+          else f"holds batches sampled ahead at rollout.staleness={description['staleness']}"
+        )  # fmt: skip
+        log.warning(
+          "checkpoint step %d %s: steps %d..%d are sampled again from the restored params, so "
+          "this run differs from an uninterrupted one in their staleness",
+          self.step, why, self.step, self.step + self.staleness - 1,
+        )  # fmt: skip
+      return
+    for i, b in enumerate(description["batches"]):
+      host = saved["arrays"][str(i)]
+      batch = {k: jax.device_put(v, self.batch_shardings[k]) for k, v in host.items()}
+      prompts = {"record_index": b["record_index"]}
+      batch = self.with_own_devices(self.with_teacher_layouts(batch, prompts, self.batcher))
+      self.pending.append(
+        Pending(b["step"], b["version"], b["data_state"], batch, b["episodes"], b["record_index"])
+      )
+    self.data_iter.set_state(description["data_after"])
 
   def train_one(self, diagnostics: bool = True) -> dict:
     """One OPD step; `diagnostics`: compute the overlap diagnostics (logging steps).

@@ -31,7 +31,7 @@ def _state(seed: int) -> dict:
   }
 
 
-def _save(directory, step: int, state: dict) -> None:
+def _save(directory, step: int, state: dict, pending=None) -> None:
   checkpointer = ckpt.Checkpointer(str(directory), every=1, keep=5, async_save=False)
   ckpt.save_train_state(
     checkpointer,
@@ -40,15 +40,18 @@ def _save(directory, step: int, state: dict) -> None:
     rng=jax.random.key(step),
     data_state={"next_index": step},
     identity={"seed": 0},
+    pending=pending,
   )
   checkpointer.close()
 
 
-@pytest.mark.parametrize("damage", ["other_arrays", "edited_checksum"])
+@pytest.mark.parametrize("damage", ["other_arrays", "edited_checksum", "edited_pending"])
 def test_a_step_that_reads_cleanly_with_other_values_is_set_aside(tmp_path, damage, caplog):
   directory = tmp_path / "ckpt"
   _save(directory, 2, _state(2))
-  _save(directory, 4, _state(4))
+  # step 4 also holds arrays computed ahead (OPD's batches sampled ahead)
+  _save(directory, 4, _state(4), pending=({"0": {"tokens": np.arange(6)}}, {"batches": [{}]}))
+  bad = "params['b']"
   if damage == "other_arrays":  # a copy gone wrong: step 4's params are another run's
     _save(tmp_path / "other", 4, _state(7))
     shutil.rmtree(directory / "4" / "params")
@@ -56,8 +59,12 @@ def test_a_step_that_reads_cleanly_with_other_values_is_set_aside(tmp_path, dama
   else:  # the arrays are intact, the stored checksum of one is not
     meta_file = directory / "4" / "meta" / "metadata"
     meta = json.loads(meta_file.read_text())
-    meta["checksums"]["params"]["['b']"] ^= 1
+    item, path = (
+      ("pending", "['0']['tokens']") if damage == "edited_pending" else ("params", "['b']")
+    )
+    meta["checksums"][item][path] ^= 1
     meta_file.write_text(json.dumps(meta))
+    bad = item + path
 
   checkpointer = ckpt.Checkpointer(str(directory), every=1, keep=5, async_save=False)
   with caplog.at_level(logging.WARNING, logger="jdistill"):
@@ -69,7 +76,7 @@ def test_a_step_that_reads_cleanly_with_other_values_is_set_aside(tmp_path, dama
   jax.tree.map(np.testing.assert_array_equal, want["params"], jax.device_get(state["params"]))
   warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
   assert len(warnings) == 1, warnings
-  assert "step 4: params['b'] does not match its checksum" in warnings[0]
+  assert f"step 4: {bad} does not match its checksum" in warnings[0]
   assert "set aside" in warnings[0] and "\n" not in warnings[0]
   names = os.listdir(directory)
   assert "4" not in names and any(n.startswith("4.corrupt-") for n in names)
@@ -146,9 +153,11 @@ def _cli(monkeypatch, run) -> tuple[int, str]:
   from jdistill.runtime import distributed
 
   monkeypatch.setattr(jdistill.config, "validate", lambda config: None)
-  monkeypatch.setattr(distributed, "initialize", lambda: None)
+  monkeypatch.setattr(distributed, "initialize", lambda peer_timeout_s, checkpoint_dir: None)
   monkeypatch.setattr(jdistill.stages, "run_stage", lambda config: run())
-  config = ml_collections.ConfigDict({"pipeline": {"stages": []}, "stage": "opd"})
+  config = ml_collections.ConfigDict(
+    {"pipeline": {"stages": []}, "stage": "opd", "peer_timeout_s": 180, "checkpoint": {"dir": ""}}
+  )
   with pytest.raises(SystemExit) as stop:
     cli.run_config(config, "opd")
   return stop.value.code, stop.value.__context__

@@ -1,6 +1,11 @@
 """Disaggregated rollouts on 8 simulated devices: the sampler on its own mesh of 4 devices,
 the trainer on the other 4, batches sampled `rollout.staleness` updates behind."""
 
+import copy
+import json
+import logging
+import shutil
+
 import jax
 import numpy as np
 import pytest
@@ -137,20 +142,55 @@ def test_batch_of_step_t_is_sampled_from_the_params_after_update_t_minus_1(stale
   assert not np.array_equal(fresh["tokens"], samples[2]["batch"]["tokens"])
 
 
-def test_resume_resamples_the_pending_batches_from_the_restored_params(
-  stale_run, colocated, tmp_path
-):
-  """The resume rule: a session restored at step s samples steps s .. s + k − 1 from the
-  restored params (as a new run does from its initial ones), so the data position is
-  exact and the staleness restarts at 0."""
+def _resume(stale_run, out):
+  """A session restored at RESTORE_AT from the k = 1 run's checkpoint, writing to `out`."""
   c = stale_run["config"]
-  c.output_dir = str(tmp_path / "resumed")
+  c.output_dir = str(out)
   c.checkpoint.restore_step = RESTORE_AT
   c.run_mode = "resume"
   resumed = train.OPDTrainer(c)
   assert resumed.step == RESTORE_AT
-  assert resumed.data_state() == {"next_index": RESTORE_AT}
   jax.tree.map(np.testing.assert_array_equal, stale_run["params"][RESTORE_AT], _params(resumed))
+  return resumed
+
+
+def test_resume_at_staleness_1_equals_the_uninterrupted_run(stale_run, tmp_path):
+  """The checkpoint of step s keeps the batch sampled ahead for step s (from the params after
+  update s − 1, which are gone): the resumed run trains on it, then samples step s + 1 from
+  the params after update s, as the uninterrupted run did — its params equal, bit for bit."""
+  resumed = _resume(stale_run, tmp_path / "resumed")
+  assert [p.step for p in resumed.pending] == [RESTORE_AT]
+  assert [p.version for p in resumed.pending] == [RESTORE_AT - 1]
+  assert resumed.data_state() == {"next_index": RESTORE_AT}
+  records = resumed.run(steps=2)
+  assert [r["rollout_staleness"] for r in records] == [1.0, 1.0]
+  for t in (RESTORE_AT + 1, RESTORE_AT + 2):
+    want = stale_run["records"][t - 1]
+    assert records[t - RESTORE_AT - 1]["loss"] == want["loss"], t
+  jax.tree.map(np.testing.assert_array_equal, stale_run["params"][RESTORE_AT + 2], _params(resumed))
+
+
+def test_a_checkpoint_without_the_batches_sampled_ahead_resamples_them_with_a_warning(
+  stale_run, colocated, tmp_path, caplog
+):
+  """A checkpoint written before the batches sampled ahead were saved (their item and
+  description removed) resumes the way a new run starts: a session restored at step s
+  samples steps s .. s + k − 1 from the restored params, so the data position is exact, the
+  staleness restarts at 0, and a warning says the run differs from an uninterrupted one."""
+  old = tmp_path / "old"
+  shutil.copytree(stale_run["config"].checkpoint.dir, old)
+  step_dir = old / str(RESTORE_AT)
+  shutil.rmtree(step_dir / "pending")
+  meta = json.loads((step_dir / "meta" / "metadata").read_text())
+  del meta["pending"], meta["checksums"]["pending"]
+  (step_dir / "meta" / "metadata").write_text(json.dumps(meta))
+  stale_run = dict(stale_run, config=copy.deepcopy(stale_run["config"]))
+  stale_run["config"].checkpoint.dir = str(old)
+  with caplog.at_level(logging.WARNING, logger="jdistill"):
+    resumed = _resume(stale_run, tmp_path / "resumed")
+  assert not resumed.pending
+  assert f"checkpoint step {RESTORE_AT} was written before batches sampled ahead" in caplog.text
+  assert resumed.data_state() == {"next_index": RESTORE_AT}
   sample, batches = resumed.sample, []
   resumed.sample = lambda p, k, b=None: batches.append((p, k, *sample(p, k, b))) or batches[-1][2:]
   records = resumed.run(steps=2)

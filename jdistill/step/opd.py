@@ -30,16 +30,15 @@ sg = jax.lax.stop_gradient
 SAMPLED_LOSSES = losses.SAMPLED_LOSSES  # estimators that use the sampled tokens (the registry)
 
 
-def teacher_metrics(diag: dict, mask, behaviour_logp=None) -> dict:
+def teacher_metrics(diag: dict, mask) -> dict:
   """Token means over the completion of the loss kernel's per-token diagnostics, and
   `off_support_loss_share`: the share of the loss's per-token weight (|advantage| of a sampled
   estimator, the per-token loss of a dense one) on tokens the teacher puts off its support
   (probability < `metrics.floor_prob`).
 
-  The train/inference mismatch `abs_log_ratio_mean` / `_max` (|log q/π| of the sampled
-  tokens: the sampler's numerics, e.g. bf16 rollouts, and its temperature / top-k / top-p)
-  and the IcePop-masked share `icepop_masked`: from the sampled estimators' ratio, else, for a
-  dense loss, from `behaviour_logp [B, T]` (log π of the sampled tokens) where given."""
+  The sampled estimators also get the train/inference mismatch `abs_log_ratio_mean` / `_max`
+  (|log q/π| of the sampled tokens: the sampler's numerics, e.g. bf16 rollouts, stale params,
+  and its temperature / top-k / top-p) and the IcePop-masked share `icepop_masked`."""
   per_token = {
     k: v
     for k, v in diag.items()
@@ -48,13 +47,8 @@ def teacher_metrics(diag: dict, mask, behaviour_logp=None) -> dict:
   }
   per_token["k1_reverse_kl"] = diag["student_logp"] - diag["teacher_logp"]
   out = {k: losses.masked_mean(v, mask, "token") for k, v in per_token.items()}
-  log_ratio = None
   if "ratio" in diag:  # train/inference mismatch of the sampled estimators: |log q/π|
-    log_ratio = jnp.log(diag["ratio"])
-  elif behaviour_logp is not None:  # a dense loss: the same mismatch, unused by its gradient
-    log_ratio = diag["student_logp"] - behaviour_logp.astype(jnp.float32)
-  if log_ratio is not None:
-    abs_log_ratio = jnp.abs(log_ratio)
+    abs_log_ratio = jnp.abs(jnp.log(diag["ratio"]))
     out["abs_log_ratio_mean"] = losses.masked_mean(abs_log_ratio, mask, "token")
     out["abs_log_ratio_max"] = jnp.max(jnp.where(mask > 0, abs_log_ratio, 0.0))
   if "clip_fraction" in diag:
@@ -151,9 +145,7 @@ def distill_objective(
       diagnostics=diagnostics,
     )
     total = total + spec.weight * loss
-    metrics[spec.name] = dict(
-      teacher_metrics(diag, rows(x["mask"]), rows(x["behaviour_logp"])), loss=loss, **router
-    )
+    metrics[spec.name] = dict(teacher_metrics(diag, rows(x["mask"])), loss=loss, **router)
   return total, metrics
 
 

@@ -69,6 +69,7 @@ bench: $(STAMP)
 	$(PY) bench/overlap_calibration.py
 	$(PY) bench/sampler.py
 	$(PY) bench/shared_prefix.py
+	$(PY) bench/bf16_rollouts.py
 	$(PY) bench/train_step.py
 	$(PY) bench/stages.py
 	$(PY) bench/disaggregated.py

@@ -1,4 +1,4 @@
-"""Prompts and rollouts: data, sampling, rollout (the sampler's own devices), episode
+"""Prompts and rollouts: data, sampling, rollout (the sampler's own devices and weights), episode
 (multi-turn rollouts with an environment)."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from jdistill.config.fields import (
 
 OVERLONG = ("truncate_left", "drop", "error")
 ON_ERROR = ("raise", "skip")
+ROLLOUT_PARAM_DTYPES = ("", "bfloat16")  # `jdistill.sampling.rollout_params`
 
 DATA = section(
   "data",
@@ -116,6 +117,16 @@ ROLLOUT = section(
     "the next k batches while the trainer runs; `0` = today's loop on two meshes. Logged per "
     "step as `rollout_staleness`. Ignored when `rollout.devices = 0`",
     "an int ≥ 0",
+  ),
+  param_dtype=field(
+    "",
+    "the weights the training rollouts (stages `opd`, `rlvr`) sample from: `''` = the "
+    "student's params as they are; `bfloat16` = a bf16 copy cast once per step "
+    "(`jdistill.sampling.rollout_params`), the train step's f32 log-probs against the "
+    "sampler's bf16 ones carried by the importance ratio of the sampled estimators; the "
+    "mismatch is logged per step (`abs_log_ratio_mean` / `_max`, `icepop_masked`). "
+    "Evaluation and `generate` sample from the params as they are",
+    "`''` (the default: off until bf16 measures faster, docs/design.md) or `bfloat16`",
   ),
 )
 
@@ -239,6 +250,7 @@ def _validate_episode(config) -> None:
 
 
 def _validate_rollout(config) -> None:
+  check_choice(config, "rollout.param_dtype", ROLLOUT_PARAM_DTYPES)
   for name in ("devices", "staleness"):
     value = config.rollout[name]
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:

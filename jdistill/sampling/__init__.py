@@ -6,6 +6,7 @@ layout      the left-aligned cache layout, the right-padded Rollouts, the gather
 ops         top-k / top-p filtering, the two-level inverse-CDF draw, one sampling step
 sampler     Sampler: prefill + a static while_loop decode over a donated KV cache
 continuous  Sampler.generate_continuous: refilling decode slots (continuous batching)
+precision   rollout_params: the sampler's own copy of the weights in bf16
 environment the environment of a multi-turn episode: its interface and loader
 episodes    run_episodes: multi-turn episodes over the sampler, every token's origin
 """
@@ -20,12 +21,14 @@ from jdistill.sampling.params import (
   SamplingParams,
   knobs_of,
 )
+from jdistill.sampling.precision import PARAM_DTYPES, rollout_params
 from jdistill.sampling.prompts import choose_bucket, left_align, pad_rows, prompt_arrays
 from jdistill.sampling.sampler import Sampler, decode_step
 
 __all__ = [
   "DEFAULT_BUCKETS",
   "KEY_SCHEDULES",
+  "PARAM_DTYPES",
   "Knobs",
   "LoopStats",
   "Rollouts",
@@ -41,6 +44,7 @@ __all__ = [
   "pad_rows",
   "prompt_arrays",
   "prompt_keys",
+  "rollout_params",
   "sample_step",
   "to_right_padded",
 ]

@@ -30,7 +30,7 @@ from jdistill import overlap
 from jdistill.report.samples import SampleRecorder
 from jdistill.runtime import build
 from jdistill.runtime.sharding import move_rows  # noqa: F401  (tests: train.move_rows)
-from jdistill.sampling import Sampler
+from jdistill.sampling import Sampler, precision
 from jdistill.sampling.episodes import run_episodes
 from jdistill.stages.base import TrainingStage, run_training, shardings
 from jdistill.step import common, cross_tokenizer, own_devices, streaming
@@ -228,13 +228,13 @@ class OPDTrainer(TrainingStage):
     c = self.config
     if self.environment is not None:
       return evaluate.episode_accuracy(
-        self.sampler, self.rollout_params(), self.tokenizer, self.accuracy_records,
+        self.sampler, self.eval_params(), self.tokenizer, self.accuracy_records,
         encode=self.encode_prompt, environment=self.environment, episode=self.episode_params,
         pass_k=c.eval.pass_k, prompt_buckets=c.sampling.prompt_buckets,
         batch_rows=self.batcher.rows_per_batch,
       )  # fmt: skip
     return evaluate.accuracy(
-      self.sampler, self.rollout_params(), self.tokenizer, self.accuracy_records,
+      self.sampler, self.eval_params(), self.tokenizer, self.accuracy_records,
       encode=self.encode_prompt, max_new_tokens=c.sampling.max_new_tokens, verifier=c.eval.verifier,
       pass_k=c.eval.pass_k, prompt_buckets=c.sampling.prompt_buckets,
       batch_rows=self.batcher.rows_per_batch,
@@ -247,34 +247,48 @@ class OPDTrainer(TrainingStage):
   # --- one step ------------------------------------------------------------------------
 
   def rollout_params(self):
-    """The current student params (after `step` updates) where the sampler runs: the
-    training state itself when colocated, else its copy on the sampler's mesh, made once
-    per update."""
+    """The current student params (after `step` updates) the training rollouts sample from,
+    where the sampler runs: in `rollout.param_dtype` (`sampling.rollout_params`), and when
+    disaggregated, copied to the sampler's mesh once per update (cast before the copy).
+
+    Colocated, a bf16 copy is cast at every call (one per step) and not kept, so it does not
+    sit beside the train step's state."""
+    dtype = self.config.rollout.param_dtype
     if self.rollout_mesh is None:
-      return self.state["params"]
+      return precision.rollout_params(self.state["params"], dtype)
     if self._rollout_params is None or self._rollout_params[0] != self.step:
-      copy = jax.device_put(self.state["params"], self.rollout_shardings)
-      self._rollout_params = (self.step, copy)
+      params = precision.rollout_params(self.state["params"], dtype)
+      self._rollout_params = (self.step, jax.device_put(params, self.rollout_shardings))
     return self._rollout_params[1]
 
-  def rollouts(self, prompts: dict, rng, batcher=None) -> dict:
-    """Student rollouts of the rollout params (`rollout_params`) on a prompt batch → the
-    train step's batch (right-padded, on the training mesh).
+  def eval_params(self):
+    """The params evaluation samples from: the student's as they are (never
+    `rollout.param_dtype`: evaluation measures the trained model), where the sampler runs."""
+    if not self.config.rollout.param_dtype:
+      return self.rollout_params()
+    if self.rollout_mesh is None:
+      return self.state["params"]
+    return jax.device_put(self.state["params"], self.rollout_shardings)
+
+  def rollouts(self, prompts: dict, rng, batcher=None, params=None) -> dict:
+    """Student rollouts of `params` (default: the training rollouts' `rollout_params`) on a
+    prompt batch → the train step's batch (right-padded, on the training mesh).
 
     With `sampling.continuous_slots`, each teacher's rows share that many refilling decode
     slots (continuous batching); the batch layout is the same. With `episode.environment`,
     multi-turn episodes (`episodes`) on the records of `batcher` (default: training's)."""
-    return self.sample(prompts, rng, batcher)[0]
+    return self.sample(prompts, rng, batcher, params)[0]
 
-  def sample(self, prompts: dict, rng, batcher=None) -> tuple[dict, dict]:
+  def sample(self, prompts: dict, rng, batcher=None, params=None) -> tuple[dict, dict]:
     """`rollouts`, and the episodes' host metrics (`{}` for single-turn rollouts)."""
+    params = self.rollout_params() if params is None else params
     if self.environment is not None:
-      return self.episodes(prompts, rng, batcher or self.batcher)
+      return self.episodes(prompts, rng, batcher or self.batcher, params)
     prompt = (prompts["prompt_tokens"], prompts["prompt_lengths"])
     slots = self.config.sampling.continuous_slots
     if slots:
       out, _ = self.sampler.generate_continuous(
-        self.rollout_params(),
+        params,
         prompt,
         rng,
         dataclasses.replace(self.sampling, key_schedule="prompt"),
@@ -282,7 +296,7 @@ class OPDTrainer(TrainingStage):
         groups=prompts["teacher_index"],
       )
     else:
-      out = self.sampler.generate(self.rollout_params(), prompt, rng, self.sampling)
+      out = self.sampler.generate(params, prompt, rng, self.sampling)
     if self.rollout_mesh is None:
       batch = common.rollout_batch(out, self.batch_shardings)
     else:
@@ -290,13 +304,14 @@ class OPDTrainer(TrainingStage):
       batch = {k: move_rows(v, self.batch_shardings[k]) for k, v in batch.items()}
     return self.with_teacher_layouts(batch, prompts, batcher or self.batcher), {}
 
-  def episodes(self, prompts: dict, rng, batcher) -> tuple[dict, dict]:
-    """Multi-turn episodes on a prompt batch → (the train step's batch with `model_mask`,
-    the episodes' host metrics). Each row's environment resets on its prompt record."""
+  def episodes(self, prompts: dict, rng, batcher, params) -> tuple[dict, dict]:
+    """Multi-turn episodes of `params` on a prompt batch → (the train step's batch with
+    `model_mask`, the episodes' host metrics). Each row's environment resets on its prompt
+    record."""
     records = [batcher.records[int(r)] for r in prompts["record_index"]]
     tokens, lengths = prompts["prompt_tokens"], prompts["prompt_lengths"]
     out = run_episodes(
-      self.sampler, self.rollout_params(), self.environment, records,
+      self.sampler, params, self.environment, records,
       [row[:n].tolist() for row, n in zip(tokens, lengths)], rng, self.sampling,
       self.episode_params, self.tokenizer, prompt_width=tokens.shape[1],
     )  # fmt: skip
@@ -440,7 +455,7 @@ class OPDTrainer(TrainingStage):
     sampled with a fixed key, so evaluations at different steps are comparable."""
     batcher = self.eval_batcher or self.batcher
     prompts = batcher.batch(10**6 if batcher is self.batcher else 0)
-    batch = self.rollouts(prompts, jax.random.key(seed), batcher)
+    batch = self.rollouts(prompts, jax.random.key(seed), batcher, self.eval_params())
     results = to_float(
       self.eval_objective(
         self.state["params"], self.teachers.states, self.teacher_cache(batch), batch

@@ -39,7 +39,7 @@ from jdistill.eval import accuracy, verifiers
 from jdistill.eval.accuracy import decode_completions, local_rows
 from jdistill.runtime import build, plots
 from jdistill.runtime import sharding as shd
-from jdistill.sampling import Sampler
+from jdistill.sampling import Sampler, precision
 from jdistill.sampling.episodes import Episodes, run_episodes
 from jdistill.stages.base import TrainingStage, run_training, shardings
 from jdistill.step import common
@@ -169,10 +169,10 @@ class RLVRTrainer(TrainingStage):
     g = self.group_size
     rows = {k: np.repeat(v, g, axis=0) for k, v in prompts.items()}
     if self.environment is not None:
-      out = self.episodes(self.batcher, rows, key, sampling)
+      out = self.episodes(self.batcher, rows, key, sampling, self.rollout_params())
       return out, rows, out.rewards.copy()
     out = self.sampler.generate(  # each prompt prefilled once (a shared prefix)
-      self.state["params"],
+      self.rollout_params(),
       (prompts["prompt_tokens"], prompts["prompt_lengths"]),
       key,
       sampling,
@@ -185,16 +185,21 @@ class RLVRTrainer(TrainingStage):
       rewards[i] = self.scorers[record["domain"]](completion, str(record["answer"]))
     return out, rows, rewards
 
-  def episodes(self, batcher, rows: dict, key, sampling) -> Episodes:
-    """Multi-turn episodes of the student on prompt rows (`prompt_tokens`, `prompt_lengths`,
-    `record_index` of `batcher`'s records)."""
+  def episodes(self, batcher, rows: dict, key, sampling, params) -> Episodes:
+    """Multi-turn episodes of the student's `params` on prompt rows (`prompt_tokens`,
+    `prompt_lengths`, `record_index` of `batcher`'s records)."""
     tokens, lengths = rows["prompt_tokens"], rows["prompt_lengths"]
     return run_episodes(
-      self.sampler, self.state["params"], self.environment,
+      self.sampler, params, self.environment,
       [batcher.records[int(r)] for r in rows["record_index"]],
       [row[:n].tolist() for row, n in zip(tokens, lengths)], key, sampling, self.episode_params,
       self.tokenizer, prompt_width=tokens.shape[1],
     )  # fmt: skip
+
+  def rollout_params(self):
+    """The student params the training rollouts sample from, in `rollout.param_dtype`
+    (`sampling.rollout_params`: a bf16 copy cast per call, one per step)."""
+    return precision.rollout_params(self.state["params"], self.config.rollout.param_dtype)
 
   def local_completions(self, out) -> list[str]:
     """This process's rows of a sampler output, decoded."""
@@ -277,7 +282,7 @@ class RLVRTrainer(TrainingStage):
     rewards: dict[str, list[float]] = {}
     for k in range(n_batches):
       rows = batcher.batch(k if self.eval_batcher else 10**6 + k)
-      out = self.episodes(batcher, rows, jax.random.key(0), self.greedy)
+      out = self.episodes(batcher, rows, jax.random.key(0), self.greedy, self.state["params"])
       for r, reward in zip(rows["record_index"], out.rewards):
         rewards.setdefault(batcher.records[int(r)]["domain"], []).append(float(reward))
     return {

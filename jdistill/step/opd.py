@@ -34,7 +34,11 @@ def teacher_metrics(diag: dict, mask) -> dict:
   """Token means over the completion of the loss kernel's per-token diagnostics, and
   `off_support_loss_share`: the share of the loss's per-token weight (|advantage| of a sampled
   estimator, the per-token loss of a dense one) on tokens the teacher puts off its support
-  (probability < `metrics.floor_prob`)."""
+  (probability < `metrics.floor_prob`).
+
+  The sampled estimators also get the train/inference mismatch `abs_log_ratio_mean` / `_max`
+  (|log q/π| of the sampled tokens: the sampler's numerics, e.g. bf16 rollouts, stale params,
+  and its temperature / top-k / top-p) and the IcePop-masked share `icepop_masked`."""
   per_token = {
     k: v
     for k, v in diag.items()

@@ -62,6 +62,8 @@ def policy_loss(
     "policy_loss": sg(loss),
     "clip_fraction": losses.masked_mean(aux["clipped"], mask),
     "abs_log_ratio_mean": losses.masked_mean(abs_log_ratio, mask),
+    "abs_log_ratio_max": jnp.max(jnp.where(mask > 0, abs_log_ratio, 0.0)),
+    "icepop_masked": losses.masked_mean(aux["icepop_masked"], mask),
     "response_length": jnp.mean(jnp.sum(mask, axis=-1)),
   }
   if teacher_logp is not None:  # sampled estimate of the reverse KL to the teachers

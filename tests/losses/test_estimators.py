@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from jdistill import losses
+from jdistill.sampling import rollout_params
 
 V = 7
 STUDENT = np.asarray([1.2, 0.3, -0.5, 2.0, 0.0, -1.5, 0.7], np.float32)
@@ -109,6 +110,22 @@ def test_without_the_importance_weight_a_tempered_sampler_is_biased():
   ]
   error = np.abs(np.sum(unweighted, 0) - reverse_kl_grad()).max()
   assert error > 0.05 * np.abs(reverse_kl_grad()).max()
+
+
+def test_bf16_rollouts_of_f32_params_are_unbiased_only_with_the_importance_weight():
+  """`rollout.param_dtype=bfloat16`: the behaviour policy π is the bf16 copy of the student's
+  weights (`sampling.rollout_params`), the trained q the f32 params. Weighted by q/π the
+  expected gradient over π's draws is ∇KL(q‖p) exactly; with the ratio dropped (behaviour
+  log-probs taken as q's own), it is biased by the bf16 rounding."""
+  bf16 = rollout_params({"unembed": jnp.asarray(STUDENT)}, "bfloat16")["unembed"]
+  log_pi = sampler_logp(bf16.astype(jnp.float32))  # the bf16 model's softmax
+  log_q = np.asarray(jax.nn.log_softmax(STUDENT), np.float64)
+  assert 1e-4 < np.abs(log_pi - log_q).max() < 1e-2  # a real, bf16-sized mismatch
+  settings = losses.LossSettings(loss="sampled_token", chunk_size=1)
+  exact = reverse_kl_grad()
+  np.testing.assert_allclose(expected_grad(settings, log_pi), exact, rtol=1e-5, atol=1e-6)
+  without_ratio = sum(np.exp(log_pi[x]) * kernel_grad(settings, x, log_q[x]) for x in range(V))
+  assert np.abs(without_ratio - exact).max() > 100 * 1e-6
 
 
 def test_sampled_token_with_top_p_is_the_truncated_objective_in_expectation():

@@ -227,6 +227,45 @@ def test_sampling_frequencies_match_distribution(small_vocab, kw):
   )
 
 
+def test_bf16_rollout_params_sample_the_bf16_models_own_distribution(small_vocab):
+  """`rollout.param_dtype=bfloat16`: the sampler on the bf16 copy draws from, and reports the
+  log-probs of, the bf16 model's softmax, which the f32 params' differs from."""
+  graphdef, state, sampler, prompt, f32_logits = small_vocab
+  bf16 = smp.rollout_params(state, "bfloat16")
+  assert {x.dtype for x in jax.tree.leaves(bf16)} == {jnp.dtype(jnp.bfloat16)}
+  logits = np.asarray(
+    _forward(graphdef, bf16, jnp.asarray([prompt]), jnp.ones((1, len(prompt)), bool))
+  )[0, -1].astype(np.float64)
+  assert np.abs(logits - f32_logits).max() > 1e-2  # the bf16 model is another model
+  kw = dict(temperature=0.8, top_k=6, top_p=0.6)
+  sp = SamplingParams(max_new_tokens=1, prompt_buckets=(8,), **kw)
+  out = sampler.generate(bf16, [prompt] * 4096, jax.random.key(11), sp)
+  drawn = np.asarray(out.tokens[:, len(prompt)])
+  filt = _np_filter(logits / kw["temperature"], kw["top_k"], kw["top_p"])
+  probs = np.exp(filt - np.logaddexp.reduce(filt))
+  assert np.all(np.isfinite(filt)[drawn]), "a token outside the top-k / top-p support was sampled"
+  assert _chi_square_pvalue(np.bincount(drawn, minlength=16), probs) > 1e-3
+  np.testing.assert_allclose(
+    np.asarray(out.sampling_logprobs[:, len(prompt)]), np.log(probs[drawn]), atol=1e-4
+  )
+
+
+def test_rollout_params_cast_floating_leaves_on_their_devices():
+  mesh = shd.make_mesh({"data": 8})
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  params = {
+    "w": jax.device_put(jnp.linspace(0.0, 1.0, 16, dtype=jnp.float32), sharding),
+    "ids": jax.device_put(jnp.arange(16, dtype=jnp.int32), sharding),
+  }
+  assert smp.rollout_params(params, "") is params  # off: the params themselves
+  out = smp.rollout_params(params, "bfloat16")
+  assert out["w"].dtype == jnp.bfloat16 and out["ids"].dtype == jnp.int32
+  assert out["w"].sharding == sharding and out["ids"].sharding == sharding
+  np.testing.assert_array_equal(out["w"], np.asarray(params["w"]).astype(jnp.bfloat16))
+  with pytest.raises(ValueError, match="float16"):
+    smp.rollout_params(params, "float16")
+
+
 def test_same_seed_reproduces_and_other_seed_differs(llama):
   _, _, state, sampler = llama
   sp = SamplingParams(max_new_tokens=NEW, temperature=1.0, prompt_buckets=BUCKETS)

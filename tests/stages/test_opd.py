@@ -144,6 +144,24 @@ def test_rollout_key_of_step_t_is_fold_in_of_the_seed_key(world, tmp_path):
   assert len({k.tobytes() for k in keys}) == 3  # a new key, so new rollouts, every step
 
 
+def test_bf16_rollouts_log_a_small_train_inference_mismatch(world, tmp_path):
+  """`rollout.param_dtype=bfloat16`: the sampler runs a bf16 copy of the f32 student, the step
+  recomputes its log-probs in f32, and logs |log q/π| for the sampled-token teacher and the
+  share IcePop masks: above f32 noise (< 1e-5 with f32 rollouts, test_disaggregated), small,
+  and IcePop's band of ±5e-4 in log ratio masks some tokens but not all. Evaluation samples
+  the f32 params."""
+  c = _config(world, tmp_path, steps=1)
+  c.rollout.param_dtype = "bfloat16"
+  c.loss.icepop_c = float(np.exp(5e-4))
+  trainer = train.OPDTrainer(c)
+  assert {str(x.dtype) for x in jax.tree.leaves(trainer.rollout_params())} == {"bfloat16"}
+  assert {str(x.dtype) for x in jax.tree.leaves(trainer.eval_params())} == {"float32"}
+  metrics = train.to_float(trainer.train_one())
+  m = metrics["teachers"]["code"]  # sampled-token (math: reverse KL, no ratio)
+  assert 1e-5 < m["abs_log_ratio_mean"] < 1e-2 and m["abs_log_ratio_max"] < 0.05, m
+  assert 0 < m["icepop_masked"] < 1, m
+
+
 def test_config_validation_names_the_field(world):
   c = tiny_config(world)
   c.loss.normalize = "bogus"
@@ -160,6 +178,10 @@ def test_config_validation_names_the_field(world):
   c = tiny_config(world)
   c.sampling.top_p = 1.5
   with pytest.raises(ValueError, match="config.sampling.top_p"):
+    config_lib.validate(c)
+  c = tiny_config(world)
+  c.rollout.param_dtype = "float16"
+  with pytest.raises(ValueError, match="config.rollout.param_dtype='float16'.*bfloat16"):
     config_lib.validate(c)
 
 

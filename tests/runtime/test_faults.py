@@ -286,7 +286,8 @@ class _EchoSampler:
   def data_parallel_size(self):
     return 1
 
-  def generate(self, params, rows, key, sampling):
+  def generate(self, params, rows, key, sampling, group_size=1):
+    rows = [row for row in rows for _ in range(group_size)]  # as the shared prefix repeats them
     n, width = len(rows), 2 * max(map(len, rows))
     tokens = np.zeros((n, width), np.int32)
     for i, row in enumerate(rows):

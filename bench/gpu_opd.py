@@ -87,7 +87,7 @@ from jdistill.losses import LossSettings  # noqa: E402
 from jdistill.models import ModelConfig, Transformer  # noqa: E402
 from jdistill.runtime import build  # noqa: E402
 from jdistill.runtime import sharding as shd  # noqa: E402
-from jdistill.sampling import Sampler, SamplingParams  # noqa: E402
+from jdistill.sampling import Sampler, SamplingParams, rollout_params  # noqa: E402
 from jdistill.step import common as step_common  # noqa: E402
 from jdistill.step import opd as ts  # noqa: E402
 from jdistill.step import streaming  # noqa: E402
@@ -165,13 +165,10 @@ def random_state(cfg: ModelConfig, seed: int, stack: int = 0):
 
 
 def rollout_copy(params, dtype: str):
-  """The sampler's copy of the student's params: floating leaves cast to `dtype` (f32 master
-  params stay with the train step). A local stand-in for the library's cast, to be swapped
-  for it."""
-  dtype = jnp.dtype(dtype)
-  return jax.tree.map(
-    lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params
-  )
+  """The sampler's copy of the student's params (`jdistill.sampling.rollout_params`, as
+  `rollout.param_dtype` makes it): floating leaves cast to `dtype`, the f32 master params stay
+  with the train step; `float32` = the params themselves."""
+  return rollout_params(params, "" if dtype == "float32" else dtype)
 
 
 def n_params(state) -> int:
@@ -274,7 +271,7 @@ def rollouts(cfg: ModelConfig, graphdef, params, args, mesh, log) -> tuple[dict,
     return sampler.generate(p, (prompts, lengths), key, sp, max_new_per_prompt=limits)
 
   decode = continuous if args.continuous_slots else static
-  cast = jax.jit(functools.partial(rollout_copy, dtype=args.rollout_dtype))
+  cast = functools.partial(rollout_copy, dtype=args.rollout_dtype)
   t0 = time.perf_counter()
   out = decode(jax.block_until_ready(cast(params)))
   jax.block_until_ready(out.tokens)

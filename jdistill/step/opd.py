@@ -58,54 +58,6 @@ def teacher_metrics(diag: dict, mask) -> dict:
   return out
 
 
-def teacher_loss(
-  hidden, unembed, t_hidden, t_unembed, targets, mask, behaviour_logp, settings, diagnostics
-):
-  """One teacher's loss kernel on its rows → (loss, `teacher_metrics`). Student `hidden [S, T,
-  D]`, `unembed [D, V]`; teacher `t_hidden [S, T, Dt]`, `t_unembed [Dt, V]`; `targets`,
-  `mask`, `behaviour_logp` `[S, T]`."""
-  loss, diag = losses.distill_loss(
-    hidden,
-    unembed,
-    t_hidden,
-    t_unembed,
-    targets,
-    mask,
-    # The sampler ran the current params (on-policy), so the importance ratio only matters
-    # for PPO clipping; without it the plain k1 policy gradient is used.
-    settings,
-    # log π of the distribution each token was sampled from: the sampled estimators'
-    # importance weights q/π, so their expected gradient does not depend on the
-    # sampling temperature, top-k or top-p (nor on sampler/trainer numerics).
-    behaviour_logp=behaviour_logp if settings.loss in SAMPLED_LOSSES else None,
-    diagnostics=diagnostics,
-  )
-  return loss, teacher_metrics(diag, mask)
-
-
-def group_losses(members, hidden, unembed, teacher_out, x, specs, diagnostics) -> dict:
-  """The loss kernels of a stacked group whose teachers share their loss settings, as one
-  kernel vmapped over the group → `{teacher index: (loss, metrics)}`.
-
-  One kernel per teacher made the traced graph, its compile and the kernels' sequential
-  chunk loops grow with the number of teachers; here the student rows `[G, S, T, D]`, the
-  teachers' hidden states `[G, S, T, Dt]` and unembeddings `[G, Dt, V]` go through one. The
-  student's unembedding is shared, so its gradient sums over the group as before."""
-  settings = specs[members[0]].settings
-  stack = lambda a: jnp.stack([take_rows(a, specs[i].rows) for i in members])  # noqa: E731
-  loss, metrics = jax.vmap(
-    lambda h, th, tu, t, m, b: teacher_loss(h, unembed, th, tu, t, m, b, settings, diagnostics)
-  )(
-    stack(hidden),
-    jnp.stack([teacher_out[i][0] for i in members]),
-    jnp.stack([teacher_out[i][1] for i in members]),
-    stack(x["targets"]),
-    stack(x["mask"]),
-    stack(x["behaviour_logp"]),
-  )
-  return {i: (loss[j], jax.tree.map(lambda a: a[j], metrics)) for j, i in enumerate(members)}
-
-
 def distill_objective(
   params,
   student_graphdef,
@@ -160,10 +112,6 @@ def distill_objective(
     spans = {
       i: (lp, take_positions(sp, take_rows(idx, specs[i].rows))) for i, (lp, sp) in spans.items()
     }
-  batched = {}  # teacher index -> (loss, metrics) from its stacked group's one loss kernel
-  for members in groups:
-    if len(members) > 1 and len({specs[i].settings for i in members}) == 1:
-      batched.update(group_losses(members, hidden, unembed, teacher_out, x, specs, diagnostics))
   metrics = {}
   for i, spec in enumerate(specs):
     rows = lambda a: take_rows(a, spec.rows)  # noqa: E731
@@ -175,15 +123,25 @@ def distill_objective(
       metrics[spec.name].update(router)
       total = total + spec.weight * loss
       continue
-    if i in batched:
-      loss, teacher = batched[i]
-    else:
-      loss, teacher = teacher_loss(
-        rows(hidden), unembed, *teacher_out[i], rows(x["targets"]), rows(x["mask"]),
-        rows(x["behaviour_logp"]), spec.settings, diagnostics,
-      )  # fmt: skip
+    t_hidden, t_unembed = teacher_out[i]
+    loss, diag = losses.distill_loss(
+      rows(hidden),
+      unembed,
+      t_hidden,
+      t_unembed,
+      rows(x["targets"]),
+      rows(x["mask"]),
+      # The sampler ran the current params (on-policy), so the importance ratio only matters
+      # for PPO clipping; without it the plain k1 policy gradient is used.
+      spec.settings,
+      # log π of the distribution each token was sampled from: the sampled estimators'
+      # importance weights q/π, so their expected gradient does not depend on the
+      # sampling temperature, top-k or top-p (nor on sampler/trainer numerics).
+      behaviour_logp=(rows(x["behaviour_logp"]) if spec.settings.loss in SAMPLED_LOSSES else None),
+      diagnostics=diagnostics,
+    )
     total = total + spec.weight * loss
-    metrics[spec.name] = dict(teacher, loss=loss, **router)
+    metrics[spec.name] = dict(teacher_metrics(diag, rows(x["mask"])), loss=loss, **router)
   return total, metrics
 
 

@@ -243,32 +243,3 @@ def test_the_completion_window_gives_the_full_loss_and_gradients(setup, loss):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g_win, g_full)
   idx = common.completion_window(common.shifted_inputs(batch), new)
   np.testing.assert_array_equal(idx[:, 0], prompt - 1)  # the position predicting token `prompt`
-
-
-def test_a_stacked_group_of_one_loss_runs_one_batched_kernel_equal_to_the_loop(setup):
-  graphdef, params, _, _, _, batch = setup
-  t_graphdef, first = nnx.split(Transformer(CFG, nnx.Rngs(5)))
-  _, second = nnx.split(Transformer(CFG, nnx.Rngs(6)))
-  settings = LossSettings(loss="sampled_token", chunk_size=4)
-  rows = common.teacher_rows(2, 2)
-  specs = tuple(common.TeacherSpec(n, settings, w, r) for n, w, r in zip("ab", (1.0, 0.5), rows))
-  stacked = jax.tree.map(lambda *a: jnp.stack(a), first, second)
-
-  def objective(t_graphdefs, t_states, groups):
-    return lambda p: ts.distill_objective(
-      p, graphdef, t_graphdefs, t_states, batch, specs, groups, loss_window=6
-    )
-
-  loop = objective((t_graphdef, t_graphdef), (first, second), None)
-  batched = objective((t_graphdef,), (stacked,), ((0, 1),))
-  kernels = lambda f: str(jax.make_jaxpr(f)(params)).count("custom_vjp_call")  # noqa: E731
-  assert (kernels(loop), kernels(batched)) == (2, 1)  # the group's two teachers: one kernel
-  grad = lambda f: jax.jit(jax.value_and_grad(f, has_aux=True))(params)  # noqa: E731
-  (loss_l, metrics_l), grads_l = grad(loop)
-  (loss_b, metrics_b), grads_b = grad(batched)
-  assert metrics_l["a"]["loss"] != metrics_l["b"]["loss"]  # two teachers, two losses
-  jax.tree.map(
-    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
-    (loss_l, metrics_l, grads_l),
-    (loss_b, metrics_b, grads_b),
-  )

@@ -1,11 +1,12 @@
 """The OPD step's time, compile time and peak memory against the number of teachers N.
 
-A fixed total of rows (default 48 rows x (32 prompt + 32 new tokens)) split evenly over N =
+A fixed total of rows (default 24 rows x (16 prompt + 16 new tokens)) split evenly over N =
 1, 2, 4, 8, 12 teachers; student and teachers 4 layers, width 256, 4 heads (2 KV), MLP 768,
 vocab 8,192, all f32; every teacher the chunked full-vocab reverse KL (chunk 32) over the
 completion window, the step's non-logging flavour (diagnostics off). Three arrangements:
 
-  stacked        N forks of one graphdef, grouped and stacked as the stage does
+  stacked        N forks of one graphdef (one base's params + 1e-3 i), grouped and stacked as
+                 the stage does
                  (`build.group_by_architecture`, `build.stack_states`): one vmapped forward
   heterogeneous  N teachers of differing MLP width (768, 736, 800, 704, 832, ...: mean about
                  768), so no two share a graphdef: N separate forwards
@@ -25,7 +26,7 @@ Per N and arrangement, measured in one process:
                   every teacher's hidden states and unembedding)
 Ratios are to N = 1 of the same arrangement.
 
-  python bench/teachers.py [--rows 48] [--prompt 32] [--new 32] [--repeats 3] [--json out]
+  python bench/teachers.py [--rows 24] [--prompt 16] [--new 16] [--repeats 2] [--json out]
 """
 
 from __future__ import annotations
@@ -89,19 +90,19 @@ def nbytes(tree) -> int:
   return sum(x.nbytes for x in jax.tree.leaves(tree))
 
 
-def measure(arrangement: str, n: int, args, mesh, student_state, batch) -> dict:
+def measure(arrangement: str, n: int, args, mesh, student_state, base_teacher, batch) -> dict:
   graphdef, state = student_state
   rows = step_common.teacher_rows(n, args.rows // n)
   settings = LossSettings(loss="reverse_kl", chunk_size=32)
   specs = tuple(step_common.TeacherSpec(f"t{i}", settings, 1.0, r) for i, r in enumerate(rows))
-  cfgs = [
-    CFG.replace(intermediate_size=mlp_width(i)) if arrangement == "heterogeneous" else CFG
-    for i in range(n)
-  ]
-  models = [
-    nnx.split(shd.create_sharded(lambda c=c, s=i: Transformer(c, nnx.Rngs(100 + s)), mesh))
-    for i, c in enumerate(cfgs)
-  ]
+  if arrangement == "heterogeneous":
+    models = [
+      nnx.split(Transformer(CFG.replace(intermediate_size=mlp_width(i)), nnx.Rngs(100 + i)))
+      for i in range(n)
+    ]
+  else:  # forks of one base: its params plus a small per-teacher offset (no init per teacher)
+    base_graphdef, base = base_teacher
+    models = [(base_graphdef, jax.tree.map(lambda x, i=i: x + 1e-3 * i, base)) for i in range(n)]
   graphdefs = [g for g, _ in models]
   streamed, groups, t_graphdefs, t_states = [], (), (), ()
   if arrangement == "streamed":
@@ -183,18 +184,19 @@ def measure(arrangement: str, n: int, args, mesh, student_state, batch) -> dict:
 
 def main():
   p = argparse.ArgumentParser()
-  p.add_argument("--rows", type=int, default=48)
-  p.add_argument("--prompt", type=int, default=32)
-  p.add_argument("--new", type=int, default=32)
+  p.add_argument("--rows", type=int, default=24)
+  p.add_argument("--prompt", type=int, default=16)
+  p.add_argument("--new", type=int, default=16)
   p.add_argument("--teachers", default="1,2,4,8,12")
   p.add_argument("--arrangements", default=",".join(ARRANGEMENTS))
-  p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--repeats", type=int, default=2)
   p.add_argument("--json", default="")
   a = p.parse_args()
   counts = [int(n) for n in a.teachers.split(",")]
   assert all(a.rows % n == 0 for n in counts), f"--rows {a.rows} must divide by every N"
   mesh = shd.make_mesh({"data": -1})
   student = nnx.split(shd.create_sharded(lambda: Transformer(CFG, nnx.Rngs(0)), mesh))
+  fork_base = nnx.split(shd.create_sharded(lambda: Transformer(CFG, nnx.Rngs(100)), mesh))
   batch = jax.device_put(make_batch(a.rows, a.prompt, a.new))
   results = []
   print(
@@ -206,7 +208,7 @@ def main():
   for arrangement in a.arrangements.split(","):
     base = None
     for n in counts:
-      r = measure(arrangement, n, a, mesh, student, batch)
+      r = measure(arrangement, n, a, mesh, student, fork_base, batch)
       base = base or r
       for k in ("step_s", "compile_s", "peak_bytes"):
         r[k.split("_")[0] + "_ratio"] = r[k] / base[k]

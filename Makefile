@@ -75,6 +75,7 @@ bench: $(STAMP)
 	$(PY) bench/disaggregated.py
 	$(PY) bench/alignment.py
 	$(PY) bench/report_samples.py
+	$(PY) bench/teachers.py
 
 # bench/compare.py (jdistill vs Tunix vs transformers/PyTorch) needs Tunix, which is only a
 # bench dependency: it goes into its own venv (.venv-bench, jdistill[test,bench]), never .venv.

@@ -67,26 +67,57 @@ class StreamedTeacher:
     return cls(index, graphdef, host_state, unembed, hidden_dtype, tuple(rows))
 
   def forward(self, batch_shardings: dict, hidden_sharding):
-    """The compiled forward: (host state, batch) → hidden `[rows, L-1, d_model]`."""
+    """The compiled forward: (host state, batch) → hidden `[rows, L-1, d_model]`.
+
+    Its rows are an argument of the program (`shared_forward`), so every streamed teacher
+    of one graphdef, row count and hidden dtype runs the same compiled program."""
     if self._forward is None:
-      graphdef, rows, dtype = self.graphdef, self.rows, jnp.dtype(self.hidden_dtype)
-      on_device = device_shardings(self.host_state)
-
-      def run(host_state, batch):
-        state = jax.device_put(host_state, on_device)
-        hidden, _ = common.teacher_hidden(graphdef, state, common.shifted_inputs(batch), rows)
-        return hidden.astype(dtype)
-
-      self._forward = jax.jit(
-        run,
-        in_shardings=(host_shardings(self.host_state), batch_shardings),
-        out_shardings=hidden_sharding,
+      run = shared_forward(
+        self.graphdef,
+        self.hidden_dtype,
+        host_shardings(self.host_state),
+        batch_shardings,
+        hidden_sharding,
       )
+      replicated = jax.sharding.NamedSharding(hidden_sharding.mesh, jax.sharding.PartitionSpec())
+      rows = jax.device_put(jnp.asarray(self.rows, jnp.int32), replicated)
+      self._forward = lambda host_state, batch: run(host_state, batch, rows)
     return self._forward
 
   def device_state(self):
     """A device copy of the params (for the occasional probe that needs the whole model)."""
     return jax.device_put(self.host_state, device_shardings(self.host_state))
+
+
+_FORWARDS: dict = {}  # (graphdef, dtype, shardings) -> the jitted forward they share
+
+
+def shared_forward(graphdef, hidden_dtype: str, host_state_shardings, batch_shardings, hidden_out):
+  """The jitted streamed forward `(host state, batch, rows int32 [S]) → hidden [S, L-1, D]`,
+  one per graphdef, hidden dtype and shardings: teachers that differ only in their params
+  and rows share it (one compile for all, where a program per teacher compiled N times)."""
+  leaves, treedef = jax.tree.flatten(host_state_shardings)
+  key = (graphdef, hidden_dtype, treedef, tuple(leaves), tuple(sorted(batch_shardings.items())))
+  key += (hidden_out,)
+  if key not in _FORWARDS:
+    on_device = jax.tree.map(lambda s: s.with_memory_kind("device"), host_state_shardings)
+    dtype = jnp.dtype(hidden_dtype)
+
+    def run(host_state, batch, rows):
+      state = jax.device_put(host_state, on_device)
+      x = common.shifted_inputs(batch)
+      take = lambda a: jnp.take(a, rows, axis=0)  # noqa: E731
+      teacher = nnx.merge(graphdef, state)
+      hidden, _ = teacher(take(x["inputs"]), take(x["positions"]), kv_mask=take(x["kv_mask"]))
+      return hidden.astype(dtype)
+
+    replicated = jax.sharding.NamedSharding(hidden_out.mesh, jax.sharding.PartitionSpec())
+    _FORWARDS[key] = jax.jit(
+      run,
+      in_shardings=(host_state_shardings, batch_shardings, replicated),
+      out_shardings=hidden_out,
+    )
+  return _FORWARDS[key]
 
 
 def hidden_sharding(mesh, rows: int):

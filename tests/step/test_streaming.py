@@ -10,8 +10,8 @@ import pytest
 
 from jdistill import config as config_lib
 from jdistill.stages import opd as train
+from jdistill.step import common, streaming
 from jdistill.step import opd as ts
-from jdistill.step import streaming
 from jdistill.testing.toy import short_run_config, tiny_config
 
 STEPS = 3
@@ -129,6 +129,21 @@ def test_a_bfloat16_cache_rounds_the_hidden_states_and_bad_placement_is_named(tr
   f32, bf16 = np.asarray(f32), np.asarray(bf16, np.float32)
   np.testing.assert_allclose(bf16, f32, rtol=2**-8, atol=0)  # one bf16 rounding
   assert not np.array_equal(bf16, f32)
+
+  # one compile for all: another teacher of the same graphdef and dtype (here the same params
+  # on the other teacher's rows) runs the same program, its rows an argument
+  rows = streamed.teachers.streamed[1].rows
+  other = streaming.StreamedTeacher(t.index, t.graphdef, t.host_state, t.unembed, "bfloat16", rows)
+  out = streaming.hidden_sharding(streamed.mesh, len(rows))
+  hidden = other.forward(streamed.batch_shardings, out)(t.host_state, batch)
+  program = streaming.shared_forward(
+    t.graphdef, "bfloat16", streaming.host_shardings(t.host_state), streamed.batch_shardings, out
+  )
+  assert program._cache_size() == 1
+  expected, _ = common.teacher_hidden(
+    t.graphdef, t.device_state(), common.shifted_inputs(batch), rows
+  )
+  np.testing.assert_allclose(np.asarray(hidden, np.float32), expected, rtol=2**-8, atol=1e-6)
 
   c = tiny_config(world)
   c.teachers.math.placement = "offloaded"

@@ -83,6 +83,7 @@ def run_config(config, command: str) -> None:
       pipeline.run(config)
     else:
       run_stage(config)
+    distributed.finished()
   except InputError as e:  # bad input: one line, before any compile
     sys.exit(f"jdistill: {e}")
   except loop_lib.Stopped as e:

@@ -15,8 +15,10 @@ reads everyone's; a process not heard from for `peer_timeout_s` (config field, d
 committed checkpoint step, exit status `PEER_LOST_STATUS`. The coordinator itself
 unreachable for that long is process 0 lost. JAX's own heartbeat timeout is set to twice
 `peer_timeout_s` (plus 10 s), so the watch speaks first. The thread is independent of the
-training loop, so a long compile or step is never taken for a loss; a process that finishes
-says so (`done`) and is never reported.
+training loop, so a long compile or step is never taken for a loss; a process whose run
+ends cleanly says so (`done`, after its beats stop) and is never reported; one that ends on
+an error says nothing, so its peers name it once it falls silent. Silence is measured between
+this process's own successful reads, so a stall of its reads is no verdict on the peers.
 """
 
 from __future__ import annotations
@@ -61,7 +63,15 @@ def initialize(peer_timeout_s: float = 180.0, checkpoint_dir: str = "") -> None:
       client, jax.process_index(), jax.process_count(), peer_timeout_s, checkpoint_dir
     )
     _watch.start()
-    atexit.register(_watch.stop)  # runs before JAX's shutdown barrier (registered earlier)
+    # Runs before JAX's shutdown barrier (registered earlier). It only stops the threads: a
+    # process that ends on an error says nothing, so its peers name it once it falls silent.
+    atexit.register(_watch.stop)
+
+
+def finished() -> None:
+  """The run ended cleanly in this process: peers must not report it when it falls silent."""
+  if _watch is not None:
+    _watch.finish()
 
 
 def wait_for_lost_peer() -> None:
@@ -102,16 +112,24 @@ class PeerWatch:
     self.stopped = threading.Event()
 
   def start(self) -> None:
-    for target in (self._beat, self._judge):
-      threading.Thread(
-        target=target, name=f"jdistill-peer-watch{target.__name__}", daemon=True
-      ).start()
+    self.threads = [
+      threading.Thread(target=target, name=f"jdistill-peer-watch{target.__name__}", daemon=True)
+      for target in (self._beat, self._judge)
+    ]
+    for thread in self.threads:
+      thread.start()
 
   def stop(self) -> None:
-    """This process is finishing: says so, so peers do not report it, and stops watching."""
+    """Stops watching and beating (says nothing to the peers)."""
+    self.stopped.set()
+
+  def finish(self) -> None:
+    """This process finished its run: stops beating, then says "done", so peers do not
+    report it. The beat thread is joined first: a beat in flight would overwrite "done"."""
     if self.stopped.is_set():
       return
-    self.stopped.set()
+    self.stop()
+    self.threads[0].join(timeout=2 * self.interval + 1)
     try:
       self.client.key_value_set(f"{_PREFIX}{self.me}", "done", allow_overwrite=True)
     except Exception:  # noqa: BLE001 - the job is ending; a peer may be gone already
@@ -144,7 +162,8 @@ class PeerWatch:
     with self.lock:
       if self.me != 0 and now - self.reached > self.timeout:
         return 0, now - self.reached  # the coordinator (process 0) does not answer
-      silent = [(now - t, p) for p, t in self.heard.items() if p not in self.done]
+      # silence between successful reads: a stall of this process's own reads is no verdict
+      silent = [(self.reached - t, p) for p, t in self.heard.items() if p not in self.done]
     if silent and max(silent)[0] > self.timeout:
       seconds, p = max(silent)
       return p, seconds

@@ -284,7 +284,11 @@ class Sampler(ContinuousBatching):
     limits = self._limits(max_new_per_prompt, n_rows, params.max_new_tokens)
     unique_left = unique_lengths = None
     if group_size > 1:
-      padded = pad_rows(tokens, lengths, self.data_parallel_size(), params.pad_id)
+      # One process pads its unique prompts to the data-parallel size. Several do not pad:
+      # `_can_share` made each process's count divide its own shards, and a padded count would
+      # put process p's prompts past row p * U, where row b // G of the repeat looks for them.
+      multiple = self.data_parallel_size() if jax.process_count() == 1 else 1
+      padded = pad_rows(tokens, lengths, multiple, params.pad_id)
       unique_left, unique_lengths = left_align(*padded, bucket, params.pad_id), padded[1]
       tokens, lengths = np.repeat(tokens, group_size, 0), np.repeat(lengths, group_size, 0)
     if jax.process_count() > 1:

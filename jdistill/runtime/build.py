@@ -106,15 +106,6 @@ def teacher_meshes(config) -> dict[str, jax.sharding.Mesh]:
   return out
 
 
-def param_shardings(params, mesh):
-  """Shardings of the student params on `mesh` (the sampler's), by their logical axes."""
-  return jax.tree.map(
-    lambda v: v.get_value(),
-    shd.state_shardings(params, mesh),
-    is_leaf=lambda x: isinstance(x, nnx.Variable),
-  )
-
-
 def tokenizer(config):
   """`config.tokenizer`, else the student's directory."""
   return load_tokenizer(config.tokenizer or config.student.path)

@@ -113,6 +113,14 @@ def state_shardings(state: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any
   return jax.tree.map(one, state, is_leaf=_is_variable)
 
 
+def value_shardings(state: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
+  """`state_shardings` as plain NamedShardings (the Variables' values): what `jax.device_put`
+  of a state onto another mesh (the sampler's, a teacher's own) takes."""
+  return jax.tree.map(
+    lambda v: v.get_value(), state_shardings(state, mesh, rules), is_leaf=_is_variable
+  )
+
+
 def data_parallel_size(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> int:
   """Number of shards of the batch dimension (product of the `batch` rule's mesh axes)."""
   axes = dict(rules).get("batch") or ()

@@ -29,6 +29,7 @@ from jdistill import config as config_lib
 from jdistill import overlap
 from jdistill.report.samples import SampleRecorder
 from jdistill.runtime import build
+from jdistill.runtime import sharding as shd
 from jdistill.runtime.sharding import move_rows  # noqa: F401  (tests: train.move_rows)
 from jdistill.sampling import Sampler, precision
 from jdistill.sampling.episodes import run_episodes
@@ -105,7 +106,7 @@ class OPDTrainer(TrainingStage):
     self.staleness = c.rollout.staleness if self.rollout_mesh is not None else 0
     self.rollout_shardings = None
     if self.rollout_mesh is not None:
-      self.rollout_shardings = build.param_shardings(self.params, self.rollout_mesh)
+      self.rollout_shardings = shd.value_shardings(self.params, self.rollout_mesh)
     self._rollout_params = None  # (version, params on the sampler's mesh)
     self.batch_shardings = build.batch_shardings(self.mesh)
     self.build_episodes()

@@ -90,16 +90,7 @@ class OwnDevicesTeacher:
     """A copy of the params on the training mesh (for the occasional probe that needs the
     whole model there)."""
     mesh = self.unembed.sharding.mesh
-    return jax.device_put(self.state, shardings_on(self.state, mesh))
-
-
-def shardings_on(state, mesh):
-  """`state`'s shardings on another mesh, by its logical axes."""
-  return jax.tree.map(
-    lambda v: v.get_value(),
-    shd.state_shardings(state, mesh),
-    is_leaf=lambda x: isinstance(x, nnx.Variable),
-  )
+    return jax.device_put(self.state, shd.value_shardings(self.state, mesh))
 
 
 def teacher_cache(teachers, batch: dict, training_mesh) -> dict:

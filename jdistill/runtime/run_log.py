@@ -147,4 +147,7 @@ def _tensorboard(path):
     from tensorboardX import SummaryWriter
   except ImportError:  # optional
     return None
+  # made here, not by tensorboardX, whose check-then-create races between the processes of a
+  # multi-process run writing one output folder (FileExistsError killed one of them)
+  os.makedirs(path, exist_ok=True)
   return SummaryWriter(path)

@@ -40,7 +40,7 @@ from flax import nnx
 from jdistill.models import ModelConfig, Transformer
 from jdistill.models.transformer import stack_layers, unstack_layers
 from jdistill.runtime import sharding as shd
-from jdistill.runtime.io import is_disk_error, writing
+from jdistill.runtime.io import is_disk_error, write_json_atomic, writing
 
 log = logging.getLogger("jdistill")
 
@@ -149,9 +149,8 @@ class Checkpointer:
           "nothing was written — use another config.checkpoint.dir"
         )
       return
-    if jax.process_index() == 0:
-      with writing(path), open(path, "w") as f:
-        json.dump(new, f, indent=2)
+    if jax.process_index() == 0:  # atomically: the other processes may be reading it already
+      write_json_atomic(path, new, indent=2)
 
   def reload(self) -> None:
     """Re-reads the steps on disk (after steps were set aside)."""

@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
@@ -22,7 +21,7 @@ from jdistill.runtime import sharding as shd
 from jdistill.sampling import Sampler, SamplingParams
 from jdistill.step import common
 from jdistill.step import opd as ts
-from jdistill.testing.tiny_hf import tiny_hf_model
+from jdistill.testing.tiny_hf import tiny_hf_model, torch_logits
 
 CFG = ModelConfig(
   model_type="qwen3",
@@ -171,15 +170,6 @@ def test_train_step_scanned_equals_unrolled_under_every_remat_policy():
 VOCAB = 128
 
 
-def _torch_logits(model, tokens, mask, positions):
-  with torch.no_grad():
-    return model(
-      input_ids=torch.tensor(tokens),
-      attention_mask=torch.tensor(mask.astype(np.int64)),
-      position_ids=torch.tensor(positions),
-    ).logits.numpy()
-
-
 def _padded():
   rng = np.random.RandomState(0)
   tokens = rng.randint(3, VOCAB, (2, 9))
@@ -201,7 +191,7 @@ def test_hf_import_export_round_trip_scanned(hf_dir, tmp_path):
 
   torch_model, path = hf_dir
   tokens, mask, positions = _padded()
-  ref = _torch_logits(torch_model, tokens, mask, positions)
+  ref = torch_logits(torch_model, tokens, mask, positions)
   scanned = hf.from_hf(path, scan_layers=True)
   assert scanned.cfg.scan_layers and hf.from_hf(path).cfg.scan_layers is False  # auto: 3 layers
   out = scanned.forward_logits(*(jnp.asarray(a) for a in (tokens, positions, mask)))
@@ -209,7 +199,7 @@ def test_hf_import_export_round_trip_scanned(hf_dir, tmp_path):
   assert np.abs(out - ref)[mask].max() <= 1e-4
   hf.to_hf(scanned, str(tmp_path / "export"))
   reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "export"), local_files_only=True)
-  again = _torch_logits(reloaded.eval(), tokens, mask, positions)
+  again = torch_logits(reloaded.eval(), tokens, mask, positions)
   np.testing.assert_allclose(again[mask], ref[mask], atol=1e-5)
 
 

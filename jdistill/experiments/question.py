@@ -81,14 +81,16 @@ class Grid:
   rl_steps: int = 15  # GRPO steps of the rlvr arm (group rl_group: 4 OPD steps' tokens each)
   rl_group: int = 4
   warmup_steps: int = 60
-  lrs: tuple[float, ...] = (5e-4, 1e-3, 2e-3, 4e-3)
+  # Each list reaches one step past every lr a sweep chose at its edge (2.5e-4, 5e-5, 5e-4,
+  # 3e-5 and 1e-5, 1e-2 were added when 5e-4, 1e-4, 1e-3, 1e-4 and 3e-3 were chosen there)
+  lrs: tuple[float, ...] = (2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3)
   # the sampled estimators diverge at 2e-3 (the loss grid): their sweep reaches lower
-  sampled_lrs: tuple[float, ...] = (1e-4, 2.5e-4, 5e-4, 1e-3, 2e-3)
+  sampled_lrs: tuple[float, ...] = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2e-3)
   # forward KL and top-k: around reverse_kl's best (2e-3), to save 2-core time
-  other_lrs: tuple[float, ...] = (1e-3, 2e-3, 4e-3)
-  rl_lrs: tuple[float, ...] = (1e-4, 3e-4, 1e-3)
-  unified_lrs: tuple[float, ...] = (1e-4, 5e-4, 2e-3)  # spans GRPO's best and reverse_kl's
-  warmup_lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3)  # the warmup SFT's, at the low end
+  other_lrs: tuple[float, ...] = (5e-4, 1e-3, 2e-3, 4e-3)
+  rl_lrs: tuple[float, ...] = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3)
+  unified_lrs: tuple[float, ...] = (3e-5, 1e-4, 5e-4, 2e-3)  # spans GRPO's best and reverse_kl's
+  warmup_lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3, 1e-2)  # the warmup SFT's
   validation_per_domain: int = 64
   noise_batches: int = 2
   slots_per_teacher: int = 16
@@ -368,13 +370,11 @@ def sweep(exp, world, dial_dir, grid: Grid, progress=print, shard=(0, 1)) -> dic
       continue
     progress(f"sweep {k + 1}/{len(jobs)}: {loss} lr {lr:g}" + (f" at {setting}" if setting else ""))
     if loss == "rlvr":
-      student, _ = rlvr_student(
-        exp, world, teacher_dirs(world, dial_dir, ends[0]), 0, lr, grid, validation
-      )
+      lineage = teacher_dirs(world, dial_dir, ends[0])
       out = os.path.join(exp, "sweep", "rlvr", f"lr{lr:g}")
-      _cached(out, lambda out=out, student=student: run_opd(
-        world, teacher_dirs(world, dial_dir, ends[0]), "reverse_kl", student, out, 0, grid.lrs[0],
-        0, grid, validation))  # fmt: skip
+      _cached(out, lambda out=out, lr=lr, lineage=lineage: run_opd(
+        world, lineage, "reverse_kl", rlvr_student(exp, world, lineage, 0, lr, grid, validation)[0],
+        out, 0, grid.lrs[0], 0, grid, validation))  # fmt: skip
     elif loss.startswith("unified:"):
       name = loss.split(":")[1]
       out = os.path.join(exp, "sweep", setting, f"{name}_unified", f"lr{lr:g}")
@@ -387,10 +387,11 @@ def sweep(exp, world, dial_dir, grid: Grid, progress=print, shard=(0, 1)) -> dic
     elif loss == "warmup":
       teachers = teacher_dirs(world, dial_dir, setting)
       base = os.path.join(world, "base")
-      student = warmup_student(exp, world, setting, teachers, base, "sweep", 0, lr, grid)
       out = os.path.join(exp, "sweep", "warmup", f"lr{lr:g}")
-      _cached(out, lambda out=out, student=student, teachers=teachers: run_opd(
-        world, teachers, "reverse_kl", student, out, 0, grid.lrs[0], 0, grid, validation
+      _cached(out, lambda out=out, setting=setting, teachers=teachers, lr=lr: run_opd(
+        world, teachers, "reverse_kl",
+        warmup_student(exp, world, setting, teachers, base, "sweep", 0, lr, grid), out, 0,
+        grid.lrs[0], 0, grid, validation,
       ))  # fmt: skip
     else:
       out = os.path.join(exp, "sweep", setting, loss, f"lr{lr:g}")
@@ -426,16 +427,15 @@ def sweep(exp, world, dial_dir, grid: Grid, progress=print, shard=(0, 1)) -> dic
     if not count or k % count != index:
       continue
     progress(f"sweep after RLVR {k + 1}/{len(after_rl)}: {loss} lr {lr:g} at {setting}")
-    student, _ = rlvr_student(
-      exp, world, teacher_dirs(world, dial_dir, ends[0]), 0, rl_lr, grid, validation
-    )
-    out = os.path.join(exp, "sweep", setting, f"{loss}_after_rlvr", f"lr{lr:g}")
-    _cached(out, lambda out=out, setting=setting, loss=loss, lr=lr, student=student: run_opd(
-      world, teacher_dirs(world, dial_dir, setting), loss, student, out, 0, lr, rl_opd_steps,
-      grid, validation))  # fmt: skip
+    lineage = teacher_dirs(world, dial_dir, ends[0])
+    out = _after_rlvr_dir(exp, setting, loss, rl_lr, lr)
+    _cached(out, lambda out=out, setting=setting, loss=loss, lr=lr, lineage=lineage: run_opd(
+      world, teacher_dirs(world, dial_dir, setting), loss,
+      rlvr_student(exp, world, lineage, 0, rl_lr, grid, validation)[0], out, 0, lr,
+      rl_opd_steps, grid, validation))  # fmt: skip
   rl_rows_opd = []
   for loss, lr, setting in after_rl:
-    cell = os.path.join(exp, "sweep", setting, f"{loss}_after_rlvr", f"lr{lr:g}", "cell.json")
+    cell = os.path.join(_after_rlvr_dir(exp, setting, loss, rl_lr, lr), "cell.json")
     if not os.path.exists(cell):
       return None
     with open(cell) as f:
@@ -451,6 +451,11 @@ def sweep(exp, world, dial_dir, grid: Grid, progress=print, shard=(0, 1)) -> dic
   }  # fmt: skip
   write_json_atomic(path, result, indent=1)
   return result
+
+
+def _after_rlvr_dir(exp, setting, loss, rl_lr, lr) -> str:
+  """A sweep cell of OPD after RLVR: keyed by both lrs (a new RLVR lr makes it stale)."""
+  return os.path.join(exp, "sweep", setting, f"{loss}_after_rlvr_lr{rl_lr:g}", f"lr{lr:g}")
 
 
 def best_lrs(rows: list[dict], losses, lrs_of) -> dict[str, float]:
@@ -478,6 +483,14 @@ def _cached(out: str, compute) -> dict:
   return result
 
 
+def cell_dir(exp, cell, lr, rl_lr, warmup_lr) -> str:
+  """A cell's folder, keyed by every lr it ran at (a new sweep choice makes it stale)."""
+  setting, warmup, rl, loss, seed = cell
+  rl_tag = f"rl_{rl}" + (f"_lr{rl_lr:g}" if rl == "rlvr" else "")
+  warmup_tag = f"warmup_{warmup}" + (f"_lr{warmup_lr:g}" if warmup == "sft" else "")
+  return os.path.join(exp, "cells", setting, warmup_tag, rl_tag, f"{loss}_lr{lr:g}", f"seed{seed}")
+
+
 def run_cell(
   exp, world, dial_dir, cell, lrs: dict, rl_lr: float, grid: Grid, overlaps, warmup_lr=3e-4,
   cached_only: bool = False,
@@ -486,9 +499,8 @@ def run_cell(
   None for a cell not yet computed (a report of what a running grid has)."""
   setting, warmup, rl, loss, seed = cell
   lr = lrs[rl][loss]
+  out = cell_dir(exp, cell, lr, rl_lr, warmup_lr)
   rl_tag = f"rl_{rl}" + (f"_lr{rl_lr:g}" if rl == "rlvr" else "")
-  out = os.path.join(exp, "cells", setting, f"warmup_{warmup}", rl_tag, f"{loss}_lr{lr:g}",
-                     f"seed{seed}")  # fmt: skip
   teachers = teacher_dirs(world, dial_dir, setting)
   test = os.path.join(world, "eval.jsonl")
 
@@ -525,6 +537,45 @@ def run_cell(
     "overlap": overlaps[setting], "loss": loss, "rl": rl, "warmup": warmup, "seed": seed,
     "lr": lr, **r,
   }  # fmt: skip
+
+
+_CELL_KEYS = ("setting", "alpha", "overlap", "loss", "rl", "warmup", "seed", "lr")
+
+
+def restore(exp: str, results_path: str) -> int:
+  """Writes under `exp` the cached result of every cell and sweep run a finished grid's
+  results.json holds (each marked `restored`; a result already there is kept) → how many.
+  A grid changed since (more lrs, more seeds) then computes only what it adds: the paths key
+  every lr a result depends on, so a new sweep choice finds none of the old results."""
+  with open(results_path) as f:
+    done = json.load(f)
+  swept, written = done["sweep"], 0
+
+  def put(out, r, drop):
+    nonlocal written
+    path = os.path.join(out, "cell.json")
+    if not os.path.exists(path):
+      os.makedirs(out, exist_ok=True)
+      write_json_atomic(path, {**{k: v for k, v in r.items() if k not in drop}, "restored": True})
+      written += 1
+
+  for c in done["cells"]:
+    cell = tuple(c[k] for k in ("setting", "warmup", "rl", "loss", "seed"))
+    put(cell_dir(exp, cell, c["lr"], swept["rl_lr"], swept["warmup_lr"]), c, _CELL_KEYS)
+  row_keys = ("setting", "loss", "lr")
+  sweep_dir = os.path.join(exp, "sweep")
+  for r in swept["table"]:
+    put(os.path.join(sweep_dir, r["setting"], r["loss"], f"lr{r['lr']:g}"), r, row_keys)
+  for r in swept["after_rl_table"]:
+    put(_after_rlvr_dir(exp, r["setting"], r["loss"], swept["rl_lr"], r["lr"]), r, row_keys)
+  for r in swept["unified_table"]:
+    put(os.path.join(sweep_dir, r["setting"], f"{r['loss']}_unified", f"lr{r['lr']:g}"), r,
+        row_keys)  # fmt: skip
+  for r in swept["rl_table"]:
+    put(os.path.join(sweep_dir, "rlvr", f"lr{r['lr']:g}"), r, ("lr",))
+  for r in swept["warmup_table"]:
+    put(os.path.join(sweep_dir, "warmup", f"lr{r['lr']:g}"), r, ("lr", "setting"))
+  return written
 
 
 def setting_overlaps(world, dial_dir, settings) -> dict[str, float]:
@@ -775,6 +826,8 @@ def main(argv):
     budget_steps=f.budget_steps, rl_steps=f.rl_steps,
   )  # fmt: skip
   index, count = (int(x) for x in f.shard.split("/"))
+  if f.restore:
+    print(f"question: {restore(f.out, f.restore)} results restored from {f.restore}")
   result = run(f.out, grid, dial_dir=f.dial, shard=(index, count), report_only=f.report_only)
   if result is None:
     print(f"question: shard {index}/{count} done; run again without --shard to collect")
@@ -797,6 +850,12 @@ def cli():
   flags.DEFINE_integer("budget_steps", Grid.budget_steps, "OPD steps' worth of student tokens.")
   flags.DEFINE_integer("rl_steps", Grid.rl_steps, "GRPO steps of the rlvr arm.")
   flags.DEFINE_bool("report_only", False, "Report the finished cells; compute nothing.")
+  flags.DEFINE_string(
+    "restore",
+    "",
+    "A finished grid's results.json (e.g. docs/results/results.json): its cells "
+    "and sweep runs are reused; only what the grid adds since is computed.",
+  )
   flags.DEFINE_string("shard", "0/1", "i/n: run every n-th job from the i-th (parallel runs).")
   app.run(main)
 

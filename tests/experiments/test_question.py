@@ -187,3 +187,35 @@ def test_each_recipe_gets_the_lr_best_on_validation_over_both_ends():
   assert question.best_lrs(rows, ("reverse_kl", "sampled_token"), lrs_of) == {
     "reverse_kl": 1e-3, "sampled_token": 1e-4,
   }  # fmt: skip
+
+
+def test_restore_reuses_the_committed_grid_and_a_new_lr_finds_nothing_stale(tmp_path):
+  """The committed results.json restored into a fresh folder: the sweep collects to the same
+  choices and every cell reads back as committed, computing nothing. A grid with one more RLVR
+  lr needs that run; once it wins, the OPD-after-RLVR runs of the old RLVR lr are not reused."""
+  results = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "results", "results.json")
+  done = json.load(open(results))
+  exp = str(tmp_path)
+  assert question.restore(exp, results) == len(done["cells"]) + sum(
+    len(done["sweep"][t])
+    for t in ("table", "after_rl_table", "unified_table", "rl_table", "warmup_table")
+  )
+  assert question.restore(exp, results) == 0  # kept, never overwritten
+  grid = question.Grid()
+  swept = question.sweep(exp, WORLD, str(tmp_path), grid, shard=(0, 0))
+  assert swept is not None
+  for key in ("lr", "rl_lr", "warmup_lr"):
+    assert swept[key] == done["sweep"][key], key
+  overlaps = {c["setting"]: c["overlap"] for c in done["cells"]}
+  for c in done["cells"]:
+    cell = tuple(c[k] for k in ("setting", "warmup", "rl", "loss", "seed"))
+    got = question.run_cell(exp, WORLD, str(tmp_path), cell, swept["lr"], swept["rl_lr"], grid,
+                            overlaps, swept["warmup_lr"], cached_only=True)  # fmt: skip
+    assert got == {**c, "restored": True}
+  wider = dataclasses.replace(grid, rl_lrs=(3e-5, *grid.rl_lrs))
+  assert question.sweep(exp, WORLD, str(tmp_path), wider, shard=(0, 0)) is None
+  new = os.path.join(exp, "sweep", "rlvr", "lr3e-05")
+  os.makedirs(new)
+  with open(os.path.join(new, "cell.json"), "w") as f:
+    json.dump({"accuracy": {"mean": 0.9}}, f)
+  assert question.sweep(exp, WORLD, str(tmp_path), wider, shard=(0, 0)) is None

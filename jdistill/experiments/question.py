@@ -81,16 +81,18 @@ class Grid:
   rl_steps: int = 15  # GRPO steps of the rlvr arm (group rl_group: 4 OPD steps' tokens each)
   rl_group: int = 4
   warmup_steps: int = 60
-  # Each list reaches one step past every lr a sweep chose at its edge (2.5e-4, 5e-5, 5e-4,
-  # 3e-5 and 1e-5, 1e-2 were added when 5e-4, 1e-4, 1e-3, 1e-4 and 3e-3 were chosen there)
+  # The RL arms' lists reach one step below every lr a sweep chose at their low edge (2.5e-4
+  # for reverse_kl after RLVR, 5e-5 for sampled_token, 3e-5 and 1e-5 for RLVR, 3e-5 for the
+  # unified arm). Still at an edge, not extended for the 2-core budget: top-k (1e-3, low) and
+  # the warmup SFT (3e-3, high).
   lrs: tuple[float, ...] = (2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3)
   # the sampled estimators diverge at 2e-3 (the loss grid): their sweep reaches lower
   sampled_lrs: tuple[float, ...] = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2e-3)
   # forward KL and top-k: around reverse_kl's best (2e-3), to save 2-core time
-  other_lrs: tuple[float, ...] = (5e-4, 1e-3, 2e-3, 4e-3)
+  other_lrs: tuple[float, ...] = (1e-3, 2e-3, 4e-3)
   rl_lrs: tuple[float, ...] = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3)
   unified_lrs: tuple[float, ...] = (3e-5, 1e-4, 5e-4, 2e-3)  # spans GRPO's best and reverse_kl's
-  warmup_lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3, 1e-2)  # the warmup SFT's
+  warmup_lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3)  # the warmup SFT's
   validation_per_domain: int = 64
   noise_batches: int = 2
   slots_per_teacher: int = 16

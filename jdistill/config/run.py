@@ -127,5 +127,7 @@ def config_hash(config) -> str:
     # single-turn rollouts: the episode fields change nothing, and the runs from before the
     # section existed keep their hash
     tree.pop("episode", None)
+  if not tree.get("student", {}).get("score_bias_update_speed", 1):
+    tree["student"].pop("score_bias_update_speed")  # off: the runs from before it keep theirs
   blob = json.dumps(tree, sort_keys=True).encode()
   return hashlib.sha256(blob).hexdigest()[:16]

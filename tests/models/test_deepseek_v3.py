@@ -314,3 +314,57 @@ def test_score_bias_moves_by_the_load_rule_on_a_constructed_batch():
     np.asarray(moe.balance_score_bias(jnp.zeros((2, 4)), got2, gamma)),
     gamma * np.sign(stacked.mean(-1, keepdims=True) - stacked),
   )
+
+
+def test_train_step_scanned_equals_unrolled_with_the_bias_update(tmp_path):
+  """An all-sparse DeepSeek-V3 (V3's own stack, dense first layers then MoE, is two kinds of
+  block and is not scanned) takes the same OPD step scanned as unrolled: loss, params, and
+  each layer's bias moved by the load rule (`[layers, experts]` under scan)."""
+  import functools
+
+  from jdistill.losses import LossSettings
+  from jdistill.models.transformer import stack_layers
+  from jdistill.step import common
+  from jdistill.step import opd as ts
+
+  paths = {}
+  for seed, name in enumerate(("student", "teacher")):
+    paths[name] = str(tmp_path / name)
+    model = tiny_hf_model("deepseek_v3", vocab_size=VOCAB, first_k_dense_replace=0, seed=seed)
+    model.save_pretrained(paths[name])
+  teacher = nnx.split(_dense(hf.from_hf(paths["teacher"], scan_layers=False)))
+  rng = np.random.RandomState(0)
+  completion = np.zeros((2, 12), np.float32)
+  completion[:, 5:10] = 1
+  batch = {
+    "tokens": jnp.asarray(rng.randint(3, VOCAB, (2, 12)), jnp.int32),
+    "completion_mask": jnp.asarray(completion),
+    "logprobs": jnp.full((2, 12), -2.0, jnp.float32),
+    "sampling_logprobs": jnp.full((2, 12), -2.0, jnp.float32),
+    "lengths": jnp.asarray([10, 8], jnp.int32),
+  }
+  specs = (common.TeacherSpec("t", LossSettings(loss="reverse_kl", chunk_size=4), 1.0, (0, 1)),)
+  opt, sched = common.make_optimizer(1e-2, steps=10, weight_decay=0.1)
+  gamma = 0.01
+
+  def step(scan_layers):
+    graphdef, params = nnx.split(_dense(hf.from_hf(paths["student"], scan_layers=scan_layers)))
+    state = {"params": params, "opt_state": opt.init(params), "step": jnp.zeros((), jnp.int32)}
+    run = functools.partial(
+      ts.train_step, student_graphdef=graphdef, teacher_graphdefs=(teacher[0],), specs=specs,
+      optimizer=opt, schedule=sched, score_bias_speed=gamma,
+    )  # fmt: skip
+    new_state, metrics = jax.jit(run)(state, (teacher[1],), batch)
+    return params, new_state["params"], float(metrics["loss"])
+
+  before, unrolled, ref_loss = step(False)
+  _, scanned, loss = step(True)
+  assert np.isfinite(ref_loss) and abs(loss - ref_loss) <= 1e-5
+  before, unrolled = stack_layers(before), stack_layers(unrolled)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5), unrolled, scanned)
+  bias = lambda p: np.asarray(p["layers"]["block"]["mlp"]["score_bias"].get_value())  # noqa: E731
+  moved = bias(scanned) - bias(before)  # [layers 2, experts 8]
+  assert moved.shape == (2, 8)
+  np.testing.assert_allclose(np.abs(moved), gamma, rtol=1e-4)  # each expert by ±γ (no ties)
+  assert ((moved > 0).sum(1) > 0).all() and ((moved < 0).sum(1) > 0).all()
+  np.testing.assert_array_equal(bias(scanned), bias(unrolled))

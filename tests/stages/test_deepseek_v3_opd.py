@@ -137,11 +137,13 @@ def test_train_step_on_expert_and_tensor_sharded_mesh_equals_one_device(trainers
 
 
 def test_opd_stage_runs_end_to_end(ds_world, trainers, tmp_path):
-  """A fresh one-device trainer from the config runs 2 steps (its compiles are the first
-  test's, from the persistent cache), logs them and exports the student (`run_training`'s
-  path without its evaluations, which would compile the eval objective too)."""
-  c = _config(ds_world, tmp_path / "run", ONE, 1)
+  """A fresh trainer from the config, on the fsdp x expert x tensor mesh, samples and runs 2
+  steps (its step compile is the first test's, from the persistent cache), logs them and
+  exports the student (`run_training`'s path without its evaluations, which would compile
+  the eval objective too)."""
+  c = _config(ds_world, tmp_path / "run", EIGHT, 8)
   trainer = train.OPDTrainer(c)
+  assert dict(trainer.mesh.shape) == EIGHT
   loaded = _bias(_params(trainer))
   history = trainer.run()
   assert trainer.step == STEPS and [r["step"] for r in history] == [1, 2]

@@ -212,8 +212,11 @@ class ScannedBlocks(nnx.Module):
       if policy is not None:
         captured = jax.checkpoint(captured, policy=policy, prevent_cse=False)
       x, sown = jax.lax.scan(lambda x, p: captured(p, x), x, params)
-      for i, leaf in enumerate(jax.tree.leaves(sown)):
-        self.sow(nnx.Intermediate, f"scanned_{i}", leaf)
+      for path, leaf in jax.tree_util.tree_leaves_with_path(sown):
+        # named by its path in the block ("block/mlp/router_logits"), so that `moe` can
+        # tell the router's values apart and find the layer they belong to
+        keys = [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]
+        self.sow(nnx.Intermediate, "/".join(["block", *keys]), leaf)
       return x, None
     if cache is None:
 

@@ -98,15 +98,23 @@ def test_ring_cache_decode_equals_full_forward(gemma_pair):
 
 
 def test_greedy_matches_transformers_generate(gemma_pair):
-  """Prompts of 3 and 7 tokens and 8 new ones: both rows run past the window (the sampler's
-  cache is 16 + 8 slots, its sliding layers' rings 4)."""
+  """Prompts of 3 and 8 tokens and 8 new ones: both rows run past the window (the sampler's
+  cache is 8 + 8 slots, its sliding layers' rings 4). Continuous batching with one slot
+  gives the same tokens: the second prompt is prefilled into the ring the first one left."""
   torch_model, path = gemma_pair
   mesh = shd.make_mesh({"data": 1}, jax.devices()[:1])
   graphdef, state = nnx.split(hf.from_hf(path, mesh))
-  prompts = [[5, 17, 99], [3, 44, 8, 61, 70, 12, 9]]
+  prompts = [[5, 17, 99], [3, 44, 8, 61, 70, 12, 9, 31]]  # the second fills the bucket
   new = 8
-  sp = SamplingParams(max_new_tokens=new, temperature=0.0, prompt_buckets=(16,))
-  out = Sampler(graphdef, mesh).generate(state, prompts, jax.random.key(0), sp)
+  sp = SamplingParams(
+    max_new_tokens=new, temperature=0.0, prompt_buckets=(8,), key_schedule="prompt"
+  )
+  sampler = Sampler(graphdef, mesh)
+  out = sampler.generate(state, prompts, jax.random.key(0), sp)
+  refilled, _ = sampler.generate_continuous(
+    state, prompts, jax.random.key(0), sp, slots_per_group=1
+  )
+  np.testing.assert_array_equal(np.asarray(refilled.tokens), np.asarray(out.tokens))
   torch_model.generation_config.eos_token_id = None
   for b, prompt in enumerate(prompts):
     with torch.no_grad():

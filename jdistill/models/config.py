@@ -224,6 +224,8 @@ class ModelConfig:
     if self.num_experts or self.qkv_bias:
       name = "num_experts" if self.num_experts else "qkv_bias"
       bad(name, getattr(self, name), "0 / False for model_type='gemma3_text'")
+    if not self.qk_norm:  # every Gemma 3 attention has q/k norms (HF's export needs them)
+      bad("qk_norm", self.qk_norm, "True for model_type='gemma3_text'")
 
   def _validate_mla(self, bad) -> None:
     if not self.mla:

@@ -195,6 +195,7 @@ def test_sharding_rules_place_gemma_params():
     (dict(sliding_window=0), "sliding_window"),
     (dict(query_pre_attn_scalar=0), "query_pre_attn_scalar"),
     (dict(scan_layers=True), "scan_layers"),
+    (dict(qk_norm=False), "qk_norm"),
     (dict(model_type="llama"), "layer_types"),
   ],
 )

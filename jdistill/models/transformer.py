@@ -1,6 +1,7 @@
 """Decoder-only transformer in Flax NNX covering Llama 3, Qwen2 and Qwen3 (and their MoE
-variants, whose sparse layers use `jdistill.models.moe.MoE` in place of the MLP), and
-DeepSeek-V3 (its attention is `jdistill.models.mla.MLAttention`).
+variants, whose sparse layers use `jdistill.models.moe.MoE` in place of the MLP),
+DeepSeek-V3 (its attention is `jdistill.models.mla.MLAttention`) and Gemma 3's text model
+(`GemmaBlock`; its sliding-window layers' cache is `jdistill.models.sliding_cache`'s ring).
 
 Every weight is an `nnx.Param` whose `logical_axes` metadata names its
 dimensions; `jdistill.runtime.sharding` maps those names to mesh axes.
@@ -12,7 +13,8 @@ compute logits chunk by chunk instead of holding `[batch, seq, vocab]`.
 KV cache (MLA's latent one: `jdistill.models.mla`): a tuple with one `{"k", "v"}` dict per
 layer, each `[batch, cache_len, kv_heads, head_dim]`; with `cfg.scan_layers` one `{"k", "v"}`
 dict of stacked `[layers, batch, cache_len, kv_heads, head_dim]` arrays (`init_cache` makes
-the layout of a config). A call with a cache writes its `seq` new keys/values at
+the layout of a config; a Gemma 3 sliding layer's `[batch, min(sliding_window, cache_len),
+kv_heads, head_dim]` ring). A call with a cache writes its `seq` new keys/values at
 slots `[cache_index, cache_index + seq)` and attends over all `cache_len` slots
 where `kv_mask` is true and the slot is not in the future of the query.
 
@@ -38,6 +40,7 @@ from jdistill.models.layers import (
   _chunked_attention,
   _param,
   apply_rope,
+  gemma_rms_norm,
   rms_norm,
   rope_attention_factor,
   rope_inv_freq,
@@ -45,14 +48,17 @@ from jdistill.models.layers import (
 from jdistill.models.mla import MLAttention
 from jdistill.models.mla import cache_shapes as mla_cache_shapes
 from jdistill.models.moe import MoE
+from jdistill.models.sliding_cache import ring_attend, ring_len
 
 Cache = tuple[dict[str, jax.Array], ...] | dict[str, jax.Array]
 
 
 class Attention(nnx.Module):
-  """Grouped-query attention with optional q/k/v biases (Qwen2) and q/k RMSNorm (Qwen3)."""
+  """Grouped-query attention with optional q/k/v biases (Qwen2) and q/k RMSNorm (Qwen3);
+  under `cfg.gemma` Gemma's `1 + w` q/k norms, `query_pre_attn_scalar`'s scale and, when
+  `sliding`, a `sliding_window` of keys with local RoPE and a ring-buffer cache."""
 
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, sliding: bool = False):
     d, h, kv, hd, pd = (
       cfg.hidden_size,
       cfg.num_heads,
@@ -62,6 +68,7 @@ class Attention(nnx.Module):
     )
     std = 0.02
     self.cfg = cfg
+    self.sliding = sliding
     self.q_proj = _param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), pd, std)
     self.k_proj = _param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), pd, std)
     self.v_proj = _param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), pd, std)
@@ -70,9 +77,9 @@ class Attention(nnx.Module):
       self.q_bias = _param(rngs, (h, hd), ("heads", "head_dim"), pd)
       self.k_bias = _param(rngs, (kv, hd), ("kv_heads", "head_dim"), pd)
       self.v_bias = _param(rngs, (kv, hd), ("kv_heads", "head_dim"), pd)
-    if cfg.qk_norm:
-      self.q_norm = _param(rngs, (hd,), ("norm",), pd, ones=True)
-      self.k_norm = _param(rngs, (hd,), ("norm",), pd, ones=True)
+    if cfg.qk_norm:  # Gemma's scale by 1 + w: zeros are its identity
+      self.q_norm = _param(rngs, (hd,), ("norm",), pd, ones=not cfg.gemma)
+      self.k_norm = _param(rngs, (hd,), ("norm",), pd, ones=not cfg.gemma)
 
   def __call__(self, x, positions, kv_mask, layer_cache, cache_index):
     cfg, dt = self.cfg, self.cfg.jnp_dtype
@@ -86,15 +93,23 @@ class Attention(nnx.Module):
     # names for remat_policy="save_qkv_proj"
     q, k, v = (checkpoint_name(a, n) for a, n in ((q, "q_proj"), (k, "k_proj"), (v, "v_proj")))
     if cfg.qk_norm:
-      q = rms_norm(q, self.q_norm[...], cfg.rms_norm_eps)
-      k = rms_norm(k, self.k_norm[...], cfg.rms_norm_eps)
-    inv_freq, factor = rope_inv_freq(cfg), rope_attention_factor(cfg)
+      norm = gemma_rms_norm if cfg.gemma else rms_norm
+      q = norm(q, self.q_norm[...], cfg.rms_norm_eps)
+      k = norm(k, self.k_norm[...], cfg.rms_norm_eps)
+    sliding = self.sliding
+    inv_freq, factor = rope_inv_freq(cfg, sliding), rope_attention_factor(cfg, sliding)
     q, k = apply_rope(q, positions, inv_freq, factor), apply_rope(k, positions, inv_freq, factor)
 
     seq = x.shape[1]
+    window = cfg.sliding_window if sliding else None
+    scale = None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar**-0.5
+    key_slots = None
     if layer_cache is None:
       start = 0
       new_cache = None
+    elif sliding:
+      start = cache_index
+      k, v, key_slots, kv_mask, new_cache = ring_attend(layer_cache, k, v, kv_mask, cache_index)
     else:
       start = cache_index
       zero = jnp.zeros((), jnp.int32)
@@ -110,26 +125,28 @@ class Attention(nnx.Module):
     key_mask = kv_mask[:, None, :] if kv_mask.ndim == 2 else kv_mask  # [B, 1 or T, S]
     chunk = cfg.attention_chunk
     if chunk and layer_cache is None and seq > chunk:
-      out = _chunked_attention(q, k, v, key_mask, chunk)
+      out = _chunked_attention(q, k, v, key_mask, chunk, scale, window)
     else:
-      out = _attention(q, k, v, key_mask, start + jnp.arange(seq))
+      out = _attention(q, k, v, key_mask, start + jnp.arange(seq), scale, window, key_slots)
     out = out.reshape(b, seq, cfg.num_heads, cfg.head_dim)
     return jnp.einsum("bthk,hkd->btd", out, self.o_proj[...].astype(dt)), new_cache
 
 
 class MLP(nnx.Module):
-  """SwiGLU feed-forward."""
+  """Gated feed-forward: SwiGLU, or GELU-tanh gated under `cfg.gemma`."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     d, f, pd = cfg.hidden_size, cfg.intermediate_size, cfg.jnp_param_dtype
     self.dtype = cfg.jnp_dtype
+    self.gelu = cfg.gemma
     self.gate_proj = _param(rngs, (d, f), ("embed", "mlp"), pd, 0.02)
     self.up_proj = _param(rngs, (d, f), ("embed", "mlp"), pd, 0.02)
     self.down_proj = _param(rngs, (f, d), ("mlp", "embed"), pd, 0.02)
 
   def __call__(self, x):
     dt = self.dtype
-    gate = jax.nn.silu(x @ self.gate_proj[...].astype(dt))
+    gate = x @ self.gate_proj[...].astype(dt)
+    gate = jax.nn.gelu(gate, approximate=True) if self.gelu else jax.nn.silu(gate)
     return (gate * (x @ self.up_proj[...].astype(dt))) @ self.down_proj[...].astype(dt)
 
 
@@ -151,6 +168,31 @@ class Block(nnx.Module):
     )
     x = x + attn_out
     x = x + self.mlp(rms_norm(x, self.post_attn_norm[...], self.eps))
+    return x, new_cache
+
+
+class GemmaBlock(nnx.Module):
+  """Gemma 3's block: input norm, attention (sliding-window when `sliding`), post-attention
+  norm, residual; pre-feedforward norm, MLP, post-feedforward norm, residual. Every norm is
+  Gemma's `1 + w` RMSNorm."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, sliding: bool):
+    pd, d = cfg.jnp_param_dtype, cfg.hidden_size
+    self.eps = cfg.rms_norm_eps
+    self.input_norm = _param(rngs, (d,), ("norm",), pd)  # zeros: `1 + w` is the identity
+    self.attn = Attention(cfg, rngs, sliding=sliding)
+    self.post_attn_norm = _param(rngs, (d,), ("norm",), pd)
+    self.pre_mlp_norm = _param(rngs, (d,), ("norm",), pd)
+    self.mlp = MLP(cfg, rngs)
+    self.post_mlp_norm = _param(rngs, (d,), ("norm",), pd)
+
+  def __call__(self, x, positions, kv_mask, layer_cache, cache_index):
+    norm = lambda h, w: gemma_rms_norm(h, w[...], self.eps)  # noqa: E731
+    attn_out, new_cache = self.attn(
+      norm(x, self.input_norm), positions, kv_mask, layer_cache, cache_index
+    )
+    x = x + norm(attn_out, self.post_attn_norm)
+    x = x + norm(self.mlp(norm(x, self.pre_mlp_norm)), self.post_mlp_norm)
     return x, new_cache
 
 
@@ -307,14 +349,18 @@ class Transformer(nnx.Module):
     self.cfg = cfg
     pd = cfg.jnp_param_dtype
     self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pd, 0.02)
-    if cfg.scan_layers:  # uniform layers only (ModelConfig checks): all dense or all sparse
+    if cfg.gemma:  # never scanned (ModelConfig checks)
+      self.layers = nnx.List(
+        [GemmaBlock(cfg, rngs, sliding=cfg.is_sliding_layer(i)) for i in range(cfg.num_layers)]
+      )
+    elif cfg.scan_layers:  # uniform layers only (ModelConfig checks): all dense or all sparse
       moe = cfg.is_moe_layer(0)
       self.layers = ScannedBlocks(lambda r: Block(cfg, r, moe=moe), cfg.num_layers, rngs)
     else:
       self.layers = nnx.List(
         [Block(cfg, rngs, moe=cfg.is_moe_layer(i)) for i in range(cfg.num_layers)]
       )
-    self.final_norm = _param(rngs, (cfg.hidden_size,), ("norm",), pd, ones=True)
+    self.final_norm = _param(rngs, (cfg.hidden_size,), ("norm",), pd, ones=not cfg.gemma)
     if not cfg.tie_word_embeddings:
       self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pd, 0.02)
 
@@ -352,7 +398,8 @@ class Transformer(nnx.Module):
         "(make it with init_cache(model.cfg, ...))"
       )
     if kv_mask is None:
-      kv_len = t if cache is None else jax.tree.leaves(cache)[0].shape[-3]
+      # (a sliding layer's ring is shorter than the cache: the longest leaf's slots)
+      kv_len = t if cache is None else max(a.shape[-3] for a in jax.tree.leaves(cache))
       kv_mask = jnp.ones((b, kv_len), bool)
     if cache is not None and cache_index is None:
       raise ValueError("Transformer: cache_index is required when a cache is given")
@@ -361,7 +408,10 @@ class Transformer(nnx.Module):
         raise ValueError("Transformer: segment_ids (packed rows) need a call without a cache")
       same = segment_ids[:, :, None] == segment_ids[:, None, :]
       kv_mask = kv_mask.astype(bool)[:, None, :] & same  # [B, T, T]
-    x = jnp.take(self.embed[...], tokens, axis=0).astype(self.cfg.jnp_dtype)
+    x = jnp.take(self.embed[...], tokens, axis=0)
+    if self.cfg.gemma:  # HF rounds sqrt(hidden) to the embedding's dtype first
+      x = x * jnp.asarray(self.cfg.hidden_size**0.5, x.dtype)
+    x = x.astype(self.cfg.jnp_dtype)
     policy = checkpoint_policy(self.cfg.remat_policy)
     if self.cfg.scan_layers:
       x, cache = self.layers(x, positions, kv_mask, cache, cache_index, policy)
@@ -374,7 +424,8 @@ class Transformer(nnx.Module):
         )
         new_cache.append(layer_cache)
       cache = None if cache is None else tuple(new_cache)
-    x = rms_norm(x, self.final_norm[...], self.cfg.rms_norm_eps)
+    norm = gemma_rms_norm if self.cfg.gemma else rms_norm
+    x = norm(x, self.final_norm[...], self.cfg.rms_norm_eps)
     return x, cache
 
   def unembedding(self) -> jax.Array:
@@ -404,10 +455,18 @@ def init_cache(cfg: ModelConfig, batch: int, cache_len: int, dtype: Any = None) 
   """Zeroed KV cache: per layer `{"k", "v"}` of `[batch, cache_len, kv_heads, head_dim]`, or
   with `cfg.scan_layers` one `{"k", "v"}` of `[layers, batch, cache_len, kv_heads, head_dim]`.
   Under `cfg.mla` the names and widths are `jdistill.models.mla.cache_shapes`'
-  (`{"latent", "k_rope"}`, one shared head)."""
+  (`{"latent", "k_rope"}`, one shared head); under `cfg.gemma` a sliding layer's `{"k", "v"}`
+  hold `min(sliding_window, cache_len)` slots (`jdistill.models.sliding_cache`)."""
   dtype = cfg.jnp_dtype if dtype is None else dtype
   if cfg.mla:
     shapes = mla_cache_shapes(cfg, batch, cache_len)
+  elif cfg.gemma:
+    return tuple(
+      _kv_zeros(cfg, batch, ring_len(cfg.sliding_window, cache_len), dtype)
+      if cfg.is_sliding_layer(i)
+      else _kv_zeros(cfg, batch, cache_len, dtype)
+      for i in range(cfg.num_layers)
+    )
   else:
     shape = (batch, cache_len, cfg.num_kv_heads, cfg.head_dim)
     shapes = {"k": shape, "v": shape}
@@ -416,3 +475,8 @@ def init_cache(cfg: ModelConfig, batch: int, cache_len: int, dtype: Any = None) 
   return tuple(
     {name: jnp.zeros(shape, dtype) for name, shape in shapes.items()} for _ in range(cfg.num_layers)
   )
+
+
+def _kv_zeros(cfg: ModelConfig, batch: int, slots: int, dtype) -> dict[str, jax.Array]:
+  shape = (batch, slots, cfg.num_kv_heads, cfg.head_dim)
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}

@@ -568,9 +568,8 @@ def restore(exp: str, results_path: str) -> int:
   sweep_dir = os.path.join(exp, "sweep")
   for r in swept["table"]:
     put(os.path.join(sweep_dir, r["setting"], r["loss"], f"lr{r['lr']:g}"), r, row_keys)
-  for r in swept["after_rl_table"]:  # a partial sweep's rows name their RLVR lr
-    rl_lr = r.get("rl_lr", swept.get("rl_lr"))
-    put(_after_rlvr_dir(exp, r["setting"], r["loss"], rl_lr, r["lr"]), r, (*row_keys, "rl_lr"))
+  for r in swept["after_rl_table"]:
+    put(_after_rlvr_dir(exp, r["setting"], r["loss"], swept["rl_lr"], r["lr"]), r, row_keys)
   for r in swept["unified_table"]:
     put(os.path.join(sweep_dir, r["setting"], f"{r['loss']}_unified", f"lr{r['lr']:g}"), r,
         row_keys)  # fmt: skip
@@ -579,40 +578,6 @@ def restore(exp: str, results_path: str) -> int:
   for r in swept["warmup_table"]:
     put(os.path.join(sweep_dir, "warmup", f"lr{r['lr']:g}"), r, ("lr", "setting"))
   return written
-
-
-def sweep_runs(exp: str, grid: Grid) -> dict:
-  """The sweep runs computed under `exp` (not restored) in results.json's format, whether or
-  not the sweep is complete: a partial sweep kept for `restore` (after-RLVR rows name their
-  RLVR lr; no cells, no choices)."""
-  ends = tuple(dict.fromkeys((grid.settings[0], grid.settings[-1])))
-  tables = {t: [] for t in ("table", "after_rl_table", "unified_table", "rl_table")}
-
-  def add(table, out, **row):
-    path = os.path.join(out, "cell.json")
-    if os.path.exists(path):
-      with open(path) as f:
-        r = json.load(f)
-      if not r.get("restored"):
-        tables[table].append({**row, **r})
-
-  sweep_dir = os.path.join(exp, "sweep")
-  for loss in grid.losses:
-    for lr in grid.lrs_of(loss):
-      for s in ends:
-        add("table", os.path.join(sweep_dir, s, loss, f"lr{lr:g}"), setting=s, loss=loss, lr=lr)
-        if loss in grid.rl_losses:
-          for rl_lr in grid.rl_lrs:
-            add("after_rl_table", _after_rlvr_dir(exp, s, loss, rl_lr, lr), setting=s, loss=loss,
-                lr=lr, rl_lr=rl_lr)  # fmt: skip
-  for loss in grid.unified_losses:
-    for lr in grid.unified_lrs:
-      for s in ends:
-        out = os.path.join(sweep_dir, s, f"{loss}_unified", f"lr{lr:g}")
-        add("unified_table", out, setting=s, loss=loss, lr=lr)
-  for lr in grid.rl_lrs:
-    add("rl_table", os.path.join(sweep_dir, "rlvr", f"lr{lr:g}"), lr=lr)
-  return {"cells": [], "sweep": {**tables, "warmup_table": []}}
 
 
 def setting_overlaps(world, dial_dir, settings) -> dict[str, float]:

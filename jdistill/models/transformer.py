@@ -1,6 +1,7 @@
 """Decoder-only transformer in Flax NNX covering Llama 3, Qwen2 and Qwen3 (and their MoE
-variants, whose sparse layers use `jdistill.models.moe.MoE` in place of the MLP), and
-DeepSeek-V3 (its attention is `jdistill.models.mla.MLAttention`).
+variants, whose sparse layers use `jdistill.models.moe.MoE` in place of the MLP),
+DeepSeek-V3 (its attention is `jdistill.models.mla.MLAttention`) and Nemotron-H (`HybridBlock`s
+of one mixer each: Mamba-2 (`jdistill.models.mamba2`), attention, MLP or MoE).
 
 Every weight is an `nnx.Param` whose `logical_axes` metadata names its
 dimensions; `jdistill.runtime.sharding` maps those names to mesh axes.
@@ -20,6 +21,9 @@ Scanned layers (`cfg.scan_layers`): `ScannedBlocks` holds one block whose every 
 has a leading `layers` axis (logical name `layers`, never sharded) and runs it under
 `jax.lax.scan`; `stack_layers` / `unstack_layers` convert a model state between the two
 layouts (HF import/export, checkpoints, tests).
+
+Nemotron-H's cache: one dict per layer by its kind: `{"k", "v"}` for attention, Mamba-2's
+`{"conv", "ssm"}` (`jdistill.models.mamba2`), `{}` for MLP and MoE layers.
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ from jdistill.models.layers import (
   rope_attention_factor,
   rope_inv_freq,
 )
+from jdistill.models.mamba2 import Mamba2
+from jdistill.models.mamba2 import cache_shapes as mamba_cache_shapes
 from jdistill.models.mla import MLAttention
 from jdistill.models.mla import cache_shapes as mla_cache_shapes
 from jdistill.models.moe import MoE
@@ -50,7 +56,8 @@ Cache = tuple[dict[str, jax.Array], ...] | dict[str, jax.Array]
 
 
 class Attention(nnx.Module):
-  """Grouped-query attention with optional q/k/v biases (Qwen2) and q/k RMSNorm (Qwen3)."""
+  """Grouped-query attention with optional q/k/v biases (Qwen2) and q/k RMSNorm (Qwen3);
+  without RoPE under `not cfg.rope` (Nemotron-H)."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     d, h, kv, hd, pd = (
@@ -88,8 +95,10 @@ class Attention(nnx.Module):
     if cfg.qk_norm:
       q = rms_norm(q, self.q_norm[...], cfg.rms_norm_eps)
       k = rms_norm(k, self.k_norm[...], cfg.rms_norm_eps)
-    inv_freq, factor = rope_inv_freq(cfg), rope_attention_factor(cfg)
-    q, k = apply_rope(q, positions, inv_freq, factor), apply_rope(k, positions, inv_freq, factor)
+    if cfg.rope:
+      inv_freq, factor = rope_inv_freq(cfg), rope_attention_factor(cfg)
+      q = apply_rope(q, positions, inv_freq, factor)
+      k = apply_rope(k, positions, inv_freq, factor)
 
     seq = x.shape[1]
     if layer_cache is None:
@@ -118,19 +127,24 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-  """SwiGLU feed-forward."""
+  """SwiGLU feed-forward; Nemotron-H's (`cfg.hybrid`) is ungated, `relu(x @ up)² @ down`."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     d, f, pd = cfg.hidden_size, cfg.intermediate_size, cfg.jnp_param_dtype
     self.dtype = cfg.jnp_dtype
-    self.gate_proj = _param(rngs, (d, f), ("embed", "mlp"), pd, 0.02)
+    self.gated = not cfg.hybrid
+    if self.gated:
+      self.gate_proj = _param(rngs, (d, f), ("embed", "mlp"), pd, 0.02)
     self.up_proj = _param(rngs, (d, f), ("embed", "mlp"), pd, 0.02)
     self.down_proj = _param(rngs, (f, d), ("mlp", "embed"), pd, 0.02)
 
   def __call__(self, x):
     dt = self.dtype
+    up = x @ self.up_proj[...].astype(dt)
+    if not self.gated:
+      return jnp.square(jax.nn.relu(up)) @ self.down_proj[...].astype(dt)
     gate = jax.nn.silu(x @ self.gate_proj[...].astype(dt))
-    return (gate * (x @ self.up_proj[...].astype(dt))) @ self.down_proj[...].astype(dt)
+    return (gate * up) @ self.down_proj[...].astype(dt)
 
 
 class Block(nnx.Module):
@@ -152,6 +166,33 @@ class Block(nnx.Module):
     x = x + attn_out
     x = x + self.mlp(rms_norm(x, self.post_attn_norm[...], self.eps))
     return x, new_cache
+
+
+class HybridBlock(nnx.Module):
+  """Nemotron-H's layer: `x + mixer(rms_norm(x))`, the mixer of `kind` (a `layer_pattern`
+  character): `M` Mamba-2, `*` attention (no RoPE), `-` MLP, `E` MoE. Same call contract as
+  `Block`; the Mamba mixer reads its tokens' padding mask from `kv_mask` (`[B, T]` without a
+  cache, the `T` slots from `cache_index` of `[B, cache_len]` with one)."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, kind: str):
+    self.kind = kind
+    self.eps = cfg.rms_norm_eps
+    self.norm = _param(rngs, (cfg.hidden_size,), ("norm",), cfg.jnp_param_dtype, ones=True)
+    mixers = {"M": Mamba2, "*": Attention, "-": MLP, "E": MoE}
+    self.mixer = mixers[kind](cfg, rngs)
+
+  def __call__(self, x, positions, kv_mask, layer_cache, cache_index):
+    h = rms_norm(x, self.norm[...], self.eps)
+    if self.kind == "*":
+      out, layer_cache = self.mixer(h, positions, kv_mask, layer_cache, cache_index)
+    elif self.kind == "M":
+      mask = kv_mask
+      if layer_cache is not None:
+        mask = jax.lax.dynamic_slice_in_dim(kv_mask, cache_index, x.shape[1], axis=1)
+      out, layer_cache = self.mixer(h, mask, layer_cache, cache_index)
+    else:
+      out = self.mixer(h)
+    return x + out, layer_cache
 
 
 def _run_block(block, x, positions, kv_mask, layer_cache, cache_index):
@@ -307,6 +348,8 @@ class Transformer(nnx.Module):
     if cfg.scan_layers:  # uniform layers only (ModelConfig checks): all dense or all sparse
       moe = cfg.is_moe_layer(0)
       self.layers = ScannedBlocks(lambda r: Block(cfg, r, moe=moe), cfg.num_layers, rngs)
+    elif cfg.hybrid:
+      self.layers = nnx.List([HybridBlock(cfg, rngs, kind) for kind in cfg.layer_pattern])
     else:
       self.layers = nnx.List(
         [Block(cfg, rngs, moe=cfg.is_moe_layer(i)) for i in range(cfg.num_layers)]
@@ -349,11 +392,13 @@ class Transformer(nnx.Module):
         "(make it with init_cache(model.cfg, ...))"
       )
     if kv_mask is None:
-      kv_len = t if cache is None else jax.tree.leaves(cache)[0].shape[-3]
+      kv_len = t if cache is None else _cache_len(cache, t)
       kv_mask = jnp.ones((b, kv_len), bool)
     if cache is not None and cache_index is None:
       raise ValueError("Transformer: cache_index is required when a cache is given")
     if segment_ids is not None:
+      if "M" in self.cfg.layer_pattern:
+        raise ValueError("Transformer: segment_ids (packed rows) are not supported by Mamba layers")
       if cache is not None:
         raise ValueError("Transformer: segment_ids (packed rows) need a call without a cache")
       same = segment_ids[:, :, None] == segment_ids[:, None, :]
@@ -390,9 +435,23 @@ class Transformer(nnx.Module):
     return self.logits(hidden)
 
 
-def cache_logical_axes(cfg: ModelConfig) -> tuple[str | None, ...]:
-  """Logical axis names of every array of `init_cache(cfg, ...)` (MLA's latent and RoPE key
-  are shared by all heads: replicated over `tensor`)."""
+def _cache_len(cache: Cache, default: int) -> int:
+  """The slots of the cache's attention layers (`default` if it has none: Mamba-only)."""
+  for layer in [cache] if isinstance(cache, dict) else cache:
+    for name, a in layer.items():
+      if name not in ("conv", "ssm"):
+        return a.shape[-3]
+  return default
+
+
+def cache_logical_axes(cfg: ModelConfig, name: str = "k") -> tuple[str | None, ...]:
+  """Logical axis names of the arrays called `name` in `init_cache(cfg, ...)` (MLA's latent
+  and RoPE key are shared by all heads: replicated over `tensor`; Mamba-2's conv and SSM
+  states are replicated but for the batch)."""
+  if name == "conv":
+    return ("batch", None, None)
+  if name == "ssm":
+    return ("batch", None, None, None)
   axes = ("batch", None, None, None) if cfg.mla else ("batch", None, "kv_heads", "head_dim")
   return ("layers", *axes) if cfg.scan_layers else axes
 
@@ -403,6 +462,10 @@ def init_cache(cfg: ModelConfig, batch: int, cache_len: int, dtype: Any = None) 
   Under `cfg.mla` the names and widths are `jdistill.models.mla.cache_shapes`'
   (`{"latent", "k_rope"}`, one shared head)."""
   dtype = cfg.jnp_dtype if dtype is None else dtype
+  if cfg.hybrid:
+    return tuple(
+      _hybrid_layer_cache(cfg, kind, batch, cache_len, dtype) for kind in cfg.layer_pattern
+    )
   if cfg.mla:
     shapes = mla_cache_shapes(cfg, batch, cache_len)
   else:
@@ -413,3 +476,14 @@ def init_cache(cfg: ModelConfig, batch: int, cache_len: int, dtype: Any = None) 
   return tuple(
     {name: jnp.zeros(shape, dtype) for name, shape in shapes.items()} for _ in range(cfg.num_layers)
   )
+
+
+def _hybrid_layer_cache(cfg: ModelConfig, kind: str, batch: int, cache_len: int, dtype) -> dict:
+  """One Nemotron-H layer's zeroed cache: K/V (`*`), conv + f32 SSM state (`M`) or none."""
+  if kind == "*":
+    shape = (batch, cache_len, cfg.num_kv_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+  if kind == "M":
+    shapes = mamba_cache_shapes(cfg, batch)
+    return {"conv": jnp.zeros(shapes["conv"], dtype), "ssm": jnp.zeros(shapes["ssm"], jnp.float32)}
+  return {}

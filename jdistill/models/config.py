@@ -134,8 +134,8 @@ class ModelConfig:
       object.__setattr__(self, "scan_layers", auto)
     elif self.scan_layers and not self.uniform_layers:
       raise ValueError(
-        f"ModelConfig.scan_layers=True is invalid with layers of several kinds (mlp_only_layers="
-        f"{self.mlp_only_layers}, decoder_sparse_step={self.decoder_sparse_step}, "
+        "ModelConfig.scan_layers=True is invalid with layers of two kinds or more "
+        f"(mlp_only_layers={self.mlp_only_layers}, decoder_sparse_step={self.decoder_sparse_step}, "
         f"first_k_dense_replace={self.first_k_dense_replace}, layer_pattern="
         f"{self.layer_pattern!r}): one scan "
         "runs identical blocks; allowed: False or None (auto)"

@@ -233,8 +233,45 @@ def _nemotron_param_map(cfg: ModelConfig) -> dict:
   def proj_in(heads):  # HF [heads*hd, d] ⇄ ours [d, heads, hd]
     return (lambda w: w.T.reshape(d, heads, hd), lambda w: w.reshape(d, heads * hd).T)
 
-  # conv1d [C, 1, K] ⇄ ours [K, C]
-  conv = (lambda w: w[:, 0, :].T, lambda w: w.T[:, None, :])
+  # Mamba-2: HF's fused in_proj rows [z | x | B, C | dt] and conv channels [x | B, C] are held
+  # by role; each role is a part (`#i`) of the HF tensor, its rows `[lo, hi)`
+  mh, mp = cfg.mamba_num_heads, cfg.mamba_head_dim
+  inner, gn = mh * mp, cfg.mamba_n_groups * cfg.ssm_state_size
+  bc_shape = (2, cfg.mamba_n_groups, cfg.ssm_state_size)
+
+  def rows(lo, hi, shape):  # HF [rows, d] ⇄ ours [d, *shape]
+    return (lambda w: w[lo:hi].T.reshape(d, *shape), lambda w: w.reshape(d, hi - lo).T)
+
+  def conv_rows(lo, hi, shape):  # HF conv1d [C, 1, K] ⇄ ours [K, *shape]
+    k = cfg.conv_kernel
+    return (
+      lambda w: w[lo:hi, 0, :].T.reshape(k, *shape),
+      lambda w: w.reshape(k, hi - lo).T[:, None, :],
+    )
+
+  def bias_rows(lo, hi, shape):
+    return (lambda w: w[lo:hi].reshape(shape), lambda w: w.reshape(hi - lo))
+
+  mamba = {
+    "z_proj": ("in_proj.weight#0", *rows(0, inner, (mh, mp))),
+    "x_proj": ("in_proj.weight#1", *rows(inner, 2 * inner, (mh, mp))),
+    "bc_proj": ("in_proj.weight#2", *rows(2 * inner, 2 * inner + 2 * gn, bc_shape)),
+    "dt_proj": ("in_proj.weight#3", *rows(2 * inner + 2 * gn, 2 * inner + 2 * gn + mh, (mh,))),
+    "conv_x": ("conv1d.weight#0", *conv_rows(0, inner, (mh, mp))),
+    "conv_bc": ("conv1d.weight#1", *conv_rows(inner, inner + 2 * gn, bc_shape)),
+    "dt_bias": ("dt_bias", *ident),
+    "A_log": ("A_log", *ident),
+    "D": ("D", *ident),
+    "norm": ("norm.weight", lambda w: w.reshape(mh, mp), lambda w: w.reshape(inner)),
+    "out_proj": (
+      "out_proj.weight",
+      lambda w: w.T.reshape(mh, mp, d),
+      lambda w: w.reshape(inner, d).T,
+    ),
+  }
+  if cfg.use_conv_bias:
+    mamba["conv_x_bias"] = ("conv1d.bias#0", *bias_rows(0, inner, (mh, mp)))
+    mamba["conv_bc_bias"] = ("conv1d.bias#1", *bias_rows(inner, inner + 2 * gn, bc_shape))
   stacked = (lambda ws: np.stack([w.T for w in ws]), lambda w: [e.T for e in w])
   table = {
     ("embed",): ("backbone.embeddings.weight", *ident),
@@ -255,14 +292,8 @@ def _nemotron_param_map(cfg: ModelConfig) -> dict:
         lambda w: w.reshape(h * hd, d).T,
       )
     elif kind == "M":
-      layer[("mixer", "in_proj")] = ("mixer.in_proj.weight", *transpose)
-      layer[("mixer", "conv_weight")] = ("mixer.conv1d.weight", *conv)
-      if cfg.use_conv_bias:
-        layer[("mixer", "conv_bias")] = ("mixer.conv1d.bias", *ident)
-      for name in ("dt_bias", "A_log", "D"):
-        layer[("mixer", name)] = (f"mixer.{name}", *ident)
-      layer[("mixer", "norm")] = ("mixer.norm.weight", *ident)
-      layer[("mixer", "out_proj")] = ("mixer.out_proj.weight", *transpose)
+      for name, (hf_name, *convert) in mamba.items():
+        layer[("mixer", name)] = (f"mixer.{hf_name}", *convert)
     elif kind == "-":
       layer[("mixer", "up_proj")] = ("mixer.up_proj.weight", *transpose)
       layer[("mixer", "down_proj")] = ("mixer.down_proj.weight", *transpose)
@@ -549,6 +580,20 @@ def _moe_param_map(cfg: ModelConfig, pre: str) -> dict:
   return table
 
 
+def _join_parts(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Parts `name#0`, `name#1`, ... (one jdistill tensor each) → HF's fused `name`, concatenated
+  on the first axis in part order."""
+  out = {n: t for n, t in tensors.items() if "#" not in n}
+  parts: dict[str, dict[int, np.ndarray]] = {}
+  for name, t in tensors.items():
+    if "#" in name:
+      base, i = name.split("#")
+      parts.setdefault(base, {})[int(i)] = t
+  for base, pieces in parts.items():
+    out[base] = np.ascontiguousarray(np.concatenate([pieces[i] for i in sorted(pieces)], axis=0))
+  return out
+
+
 def _path_key(path) -> tuple:
   return tuple(getattr(p, "key", getattr(p, "idx", p)) for p in path)
 
@@ -652,8 +697,8 @@ def from_hf(
       if isinstance(hf_name, tuple):  # one tensor per expert, stacked on the expert axis
         host = np.asarray(to_ours([reader.get(n) for n in hf_name]))
         hf_name = hf_name[0].replace(".experts.0.", ".experts.*.")
-      else:
-        host = np.asarray(to_ours(reader.get(hf_name)))
+      else:  # a part `name#i` of a fused HF tensor reads the whole tensor and slices it
+        host = np.asarray(to_ours(reader.get(hf_name.split("#")[0])))
       if host.shape != want:
         raise ValueError(
           f"tensor {hf_name!r} has shape {host.shape} after conversion, "
@@ -708,6 +753,7 @@ def to_hf(
         tensors.update((n, np.ascontiguousarray(w)) for n, w in zip(hf_name, to_hf_layout(part)))
       else:
         tensors[hf_name] = np.ascontiguousarray(to_hf_layout(part))
+  tensors = _join_parts(tensors)
   if jax.process_index() != 0:
     return
   # Written into a fresh folder beside `out_dir`, then renamed into place: an existing export

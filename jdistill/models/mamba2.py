@@ -13,10 +13,14 @@ Without a cache and in multi-token calls it runs as the chunked SSD (`ssd_chunke
 attention-like within chunks of `mamba_chunk_size`, the recurrence between chunks); a one-token
 call with a cache runs the recurrence itself (`ssd_step`).
 
-Cache per Mamba layer: `{"conv": [B, K - 1, C], "ssm": [B, H, P, N]}`: the last `K - 1` conv
-inputs and the SSM state after every token so far (the SSM state stays float32, HF's
-`mamba_ssm_cache_dtype`). A call at `cache_index == 0` starts a sequence: it ignores the
-states the cache holds (a continuous-batching slot refilled with a new prompt).
+Cache per Mamba layer: `{"conv_x": [B, K - 1, H, P], "conv_bc": [B, K - 1, 2, G, N], "ssm":
+[B, H, P, N]}`: the last `K - 1` conv inputs (x; B and C) and the SSM state after every token
+so far (the SSM state stays float32, HF's `mamba_ssm_cache_dtype`). A call at
+`cache_index == 0` starts a sequence: it ignores the states the cache holds (a
+continuous-batching slot refilled with a new prompt).
+
+Sharding: the per-head weights, the x conv inputs and the SSM state have a `heads` axis
+(`tensor`); B and C, shared by a group's heads, are replicated.
 
 Padding: as HF, the mixer's input and its conv output are zeroed on padding tokens (`mask`).
 With left padding and no in_proj bias (Nemotron-H has none) a pad token then feeds zeros to the
@@ -147,80 +151,105 @@ def gated_rms_norm(y: jax.Array, z: jax.Array, weight: jax.Array, groups: int, e
 
 
 class Mamba2(nnx.Module):
-  """The Mamba-2 mixer of one `M` layer (see the module docstring for sizes and the cache)."""
+  """The Mamba-2 mixer of one `M` layer (see the module docstring for sizes and the cache).
+
+  HF's fused `in_proj` and conv are held by role, so every per-head weight has a `heads` axis
+  (sharded over `tensor`; B and C, shared by a group's heads, are replicated): `z_proj`,
+  `x_proj` `[hidden, H, P]`, `bc_proj` `[hidden, 2, G, N]` (B then C), `dt_proj` `[hidden, H]`;
+  the depthwise conv `conv_x` `[K, H, P]`, `conv_bc` `[K, 2, G, N]` (and their biases);
+  `dt_bias`, `A_log`, `D` `[H]`; the gated norm `norm` `[H, P]`; `out_proj` `[H, P, hidden]`.
+  """
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-    d, h, pd = cfg.hidden_size, cfg.mamba_num_heads, cfg.jnp_param_dtype
-    inner = h * cfg.mamba_head_dim
-    conv = inner + 2 * cfg.mamba_n_groups * cfg.ssm_state_size
+    d, h, p, pd = cfg.hidden_size, cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.jnp_param_dtype
+    g, n, k = cfg.mamba_n_groups, cfg.ssm_state_size, cfg.conv_kernel
     std = 0.02
     self.cfg = cfg
-    self.in_proj = _param(rngs, (d, inner + conv + h), ("embed", None), pd, std)
-    self.conv_weight = _param(rngs, (cfg.conv_kernel, conv), (None, None), pd, 0.2)
+    self.z_proj = _param(rngs, (d, h, p), ("embed", "heads", "head_dim"), pd, std)
+    self.x_proj = _param(rngs, (d, h, p), ("embed", "heads", "head_dim"), pd, std)
+    self.bc_proj = _param(rngs, (d, 2, g, n), ("embed", None, None, None), pd, std)
+    self.dt_proj = _param(rngs, (d, h), ("embed", "heads"), pd, std)
+    self.conv_x = _param(rngs, (k, h, p), (None, "heads", "head_dim"), pd, 0.2)
+    self.conv_bc = _param(rngs, (k, 2, g, n), (None, None, None, None), pd, 0.2)
     if cfg.use_conv_bias:
-      self.conv_bias = _param(rngs, (conv,), (None,), pd)
-    self.dt_bias = _param(rngs, (h,), (None,), pd, ones=True)
-    self.A_log = nnx.Param(jnp.log(jnp.arange(1, h + 1, dtype=jnp.float32)).astype(pd),
-                           logical_axes=(None,))  # fmt: skip
-    self.D = _param(rngs, (h,), (None,), pd, ones=True)
-    self.norm = _param(rngs, (inner,), ("norm",), pd, ones=True)
-    self.out_proj = _param(rngs, (inner, d), (None, "embed"), pd, std)
+      self.conv_x_bias = _param(rngs, (h, p), ("heads", "head_dim"), pd)
+      self.conv_bc_bias = _param(rngs, (2, g, n), (None, None, None), pd)
+    self.dt_bias = _param(rngs, (h,), ("heads",), pd, ones=True)
+    a_log = jnp.log(jnp.arange(1, h + 1, dtype=jnp.float32)).astype(pd)
+    self.A_log = nnx.Param(a_log, logical_axes=("heads",))
+    self.D = _param(rngs, (h,), ("heads",), pd, ones=True)
+    self.norm = _param(rngs, (h, p), ("heads", "head_dim"), pd, ones=True)
+    self.out_proj = _param(rngs, (h, p, d), ("heads", "head_dim", "embed"), pd, std)
 
   def __call__(self, x, mask, layer_cache, cache_index):
     """x `[B, T, hidden]`, mask `[B, T]` (False on padding) or None → (`[B, T, hidden]`, the
     layer cache after these tokens, None without a cache)."""
-    cfg, dt_ = self.cfg, self.cfg.jnp_dtype
+    cfg, dt_, f32 = self.cfg, self.cfg.jnp_dtype, jnp.float32
     h, p, g, n = cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.mamba_n_groups, cfg.ssm_state_size
-    inner, bsz, t = h * p, x.shape[0], x.shape[1]
+    bsz, t = x.shape[:2]
     keep = None if mask is None else mask[..., None].astype(dt_)
     if keep is not None:
       x = x * keep
-    proj = x @ self.in_proj[...].astype(dt_)
-    z, xbc, dt = proj[..., :inner], proj[..., inner:-h], proj[..., -h:]
+    w = lambda param: param[...].astype(dt_)  # noqa: E731
+    z = jnp.einsum("btd,dhp->bthp", x, w(self.z_proj))
+    xs = jnp.einsum("btd,dhp->bthp", x, w(self.x_proj)).reshape(bsz, t, h * p)
+    bc = jnp.einsum("btd,dsgn->btsgn", x, w(self.bc_proj)).reshape(bsz, t, 2 * g * n)
+    dt = jnp.einsum("btd,dh->bth", x, w(self.dt_proj))
 
-    conv_dim = xbc.shape[-1]
-    if layer_cache is None:
-      conv_state = jnp.zeros((bsz, cfg.conv_kernel - 1, conv_dim), dt_)
-      ssm_state = jnp.zeros((bsz, h, p, n), jnp.float32)
-    else:  # cache_index 0 starts a sequence: the held states are another row's
+    states = {
+      "conv_x": jnp.zeros((bsz, cfg.conv_kernel - 1, h * p), dt_),
+      "conv_bc": jnp.zeros((bsz, cfg.conv_kernel - 1, 2 * g * n), dt_),
+      "ssm": jnp.zeros((bsz, h, p, n), f32),
+    }
+    if layer_cache is not None:  # cache_index 0 starts a sequence: the held states are stale
       fresh = jnp.asarray(cache_index) == 0
-      conv_state = jnp.where(fresh, 0, layer_cache["conv"]).astype(dt_)
-      ssm_state = jnp.where(fresh, 0, layer_cache["ssm"]).astype(jnp.float32)
-    bias = self.conv_bias[...].astype(dt_) if cfg.use_conv_bias else None
-    xbc, conv_state = causal_conv(xbc, conv_state, self.conv_weight[...].astype(dt_), bias)
-    xbc = jax.nn.silu(xbc)
-    if keep is not None:
-      xbc = xbc * keep
-    xs = xbc[..., :inner].reshape(bsz, t, h, p)
-    b = xbc[..., inner : inner + g * n].reshape(bsz, t, g, n)
-    c = xbc[..., inner + g * n :].reshape(bsz, t, g, n)
+      states = {
+        name: jnp.where(fresh, 0, layer_cache[name].reshape(states[name].shape)).astype(a.dtype)
+        for name, a in states.items()
+      }
+    conv = {}
+    for name, inp, weight, bias in (
+      ("conv_x", xs, self.conv_x, "conv_x_bias"),
+      ("conv_bc", bc, self.conv_bc, "conv_bc_bias"),
+    ):
+      b_ = getattr(self, bias)[...].astype(dt_).reshape(-1) if cfg.use_conv_bias else None
+      out, conv[name] = causal_conv(inp, states[name], w(weight).reshape(cfg.conv_kernel, -1), b_)
+      out = jax.nn.silu(out)
+      conv[name + "_out"] = out if keep is None else out * keep
+    xs = conv["conv_x_out"].reshape(bsz, t, h, p)
+    b, c = jnp.moveaxis(conv["conv_bc_out"].reshape(bsz, t, 2, g, n), 2, 0)
 
-    f32 = jnp.float32
     dt = jax.nn.softplus(dt.astype(f32) + self.dt_bias[...].astype(f32))
     dt = jnp.clip(dt, *cfg.time_step_limit)
     a = -jnp.exp(self.A_log[...].astype(f32))
     if layer_cache is not None and t == 1:
-      y, ssm_state = ssd_step(ssm_state, xs[:, 0], dt[:, 0], a, b[:, 0], c[:, 0])
+      y, ssm_state = ssd_step(states["ssm"], xs[:, 0], dt[:, 0], a, b[:, 0], c[:, 0])
       y = y[:, None]
     else:
-      y, ssm_state = ssd_chunked(xs, dt, a, b, c, cfg.mamba_chunk_size, ssm_state)
+      y, ssm_state = ssd_chunked(xs, dt, a, b, c, cfg.mamba_chunk_size, states["ssm"])
     y = y + self.D[...].astype(f32)[:, None] * xs.astype(f32)
-    y = gated_rms_norm(y.reshape(bsz, t, inner), z, self.norm[...], g, cfg.rms_norm_eps)
-    out = y.astype(dt_) @ self.out_proj[...].astype(dt_)
+    norm = self.norm[...].reshape(h * p)
+    y = gated_rms_norm(
+      y.reshape(bsz, t, h * p), z.reshape(bsz, t, h * p), norm, g, cfg.rms_norm_eps
+    )
+    out = jnp.einsum("bthp,hpd->btd", y.reshape(bsz, t, h, p).astype(dt_), w(self.out_proj))
     if layer_cache is None:
       return out, None
     new_cache = {
-      "conv": conv_state.astype(layer_cache["conv"].dtype),
-      "ssm": ssm_state.astype(layer_cache["ssm"].dtype),
+      "conv_x": conv["conv_x"].reshape(layer_cache["conv_x"].shape),
+      "conv_bc": conv["conv_bc"].reshape(layer_cache["conv_bc"].shape),
+      "ssm": ssm_state,
     }
-    return out, new_cache
+    return out, {name: a.astype(layer_cache[name].dtype) for name, a in new_cache.items()}
 
 
 def cache_shapes(cfg: ModelConfig, batch: int) -> dict[str, tuple[int, ...]]:
-  """One Mamba layer's cache: the conv inputs `[B, K - 1, C]` and the SSM state
-  `[B, H, P, N]` (independent of the cache length)."""
-  conv = cfg.mamba_num_heads * cfg.mamba_head_dim + 2 * cfg.mamba_n_groups * cfg.ssm_state_size
+  """One Mamba layer's cache (independent of the cache length): the last `K - 1` conv inputs
+  of x `[B, K - 1, H, P]` and of B, C `[B, K - 1, 2, G, N]`, and the SSM state
+  `[B, H, P, N]`."""
+  h, p, g, n = cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.mamba_n_groups, cfg.ssm_state_size
   return {
-    "conv": (batch, cfg.conv_kernel - 1, conv),
-    "ssm": (batch, cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.ssm_state_size),
+    "conv_x": (batch, cfg.conv_kernel - 1, h, p),
+    "conv_bc": (batch, cfg.conv_kernel - 1, 2, g, n),
+    "ssm": (batch, h, p, n),
   }

@@ -23,7 +23,7 @@ has a leading `layers` axis (logical name `layers`, never sharded) and runs it u
 layouts (HF import/export, checkpoints, tests).
 
 Nemotron-H's cache: one dict per layer by its kind: `{"k", "v"}` for attention, Mamba-2's
-`{"conv", "ssm"}` (`jdistill.models.mamba2`), `{}` for MLP and MoE layers.
+`{"conv_x", "conv_bc", "ssm"}` (`jdistill.models.mamba2`), `{}` for MLP and MoE layers.
 """
 
 from __future__ import annotations
@@ -439,19 +439,21 @@ def _cache_len(cache: Cache, default: int) -> int:
   """The slots of the cache's attention layers (`default` if it has none: Mamba-only)."""
   for layer in [cache] if isinstance(cache, dict) else cache:
     for name, a in layer.items():
-      if name not in ("conv", "ssm"):
+      if name not in ("conv_x", "conv_bc", "ssm"):  # K/V or MLA's latent and RoPE key
         return a.shape[-3]
   return default
 
 
 def cache_logical_axes(cfg: ModelConfig, name: str = "k") -> tuple[str | None, ...]:
   """Logical axis names of the arrays called `name` in `init_cache(cfg, ...)` (MLA's latent
-  and RoPE key are shared by all heads: replicated over `tensor`; Mamba-2's conv and SSM
-  states are replicated but for the batch)."""
-  if name == "conv":
-    return ("batch", None, None)
+  and RoPE key are shared by all heads: replicated over `tensor`; Mamba-2's x conv inputs and
+  SSM states have its heads on `tensor`, the B/C conv inputs are replicated)."""
+  if name == "conv_x":
+    return ("batch", None, "heads", "head_dim")
+  if name == "conv_bc":
+    return ("batch", None, None, None, None)
   if name == "ssm":
-    return ("batch", None, None, None)
+    return ("batch", "heads", "head_dim", None)
   axes = ("batch", None, None, None) if cfg.mla else ("batch", None, "kv_heads", "head_dim")
   return ("layers", *axes) if cfg.scan_layers else axes
 
@@ -485,5 +487,8 @@ def _hybrid_layer_cache(cfg: ModelConfig, kind: str, batch: int, cache_len: int,
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
   if kind == "M":
     shapes = mamba_cache_shapes(cfg, batch)
-    return {"conv": jnp.zeros(shapes["conv"], dtype), "ssm": jnp.zeros(shapes["ssm"], jnp.float32)}
+    return {
+      name: jnp.zeros(shape, jnp.float32 if name == "ssm" else dtype)
+      for name, shape in shapes.items()
+    }
   return {}

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jdistill.models import ModelConfig, Transformer, hf
 from jdistill.models.mamba2 import Mamba2
@@ -111,9 +113,10 @@ def test_cache_decode_equals_full_forward(pair):
   full = _jd_logits(model, tokens, mask, positions)
   graphdef, state = nnx.split(model)
   cache = init_cache(cfg, 3, 11)
-  assert [sorted(c) for c in cache] == [["conv", "ssm"], ["k", "v"], [], [], ["conv", "ssm"]]
+  mamba = ["conv_bc", "conv_x", "ssm"]
+  assert [sorted(c) for c in cache] == [mamba, ["k", "v"], [], [], mamba]
   assert cache[0]["ssm"].shape == (3, 8, 8, 16) and cache[0]["ssm"].dtype == jnp.float32
-  assert cache[0]["conv"].shape == (3, 3, 8 * 8 + 2 * 2 * 16)
+  assert cache[0]["conv_x"].shape == (3, 3, 8, 8) and cache[0]["conv_bc"].shape == (3, 3, 2, 2, 16)
 
   @jax.jit
   def step(state, cache, tok, pos, index):
@@ -178,6 +181,30 @@ def test_export_loads_in_transformers_and_reimports_bit_identical(pair, tmp_path
   assert again.cfg == model.cfg
   for a, b in zip(jax.tree.leaves(nnx.state(again)), jax.tree.leaves(nnx.state(model))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_sharded_forward_equals_single_device(pair):
+  """On 8 simulated devices (fsdp 2 x expert 2 x tensor 2): Mamba heads on `tensor`, experts
+  on `expert`; the logits equal one device's. (A loss-and-gradients version took 96 s here
+  at load 9, most of it compiling; the forward reuses the logits test's single-device one.)"""
+  _, path, model = pair
+  mesh = shd.make_mesh({"fsdp": 2, "expert": 2, "tensor": 2})
+  sharded = _with_cfg(hf.from_hf(path, mesh), moe_dispatch="dense")
+  params = nnx.state(sharded, nnx.Param)
+  spec = lambda v: v.get_value().sharding.spec  # noqa: E731
+  mamba, moe = params["layers"][0]["mixer"], params["layers"][3]["mixer"]
+  assert spec(mamba["x_proj"]) == P("fsdp", "tensor", None)
+  assert spec(mamba["out_proj"]) == P("tensor", None, "fsdp")
+  assert spec(mamba["A_log"]) == P("tensor")
+  assert spec(mamba["bc_proj"]) == P("fsdp", None, None, None)
+  assert spec(moe["up_proj"]) == P("expert", "fsdp", "tensor")
+  assert mamba["x_proj"].get_value().addressable_shards[0].data.shape == (32, 4, 8)
+  tokens, mask, positions = tiny_hf.padded_batch(VOCAB)
+  # 3 rows do not split over fsdp x expert: the batch is replicated, the weights are not
+  whole = NamedSharding(mesh, P())
+  args = [jax.device_put(jnp.asarray(a), whole) for a in (tokens, positions, mask)]
+  out = np.asarray(_forward(*nnx.split(sharded), *args))
+  np.testing.assert_allclose(out, _jd_logits(model, tokens, mask, positions), atol=1e-5)
 
 
 SMALL = ModelConfig(

@@ -207,6 +207,25 @@ def test_sharded_forward_equals_single_device(pair):
   np.testing.assert_allclose(out, _jd_logits(model, tokens, mask, positions), atol=1e-5)
 
 
+def test_checkpoint_loads_back_bit_identical(pair, tmp_path):
+  """A jdistill checkpoint of the hybrid model (its model_config.json holds the pattern and
+  `time_step_limit`'s infinity) loads back as a model, e.g. a teacher."""
+  from jdistill.runtime import checkpoint as ckpt
+
+  _, _, model = pair
+  checkpointer = ckpt.Checkpointer(str(tmp_path / "ck"), every=1, keep=1, async_save=False)
+  checkpointer.write_model_config(model.cfg)
+  zero = jnp.zeros((), jnp.int32)
+  state = {"params": nnx.state(model), "opt_state": {"count": zero}, "step": zero}
+  ckpt.save_train_state(checkpointer, 1, state, rng=jax.random.key(0), data_state={}, identity={})
+  checkpointer.wait()
+  checkpointer.close()
+  loaded = ckpt.load_model_from_checkpoint(str(tmp_path / "ck"), _single_mesh())
+  assert loaded.cfg == model.cfg and loaded.cfg.time_step_limit == (0.0, float("inf"))
+  for a, b in zip(jax.tree.leaves(nnx.state(loaded)), jax.tree.leaves(nnx.state(model))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 SMALL = ModelConfig(
   model_type="nemotron_h", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=4,
   num_heads=4, num_kv_heads=2, head_dim=8, layer_pattern="M*-E", mamba_num_heads=4,

@@ -4,7 +4,8 @@ out_proj (HF's `NemotronHMamba2Mixer`, its torch path).
 Sizes: `H = mamba_num_heads` heads of `P = mamba_head_dim` (inner width `I = H * P`), `G =
 mamba_n_groups` groups of B and C, each `N = ssm_state_size` wide (head h reads group
 `h // (H / G)`), `C = I + 2 * G * N` conv channels (x, B, C), a conv of `K = conv_kernel` taps.
-`in_proj` gives `[z (I) | x, B, C (C) | dt (H)]`.
+HF's fused `in_proj` gives `[z (I) | x, B, C (C) | dt (H)]`; `Mamba2` holds it (and the conv)
+by role.
 
 The state space model per head h, with `a_t = exp(dt_t * A_h)` (`A_h = -exp(A_log_h)`,
 `dt_t = clamp(softplus(dt_raw + dt_bias))`):

@@ -31,6 +31,15 @@ TEST_WORKERS ?= 2
 test: lint
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
 
+# The long jobs share one persistent XLA compilation cache: a cell compiles the programs the
+# cells before it did (same shapes, new closures), and on CPU the compile is ~28% of a cell's
+# time (docs/experiment.md, "Cost"). Results are bit-identical with it (measured). The size
+# limit turns on the cache's file lock: two shards write the same entries.
+LONG_JOBS := demo experiment agentic merge-ten loss-grid
+$(LONG_JOBS): export JAX_COMPILATION_CACHE_DIR := $(CURDIR)/runs/jax_cache
+$(LONG_JOBS): export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS := 0
+$(LONG_JOBS): export JAX_COMPILATION_CACHE_MAX_SIZE := 8589934592
+
 demo: $(STAMP)
 	@$(PY) -m jdistill demo --out=demo_out
 

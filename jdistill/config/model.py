@@ -6,6 +6,7 @@ import ml_collections as mlc
 
 from jdistill.config.fields import (
   check_choice,
+  check_positive,
   check_scan_layers,
   fail,
   field,
@@ -49,6 +50,14 @@ STUDENT = section(
     "`dots_saveable` / `dots_with_no_batch_dims_saveable` the matmul outputs (the jax "
     "policies of those names); `save_qkv_proj` only the q/k/v projections",
     one_of(REMAT_POLICIES),
+  ),
+  score_bias_update_speed=field(
+    0.0,
+    "DeepSeek-V3's auxiliary-loss-free load balancing (its report, §2.1.2): after each train "
+    "step every MoE layer's score-correction bias moves by `γ · sign(mean load − load_i)`, "
+    "`load_i` the tokens routed to expert i in the step's batch (padding excluded); the "
+    "optimizer never trains the bias. V3 used γ = 0.001. `0` = off: the bias stays as loaded",
+    "a number ≥ 0; > 0 needs a `deepseek_v3` student and stage `opd`",
   ),
 )
 
@@ -146,6 +155,13 @@ def validate_student(config) -> None:
   check_choice(config, "student.dtype", DTYPES)
   check_choice(config, "student.remat_policy", REMAT_POLICIES)
   check_scan_layers(config, "student.scan_layers")
+  check_positive(config, "student.score_bias_update_speed", allow_zero=True)
+  if config.student.score_bias_update_speed and config.stage != "opd":
+    fail(
+      "student.score_bias_update_speed",
+      config.student.score_bias_update_speed,
+      f"0 in stage {config.stage!r} (the load rule runs in the OPD step)",
+    )
   if not config.student.path:
     fail("student.path", config.student.path, "a Hugging Face directory")
 

@@ -67,6 +67,12 @@ MESH = section(
   fsdp=field(
     1, "size of the `fsdp` mesh axis (batch and parameters' `embed` dimension)", "as `mesh.data`"
   ),
+  expert=field(
+    1,
+    "size of the `expert` mesh axis (a mixture-of-experts student's and teachers' experts; "
+    "the batch too)",
+    "as `mesh.data`",
+  ),
   tensor=field(1, "size of the `tensor` mesh axis (heads, MLP, vocabulary)", "as `mesh.data`"),
 )
 
@@ -77,8 +83,8 @@ def validate(config) -> None:
   check_positive(config, "num_devices", allow_zero=True)
   check_positive(config, "peer_timeout_s")
   rest = ""  # the axis of size -1 (the remaining devices), at most one
-  for name in ("data", "fsdp", "tensor"):
-    size = config.mesh[name]
+  for name in ("data", "fsdp", "expert", "tensor"):
+    size = config.mesh.get(name, 1)  # a config's own `mesh` dict may leave an axis out
     if not isinstance(size, int) or isinstance(size, bool) or not (size > 0 or size == -1):
       fail(f"mesh.{name}", size, "a positive int, or -1 (the remaining devices)")
     if size == -1 and rest:
@@ -121,5 +127,7 @@ def config_hash(config) -> str:
     # single-turn rollouts: the episode fields change nothing, and the runs from before the
     # section existed keep their hash
     tree.pop("episode", None)
+  if not tree.get("student", {}).get("score_bias_update_speed", 1):
+    tree["student"].pop("score_bias_update_speed")  # off: the runs from before it keep theirs
   blob = json.dumps(tree, sort_keys=True).encode()
   return hashlib.sha256(blob).hexdigest()[:16]

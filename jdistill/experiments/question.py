@@ -81,16 +81,18 @@ class Grid:
   rl_steps: int = 15  # GRPO steps of the rlvr arm (group rl_group: 4 OPD steps' tokens each)
   rl_group: int = 4
   warmup_steps: int = 60
-  # Each list reaches one step past every lr a sweep chose at its edge (2.5e-4, 5e-5, 5e-4,
-  # 3e-5 and 1e-5, 1e-2 were added when 5e-4, 1e-4, 1e-3, 1e-4 and 3e-3 were chosen there)
+  # The RL arms' lists reach one step below every lr a sweep chose at their low edge (2.5e-4
+  # for reverse_kl after RLVR, 5e-5 for sampled_token, 3e-5 and 1e-5 for RLVR, 3e-5 for the
+  # unified arm). Still at an edge, not extended for the 2-core budget: top-k (1e-3, low) and
+  # the warmup SFT (3e-3, high).
   lrs: tuple[float, ...] = (2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3)
   # the sampled estimators diverge at 2e-3 (the loss grid): their sweep reaches lower
   sampled_lrs: tuple[float, ...] = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2e-3)
   # forward KL and top-k: around reverse_kl's best (2e-3), to save 2-core time
-  other_lrs: tuple[float, ...] = (5e-4, 1e-3, 2e-3, 4e-3)
+  other_lrs: tuple[float, ...] = (1e-3, 2e-3, 4e-3)
   rl_lrs: tuple[float, ...] = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3)
   unified_lrs: tuple[float, ...] = (3e-5, 1e-4, 5e-4, 2e-3)  # spans GRPO's best and reverse_kl's
-  warmup_lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3, 1e-2)  # the warmup SFT's
+  warmup_lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3)  # the warmup SFT's
   validation_per_domain: int = 64
   noise_batches: int = 2
   slots_per_teacher: int = 16
@@ -566,8 +568,9 @@ def restore(exp: str, results_path: str) -> int:
   sweep_dir = os.path.join(exp, "sweep")
   for r in swept["table"]:
     put(os.path.join(sweep_dir, r["setting"], r["loss"], f"lr{r['lr']:g}"), r, row_keys)
-  for r in swept["after_rl_table"]:
-    put(_after_rlvr_dir(exp, r["setting"], r["loss"], swept["rl_lr"], r["lr"]), r, row_keys)
+  for r in swept["after_rl_table"]:  # a partial sweep's rows name their RLVR lr
+    rl_lr = r.get("rl_lr", swept.get("rl_lr"))
+    put(_after_rlvr_dir(exp, r["setting"], r["loss"], rl_lr, r["lr"]), r, (*row_keys, "rl_lr"))
   for r in swept["unified_table"]:
     put(os.path.join(sweep_dir, r["setting"], f"{r['loss']}_unified", f"lr{r['lr']:g}"), r,
         row_keys)  # fmt: skip
@@ -576,6 +579,40 @@ def restore(exp: str, results_path: str) -> int:
   for r in swept["warmup_table"]:
     put(os.path.join(sweep_dir, "warmup", f"lr{r['lr']:g}"), r, ("lr", "setting"))
   return written
+
+
+def sweep_runs(exp: str, grid: Grid) -> dict:
+  """The sweep runs computed under `exp` (not restored) in results.json's format, whether or
+  not the sweep is complete: a partial sweep kept for `restore` (after-RLVR rows name their
+  RLVR lr; no cells, no choices)."""
+  ends = tuple(dict.fromkeys((grid.settings[0], grid.settings[-1])))
+  tables = {t: [] for t in ("table", "after_rl_table", "unified_table", "rl_table")}
+
+  def add(table, out, **row):
+    path = os.path.join(out, "cell.json")
+    if os.path.exists(path):
+      with open(path) as f:
+        r = json.load(f)
+      if not r.get("restored"):
+        tables[table].append({**row, **r})
+
+  sweep_dir = os.path.join(exp, "sweep")
+  for loss in grid.losses:
+    for lr in grid.lrs_of(loss):
+      for s in ends:
+        add("table", os.path.join(sweep_dir, s, loss, f"lr{lr:g}"), setting=s, loss=loss, lr=lr)
+        if loss in grid.rl_losses:
+          for rl_lr in grid.rl_lrs:
+            add("after_rl_table", _after_rlvr_dir(exp, s, loss, rl_lr, lr), setting=s, loss=loss,
+                lr=lr, rl_lr=rl_lr)  # fmt: skip
+  for loss in grid.unified_losses:
+    for lr in grid.unified_lrs:
+      for s in ends:
+        out = os.path.join(sweep_dir, s, f"{loss}_unified", f"lr{lr:g}")
+        add("unified_table", out, setting=s, loss=loss, lr=lr)
+  for lr in grid.rl_lrs:
+    add("rl_table", os.path.join(sweep_dir, "rlvr", f"lr{lr:g}"), lr=lr)
+  return {"cells": [], "sweep": {**tables, "warmup_table": []}}
 
 
 def setting_overlaps(world, dial_dir, settings) -> dict[str, float]:

@@ -1,6 +1,7 @@
 """Architecture config of the one decoder family jdistill runs (Llama 3, Qwen2, Qwen3, the
 Qwen2-MoE / Qwen3-MoE mixture-of-experts variants, DeepSeek-V3's latent attention with
-shared-expert MoE and Nemotron-H's hybrid of Mamba-2, attention, MLP and MoE layers)."""
+shared-expert MoE, Gemma 3's interleaved sliding-window and global attention, and Nemotron-H's
+hybrid of Mamba-2, attention, MLP and MoE layers)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,23 @@ from typing import Any
 
 import jax.numpy as jnp
 
-MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "deepseek_v3", "nemotron_h")
+MODEL_TYPES = (
+  "llama",
+  "qwen2",
+  "qwen3",
+  "qwen2_moe",
+  "qwen3_moe",
+  "deepseek_v3",
+  "gemma3_text",
+  "nemotron_h",
+)
 MOE_TYPES = ("qwen2_moe", "qwen3_moe", "deepseek_v3", "nemotron_h")
 # Nemotron-H's layer kinds (`ModelConfig.layer_pattern`, HF's `hybrid_override_pattern`)
 LAYER_KINDS = {"M": "Mamba-2", "*": "attention", "-": "MLP", "E": "MoE"}
 DTYPES = ("float32", "bfloat16", "float16")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+# Gemma 3's `layer_types` entries (HF's names)
+LAYER_TYPES = ("full_attention", "sliding_attention")
 MOE_DISPATCHES = ("ragged", "blocked", "dense")
 # Names of `ModelConfig.remat_policy`; `transformer.checkpoint_policy` maps them to jax policies.
 REMAT_POLICIES = (
@@ -56,6 +68,15 @@ class ModelConfig:
   only selects) from the best `topk_group` of `n_group` expert groups, and scaled by
   `routed_scaling_factor`; `shared_expert_intermediate_size` is the ungated shared experts'
   width (HF's `n_shared_experts * moe_intermediate_size`).
+
+  Gemma 3 (`model_type="gemma3_text"`, HF's text-only `Gemma3ForCausalLM`): layer `i` attends
+  to the last `sliding_window` keys (itself included) when `layer_types[i]` is
+  `"sliding_attention"`, with plain RoPE of base `rope_local_theta`; the `"full_attention"`
+  layers use `rope_theta` and `rope_scaling`. Scores are scaled by `query_pre_attn_scalar **
+  -0.5`; embeddings are multiplied by `sqrt(hidden_size)`; every RMSNorm scales by `(1 + w)`
+  (the stored `w` is HF's); each block has four norms (input, post-attention, pre- and
+  post-feedforward), q/k norms, and a GELU-tanh gated MLP. Gemma 3 layers are never scanned
+  (local and global layers carry caches of different lengths).
 
   Nemotron-H (`model_type="nemotron_h"`): `layer_pattern` holds one character per layer (HF's
   `hybrid_override_pattern`): `M` a Mamba-2 mixer (`jdistill.models.mamba2`), `*` grouped-query
@@ -116,6 +137,11 @@ class ModelConfig:
   topk_group: int = 1
   routed_scaling_factor: float = 1.0
   first_k_dense_replace: int = 0
+  # Gemma 3 (interleaved local / global attention); see the class docstring
+  layer_types: tuple[str, ...] = ()
+  sliding_window: int | None = None
+  rope_local_theta: float = 10000.0
+  query_pre_attn_scalar: float | None = None
   # Nemotron-H (the hybrid pattern and its Mamba-2 mixers); see the class docstring
   layer_pattern: str = ""
   mamba_num_heads: int = 0
@@ -132,6 +158,11 @@ class ModelConfig:
     if self.scan_layers is None:
       auto = self.num_layers >= SCAN_MIN_LAYERS and self.uniform_layers
       object.__setattr__(self, "scan_layers", auto)
+    elif self.scan_layers and self.gemma:
+      raise ValueError(
+        "ModelConfig.scan_layers=True is invalid for model_type='gemma3_text' (its sliding and "
+        "global layers hold caches of different lengths); allowed: False or None (auto)"
+      )
     elif self.scan_layers and not self.uniform_layers:
       raise ValueError(
         "ModelConfig.scan_layers=True is invalid with layers of two kinds or more "
@@ -200,6 +231,34 @@ class ModelConfig:
     self._validate_mla(bad)
     self._validate_hybrid(bad)
     self._validate_moe(bad)
+    self._validate_gemma(bad)
+
+  def _validate_gemma(self, bad) -> None:
+    if not self.gemma:
+      for name in ("layer_types", "sliding_window", "query_pre_attn_scalar"):
+        if getattr(self, name) not in ((), None):
+          bad(name, getattr(self, name), "unset unless model_type='gemma3_text'")
+      return
+    types = self.layer_types
+    if not isinstance(types, tuple) or len(types) != self.num_layers:
+      bad("layer_types", types, f"a tuple of num_layers={self.num_layers} entries of {LAYER_TYPES}")
+    if any(t not in LAYER_TYPES for t in types):
+      bad("layer_types", types, f"entries of {LAYER_TYPES}")
+    window = self.sliding_window
+    if "sliding_attention" in types and (
+      not isinstance(window, int) or isinstance(window, bool) or window <= 0
+    ):
+      bad("sliding_window", window, "a positive integer (layer_types has sliding layers)")
+    if self.rope_local_theta <= 0:
+      bad("rope_local_theta", self.rope_local_theta, "a positive float")
+    scalar = self.query_pre_attn_scalar
+    if scalar is not None and not scalar > 0:
+      bad("query_pre_attn_scalar", scalar, "None (head_dim) or a positive number")
+    if self.num_experts or self.qkv_bias:
+      name = "num_experts" if self.num_experts else "qkv_bias"
+      bad(name, getattr(self, name), "0 / False for model_type='gemma3_text'")
+    if not self.qk_norm:  # every Gemma 3 attention has q/k norms (HF's export needs them)
+      bad("qk_norm", self.qk_norm, "True for model_type='gemma3_text'")
 
   def _validate_hybrid(self, bad) -> None:
     if not self.hybrid:
@@ -296,9 +355,23 @@ class ModelConfig:
 
   @property
   def uniform_layers(self) -> bool:
-    """Whether every layer is the same kind of block (all dense or all sparse; Nemotron-H:
-    never, its blocks are built per kind and not scanned)."""
-    return not self.hybrid and len({self.is_moe_layer(i) for i in range(self.num_layers)}) == 1
+    """Whether every layer is the same kind of block (all dense or all sparse; Gemma 3's
+    never, as its layers' caches differ; Nemotron-H's never, its blocks are built per kind and
+    not scanned)."""
+    return (
+      not self.gemma
+      and not self.hybrid
+      and len({self.is_moe_layer(i) for i in range(self.num_layers)}) == 1
+    )
+
+  @property
+  def gemma(self) -> bool:
+    """Whether the blocks are Gemma 3's (`jdistill.models.transformer.GemmaBlock`)."""
+    return self.model_type == "gemma3_text"
+
+  def is_sliding_layer(self, i: int) -> bool:
+    """Whether layer `i` attends to a `sliding_window` of keys (Gemma 3's local layers)."""
+    return self.gemma and self.layer_types[i] == "sliding_attention"
 
   @property
   def hybrid(self) -> bool:

@@ -35,6 +35,7 @@ _HF_CLASSES = {
   "qwen2_moe": "Qwen2MoeForCausalLM",
   "qwen3_moe": "Qwen3MoeForCausalLM",
   "deepseek_v3": "DeepseekV3ForCausalLM",
+  "gemma3_text": "Gemma3ForCausalLM",
   "nemotron_h": "NemotronHForCausalLM",
 }
 _MOE_TYPES = ("qwen2_moe", "qwen3_moe", "deepseek_v3")
@@ -76,7 +77,11 @@ def config_from_hf(
     if field not in hf:
       raise ValueError(f"config.json: missing required field {field!r}")
   heads = hf["num_attention_heads"]
-  rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+  gemma = _gemma_from_hf(hf) if model_type == "gemma3_text" else {}
+  if gemma:  # the global layers' RoPE (the local layers': `rope_local_theta`)
+    rope = dict(gemma.pop("full_rope"))
+  else:
+    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
   theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
   rope_type = rope.get("rope_type", rope.get("type", "default"))
   rope.pop("type", None)
@@ -85,6 +90,7 @@ def config_from_hf(
   return ModelConfig(
     **_moe_from_hf(hf, model_type),
     **_mla_from_hf(hf, model_type),
+    **gemma,
     model_type=model_type,
     vocab_size=hf["vocab_size"],
     hidden_size=hf["hidden_size"],
@@ -97,11 +103,11 @@ def config_from_hf(
     rope_scaling=rope_scaling,
     rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
     max_position_embeddings=int(hf.get("max_position_embeddings", 32768)),
-    tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+    tie_word_embeddings=bool(hf.get("tie_word_embeddings", model_type == "gemma3_text")),
     qkv_bias=model_type == "qwen2"
     or (model_type == "qwen2_moe" and bool(hf.get("qkv_bias", True)))
     or bool(hf.get("attention_bias", False)),
-    qk_norm=model_type in ("qwen3", "qwen3_moe"),
+    qk_norm=model_type in ("qwen3", "qwen3_moe", "gemma3_text"),
     param_dtype=param_dtype,
     dtype=dtype,
     scan_layers=scan_layers,
@@ -316,6 +322,53 @@ def _nemotron_param_map(cfg: ModelConfig) -> dict:
   return table
 
 
+GEMMA_ACTIVATION = "gelu_pytorch_tanh"
+
+
+def _gemma_from_hf(hf: dict) -> dict:
+  """ModelConfig's Gemma 3 fields from a `gemma3_text` `config.json`, and `full_rope`: the
+  global layers' RoPE dict (transformers 5 writes `rope_parameters` per layer type; older
+  files `rope_theta`, `rope_scaling` and `rope_local_base_freq`)."""
+  act = hf.get("hidden_activation") or hf.get("hidden_act") or GEMMA_ACTIVATION
+  if act != GEMMA_ACTIVATION:
+    raise ValueError(
+      f"config.json: hidden_activation={act!r} is not supported; allowed: {GEMMA_ACTIVATION!r}"
+    )
+  for field in ("final_logit_softcapping", "attn_logit_softcapping"):
+    if hf.get(field) is not None:  # Gemma 3's checkpoints have neither (Gemma 2's had both)
+      raise ValueError(f"config.json: {field}={hf[field]} is not supported (only null)")
+  for field in ("use_bidirectional_attention", "attention_bias"):
+    if hf.get(field):
+      raise ValueError(f"config.json: {field}=true is not supported for gemma3_text")
+  layers = hf["num_hidden_layers"]
+  types = hf.get("layer_types")
+  if types is None:
+    pattern = hf.get("sliding_window_pattern", 6)
+    types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
+  params = hf.get("rope_parameters") or {}
+  if "full_attention" in params or "sliding_attention" in params:
+    full = dict(params.get("full_attention") or {})
+    local = dict(params.get("sliding_attention") or {})
+  else:
+    full = dict(hf.get("rope_scaling") or {})
+    full.setdefault("rope_theta", hf.get("rope_theta", 1_000_000.0))
+    local = {"rope_theta": hf.get("rope_local_base_freq", 10_000.0)}
+  local_type = local.get("rope_type", local.get("type", "default"))
+  if local_type != "default":
+    raise ValueError(
+      f"config.json: rope_parameters.sliding_attention.rope_type={local_type!r} is not "
+      "supported; allowed: 'default'"
+    )
+  full.setdefault("rope_theta", 1_000_000.0)
+  return dict(
+    full_rope=full,
+    layer_types=tuple(types),
+    sliding_window=hf.get("sliding_window"),
+    rope_local_theta=float(local.get("rope_theta", 10_000.0)),
+    query_pre_attn_scalar=hf.get("query_pre_attn_scalar", 256),
+  )
+
+
 def _mla_from_hf(hf: dict, model_type: str) -> dict:
   """ModelConfig's latent-attention fields from a DeepSeek-V3 `config.json`."""
   if model_type != "deepseek_v3":
@@ -406,6 +459,23 @@ def config_to_hf(cfg: ModelConfig, torch_dtype: str = "float32") -> dict:
   if cfg.mla:
     out.update(_mla_to_hf(cfg))
     return out
+  if cfg.gemma:
+    del out["rope_theta"], out["hidden_act"]
+    out.pop("rope_scaling", None)
+    out.update(
+      hidden_activation=GEMMA_ACTIVATION,
+      rope_parameters={
+        "full_attention": rope,
+        "sliding_attention": {"rope_type": "default", "rope_theta": cfg.rope_local_theta},
+      },
+      layer_types=list(cfg.layer_types),
+      sliding_window=cfg.sliding_window,
+      query_pre_attn_scalar=cfg.query_pre_attn_scalar,
+      final_logit_softcapping=None,
+      attn_logit_softcapping=None,
+      attention_bias=False,
+    )
+    return out
   if cfg.model_type == "qwen2_moe":
     out["qkv_bias"] = cfg.qkv_bias
     out["use_sliding_window"] = False
@@ -493,6 +563,9 @@ def _param_map(cfg: ModelConfig) -> dict[tuple, tuple[str | tuple[str, ...], Cal
       ("input_norm",): ("input_layernorm.weight", *ident),
       ("post_attn_norm",): ("post_attention_layernorm.weight", *ident),
     }
+    if cfg.gemma:
+      layer[("pre_mlp_norm",)] = ("pre_feedforward_layernorm.weight", *ident)
+      layer[("post_mlp_norm",)] = ("post_feedforward_layernorm.weight", *ident)
     if cfg.mla:
       layer.update(_mla_param_map(cfg))
     else:

@@ -1,6 +1,7 @@
 """Building blocks both attentions share (`transformer.Attention`, `mla.MLAttention`):
-parameters with logical axes, RMSNorm, RoPE with its scalings (linear, Llama 3, YaRN), and
-causal attention over materialised or query-blocked scores."""
+parameters with logical axes, RMSNorm (and Gemma's `1 + w` one), RoPE with its scalings
+(linear, Llama 3, YaRN), and causal (optionally sliding-window) attention over materialised
+or query-blocked scores."""
 
 from __future__ import annotations
 
@@ -30,15 +31,23 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
   return weight.astype(x.dtype) * xf.astype(x.dtype)
 
 
+def gemma_rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+  """Gemma's RMSNorm: scaled by `1 + weight`, in float32, cast to x's dtype after the scale
+  (HF's `Gemma3RMSNorm`; the order matters below float32)."""
+  xf = x.astype(jnp.float32)
+  xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+  return (xf * (1.0 + weight.astype(jnp.float32))).astype(x.dtype)
+
+
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
   """YaRN's attention temperature `0.1 * mscale * ln(factor) + 1` (1 for factor <= 1)."""
   return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
-def rope_attention_factor(cfg: ModelConfig) -> float:
+def rope_attention_factor(cfg: ModelConfig, sliding: bool = False) -> float:
   """The scale of RoPE's cos and sin: YaRN's `attention_factor` (given, or from `mscale` /
-  `mscale_all_dim`), 1 for the other RoPE types."""
-  rope = cfg.rope_dict or {}
+  `mscale_all_dim`), 1 for the other RoPE types and for sliding (local) layers."""
+  rope = {} if sliding else cfg.rope_dict or {}
   if rope.get("rope_type", "default") != "yarn":
     return 1.0
   if rope.get("attention_factor") is not None:
@@ -69,11 +78,13 @@ def _yarn_inv_freq(inv_freq, rope: dict, dim: int, base: float) -> jax.Array:
   return inv_freq / factor * (1 - extrapolated) + inv_freq * extrapolated
 
 
-def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
-  """Inverse frequencies `[rope_dim // 2]`, with linear, Llama-3 or YaRN scaling."""
+def rope_inv_freq(cfg: ModelConfig, sliding: bool = False) -> jax.Array:
+  """Inverse frequencies `[rope_dim // 2]`, with linear, Llama-3 or YaRN scaling; a sliding
+  (Gemma 3 local) layer's: unscaled, of base `rope_local_theta`."""
   dim = cfg.rope_dim
-  inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
-  rope = cfg.rope_dict or {}
+  theta = cfg.rope_local_theta if sliding else cfg.rope_theta
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+  rope = {} if sliding else cfg.rope_dict or {}
   rope_type = rope.get("rope_type", "default")
   if rope_type == "yarn":
     return _yarn_inv_freq(inv_freq, rope, dim, cfg.rope_theta)
@@ -105,27 +116,41 @@ def apply_rope(
   return x * cos + rotated * sin
 
 
-def _attention(q, k, v, key_mask, query_slot, scale: float | None = None):
+def _visible(query_slot, key_slots, window: int | None) -> jax.Array:
+  """`[T, S]`: key slot not after the query's and, with a `window`, fewer than `window`
+  slots before it (HF's sliding window: the query and the `window - 1` keys before it)."""
+  seen = key_slots[None, :] <= query_slot[:, None]
+  if window is not None:
+    seen &= query_slot[:, None] - key_slots[None, :] < window
+  return seen
+
+
+def _attention(
+  q, k, v, key_mask, query_slot, scale: float | None = None, window=None, key_slots=None
+):
   """Causal grouped-query attention with materialised scores.
 
   q: `[B, T, kv_heads, groups, Dh]`; k: `[B, S, kv_heads, Dh]`; v: `[B, S, kv_heads, Dv]`;
   key_mask: `[B, 1 or T, S]`; query_slot: `[T]`, the cache slot of each query; scale: of the
-  scores (None: `Dh ** -0.5`). Returns `[B, T, kv_heads, groups, Dv]`.
+  scores (None: `Dh ** -0.5`); window: None, or attend only to keys fewer than this many
+  slots back; key_slots: `[S]`, the slot of each key (None: `arange(S)`; a ring buffer's
+  differ). Returns `[B, T, kv_heads, groups, Dv]`.
   """
   scale = q.shape[-1] ** -0.5 if scale is None else scale
+  key_slots = jnp.arange(k.shape[1]) if key_slots is None else key_slots
   if q.shape[1] == 1:
-    return _one_query_attention(q, k, v, key_mask, query_slot, scale)
+    return _one_query_attention(q, k, v, key_mask, query_slot, scale, window, key_slots)
   dt = q.dtype
   scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
   scores = scores * scale
-  causal = jnp.arange(k.shape[1])[None, :] <= query_slot[:, None]  # [T, S]
+  causal = _visible(query_slot, key_slots, window)  # [T, S]
   mask = causal[None] & key_mask.astype(bool)  # [B, T, S]
   scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(dt)
   return jnp.einsum("bkgts,bskd->btkgd", probs, v)
 
 
-def _one_query_attention(q, k, v, key_mask, query_slot, scale):
+def _one_query_attention(q, k, v, key_mask, query_slot, scale, window, key_slots):
   """`_attention` of one query per row (a decode step), as products and sums in f32 over
   the cache in its own `[B, S, kv_heads, Dh]` layout: the two dots would have XLA:CPU copy
   every layer's cache into their operand layout on every step (~0.2 ms a layer at
@@ -133,14 +158,14 @@ def _one_query_attention(q, k, v, key_mask, query_slot, scale):
   f32 = jnp.float32
   query = q[:, 0, None].astype(f32)  # [B, 1, kv_heads, groups, Dh]
   scores = jnp.sum(query * k[:, :, :, None].astype(f32), axis=-1) * scale
-  mask = (jnp.arange(k.shape[1]) <= query_slot[0])[None] & key_mask[:, 0].astype(bool)  # [B, S]
+  mask = _visible(query_slot, key_slots, window) & key_mask[:, 0].astype(bool)  # [B, S]
   scores = jnp.where(mask[:, :, None, None], scores, jnp.finfo(f32).min)  # [B, S, kv, groups]
   probs = jax.nn.softmax(scores, axis=1)
   out = jnp.sum(probs[..., None] * v[:, :, :, None].astype(f32), axis=1)  # [B, kv, groups, Dh]
   return out[:, None].astype(q.dtype)
 
 
-def _chunked_attention(q, k, v, key_mask, chunk: int, scale: float | None = None):
+def _chunked_attention(q, k, v, key_mask, chunk: int, scale: float | None = None, window=None):
   """`_attention` of a cache-less forward, one block of `chunk` queries at a time.
 
   Only one block's `[B, kv_heads, groups, chunk, S]` scores are live, and each block is
@@ -161,7 +186,7 @@ def _chunked_attention(q, k, v, key_mask, chunk: int, scale: float | None = None
   def block(i, q_block, mask_block):
     slots = i * chunk + jnp.arange(chunk)
     mask = key_mask if mask_block is None else mask_block
-    return _attention(q_block, k, v, mask, slots, scale)
+    return _attention(q_block, k, v, mask, slots, scale, window)
 
   out = jax.lax.map(lambda a: block(*a), (jnp.arange(n), q_blocks, mask_blocks))
   return jnp.moveaxis(out, 0, 1).reshape(b, n * chunk, *out.shape[3:])[:, :t]

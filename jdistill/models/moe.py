@@ -20,6 +20,13 @@ reference for tests only.
 Router losses: under `nnx.capture(model, nnx.Intermediate)` each MoE layer sows its
 float32 router logits `[batch, seq, experts]`; `forward_with_aux_losses` runs the model
 that way and turns them into the load-balancing and z losses (`aux_losses`).
+
+DeepSeek-V3's auxiliary-loss-free balancing (its report, §2.1.2): each layer with the grouped
+router (DeepSeek-V3's, also Nemotron-H's) also sows the experts it chose `[batch, seq, k]`;
+`forward_with_router_stats` counts each expert's tokens (`expert_load`) and after a train step
+`next_score_bias` moves every layer's score-correction bias by `speed * sign(mean load -
+load)` (`balance_score_bias`): an overloaded expert is chosen less, an idle one more. The
+optimizer never changes the bias.
 """
 
 from __future__ import annotations
@@ -207,8 +214,8 @@ class MoE(nnx.Module):
   """Routed SwiGLU experts, plus a shared expert when configured (Qwen2-MoE's is
   sigmoid-gated, DeepSeek-V3's always on). DeepSeek-V3's router also holds the
   score-correction bias `score_bias` `[experts]` (f32): it only picks experts, so it gets no
-  gradient (it is a checkpoint value, not trained here). Nemotron-H's experts and shared
-  expert are ungated squared ReLU (no `gate_proj`), routed as DeepSeek-V3's."""
+  gradient; it moves only by the load rule (`next_score_bias`). Nemotron-H's experts and
+  shared expert are ungated squared ReLU (no `gate_proj`), routed as DeepSeek-V3's."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     e, d, f, pd = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.jnp_param_dtype
@@ -253,6 +260,8 @@ class MoE(nnx.Module):
         logits, self.score_bias[...], cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group,
         cfg.norm_topk_prob, cfg.routed_scaling_factor,
       )  # fmt: skip
+      if hasattr(self, "__captures__"):
+        self.sow(nnx.Intermediate, "router_experts", experts.reshape(b, t, -1))
     else:
       weights, experts = route(logits, cfg.num_experts_per_tok, cfg.norm_topk_prob)
     run = {"ragged": ragged_experts, "blocked": blocked_experts, "dense": dense_experts}[
@@ -306,19 +315,80 @@ def aux_losses(
   }
 
 
-def forward_with_aux_losses(model, tokens, positions=None, kv_mask=None):
-  """`model(tokens, positions, kv_mask=kv_mask)` → (hidden, cache, router losses).
+def expert_load(experts: jax.Array, num_experts: int, token_mask=None) -> jax.Array:
+  """Tokens routed to each expert: chosen experts `[..., batch, seq, k]` → f32 counts
+  `[..., num_experts]` over the tokens `token_mask` `[batch, seq]` marks (default: all)."""
+  *lead, b, t, k = experts.shape
+  mask = jnp.ones((b, t)) if token_mask is None else token_mask
+  weights = jnp.broadcast_to(mask.astype(jnp.float32)[:, :, None], (b, t, k)).reshape(-1)
+  count = lambda row: jnp.bincount(row, weights, length=num_experts)  # noqa: E731
+  return jax.vmap(count)(experts.reshape(-1, b * t * k)).reshape(*lead, num_experts)
 
-  The losses (`aux_losses`, weighted by nothing) are computed over the tokens `kv_mask`
-  marks (a `[batch, seq]` mask); a dense model gives `{}`.
+
+def balance_score_bias(bias: jax.Array, load: jax.Array, speed: float) -> jax.Array:
+  """DeepSeek-V3's bias update: `bias + speed * sign(mean(load) - load)`, the mean over the
+  experts; bias, load `[..., experts]` (a leading `layers` axis for scanned layers)."""
+  return bias + speed * jnp.sign(jnp.mean(load, axis=-1, keepdims=True) - load)
+
+
+def _dict_keys(path) -> tuple:
+  """A state path's module and variable names; a scanned block's sown values are named by
+  their path inside it (`transformer.ScannedBlocks`: "block/mlp/router_logits")."""
+  keys = []
+  for k in path:
+    if isinstance(k, jax.tree_util.DictKey):
+      keys += k.key.split("/") if isinstance(k.key, str) else [k.key]
+  return tuple(keys)
+
+
+def next_score_bias(new_params, old_params, loads: dict, speed: float):
+  """`new_params` (after the optimizer) with every layer's `score_bias` as in `old_params`
+  (before it): moved by `balance_score_bias` with its layer's load when `speed > 0`, else
+  unchanged. (It has no gradient, but AdamW's weight decay would shrink it.)
+
+  `loads`: `{module path: load}` (`forward_with_router_stats`); every biased layer needs one
+  when `speed > 0`. Params without a `score_bias` come back as they are.
+  """
+
+  def one(path, new, old):
+    keys = _dict_keys(path)
+    if keys[-1:] != ("score_bias",):
+      return new
+    if not speed:
+      return old
+    return balance_score_bias(old, loads[keys[:-1]], speed).astype(old.dtype)
+
+  return jax.tree_util.tree_map_with_path(one, new_params, old_params)
+
+
+def forward_with_router_stats(model, tokens, positions=None, kv_mask=None):
+  """`model(tokens, positions, kv_mask=kv_mask)` → (hidden, cache, router losses, loads).
+
+  The losses (`aux_losses`, weighted by nothing) and the loads are computed over the tokens
+  `kv_mask` marks (a `[batch, seq]` mask; padding is not a token). `loads` maps each
+  grouped-router (DeepSeek-V3, Nemotron-H) MoE layer's module path (say `("layers", 1, "mlp")`)
+  to its `expert_load` `[experts]` (`[layers, experts]` for scanned layers); a dense model gives
+  `{}, {}`.
   """
   if not model.cfg.num_experts:
-    return (*model(tokens, positions, kv_mask=kv_mask), {})
+    return (*model(tokens, positions, kv_mask=kv_mask), {}, {})
   (hidden, cache), captured = nnx.capture(model, nnx.Intermediate)(
     tokens, positions, kv_mask=kv_mask
   )
-  logits = jax.tree.leaves(captured)
-  return hidden, cache, aux_losses(logits, model.cfg, kv_mask)
+  logits, loads = [], {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(captured):
+    *module, name = _dict_keys(path)
+    if name == "router_logits":
+      logits.append(leaf)
+    elif name == "router_experts":
+      loads[tuple(module)] = expert_load(leaf, model.cfg.num_experts, kv_mask)
+  return hidden, cache, aux_losses(logits, model.cfg, kv_mask), loads
+
+
+def forward_with_aux_losses(model, tokens, positions=None, kv_mask=None):
+  """`model(tokens, positions, kv_mask=kv_mask)` → (hidden, cache, router losses)
+  (`forward_with_router_stats` without the loads)."""
+  return forward_with_router_stats(model, tokens, positions, kv_mask)[:3]
 
 
 def weighted_aux_loss(losses: dict[str, jax.Array], cfg: ModelConfig) -> jax.Array:

@@ -1,7 +1,9 @@
 """Decoder-only transformer in Flax NNX covering Llama 3, Qwen2 and Qwen3 (and their MoE
 variants, whose sparse layers use `jdistill.models.moe.MoE` in place of the MLP),
-DeepSeek-V3 (its attention is `jdistill.models.mla.MLAttention`) and Nemotron-H (`HybridBlock`s
-of one mixer each: Mamba-2 (`jdistill.models.mamba2`), attention, MLP or MoE).
+DeepSeek-V3 (its attention is `jdistill.models.mla.MLAttention`), Gemma 3's text model
+(`GemmaBlock`; its sliding-window layers' cache is `jdistill.models.sliding_cache`'s ring) and
+Nemotron-H (`HybridBlock`s of one mixer each: Mamba-2 (`jdistill.models.mamba2`), attention,
+MLP or MoE).
 
 Every weight is an `nnx.Param` whose `logical_axes` metadata names its
 dimensions; `jdistill.runtime.sharding` maps those names to mesh axes.
@@ -13,7 +15,8 @@ compute logits chunk by chunk instead of holding `[batch, seq, vocab]`.
 KV cache (MLA's latent one: `jdistill.models.mla`): a tuple with one `{"k", "v"}` dict per
 layer, each `[batch, cache_len, kv_heads, head_dim]`; with `cfg.scan_layers` one `{"k", "v"}`
 dict of stacked `[layers, batch, cache_len, kv_heads, head_dim]` arrays (`init_cache` makes
-the layout of a config). A call with a cache writes its `seq` new keys/values at
+the layout of a config; a Gemma 3 sliding layer's `[batch, min(sliding_window, cache_len),
+kv_heads, head_dim]` ring). A call with a cache writes its `seq` new keys/values at
 slots `[cache_index, cache_index + seq)` and attends over all `cache_len` slots
 where `kv_mask` is true and the slot is not in the future of the query.
 
@@ -42,6 +45,7 @@ from jdistill.models.layers import (
   _chunked_attention,
   _param,
   apply_rope,
+  gemma_rms_norm,
   rms_norm,
   rope_attention_factor,
   rope_inv_freq,
@@ -51,15 +55,18 @@ from jdistill.models.mamba2 import cache_shapes as mamba_cache_shapes
 from jdistill.models.mla import MLAttention
 from jdistill.models.mla import cache_shapes as mla_cache_shapes
 from jdistill.models.moe import MoE
+from jdistill.models.sliding_cache import ring_attend, ring_len
 
 Cache = tuple[dict[str, jax.Array], ...] | dict[str, jax.Array]
 
 
 class Attention(nnx.Module):
   """Grouped-query attention with optional q/k/v biases (Qwen2) and q/k RMSNorm (Qwen3);
-  without RoPE under `not cfg.rope` (Nemotron-H)."""
+  under `cfg.gemma` Gemma's `1 + w` q/k norms, `query_pre_attn_scalar`'s scale and, when
+  `sliding`, a `sliding_window` of keys with local RoPE and a ring-buffer cache; without RoPE
+  under `not cfg.rope` (Nemotron-H)."""
 
-  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, sliding: bool = False):
     d, h, kv, hd, pd = (
       cfg.hidden_size,
       cfg.num_heads,
@@ -69,6 +76,7 @@ class Attention(nnx.Module):
     )
     std = 0.02
     self.cfg = cfg
+    self.sliding = sliding
     self.q_proj = _param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), pd, std)
     self.k_proj = _param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), pd, std)
     self.v_proj = _param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), pd, std)
@@ -77,9 +85,9 @@ class Attention(nnx.Module):
       self.q_bias = _param(rngs, (h, hd), ("heads", "head_dim"), pd)
       self.k_bias = _param(rngs, (kv, hd), ("kv_heads", "head_dim"), pd)
       self.v_bias = _param(rngs, (kv, hd), ("kv_heads", "head_dim"), pd)
-    if cfg.qk_norm:
-      self.q_norm = _param(rngs, (hd,), ("norm",), pd, ones=True)
-      self.k_norm = _param(rngs, (hd,), ("norm",), pd, ones=True)
+    if cfg.qk_norm:  # Gemma's scale by 1 + w: zeros are its identity
+      self.q_norm = _param(rngs, (hd,), ("norm",), pd, ones=not cfg.gemma)
+      self.k_norm = _param(rngs, (hd,), ("norm",), pd, ones=not cfg.gemma)
 
   def __call__(self, x, positions, kv_mask, layer_cache, cache_index):
     cfg, dt = self.cfg, self.cfg.jnp_dtype
@@ -93,17 +101,25 @@ class Attention(nnx.Module):
     # names for remat_policy="save_qkv_proj"
     q, k, v = (checkpoint_name(a, n) for a, n in ((q, "q_proj"), (k, "k_proj"), (v, "v_proj")))
     if cfg.qk_norm:
-      q = rms_norm(q, self.q_norm[...], cfg.rms_norm_eps)
-      k = rms_norm(k, self.k_norm[...], cfg.rms_norm_eps)
+      norm = gemma_rms_norm if cfg.gemma else rms_norm
+      q = norm(q, self.q_norm[...], cfg.rms_norm_eps)
+      k = norm(k, self.k_norm[...], cfg.rms_norm_eps)
+    sliding = self.sliding
     if cfg.rope:
-      inv_freq, factor = rope_inv_freq(cfg), rope_attention_factor(cfg)
+      inv_freq, factor = rope_inv_freq(cfg, sliding), rope_attention_factor(cfg, sliding)
       q = apply_rope(q, positions, inv_freq, factor)
       k = apply_rope(k, positions, inv_freq, factor)
 
     seq = x.shape[1]
+    window = cfg.sliding_window if sliding else None
+    scale = None if cfg.query_pre_attn_scalar is None else cfg.query_pre_attn_scalar**-0.5
+    key_slots = None
     if layer_cache is None:
       start = 0
       new_cache = None
+    elif sliding:
+      start = cache_index
+      k, v, key_slots, kv_mask, new_cache = ring_attend(layer_cache, k, v, kv_mask, cache_index)
     else:
       start = cache_index
       zero = jnp.zeros((), jnp.int32)
@@ -119,20 +135,22 @@ class Attention(nnx.Module):
     key_mask = kv_mask[:, None, :] if kv_mask.ndim == 2 else kv_mask  # [B, 1 or T, S]
     chunk = cfg.attention_chunk
     if chunk and layer_cache is None and seq > chunk:
-      out = _chunked_attention(q, k, v, key_mask, chunk)
+      out = _chunked_attention(q, k, v, key_mask, chunk, scale, window)
     else:
-      out = _attention(q, k, v, key_mask, start + jnp.arange(seq))
+      out = _attention(q, k, v, key_mask, start + jnp.arange(seq), scale, window, key_slots)
     out = out.reshape(b, seq, cfg.num_heads, cfg.head_dim)
     return jnp.einsum("bthk,hkd->btd", out, self.o_proj[...].astype(dt)), new_cache
 
 
 class MLP(nnx.Module):
-  """SwiGLU feed-forward; Nemotron-H's (`cfg.hybrid`) is ungated, `relu(x @ up)² @ down`."""
+  """Feed-forward: SwiGLU, GELU-tanh gated under `cfg.gemma`; Nemotron-H's (`cfg.hybrid`) is
+  ungated, `relu(x @ up)² @ down`."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     d, f, pd = cfg.hidden_size, cfg.intermediate_size, cfg.jnp_param_dtype
     self.dtype = cfg.jnp_dtype
     self.gated = not cfg.hybrid
+    self.gelu = cfg.gemma
     if self.gated:
       self.gate_proj = _param(rngs, (d, f), ("embed", "mlp"), pd, 0.02)
     self.up_proj = _param(rngs, (d, f), ("embed", "mlp"), pd, 0.02)
@@ -143,7 +161,8 @@ class MLP(nnx.Module):
     up = x @ self.up_proj[...].astype(dt)
     if not self.gated:
       return jnp.square(jax.nn.relu(up)) @ self.down_proj[...].astype(dt)
-    gate = jax.nn.silu(x @ self.gate_proj[...].astype(dt))
+    gate = x @ self.gate_proj[...].astype(dt)
+    gate = jax.nn.gelu(gate, approximate=True) if self.gelu else jax.nn.silu(gate)
     return (gate * up) @ self.down_proj[...].astype(dt)
 
 
@@ -165,6 +184,31 @@ class Block(nnx.Module):
     )
     x = x + attn_out
     x = x + self.mlp(rms_norm(x, self.post_attn_norm[...], self.eps))
+    return x, new_cache
+
+
+class GemmaBlock(nnx.Module):
+  """Gemma 3's block: input norm, attention (sliding-window when `sliding`), post-attention
+  norm, residual; pre-feedforward norm, MLP, post-feedforward norm, residual. Every norm is
+  Gemma's `1 + w` RMSNorm."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, sliding: bool):
+    pd, d = cfg.jnp_param_dtype, cfg.hidden_size
+    self.eps = cfg.rms_norm_eps
+    self.input_norm = _param(rngs, (d,), ("norm",), pd)  # zeros: `1 + w` is the identity
+    self.attn = Attention(cfg, rngs, sliding=sliding)
+    self.post_attn_norm = _param(rngs, (d,), ("norm",), pd)
+    self.pre_mlp_norm = _param(rngs, (d,), ("norm",), pd)
+    self.mlp = MLP(cfg, rngs)
+    self.post_mlp_norm = _param(rngs, (d,), ("norm",), pd)
+
+  def __call__(self, x, positions, kv_mask, layer_cache, cache_index):
+    norm = lambda h, w: gemma_rms_norm(h, w[...], self.eps)  # noqa: E731
+    attn_out, new_cache = self.attn(
+      norm(x, self.input_norm), positions, kv_mask, layer_cache, cache_index
+    )
+    x = x + norm(attn_out, self.post_attn_norm)
+    x = x + norm(self.mlp(norm(x, self.pre_mlp_norm)), self.post_mlp_norm)
     return x, new_cache
 
 
@@ -253,8 +297,11 @@ class ScannedBlocks(nnx.Module):
       if policy is not None:
         captured = jax.checkpoint(captured, policy=policy, prevent_cse=False)
       x, sown = jax.lax.scan(lambda x, p: captured(p, x), x, params)
-      for i, leaf in enumerate(jax.tree.leaves(sown)):
-        self.sow(nnx.Intermediate, f"scanned_{i}", leaf)
+      for path, leaf in jax.tree_util.tree_leaves_with_path(sown):
+        # named by its path in the block ("block/mlp/router_logits"), so that `moe` can
+        # tell the router's values apart and find the layer they belong to
+        keys = [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]
+        self.sow(nnx.Intermediate, "/".join(["block", *keys]), leaf)
       return x, None
     if cache is None:
 
@@ -345,7 +392,11 @@ class Transformer(nnx.Module):
     self.cfg = cfg
     pd = cfg.jnp_param_dtype
     self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pd, 0.02)
-    if cfg.scan_layers:  # uniform layers only (ModelConfig checks): all dense or all sparse
+    if cfg.gemma:  # never scanned (ModelConfig checks)
+      self.layers = nnx.List(
+        [GemmaBlock(cfg, rngs, sliding=cfg.is_sliding_layer(i)) for i in range(cfg.num_layers)]
+      )
+    elif cfg.scan_layers:  # uniform layers only (ModelConfig checks): all dense or all sparse
       moe = cfg.is_moe_layer(0)
       self.layers = ScannedBlocks(lambda r: Block(cfg, r, moe=moe), cfg.num_layers, rngs)
     elif cfg.hybrid:
@@ -354,7 +405,7 @@ class Transformer(nnx.Module):
       self.layers = nnx.List(
         [Block(cfg, rngs, moe=cfg.is_moe_layer(i)) for i in range(cfg.num_layers)]
       )
-    self.final_norm = _param(rngs, (cfg.hidden_size,), ("norm",), pd, ones=True)
+    self.final_norm = _param(rngs, (cfg.hidden_size,), ("norm",), pd, ones=not cfg.gemma)
     if not cfg.tie_word_embeddings:
       self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pd, 0.02)
 
@@ -403,7 +454,10 @@ class Transformer(nnx.Module):
         raise ValueError("Transformer: segment_ids (packed rows) need a call without a cache")
       same = segment_ids[:, :, None] == segment_ids[:, None, :]
       kv_mask = kv_mask.astype(bool)[:, None, :] & same  # [B, T, T]
-    x = jnp.take(self.embed[...], tokens, axis=0).astype(self.cfg.jnp_dtype)
+    x = jnp.take(self.embed[...], tokens, axis=0)
+    if self.cfg.gemma:  # HF rounds sqrt(hidden) to the embedding's dtype first
+      x = x * jnp.asarray(self.cfg.hidden_size**0.5, x.dtype)
+    x = x.astype(self.cfg.jnp_dtype)
     policy = checkpoint_policy(self.cfg.remat_policy)
     if self.cfg.scan_layers:
       x, cache = self.layers(x, positions, kv_mask, cache, cache_index, policy)
@@ -416,7 +470,8 @@ class Transformer(nnx.Module):
         )
         new_cache.append(layer_cache)
       cache = None if cache is None else tuple(new_cache)
-    x = rms_norm(x, self.final_norm[...], self.cfg.rms_norm_eps)
+    norm = gemma_rms_norm if self.cfg.gemma else rms_norm
+    x = norm(x, self.final_norm[...], self.cfg.rms_norm_eps)
     return x, cache
 
   def unembedding(self) -> jax.Array:
@@ -436,12 +491,17 @@ class Transformer(nnx.Module):
 
 
 def _cache_len(cache: Cache, default: int) -> int:
-  """The slots of the cache's attention layers (`default` if it has none: Mamba-only)."""
-  for layer in [cache] if isinstance(cache, dict) else cache:
-    for name, a in layer.items():
-      if name not in ("conv_x", "conv_bc", "ssm"):  # K/V or MLA's latent and RoPE key
-        return a.shape[-3]
-  return default
+  """The slots of the cache's longest attention layer (a Gemma 3 sliding layer's ring is
+  shorter than the cache; `default` if it has none: Mamba-only)."""
+  return max(
+    (
+      a.shape[-3]
+      for layer in ([cache] if isinstance(cache, dict) else cache)
+      for name, a in layer.items()
+      if name not in ("conv_x", "conv_bc", "ssm")  # K/V or MLA's latent and RoPE key
+    ),
+    default=default,
+  )
 
 
 def cache_logical_axes(cfg: ModelConfig, name: str = "k") -> tuple[str | None, ...]:
@@ -462,7 +522,8 @@ def init_cache(cfg: ModelConfig, batch: int, cache_len: int, dtype: Any = None) 
   """Zeroed KV cache: per layer `{"k", "v"}` of `[batch, cache_len, kv_heads, head_dim]`, or
   with `cfg.scan_layers` one `{"k", "v"}` of `[layers, batch, cache_len, kv_heads, head_dim]`.
   Under `cfg.mla` the names and widths are `jdistill.models.mla.cache_shapes`'
-  (`{"latent", "k_rope"}`, one shared head)."""
+  (`{"latent", "k_rope"}`, one shared head); under `cfg.gemma` a sliding layer's `{"k", "v"}`
+  hold `min(sliding_window, cache_len)` slots (`jdistill.models.sliding_cache`)."""
   dtype = cfg.jnp_dtype if dtype is None else dtype
   if cfg.hybrid:
     return tuple(
@@ -470,6 +531,13 @@ def init_cache(cfg: ModelConfig, batch: int, cache_len: int, dtype: Any = None) 
     )
   if cfg.mla:
     shapes = mla_cache_shapes(cfg, batch, cache_len)
+  elif cfg.gemma:
+    return tuple(
+      _kv_zeros(cfg, batch, ring_len(cfg.sliding_window, cache_len), dtype)
+      if cfg.is_sliding_layer(i)
+      else _kv_zeros(cfg, batch, cache_len, dtype)
+      for i in range(cfg.num_layers)
+    )
   else:
     shape = (batch, cache_len, cfg.num_kv_heads, cfg.head_dim)
     shapes = {"k": shape, "v": shape}
@@ -483,8 +551,7 @@ def init_cache(cfg: ModelConfig, batch: int, cache_len: int, dtype: Any = None) 
 def _hybrid_layer_cache(cfg: ModelConfig, kind: str, batch: int, cache_len: int, dtype) -> dict:
   """One Nemotron-H layer's zeroed cache: K/V (`*`), conv + f32 SSM state (`M`) or none."""
   if kind == "*":
-    shape = (batch, cache_len, cfg.num_kv_heads, cfg.head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+    return _kv_zeros(cfg, batch, cache_len, dtype)
   if kind == "M":
     shapes = mamba_cache_shapes(cfg, batch)
     return {
@@ -492,3 +559,8 @@ def _hybrid_layer_cache(cfg: ModelConfig, kind: str, batch: int, cache_len: int,
       for name, shape in shapes.items()
     }
   return {}
+
+
+def _kv_zeros(cfg: ModelConfig, batch: int, slots: int, dtype) -> dict[str, jax.Array]:
+  shape = (batch, slots, cfg.num_kv_heads, cfg.head_dim)
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}

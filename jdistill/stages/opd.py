@@ -124,9 +124,17 @@ class OPDTrainer(TrainingStage):
       for s in t.cached
     }
     cache_shardings.update(cross_tokenizer.cache_shardings(t.cross, self.mesh))
+    speed = c.student.score_bias_update_speed
+    if speed and self.model_cfg.model_type != "deepseek_v3":
+      raise ValueError(
+        f"config.student.score_bias_update_speed={speed!r} is invalid for this "
+        f"{self.model_cfg.model_type!r} student; allowed: 0 (a deepseek_v3 student has the "
+        "score-correction bias it moves)"
+      )
     step_fn = functools.partial(
-      ts.train_step, optimizer=self.optimizer, schedule=self.schedule, **structure
-    )
+      ts.train_step, optimizer=self.optimizer, schedule=self.schedule,
+      score_bias_speed=float(speed), **structure,
+    )  # fmt: skip
     replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
     self.train_step = self.jit_step(
       lambda state, teachers, cache, batch, diagnostics: step_fn(

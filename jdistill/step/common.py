@@ -34,6 +34,7 @@ import optax
 from flax import nnx
 
 from jdistill import losses
+from jdistill.models import moe
 
 sg = jax.lax.stop_gradient
 
@@ -218,16 +219,23 @@ def make_optimizer(
   return opt, lambda call: sched(call // grad_accum)
 
 
-def apply_gradients(state: dict, loss, grads, optimizer, schedule):
+def apply_gradients(
+  state: dict, loss, grads, optimizer, schedule, expert_loads=None, score_bias_speed: float = 0.0
+):
   """The optax update of a train state `{"params", "opt_state", "step"}` → (new state,
   metrics). Every stage's step ends here: a non-finite loss or gradient leaves params and
-  optimizer state unchanged and reports `finite = 0`; the step counter always advances."""
+  optimizer state unchanged and reports `finite = 0`; the step counter always advances.
+
+  A DeepSeek-V3 model's score-correction biases are not the optimizer's: they stay as they
+  were, or with `score_bias_speed > 0` move by the load rule (`moe.next_score_bias`) on the
+  step's `expert_loads` (`moe.forward_with_router_stats`)."""
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
   def update(_):
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-    return optax.apply_updates(state["params"], updates), opt_state
+    params = optax.apply_updates(state["params"], updates)
+    return moe.next_score_bias(params, state["params"], expert_loads, score_bias_speed), opt_state
 
   def keep(_):
     return state["params"], state["opt_state"]

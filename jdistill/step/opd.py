@@ -73,8 +73,11 @@ def distill_objective(
   diagnostics=True,
   teacher_cache: dict | None = None,
   loss_window: int | None = None,
+  expert_loads: bool = False,
 ):
-  """Weighted sum over teachers of their loss on their rows → (loss, metrics).
+  """Weighted sum over teachers of their loss on their rows → (loss, metrics), or with
+  `expert_loads` (loss, (metrics, loads)): the student's `moe.forward_with_router_stats`
+  loads, each DeepSeek-V3 MoE layer's tokens per expert over the batch's real tokens.
 
   `groups` lists teacher indices (into `specs`) that share one graphdef and a stacked
   state (see `group_hidden`); `teacher_graphdefs` / `teacher_states` are then per group.
@@ -97,7 +100,7 @@ def distill_objective(
     groups = tuple((i,) for i in range(len(specs)) if i not in cache and i not in spans)
   x = shifted_inputs(batch)
   student = nnx.merge(student_graphdef, params)
-  hidden, _, router = moe.forward_with_aux_losses(
+  hidden, _, router, loads = moe.forward_with_router_stats(
     student, x["inputs"], x["positions"], x["kv_mask"]
   )
   unembed = student.unembedding()
@@ -146,7 +149,7 @@ def distill_objective(
     )
     total = total + spec.weight * loss
     metrics[spec.name] = dict(teacher_metrics(diag, rows(x["mask"])), loss=loss, **router)
-  return total, metrics
+  return (total, (metrics, loads)) if expert_loads else (total, metrics)
 
 
 def train_step(
@@ -163,6 +166,7 @@ def train_step(
   diagnostics=True,
   teacher_cache: dict | None = None,
   loss_window: int | None = None,
+  score_bias_speed: float = 0.0,
 ):
   """One OPD update. Returns (new_state, metrics). A non-finite loss or gradient leaves
   params and optimizer state unchanged and reports `metrics["finite"] = 0`.
@@ -175,7 +179,8 @@ def train_step(
   reverse KL on their rows, which reaches 0 when the student matches every teacher.
 
   `teacher_cache`: the streamed teachers' hidden states; `loss_window`: the completion
-  window the loss runs over (both: see `distill_objective`).
+  window the loss runs over (both: see `distill_objective`). `score_bias_speed`: a DeepSeek-V3
+  student's auxiliary-loss-free balancing (`common.apply_gradients`).
   """
 
   def objective(params):
@@ -190,10 +195,13 @@ def train_step(
       diagnostics,
       teacher_cache,
       loss_window,
+      expert_loads=True,
     )
 
-  (loss, per_teacher), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
-  new_state, update_metrics = apply_gradients(state, loss, grads, optimizer, schedule)
+  (loss, (per_teacher, loads)), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
+  new_state, update_metrics = apply_gradients(
+    state, loss, grads, optimizer, schedule, loads, score_bias_speed
+  )
   metrics = {
     **update_metrics,
     "divergence": sum(s.weight * per_teacher[s.name]["reverse_kl"] for s in specs)

@@ -53,6 +53,19 @@ HF_CONFIGS = {
       "mscale_all_dim": 0.8,
     },
   ),
+  # sliding-window layers every other layer (window 4, local RoPE base 100), global layers
+  # with linear RoPE scaling, a query scale that is not head_dim's, tied embeddings
+  "gemma3_text": dict(
+    model_type="gemma3_text",
+    head_dim=16,
+    sliding_window=4,
+    sliding_window_pattern=2,
+    query_pre_attn_scalar=24,
+    rope_parameters={
+      "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+      "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+    },
+  ),
   # every layer kind (Mamba-2, attention, MLP, MoE), 2 B/C groups, SSD chunks of 4 tokens
   "nemotron_h": dict(
     model_type="nemotron_h",
@@ -89,7 +102,7 @@ def tiny_hf_model(
   **extra,
 ):
   """A random transformers CausalLM of the given family (`llama`, `qwen2`, `qwen3`, `qwen2_moe`,
-  `qwen3_moe`, `deepseek_v3`, `nemotron_h`); `extra` overrides config fields (say
+  `qwen3_moe`, `deepseek_v3`, `gemma3_text`, `nemotron_h`); `extra` overrides config fields (say
   `mlp_only_layers=[0]`)."""
   import torch
   from transformers import AutoConfig, AutoModelForCausalLM

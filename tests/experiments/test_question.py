@@ -201,7 +201,8 @@ def test_restore_reuses_the_committed_grid_and_a_new_lr_finds_nothing_stale(tmp_
     for t in ("table", "after_rl_table", "unified_table", "rl_table", "warmup_table")
   )
   assert question.restore(exp, results) == 0  # kept, never overwritten
-  grid = question.Grid()
+  committed = done["sweep"]["grid"]  # the grid it ran (the defaults have grown since)
+  grid = question.Grid(**{k: tuple(v) if isinstance(v, list) else v for k, v in committed.items()})
   swept = question.sweep(exp, WORLD, str(tmp_path), grid, shard=(0, 0))
   assert swept is not None
   for key in ("lr", "rl_lr", "warmup_lr"):
@@ -219,3 +220,22 @@ def test_restore_reuses_the_committed_grid_and_a_new_lr_finds_nothing_stale(tmp_
   with open(os.path.join(new, "cell.json"), "w") as f:
     json.dump({"accuracy": {"mean": 0.9}}, f)
   assert question.sweep(exp, WORLD, str(tmp_path), wider, shard=(0, 0)) is None
+  # a partial sweep (this new RLVR run and one OPD-after-RLVR run at its lr) kept for later
+  after = os.path.join(question._after_rlvr_dir(exp, "alpha_1", "sampled_token", 3e-5, 1e-4))
+  os.makedirs(after)
+  with open(os.path.join(after, "cell.json"), "w") as f:
+    json.dump({"accuracy": {"mean": 0.5}}, f)
+  partial = question.sweep_runs(exp, wider)
+  assert partial["sweep"]["rl_table"] == [{"lr": 3e-5, "accuracy": {"mean": 0.9}}]
+  assert partial["sweep"]["after_rl_table"] == [{
+    "setting": "alpha_1", "loss": "sampled_token", "lr": 1e-4, "rl_lr": 3e-5,
+    "accuracy": {"mean": 0.5},
+  }]  # fmt: skip
+  assert partial["sweep"]["table"] == partial["sweep"]["unified_table"] == []  # all restored
+  kept = tmp_path / "partial.json"
+  kept.write_text(json.dumps(partial))
+  again = str(tmp_path / "again")
+  assert question.restore(again, str(kept)) == 2
+  with open(os.path.join(question._after_rlvr_dir(again, "alpha_1", "sampled_token", 3e-5, 1e-4),
+                         "cell.json")) as f:  # fmt: skip
+    assert json.load(f) == {"accuracy": {"mean": 0.5}, "restored": True}

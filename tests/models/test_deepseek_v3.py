@@ -275,3 +275,96 @@ def test_grouped_router_picks_from_the_best_groups():
 def test_bad_deepseek_config(kw, match):
   with pytest.raises(ValueError, match=match):
     SMALL.replace(**kw)
+
+
+def test_score_bias_moves_by_the_load_rule_on_a_constructed_batch():
+  """DeepSeek-V3's auxiliary-loss-free balancing against a NumPy reference of its rule,
+  `bias + γ · sign(mean load − load)`, on chosen experts `[batch 2, seq 6, k 2]` over 4
+  experts: expert 0 takes every real token, expert 3 none, and the 5 padded positions pick
+  experts 3 and 2 (counted, expert 2 would be the busiest and fall instead of rising)."""
+  real = [[0, 1], [0, 2], [0, 1], [0, 2], [0, 1], [1, 0]]
+  experts = np.array([real, [[0, 1]] + [[3, 2]] * 5], np.int32)
+  mask = np.array([[1] * 6, [1] + [0] * 5], bool)
+  expert_load = jax.jit(moe.expert_load, static_argnums=1)  # a compile, not 20 eager ops
+  next_score_bias = jax.jit(moe.next_score_bias, static_argnums=3)
+  load = np.zeros(4)
+  for e in experts[mask].reshape(-1):
+    load[e] += 1  # [7, 5, 2, 0]
+  got = expert_load(jnp.asarray(experts), 4, jnp.asarray(mask))
+  np.testing.assert_array_equal(np.asarray(got), load)
+  unmasked = np.asarray(expert_load(jnp.asarray(experts), 4))  # [7, 5, 7, 5]
+  assert np.sign(unmasked.mean() - unmasked)[2] < 0 < np.sign(load.mean() - load)[2]
+  gamma = 1e-3
+  bias = np.array([0.3, -0.1, 0.2, 0.05], np.float32)
+  expect = bias + gamma * np.sign(load.mean() - load)
+  mlp = lambda b, r: {"layers": {1: {"mlp": {"score_bias": jnp.asarray(b), "router": r}}}}  # noqa: E731
+  before = mlp(bias, jnp.ones(2))
+  after = mlp(bias * 0.9, jnp.zeros(2))  # the optimizer's: router trained, bias decayed
+  new = next_score_bias(after, before, {("layers", 1, "mlp"): got}, gamma)["layers"][1]["mlp"]
+  np.testing.assert_allclose(np.asarray(new["score_bias"]), expect, rtol=0, atol=1e-7)
+  assert new["score_bias"][0] < bias[0] and new["score_bias"][3] > bias[3]  # busy falls, idle rises
+  np.testing.assert_array_equal(np.asarray(new["router"]), 0)  # the rest is the optimizer's
+  off = next_score_bias(after, before, {}, 0.0)["layers"][1]["mlp"]["score_bias"]
+  np.testing.assert_array_equal(np.asarray(off), bias)  # off: the bias stays as it was
+  # scanned layers: a `[layers, experts]` bias and load, the rule per layer
+  stacked = np.stack([load, load[::-1]])
+  got2 = expert_load(jnp.asarray(np.stack([experts, 3 - experts])), 4, jnp.asarray(mask))
+  np.testing.assert_array_equal(np.asarray(got2), stacked)
+  np.testing.assert_allclose(
+    np.asarray(moe.balance_score_bias(jnp.zeros((2, 4)), got2, gamma)),
+    gamma * np.sign(stacked.mean(-1, keepdims=True) - stacked),
+  )
+
+
+def test_train_step_scanned_equals_unrolled_with_the_bias_update(tmp_path):
+  """An all-sparse DeepSeek-V3 (V3's own stack, dense first layers then MoE, is two kinds of
+  block and is not scanned) takes the same OPD step scanned as unrolled: loss, params, and
+  each layer's bias moved by the load rule (`[layers, experts]` under scan)."""
+  import functools
+
+  from jdistill.losses import LossSettings
+  from jdistill.models.transformer import stack_layers
+  from jdistill.step import common
+  from jdistill.step import opd as ts
+
+  paths = {}
+  for seed, name in enumerate(("student", "teacher")):
+    paths[name] = str(tmp_path / name)
+    model = tiny_hf_model("deepseek_v3", vocab_size=VOCAB, first_k_dense_replace=0, seed=seed)
+    model.save_pretrained(paths[name])
+  teacher = nnx.split(_dense(hf.from_hf(paths["teacher"], scan_layers=False)))
+  rng = np.random.RandomState(0)
+  completion = np.zeros((2, 12), np.float32)
+  completion[:, 5:10] = 1
+  batch = {
+    "tokens": jnp.asarray(rng.randint(3, VOCAB, (2, 12)), jnp.int32),
+    "completion_mask": jnp.asarray(completion),
+    "logprobs": jnp.full((2, 12), -2.0, jnp.float32),
+    "sampling_logprobs": jnp.full((2, 12), -2.0, jnp.float32),
+    "lengths": jnp.asarray([10, 8], jnp.int32),
+  }
+  specs = (common.TeacherSpec("t", LossSettings(loss="reverse_kl", chunk_size=4), 1.0, (0, 1)),)
+  opt, sched = common.make_optimizer(1e-2, steps=10, weight_decay=0.1)
+  gamma = 0.01
+
+  def step(scan_layers):
+    graphdef, params = nnx.split(_dense(hf.from_hf(paths["student"], scan_layers=scan_layers)))
+    state = {"params": params, "opt_state": opt.init(params), "step": jnp.zeros((), jnp.int32)}
+    run = functools.partial(
+      ts.train_step, student_graphdef=graphdef, teacher_graphdefs=(teacher[0],), specs=specs,
+      optimizer=opt, schedule=sched, score_bias_speed=gamma,
+    )  # fmt: skip
+    new_state, metrics = jax.jit(run)(state, (teacher[1],), batch)
+    return params, new_state["params"], float(metrics["loss"])
+
+  before, unrolled, ref_loss = step(False)
+  _, scanned, loss = step(True)
+  assert np.isfinite(ref_loss) and abs(loss - ref_loss) <= 1e-5
+  before, unrolled = stack_layers(before), stack_layers(unrolled)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5), unrolled, scanned)
+  bias = lambda p: np.asarray(p["layers"]["block"]["mlp"]["score_bias"].get_value())  # noqa: E731
+  moved = bias(scanned) - bias(before)  # [layers 2, experts 8]
+  assert moved.shape == (2, 8)
+  np.testing.assert_allclose(np.abs(moved), gamma, rtol=1e-4)  # each expert by ±γ (no ties)
+  assert ((moved > 0).sum(1) > 0).all() and ((moved < 0).sum(1) > 0).all()
+  np.testing.assert_array_equal(bias(scanned), bias(unrolled))

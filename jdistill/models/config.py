@@ -1,6 +1,7 @@
 """Architecture config of the one decoder family jdistill runs (Llama 3, Qwen2, Qwen3, the
 Qwen2-MoE / Qwen3-MoE mixture-of-experts variants, DeepSeek-V3's latent attention with
-shared-expert MoE, and Gemma 3's interleaved sliding-window and global attention)."""
+shared-expert MoE, Gemma 3's interleaved sliding-window and global attention, and Nemotron-H's
+hybrid of Mamba-2, attention, MLP and MoE layers)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,19 @@ from typing import Any
 
 import jax.numpy as jnp
 
-MODEL_TYPES = ("llama", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "deepseek_v3", "gemma3_text")
-MOE_TYPES = ("qwen2_moe", "qwen3_moe", "deepseek_v3")
+MODEL_TYPES = (
+  "llama",
+  "qwen2",
+  "qwen3",
+  "qwen2_moe",
+  "qwen3_moe",
+  "deepseek_v3",
+  "gemma3_text",
+  "nemotron_h",
+)
+MOE_TYPES = ("qwen2_moe", "qwen3_moe", "deepseek_v3", "nemotron_h")
+# Nemotron-H's layer kinds (`ModelConfig.layer_pattern`, HF's `hybrid_override_pattern`)
+LAYER_KINDS = {"M": "Mamba-2", "*": "attention", "-": "MLP", "E": "MoE"}
 DTYPES = ("float32", "bfloat16", "float16")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 # Gemma 3's `layer_types` entries (HF's names)
@@ -65,6 +77,15 @@ class ModelConfig:
   (the stored `w` is HF's); each block has four norms (input, post-attention, pre- and
   post-feedforward), q/k norms, and a GELU-tanh gated MLP. Gemma 3 layers are never scanned
   (local and global layers carry caches of different lengths).
+
+  Nemotron-H (`model_type="nemotron_h"`): `layer_pattern` holds one character per layer (HF's
+  `hybrid_override_pattern`): `M` a Mamba-2 mixer (`jdistill.models.mamba2`), `*` grouped-query
+  attention without RoPE, `-` a squared-ReLU MLP (`up`, `down`; `intermediate_size`), `E` a
+  MoE of squared-ReLU experts routed as DeepSeek-V3's (sigmoid, score-correction bias, groups)
+  plus an ungated shared expert of `shared_expert_intermediate_size`; each layer is one
+  pre-norm residual mixer. The Mamba-2 mixer has `mamba_num_heads` heads of `mamba_head_dim`,
+  `mamba_n_groups` groups of B/C of `ssm_state_size`, a causal depthwise conv of `conv_kernel`
+  taps, and scans in chunks of `mamba_chunk_size` tokens; `time_step_limit` clamps its dt.
 
   `scan_layers`: stack the blocks' params on a leading `layers` axis and run them under
   `jax.lax.scan` (one block compiled instead of `num_layers`). `None` (auto) is resolved
@@ -121,6 +142,16 @@ class ModelConfig:
   sliding_window: int | None = None
   rope_local_theta: float = 10000.0
   query_pre_attn_scalar: float | None = None
+  # Nemotron-H (the hybrid pattern and its Mamba-2 mixers); see the class docstring
+  layer_pattern: str = ""
+  mamba_num_heads: int = 0
+  mamba_head_dim: int = 0
+  ssm_state_size: int = 0
+  mamba_n_groups: int = 1
+  conv_kernel: int = 4
+  mamba_chunk_size: int = 128
+  use_conv_bias: bool = True
+  time_step_limit: tuple[float, float] = (0.0, float("inf"))
 
   def __post_init__(self):
     self.validate()
@@ -134,9 +165,10 @@ class ModelConfig:
       )
     elif self.scan_layers and not self.uniform_layers:
       raise ValueError(
-        f"ModelConfig.scan_layers=True is invalid with layers of two kinds (mlp_only_layers="
-        f"{self.mlp_only_layers}, decoder_sparse_step={self.decoder_sparse_step}, "
-        f"first_k_dense_replace={self.first_k_dense_replace}): one scan "
+        "ModelConfig.scan_layers=True is invalid with layers of two kinds or more "
+        f"(mlp_only_layers={self.mlp_only_layers}, decoder_sparse_step={self.decoder_sparse_step}, "
+        f"first_k_dense_replace={self.first_k_dense_replace}, layer_pattern="
+        f"{self.layer_pattern!r}): one scan "
         "runs identical blocks; allowed: False or None (auto)"
       )
 
@@ -197,6 +229,7 @@ class ModelConfig:
     if not isinstance(self.attention_chunk, int) or self.attention_chunk < 0:
       bad("attention_chunk", self.attention_chunk, "an integer >= 0 (0: one block)")
     self._validate_mla(bad)
+    self._validate_hybrid(bad)
     self._validate_moe(bad)
     self._validate_gemma(bad)
 
@@ -226,6 +259,40 @@ class ModelConfig:
       bad(name, getattr(self, name), "0 / False for model_type='gemma3_text'")
     if not self.qk_norm:  # every Gemma 3 attention has q/k norms (HF's export needs them)
       bad("qk_norm", self.qk_norm, "True for model_type='gemma3_text'")
+
+  def _validate_hybrid(self, bad) -> None:
+    if not self.hybrid:
+      if self.layer_pattern:
+        bad("layer_pattern", self.layer_pattern, "'' (only model_type='nemotron_h' has one)")
+      return
+    pattern = self.layer_pattern
+    if (
+      not isinstance(pattern, str)
+      or len(pattern) != self.num_layers
+      or set(pattern) - set(LAYER_KINDS)
+    ):
+      bad("layer_pattern", pattern, f"num_layers={self.num_layers} characters of {LAYER_KINDS}")
+    if ("E" in pattern) != (self.num_experts > 0):
+      bad("num_experts", self.num_experts, "> 0 exactly when layer_pattern has an 'E' layer")
+    if "M" not in pattern:
+      return
+    for name in ("mamba_num_heads", "mamba_head_dim", "ssm_state_size", "mamba_n_groups"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        bad(name, value, "a positive integer (layer_pattern has 'M' layers)")
+    if self.mamba_num_heads % self.mamba_n_groups:
+      bad(
+        "mamba_n_groups",
+        self.mamba_n_groups,
+        f"a divisor of mamba_num_heads={self.mamba_num_heads}",
+      )
+    if not isinstance(self.conv_kernel, int) or self.conv_kernel < 2:
+      bad("conv_kernel", self.conv_kernel, "an integer >= 2")
+    if not isinstance(self.mamba_chunk_size, int) or self.mamba_chunk_size <= 0:
+      bad("mamba_chunk_size", self.mamba_chunk_size, "a positive integer")
+    low, high = self.time_step_limit
+    if not 0 <= low < high:
+      bad("time_step_limit", self.time_step_limit, "(low, high) with 0 <= low < high")
 
   def _validate_mla(self, bad) -> None:
     if not self.mla:
@@ -271,11 +338,11 @@ class ModelConfig:
     first = self.first_k_dense_replace
     if not isinstance(first, int) or not 0 <= first <= self.num_layers:
       bad("first_k_dense_replace", first, f"an integer in [0, num_layers={self.num_layers}]")
-    if self.model_type != "deepseek_v3":
+    if self.model_type not in ("deepseek_v3", "nemotron_h"):
       return
     if self.router_aux_loss_coef or self.router_z_loss_coef:
       name = "router_aux_loss_coef" if self.router_aux_loss_coef else "router_z_loss_coef"
-      bad(name, getattr(self, name), "0 for deepseek_v3 (its losses are for softmax routers)")
+      bad(name, getattr(self, name), "0 for deepseek_v3 and nemotron_h (sigmoid routers)")
     groups, top = self.n_group, self.topk_group
     if not isinstance(groups, int) or groups <= 0 or self.num_experts % groups:
       bad("n_group", groups, f"a positive divisor of num_experts={self.num_experts}")
@@ -289,8 +356,13 @@ class ModelConfig:
   @property
   def uniform_layers(self) -> bool:
     """Whether every layer is the same kind of block (all dense or all sparse; Gemma 3's
-    never, as its layers' caches differ)."""
-    return not self.gemma and len({self.is_moe_layer(i) for i in range(self.num_layers)}) == 1
+    never, as its layers' caches differ; Nemotron-H's never, its blocks are built per kind and
+    not scanned)."""
+    return (
+      not self.gemma
+      and not self.hybrid
+      and len({self.is_moe_layer(i) for i in range(self.num_layers)}) == 1
+    )
 
   @property
   def gemma(self) -> bool:
@@ -301,9 +373,21 @@ class ModelConfig:
     """Whether layer `i` attends to a `sliding_window` of keys (Gemma 3's local layers)."""
     return self.gemma and self.layer_types[i] == "sliding_attention"
 
+  @property
+  def hybrid(self) -> bool:
+    """Whether the layers are Nemotron-H's mixers of `layer_pattern`'s kinds."""
+    return self.model_type == "nemotron_h"
+
+  @property
+  def rope(self) -> bool:
+    """Whether attention rotates q and k (Nemotron-H's attention has no positional encoding)."""
+    return not self.hybrid
+
   def is_moe_layer(self, i: int) -> bool:
     """Whether layer `i` is sparse (HF's `mlp_only_layers` / `decoder_sparse_step` /
-    `first_k_dense_replace` rules)."""
+    `first_k_dense_replace` rules; Nemotron-H: an `E` in `layer_pattern`)."""
+    if self.hybrid:
+      return self.layer_pattern[i] == "E"
     return (
       self.num_experts > 0
       and i >= self.first_k_dense_replace

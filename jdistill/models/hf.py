@@ -36,8 +36,11 @@ _HF_CLASSES = {
   "qwen3_moe": "Qwen3MoeForCausalLM",
   "deepseek_v3": "DeepseekV3ForCausalLM",
   "gemma3_text": "Gemma3ForCausalLM",
+  "nemotron_h": "NemotronHForCausalLM",
 }
 _MOE_TYPES = ("qwen2_moe", "qwen3_moe", "deepseek_v3")
+# HF's Nemotron-H `layers_block_type` names of the `hybrid_override_pattern` characters
+_NEMOTRON_KINDS = {"linear_attention": "M", "full_attention": "*", "mlp": "-", "moe": "E"}
 
 
 def config_from_hf(
@@ -53,6 +56,10 @@ def config_from_hf(
   if model_type not in _HF_CLASSES:
     raise ValueError(
       f"config.json: model_type={model_type!r} is not supported; allowed: {sorted(_HF_CLASSES)}"
+    )
+  if model_type == "nemotron_h":
+    return _nemotron_from_hf(
+      hf, param_dtype=param_dtype, dtype=dtype, scan_layers=scan_layers, remat_policy=remat_policy
     )
   biased = ("attention_bias", "mlp_bias") if model_type in ("llama", "deepseek_v3") else ()
   for field in biased or ("mlp_bias",):
@@ -106,6 +113,213 @@ def config_from_hf(
     scan_layers=scan_layers,
     remat_policy=remat_policy,
   )
+
+
+def _nemotron_from_hf(hf: dict, **kw) -> ModelConfig:
+  """ModelConfig of a Nemotron-H `config.json` (`layers_block_type` or the older
+  `hybrid_override_pattern`); what jdistill does not implement raises, naming the field."""
+  if hf.get("layers_block_type"):
+    kinds = hf["layers_block_type"]
+    bad = sorted(set(kinds) - set(_NEMOTRON_KINDS))
+    if bad:
+      raise ValueError(f"config.json: layers_block_type has unknown kinds {bad}")
+    pattern = "".join(_NEMOTRON_KINDS[k] for k in kinds)
+  elif hf.get("hybrid_override_pattern"):
+    pattern = hf["hybrid_override_pattern"]
+  else:
+    raise ValueError("config.json: nemotron_h needs layers_block_type or hybrid_override_pattern")
+  for field, value in (("mlp_bias", True), ("use_bias", True), ("mamba_proj_bias", True)):
+    if hf.get(field) == value:
+      raise ValueError(f"config.json: {field}=true is not supported for nemotron_h")
+  if hf.get("moe_latent_size") is not None:
+    raise ValueError("config.json: moe_latent_size (latent MoE projections) is not supported")
+  if hf.get("sliding_window") is not None:
+    raise ValueError("config.json: sliding_window is not supported for nemotron_h")
+  for field, want in (("mlp_hidden_act", "relu2"), ("mamba_hidden_act", "silu")):
+    if hf.get(field, want) != want:
+      raise ValueError(f"config.json: {field}={hf[field]!r} is not supported (only {want!r})")
+  for field in ("vocab_size", "hidden_size", "num_attention_heads"):
+    if field not in hf:
+      raise ValueError(f"config.json: missing required field {field!r}")
+  limit = hf.get("time_step_limit", hf.get("mamba_dt_limit", (0.0, float("inf"))))
+  limit = tuple(float(v["__float__"]) if isinstance(v, dict) else float(v) for v in limit)
+  experts = hf.get("n_routed_experts", 0) if "E" in pattern else 0
+  heads = hf["num_attention_heads"]
+  moe = {}
+  if experts:
+    moe = dict(
+      num_experts=experts,
+      num_experts_per_tok=hf.get("num_experts_per_tok", 0),
+      moe_intermediate_size=hf.get("moe_intermediate_size", 0),
+      # HF builds the shared expert whatever n_shared_experts says
+      shared_expert_intermediate_size=hf.get("moe_shared_expert_intermediate_size", 0),
+      norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
+      n_group=hf.get("n_group") or 1,
+      topk_group=hf.get("topk_group") or 1,
+      routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
+    )
+  return ModelConfig(
+    **moe,
+    **kw,
+    model_type="nemotron_h",
+    vocab_size=hf["vocab_size"],
+    hidden_size=hf["hidden_size"],
+    intermediate_size=hf.get("intermediate_size", 1),
+    num_layers=len(pattern),
+    num_heads=heads,
+    num_kv_heads=hf.get("num_key_value_heads") or heads,
+    head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+    rms_norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+    max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+    tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+    layer_pattern=pattern,
+    mamba_num_heads=hf.get("mamba_num_heads", 0),
+    mamba_head_dim=hf.get("mamba_head_dim", 0),
+    ssm_state_size=hf.get("ssm_state_size", 0),
+    mamba_n_groups=hf.get("n_groups", hf.get("mamba_n_groups", 1)),
+    conv_kernel=hf.get("conv_kernel", hf.get("mamba_d_conv", 4)),
+    mamba_chunk_size=hf.get("chunk_size", hf.get("mamba_chunk_size", 128)),
+    use_conv_bias=bool(hf.get("use_conv_bias", hf.get("mamba_conv_bias", True))),
+    time_step_limit=limit,
+  )
+
+
+def _nemotron_to_hf(cfg: ModelConfig, torch_dtype: str) -> dict:
+  """A Nemotron-H `config.json` dict (transformers 5's field names)."""
+  kinds = {v: k for k, v in _NEMOTRON_KINDS.items()}
+  low, high = cfg.time_step_limit
+  return {
+    "architectures": [_HF_CLASSES[cfg.model_type]],
+    "model_type": "nemotron_h",
+    "vocab_size": cfg.vocab_size,
+    "hidden_size": cfg.hidden_size,
+    "intermediate_size": cfg.intermediate_size,
+    "layers_block_type": [kinds[c] for c in cfg.layer_pattern],
+    "num_attention_heads": cfg.num_heads,
+    "num_key_value_heads": cfg.num_kv_heads,
+    "head_dim": cfg.head_dim,
+    "attention_bias": False,
+    "mlp_bias": False,
+    "use_bias": False,
+    "mlp_hidden_act": "relu2",
+    "mamba_hidden_act": "silu",
+    "layer_norm_epsilon": cfg.rms_norm_eps,
+    "tie_word_embeddings": cfg.tie_word_embeddings,
+    "max_position_embeddings": cfg.max_position_embeddings,
+    "mamba_num_heads": cfg.mamba_num_heads,
+    "mamba_head_dim": cfg.mamba_head_dim,
+    "ssm_state_size": cfg.ssm_state_size,
+    "n_groups": cfg.mamba_n_groups,
+    "conv_kernel": cfg.conv_kernel,
+    "chunk_size": cfg.mamba_chunk_size,
+    "use_conv_bias": cfg.use_conv_bias,
+    # json has no infinity: transformers writes it as {"__float__": "Infinity"}, and reads that
+    "time_step_limit": [low, high if high != float("inf") else {"__float__": "Infinity"}],
+    "n_routed_experts": cfg.num_experts,
+    "num_experts_per_tok": cfg.num_experts_per_tok,
+    "moe_intermediate_size": cfg.moe_intermediate_size,
+    "moe_shared_expert_intermediate_size": cfg.shared_expert_intermediate_size,
+    "n_shared_experts": 1,
+    "norm_topk_prob": cfg.norm_topk_prob,
+    "n_group": cfg.n_group,
+    "topk_group": cfg.topk_group,
+    "routed_scaling_factor": cfg.routed_scaling_factor,
+    "num_nextn_predict_layers": 0,
+    "torch_dtype": torch_dtype,
+    "dtype": torch_dtype,
+  }
+
+
+def _nemotron_param_map(cfg: ModelConfig) -> dict:
+  """Nemotron-H's `_param_map` (HF's `backbone.*` names, as `save_pretrained` writes them)."""
+  h, kv, hd, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
+  ident = (lambda w: w, lambda w: w)
+  transpose = (lambda w: w.T, lambda w: w.T)
+
+  def proj_in(heads):  # HF [heads*hd, d] ⇄ ours [d, heads, hd]
+    return (lambda w: w.T.reshape(d, heads, hd), lambda w: w.reshape(d, heads * hd).T)
+
+  # Mamba-2: HF's fused in_proj rows [z | x | B, C | dt] and conv channels [x | B, C] are held
+  # by role; each role is a part (`#i`) of the HF tensor, its rows `[lo, hi)`
+  mh, mp = cfg.mamba_num_heads, cfg.mamba_head_dim
+  inner, gn = mh * mp, cfg.mamba_n_groups * cfg.ssm_state_size
+  bc_shape = (2, cfg.mamba_n_groups, cfg.ssm_state_size)
+
+  def rows(lo, hi, shape):  # HF [rows, d] ⇄ ours [d, *shape]
+    return (lambda w: w[lo:hi].T.reshape(d, *shape), lambda w: w.reshape(d, hi - lo).T)
+
+  def conv_rows(lo, hi, shape):  # HF conv1d [C, 1, K] ⇄ ours [K, *shape]
+    k = cfg.conv_kernel
+    return (
+      lambda w: w[lo:hi, 0, :].T.reshape(k, *shape),
+      lambda w: w.reshape(k, hi - lo).T[:, None, :],
+    )
+
+  def bias_rows(lo, hi, shape):
+    return (lambda w: w[lo:hi].reshape(shape), lambda w: w.reshape(hi - lo))
+
+  mamba = {
+    "z_proj": ("in_proj.weight#0", *rows(0, inner, (mh, mp))),
+    "x_proj": ("in_proj.weight#1", *rows(inner, 2 * inner, (mh, mp))),
+    "bc_proj": ("in_proj.weight#2", *rows(2 * inner, 2 * inner + 2 * gn, bc_shape)),
+    "dt_proj": ("in_proj.weight#3", *rows(2 * inner + 2 * gn, 2 * inner + 2 * gn + mh, (mh,))),
+    "conv_x": ("conv1d.weight#0", *conv_rows(0, inner, (mh, mp))),
+    "conv_bc": ("conv1d.weight#1", *conv_rows(inner, inner + 2 * gn, bc_shape)),
+    "dt_bias": ("dt_bias", *ident),
+    "A_log": ("A_log", *ident),
+    "D": ("D", *ident),
+    "norm": ("norm.weight", lambda w: w.reshape(mh, mp), lambda w: w.reshape(inner)),
+    "out_proj": (
+      "out_proj.weight",
+      lambda w: w.T.reshape(mh, mp, d),
+      lambda w: w.reshape(inner, d).T,
+    ),
+  }
+  if cfg.use_conv_bias:
+    mamba["conv_x_bias"] = ("conv1d.bias#0", *bias_rows(0, inner, (mh, mp)))
+    mamba["conv_bc_bias"] = ("conv1d.bias#1", *bias_rows(inner, inner + 2 * gn, bc_shape))
+  stacked = (lambda ws: np.stack([w.T for w in ws]), lambda w: [e.T for e in w])
+  table = {
+    ("embed",): ("backbone.embeddings.weight", *ident),
+    ("final_norm",): ("backbone.norm_f.weight", *ident),
+  }
+  if not cfg.tie_word_embeddings:
+    table[("lm_head",)] = ("lm_head.weight", *transpose)
+  for i, kind in enumerate(cfg.layer_pattern):
+    pre = f"backbone.layers.{i}."
+    layer = {("norm",): ("norm.weight", *ident)}
+    if kind == "*":
+      layer[("mixer", "q_proj")] = ("mixer.q_proj.weight", *proj_in(h))
+      layer[("mixer", "k_proj")] = ("mixer.k_proj.weight", *proj_in(kv))
+      layer[("mixer", "v_proj")] = ("mixer.v_proj.weight", *proj_in(kv))
+      layer[("mixer", "o_proj")] = (
+        "mixer.o_proj.weight",
+        lambda w: w.T.reshape(h, hd, d),
+        lambda w: w.reshape(h * hd, d).T,
+      )
+    elif kind == "M":
+      for name, (hf_name, *convert) in mamba.items():
+        layer[("mixer", name)] = (f"mixer.{hf_name}", *convert)
+    elif kind == "-":
+      layer[("mixer", "up_proj")] = ("mixer.up_proj.weight", *transpose)
+      layer[("mixer", "down_proj")] = ("mixer.down_proj.weight", *transpose)
+    else:
+      experts = range(cfg.num_experts)
+      layer[("mixer", "router")] = ("mixer.gate.weight", *transpose)
+      layer[("mixer", "score_bias")] = ("mixer.gate.e_score_correction_bias", *ident)
+      for proj in ("up_proj", "down_proj"):
+        names = tuple(f"mixer.experts.{e}.{proj}.weight" for e in experts)
+        layer[("mixer", proj)] = (names, *stacked)
+      if cfg.shared_expert_intermediate_size:
+        layer[("mixer", "shared_up_proj")] = ("mixer.shared_experts.up_proj.weight", *transpose)
+        layer[("mixer", "shared_down_proj")] = (
+          "mixer.shared_experts.down_proj.weight",
+          *transpose,
+        )
+    for path, (name, *convert) in layer.items():
+      full = tuple(pre + n for n in name) if isinstance(name, tuple) else pre + name
+      table[("layers", i, *path)] = (full, *convert)
+  return table
 
 
 GEMMA_ACTIVATION = "gelu_pytorch_tanh"
@@ -212,6 +426,8 @@ def _moe_from_hf(hf: dict, model_type: str) -> dict:
 
 def config_to_hf(cfg: ModelConfig, torch_dtype: str = "float32") -> dict:
   """A `config.json` dict for transformers."""
+  if cfg.hybrid:
+    return _nemotron_to_hf(cfg, torch_dtype)
   rope = {"rope_type": "default"} if cfg.rope_scaling is None else dict(cfg.rope_scaling)
   rope["rope_theta"] = cfg.rope_theta
   out = {
@@ -322,6 +538,8 @@ def _param_map(cfg: ModelConfig) -> dict[tuple, tuple[str | tuple[str, ...], Cal
   per-expert names `save_pretrained` writes): the name is then a tuple and the converters
   take / return a list.
   """
+  if cfg.hybrid:
+    return _nemotron_param_map(cfg)
   h, kv, hd, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
   ident = (lambda w: w, lambda w: w)
   transpose = (lambda w: w.T, lambda w: w.T)
@@ -435,6 +653,20 @@ def _moe_param_map(cfg: ModelConfig, pre: str) -> dict:
   return table
 
 
+def _join_parts(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Parts `name#0`, `name#1`, ... (one jdistill tensor each) → HF's fused `name`, concatenated
+  on the first axis in part order."""
+  out = {n: t for n, t in tensors.items() if "#" not in n}
+  parts: dict[str, dict[int, np.ndarray]] = {}
+  for name, t in tensors.items():
+    if "#" in name:
+      base, i = name.split("#")
+      parts.setdefault(base, {})[int(i)] = t
+  for base, pieces in parts.items():
+    out[base] = np.ascontiguousarray(np.concatenate([pieces[i] for i in sorted(pieces)], axis=0))
+  return out
+
+
 def _path_key(path) -> tuple:
   return tuple(getattr(p, "key", getattr(p, "idx", p)) for p in path)
 
@@ -538,8 +770,8 @@ def from_hf(
       if isinstance(hf_name, tuple):  # one tensor per expert, stacked on the expert axis
         host = np.asarray(to_ours([reader.get(n) for n in hf_name]))
         hf_name = hf_name[0].replace(".experts.0.", ".experts.*.")
-      else:
-        host = np.asarray(to_ours(reader.get(hf_name)))
+      else:  # a part `name#i` of a fused HF tensor reads the whole tensor and slices it
+        host = np.asarray(to_ours(reader.get(hf_name.split("#")[0])))
       if host.shape != want:
         raise ValueError(
           f"tensor {hf_name!r} has shape {host.shape} after conversion, "
@@ -594,6 +826,7 @@ def to_hf(
         tensors.update((n, np.ascontiguousarray(w)) for n, w in zip(hf_name, to_hf_layout(part)))
       else:
         tensors[hf_name] = np.ascontiguousarray(to_hf_layout(part))
+  tensors = _join_parts(tensors)
   if jax.process_index() != 0:
     return
   # Written into a fresh folder beside `out_dir`, then renamed into place: an existing export

@@ -1,8 +1,11 @@
-"""Sparse mixture-of-experts feed-forward (Qwen2-MoE / Qwen3-MoE / DeepSeek-V3) and its router
-losses.
+"""Sparse mixture-of-experts feed-forward (Qwen2-MoE / Qwen3-MoE / DeepSeek-V3 / Nemotron-H)
+and its router losses.
 
-Routers: Qwen's softmax top-k (`route`); DeepSeek-V3's sigmoid scores, chosen with a
-score-correction bias from the best groups and scaled (`route_grouped`).
+Routers: Qwen's softmax top-k (`route`); DeepSeek-V3's and Nemotron-H's sigmoid scores, chosen
+with a score-correction bias from the best groups and scaled (`route_grouped`).
+
+Experts: SwiGLU (`silu(x @ gate) * (x @ up) @ down`), or Nemotron-H's ungated squared ReLU
+(`relu(x @ up)² @ down`: the dispatches take `gate=None`).
 
 Dispatch never drops a token (no capacity factor): the `[tokens * k]` (token, expert)
 assignments are sorted by expert, every expert runs over its rows, and the rows are
@@ -18,11 +21,12 @@ Router losses: under `nnx.capture(model, nnx.Intermediate)` each MoE layer sows 
 float32 router logits `[batch, seq, experts]`; `forward_with_aux_losses` runs the model
 that way and turns them into the load-balancing and z losses (`aux_losses`).
 
-DeepSeek-V3's auxiliary-loss-free balancing (its report, §2.1.2): each layer also sows the
-experts it chose `[batch, seq, k]`; `forward_with_router_stats` counts each expert's tokens
-(`expert_load`) and after a train step `next_score_bias` moves every layer's score-correction
-bias by `speed * sign(mean load - load)` (`balance_score_bias`): an overloaded expert is
-chosen less, an idle one more. The optimizer never changes the bias.
+DeepSeek-V3's auxiliary-loss-free balancing (its report, §2.1.2): each layer with the grouped
+router (DeepSeek-V3's, also Nemotron-H's) also sows the experts it chose `[batch, seq, k]`;
+`forward_with_router_stats` counts each expert's tokens (`expert_load`) and after a train step
+`next_score_bias` moves every layer's score-correction bias by `speed * sign(mean load -
+load)` (`balance_score_bias`): an overloaded expert is chosen less, an idle one more. The
+optimizer never changes the bias.
 """
 
 from __future__ import annotations
@@ -80,12 +84,19 @@ def route_grouped(
   return weights * scaling, experts
 
 
+def _expert_hidden(gate_out, up_out):
+  """SwiGLU's `silu(gate) * up`, or squared ReLU's `relu(up)²` without a gate."""
+  if gate_out is None:
+    return jnp.square(jax.nn.relu(up_out))
+  return jax.nn.silu(gate_out) * up_out
+
+
 def ragged_experts(x, experts, weights, gate, up, down) -> jax.Array:
-  """Grouped-matmul SwiGLU experts.
+  """Grouped-matmul SwiGLU (or squared-ReLU: `gate=None`) experts.
 
   Args:
     x: `[tokens, hidden]`; experts, weights: `[tokens, k]` (the router's choice).
-    gate, up: `[experts, hidden, moe_mlp]`; down: `[experts, moe_mlp, hidden]`.
+    gate (or None), up: `[experts, hidden, moe_mlp]`; down: `[experts, moe_mlp, hidden]`.
   Returns:
     `[tokens, hidden]`: the router-weighted sum of each token's k expert outputs.
   """
@@ -93,8 +104,9 @@ def ragged_experts(x, experts, weights, gate, up, down) -> jax.Array:
   flat = experts.reshape(-1)
   order = jnp.argsort(flat, stable=True)
   rows = x[order // k]  # [tokens * k, hidden], grouped by expert
-  sizes = jnp.bincount(flat, length=gate.shape[0]).astype(jnp.int32)
-  h = jax.nn.silu(jax.lax.ragged_dot(rows, gate, sizes)) * jax.lax.ragged_dot(rows, up, sizes)
+  sizes = jnp.bincount(flat, length=up.shape[0]).astype(jnp.int32)
+  g = None if gate is None else jax.lax.ragged_dot(rows, gate, sizes)
+  h = _expert_hidden(g, jax.lax.ragged_dot(rows, up, sizes))
   out = jax.lax.ragged_dot(h, down, sizes)
   out = out[jnp.argsort(order)].reshape(n, k, -1)
   return jnp.einsum("nkd,nk->nd", out, weights.astype(out.dtype))
@@ -134,12 +146,12 @@ def blocked_experts(
       weights).
   """
   n, k = experts.shape
-  e, d, f = gate.shape
+  e, d, f = up.shape
   m = n * k
   bs = block_size or block_size_for(m, e)
   n_blocks = (m + min(e, m) * (bs - 1)) // bs
   if group is None:
-    per_block = (2 * d * f + f * d) * gate.dtype.itemsize
+    per_block = ((2 if gate is not None else 1) * d * f + f * d) * up.dtype.itemsize
     group = max(1, GROUP_WEIGHT_BYTES // per_block)
   steps = -(-n_blocks // min(group, n_blocks))
   group = -(-n_blocks // steps)  # the same number of steps with the fewest dead blocks
@@ -168,8 +180,9 @@ def blocked_experts(
   def swiglu(rows, ids):
     """`[g, B, hidden]` rows of `[g]` experts → `[g, B, hidden]`."""
     take = dict(indices_are_sorted=True, mode="promise_in_bounds")
-    g, u, dn = (w.at[ids].get(**take) for w in (gate, up, down))
-    h = jax.nn.silu(jnp.einsum("gbd,gdf->gbf", rows, g)) * jnp.einsum("gbd,gdf->gbf", rows, u)
+    u, dn = (w.at[ids].get(**take) for w in (up, down))
+    g = None if gate is None else jnp.einsum("gbd,gdf->gbf", rows, gate.at[ids].get(**take))
+    h = _expert_hidden(g, jnp.einsum("gbd,gdf->gbf", rows, u))
     return jnp.einsum("gbf,gfd->gbd", h, dn)
 
   if steps == 1:
@@ -189,9 +202,10 @@ def blocked_experts(
 
 def dense_experts(x, experts, weights, gate, up, down) -> jax.Array:
   """Same contract as `ragged_experts`, computing every expert on every token (reference)."""
-  one_hot = jax.nn.one_hot(experts, gate.shape[0], dtype=weights.dtype)  # [tokens, k, experts]
+  one_hot = jax.nn.one_hot(experts, up.shape[0], dtype=weights.dtype)  # [tokens, k, experts]
   combine = jnp.sum(one_hot * weights[..., None], axis=1)
-  h = jax.nn.silu(jnp.einsum("nd,edf->nef", x, gate)) * jnp.einsum("nd,edf->nef", x, up)
+  g = None if gate is None else jnp.einsum("nd,edf->nef", x, gate)
+  h = _expert_hidden(g, jnp.einsum("nd,edf->nef", x, up))
   out = jnp.einsum("nef,efd->ned", h, down)
   return jnp.einsum("ned,ne->nd", out, combine.astype(out.dtype))
 
@@ -200,31 +214,40 @@ class MoE(nnx.Module):
   """Routed SwiGLU experts, plus a shared expert when configured (Qwen2-MoE's is
   sigmoid-gated, DeepSeek-V3's always on). DeepSeek-V3's router also holds the
   score-correction bias `score_bias` `[experts]` (f32): it only picks experts, so it gets no
-  gradient; it moves only by the load rule (`next_score_bias`)."""
+  gradient; it moves only by the load rule (`next_score_bias`). Nemotron-H's experts and
+  shared expert are ungated squared ReLU (no `gate_proj`), routed as DeepSeek-V3's."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     e, d, f, pd = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.jnp_param_dtype
     self.cfg = cfg
+    self.gated = not cfg.hybrid
     self.router = _param(rngs, (d, e), ("embed", "expert"), pd)
-    self.gate_proj = _param(rngs, (e, d, f), ("expert", "embed", "moe_mlp"), pd)
+    if self.gated:
+      self.gate_proj = _param(rngs, (e, d, f), ("expert", "embed", "moe_mlp"), pd)
     self.up_proj = _param(rngs, (e, d, f), ("expert", "embed", "moe_mlp"), pd)
     self.down_proj = _param(rngs, (e, f, d), ("expert", "moe_mlp", "embed"), pd)
-    if cfg.model_type == "deepseek_v3":
+    if self.grouped_router:
       self.score_bias = nnx.Param(jnp.zeros((e,), jnp.float32), logical_axes=("expert",))
     s = cfg.shared_expert_intermediate_size
     if s:
-      self.shared_gate_proj = _param(rngs, (d, s), ("embed", "mlp"), pd)
+      if self.gated:
+        self.shared_gate_proj = _param(rngs, (d, s), ("embed", "mlp"), pd)
       self.shared_up_proj = _param(rngs, (d, s), ("embed", "mlp"), pd)
       self.shared_down_proj = _param(rngs, (s, d), ("mlp", "embed"), pd)
       if cfg.model_type == "qwen2_moe":
         self.shared_expert_gate = _param(rngs, (d,), ("embed",), pd)
+
+  @property
+  def grouped_router(self) -> bool:
+    """DeepSeek-V3's sigmoid router (also Nemotron-H's): f32, a score bias, expert groups."""
+    return self.cfg.model_type in ("deepseek_v3", "nemotron_h")
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """`[batch, seq, hidden]` → `[batch, seq, hidden]`."""
     cfg, dt = self.cfg, self.cfg.jnp_dtype
     b, t, d = x.shape
     flat = x.reshape(b * t, d)
-    if cfg.model_type == "deepseek_v3":  # HF keeps this router in f32
+    if self.grouped_router:  # HF keeps this router in f32
       logits = jnp.dot(flat.astype(jnp.float32), self.router[...].astype(jnp.float32))
     else:
       logits = jnp.dot(flat, self.router[...].astype(dt), preferred_element_type=jnp.float32)
@@ -232,7 +255,7 @@ class MoE(nnx.Module):
     # sampler's while_loop (TraceContextError) and would leak into later nnx.split states.
     if hasattr(self, "__captures__"):
       self.sow(nnx.Intermediate, "router_logits", logits.reshape(b, t, -1))
-    if cfg.model_type == "deepseek_v3":
+    if self.grouped_router:
       weights, experts = route_grouped(
         logits, self.score_bias[...], cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group,
         cfg.norm_topk_prob, cfg.routed_scaling_factor,
@@ -244,13 +267,13 @@ class MoE(nnx.Module):
     run = {"ragged": ragged_experts, "blocked": blocked_experts, "dense": dense_experts}[
       cfg.moe_dispatch
     ]
-    w = [p[...].astype(dt) for p in (self.gate_proj, self.up_proj, self.down_proj)]
-    y = run(flat, experts, weights.astype(dt), *w)
+    gate = self.gate_proj[...].astype(dt) if self.gated else None
+    w = [p[...].astype(dt) for p in (self.up_proj, self.down_proj)]
+    y = run(flat, experts, weights.astype(dt), gate, *w)
     if cfg.shared_expert_intermediate_size:
-      gate = jax.nn.silu(flat @ self.shared_gate_proj[...].astype(dt))
-      shared = (gate * (flat @ self.shared_up_proj[...].astype(dt))) @ self.shared_down_proj[
-        ...
-      ].astype(dt)
+      up = flat @ self.shared_up_proj[...].astype(dt)
+      g = flat @ self.shared_gate_proj[...].astype(dt) if self.gated else None
+      shared = _expert_hidden(g, up) @ self.shared_down_proj[...].astype(dt)
       if cfg.model_type == "qwen2_moe":
         shared = jax.nn.sigmoid(flat @ self.shared_expert_gate[...].astype(dt))[:, None] * shared
       y = y + shared
@@ -343,8 +366,9 @@ def forward_with_router_stats(model, tokens, positions=None, kv_mask=None):
 
   The losses (`aux_losses`, weighted by nothing) and the loads are computed over the tokens
   `kv_mask` marks (a `[batch, seq]` mask; padding is not a token). `loads` maps each
-  DeepSeek-V3 MoE layer's module path (say `("layers", 1, "mlp")`) to its `expert_load`
-  `[experts]` (`[layers, experts]` for scanned layers); a dense model gives `{}, {}`.
+  grouped-router (DeepSeek-V3, Nemotron-H) MoE layer's module path (say `("layers", 1, "mlp")`)
+  to its `expert_load` `[experts]` (`[layers, experts]` for scanned layers); a dense model gives
+  `{}, {}`.
   """
   if not model.cfg.num_experts:
     return (*model(tokens, positions, kv_mask=kv_mask), {}, {})

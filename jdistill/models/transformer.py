@@ -1,7 +1,9 @@
 """Decoder-only transformer in Flax NNX covering Llama 3, Qwen2 and Qwen3 (and their MoE
 variants, whose sparse layers use `jdistill.models.moe.MoE` in place of the MLP),
-DeepSeek-V3 (its attention is `jdistill.models.mla.MLAttention`) and Gemma 3's text model
-(`GemmaBlock`; its sliding-window layers' cache is `jdistill.models.sliding_cache`'s ring).
+DeepSeek-V3 (its attention is `jdistill.models.mla.MLAttention`), Gemma 3's text model
+(`GemmaBlock`; its sliding-window layers' cache is `jdistill.models.sliding_cache`'s ring) and
+Nemotron-H (`HybridBlock`s of one mixer each: Mamba-2 (`jdistill.models.mamba2`), attention,
+MLP or MoE).
 
 Every weight is an `nnx.Param` whose `logical_axes` metadata names its
 dimensions; `jdistill.runtime.sharding` maps those names to mesh axes.
@@ -22,6 +24,9 @@ Scanned layers (`cfg.scan_layers`): `ScannedBlocks` holds one block whose every 
 has a leading `layers` axis (logical name `layers`, never sharded) and runs it under
 `jax.lax.scan`; `stack_layers` / `unstack_layers` convert a model state between the two
 layouts (HF import/export, checkpoints, tests).
+
+Nemotron-H's cache: one dict per layer by its kind: `{"k", "v"}` for attention, Mamba-2's
+`{"conv_x", "conv_bc", "ssm"}` (`jdistill.models.mamba2`), `{}` for MLP and MoE layers.
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ from jdistill.models.layers import (
   rope_attention_factor,
   rope_inv_freq,
 )
+from jdistill.models.mamba2 import Mamba2
+from jdistill.models.mamba2 import cache_shapes as mamba_cache_shapes
 from jdistill.models.mla import MLAttention
 from jdistill.models.mla import cache_shapes as mla_cache_shapes
 from jdistill.models.moe import MoE
@@ -56,7 +63,8 @@ Cache = tuple[dict[str, jax.Array], ...] | dict[str, jax.Array]
 class Attention(nnx.Module):
   """Grouped-query attention with optional q/k/v biases (Qwen2) and q/k RMSNorm (Qwen3);
   under `cfg.gemma` Gemma's `1 + w` q/k norms, `query_pre_attn_scalar`'s scale and, when
-  `sliding`, a `sliding_window` of keys with local RoPE and a ring-buffer cache."""
+  `sliding`, a `sliding_window` of keys with local RoPE and a ring-buffer cache; without RoPE
+  under `not cfg.rope` (Nemotron-H)."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, sliding: bool = False):
     d, h, kv, hd, pd = (
@@ -97,8 +105,10 @@ class Attention(nnx.Module):
       q = norm(q, self.q_norm[...], cfg.rms_norm_eps)
       k = norm(k, self.k_norm[...], cfg.rms_norm_eps)
     sliding = self.sliding
-    inv_freq, factor = rope_inv_freq(cfg, sliding), rope_attention_factor(cfg, sliding)
-    q, k = apply_rope(q, positions, inv_freq, factor), apply_rope(k, positions, inv_freq, factor)
+    if cfg.rope:
+      inv_freq, factor = rope_inv_freq(cfg, sliding), rope_attention_factor(cfg, sliding)
+      q = apply_rope(q, positions, inv_freq, factor)
+      k = apply_rope(k, positions, inv_freq, factor)
 
     seq = x.shape[1]
     window = cfg.sliding_window if sliding else None
@@ -133,21 +143,27 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-  """Gated feed-forward: SwiGLU, or GELU-tanh gated under `cfg.gemma`."""
+  """Feed-forward: SwiGLU, GELU-tanh gated under `cfg.gemma`; Nemotron-H's (`cfg.hybrid`) is
+  ungated, `relu(x @ up)² @ down`."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     d, f, pd = cfg.hidden_size, cfg.intermediate_size, cfg.jnp_param_dtype
     self.dtype = cfg.jnp_dtype
+    self.gated = not cfg.hybrid
     self.gelu = cfg.gemma
-    self.gate_proj = _param(rngs, (d, f), ("embed", "mlp"), pd, 0.02)
+    if self.gated:
+      self.gate_proj = _param(rngs, (d, f), ("embed", "mlp"), pd, 0.02)
     self.up_proj = _param(rngs, (d, f), ("embed", "mlp"), pd, 0.02)
     self.down_proj = _param(rngs, (f, d), ("mlp", "embed"), pd, 0.02)
 
   def __call__(self, x):
     dt = self.dtype
+    up = x @ self.up_proj[...].astype(dt)
+    if not self.gated:
+      return jnp.square(jax.nn.relu(up)) @ self.down_proj[...].astype(dt)
     gate = x @ self.gate_proj[...].astype(dt)
     gate = jax.nn.gelu(gate, approximate=True) if self.gelu else jax.nn.silu(gate)
-    return (gate * (x @ self.up_proj[...].astype(dt))) @ self.down_proj[...].astype(dt)
+    return (gate * up) @ self.down_proj[...].astype(dt)
 
 
 class Block(nnx.Module):
@@ -194,6 +210,33 @@ class GemmaBlock(nnx.Module):
     x = x + norm(attn_out, self.post_attn_norm)
     x = x + norm(self.mlp(norm(x, self.pre_mlp_norm)), self.post_mlp_norm)
     return x, new_cache
+
+
+class HybridBlock(nnx.Module):
+  """Nemotron-H's layer: `x + mixer(rms_norm(x))`, the mixer of `kind` (a `layer_pattern`
+  character): `M` Mamba-2, `*` attention (no RoPE), `-` MLP, `E` MoE. Same call contract as
+  `Block`; the Mamba mixer reads its tokens' padding mask from `kv_mask` (`[B, T]` without a
+  cache, the `T` slots from `cache_index` of `[B, cache_len]` with one)."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, kind: str):
+    self.kind = kind
+    self.eps = cfg.rms_norm_eps
+    self.norm = _param(rngs, (cfg.hidden_size,), ("norm",), cfg.jnp_param_dtype, ones=True)
+    mixers = {"M": Mamba2, "*": Attention, "-": MLP, "E": MoE}
+    self.mixer = mixers[kind](cfg, rngs)
+
+  def __call__(self, x, positions, kv_mask, layer_cache, cache_index):
+    h = rms_norm(x, self.norm[...], self.eps)
+    if self.kind == "*":
+      out, layer_cache = self.mixer(h, positions, kv_mask, layer_cache, cache_index)
+    elif self.kind == "M":
+      mask = kv_mask
+      if layer_cache is not None:
+        mask = jax.lax.dynamic_slice_in_dim(kv_mask, cache_index, x.shape[1], axis=1)
+      out, layer_cache = self.mixer(h, mask, layer_cache, cache_index)
+    else:
+      out = self.mixer(h)
+    return x + out, layer_cache
 
 
 def _run_block(block, x, positions, kv_mask, layer_cache, cache_index):
@@ -356,6 +399,8 @@ class Transformer(nnx.Module):
     elif cfg.scan_layers:  # uniform layers only (ModelConfig checks): all dense or all sparse
       moe = cfg.is_moe_layer(0)
       self.layers = ScannedBlocks(lambda r: Block(cfg, r, moe=moe), cfg.num_layers, rngs)
+    elif cfg.hybrid:
+      self.layers = nnx.List([HybridBlock(cfg, rngs, kind) for kind in cfg.layer_pattern])
     else:
       self.layers = nnx.List(
         [Block(cfg, rngs, moe=cfg.is_moe_layer(i)) for i in range(cfg.num_layers)]
@@ -398,12 +443,13 @@ class Transformer(nnx.Module):
         "(make it with init_cache(model.cfg, ...))"
       )
     if kv_mask is None:
-      # (a sliding layer's ring is shorter than the cache: the longest leaf's slots)
-      kv_len = t if cache is None else max(a.shape[-3] for a in jax.tree.leaves(cache))
+      kv_len = t if cache is None else _cache_len(cache, t)
       kv_mask = jnp.ones((b, kv_len), bool)
     if cache is not None and cache_index is None:
       raise ValueError("Transformer: cache_index is required when a cache is given")
     if segment_ids is not None:
+      if "M" in self.cfg.layer_pattern:
+        raise ValueError("Transformer: segment_ids (packed rows) are not supported by Mamba layers")
       if cache is not None:
         raise ValueError("Transformer: segment_ids (packed rows) need a call without a cache")
       same = segment_ids[:, :, None] == segment_ids[:, None, :]
@@ -444,9 +490,30 @@ class Transformer(nnx.Module):
     return self.logits(hidden)
 
 
-def cache_logical_axes(cfg: ModelConfig) -> tuple[str | None, ...]:
-  """Logical axis names of every array of `init_cache(cfg, ...)` (MLA's latent and RoPE key
-  are shared by all heads: replicated over `tensor`)."""
+def _cache_len(cache: Cache, default: int) -> int:
+  """The slots of the cache's longest attention layer (a Gemma 3 sliding layer's ring is
+  shorter than the cache; `default` if it has none: Mamba-only)."""
+  return max(
+    (
+      a.shape[-3]
+      for layer in ([cache] if isinstance(cache, dict) else cache)
+      for name, a in layer.items()
+      if name not in ("conv_x", "conv_bc", "ssm")  # K/V or MLA's latent and RoPE key
+    ),
+    default=default,
+  )
+
+
+def cache_logical_axes(cfg: ModelConfig, name: str = "k") -> tuple[str | None, ...]:
+  """Logical axis names of the arrays called `name` in `init_cache(cfg, ...)` (MLA's latent
+  and RoPE key are shared by all heads: replicated over `tensor`; Mamba-2's x conv inputs and
+  SSM states have its heads on `tensor`, the B/C conv inputs are replicated)."""
+  if name == "conv_x":
+    return ("batch", None, "heads", "head_dim")
+  if name == "conv_bc":
+    return ("batch", None, None, None, None)
+  if name == "ssm":
+    return ("batch", "heads", "head_dim", None)
   axes = ("batch", None, None, None) if cfg.mla else ("batch", None, "kv_heads", "head_dim")
   return ("layers", *axes) if cfg.scan_layers else axes
 
@@ -458,6 +525,10 @@ def init_cache(cfg: ModelConfig, batch: int, cache_len: int, dtype: Any = None) 
   (`{"latent", "k_rope"}`, one shared head); under `cfg.gemma` a sliding layer's `{"k", "v"}`
   hold `min(sliding_window, cache_len)` slots (`jdistill.models.sliding_cache`)."""
   dtype = cfg.jnp_dtype if dtype is None else dtype
+  if cfg.hybrid:
+    return tuple(
+      _hybrid_layer_cache(cfg, kind, batch, cache_len, dtype) for kind in cfg.layer_pattern
+    )
   if cfg.mla:
     shapes = mla_cache_shapes(cfg, batch, cache_len)
   elif cfg.gemma:
@@ -475,6 +546,19 @@ def init_cache(cfg: ModelConfig, batch: int, cache_len: int, dtype: Any = None) 
   return tuple(
     {name: jnp.zeros(shape, dtype) for name, shape in shapes.items()} for _ in range(cfg.num_layers)
   )
+
+
+def _hybrid_layer_cache(cfg: ModelConfig, kind: str, batch: int, cache_len: int, dtype) -> dict:
+  """One Nemotron-H layer's zeroed cache: K/V (`*`), conv + f32 SSM state (`M`) or none."""
+  if kind == "*":
+    return _kv_zeros(cfg, batch, cache_len, dtype)
+  if kind == "M":
+    shapes = mamba_cache_shapes(cfg, batch)
+    return {
+      name: jnp.zeros(shape, jnp.float32 if name == "ssm" else dtype)
+      for name, shape in shapes.items()
+    }
+  return {}
 
 
 def _kv_zeros(cfg: ModelConfig, batch: int, slots: int, dtype) -> dict[str, jax.Array]:

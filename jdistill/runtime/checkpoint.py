@@ -250,7 +250,8 @@ def load_model_from_checkpoint(
     fields = json.load(f)
   if fields.get("rope_scaling") is not None:
     fields["rope_scaling"] = tuple(tuple(kv) for kv in fields["rope_scaling"])
-  for name in ("mlp_only_layers", "layer_types"):  # JSON lists; ModelConfig holds tuples
+  # JSON lists; ModelConfig holds tuples
+  for name in ("mlp_only_layers", "layer_types", "time_step_limit"):
     if isinstance(fields.get(name), list):
       fields[name] = tuple(fields[name])
   fields.pop("remat", None)

@@ -53,18 +53,17 @@ class LoopStats(NamedTuple):
 class ContinuousBatching:
   """`Sampler`'s continuous-batching half (a mixin): `generate_continuous` and its compiled
   loop. It uses the sampler's `graphdef`, `cache_dtype`, `num_compiles`, `_fns`,
-  `_cache_sharding`, `_prepare` and `_limits`."""
+  `_cache_shardings`, `_prepare` and `_limits`."""
 
   def _build_continuous(self, key: _ContinuousKey, cfg):
     """The one compiled function of `generate_continuous` for this static shape."""
     bucket, n_new, n_slots, n_prompts = key.bucket, key.max_new_tokens, key.slots, key.prompts
     cache_len = bucket + n_new
-    cache_shape = jax.tree.leaves(jax.eval_shape(lambda: init_cache(cfg, n_slots, cache_len)))[0]
-    cache_sh = self._cache_sharding(cfg, cache_shape.shape)
-    rows = 1 if cfg.scan_layers else 0  # the cache's batch axis (scanned: `[layers, B, ...]`)
-    constrain_cache = lambda c: jax.lax.with_sharding_constraint(
-      c, jax.tree.map(lambda _: cache_sh, c)
+    cache_sh = self._cache_shardings(
+      cfg, jax.eval_shape(lambda: init_cache(cfg, n_slots, cache_len))
     )
+    rows = 1 if cfg.scan_layers else 0  # the cache's batch axis (scanned: `[layers, B, ...]`)
+    constrain_cache = lambda c: jax.lax.with_sharding_constraint(c, cache_sh)
     graphdef, sampler = self.graphdef, self
 
     def run(state, prompt_left, lengths, limits, order, group_start, group_count, slot_group, rng,

@@ -117,9 +117,15 @@ class Sampler(ContinuousBatching):
   def _batch(self, ndim: int) -> NamedSharding:
     return shd.batch_sharding(self.mesh, ndim, self.rules)
 
-  def _cache_sharding(self, cfg, shape) -> NamedSharding:
-    spec = shd.logical_to_spec(cache_logical_axes(cfg), shape, self.mesh, self.rules)
-    return NamedSharding(self.mesh, spec)
+  def _cache_shardings(self, cfg, cache) -> Any:
+    """A NamedSharding for each array of `cache` (arrays or shapes), by its name's logical axes
+    (a hybrid model's cache holds K/V and Mamba states of different ranks)."""
+
+    def one(path, x):
+      axes = cache_logical_axes(cfg, path[-1].key)
+      return NamedSharding(self.mesh, shd.logical_to_spec(axes, x.shape, self.mesh, self.rules))
+
+    return jax.tree_util.tree_map_with_path(one, cache)
 
   # -- compiled pieces --
   def _compiled(self, key: _Key, cfg) -> tuple:
@@ -130,11 +136,10 @@ class Sampler(ContinuousBatching):
   def _build(self, key: _Key, cfg) -> tuple:
     bucket, n_new = key.bucket, key.max_new_tokens
     cache_len = bucket + n_new
-    cache_shape = jax.tree.leaves(jax.eval_shape(lambda: init_cache(cfg, key.batch, cache_len)))[0]
-    cache_sh = self._cache_sharding(cfg, cache_shape.shape)
-    constrain_cache = lambda c: jax.lax.with_sharding_constraint(
-      c, jax.tree.map(lambda _: cache_sh, c)
+    cache_sh = self._cache_shardings(
+      cfg, jax.eval_shape(lambda: init_cache(cfg, key.batch, cache_len))
     )
+    constrain_cache = lambda c: jax.lax.with_sharding_constraint(c, cache_sh)
     b1, b2 = self._batch(1), self._batch(2)
     graphdef, sampler = self.graphdef, self
 
@@ -157,10 +162,8 @@ class Sampler(ContinuousBatching):
       cache of U rows, then repeats row u to rows `[u * G, (u + 1) * G)` of the B-row cache and
       logits. A dummy row b past U * G reads row min(b // G, U - 1): its output is dropped."""
       unique = lengths.shape[0]
-      shape = cache_shape.shape
-      small_sh = self._cache_sharding(cfg, shape[:batch_axis] + (unique,) + shape[batch_axis + 1 :])
       small = init_cache(cfg, unique, cache_len, self.cache_dtype)
-      small = jax.lax.with_sharding_constraint(small, jax.tree.map(lambda _: small_sh, small))
+      small = jax.lax.with_sharding_constraint(small, self._cache_shardings(cfg, small))
       small, logits = prefill(state, small, prompt_left, lengths)
       src = jnp.minimum(jnp.arange(key.batch, dtype=jnp.int32) // key.group_size, unique - 1)
       cache = jax.tree.map(lambda x: jnp.take(x, src, axis=batch_axis), small)

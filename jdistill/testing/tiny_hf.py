@@ -66,6 +66,25 @@ HF_CONFIGS = {
       "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
     },
   ),
+  # every layer kind (Mamba-2, attention, MLP, MoE), 2 B/C groups, SSD chunks of 4 tokens
+  "nemotron_h": dict(
+    model_type="nemotron_h",
+    hybrid_override_pattern="M*-EM",
+    head_dim=16,
+    mamba_num_heads=8,
+    mamba_head_dim=8,
+    ssm_state_size=16,
+    n_groups=2,
+    conv_kernel=4,
+    chunk_size=4,
+    n_routed_experts=8,
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+    moe_shared_expert_intermediate_size=48,
+    n_group=4,
+    topk_group=2,
+    routed_scaling_factor=2.5,
+  ),
 }
 
 
@@ -83,7 +102,7 @@ def tiny_hf_model(
   **extra,
 ):
   """A random transformers CausalLM of the given family (`llama`, `qwen2`, `qwen3`, `qwen2_moe`,
-  `qwen3_moe`, `deepseek_v3`, `gemma3_text`); `extra` overrides config fields (say
+  `qwen3_moe`, `deepseek_v3`, `gemma3_text`, `nemotron_h`); `extra` overrides config fields (say
   `mlp_only_layers=[0]`)."""
   import torch
   from transformers import AutoConfig, AutoModelForCausalLM
@@ -93,6 +112,8 @@ def tiny_hf_model(
   spec.update(extra)
   if model_type == "deepseek_v3":
     kv_heads = heads  # MLA expands the latent into one key per head (HF repeats none)
+  if model_type == "nemotron_h":  # its depth is the pattern's
+    layers = len(spec["hybrid_override_pattern"])
   config = AutoConfig.for_model(
     model_type,
     vocab_size=vocab_size,
@@ -114,10 +135,12 @@ def tiny_hf_model(
     for name, p in model.named_parameters():
       if name.endswith("bias") or "norm" in name:
         p.add_(0.1 * torch.randn_like(p))
-      elif name.endswith("mlp.gate.weight"):  # router logits of std ~1: distinct top-k
+      elif name.endswith(("mlp.gate.weight", "mixer.gate.weight")):  # router logits of std ~1
         p.copy_(torch.randn_like(p) / hidden_size**0.5)
       elif ".experts." in name or "shared_expert" in name:  # experts that move the logits
         p.copy_(0.1 * torch.randn_like(p))
+      elif name.endswith(("mixer.A_log", "mixer.D")):  # Mamba-2's per-head decay and skip
+        p.add_(0.3 * torch.randn_like(p))
     for name, b in model.named_buffers():  # DeepSeek-V3's bias that changes which experts win
       if name.endswith("e_score_correction_bias"):
         b.copy_(0.2 * torch.randn_like(b))

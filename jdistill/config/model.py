@@ -162,6 +162,13 @@ def validate_student(config) -> None:
       config.student.score_bias_update_speed,
       f"0 in stage {config.stage!r} (the load rule runs in the OPD step)",
     )
+  if config.student.score_bias_update_speed and config.optimizer.get("grad_accum", 1) > 1:
+    fail(
+      "student.score_bias_update_speed",
+      config.student.score_bias_update_speed,
+      f"0 with optimizer.grad_accum={config.optimizer.grad_accum} (the bias would move on every "
+      "micro-batch's loads, not once per update on the global batch's)",
+    )
   if not config.student.path:
     fail("student.path", config.student.path, "a Hugging Face directory")
 

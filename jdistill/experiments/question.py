@@ -425,11 +425,19 @@ def sweep(exp, world, dial_dir, grid: Grid, progress=print, shard=(0, 1)) -> dic
   # for the steps its budget leaves), at the same ends and lrs.
   after_rl = [(loss, lr, s) for loss in grid.rl_losses for lr in grid.lrs_of(loss) for s in ends]
   _, rl_opd_steps = opd_steps(grid, "rlvr", world)
+  lineage = teacher_dirs(world, dial_dir, ends[0])
+  missing = [(loss, lr, s) for loss, lr, s in after_rl
+             if not os.path.exists(os.path.join(_after_rlvr_dir(exp, s, loss, rl_lr, lr),
+                                                "cell.json"))]  # fmt: skip
+  if missing and count:  # the RLVR student they share: built by one shard, never two at once
+    if index == 0:
+      rlvr_student(exp, world, lineage, 0, rl_lr, grid, validation)
+    while not os.path.exists(os.path.join(exp, "rlvr", f"lr{rl_lr:g}", "seed0", "DONE.json")):
+      time.sleep(20)
   for k, (loss, lr, setting) in enumerate(after_rl):
     if not count or k % count != index:
       continue
     progress(f"sweep after RLVR {k + 1}/{len(after_rl)}: {loss} lr {lr:g} at {setting}")
-    lineage = teacher_dirs(world, dial_dir, ends[0])
     out = _after_rlvr_dir(exp, setting, loss, rl_lr, lr)
     _cached(out, lambda out=out, setting=setting, loss=loss, lr=lr, lineage=lineage: run_opd(
       world, teacher_dirs(world, dial_dir, setting), loss,
@@ -544,14 +552,27 @@ def run_cell(
 _CELL_KEYS = ("setting", "alpha", "overlap", "loss", "rl", "warmup", "seed", "lr")
 
 
-def restore(exp: str, results_path: str) -> int:
+# The grid's fields a cell's or sweep run's result depends on beyond the lrs its path names:
+# a restored result is only valid for a grid that has the same.
+RESULT_FIELDS = ("budget_steps", "rl_steps", "rl_group", "warmup_steps", "validation_per_domain",
+                 "noise_batches", "slots_per_teacher", "max_new_tokens")  # fmt: skip
+
+
+def restore(exp: str, results_path: str, grid: Grid) -> int:
   """Writes under `exp` the cached result of every cell and sweep run a finished grid's
   results.json holds (each marked `restored`; a result already there is kept) → how many.
-  A grid changed since (more lrs, more seeds) then computes only what it adds: the paths key
-  every lr a result depends on, so a new sweep choice finds none of the old results."""
+  A grid changed since in what it runs (more lrs, seeds, settings) then computes only what it
+  adds: the paths key every lr a result depends on, so a new sweep choice finds none of the
+  old results. A grid that changed how a run runs (`RESULT_FIELDS`) is refused, naming it."""
   with open(results_path) as f:
     done = json.load(f)
   swept, written = done["sweep"], 0
+  for name in RESULT_FIELDS:
+    if swept["grid"][name] != getattr(grid, name):
+      raise ValueError(
+        f"{results_path} ran with {name}={swept['grid'][name]}, this grid has "
+        f"{getattr(grid, name)}: its results are not this grid's (restore none, or run as it)"
+      )
 
   def put(out, r, drop):
     nonlocal written
@@ -828,8 +849,8 @@ def main(argv):
     budget_steps=f.budget_steps, rl_steps=f.rl_steps,
   )  # fmt: skip
   index, count = (int(x) for x in f.shard.split("/"))
-  if f.restore:
-    print(f"question: {restore(f.out, f.restore)} results restored from {f.restore}")
+  for path in f.restore:
+    print(f"question: {restore(f.out, path, grid)} results restored from {path}")
   result = run(f.out, grid, dial_dir=f.dial, shard=(index, count), report_only=f.report_only)
   if result is None:
     print(f"question: shard {index}/{count} done; run again without --shard to collect")
@@ -852,11 +873,12 @@ def cli():
   flags.DEFINE_integer("budget_steps", Grid.budget_steps, "OPD steps' worth of student tokens.")
   flags.DEFINE_integer("rl_steps", Grid.rl_steps, "GRPO steps of the rlvr arm.")
   flags.DEFINE_bool("report_only", False, "Report the finished cells; compute nothing.")
-  flags.DEFINE_string(
+  flags.DEFINE_list(
     "restore",
-    "",
-    "A finished grid's results.json (e.g. docs/results/results.json): its cells "
-    "and sweep runs are reused; only what the grid adds since is computed.",
+    [],
+    "Finished grids' results.json files, in order (docs/results/results.json,"
+    "docs/results/sweep_extension.json): their cells and sweep runs are reused; only what the "
+    "grid adds since is computed.",
   )
   flags.DEFINE_string("shard", "0/1", "i/n: run every n-th job from the i-th (parallel runs).")
   app.run(main)

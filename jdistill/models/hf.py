@@ -128,7 +128,8 @@ def _nemotron_from_hf(hf: dict, **kw) -> ModelConfig:
     pattern = hf["hybrid_override_pattern"]
   else:
     raise ValueError("config.json: nemotron_h needs layers_block_type or hybrid_override_pattern")
-  for field, value in (("mlp_bias", True), ("use_bias", True), ("mamba_proj_bias", True)):
+  unsupported = ("mlp_bias", "use_bias", "mamba_proj_bias", "attention_bias")
+  for field, value in ((name, True) for name in unsupported):
     if hf.get(field) == value:
       raise ValueError(f"config.json: {field}=true is not supported for nemotron_h")
   if hf.get("moe_latent_size") is not None:

@@ -192,16 +192,20 @@ def test_each_recipe_gets_the_lr_best_on_validation_over_both_ends():
 def test_restore_reuses_the_committed_grid_and_a_new_lr_finds_nothing_stale(tmp_path):
   """The committed results.json restored into a fresh folder: the sweep collects to the same
   choices and every cell reads back as committed, computing nothing. A grid with one more RLVR
-  lr needs that run; once it wins, the OPD-after-RLVR runs of the old RLVR lr are not reused."""
+  lr needs that run; once it wins, the OPD-after-RLVR runs of the old RLVR lr are not reused.
+  A grid that runs cells otherwise (another budget) is refused, naming the field."""
   results = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "results", "results.json")
   done = json.load(open(results))
+  committed = done["sweep"]["grid"]  # the grid it ran (the defaults have grown since)
+  grid = question.Grid(**{k: tuple(v) if isinstance(v, list) else v for k, v in committed.items()})
   exp = str(tmp_path)
-  assert question.restore(exp, results) == len(done["cells"]) + sum(
+  with pytest.raises(ValueError, match="budget_steps=150, this grid has 100"):
+    question.restore(exp, results, dataclasses.replace(grid, budget_steps=100))
+  assert question.restore(exp, results, grid) == len(done["cells"]) + sum(
     len(done["sweep"][t])
     for t in ("table", "after_rl_table", "unified_table", "rl_table", "warmup_table")
   )
-  assert question.restore(exp, results) == 0  # kept, never overwritten
-  grid = question.Grid()
+  assert question.restore(exp, results, grid) == 0  # kept, never overwritten
   swept = question.sweep(exp, WORLD, str(tmp_path), grid, shard=(0, 0))
   assert swept is not None
   for key in ("lr", "rl_lr", "warmup_lr"):
@@ -212,10 +216,15 @@ def test_restore_reuses_the_committed_grid_and_a_new_lr_finds_nothing_stale(tmp_
     got = question.run_cell(exp, WORLD, str(tmp_path), cell, swept["lr"], swept["rl_lr"], grid,
                             overlaps, swept["warmup_lr"], cached_only=True)  # fmt: skip
     assert got == {**c, "restored": True}
-  wider = dataclasses.replace(grid, rl_lrs=(3e-5, *grid.rl_lrs))
+  wider = dataclasses.replace(grid, rl_lrs=(3e-6, *grid.rl_lrs))
   assert question.sweep(exp, WORLD, str(tmp_path), wider, shard=(0, 0)) is None
-  new = os.path.join(exp, "sweep", "rlvr", "lr3e-05")
+  new = os.path.join(exp, "sweep", "rlvr", "lr3e-06")
   os.makedirs(new)
   with open(os.path.join(new, "cell.json"), "w") as f:
-    json.dump({"accuracy": {"mean": 0.9}}, f)
+    json.dump({"accuracy": {"mean": 0.9}}, f)  # 3e-6 wins: the runs after RLVR are made again
   assert question.sweep(exp, WORLD, str(tmp_path), wider, shard=(0, 0)) is None
+  for loss, lr, setting in [
+    (r["loss"], r["lr"], r["setting"]) for r in done["sweep"]["after_rl_table"]
+  ]:
+    path = os.path.join(question._after_rlvr_dir(exp, setting, loss, 3e-6, lr), "cell.json")
+    assert not os.path.exists(path)

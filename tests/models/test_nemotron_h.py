@@ -330,7 +330,9 @@ def test_bad_nemotron_config(kw, match):
 def test_unsupported_hf_fields_raise_naming_them():
   base = hf.config_to_hf(SMALL)
   assert hf.config_from_hf(base) == SMALL.replace(max_position_embeddings=32768)
-  for field, value in [("moe_latent_size", 16), ("use_bias", True), ("mlp_hidden_act", "gelu")]:
+  unsupported = [("moe_latent_size", 16), ("use_bias", True), ("attention_bias", True),
+                 ("mlp_hidden_act", "gelu")]  # fmt: skip
+  for field, value in unsupported:
     with pytest.raises(ValueError, match=field):
       hf.config_from_hf({**base, field: value})
   packed = dict(segment_ids=jnp.ones((1, 4), jnp.int32))

@@ -179,8 +179,11 @@ def test_score_bias_update_speed_is_checked_and_off_keeps_the_config_hash(ds_wor
     c.student.score_bias_update_speed, c.stage = value, stage
     with pytest.raises(ValueError, match=r"config\.student\.score_bias_update_speed="):
       config_lib.validate(c)
+  c.student.score_bias_update_speed, c.stage, c.optimizer.grad_accum = 0.001, "opd", 2
+  with pytest.raises(ValueError, match=r"score_bias_update_speed=.*grad_accum=2"):
+    config_lib.validate(c)
+  c.optimizer.grad_accum = 1
   # a student without the bias: named before anything compiles
-  c.stage = "opd"
   c.student.path = str(tmp_path / "llama")
   with open(os.path.join(ds_world["student"], "config.json")) as f:
     vocab = json.load(f)["vocab_size"]

@@ -189,3 +189,22 @@ def _jitted_forward():
 
     _FORWARD.append(jax.jit(lambda g, s, t, p, m: nnx.merge(g, s).forward_logits(t, p, m)))
   return _FORWARD[0]
+
+
+def assert_greedy_equals_generate(torch_model, tokens, prompts, new: int) -> None:
+  """Each row of `tokens` ([batch, ≥ prompt + new], the sampler's greedy output) equals
+  transformers' greedy `generate` of its prompt for `new` tokens (no EOS stop)."""
+  import numpy as np
+  import torch
+
+  torch_model.generation_config.eos_token_id = None
+  for b, prompt in enumerate(prompts):
+    with torch.no_grad():
+      ref = torch_model.generate(
+        torch.tensor([prompt]),
+        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        max_new_tokens=new,
+        do_sample=False,
+        pad_token_id=0,
+      )
+    np.testing.assert_array_equal(np.asarray(tokens[b, : len(prompt) + new]), ref[0].numpy())

@@ -7,7 +7,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
@@ -107,17 +106,7 @@ def test_greedy_matches_transformers_generate(gemma_pair):
   new = 8
   sp = SamplingParams(max_new_tokens=new, temperature=0.0, prompt_buckets=(8,))
   out = Sampler(graphdef, mesh).generate(state, prompts, jax.random.key(0), sp)
-  torch_model.generation_config.eos_token_id = None
-  for b, prompt in enumerate(prompts):
-    with torch.no_grad():
-      ref = torch_model.generate(
-        torch.tensor([prompt]),
-        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-        max_new_tokens=new,
-        do_sample=False,
-        pad_token_id=0,
-      )
-    np.testing.assert_array_equal(np.asarray(out.tokens[b, : len(prompt) + new]), ref[0].numpy())
+  tiny_hf.assert_greedy_equals_generate(torch_model, out.tokens, prompts, new)
 
 
 def test_export_loads_in_transformers_and_reimports_bit_identical(gemma_pair, tmp_path):

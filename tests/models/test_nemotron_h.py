@@ -177,17 +177,7 @@ def test_greedy_matches_transformers_generate(pair):
   new = 8
   sp = SamplingParams(max_new_tokens=new, temperature=0.0, prompt_buckets=(16,))
   out = Sampler(graphdef, _single_mesh()).generate(state, prompts, jax.random.key(0), sp)
-  torch_model.generation_config.eos_token_id = None
-  for b, prompt in enumerate(prompts):
-    with torch.no_grad():
-      ref = torch_model.generate(
-        torch.tensor([prompt]),
-        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-        max_new_tokens=new,
-        do_sample=False,
-        pad_token_id=0,
-      )
-    np.testing.assert_array_equal(np.asarray(out.tokens[b, : len(prompt) + new]), ref[0].numpy())
+  tiny_hf.assert_greedy_equals_generate(torch_model, out.tokens, prompts, new)
 
 
 def test_export_loads_in_transformers_and_reimports_bit_identical(pair, tmp_path):

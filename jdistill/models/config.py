@@ -40,6 +40,10 @@ REMAT_POLICIES = (
 SCAN_MIN_LAYERS = 8
 
 
+def _is_positive_int(value: Any) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """Hyper-parameters of a decoder-only transformer.
@@ -188,7 +192,7 @@ class ModelConfig:
       "head_dim",
     ):
       value = getattr(self, name)
-      if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+      if not _is_positive_int(value):
         bad(name, value, "a positive integer")
     if self.num_heads % self.num_kv_heads:
       bad(
@@ -245,9 +249,7 @@ class ModelConfig:
     if any(t not in LAYER_TYPES for t in types):
       bad("layer_types", types, f"entries of {LAYER_TYPES}")
     window = self.sliding_window
-    if "sliding_attention" in types and (
-      not isinstance(window, int) or isinstance(window, bool) or window <= 0
-    ):
+    if "sliding_attention" in types and not _is_positive_int(window):
       bad("sliding_window", window, "a positive integer (layer_types has sliding layers)")
     if self.rope_local_theta <= 0:
       bad("rope_local_theta", self.rope_local_theta, "a positive float")
@@ -278,7 +280,7 @@ class ModelConfig:
       return
     for name in ("mamba_num_heads", "mamba_head_dim", "ssm_state_size", "mamba_n_groups"):
       value = getattr(self, name)
-      if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+      if not _is_positive_int(value):
         bad(name, value, "a positive integer (layer_pattern has 'M' layers)")
     if self.mamba_num_heads % self.mamba_n_groups:
       bad(
@@ -288,7 +290,7 @@ class ModelConfig:
       )
     if not isinstance(self.conv_kernel, int) or self.conv_kernel < 2:
       bad("conv_kernel", self.conv_kernel, "an integer >= 2")
-    if not isinstance(self.mamba_chunk_size, int) or self.mamba_chunk_size <= 0:
+    if not _is_positive_int(self.mamba_chunk_size):
       bad("mamba_chunk_size", self.mamba_chunk_size, "a positive integer")
     low, high = self.time_step_limit
     if not 0 <= low < high:
@@ -298,11 +300,11 @@ class ModelConfig:
     if not self.mla:
       return
     q = self.q_lora_rank
-    if q is not None and (not isinstance(q, int) or isinstance(q, bool) or q <= 0):
+    if q is not None and not _is_positive_int(q):
       bad("q_lora_rank", q, "None (a full-rank query projection) or a positive integer")
     for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
       value = getattr(self, name)
-      if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+      if not _is_positive_int(value):
         bad(name, value, "a positive integer (model_type='deepseek_v3')")
     if self.qk_rope_head_dim % 2:
       bad("qk_rope_head_dim", self.qk_rope_head_dim, "an even integer (RoPE rotates pairs)")
@@ -323,9 +325,9 @@ class ModelConfig:
       bad("model_type", self.model_type, f"one of {MOE_TYPES} when num_experts > 0")
     if not 1 <= self.num_experts_per_tok <= self.num_experts:
       bad("num_experts_per_tok", self.num_experts_per_tok, f"1..num_experts={self.num_experts}")
-    if not isinstance(self.moe_intermediate_size, int) or self.moe_intermediate_size <= 0:
+    if not _is_positive_int(self.moe_intermediate_size):
       bad("moe_intermediate_size", self.moe_intermediate_size, "a positive integer")
-    if not isinstance(self.decoder_sparse_step, int) or self.decoder_sparse_step <= 0:
+    if not _is_positive_int(self.decoder_sparse_step):
       bad("decoder_sparse_step", self.decoder_sparse_step, "a positive integer")
     if not isinstance(self.mlp_only_layers, tuple) or any(
       not isinstance(i, int) or not 0 <= i < self.num_layers for i in self.mlp_only_layers

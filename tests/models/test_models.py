@@ -160,6 +160,7 @@ def test_bf16_compute_f32_params_and_remat(tmp_path):
     ("model_type", "gpt2", "model_type"),
     ("num_kv_heads", 3, "num_kv_heads"),
     ("hidden_size", 0, "hidden_size"),
+    ("num_layers", True, "num_layers"),  # a bool is an int to Python, not a layer count
     ("dtype", "float64", "dtype"),
     ("rope_scaling", (("rope_type", "yarn"),), "rope_type"),
     ("rope_scaling", (("rope_type", "llama3"), ("factor", 8.0)), "low_freq_factor"),

@@ -307,6 +307,7 @@ SMALL = ModelConfig(
     (dict(mamba_n_groups=3), "mamba_n_groups"),
     (dict(ssm_state_size=0), "ssm_state_size"),
     (dict(conv_kernel=1), "conv_kernel"),
+    (dict(mamba_chunk_size=True), "mamba_chunk_size"),
     (dict(time_step_limit=(0.1, 0.0)), "time_step_limit"),
     (dict(scan_layers=True), "scan_layers"),
     (dict(model_type="llama", num_experts=0, layer_pattern="M*-E"), "layer_pattern"),

@@ -29,7 +29,7 @@ format: $(STAMP)
 # TEST_WORKERS processes, one test file per process at a time (module fixtures built once).
 TEST_WORKERS ?= 2
 test: lint
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=40 tests
 
 # The long jobs share one persistent XLA compilation cache: a cell compiles the programs the
 # cells before it did (same shapes, new closures), and on CPU the compile is ~28% of a cell's

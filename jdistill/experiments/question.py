@@ -876,9 +876,8 @@ def cli():
   flags.DEFINE_list(
     "restore",
     [],
-    "Finished grids' results.json files, in order (docs/results/results.json,"
-    "docs/results/sweep_extension.json): their cells and sweep runs are reused; only what the "
-    "grid adds since is computed.",
+    "Finished grids' results.json files, in order (e.g. docs/results/results.json): their "
+    "cells and sweep runs are reused; only what the grid adds since is computed.",
   )
   flags.DEFINE_string("shard", "0/1", "i/n: run every n-th job from the i-th (parallel runs).")
   app.run(main)

@@ -118,9 +118,10 @@ def test_a_cell_with_rlvr_and_warmup_runs_end_to_end_at_equal_budget(tmp_path, m
     assert os.path.isdir(os.path.join(tmp_path, stage))
 
 
-def test_the_unified_arm_runs_end_to_end_and_scores_its_teacher_term(tmp_path):
+def test_the_unified_arm_runs_end_to_end_and_scores_its_teacher_term(tmp_path, monkeypatch):
   """One GRPO step whose objective adds the dense reverse KL to the lineage teachers: its
   tokens are the budget, its accuracy and overlap are measured after the stage."""
+  monkeypatch.setattr(tw, "NUM_DEVICES", 1)  # tiny shapes run fastest unsharded
   grid = question.Grid(
     settings=("lineage",), seeds=1, budget_steps=4, noise_batches=1, slots_per_teacher=8
   )

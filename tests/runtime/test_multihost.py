@@ -2,8 +2,9 @@
 
 Each process sees 2 CPU devices (4 in all) and feeds its own share of every teacher's
 prompt slots; the run uses the real CLI (launch/local_multiprocess.sh sets the same
-environment). Greedy rollouts make the comparison independent of row order, so the
-exported student must match a single process on 4 devices.
+environment) on the small toy world (the processes' compiles are most of the cost: the
+smallest model keeps them cheap). Greedy rollouts make the comparison independent of row
+order, so the exported student must match a single process on 4 devices.
 """
 
 import os
@@ -94,12 +95,12 @@ def _train_in_two_processes(world, out, *extra) -> tuple[list[int], list[str]]:
 
 
 @pytest.fixture(scope="module")
-def two_process_run(world, tmp_path_factory):
+def two_process_run(small_world, tmp_path_factory):
   """An uninterrupted run of the CLI in two processes → its output folder."""
   tmp_path = tmp_path_factory.mktemp("multihost")
   out = tmp_path / "run"
   watch = "--config.peer_timeout_s=30"  # a start-up race (below) is named in 30 s, not 180
-  codes, outputs = _train_in_two_processes(world, out, watch)
+  codes, outputs = _train_in_two_processes(small_world, out, watch)
   # A third known flake: process 1 once read a file process 0 was still writing at start-up
   # ("jdistill: Expecting value: line 1 column 1"), exited with that line, and process 0's
   # watch named it lost (not yet root-caused).
@@ -110,7 +111,7 @@ def two_process_run(world, tmp_path_factory):
     # fresh folders; any other failure, or a deadline again, fails the test.
     print("test_multihost: a distributed deadline expired on a loaded machine; starting over")
     out = tmp_path / "retry"
-    codes, outputs = _train_in_two_processes(world, out, watch)
+    codes, outputs = _train_in_two_processes(small_world, out, watch)
   for pid, (code, o) in enumerate(zip(codes, outputs)):
     assert code == 0, f"process {pid} ({len(o)} bytes of output):\n{o[-3000:]}"
   assert "mesh {'data': 4" in outputs[0]
@@ -122,8 +123,8 @@ def _exported(out):
   return jax.tree.map(np.asarray, nnx.state(hf.from_hf(str(out / "export")), nnx.Param))
 
 
-def test_two_processes_match_one_process(world, tmp_path, two_process_run):
-  c = tiny_config(world)
+def test_two_processes_match_one_process(small_world, tmp_path, two_process_run):
+  c = tiny_config(small_world)
   for k, v in OVERRIDES.items():
     section, field = k.split("__")
     c[section][field] = v
@@ -139,14 +140,14 @@ def test_two_processes_match_one_process(world, tmp_path, two_process_run):
 
 
 def test_a_dead_peer_stops_the_other_process_with_one_line_and_a_rerun_resumes(
-  world, tmp_path, two_process_run
+  small_world, tmp_path, two_process_run
 ):
   """kill -9 of process 1 after step 3: process 0 exits within `peer_timeout_s` (10 s here)
   with exit status 75 and one line naming process 1 and the last committed step; both run
   again resume from it and export what the uninterrupted run exported."""
   out = tmp_path / "run"
   timeout = ("--config.peer_timeout_s=10", "--config.train.log_every=1")
-  procs, logs = _start_two_processes(world, out, *timeout)
+  procs, logs = _start_two_processes(small_world, out, *timeout)
   deadline = time.monotonic() + 300
   while "step 3/4" not in logs[0].read_text():
     assert time.monotonic() < deadline and procs[0].poll() is None, logs[0].read_text()[-3000:]
@@ -168,7 +169,7 @@ def test_a_dead_peer_stops_the_other_process_with_one_line_and_a_rerun_resumes(
   ), lines
   assert "Traceback" not in output
   assert waited < 10 + 10, waited  # the timeout, one beat interval and the exit
-  codes, outputs = _train_in_two_processes(world, out, *timeout)
+  codes, outputs = _train_in_two_processes(small_world, out, *timeout)
   assert codes == [0, 0], outputs[0][-3000:]
   assert f"resuming at step {committed}" in outputs[0]
   jax.tree.map(np.testing.assert_array_equal, _exported(two_process_run), _exported(out))

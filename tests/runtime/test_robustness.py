@@ -104,32 +104,38 @@ def _exported(out):
 
 
 def test_sigterm_and_sigint_save_then_resume_to_the_same_result(small_world, tmp_path):
+  """One run stopped twice: SIGINT right after step 3's line (the step-3 save, every=3, is in
+  flight), then, resumed, SIGTERM right after its first step (a step between checkpoints);
+  the third session ends it. Each stop exits 128 + N with one line and saves its step, each
+  resume starts there, and the result is the uninterrupted run's. (One run serves both
+  signals: each launch costs a CLI start-up, ~17 s of CPU.)"""
   straight = _cli(small_world, tmp_path / "straight")
   out = straight.communicate(timeout=300)[0]
   assert straight.returncode == 0, out[-2000:]
   reference = _exported(tmp_path / "straight")
 
-  for name, sig, at in (("term", signal.SIGTERM, "step 4/8"), ("int", signal.SIGINT, "step 3/8")):
-    run = tmp_path / name
-    # SIGINT right after step 3's line: the step-3 save (every=3) is in flight
+  run, at, step = tmp_path / "stopped", "step 3/8", 0
+  for sig in (signal.SIGINT, signal.SIGTERM):
     rc, out = _interrupt_at(_cli(small_world, run), at, sig)
     assert rc == 128 + sig, out[-2000:]
+    assert f"resuming at step {step}" in out  # 0, then the first stop's step
     stopped = [line for line in out.splitlines() if "stopped by" in line]
     assert len(stopped) == 1 and signal.Signals(sig).name in stopped[0], out[-2000:]
     assert "Traceback" not in out
     step = int(stopped[0].split("after step ")[1].split(";")[0])
-    assert str(step) in os.listdir(run / "ckpt")  # the stop saved its step
-    again = _cli(small_world, run)
-    out2 = again.communicate(timeout=300)[0]
-    assert again.returncode == 0, out2[-2000:]
-    assert f"resuming at step {step}" in out2
-    jax.tree.map(
-      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
-      reference,
-      _exported(run),
-    )
-    steps = [r["step"] for r in map(json.loads, open(run / "metrics.jsonl")) if "eval" not in r]
-    assert steps == list(range(1, 9)), steps  # each step once, across both sessions
+    assert step < 8 and str(step) in os.listdir(run / "ckpt")  # the stop saved its step
+    at = f"step {step + 1}/8"  # the next session's first step
+  again = _cli(small_world, run)
+  out2 = again.communicate(timeout=300)[0]
+  assert again.returncode == 0, out2[-2000:]
+  assert f"resuming at step {step}" in out2
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+    reference,
+    _exported(run),
+  )
+  steps = [r["step"] for r in map(json.loads, open(run / "metrics.jsonl")) if "eval" not in r]
+  assert steps == list(range(1, 9)), steps  # each step once, across the three sessions
 
 
 # --------------------------------------------------------------------- verified checkpoints

@@ -36,13 +36,15 @@ def _device_bytes() -> int:
 
 
 @pytest.fixture(scope="module")
-def trainers(world, tmp_path_factory):
+def trainers(small_world, tmp_path_factory):
+  """A resident and a streamed trainer on the small toy world (one layer: every program of
+  this file compiles twice, once per placement, and the comparison holds at any size)."""
   tmp = tmp_path_factory.mktemp("runs")
   before = _device_bytes()
-  resident = _trainer(world, tmp, "resident")
+  resident = _trainer(small_world, tmp, "resident")
   resident_bytes = _device_bytes() - before
   before = _device_bytes()
-  streamed = _trainer(world, tmp, "streamed")
+  streamed = _trainer(small_world, tmp, "streamed")
   streamed_bytes = _device_bytes() - before
   return resident, streamed, resident_bytes, streamed_bytes
 
@@ -66,6 +68,21 @@ def test_streamed_equals_resident_in_loss_gradients_and_params_after_three_steps
   resident, streamed, _, _ = trainers
   assert jax.device_count() == 8
   structure = dict(student_graphdef=resident.graphdef, specs=resident.teachers.specs)
+
+  def grads(trainer):
+    """The objective's gradient for `trainer`'s teachers, jitted once for all steps (the
+    batch an argument: a batch closed over would be a new program each step)."""
+    fn = functools.partial(
+      ts.distill_objective,
+      teacher_graphdefs=trainer.teachers.graphdefs,
+      groups=trainer.teachers.groups,
+      **structure,
+    )
+    return jax.jit(
+      jax.grad(lambda p, s, b, c: fn(p, teacher_states=s, batch=b, teacher_cache=c)[0])
+    )
+
+  grads_resident, grads_streamed = grads(resident), grads(streamed)
   for step in range(STEPS):
     batch = resident.rollouts(next(resident.data_iter), resident.rollout_key(step))
     next(streamed.data_iter)
@@ -76,18 +93,8 @@ def test_streamed_equals_resident_in_loss_gradients_and_params_after_three_steps
       assert hidden.shape == (rows, batch["tokens"].shape[1] - 1, unembed.shape[0])
       assert hidden.dtype == np.float32
 
-    def grads(trainer, teacher_cache):
-      fn = functools.partial(
-        ts.distill_objective,
-        teacher_graphdefs=trainer.teachers.graphdefs,
-        groups=trainer.teachers.groups,
-        **structure,
-      )
-      return jax.jit(
-        jax.grad(lambda p, s, c: fn(p, teacher_states=s, batch=batch, teacher_cache=c)[0])
-      )(trainer.params, trainer.teachers.states, teacher_cache)
-
-    g_resident, g_streamed = grads(resident, {}), grads(streamed, cache)
+    g_resident = grads_resident(resident.params, resident.teachers.states, batch, {})
+    g_streamed = grads_streamed(streamed.params, streamed.teachers.states, batch, cache)
     scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(g_resident))
     assert scale > 1e-3  # the comparison below is not between two zero gradients
     jax.tree.map(
@@ -115,7 +122,9 @@ def test_streamed_equals_resident_in_loss_gradients_and_params_after_three_steps
   assert resident.step == streamed.step == 0  # the loop above drove the steps directly
 
 
-def test_a_bfloat16_cache_rounds_the_hidden_states_and_bad_placement_is_named(trainers, world):
+def test_a_bfloat16_cache_rounds_the_hidden_states_and_bad_placement_is_named(
+  trainers, small_world
+):
   _, streamed, _, _ = trainers
   t = streamed.teachers.streamed[0]
   batch = streamed.rollouts(next(streamed.data_iter), streamed.rollout_key(99))
@@ -145,7 +154,7 @@ def test_a_bfloat16_cache_rounds_the_hidden_states_and_bad_placement_is_named(tr
   )
   np.testing.assert_allclose(np.asarray(hidden, np.float32), expected, rtol=2**-8, atol=1e-6)
 
-  c = tiny_config(world)
+  c = tiny_config(small_world)
   c.teachers.math.placement = "offloaded"
   with pytest.raises(ValueError, match=r"teachers\.math\.placement.*resident.*streamed"):
     config_lib.validate(c)

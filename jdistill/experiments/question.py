@@ -38,6 +38,8 @@ are cached under `--out`: a re-run resumes where the last one stopped.
 from __future__ import annotations
 
 import dataclasses
+import glob
+import hashlib
 import json
 import os
 import random
@@ -376,7 +378,7 @@ def sweep(exp, world, dial_dir, grid: Grid, progress=print, shard=(0, 1)) -> dic
       out = os.path.join(exp, "sweep", "rlvr", f"lr{lr:g}")
       _cached(out, lambda out=out, lr=lr, lineage=lineage: run_opd(
         world, lineage, "reverse_kl", rlvr_student(exp, world, lineage, 0, lr, grid, validation)[0],
-        out, 0, grid.lrs[0], 0, grid, validation))  # fmt: skip
+        out, 0, grid.lrs[0], 0, grid, validation), lineage)  # fmt: skip
     elif loss.startswith("unified:"):
       name = loss.split(":")[1]
       out = os.path.join(exp, "sweep", setting, f"{name}_unified", f"lr{lr:g}")
@@ -385,6 +387,7 @@ def sweep(exp, world, dial_dir, grid: Grid, progress=print, shard=(0, 1)) -> dic
         lambda out=out, setting=setting, name=name, lr=lr: run_unified(
           world, teacher_dirs(world, dial_dir, setting), name, out, 0, lr, grid, validation
         ),
+        teacher_dirs(world, dial_dir, setting),
       )
     elif loss == "warmup":
       teachers = teacher_dirs(world, dial_dir, setting)
@@ -394,12 +397,13 @@ def sweep(exp, world, dial_dir, grid: Grid, progress=print, shard=(0, 1)) -> dic
         world, teachers, "reverse_kl",
         warmup_student(exp, world, setting, teachers, base, "sweep", 0, lr, grid), out, 0,
         grid.lrs[0], 0, grid, validation,
-      ))  # fmt: skip
+      ), teachers)  # fmt: skip
     else:
       out = os.path.join(exp, "sweep", setting, loss, f"lr{lr:g}")
-      _cached(out, lambda out=out, setting=setting, loss=loss, lr=lr: run_opd(
-        world, teacher_dirs(world, dial_dir, setting), loss, os.path.join(world, "base"),
-        out, 0, lr, grid.budget_steps, grid, validation))  # fmt: skip
+      teachers = teacher_dirs(world, dial_dir, setting)
+      _cached(out, lambda out=out, teachers=teachers, loss=loss, lr=lr: run_opd(
+        world, teachers, loss, os.path.join(world, "base"),
+        out, 0, lr, grid.budget_steps, grid, validation), teachers)  # fmt: skip
   rows, rl_rows, warmup_rows, unified_rows = [], [], [], []  # every shard's, once all are in
   for loss, lr, setting in jobs:
     sub = (loss, f"lr{lr:g}") if loss in ("rlvr", "warmup") else (setting, loss, f"lr{lr:g}")
@@ -442,7 +446,7 @@ def sweep(exp, world, dial_dir, grid: Grid, progress=print, shard=(0, 1)) -> dic
     _cached(out, lambda out=out, setting=setting, loss=loss, lr=lr, lineage=lineage: run_opd(
       world, teacher_dirs(world, dial_dir, setting), loss,
       rlvr_student(exp, world, lineage, 0, rl_lr, grid, validation)[0], out, 0, lr,
-      rl_opd_steps, grid, validation))  # fmt: skip
+      rl_opd_steps, grid, validation), teacher_dirs(world, dial_dir, setting))  # fmt: skip
   rl_rows_opd = []
   for loss, lr, setting in after_rl:
     cell = os.path.join(_after_rlvr_dir(exp, setting, loss, rl_lr, lr), "cell.json")
@@ -481,13 +485,38 @@ def best_lrs(rows: list[dict], losses, lrs_of) -> dict[str, float]:
   return best
 
 
-def _cached(out: str, compute) -> dict:
+def teachers_fingerprint(teachers: dict[str, str]) -> str:
+  """A hash of the teachers' weights ({domain: dir} → 16 hex digits). A result's folder names
+  its lrs, not its teachers: retrained teachers (the same recipe retrains to other weights)
+  would otherwise find the old teachers' results."""
+  h = hashlib.sha256()
+  for domain in sorted(teachers):
+    h.update(domain.encode())
+    for path in sorted(glob.glob(os.path.join(teachers[domain], "*.safetensors"))):
+      with open(path, "rb") as f:
+        h.update(f.read())
+  return h.hexdigest()[:16]
+
+
+def _cached(out: str, compute, teachers: dict[str, str] | None = None) -> dict:
+  """`out`/cell.json, computed once. With `teachers`, the result records their fingerprint and
+  a cached one made with other teachers is refused (a restored result has none to compare)."""
   path = os.path.join(out, "cell.json")
+  fingerprint = teachers_fingerprint(teachers) if teachers is not None else None
   if os.path.exists(path):
     with open(path) as f:
-      return json.load(f)
+      cached = json.load(f)
+    made_with = cached.get("teachers_fingerprint")
+    if fingerprint is not None and made_with is not None and made_with != fingerprint:
+      raise ValueError(
+        f"{path} was computed with other teachers (weights {made_with}, now {fingerprint}: "
+        "retrained?); move that folder aside to compute it with these"
+      )
+    return cached
   t0 = time.time()
   result = dict(compute(), wall_s=time.time() - t0)
+  if fingerprint is not None:
+    result["teachers_fingerprint"] = fingerprint
   os.makedirs(out, exist_ok=True)
   write_json_atomic(path, result)
   return result
@@ -540,7 +569,7 @@ def run_cell(
 
   if cached_only and not os.path.exists(os.path.join(out, "cell.json")):
     return None
-  r = _cached(out, compute)
+  r = _cached(out, compute, teachers)
   alpha = dial._alpha(setting)
   return {
     "setting": setting, "alpha": 0.0 if setting == "lineage" else alpha,

@@ -229,3 +229,46 @@ def test_restore_reuses_the_committed_grid_and_a_new_lr_finds_nothing_stale(tmp_
   ]:
     path = os.path.join(question._after_rlvr_dir(exp, setting, loss, 3e-6, lr), "cell.json")
     assert not os.path.exists(path)
+
+
+def test_a_result_made_with_other_teachers_is_refused_naming_its_folder(tmp_path):
+  """A cell's folder names its lrs, not its teachers: a cell computed with teachers retrained
+  since (other weights, same recipe) is refused, not reused; one without a fingerprint (a
+  restored result) is read as it is."""
+  teachers = {}
+  for domain in ("add", "count"):
+    teachers[domain] = str(tmp_path / f"teacher_{domain}")
+    os.makedirs(teachers[domain])
+    with open(os.path.join(teachers[domain], "model.safetensors"), "wb") as f:
+      f.write(domain.encode() * 100)
+  first = question.teachers_fingerprint(teachers)
+  assert first == question.teachers_fingerprint(dict(reversed(list(teachers.items()))))
+  with open(os.path.join(teachers["count"], "model.safetensors"), "r+b") as f:
+    f.seek(17)
+    f.write(b"\x00")  # one byte of one teacher
+  assert question.teachers_fingerprint(teachers) != first
+
+  grid = question.Grid()
+  cell = ("lineage", "none", "none", "reverse_kl", 0)
+  lrs = {"none": {"reverse_kl": 2e-3}}
+  out = question.cell_dir(str(tmp_path / "exp"), cell, 2e-3, grid.rl_lrs[0], 3e-3)
+  os.makedirs(out)
+  with open(os.path.join(out, "cell.json"), "w") as f:
+    json.dump({"accuracy": {"mean": 0.5}, "teachers_fingerprint": first}, f)
+
+  def run():
+    exp, overlaps = str(tmp_path / "exp"), {"lineage": 0.83}
+    return question.run_cell(
+      exp, WORLD, str(tmp_path), cell, lrs, grid.rl_lrs[0], grid, overlaps, 3e-3, cached_only=True
+    )
+
+  with pytest.raises(ValueError, match=f"{out}/cell.json was computed with other teachers"):
+    run()
+  lineage = question.teacher_dirs(WORLD, str(tmp_path), "lineage")
+  with open(os.path.join(out, "cell.json"), "w") as f:
+    fingerprint = question.teachers_fingerprint(lineage)
+    json.dump({"accuracy": {"mean": 0.5}, "teachers_fingerprint": fingerprint}, f)
+  assert run()["accuracy"] == {"mean": 0.5}
+  with open(os.path.join(out, "cell.json"), "w") as f:
+    json.dump({"accuracy": {"mean": 0.5}, "restored": True}, f)
+  assert run()["restored"]

@@ -32,7 +32,9 @@ attributes `curve` (the plot of its records), `token_label` and `done` (see `Tra
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import os
 
 import jax
 from flax import nnx
@@ -45,7 +47,7 @@ from jdistill.report import html as report
 from jdistill.runtime import build, plots, run_log, wandb_log
 from jdistill.runtime import checkpoint as ckpt
 from jdistill.runtime import loop as loop_lib
-from jdistill.runtime.io import writing
+from jdistill.runtime.io import write_json_atomic, writing
 from jdistill.runtime.run_dir import open_run_dir, run_identity
 
 log = logging.getLogger("jdistill")
@@ -233,6 +235,21 @@ class TrainingStage:
         )
 
 
+def evaluate_start(trainer: TrainingStage, output_dir: str) -> dict:
+  """The starting student's evaluation, measured at step 0 and kept in
+  `output_dir/eval_before.json`: a resumed run reports the uninterrupted run's "before", not
+  an evaluation of the student it resumed (and skips that evaluation). Every process reads the
+  one file; the run directory is shared, as its checkpoints already need."""
+  path = os.path.join(output_dir, "eval_before.json")
+  if trainer.step > 0 and os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  before = json.loads(json.dumps(trainer.evaluate(), default=float))  # as a resume reads it
+  if trainer.step == 0 and jax.process_index() == 0:
+    write_json_atomic(path, before)
+  return before
+
+
 class InputError(Exception):
   """Bad input found while building a stage (config, files, models): a one-line error."""
 
@@ -247,7 +264,7 @@ def run_training(stage_cls, config) -> dict:
   log.info(
     "stage %s, mesh %s, resuming at step %d", config.stage, dict(trainer.mesh.shape), trainer.step
   )
-  before = trainer.evaluate()
+  before = evaluate_start(trainer, config.output_dir)
   trainer.run()
   after = trainer.evaluate()
   print(trainer.describe_change(before, after), flush=True)

@@ -103,16 +103,32 @@ def _exported(out):
   return jax.tree.map(np.asarray, nnx.state(hf.from_hf(os.path.join(out, "hf")), nnx.Param))
 
 
+def _before_column(out: str) -> list[tuple[str, str, str]]:
+  """(teacher, reverse KL before, teacher log-prob before) of the table a stage prints last."""
+  lines = out.splitlines()
+  head = max(i for i, line in enumerate(lines) if "reverse KL before" in line)
+  rows = []
+  for line in lines[head + 1 :]:
+    fields = line.split()
+    if len(fields) != 5:
+      break
+    rows.append((fields[0], fields[1], fields[3]))
+  assert rows, out[-1000:]
+  return rows
+
+
 def test_sigterm_and_sigint_save_then_resume_to_the_same_result(small_world, tmp_path):
   """One run stopped twice: SIGINT right after step 3's line (the step-3 save, every=3, is in
   flight), then, resumed, SIGTERM right after its first step (a step between checkpoints);
   the third session ends it. Each stop exits 128 + N with one line and saves its step, each
-  resume starts there, and the result is the uninterrupted run's. (One run serves both
+  resume starts there, and the result is the uninterrupted run's, its "before" evaluation
+  included (the starting student's, not the resumed one's). (One run serves both
   signals: each launch costs a CLI start-up, ~17 s of CPU.)"""
   straight = _cli(small_world, tmp_path / "straight")
   out = straight.communicate(timeout=300)[0]
   assert straight.returncode == 0, out[-2000:]
   reference = _exported(tmp_path / "straight")
+  straight_before = _before_column(out)
 
   run, at, step = tmp_path / "stopped", "step 3/8", 0
   for sig in (signal.SIGINT, signal.SIGTERM):
@@ -129,6 +145,7 @@ def test_sigterm_and_sigint_save_then_resume_to_the_same_result(small_world, tmp
   out2 = again.communicate(timeout=300)[0]
   assert again.returncode == 0, out2[-2000:]
   assert f"resuming at step {step}" in out2
+  assert _before_column(out2) == straight_before, out2[-1000:]
   jax.tree.map(
     lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
     reference,

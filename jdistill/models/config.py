@@ -346,7 +346,7 @@ class ModelConfig:
       name = "router_aux_loss_coef" if self.router_aux_loss_coef else "router_z_loss_coef"
       bad(name, getattr(self, name), "0 for deepseek_v3 and nemotron_h (sigmoid routers)")
     groups, top = self.n_group, self.topk_group
-    if not isinstance(groups, int) or groups <= 0 or self.num_experts % groups:
+    if not _is_positive_int(groups) or self.num_experts % groups:
       bad("n_group", groups, f"a positive divisor of num_experts={self.num_experts}")
     if not isinstance(top, int) or not 1 <= top <= groups:
       bad("topk_group", top, f"1..n_group={groups}")

@@ -37,7 +37,9 @@ import logging
 import os
 
 import jax
+import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from jdistill import config as config_lib
 from jdistill.data import prompts as data_lib
@@ -236,16 +238,23 @@ class TrainingStage:
 
 
 def evaluate_start(trainer: TrainingStage, output_dir: str) -> dict:
-  """The starting student's evaluation, measured at step 0 and kept in
-  `output_dir/eval_before.json`: a resumed run reports the uninterrupted run's "before", not
-  an evaluation of the student it resumed (and skips that evaluation). Every process reads the
-  one file; the run directory is shared, as its checkpoints already need."""
-  path = os.path.join(output_dir, "eval_before.json")
-  if trainer.step > 0 and os.path.exists(path):
+  """The starting student's evaluation, measured at step 0 and kept in `output_dir`
+  (`eval_before.json`; with several processes one file each, as a process evaluates its own
+  rows): a resumed run reports the uninterrupted run's "before", not an evaluation of the
+  student it resumed. `evaluate` is collective, so the processes read only if every one has
+  its file."""
+  name = (
+    "eval_before.json" if jax.process_count() == 1 else f"eval_before.{jax.process_index()}.json"
+  )
+  path = os.path.join(output_dir, name)
+  kept = trainer.step > 0 and os.path.exists(path)
+  if jax.process_count() > 1:
+    kept = bool(np.all(multihost_utils.process_allgather(np.array(kept))))
+  if kept:
     with open(path) as f:
       return json.load(f)
   before = json.loads(json.dumps(trainer.evaluate(), default=float))  # as a resume reads it
-  if trainer.step == 0 and jax.process_index() == 0:
+  if trainer.step == 0:
     write_json_atomic(path, before)
   return before
 

@@ -52,7 +52,7 @@ from jdistill.experiments import budget, dial, tasks, verdict
 from jdistill.experiments import experiment as loss_grid
 from jdistill.experiments import task_world as tw
 from jdistill.losses import registry
-from jdistill.runtime.io import write_json_atomic
+from jdistill.runtime.io import atomic_write, write_json_atomic
 
 LOSSES = registry.check_names(
   ("reverse_kl", "sampled_token", "sampled_token_baseline", "forward_kl", "topk_teacher"),
@@ -267,6 +267,7 @@ def _teacher_data(exp, world, setting, teachers, grid: Grid) -> str:
   )
   _teachers(gen, teachers)
   loss_grid._once(gen, gen.generate.out_dir, run_stage)
+  _stamp_teachers(gen.generate.out_dir, teachers)
   return ",".join(generate.output_files(gen))
 
 
@@ -283,6 +284,7 @@ def warmup_student(exp, world, setting, teachers, student, tag, seed, lr, grid: 
   config.student.path = student
   config.optimizer.lr = lr
   loss_grid._once(config, out, run_stage)
+  _stamp_teachers(out, teachers)
   return config.export_dir
 
 
@@ -496,6 +498,26 @@ def teachers_fingerprint(teachers: dict[str, str]) -> str:
       with open(path, "rb") as f:
         h.update(f.read())
   return h.hexdigest()[:16]
+
+
+def _stamp_teachers(out: str, teachers: dict[str, str]) -> None:
+  """Marks `out`, a finished cached stage (the teachers' SFT data, a warmup student), with its
+  teachers' fingerprint, or refuses it when it was made with other teachers. Called after the
+  stage: a new stage's run moves a non-empty folder aside first. A folder made before the
+  stamp existed is stamped with today's teachers (nothing else to compare)."""
+  path, fingerprint = os.path.join(out, "teachers_fingerprint"), teachers_fingerprint(teachers)
+  if os.path.exists(path):
+    with open(path) as f:
+      made_with = f.read().strip()
+    if made_with != fingerprint:
+      raise ValueError(
+        f"{out} was made with other teachers (weights {made_with}, now {fingerprint}: "
+        "retrained?); move that folder aside to make it with these"
+      )
+    return
+  os.makedirs(out, exist_ok=True)
+  with atomic_write(path) as f:
+    f.write(fingerprint)
 
 
 def _cached(out: str, compute, teachers: dict[str, str] | None = None) -> dict:

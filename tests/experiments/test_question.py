@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import re
 
 import pytest
 
@@ -231,21 +232,31 @@ def test_restore_reuses_the_committed_grid_and_a_new_lr_finds_nothing_stale(tmp_
     assert not os.path.exists(path)
 
 
+def _fake_teachers(root) -> dict[str, str]:
+  """Two teacher folders whose weights are a few bytes (enough to be fingerprinted)."""
+  teachers = {}
+  for domain in ("add", "count"):
+    teachers[domain] = str(root / f"teacher_{domain}")
+    os.makedirs(teachers[domain])
+    with open(os.path.join(teachers[domain], "model.safetensors"), "wb") as f:
+      f.write(domain.encode() * 100)
+  return teachers
+
+
+def _retrain(teachers: dict[str, str]) -> None:
+  with open(os.path.join(teachers["count"], "model.safetensors"), "r+b") as f:
+    f.seek(17)
+    f.write(b"\x00")  # one byte of one teacher
+
+
 def test_a_result_made_with_other_teachers_is_refused_naming_its_folder(tmp_path):
   """A cell's folder names its lrs, not its teachers: a cell computed with teachers retrained
   since (other weights, same recipe) is refused, not reused; one without a fingerprint (a
   restored result) is read as it is."""
-  teachers = {}
-  for domain in ("add", "count"):
-    teachers[domain] = str(tmp_path / f"teacher_{domain}")
-    os.makedirs(teachers[domain])
-    with open(os.path.join(teachers[domain], "model.safetensors"), "wb") as f:
-      f.write(domain.encode() * 100)
+  teachers = _fake_teachers(tmp_path)
   first = question.teachers_fingerprint(teachers)
   assert first == question.teachers_fingerprint(dict(reversed(list(teachers.items()))))
-  with open(os.path.join(teachers["count"], "model.safetensors"), "r+b") as f:
-    f.seek(17)
-    f.write(b"\x00")  # one byte of one teacher
+  _retrain(teachers)
   assert question.teachers_fingerprint(teachers) != first
 
   grid = question.Grid()
@@ -262,7 +273,7 @@ def test_a_result_made_with_other_teachers_is_refused_naming_its_folder(tmp_path
       exp, WORLD, str(tmp_path), cell, lrs, grid.rl_lrs[0], grid, overlaps, 3e-3, cached_only=True
     )
 
-  with pytest.raises(ValueError, match=f"{out}/cell.json was computed with other teachers"):
+  with pytest.raises(ValueError, match=re.escape(f"{out}/cell.json was computed with other teachers")):
     run()
   lineage = question.teacher_dirs(WORLD, str(tmp_path), "lineage")
   with open(os.path.join(out, "cell.json"), "w") as f:
@@ -272,3 +283,23 @@ def test_a_result_made_with_other_teachers_is_refused_naming_its_folder(tmp_path
   with open(os.path.join(out, "cell.json"), "w") as f:
     json.dump({"accuracy": {"mean": 0.5}, "restored": True}, f)
   assert run()["restored"]
+
+
+def test_a_warmup_student_or_its_data_made_with_other_teachers_is_refused(tmp_path, monkeypatch):
+  """The warmup student and the teachers' SFT data it learns from are cached by path too:
+  each finished one is stamped with its teachers' fingerprint and refused once they change."""
+  made = []
+  monkeypatch.setattr(question.loss_grid, "_once", lambda config, out, run: made.append(out))
+  teachers = _fake_teachers(tmp_path)
+  base = os.path.join(WORLD, "base")
+  args = (str(tmp_path / "exp"), WORLD, "alpha_1", teachers, base, "rl_none", 0, 3e-3)
+  question.warmup_student(*args, question.Grid())
+  question.warmup_student(*args, question.Grid())  # the same teachers: read as made
+  data, student = made[:2]
+  assert made == [data, student] * 2 and "teacher_data" in data and "warmup_sft" in student
+  _retrain(teachers)
+  with pytest.raises(ValueError, match=re.escape(f"{data} was made with other teachers")):
+    question.warmup_student(*args, question.Grid())
+  os.remove(os.path.join(data, "teachers_fingerprint"))  # as if the data were made again
+  with pytest.raises(ValueError, match=re.escape(f"{student} was made with other teachers")):
+    question.warmup_student(*args, question.Grid())

@@ -273,7 +273,8 @@ def test_a_result_made_with_other_teachers_is_refused_naming_its_folder(tmp_path
       exp, WORLD, str(tmp_path), cell, lrs, grid.rl_lrs[0], grid, overlaps, 3e-3, cached_only=True
     )
 
-  with pytest.raises(ValueError, match=re.escape(f"{out}/cell.json was computed with other teachers")):
+  refused = re.escape(f"{out}/cell.json was computed with other teachers")
+  with pytest.raises(ValueError, match=refused):
     run()
   lineage = question.teacher_dirs(WORLD, str(tmp_path), "lineage")
   with open(os.path.join(out, "cell.json"), "w") as f:

@@ -39,9 +39,9 @@ from jdistill.runtime.io import write_json_atomic
 # (docs/results/sweep.md; tests/experiments/test_merge_ten.py checks they still are).
 LRS = {
   "v4_opd": 2e-3,  # reverse_kl, no RL
-  "rlvr": 1e-4,  # GRPO
+  "rlvr": 1e-5,  # GRPO
   "warmup_sft": 3e-3,
-  "ultra_mopd": 1e-4,  # sampled_token after RLVR
+  "ultra_mopd": 5e-5,  # sampled_token after RLVR
 }
 LRS_NOTE = (
   "learning rates borrowed from the 3-domain question sweep (docs/results/sweep.md), "
@@ -110,7 +110,7 @@ def _generated_tokens(exp: str) -> int:
 
 def run_v4(exp, world, teachers, seed, plan: Plan) -> dict:
   """V4 (cached per seed): reverse-KL OPD from the base for the whole budget."""
-  out = os.path.join(exp, "v4", f"seed{seed}")
+  out = os.path.join(exp, "v4", f"lr{LRS['v4_opd']:g}", f"seed{seed}")  # a new lr: a new run
   grid = plan.grid()
   test = os.path.join(world, "eval.jsonl")
 
@@ -127,7 +127,8 @@ def run_v4(exp, world, teachers, seed, plan: Plan) -> dict:
 
 def run_ultra(exp, world, teachers, seed, plan: Plan) -> dict:
   """Ultra (cached per seed): RLVR → warmup SFT → sampled-token MOPD, at the same budget."""
-  out = os.path.join(exp, "ultra", f"seed{seed}")
+  lrs = f"rl{LRS['rlvr']:g}_warmup{LRS['warmup_sft']:g}_opd{LRS['ultra_mopd']:g}"
+  out = os.path.join(exp, "ultra", lrs, f"seed{seed}")  # new lrs: a new run
   grid = plan.grid()
   test = os.path.join(world, "eval.jsonl")
 

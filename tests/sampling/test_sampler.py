@@ -5,7 +5,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from flax import nnx
 
 from jdistill import sampling as smp
@@ -13,6 +12,7 @@ from jdistill.models import ModelConfig, Transformer, hf
 from jdistill.models.transformer import init_cache
 from jdistill.runtime import sharding as shd
 from jdistill.sampling import Sampler, SamplingParams
+from jdistill.testing import tiny_hf
 from jdistill.testing.tiny_hf import tiny_hf_model
 
 VOCAB = 128
@@ -69,19 +69,7 @@ def test_greedy_matches_transformers(pair):
   torch_model, _, _, state, sampler = pair
   sp = SamplingParams(max_new_tokens=NEW, temperature=0.0, prompt_buckets=BUCKETS)
   out = sampler.generate(state, PROMPTS, jax.random.key(0), sp)
-  torch_model.generation_config.eos_token_id = None  # no stop tokens: all run NEW tokens
-  for b, prompt in enumerate(PROMPTS):
-    with torch.no_grad():
-      ref = torch_model.generate(
-        torch.tensor([prompt]),
-        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-        max_new_tokens=NEW,
-        do_sample=False,
-        pad_token_id=0,
-      )
-    expect = ref[0].numpy()
-    got = np.asarray(out.tokens[b, : len(prompt) + NEW])
-    np.testing.assert_array_equal(got, expect)
+  tiny_hf.assert_greedy_equals_generate(torch_model, out.tokens, PROMPTS, NEW)  # no EOS stop
   assert np.asarray(out.completion_lengths).tolist() == [NEW] * len(PROMPTS)
   assert out.tokens.shape == (len(PROMPTS), 16 + NEW)
 

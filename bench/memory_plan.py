@@ -136,6 +136,32 @@ MODELS = {
     param_dtype="bfloat16",
     dtype="bfloat16",
   ),
+  # Nemotron 3 Nano 30B-A3B (its config.json): 23 Mamba-2, 23 MoE (128 squared-ReLU experts,
+  # 6 active, one shared) and 6 attention layers; 31.6B parameters, 3.2B active
+  "nemotron-3-nano-30b-a3b": dict(
+    model_type="nemotron_h",
+    vocab_size=131_072,
+    hidden_size=2688,
+    intermediate_size=1856,
+    num_layers=52,
+    layer_pattern="MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME",
+    num_heads=32,
+    num_kv_heads=2,
+    head_dim=128,
+    mamba_num_heads=64,
+    mamba_head_dim=64,
+    ssm_state_size=128,
+    mamba_n_groups=8,
+    num_experts=128,
+    num_experts_per_tok=6,
+    moe_intermediate_size=1856,
+    shared_expert_intermediate_size=3712,
+    n_group=1,
+    topk_group=1,
+    routed_scaling_factor=2.5,
+    param_dtype="bfloat16",
+    dtype="bfloat16",
+  ),
   "tiny": dict(
     **{**QWEN3, "vocab_size": 1024},
     hidden_size=64,
@@ -154,6 +180,8 @@ SETUPS = {
   "qwen3_1.7b_4x8b": ("qwen3-1.7b", "qwen3-8b", 4, 8192, -1),
   "qwen3_30b_a3b_4x32b": ("qwen3-30b-a3b", "qwen3-32b", 4, 16384, -1),
   "deepseek_v3_16b_4x8b": ("deepseek-v3-16b", "qwen3-8b", 4, 8192, -1),
+  # Ultra's shape at Nano's size: four teachers forked from the student's own checkpoint
+  "nemotron_3_nano_4x": ("nemotron-3-nano-30b-a3b", "nemotron-3-nano-30b-a3b", 4, 8192, -1),
   # twelve 8B specialists into an 8B student (issue 26), 8 rows of 4,096 / 2,048 tokens per
   # teacher
   "qwen3_8b_12x8b": ("qwen3-8b", "qwen3-8b", 12, 4096, 8),
@@ -192,11 +220,29 @@ def cpu_moe_proxy(cfg: ModelConfig) -> tuple[ModelConfig, dict]:
   DeepSeek-V3 keeps its latent attention; every layer's stand-in MLP is k·f plus the shared
   experts' width wide (the sparse layers' activations), and the `first_k_dense_replace`
   dense layers' wider MLP weights are added back as parameters (their activations, a few
-  layers of `[tokens, intermediate_size]`, are not).
+  layers of `[tokens, intermediate_size]`, are not). Nemotron-H keeps its Mamba-2 and
+  attention layers; each `E` becomes a `-` (its squared-ReLU MLP, two matrices as its
+  experts have) of width k·f plus the shared expert's.
   """
   e, k, f, d = cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size, cfg.hidden_size
   sparse = sum(cfg.is_moe_layer(i) for i in range(cfg.num_layers))
-  width = k * f + (cfg.shared_expert_intermediate_size if cfg.mla else 0)
+  grouped = cfg.model_type in ("deepseek_v3", "nemotron_h")  # a score bias `[experts]` each
+  width = k * f + (cfg.shared_expert_intermediate_size if grouped else 0)
+  router = d * e + (e if grouped else 0)
+  if cfg.hybrid:
+    proxy = cfg.replace(
+      layer_pattern=cfg.layer_pattern.replace("E", "-"),
+      num_experts=0,
+      num_experts_per_tok=0,
+      moe_intermediate_size=0,
+      shared_expert_intermediate_size=0,
+      n_group=1,
+      topk_group=1,
+      routed_scaling_factor=1.0,
+      intermediate_size=width,
+    )
+    extra = {"extra_params": sparse * (2 * d * f * (e - k) + router), "gathered_rows": k * d}
+    return proxy, extra
   proxy = cfg.replace(
     model_type="deepseek_v3" if cfg.mla else "qwen3",
     num_experts=0,
@@ -209,7 +255,7 @@ def cpu_moe_proxy(cfg: ModelConfig) -> tuple[ModelConfig, dict]:
   )
   dense_extra = (cfg.num_layers - sparse) * 3 * d * (cfg.intermediate_size - width)
   extra = {
-    "extra_params": sparse * (3 * d * f * (e - k) + d * e) + dense_extra,
+    "extra_params": sparse * (3 * d * f * (e - k) + router) + dense_extra,
     "gathered_rows": k * d,
   }
   return proxy, extra

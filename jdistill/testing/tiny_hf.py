@@ -208,3 +208,73 @@ def assert_greedy_equals_generate(torch_model, tokens, prompts, new: int) -> Non
         pad_token_id=0,
       )
     np.testing.assert_array_equal(np.asarray(tokens[b, : len(prompt) + new]), ref[0].numpy())
+
+
+def opd_step(model, vocab: int, mesh=None):
+  """One compiled OPD step (reverse KL) with `model` as the student and its
+  weights scaled by 1.05 as the teacher, on 4 fixed rows of 12 tokens (5 completion tokens
+  each); with `mesh` the rows are split over its data axes (the model's params already
+  placed there). Returns (params, the params after it, its metrics, the loss of a second
+  step on the same batch, the step's gradients): a family's step on one device and on a
+  mesh, compared."""
+  import functools
+
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+  from flax import nnx
+
+  from jdistill.losses import LossSettings
+  from jdistill.runtime import sharding as shd
+  from jdistill.step import common
+  from jdistill.step import opd as ts
+
+  graphdef, params = nnx.split(model)
+  t_state = jax.tree.map(lambda x: x * 1.05, params)
+  spec = common.TeacherSpec("t", LossSettings(loss="reverse_kl", chunk_size=4), 1.0, (0, 1, 2, 3))
+  mask = np.zeros((4, 12), np.float32)
+  mask[:, 5:10] = 1
+  batch = {
+    "tokens": np.random.RandomState(0).randint(3, vocab, (4, 12)).astype(np.int32),
+    "completion_mask": mask,
+    "logprobs": np.full((4, 12), -2.0, np.float32),
+    "sampling_logprobs": np.full((4, 12), -2.0, np.float32),
+    "lengths": np.full((4,), 10, np.int32),
+  }
+  if mesh is None:
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+  else:
+    batch = {k: jax.device_put(v, shd.batch_sharding(mesh, v.ndim)) for k, v in batch.items()}
+  b1 = 0.9
+  opt, sched = common.make_optimizer(2e-5, steps=10, warmup_steps=0, b1=b1)  # ~2e-5 a weight
+  step = jax.jit(
+    functools.partial(
+      ts.train_step, student_graphdef=graphdef, teacher_graphdefs=(graphdef,), specs=(spec,),
+      optimizer=opt, schedule=sched,
+    )
+  )  # fmt: skip
+  state = {"params": params, "opt_state": opt.init(params), "step": jnp.zeros((), jnp.int32)}
+  new, metrics = step(state, (t_state,), batch)
+  _, again = step(new, (t_state,), batch)
+  # Adam's first moment after one step is (1 - b1) times the (clipped) gradient
+  grads = jax.tree.map(lambda m: m / (1 - b1), optax.tree_utils.tree_get(new["opt_state"], "mu"))
+  return params, new["params"], metrics, float(again["loss"]), grads
+
+
+def assert_step_equals_one_device(one, sharded) -> None:
+  """`opd_step`'s results on a mesh (`sharded`) equal one device's (`one`) to f32 reordering:
+  the loss (a reverse KL of ~1e-4, a sum of terms of ~|log p| ~ 5, so the error is absolute),
+  every gradient, and the second step's loss. (Not the updated weights: Adam's first update
+  is ~lr·sign(g), which reordering flips where a gradient is ~0.)"""
+  import jax
+  import numpy as np
+
+  _, _, metrics1, again1, grads1 = one
+  _, _, metrics8, again8, grads8 = sharded
+  np.testing.assert_allclose(float(metrics8["loss"]), float(metrics1["loss"]), rtol=0, atol=1e-6)
+  np.testing.assert_allclose(float(metrics8["grad_norm"]), float(metrics1["grad_norm"]), rtol=1e-4)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grads1), jax.tree.leaves(grads8)):
+    a, b = np.asarray(a), np.asarray(b)
+    np.testing.assert_allclose(b, a, rtol=0, atol=1e-4 * np.abs(a).max() + 1e-12, err_msg=str(path))
+  np.testing.assert_allclose(again8, again1, rtol=0, atol=1e-6)

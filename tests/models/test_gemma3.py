@@ -161,12 +161,16 @@ SMALL = ModelConfig(
 )
 
 
-def test_sharding_rules_place_gemma_params():
-  """The parameter specs on a data x fsdp x tensor mesh of 8 (a sharded forward's compile is
-  the cost the other families' sharded tests already pay; the rules are theirs)."""
+def test_train_step_on_8_devices_equals_one_device(gemma_pair):
+  """On a data 2 x fsdp 2 x tensor 2 mesh, the imported model's params are placed by the
+  rules (the four norms replicated, the tied embedding over vocab and fsdp), and the OPD step
+  (12 tokens: the sliding layer's window of 4 masks keys in training too) equals one
+  device's: loss, gradient norm, every updated weight and the next step's loss."""
+  _, path = gemma_pair
   mesh = shd.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-  _, state = shd.abstract_sharded_state(lambda: Transformer(SMALL, nnx.Rngs(0)), mesh)
+  sharded = hf.from_hf(path, mesh)
   spec = lambda v: v.get_value().sharding.spec  # noqa: E731
+  state = nnx.state(sharded, nnx.Param)
   layer = state["layers"][0]
   assert spec(layer["attn"]["q_proj"]) == P("fsdp", "tensor", None)
   assert spec(layer["attn"]["o_proj"]) == P("tensor", None, "fsdp")
@@ -174,6 +178,9 @@ def test_sharding_rules_place_gemma_params():
   for norm in ("input_norm", "post_attn_norm", "pre_mlp_norm", "post_mlp_norm"):
     assert spec(layer[norm]) == P(None)
   assert spec(state["embed"]) == P("tensor", "fsdp")
+  one = tiny_hf.opd_step(hf.from_hf(path), VOCAB)
+  assert float(one[2]["finite"]) == 1 and one[3] < float(one[2]["loss"])
+  tiny_hf.assert_step_equals_one_device(one, tiny_hf.opd_step(sharded, VOCAB, mesh))
 
 
 @pytest.mark.parametrize(

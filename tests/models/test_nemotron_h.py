@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
-from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jdistill.models import ModelConfig, Transformer, hf
@@ -205,30 +204,6 @@ def test_export_loads_in_transformers_and_reimports_bit_identical(pair, tmp_path
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_sharded_forward_equals_single_device(pair):
-  """On 8 simulated devices (fsdp 2 x expert 2 x tensor 2): Mamba heads on `tensor`, experts
-  on `expert`; the logits equal one device's. (A loss-and-gradients version took 96 s here
-  at load 9, most of it compiling; the forward reuses the logits test's single-device one.)"""
-  _, path, model = pair
-  mesh = shd.make_mesh({"fsdp": 2, "expert": 2, "tensor": 2})
-  sharded = _with_cfg(hf.from_hf(path, mesh), moe_dispatch="dense")
-  params = nnx.state(sharded, nnx.Param)
-  spec = lambda v: v.get_value().sharding.spec  # noqa: E731
-  mamba, moe = params["layers"][0]["mixer"], params["layers"][3]["mixer"]
-  assert spec(mamba["x_proj"]) == P("fsdp", "tensor", None)
-  assert spec(mamba["out_proj"]) == P("tensor", None, "fsdp")
-  assert spec(mamba["A_log"]) == P("tensor")
-  assert spec(mamba["bc_proj"]) == P("fsdp", None, None, None)
-  assert spec(moe["up_proj"]) == P("expert", "fsdp", "tensor")
-  assert mamba["x_proj"].get_value().addressable_shards[0].data.shape == (32, 4, 8)
-  tokens, mask, positions = tiny_hf.padded_batch(VOCAB)
-  # 3 rows do not split over fsdp x expert: the batch is replicated, the weights are not
-  whole = NamedSharding(mesh, P())
-  args = [jax.device_put(jnp.asarray(a), whole) for a in (tokens, positions, mask)]
-  out = np.asarray(_forward(*nnx.split(sharded), *args))
-  np.testing.assert_allclose(out, _jd_logits(model, tokens, mask, positions), atol=1e-5)
-
-
 def test_checkpoint_loads_back_bit_identical(pair, tmp_path):
   """A jdistill checkpoint of the hybrid model (its model_config.json holds the pattern and
   `time_step_limit`'s infinity) loads back as a model, e.g. a teacher."""
@@ -248,46 +223,47 @@ def test_checkpoint_loads_back_bit_identical(pair, tmp_path):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_opd_step_trains_a_nemotron_student(pair):
-  """The compiled OPD step (reverse KL) with the imported Nemotron-H as the student and its
-  weights scaled by 1.05 as the teacher: every weight of every kind moves, finitely (but the
-  MoE's score-correction bias, which gets no gradient), and a second step on the same batch
-  has a lower loss. (Imported, not initialised: a jax init costs ~17 s here.)"""
-  import functools
+@pytest.fixture(scope="module")
+def one_device_step(pair):
+  return tiny_hf.opd_step(pair[2], VOCAB)
 
-  from jdistill.losses import LossSettings
-  from jdistill.step import common
-  from jdistill.step import opd as ts
 
-  _, _, model = pair
-  graphdef, params = nnx.split(model)
-  t_graphdef, t_state = graphdef, jax.tree.map(lambda x: x * 1.05, params)
-  spec = common.TeacherSpec("t", LossSettings(loss="reverse_kl", chunk_size=4), 1.0, (0, 1))
-  mask = np.zeros((2, 12), np.float32)
-  mask[:, 5:10] = 1
-  batch = {
-    "tokens": jnp.asarray(np.random.RandomState(0).randint(3, VOCAB, (2, 12)), jnp.int32),
-    "completion_mask": jnp.asarray(mask),
-    "logprobs": jnp.full((2, 12), -2.0, jnp.float32),
-    "sampling_logprobs": jnp.full((2, 12), -2.0, jnp.float32),
-    "lengths": jnp.full((2,), 10, jnp.int32),
-  }
-  opt, sched = common.make_optimizer(1e-4, steps=10, warmup_steps=0)  # Adam: ~1e-4 a weight
-  step = jax.jit(
-    functools.partial(
-      ts.train_step, student_graphdef=graphdef, teacher_graphdefs=(t_graphdef,), specs=(spec,),
-      optimizer=opt, schedule=sched,
-    )
-  )  # fmt: skip
-  state = {"params": params, "opt_state": opt.init(params), "step": jnp.zeros((), jnp.int32)}
-  new, metrics = step(state, (t_state,), batch)
-  _, again = step(new, (t_state,), batch)
+def test_opd_step_trains_a_nemotron_student(one_device_step):
+  """The compiled OPD step with the imported Nemotron-H as the student (`tiny_hf.opd_step`): every
+  weight of every kind moves, finitely (but the MoE's score-correction bias, which gets no
+  gradient), and a second step on the same batch has a lower loss. (Imported, not
+  initialised: a jax init costs ~17 s here.)"""
+  params, new, metrics, again, grads = one_device_step
   assert float(metrics["finite"]) == 1 and np.isfinite(float(metrics["loss"]))
-  assert float(again["loss"]) < float(metrics["loss"])
+  assert again < float(metrics["loss"])
   before = jax.tree_util.tree_leaves_with_path(params)
-  for (path, a), b in zip(before, jax.tree.leaves(new["params"])):
+  for (path, a), b, g in zip(before, jax.tree.leaves(new), jax.tree.leaves(grads)):
     moved = not np.array_equal(np.asarray(a), np.asarray(b))
     assert np.isfinite(np.asarray(b)).all() and moved == ("score_bias" not in str(path)), path
+    assert np.abs(np.asarray(g)).max() > 0 or "score_bias" in str(path), path
+
+
+def test_train_step_on_8_devices_equals_one_device(pair, one_device_step):
+  """On 8 simulated devices (fsdp 2 x expert 2 x tensor 2): Mamba heads on `tensor`, experts
+  on `expert`, the rows over fsdp x expert; the OPD step's loss and updated weights equal one
+  device's to f32 reordering, and so do the gradient's norm and the next step's loss."""
+  _, path, _ = pair
+  mesh = shd.make_mesh({"fsdp": 2, "expert": 2, "tensor": 2})
+  sharded = _with_cfg(hf.from_hf(path, mesh), moe_dispatch="dense")
+  params = nnx.state(sharded, nnx.Param)
+  spec = lambda v: v.get_value().sharding.spec  # noqa: E731
+  mamba, moe = params["layers"][0]["mixer"], params["layers"][3]["mixer"]
+  assert spec(mamba["x_proj"]) == P("fsdp", "tensor", None)
+  assert spec(mamba["out_proj"]) == P("tensor", None, "fsdp")
+  assert spec(mamba["A_log"]) == P("tensor")
+  assert spec(mamba["bc_proj"]) == P("fsdp", None, None, None)
+  assert spec(moe["up_proj"]) == P("expert", "fsdp", "tensor")
+  assert mamba["x_proj"].get_value().addressable_shards[0].data.shape == (32, 4, 8)
+  result = tiny_hf.opd_step(sharded, VOCAB, mesh)
+  assert result[1]["layers"][0]["mixer"]["x_proj"].get_value().addressable_shards[0].data.shape == (
+    32, 4, 8,
+  )  # fmt: skip
+  tiny_hf.assert_step_equals_one_device(one_device_step, result)
 
 
 SMALL = ModelConfig(

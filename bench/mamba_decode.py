@@ -20,6 +20,7 @@ by an MLP) and `*-*-…` (attention in their place). Tokens/s = rows / step time
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import os
@@ -71,7 +72,7 @@ def decode_steps(cfg: ModelConfig, batch: int, context: int, steps: int):
   graphdef, state = nnx.split(jax.jit(lambda: Transformer(cfg, nnx.Rngs(0)))())
   kv_mask = jnp.ones((batch, context + steps), bool)
 
-  @jax.jit
+  @functools.partial(jax.jit, donate_argnums=(1,))  # the cache updated in place, as the sampler's
   def step(state, cache, tok, index):
     m = nnx.merge(graphdef, state)
     pos = jnp.full((batch, 1), index)

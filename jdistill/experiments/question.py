@@ -407,15 +407,14 @@ def sweep(exp, world, dial_dir, grid: Grid, progress=print, shard=(0, 1)) -> dic
         world, teachers, loss, os.path.join(world, "base"),
         out, 0, lr, grid.budget_steps, grid, validation), teachers)  # fmt: skip
   rows, rl_rows, warmup_rows, unified_rows = [], [], [], []  # every shard's, once all are in
+  fingerprints = {s: teachers_fingerprint(teacher_dirs(world, dial_dir, s)) for s in ends}
   for loss, lr, setting in jobs:
     sub = (loss, f"lr{lr:g}") if loss in ("rlvr", "warmup") else (setting, loss, f"lr{lr:g}")
     if loss.startswith("unified:"):
       sub = (setting, f"{loss.split(':')[1]}_unified", f"lr{lr:g}")
-    cell = os.path.join(exp, "sweep", *sub, "cell.json")
-    if not os.path.exists(cell):
+    r = _read_cell(os.path.join(exp, "sweep", *sub), fingerprints[setting or ends[0]])
+    if r is None:
       return None
-    with open(cell) as f:
-      r = json.load(f)
     if loss == "rlvr":
       rl_rows.append({"lr": lr, "accuracy": r["accuracy"]})
     elif loss.startswith("unified:"):
@@ -451,11 +450,10 @@ def sweep(exp, world, dial_dir, grid: Grid, progress=print, shard=(0, 1)) -> dic
       rl_opd_steps, grid, validation), teacher_dirs(world, dial_dir, setting))  # fmt: skip
   rl_rows_opd = []
   for loss, lr, setting in after_rl:
-    cell = os.path.join(_after_rlvr_dir(exp, setting, loss, rl_lr, lr), "cell.json")
-    if not os.path.exists(cell):
+    r = _read_cell(_after_rlvr_dir(exp, setting, loss, rl_lr, lr), fingerprints[setting])
+    if r is None:
       return None
-    with open(cell) as f:
-      rl_rows_opd.append({"setting": setting, "loss": loss, "lr": lr, **json.load(f)})
+    rl_rows_opd.append({"setting": setting, "loss": loss, "lr": lr, **r})
   best_rl = best_lrs(rl_rows_opd, grid.rl_losses, grid.lrs_of)
   lrs = {"none": best, "rlvr": best_rl}
   if unified_rows:
@@ -520,27 +518,36 @@ def _stamp_teachers(out: str, teachers: dict[str, str]) -> None:
     f.write(fingerprint)
 
 
+def _read_cell(out: str, fingerprint: str | None) -> dict | None:
+  """`out`/cell.json, or None if it is not there; refused if it records teachers other than
+  `fingerprint`'s (a restored result, or a call without a fingerprint, compares nothing)."""
+  path = os.path.join(out, "cell.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    cached = json.load(f)
+  made_with = cached.get("teachers_fingerprint")
+  if fingerprint is not None and made_with is not None and made_with != fingerprint:
+    raise ValueError(
+      f"{path} was computed with other teachers (weights {made_with}, now {fingerprint}: "
+      "retrained?); move that folder aside to compute it with these"
+    )
+  return cached
+
+
 def _cached(out: str, compute, teachers: dict[str, str] | None = None) -> dict:
   """`out`/cell.json, computed once. With `teachers`, the result records their fingerprint and
-  a cached one made with other teachers is refused (a restored result has none to compare)."""
-  path = os.path.join(out, "cell.json")
+  a cached one made with other teachers is refused (`_read_cell`)."""
   fingerprint = teachers_fingerprint(teachers) if teachers is not None else None
-  if os.path.exists(path):
-    with open(path) as f:
-      cached = json.load(f)
-    made_with = cached.get("teachers_fingerprint")
-    if fingerprint is not None and made_with is not None and made_with != fingerprint:
-      raise ValueError(
-        f"{path} was computed with other teachers (weights {made_with}, now {fingerprint}: "
-        "retrained?); move that folder aside to compute it with these"
-      )
+  cached = _read_cell(out, fingerprint)
+  if cached is not None:
     return cached
   t0 = time.time()
   result = dict(compute(), wall_s=time.time() - t0)
   if fingerprint is not None:
     result["teachers_fingerprint"] = fingerprint
   os.makedirs(out, exist_ok=True)
-  write_json_atomic(path, result)
+  write_json_atomic(os.path.join(out, "cell.json"), result)
   return result
 
 

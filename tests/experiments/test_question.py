@@ -286,6 +286,29 @@ def test_a_result_made_with_other_teachers_is_refused_naming_its_folder(tmp_path
   assert run()["restored"]
 
 
+def test_the_sweep_collect_refuses_a_result_made_with_other_teachers(tmp_path):
+  """The sweep's collect step reads every shard's results from disk: one made with other
+  teachers is refused there too, naming its file; one made with these is read (and the sweep
+  then waits for the next missing result: None)."""
+  grid = dataclasses.replace(question.Grid(), settings=("lineage",))
+  exp, loss = str(tmp_path / "exp"), grid.losses[0]
+  out = os.path.join(exp, "sweep", "lineage", loss, f"lr{grid.lrs_of(loss)[0]:g}")
+  os.makedirs(out)
+
+  def write(fingerprint):
+    with open(os.path.join(out, "cell.json"), "w") as f:
+      json.dump({"accuracy": {"mean": 0.5}, "teachers_fingerprint": fingerprint}, f)
+
+  def collect():  # shard (0, 0): run nothing, only collect
+    return question.sweep(exp, WORLD, str(tmp_path), grid, lambda _: None, shard=(0, 0))
+
+  write("0" * 16)
+  with pytest.raises(ValueError, match=re.escape(f"{out}/cell.json was computed with other")):
+    collect()
+  write(question.teachers_fingerprint(question.teacher_dirs(WORLD, str(tmp_path), "lineage")))
+  assert collect() is None
+
+
 def test_a_warmup_student_or_its_data_made_with_other_teachers_is_refused(tmp_path, monkeypatch):
   """The warmup student and the teachers' SFT data it learns from are cached by path too:
   each finished one is stamped with its teachers' fingerprint and refused once they change."""

@@ -46,6 +46,7 @@ def nano() -> ModelConfig:
 
 
 def cache_bytes(cfg: ModelConfig, batch: int, length: int) -> int:
+  """Bytes of `init_cache(cfg, batch, length)`, nothing allocated."""
   shapes = jax.eval_shape(lambda: init_cache(cfg, batch, length))
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))
 
@@ -143,6 +144,7 @@ def main(argv=None) -> dict:
       flush=True,
     )
   out["device"] = str(jax.devices()[0])
+  out["args"] = {k: v for k, v in vars(a).items() if k != "json"}
   if a.json:
     with open(a.json, "w") as f:
       json.dump(out, f, indent=1)

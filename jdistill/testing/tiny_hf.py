@@ -215,8 +215,8 @@ def opd_step(model, vocab: int, mesh=None):
   weights scaled by 1.05 as the teacher, on 4 fixed rows of 12 tokens (5 completion tokens
   each); with `mesh` the rows are split over its data axes (the model's params already
   placed there). Returns (params, the params after it, its metrics, the loss of a second
-  step on the same batch, the step's gradients): a family's step on one device and on a
-  mesh, compared."""
+  step on the same batch, the step's gradients after global-norm clipping): a family's step
+  on one device and on a mesh, compared."""
   import functools
 
   import jax
@@ -259,6 +259,8 @@ def opd_step(model, vocab: int, mesh=None):
   _, again = step(new, (t_state,), batch)
   # Adam's first moment after one step is (1 - b1) times the (clipped) gradient
   grads = jax.tree.map(lambda m: m / (1 - b1), optax.tree_utils.tree_get(new["opt_state"], "mu"))
+  if jax.tree.structure(grads) != jax.tree.structure(params):  # tree_get gives None if absent
+    raise ValueError("opd_step: the optimizer state has no first moment shaped as the params")
   return params, new["params"], metrics, float(again["loss"]), grads
 
 
@@ -274,7 +276,8 @@ def assert_step_equals_one_device(one, sharded) -> None:
   _, _, metrics8, again8, grads8 = sharded
   np.testing.assert_allclose(float(metrics8["loss"]), float(metrics1["loss"]), rtol=0, atol=1e-6)
   np.testing.assert_allclose(float(metrics8["grad_norm"]), float(metrics1["grad_norm"]), rtol=1e-4)
-  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grads1), jax.tree.leaves(grads8)):
+  leaves = zip(jax.tree_util.tree_leaves_with_path(grads1), jax.tree.leaves(grads8), strict=True)
+  for (path, a), b in leaves:
     a, b = np.asarray(a), np.asarray(b)
     np.testing.assert_allclose(b, a, rtol=0, atol=1e-4 * np.abs(a).max() + 1e-12, err_msg=str(path))
   np.testing.assert_allclose(again8, again1, rtol=0, atol=1e-6)

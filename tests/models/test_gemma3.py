@@ -165,7 +165,7 @@ def test_train_step_on_8_devices_equals_one_device(gemma_pair):
   """On a data 2 x fsdp 2 x tensor 2 mesh, the imported model's params are placed by the
   rules (the four norms replicated, the tied embedding over vocab and fsdp), and the OPD step
   (12 tokens: the sliding layer's window of 4 masks keys in training too) equals one
-  device's: loss, gradient norm, every updated weight and the next step's loss."""
+  device's: loss, gradient norm, every gradient and the next step's loss."""
   _, path = gemma_pair
   mesh = shd.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   sharded = hf.from_hf(path, mesh)

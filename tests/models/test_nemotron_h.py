@@ -237,7 +237,7 @@ def test_opd_step_trains_a_nemotron_student(one_device_step):
   assert float(metrics["finite"]) == 1 and np.isfinite(float(metrics["loss"]))
   assert again < float(metrics["loss"])
   before = jax.tree_util.tree_leaves_with_path(params)
-  for (path, a), b, g in zip(before, jax.tree.leaves(new), jax.tree.leaves(grads)):
+  for (path, a), b, g in zip(before, jax.tree.leaves(new), jax.tree.leaves(grads), strict=True):
     moved = not np.array_equal(np.asarray(a), np.asarray(b))
     assert np.isfinite(np.asarray(b)).all() and moved == ("score_bias" not in str(path)), path
     assert np.abs(np.asarray(g)).max() > 0 or "score_bias" in str(path), path
@@ -245,8 +245,8 @@ def test_opd_step_trains_a_nemotron_student(one_device_step):
 
 def test_train_step_on_8_devices_equals_one_device(pair, one_device_step):
   """On 8 simulated devices (fsdp 2 x expert 2 x tensor 2): Mamba heads on `tensor`, experts
-  on `expert`, the rows over fsdp x expert; the OPD step's loss and updated weights equal one
-  device's to f32 reordering, and so do the gradient's norm and the next step's loss."""
+  on `expert`, the rows over fsdp x expert; the OPD step's loss, every gradient and the next
+  step's loss equal one device's to f32 reordering (`tiny_hf.assert_step_equals_one_device`)."""
   _, path, _ = pair
   mesh = shd.make_mesh({"fsdp": 2, "expert": 2, "tensor": 2})
   sharded = _with_cfg(hf.from_hf(path, mesh), moe_dispatch="dense")

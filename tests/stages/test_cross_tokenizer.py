@@ -153,3 +153,18 @@ def test_another_tokenizer_is_validated_before_anything_compiles(
   c.teachers.code[field] = value
   with pytest.raises(ValueError, match=rf"config.teachers.code.tokenizer=.*{message}"):
     config_lib.validate(c)
+
+
+def test_another_tokenizer_in_a_run_of_several_processes_is_refused_before_loading(
+  small_world, monkeypatch
+):
+  """The host alignment reads the rows of the whole batch: a run of several processes is
+  refused naming the field, before any teacher's weights load."""
+  from jdistill.runtime import build
+
+  c = tiny_config(small_world)
+  c.teachers.code.tokenizer = small_world["tokenizer"]
+  c.teachers.code.path = "/nonexistent"  # loading would fail otherwise, not refuse
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  with pytest.raises(ValueError, match=r"config.teachers.code.tokenizer=.*this run has 2"):
+    build.teachers(c, None, 384)

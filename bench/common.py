@@ -32,3 +32,12 @@ def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
   f = jax.jit(lambda x, y: x @ y)
   _, t = timed(f, a, a, repeats=repeats)
   return 2 * n**3 / t
+
+
+def cache_bytes(cfg, batch: int, length: int) -> int:
+  """Bytes of `init_cache(cfg, batch, length)` (a `ModelConfig`'s sampler cache), nothing
+  allocated."""
+  from jdistill.models import init_cache
+
+  shapes = jax.eval_shape(lambda: init_cache(cfg, batch, length))
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))

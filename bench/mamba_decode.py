@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.util
 import json
 import os
 import statistics
@@ -31,6 +30,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import memory_plan  # noqa: E402  (after jax: it leaves the device count alone then)
+from common import cache_bytes  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from jdistill.models import ModelConfig, Transformer, init_cache  # noqa: E402
@@ -38,17 +39,7 @@ from jdistill.models import ModelConfig, Transformer, init_cache  # noqa: E402
 
 def nano() -> ModelConfig:
   """Nemotron 3 Nano's config, from bench/memory_plan.py (one place for the shape)."""
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "memory_plan.py")
-  spec = importlib.util.spec_from_file_location("memory_plan", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.model_config("nemotron-3-nano-30b-a3b")
-
-
-def cache_bytes(cfg: ModelConfig, batch: int, length: int) -> int:
-  """Bytes of `init_cache(cfg, batch, length)`, nothing allocated."""
-  shapes = jax.eval_shape(lambda: init_cache(cfg, batch, length))
-  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))
+  return memory_plan.model_config("nemotron-3-nano-30b-a3b")
 
 
 def small_pair(width: int, layers: int) -> tuple[ModelConfig, ModelConfig]:

@@ -25,6 +25,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+from common import cache_bytes  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from jdistill.models import ModelConfig, Transformer, init_cache  # noqa: E402
@@ -56,11 +57,6 @@ def small_pair(width: int, layers: int, heads: int) -> tuple[ModelConfig, ModelC
   )  # fmt: skip
   gqa = ModelConfig(model_type="qwen3", num_kv_heads=max(heads // 4, 1), head_dim=hd, **base)
   return mla, gqa
-
-
-def cache_bytes(cfg: ModelConfig, batch: int, length: int) -> int:
-  shapes = jax.eval_shape(lambda: init_cache(cfg, batch, length))
-  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))
 
 
 def attention_params(cfg: ModelConfig) -> int:

@@ -39,33 +39,38 @@ def _rollouts(trainer, new_tokens: int, seed: int = 0):
   return {k: jax.numpy.asarray(v) for k, v in batch.items()}, prompts
 
 
+@pytest.mark.parametrize("through_spans", [("code",), ("math", "code")])
 def test_same_tokenizer_through_the_span_path_gives_todays_loss_and_gradients(
-  small_world, tmp_path
+  small_world, tmp_path, through_spans
 ):
-  """`teachers.code.tokenizer` = the student's own sends it through the span path (host
-  alignment, its own forward, span sums): one span per token, so on the same rollouts the
-  objective and its gradients are today's sampled-token path's (with the PPO clip on, and
-  behaviour log-probs that are not the student's, so the ratio is not 1)."""
+  """`teachers.<name>.tokenizer` = the student's own sends a teacher through the span path
+  (host alignment, its own forward, span sums): one span per token, so on the same rollouts
+  the objective, each teacher's term and the gradients are today's sampled-token path's (with
+  the PPO clip on, and behaviour log-probs that are not the student's, so the ratio is not
+  1) — with a plain teacher beside it in the same step, or with both teachers on spans (each
+  its own rows and layout)."""
   c = short_run_config(small_world, tmp_path, steps=1, eval_every=0)
   c.num_devices = 1
   c.loss.clip_eps = 0.2
-  c.teachers.code.tokenizer = small_world["tokenizer"]
-  c.teachers.code.domains = "math,code"  # one teacher: half the forwards to compile
-  del c.teachers["math"]
+  for name in ("math", "code"):
+    c.teachers[name].loss = "sampled_token"
+  for name in through_spans:
+    c.teachers[name].tokenizer = small_world["tokenizer"]
   trainer = train.OPDTrainer(c)
   t = trainer.teachers
-  (cross,) = t.cross
+  names = config_lib.teacher_names(c)
+  assert [x.index for x in t.cross] == [i for i, n in enumerate(names) if n in through_spans]
   batch, prompts = _rollouts(trainer, c.sampling.max_new_tokens)
   batch = trainer.with_teacher_layouts(batch, prompts, trainer.batcher)
   assert "teacher_layouts" in batch
   cache = trainer.teacher_cache(batch)  # takes the layouts out of the batch
-  assert set(cache) == {cross.index} and "teacher_layouts" not in batch
-  # today's path: the same teacher resident in its own group, a plain sampled-token spec
+  assert set(cache) == {x.index for x in t.cross} and "teacher_layouts" not in batch
+  # today's path: each such teacher resident in its own group, a plain sampled-token spec
   today = dict(
-    teacher_graphdefs=(*t.graphdefs, cross.graphdef),
-    teacher_states=(*t.states, cross.state),
+    teacher_graphdefs=(*t.graphdefs, *(x.graphdef for x in t.cross)),
+    teacher_states=(*t.states, *(x.state for x in t.cross)),
     specs=tuple(dataclasses.replace(s, spans=False) for s in t.specs),
-    groups=(*t.groups, (cross.index,)),
+    groups=(*t.groups, *((x.index,) for x in t.cross)),
     teacher_cache={},
   )
   spans = dict(
@@ -85,12 +90,14 @@ def test_same_tokenizer_through_the_span_path_gives_todays_loss_and_gradients(
       )  # fmt: skip
 
     (loss, metrics), grads = jax.jit(jax.value_and_grad(objective, has_aux=True))(trainer.params)
-    clipped = float(metrics["code"]["clip_fraction"])
-    results[name] = (float(loss), float(metrics["code"]["loss"]), jax.device_get(grads), clipped)
-  (loss0, code0, g0, clip0), (loss1, code1, g1, clip1) = results["today"], results["spans"]
-  assert code0 != 0.0 and 0.0 < clip1 < 1.0
-  np.testing.assert_allclose(clip1, clip0, rtol=1e-6)
-  np.testing.assert_allclose(code1, code0, rtol=1e-5)
+    terms = {n: float(metrics[n]["loss"]) for n in ("math", "code")}
+    clipped = {n: float(metrics[n]["clip_fraction"]) for n in ("math", "code")}
+    results[name] = (float(loss), terms, jax.device_get(grads), clipped)
+  (loss0, terms0, g0, clip0), (loss1, terms1, g1, clip1) = results["today"], results["spans"]
+  for n in ("math", "code"):
+    assert terms0[n] != 0.0 and 0.0 < clip1[n] < 1.0
+    np.testing.assert_allclose(clip1[n], clip0[n], rtol=1e-6)
+    np.testing.assert_allclose(terms1[n], terms0[n], rtol=1e-5)
   np.testing.assert_allclose(loss1, loss0, rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), g1, g0)
 

@@ -224,6 +224,14 @@ def measure(
   if rows_per_domain < 1:
     raise ValueError(f"rows_per_domain must be >= 1, got {rows_per_domain}")
   config_lib.validate(config)
+  for name in config_lib.teacher_names(config):  # before anything loads
+    if config.teachers[name].get("tokenizer"):
+      raise ValueError(
+        f"config.teachers.{name}.tokenizer={config.teachers[name].tokenizer!r}: the overlap "
+        "command's token metrics compare two distributions over one vocabulary; a teacher of "
+        "another tokenizer is read in the opd stage's span metrics (its reverse_kl, "
+        "teacher_logp and student_logp per student token)"
+      )
   mesh = build.mesh(config)
   tokenizer = build.tokenizer(config)
   student, teachers = _student_and_teachers(config, mesh, use_checkpoint)

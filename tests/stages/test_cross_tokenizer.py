@@ -175,3 +175,15 @@ def test_another_tokenizer_in_a_run_of_several_processes_is_refused_before_loadi
   monkeypatch.setattr(jax, "process_count", lambda: 2)
   with pytest.raises(ValueError, match=r"config.teachers.code.tokenizer=.*this run has 2"):
     build.teachers(c, None, 384)
+
+
+def test_the_overlap_command_refuses_a_teacher_of_another_tokenizer_naming_it(small_world):
+  """Its calibrated token metrics need one vocabulary: a clear error naming the field, before
+  anything loads (it was an error from inside the teachers' build)."""
+  from jdistill import overlap
+
+  c = tiny_config(small_world)
+  c.teachers.code.tokenizer = small_world["tokenizer"]
+  c.teachers.code.path = "/nonexistent"
+  with pytest.raises(ValueError, match=r"config.teachers.code.tokenizer=.*span metrics"):
+    overlap.measure(c, rows_per_domain=1)

@@ -112,10 +112,12 @@ TEACHER = section(
     None,
     "the teacher's own HF tokenizer directory when it is not the student's: the student's "
     "rollouts are re-tokenised for it and scored per aligned span "
-    "([design.md](design.md#sampled-token-across-tokenizers)); set, even to the student's, "
-    "it takes that path",
-    "`None` (the student's) or a path; with a path: `loss = sampled_token`, `placement = "
-    "resident`, stage `opd`, no `episode.environment`",
+    "([design.md](design.md#sampled-token-across-tokenizers)): `sampled_token` per span, "
+    "`reverse_kl` dense on the matched vocabulary where a span is one equal token per side "
+    "([design.md](design.md#dense-across-tokenizers)); set, even to the student's, it takes "
+    "that path",
+    "`None` (the student's) or a path; with a path: `loss` = `sampled_token` or "
+    "`reverse_kl`, `placement = resident`, stage `opd`, no `episode.environment`",
     field_type=str,
   ),
   length_ratio=field(
@@ -220,12 +222,15 @@ def validate_teachers(config) -> None:
 
 
 def _validate_cross_tokenizer(config, name: str) -> None:
-  """A teacher with its own `tokenizer`: only what the span path supports (sampled-token,
-  resident, single-turn OPD)."""
+  """A teacher with its own `tokenizer`: only what the span path supports (sampled-token or
+  the dense reverse KL, resident, single-turn OPD)."""
   t, where = config.teachers[name], f"teachers.{name}.tokenizer"
   need = "a teacher with another tokenizer"
-  if t.loss != "sampled_token":
-    fail(where, t.tokenizer, f"None with loss {t.loss!r}: {need} needs loss = sampled_token")
+  if t.loss not in ("sampled_token", "reverse_kl"):
+    fail(
+      where, t.tokenizer,
+      f"None with loss {t.loss!r}: {need} needs loss = sampled_token or reverse_kl",
+    )  # fmt: skip
   if t.get("placement", "resident") != "resident":
     fail(where, t.tokenizer, f"None with placement {t.placement!r}: {need} is resident")
   if config.stage != "opd":

@@ -124,6 +124,7 @@ def chunked_token_values(
   chunk_size: int,
   student_bias=None,
   teacher_bias=None,
+  extra=None,
 ):
   """Applies ``fn`` to student/teacher logits built chunk by chunk along T.
 
@@ -131,7 +132,8 @@ def chunked_token_values(
   ``teacher_hidden [B, T, Dt]``, ``teacher_unembed [Dt, V]``, ``targets [B, T]``
   int, optional biases ``[V]``. ``fn(student_logits [B, C, V] f32,
   teacher_logits [B, C, V] f32, targets [B, C]) -> pytree of [B, C]``; the
-  result is that pytree with ``[B, T]`` leaves.
+  result is that pytree with ``[B, T]`` leaves. ``extra``: an optional pytree of ``[B, T, ...]``
+  arrays, cut into the same chunks and passed to ``fn`` as a fourth argument.
 
   T is zero-padded to a multiple of ``chunk_size`` (padded positions are
   computed then dropped, so ``fn`` must be finite on zero hidden states). The
@@ -163,15 +165,18 @@ def chunked_token_values(
   chunks = tuple(
     _split_chunks(x, n_chunks, chunk_size) for x in (student_hidden, sg(teacher_hidden), targets)
   )
+  if extra is not None:
+    chunks += (jax.tree.map(lambda x: _split_chunks(x, n_chunks, chunk_size), extra),)
 
   @jax.checkpoint
   def chunk_values(weights, chunk):
     s_unembed, s_bias, t_unembed, t_bias = weights
-    s_hidden, t_hidden, chunk_targets = chunk
+    s_hidden, t_hidden, chunk_targets = chunk[:3]
     return fn(
       project_logits(s_hidden, s_unembed, s_bias),
       project_logits(t_hidden, t_unembed, t_bias),
       chunk_targets,
+      *chunk[3:],
     )
 
   values = jax.lax.map(lambda chunk: chunk_values(weights, chunk), chunks)

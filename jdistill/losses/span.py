@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jdistill.losses.divergences import masked_mean
+from jdistill.losses.chunking import chunked_token_values
+from jdistill.losses.divergences import log_softmax, masked_mean, token_logp
 from jdistill.losses.estimators import sampled_token_terms
 from jdistill.losses.settings import NORMALIZE_MODES, _check_choice, _check_same_shape
 
@@ -176,22 +178,45 @@ def matched_reverse_kl(student_logp, teacher_logp, vocab_map):
   the KL between the two distributions coarsened to the matched tokens and "anything else".
   Teacher terms are stop-gradient'ed."""
   vocab_map = jnp.asarray(vocab_map)
-  matched = vocab_map >= 0
+  t = teacher_logp.astype(jnp.float32)
+  t_at = jnp.take(t, jnp.maximum(vocab_map, 0), axis=-1)  # [..., Vs]: log p(m(v))
+  tail = log_mass(t, ~teacher_matched(vocab_map, t.shape[-1]))
+  return matched_reverse_kl_at(student_logp, t_at, vocab_map >= 0, tail)
+
+
+def teacher_matched(vocab_map, teacher_vocab: int):
+  """``[Vt]`` bool: the teacher ids some student id is matched to."""
+  vocab_map = jnp.asarray(vocab_map)
+  ids = jnp.where(vocab_map >= 0, vocab_map, teacher_vocab)
+  return jnp.zeros((teacher_vocab,), bool).at[ids].set(True, mode="drop")
+
+
+# a log-probability of nothing that keeps logsumexp and its gradient finite
+LOG_NONE = -1e30
+# p̄ = 0 (the teacher has no unmatched id): a finite, large tail term where q̄ > 0
+_LOG_TINY = float(np.log(np.finfo(np.float32).tiny))
+
+
+def log_mass(logp, where):
+  """``log Σ_{v: where[v]} exp(logp[..., v])`` -> ``[...]`` (-1e30 for an empty set).
+
+  Summed directly rather than as 1 − the rest: a tail of 1e-16 is 1 − (1 − 1e-16), which
+  float32 rounds to 0 or 6e-8, and its log (the tail term) with it."""
+  return jax.nn.logsumexp(jnp.where(where, logp.astype(jnp.float32), LOG_NONE), axis=-1)
+
+
+def matched_reverse_kl_at(student_logp, teacher_logp_at, matched, teacher_tail_logp):
+  """:func:`matched_reverse_kl` with the teacher's log-probs already on the student's ids:
+  ``teacher_logp_at [..., Vs]`` = log p(m(v)) (any finite value where ``matched [Vs]`` is
+  false) and ``teacher_tail_logp [...]`` = log p̄ -> ``[...]``. Teacher terms are
+  stop-gradient'ed."""
+  matched = jnp.asarray(matched).astype(bool)
   s = student_logp.astype(jnp.float32)
-  t = sg(teacher_logp.astype(jnp.float32))
-  t_at = jnp.take(t, jnp.maximum(vocab_map, 0), axis=-1)  # [..., Vs]: p(m(v))
-  q = jnp.exp(s)
-  q_in = jnp.where(matched, q, 0.0)
-  body = jnp.sum(jnp.where(matched, q * (s - t_at), 0.0), axis=-1)
-  q_tail = jnp.clip(1.0 - jnp.sum(q_in, axis=-1), 0.0, 1.0)
-  p_tail = jnp.clip(1.0 - jnp.sum(jnp.where(matched, jnp.exp(t_at), 0.0), axis=-1), 0.0, 1.0)
-  tiny = jnp.finfo(jnp.float32).tiny
-  tail = jnp.where(
-    q_tail > 0,
-    q_tail * (jnp.log(jnp.maximum(q_tail, tiny)) - jnp.log(jnp.maximum(p_tail, tiny))),
-    0.0,
-  )
-  return body + tail
+  t_at = sg(teacher_logp_at.astype(jnp.float32))
+  body = jnp.sum(jnp.where(matched, jnp.exp(s) * (s - t_at), 0.0), axis=-1)
+  log_q_tail = log_mass(s, ~matched)
+  log_p_tail = jnp.maximum(sg(teacher_tail_logp.astype(jnp.float32)), _LOG_TINY)
+  return body + jnp.exp(log_q_tail) * (log_q_tail - log_p_tail)
 
 
 def span_dense_loss(
@@ -256,3 +281,75 @@ def span_dense_loss(
     per_token_loss=sg(per_token),
   )
   return loss, dict(aux, clip_fraction=sg(masked_mean(clipped * (1 - gate), weight, "token")))
+
+
+def chunked_span_dense_loss(
+  student_hidden,
+  student_unembed,
+  teacher_hidden_at,
+  teacher_unembed_at,
+  targets,
+  teacher_span_logp,
+  teacher_tail_logp,
+  student_span,
+  gate,
+  matched,
+  mask,
+  *,
+  behaviour_logp=None,
+  clip_eps: float | None = None,
+  normalize: str = "token",
+  icepop_c: float | None = None,
+  chunk_size: int = 0,
+):
+  """:func:`span_dense_loss` from hidden states, the logits built ``chunk_size`` positions at a
+  time (`chunking.chunked_token_values`) -> ``(loss scalar, aux)``.
+
+  ``student_hidden [B, T, Ds]``, ``student_unembed [Ds, Vs]`` score ``targets [B, T]``.
+  The teacher comes already aligned (`step.cross_tokenizer.dense_scores` builds it):
+  ``teacher_hidden_at [B, T, Dt']`` and ``teacher_unembed_at [Dt', Vs]`` whose product at a
+  gated token is log p(m(v)), the teacher's log-prob (at the span's one teacher position) of
+  the teacher token matched to each student id v; ``teacher_tail_logp [B, T]`` log p̄ there,
+  the teacher's mass on the ids no student id is matched to; ``teacher_span_logp [B, ≥T]``
+  log p_T of each span id; ``student_span [B, T]``, ``gate [B, T]`` (the token's span is one
+  equal token per side), ``matched [Vs]``, ``mask [B, T]``.
+
+  Per token: :func:`matched_reverse_kl_at` where gated, the span sampled-token term
+  (:func:`span_sampled_token_terms`) elsewhere; reduced as :func:`span_dense_loss` does, which
+  it equals on the same inputs. aux: ``dense`` (the gate), ``dense_term``, ``sampled_term``,
+  ``k1``, ``per_token_loss``, ``student_logp`` and the scalar ``clip_fraction``.
+  """
+  _check_same_shape("targets", targets, "student_span", student_span)
+  _check_same_shape("targets", targets, "gate", gate)
+
+  def values(s_logits, t_logp_at, chunk_targets, t_tail):
+    s_logp = log_softmax(s_logits)
+    return dict(
+      dense=matched_reverse_kl_at(s_logp, t_logp_at, matched, t_tail),
+      logp=token_logp(s_logp, chunk_targets),
+    )
+
+  out = chunked_token_values(
+    values, student_hidden, student_unembed, teacher_hidden_at, teacher_unembed_at, targets,
+    chunk_size=chunk_size, extra=teacher_tail_logp,
+  )  # fmt: skip
+  t = targets.shape[1]
+  ids = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), targets.shape)
+  sampled, aux = span_sampled_token_terms(
+    out["logp"], sg(teacher_span_logp[:, :t]), student_span, ids, mask, behaviour_logp,
+    clip_eps, icepop_c,
+  )  # fmt: skip
+  has_span = student_span >= 0
+  on = has_span & gate.astype(bool)
+  per_token = jnp.where(on, out["dense"], sampled)
+  weight = mask.astype(jnp.float32) * has_span
+  loss = masked_mean(per_token, weight, normalize)
+  clipped = aux.pop("clipped")
+  aux.update(
+    dense=on.astype(jnp.float32),
+    dense_term=sg(out["dense"]),
+    sampled_term=sg(sampled),
+    per_token_loss=sg(per_token),
+    student_logp=sg(out["logp"]),
+  )
+  return loss, dict(aux, clip_fraction=sg(masked_mean(clipped * (1 - on), weight, "token")))

@@ -257,10 +257,15 @@ def teachers(
       cross_tokenizer.check_settings(settings, name)
       specs.append(common.TeacherSpec(name, settings, float(t.weight), rows[i], spans=True))
       graphdef, state = nnx.split(model)
+      student, teacher = (
+        alignment.Vocab.of(student_tokenizer),
+        alignment.Vocab.of(load_tokenizer(t.tokenizer)),
+      )
+      dense = settings.loss != "sampled_token"
       cross.append(
         cross_tokenizer.CrossTeacher(
-          i, rows[i], graphdef, state, alignment.Vocab.of(student_tokenizer),
-          alignment.Vocab.of(load_tokenizer(t.tokenizer)), float(t.length_ratio),
+          i, rows[i], graphdef, state, student, teacher, float(t.length_ratio),
+          alignment.vocab_map(student, teacher) if dense else None,
         )
       )  # fmt: skip
       continue

@@ -1,20 +1,24 @@
 """Teachers of another tokenizer in the OPD step: the host alignment, the teacher's span
-log-probs, and the span sampled-token loss on the student's rows.
+log-probs, and the span losses on the student's rows.
 
 Per step, for each such teacher (`config.teachers.<name>.tokenizer`):
 
 1. host (:func:`layouts`): its rows of the student's rollouts re-tokenised and laid out for the
    teacher by `data.alignment.teacher_rollouts`, at the static width
    :func:`teacher_width` (`ceil(length_ratio · L)`), so the scorer compiles once;
-2. device (:func:`span_logp`, jitted on its own, the teacher's state an argument): the
-   teacher's forward on its own tokens, its log-prob of each of its tokens, summed per span
-   → `[S, L-1]` (span id → log p_T(span); a span id is < the completion length ≤ L-1);
-3. in the compiled step (:func:`span_loss`): the student's log-probs of its sampled tokens
-   and `losses.span.span_sampled_token_loss` with those per-span teacher sums (each span one
-   "teacher token", so the kernel's own span sums on the teacher side are the identity).
+2. device (:func:`span_logp` for sampled-token, :func:`dense_scores` for the dense reverse KL;
+   jitted on their own, the teacher's state an argument): the teacher's forward on its own
+   tokens, its log-prob of each of its tokens summed per span → `span_logp [S, L-1]` (span id
+   → log p_T(span); a span id is < the completion length ≤ L-1); for the dense loss also the
+   teacher's hidden state at each student token whose span is one equal token per side, with
+   the teacher's log-normaliser there as one more column, and its unembedding gathered onto
+   the student's vocabulary (`alignment.vocab_map`), so that their product is log p(m(v));
+3. in the compiled step (:func:`span_loss`): `losses.span.span_sampled_token_loss` with the
+   per-span teacher sums (each span one "teacher token", so the kernel's own span sums on the
+   teacher side are the identity), or `losses.span.chunked_span_dense_loss`.
 
-The step sees the teacher only as `(span_logp [S, L-1], student_span [S, L-1])` in its
-`teacher_cache`, like a streamed teacher's hidden states.
+The step sees the teacher only as a dict in its `teacher_cache` (:func:`teacher_cache`), like
+a streamed teacher's hidden states.
 """
 
 from __future__ import annotations
@@ -30,17 +34,31 @@ from flax import nnx
 
 from jdistill import losses
 from jdistill.data import alignment
-from jdistill.losses.span import span_sampled_token_loss, span_sums
+from jdistill.losses.span import (
+  LOG_NONE,
+  chunked_span_dense_loss,
+  span_sampled_token_loss,
+  span_sums,
+  teacher_matched,
+)
 from jdistill.runtime import sharding as shd
+from jdistill.step.common import take_positions
 
 sg = jax.lax.stop_gradient
+# the losses a teacher of another tokenizer can take: the span sampled-token estimator, and
+# the dense reverse KL on the matched vocabulary (the span term where a span is not one
+# equal token per side); docs/design.md, "Dense across tokenizers"
+LOSSES = ("sampled_token", "reverse_kl")
+# the teacher_cache entries indexed by the student's positions (cut to the loss window)
+PER_POSITION = ("student_span", "gate", "hidden", "tail_logp")
 
 
 @dataclasses.dataclass(frozen=True)
 class CrossTeacher:
   """A resident teacher with its own tokenizer: `index` into the step's specs, its `rows` of
-  the batch, `graphdef`/`state`, the `student`/`teacher` alignment vocabularies and
-  `length_ratio` (its width over the student's)."""
+  the batch, `graphdef`/`state`, the `student`/`teacher` alignment vocabularies,
+  `length_ratio` (its width over the student's) and, for the dense loss, `vocab_map [Vs]`
+  (`alignment.vocab_map`; None for sampled-token)."""
 
   index: int
   rows: tuple[int, ...]
@@ -49,6 +67,11 @@ class CrossTeacher:
   student: alignment.Vocab
   teacher: alignment.Vocab
   length_ratio: float
+  vocab_map: np.ndarray | None = None
+
+  @property
+  def dense(self) -> bool:
+    return self.vocab_map is not None
 
 
 def teacher_width(student_width: int, length_ratio: float) -> int:
@@ -71,6 +94,23 @@ def layouts(teacher: CrossTeacher, tokens, lengths, completion_mask, records, *,
   )  # fmt: skip
 
 
+def _forward(graphdef, state, tokens, lengths, temperature):
+  """The teacher's final hidden states `[S, Lt-1, Dt]` on its layout and its unembedding
+  `[Dt, Vt]` at `temperature`."""
+  teacher = nnx.merge(graphdef, state)
+  s, length = tokens.shape
+  positions = jnp.broadcast_to(jnp.arange(length - 1), (s, length - 1))
+  hidden, _ = teacher(tokens[:, :-1], positions, kv_mask=positions < lengths[:, None])
+  unembed = teacher.unembedding() / temperature if temperature != 1.0 else teacher.unembedding()
+  return hidden, unembed
+
+
+def _span_sums_of(hidden, unembed, tokens, teacher_span, width, chunk_size):
+  own = losses.token_logprobs(hidden, unembed, tokens[:, 1:], chunk_size=chunk_size)
+  span = teacher_span[:, 1:]
+  return span_sums(jnp.where(span >= 0, own, 0.0), span, width)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "width", "temperature", "chunk_size"))
 def span_logp(
   graphdef, state, tokens, lengths, teacher_span, width: int, temperature=1.0, chunk_size=0
@@ -80,73 +120,149 @@ def span_logp(
   `tokens [S, Lt]` its layout, `lengths [S]` prompt + completion, `teacher_span [S, Lt]` span
   ids (< width, -1 outside the completion), at the loss's `temperature`; logits built
   `chunk_size` positions at a time (`losses.token_logprobs`)."""
-  teacher = nnx.merge(graphdef, state)
-  s, length = tokens.shape
-  positions = jnp.broadcast_to(jnp.arange(length - 1), (s, length - 1))
-  hidden, _ = teacher(tokens[:, :-1], positions, kv_mask=positions < lengths[:, None])
-  unembed = teacher.unembedding() / temperature if temperature != 1.0 else teacher.unembedding()
-  own = losses.token_logprobs(hidden, unembed, tokens[:, 1:], chunk_size=chunk_size)
+  hidden, unembed = _forward(graphdef, state, tokens, lengths, temperature)
+  return _span_sums_of(hidden, unembed, tokens, teacher_span, width, chunk_size)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "temperature", "chunk_size"))
+def dense_scores(
+  graphdef, state, tokens, lengths, teacher_span, student_span, single, vocab_map,
+  temperature=1.0, chunk_size=0,
+) -> dict:  # fmt: skip
+  """The teacher's side of the dense loss across tokenizers → a dict of arrays.
+
+  `tokens`, `lengths`, `teacher_span` as :func:`span_logp`; `student_span [S, W]` the span id
+  of each student position (shifted as the step's targets, -1 for none), `single [S, W]` per
+  span id (one equal token per side), `vocab_map [Vs]`. Returns `span_logp [S, W]`, `gate
+  [S, W]` f32 (the position's span is single), `hidden [S, W, Dt+1]` (at a gated position the
+  teacher's hidden state where it scores the span's token, then its log-normaliser; 0
+  elsewhere) and `unembed [Dt+1, Vs]` (the teacher's columns of each student id's matched
+  token, then a row of -1): `hidden @ unembed` is log p(m(v)) at every gated position;
+  `tail_logp [S, W]` there log p̄, the teacher's mass on the ids no student id is matched to;
+  and `matched [Vs]` (the student ids with a teacher token)."""
+  width = student_span.shape[1]
+  hidden, unembed = _forward(graphdef, state, tokens, lengths, temperature)
+  per_span = _span_sums_of(hidden, unembed, tokens, teacher_span, width, chunk_size)
   span = teacher_span[:, 1:]
-  return span_sums(jnp.where(span >= 0, own, 0.0), span, width)
+  index = jnp.broadcast_to(jnp.arange(span.shape[1], dtype=jnp.int32), span.shape)
+  position_of_span = span_sums(index, span, width)  # on a single span, its one position
+  has = student_span >= 0
+  sid = jnp.maximum(student_span, 0)
+  gate = has & jnp.take_along_axis(single.astype(bool), sid, axis=1)
+  at = jnp.where(gate, jnp.take_along_axis(position_of_span, sid, axis=1), 0)
+  h = take_positions(hidden, at)
+  log_z = _log_normaliser(h, unembed, None, chunk_size)
+  unmatched = ~teacher_matched(vocab_map, unembed.shape[1])
+  tail = _log_normaliser(h, unembed, jnp.where(unmatched, 0.0, LOG_NONE), chunk_size) - log_z
+  tail = jnp.where(jnp.any(unmatched), tail, LOG_NONE)
+  h_ext = jnp.concatenate([h.astype(jnp.float32), log_z[..., None]], axis=-1)
+  u_at = jnp.take(unembed.astype(jnp.float32), jnp.maximum(vocab_map, 0), axis=1)
+  return dict(
+    span_logp=per_span,
+    gate=gate.astype(jnp.float32),
+    hidden=jnp.where(gate[..., None], h_ext, 0.0),
+    unembed=jnp.concatenate([u_at, -jnp.ones((1, u_at.shape[1]), jnp.float32)], axis=0),
+    matched=vocab_map >= 0,
+    tail_logp=jnp.where(gate, tail, 0.0),
+  )
+
+
+def _log_normaliser(hidden, unembed, bias, chunk_size):
+  """log Σ_v exp(logit_v + bias_v) at each position of `hidden [S, W, D]` → `[S, W]` f32,
+  chunked as the loss kernels are: a token's logit minus its log-prob (`token_logprobs`), for a
+  token where the bias is highest (so it counts)."""
+  token = 0 if bias is None else jnp.argmax(bias)
+  logit = jnp.dot(hidden, unembed[:, token], preferred_element_type=jnp.float32)
+  if bias is not None:
+    logit = logit + bias[token]
+  ids = jnp.full(hidden.shape[:2], token, jnp.int32)
+  return logit - losses.token_logprobs(hidden, unembed, ids, chunk_size=chunk_size, bias=bias)
 
 
 def cache_shardings(teachers, mesh) -> dict:
-  """`{index: (sharding, sharding)}` of the teachers' `teacher_cache` pairs `[S, L-1]`: rows
-  over the data axes where they divide, else replicated."""
+  """`{index: {key: sharding}}` of the teachers' `teacher_cache` entries (:func:`teacher_cache`):
+  rows over the data axes where they divide, else replicated; the gathered unembedding
+  replicated."""
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   out = {}
   for t in teachers:
-    if len(t.rows) % shd.data_parallel_size(mesh):
-      sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    else:
-      sharding = shd.batch_sharding(mesh, 2)
-    out[t.index] = (sharding, sharding)
+    rows = lambda ndim: (  # noqa: E731
+      replicated if len(t.rows) % shd.data_parallel_size(mesh) else shd.batch_sharding(mesh, ndim)
+    )
+    out[t.index] = dict(span_logp=rows(2), student_span=rows(2))
+    if t.dense:
+      out[t.index].update(
+        gate=rows(2), hidden=rows(3), tail_logp=rows(2), unembed=replicated, matched=replicated
+      )
   return out
 
 
-def teacher_cache(teacher: CrossTeacher, layout: dict, shardings, settings) -> tuple:
-  """`(span_logp [S, L-1], student_span [S, L-1])` of one teacher for the step, placed by
-  `shardings` (a pair), at `settings`' temperature and chunk size; `student_span` is shifted
-  like the step's targets."""
-  student_span = layout["student_span"][:, 1:]
-  logp = span_logp(
+def teacher_cache(teacher: CrossTeacher, layout: dict, shardings: dict, settings) -> dict:
+  """One teacher's `teacher_cache` entry for the step, placed by `shardings`, at `settings`'
+  temperature and chunk size: `span_logp [S, L-1]` and `student_span [S, L-1]` (shifted like
+  the step's targets), and for the dense loss `gate`, `hidden`, `unembed`, `tail_logp` and
+  `matched`
+  (:func:`dense_scores`)."""
+  student_span = jnp.asarray(layout["student_span"][:, 1:])
+  forward = dict(
     graphdef=teacher.graphdef,
     state=teacher.state,
     tokens=jnp.asarray(layout["tokens"]),
     lengths=jnp.asarray(layout["prompt_lengths"] + layout["completion_lengths"]),
     teacher_span=jnp.asarray(layout["teacher_span"]),
-    width=student_span.shape[1],
     temperature=settings.temperature,
     chunk_size=settings.chunk_size,
   )
-  return (
-    jax.device_put(logp, shardings[0]),
-    jax.device_put(jnp.asarray(student_span), shardings[1]),
-  )
+  if teacher.dense:
+    out = dense_scores(
+      **forward, student_span=student_span, single=jnp.asarray(layout["single"][:, :-1]),
+      vocab_map=jnp.asarray(teacher.vocab_map),
+    )  # fmt: skip
+  else:
+    out = dict(span_logp=span_logp(**forward, width=student_span.shape[1]))
+  out["student_span"] = student_span
+  return {k: jax.device_put(v, shardings[k]) for k, v in out.items()}
 
 
-def span_loss(
-  hidden, unembed, targets, mask, behaviour_logp, teacher_span_logp, student_span, settings
-):
-  """The span sampled-token loss on one teacher's rows → (loss, metrics).
+def window(entry: dict, idx) -> dict:
+  """`entry` (:func:`teacher_cache`) at the positions `idx [S, W]` (`common.completion_window`)."""
+  return {k: take_positions(v, idx) if k in PER_POSITION else v for k, v in entry.items()}
 
-  `hidden [S, T, D]` the student's, `unembed [D, V]`, `targets`, `mask`, `behaviour_logp`,
-  `student_span [S, T]`; `teacher_span_logp [S, ≥T]` per span id (span ids < T).
+
+def span_loss(hidden, unembed, targets, mask, behaviour_logp, entry: dict, settings):
+  """The span loss on one teacher's rows → (loss, metrics): sampled-token
+  (`losses.span.span_sampled_token_loss`) or, with `settings.loss` "reverse_kl", the dense
+  loss (`losses.span.chunked_span_dense_loss`).
+
+  `hidden [S, T, D]` the student's, `unembed [D, V]`, `targets`, `mask`, `behaviour_logp`
+  `[S, T]`; `entry` this teacher's :func:`teacher_cache` entry at the same T positions
+  (`span_logp [S, ≥T]` per span id, span ids < T).
 
   metrics: `loss`; `reverse_kl`, `student_logp`, `teacher_logp`: the sequence's log q, log p_T
   (its teacher tokens) and their difference (a k1 estimate of the sequence reverse KL) per
   student token with a span; `dropped_tokens` the share of completion tokens without one;
-  `clip_fraction`, `tokens`."""
+  `dense_tokens` the share of those with a span scored by the dense term (0 for
+  sampled-token); `clip_fraction`, `tokens`."""
   t = targets.shape[1]
   if settings.temperature != 1.0:
     unembed = unembed / settings.temperature
-  student_logp = losses.token_logprobs(hidden, unembed, targets, chunk_size=settings.chunk_size)
-  per_span = sg(teacher_span_logp[:, :t])
-  ids = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), per_span.shape)
-  loss, aux = span_sampled_token_loss(
-    student_logp, per_span, student_span, ids, mask,
-    behaviour_logp=behaviour_logp, clip_eps=settings.clip_eps, normalize=settings.normalize,
-    icepop_c=settings.icepop_c, kl_weight=settings.kl_weight,
-  )  # fmt: skip
+  per_span = sg(entry["span_logp"][:, :t])
+  student_span = entry["student_span"]
+  rl = dict(clip_eps=settings.clip_eps, normalize=settings.normalize, icepop_c=settings.icepop_c)
+  if "gate" in entry:
+    loss, aux = chunked_span_dense_loss(
+      hidden, unembed, entry["hidden"], entry["unembed"], targets, per_span,
+      entry["tail_logp"], student_span, entry["gate"], entry["matched"], mask,
+      behaviour_logp=behaviour_logp, chunk_size=settings.chunk_size, **rl,
+    )  # fmt: skip
+    student_logp = aux["student_logp"]
+  else:
+    student_logp = losses.token_logprobs(hidden, unembed, targets, chunk_size=settings.chunk_size)
+    ids = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), per_span.shape)
+    loss, aux = span_sampled_token_loss(
+      student_logp, per_span, student_span, ids, mask, behaviour_logp=behaviour_logp,
+      kl_weight=settings.kl_weight, **rl,
+    )  # fmt: skip
   has = mask * (student_span >= 0)
   n = jnp.maximum(jnp.sum(has), 1.0)
   s_sum = jnp.sum(jnp.where(has > 0, sg(student_logp), 0.0))
@@ -161,6 +277,7 @@ def span_loss(
     student_logp=s_sum / n,
     teacher_logp=t_sum / n,
     dropped_tokens=1.0 - jnp.sum(has) / jnp.maximum(jnp.sum(mask), 1.0),
+    dense_tokens=jnp.sum(has * aux.get("dense", 0.0)) / n,
     clip_fraction=aux["clip_fraction"],
     tokens=jnp.sum(mask),
   )
@@ -168,7 +285,7 @@ def span_loss(
 
 
 def check_settings(settings: losses.LossSettings, name: str) -> None:
-  """The span path implements the sampled-token loss only (the config's check, restated where
-  the settings are built)."""
-  if settings.loss != "sampled_token":
-    raise ValueError(f"config.teachers.{name}.loss={settings.loss!r}: needs sampled_token")
+  """The span path implements :data:`LOSSES` only (the config's check, restated where the
+  settings are built)."""
+  if settings.loss not in LOSSES:
+    raise ValueError(f"config.teachers.{name}.loss={settings.loss!r}: needs one of {LOSSES}")

@@ -85,8 +85,8 @@ def distill_objective(
 
   `teacher_cache`: `{i: (hidden [S, L-1, D], unembed [D, V])}` of the streamed teachers
   (`jdistill.step.streaming`), whose forward ran before the step; they are in no group. A
-  teacher of another tokenizer (`spec.spans`) has `(span_logp [S, L-1], student_span [S,
-  L-1])` there instead (`jdistill.step.cross_tokenizer`).
+  teacher of another tokenizer (`spec.spans`) has a dict there instead, `span_logp [S, L-1]`,
+  `student_span [S, L-1]` and more for the dense loss (`cross_tokenizer.teacher_cache`).
 
   `loss_window` (static; the sampler's `max_new_tokens`): the loss kernels run only over
   each row's completion window (`completion_window`), not over the prompt positions too.
@@ -116,16 +116,14 @@ def distill_objective(
     teacher_out = {
       i: (take_positions(h, take_rows(idx, specs[i].rows)), u) for i, (h, u) in teacher_out.items()
     }
-    spans = {
-      i: (lp, take_positions(sp, take_rows(idx, specs[i].rows))) for i, (lp, sp) in spans.items()
-    }
+    spans = {i: cross_tokenizer.window(e, take_rows(idx, specs[i].rows)) for i, e in spans.items()}
   metrics = {}
   for i, spec in enumerate(specs):
     rows = lambda a: take_rows(a, spec.rows)  # noqa: E731
     if spec.spans:
       loss, metrics[spec.name] = cross_tokenizer.span_loss(
         rows(hidden), unembed, rows(x["targets"]), rows(x["mask"]), rows(x["behaviour_logp"]),
-        *spans[i], spec.settings,
+        spans[i], spec.settings,
       )  # fmt: skip
       metrics[spec.name].update(router)
       total = total + spec.weight * loss

@@ -304,3 +304,21 @@ def test_dense_with_the_students_tokenizer_is_todays_full_vocab_reverse_kl():
   got, got_grad = jax.jit(jax.value_and_grad(across))(sh)
   np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
   np.testing.assert_allclose(np.asarray(got_grad), np.asarray(want_grad), rtol=1e-4, atol=1e-6)
+
+
+def test_a_tiny_teacher_tail_is_summed_not_subtracted():
+  """The teacher's mass on its unmatched ids is 1e-12 while the student's is 0.2: the tail
+  term q̄ log(q̄ / p̄) ≈ 5.5 (float64). As `1 − p(matched)` in float32 p̄ reads 0 or 6e-8,
+  and the term 17 or 3 (what the stage's comparison with the full logits first showed)."""
+  vocab_map = np.asarray([0, 1, 2, 3, -1, -1])  # student ids 4, 5: no teacher token
+  zs = np.log(np.asarray([0.2, 0.2, 0.2, 0.2, 0.1, 0.1]))
+  zt = np.asarray([0.0, 0.5, 1.0, 1.5, -30.0, -30.0])  # teacher ids 4, 5: unmatched
+  lq, lp = log_softmax(zs), log_softmax(zt)
+  q, p = np.exp(lq), np.exp(lp)
+  q_tail, p_tail = q[4:].sum(), p[4:].sum()
+  want = np.sum(q[:4] * (lq[:4] - lp[:4])) + q_tail * np.log(q_tail / p_tail)
+  got = losses.matched_reverse_kl(
+    jnp.asarray(lq, jnp.float32), jnp.asarray(lp, jnp.float32), jnp.asarray(vocab_map)
+  )
+  assert p_tail < 1e-12 and want > 5.0
+  np.testing.assert_allclose(float(got), want, rtol=1e-5)

@@ -39,21 +39,25 @@ def _rollouts(trainer, new_tokens: int, seed: int = 0):
   return {k: jax.numpy.asarray(v) for k, v in batch.items()}, prompts
 
 
-@pytest.mark.parametrize("through_spans", [("code",), ("math", "code")])
+@pytest.mark.parametrize(
+  "through_spans, loss",
+  [(("code",), "sampled_token"), (("math", "code"), "sampled_token"), (("code",), "reverse_kl")],
+)
 def test_same_tokenizer_through_the_span_path_gives_todays_loss_and_gradients(
-  small_world, tmp_path, through_spans
+  small_world, tmp_path, through_spans, loss
 ):
   """`teachers.<name>.tokenizer` = the student's own sends a teacher through the span path
   (host alignment, its own forward, span sums): one span per token, so on the same rollouts
-  the objective, each teacher's term and the gradients are today's sampled-token path's (with
-  the PPO clip on, and behaviour log-probs that are not the student's, so the ratio is not
-  1) — with a plain teacher beside it in the same step, or with both teachers on spans (each
-  its own rows and layout)."""
+  the objective, each teacher's term and the gradients are today's path's — sampled-token
+  (with the PPO clip on, and behaviour log-probs that are not the student's, so the ratio is
+  not 1) or the dense reverse KL (every span single, every id matched: no tail) — with a
+  plain teacher beside it in the same step, or with both teachers on spans (each its own rows
+  and layout)."""
   c = short_run_config(small_world, tmp_path, steps=1, eval_every=0)
   c.num_devices = 1
   c.loss.clip_eps = 0.2
   for name in ("math", "code"):
-    c.teachers[name].loss = "sampled_token"
+    c.teachers[name].loss = loss
   for name in through_spans:
     c.teachers[name].tokenizer = small_world["tokenizer"]
   trainer = train.OPDTrainer(c)
@@ -91,11 +95,11 @@ def test_same_tokenizer_through_the_span_path_gives_todays_loss_and_gradients(
 
     (loss, metrics), grads = jax.jit(jax.value_and_grad(objective, has_aux=True))(trainer.params)
     terms = {n: float(metrics[n]["loss"]) for n in ("math", "code")}
-    clipped = {n: float(metrics[n]["clip_fraction"]) for n in ("math", "code")}
+    clipped = {n: float(metrics[n].get("clip_fraction", 0.0)) for n in ("math", "code")}
     results[name] = (float(loss), terms, jax.device_get(grads), clipped)
   (loss0, terms0, g0, clip0), (loss1, terms1, g1, clip1) = results["today"], results["spans"]
   for n in ("math", "code"):
-    assert terms0[n] != 0.0 and 0.0 < clip1[n] < 1.0
+    assert terms0[n] != 0.0 and (loss != "sampled_token" or 0.0 < clip1[n] < 1.0)
     np.testing.assert_allclose(clip1[n], clip0[n], rtol=1e-6)
     np.testing.assert_allclose(terms1[n], terms0[n], rtol=1e-5)
   np.testing.assert_allclose(loss1, loss0, rtol=1e-5)
@@ -119,6 +123,72 @@ def other_teacher(small_world, tmp_path_factory):
     preference=10.0,
   )  # fmt: skip
   return {"path": path, "tokenizer": str(root / "tokenizer")}
+
+
+def test_dense_loss_across_tokenizers_in_the_step_is_the_kernel_on_full_logits(
+  small_world, other_teacher, tmp_path
+):
+  """A teacher of another tokenizer with `loss = reverse_kl`: the step's term (host alignment,
+  the scorer's gathered teacher states, the loss window, the chunked kernel) equals
+  `losses.span_dense_loss` (tested against float64 NumPy) on the full logits of both models'
+  own forwards, in value and every gradient; both branches (single spans and others) are hit."""
+  from flax import nnx
+
+  from jdistill.data import alignment
+  from jdistill.losses import span_dense_loss
+  from jdistill.step import common
+
+  c = short_run_config(small_world, tmp_path, steps=1, eval_every=0)
+  c.num_devices = 1
+  c.loss.clip_eps = 0.2
+  c.loss.chunk_size = 8  # several chunks over the window
+  del c.teachers["math"]
+  c.teachers.code.update(
+    path=other_teacher["path"], tokenizer=other_teacher["tokenizer"], domains="math,code",
+    loss="reverse_kl", length_ratio=3.0, param_dtype="float32",  # no bf16 rounding to compare
+  )  # fmt: skip
+  trainer = train.OPDTrainer(c)
+  t = trainer.teachers
+  (x,) = t.cross
+  batch, prompts = _rollouts(trainer, c.sampling.max_new_tokens, seed=1)
+  batch = trainer.with_teacher_layouts(batch, prompts, trainer.batcher)
+  layout = batch["teacher_layouts"][x.index]
+  cache = trainer.teacher_cache(batch)
+
+  def step_term(params):
+    _, metrics = ts.distill_objective(
+      params, trainer.graphdef, t.graphdefs, t.states, batch, t.specs, t.groups,
+      diagnostics=False, teacher_cache=cache, loss_window=c.sampling.max_new_tokens,
+    )  # fmt: skip
+    return metrics["code"]["loss"], metrics["code"]
+
+  vmap = alignment.vocab_map(x.student, x.teacher)
+  teacher = nnx.merge(x.graphdef, x.state)
+  tt = jax.numpy.asarray(layout["tokens"])
+  t_pos = jax.numpy.broadcast_to(jax.numpy.arange(tt.shape[1] - 1), (tt.shape[0], tt.shape[1] - 1))
+  t_len = layout["prompt_lengths"] + layout["completion_lengths"]
+  t_hidden, _ = teacher(tt[:, :-1], t_pos, kv_mask=t_pos < t_len[:, None])
+  t_logits = jax.numpy.dot(t_hidden, teacher.unembedding(), preferred_element_type=np.float32)
+
+  def reference(params):
+    inputs = common.shifted_inputs(batch)
+    rows = lambda a: common.take_rows(a, x.rows)  # noqa: E731
+    student = nnx.merge(trainer.graphdef, params)
+    hidden, _ = student(rows(inputs["inputs"]), rows(inputs["positions"]),
+                        kv_mask=rows(inputs["kv_mask"]))  # fmt: skip
+    return span_dense_loss(
+      hidden @ student.unembedding(), t_logits, rows(inputs["targets"]), tt[:, 1:],
+      layout["student_span"][:, 1:], layout["teacher_span"][:, 1:], layout["single"][:, :-1],
+      vmap, rows(inputs["mask"]), behaviour_logp=rows(inputs["behaviour_logp"]), clip_eps=0.2,
+    )  # fmt: skip
+
+  (got, metrics), g_got = jax.jit(jax.value_and_grad(step_term, has_aux=True))(trainer.params)
+  (want, aux), g_want = jax.jit(jax.value_and_grad(reference, has_aux=True))(trainer.params)
+  dense = float(metrics["dense_tokens"])
+  assert 0.1 < dense < 0.9 and float(aux["dense"].sum()) > 0, dense  # both branches
+  assert float(metrics["dropped_tokens"]) == 0.0
+  np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), g_got, g_want)
 
 
 def test_student_moves_towards_a_teacher_of_another_tokenizer(small_world, other_teacher, tmp_path):
@@ -147,7 +217,7 @@ def test_student_moves_towards_a_teacher_of_another_tokenizer(small_world, other
 @pytest.mark.parametrize(
   "field, value, message",
   [
-    ("loss", "reverse_kl", "needs loss = sampled_token"),
+    ("loss", "forward_kl", "needs loss = sampled_token or reverse_kl"),
     ("placement", "streamed", "is resident"),
   ],
 )

@@ -7,10 +7,13 @@ from jdistill.overlap.metrics import (
   RECOMMENDATIONS,
   AlarmTracker,
   aggregate,
+  chunked_matched_overlap_metrics,
   chunked_overlap_metrics,
+  matched_overlap_metrics,
   overlap_alarms,
   overlap_token_metrics,
   reading,
+  span_log_ratio,
   thresholds_from_config,
 )
 from jdistill.overlap.probe import (

@@ -58,9 +58,11 @@ import logging
 from collections.abc import Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jdistill import losses
+from jdistill.losses.span import log_mass, span_sums
 
 log = logging.getLogger("jdistill")
 
@@ -167,6 +169,127 @@ def chunked_overlap_metrics(
     teacher_bias=teacher_bias,
   )
   return jax.tree.map(sg, values)
+
+
+# --------------------------------------------------------------------------
+# Across tokenizers: single spans on the matched vocabulary, and the span log-ratio
+# --------------------------------------------------------------------------
+
+# the log-prob of an empty entry of the coarsened vocabulary: log of float32's smallest normal
+# (a mass of 1e-38, nothing in any sum), not -1e30, which would stretch the nucleus bisection
+# of `losses.teacher_nucleus` (its range starts at the lowest log-prob) past any resolution
+LOG_EMPTY = float(np.log(np.finfo(np.float32).tiny))
+
+
+def coarsened(logp_at, tail_logp, matched):
+  """A distribution on the matched student ids plus one tail bucket -> ``[..., Vs + 1]``:
+  ``logp_at [..., Vs]`` where ``matched [Vs]``, :data:`LOG_EMPTY` at the other ids, then
+  ``tail_logp [...]`` (at least :data:`LOG_EMPTY`) as the last entry."""
+  body = jnp.where(matched, logp_at.astype(jnp.float32), LOG_EMPTY)
+  tail = jnp.maximum(tail_logp.astype(jnp.float32), LOG_EMPTY)
+  return jnp.concatenate([body, tail[..., None]], axis=-1)
+
+
+def matched_overlap_metrics(
+  student_logp,
+  teacher_logp_at,
+  teacher_tail_logp,
+  matched,
+  targets,
+  *,
+  topks=(1, 8, 32),
+  top_p: float = 0.9,
+  floor_prob: float = 1e-3,
+  student_topks=None,
+) -> dict:
+  """:func:`overlap_token_metrics` across tokenizers, on the matched vocabulary plus a tail
+  bucket -> dict of ``[...]``.
+
+  ``student_logp [..., Vs]`` the student's log-probs; ``teacher_logp_at [..., Vs]`` = log
+  p(m(v)), the teacher's log-prob of the token matched to each student id v (any finite value
+  where ``matched [Vs]`` is false: `step.cross_tokenizer.dense_scores`); ``teacher_tail_logp
+  [...]`` = log p̄, the teacher's mass on its ids no student id is matched to; ``targets
+  [...]`` the sampled student ids.
+
+  Both distributions are coarsened to the same Vs + 1 outcomes (:func:`coarsened`): each
+  matched id, and "anything else" (the student's mass on its unmatched ids, q̄ = 1 − q(M);
+  the teacher's p̄). That is the pair whose reverse KL is the dense loss's term
+  (`losses.span.matched_reverse_kl_at`), and the metrics keep their calibration: 1 (or 0) for
+  two identical distributions, whatever the tokenizers. A sampled id without a match is read
+  as the bucket (``teacher_logp`` is then log p̄, ``student_logp`` log q̄).
+  """
+  matched = jnp.asarray(matched).astype(bool)
+  s = student_logp.astype(jnp.float32)
+  s_ext = coarsened(s, log_mass(s, ~matched), matched)
+  t_ext = coarsened(teacher_logp_at, teacher_tail_logp, matched)
+  on = jnp.take(matched, targets.astype(jnp.int32), axis=0)
+  bucket = jnp.where(on, targets.astype(jnp.int32), matched.shape[0])
+  student_topks = tuple(topks) if student_topks is None else tuple(student_topks)
+  _check_metric_args(topks, top_p, floor_prob, student_topks)
+  return losses.support_diagnostics(
+    s_ext, t_ext, bucket, tuple(topks), floor_prob, top_p, student_topks
+  )
+
+
+def chunked_matched_overlap_metrics(
+  student_hidden,
+  student_unembed,
+  teacher_hidden_at,
+  teacher_unembed_at,
+  teacher_tail_logp,
+  matched,
+  targets,
+  *,
+  chunk_size: int,
+  **metric_kw,
+) -> tuple[dict, jax.Array]:
+  """:func:`matched_overlap_metrics` from hidden states, chunked along T -> (dict of ``[B,
+  T]``, ``student_token_logp [B, T]``, log q of each target over the whole vocabulary).
+
+  ``student_hidden [B, T, Ds]``, ``student_unembed [Ds, Vs]``; the teacher as
+  `step.cross_tokenizer.dense_scores` returns it: ``teacher_hidden_at [B, T, Dt+1]``,
+  ``teacher_unembed_at [Dt+1, Vs]`` (their product is log p(m(v)) at its gated positions),
+  ``teacher_tail_logp [B, T]``, ``matched [Vs]``. The values are meaningful at those gated
+  positions only (elsewhere the teacher's entries are zeros); stop_gradient'ed."""
+
+  def values(s_logits, t_logp_at, chunk_targets, tail):
+    s_logp = losses.log_softmax(s_logits)
+    return (
+      matched_overlap_metrics(s_logp, t_logp_at, tail, matched, chunk_targets, **metric_kw),
+      losses.token_logp(s_logp, chunk_targets),
+    )
+
+  out = losses.chunked_token_values(
+    values, student_hidden, student_unembed, teacher_hidden_at, teacher_unembed_at, targets,
+    chunk_size=chunk_size, extra=teacher_tail_logp,
+  )  # fmt: skip
+  return jax.tree.map(sg, out)
+
+
+def span_log_ratio(student_token_logp, teacher_span_logp, student_span, mask) -> dict:
+  """The sequence's log-ratio spread over its student tokens, span by span -> dict of ``[B,
+  T]`` (0 where a token has no span or ``mask`` is 0).
+
+  ``student_token_logp [B, T]`` log q of each student token; ``teacher_span_logp [B, ≥T]``
+  log p_T of each span id (its own tokens summed, `dense_scores`' ``span_logp``);
+  ``student_span [B, T]`` (-1: none); ``mask [B, T]``. Each token of span k gets its share
+  (1 / the span's student tokens) of ``span_reverse_kl`` = log q(σ_k) − log p_T(σ_k),
+  ``span_student_logp`` = log q(σ_k) and ``span_teacher_logp`` = log p_T(σ_k): their token
+  mean over the tokens with a span is what `step.cross_tokenizer.span_loss` reports as
+  ``reverse_kl``, ``student_logp`` and ``teacher_logp``, and a sequence's mean its k1
+  estimate of the sequence reverse KL per token."""
+  t = student_span.shape[1]
+  has = (student_span >= 0) & (mask != 0)
+  span = jnp.where(has, student_span, -1)
+  sid = jnp.maximum(student_span, 0)
+  at = lambda per_span: jnp.take_along_axis(per_span, sid, axis=1)  # noqa: E731
+  q = span_sums(jnp.where(has, student_token_logp.astype(jnp.float32), 0.0), span, t)
+  count = span_sums(has.astype(jnp.float32), span, t)
+  p = teacher_span_logp[:, :t].astype(jnp.float32)
+  share = lambda per_span: jnp.where(has, at(per_span) / jnp.maximum(at(count), 1.0), 0.0)  # noqa: E731
+  return sg(
+    dict(span_reverse_kl=share(q - p), span_student_logp=share(q), span_teacher_logp=share(p))
+  )
 
 
 # --------------------------------------------------------------------------

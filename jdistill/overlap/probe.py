@@ -11,10 +11,18 @@ coverage-vs-k curve, readings and alarms), ``teacher_logp_hist.png`` and
 stdout. The student is ``config.student.path`` (an HF or a jdistill checkpoint
 directory); ``--use_checkpoint`` instead restores the latest checkpoint of
 ``config.checkpoint.dir``.
+
+A teacher of another tokenizer (``config.teachers.<name>.tokenizer``) is read on its own
+tokens (the host alignment and the dense loss's scorer, `step.cross_tokenizer`): the same
+metrics on the student tokens whose span is single (one token per side, equal bytes), on
+the matched vocabulary plus one tail bucket (`metrics.matched_overlap_metrics`), with
+``single_span_share``, ``dropped_share`` and the span log-ratio ``span_reverse_kl``
+(`metrics.span_log_ratio`) beside them; its entry says ``"measured_on": "single spans"``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -29,9 +37,11 @@ from flax import nnx
 
 from jdistill.overlap.metrics import (
   aggregate,
+  chunked_matched_overlap_metrics,
   chunked_overlap_metrics,
   overlap_alarms,
   reading,
+  span_log_ratio,
   thresholds_from_config,
 )
 
@@ -96,6 +106,75 @@ def _score_fn(student_graphdef, teacher_graphdef, chunk_size: int, metric_kw: di
   return score
 
 
+def _cross_scores(config, mesh, teacher, rows, sel, batch: dict, vocab: int) -> dict:
+  """A teacher of another tokenizer (`cross_tokenizer.CrossTeacher`) on the student's rollouts
+  `batch` rows `sel` (`rows[r][2]` their prompt records): laid out for it on the host
+  (`cross_tokenizer.layouts`) and scored on its own tokens by the dense loss's scorer
+  (`cross_tokenizer.teacher_cache` → `dense_scores`, at temperature 1), with its vocabulary
+  map over all `vocab` ids of the student (ids past the student's tokenizer: unmatched)."""
+  from jdistill.data import alignment
+  from jdistill.step import cross_tokenizer
+
+  own = alignment.vocab_map(teacher.student, teacher.teacher)[:vocab]
+  vocab_map = np.full(vocab, -1, np.int32)
+  vocab_map[: own.size] = own
+  teacher = dataclasses.replace(teacher, rows=tuple(int(r) for r in sel), vocab_map=vocab_map)
+  layout = cross_tokenizer.layouts(
+    teacher, batch["tokens"], batch["lengths"], batch["completion_mask"],
+    [rows[r][2] for r in sel], chat=config.data.use_chat_template,
+  )  # fmt: skip
+  shardings = cross_tokenizer.cache_shardings([teacher], mesh)[teacher.index]
+  settings = types.SimpleNamespace(temperature=1.0, chunk_size=int(config.loss.chunk_size))
+  return cross_tokenizer.teacher_cache(teacher, layout, shardings, settings)
+
+
+def _cross_score_fn(student_graphdef, chunk_size: int, metric_kw: dict):
+  """The student's side against a teacher of another tokenizer's `teacher_cache` entry →
+  (metrics on the single spans' coarsened vocabularies, the span log-ratio, the shares, and
+  the masks `single`, `span`, `completion` they are read under), all `[S, L-1]`."""
+  import jax.numpy as jnp
+
+  from jdistill.step import common
+
+  @jax.jit
+  def score(student_params, batch, entry):
+    x = common.shifted_inputs(batch)
+    student = nnx.merge(student_graphdef, student_params)
+    hidden, _ = student(x["inputs"], x["positions"], kv_mask=x["kv_mask"])
+    per_token, logq = chunked_matched_overlap_metrics(
+      hidden, student.unembedding(), entry["hidden"], entry["unembed"], entry["tail_logp"],
+      entry["matched"], x["targets"], chunk_size=chunk_size, **metric_kw,
+    )  # fmt: skip
+    span = span_log_ratio(logq, entry["span_logp"], entry["student_span"], x["mask"])
+    has = (entry["student_span"] >= 0).astype(jnp.float32)
+    shares = dict(single_span_share=entry["gate"], dropped_share=1.0 - has)
+    masks = dict(single=x["mask"] * entry["gate"], span=x["mask"] * has, completion=x["mask"])
+    return per_token, span, shares, masks
+
+  return score
+
+
+def _cross_aggregate(per_token, span, shares, masks, group, n_groups: int) -> dict[int, dict]:
+  """`aggregate` for a teacher of another tokenizer: the metrics over its single-span tokens
+  (`tokens`, `sequences` and the quantiles count those), the span log-ratio over the tokens
+  with a span (`span_tokens`), the shares over the completion's (`completion_tokens`)."""
+  single = aggregate(per_token, masks["single"], group, n_groups)
+  spans = aggregate(span, masks["span"], group, n_groups)
+  whole = aggregate(shares, masks["completion"], group, n_groups)
+  out = {}
+  for g in range(n_groups):
+    agg = single[g]
+    for part in (spans[g], whole[g]):
+      agg["token_mean"].update(part["token_mean"])
+      agg["sequence_mean"].update(part["sequence_mean"])
+    agg.update(
+      span_tokens=spans[g]["tokens"], completion_tokens=whole[g]["tokens"],
+      measured_on="single spans",
+    )  # fmt: skip
+    out[g] = agg
+  return out
+
+
 def _nan_to_none(tree):
   if isinstance(tree, dict):
     return {str(k): _nan_to_none(v) for k, v in tree.items()}
@@ -106,9 +185,10 @@ def _nan_to_none(tree):
   return tree
 
 
-def _student_and_teachers(config, mesh, use_checkpoint: bool):
+def _student_and_teachers(config, mesh, use_checkpoint: bool, tokenizer=None):
   """The student (`config.student.path`, or the latest checkpoint of `config.checkpoint.dir`
-  with `use_checkpoint`) and the teachers, built as the trainer builds them."""
+  with `use_checkpoint`) and the teachers, built as the trainer builds them (`tokenizer` the
+  student's, which a teacher of another tokenizer is aligned with)."""
   from jdistill.runtime import build
   from jdistill.runtime import checkpoint as ckpt
 
@@ -126,7 +206,7 @@ def _student_and_teachers(config, mesh, use_checkpoint: bool):
     )
     student.params = nnx.state(trained)
     student.step = ckpt.latest_step(ckpt_dir)
-  return student, build.teachers(config, mesh, student.cfg.vocab_size)
+  return student, build.teachers(config, mesh, student.cfg.vocab_size, student_tokenizer=tokenizer)
 
 
 def _rollouts(config, student, tokenizer, mesh, rows, seed: int, sampler=None) -> dict:
@@ -216,7 +296,8 @@ def measure(
   """Samples student rollouts per domain and scores them with the owning teachers.
 
   Returns the report written to ``overlap.json`` plus ``"_teacher_logp"`` (per teacher,
-  the masked teacher log-probs, for the histogram).
+  the masked teacher log-probs, for the histogram). A teacher of another tokenizer is read on
+  its single spans, with the span log-ratio and the shares beside them (module docstring).
   """
   from jdistill import config as config_lib
   from jdistill.runtime import build
@@ -224,17 +305,10 @@ def measure(
   if rows_per_domain < 1:
     raise ValueError(f"rows_per_domain must be >= 1, got {rows_per_domain}")
   config_lib.validate(config)
-  for name in config_lib.teacher_names(config):  # before anything loads
-    if config.teachers[name].get("tokenizer"):
-      raise ValueError(
-        f"config.teachers.{name}.tokenizer={config.teachers[name].tokenizer!r}: the overlap "
-        "command's token metrics compare two distributions over one vocabulary; a teacher of "
-        "another tokenizer is read in the opd stage's span metrics (its reverse_kl, "
-        "teacher_logp and student_logp per student token)"
-      )
+  build.check_cross_processes(config)  # before anything loads
   mesh = build.mesh(config)
   tokenizer = build.tokenizer(config)
-  student, teachers = _student_and_teachers(config, mesh, use_checkpoint)
+  student, teachers = _student_and_teachers(config, mesh, use_checkpoint, tokenizer)
   thresholds = thresholds_from_config(config)
   curve_ks = coverage_ks(student.cfg.vocab_size)
   metric_kw = dict(
@@ -266,30 +340,50 @@ def measure(
     "domains": {},
     "_teacher_logp": {},
   }
+  cross = {t.index: t for t in teachers.cross}
+  chunk_size = int(config.loss.chunk_size)
   for i, name in enumerate(teachers.names):
     own = [domains.index(d) for d in owners[name] if d in domains]
     sel = np.flatnonzero(np.isin(row_domain, own))
     if sel.size == 0:
       continue
-    teacher_graphdef, teacher_state = teachers.member(i)
-    score = _score_fn(student.graphdef, teacher_graphdef, int(config.loss.chunk_size), metric_kw)
     sub = {k: v[sel] for k, v in batch.items()}
-    per_token, mask = jax.device_get(score(student.params, teacher_state, sub))
-    per_token, mask = {k: np.asarray(v) for k, v in per_token.items()}, np.asarray(mask)
-    whole = aggregate(per_token, mask, np.zeros(sel.size, np.int32), 1)[0]
+    if i in cross:  # its own tokens: single spans, the span log-ratio
+      entry = _cross_scores(config, mesh, cross[i], rows, sel, batch, student.cfg.vocab_size)
+      score = _cross_score_fn(student.graphdef, chunk_size, metric_kw)
+      parts = jax.device_get(score(student.params, sub, entry))
+      parts = [{k: np.asarray(v) for k, v in p.items()} for p in parts]
+      per_token, mask = parts[0], parts[3]["single"]
+      agg = lambda group, n, parts=parts: _cross_aggregate(*parts, group, n)  # noqa: E731
+    else:
+      teacher_graphdef, teacher_state = teachers.member(i)
+      score = _score_fn(student.graphdef, teacher_graphdef, chunk_size, metric_kw)
+      per_token, mask = jax.device_get(score(student.params, teacher_state, sub))
+      per_token, mask = {k: np.asarray(v) for k, v in per_token.items()}, np.asarray(mask)
+      agg = lambda group, n, p=per_token, m=mask: aggregate(p, m, group, n)  # noqa: E731
+    whole = agg(np.zeros(sel.size, np.int32), 1)[0]
     whole["domains"] = list(owners[name])
     whole["coverage_curve"] = {str(k): whole["token_mean"][f"in_teacher_top{k}"] for k in curve_ks}
     whole["reading"] = reading(whole["token_mean"], **thresholds)
+    if i in cross:
+      whole["tokenizer"] = config.teachers[name].tokenizer
+      whole["reading"]["measured_on"] = "single spans"
     report["teachers"][name] = whole
     report["_teacher_logp"][name] = per_token["teacher_logp"][mask != 0]
     local = np.asarray([own.index(g) for g in row_domain[sel]], np.int32)
-    for j, agg in aggregate(per_token, mask, local, len(own)).items():
-      report["domains"][domains[own[j]]] = dict(agg, teacher=name)
-  report["alarms"] = overlap_alarms(
-    {name: t["token_mean"] for name, t in report["teachers"].items()},
-    min_overlap=thresholds["min_overlap"],
-    min_nucleus_coverage=thresholds["min_nucleus_coverage"],
-  )
+    for j, a in agg(local, len(own)).items():
+      report["domains"][domains[own[j]]] = dict(a, teacher=name)
+  report["alarms"] = []
+  for name, t in report["teachers"].items():
+    alarms = overlap_alarms(
+      {name: t["token_mean"]},
+      min_overlap=thresholds["min_overlap"],
+      min_nucleus_coverage=thresholds["min_nucleus_coverage"],
+    )
+    if "measured_on" in t:
+      share = t["token_mean"]["single_span_share"]
+      alarms = [f"{a} (on its single spans, {share:.0%} of the student's tokens)" for a in alarms]
+    report["alarms"] += alarms
   return report
 
 
@@ -307,6 +401,8 @@ _TABLE_KEYS = (
   ("forward_kl", "FKL", "{:>8.3f}"),
   ("tv", "TV", "{:>7.3f}"),
   ("teacher_mass_on_student_top8", "mass@s8", "{:>8.1%}"),
+  ("single_span_share", "single", "{:>7.1%}"),
+  ("span_reverse_kl", "spanRKL", "{:>8.3f}"),
 )
 
 
@@ -325,6 +421,7 @@ def format_table(report: dict) -> str:
     cells = "".join(
       f.format(agg["token_mean"][k]) if k in agg["token_mean"] else " " * 8 for k, _, f in keys
     )
+    label += "*" if "measured_on" in agg else ""
     return f"{label:<16}{agg['tokens']:>7}" + cells
 
   out = [
@@ -344,10 +441,19 @@ def format_table(report: dict) -> str:
   out += [line(name, t) for name, t in report["teachers"].items()]
   out += ["", "per domain", head]
   out += [line(f"{d} ({agg['teacher']})", agg) for d, agg in report["domains"].items()]
+  if any("measured_on" in t for t in report["teachers"].values()):
+    out += [
+      "",
+      "* a teacher of another tokenizer: tokens and every metric but the last two are on the "
+      "student tokens whose span is one equal token per side (single = their share of the "
+      "student's tokens), the vocabularies coarsened to the matched ids plus one tail bucket; "
+      "spanRKL = log q(span) - log p_T(span), each span's share per student token with a span.",
+    ]
   out += ["", "reading"]
   for name, t in report["teachers"].items():
     r = t["reading"]
-    out.append(f"  {name}: {r['verdict']} — {r['recommendation']}")
+    scope = " (on its single spans)" if "measured_on" in r else ""
+    out.append(f"  {name}: {r['verdict']}{scope} — {r['recommendation']}")
   out += ["", "alarms"] + ([f"  WARNING {a}" for a in report["alarms"]] or ["  none"])
   return "\n".join(out)
 

@@ -224,6 +224,18 @@ def loss_settings(config, loss: str) -> losses.LossSettings:
   )
 
 
+def check_cross_processes(config) -> None:
+  """A teacher of another tokenizer needs a run of one process: a ValueError naming its
+  `tokenizer` otherwise (its host alignment reads the rows of the whole batch)."""
+  for name in config_lib.teacher_names(config):
+    if config.teachers[name].get("tokenizer") and jax.process_count() > 1:
+      raise ValueError(
+        f"config.teachers.{name}.tokenizer={config.teachers[name].tokenizer!r}: a teacher of "
+        f"another tokenizer needs a run of one process (its host alignment reads the rows of "
+        f"the whole batch); this run has {jax.process_count()}"
+      )
+
+
 def teachers(
   config, mesh, vocab_size: int, rows_per_teacher: int | None = None, student_tokenizer=None
 ) -> Teachers:
@@ -232,13 +244,7 @@ def teachers(
   GRPO: prompts × group size). A teacher with its own `tokenizer` is aligned with
   `student_tokenizer` (required then) and has a vocabulary of its own."""
   names = config_lib.teacher_names(config)
-  for name in names:  # before any weights load
-    if config.teachers[name].get("tokenizer") and jax.process_count() > 1:
-      raise ValueError(
-        f"config.teachers.{name}.tokenizer={config.teachers[name].tokenizer!r}: a teacher of "
-        f"another tokenizer needs a run of one process (its host alignment reads the rows of "
-        f"the whole batch); this run has {jax.process_count()}"
-      )
+  check_cross_processes(config)  # before any weights load
   slots = rows_per_teacher or config.data.slots_per_teacher
   rows = common.teacher_rows(len(names), slots, jax.process_count())
   graphdefs, states, specs, streamed, cross, placed = {}, {}, [], [], [], []

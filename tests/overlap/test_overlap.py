@@ -630,3 +630,77 @@ def test_teacher_nucleus_equals_the_sorted_nucleus(top_p):
     want = np.zeros(t.shape[1], bool)
     want[order[mass_before < top_p]] = True
     np.testing.assert_array_equal(got[row], want)
+
+
+# --------------------------------------------------------------------------- across tokenizers
+
+
+def test_span_log_ratio_spreads_each_span_over_its_student_tokens():
+  """Spans of 1-3 student tokens, a token without a span, a masked one and padding: each
+  token's share of its span's log q − log p_T, so the token mean over the tokens with a span
+  is Σ_spans (log q(σ) − log p_T(σ)) / tokens (the span loss's `reverse_kl`) and a row's
+  mean its own."""
+  rng = np.random.default_rng(3)
+  span = np.array([[0, 0, 1, 2, 2, 2, -1, -1], [0, 1, 1, -1, 2, 3, 3, -1]])
+  mask = np.array([[1, 1, 1, 1, 1, 1, 1, 0], [1, 1, 0, 1, 1, 1, 1, 0]], np.float32)
+  logq = rng.uniform(-5, 0, span.shape).astype(np.float32)
+  logp = rng.uniform(-9, 0, span.shape).astype(np.float32)
+  got = {
+    k: np.asarray(v)
+    for k, v in overlap.span_log_ratio(
+      jnp.asarray(logq), jnp.asarray(logp), jnp.asarray(span), jnp.asarray(mask)
+    ).items()
+  }
+  has = (span >= 0) & (mask != 0)
+  want, counted = np.zeros(span.shape), np.zeros(span.shape[0])
+  for r in range(span.shape[0]):
+    for k in np.unique(span[r][has[r]]):
+      toks = has[r] & (span[r] == k)
+      k1 = logq[r][toks].sum() - logp[r, k]
+      want[r][toks] = k1 / toks.sum()
+      counted[r] += k1
+  np.testing.assert_allclose(got["span_reverse_kl"], want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(got["span_reverse_kl"][~has], 0.0)
+  agg = overlap.aggregate(got, has, np.zeros(2, np.int32), 1)[0]
+  np.testing.assert_allclose(agg["token_mean"]["span_reverse_kl"], counted.sum() / has.sum(), 1e-5)
+  np.testing.assert_allclose(
+    agg["token_mean"]["span_student_logp"] - agg["token_mean"]["span_teacher_logp"],
+    agg["token_mean"]["span_reverse_kl"],
+    rtol=1e-5,
+  )
+
+
+def test_matched_overlap_metrics_on_the_matched_vocabulary_plus_a_tail_bucket():
+  """Student ids 0..5 of which 4 and 5 have no teacher token, a teacher tail: the metrics are
+  those of the two distributions coarsened to {0, 1, 2, 3, anything else}, a sampled id
+  without a match read as the bucket; with every id matched and no tail they are
+  `overlap_token_metrics` on the student's vocabulary."""
+  rng = np.random.default_rng(5)
+  s = rng.normal(size=(3, 6)) * 2
+  t_full = rng.normal(size=(3, 7)) * 2  # the teacher's 7 ids; 0..3 matched to student 0..3
+  t_logp = np_log_softmax(t_full)
+  matched = np.array([1, 1, 1, 1, 0, 0], bool)
+  t_at = np.concatenate([t_logp[:, :4], np.zeros((3, 2))], axis=1)  # any value where unmatched
+  tail = np.log(np.exp(t_logp[:, 4:]).sum(-1))
+  targets = np.array([1, 4, 5])
+  kw = dict(topks=(1, 2), top_p=0.9, floor_prob=1e-3, student_topks=(2,))
+  got = overlap.matched_overlap_metrics(
+    jnp.asarray(np_log_softmax(s), jnp.float32), jnp.asarray(t_at, jnp.float32),
+    jnp.asarray(tail, jnp.float32), jnp.asarray(matched), jnp.asarray(targets), **kw,
+  )  # fmt: skip
+  q = np.exp(np_log_softmax(s))
+  q_ext = np.concatenate([q[:, :4], q[:, 4:].sum(-1, keepdims=True)], axis=1)
+  p_ext = np.concatenate([np.exp(t_logp[:, :4]), np.exp(tail)[:, None]], axis=1)
+  bucket = np.array([1, 4, 4])
+  want = _metrics(np.log(q_ext), np.log(p_ext), bucket, **kw)
+  for k, v in want.items():
+    np.testing.assert_allclose(np.asarray(got[k]), v, rtol=1e-5, atol=1e-6, err_msg=k)
+  # every id matched, an empty tail: today's metrics
+  t_same = rng.normal(size=(3, 6))
+  got = overlap.matched_overlap_metrics(
+    jnp.asarray(np_log_softmax(s), jnp.float32), jnp.asarray(np_log_softmax(t_same), jnp.float32),
+    jnp.full((3,), -1e30), jnp.ones(6, bool), jnp.asarray(targets), **kw,
+  )  # fmt: skip
+  want = _metrics(s, t_same, targets, **kw)
+  for k, v in want.items():
+    np.testing.assert_allclose(np.asarray(got[k]), v, rtol=1e-5, atol=1e-6, err_msg=k)

@@ -247,13 +247,153 @@ def test_another_tokenizer_in_a_run_of_several_processes_is_refused_before_loadi
     build.teachers(c, None, 384)
 
 
-def test_the_overlap_command_refuses_a_teacher_of_another_tokenizer_naming_it(small_world):
-  """Its calibrated token metrics need one vocabulary: a clear error naming the field, before
-  anything loads (it was an error from inside the teachers' build)."""
+def test_the_overlap_command_refuses_another_tokenizer_in_a_run_of_several_processes(
+  small_world, monkeypatch
+):
+  """What the command still refuses for a teacher of another tokenizer, before anything loads:
+  a run of several processes, naming the field."""
   from jdistill import overlap
 
   c = tiny_config(small_world)
   c.teachers.code.tokenizer = small_world["tokenizer"]
-  c.teachers.code.path = "/nonexistent"
-  with pytest.raises(ValueError, match=r"config.teachers.code.tokenizer=.*span metrics"):
+  c.student.path = c.teachers.code.path = "/nonexistent"  # a load would fail, not refuse
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  with pytest.raises(ValueError, match=r"config.teachers.code.tokenizer=.*this run has 2"):
     overlap.measure(c, rows_per_domain=1)
+
+
+def _overlap_config(small_world, tmp_path, **code):
+  """The overlap command's toy config: one teacher (`code`, updated with `code`) owning both
+  domains, 8 new tokens, chunks of 8."""
+  c = tiny_config(small_world)
+  c.output_dir = str(tmp_path / "run")
+  c.sampling.max_new_tokens = 8
+  c.loss.chunk_size = 8
+  del c.teachers["math"]
+  c.teachers.code.update(domains="math,code", **code)
+  return c
+
+
+def test_the_overlap_command_reads_a_teacher_of_the_students_tokenizer_on_spans_as_today(
+  small_world, tmp_path
+):
+  """`teachers.<name>.tokenizer` = the student's own: the command lays the rows out for it and
+  scores it on its own tokens (every span single, every id matched, an empty tail), and every
+  metric equals today's same-tokenizer path on the same rollouts; the span log-ratio is the
+  token log-ratio."""
+  from jdistill import overlap
+
+  c = _overlap_config(small_world, tmp_path)
+  today = overlap.measure(c, rows_per_domain=1)["teachers"]["code"]
+  c.teachers.code.tokenizer = small_world["tokenizer"]
+  spans = overlap.measure(c, rows_per_domain=1)["teachers"]["code"]
+  assert "measured_on" not in today and spans["measured_on"] == "single spans"
+  assert spans["tokens"] == spans["span_tokens"] == spans["completion_tokens"] == today["tokens"]
+  a, b = today["token_mean"], spans["token_mean"]
+  assert b["single_span_share"] == 1.0 and b["dropped_share"] == 0.0
+  assert set(a) < set(b) and len(a) > 12, sorted(a)
+  for key in a:
+    np.testing.assert_allclose(b[key], a[key], rtol=1e-4, atol=1e-5, err_msg=key)
+    np.testing.assert_allclose(
+      spans["sequence_mean"][key], today["sequence_mean"][key], rtol=1e-4, atol=1e-5
+    )
+  np.testing.assert_allclose(b["span_reverse_kl"], a["student_logp"] - a["teacher_logp"], rtol=1e-4)
+  np.testing.assert_allclose(b["span_teacher_logp"], a["teacher_logp"], rtol=1e-4)
+  assert spans["reading"]["verdict"] == today["reading"]["verdict"]
+
+
+def _recorded_rollouts(monkeypatch) -> dict:
+  """The command's own rollouts and prompt rows, recorded as its real `_rollouts` samples
+  them."""
+  from jdistill.overlap import probe
+
+  seen, sample = {}, probe._rollouts
+
+  def record(config, student, tokenizer, mesh, rows, seed, sampler=None):
+    seen["rows"] = rows
+    seen["batch"] = sample(config, student, tokenizer, mesh, rows, seed, sampler=sampler)
+    return seen["batch"]
+
+  monkeypatch.setattr(probe, "_rollouts", record)
+  return seen
+
+
+def test_the_overlap_command_reads_a_teacher_of_another_tokenizer_on_its_single_spans(
+  small_world, other_teacher, tmp_path, monkeypatch, capsys
+):
+  """A 300-token BPE teacher against the student's 384: the command runs, writes the new keys,
+  and its numbers are float64 NumPy's from both models' full logits (the teacher's on its own
+  layout of the same rollouts): on the single spans the overlap and the reverse KL between the
+  two distributions coarsened to the matched ids plus one tail bucket, the share of single-span
+  tokens, and the span log-ratio (each span's log q − log p_T once, per token with a span)."""
+  from jdistill import overlap
+  from jdistill.data import alignment
+  from jdistill.data.tokenizer import load_tokenizer
+  from jdistill.models import hf
+
+  c = _overlap_config(
+    small_world, tmp_path, path=other_teacher["path"], tokenizer=other_teacher["tokenizer"],
+    length_ratio=3.0, param_dtype="float32",
+  )  # fmt: skip
+  seen = _recorded_rollouts(monkeypatch)
+  report = overlap.run(c, out_dir=str(tmp_path / "overlap"), rows_per_domain=2)
+  printed = capsys.readouterr().out
+  print(printed)
+  t = report["teachers"]["code"]
+  m = t["token_mean"]
+  assert t["measured_on"] == "single spans" and t["tokenizer"] == other_teacher["tokenizer"]
+  assert "code*" in printed and "(on its single spans)" in printed
+  for key in ("overlap", "nucleus_coverage", "excess_xent", "reverse_kl", "tv", "span_reverse_kl"):
+    assert np.isfinite(m[key]) and np.isfinite(t["sequence_mean"][key]), key
+  assert 0.0 < m["single_span_share"] < 1.0, m["single_span_share"]
+  assert m["dropped_share"] == 0.0  # length_ratio 3: every span fits
+
+  # by hand: both models' full log-probs on the recorded rollouts, the teacher on its layout
+  batch, records = seen["batch"], [r[2] for r in seen["rows"]]
+  tokens, mask = batch["tokens"], batch["completion_mask"]
+  n = mask.sum(axis=1).astype(np.int32)
+  s_vocab = alignment.Vocab.of(load_tokenizer(small_world["tokenizer"]))
+  t_vocab = alignment.Vocab.of(load_tokenizer(other_teacher["tokenizer"]))
+  layout = alignment.teacher_rollouts(
+    s_vocab, t_vocab, records, tokens, batch["lengths"] - n, n, 3 * tokens.shape[1],
+    use_chat_template=c.data.use_chat_template,
+  )  # fmt: skip
+
+  def logp(path, ids, lengths):
+    model = hf.from_hf(path)
+    pos = np.broadcast_to(np.arange(ids.shape[1] - 1), (ids.shape[0], ids.shape[1] - 1))
+    hidden, _ = model(jax.numpy.asarray(ids[:, :-1]), pos, kv_mask=pos < lengths[:, None])
+    logits = np.asarray(hidden @ model.unembedding(), np.float64)
+    logits -= logits.max(-1, keepdims=True)
+    return logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+
+  q = logp(small_world["student"], tokens, batch["lengths"])
+  t_ids = layout["tokens"]
+  p = logp(other_teacher["path"], t_ids, layout["prompt_lengths"] + layout["completion_lengths"])
+  vmap = alignment.vocab_map(s_vocab, t_vocab)
+  assert vmap.size == q.shape[-1]
+  on = vmap >= 0
+  unmatched = np.ones(p.shape[-1], bool)
+  unmatched[vmap[on]] = False
+  overlaps, rkls, k1, single, with_span = [], [], 0.0, 0, 0
+  for r in range(tokens.shape[0]):
+    s_span, t_span = layout["student_span"][r], layout["teacher_span"][r]
+    for k in range(s_span.max() + 1):  # each span: its log q − log p_T, once
+      s_pos, t_pos = np.flatnonzero(s_span == k), np.flatnonzero(t_span == k)
+      k1 += q[r, s_pos - 1, tokens[r, s_pos]].sum() - p[r, t_pos - 1, t_ids[r, t_pos]].sum()
+      with_span += s_pos.size
+      if not layout["single"][r, k]:
+        continue
+      single += 1
+      qq, pp = np.exp(q[r, s_pos[0] - 1]), np.exp(p[r, t_pos[0] - 1])
+      q_ext = np.append(qq[on], qq[~on].sum())
+      p_ext = np.append(pp[vmap[on]], pp[unmatched].sum())
+      overlaps.append(np.minimum(q_ext, p_ext).sum())
+      rkls.append(np.sum(q_ext * (np.log(q_ext) - np.log(p_ext))))
+  assert with_span == int(mask.sum()) == t["completion_tokens"] and single == t["tokens"]
+  print({k: (m[k], want) for k, want in (("overlap", np.mean(overlaps)),
+                                         ("reverse_kl", np.mean(rkls)))})  # fmt: skip
+  np.testing.assert_allclose(m["single_span_share"], single / with_span, rtol=1e-6)
+  np.testing.assert_allclose(m["overlap"], np.mean(overlaps), rtol=1e-4)
+  np.testing.assert_allclose(m["reverse_kl"], np.mean(rkls), rtol=1e-4)
+  np.testing.assert_allclose(m["span_reverse_kl"], k1 / with_span, rtol=1e-4)

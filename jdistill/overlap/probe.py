@@ -112,12 +112,9 @@ def _cross_scores(config, mesh, teacher, rows, sel, batch: dict, vocab: int) -> 
   (`cross_tokenizer.layouts`) and scored on its own tokens by the dense loss's scorer
   (`cross_tokenizer.teacher_cache` → `dense_scores`, at temperature 1), with its vocabulary
   map over all `vocab` ids of the student (ids past the student's tokenizer: unmatched)."""
-  from jdistill.data import alignment
   from jdistill.step import cross_tokenizer
 
-  own = alignment.vocab_map(teacher.student, teacher.teacher)[:vocab]
-  vocab_map = np.full(vocab, -1, np.int32)
-  vocab_map[: own.size] = own
+  vocab_map = cross_tokenizer.model_vocab_map(teacher.student, teacher.teacher, vocab)
   teacher = dataclasses.replace(teacher, rows=tuple(int(r) for r in sel), vocab_map=vocab_map)
   layout = cross_tokenizer.layouts(
     teacher, batch["tokens"], batch["lengths"], batch["completion_mask"],

@@ -271,7 +271,7 @@ def teachers(
       cross.append(
         cross_tokenizer.CrossTeacher(
           i, rows[i], graphdef, state, student, teacher, float(t.length_ratio),
-          alignment.vocab_map(student, teacher) if dense else None,
+          cross_tokenizer.model_vocab_map(student, teacher, vocab_size) if dense else None,
         )
       )  # fmt: skip
       continue

@@ -74,6 +74,16 @@ class CrossTeacher:
     return self.vocab_map is not None
 
 
+def model_vocab_map(student: alignment.Vocab, teacher: alignment.Vocab, vocab: int) -> np.ndarray:
+  """`alignment.vocab_map` over all `vocab` ids of the student *model* → `[vocab]` int32: a
+  model's vocabulary may be padded past its tokenizer's (Qwen: 151,936 against 151,665), and
+  those ids are unmatched (-1)."""
+  own = alignment.vocab_map(student, teacher)[:vocab]
+  out = np.full(vocab, -1, np.int32)
+  out[: own.size] = own
+  return out
+
+
 def teacher_width(student_width: int, length_ratio: float) -> int:
   """The teacher's static sequence width for a student width `L`: `ceil(length_ratio · L)`."""
   return math.ceil(length_ratio * student_width)

@@ -397,3 +397,19 @@ def test_the_overlap_command_reads_a_teacher_of_another_tokenizer_on_its_single_
   np.testing.assert_allclose(m["overlap"], np.mean(overlaps), rtol=1e-4)
   np.testing.assert_allclose(m["reverse_kl"], np.mean(rkls), rtol=1e-4)
   np.testing.assert_allclose(m["span_reverse_kl"], k1 / with_span, rtol=1e-4)
+
+
+def test_the_dense_map_covers_the_students_model_vocabulary():
+  """A model's vocabulary padded past its tokenizer's (Qwen: 151,936 against 151,665): the
+  dense loss's map has one entry per model id, the padding unmatched, so the scorer's
+  gathered unembedding and the step's logits agree in width."""
+  from jdistill.data import alignment
+  from jdistill.step import cross_tokenizer
+  from jdistill.testing.tokenizers import llama3_like, qwen_like
+
+  student, teacher = alignment.Vocab.of(qwen_like()), alignment.Vocab.of(llama3_like())
+  own = alignment.vocab_map(student, teacher)
+  padded = cross_tokenizer.model_vocab_map(student, teacher, own.size + 7)
+  assert padded.shape == (own.size + 7,) and padded.dtype == np.int32
+  np.testing.assert_array_equal(padded[: own.size], own)
+  assert (padded[own.size :] == -1).all()

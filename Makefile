@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 LOG    := $(VENV)/install.log
 
-.PHONY: test lint format demo experiment agentic merge-ten loss-grid install bench bench-venv compare clean
+.PHONY: test lint format demo experiment agentic foreign merge-ten loss-grid install bench bench-venv compare clean
 
 # Install output goes to a log and is shown (its tail) only when the install fails.
 $(STAMP): pyproject.toml
@@ -35,7 +35,7 @@ test: lint
 # cells before it did (same shapes, new closures), and on CPU the compile is ~28% of a cell's
 # time (docs/experiment.md, "Cost"). Results are bit-identical with it (measured). The size
 # limit turns on the cache's file lock: two shards write the same entries.
-LONG_JOBS := demo experiment agentic merge-ten loss-grid
+LONG_JOBS := demo experiment agentic foreign merge-ten loss-grid
 $(LONG_JOBS): export JAX_COMPILATION_CACHE_DIR := $(CURDIR)/runs/jax_cache
 $(LONG_JOBS): export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS := 0
 $(LONG_JOBS): export JAX_COMPILATION_CACHE_MAX_SIZE := 8589934592
@@ -61,6 +61,13 @@ agentic: $(STAMP)
 	@$(PY) -m jdistill agentic --shard=0/2 & $(PY) -m jdistill agentic --shard=1/2; wait
 	@$(PY) -m jdistill agentic
 	@cp runs/agentic/agentic.md runs/agentic/agentic.json docs/results/
+
+# A teacher of another tokenizer (docs/experiment.md, "A teacher of another tokenizer"): its
+# BPE teacher and char twin, OPD from it directly against SFT on its data; cached; the report
+# is copied to docs/results/foreign.{md,json}.
+foreign: $(STAMP)
+	@$(PY) -m jdistill foreign --out=runs/foreign
+	@cp runs/foreign/foreign.md runs/foreign/foreign.json docs/results/
 
 # Ten lineage teachers into one student, V4 vs Ultra at equal budget (docs/experiment.md,
 # "Merge ten"): the 10-domain world, then both recipes per seed, cached; the report is copied

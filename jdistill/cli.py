@@ -41,6 +41,7 @@ TOOLS = {
   "dial": ("jdistill.experiments.dial:cli", "the overlap dial: teachers forked on mixed data"),
   "merge_ten": ("jdistill.experiments.merge_ten:cli", "ten teachers into one student: V4 vs Ultra"),
   "agentic": ("jdistill.experiments.agentic:cli", "the lookup domain: multi-turn OPD, tool calls"),
+  "foreign": ("jdistill.experiments.foreign:cli", "another tokenizer's teacher: OPD vs its data"),
   "demo": ("jdistill.experiments.demo:cli", "what `make demo` runs"),
   "report": ("jdistill.report.html:cli", "one self-contained HTML report of a run directory"),
 }

@@ -293,9 +293,12 @@ def _accuracy(point: dict, domains=tasks.DOMAINS) -> dict[str, float]:
   return dict(acc, mean=float(np.mean(list(acc.values()))))
 
 
-def run_opd(world, teachers, loss, student, out, seed, lr, steps, grid, eval_files, noise=0):
+def run_opd(
+  world, teachers, loss, student, out, seed, lr, steps, grid, eval_files, noise=0, configure=None
+):
   """OPD from `student` for `steps` steps at `lr` → {accuracy before/after on `eval_files`,
-  overlap before/after, tokens, noise}."""
+  overlap before/after, tokens, noise}; `configure(config)`, if given, edits the stage's config
+  last (`jdistill.experiments.foreign`: a teacher's own tokenizer)."""
   from jdistill.experiments.noise import gradient_noise
   from jdistill.stages.opd import OPDTrainer
 
@@ -307,6 +310,8 @@ def run_opd(world, teachers, loss, student, out, seed, lr, steps, grid, eval_fil
   if loss == "sampled_token":  # as Ultra runs it
     config.loss.clip_eps = 0.2
     config.loss.icepop_c = 5.0
+  if configure is not None:
+    configure(config)
   trainer = OPDTrainer(config)
   before = trainer.evaluate()
   noise_stats = gradient_noise(trainer, noise) if noise else {}
@@ -314,11 +319,17 @@ def run_opd(world, teachers, loss, student, out, seed, lr, steps, grid, eval_fil
     trainer.run(steps=steps)
   after = trainer.evaluate() if steps else before
   domains = list(teachers)
+
+  def overlap(point):  # NaN where a teacher has no calibrated overlap (another tokenizer's)
+    if all("overlap" in point[d] for d in domains):
+      return loss_grid.overlap_of(point, domains)
+    return float("nan")
+
   return {
     "accuracy_before": _accuracy(before, domains),
     "accuracy": _accuracy(after, domains),
-    "overlap_before": loss_grid.overlap_of(before, domains),
-    "overlap_after": loss_grid.overlap_of(after, domains),
+    "overlap_before": overlap(before),
+    "overlap_after": overlap(after),
     "opd_student_tokens": budget.step_tokens(config) * steps,
     "teacher_tokens": budget.step_tokens(config) * steps,
     "noise": noise_stats,
@@ -326,7 +337,7 @@ def run_opd(world, teachers, loss, student, out, seed, lr, steps, grid, eval_fil
     "off_support_loss_share": float(
       np.mean([before[d].get("off_support_loss_share", np.nan) for d in domains])
     ),
-    "off_support_tokens": float(np.mean([before[d]["off_support"] for d in domains])),
+    "off_support_tokens": float(np.mean([before[d].get("off_support", np.nan) for d in domains])),
   }
 
 

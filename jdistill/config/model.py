@@ -18,6 +18,7 @@ from jdistill.models.config import REMAT_POLICIES
 
 DTYPES = ("float32", "bfloat16")
 PLACEMENTS = ("resident", "streamed")
+DENSE_MATCHES = ("token", "prefix")  # how a dense loss across tokenizers reads the teacher
 
 STUDENT = section(
   "student",
@@ -120,6 +121,16 @@ TEACHER = section(
     "`reverse_kl`, `placement = resident`, stage `opd`, no `episode.environment`",
     field_type=str,
   ),
+  dense_match=field(
+    "token",
+    "with `tokenizer` and `loss = reverse_kl`: how the teacher's distribution is read on the "
+    "student's ids at a single span: `token`, its probability of the token with the same "
+    "string (the rest in a tail bucket); `prefix`, its mass on the tokens whose text begins "
+    "with the student token's (a character-level student: its next-character distribution; "
+    "a `[rows, L, V_student]` scorer output) "
+    "([design.md](design.md#dense-across-tokenizers))",
+    one_of(DENSE_MATCHES),
+  ),
   length_ratio=field(
     1.5,
     "with `tokenizer`: the teacher's sequence width is `ceil(length_ratio · L)` for the "
@@ -195,6 +206,8 @@ def validate_teachers(config) -> None:
       fail(f"teachers.{name}.param_dtype", t.param_dtype, list(DTYPES))
     if t.get("placement", "resident") not in PLACEMENTS:
       fail(f"teachers.{name}.placement", t.placement, list(PLACEMENTS))
+    if t.get("dense_match", "token") not in DENSE_MATCHES:
+      fail(f"teachers.{name}.dense_match", t.dense_match, list(DENSE_MATCHES))
     if t.get("hidden_dtype", "bfloat16") not in DTYPES:
       fail(f"teachers.{name}.hidden_dtype", t.hidden_dtype, list(DTYPES))
     if t.get("placement") == "streamed" and config.stage != "opd":
@@ -237,6 +250,8 @@ def _validate_cross_tokenizer(config, name: str) -> None:
     fail(where, t.tokenizer, f"None in stage {config.stage!r}: {need} is for stage opd")
   if config.get("episode") and config.episode.get("environment"):
     fail(where, t.tokenizer, f"None with episode.environment: {need} scores single turns")
+  if t.get("dense_match", "token") != "token" and t.loss != "reverse_kl":
+    fail(f"teachers.{name}.dense_match", t.dense_match, "'token' unless loss = reverse_kl")
   if not isinstance(t.get("length_ratio", 1.5), (int, float)) or t.length_ratio < 1:
     fail(f"teachers.{name}.length_ratio", t.length_ratio, "a number ≥ 1")
 

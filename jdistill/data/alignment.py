@@ -315,22 +315,27 @@ def align_batch(student: Vocab, teacher: Vocab, completions, mask, teacher_len: 
 
 def vocab_map(student: Vocab, teacher: Vocab) -> np.ndarray:
   """The teacher id of each student id whose token is the same string -> ``[Vs]`` int32, -1
-  where the teacher has none. Special tokens match by equal text, and the student's EOS is
-  the teacher's EOS (as in :func:`align_row`). Built once per teacher."""
+  where the teacher has none, and for every student id after the first with the same bytes
+  (the map is one-to-one, so the matched masses of both sides are distributions). Special
+  tokens match by equal text, and the student's EOS is the teacher's EOS (as in
+  :func:`align_row`). Built once per teacher."""
   by_bytes = {}
   for j, piece in enumerate(teacher.pieces):
     if j not in teacher.special:
       by_bytes.setdefault(piece, j)
   by_text = {text: j for j, text in teacher.special.items()}
   out = np.full(len(student.pieces), -1, np.int32)
+  taken = set()
   for i, piece in enumerate(student.pieces):
     if i in student.special:
       j = by_text.get(student.special[i])
       if j is None and i == student.eos and teacher.eos is not None:
         j = teacher.eos
-      out[i] = -1 if j is None else j
     else:
-      out[i] = by_bytes.get(piece, -1)
+      j = by_bytes.get(piece)
+    if j is not None and j not in taken:  # one-to-one: a second id of the same bytes is unmatched
+      out[i] = j
+      taken.add(j)
   return out
 
 
@@ -393,4 +398,32 @@ def teacher_rollouts(
     out["student_span"][r, p : p + ns] = row.student_span[:ns]
     out["single"][r, :keep] = row.single[:keep]
     out["dropped"][r] = n - ns
+  return out
+
+
+def prefix_map(student: Vocab, teacher: Vocab) -> np.ndarray:
+  """The student id each teacher id's text begins with -> ``[Vt]`` int32: the student token
+  whose bytes are the longest prefix of the teacher token's (for a byte-level student of one
+  byte per token: its first byte), so the groups partition the teacher's vocabulary. Special
+  tokens go to the student's special of equal text (EOS to EOS, as :func:`vocab_map`); -1
+  where there is none. Built once per teacher."""
+  by_bytes = {}
+  for i, piece in enumerate(student.pieces):
+    if i not in student.special and piece:
+      by_bytes.setdefault(piece, i)
+  longest = max((len(p) for p in by_bytes), default=0)
+  by_text = {text: i for i, text in student.special.items()}
+  out = np.full(len(teacher.pieces), -1, np.int32)
+  for j, piece in enumerate(teacher.pieces):
+    if j in teacher.special:
+      i = by_text.get(teacher.special[j])
+      if i is None and j == teacher.eos and student.eos is not None:
+        i = student.eos
+      out[j] = -1 if i is None else i
+      continue
+    for n in range(min(longest, len(piece)), 0, -1):
+      i = by_bytes.get(piece[:n])
+      if i is not None:
+        out[j] = i
+        break
   return out

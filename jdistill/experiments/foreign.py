@@ -11,6 +11,8 @@ Ultra's teachers do. The arms, from the base, each `Grid.steps` steps of `Grid.r
                       IcePop 5, as Ultra runs it)
   opd_reverse_kl      the same with the dense loss across tokenizers (reverse KL on the matched
                       vocabulary where a span is one equal token per side)
+  opd_reverse_kl_prefix  ... with the teacher read by prefix (`dense_match = "prefix"`: its
+                      mass on the tokens that begin with each student token)
   sft                 SFT on its generated completions of the training prompts (greedy, verified
                       ones only): its skill reached through data, as Ultra's warmup does
   opd_char_twin       OPD (reverse KL) from its twin: the same data, init seed and steps in the
@@ -35,7 +37,10 @@ from jdistill.experiments import question, tasks, verdict
 from jdistill.experiments import task_world as tw
 from jdistill.runtime.io import write_json_atomic
 
-ARMS = ("opd_sampled_token", "opd_reverse_kl", "sft", "opd_char_twin", "opd_world_teacher")
+ARMS = (
+  "opd_sampled_token", "opd_reverse_kl", "opd_reverse_kl_prefix", "sft", "opd_char_twin",
+  "opd_world_teacher",
+)  # fmt: skip
 WORLD = tw.WorldSpec()  # the committed world's sizes: the foreign teacher is built like its own
 
 
@@ -124,15 +129,16 @@ def build_teacher(
   return info
 
 
-def _configure(train_file: str, teacher: dict | None):
+def _configure(train_file: str, teacher: dict | None, dense_match: str = "token"):
   """Edits an OPD config of the experiment: prompts of the one domain; with `teacher`, its
-  one teacher takes the foreign teacher's tokenizer."""
+  one teacher takes the foreign teacher's tokenizer and `dense_match`."""
 
   def configure(config):
     config.data.train_files = train_file
     if teacher is not None:
       (name,) = list(config.teachers.keys())
       config.teachers[name].tokenizer = teacher["tokenizer"]
+      config.teachers[name].dense_match = dense_match
 
   return configure
 
@@ -203,11 +209,12 @@ def run_arm(out, world, teachers, grid: Grid, arm: str, seed: int, lr: float, ev
     r["accuracy_before"] = before["accuracy"]
   else:
     path = {"opd_char_twin": teachers["char"]["path"], "opd_world_teacher": world_teacher}
-    across = arm in ("opd_sampled_token", "opd_reverse_kl")
+    across = arm in ("opd_sampled_token", "opd_reverse_kl", "opd_reverse_kl_prefix")
     loss = "sampled_token" if arm == "opd_sampled_token" else "reverse_kl"
+    match = "prefix" if arm == "opd_reverse_kl_prefix" else "token"
+    configure = _configure(train, foreign if across else None, match)
     r = question.run_opd(world, {d: path.get(arm, foreign["path"])}, loss, base, cell, seed, lr,
-                         grid.steps, qg, eval_files,
-                         configure=_configure(train, foreign if across else None))  # fmt: skip
+                         grid.steps, qg, eval_files, configure=configure)  # fmt: skip
   result = {
     "arm": arm, "seed": seed, "lr": lr, "eval_files": os.path.basename(eval_files),
     "accuracy_before": r["accuracy_before"][d], "accuracy": r["accuracy"][d],
@@ -222,6 +229,7 @@ def run(out: str, grid: Grid = Grid(), world: str = tw.COMMITTED, log=print) -> 
   """The lr sweep on validation prompts, then every arm at its chosen lr over the seeds."""
   t0 = time.time()
   os.makedirs(out, exist_ok=True)
+  _check_grid(out, grid)
   teachers = {k: build_teacher(out, world, grid, k, log=log) for k in ("foreign", "char")}
   validation = os.path.join(out, "validation_all.jsonl")
   if not os.path.exists(validation):
@@ -253,6 +261,21 @@ def run(out: str, grid: Grid = Grid(), world: str = tw.COMMITTED, log=print) -> 
   return summary
 
 
+def _check_grid(out: str, grid: Grid) -> None:
+  """`out` caches one grid's work (its teachers, data and cells by arm, lr and seed): a grid
+  whose teachers or cells would differ is refused, naming what differs, not silently reused."""
+  path = os.path.join(out, "grid.json")
+  fixed = ("domain", "style", "vocab", "teacher_steps", "steps", "rows")
+  mine = {k: getattr(grid, k) for k in fixed}
+  if os.path.exists(path):
+    with open(path) as f:
+      theirs = json.load(f)
+    if differ := {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}:
+      raise ValueError(f"{out} holds another grid's work: {differ} (was, now); use another --out")
+  else:
+    write_json_atomic(path, mine)
+
+
 def verdicts(cells: list[dict]) -> list[dict]:
   """Each arm against the base, and direct OPD against SFT on the teacher's data (paired by
   seed): differences of held-out accuracy with 95% intervals, decided by `verdict.decide`."""
@@ -263,18 +286,17 @@ def verdicts(cells: list[dict]) -> list[dict]:
     before = [c["accuracy_before"] for c in by[a]]
     iv = verdict.difference_interval(after, before, paired=True)
     out.append(dict(claim=f"{a} raises accuracy over the base", **_iv(iv, "greater")))
-  for a in ("opd_sampled_token", "opd_reverse_kl"):
+  for a in ("opd_sampled_token", "opd_reverse_kl", "opd_reverse_kl_prefix"):
     iv = verdict.difference_interval(
       [c["accuracy"] for c in by[a]], [c["accuracy"] for c in by["sft"]], paired=True
     )
     out.append(dict(claim=f"{a} beats sft on the teacher's data", **_iv(iv, "greater")))
-  iv = verdict.difference_interval(
-    [c["accuracy"] for c in by["opd_reverse_kl"]],
-    [c["accuracy"] for c in by["opd_char_twin"]],
-    paired=True,
-  )
-  claim = f"the other tokenizer costs opd_reverse_kl at most {MARGIN} against its char twin"
-  out.append(dict(claim=claim, **_iv(iv, "not_less", MARGIN)))
+  for a in ("opd_reverse_kl", "opd_reverse_kl_prefix"):
+    iv = verdict.difference_interval(
+      [c["accuracy"] for c in by[a]], [c["accuracy"] for c in by["opd_char_twin"]], paired=True
+    )
+    claim = f"the other tokenizer costs {a} at most {MARGIN} against its char twin"
+    out.append(dict(claim=claim, **_iv(iv, "not_less", MARGIN)))
   return out
 
 

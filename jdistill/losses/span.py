@@ -194,7 +194,7 @@ def teacher_matched(vocab_map, teacher_vocab: int):
 # a log-probability of nothing that keeps logsumexp and its gradient finite
 LOG_NONE = -1e30
 # p̄ = 0 (the teacher has no unmatched id): a finite, large tail term where q̄ > 0
-_LOG_TINY = float(np.log(np.finfo(np.float32).tiny))
+LOG_TINY = float(np.log(np.finfo(np.float32).tiny))
 
 
 def log_mass(logp, where):
@@ -215,7 +215,7 @@ def matched_reverse_kl_at(student_logp, teacher_logp_at, matched, teacher_tail_l
   t_at = sg(teacher_logp_at.astype(jnp.float32))
   body = jnp.sum(jnp.where(matched, jnp.exp(s) * (s - t_at), 0.0), axis=-1)
   log_q_tail = log_mass(s, ~matched)
-  log_p_tail = jnp.maximum(sg(teacher_tail_logp.astype(jnp.float32)), _LOG_TINY)
+  log_p_tail = jnp.maximum(sg(teacher_tail_logp.astype(jnp.float32)), LOG_TINY)
   return body + jnp.exp(log_q_tail) * (log_q_tail - log_p_tail)
 
 
@@ -301,6 +301,8 @@ def chunked_span_dense_loss(
   normalize: str = "token",
   icepop_c: float | None = None,
   chunk_size: int = 0,
+  teacher_logp_at=None,
+  kl_weight: float = 1.0,
 ):
   """:func:`span_dense_loss` from hidden states, the logits built ``chunk_size`` positions at a
   time (`chunking.chunked_token_values`) -> ``(loss scalar, aux)``.
@@ -312,7 +314,11 @@ def chunked_span_dense_loss(
   the teacher token matched to each student id v; ``teacher_tail_logp [B, T]`` log p̄ there,
   the teacher's mass on the ids no student id is matched to; ``teacher_span_logp [B, ≥T]``
   log p_T of each span id; ``student_span [B, T]``, ``gate [B, T]`` (the token's span is one
-  equal token per side), ``matched [Vs]``, ``mask [B, T]``.
+  equal token per side), ``matched [Vs]``, ``mask [B, T]``. ``teacher_logp_at [B, T, Vs]``, if
+  given, is added to that product (the prefix reading, `cross_tokenizer.prefix_scores`, gives
+  the teacher's log-probs on the student's ids directly, with a zero hidden state).
+  ``kl_weight`` scales the span sampled-token term's advantage, as in
+  :func:`span_sampled_token_loss` (the dense term is unweighted, as ``distill_loss``'s).
 
   Per token: :func:`matched_reverse_kl_at` where gated, the span sampled-token term
   (:func:`span_sampled_token_terms`) elsewhere; reduced as :func:`span_dense_loss` does, which
@@ -322,8 +328,11 @@ def chunked_span_dense_loss(
   _check_same_shape("targets", targets, "student_span", student_span)
   _check_same_shape("targets", targets, "gate", gate)
 
-  def values(s_logits, t_logp_at, chunk_targets, t_tail):
+  def values(s_logits, t_logp_at, chunk_targets, extra):
+    t_tail, t_offset = extra
     s_logp = log_softmax(s_logits)
+    if t_offset is not None:
+      t_logp_at = t_logp_at + t_offset
     return dict(
       dense=matched_reverse_kl_at(s_logp, t_logp_at, matched, t_tail),
       logp=token_logp(s_logp, chunk_targets),
@@ -331,13 +340,13 @@ def chunked_span_dense_loss(
 
   out = chunked_token_values(
     values, student_hidden, student_unembed, teacher_hidden_at, teacher_unembed_at, targets,
-    chunk_size=chunk_size, extra=teacher_tail_logp,
+    chunk_size=chunk_size, extra=(teacher_tail_logp, teacher_logp_at),
   )  # fmt: skip
   t = targets.shape[1]
   ids = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), targets.shape)
   sampled, aux = span_sampled_token_terms(
     out["logp"], sg(teacher_span_logp[:, :t]), student_span, ids, mask, behaviour_logp,
-    clip_eps, icepop_c,
+    clip_eps, icepop_c, kl_weight,
   )  # fmt: skip
   has_span = student_span >= 0
   on = has_span & gate.astype(bool)

@@ -62,7 +62,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jdistill import losses
-from jdistill.losses.span import log_mass, span_sums
+from jdistill.losses.span import LOG_TINY, log_mass, span_sums
 
 log = logging.getLogger("jdistill")
 
@@ -178,7 +178,7 @@ def chunked_overlap_metrics(
 # the log-prob of an empty entry of the coarsened vocabulary: log of float32's smallest normal
 # (a mass of 1e-38, nothing in any sum), not -1e30, which would stretch the nucleus bisection
 # of `losses.teacher_nucleus` (its range starts at the lowest log-prob) past any resolution
-LOG_EMPTY = float(np.log(np.finfo(np.float32).tiny))
+LOG_EMPTY = LOG_TINY  # the dense loss's floor of a log-probability (losses.span)
 
 
 def coarsened(logp_at, tail_logp, matched):

@@ -50,7 +50,7 @@ sg = jax.lax.stop_gradient
 # equal token per side); docs/design.md, "Dense across tokenizers"
 LOSSES = ("sampled_token", "reverse_kl")
 # the teacher_cache entries indexed by the student's positions (cut to the loss window)
-PER_POSITION = ("student_span", "gate", "hidden", "tail_logp")
+PER_POSITION = ("student_span", "gate", "hidden", "tail_logp", "logp_at")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +68,7 @@ class CrossTeacher:
   teacher: alignment.Vocab
   length_ratio: float
   vocab_map: np.ndarray | None = None
+  groups: np.ndarray | None = None  # the prefix reading's `[Vt]` (`dense_match = "prefix"`)
 
   @property
   def dense(self) -> bool:
@@ -79,6 +80,15 @@ def model_vocab_map(student: alignment.Vocab, teacher: alignment.Vocab, vocab: i
   model's vocabulary may be padded past its tokenizer's (Qwen: 151,936 against 151,665), and
   those ids are unmatched (-1)."""
   own = alignment.vocab_map(student, teacher)[:vocab]
+  out = np.full(vocab, -1, np.int32)
+  out[: own.size] = own
+  return out
+
+
+def model_prefix_map(student: alignment.Vocab, teacher: alignment.Vocab, vocab: int) -> np.ndarray:
+  """`alignment.prefix_map` over all `vocab` ids of the *teacher model* → `[vocab]` int32 (its
+  ids past its tokenizer's: in no group, -1)."""
+  own = alignment.prefix_map(student, teacher)[:vocab]
   out = np.full(vocab, -1, np.int32)
   out[: own.size] = own
   return out
@@ -150,17 +160,10 @@ def dense_scores(
   token, then a row of -1): `hidden @ unembed` is log p(m(v)) at every gated position;
   `tail_logp [S, W]` there log p̄, the teacher's mass on the ids no student id is matched to;
   and `matched [Vs]` (the student ids with a teacher token)."""
-  width = student_span.shape[1]
   hidden, unembed = _forward(graphdef, state, tokens, lengths, temperature)
-  per_span = _span_sums_of(hidden, unembed, tokens, teacher_span, width, chunk_size)
-  span = teacher_span[:, 1:]
-  index = jnp.broadcast_to(jnp.arange(span.shape[1], dtype=jnp.int32), span.shape)
-  position_of_span = span_sums(index, span, width)  # on a single span, its one position
-  has = student_span >= 0
-  sid = jnp.maximum(student_span, 0)
-  gate = has & jnp.take_along_axis(single.astype(bool), sid, axis=1)
-  at = jnp.where(gate, jnp.take_along_axis(position_of_span, sid, axis=1), 0)
-  h = take_positions(hidden, at)
+  per_span, gate, h = _at_single_spans(
+    hidden, unembed, tokens, teacher_span, student_span, single, chunk_size
+  )
   log_z = _log_normaliser(h, unembed, None, chunk_size)
   unmatched = ~teacher_matched(vocab_map, unembed.shape[1])
   tail = _log_normaliser(h, unembed, jnp.where(unmatched, 0.0, LOG_NONE), chunk_size) - log_z
@@ -174,6 +177,65 @@ def dense_scores(
     unembed=jnp.concatenate([u_at, -jnp.ones((1, u_at.shape[1]), jnp.float32)], axis=0),
     matched=vocab_map >= 0,
     tail_logp=jnp.where(gate, tail, 0.0),
+  )
+
+
+def _at_single_spans(hidden, unembed, tokens, teacher_span, student_span, single, chunk_size):
+  """The span sums `[S, W]`, the gate `[S, W]` bool (the student position's span is single)
+  and the teacher's hidden state where it scores that span's one token `[S, W, Dt]` (position
+  0's elsewhere)."""
+  width = student_span.shape[1]
+  per_span = _span_sums_of(hidden, unembed, tokens, teacher_span, width, chunk_size)
+  span = teacher_span[:, 1:]
+  index = jnp.broadcast_to(jnp.arange(span.shape[1], dtype=jnp.int32), span.shape)
+  position_of_span = span_sums(index, span, width)  # on a single span, its one position
+  sid = jnp.maximum(student_span, 0)
+  gate = (student_span >= 0) & jnp.take_along_axis(single.astype(bool), sid, axis=1)
+  at = jnp.where(gate, jnp.take_along_axis(position_of_span, sid, axis=1), 0)
+  return per_span, gate, take_positions(hidden, at)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "vocab", "temperature", "chunk_size"))
+def prefix_scores(
+  graphdef, state, tokens, lengths, teacher_span, student_span, single, groups, vocab: int,
+  temperature=1.0, chunk_size=0,
+) -> dict:  # fmt: skip
+  """The teacher's side of the dense loss read by prefix (`teachers.<name>.dense_match =
+  "prefix"`) → a dict of arrays, as :func:`dense_scores` but with the teacher's log-probs on
+  the student's ids given directly: `logp_at [S, W, vocab]` at a gated position is the log of
+  the teacher's mass on the tokens whose text begins with each student id's
+  (`groups [Vt]`, `alignment.prefix_map` padded to the teacher model's vocabulary), 0 where
+  none does (unmatched) and elsewhere; `tail_logp` the mass of the tokens in no group;
+  `matched [vocab]` the ids with a group; `hidden [S, W, 1]` and `unembed [1, vocab]` zeros.
+  The `[S, c, Vt]` log-softmax is built `c` positions at a time (`chunk_size`; 0: 64)."""
+  hidden, unembed = _forward(graphdef, state, tokens, lengths, temperature)
+  per_span, gate, h = _at_single_spans(
+    hidden, unembed, tokens, teacher_span, student_span, single, chunk_size
+  )
+  segment = jnp.where(groups >= 0, groups, vocab)  # the tail is segment `vocab`
+
+  def grouped(hc):  # [S, c, Dt] -> [S, c, vocab + 1] log of each group's mass
+    logp = jnp.moveaxis(jax.nn.log_softmax(losses.project_logits(hc, unembed), axis=-1), -1, 0)
+    top = jax.ops.segment_max(logp, segment, num_segments=vocab + 1)  # -inf where empty
+    top = jnp.where(jnp.isfinite(top), top, 0.0)
+    mass = jax.ops.segment_sum(jnp.exp(logp - top[segment]), segment, num_segments=vocab + 1)
+    return jnp.moveaxis(top + jnp.log(jnp.maximum(mass, 1e-38)), 0, -1)
+
+  c = chunk_size or 64
+  s, w, d = h.shape
+  n = -(-w // c)
+  chunks = jnp.pad(h, ((0, 0), (0, n * c - w), (0, 0))).reshape(s, n, c, d).swapaxes(0, 1)
+  logp = jax.lax.map(grouped, chunks).swapaxes(0, 1).reshape(s, n * c, vocab + 1)[:, :w]
+  matched = jnp.zeros((vocab + 1,), bool).at[segment].set(True)[:vocab]
+  on = gate[..., None] & matched
+  return dict(
+    span_logp=per_span,
+    gate=gate.astype(jnp.float32),
+    hidden=jnp.zeros((s, w, 1), jnp.float32),
+    unembed=jnp.zeros((1, vocab), jnp.float32),
+    logp_at=jnp.where(on, logp[..., :vocab], 0.0),
+    matched=matched,
+    tail_logp=jnp.where(gate & jnp.any(groups < 0), logp[..., vocab], LOG_NONE),
   )
 
 
@@ -204,6 +266,8 @@ def cache_shardings(teachers, mesh) -> dict:
       out[t.index].update(
         gate=rows(2), hidden=rows(3), tail_logp=rows(2), unembed=replicated, matched=replicated
       )
+      if t.groups is not None:
+        out[t.index]["logp_at"] = rows(3)
   return out
 
 
@@ -223,7 +287,12 @@ def teacher_cache(teacher: CrossTeacher, layout: dict, shardings: dict, settings
     temperature=settings.temperature,
     chunk_size=settings.chunk_size,
   )
-  if teacher.dense:
+  if teacher.dense and teacher.groups is not None:
+    out = prefix_scores(
+      **forward, student_span=student_span, single=jnp.asarray(layout["single"][:, :-1]),
+      groups=jnp.asarray(teacher.groups), vocab=len(teacher.vocab_map),
+    )  # fmt: skip
+  elif teacher.dense:
     out = dense_scores(
       **forward, student_span=student_span, single=jnp.asarray(layout["single"][:, :-1]),
       vocab_map=jnp.asarray(teacher.vocab_map),
@@ -263,7 +332,8 @@ def span_loss(hidden, unembed, targets, mask, behaviour_logp, entry: dict, setti
     loss, aux = chunked_span_dense_loss(
       hidden, unembed, entry["hidden"], entry["unembed"], targets, per_span,
       entry["tail_logp"], student_span, entry["gate"], entry["matched"], mask,
-      behaviour_logp=behaviour_logp, chunk_size=settings.chunk_size, **rl,
+      behaviour_logp=behaviour_logp, chunk_size=settings.chunk_size,
+      teacher_logp_at=entry.get("logp_at"), kl_weight=settings.kl_weight, **rl,
     )  # fmt: skip
     student_logp = aux["student_logp"]
   else:

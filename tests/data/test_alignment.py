@@ -176,3 +176,11 @@ def test_teacher_rollouts_put_the_teachers_prompt_and_completion_in_the_trainers
     alignment.teacher_rollouts(
       student, teacher, records, tokens, prompt_lengths, completion_lengths, teacher_len=8
     )
+
+
+def test_vocab_map_is_one_to_one_when_two_student_ids_share_their_bytes():
+  """An added token with a regular token's bytes: only the first id is matched, so the matched
+  masses stay distributions (a second id on the same teacher id would count its p twice)."""
+  student = alignment.Vocab(None, (b"a", b"a", b"b", b"<e>"), {3: "<e>"}, 3, {})
+  teacher = alignment.Vocab(None, (b"b", b"a", b"<e>", b"c"), {2: "<e>"}, 2, {})
+  np.testing.assert_array_equal(alignment.vocab_map(student, teacher), [1, -1, 0, 2])

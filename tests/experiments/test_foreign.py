@@ -1,6 +1,9 @@
 """The foreign-tokenizer experiment's verdicts and report, on constructed cells (the run itself
 is `python -m jdistill foreign`: minutes of training, docs/results/foreign.md)."""
 
+import numpy as np
+from scipy import stats
+
 from jdistill.experiments import foreign
 
 
@@ -13,12 +16,14 @@ def _cells(after: dict[str, list[float]], before: float = 0.03) -> list[dict]:
 
 
 def test_verdicts_pair_seeds_and_name_each_claim():
-  """SFT well above the base and above both direct arms; the dense arm 0.2 below its char
-  twin: every claim decided from paired per-seed differences (a shuffled seed order gives
-  the same intervals, an arm's cells taken for another's do not)."""
+  """SFT well above the base and above the direct arms; the dense arm 0.2 below its char
+  twin, the prefix arm level with it: every claim decided from paired per-seed differences
+  (a shuffled seed order gives the same intervals, an arm's cells taken for another's do
+  not)."""
   after = {
     "opd_sampled_token": [0.0, 0.02, 0.01],
     "opd_reverse_kl": [0.05, 0.10, 0.08],
+    "opd_reverse_kl_prefix": [0.27, 0.32, 0.30],
     "sft": [0.70, 0.75, 0.72],
     "opd_char_twin": [0.25, 0.30, 0.28],
     "opd_world_teacher": [0.30, 0.25, 0.35],
@@ -31,10 +36,19 @@ def test_verdicts_pair_seeds_and_name_each_claim():
   cost = got[f"the other tokenizer costs opd_reverse_kl at most {foreign.MARGIN} against its "
              "char twin"]  # fmt: skip
   assert cost["verdict"] == "refuted" and abs(cost["mean"] + 0.2) < 1e-9
+  prefix = got[f"the other tokenizer costs opd_reverse_kl_prefix at most {foreign.MARGIN} "
+               "against its char twin"]  # fmt: skip
+  assert prefix["verdict"] == "supported" and abs(prefix["mean"] - 0.02) < 1e-9
   assert foreign.verdicts(list(reversed(cells))) == foreign.verdicts(cells)
-  # paired by seed: the dense arm's mean difference to sft is exactly the mean of the pairs
+  # paired by seed: the interval is the t-interval of the per-seed differences (unpaired,
+  # Welch's, it would be wider), and shuffling one arm's seeds changes it
   pair = got["opd_reverse_kl beats sft on the teacher's data"]
-  assert abs(pair["mean"] - (0.23 - 2.17) / 3) < 1e-9 and pair["n"] == 3
+  diffs = np.subtract(after["opd_reverse_kl"], after["sft"])
+  half = stats.t.ppf(0.975, 2) * diffs.std(ddof=1) / np.sqrt(3)
+  np.testing.assert_allclose([pair["lo"], pair["hi"]], [diffs.mean() - half, diffs.mean() + half])
+  shuffled = [dict(c, seed=(c["seed"] + 1) % 3) if c["arm"] == "sft" else c for c in cells]
+  moved = {v["claim"]: v for v in foreign.verdicts(shuffled)}
+  assert moved["opd_reverse_kl beats sft on the teacher's data"]["lo"] != pair["lo"]
 
 
 def test_report_has_every_arm_and_verdict():
@@ -55,3 +69,15 @@ def test_report_has_every_arm_and_verdict():
   for a in foreign.ARMS:
     assert f"| {a} | 0.001 (0.001: 0.10) | 0.03 | 0.20 [" in text
   assert text.count("| inconclusive |") + text.count("| supported |") == len(summary["verdicts"])
+
+
+def test_an_output_folder_of_another_grid_is_refused(tmp_path):
+  """Its cached teachers and cells are another domain's (or style's, steps'): refused, named."""
+  import dataclasses
+
+  import pytest
+
+  foreign._check_grid(str(tmp_path), foreign.Grid())
+  foreign._check_grid(str(tmp_path), foreign.Grid())  # the same grid: fine
+  with pytest.raises(ValueError, match=r"another grid's work: \{'domain': \('reverse', 'add'\)"):
+    foreign._check_grid(str(tmp_path), dataclasses.replace(foreign.Grid(), domain="add"))

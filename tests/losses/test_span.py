@@ -307,9 +307,10 @@ def test_dense_with_the_students_tokenizer_is_todays_full_vocab_reverse_kl():
 
 
 def test_a_tiny_teacher_tail_is_summed_not_subtracted():
-  """The teacher's mass on its unmatched ids is 1e-12 while the student's is 0.2: the tail
-  term q̄ log(q̄ / p̄) ≈ 5.5 (float64). As `1 − p(matched)` in float32 p̄ reads 0 or 6e-8,
-  and the term 17 or 3 (what the stage's comparison with the full logits first showed)."""
+  """The teacher's mass on its unmatched ids is 2e-14 while the student's is 0.2: the tail
+  term q̄ log(q̄ / p̄) ≈ 6.0 and the KL 5.9 (float64). As `1 − p(matched)` in float32 p̄ reads
+  0 or 6e-8, and the KL 17.1 or 3 (what the stage's comparison with the full logits first
+  showed)."""
   vocab_map = np.asarray([0, 1, 2, 3, -1, -1])  # student ids 4, 5: no teacher token
   zs = np.log(np.asarray([0.2, 0.2, 0.2, 0.2, 0.1, 0.1]))
   zt = np.asarray([0.0, 0.5, 1.0, 1.5, -30.0, -30.0])  # teacher ids 4, 5: unmatched

@@ -40,11 +40,16 @@ def _rollouts(trainer, new_tokens: int, seed: int = 0):
 
 
 @pytest.mark.parametrize(
-  "through_spans, loss",
-  [(("code",), "sampled_token"), (("math", "code"), "sampled_token"), (("code",), "reverse_kl")],
+  "through_spans, loss, match",
+  [
+    (("code",), "sampled_token", "token"),
+    (("math", "code"), "sampled_token", "token"),
+    (("code",), "reverse_kl", "token"),
+    (("code",), "reverse_kl", "prefix"),
+  ],
 )
 def test_same_tokenizer_through_the_span_path_gives_todays_loss_and_gradients(
-  small_world, tmp_path, through_spans, loss
+  small_world, tmp_path, through_spans, loss, match
 ):
   """`teachers.<name>.tokenizer` = the student's own sends a teacher through the span path
   (host alignment, its own forward, span sums): one span per token, so on the same rollouts
@@ -60,6 +65,7 @@ def test_same_tokenizer_through_the_span_path_gives_todays_loss_and_gradients(
     c.teachers[name].loss = loss
   for name in through_spans:
     c.teachers[name].tokenizer = small_world["tokenizer"]
+    c.teachers[name].dense_match = match  # prefix: each token its own group
   trainer = train.OPDTrainer(c)
   t = trainer.teachers
   names = config_lib.teacher_names(c)
@@ -189,6 +195,62 @@ def test_dense_loss_across_tokenizers_in_the_step_is_the_kernel_on_full_logits(
   assert float(metrics["dropped_tokens"]) == 0.0
   np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), g_got, g_want)
+
+
+def test_the_prefix_reading_is_the_teachers_mass_by_the_student_token_its_text_begins_with(
+  small_world, other_teacher, tmp_path
+):
+  """`dense_match = "prefix"`: at each student position whose span is single, the scorer's
+  `logp_at[v]` is the log of the teacher's mass (float64 NumPy, from its full logits at the
+  span's teacher position) on the tokens grouped under student id v by `prefix_map`, the tail
+  the mass in no group, and the groups plus the tail hold all of it."""
+  from flax import nnx
+  from scipy.special import logsumexp
+
+  c = short_run_config(small_world, tmp_path, steps=1, eval_every=0)
+  c.num_devices = 1
+  del c.teachers["math"]
+  c.teachers.code.update(
+    path=other_teacher["path"], tokenizer=other_teacher["tokenizer"], domains="math,code",
+    loss="reverse_kl", dense_match="prefix", length_ratio=3.0, param_dtype="float32",
+  )  # fmt: skip
+  trainer = train.OPDTrainer(c)
+  (x,) = trainer.teachers.cross
+  batch, prompts = _rollouts(trainer, c.sampling.max_new_tokens, seed=2)
+  batch = trainer.with_teacher_layouts(batch, prompts, trainer.batcher)
+  layout = batch["teacher_layouts"][x.index]
+  entry = jax.device_get(trainer.teacher_cache(batch)[x.index])
+  teacher = nnx.merge(x.graphdef, x.state)
+  tt = jax.numpy.asarray(layout["tokens"])
+  t_pos = jax.numpy.broadcast_to(jax.numpy.arange(tt.shape[1] - 1), (tt.shape[0], tt.shape[1] - 1))
+  t_len = layout["prompt_lengths"] + layout["completion_lengths"]
+  t_hidden, _ = teacher(tt[:, :-1], t_pos, kv_mask=t_pos < t_len[:, None])
+  logits = np.asarray(t_hidden @ teacher.unembedding(), np.float64)
+  logp = logits - logsumexp(logits, axis=-1, keepdims=True)
+  groups = np.asarray(x.groups)
+  vocab = entry["logp_at"].shape[-1]
+  s_span, t_span = layout["student_span"][:, 1:], layout["teacher_span"][:, 1:]
+  checked = 0
+  for r, p in zip(*np.nonzero(entry["gate"] > 0), strict=True):
+    (at,) = np.flatnonzero(t_span[r] == s_span[r, p])
+    want = np.full(vocab, -np.inf)
+    for v in np.unique(groups[groups >= 0]):
+      want[v] = logsumexp(logp[r, at, groups == v])
+    matched = np.isfinite(want)
+    np.testing.assert_array_equal(entry["matched"], matched)
+    np.testing.assert_allclose(entry["logp_at"][r, p][matched], want[matched], atol=2e-5)
+    mass = np.exp(entry["logp_at"][r, p][matched]).sum()
+    if (groups < 0).any():
+      np.testing.assert_allclose(entry["tail_logp"][r, p], logsumexp(logp[r, at, groups < 0]),
+                                 atol=2e-5)  # fmt: skip
+      mass += np.exp(entry["tail_logp"][r, p])
+    np.testing.assert_allclose(mass, 1.0, atol=1e-5)
+    checked += 1
+  assert checked >= 10, checked
+  # a merged teacher token sits under a student token its bytes begin with
+  pieces = x.teacher.pieces
+  j = next(j for j, piece in enumerate(pieces) if len(piece) > 1 and j not in x.teacher.special)
+  assert pieces[j].startswith(x.student.pieces[groups[j]])
 
 
 def test_student_moves_towards_a_teacher_of_another_tokenizer(small_world, other_teacher, tmp_path):

@@ -10,11 +10,15 @@ rollout shape (rows x (prompt bucket + new tokens)):
   other: a teacher of another byte-level BPE (trained on the same prompts to `--other-vocab`
          tokens, so its merges differ), scored per aligned span.
 
+With `--loss reverse_kl` every trainer runs the dense loss and `other` is timed once per
+reading of `--matches` (`token`, `prefix`, `marginal`; `teachers.<name>.dense_match`).
+
 Per trainer: the median `train_one` (sampling, host alignment, the teacher's span scoring,
 the compiled step) over `--steps` steps after two warm-up steps, and the host alignment's share
 (`cross_tokenizer.layouts`, timed inside the same steps).
 
   python bench/cross_tokenizer_step.py [--rows 8] [--new-tokens 32] [--steps 10]
+      [--loss reverse_kl --matches token,prefix,marginal]
 """
 
 from __future__ import annotations
@@ -58,7 +62,7 @@ def other_teacher(world, root, vocab):
   return path, f"{root}/other_tok", len(tokenizer)
 
 
-def time_trainer(world, root, name, args, teacher=None, tokenizer=None):
+def time_trainer(world, root, name, args, teacher=None, tokenizer=None, match="token"):
   c = short_run_config(world, f"{root}/{name}", max_new_tokens=args.new_tokens, steps=1000)
   c.train.eval_every = 0
   c.data.slots_per_teacher = args.rows
@@ -67,6 +71,9 @@ def time_trainer(world, root, name, args, teacher=None, tokenizer=None):
   if teacher:
     c.teachers.code.path = teacher
   c.teachers.code.tokenizer = tokenizer
+  c.teachers.code.loss = args.loss
+  if tokenizer:
+    c.teachers.code.dense_match = match
   trainer = train.OPDTrainer(c)
   for _ in range(2):
     jax.block_until_ready(trainer.train_one(diagnostics=False))
@@ -87,6 +94,8 @@ def main():
   p.add_argument("--new-tokens", type=int, default=32)
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--other-vocab", type=int, default=360)
+  p.add_argument("--loss", default="sampled_token", choices=("sampled_token", "reverse_kl"))
+  p.add_argument("--matches", default="token", help="dense readings of `other` (reverse_kl)")
   args = p.parse_args()
   root = tempfile.mkdtemp()
   world = make_toy_world(f"{root}/world", n_train=32, n_eval=8)
@@ -94,13 +103,18 @@ def main():
   runs = {
     "same": time_trainer(world, root, "same", args),
     "spans": time_trainer(world, root, "spans", args, tokenizer=world["tokenizer"]),
-    "other": time_trainer(world, root, "other", args, teacher=path, tokenizer=tok),
   }
+  for match in args.matches.split(",") if args.loss == "reverse_kl" else ["token"]:
+    name = "other" if args.loss == "sampled_token" else f"other_{match}"
+    runs[name] = time_trainer(world, root, name, args, teacher=path, tokenizer=tok, match=match)
   base = runs["same"][0]
-  print(f"{args.rows} rows x (32 prompt + {args.new_tokens} new); other teacher vocab {vocab}")
+  print(
+    f"{args.rows} rows x (32 prompt + {args.new_tokens} new), {args.loss}; other teacher "
+    f"vocab {vocab}"
+  )
   for name, (ms, host, dropped) in runs.items():
     print(
-      f"{name:>6}: step {ms:8.1f} ms ({ms / base:.2f}x same), host alignment {host:6.1f} ms"
+      f"{name:>14}: step {ms:8.1f} ms ({ms / base:.2f}x same), host alignment {host:6.1f} ms"
       f"/step, dropped tokens {dropped:.3f}"
     )
 

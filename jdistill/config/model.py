@@ -18,7 +18,8 @@ from jdistill.models.config import REMAT_POLICIES
 
 DTYPES = ("float32", "bfloat16")
 PLACEMENTS = ("resident", "streamed")
-DENSE_MATCHES = ("token", "prefix")  # how a dense loss across tokenizers reads the teacher
+# how a dense loss across tokenizers reads the teacher
+DENSE_MATCHES = ("token", "prefix", "marginal")
 
 STUDENT = section(
   "student",
@@ -127,7 +128,9 @@ TEACHER = section(
     "student's ids at a single span: `token`, its probability of the token with the same "
     "string (the rest in a tail bucket); `prefix`, its mass on the tokens whose text begins "
     "with the student token's (a character-level student: its next-character distribution; "
-    "a `[rows, L, V_student]` scorer output) "
+    "a `[rows, L, V_student]` scorer output); `marginal`, at *every* student position, the "
+    "teacher's distribution of what it spells next from the partial token it is inside "
+    "(a `[rows·L, V_teacher]` table of partials per batch) "
     "([design.md](design.md#dense-across-tokenizers))",
     one_of(DENSE_MATCHES),
   ),

@@ -349,6 +349,7 @@ def teacher_rollouts(
   teacher_len: int,
   *,
   use_chat_template: bool = True,
+  partials: bool = False,
 ) -> dict:
   """The teacher's side of a batch of rollouts, in the trainer's right-padded layout.
 
@@ -365,6 +366,12 @@ def teacher_rollouts(
   `student_span [B, L]` (span ids < L at the completion's positions, -1 elsewhere and on the
   spans that do not fit), `single [B, L]` (per span id) and `dropped [B]` (student tokens left
   without a span). A teacher prompt longer than `teacher_len` is a ValueError.
+
+  With `partials` (the marginal reading, :func:`row_partials`), also at each student
+  completion position `[B, L]`: `partial_from` the index into the teacher's hidden states
+  (`[B, Lt-1]`, the forward on `tokens[:, :-1]`) where it scores the token the partial begins
+  (-1 elsewhere), `partial_next` where it scores the token after a boundary (-1 if none) and
+  `partial` (object) the partial's bytes.
   """
   tokens = np.asarray(tokens)
   b, width = tokens.shape
@@ -379,6 +386,12 @@ def teacher_rollouts(
     single=np.zeros((b, width), bool),
     dropped=np.zeros((b,), np.int32),
   )
+  if partials:
+    out.update(
+      partial_from=np.full((b, width), -1, np.int32),
+      partial_next=np.full((b, width), -1, np.int32),
+      partial=np.full((b, width), b"", object),
+    )
   same = teacher.pieces == student.pieces
   for r in range(b):
     p, n = int(prompt_lengths[r]), int(completion_lengths[r])
@@ -398,6 +411,68 @@ def teacher_rollouts(
     out["student_span"][r, p : p + ns] = row.student_span[:ns]
     out["single"][r, :keep] = row.single[:keep]
     out["dropped"][r] = n - ns
+    if partials:
+      start, nxt, text = row_partials(student, tokens[r, p : p + ns], row)
+      out["partial_from"][r, p : p + ns] = tp + start - 1
+      out["partial_next"][r, p : p + ns] = np.where(nxt >= 0, tp + nxt - 1, -1)
+      out["partial"][r, p : p + ns] = text
+  return out
+
+
+def row_partials(student: Vocab, completion_ids, row: RowAlignment):
+  """Where the teacher stands at each student token of a row -> (`start [Ns]`, `next [Ns]`
+  teacher token indices into `row.teacher_ids`, `partial [Ns]` bytes).
+
+  For student token i at byte offset o: inside teacher token k (`offsets[k] < o`), the
+  partial is the bytes of token k before o, `start` = k and `next` = -1; at a teacher
+  boundary (o = offsets[k], k > 0) it is the whole previous token, `start` = k-1, `next` = k;
+  at the completion's start it is empty, `start` = 0. The marginal reading
+  (`step.cross_tokenizer.marginal_scores`) reads the teacher's next bytes from there."""
+  ids = np.asarray(completion_ids).reshape(-1)
+  data = b"".join(student.pieces[int(i)] for i in ids)
+  s_off, t_off = row.student_offsets[: len(ids)], row.teacher_offsets
+  k = np.searchsorted(t_off, s_off, side="right") - 1
+  boundary = (t_off[k] == s_off) & (k > 0)
+  start = np.where(boundary, k - 1, k)
+  nxt = np.where(boundary, k, -1)
+  text = np.empty(len(ids), object)
+  for i, (b, o) in enumerate(zip(t_off[start], s_off, strict=True)):
+    text[i] = data[b:o]
+  return start.astype(np.int32), nxt.astype(np.int32), text
+
+
+def _longest_student_prefix(student: Vocab):
+  """bytes -> the student id whose (non-special) bytes are their longest prefix, or -1."""
+  by_bytes = {}
+  for i, piece in enumerate(student.pieces):
+    if i not in student.special and piece:
+      by_bytes.setdefault(piece, i)
+  longest = max((len(p) for p in by_bytes), default=0)
+
+  def find(data: bytes) -> int:
+    for n in range(min(longest, len(data)), 0, -1):
+      i = by_bytes.get(data[:n])
+      if i is not None:
+        return i
+    return -1
+
+  return find
+
+
+def partial_groups(student: Vocab, teacher: Vocab, partial: bytes, vocab: int) -> np.ndarray:
+  """The teacher's ids grouped by what they spell after `partial` (nonempty) -> ``[Vt]``
+  int32: the student id whose bytes are the longest prefix of the rest of the token (0 <= g <
+  `vocab`); `vocab` where the rest begins with no student token; `vocab + 1` for the token that
+  is `partial` exactly; `vocab + 2` for the tokens that do not begin with `partial` (and the
+  special tokens)."""
+  find = _longest_student_prefix(student)
+  out = np.full(len(teacher.pieces), vocab + 2, np.int32)
+  n = len(partial)
+  for j, piece in enumerate(teacher.pieces):
+    if j in teacher.special or not piece.startswith(partial):
+      continue
+    g = find(piece[n:]) if len(piece) > n else vocab + 1
+    out[j] = vocab if g < 0 else g
   return out
 
 
@@ -407,11 +482,7 @@ def prefix_map(student: Vocab, teacher: Vocab) -> np.ndarray:
   byte per token: its first byte), so the groups partition the teacher's vocabulary. Special
   tokens go to the student's special of equal text (EOS to EOS, as :func:`vocab_map`); -1
   where there is none. Built once per teacher."""
-  by_bytes = {}
-  for i, piece in enumerate(student.pieces):
-    if i not in student.special and piece:
-      by_bytes.setdefault(piece, i)
-  longest = max((len(p) for p in by_bytes), default=0)
+  find = _longest_student_prefix(student)
   by_text = {text: i for i, text in student.special.items()}
   out = np.full(len(teacher.pieces), -1, np.int32)
   for j, piece in enumerate(teacher.pieces):
@@ -420,10 +491,6 @@ def prefix_map(student: Vocab, teacher: Vocab) -> np.ndarray:
       if i is None and j == teacher.eos and student.eos is not None:
         i = student.eos
       out[j] = -1 if i is None else i
-      continue
-    for n in range(min(longest, len(piece)), 0, -1):
-      i = by_bytes.get(piece[:n])
-      if i is not None:
-        out[j] = i
-        break
+    else:
+      out[j] = find(piece)
   return out

@@ -13,6 +13,8 @@ Ultra's teachers do. The arms, from the base, each `Grid.steps` steps of `Grid.r
                       vocabulary where a span is one equal token per side)
   opd_reverse_kl_prefix  ... with the teacher read by prefix (`dense_match = "prefix"`: its
                       mass on the tokens that begin with each student token)
+  opd_reverse_kl_marginal  ... read at every position (`dense_match = "marginal"`: what it
+                      spells next from the partial token it is inside)
   sft                 SFT on its generated completions of the training prompts (greedy, verified
                       ones only): its skill reached through data, as Ultra's warmup does
   opd_char_twin       OPD (reverse KL) from its twin: the same data, init seed and steps in the
@@ -37,10 +39,12 @@ from jdistill.experiments import question, tasks, verdict
 from jdistill.experiments import task_world as tw
 from jdistill.runtime.io import write_json_atomic
 
-ARMS = (
-  "opd_sampled_token", "opd_reverse_kl", "opd_reverse_kl_prefix", "sft", "opd_char_twin",
-  "opd_world_teacher",
-)  # fmt: skip
+# the arms that distil from the foreign teacher directly, and the dense_match each reads it by
+ACROSS = {
+  "opd_sampled_token": "token", "opd_reverse_kl": "token", "opd_reverse_kl_prefix": "prefix",
+  "opd_reverse_kl_marginal": "marginal",
+}  # fmt: skip
+ARMS = (*ACROSS, "sft", "opd_char_twin", "opd_world_teacher")
 WORLD = tw.WorldSpec()  # the committed world's sizes: the foreign teacher is built like its own
 
 
@@ -61,7 +65,7 @@ class Grid:
   sampled_lrs: tuple[float, ...] = (1e-4, 3e-4, 1e-3)
   dense_lrs: tuple[float, ...] = (5e-4, 1e-3, 2e-3, 4e-3)
   sft_lrs: tuple[float, ...] = (3e-4, 1e-3, 3e-3, 1e-2)
-  seeds: int = 3
+  seeds: int = 5
   validation: int = 64  # validation prompts of the domain
 
   def lrs_of(self, arm: str) -> tuple[float, ...]:
@@ -209,10 +213,8 @@ def run_arm(out, world, teachers, grid: Grid, arm: str, seed: int, lr: float, ev
     r["accuracy_before"] = before["accuracy"]
   else:
     path = {"opd_char_twin": teachers["char"]["path"], "opd_world_teacher": world_teacher}
-    across = arm in ("opd_sampled_token", "opd_reverse_kl", "opd_reverse_kl_prefix")
     loss = "sampled_token" if arm == "opd_sampled_token" else "reverse_kl"
-    match = "prefix" if arm == "opd_reverse_kl_prefix" else "token"
-    configure = _configure(train, foreign if across else None, match)
+    configure = _configure(train, foreign if arm in ACROSS else None, ACROSS.get(arm, "token"))
     r = question.run_opd(world, {d: path.get(arm, foreign["path"])}, loss, base, cell, seed, lr,
                          grid.steps, qg, eval_files, configure=configure)  # fmt: skip
   result = {
@@ -286,12 +288,12 @@ def verdicts(cells: list[dict]) -> list[dict]:
     before = [c["accuracy_before"] for c in by[a]]
     iv = verdict.difference_interval(after, before, paired=True)
     out.append(dict(claim=f"{a} raises accuracy over the base", **_iv(iv, "greater")))
-  for a in ("opd_sampled_token", "opd_reverse_kl", "opd_reverse_kl_prefix"):
+  for a in ACROSS:
     iv = verdict.difference_interval(
       [c["accuracy"] for c in by[a]], [c["accuracy"] for c in by["sft"]], paired=True
     )
     out.append(dict(claim=f"{a} beats sft on the teacher's data", **_iv(iv, "greater")))
-  for a in ("opd_reverse_kl", "opd_reverse_kl_prefix"):
+  for a in ("opd_reverse_kl", "opd_reverse_kl_prefix", "opd_reverse_kl_marginal"):
     iv = verdict.difference_interval(
       [c["accuracy"] for c in by[a]], [c["accuracy"] for c in by["opd_char_twin"]], paired=True
     )

@@ -314,7 +314,8 @@ def chunked_span_dense_loss(
   the teacher token matched to each student id v; ``teacher_tail_logp [B, T]`` log p̄ there,
   the teacher's mass on the ids no student id is matched to; ``teacher_span_logp [B, ≥T]``
   log p_T of each span id; ``student_span [B, T]``, ``gate [B, T]`` (the token's span is one
-  equal token per side), ``matched [Vs]``, ``mask [B, T]``. ``teacher_logp_at [B, T, Vs]``, if
+  equal token per side), ``matched [Vs]`` (or ``[B, T, Vs]``, per token), ``mask [B, T]``.
+  ``teacher_logp_at [B, T, Vs]``, if
   given, is added to that product (the prefix reading, `cross_tokenizer.prefix_scores`, gives
   the teacher's log-probs on the student's ids directly, with a zero hidden state).
   ``kl_weight`` scales the span sampled-token term's advantage, as in
@@ -328,19 +329,22 @@ def chunked_span_dense_loss(
   _check_same_shape("targets", targets, "student_span", student_span)
   _check_same_shape("targets", targets, "gate", gate)
 
+  per_token = jnp.ndim(matched) == 3
+
   def values(s_logits, t_logp_at, chunk_targets, extra):
-    t_tail, t_offset = extra
+    t_tail, t_offset, t_matched = extra
     s_logp = log_softmax(s_logits)
     if t_offset is not None:
       t_logp_at = t_logp_at + t_offset
     return dict(
-      dense=matched_reverse_kl_at(s_logp, t_logp_at, matched, t_tail),
+      dense=matched_reverse_kl_at(s_logp, t_logp_at, t_matched if per_token else matched, t_tail),
       logp=token_logp(s_logp, chunk_targets),
     )
 
   out = chunked_token_values(
     values, student_hidden, student_unembed, teacher_hidden_at, teacher_unembed_at, targets,
-    chunk_size=chunk_size, extra=(teacher_tail_logp, teacher_logp_at),
+    chunk_size=chunk_size,
+    extra=(teacher_tail_logp, teacher_logp_at, matched if per_token else None),
   )  # fmt: skip
   t = targets.shape[1]
   ids = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), targets.shape)

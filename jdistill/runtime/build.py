@@ -268,14 +268,14 @@ def teachers(
         alignment.Vocab.of(load_tokenizer(t.tokenizer)),
       )
       dense = settings.loss != "sampled_token"
-      groups = None
-      if dense and t.get("dense_match", "token") == "prefix":
+      groups, match = None, t.get("dense_match", "token")
+      if dense and match in ("prefix", "marginal"):
         groups = cross_tokenizer.model_prefix_map(student, teacher, model.cfg.vocab_size)
       cross.append(
         cross_tokenizer.CrossTeacher(
           i, rows[i], graphdef, state, student, teacher, float(t.length_ratio),
           cross_tokenizer.model_vocab_map(student, teacher, vocab_size) if dense else None,
-          groups,
+          groups, marginal=dense and match == "marginal",
         )
       )  # fmt: skip
       continue

@@ -50,7 +50,9 @@ sg = jax.lax.stop_gradient
 # equal token per side); docs/design.md, "Dense across tokenizers"
 LOSSES = ("sampled_token", "reverse_kl")
 # the teacher_cache entries indexed by the student's positions (cut to the loss window)
-PER_POSITION = ("student_span", "gate", "hidden", "tail_logp", "logp_at")
+PER_POSITION = ("student_span", "gate", "hidden", "tail_logp", "logp_at", "matched_at")
+# the marginal reading's table of partials: at most this many int32 entries (256 MiB)
+PARTIAL_TABLE_ENTRIES = 2**26
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +70,10 @@ class CrossTeacher:
   teacher: alignment.Vocab
   length_ratio: float
   vocab_map: np.ndarray | None = None
-  groups: np.ndarray | None = None  # the prefix reading's `[Vt]` (`dense_match = "prefix"`)
+  groups: np.ndarray | None = None  # `[Vt]` (`dense_match` "prefix" or "marginal")
+  marginal: bool = False  # `dense_match = "marginal"`
+  # partial bytes -> its `alignment.partial_groups` row, filled as rollouts bring new ones
+  partial_rows: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
   @property
   def dense(self) -> bool:
@@ -111,6 +116,7 @@ def layouts(teacher: CrossTeacher, tokens, lengths, completion_mask, records, *,
   return alignment.teacher_rollouts(
     teacher.student, teacher.teacher, records, tokens, prompt, completion,
     teacher_width(tokens.shape[1], teacher.length_ratio), use_chat_template=chat,
+    partials=teacher.marginal,
   )  # fmt: skip
 
 
@@ -215,17 +221,12 @@ def prefix_scores(
   segment = jnp.where(groups >= 0, groups, vocab)  # the tail is segment `vocab`
 
   def grouped(hc):  # [S, c, Dt] -> [S, c, vocab + 1] log of each group's mass
-    logp = jnp.moveaxis(jax.nn.log_softmax(losses.project_logits(hc, unembed), axis=-1), -1, 0)
-    top = jax.ops.segment_max(logp, segment, num_segments=vocab + 1)  # -inf where empty
-    top = jnp.where(jnp.isfinite(top), top, 0.0)
-    mass = jax.ops.segment_sum(jnp.exp(logp - top[segment]), segment, num_segments=vocab + 1)
-    return jnp.moveaxis(top + jnp.log(jnp.maximum(mass, 1e-38)), 0, -1)
+    logp = jax.nn.log_softmax(losses.project_logits(hc, unembed), axis=-1)
+    out = grouped_log_mass(logp, jnp.broadcast_to(segment, logp.shape), vocab + 1)
+    return jnp.maximum(out, LOG_NONE)
 
-  c = chunk_size or 64
-  s, w, d = h.shape
-  n = -(-w // c)
-  chunks = jnp.pad(h, ((0, 0), (0, n * c - w), (0, 0))).reshape(s, n, c, d).swapaxes(0, 1)
-  logp = jax.lax.map(grouped, chunks).swapaxes(0, 1).reshape(s, n * c, vocab + 1)[:, :w]
+  logp = _map_positions(grouped, h, chunk_size)
+  s, w = gate.shape
   matched = jnp.zeros((vocab + 1,), bool).at[segment].set(True)[:vocab]
   on = gate[..., None] & matched
   return dict(
@@ -237,6 +238,131 @@ def prefix_scores(
     matched=matched,
     tail_logp=jnp.where(gate & jnp.any(groups < 0), logp[..., vocab], LOG_NONE),
   )
+
+
+def grouped_log_mass(logp, segment, n: int):
+  """``log Σ_{t: segment[..., t] = g} exp(logp[..., t])`` for g < `n` -> ``[..., n]`` f32
+  (-inf for an empty group; segments >= `n` are dropped). `logp`, `segment` ``[..., Vt]``."""
+  lead, vt = logp.shape[:-1], logp.shape[-1]
+  logp = logp.reshape(-1, vt).astype(jnp.float32)
+  rows = logp.shape[0]
+  seg = segment.reshape(-1, vt)
+  flat = jnp.where(seg < n, seg + n * jnp.arange(rows, dtype=seg.dtype)[:, None], rows * n)
+  top = jax.ops.segment_max(logp.ravel(), flat.ravel(), num_segments=rows * n + 1)[:-1]
+  safe = jnp.where(jnp.isfinite(top), top, 0.0)
+  at = jnp.concatenate([safe, jnp.zeros((1,), jnp.float32)])[flat]
+  mass = jax.ops.segment_sum(jnp.exp(logp - at).ravel(), flat.ravel(), num_segments=rows * n + 1)
+  out = jnp.where(jnp.isfinite(top), safe + jnp.log(jnp.maximum(mass[:-1], 1e-38)), -jnp.inf)
+  return out.reshape(*lead, n)
+
+
+def _map_positions(fn, x, chunk_size, *more):
+  """`fn` on `c` positions at a time of `x [S, W, ...]` (and of each of `more`, same `[S, W]`
+  leading axes) -> its `[S, c, ...]` results joined to `[S, W, ...]` (`c` = `chunk_size`, 0:
+  64), so a `[S, c, Vt]` log-softmax is the largest array built."""
+  c = chunk_size or 64
+  s, w = x.shape[:2]
+  n = -(-w // c)
+
+  def split(a):
+    a = jnp.pad(a, ((0, 0), (0, n * c - w)) + ((0, 0),) * (a.ndim - 2))
+    return a.reshape(s, n, c, *a.shape[2:]).swapaxes(0, 1)
+
+  out = jax.lax.map(lambda args: fn(*args), (split(x), *(split(m) for m in more)))
+  return jax.tree.map(lambda a: a.swapaxes(0, 1).reshape(s, n * c, *a.shape[3:])[:, :w], out)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "vocab", "temperature", "chunk_size"))
+def marginal_scores(
+  graphdef, state, tokens, lengths, teacher_span, student_span, single, partial_from,
+  partial_next, partial_id, table, groups, vocab: int, temperature=1.0, chunk_size=0,
+) -> dict:  # fmt: skip
+  """The teacher's side of the dense loss read as its next-token marginal at *every* student
+  position (`teachers.<name>.dense_match = "marginal"`; docs/design.md, "The marginal
+  reading") -> the dict of :func:`prefix_scores`, with `matched_at [S, W, vocab]` for
+  `matched`.
+
+  At student position w the teacher has spelt a partial token `x` (`alignment.row_partials`)
+  since the hidden state `partial_from [S, W]`; with `p_b` its distribution there and `G`
+  its tokens grouped by what they spell after `x` (`table[partial_id]`,
+  `alignment.partial_groups`: `vocab` for no student id, `vocab + 1` for `x` itself, more for
+  the tokens that do not begin with `x`), the next student token v has
+  `p(v) = [p_b(G = v) + p_b(x) · p_n(v)] / p_b(begins with x)`, where at a teacher boundary
+  `p_n(v)` is the prefix reading at `partial_next` (`groups [Vt]`) and inside a teacher token
+  the `p_b(x)` term goes to the tail (a forward that ends a token there was never run).
+  `logp_at` is that, `matched_at` where it is nonzero, `tail_logp` the rest; `gate` where the
+  position has a span and a row of the table (`partial_id` >= 0)."""
+  hidden, unembed = _forward(graphdef, state, tokens, lengths, temperature)
+  per_span, _, _ = _at_single_spans(
+    hidden, unembed, tokens, teacher_span, student_span, single, chunk_size
+  )
+  segment = jnp.where(groups >= 0, groups, vocab)
+
+  def read(at_from, at_next, boundary, pid):
+    lp = lambda idx: jax.nn.log_softmax(  # noqa: E731
+      losses.project_logits(take_positions(hidden, idx), unembed), axis=-1
+    )
+    a = grouped_log_mass(lp(at_from), table[pid], vocab + 2)  # groups, tail, x itself
+    whole = jax.nn.logsumexp(a, axis=-1)  # p_b(begins with x)
+    n = grouped_log_mass(lp(at_next), jnp.broadcast_to(segment, a.shape[:2] + segment.shape),
+                         vocab + 1)  # fmt: skip
+    exact = a[..., vocab + 1 :]
+    b = boundary[..., None]
+    numer = jnp.where(b, jnp.logaddexp(a[..., :vocab], exact + n[..., :vocab]), a[..., :vocab])
+    tail = jnp.where(
+      boundary, jnp.logaddexp(a[..., vocab], exact[..., 0] + n[..., vocab]),
+      jnp.logaddexp(a[..., vocab], exact[..., 0]),
+    )  # fmt: skip
+    return numer - whole[..., None], tail - whole
+
+  at_from, at_next = jnp.maximum(partial_from, 0), jnp.maximum(partial_next, 0)
+  logp, tail = _map_positions(
+    lambda f, n, b, p: read(f, n, b, p), at_from, chunk_size, at_next, partial_next >= 0,
+    jnp.maximum(partial_id, 0),
+  )  # fmt: skip
+  gate = (student_span >= 0) & (partial_id >= 0) & (partial_from >= 0)
+  matched_at = gate[..., None] & jnp.isfinite(logp)
+  s, w = student_span.shape
+  return dict(
+    span_logp=per_span,
+    gate=gate.astype(jnp.float32),
+    hidden=jnp.zeros((s, w, 1), jnp.float32),
+    unembed=jnp.zeros((1, vocab), jnp.float32),
+    logp_at=jnp.where(matched_at, logp, 0.0),
+    matched=jnp.ones((vocab,), bool),
+    matched_at=matched_at,
+    tail_logp=jnp.where(gate & jnp.isfinite(tail), tail, LOG_NONE),
+  )
+
+
+def partial_table(teacher: CrossTeacher, layout: dict, vocab: int):
+  """The marginal reading's groups for a batch (host) -> (`table [P, Vt]` int32, `partial_id
+  [S, L]` int32): row 0 the prefix groups (an empty partial; `teacher.groups`, the tail as
+  `vocab`), then one row per distinct partial of the batch (`alignment.partial_groups`, ids
+  past the teacher's tokenizer dropped). `P` is static (the batch's positions + 1, at most
+  :data:`PARTIAL_TABLE_ENTRIES` / Vt); a position whose partial finds no row gets -1 (no
+  dense term there)."""
+  groups = np.asarray(teacher.groups)
+  vt = groups.size
+  text = layout["partial"]
+  rows = min(text.size + 1, max(2, PARTIAL_TABLE_ENTRIES // vt))
+  table = np.full((rows, vt), vocab + 2, np.int32)
+  table[0] = np.where(groups >= 0, groups, vocab)
+  ids = np.full(text.shape, -1, np.int32)
+  index = {b"": 0}
+  for pos in zip(*np.nonzero(layout["partial_from"] >= 0), strict=True):
+    x = text[pos]
+    if x not in index:
+      if len(index) == rows:
+        continue
+      row = teacher.partial_rows.get(x)
+      if row is None:
+        row = alignment.partial_groups(teacher.student, teacher.teacher, x, vocab)
+        teacher.partial_rows[x] = row
+      table[len(index), : row.size] = row
+      index[x] = len(index)
+    ids[pos] = index[x]
+  return table, ids
 
 
 def _log_normaliser(hidden, unembed, bias, chunk_size):
@@ -268,6 +394,8 @@ def cache_shardings(teachers, mesh) -> dict:
       )
       if t.groups is not None:
         out[t.index]["logp_at"] = rows(3)
+      if t.marginal:
+        out[t.index]["matched_at"] = rows(3)
   return out
 
 
@@ -287,7 +415,16 @@ def teacher_cache(teacher: CrossTeacher, layout: dict, shardings: dict, settings
     temperature=settings.temperature,
     chunk_size=settings.chunk_size,
   )
-  if teacher.dense and teacher.groups is not None:
+  if teacher.marginal:
+    table, partial_id = partial_table(teacher, layout, len(teacher.vocab_map))
+    out = marginal_scores(
+      **forward, student_span=student_span, single=jnp.asarray(layout["single"][:, :-1]),
+      partial_from=jnp.asarray(layout["partial_from"][:, 1:]),
+      partial_next=jnp.asarray(layout["partial_next"][:, 1:]),
+      partial_id=jnp.asarray(partial_id[:, 1:]), table=jnp.asarray(table),
+      groups=jnp.asarray(teacher.groups), vocab=len(teacher.vocab_map),
+    )  # fmt: skip
+  elif teacher.dense and teacher.groups is not None:
     out = prefix_scores(
       **forward, student_span=student_span, single=jnp.asarray(layout["single"][:, :-1]),
       groups=jnp.asarray(teacher.groups), vocab=len(teacher.vocab_map),
@@ -331,7 +468,8 @@ def span_loss(hidden, unembed, targets, mask, behaviour_logp, entry: dict, setti
   if "gate" in entry:
     loss, aux = chunked_span_dense_loss(
       hidden, unembed, entry["hidden"], entry["unembed"], targets, per_span,
-      entry["tail_logp"], student_span, entry["gate"], entry["matched"], mask,
+      entry["tail_logp"], student_span, entry["gate"], entry.get("matched_at", entry["matched"]),
+      mask,
       behaviour_logp=behaviour_logp, chunk_size=settings.chunk_size,
       teacher_logp_at=entry.get("logp_at"), kl_weight=settings.kl_weight, **rl,
     )  # fmt: skip

@@ -184,3 +184,32 @@ def test_vocab_map_is_one_to_one_when_two_student_ids_share_their_bytes():
   student = alignment.Vocab(None, (b"a", b"a", b"b", b"<e>"), {3: "<e>"}, 3, {})
   teacher = alignment.Vocab(None, (b"b", b"a", b"<e>", b"c"), {2: "<e>"}, 2, {})
   np.testing.assert_array_equal(alignment.vocab_map(student, teacher), [1, -1, 0, 2])
+
+
+def test_partials_say_where_the_teacher_stands_at_each_student_token():
+  """The marginal reading's host side on the {a, b} pair: the student writes a|b|b|a, the
+  teacher reads a|bb|a. At each student token: inside a teacher token the partial is its
+  bytes so far; at a boundary it is the whole previous token (and the next token's index);
+  at the start it is empty. The teacher's ids are grouped by what they spell after it."""
+  from jdistill.testing.tokenizers import ab_pair
+
+  s_tok, t_tok = ab_pair()
+  student, teacher = alignment.Vocab.of(s_tok), alignment.Vocab.of(t_tok)
+  ids = [s_tok.convert_tokens_to_ids(c) for c in "abba"]
+  row = alignment.align_row(student, teacher, ids)
+  assert [teacher.pieces[j] for j in row.teacher_ids] == [b"a", b"bb", b"a"]
+  start, nxt, text = alignment.row_partials(student, ids, row)
+  np.testing.assert_array_equal(start, [0, 0, 1, 1])
+  np.testing.assert_array_equal(nxt, [-1, 1, -1, 2])
+  assert list(text) == [b"", b"a", b"b", b"bb"]
+  v = len(student.pieces)
+  t_id = {p.decode(): j for j, p in enumerate(teacher.pieces)}
+  s_id = {p.decode(): i for i, p in enumerate(student.pieces)}
+  after_b = alignment.partial_groups(student, teacher, b"b", v)
+  assert after_b[t_id["b"]] == v + 1  # the partial itself
+  assert after_b[t_id["a"]] == v + 2  # does not begin with it
+  assert after_b[t_id["bb"]] == s_id["b"] and after_b[t_id["ba"]] == s_id["a"]
+  after_bb = alignment.partial_groups(student, teacher, b"bb", v)
+  assert after_bb[t_id["bb"]] == v + 1 and (np.delete(after_bb, t_id["bb"]) == v + 2).all()
+  groups = alignment.prefix_map(student, teacher)
+  assert [groups[t_id[p]] for p in ("a", "b", "bb", "ba")] == [s_id[c] for c in "abbb"]

@@ -24,6 +24,7 @@ def test_verdicts_pair_seeds_and_name_each_claim():
     "opd_sampled_token": [0.0, 0.02, 0.01],
     "opd_reverse_kl": [0.05, 0.10, 0.08],
     "opd_reverse_kl_prefix": [0.27, 0.32, 0.30],
+    "opd_reverse_kl_marginal": [0.15, 0.20, 0.18],
     "sft": [0.70, 0.75, 0.72],
     "opd_char_twin": [0.25, 0.30, 0.28],
     "opd_world_teacher": [0.30, 0.25, 0.35],
@@ -32,6 +33,7 @@ def test_verdicts_pair_seeds_and_name_each_claim():
   got = {v["claim"]: v for v in foreign.verdicts(cells)}
   assert got["sft raises accuracy over the base"]["verdict"] == "supported"
   assert got["opd_sampled_token raises accuracy over the base"]["verdict"] != "supported"
+  assert got["opd_reverse_kl_marginal raises accuracy over the base"]["verdict"] == "supported"
   assert got["opd_reverse_kl beats sft on the teacher's data"]["verdict"] == "refuted"
   cost = got[f"the other tokenizer costs opd_reverse_kl at most {foreign.MARGIN} against its "
              "char twin"]  # fmt: skip

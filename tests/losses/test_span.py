@@ -11,6 +11,7 @@ import pytest
 
 from jdistill import losses
 from jdistill.data import alignment
+from jdistill.losses.span import chunked_span_dense_loss, matched_reverse_kl_at
 from jdistill.testing.tokenizers import ab_pair, qwen_like
 
 T = 3  # student tokens per sequence: every one of 3**3 sequences is enumerated
@@ -323,3 +324,44 @@ def test_a_tiny_teacher_tail_is_summed_not_subtracted():
   )
   assert p_tail < 1e-12 and want > 5.0
   np.testing.assert_allclose(float(got), want, rtol=1e-5)
+
+
+def test_dense_with_a_matched_set_per_token_is_the_coarsened_kl_at_each_token():
+  """The marginal reading gives `matched` per token `[B, T, Vs]`: the chunked kernel's dense
+  term at each token is the KL between the two distributions coarsened to *that token's*
+  matched ids plus a tail (float64 NumPy), and its gradient is the unchunked per-token
+  `matched_reverse_kl_at`'s."""
+  r = np.random.RandomState(5)
+  b, t, d, v = 2, 7, 6, 11
+  hidden, unembed = r.randn(b, t, d), r.randn(d, v)
+  matched = r.rand(b, t, v) < 0.6
+  matched[..., 0] = True
+  zt = 2.0 * r.randn(b, t, v + 1)  # the teacher's v ids, then its tail
+  lp = log_softmax(np.concatenate([np.where(matched, zt[..., :v], -np.inf), zt[..., v:]], -1))
+  mask = np.ones((b, t), np.float32)
+  mask[1, 5:] = 0
+  f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+  args = dict(
+    teacher_hidden_at=jnp.zeros((b, t, 1)), teacher_unembed_at=jnp.zeros((1, v)),
+    targets=jnp.zeros((b, t), jnp.int32), teacher_span_logp=jnp.zeros((b, t)),
+    teacher_tail_logp=f32(lp[..., v]), student_span=jnp.broadcast_to(jnp.arange(t), (b, t)),
+    gate=jnp.ones((b, t)), matched=jnp.asarray(matched), mask=jnp.asarray(mask),
+    teacher_logp_at=f32(np.where(matched, lp[..., :v], 0.0)),
+  )  # fmt: skip
+
+  def chunked(h):
+    return chunked_span_dense_loss(h, f32(unembed), chunk_size=3, **args)[0]
+
+  def unchunked(h):
+    s = jax.nn.log_softmax(h @ f32(unembed), axis=-1)
+    kl = matched_reverse_kl_at(s, args["teacher_logp_at"], matched, args["teacher_tail_logp"])
+    return jnp.sum(kl * mask) / mask.sum()
+
+  lq = log_softmax(hidden @ unembed)
+  q = np.exp(lq)
+  q_tail = np.where(matched, 0.0, q).sum(-1)
+  kl = np.where(matched, q * (lq - np.where(matched, lp[..., :v], 0.0)), 0.0).sum(-1)
+  kl += q_tail * (np.log(q_tail) - lp[..., v])
+  got, grad = jax.value_and_grad(chunked)(f32(hidden))
+  np.testing.assert_allclose(float(got), (kl * mask).sum() / mask.sum(), rtol=1e-5)
+  np.testing.assert_allclose(grad, jax.grad(unchunked)(f32(hidden)), rtol=1e-4, atol=1e-6)

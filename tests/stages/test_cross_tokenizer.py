@@ -253,6 +253,131 @@ def test_the_prefix_reading_is_the_teachers_mass_by_the_student_token_its_text_b
   assert pieces[j].startswith(x.student.pieces[groups[j]])
 
 
+def _marginal_reference(student_pieces, teacher_pieces, special, logp_from, logp_next, x, vocab):
+  """float64 NumPy: the next student token's log-probs `[vocab]` (-inf where impossible) and
+  the tail after the teacher has spelt `x` since the distribution `logp_from [Vt]`
+  (`logp_next`: at a boundary, the distribution after the token `x`; else None)."""
+  from scipy.special import logsumexp
+
+  def first(rest):  # the student id whose bytes are the longest prefix of `rest`, or None
+    best = None
+    for i, p in enumerate(student_pieces):
+      if p and rest.startswith(p) and (best is None or len(p) > len(student_pieces[best])):
+        best = i
+    return best
+
+  numer = [[] for _ in range(vocab)]
+  tail, whole, exact = [], [], []
+  for j, piece in enumerate(teacher_pieces):
+    if j >= logp_from.size or (x and j in special) or not piece.startswith(x):
+      continue
+    whole.append(logp_from[j])
+    if x and piece == x:
+      exact.append(logp_from[j])
+      continue
+    v = special_student.get(j) if not x and j in special else first(piece[len(x) :])
+    (tail if v is None else numer[v]).append(logp_from[j])
+  lse = lambda a: logsumexp(a) if a else -np.inf  # noqa: E731
+  out = np.array([lse(n) for n in numer])
+  t = lse(tail)
+  if exact:
+    e = lse(exact)
+    if logp_next is None:
+      t = np.logaddexp(t, e)
+    else:
+      nxt, nxt_tail = _marginal_reference(
+        student_pieces, teacher_pieces, special, logp_next, None, b"", vocab
+      )
+      out, t = np.logaddexp(out, e + nxt), np.logaddexp(t, e + nxt_tail)
+  return out - lse(whole), t - lse(whole)
+
+
+special_student = {}
+
+
+def test_the_marginal_reading_is_the_teachers_next_token_distribution_from_its_partial_token(
+  small_world, other_teacher, tmp_path
+):
+  """`dense_match = "marginal"`: at *every* completion position the scorer's `logp_at`,
+  `matched_at` and tail equal a float64 NumPy reference built here from the raw rollout (its
+  bytes re-tokenised by the teacher's tokenizer, the teacher's boundaries found, its full
+  logits): the teacher's mass on its tokens that continue the partial token it is inside with
+  each student token, plus at a boundary the previous token's mass times the prefix reading
+  after it; both inside tokens and at boundaries are checked, and the masses sum to 1."""
+  from flax import nnx
+  from scipy.special import logsumexp
+
+  c = short_run_config(small_world, tmp_path, steps=1, eval_every=0)
+  c.num_devices = 1
+  del c.teachers["math"]
+  c.teachers.code.update(
+    path=other_teacher["path"], tokenizer=other_teacher["tokenizer"], domains="math,code",
+    loss="reverse_kl", dense_match="marginal", length_ratio=3.0, param_dtype="float32",
+  )  # fmt: skip
+  trainer = train.OPDTrainer(c)
+  (x,) = trainer.teachers.cross
+  batch, prompts = _rollouts(trainer, 40, seed=3)
+  # completions spelt byte by byte from the teacher's merged tokens, so that many student
+  # positions are inside a teacher token, where the partial is often a token itself
+  rng = np.random.default_rng(3)
+  merged = [p for j, p in enumerate(x.teacher.pieces) if len(p) > 2 and j not in x.teacher.special]
+  spelt, mask = np.array(batch["tokens"]), np.asarray(batch["completion_mask"]) > 0
+  for r in range(spelt.shape[0]):
+    data = b"".join(merged[i] for i in rng.integers(0, len(merged), 40))
+    spelt[r, mask[r]] = [x.student.byte_ids[b] for b in data[: mask[r].sum()]]
+  batch["tokens"] = jax.numpy.asarray(spelt)
+  batch = trainer.with_teacher_layouts(batch, prompts, trainer.batcher)
+  layout = batch["teacher_layouts"][x.index]
+  entry = jax.device_get(trainer.teacher_cache(batch)[x.index])
+  teacher = nnx.merge(x.graphdef, x.state)
+  tt = jax.numpy.asarray(layout["tokens"])
+  t_pos = jax.numpy.broadcast_to(jax.numpy.arange(tt.shape[1] - 1), (tt.shape[0], tt.shape[1] - 1))
+  t_len = layout["prompt_lengths"] + layout["completion_lengths"]
+  t_hidden, _ = teacher(tt[:, :-1], t_pos, kv_mask=t_pos < t_len[:, None])
+  logits = np.asarray(t_hidden @ teacher.unembedding(), np.float64)
+  logp = logits - logsumexp(logits, axis=-1, keepdims=True)
+  vocab = entry["logp_at"].shape[-1]
+  s_pieces, t_pieces = x.student.pieces, x.teacher.pieces
+  special_student.clear()
+  special_student.update({j: int(x.groups[j]) for j in x.teacher.special if x.groups[j] >= 0})
+  tokens, mask = np.asarray(batch["tokens"]), np.asarray(batch["completion_mask"])
+  kinds = {"inside": 0, "boundary": 0, "inside, the partial a token": 0}
+  whole_tokens = {piece for j, piece in enumerate(t_pieces) if j not in x.teacher.special}
+  for r in range(tokens.shape[0]):
+    p = int(np.argmax(mask[r]))
+    ids = tokens[r][mask[r] > 0]
+    tp, nt = int(layout["prompt_lengths"][r]), int(layout["completion_lengths"][r])
+    t_ids = layout["tokens"][r, tp : tp + nt]
+    text = b"".join(s_pieces[i] for i in ids)
+    assert b"".join(t_pieces[j] for j in t_ids) == text[: sum(len(t_pieces[j]) for j in t_ids)]
+    t_off = np.cumsum([0] + [len(t_pieces[j]) for j in t_ids])
+    o = 0
+    for i, sid in enumerate(ids):
+      w = p + i - 1  # the position that predicts the completion's token i
+      if o >= t_off[-1]:
+        break
+      k = int(np.searchsorted(t_off, o, side="right")) - 1
+      boundary = t_off[k] == o and k > 0
+      start = k - 1 if boundary else k
+      want, tail = _marginal_reference(
+        s_pieces, t_pieces, x.teacher.special, logp[r, tp + start - 1],
+        logp[r, tp + k - 1] if boundary else None, text[t_off[start] : o], vocab,
+      )  # fmt: skip
+      assert entry["gate"][r, w] == 1.0, (r, i)
+      on = np.isfinite(want)
+      np.testing.assert_array_equal(entry["matched_at"][r, w], on)
+      np.testing.assert_allclose(entry["logp_at"][r, w][on], want[on], atol=3e-5)
+      np.testing.assert_allclose(entry["tail_logp"][r, w], max(tail, -1e30), atol=3e-5)
+      mass = np.exp(want[on]).sum() + np.exp(tail)
+      np.testing.assert_allclose(mass, 1.0, atol=1e-5)
+      kinds["boundary" if boundary else "inside"] += 1
+      kinds["inside, the partial a token"] += (
+        not boundary and text[t_off[start] : o] in whole_tokens
+      )
+      o += len(s_pieces[sid])
+  assert min(kinds.values()) >= 5, kinds
+
+
 def test_student_moves_towards_a_teacher_of_another_tokenizer(small_world, other_teacher, tmp_path):
   """OPD from a teacher whose tokenizer is not the student's (it puts most of its mass on
   digits): over 60 steps the teacher's log-prob of the student's rollouts (per student

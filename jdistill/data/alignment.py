@@ -443,9 +443,14 @@ def row_partials(student: Vocab, completion_ids, row: RowAlignment):
 
 def _longest_student_prefix(student: Vocab):
   """bytes -> the student id whose (non-special) bytes are their longest prefix, or -1."""
+  return _longest_prefix_of(student.pieces, frozenset(student.special))
+
+
+@functools.lru_cache(maxsize=8)
+def _longest_prefix_of(pieces: tuple[bytes, ...], special: frozenset):
   by_bytes = {}
-  for i, piece in enumerate(student.pieces):
-    if i not in student.special and piece:
+  for i, piece in enumerate(pieces):
+    if i not in special and piece:
       by_bytes.setdefault(piece, i)
   longest = max((len(p) for p in by_bytes), default=0)
 

@@ -293,7 +293,7 @@ def verdicts(cells: list[dict]) -> list[dict]:
       [c["accuracy"] for c in by[a]], [c["accuracy"] for c in by["sft"]], paired=True
     )
     out.append(dict(claim=f"{a} beats sft on the teacher's data", **_iv(iv, "greater")))
-  for a in ("opd_reverse_kl", "opd_reverse_kl_prefix", "opd_reverse_kl_marginal"):
+  for a in (a for a in ACROSS if a != "opd_sampled_token"):  # the dense readings
     iv = verdict.difference_interval(
       [c["accuracy"] for c in by[a]], [c["accuracy"] for c in by["opd_char_twin"]], paired=True
     )

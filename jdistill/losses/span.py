@@ -329,7 +329,7 @@ def chunked_span_dense_loss(
   _check_same_shape("targets", targets, "student_span", student_span)
   _check_same_shape("targets", targets, "gate", gate)
 
-  per_token = jnp.ndim(matched) == 3
+  matched_per_token = jnp.ndim(matched) == 3
 
   def values(s_logits, t_logp_at, chunk_targets, extra):
     t_tail, t_offset, t_matched = extra
@@ -337,14 +337,16 @@ def chunked_span_dense_loss(
     if t_offset is not None:
       t_logp_at = t_logp_at + t_offset
     return dict(
-      dense=matched_reverse_kl_at(s_logp, t_logp_at, t_matched if per_token else matched, t_tail),
+      dense=matched_reverse_kl_at(
+        s_logp, t_logp_at, t_matched if matched_per_token else matched, t_tail
+      ),
       logp=token_logp(s_logp, chunk_targets),
     )
 
   out = chunked_token_values(
     values, student_hidden, student_unembed, teacher_hidden_at, teacher_unembed_at, targets,
     chunk_size=chunk_size,
-    extra=(teacher_tail_logp, teacher_logp_at, matched if per_token else None),
+    extra=(teacher_tail_logp, teacher_logp_at, matched if matched_per_token else None),
   )  # fmt: skip
   t = targets.shape[1]
   ids = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), targets.shape)

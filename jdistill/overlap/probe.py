@@ -115,7 +115,10 @@ def _cross_scores(config, mesh, teacher, rows, sel, batch: dict, vocab: int) -> 
   from jdistill.step import cross_tokenizer
 
   vocab_map = cross_tokenizer.model_vocab_map(teacher.student, teacher.teacher, vocab)
-  teacher = dataclasses.replace(teacher, rows=tuple(int(r) for r in sel), vocab_map=vocab_map)
+  # read by token whatever its `dense_match` (the metrics are those of the matched ids)
+  teacher = dataclasses.replace(
+    teacher, rows=tuple(int(r) for r in sel), vocab_map=vocab_map, groups=None, marginal=False
+  )
   layout = cross_tokenizer.layouts(
     teacher, batch["tokens"], batch["lengths"], batch["completion_mask"],
     [rows[r][2] for r in sel], chat=config.data.use_chat_template,

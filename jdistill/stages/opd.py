@@ -18,6 +18,7 @@ Progress goes to the console; metrics to `<output_dir>/metrics.jsonl`, TensorBoa
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import functools
 import logging
@@ -186,6 +187,8 @@ class OPDTrainer(TrainingStage):
     on the training mesh and shares the student's tokenizer). Takes `batch["teacher_layouts"]`
     and `batch["own_devices_hidden"]` out of `batch`."""
     layouts = batch.pop("teacher_layouts", {})
+    if isinstance(layouts, concurrent.futures.Future):
+      layouts = layouts.result()
     placed = batch.pop("own_devices_hidden", None)
     if placed is None:
       placed = own_devices.teacher_cache(self.teachers.own_devices, batch, self.mesh)
@@ -199,20 +202,39 @@ class OPDTrainer(TrainingStage):
       )
     return cache
 
-  def with_teacher_layouts(self, batch: dict, prompts: dict, batcher) -> dict:
+  def with_teacher_layouts(self, batch: dict, prompts: dict, batcher, ahead: bool = False):
     """`batch` with `teacher_layouts`, `{index: layout}` of the teachers of another tokenizer
-    (host NumPy, `cross_tokenizer.layouts`; built once the rollouts are on the host), if any."""
+    (host NumPy, `cross_tokenizer.layouts`; built once the rollouts are on the host), if any.
+
+    `ahead` (a batch sampled for a later step): a `Future` of that dict instead, built on a
+    host thread, so that waiting for the rollouts and aligning them overlaps the steps
+    dispatched meanwhile; `teacher_cache` waits for it."""
     if not self.teachers.cross:
       return batch
-    host = jax.device_get({k: batch[k] for k in ("tokens", "lengths", "completion_mask")})
+    arrays = {k: batch[k] for k in ("tokens", "lengths", "completion_mask")}
     records = [batcher.records[int(r)] for r in prompts["record_index"]]
     chat = self.config.data.use_chat_template
-    batch["teacher_layouts"] = {}
-    for t in self.teachers.cross:
-      batch["teacher_layouts"][t.index] = cross_tokenizer.layouts(
-        t, host["tokens"], host["lengths"], host["completion_mask"],
-        [records[r] for r in t.rows], chat=chat,
-      )  # fmt: skip
+
+    def build_layouts():
+      host = jax.device_get(arrays)
+      return {
+        t.index: cross_tokenizer.layouts(
+          t,
+          host["tokens"],
+          host["lengths"],
+          host["completion_mask"],
+          [records[r] for r in t.rows],
+          chat=chat,
+        )  # fmt: skip
+        for t in self.teachers.cross
+      }
+
+    if not ahead:
+      batch["teacher_layouts"] = build_layouts()
+      return batch
+    if getattr(self, "_host_thread", None) is None:  # one: the layouts stay in step order
+      self._host_thread = concurrent.futures.ThreadPoolExecutor(1, "teacher-layouts")
+    batch["teacher_layouts"] = self._host_thread.submit(build_layouts)
     return batch
 
   def _accuracy_records(self) -> list[dict]:
@@ -288,8 +310,11 @@ class OPDTrainer(TrainingStage):
     multi-turn episodes (`episodes`) on the records of `batcher` (default: training's)."""
     return self.sample(prompts, rng, batcher, params)[0]
 
-  def sample(self, prompts: dict, rng, batcher=None, params=None) -> tuple[dict, dict]:
-    """`rollouts`, and the episodes' host metrics (`{}` for single-turn rollouts)."""
+  def sample(
+    self, prompts: dict, rng, batcher=None, params=None, ahead: bool = False
+  ) -> tuple[dict, dict]:
+    """`rollouts`, and the episodes' host metrics (`{}` for single-turn rollouts); `ahead`:
+    the teachers' layouts as a `Future` (`with_teacher_layouts`)."""
     params = self.rollout_params() if params is None else params
     if self.environment is not None:
       return self.episodes(prompts, rng, batcher or self.batcher, params)
@@ -311,7 +336,7 @@ class OPDTrainer(TrainingStage):
     else:
       batch = common.rollout_batch(out)  # still on the sampler's mesh
       batch = {k: move_rows(v, self.batch_shardings[k]) for k, v in batch.items()}
-    return self.with_teacher_layouts(batch, prompts, batcher or self.batcher), {}
+    return self.with_teacher_layouts(batch, prompts, batcher or self.batcher, ahead), {}
 
   def episodes(self, prompts: dict, rng, batcher, params) -> tuple[dict, dict]:
     """Multi-turn episodes of `params` on a prompt batch → (the train step's batch with
@@ -341,7 +366,8 @@ class OPDTrainer(TrainingStage):
     for t in range(first, last + 1):
       data_state = self.data_iter.get_state()
       prompts = next(self.data_iter)
-      batch, episodes = self.sample(prompts, self.rollout_key(t))
+      # a batch for a later step aligns on a host thread while this step's work is dispatched
+      batch, episodes = self.sample(prompts, self.rollout_key(t), ahead=t > self.step)
       records = [int(r) for r in prompts["record_index"]]
       batch = self.with_own_devices(batch)
       self.pending.append(Pending(t, self.step, data_state, batch, episodes, records))

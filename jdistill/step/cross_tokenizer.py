@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 
 import jax
@@ -51,8 +52,12 @@ sg = jax.lax.stop_gradient
 LOSSES = ("sampled_token", "reverse_kl")
 # the teacher_cache entries indexed by the student's positions (cut to the loss window)
 PER_POSITION = ("student_span", "gate", "hidden", "tail_logp", "logp_at", "matched_at")
-# the marginal reading's table of partials: at most this many int32 entries (256 MiB)
+# the marginal reading's table of partials: at most this many int32 entries (256 MiB); its
+# rows cached across steps per teacher, at most this many (then the cache starts again)
 PARTIAL_TABLE_ENTRIES = 2**26
+PARTIAL_ROWS_KEPT = 4096
+_WARNED_FULL: set[int] = set()
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,11 +118,14 @@ def layouts(teacher: CrossTeacher, tokens, lengths, completion_mask, records, *,
   tokens, mask = np.asarray(tokens)[rows], np.asarray(completion_mask)[rows]
   completion = mask.sum(axis=1).astype(np.int32)
   prompt = np.asarray(lengths)[rows] - completion
-  return alignment.teacher_rollouts(
+  out = alignment.teacher_rollouts(
     teacher.student, teacher.teacher, records, tokens, prompt, completion,
     teacher_width(tokens.shape[1], teacher.length_ratio), use_chat_template=chat,
     partials=teacher.marginal,
   )  # fmt: skip
+  if teacher.marginal:
+    out["table"], out["partial_id"] = partial_table(teacher, out, len(teacher.vocab_map))
+  return out
 
 
 def _forward(graphdef, state, tokens, lengths, temperature):
@@ -222,8 +230,7 @@ def prefix_scores(
 
   def grouped(hc):  # [S, c, Dt] -> [S, c, vocab + 1] log of each group's mass
     logp = jax.nn.log_softmax(losses.project_logits(hc, unembed), axis=-1)
-    out = grouped_log_mass(logp, jnp.broadcast_to(segment, logp.shape), vocab + 1)
-    return jnp.maximum(out, LOG_NONE)
+    return jnp.maximum(grouped_log_mass(logp, segment, vocab + 1), LOG_NONE)
 
   logp = _map_positions(grouped, h, chunk_size)
   s, w = gate.shape
@@ -244,16 +251,18 @@ def grouped_log_mass(logp, segment, n: int):
   """``log Σ_{t: segment[..., t] = g} exp(logp[..., t])`` for g < `n` -> ``[..., n]`` f32
   (-inf for an empty group; segments >= `n` are dropped). `logp`, `segment` ``[..., Vt]``."""
   lead, vt = logp.shape[:-1], logp.shape[-1]
+
+  def one(lp, seg):  # [Vt], [Vt] -> [n]
+    seg = jnp.where((seg >= 0) & (seg < n), seg, n)  # segment n: dropped
+    top = jax.ops.segment_max(lp, seg, num_segments=n + 1)  # -inf where empty
+    safe = jnp.where(jnp.isfinite(top), top, 0.0)
+    mass = jax.ops.segment_sum(jnp.exp(lp - safe[seg]), seg, num_segments=n + 1)
+    return jnp.where(jnp.isfinite(top), safe + jnp.log(jnp.maximum(mass, 1e-38)), -jnp.inf)[:n]
+
   logp = logp.reshape(-1, vt).astype(jnp.float32)
-  rows = logp.shape[0]
-  seg = segment.reshape(-1, vt)
-  flat = jnp.where(seg < n, seg + n * jnp.arange(rows, dtype=seg.dtype)[:, None], rows * n)
-  top = jax.ops.segment_max(logp.ravel(), flat.ravel(), num_segments=rows * n + 1)[:-1]
-  safe = jnp.where(jnp.isfinite(top), top, 0.0)
-  at = jnp.concatenate([safe, jnp.zeros((1,), jnp.float32)])[flat]
-  mass = jax.ops.segment_sum(jnp.exp(logp - at).ravel(), flat.ravel(), num_segments=rows * n + 1)
-  out = jnp.where(jnp.isfinite(top), safe + jnp.log(jnp.maximum(mass[:-1], 1e-38)), -jnp.inf)
-  return out.reshape(*lead, n)
+  if segment.ndim == 1:  # one grouping for every position
+    return jax.vmap(one, in_axes=(0, None))(logp, segment).reshape(*lead, n)
+  return jax.vmap(one)(logp, segment.reshape(-1, vt)).reshape(*lead, n)
 
 
 def _map_positions(fn, x, chunk_size, *more):
@@ -279,8 +288,8 @@ def marginal_scores(
 ) -> dict:  # fmt: skip
   """The teacher's side of the dense loss read as its next-token marginal at *every* student
   position (`teachers.<name>.dense_match = "marginal"`; docs/design.md, "The marginal
-  reading") -> the dict of :func:`prefix_scores`, with `matched_at [S, W, vocab]` for
-  `matched`.
+  reading") -> the dict of :func:`prefix_scores`, with `matched_at [S, W, vocab]` (the ids
+  matched at each position) for `matched`.
 
   At student position w the teacher has spelt a partial token `x` (`alignment.row_partials`)
   since the hidden state `partial_from [S, W]`; with `p_b` its distribution there and `G`
@@ -291,7 +300,8 @@ def marginal_scores(
   `p_n(v)` is the prefix reading at `partial_next` (`groups [Vt]`) and inside a teacher token
   the `p_b(x)` term goes to the tail (a forward that ends a token there was never run).
   `logp_at` is that, `matched_at` where it is nonzero, `tail_logp` the rest; `gate` where the
-  position has a span and a row of the table (`partial_id` >= 0)."""
+  position has a span, a row of the table (`partial_id` >= 0) and a teacher token that begins
+  with its partial."""
   hidden, unembed = _forward(graphdef, state, tokens, lengths, temperature)
   per_span, _, _ = _at_single_spans(
     hidden, unembed, tokens, teacher_span, student_span, single, chunk_size
@@ -304,8 +314,7 @@ def marginal_scores(
     )
     a = grouped_log_mass(lp(at_from), table[pid], vocab + 2)  # groups, tail, x itself
     whole = jax.nn.logsumexp(a, axis=-1)  # p_b(begins with x)
-    n = grouped_log_mass(lp(at_next), jnp.broadcast_to(segment, a.shape[:2] + segment.shape),
-                         vocab + 1)  # fmt: skip
+    n = grouped_log_mass(lp(at_next), segment, vocab + 1)
     exact = a[..., vocab + 1 :]
     b = boundary[..., None]
     numer = jnp.where(b, jnp.logaddexp(a[..., :vocab], exact + n[..., :vocab]), a[..., :vocab])
@@ -313,14 +322,14 @@ def marginal_scores(
       boundary, jnp.logaddexp(a[..., vocab], exact[..., 0] + n[..., vocab]),
       jnp.logaddexp(a[..., vocab], exact[..., 0]),
     )  # fmt: skip
-    return numer - whole[..., None], tail - whole
+    return numer - whole[..., None], tail - whole, jnp.isfinite(whole)
 
   at_from, at_next = jnp.maximum(partial_from, 0), jnp.maximum(partial_next, 0)
-  logp, tail = _map_positions(
-    lambda f, n, b, p: read(f, n, b, p), at_from, chunk_size, at_next, partial_next >= 0,
-    jnp.maximum(partial_id, 0),
-  )  # fmt: skip
-  gate = (student_span >= 0) & (partial_id >= 0) & (partial_from >= 0)
+  logp, tail, spelt = _map_positions(
+    read, at_from, chunk_size, at_next, partial_next >= 0, jnp.maximum(partial_id, 0)
+  )
+  # spelt: some teacher token begins with the partial (not so after a special token's text)
+  gate = (student_span >= 0) & (partial_id >= 0) & (partial_from >= 0) & spelt
   matched_at = gate[..., None] & jnp.isfinite(logp)
   s, w = student_span.shape
   return dict(
@@ -329,7 +338,6 @@ def marginal_scores(
     hidden=jnp.zeros((s, w, 1), jnp.float32),
     unembed=jnp.zeros((1, vocab), jnp.float32),
     logp_at=jnp.where(matched_at, logp, 0.0),
-    matched=jnp.ones((vocab,), bool),
     matched_at=matched_at,
     tail_logp=jnp.where(gate & jnp.isfinite(tail), tail, LOG_NONE),
   )
@@ -350,10 +358,14 @@ def partial_table(teacher: CrossTeacher, layout: dict, vocab: int):
   table[0] = np.where(groups >= 0, groups, vocab)
   ids = np.full(text.shape, -1, np.int32)
   index = {b"": 0}
+  if len(teacher.partial_rows) > PARTIAL_ROWS_KEPT:
+    teacher.partial_rows.clear()
+  dropped = 0
   for pos in zip(*np.nonzero(layout["partial_from"] >= 0), strict=True):
     x = text[pos]
     if x not in index:
       if len(index) == rows:
+        dropped += 1
         continue
       row = teacher.partial_rows.get(x)
       if row is None:
@@ -362,6 +374,14 @@ def partial_table(teacher: CrossTeacher, layout: dict, vocab: int):
       table[len(index), : row.size] = row
       index[x] = len(index)
     ids[pos] = index[x]
+  if dropped and teacher.index not in _WARNED_FULL:
+    _WARNED_FULL.add(teacher.index)
+    log.warning(
+      "teacher %d (dense_match = marginal): a batch has more distinct partial tokens than its "
+      "table's %d rows (%d int32 entries at %d teacher ids); %d positions get no dense term "
+      "(dense_tokens in its metrics says how many are left). Warned once.",
+      teacher.index, rows, PARTIAL_TABLE_ENTRIES, vt, dropped,
+    )  # fmt: skip
   return table, ids
 
 
@@ -416,7 +436,7 @@ def teacher_cache(teacher: CrossTeacher, layout: dict, shardings: dict, settings
     chunk_size=settings.chunk_size,
   )
   if teacher.marginal:
-    table, partial_id = partial_table(teacher, layout, len(teacher.vocab_map))
+    table, partial_id = layout["table"], layout["partial_id"]
     out = marginal_scores(
       **forward, student_span=student_span, single=jnp.asarray(layout["single"][:, :-1]),
       partial_from=jnp.asarray(layout["partial_from"][:, 1:]),
@@ -468,8 +488,8 @@ def span_loss(hidden, unembed, targets, mask, behaviour_logp, entry: dict, setti
   if "gate" in entry:
     loss, aux = chunked_span_dense_loss(
       hidden, unembed, entry["hidden"], entry["unembed"], targets, per_span,
-      entry["tail_logp"], student_span, entry["gate"], entry.get("matched_at", entry["matched"]),
-      mask,
+      entry["tail_logp"], student_span, entry["gate"],
+      entry["matched_at"] if "matched_at" in entry else entry["matched"], mask,
       behaviour_logp=behaviour_logp, chunk_size=settings.chunk_size,
       teacher_logp_at=entry.get("logp_at"), kl_weight=settings.kl_weight, **rl,
     )  # fmt: skip

@@ -253,10 +253,13 @@ def test_the_prefix_reading_is_the_teachers_mass_by_the_student_token_its_text_b
   assert pieces[j].startswith(x.student.pieces[groups[j]])
 
 
-def _marginal_reference(student_pieces, teacher_pieces, special, logp_from, logp_next, x, vocab):
+def _marginal_reference(
+  student_pieces, teacher_pieces, special, special_student, logp_from, logp_next, x, vocab
+):
   """float64 NumPy: the next student token's log-probs `[vocab]` (-inf where impossible) and
   the tail after the teacher has spelt `x` since the distribution `logp_from [Vt]`
-  (`logp_next`: at a boundary, the distribution after the token `x`; else None)."""
+  (`logp_next`: at a boundary, the distribution after the token `x`; else None);
+  `special_student` maps a teacher special id to the student's."""
   from scipy.special import logsumexp
 
   def first(rest):  # the student id whose bytes are the longest prefix of `rest`, or None
@@ -286,13 +289,10 @@ def _marginal_reference(student_pieces, teacher_pieces, special, logp_from, logp
       t = np.logaddexp(t, e)
     else:
       nxt, nxt_tail = _marginal_reference(
-        student_pieces, teacher_pieces, special, logp_next, None, b"", vocab
+        student_pieces, teacher_pieces, special, special_student, logp_next, None, b"", vocab
       )
       out, t = np.logaddexp(out, e + nxt), np.logaddexp(t, e + nxt_tail)
   return out - lse(whole), t - lse(whole)
-
-
-special_student = {}
 
 
 def test_the_marginal_reading_is_the_teachers_next_token_distribution_from_its_partial_token(
@@ -325,6 +325,8 @@ def test_the_marginal_reading_is_the_teachers_next_token_distribution_from_its_p
   for r in range(spelt.shape[0]):
     data = b"".join(merged[i] for i in rng.integers(0, len(merged), 40))
     spelt[r, mask[r]] = [x.student.byte_ids[b] for b in data[: mask[r].sum()]]
+  # an EOS inside row 0: after it the partial is its text, which no teacher token spells
+  spelt[0, int(np.argmax(mask[0])) + 12] = x.student.eos
   batch["tokens"] = jax.numpy.asarray(spelt)
   batch = trainer.with_teacher_layouts(batch, prompts, trainer.batcher)
   layout = batch["teacher_layouts"][x.index]
@@ -338,10 +340,9 @@ def test_the_marginal_reading_is_the_teachers_next_token_distribution_from_its_p
   logp = logits - logsumexp(logits, axis=-1, keepdims=True)
   vocab = entry["logp_at"].shape[-1]
   s_pieces, t_pieces = x.student.pieces, x.teacher.pieces
-  special_student.clear()
-  special_student.update({j: int(x.groups[j]) for j in x.teacher.special if x.groups[j] >= 0})
+  special_student = {j: int(x.groups[j]) for j in x.teacher.special if x.groups[j] >= 0}
   tokens, mask = np.asarray(batch["tokens"]), np.asarray(batch["completion_mask"])
-  kinds = {"inside": 0, "boundary": 0, "inside, the partial a token": 0}
+  kinds = {"inside": 0, "boundary": 0, "inside, the partial a token": 0, "after EOS": 0}
   whole_tokens = {piece for j, piece in enumerate(t_pieces) if j not in x.teacher.special}
   for r in range(tokens.shape[0]):
     p = int(np.argmax(mask[r]))
@@ -349,7 +350,11 @@ def test_the_marginal_reading_is_the_teachers_next_token_distribution_from_its_p
     tp, nt = int(layout["prompt_lengths"][r]), int(layout["completion_lengths"][r])
     t_ids = layout["tokens"][r, tp : tp + nt]
     text = b"".join(s_pieces[i] for i in ids)
-    assert b"".join(t_pieces[j] for j in t_ids) == text[: sum(len(t_pieces[j]) for j in t_ids)]
+    # the teacher's own tokenizer on the text (EOS as its own token)
+    own, eos = [], x.student.pieces[x.student.eos]
+    for n, part in enumerate(text.split(eos)):
+      own += [x.teacher.eos] * (n > 0) + x.teacher.tokenizer.encode(part.decode())
+    np.testing.assert_array_equal(t_ids, own[: len(t_ids)])
     t_off = np.cumsum([0] + [len(t_pieces[j]) for j in t_ids])
     o = 0
     for i, sid in enumerate(ids):
@@ -359,8 +364,13 @@ def test_the_marginal_reading_is_the_teachers_next_token_distribution_from_its_p
       k = int(np.searchsorted(t_off, o, side="right")) - 1
       boundary = t_off[k] == o and k > 0
       start = k - 1 if boundary else k
+      if i and ids[i - 1] == x.student.eos:
+        assert entry["gate"][r, w] == 0.0, (r, i)
+        kinds["after EOS"] += 1
+        o += len(s_pieces[sid])
+        continue
       want, tail = _marginal_reference(
-        s_pieces, t_pieces, x.teacher.special, logp[r, tp + start - 1],
+        s_pieces, t_pieces, x.teacher.special, special_student, logp[r, tp + start - 1],
         logp[r, tp + k - 1] if boundary else None, text[t_off[start] : o], vocab,
       )  # fmt: skip
       assert entry["gate"][r, w] == 1.0, (r, i)
@@ -375,7 +385,7 @@ def test_the_marginal_reading_is_the_teachers_next_token_distribution_from_its_p
         not boundary and text[t_off[start] : o] in whole_tokens
       )
       o += len(s_pieces[sid])
-  assert min(kinds.values()) >= 5, kinds
+  assert kinds.pop("after EOS") == 1 and min(kinds.values()) >= 5, kinds
 
 
 def test_student_moves_towards_a_teacher_of_another_tokenizer(small_world, other_teacher, tmp_path):
@@ -399,6 +409,48 @@ def test_student_moves_towards_a_teacher_of_another_tokenizer(small_world, other
   # measured: teacher_logp -52 -> -3, reverse_kl 46 -> 0.5 (first -> last 10 steps)
   assert mean(last, "teacher_logp") > mean(first, "teacher_logp") + 20.0, code
   assert mean(last, "reverse_kl") < 0.1 * mean(first, "reverse_kl"), code
+
+
+def test_a_batch_sampled_ahead_is_aligned_on_a_host_thread_while_the_step_runs(
+  small_world, other_teacher, tmp_path, monkeypatch
+):
+  """Disaggregated rollouts one update behind (`rollout.devices = 4`, `staleness = 1`): the
+  batch of step t + 1 is sampled before step t is dispatched, and its alignment (which waits
+  for the sampler) runs on a host thread, so step t is dispatched without waiting for it. The
+  alignment here blocks until the trainer has dispatched a step; on the main thread it would
+  block the dispatch it waits for."""
+  import threading
+
+  from jdistill.step import cross_tokenizer
+
+  c = short_run_config(small_world, tmp_path, steps=3, eval_every=0, log_every=1000)
+  c.rollout.devices, c.rollout.staleness = 4, 1
+  del c.teachers["math"]
+  c.teachers.code.update(
+    path=other_teacher["path"], tokenizer=other_teacher["tokenizer"], domains="math,code",
+    length_ratio=3.0,
+  )  # fmt: skip
+  trainer = train.OPDTrainer(c)
+  dispatched, waited = threading.Event(), []
+  step = trainer.train_step
+
+  def train_step(*args):
+    dispatched.set()
+    return step(*args)
+
+  def layouts(*args, **kwargs):
+    if threading.current_thread() is not threading.main_thread():
+      waited.append(dispatched.wait(timeout=60))
+      dispatched.clear()
+    return real_layouts(*args, **kwargs)
+
+  real_layouts = cross_tokenizer.layouts
+  monkeypatch.setattr(trainer, "train_step", train_step)
+  monkeypatch.setattr(cross_tokenizer, "layouts", layouts)
+  history = [jax.device_get(trainer.train_one(diagnostics=False)) for _ in range(3)]
+  assert waited == [True, True], waited  # steps 1 and 2's batches, each behind a dispatch
+  assert [h["rollout_staleness"] for h in history] == [0, 1, 1]
+  assert all(np.isfinite(float(h["loss"])) for h in history)
 
 
 @pytest.mark.parametrize(
@@ -505,14 +557,16 @@ def _recorded_rollouts(monkeypatch) -> dict:
   return seen
 
 
+@pytest.mark.parametrize("loss, match", [("sampled_token", "token"), ("reverse_kl", "marginal")])
 def test_the_overlap_command_reads_a_teacher_of_another_tokenizer_on_its_single_spans(
-  small_world, other_teacher, tmp_path, monkeypatch, capsys
+  small_world, other_teacher, tmp_path, monkeypatch, capsys, loss, match
 ):
   """A 300-token BPE teacher against the student's 384: the command runs, writes the new keys,
   and its numbers are float64 NumPy's from both models' full logits (the teacher's on its own
   layout of the same rollouts): on the single spans the overlap and the reverse KL between the
   two distributions coarsened to the matched ids plus one tail bucket, the share of single-span
-  tokens, and the span log-ratio (each span's log q − log p_T once, per token with a span)."""
+  tokens, and the span log-ratio (each span's log q − log p_T once, per token with a span).
+  A teacher trained with the marginal reading is measured the same way (by token)."""
   from jdistill import overlap
   from jdistill.data import alignment
   from jdistill.data.tokenizer import load_tokenizer
@@ -520,7 +574,7 @@ def test_the_overlap_command_reads_a_teacher_of_another_tokenizer_on_its_single_
 
   c = _overlap_config(
     small_world, tmp_path, path=other_teacher["path"], tokenizer=other_teacher["tokenizer"],
-    length_ratio=3.0, param_dtype="float32",
+    length_ratio=3.0, param_dtype="float32", loss=loss, dense_match=match,
   )  # fmt: skip
   seen = _recorded_rollouts(monkeypatch)
   report = overlap.run(c, out_dir=str(tmp_path / "overlap"), rows_per_domain=2)

@@ -227,6 +227,7 @@ def opd_config(
   of the train keys; accuracy on `eval_split`'s keys at the end."""
   c = base_config()
   c.stage = "opd"
+  c.num_devices = tw.NUM_DEVICES
   c.run_mode = "new"
   c.seed = seed
   c.student.path = os.path.join(base_world, "base")

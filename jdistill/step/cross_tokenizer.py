@@ -409,13 +409,13 @@ def cache_shardings(teachers, mesh) -> dict:
     )
     out[t.index] = dict(span_logp=rows(2), student_span=rows(2))
     if t.dense:
-      out[t.index].update(
-        gate=rows(2), hidden=rows(3), tail_logp=rows(2), unembed=replicated, matched=replicated
-      )
+      out[t.index].update(gate=rows(2), hidden=rows(3), tail_logp=rows(2), unembed=replicated)
       if t.groups is not None:
         out[t.index]["logp_at"] = rows(3)
       if t.marginal:
         out[t.index]["matched_at"] = rows(3)
+      else:
+        out[t.index]["matched"] = replicated
   return out
 
 

@@ -197,6 +197,36 @@ def test_dense_loss_across_tokenizers_in_the_step_is_the_kernel_on_full_logits(
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), g_got, g_want)
 
 
+def _dense_trainer(small_world, other_teacher, tmp_path, match: str):
+  """A one-device trainer whose one teacher is `other_teacher` with the dense loss read by
+  `match`, in float32 (no bf16 rounding to compare) -> (trainer, its `CrossTeacher`)."""
+  c = short_run_config(small_world, tmp_path, steps=1, eval_every=0)
+  c.num_devices = 1
+  del c.teachers["math"]
+  c.teachers.code.update(
+    path=other_teacher["path"], tokenizer=other_teacher["tokenizer"], domains="math,code",
+    loss="reverse_kl", dense_match=match, length_ratio=3.0, param_dtype="float32",
+  )  # fmt: skip
+  trainer = train.OPDTrainer(c)
+  (x,) = trainer.teachers.cross
+  return trainer, x
+
+
+def _teacher_logp(x, layout):
+  """The teacher's float64 log-softmax `[S, Lt-1, Vt]` from its own forward on its `layout`
+  (`cross_tokenizer.layouts`), for references built outside the scorer."""
+  from flax import nnx
+  from scipy.special import logsumexp
+
+  teacher = nnx.merge(x.graphdef, x.state)
+  tt = jax.numpy.asarray(layout["tokens"])
+  t_pos = jax.numpy.broadcast_to(jax.numpy.arange(tt.shape[1] - 1), (tt.shape[0], tt.shape[1] - 1))
+  t_len = layout["prompt_lengths"] + layout["completion_lengths"]
+  t_hidden, _ = teacher(tt[:, :-1], t_pos, kv_mask=t_pos < t_len[:, None])
+  logits = np.asarray(t_hidden @ teacher.unembedding(), np.float64)
+  return logits - logsumexp(logits, axis=-1, keepdims=True)
+
+
 def test_the_prefix_reading_is_the_teachers_mass_by_the_student_token_its_text_begins_with(
   small_world, other_teacher, tmp_path
 ):
@@ -204,29 +234,14 @@ def test_the_prefix_reading_is_the_teachers_mass_by_the_student_token_its_text_b
   `logp_at[v]` is the log of the teacher's mass (float64 NumPy, from its full logits at the
   span's teacher position) on the tokens grouped under student id v by `prefix_map`, the tail
   the mass in no group, and the groups plus the tail hold all of it."""
-  from flax import nnx
   from scipy.special import logsumexp
 
-  c = short_run_config(small_world, tmp_path, steps=1, eval_every=0)
-  c.num_devices = 1
-  del c.teachers["math"]
-  c.teachers.code.update(
-    path=other_teacher["path"], tokenizer=other_teacher["tokenizer"], domains="math,code",
-    loss="reverse_kl", dense_match="prefix", length_ratio=3.0, param_dtype="float32",
-  )  # fmt: skip
-  trainer = train.OPDTrainer(c)
-  (x,) = trainer.teachers.cross
-  batch, prompts = _rollouts(trainer, c.sampling.max_new_tokens, seed=2)
+  trainer, x = _dense_trainer(small_world, other_teacher, tmp_path, "prefix")
+  batch, prompts = _rollouts(trainer, trainer.config.sampling.max_new_tokens, seed=2)
   batch = trainer.with_teacher_layouts(batch, prompts, trainer.batcher)
   layout = batch["teacher_layouts"][x.index]
   entry = jax.device_get(trainer.teacher_cache(batch)[x.index])
-  teacher = nnx.merge(x.graphdef, x.state)
-  tt = jax.numpy.asarray(layout["tokens"])
-  t_pos = jax.numpy.broadcast_to(jax.numpy.arange(tt.shape[1] - 1), (tt.shape[0], tt.shape[1] - 1))
-  t_len = layout["prompt_lengths"] + layout["completion_lengths"]
-  t_hidden, _ = teacher(tt[:, :-1], t_pos, kv_mask=t_pos < t_len[:, None])
-  logits = np.asarray(t_hidden @ teacher.unembedding(), np.float64)
-  logp = logits - logsumexp(logits, axis=-1, keepdims=True)
+  logp = _teacher_logp(x, layout)
   groups = np.asarray(x.groups)
   vocab = entry["logp_at"].shape[-1]
   s_span, t_span = layout["student_span"][:, 1:], layout["teacher_span"][:, 1:]
@@ -304,18 +319,7 @@ def test_the_marginal_reading_is_the_teachers_next_token_distribution_from_its_p
   logits): the teacher's mass on its tokens that continue the partial token it is inside with
   each student token, plus at a boundary the previous token's mass times the prefix reading
   after it; both inside tokens and at boundaries are checked, and the masses sum to 1."""
-  from flax import nnx
-  from scipy.special import logsumexp
-
-  c = short_run_config(small_world, tmp_path, steps=1, eval_every=0)
-  c.num_devices = 1
-  del c.teachers["math"]
-  c.teachers.code.update(
-    path=other_teacher["path"], tokenizer=other_teacher["tokenizer"], domains="math,code",
-    loss="reverse_kl", dense_match="marginal", length_ratio=3.0, param_dtype="float32",
-  )  # fmt: skip
-  trainer = train.OPDTrainer(c)
-  (x,) = trainer.teachers.cross
+  trainer, x = _dense_trainer(small_world, other_teacher, tmp_path, "marginal")
   batch, prompts = _rollouts(trainer, 40, seed=3)
   # completions spelt byte by byte from the teacher's merged tokens, so that many student
   # positions are inside a teacher token, where the partial is often a token itself
@@ -331,13 +335,7 @@ def test_the_marginal_reading_is_the_teachers_next_token_distribution_from_its_p
   batch = trainer.with_teacher_layouts(batch, prompts, trainer.batcher)
   layout = batch["teacher_layouts"][x.index]
   entry = jax.device_get(trainer.teacher_cache(batch)[x.index])
-  teacher = nnx.merge(x.graphdef, x.state)
-  tt = jax.numpy.asarray(layout["tokens"])
-  t_pos = jax.numpy.broadcast_to(jax.numpy.arange(tt.shape[1] - 1), (tt.shape[0], tt.shape[1] - 1))
-  t_len = layout["prompt_lengths"] + layout["completion_lengths"]
-  t_hidden, _ = teacher(tt[:, :-1], t_pos, kv_mask=t_pos < t_len[:, None])
-  logits = np.asarray(t_hidden @ teacher.unembedding(), np.float64)
-  logp = logits - logsumexp(logits, axis=-1, keepdims=True)
+  logp = _teacher_logp(x, layout)
   vocab = entry["logp_at"].shape[-1]
   s_pieces, t_pieces = x.student.pieces, x.teacher.pieces
   special_student = {j: int(x.groups[j]) for j in x.teacher.special if x.groups[j] >= 0}

@@ -75,8 +75,8 @@ def stale_run(world, tmp_path_factory):
   samples, params = {}, {0: _params(trainer)}
   sample, train_one = trainer.sample, trainer.train_one
 
-  def spy_sample(prompts, rng, batcher=None):  # every batch training samples passes here
-    batch, episodes = sample(prompts, rng, batcher)
+  def spy_sample(prompts, rng, batcher=None, **kwargs):  # every batch training samples passes here
+    batch, episodes = sample(prompts, rng, batcher, **kwargs)
     key = np.asarray(jax.random.key_data(rng)).tobytes()
     samples[key] = dict(version=trainer.step, prompts=prompts, batch=jax.device_get(batch))
     return batch, episodes
@@ -192,7 +192,9 @@ def test_a_checkpoint_without_the_batches_sampled_ahead_resamples_them_with_a_wa
   assert f"checkpoint step {RESTORE_AT} was written before batches sampled ahead" in caplog.text
   assert resumed.data_state() == {"next_index": RESTORE_AT}
   sample, batches = resumed.sample, []
-  resumed.sample = lambda p, k, b=None: batches.append((p, k, *sample(p, k, b))) or batches[-1][2:]
+  resumed.sample = lambda p, k, b=None, **kw: (
+    batches.append((p, k, *sample(p, k, b, **kw))) or batches[-1][2:]
+  )
   records = resumed.run(steps=2)
   assert [r["rollout_staleness"] for r in records] == [0.0, 1.0]
   prompts, key, batch, _ = batches[0]

@@ -283,8 +283,8 @@ def _map_positions(fn, x, chunk_size, *more):
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "vocab", "temperature", "chunk_size"))
 def marginal_scores(
-  graphdef, state, tokens, lengths, teacher_span, student_span, single, partial_from,
-  partial_next, partial_id, table, groups, vocab: int, temperature=1.0, chunk_size=0,
+  graphdef, state, tokens, lengths, teacher_span, student_span, partial_from, partial_next,
+  partial_id, table, groups, vocab: int, temperature=1.0, chunk_size=0,
 ) -> dict:  # fmt: skip
   """The teacher's side of the dense loss read as its next-token marginal at *every* student
   position (`teachers.<name>.dense_match = "marginal"`; docs/design.md, "The marginal
@@ -303,9 +303,8 @@ def marginal_scores(
   position has a span, a row of the table (`partial_id` >= 0) and a teacher token that begins
   with its partial."""
   hidden, unembed = _forward(graphdef, state, tokens, lengths, temperature)
-  per_span, _, _ = _at_single_spans(
-    hidden, unembed, tokens, teacher_span, student_span, single, chunk_size
-  )
+  w = student_span.shape[1]
+  per_span = _span_sums_of(hidden, unembed, tokens, teacher_span, w, chunk_size)
   segment = jnp.where(groups >= 0, groups, vocab)
 
   def read(at_from, at_next, boundary, pid):
@@ -331,7 +330,7 @@ def marginal_scores(
   # spelt: some teacher token begins with the partial (not so after a special token's text)
   gate = (student_span >= 0) & (partial_id >= 0) & (partial_from >= 0) & spelt
   matched_at = gate[..., None] & jnp.isfinite(logp)
-  s, w = student_span.shape
+  s = student_span.shape[0]
   return dict(
     span_logp=per_span,
     gate=gate.astype(jnp.float32),
@@ -438,8 +437,7 @@ def teacher_cache(teacher: CrossTeacher, layout: dict, shardings: dict, settings
   if teacher.marginal:
     table, partial_id = layout["table"], layout["partial_id"]
     out = marginal_scores(
-      **forward, student_span=student_span, single=jnp.asarray(layout["single"][:, :-1]),
-      partial_from=jnp.asarray(layout["partial_from"][:, 1:]),
+      **forward, student_span=student_span, partial_from=jnp.asarray(layout["partial_from"][:, 1:]),
       partial_next=jnp.asarray(layout["partial_next"][:, 1:]),
       partial_id=jnp.asarray(partial_id[:, 1:]), table=jnp.asarray(table),
       groups=jnp.asarray(teacher.groups), vocab=len(teacher.vocab_map),

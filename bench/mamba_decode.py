@@ -44,13 +44,14 @@ def nano() -> ModelConfig:
 
 def small_pair(width: int, layers: int) -> tuple[ModelConfig, ModelConfig]:
   """(Mamba-2, attention) Nemotron-H models of `layers` mixers each followed by an MLP, f32:
-  Mamba-2 with Nano's head width (64), state (128) and 8 groups; attention with 2 KV heads."""
+  Mamba-2 with Nano's head width (64), state (128) and 8 groups; attention with 2 KV heads;
+  layers unrolled (the committed results' layout)."""
   heads = width // 64
   base = dict(
     model_type="nemotron_h", vocab_size=1024, hidden_size=width, intermediate_size=4 * width,
     num_layers=2 * layers, num_heads=heads, num_kv_heads=2, head_dim=64,
     mamba_num_heads=2 * heads, mamba_head_dim=64, ssm_state_size=128,
-    mamba_n_groups=min(8, 2 * heads),
+    mamba_n_groups=min(8, 2 * heads), scan_layers=False,
   )  # fmt: skip
   return (
     ModelConfig(layer_pattern="M-" * layers, **base),

@@ -39,7 +39,9 @@ STUDENT = section(
     None,
     "stack the decoder blocks' parameters on a leading `layers` axis and run them under "
     "`jax.lax.scan`: one block is compiled instead of one per layer (see "
-    "`bench/compile_time.py`). `None` = auto: scanned from 8 layers. A checkpoint directory "
+    "`bench/compile_time.py`; Nemotron-H: one scan per run of a repeated unit of its pattern). "
+    "The sampler runs the layers unrolled either way. `None` = auto: scanned from 8 layers "
+    "(not Gemma 3, nor an MoE stack of dense and sparse layers). A checkpoint directory "
     "resumes only with the layout it was written with (the error says which to set); loading "
     "a checkpoint as a model (student or teacher path) converts",
     "`None`, `True`, `False`",

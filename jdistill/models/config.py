@@ -92,7 +92,8 @@ class ModelConfig:
   taps, and scans in chunks of `mamba_chunk_size` tokens; `time_step_limit` clamps its dt.
 
   `scan_layers`: stack the blocks' params on a leading `layers` axis and run them under
-  `jax.lax.scan` (one block compiled instead of `num_layers`). `None` (auto) is resolved
+  `jax.lax.scan` (one block compiled instead of `num_layers`; Nemotron-H's pattern as runs of
+  a repeated unit, one scan each: `jdistill.models.layer_runs`). `None` (auto) is resolved
   once, in `__post_init__`, to `num_layers >= SCAN_MIN_LAYERS`, so the stored value is a
   bool and `model_config.json` records the layout. `remat_policy`: what each block keeps for
   the backward pass (`none`: everything, no remat; `full`: nothing, recompute the block;
@@ -160,14 +161,14 @@ class ModelConfig:
   def __post_init__(self):
     self.validate()
     if self.scan_layers is None:
-      auto = self.num_layers >= SCAN_MIN_LAYERS and self.uniform_layers
+      auto = self.num_layers >= SCAN_MIN_LAYERS and (self.uniform_layers or self.hybrid)
       object.__setattr__(self, "scan_layers", auto)
     elif self.scan_layers and self.gemma:
       raise ValueError(
         "ModelConfig.scan_layers=True is invalid for model_type='gemma3_text' (its sliding and "
         "global layers hold caches of different lengths); allowed: False or None (auto)"
       )
-    elif self.scan_layers and not self.uniform_layers:
+    elif self.scan_layers and not (self.uniform_layers or self.hybrid):
       raise ValueError(
         "ModelConfig.scan_layers=True is invalid with layers of two kinds or more "
         f"(mlp_only_layers={self.mlp_only_layers}, decoder_sparse_step={self.decoder_sparse_step}, "
@@ -359,7 +360,7 @@ class ModelConfig:
   def uniform_layers(self) -> bool:
     """Whether every layer is the same kind of block (all dense or all sparse; Gemma 3's
     never, as its layers' caches differ; Nemotron-H's never, its blocks are built per kind and
-    not scanned)."""
+    scanned as runs of a repeated unit: `jdistill.models.layer_runs`)."""
     return (
       not self.gemma
       and not self.hybrid

@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from jdistill.models.config import ModelConfig
-from jdistill.models.transformer import Transformer
+from jdistill.models.transformer import Transformer, stacked_layer_ids
 from jdistill.runtime import sharding as shd
 
 _HF_CLASSES = {
@@ -672,15 +672,13 @@ def _path_key(path) -> tuple:
   return tuple(getattr(p, "key", getattr(p, "idx", p)) for p in path)
 
 
-def _is_stacked(key: tuple) -> bool:
-  return key[:2] == ("layers", "block")
-
-
-def _entries(table: dict, key: tuple, num_layers: int) -> list[tuple[str, Callable, Callable]]:
-  """The `_param_map` entries behind one state path: one per layer for a scanned
-  `layers.block.*` leaf (stacked on its leading axis), else the path's own."""
-  if _is_stacked(key):
-    return [table[("layers", i, *key[2:])] for i in range(num_layers)]
+def _entries(table: dict, key: tuple, cfg: ModelConfig) -> list[tuple[str, Callable, Callable]]:
+  """The `_param_map` entries behind one state path: one per layer for a scanned leaf (stacked
+  on its leading axis: `transformer.stacked_layer_ids`), else the path's own."""
+  stacked = stacked_layer_ids(cfg, key)
+  if stacked is not None:
+    ids, rest = stacked
+    return [table[("layers", i, *rest)] for i in ids]
   return [table[key]]
 
 
@@ -764,10 +762,10 @@ def from_hf(
   def load(path_, var):
     key = _path_key(path_)
     sds = var.get_value()
-    stacked = _is_stacked(key)
+    stacked = stacked_layer_ids(cfg, key) is not None
     want = sds.shape[1:] if stacked else sds.shape
     parts = []
-    for hf_name, to_ours, _ in _entries(table, key, cfg.num_layers):
+    for hf_name, to_ours, _ in _entries(table, key, cfg):
       if isinstance(hf_name, tuple):  # one tensor per expert, stacked on the expert axis
         host = np.asarray(to_ours([reader.get(n) for n in hf_name]))
         hf_name = hf_name[0].replace(".experts.0.", ".experts.*.")
@@ -821,8 +819,9 @@ def to_hf(
     # and bf16 would reorder close scores)
     keep = key[-1] == "score_bias"
     host = _to_host(var.get_value()).astype(jnp.float32 if keep else jnp.dtype(dtype))
-    parts = host if _is_stacked(key) else [host]  # a scanned leaf: one tensor per layer
-    for (hf_name, _, to_hf_layout), part in zip(_entries(table, key, cfg.num_layers), parts):
+    stacked = stacked_layer_ids(cfg, key) is not None
+    parts = host if stacked else [host]  # a scanned leaf: one tensor per layer
+    for (hf_name, _, to_hf_layout), part in zip(_entries(table, key, cfg), parts, strict=True):
       if isinstance(hf_name, tuple):  # one tensor per expert
         tensors.update((n, np.ascontiguousarray(w)) for n, w in zip(hf_name, to_hf_layout(part)))
       else:

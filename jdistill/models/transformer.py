@@ -27,6 +27,9 @@ layouts (HF import/export, checkpoints, tests).
 
 Nemotron-H's cache: one dict per layer by its kind: `{"k", "v"}` for attention, Mamba-2's
 `{"conv_x", "conv_bc", "ssm"}` (`jdistill.models.mamba2`), `{}` for MLP and MoE layers.
+Scanned, its layers are `jdistill.models.layer_runs.repeat_runs`' runs, each a `ScannedBlocks`
+of a `HybridUnit`, and its cache is one tuple per run of its unit layers' dicts, every array
+with a leading `[count]` axis (`init_cache`).
 """
 
 from __future__ import annotations
@@ -40,6 +43,12 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from jdistill.models.config import ModelConfig
+from jdistill.models.layer_runs import (
+  repeat_runs,
+  unit_layer_index,
+  unit_layer_name,
+  unrolled_layers,
+)
 from jdistill.models.layers import (
   _attention,
   _chunked_attention,
@@ -58,6 +67,8 @@ from jdistill.models.moe import MoE
 from jdistill.models.sliding_cache import ring_attend, ring_len
 
 Cache = tuple[dict[str, jax.Array], ...] | dict[str, jax.Array]
+# Mamba-2's cache entries: whole states, rewritten by every call (K/V: one slot per token)
+STATE_NAMES = ("conv_x", "conv_bc", "ssm")
 
 
 class Attention(nnx.Module):
@@ -239,6 +250,28 @@ class HybridBlock(nnx.Module):
     return x + out, layer_cache
 
 
+class HybridUnit(nnx.Module):
+  """Consecutive Nemotron-H layers of the kinds in `unit` (`layer_pattern` characters), as
+  one block: the unit a scanned run repeats (`jdistill.models.layer_runs`), its layer `j` at
+  `layer_<j>`. Its cache is a tuple of its layers' dicts."""
+
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, unit: str):
+    # named attributes, not an nnx.List: nnx.capture adds a `__captures__` key to every
+    # module's state, and merging a list's int keys beside it (inside the scan) cannot sort
+    self.size = len(unit)
+    for j, kind in enumerate(unit):
+      setattr(self, unit_layer_name(j), HybridBlock(cfg, rngs, kind))
+
+  def __call__(self, x, positions, kv_mask, unit_cache, cache_index):
+    written = []
+    for i in range(self.size):
+      block = getattr(self, unit_layer_name(i))
+      layer_cache = None if unit_cache is None else unit_cache[i]
+      x, layer_cache = block(x, positions, kv_mask, layer_cache, cache_index)
+      written.append(layer_cache)
+    return x, None if unit_cache is None else tuple(written)
+
+
 def _run_block(block, x, positions, kv_mask, layer_cache, cache_index):
   return block(x, positions, kv_mask, layer_cache, cache_index)
 
@@ -264,7 +297,8 @@ class ScannedBlocks(nnx.Module):
   `make_block(rngs)` builds one block; blocks are built one after another from the same
   `rngs` and stacked, so the stack holds exactly the weights the unrolled layers would.
   The block's `__call__(x, positions, kv_mask, layer_cache, cache_index)` returns
-  `(x, layer_cache)` as `Block` does.
+  `(x, layer_cache)` as `Block` does; its cache may be a dict or a tuple of dicts
+  (`HybridUnit`).
   """
 
   def __init__(self, make_block: Callable[[nnx.Rngs], nnx.Module], num: int, rngs: nnx.Rngs):
@@ -273,9 +307,11 @@ class ScannedBlocks(nnx.Module):
     self.block = nnx.merge(graphdef, _stack([nnx.state(b) for b in blocks]))
 
   def __call__(self, x, positions, kv_mask, cache, cache_index, policy):
-    """x `[B, T, D]`; cache None or stacked `{"k", "v"}` `[layers, B, S, KV, Dh]`.
+    """x `[B, T, D]`; cache None or the block's cache stacked (`{"k", "v"}` `[layers, B, S,
+    KV, Dh]`; a hybrid unit's tuple of dicts, each array `[layers, ...]`).
 
-    Returns `(x, cache)`; only the `T` new slots of each layer are written into the stack.
+    Returns `(x, cache)`; only the `T` new slots of each layer's K/V are written into the
+    stack (Mamba states, a few KB a row, are written whole).
     """
     graphdef, params = nnx.split(self.block)
 
@@ -313,20 +349,22 @@ class ScannedBlocks(nnx.Module):
     zero = jnp.zeros((), jnp.int32)
     slot = jnp.asarray(cache_index, jnp.int32)
 
+    def write(path, stacked, written, i, seq):
+      if path[-1].key in STATE_NAMES:
+        return jax.lax.dynamic_update_index_in_dim(stacked, written.astype(stacked.dtype), i, 0)
+      # the new slots only (writing whole layers back would copy the cache every step)
+      new = jax.lax.dynamic_slice_in_dim(written, slot, seq, axis=1)
+      idx = (i, zero, slot, *[zero] * (stacked.ndim - 3))
+      return jax.lax.dynamic_update_slice(stacked, new[None].astype(stacked.dtype), idx)
+
     def body(carry, xs):
       x, stacked = carry
       p, i = xs
-      layer_cache = {name: a[i] for name, a in stacked.items()}
+      layer_cache = jax.tree.map(lambda a: a[i], stacked)
       x, written = layer(p, x, positions, kv_mask, layer_cache, cache_index)
-      # the new slots only (writing whole layers back would copy the cache every step)
-      new = {
-        name: jax.lax.dynamic_slice_in_dim(a, slot, x.shape[1], axis=1)
-        for name, a in written.items()
-      }
-      stacked = {
-        name: jax.lax.dynamic_update_slice(a, new[name][None], (i, zero, slot, zero, zero))
-        for name, a in stacked.items()
-      }
+      stacked = jax.tree_util.tree_map_with_path(
+        lambda path, a, w: write(path, a, w, i, x.shape[1]), stacked, written
+      )
       return (x, stacked), None
 
     num = jax.tree.leaves(params)[0].shape[0]
@@ -369,20 +407,52 @@ def _nested_dicts(tree):
   return {k: _nested_dicts(v) for k, v in tree.items()}
 
 
-def stack_layers(state: nnx.State) -> nnx.State:
+def stack_layers(state: nnx.State, cfg: ModelConfig) -> nnx.State:
   """State of an unrolled Transformer → the same weights in the scanned layout
-  (`layers.block.*`, each leaf `[layers, ...]`)."""
+  (`layers.block.*`, each leaf `[layers, ...]`; a hybrid model's `layers.<run>.block.layer_<j>.*`,
+  each leaf `[count, ...]`: `jdistill.models.layer_runs`)."""
   layers = state["layers"]
-  block = _stack([_nested_dicts(layers[i]) for i in sorted(layers)])
-  return nnx.State({**_nested_dicts(state), "layers": {"block": block}})
+  if not cfg.hybrid:
+    block = _stack([_nested_dicts(layers[i]) for i in sorted(layers)])
+    return nnx.State({**_nested_dicts(state), "layers": {"block": block}})
+  runs = repeat_runs(cfg.layer_pattern)
+  scanned = {}
+  for r, (unit, _) in enumerate(runs):
+    scanned[r] = {
+      "block": {
+        unit_layer_name(j): _stack([_nested_dicts(layers[i]) for i in unrolled_layers(runs, r, j)])
+        for j in range(len(unit))
+      }
+    }
+  return nnx.State({**_nested_dicts(state), "layers": scanned})
 
 
-def unstack_layers(state: nnx.State) -> nnx.State:
+def unstack_layers(state: nnx.State, cfg: ModelConfig) -> nnx.State:
   """State of a scanned Transformer → the unrolled layout (`layers.<i>.*`)."""
-  block = _nested_dicts(state["layers"]["block"])
-  num = jax.tree.leaves(block)[0].shape[0]
-  layers = dict(enumerate(_unstack(block, num)))
-  return nnx.State({**_nested_dicts(state), "layers": layers})
+  if not cfg.hybrid:
+    block = _nested_dicts(state["layers"]["block"])
+    num = jax.tree.leaves(block)[0].shape[0]
+    layers = dict(enumerate(_unstack(block, num)))
+    return nnx.State({**_nested_dicts(state), "layers": layers})
+  runs = repeat_runs(cfg.layer_pattern)
+  layers = {}
+  for r, (unit, count) in enumerate(runs):
+    for j in range(len(unit)):
+      parts = _unstack(_nested_dicts(state["layers"][r]["block"][unit_layer_name(j)]), count)
+      layers.update(zip(unrolled_layers(runs, r, j), parts))
+  return nnx.State({**_nested_dicts(state), "layers": dict(sorted(layers.items()))})
+
+
+def stacked_layer_ids(cfg: ModelConfig, key: tuple) -> tuple[list[int], tuple] | None:
+  """For a state path `key` (module and variable names) of a scanned model: the unrolled
+  layers its leading axis stacks, in order, and the path inside one layer; None for a path
+  that stacks no layers (the embedding, a norm, an unrolled model's)."""
+  if not cfg.scan_layers or key[:1] != ("layers",):
+    return None
+  if not cfg.hybrid:
+    return list(range(cfg.num_layers)), key[2:]  # layers.block.<rest>
+  run, j, rest = key[1], unit_layer_index(key[3]), key[4:]  # layers.<run>.block.layer_<j>.<rest>
+  return unrolled_layers(repeat_runs(cfg.layer_pattern), run, j), rest
 
 
 class Transformer(nnx.Module):
@@ -395,6 +465,13 @@ class Transformer(nnx.Module):
     if cfg.gemma:  # never scanned (ModelConfig checks)
       self.layers = nnx.List(
         [GemmaBlock(cfg, rngs, sliding=cfg.is_sliding_layer(i)) for i in range(cfg.num_layers)]
+      )
+    elif cfg.scan_layers and cfg.hybrid:  # one scan per run of a repeated unit
+      self.layers = nnx.List(
+        [
+          ScannedBlocks(lambda r, u=unit: HybridUnit(cfg, r, u), count, rngs)
+          for unit, count in repeat_runs(cfg.layer_pattern)
+        ]
       )
     elif cfg.scan_layers:  # uniform layers only (ModelConfig checks): all dense or all sparse
       moe = cfg.is_moe_layer(0)
@@ -437,7 +514,7 @@ class Transformer(nnx.Module):
     b, t = tokens.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-    if cache is not None and isinstance(cache, dict) != self.cfg.scan_layers:
+    if cache is not None and isinstance(cache, dict) != _dict_cache(self.cfg):
       raise ValueError(
         f"Transformer: the cache's layout does not match scan_layers={self.cfg.scan_layers} "
         "(make it with init_cache(model.cfg, ...))"
@@ -459,7 +536,14 @@ class Transformer(nnx.Module):
       x = x * jnp.asarray(self.cfg.hidden_size**0.5, x.dtype)
     x = x.astype(self.cfg.jnp_dtype)
     policy = checkpoint_policy(self.cfg.remat_policy)
-    if self.cfg.scan_layers:
+    if self.cfg.scan_layers and self.cfg.hybrid:
+      runs = []
+      for r, scanned in enumerate(self.layers):
+        run_cache = None if cache is None else cache[r]
+        x, run_cache = scanned(x, positions, kv_mask, run_cache, cache_index, policy)
+        runs.append(run_cache)
+      cache = None if cache is None else tuple(runs)
+    elif self.cfg.scan_layers:
       x, cache = self.layers(x, positions, kv_mask, cache, cache_index, policy)
     else:
       run = _run_block if policy is None else nnx.remat(_run_block, policy=policy)
@@ -490,15 +574,19 @@ class Transformer(nnx.Module):
     return self.logits(hidden)
 
 
+def _dict_cache(cfg: ModelConfig) -> bool:
+  """Whether `init_cache(cfg, ...)` is one dict (scanned uniform layers) or a tuple."""
+  return cfg.scan_layers and not cfg.hybrid
+
+
 def _cache_len(cache: Cache, default: int) -> int:
   """The slots of the cache's longest attention layer (a Gemma 3 sliding layer's ring is
   shorter than the cache; `default` if it has none: Mamba-only)."""
   return max(
     (
-      a.shape[-3]
-      for layer in ([cache] if isinstance(cache, dict) else cache)
-      for name, a in layer.items()
-      if name not in ("conv_x", "conv_bc", "ssm")  # K/V or MLA's latent and RoPE key
+      a.shape[-3]  # K/V or MLA's latent and RoPE key: `[..., slots, heads, dim]`
+      for path, a in jax.tree_util.tree_leaves_with_path(cache)
+      if path[-1].key not in STATE_NAMES
     ),
     default=default,
   )
@@ -509,12 +597,15 @@ def cache_logical_axes(cfg: ModelConfig, name: str = "k") -> tuple[str | None, .
   and RoPE key are shared by all heads: replicated over `tensor`; Mamba-2's x conv inputs and
   SSM states have its heads on `tensor`, the B/C conv inputs are replicated)."""
   if name == "conv_x":
-    return ("batch", None, "heads", "head_dim")
-  if name == "conv_bc":
-    return ("batch", None, None, None, None)
-  if name == "ssm":
-    return ("batch", "heads", "head_dim", None)
-  axes = ("batch", None, None, None) if cfg.mla else ("batch", None, "kv_heads", "head_dim")
+    axes = ("batch", None, "heads", "head_dim")
+  elif name == "conv_bc":
+    axes = ("batch", None, None, None, None)
+  elif name == "ssm":
+    axes = ("batch", "heads", "head_dim", None)
+  elif cfg.mla:
+    axes = ("batch", None, None, None)
+  else:
+    axes = ("batch", None, "kv_heads", "head_dim")
   return ("layers", *axes) if cfg.scan_layers else axes
 
 
@@ -523,8 +614,16 @@ def init_cache(cfg: ModelConfig, batch: int, cache_len: int, dtype: Any = None) 
   with `cfg.scan_layers` one `{"k", "v"}` of `[layers, batch, cache_len, kv_heads, head_dim]`.
   Under `cfg.mla` the names and widths are `jdistill.models.mla.cache_shapes`'
   (`{"latent", "k_rope"}`, one shared head); under `cfg.gemma` a sliding layer's `{"k", "v"}`
-  hold `min(sliding_window, cache_len)` slots (`jdistill.models.sliding_cache`)."""
+  hold `min(sliding_window, cache_len)` slots (`jdistill.models.sliding_cache`). Nemotron-H's:
+  per layer its kind's dict; scanned, per run a tuple of its unit layers' dicts, each array
+  `[count, ...]`."""
   dtype = cfg.jnp_dtype if dtype is None else dtype
+  if cfg.hybrid and cfg.scan_layers:  # per run, its unit's layers stacked `[count, ...]`
+    stack = lambda layer, count: {n: jnp.stack([a] * count) for n, a in layer.items()}  # noqa: E731
+    return tuple(
+      tuple(stack(_hybrid_layer_cache(cfg, kind, batch, cache_len, dtype), count) for kind in unit)
+      for unit, count in repeat_runs(cfg.layer_pattern)
+    )
   if cfg.hybrid:
     return tuple(
       _hybrid_layer_cache(cfg, kind, batch, cache_len, dtype) for kind in cfg.layer_pattern

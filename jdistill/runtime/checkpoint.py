@@ -50,6 +50,12 @@ MODEL_CONFIG = "model_config.json"
 _NON_ARCHITECTURE = ("param_dtype", "dtype", "remat", "remat_policy", "scan_layers")
 
 
+def _scanned_state(layers) -> bool:
+  """Whether a state's `layers` are scanned: `layers.block` (uniform) or `layers.<run>.block`
+  (a hybrid's runs, `jdistill.models.layer_runs`)."""
+  return "block" in layers or any("block" in layers[k] for k in layers if isinstance(k, int))
+
+
 def saved_scan_layers(fields: dict) -> bool:
   """The layer layout of a saved `model_config.json` (files older than `scan_layers`: unrolled)."""
   return bool(fields.get("scan_layers") or False)
@@ -276,7 +282,7 @@ def load_model_from_checkpoint(
   manager.close()
   if cfg.scan_layers == saved_cfg.scan_layers:
     return nnx.merge(graphdef, params)
-  params = stack_layers(params) if cfg.scan_layers else unstack_layers(params)
+  params = stack_layers(params, cfg) if cfg.scan_layers else unstack_layers(params, saved_cfg)
   graphdef, target = shd.abstract_sharded_state(lambda: Transformer(cfg, nnx.Rngs(0)), mesh, rules)
   placed = jax.tree.map(
     lambda v, t: v.replace(jax.device_put(v.get_value(), t.get_value().sharding)),
@@ -394,7 +400,7 @@ def restore_train_state(checkpointer: Checkpointer, state: dict, step: int | Non
     # a tree of the other layout fails in orbax like a corrupt step, which would be set aside
     with open(config_file) as f:
       saved = saved_scan_layers(json.load(f))
-    if saved != ("block" in state["params"]["layers"]):
+    if saved != _scanned_state(state["params"]["layers"]):
       raise _layout_error(checkpointer.directory, saved)
   steps = sorted(checkpointer.all_steps(), reverse=True)
   if step is not None:

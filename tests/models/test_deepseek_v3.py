@@ -349,7 +349,7 @@ def test_train_step_scanned_equals_unrolled_with_the_bias_update(tmp_path):
   before, unrolled, ref_loss = step(False)
   _, scanned, loss = step(True)
   assert np.isfinite(ref_loss) and abs(loss - ref_loss) <= 1e-5
-  before, unrolled = stack_layers(before), stack_layers(unrolled)
+  before, unrolled = stack_layers(before, SMALL), stack_layers(unrolled, SMALL)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5), unrolled, scanned)
   bias = lambda p: np.asarray(p["layers"]["block"]["mlp"]["score_bias"].get_value())  # noqa: E731
   moved = bias(scanned) - bias(before)  # [layers 2, experts 8]

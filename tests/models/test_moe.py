@@ -467,14 +467,14 @@ def test_scanned_moe_equals_unrolled_with_router_losses():
     return jnp.sum(hidden * hidden) + moe.weighted_aux_loss(aux, cfg), aux
 
   (ref, aux_ref), g_ref = jax.value_and_grad(loss, has_aux=True)(state, graphdef)
-  (val, aux), g = jax.value_and_grad(loss, has_aux=True)(stack_layers(state), scanned_graphdef)
+  (val, aux), g = jax.value_and_grad(loss, has_aux=True)(stack_layers(state, cfg), scanned_graphdef)
   assert set(aux) == {"router_aux_loss", "router_z_loss"}
   for k in aux:
     np.testing.assert_allclose(aux[k], aux_ref[k], rtol=1e-6)
   np.testing.assert_allclose(val, ref, rtol=1e-6)
   scale = max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(g_ref))
   jax.tree.map(
-    lambda a, b: np.testing.assert_allclose(a, b, atol=4e-6 * scale), stack_layers(g_ref), g
+    lambda a, b: np.testing.assert_allclose(a, b, atol=4e-6 * scale), stack_layers(g_ref, cfg), g
   )
   mixed = dict(decoder_sparse_step=2, num_layers=8)
   assert cfg.replace(scan_layers=None, **mixed).scan_layers is False  # auto: two kinds

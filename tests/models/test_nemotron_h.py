@@ -2,6 +2,7 @@
 transformers' PyTorch model (its torch path, no CUDA kernels): the Mamba-2 mixer, logits on a
 padded batch, decode through the hybrid cache, greedy tokens, export and re-import."""
 
+import itertools
 import json
 import os
 
@@ -14,8 +15,9 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from jdistill.models import ModelConfig, Transformer, hf
+from jdistill.models.layer_runs import repeat_runs
 from jdistill.models.mamba2 import Mamba2
-from jdistill.models.transformer import init_cache
+from jdistill.models.transformer import init_cache, stack_layers, unstack_layers
 from jdistill.runtime import sharding as shd
 from jdistill.sampling import Sampler, SamplingParams
 from jdistill.testing import tiny_hf
@@ -266,6 +268,199 @@ def test_train_step_on_8_devices_equals_one_device(pair, one_device_step):
   tiny_hf.assert_step_equals_one_device(one_device_step, result)
 
 
+# --- scanned: the pattern as runs of a repeated unit (`jdistill.models.layer_runs`) ------
+
+RUNS_PATTERN = "M-M-M*E*E"  # runs M, -M x 2, *E x 2: every kind; a run's rows interleave kinds
+NANO = "MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME"
+
+
+def _brute_force_cost(pattern: str) -> tuple[int, int]:
+  """(layers compiled, runs) of the best cut, over all 2^(n-1) cuts of `pattern`."""
+  n, best = len(pattern), None
+  for cuts in itertools.product((False, True), repeat=n - 1):
+    bounds = [0] + [i + 1 for i, c in enumerate(cuts) if c] + [n]
+    cost = 0
+    for a, b in zip(bounds, bounds[1:]):
+      span = pattern[a:b]
+      cost += min(p for p in range(1, len(span) + 1) if span[:p] * (len(span) // p) == span)
+    best = min(best or (cost, len(bounds) - 1), (cost, len(bounds) - 1))
+  return best
+
+
+def test_repeat_runs_compile_the_fewest_layers():
+  """The cut against brute force on 200 random patterns of 1-10 layers; Nano's 52 layers as
+  14 compiled in 4 runs."""
+  rng = np.random.RandomState(0)
+  for _ in range(200):
+    pattern = "".join(rng.choice(list("ME*-"[: rng.randint(1, 5)]), rng.randint(1, 11)))
+    runs = repeat_runs(pattern)
+    assert "".join(unit * count for unit, count in runs) == pattern
+    cost = (sum(len(unit) for unit, _ in runs), len(runs))
+    assert cost == _brute_force_cost(pattern), pattern
+  assert repeat_runs(RUNS_PATTERN) == (("M", 1), ("-M", 2), ("*E", 2))
+  assert repeat_runs(NANO) == (("MEMEM*E", 5), ("ME", 3), ("M*E", 1), ("ME", 4))
+
+
+@pytest.fixture(scope="module")
+def runs_pair(tmp_path_factory):
+  """A 9-layer Nemotron-H imported scanned (auto: from 8 layers) and unrolled."""
+  torch_model = tiny_hf_model("nemotron_h", vocab_size=VOCAB, hybrid_override_pattern=RUNS_PATTERN)
+  path = str(tmp_path_factory.mktemp("nemotron_h_runs"))
+  torch_model.save_pretrained(path)
+  scanned = _with_cfg(hf.from_hf(path), moe_dispatch="dense")
+  unrolled = _with_cfg(hf.from_hf(path, scan_layers=False), moe_dispatch="dense")
+  return torch_model, path, scanned, unrolled
+
+
+def _assert_same_leaves(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_scanned_runs_match_transformers_and_hold_the_unrolled_weights(runs_pair):
+  """Each run's unit layer stacks its rows' layers (run `-M`'s Mamba rows are layers 2 and
+  4); the layouts convert both ways bit for bit; the logits equal transformers'."""
+  torch_model, _, scanned, unrolled = runs_pair
+  assert scanned.cfg.scan_layers and not unrolled.cfg.scan_layers
+  x_proj = nnx.state(scanned)["layers"][1]["block"]["layer_1"]["mixer"]["x_proj"]
+  assert x_proj.logical_axes[0] == "layers" and x_proj.shape[0] == 2
+  for row, layer in enumerate((2, 4)):
+    want = nnx.state(unrolled)["layers"][layer]["mixer"]["x_proj"].get_value()
+    np.testing.assert_array_equal(x_proj.get_value()[row], want)
+  _assert_same_leaves(stack_layers(nnx.state(unrolled), scanned.cfg), nnx.state(scanned))
+  _assert_same_leaves(unstack_layers(nnx.state(scanned), scanned.cfg), nnx.state(unrolled))
+  tokens, mask, positions = tiny_hf.padded_batch(VOCAB)
+  ref = _torch_logits(torch_model, tokens, mask, positions)
+  err = np.abs(_jd_logits(scanned, tokens, mask, positions) - ref)[mask].max()
+  print(f"\nnemotron_h scanned {RUNS_PATTERN}: max |logits - transformers| = {err:.2e}")
+  assert err <= 1e-5
+
+
+def test_scanned_runs_shard_by_their_logical_axes(runs_pair):
+  """On fsdp 2 x expert 2 x tensor 2 the stacked `layers` axis is replicated and every other
+  axis keeps its unrolled rule (Mamba heads on `tensor`, experts on `expert`)."""
+  cfg = runs_pair[2].cfg
+  mesh = shd.make_mesh({"fsdp": 2, "expert": 2, "tensor": 2})
+  _, state = shd.abstract_sharded_state(lambda: Transformer(cfg, nnx.Rngs(0)), mesh)
+  spec = lambda v: v.get_value().sharding.spec  # noqa: E731
+  mamba = state["layers"][1]["block"]["layer_1"]["mixer"]
+  assert spec(mamba["x_proj"]) == P(None, "fsdp", "tensor", None)
+  assert spec(mamba["A_log"]) == P(None, "tensor")
+  moe = state["layers"][2]["block"]["layer_1"]["mixer"]
+  assert spec(moe["up_proj"]) == P(None, "expert", "fsdp", "tensor")
+
+
+def test_scanned_cache_decode_equals_full_forward_and_greedy_equals_generate(runs_pair):
+  """Through the scanned cache (per run, its unit layers' caches stacked `[count, ...]`):
+  prefill, continuation and one-token steps equal the full forward, twice (the held Mamba
+  states restart at slot 0); the sampler's greedy tokens equal transformers' `generate`."""
+  torch_model, _, scanned, _ = runs_pair
+  tokens, mask, positions = tiny_hf.padded_batch(VOCAB)
+  full = _jd_logits(scanned, tokens, mask, positions)
+  graphdef, state = nnx.split(scanned)
+  cache = init_cache(scanned.cfg, 3, 11)
+  assert [len(run) for run in cache] == [1, 2, 2]
+  assert cache[1][1]["ssm"].shape == (2, 3, 8, 8, 16) and cache[2][0]["k"].shape == (
+    2,
+    3,
+    11,
+    2,
+    16,
+  )
+
+  @jax.jit
+  def step(state, cache, tok, pos, index):
+    m = nnx.merge(graphdef, state)
+    hidden, cache = m(tok, pos, kv_mask=jnp.asarray(mask), cache=cache, cache_index=index)
+    return m.logits(hidden), cache
+
+  def decode(cache):
+    outs = []
+    for start, stop in [(0, 4), (4, 8)] + [(t, t + 1) for t in range(8, 11)]:
+      logits, cache = step(state, cache, tokens[:, start:stop], positions[:, start:stop], start)
+      outs.append(np.asarray(logits))
+    return np.concatenate(outs, axis=1), cache
+
+  decoded, used = decode(cache)
+  np.testing.assert_allclose(decoded[mask], full[mask], atol=1e-5)
+  assert all(np.abs(np.asarray(used[1][1]["ssm"][row])).max() > 0 for row in range(2))
+  again, _ = decode(used)
+  np.testing.assert_allclose(again[mask], full[mask], atol=1e-5)
+  prompts = [[5, 17, 99], [3, 44, 8, 61, 70, 12, 9]]
+  sp = SamplingParams(max_new_tokens=8, temperature=0.0, prompt_buckets=(16,))
+  out = Sampler(graphdef, _single_mesh()).generate(state, prompts, jax.random.key(0), sp)
+  tiny_hf.assert_greedy_equals_generate(torch_model, out.tokens, prompts, 8)
+
+
+def test_scanned_export_and_checkpoints_cross_layouts(runs_pair, tmp_path):
+  """A scanned model exports what transformers loads (the same logits as the original) and
+  re-imports unrolled bit for bit; its checkpoint resumes in its own layout, names
+  `scan_layers` to a run of the other, and loads as the unrolled model (and the unrolled
+  one's as the scanned model)."""
+  from jdistill.runtime import checkpoint as ckpt
+
+  torch_model, _, scanned, unrolled = runs_pair
+  out_dir = str(tmp_path / "export")
+  hf.to_hf(scanned, out_dir)
+  from transformers import AutoModelForCausalLM
+
+  loaded = AutoModelForCausalLM.from_pretrained(out_dir).eval()
+  tokens, mask, positions = tiny_hf.padded_batch(VOCAB)
+  np.testing.assert_array_equal(
+    _torch_logits(loaded, tokens, mask, positions),
+    _torch_logits(torch_model, tokens, mask, positions),
+  )
+  _assert_same_leaves(nnx.state(hf.from_hf(out_dir, scan_layers=False)), nnx.state(unrolled))
+  zero = jnp.zeros((), jnp.int32)
+  train_state = lambda m: {"params": nnx.state(m), "opt_state": {"count": zero}, "step": zero}  # noqa: E731
+  for name, model, other in (("s", scanned, unrolled), ("u", unrolled, scanned)):
+    checkpointer = ckpt.Checkpointer(str(tmp_path / name), every=1, keep=1, async_save=False)
+    checkpointer.write_model_config(model.cfg)
+    state = train_state(model)
+    ckpt.save_train_state(checkpointer, 1, state, rng=jax.random.key(0), data_state={}, identity={})
+    checkpointer.wait()
+    restored, *_ = ckpt.restore_train_state(checkpointer, state)  # a resume, in its layout
+    _assert_same_leaves(restored["params"], state["params"])
+    with pytest.raises(ValueError, match=f"set config.student.scan_layers={model.cfg.scan_layers}"):
+      ckpt.restore_train_state(checkpointer, train_state(other))
+    checkpointer.close()
+    back = ckpt.load_model_from_checkpoint(
+      str(tmp_path / name), _single_mesh(), scan_layers=other.cfg.scan_layers
+    )
+    assert back.cfg.scan_layers == other.cfg.scan_layers
+    _assert_same_leaves(nnx.state(back, nnx.Param), nnx.state(other, nnx.Param))
+
+
+def test_scanned_opd_step_equals_unrolled(pair, one_device_step):
+  """The compiled OPD step with the scanned student (`M*-EM`: one run, its unit every kind)
+  equals the unrolled one's: the loss, every gradient, the next step's loss. (The rows of
+  longer runs are `test_scanned_runs_*`'s; a second 9-layer step would cost ~80 s.)"""
+  _, _, model = pair
+  cfg = model.cfg.replace(scan_layers=True)
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))
+  scanned = nnx.merge(graphdef, stack_layers(nnx.state(model), cfg))
+  params, new, metrics, again, grads = tiny_hf.opd_step(scanned, VOCAB)
+  back = (params, new, metrics, again, unstack_layers(grads, cfg))
+  tiny_hf.assert_step_equals_one_device(one_device_step, back)
+
+
+def test_scanned_router_loads_move_the_bias_as_unrolled(runs_pair):
+  """The MoE loads sown inside the scans move each layer's score-correction bias as the
+  unrolled layers' loads do."""
+  from jdistill.models import moe
+
+  _, _, scanned, unrolled = runs_pair
+  tokens, mask, positions = map(jnp.asarray, tiny_hf.padded_batch(VOCAB))
+  moved = []
+  for model in (unrolled, scanned):
+    *_, loads = moe.forward_with_router_stats(model, tokens, positions, mask)
+    p = nnx.state(model, nnx.Param)
+    moved.append(moe.next_score_bias(p, p, loads, 0.1))
+  assert set(loads) == {("layers", 2, "block", "layer_1", "mixer")}
+  _assert_same_leaves(unstack_layers(moved[1], scanned.cfg), moved[0])
+
+
 SMALL = ModelConfig(
   model_type="nemotron_h", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=4,
   num_heads=4, num_kv_heads=2, head_dim=8, layer_pattern="M*-E", mamba_num_heads=4,
@@ -285,7 +480,6 @@ SMALL = ModelConfig(
     (dict(conv_kernel=1), "conv_kernel"),
     (dict(mamba_chunk_size=True), "mamba_chunk_size"),
     (dict(time_step_limit=(0.1, 0.0)), "time_step_limit"),
-    (dict(scan_layers=True), "scan_layers"),
     (dict(model_type="llama", num_experts=0, layer_pattern="M*-E"), "layer_pattern"),
   ],
 )

@@ -46,7 +46,7 @@ def _pair(cfg=CFG, seed=0):
   """(unrolled model, scanned model) holding the same weights."""
   unrolled = Transformer(cfg, nnx.Rngs(seed))
   scanned_graphdef = _graphdef(cfg.replace(scan_layers=True))
-  return unrolled, nnx.merge(scanned_graphdef, stack_layers(nnx.state(unrolled)))
+  return unrolled, nnx.merge(scanned_graphdef, stack_layers(nnx.state(unrolled), cfg))
 
 
 def _max_diff(a, b) -> float:
@@ -97,7 +97,7 @@ def test_scanned_init_stacks_the_unrolled_weights_and_logits_match():
   assert _max_diff(nnx.state(fresh), nnx.state(scanned)) == 0.0  # same rngs → same weights
   q = nnx.state(scanned)["layers"]["block"]["attn"]["q_proj"]
   assert q.shape == (3, 32, 4, 8) and q.logical_axes == ("layers", "embed", "heads", "head_dim")
-  back = unstack_layers(nnx.state(scanned))
+  back = unstack_layers(nnx.state(scanned), CFG)
   assert jax.tree.structure(back) == jax.tree.structure(nnx.state(unrolled))
   tokens = jnp.asarray(np.random.RandomState(1).randint(0, 48, (2, 9)))
   mask = jnp.ones((2, 9), bool).at[1, :3].set(False)
@@ -159,7 +159,7 @@ def test_train_step_scanned_equals_unrolled_under_every_remat_policy():
   teacher = nnx.split(Transformer(teacher_cfg, nnx.Rngs(5)))
   batch = _batch()
   ref_loss, ref_grads, ref_params = _loss_grads(*nnx.split(unrolled), *teacher, batch, step=True)
-  ref_grads, ref_params = stack_layers(ref_grads), stack_layers(ref_params)
+  ref_grads, ref_params = stack_layers(ref_grads, cfg), stack_layers(ref_params, cfg)
   assert float(ref_loss) > 0
   loss, grads, params = _loss_grads(*nnx.split(scanned), *teacher, batch, step=True)
   assert abs(float(loss) - float(ref_loss)) <= 1e-5

@@ -17,7 +17,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from jdistill.models.transformer import init_cache
 from jdistill.sampling.layout import Rollouts, cache_layout, to_right_padded
@@ -52,7 +51,7 @@ class LoopStats(NamedTuple):
 
 class ContinuousBatching:
   """`Sampler`'s continuous-batching half (a mixin): `generate_continuous` and its compiled
-  loop. It uses the sampler's `graphdef`, `cache_dtype`, `num_compiles`, `_fns`,
+  loop. It uses the sampler's `merge`, `cache_dtype`, `num_compiles`, `_fns`,
   `_cache_shardings`, `_prepare` and `_limits`."""
 
   def _build_continuous(self, key: _ContinuousKey, cfg):
@@ -62,9 +61,9 @@ class ContinuousBatching:
     cache_sh = self._cache_shardings(
       cfg, jax.eval_shape(lambda: init_cache(cfg, n_slots, cache_len))
     )
-    rows = 1 if cfg.scan_layers else 0  # the cache's batch axis (scanned: `[layers, B, ...]`)
+    rows = 0  # the cache's batch axis (`cfg` is `model_config`'s: never scanned)
     constrain_cache = lambda c: jax.lax.with_sharding_constraint(c, cache_sh)
-    graphdef, sampler = self.graphdef, self
+    sampler = self
 
     def run(state, prompt_left, lengths, limits, order, group_start, group_count, slot_group, rng,
             knobs):  # fmt: skip
@@ -72,7 +71,7 @@ class ContinuousBatching:
       by group, queue order within each), group_start / group_count `[G]`, slot_group `[S]`
       → (Rollouts `[N, cache_len]`, LoopStats)."""
       sampler.num_compiles += 1
-      model = nnx.merge(graphdef, state)
+      model = sampler.merge(state)
       slot_ids = jnp.arange(n_slots, dtype=jnp.int32)
       is_stop = lambda tok: jnp.any(tok[:, None] == knobs.stop_ids[None, :], axis=-1)
 

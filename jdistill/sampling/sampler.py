@@ -20,6 +20,12 @@ rows and last-position logits are then repeated G times on device, and decode ru
 usual, so the output (and every row's random key) is that of the prompts repeated on the host.
 
 Continuous batching (`Sampler.generate_continuous`) lives in `jdistill.sampling.continuous`.
+
+A scanned model (`scan_layers`) samples with its layers unrolled: its stacked params are sliced
+per layer inside the compiled functions (`Sampler.merge`) and the cache is one buffer per
+layer. A scan that reads and writes its layer's slice of a stacked cache copies that slice at
+every token: decode ran 1.7x slower than unrolled at a 2,048-token context on CPU (Llama, 8
+layers of width 256), 2.3-2.5x for Nemotron-H.
 """
 
 from __future__ import annotations
@@ -33,7 +39,13 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from jdistill.models.transformer import Cache, cache_logical_axes, init_cache
+from jdistill.models.transformer import (
+  Cache,
+  Transformer,
+  cache_logical_axes,
+  init_cache,
+  unstack_layers,
+)
 from jdistill.runtime import sharding as shd
 from jdistill.sampling.continuous import ContinuousBatching, _ContinuousKey
 from jdistill.sampling.layout import Rollouts, cache_layout, to_right_padded
@@ -109,6 +121,7 @@ class Sampler(ContinuousBatching):
     self._fns: dict[_Key | _ContinuousKey, Any] = {}
     self._caches: dict[_Key, Cache] = {}
     self._cfg = None
+    self._scanned_cfg = None  # the model's own config when it is scanned (see `merge`)
 
   # -- shardings --
   def data_parallel_size(self) -> int:
@@ -141,7 +154,7 @@ class Sampler(ContinuousBatching):
     )
     constrain_cache = lambda c: jax.lax.with_sharding_constraint(c, cache_sh)
     b1, b2 = self._batch(1), self._batch(2)
-    graphdef, sampler = self.graphdef, self
+    sampler = self
 
     def alloc():
       return constrain_cache(init_cache(cfg, key.batch, cache_len, self.cache_dtype))
@@ -149,7 +162,7 @@ class Sampler(ContinuousBatching):
     def prefill(state, cache, prompt_left, lengths):
       """→ (cache with the prompts written, f32 logits `[B, V]` at the last prompt slot)."""
       sampler.num_compiles += 1
-      model = nnx.merge(graphdef, state)
+      model = sampler.merge(state)
       positions, kv_mask = cache_layout(lengths, bucket, cache_len)
       hidden, cache = model(prompt_left, positions, kv_mask=kv_mask, cache=cache, cache_index=0)
       logits = model.logits(hidden[:, -1:])[:, 0]
@@ -173,7 +186,7 @@ class Sampler(ContinuousBatching):
       """Samples up to `limits` `[B]` (≤ `n_new`) tokens per row; stops early once every row
       has hit a stop id or its limit."""
       sampler.num_compiles += 1
-      model = nnx.merge(graphdef, state)
+      model = sampler.merge(state)
       _, kv_mask = cache_layout(lengths, bucket, cache_len)
       batch = lengths.shape[0]
       rows = jnp.arange(batch, dtype=jnp.int32)
@@ -243,9 +256,23 @@ class Sampler(ContinuousBatching):
 
   # -- public --
   def model_config(self, state):
+    """The config the compiled pieces run (a scanned model's unrolled: see `merge`)."""
     if self._cfg is None:
-      self._cfg = nnx.merge(self.graphdef, state).cfg
+      cfg = nnx.merge(self.graphdef, state).cfg
+      if cfg.scan_layers:
+        self._scanned_cfg = cfg
+        cfg = cfg.replace(scan_layers=False)
+        self._unrolled = nnx.graphdef(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))
+      self._cfg = cfg
     return self._cfg
+
+  def merge(self, state) -> Transformer:
+    """The model of `state` as the compiled pieces run it (inside them): a scanned model's
+    stacked params sliced into unrolled layers, so that each layer's cache is a buffer of
+    its own, updated in place (see the module docstring)."""
+    if self._scanned_cfg is None:
+      return nnx.merge(self.graphdef, state)
+    return nnx.merge(self._unrolled, unstack_layers(state, self._scanned_cfg))
 
   def generate(
     self,

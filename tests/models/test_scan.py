@@ -208,6 +208,8 @@ def test_hf_import_export_round_trip_scanned(hf_dir, tmp_path):
 
 
 def test_greedy_sampler_scanned_equals_unrolled(hf_dir):
+  """The same tokens and log-probs; the scanned model samples with its layers unrolled, one
+  cache buffer per layer (a scan over a stacked cache copies its slices every token)."""
   _, path = hf_dir
   mesh = shd.make_mesh({"data": 2, "tensor": 2}, jax.devices()[:4])
   prompts = [[5, 17, 99], [3, 44, 8, 61, 70, 12, 9], [100, 2, 77], [6, 90, 13, 57, 25]]
@@ -215,7 +217,10 @@ def test_greedy_sampler_scanned_equals_unrolled(hf_dir):
   outs = []
   for scan in (False, True):
     graphdef, state = nnx.split(hf.from_hf(path, mesh, scan_layers=scan))
-    outs.append(Sampler(graphdef, mesh).generate(state, prompts, jax.random.key(0), params))
+    sampler = Sampler(graphdef, mesh, keep_cache=True)
+    outs.append(sampler.generate(state, prompts, jax.random.key(0), params))
+    (cache,) = sampler._caches.values()
+    assert isinstance(cache, tuple) and len(cache) == 3 and cache[0]["k"].shape[:2] == (4, 14)
   np.testing.assert_array_equal(np.asarray(outs[0].tokens), np.asarray(outs[1].tokens))
   np.testing.assert_allclose(np.asarray(outs[0].logprobs), np.asarray(outs[1].logprobs), atol=1e-5)
   cache = init_cache(CFG.replace(scan_layers=True), 2, 5)

@@ -39,9 +39,10 @@ STUDENT = section(
     None,
     "stack the decoder blocks' parameters on a leading `layers` axis and run them under "
     "`jax.lax.scan`: one block is compiled instead of one per layer (see "
-    "`bench/compile_time.py`; Nemotron-H: one scan per run of a repeated unit of its pattern). "
+    "`bench/compile_time.py`; layers of several kinds, as Nemotron-H's pattern or DeepSeek-V3's "
+    "dense first layers: one scan per run of a repeated unit). "
     "The sampler runs the layers unrolled either way. `None` = auto: scanned from 8 layers "
-    "(not Gemma 3, nor an MoE stack of dense and sparse layers). A checkpoint directory "
+    "(not Gemma 3). A checkpoint directory "
     "resumes only with the layout it was written with (the error says which to set); loading "
     "a checkpoint as a model (student or teacher path) converts",
     "`None`, `True`, `False`",

@@ -92,8 +92,9 @@ class ModelConfig:
   taps, and scans in chunks of `mamba_chunk_size` tokens; `time_step_limit` clamps its dt.
 
   `scan_layers`: stack the blocks' params on a leading `layers` axis and run them under
-  `jax.lax.scan` (one block compiled instead of `num_layers`; Nemotron-H's pattern as runs of
-  a repeated unit, one scan each: `jdistill.models.layer_runs`). `None` (auto) is resolved
+  `jax.lax.scan` (one block compiled instead of `num_layers`; layers of two kinds or more,
+  as Nemotron-H's pattern or DeepSeek-V3's dense first layers, as runs of a repeated unit,
+  one scan each: `jdistill.models.layer_runs`; never Gemma 3's). `None` (auto) is resolved
   once, in `__post_init__`, to `num_layers >= SCAN_MIN_LAYERS`, so the stored value is a
   bool and `model_config.json` records the layout. `remat_policy`: what each block keeps for
   the backward pass (`none`: everything, no remat; `full`: nothing, recompute the block;
@@ -161,20 +162,12 @@ class ModelConfig:
   def __post_init__(self):
     self.validate()
     if self.scan_layers is None:
-      auto = self.num_layers >= SCAN_MIN_LAYERS and (self.uniform_layers or self.hybrid)
+      auto = self.num_layers >= SCAN_MIN_LAYERS and not self.gemma
       object.__setattr__(self, "scan_layers", auto)
     elif self.scan_layers and self.gemma:
       raise ValueError(
         "ModelConfig.scan_layers=True is invalid for model_type='gemma3_text' (its sliding and "
         "global layers hold caches of different lengths); allowed: False or None (auto)"
-      )
-    elif self.scan_layers and not (self.uniform_layers or self.hybrid):
-      raise ValueError(
-        "ModelConfig.scan_layers=True is invalid with layers of two kinds or more "
-        f"(mlp_only_layers={self.mlp_only_layers}, decoder_sparse_step={self.decoder_sparse_step}, "
-        f"first_k_dense_replace={self.first_k_dense_replace}, layer_pattern="
-        f"{self.layer_pattern!r}): one scan "
-        "runs identical blocks; allowed: False or None (auto)"
       )
 
   def validate(self) -> None:
@@ -359,8 +352,8 @@ class ModelConfig:
   @property
   def uniform_layers(self) -> bool:
     """Whether every layer is the same kind of block (all dense or all sparse; Gemma 3's
-    never, as its layers' caches differ; Nemotron-H's never, its blocks are built per kind and
-    scanned as runs of a repeated unit: `jdistill.models.layer_runs`)."""
+    never, as its layers' caches differ; Nemotron-H's never, its blocks are built per kind).
+    Scanned, a stack of two kinds or more runs as runs of a repeated unit (`scanned_runs`)."""
     return (
       not self.gemma
       and not self.hybrid
@@ -385,6 +378,20 @@ class ModelConfig:
   def rope(self) -> bool:
     """Whether attention rotates q and k (Nemotron-H's attention has no positional encoding)."""
     return not self.hybrid
+
+  @property
+  def scanned_runs(self) -> bool:
+    """Whether the layers are scanned as runs of a repeated unit of `layer_kinds`
+    (`jdistill.models.layer_runs`): scanned, and of two kinds or more (or Nemotron-H's)."""
+    return bool(self.scan_layers) and not self.uniform_layers
+
+  @property
+  def layer_kinds(self) -> str:
+    """One character per layer: Nemotron-H's `layer_pattern`; else `-` for a dense block and
+    `E` for a sparse (MoE) one."""
+    if self.hybrid:
+      return self.layer_pattern
+    return "".join("E" if self.is_moe_layer(i) else "-" for i in range(self.num_layers))
 
   def is_moe_layer(self, i: int) -> bool:
     """Whether layer `i` is sparse (HF's `mlp_only_layers` / `decoder_sparse_step` /

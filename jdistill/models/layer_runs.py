@@ -1,14 +1,16 @@
-"""Scanned layers for a stack whose layers are not all alike (Nemotron-H's `layer_pattern`).
+"""Scanned layers for a stack whose layers are not all alike: Nemotron-H's `layer_pattern`,
+or dense and sparse blocks (DeepSeek-V3's dense first layers, Qwen-MoE's `mlp_only_layers`);
+`ModelConfig.layer_kinds` spells either as one character per layer.
 
 One `jax.lax.scan` runs identical blocks, and a released hybrid pattern repeats no block end
-to end (Nemotron 3 Nano: `MEMEM*EMEMEM*…EMEMEMEME`). So the pattern is cut into runs, each a
+to end (Nemotron 3 Nano: `MEMEM*EMEMEM*…EMEMEMEME`). So the kinds are cut into runs, each a
 unit of consecutive layers repeated `count` times, and each run is one scan over its unit
-(`transformer.ScannedBlocks` of a `transformer.HybridUnit`). What a scan saves is compiling a
+(`transformer.ScannedBlocks` of a `transformer.LayerUnit`). What a scan saves is compiling a
 layer once per run instead of once per layer, so the cut minimises the layers compiled,
 `Σ len(unit)`, and then the number of runs: Nano's 52 layers compile as 14, in 4 runs
-(`MEMEM*E` × 5, `ME` × 3, `M*E`, `ME` × 4).
+(`MEMEM*E` × 5, `ME` × 3, `M*E`, `ME` × 4); DeepSeek-V3's 3 dense and 58 sparse layers as 2.
 
-A scanned hybrid model's state holds run `r`'s unit layer `j` at `layers.<r>.block.layer_<j>`,
+A scanned model of several kinds holds run `r`'s unit layer `j` at `layers.<r>.block.layer_<j>`,
 each leaf `[count, ...]`; its row `c` is the unrolled layer `start(r) + c * len(unit) + j`.
 """
 
@@ -67,7 +69,7 @@ def unrolled_layers(runs: tuple[tuple[str, int], ...], run: int, j: int) -> list
 
 
 def unit_layer_name(j: int) -> str:
-  """The attribute of a unit's layer `j` (`transformer.HybridUnit`)."""
+  """The attribute of a unit's layer `j` (`transformer.LayerUnit`)."""
   return f"layer_{j}"
 
 

@@ -27,9 +27,10 @@ layouts (HF import/export, checkpoints, tests).
 
 Nemotron-H's cache: one dict per layer by its kind: `{"k", "v"}` for attention, Mamba-2's
 `{"conv_x", "conv_bc", "ssm"}` (`jdistill.models.mamba2`), `{}` for MLP and MoE layers.
-Scanned, its layers are `jdistill.models.layer_runs.repeat_runs`' runs, each a `ScannedBlocks`
-of a `HybridUnit`, and its cache is one tuple per run of its unit layers' dicts, every array
-with a leading `[count]` axis (`init_cache`).
+Scanned layers of several kinds (Nemotron-H's, or dense and sparse blocks: `cfg.scanned_runs`)
+are `jdistill.models.layer_runs.repeat_runs`' runs, each a `ScannedBlocks` of a `LayerUnit`,
+and their cache is one tuple per run of its unit layers' dicts, every array with a leading
+`[count]` axis (`init_cache`).
 """
 
 from __future__ import annotations
@@ -250,17 +251,19 @@ class HybridBlock(nnx.Module):
     return x + out, layer_cache
 
 
-class HybridUnit(nnx.Module):
-  """Consecutive Nemotron-H layers of the kinds in `unit` (`layer_pattern` characters), as
-  one block: the unit a scanned run repeats (`jdistill.models.layer_runs`), its layer `j` at
-  `layer_<j>`. Its cache is a tuple of its layers' dicts."""
+class LayerUnit(nnx.Module):
+  """Consecutive layers of the kinds in `unit` (`cfg.layer_kinds` characters: Nemotron-H's
+  `HybridBlock`s, or `Block`s dense `-` and sparse `E`), as one block: the unit a scanned run
+  repeats (`jdistill.models.layer_runs`), its layer `j` at `layer_<j>`. Its cache is a tuple
+  of its layers' dicts."""
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, unit: str):
     # named attributes, not an nnx.List: nnx.capture adds a `__captures__` key to every
     # module's state, and merging a list's int keys beside it (inside the scan) cannot sort
     self.size = len(unit)
     for j, kind in enumerate(unit):
-      setattr(self, unit_layer_name(j), HybridBlock(cfg, rngs, kind))
+      block = HybridBlock(cfg, rngs, kind) if cfg.hybrid else Block(cfg, rngs, moe=kind == "E")
+      setattr(self, unit_layer_name(j), block)
 
   def __call__(self, x, positions, kv_mask, unit_cache, cache_index):
     written = []
@@ -298,7 +301,7 @@ class ScannedBlocks(nnx.Module):
   `rngs` and stacked, so the stack holds exactly the weights the unrolled layers would.
   The block's `__call__(x, positions, kv_mask, layer_cache, cache_index)` returns
   `(x, layer_cache)` as `Block` does; its cache may be a dict or a tuple of dicts
-  (`HybridUnit`).
+  (`LayerUnit`).
   """
 
   def __init__(self, make_block: Callable[[nnx.Rngs], nnx.Module], num: int, rngs: nnx.Rngs):
@@ -409,13 +412,13 @@ def _nested_dicts(tree):
 
 def stack_layers(state: nnx.State, cfg: ModelConfig) -> nnx.State:
   """State of an unrolled Transformer → the same weights in the scanned layout
-  (`layers.block.*`, each leaf `[layers, ...]`; a hybrid model's `layers.<run>.block.layer_<j>.*`,
-  each leaf `[count, ...]`: `jdistill.models.layer_runs`)."""
+  (`layers.block.*`, each leaf `[layers, ...]`; layers of several kinds at
+  `layers.<run>.block.layer_<j>.*`, each leaf `[count, ...]`: `jdistill.models.layer_runs`)."""
   layers = state["layers"]
-  if not cfg.hybrid:
+  if cfg.uniform_layers:
     block = _stack([_nested_dicts(layers[i]) for i in sorted(layers)])
     return nnx.State({**_nested_dicts(state), "layers": {"block": block}})
-  runs = repeat_runs(cfg.layer_pattern)
+  runs = repeat_runs(cfg.layer_kinds)
   scanned = {}
   for r, (unit, _) in enumerate(runs):
     scanned[r] = {
@@ -429,12 +432,12 @@ def stack_layers(state: nnx.State, cfg: ModelConfig) -> nnx.State:
 
 def unstack_layers(state: nnx.State, cfg: ModelConfig) -> nnx.State:
   """State of a scanned Transformer → the unrolled layout (`layers.<i>.*`)."""
-  if not cfg.hybrid:
+  if cfg.uniform_layers:
     block = _nested_dicts(state["layers"]["block"])
     num = jax.tree.leaves(block)[0].shape[0]
     layers = dict(enumerate(_unstack(block, num)))
     return nnx.State({**_nested_dicts(state), "layers": layers})
-  runs = repeat_runs(cfg.layer_pattern)
+  runs = repeat_runs(cfg.layer_kinds)
   layers = {}
   for r, (unit, count) in enumerate(runs):
     for j in range(len(unit)):
@@ -449,10 +452,10 @@ def stacked_layer_ids(cfg: ModelConfig, key: tuple) -> tuple[list[int], tuple] |
   that stacks no layers (the embedding, a norm, an unrolled model's)."""
   if not cfg.scan_layers or key[:1] != ("layers",):
     return None
-  if not cfg.hybrid:
+  if not cfg.scanned_runs:
     return list(range(cfg.num_layers)), key[2:]  # layers.block.<rest>
   run, j, rest = key[1], unit_layer_index(key[3]), key[4:]  # layers.<run>.block.layer_<j>.<rest>
-  return unrolled_layers(repeat_runs(cfg.layer_pattern), run, j), rest
+  return unrolled_layers(repeat_runs(cfg.layer_kinds), run, j), rest
 
 
 class Transformer(nnx.Module):
@@ -466,14 +469,14 @@ class Transformer(nnx.Module):
       self.layers = nnx.List(
         [GemmaBlock(cfg, rngs, sliding=cfg.is_sliding_layer(i)) for i in range(cfg.num_layers)]
       )
-    elif cfg.scan_layers and cfg.hybrid:  # one scan per run of a repeated unit
+    elif cfg.scanned_runs:  # layers of several kinds: one scan per run of a repeated unit
       self.layers = nnx.List(
         [
-          ScannedBlocks(lambda r, u=unit: HybridUnit(cfg, r, u), count, rngs)
-          for unit, count in repeat_runs(cfg.layer_pattern)
+          ScannedBlocks(lambda r, u=unit: LayerUnit(cfg, r, u), count, rngs)
+          for unit, count in repeat_runs(cfg.layer_kinds)
         ]
       )
-    elif cfg.scan_layers:  # uniform layers only (ModelConfig checks): all dense or all sparse
+    elif cfg.scan_layers:  # all dense or all sparse
       moe = cfg.is_moe_layer(0)
       self.layers = ScannedBlocks(lambda r: Block(cfg, r, moe=moe), cfg.num_layers, rngs)
     elif cfg.hybrid:
@@ -536,7 +539,7 @@ class Transformer(nnx.Module):
       x = x * jnp.asarray(self.cfg.hidden_size**0.5, x.dtype)
     x = x.astype(self.cfg.jnp_dtype)
     policy = checkpoint_policy(self.cfg.remat_policy)
-    if self.cfg.scan_layers and self.cfg.hybrid:
+    if self.cfg.scanned_runs:
       runs = []
       for r, scanned in enumerate(self.layers):
         run_cache = None if cache is None else cache[r]
@@ -576,7 +579,7 @@ class Transformer(nnx.Module):
 
 def _dict_cache(cfg: ModelConfig) -> bool:
   """Whether `init_cache(cfg, ...)` is one dict (scanned uniform layers) or a tuple."""
-  return cfg.scan_layers and not cfg.hybrid
+  return cfg.scan_layers and not cfg.scanned_runs
 
 
 def _cache_len(cache: Cache, default: int) -> int:
@@ -615,14 +618,16 @@ def init_cache(cfg: ModelConfig, batch: int, cache_len: int, dtype: Any = None) 
   Under `cfg.mla` the names and widths are `jdistill.models.mla.cache_shapes`'
   (`{"latent", "k_rope"}`, one shared head); under `cfg.gemma` a sliding layer's `{"k", "v"}`
   hold `min(sliding_window, cache_len)` slots (`jdistill.models.sliding_cache`). Nemotron-H's:
-  per layer its kind's dict; scanned, per run a tuple of its unit layers' dicts, each array
-  `[count, ...]`."""
+  per layer its kind's dict. Scanned layers of several kinds (`cfg.scanned_runs`): per run a
+  tuple of its unit layers' dicts, each array `[count, ...]`."""
   dtype = cfg.jnp_dtype if dtype is None else dtype
-  if cfg.hybrid and cfg.scan_layers:  # per run, its unit's layers stacked `[count, ...]`
-    stack = lambda layer, count: {n: jnp.stack([a] * count) for n, a in layer.items()}  # noqa: E731
+  if cfg.scanned_runs:  # per run, its unit's layers stacked `[count, ...]`
+    layers = init_cache(cfg.replace(scan_layers=False), batch, cache_len, dtype)
+    runs = repeat_runs(cfg.layer_kinds)
+    stack = lambda ids: {n: jnp.stack([layers[i][n] for i in ids]) for n in layers[ids[0]]}  # noqa: E731
     return tuple(
-      tuple(stack(_hybrid_layer_cache(cfg, kind, batch, cache_len, dtype), count) for kind in unit)
-      for unit, count in repeat_runs(cfg.layer_pattern)
+      tuple(stack(unrolled_layers(runs, r, j)) for j in range(len(unit)))
+      for r, (unit, _) in enumerate(runs)
     )
   if cfg.hybrid:
     return tuple(

@@ -448,18 +448,22 @@ def test_greedy_matches_transformers(qwen3_moe):
   tiny_hf.assert_greedy_equals_generate(torch_model, out.tokens, prompts, new)
 
 
-def test_scanned_moe_equals_unrolled_with_router_losses():
-  """All-sparse layers scan; the router logits sown inside the scan reach the losses."""
+@pytest.mark.parametrize("mlp_only_layers", [(), (0,)], ids=["all_sparse", "dense_first"])
+def test_scanned_moe_equals_unrolled_with_router_losses(mlp_only_layers):
+  """All-sparse layers scan as one block, a dense first layer and two sparse ones as two runs
+  (`jdistill.models.layer_runs`); the router logits sown inside the scans reach the losses."""
   from jdistill.models.transformer import stack_layers
 
   cfg = ModelConfig(
     model_type="qwen3_moe", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=3,
     num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True, num_experts=4, num_experts_per_tok=2,
     moe_intermediate_size=16, router_aux_loss_coef=0.01, router_z_loss_coef=0.001,
-    scan_layers=False, remat_policy="full",
+    scan_layers=False, remat_policy="full", mlp_only_layers=mlp_only_layers,
   )  # fmt: skip
   graphdef, state = nnx.split(Transformer(cfg, nnx.Rngs(0)))
-  scanned_graphdef = nnx.split(Transformer(cfg.replace(scan_layers=True), nnx.Rngs(0)))[0]
+  scanned = nnx.eval_shape(lambda: Transformer(cfg.replace(scan_layers=True), nnx.Rngs(0)))
+  scanned_graphdef = nnx.graphdef(scanned)
+  assert cfg.replace(scan_layers=True).scanned_runs == bool(mlp_only_layers)
   tokens = jax.random.randint(jax.random.key(1), (2, 9), 0, cfg.vocab_size)
 
   def loss(state, graphdef):
@@ -476,7 +480,5 @@ def test_scanned_moe_equals_unrolled_with_router_losses():
   jax.tree.map(
     lambda a, b: np.testing.assert_allclose(a, b, atol=4e-6 * scale), stack_layers(g_ref, cfg), g
   )
-  mixed = dict(decoder_sparse_step=2, num_layers=8)
-  assert cfg.replace(scan_layers=None, **mixed).scan_layers is False  # auto: two kinds
-  with pytest.raises(ValueError, match="scan_layers=True.*two kinds"):
-    cfg.replace(scan_layers=True, **mixed)
+  mixed = cfg.replace(decoder_sparse_step=2, num_layers=8, scan_layers=None, mlp_only_layers=())
+  assert mixed.scan_layers and mixed.layer_kinds == "-E" * 4  # auto: runs of a repeated unit

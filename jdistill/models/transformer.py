@@ -517,7 +517,10 @@ class Transformer(nnx.Module):
     b, t = tokens.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-    if cache is not None and isinstance(cache, dict) != _dict_cache(self.cfg):
+    runs_cache = cache is not None and self.cfg.scanned_runs
+    if (cache is not None and isinstance(cache, dict) != _dict_cache(self.cfg)) or (
+      runs_cache and not all(isinstance(run, tuple) for run in cache)
+    ):
       raise ValueError(
         f"Transformer: the cache's layout does not match scan_layers={self.cfg.scan_layers} "
         "(make it with init_cache(model.cfg, ...))"

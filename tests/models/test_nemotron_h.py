@@ -351,6 +351,32 @@ def test_scanned_runs_shard_by_their_logical_axes(runs_pair):
   assert spec(moe["up_proj"]) == P(None, "expert", "fsdp", "tensor")
 
 
+def test_scanned_runs_gradients_equal_unrolled_under_remat(runs_pair):
+  """Through runs whose units hold two layers of different kinds, repeated (`-M` x 2, `*E` x
+  2), under `remat_policy="full"`: every gradient of a fixed projection of the hidden states
+  equals the unrolled model's; a per-layer cache given to the scanned model is refused."""
+  _, _, scanned, unrolled = runs_pair
+  tokens, mask, positions = map(jnp.asarray, tiny_hf.padded_batch(VOCAB))
+  probe = jnp.asarray(np.random.RandomState(3).randn(*tokens.shape, scanned.cfg.hidden_size))
+  grads = []
+  for model in (unrolled, scanned):
+    cfg = model.cfg.replace(remat_policy="full")
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda cfg=cfg: Transformer(cfg, nnx.Rngs(0))))
+
+    @jax.jit
+    def grad(state, graphdef=graphdef):
+      f = lambda s: jnp.sum(nnx.merge(graphdef, s)(tokens, positions, kv_mask=mask)[0] * probe)  # noqa: E731
+      return jax.grad(f)(state)
+
+    grads.append(grad(nnx.state(model)))
+  ref = stack_layers(grads[0], scanned.cfg)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(ref), jax.tree.leaves(grads[1])):
+    a, b = np.asarray(a), np.asarray(b)
+    np.testing.assert_allclose(b, a, rtol=0, atol=1e-4 * np.abs(a).max() + 1e-12, err_msg=str(path))
+  with pytest.raises(ValueError, match="cache's layout"):
+    scanned(tokens, positions, cache=init_cache(unrolled.cfg, 3, 11), cache_index=0)
+
+
 def test_scanned_cache_decode_equals_full_forward_and_greedy_equals_generate(runs_pair):
   """Through the scanned cache (per run, its unit layers' caches stacked `[count, ...]`):
   prefill, continuation and one-token steps equal the full forward, twice (the held Mamba

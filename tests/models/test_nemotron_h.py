@@ -135,21 +135,11 @@ def test_logits_match_transformers(pair):
   np.testing.assert_allclose(out[2][mask[2]], alone[0], atol=1e-5)
 
 
-def test_cache_decode_equals_full_forward(pair):
-  """Through the hybrid cache (K/V for `*`, conv + SSM state for `M`): a 4-token prefill, a
-  4-token continuation (the chunked scan from a held state) and 3 one-token steps (the
-  recurrent step) equal the full forward. The prefill at slot 0 restarts the Mamba states: a
-  cache already holding another sequence's gives the same logits."""
-  _, _, model = pair
-  cfg = model.cfg
-  tokens, mask, positions = tiny_hf.padded_batch(VOCAB)
-  full = _jd_logits(model, tokens, mask, positions)
+def _decoder(model, tokens, mask, positions):
+  """`decode(cache)` → (logits `[B, 11, V]`, the cache after them): `model` on the 11-token
+  batch through `cache` as a 4-token prefill, a 4-token continuation (the chunked scan from a
+  held state) and 3 one-token steps (the recurrent step), one compiled step."""
   graphdef, state = nnx.split(model)
-  cache = init_cache(cfg, 3, 11)
-  mamba = ["conv_bc", "conv_x", "ssm"]
-  assert [sorted(c) for c in cache] == [mamba, ["k", "v"], [], [], mamba]
-  assert cache[0]["ssm"].shape == (3, 8, 8, 16) and cache[0]["ssm"].dtype == jnp.float32
-  assert cache[0]["conv_x"].shape == (3, 3, 8, 8) and cache[0]["conv_bc"].shape == (3, 3, 2, 2, 16)
 
   @jax.jit
   def step(state, cache, tok, pos, index):
@@ -164,6 +154,25 @@ def test_cache_decode_equals_full_forward(pair):
       outs.append(np.asarray(logits))
     return np.concatenate(outs, axis=1), cache
 
+  return decode
+
+
+def test_cache_decode_equals_full_forward(pair):
+  """Through the hybrid cache (K/V for `*`, conv + SSM state for `M`): a 4-token prefill, a
+  4-token continuation (the chunked scan from a held state) and 3 one-token steps (the
+  recurrent step) equal the full forward. The prefill at slot 0 restarts the Mamba states: a
+  cache already holding another sequence's gives the same logits."""
+  _, _, model = pair
+  cfg = model.cfg
+  tokens, mask, positions = tiny_hf.padded_batch(VOCAB)
+  full = _jd_logits(model, tokens, mask, positions)
+  cache = init_cache(cfg, 3, 11)
+  mamba = ["conv_bc", "conv_x", "ssm"]
+  assert [sorted(c) for c in cache] == [mamba, ["k", "v"], [], [], mamba]
+  assert cache[0]["ssm"].shape == (3, 8, 8, 16) and cache[0]["ssm"].dtype == jnp.float32
+  assert cache[0]["conv_x"].shape == (3, 3, 8, 8) and cache[0]["conv_bc"].shape == (3, 3, 2, 2, 16)
+
+  decode = _decoder(model, tokens, mask, positions)
   decoded, used = decode(cache)
   np.testing.assert_allclose(decoded[mask], full[mask], atol=1e-5)
   assert np.abs(np.asarray(used[0]["ssm"])).max() > 0
@@ -387,27 +396,9 @@ def test_scanned_cache_decode_equals_full_forward_and_greedy_equals_generate(run
   graphdef, state = nnx.split(scanned)
   cache = init_cache(scanned.cfg, 3, 11)
   assert [len(run) for run in cache] == [1, 2, 2]
-  assert cache[1][1]["ssm"].shape == (2, 3, 8, 8, 16) and cache[2][0]["k"].shape == (
-    2,
-    3,
-    11,
-    2,
-    16,
-  )
-
-  @jax.jit
-  def step(state, cache, tok, pos, index):
-    m = nnx.merge(graphdef, state)
-    hidden, cache = m(tok, pos, kv_mask=jnp.asarray(mask), cache=cache, cache_index=index)
-    return m.logits(hidden), cache
-
-  def decode(cache):
-    outs = []
-    for start, stop in [(0, 4), (4, 8)] + [(t, t + 1) for t in range(8, 11)]:
-      logits, cache = step(state, cache, tokens[:, start:stop], positions[:, start:stop], start)
-      outs.append(np.asarray(logits))
-    return np.concatenate(outs, axis=1), cache
-
+  assert cache[1][1]["ssm"].shape == (2, 3, 8, 8, 16)
+  assert cache[2][0]["k"].shape == (2, 3, 11, 2, 16)
+  decode = _decoder(scanned, tokens, mask, positions)
   decoded, used = decode(cache)
   np.testing.assert_allclose(decoded[mask], full[mask], atol=1e-5)
   assert all(np.abs(np.asarray(used[1][1]["ssm"][row])).max() > 0 for row in range(2))
